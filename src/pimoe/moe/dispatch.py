@@ -1,0 +1,41 @@
+"""Execute a routing decision: sort assignments by expert, run each expert once, combine.
+
+No Python loop over tokens: the only loop is over experts, inside the experts backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pimoe.moe.router import RouterOutput
+
+
+def dispatch_combine(x: Tensor, route: RouterOutput, experts: nn.Module, num_experts: int) -> tuple[Tensor, Tensor]:
+    """Run ``experts`` on the assignments in ``route`` and combine them with their weights.
+
+    Args:
+        x: ``[T, D]`` tokens.
+        route: the router's decision for ``x`` (``indices``/``weights``/``mask`` are ``[T, k]``).
+        experts: an experts backend (``ExpertList`` or ``StackedExperts``): called as
+            ``experts(x_sorted [N, D], counts [E]) -> [N, D]``.
+        num_experts: ``E``.
+
+    Returns:
+        ``(out [T, D], counts [E])``: the weighted sum of each token's expert outputs (0 for a
+        token with no executed assignment), and the executed assignments per expert.
+    """
+    num_tokens, k = route.indices.shape
+    flat_expert = route.indices.reshape(-1)  # [T*k]
+    flat_weight = route.weights.reshape(-1)  # [T*k]
+    flat_token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)  # [T*k]
+    if route.mask is not None:
+        keep = route.mask.reshape(-1)
+        flat_expert, flat_weight, flat_token = flat_expert[keep], flat_weight[keep], flat_token[keep]
+    order = flat_expert.argsort(stable=True)  # group assignments by expert
+    counts = torch.bincount(flat_expert, minlength=num_experts)  # [E]
+    token_sorted = flat_token[order]  # [N]
+    y = experts(x[token_sorted], counts)  # [N, D]
+    y = y * flat_weight[order].unsqueeze(-1).to(y.dtype)
+    out = torch.zeros_like(x, dtype=y.dtype).index_add_(0, token_sorted, y)
+    return out.to(x.dtype), counts
