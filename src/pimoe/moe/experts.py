@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pimoe.moe.grouped import grouped_linear
+
 Activation = Literal["swiglu", "gelu", "relu", "silu"]
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -115,11 +117,11 @@ class StackedExperts(nn.Module):
     ``[E, D]``.
 
     Args:
-        backend: ``"loop"`` runs one ``F.linear`` per expert on its slice, taking all experts'
-            weights with a single ``unbind(0)`` so that autograd does not zero-fill a full-size
-            gradient per expert (the cost of indexing ``w[e]``). ``"grouped_mm"`` uses
-            ``torch.nn.functional.grouped_mm`` (one fused call, no host sync; fastest on recent
-            CUDA GPUs in bf16). ``"auto"`` picks grouped_mm on CUDA when available, else loop.
+        backend: ``"loop"`` runs one matmul per expert on its slice inside a single autograd
+            node (:func:`pimoe.moe.grouped.grouped_linear`). ``"grouped_mm"`` uses
+            ``torch.nn.functional.grouped_mm`` (one kernel, no host sync; for CUDA, where it is
+            fastest in bf16; its CPU backward fails in torch 2.13). ``"auto"`` picks grouped_mm
+            for bf16 weights on CUDA when torch has it, else loop.
     """
 
     def __init__(
@@ -162,37 +164,14 @@ class StackedExperts(nn.Module):
             return F.silu(gate) * up
         return _ACTIVATIONS[self.activation](h)
 
-    def _use_grouped_mm(self, x: Tensor) -> bool:
-        if self.backend == "auto":
-            return x.is_cuda and hasattr(F, "grouped_mm")
-        return self.backend == "grouped_mm"
-
     def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         """``x_sorted [N, D]``, ``counts [E]`` -> ``[N, D]``."""
-        if self._use_grouped_mm(x_sorted):
-            return self._forward_grouped_mm(x_sorted, counts)
-        outputs = []
-        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
-        b_in = self.b_in.unbind(0) if self.b_in is not None else [None] * self.num_experts
-        b_out = self.b_out.unbind(0) if self.b_out is not None else [None] * self.num_experts
-        for e, chunk in enumerate(x_sorted.split(counts.tolist())):
-            if chunk.shape[0] == 0:
-                continue
-            h = self._act(F.linear(chunk, w_in[e], b_in[e]))
-            outputs.append(F.linear(h, w_out[e], b_out[e]))
-        if not outputs:
-            return x_sorted.new_zeros(x_sorted.shape)
-        return torch.cat(outputs, dim=0)
-
-    def _forward_grouped_mm(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
-        offsets = counts.cumsum(0).to(torch.int32)
-        h = F.grouped_mm(x_sorted, self.w_in.transpose(-2, -1), offs=offsets)
-        if self.b_in is not None:
-            h = h + self.b_in.repeat_interleave(counts, dim=0, output_size=x_sorted.shape[0])
-        y = F.grouped_mm(self._act(h), self.w_out.transpose(-2, -1), offs=offsets)
-        if self.b_out is not None:
-            y = y + self.b_out.repeat_interleave(counts, dim=0, output_size=x_sorted.shape[0])
-        return y
+        if self.backend == "auto":
+            use_grouped_mm = x_sorted.is_cuda and hasattr(F, "grouped_mm") and self.w_in.dtype == torch.bfloat16
+        else:
+            use_grouped_mm = self.backend == "grouped_mm"
+        h = grouped_linear(x_sorted, self.w_in, self.b_in, counts, use_grouped_mm)  # [N, F_in]
+        return grouped_linear(self._act(h), self.w_out, self.b_out, counts, use_grouped_mm)
 
     def expert(self, e: int) -> nn.Module:
         """A standalone copy of expert ``e`` as a ``SwiGLU`` or ``FFN`` module."""

@@ -28,8 +28,8 @@ class RouterOutput:
         indices: ``[T, k]`` long, the experts each token is sent to (for expert-choice routing
             ``k == E`` and every column is one expert).
         weights: ``[T, k]`` combine weights, in the input dtype; 0 where an assignment is dropped.
-        logits: ``[T, E]`` float32 router logits (including the training noise, if any).
-        probs: ``[T, E]`` float32 normalized scores used for the losses and statistics.
+        logits: ``[T, E]`` router logits in float32 (float64 for float64 input) (including the training noise, if any).
+        probs: ``[T, E]`` normalized scores used for the losses and statistics.
         mask: ``[T, k]`` bool, the assignments that are executed, or ``None`` when all are
             (dropless token-choice routing, the default).
         aux_loss: scalar load-balancing loss (Switch Transformer), 1.0 at perfect balance.
@@ -112,7 +112,8 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> RouterOutput:
         """Route ``x`` of shape ``[T, D]``."""
-        logits = self.gate(x).float()  # [T, E]
+        logits = self.gate(x)  # [T, E], at least float32 (HF computes routing in float32 too)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         if self.score == "softmax":
