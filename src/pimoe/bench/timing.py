@@ -1,0 +1,33 @@
+"""Interleaved timing: every contender runs once per round, so machine noise hits all alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each contender over ``rounds`` interleaved rounds."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def geomean(values: list[float]) -> float:
+    """Geometric mean of positive values."""
+    if not values:
+        raise ValueError("geomean of an empty list")
+    product = 1.0
+    for v in values:
+        product *= v
+    return product ** (1.0 / len(values))

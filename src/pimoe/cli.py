@@ -1,0 +1,46 @@
+"""The ``pimoe`` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="pimoe: build, compress, serve and train Mixture-of-Experts models.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks; each prints ratios against a peer measured in the same run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@app.command()
+def demo(
+    steps: Annotated[int, typer.Option(min=1, help="Training steps for each of the two models.")] = 300,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Folder to save the trained model and results JSON.")] = None,
+) -> None:
+    """Train a small PiMoE language model and its dense twin on Python's bundled docs; compare them."""
+    import torch
+
+    from pimoe.demo import run_demo
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("CUDA was requested but torch.cuda.is_available() is False", param_hint="--device")
+    run_demo(steps=steps, device=device, seed=seed, out_dir=str(out) if out else None)
+
+
+@bench_app.command("moe")
+def bench_moe(
+    quick: Annotated[bool, typer.Option(help="Small sizes (512 and 2048 tokens, 3 rounds).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+    rounds: Annotated[Optional[int], typer.Option(min=1, help="Timing rounds (median is reported).")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
+) -> None:
+    """PiMoE layer vs HF MixtralSparseMoeBlock vs the dense limit (d=512, ffn=1024, 8 experts, top-2)."""
+    from pimoe.bench.moe_layer import main
+
+    main(quick=quick, json_path=json_path, rounds=rounds, threads=threads)
+
+
+if __name__ == "__main__":
+    app()
