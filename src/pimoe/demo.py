@@ -1,0 +1,248 @@
+"""End-to-end demo: train a byte-level PiMoE LM on Python's documentation next to its dense twin.
+
+``python -m pimoe.demo [--steps 300] [--device cpu|cuda] [--seed 0] [--out-dir DIR]``. Both
+models see the same batches in the same order and are scored on the same held-out batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torch import Tensor
+
+from pimoe.data import byte_splits, get_batch, load_pydoc_text
+from pimoe.io import atomic_write_text
+from pimoe.moe.model import LMConfig, PiMoELM
+from pimoe.moe.stats import RoutingStats
+
+VAL_BATCHES = 20  # fixed held-out batches for the validation loss
+STATS_STEPS = 20  # routing stats are summed over this many final training steps
+CURVE_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class TrainResult:
+    """Per-step training curves, held-out CE, throughput and routing stats of one run."""
+
+    losses: list[float]  # total loss (CE + weighted aux and z losses) per step
+    ce: list[float]  # cross-entropy per step
+    aux: list[float]  # load-balancing loss per step, summed over MoE layers
+    val_loss: float  # mean CE over VAL_BATCHES fixed held-out batches (nats per byte)
+    tokens_per_s: float  # training throughput (forward, backward and optimizer step)
+    routing: list[RoutingStats]  # per MoE layer, summed over the last STATS_STEPS steps
+    model: PiMoELM = field(repr=False)
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: PiMoELM, val: Tensor, batch_size: int, seed: int) -> float:
+    """Mean cross-entropy of ``model`` on ``VAL_BATCHES`` held-out batches fixed by ``seed``."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(VAL_BATCHES):
+        x, y = get_batch(val, batch_size, model.config.block_size, generator)
+        out = model(x, y)
+        assert out.ce_loss is not None
+        losses.append(out.ce_loss.item())
+    return sum(losses) / len(losses)
+
+
+def train_lm(
+    config: LMConfig,
+    train: Tensor,
+    val: Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    device: str | torch.device,
+    seed: int,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a :class:`PiMoELM` with AdamW on random windows of ``train`` (1-D byte ids).
+
+    ``seed`` fixes the initialization, the batch order and the held-out batches, so two configs
+    trained with the same seed see exactly the same data.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    torch.manual_seed(seed)
+    model = PiMoELM(config).to(device)
+    train, val = train.to(device), val.to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95),
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    ce: list[float] = []
+    aux: list[float] = []
+    routing: list[RoutingStats] = []
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  aux {task.fields[aux]:.3f}"),
+        TimeRemainingColumn(), disable=not progress, transient=True,
+    )
+    name = "moe" if config.moe_every else "dense"
+    model.train()
+    start = time.perf_counter()
+    with bar:
+        task = bar.add_task(f"train {name}", total=steps, loss=float("nan"), aux=float("nan"))
+        for step in range(steps):
+            x, y = get_batch(train, batch_size, config.block_size, generator)
+            out = model(x, y)
+            assert out.loss is not None and out.ce_loss is not None
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            # One device sync per step; it also makes the timing below honest on GPUs.
+            values = torch.stack((out.loss, out.ce_loss, out.aux_loss)).detach().tolist()
+            losses.append(values[0])
+            ce.append(values[1])
+            aux.append(values[2])
+            if step >= steps - STATS_STEPS and model.moe_layers:
+                latest = model.routing_stats()
+                routing = latest if not routing else [a + b for a, b in zip(routing, latest)]
+            bar.update(task, advance=1, loss=losses[-1], aux=aux[-1])
+    seconds = time.perf_counter() - start
+    val_loss = evaluate(model, val, batch_size, seed + 1)
+    return TrainResult(
+        losses=losses, ce=ce, aux=aux, val_loss=val_loss,
+        tokens_per_s=steps * batch_size * config.block_size / seconds,
+        routing=routing, model=model,
+    )
+
+
+def loss_curve(losses: list[float]) -> dict[str, float]:
+    """Mean loss over windows of 10% of the steps placed at 0%, 25%, 50%, 75% and 100%."""
+    n = len(losses)
+    width = max(1, n // 10)
+    curve = {}
+    for point in CURVE_POINTS:
+        first = min(max(0, round(point * n) - width // 2), n - width)
+        label = f"{first * 100 // n}-{(first + width) * 100 // n}%"
+        curve[label] = sum(losses[first:first + width]) / width
+    return curve
+
+
+def _summary(result: TrainResult) -> dict[str, object]:
+    model = result.model
+    return {
+        "total_params": model.num_params(),
+        "active_params": model.num_params(active=True),
+        "val_loss": round(result.val_loss, 4),
+        "val_bits_per_byte": round(result.val_loss / math.log(2), 4),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "final_train_ce": round(sum(result.ce[-10:]) / len(result.ce[-10:]), 4),
+        "loss_curve": {k: round(v, 4) for k, v in loss_curve(result.losses).items()},
+        "ce_curve": {k: round(v, 4) for k, v in loss_curve(result.ce).items()},
+        "routing": [stats.as_dict() for stats in result.routing],
+    }
+
+
+def _print_report(console: Console, moe: TrainResult, dense: TrainResult, results: dict) -> None:
+    routing = Table(title=f"Routing, last {STATS_STEPS} training steps (load = share of assignments)")
+    for column in ("layer", "load per expert", "dead", "imbalance", "entropy", "top-1 conf."):
+        routing.add_column(column, justify="right")
+    for i, stats in enumerate(moe.routing):
+        routing.add_row(
+            str(i), " ".join(f"{x:.2f}" for x in stats.load), str(stats.dead_experts or "-"),
+            f"{stats.imbalance:.2f}", f"{stats.entropy:.3f} / {math.log(stats.num_experts):.3f}",
+            f"{stats.confidence:.3f}",
+        )
+    console.print(routing)
+
+    curves = Table(title="Training loss, mean over 10% of the steps")
+    curves.add_column("run")
+    labels = list(loss_curve(moe.losses))
+    for label in labels:
+        curves.add_column(label, justify="right")
+    aux_label = f"MoE aux (sum of {len(moe.routing)} layers)"
+    for run, values in (("MoE total", moe.losses), ("MoE CE", moe.ce), (aux_label, moe.aux),
+                        ("dense CE", dense.ce)):
+        curves.add_row(run, *(f"{v:.3f}" for v in loss_curve(values).values()))
+    console.print(curves)
+
+    compare = Table(title="PiMoE vs dense twin (same active parameters, data, steps and seed)")
+    for column in ("model", "total params", "active params", "val CE (nats)", "val bits/byte",
+                   "train tokens/s"):
+        compare.add_column(column, justify="right")
+    for name in ("moe", "dense"):
+        row = results[name]
+        compare.add_row(
+            name, f"{row['total_params']:,}", f"{row['active_params']:,}", f"{row['val_loss']:.4f}",
+            f"{row['val_bits_per_byte']:.4f}", f"{row['tokens_per_s']:,.0f}",
+        )
+    console.print(compare)
+
+
+def run_demo(steps: int = 300, device: str = "cpu", seed: int = 0, out_dir: str | None = None) -> dict:
+    """Train the demo MoE LM and its dense twin on ``pydoc_data`` text, print the comparison,
+    a routing table and a sample, optionally save the MoE model and results; return the results."""
+    console = Console()
+    start = time.perf_counter()
+    train, val = byte_splits(load_pydoc_text())
+    config = LMConfig(block_size=128, n_layer=4, n_head=4, d_model=128,
+                      num_experts=8, top_k=2, ffn_dim=128)
+    settings = {"steps": steps, "batch_size": 16, "lr": 2e-3, "device": device, "seed": seed}
+    console.print(f"pydoc_data text: {len(train):,} train bytes, {len(val):,} held-out bytes; "
+                  f"{steps} steps of {settings['batch_size']}x{config.block_size} bytes on {device}")
+    moe = train_lm(config, train, val, **settings)
+    dense = train_lm(config.dense_twin(), train, val, **settings)
+
+    prompt = torch.tensor([list(b"The ")], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    moe.model.eval()
+    sample_ids = moe.model.generate(prompt, 100, temperature=0.8, generator=generator)
+    sample = bytes(sample_ids[0].tolist()).decode("utf-8", errors="replace")
+
+    results: dict = {
+        "data": "pydoc_data.topics (Python's English help topics), byte-level",
+        "train_bytes": len(train), "val_bytes": len(val),
+        **settings, "config": asdict(config),
+        "moe": _summary(moe), "dense": _summary(dense), "sample": sample,
+    }
+    _print_report(console, moe, dense, results)
+    console.print("[bold]Sample from the MoE model[/bold] (prompt b'The ', temperature 0.8):")
+    console.print(repr(sample), markup=False, highlight=False)
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    console.print(f"demo wall time: {results['wall_s']:.1f} s")
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        moe.model.save(out / "model.safetensors")
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+        console.print(f"saved {out / 'model.safetensors'} and {out / 'results.json'}")
+    return results
+
+
+def main() -> None:
+    """Command-line entry point (``python -m pimoe.demo --help``)."""
+    import typer
+
+    typer.run(run_demo)
+
+
+if __name__ == "__main__":
+    main()
