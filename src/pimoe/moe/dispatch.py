@@ -35,7 +35,8 @@ def dispatch_combine(x: Tensor, route: RouterOutput, experts: nn.Module, num_exp
     order = flat_expert.argsort(stable=True)  # group assignments by expert
     counts = torch.bincount(flat_expert, minlength=num_experts)  # [E]
     token_sorted = flat_token[order]  # [N]
-    y = experts(x[token_sorted], counts)  # [N, D]
-    y = y * flat_weight[order].unsqueeze(-1).to(y.dtype)
+    y = experts(x.index_select(0, token_sorted), counts)  # [N, D]
+    scale = flat_weight[order].unsqueeze(-1).to(y.dtype)  # [N, 1]
+    y = y * scale if torch.is_grad_enabled() else y.mul_(scale)  # in place when nothing is saved
     out = torch.zeros_like(x, dtype=y.dtype).index_add_(0, token_sorted, y)
     return out.to(x.dtype), counts

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pimoe.moe.grouped import grouped_linear
+from pimoe.moe.grouped import grouped_ffn
 
 Activation = Literal["swiglu", "gelu", "relu", "silu"]
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -117,8 +117,8 @@ class StackedExperts(nn.Module):
     ``[E, D]``.
 
     Args:
-        backend: ``"loop"`` runs one matmul per expert on its slice inside a single autograd
-            node (:func:`pimoe.moe.grouped.grouped_linear`). ``"grouped_mm"`` uses
+        backend: ``"loop"`` runs each expert's FFN on its slice inside a single autograd node
+            (:func:`pimoe.moe.grouped.grouped_ffn`). ``"grouped_mm"`` uses
             ``torch.nn.functional.grouped_mm`` (one kernel, no host sync; for CUDA, where it is
             fastest in bf16; its CPU backward fails in torch 2.13). ``"auto"`` picks grouped_mm
             for bf16 weights on CUDA when torch has it, else loop.
@@ -170,8 +170,16 @@ class StackedExperts(nn.Module):
             use_grouped_mm = x_sorted.is_cuda and hasattr(F, "grouped_mm") and self.w_in.dtype == torch.bfloat16
         else:
             use_grouped_mm = self.backend == "grouped_mm"
-        h = grouped_linear(x_sorted, self.w_in, self.b_in, counts, use_grouped_mm)  # [N, F_in]
-        return grouped_linear(self._act(h), self.w_out, self.b_out, counts, use_grouped_mm)
+        if not use_grouped_mm:
+            return grouped_ffn(x_sorted, self.w_in, self.b_in, self.w_out, self.b_out, counts, self._act)
+        offsets = counts.cumsum(0).to(torch.int32)
+        h = F.grouped_mm(x_sorted, self.w_in.transpose(-2, -1), offs=offsets)  # [N, F_in]
+        if self.b_in is not None:
+            h = h + self.b_in.repeat_interleave(counts, dim=0, output_size=x_sorted.shape[0])
+        y = F.grouped_mm(self._act(h), self.w_out.transpose(-2, -1), offs=offsets)  # [N, D]
+        if self.b_out is not None:
+            y = y + self.b_out.repeat_interleave(counts, dim=0, output_size=x_sorted.shape[0])
+        return y
 
     def expert(self, e: int) -> nn.Module:
         """A standalone copy of expert ``e`` as a ``SwiGLU`` or ``FFN`` module."""
