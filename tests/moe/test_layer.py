@@ -207,3 +207,15 @@ def test_bad_inputs_raise_clear_errors() -> None:
         PiMoE(8, 0, 1)
     with pytest.raises(ValueError, match="activation"):
         PiMoE(8, 2, 1, activation="tanh")
+
+
+def test_expert_without_tokens_gets_zero_gradient() -> None:
+    layer = PiMoE(4, 3, 1, 8, bias=True)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.tensor([[5.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    x = torch.zeros(6, 4)
+    x[:, 0] = 1.0
+    layer(x).sum().backward()
+    for p in (layer.experts.w_in, layer.experts.w_out, layer.experts.b_in, layer.experts.b_out):
+        assert torch.isfinite(p.grad).all()
+        assert (p.grad[1:] == 0).all() and p.grad[0].abs().sum() > 0

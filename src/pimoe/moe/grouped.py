@@ -65,13 +65,16 @@ class _GroupedFFN(torch.autograd.Function):
             raise RuntimeError("grouped_ffn was run without keep_hidden; it cannot be differentiated")
         need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w_in = torch.zeros_like(w_in) if need_w_in else None
-        grad_w_out = torch.zeros_like(w_out) if need_w_out else None
-        grad_b_in = x.new_zeros(w_in.shape[:2]) if need_b_in and ctx.has_b_in else None
-        grad_b_out = x.new_zeros(w_out.shape[:2]) if need_b_out and ctx.has_b_out else None
+        grad_w_in = torch.empty_like(w_in) if need_w_in else None
+        grad_w_out = torch.empty_like(w_out) if need_w_out else None
+        grad_b_in = x.new_empty(w_in.shape[:2]) if need_b_in and ctx.has_b_in else None
+        grad_b_out = x.new_empty(w_out.shape[:2]) if need_b_out and ctx.has_b_out else None
         start = 0
         for e, (n, h) in enumerate(zip(ctx.splits, ctx.hidden)):
-            if n == 0:
+            if n == 0:  # an expert that saw no token gets a zero gradient
+                for grad in (grad_w_in, grad_w_out, grad_b_in, grad_b_out):
+                    if grad is not None:
+                        grad[e].zero_()
                 continue
             rows = slice(start, start + n)
             g = grad_out[rows]  # [n, D]
