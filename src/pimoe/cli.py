@@ -14,7 +14,7 @@ app.add_typer(bench_app, name="bench")
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(min=1, help="Training steps for each of the two models.")] = 300,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps for each of the two models.")] = 600,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Folder to save the trained model and results JSON.")] = None,

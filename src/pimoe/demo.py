@@ -197,7 +197,7 @@ def _print_report(console: Console, moe: TrainResult, dense: TrainResult, result
     console.print(compare)
 
 
-def run_demo(steps: int = 300, device: str = "cpu", seed: int = 0, out_dir: str | None = None) -> dict:
+def run_demo(steps: int = 600, device: str = "cpu", seed: int = 0, out_dir: str | None = None) -> dict:
     """Train the demo MoE LM and its dense twin on ``pydoc_data`` text, print the comparison,
     a routing table and a sample, optionally save the MoE model and results; return the results."""
     console = Console()

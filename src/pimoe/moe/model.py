@@ -44,7 +44,7 @@ class LMConfig:
     ffn_dim: int = 128  # hidden width of one expert
     shared_experts: int = 0
     aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
+    z_loss_coef: float = 0.0  # off: at the demo scale it cost held-out loss (docs/benchmarks.md)
     dense_ffn_dim: int | None = None  # dense blocks' width; None = (top_k + shared_experts) * ffn_dim
 
     def __post_init__(self) -> None:
