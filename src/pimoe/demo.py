@@ -197,6 +197,33 @@ def _print_report(console: Console, moe: TrainResult, dense: TrainResult, result
     console.print(compare)
 
 
+def plot_curves(moe: TrainResult, dense: TrainResult, path: Path) -> None:
+    """Save a PNG of both runs' training CE (moving average over 20 steps) and the MoE aux loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(values: list[float], width: int = 20) -> list[float]:
+        return [sum(values[max(0, i - width + 1):i + 1]) / len(values[max(0, i - width + 1):i + 1])
+                for i in range(len(values))]
+
+    fig, (ax_ce, ax_aux) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_ce.plot(smooth(moe.ce), label=f"PiMoE (val {moe.val_loss:.3f})")
+    ax_ce.plot(smooth(dense.ce), label=f"dense twin (val {dense.val_loss:.3f})")
+    ax_ce.set(xlabel="step", ylabel="train cross-entropy (nats/byte)", title="Training loss")
+    ax_ce.legend()
+    ax_aux.plot(smooth(moe.aux), color="tab:green")
+    ax_aux.axhline(len(moe.routing), color="gray", linestyle="--", label="perfect balance")
+    ax_aux.set(xlabel="step", ylabel="sum over MoE layers", title="Load-balancing loss")
+    ax_aux.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def run_demo(steps: int = 600, device: str = "cpu", seed: int = 0, out_dir: str | None = None) -> dict:
     """Train the demo MoE LM and its dense twin on ``pydoc_data`` text, print the comparison,
     a routing table and a sample, optionally save the MoE model and results; return the results."""
@@ -233,7 +260,8 @@ def run_demo(steps: int = 600, device: str = "cpu", seed: int = 0, out_dir: str 
         out.mkdir(parents=True, exist_ok=True)
         moe.model.save(out / "model.safetensors")
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-        console.print(f"saved {out / 'model.safetensors'} and {out / 'results.json'}")
+        plot_curves(moe, dense, out / "loss_curves.png")
+        console.print(f"saved model.safetensors, results.json and loss_curves.png in {out}")
     return results
 
 
