@@ -42,5 +42,16 @@ def bench_moe(
     main(quick=quick, json_path=json_path, rounds=rounds, threads=threads)
 
 
+@bench_app.command("cache")
+def bench_cache(
+    quick: Annotated[bool, typer.Option(help="One Zipf trace, 10k requests, 3 timing rounds (~3 s).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """Cache policies (FIFO/LRU/LFU/TinyLFU) vs Belady's MIN on Zipf traces; hit/miss/disk-hit costs."""
+    from pimoe.bench.cache import main
+
+    main(quick=quick, json_path=json_path)
+
+
 if __name__ == "__main__":
     app()

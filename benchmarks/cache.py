@@ -1,0 +1,16 @@
+"""Cache policies vs Belady's MIN on seeded Zipf traces; cost of hits, misses and disk hits.
+
+Usage: python benchmarks/cache.py [--quick] [--json FILE]
+"""
+
+import argparse
+from pathlib import Path
+
+from pimoe.bench.cache import main
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    main(quick=args.quick, json_path=args.json)

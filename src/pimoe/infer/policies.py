@@ -1,0 +1,394 @@
+"""Replacement policies in the style of cachetools: the base class owns the mapping and the size
+accounting; a policy only chooses the eviction victim and keeps its own order through hooks.
+
+Hooks a policy overrides: ``_touch(key, new)`` after an insert (``new=True``) or a hit/update,
+``_forget(key)`` after a removal, ``_victim()`` to name the key to evict, and ``_purge()`` run
+before every operation (TTL expiry). Eviction runs before an insert, as in cachetools, so a new
+key is always stored; TinyLFU's admission filter acts when a key leaves its window.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+import xxhash
+
+_MISSING = object()
+
+
+def value_nbytes(value: Any) -> int:
+    """Bytes of a value: tensor ``nbytes`` (summed through tuples, lists and dict values), ``len``
+    of bytes, ``sys.getsizeof`` of anything else."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, (tuple, list)):
+        return sum(value_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(value_nbytes(v) for v in value.values())
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    return sys.getsizeof(value)
+
+
+class Cache:
+    """A bounded mapping: at most ``max_size`` entries and, if set, ``max_bytes`` bytes of values.
+
+    Not thread-safe (``InferenceCache`` adds the lock). ``put`` of a value larger than
+    ``max_bytes`` raises ValueError rather than silently storing nothing.
+    """
+
+    def __init__(self, max_size: int, max_bytes: int | None = None, getsizeof: Callable[[Any], int] = value_nbytes) -> None:
+        if not isinstance(max_size, int) or max_size <= 0:
+            raise ValueError(f"max_size must be a positive int, got {max_size!r}")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
+            raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
+        self.max_size = max_size
+        self.max_bytes = max_bytes
+        self.getsizeof = getsizeof
+        self.bytes = 0
+        self.evictions = 0
+        self._data: dict[Hashable, Any] = {}
+        self._sizes: dict[Hashable, int] = {}
+
+    def __len__(self) -> int:
+        self._purge()
+        return len(self._data)
+
+    def __contains__(self, key: Hashable) -> bool:
+        self._purge()
+        return key in self._data
+
+    def keys(self) -> list[Hashable]:
+        """Live keys, in no particular order."""
+        self._purge()
+        return list(self._data)
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        """The value of ``key`` (counted as a use) or ``default``."""
+        self._purge()
+        if key not in self._data:
+            return default
+        self._touch(key, new=False)
+        return self._data[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Insert or replace ``key``, evicting as the policy chooses until the bounds hold."""
+        self._purge()
+        size = self.getsizeof(value)
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise ValueError(f"value of {size} bytes exceeds max_bytes={self.max_bytes}; raise max_bytes or cache smaller values")
+        if key in self._data:
+            self.bytes += size - self._sizes[key]
+            self._data[key], self._sizes[key] = value, size
+            self._touch(key, new=False)
+        else:
+            while self._data and (len(self._data) >= self.max_size or (self.max_bytes is not None and self.bytes + size > self.max_bytes)):
+                self.evictions += 1
+                self._remove(self._victim())
+            self._data[key], self._sizes[key] = value, size
+            self.bytes += size
+            self._touch(key, new=True)
+        while self.max_bytes is not None and self.bytes > self.max_bytes:
+            self.evictions += 1
+            self._remove(self._victim())
+
+    def pop(self, key: Hashable, default: Any = None) -> Any:
+        """Remove ``key`` and return its value (not counted as an eviction)."""
+        self._purge()
+        if key not in self._data:
+            return default
+        value = self._data[key]
+        self._remove(key)
+        return value
+
+    def clear(self) -> None:
+        """Remove every entry."""
+        for key in list(self._data):
+            self._remove(key)
+
+    def _remove(self, key: Hashable) -> None:
+        del self._data[key]
+        self.bytes -= self._sizes.pop(key)
+        self._forget(key)
+
+    def _touch(self, key: Hashable, new: bool) -> None:
+        """Record an insert (``new``) or a use of ``key``."""
+
+    def _forget(self, key: Hashable) -> None:
+        """Drop ``key`` from the policy's bookkeeping."""
+
+    def _victim(self) -> Hashable:
+        """The key to evict next."""
+        raise NotImplementedError
+
+    def _purge(self) -> None:
+        """Drop entries that are no longer valid (expired)."""
+
+
+class FIFOCache(Cache):
+    """Evicts the oldest insert; uses and updates do not change the order."""
+
+    def __init__(self, max_size: int, max_bytes: int | None = None, **kwargs: Any) -> None:
+        super().__init__(max_size, max_bytes, **kwargs)
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def _touch(self, key: Hashable, new: bool) -> None:
+        if new:
+            self._order[key] = None
+
+    def _forget(self, key: Hashable) -> None:
+        del self._order[key]
+
+    def _victim(self) -> Hashable:
+        return next(iter(self._order))
+
+
+class LRUCache(FIFOCache):
+    """Evicts the least recently used entry (a use or an update moves a key to the back)."""
+
+    def _touch(self, key: Hashable, new: bool) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+
+class TTLCache(LRUCache):
+    """LRU among live entries; an entry expires ``ttl_s`` seconds after its last put.
+
+    ``timer`` is the clock (``time.monotonic``; inject a fake one for deterministic tests).
+    """
+
+    def __init__(self, max_size: int, max_bytes: int | None = None, *, ttl_s: float, timer: Callable[[], float] = time.monotonic, **kwargs: Any) -> None:
+        if not ttl_s or ttl_s <= 0:
+            raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
+        super().__init__(max_size, max_bytes, **kwargs)
+        self.ttl_s = float(ttl_s)
+        self.timer = timer
+        self.expirations = 0
+        self._expires: OrderedDict[Hashable, float] = OrderedDict()  # insertion order = expiry order
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Insert or replace ``key``; its lifetime restarts now."""
+        super().put(key, value)
+        self._expires[key] = self.timer() + self.ttl_s
+        self._expires.move_to_end(key)
+
+    def _forget(self, key: Hashable) -> None:
+        super()._forget(key)
+        self._expires.pop(key, None)
+
+    def _purge(self) -> None:
+        now = self.timer()
+        while self._expires:
+            key, deadline = next(iter(self._expires.items()))
+            if deadline > now:
+                break
+            self.expirations += 1
+            self._remove(key)
+
+
+class LFUCache(Cache):
+    """Evicts the least frequently used entry, the least recently used one among ties. O(1).
+
+    By default counts live only while the entry is resident ("in-cache LFU"). With
+    ``keep_history=True`` counts survive eviction ("perfect LFU": unbounded memory, one int per
+    key ever seen), so a returning popular key re-enters with its old count.
+    """
+
+    def __init__(self, max_size: int, max_bytes: int | None = None, *, keep_history: bool = False, **kwargs: Any) -> None:
+        super().__init__(max_size, max_bytes, **kwargs)
+        self.keep_history = keep_history
+        self._count: dict[Hashable, int] = {}
+        self._buckets: dict[int, OrderedDict[Hashable, None]] = {}  # count -> keys, LRU first
+        self._min = 0
+
+    def _touch(self, key: Hashable, new: bool) -> None:
+        if new:
+            count = self._count.get(key, 0) + 1
+            self._min = count if len(self._data) == 1 else min(self._min, count)
+        else:
+            count = self._count[key] + 1
+            self._unbucket(key, count - 1)
+        self._count[key] = count
+        self._buckets.setdefault(count, OrderedDict())[key] = None
+
+    def _unbucket(self, key: Hashable, count: int) -> None:
+        bucket = self._buckets[count]
+        del bucket[key]
+        if not bucket:
+            del self._buckets[count]
+
+    def _forget(self, key: Hashable) -> None:
+        self._unbucket(key, self._count[key] if self.keep_history else self._count.pop(key))
+
+    def _victim(self) -> Hashable:
+        while self._min not in self._buckets:  # counts only grow, so the minimum only moves up
+            self._min += 1
+        return next(iter(self._buckets[self._min]))
+
+
+class TinyLFUCache(Cache):
+    """W-TinyLFU (Einziger, Friedman & Manes 2017; Caffeine's policy), fixed-size variant.
+
+    New keys enter a small LRU *window* (1% of ``max_size``). While the cache is not full, the
+    window's overflow moves to the main segmented LRU; once it is full, the window's LRU entry
+    duels the *probation* segment's LRU entry: the one with the higher estimated frequency stays
+    (ties evict the newcomer). A hit in probation promotes to *protected* (80% of main);
+    protected overflow demotes back to probation. Frequencies come from a count-min sketch (4
+    rows, 4-bit saturating counters) updated on every use and insert, halved every
+    ``10 * max_size`` updates so old popularity fades. Not included from Caffeine: the doorkeeper
+    Bloom filter and hill-climbing of the window size. Segment sizes are in entries.
+    """
+
+    def __init__(self, max_size: int, max_bytes: int | None = None, **kwargs: Any) -> None:
+        super().__init__(max_size, max_bytes, **kwargs)
+        self.window_size = max(1, max_size // 100)
+        self.protected_size = max(0, int(0.8 * (max_size - self.window_size)))
+        self._window: OrderedDict[Hashable, None] = OrderedDict()
+        self._probation: OrderedDict[Hashable, None] = OrderedDict()
+        self._protected: OrderedDict[Hashable, None] = OrderedDict()
+        self.sketch = CountMinSketch(max_size)
+
+    def _touch(self, key: Hashable, new: bool) -> None:
+        self.sketch.add(key)
+        if new:
+            self._window[key] = None
+            if len(self._window) > self.window_size:  # room in main (eviction ran first): no duel
+                self._probation[self._window.popitem(last=False)[0]] = None
+        elif key in self._window:
+            self._window.move_to_end(key)
+        elif key in self._protected:
+            self._protected.move_to_end(key)
+        else:
+            del self._probation[key]
+            self._protected[key] = None
+            if len(self._protected) > self.protected_size:
+                demoted, _ = self._protected.popitem(last=False)
+                self._probation[demoted] = None
+
+    def _forget(self, key: Hashable) -> None:
+        for segment in (self._window, self._probation, self._protected):
+            if segment.pop(key, _MISSING) is None:
+                return
+
+    def _main_victim(self) -> Hashable | None:
+        for segment in (self._probation, self._protected):
+            if segment:
+                return next(iter(segment))
+        return None
+
+    def _victim(self) -> Hashable:
+        main_victim = self._main_victim()
+        if len(self._window) < self.window_size:
+            return main_victim if main_victim is not None else next(iter(self._window))
+        candidate = next(iter(self._window))
+        if main_victim is None or self.sketch.estimate(candidate) <= self.sketch.estimate(main_victim):
+            return candidate
+        del self._window[candidate]
+        self._probation[candidate] = None
+        return main_victim
+
+
+class CountMinSketch:
+    """Count-min sketch: 4 rows of ``4 * capacity`` (rounded up to a power of 2) counters that
+    saturate at 15 (4-bit, as Caffeine's), all halved every ``10 * capacity`` additions."""
+
+    ROWS = 4
+    _SEEDS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
+
+    def __init__(self, capacity: int) -> None:
+        self.width = 1 << max(4, (capacity - 1).bit_length() + 2)  # 16 counters per entry, as Caffeine
+        self.table = [[0] * self.width for _ in range(self.ROWS)]
+        self.sample_size = 10 * capacity
+        self.additions = 0
+
+    def _indices(self, key: Hashable) -> list[int]:
+        if isinstance(key, str):
+            h = xxhash.xxh3_64_intdigest(key.encode())
+        elif isinstance(key, bytes):
+            h = xxhash.xxh3_64_intdigest(key)
+        else:
+            h = hash(key) & 0xFFFFFFFFFFFFFFFF
+        mask = self.width - 1
+        return [((h * seed) & 0xFFFFFFFFFFFFFFFF) >> 40 & mask for seed in self._SEEDS]
+
+    def add(self, key: Hashable) -> None:
+        """Count one use of ``key``; halve every counter after ``sample_size`` additions."""
+        for row, i in zip(self.table, self._indices(key)):
+            if row[i] < 15:
+                row[i] += 1
+        self.additions += 1
+        if self.additions >= self.sample_size:
+            self.table = [[c >> 1 for c in row] for row in self.table]
+            self.additions //= 2
+
+    def estimate(self, key: Hashable) -> int:
+        """Estimated (over-counted, never under-counted before halving) uses of ``key``."""
+        return min(row[i] for row, i in zip(self.table, self._indices(key)))
+
+
+POLICIES: dict[str, type[Cache]] = {
+    "fifo": FIFOCache, "lru": LRUCache, "lfu": LFUCache, "ttl": TTLCache, "tinylfu": TinyLFUCache,
+}
+
+
+def make_policy(policy: str, max_size: int, max_bytes: int | None = None, *, ttl_s: float | None = None,
+                timer: Callable[[], float] = time.monotonic, **kwargs: Any) -> Cache:
+    """Build the cache class named ``policy`` ("fifo", "lru", "lfu", "ttl" or "tinylfu")."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown cache policy {policy!r}; choose one of {sorted(POLICIES)}")
+    if policy == "ttl":
+        if ttl_s is None:
+            raise ValueError("policy='ttl' needs ttl_s (seconds an entry stays valid)")
+        return TTLCache(max_size, max_bytes, ttl_s=ttl_s, timer=timer, **kwargs)
+    if ttl_s is not None:
+        raise ValueError(f"ttl_s is only used by policy='ttl', got policy={policy!r}")
+    return POLICIES[policy](max_size, max_bytes, **kwargs)
+
+
+def simulate_hits(cache: Cache, trace: Sequence[Hashable]) -> int:
+    """Replay ``trace`` (get, and put on a miss) through ``cache``; return the number of hits."""
+    hits = 0
+    for key in trace:
+        if cache.get(key, _MISSING) is _MISSING:
+            cache.put(key, None)
+        else:
+            hits += 1
+    return hits
+
+
+def belady_hits(trace: Sequence[Hashable], capacity: int) -> int:
+    """Hits of Belady's MIN with bypass, the offline optimum for unit-size entries. O(n log n).
+
+    On a miss with a full cache, the key among the residents and the incoming one whose next use
+    is farthest is not kept (the incoming one is bypassed if it is that key). No online policy,
+    with or without admission control, can get more hits on the same trace.
+    """
+    if capacity <= 0:
+        raise ValueError(f"capacity must be positive, got {capacity}")
+    n = len(trace)
+    next_use = [0] * n
+    last: dict[Hashable, int] = {}
+    for i in range(n - 1, -1, -1):
+        next_use[i] = last.get(trace[i], n + i)  # never used again: beyond the trace, distinct
+        last[trace[i]] = i
+    resident: dict[Hashable, int] = {}  # key -> its next use
+    heap: list[tuple[int, int]] = []  # (-next use, position of that use); stale entries skipped
+    hits = 0
+    for i, key in enumerate(trace):
+        if key in resident:
+            hits += 1
+        elif len(resident) >= capacity:
+            while -heap[0][0] != resident.get(trace[heap[0][1]]):
+                heapq.heappop(heap)
+            if next_use[i] >= -heap[0][0]:
+                continue
+            del resident[trace[heapq.heappop(heap)[1]]]
+        resident[key] = next_use[i]
+        heapq.heappush(heap, (-next_use[i], i))
+    return hits
