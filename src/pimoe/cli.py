@@ -53,5 +53,17 @@ def bench_cache(
     main(quick=quick, json_path=json_path)
 
 
+@bench_app.command("expert-parallel")
+def bench_expert_parallel(
+    quick: Annotated[bool, typer.Option(help="512 tokens per process, 3 rounds (~25 s).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+    rounds: Annotated[Optional[int], typer.Option(min=1, help="Timing rounds (median is reported).")] = None,
+) -> None:
+    """Expert parallelism on 1, 2, 4 local gloo processes vs the single-process layer (tokens/s, bytes/token)."""
+    from pimoe.bench.expert_parallel import main
+
+    main(quick=quick, json_path=json_path, rounds=rounds)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,213 @@
+"""Expert parallelism on 2 and 4 local gloo processes vs the single-process PiMoE, same weights.
+
+Spawning is slow (each process imports torch), so each spawned job runs several checks.
+"""
+
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pimoe.moe import FFN, PiMoE, SwiGLU
+from pimoe.moe.parallel import (
+    ExpertParallelError,
+    ExpertParallelMoE,
+    allreduce_replicated_grads,
+    expert_shard,
+    init_process_group,
+    shard_state_dict,
+    unshard_state_dict,
+)
+
+D, T = 16, 12  # model width, tokens per rank
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(rank: int, world: int, port: int, timeout_s: float = 30.0) -> None:
+    torch.set_num_threads(1)
+    init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                       timeout=timedelta(seconds=timeout_s))
+
+
+def check_against_single_process(
+    layer: PiMoE, rank: int, world: int, tokens: list[int], positive: bool = False
+) -> ExpertParallelMoE:
+    """Rank ``r`` feeds ``tokens[r]`` tokens; outputs and all gradients must match one process."""
+    ep = ExpertParallelMoE.from_layer(layer)
+    gen = torch.Generator().manual_seed(1)
+    x_all = torch.randn(sum(tokens), D, generator=gen)
+    if positive:
+        x_all = x_all.abs() + 0.1
+    g_all = torch.randn(sum(tokens), D, generator=gen)  # upstream gradient
+    start = sum(tokens[:rank])
+    rows = slice(start, start + tokens[rank])
+
+    x_ref = x_all.clone().requires_grad_()
+    layer.zero_grad()
+    out_ref = layer(x_ref)
+    (out_ref * g_all).sum().backward()
+
+    x = x_all[rows].clone().requires_grad_()
+    out = ep(x)
+    (out * g_all[rows]).sum().backward()
+    allreduce_replicated_grads(ep, average=False)
+
+    torch.testing.assert_close(out, out_ref[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad[rows], atol=1e-5, rtol=1e-5)
+    full_grads = {name: p.grad for name, p in layer.named_parameters()}
+    local_grads = {name: p.grad for name, p in ep.named_parameters()}
+    local_ref = shard_state_dict(full_grads, layer.num_experts, rank, world)
+    assert local_grads.keys() == local_ref.keys()
+    for name, grad in local_grads.items():
+        torch.testing.assert_close(grad, local_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+    return ep
+
+
+def check_state_dict_round_trip(layer: PiMoE, ep: ExpertParallelMoE, make_layer, rank: int) -> None:
+    full = ep.gather_full_state_dict()
+    if rank == 0:
+        assert full is not None and full.keys() == layer.state_dict().keys()
+        for key, value in layer.state_dict().items():
+            torch.testing.assert_close(full[key], value, msg=key)
+    else:
+        assert full is None
+    torch.manual_seed(123)  # a differently initialized layer takes the weights back on every rank
+    other = ExpertParallelMoE.from_layer(make_layer())
+    other.load_full_state_dict(layer.state_dict())
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), ep(x))
+
+
+def job_two_ranks(rank: int, world: int, port: int) -> None:
+    setup(rank, world, port)
+    tokens = [T, T + 5]
+
+    def swiglu_layer() -> PiMoE:
+        return PiMoE(D, 4, top_k=2, ffn_dim=24, shared_experts=1, shared_gate=True)
+
+    torch.manual_seed(0)
+    layer = swiglu_layer()
+    ep = check_against_single_process(layer, rank, world, tokens)
+    assert sum(ep.last_send_splits) == tokens[rank] * 2  # dropless top-2
+    check_state_dict_round_trip(layer, ep, swiglu_layer, rank)
+
+    # Biased FFN experts, top-1, sigmoid scores.
+    torch.manual_seed(0)
+    check_against_single_process(PiMoE(D, 4, top_k=1, ffn_dim=24, activation="gelu", bias=True, score="sigmoid"),
+                                 rank, world, tokens)
+
+    # Uneven routing: with positive inputs every token goes to experts 0 and 1 (rank 0's), so
+    # rank 1 receives no row at all.
+    torch.manual_seed(0)
+    layer = PiMoE(D, 4, top_k=2, ffn_dim=24)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.tensor([1.0, 1.1, -1.0, -1.0]).unsqueeze(1).expand(4, D))
+    ep = check_against_single_process(layer, rank, world, tokens, positive=True)
+    assert ep.last_recv_splits == ([2 * T, 2 * (T + 5)] if rank == 0 else [0, 0])
+    assert ep.last_send_splits == [2 * tokens[rank], 0]
+
+    # A rank with no tokens at all still takes part.
+    torch.manual_seed(0)
+    check_against_single_process(PiMoE(D, 4, top_k=2, ffn_dim=24), rank, world, [T, 0])
+
+    # Only rank 0's input needs a gradient: the backward collectives must still pair up.
+    x = torch.randn(T, D, requires_grad=rank == 0)
+    ep(x).sum().backward()
+    assert (x.grad is not None) == (rank == 0)
+
+    # Arbitrary expert modules (ExpertList) of different shapes.
+    def list_layer() -> PiMoE:
+        return PiMoE(D, top_k=2, experts=[FFN(D, 8), SwiGLU(D, 12), FFN(D, 20, "relu"), SwiGLU(D, 4)])
+
+    torch.manual_seed(0)
+    layer = list_layer()
+    ep = check_against_single_process(layer, rank, world, tokens)
+    check_state_dict_round_trip(layer, ep, list_layer, rank)
+    dist.destroy_process_group()
+
+
+def job_four_ranks(rank: int, world: int, port: int) -> None:
+    setup(rank, world, port)
+
+    def make_layer() -> PiMoE:
+        return PiMoE(D, 8, top_k=2, ffn_dim=24, shared_experts=2)
+
+    torch.manual_seed(0)
+    layer = make_layer()
+    ep = check_against_single_process(layer, rank, world, [T, 3, T + 1, 7])
+    assert list(ep.shard) == [2 * rank, 2 * rank + 1]
+    check_state_dict_round_trip(layer, ep, make_layer, rank)
+    with pytest.raises(ValueError, match="not divisible"):
+        ExpertParallelMoE.from_layer(PiMoE(D, 6, top_k=2))
+    dist.destroy_process_group()
+
+
+def job_dead_peer(rank: int, world: int, port: int, timeout_s: float, hang: bool, result_dir: str) -> None:
+    setup(rank, world, port, timeout_s)
+    torch.manual_seed(0)
+    ep = ExpertParallelMoE.from_layer(PiMoE(D, 4, top_k=2))
+    dist.barrier()
+    if rank == 1:  # leaves without taking part in the forward: exits at once, or hangs first
+        if hang:
+            time.sleep(timeout_s + 1.0)
+        return
+    start = time.perf_counter()
+    try:
+        ep(torch.randn(T, D))
+    except ExpertParallelError as err:
+        Path(result_dir, "error.txt").write_text(f"{time.perf_counter() - start}\n{err}")
+        dist.destroy_process_group()  # else gloo may abort the process at exit (see docs/parallel.md)
+
+
+def spawn(job, world: int, *args) -> None:
+    mp.spawn(job, args=(world, free_port(), *args), nprocs=world, join=True)
+
+
+def test_two_ranks_match_single_process() -> None:
+    spawn(job_two_ranks, 2)
+
+
+def test_four_ranks_match_single_process() -> None:
+    spawn(job_four_ranks, 4)
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["peer-exits", "peer-hangs"])
+def test_dead_peer_raises_within_timeout(tmp_path: Path, hang: bool) -> None:
+    timeout_s = 2.0
+    spawn(job_dead_peer, 2, timeout_s, hang, str(tmp_path))
+    elapsed, message = (tmp_path / "error.txt").read_text().split("\n", 1)
+    assert "rank 0 of 2" in message and "peer rank" in message
+    if hang:  # gloo waits for the full timeout, then raises
+        assert timeout_s - 0.1 < float(elapsed) < timeout_s + 3
+    else:  # the closed connection is seen at once
+        assert float(elapsed) < timeout_s
+
+
+def test_shard_helpers_without_processes() -> None:
+    assert expert_shard(8, 3, 4) == range(6, 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        expert_shard(6, 0, 4)
+    layer = PiMoE(D, 4, top_k=2, experts=[FFN(D, 8), FFN(D, 8), SwiGLU(D, 8), SwiGLU(D, 4)])
+    full = layer.state_dict()
+    shards = [shard_state_dict(full, 4, r, 2) for r in range(2)]
+    assert "experts.experts.0.gate_up.weight" in shards[1] and "experts.experts.2.up.weight" not in shards[0]
+    back = unshard_state_dict(shards, 4)
+    assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
+
+
+def test_layer_needs_a_process_group() -> None:
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    with pytest.raises(RuntimeError, match="process group"):
+        ExpertParallelMoE.from_layer(PiMoE(D, 4))
