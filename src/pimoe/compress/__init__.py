@@ -1,0 +1,53 @@
+"""pimoe.compress: compression techniques, each usable alone on any ``nn.Module``.
+
+Low-rank factorization (:mod:`~pimoe.compress.lowrank`), pruning (:mod:`~pimoe.compress.prune`),
+quantization (:mod:`~pimoe.compress.quantize`) and expert dropping/merging for PiMoE layers
+(:mod:`~pimoe.compress.moe`). See ``docs/compress.md``.
+"""
+
+from pimoe.compress.lowrank import (
+    FactorizationReport,
+    LayerFactorization,
+    LowRankLinear,
+    factorize,
+    rank_for_energy,
+    rank_for_ratio,
+)
+from pimoe.compress.moe import (
+    drop_experts,
+    experts_to_keep,
+    merge_experts,
+    merge_similar_experts,
+    similar_expert_groups,
+)
+from pimoe.compress.prune import (
+    SparsityReport,
+    magnitude_prune,
+    neuron_scores,
+    prune_ffn_neurons,
+    sparsity,
+)
+from pimoe.compress.quantize import (
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    cast,
+    load_weight_only_int4,
+    load_weight_only_int8,
+    pack_int4,
+    quantize_dynamic_int8,
+    quantize_embedding_int8,
+    quantize_weight_only_int4,
+    quantize_weight_only_int8,
+    saved_bytes,
+    unpack_int4,
+)
+
+__all__ = [
+    "FactorizationReport", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "LayerFactorization",
+    "LowRankLinear", "SparsityReport", "cast", "drop_experts", "experts_to_keep", "factorize",
+    "load_weight_only_int4", "load_weight_only_int8", "magnitude_prune", "merge_experts",
+    "merge_similar_experts", "neuron_scores", "pack_int4", "prune_ffn_neurons",
+    "quantize_dynamic_int8", "quantize_embedding_int8", "quantize_weight_only_int4",
+    "quantize_weight_only_int8", "rank_for_energy", "rank_for_ratio", "saved_bytes",
+    "similar_expert_groups", "sparsity", "unpack_int4",
+]
