@@ -10,11 +10,31 @@ from torch import Tensor, nn
 
 from pimoe.moe.dispatch import dispatch_combine
 from pimoe.moe.experts import Activation, ExpertList, StackedExperts, SwiGLU
-from pimoe.moe.router import Router, Routing, Score
+from pimoe.moe.router import Router, RouterOutput, Routing, Score
 from pimoe.moe.stats import RoutingStats
 
 
-class PiMoE(nn.Module):
+class MoEOutput(nn.Module):
+    """What every MoE layer does after its routed experts: add the shared experts' output and
+    record the call's auxiliary losses and routing statistics. Subclasses set ``shared``
+    (a module or None) and ``shared_gate`` (a ``Linear(D, 1)`` or None)."""
+
+    shared: nn.Module | None
+    shared_gate: nn.Module | None
+
+    def _finish(self, tokens: Tensor, out: Tensor, route: RouterOutput, counts: Tensor) -> Tensor:
+        """``tokens [T, D]``, routed output ``out [T, D]`` -> layer output ``[T, D]``."""
+        if self.shared is not None:
+            shared = self.shared(tokens)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
+            out = out + shared
+        self.aux_loss, self.z_loss = route.aux_loss, route.z_loss
+        self.last_stats = RoutingStats.from_routing(route.probs, route.mask, counts)
+        return out
+
+
+class PiMoE(MoEOutput):
     """Token-level Mixture-of-Experts layer.
 
     Input ``[..., D]`` (e.g. ``[B, S, D]`` or ``[T, D]``), output of the same shape. Each token is
@@ -129,14 +149,7 @@ class PiMoE(nn.Module):
             return x.clone()
         route = self.router(tokens)
         out, counts = dispatch_combine(tokens, route, self.experts, self.num_experts)
-        if self.shared is not None:
-            shared = self.shared(tokens)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
-            out = out + shared
-        self.aux_loss, self.z_loss = route.aux_loss, route.z_loss
-        self.last_stats = RoutingStats.from_routing(route.probs, route.mask, counts)
-        return out.reshape(shape)
+        return self._finish(tokens, out, route, counts).reshape(shape)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"

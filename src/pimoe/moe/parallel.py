@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from pimoe.moe.dispatch import combine, sort_assignments
 from pimoe.moe.experts import ExpertList, StackedExperts
-from pimoe.moe.layer import PiMoE
+from pimoe.moe.layer import MoEOutput, PiMoE
 from pimoe.moe.router import Router
 from pimoe.moe.stats import RoutingStats
 
@@ -142,7 +142,7 @@ def unshard_state_dict(shards: list[Mapping[str, Tensor]], num_experts: int) -> 
     return out
 
 
-class ExpertParallelMoE(nn.Module):
+class ExpertParallelMoE(MoEOutput):
     """A :class:`PiMoE` layer whose experts are sharded over the ranks of a process group.
 
     Input ``[..., D]`` (each rank its own tokens), output of the same shape; the result equals the
@@ -233,14 +233,7 @@ class ExpertParallelMoE(nn.Module):
         received = all_to_all_rows(tokens.index_select(0, token_sorted), recv_splits, send_splits, self.group)  # [M, D]
         y = self._run_local_experts(received, recv_counts)  # [M, D], in the received order
         y = all_to_all_rows(y, send_splits, recv_splits, self.group)  # [N, D], in token_sorted order
-        out = combine(tokens, y, token_sorted, weight_sorted)  # [T, D]
-        if self.shared is not None:
-            shared = self.shared(tokens)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
-            out = out + shared
-        self.aux_loss, self.z_loss = route.aux_loss, route.z_loss
-        self.last_stats = RoutingStats.from_routing(route.probs, route.mask, counts)
+        out = self._finish(tokens, combine(tokens, y, token_sorted, weight_sorted), route, counts)  # [T, D]
         self.last_send_splits, self.last_recv_splits = send_splits, recv_splits
         return out.reshape(shape)
 
