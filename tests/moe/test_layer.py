@@ -219,3 +219,18 @@ def test_expert_without_tokens_gets_zero_gradient() -> None:
     for p in (layer.experts.w_in, layer.experts.w_out, layer.experts.b_in, layer.experts.b_out):
         assert torch.isfinite(p.grad).all()
         assert (p.grad[1:] == 0).all() and p.grad[0].abs().sum() > 0
+
+
+def test_deepcopy_and_pickle_after_a_training_forward() -> None:
+    import copy
+    import pickle
+
+    layer = PiMoE(8, 4, 2, 16)
+    x = torch.randn(5, 8)
+    out = layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin.last_stats is None and twin.aux_loss.item() == 0.0
+    torch.testing.assert_close(twin(x), out)
+    again = pickle.loads(pickle.dumps(layer))
+    torch.testing.assert_close(again(x), out)
+    assert layer.last_stats is not None  # the original keeps its stats

@@ -22,6 +22,14 @@ class MoEOutput(nn.Module):
     shared: nn.Module | None
     shared_gate: nn.Module | None
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles start without the last call's losses and stats: those hold that
+        call's autograd graph, which ``copy.deepcopy`` refuses to copy."""
+        state = super().__getstate__().copy()
+        state["aux_loss"] = state["z_loss"] = torch.zeros(())
+        state["last_stats"] = None
+        return state
+
     def _finish(self, tokens: Tensor, out: Tensor, route: RouterOutput, counts: Tensor) -> Tensor:
         """``tokens [T, D]``, routed output ``out [T, D]`` -> layer output ``[T, D]``."""
         if self.shared is not None:
