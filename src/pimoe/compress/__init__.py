@@ -2,9 +2,12 @@
 
 Low-rank factorization (:mod:`~pimoe.compress.lowrank`), pruning (:mod:`~pimoe.compress.prune`),
 quantization (:mod:`~pimoe.compress.quantize`) and expert dropping/merging for PiMoE layers
-(:mod:`~pimoe.compress.moe`). See ``docs/compress.md``.
+(:mod:`~pimoe.compress.moe`); distillation (:mod:`~pimoe.compress.distill`) to repair them; and
+:class:`ArchitectureOptimizer`, which chains them and measures each step in a
+:class:`CompressionReport`. See ``docs/compress.md``.
 """
 
+from pimoe.compress.distill import DistillResult, distill, soft_loss
 from pimoe.compress.lowrank import (
     FactorizationReport,
     LayerFactorization,
@@ -20,6 +23,7 @@ from pimoe.compress.moe import (
     merge_similar_experts,
     similar_expert_groups,
 )
+from pimoe.compress.optimizer import ArchitectureConfig, ArchitectureOptimizer
 from pimoe.compress.prune import (
     SparsityReport,
     magnitude_prune,
@@ -41,8 +45,11 @@ from pimoe.compress.quantize import (
     saved_bytes,
     unpack_int4,
 )
+from pimoe.compress.report import CompressionReport, StepResult, measure
 
 __all__ = [
+    "ArchitectureConfig", "ArchitectureOptimizer", "CompressionReport", "DistillResult", "StepResult",
+    "distill", "measure", "soft_loss",
     "FactorizationReport", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "LayerFactorization",
     "LowRankLinear", "SparsityReport", "cast", "drop_experts", "experts_to_keep", "factorize",
     "load_weight_only_int4", "load_weight_only_int8", "magnitude_prune", "merge_experts",

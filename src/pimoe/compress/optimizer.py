@@ -1,0 +1,226 @@
+"""ArchitectureOptimizer: apply the enabled compression steps in order and measure each one.
+
+The seed's knobs (compression ratio, quantization bits, sparsity ratio and the ``enable_*`` flags)
+map onto the techniques of this package: low rank → :func:`~pimoe.compress.lowrank.factorize`,
+prune → :func:`~pimoe.compress.prune.magnitude_prune`, distill →
+:func:`~pimoe.compress.distill.distill` with the original model as teacher, quantize →
+:func:`~pimoe.compress.quantize.quantize_dynamic_int8` / ``quantize_weight_only_int8`` /
+``quantize_weight_only_int4`` / :func:`~pimoe.compress.quantize.cast` (bfloat16).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pimoe.compress.distill import Batch, LossKind, default_output_fn, distill
+from pimoe.compress.lowrank import factorize
+from pimoe.compress.prune import magnitude_prune
+from pimoe.compress.quantize import cast, quantize_dynamic_int8, quantize_weight_only_int4, quantize_weight_only_int8
+from pimoe.compress.report import FIDELITY_FNS, CompressionReport, FidelityFn, measure, run_model
+
+STEP_NAMES = ("low_rank", "prune", "distill", "quantize")
+_ENABLE_FLAGS = {
+    "low_rank": "enable_low_rank",
+    "prune": "enable_pruning",
+    "distill": "enable_knowledge_distillation",
+    "quantize": "enable_quantization",
+}
+
+
+@dataclass
+class ArchitectureConfig:
+    """Which compression steps to run, in which order, and with which settings.
+
+    Attributes:
+        compression_ratio: low-rank target, passed to ``factorize(ratio=...)``: each factorized
+            Linear keeps at most this fraction of its weight's parameters. In (0, 1].
+        quantization_bits: 8 (int8, see ``quantization_mode``), 4 (int4 weight-only, group 32),
+            16 (bfloat16 cast) or 32 (no quantization; the step is recorded with a note).
+        sparsity_ratio: fraction of Linear weights zeroed by global magnitude pruning, in [0, 1).
+        enable_*: turn each step on; a step in ``order`` runs only when its flag is set.
+        order: step names from ``"low_rank"``, ``"prune"``, ``"distill"``, ``"quantize"``.
+            ``"distill"`` must come before ``"quantize"`` (quantized models are not trained).
+        quantization_mode: for 8 bits, ``"dynamic"`` (torch.ao, activations quantized per call)
+            or ``"weight_only"`` (:class:`~pimoe.compress.quantize.Int8WeightOnlyLinear`).
+        fidelity: ``"cosine"`` (mean cosine similarity to the original's outputs), ``"mse"``,
+            ``"accuracy"`` (argmax agreement with the original, or accuracy against ``labels``
+            when :meth:`ArchitectureOptimizer.optimize` gets them), or a callable
+            ``(reference_out, out) -> float``.
+        distill_*: settings of :func:`~pimoe.compress.distill.distill`; ``distill_data`` is the
+            default training data (``optimize(distill_data=...)`` overrides it).
+        output_fn: turns model outputs into the compared tensor (default ``.logits`` or identity).
+        skip: ``fnmatch`` patterns of module names that low rank and quantization leave alone.
+        latency_repeats: calls timed per measurement (the median is reported).
+    """
+
+    compression_ratio: float = 0.5
+    quantization_bits: int = 8
+    sparsity_ratio: float = 0.5
+    enable_pruning: bool = True
+    enable_quantization: bool = True
+    enable_knowledge_distillation: bool = False
+    enable_low_rank: bool = False
+    order: list[str] = field(default_factory=lambda: list(STEP_NAMES))
+    quantization_mode: str = "dynamic"
+    fidelity: str | FidelityFn = "cosine"
+    distill_steps: int | None = None
+    distill_epochs: int = 1
+    distill_lr: float = 1e-3
+    distill_temperature: float = 2.0
+    distill_loss: LossKind = "kl"
+    distill_data: Iterable[Batch] | None = None
+    output_fn: Callable[[Any], Tensor] = default_output_fn
+    skip: Sequence[str] = ()
+    latency_repeats: int = 10
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for an unknown step, option or an out-of-range setting."""
+        unknown = [name for name in self.order if name not in STEP_NAMES]
+        if unknown:
+            raise ValueError(f"unknown step(s) {unknown}; choose from {STEP_NAMES}")
+        steps = self.enabled_steps()
+        if steps.count("quantize") > 1:
+            raise ValueError("quantize can run only once")
+        if "distill" in steps and "quantize" in steps and steps.index("quantize") < max(
+            i for i, name in enumerate(steps) if name == "distill"
+        ):
+            raise ValueError("distill must come before quantize: quantized models are not trained")
+        if self.quantization_bits not in (4, 8, 16, 32):
+            raise ValueError(f"quantization_bits must be 4, 8, 16 or 32, got {self.quantization_bits}")
+        if self.quantization_mode not in ("dynamic", "weight_only"):
+            raise ValueError(f"quantization_mode must be 'dynamic' or 'weight_only', got {self.quantization_mode!r}")
+        if not 0.0 < self.compression_ratio <= 1.0:
+            raise ValueError(f"compression_ratio must be in (0, 1], got {self.compression_ratio}")
+        if not 0.0 <= self.sparsity_ratio < 1.0:
+            raise ValueError(f"sparsity_ratio must be in [0, 1), got {self.sparsity_ratio}")
+        if not callable(self.fidelity) and self.fidelity not in FIDELITY_FNS:
+            raise ValueError(f"fidelity must be one of {sorted(FIDELITY_FNS)} or a callable, got {self.fidelity!r}")
+        if self.distill_loss not in ("kl", "mse", "cosine"):
+            raise ValueError(f"distill_loss must be 'kl', 'mse' or 'cosine', got {self.distill_loss!r}")
+        if self.latency_repeats < 1:
+            raise ValueError(f"latency_repeats must be >= 1, got {self.latency_repeats}")
+
+    def enabled_steps(self) -> list[str]:
+        """The names in ``order`` whose ``enable_*`` flag is set, in order."""
+        return [name for name in self.order if getattr(self, _ENABLE_FLAGS[name])]
+
+
+class ArchitectureOptimizer:
+    """Compress a copy of a model step by step, measuring it after each step.
+
+    Example::
+
+        config = ArchitectureConfig(sparsity_ratio=0.5, quantization_bits=8)
+        small, report = ArchitectureOptimizer(config).optimize(model, x)
+        console.print(report.table())
+    """
+
+    def __init__(self, config: ArchitectureConfig | None = None) -> None:
+        self.config = config or ArchitectureConfig()
+        self.config.validate()
+
+    def _fidelity(self, labels: Tensor | None) -> tuple[FidelityFn, str]:
+        fid = self.config.fidelity
+        if callable(fid):
+            return fid, getattr(fid, "__name__", "custom")
+        if fid == "accuracy" and labels is not None:
+            return (lambda _ref, out: float((out.argmax(-1) == labels).float().mean())), "accuracy (labels)"
+        return FIDELITY_FNS[fid], fid
+
+    def optimize(
+        self,
+        model: nn.Module,
+        example_inputs: Batch,
+        *,
+        distill_data: Iterable[Batch] | None = None,
+        labels: Tensor | None = None,
+    ) -> tuple[nn.Module, CompressionReport]:
+        """Apply the enabled steps to a deep copy of ``model``; ``model`` itself is not changed.
+
+        Args:
+            example_inputs: a batch (tensor or tuple) for the fidelity and latency measurements;
+                the original's outputs on it are the reference.
+            distill_data: training batches for the distill step (else ``config.distill_data``);
+                without either, the distill step is recorded with a "skipped" note.
+            labels: targets for ``fidelity="accuracy"`` (accuracy instead of agreement).
+
+        Returns:
+            ``(optimized model, report)``; the report's first row is ``"before"``, then one row
+            per enabled step.
+        """
+        cfg = self.config
+        fidelity, metric = self._fidelity(labels)
+        was_training = model.training
+        reference = run_model(model, example_inputs, cfg.output_fn)
+        report = CompressionReport(fidelity_metric=metric)
+
+        def record(name: str, current: nn.Module, note: str = "") -> None:
+            report.steps.append(
+                measure(name, current, example_inputs, reference, fidelity,
+                        output_fn=cfg.output_fn, repeats=cfg.latency_repeats, note=note)
+            )
+
+        record("before", model)
+        current = copy.deepcopy(model)
+        pruned = False
+        data = distill_data if distill_data is not None else cfg.distill_data
+        for name in cfg.enabled_steps():
+            if name == "distill" and data is None:
+                report.steps.append(
+                    dataclasses.replace(report.steps[-1], name=name, note="skipped: no distill_data given")
+                )
+                continue
+            current, note = self._apply(name, current, model, data, pruned)
+            pruned = pruned or name == "prune"
+            record(name, current, note)
+        model.train(was_training)
+        current.eval()
+        return current, report
+
+    def _apply(
+        self, name: str, current: nn.Module, teacher: nn.Module, data: Iterable[Batch] | None, pruned: bool
+    ) -> tuple[nn.Module, str]:
+        """Run one step; return the (possibly new) model and a note for the report."""
+        cfg = self.config
+        if name == "low_rank":
+            fact = factorize(current, ratio=cfg.compression_ratio, skip=cfg.skip)
+            return current, f"{len(fact.replaced)} Linear(s) factorized"
+        if name == "prune":
+            magnitude_prune(current, cfg.sparsity_ratio, skip=cfg.skip)
+            return current, f"global magnitude pruning {cfg.sparsity_ratio:.0%}"
+        if name == "distill":
+            assert data is not None
+            with torch.enable_grad():
+                result = distill(
+                    teacher, current, data, epochs=cfg.distill_epochs, steps=cfg.distill_steps,
+                    lr=cfg.distill_lr, temperature=cfg.distill_temperature, loss=cfg.distill_loss,
+                    output_fn=cfg.output_fn, preserve_sparsity=pruned,
+                )
+            last = f", last loss {result.losses[-1]:.4g}" if result.losses else ""
+            return current, f"{result.steps} distillation steps{last}"
+        return self._quantize(current)
+
+    def _quantize(self, current: nn.Module) -> tuple[nn.Module, str]:
+        cfg = self.config
+        bits = cfg.quantization_bits
+        if bits == 32:
+            return current, "32 bits: weights left in float32"
+        if bits == 16:
+            return cast(current, torch.bfloat16), "bfloat16 cast"
+        if bits == 4:
+            replaced = quantize_weight_only_int4(current, skip=cfg.skip)
+            return current, f"int4 weight-only, {len(replaced)} Linear(s)"
+        if cfg.quantization_mode == "dynamic":
+            return quantize_dynamic_int8(current, skip=cfg.skip, inplace=True), "int8 dynamic (torch.ao)"
+        replaced = quantize_weight_only_int8(current, skip=cfg.skip)
+        return current, f"int8 weight-only, {len(replaced)} Linear(s)"
