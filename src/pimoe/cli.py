@@ -29,6 +29,26 @@ def demo(
     run_demo(steps=steps, device=device, seed=seed, out_dir=str(out) if out else None)
 
 
+@app.command()
+def serve(
+    model_path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A PiMoELM safetensors file (e.g. DIR/model.safetensors from `pimoe demo --out DIR`).")],
+    name: Annotated[Optional[str], typer.Option(help="Model name in requests; default: the file name without extension.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Most requests per forward pass.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for a batch to fill, in ms.")] = 5.0,
+    cache_size: Annotated[int, typer.Option(min=0, help="Entries of the LRU inference cache (0: off).")] = 0,
+) -> None:
+    """Serve a saved PiMoELM over HTTP (POST /v1/infer, GET /healthz, GET /metrics)."""
+    from pimoe.infer.server import serve as run_server
+
+    try:
+        run_server(model_path, name=name, host=host, port=port, max_batch_size=max_batch_size,
+                   max_wait_ms=max_wait_ms, cache_size=cache_size)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="MODEL_PATH") from err
+
+
 @bench_app.command("moe")
 def bench_moe(
     quick: Annotated[bool, typer.Option(help="Small sizes (512 and 2048 tokens, 3 rounds).")] = False,
