@@ -31,7 +31,8 @@ def demo(
 
 @app.command()
 def serve(
-    model_path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A PiMoELM safetensors file (e.g. DIR/model.safetensors from `pimoe demo --out DIR`).")],
+    model_path: Annotated[Optional[Path], typer.Argument(exists=True, dir_okay=False, show_default=False, help="A PiMoELM safetensors file (same as --model).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", exists=True, dir_okay=False, help="A PiMoELM safetensors file (from `pimoe save-demo-model PATH` or `pimoe demo --out DIR`).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in requests; default: the file name without extension.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
@@ -42,11 +43,28 @@ def serve(
     """Serve a saved PiMoELM over HTTP (POST /v1/infer, GET /healthz, GET /metrics)."""
     from pimoe.infer.server import serve as run_server
 
+    if (model_path is None) == (model is None):
+        raise typer.BadParameter("give the model file once: `--model PATH` or a positional PATH", param_hint="--model")
+    path = model if model is not None else model_path
+    assert path is not None
     try:
-        run_server(model_path, name=name, host=host, port=port, max_batch_size=max_batch_size,
+        run_server(path, name=name, host=host, port=port, max_batch_size=max_batch_size,
                    max_wait_ms=max_wait_ms, cache_size=cache_size)
     except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="MODEL_PATH") from err
+        raise typer.BadParameter(str(err), param_hint="--model") from err
+
+
+@app.command("save-demo-model")
+def save_demo_model(
+    path: Annotated[Path, typer.Argument(dir_okay=False, help="Where to write the model (a .safetensors file).")],
+    steps: Annotated[int, typer.Option(min=0, help="Training steps on pydoc text (0: save the untrained model).")] = 40,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a small byte-level PiMoELM (briefly trained on Python's docs) for `pimoe serve --model PATH`."""
+    from pimoe.infer.demo_model import save_demo_model as write_model
+
+    result = write_model(path, steps=steps, seed=seed)
+    typer.echo(f"wrote {path} ({int(result['params']):,} parameters, {steps} steps, held-out loss {result['val_loss']:.3f})")
 
 
 @bench_app.command("moe")
@@ -69,6 +87,17 @@ def bench_cache(
 ) -> None:
     """Cache policies (FIFO/LRU/LFU/TinyLFU) vs Belady's MIN on Zipf traces; hit/miss/disk-hit costs."""
     from pimoe.bench.cache import main
+
+    main(quick=quick, json_path=json_path)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    quick: Annotated[bool, typer.Option(help="300 requests per mode instead of 2,000 (~25 s).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """Loopback HTTP load (32 concurrent, Zipf prompts): one-by-one vs batching vs batching+cache."""
+    from pimoe.bench.serve import main
 
     main(quick=quick, json_path=json_path)
 

@@ -4,8 +4,13 @@ One call, ``engine.infer(model, inputs)``, puts the model in eval mode, runs it 
 ``torch.inference_mode`` and, as configured, under ``torch.autocast`` (bfloat16/float16), through
 ``torch.compile`` (compiled once per model, with a warned fallback to eager when compilation is
 unavailable or fails), with channels-last 4-D inputs, and behind an :class:`InferenceCache`
-looked up by :func:`make_key` of the inputs. Compression is not applied here: models are
-compressed beforehand by ``pimoe.compress``.
+looked up by :func:`make_key` of the inputs. With ``InferenceConfig.optimize`` (an
+``ArchitectureConfig``) each model is first compressed once by ``pimoe.compress`` (on a copy, with
+its first call's inputs as the example batch); the engine then runs the compressed copy.
+
+``pimoe.compress`` is imported only when ``optimize`` is set: a reasoned exception to inference
+not depending on compression, so that the issue's "optimization of the model through the
+compression subsystem when the user asks for it" is one engine setting rather than a second API.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from pimoe.infer.cache import InferenceCache, make_key
+
+if TYPE_CHECKING:
+    from pimoe.compress import ArchitectureConfig, CompressionReport
 
 DType = Literal["float32", "bfloat16", "float16"]
 CompileStatus = Literal["off", "pending", "compiled", "eager-fallback"]
@@ -50,6 +58,8 @@ class InferenceConfig:
             ``InferenceCache(max_size=cache_size, policy=cache_policy)``.
         cache_policy: the policy of that cache ("lru", "fifo", "lfu", "tinylfu").
         cache_namespace: default namespace of cache keys; put the model's name and version in it.
+        optimize: compress each model once with ``ArchitectureOptimizer(optimize)`` before running
+            it (``model`` itself is not changed; ``engine.report(model)`` gives the report).
     """
 
     compile: bool = False
@@ -64,6 +74,7 @@ class InferenceConfig:
     cache_size: int = 0
     cache_policy: str = "lru"
     cache_namespace: str = ""
+    optimize: ArchitectureConfig | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -119,10 +130,13 @@ class EngineStats:
 class _Prepared:
     """The engine's state for one model: the model (held, so its id stays valid) and its runner."""
 
-    def __init__(self, model: nn.Module, runner: Callable[..., Any] | None, status: CompileStatus) -> None:
+    def __init__(self, model: nn.Module, runner: Callable[..., Any] | None, status: CompileStatus,
+                 target: nn.Module | None = None, report: CompressionReport | None = None) -> None:
         self.model = model
+        self.target = model if target is None else target  # what runs: the model or its compressed copy
         self.runner = runner  # the compiled callable, None when running eager
         self.status: CompileStatus = status
+        self.report = report
 
 
 class InferenceEngine:
@@ -171,6 +185,12 @@ class InferenceEngine:
             prepared = self._models.get(id(model))
             return "off" if prepared is None or prepared.model is not model else prepared.status
 
+    def report(self, model: nn.Module) -> CompressionReport | None:
+        """The compression report of ``model`` (None without ``config.optimize`` or before its first call)."""
+        with self._lock:
+            prepared = self._models.get(id(model))
+            return None if prepared is None or prepared.model is not model else prepared.report
+
     def release(self, model: nn.Module) -> None:
         """Drop the engine's state for ``model`` (its compiled version). A cache namespace it used
         stays bound to it, since the cache may still hold its outputs under that namespace."""
@@ -198,7 +218,7 @@ class InferenceEngine:
         """
         start = time.perf_counter()
         args = self._check_inputs(inputs)
-        prepared = self._prepare(model)
+        prepared = self._prepare(model, args)
         ran = False
 
         def forward() -> Any:
@@ -240,7 +260,7 @@ class InferenceEngine:
             out.append(x)
         return tuple(out)
 
-    def _prepare(self, model: nn.Module) -> _Prepared:
+    def _prepare(self, model: nn.Module, args: tuple[Tensor, ...]) -> _Prepared:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         with self._lock:
@@ -259,9 +279,15 @@ class InferenceEngine:
         if self.config.channels_last:
             model.to(memory_format=torch.channels_last)
         prepared = _Prepared(model, None, "off")
+        if self.config.optimize is not None:
+            from pimoe.compress import ArchitectureOptimizer
+
+            example = args[0] if len(args) == 1 else args
+            prepared.target, prepared.report = ArchitectureOptimizer(self.config.optimize).optimize(model, example)
+            prepared.target.eval()
         if self.config.compile:
             try:
-                prepared.runner = torch.compile(model, mode=self.config.compile_mode, backend=self.config.compile_backend)
+                prepared.runner = torch.compile(prepared.target, mode=self.config.compile_mode, backend=self.config.compile_backend)
                 prepared.status = "pending"
             except Exception as exc:  # torch.compile unavailable (platform, Python version, backend)
                 self._fall_back(prepared, exc)
@@ -277,12 +303,12 @@ class InferenceEngine:
                 try:
                     out = runner(*args)
                 except Exception as exc:
-                    out = prepared.model(*args)  # an error of the inputs or the model raises here too
+                    out = prepared.target(*args)  # an error of the inputs or the model raises here too
                     self._fall_back(prepared, exc)
                     return out
                 prepared.status = "compiled"
                 return out
-            return prepared.model(*args)
+            return prepared.target(*args)
 
     def _fall_back(self, prepared: _Prepared, exc: Exception) -> None:
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -1,0 +1,241 @@
+"""Serving benchmark: a bounded loopback HTTP load against ``pimoe serve`` in three modes.
+
+One small :class:`PiMoELM` (the demo's shape, untrained: the weights do not change the cost) is
+saved once and served by uvicorn in a child process (so the load generator does not share the
+server's interpreter lock) in each mode:
+
+- ``one_by_one``: ``max_batch_size=1``, every request runs its own forward pass;
+- ``batching``: the micro-batcher (``max_batch_size=32``, ``max_wait_ms=5``);
+- ``batching_cache``: the same plus the LRU result cache (``cache_size=256``).
+
+The load is the same seeded trace in every mode: ``num_requests`` POST /v1/infer calls with
+``token_ids`` drawn from a pool of ``num_prompts`` pydoc text windows (16 to 96 bytes) by a Zipf
+law of skew ``zipf_skew`` over the pool (popular prompts repeat, as in real traffic), sent by
+``concurrency`` asyncio clients over keep-alive connections, answer ``next_token_id`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from pimoe.bench.cache import zipf_trace
+from pimoe.data import load_pydoc_text
+from pimoe.io import atomic_write_text
+from pimoe.moe.model import LMConfig, PiMoELM
+
+MODES: dict[str, dict[str, int]] = {
+    "one_by_one": {"max_batch_size": 1, "cache_size": 0},
+    "batching": {"max_batch_size": 32, "cache_size": 0},
+    "batching_cache": {"max_batch_size": 32, "cache_size": 256},
+}
+
+_SERVER_CODE = (
+    "import sys; from pimoe.infer.server import serve; "
+    "serve(sys.argv[1], name='lm', host='127.0.0.1', port=int(sys.argv[2]), max_batch_size=int(sys.argv[3]), "
+    "max_wait_ms=float(sys.argv[4]), cache_size=int(sys.argv[5]))"
+)
+
+
+@dataclass
+class ServeBenchConfig:
+    """Load and model sizes (the issue's 2,000 requests, 32 concurrent)."""
+
+    num_requests: int = 2000
+    concurrency: int = 32
+    num_prompts: int = 500
+    zipf_skew: float = 1.0
+    min_len: int = 16
+    max_len: int = 96
+    max_wait_ms: float = 5.0
+    warmup_requests: int = 64
+    server_threads: int = 2
+    seed: int = 0
+
+
+def prompts_and_trace(cfg: ServeBenchConfig) -> tuple[list[list[int]], list[int]]:
+    """The prompt pool (pydoc text windows as byte ids) and the seeded Zipf order of requests."""
+    text = load_pydoc_text()
+    rng = np.random.default_rng(cfg.seed)
+    lengths = rng.integers(cfg.min_len, cfg.max_len + 1, size=cfg.num_prompts)
+    starts = rng.integers(0, len(text) - cfg.max_len, size=cfg.num_prompts)
+    pool = [list(text[s : s + n]) for s, n in zip(starts.tolist(), lengths.tolist())]
+    return pool, zipf_trace(cfg.num_prompts, cfg.num_requests, cfg.zipf_skew, cfg.seed)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_server(model_path: Path, mode: dict[str, int], cfg: ServeBenchConfig,
+                  log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``serve`` in a child process (output to ``log``); return it and its base URL once
+    /healthz answers."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.server_threads)}
+    args = [sys.executable, "-c", _SERVER_CODE, str(model_path), str(port), str(mode["max_batch_size"]),
+            str(cfg.max_wait_ms), str(mode["cache_size"])]
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    _stop(proc)
+    raise RuntimeError("the server did not answer /healthz within 60 s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float], int]:
+    """Send ``bodies`` with ``concurrency`` clients; return (seconds, latencies in s of the
+    answered requests, errors: non-200 answers and connection failures)."""
+    latencies: list[float] = []
+    errors = 0
+    next_index = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal next_index, errors
+            while next_index < len(bodies):
+                body = bodies[next_index]
+                next_index += 1
+                start = time.perf_counter()
+                try:
+                    response = await client.post("/v1/infer", json=body)
+                except httpx.TransportError:  # counted, not raised: the report says how many failed
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+                errors += response.status_code != 200
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start, latencies, errors
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def run_mode(model_path: Path, mode: dict[str, int], bodies: list[dict], cfg: ServeBenchConfig) -> dict:
+    """Serve the model in ``mode`` and measure the load (after ``warmup_requests`` unmeasured ones)."""
+    log_path = model_path.with_name(f"server-{mode['max_batch_size']}-{mode['cache_size']}.log")
+    with open(log_path, "wb") as log:
+        proc, url = _start_server(model_path, mode, cfg, log)
+    try:
+        asyncio.run(_load(url, bodies[: cfg.warmup_requests], cfg.concurrency))
+        seconds, latencies, errors = asyncio.run(_load(url, bodies, cfg.concurrency))
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    finally:
+        _stop(proc)
+    server_errors = [line for line in log_path.read_text(errors="replace").splitlines()
+                     if "Error" in line or "Traceback" in line]
+    return {
+        **mode,
+        "requests": len(bodies),
+        "errors": errors,
+        "seconds": seconds,
+        "throughput_rps": len(bodies) / seconds,
+        "p50_ms": _percentile(latencies, 50) * 1000,
+        "p99_ms": _percentile(latencies, 99) * 1000,
+        "mean_ms": statistics.fmean(latencies) * 1000,
+        "mean_batch_size": _mean_batch_size(metrics),
+        "server_error_lines": server_errors[:5],
+    }
+
+
+def _mean_batch_size(metrics: str) -> float:
+    """Requests per forward pass from the server's ``pimoe_batch_size`` histogram (warmup included)."""
+    total = count = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("pimoe_batch_size_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("pimoe_batch_size_count"):
+            count = float(line.split()[-1])
+    return total / count if count else 0.0
+
+
+def run(cfg: ServeBenchConfig, console: Console | None = None) -> dict:
+    """Measure every mode on the same trace; return the results as a JSON-serializable dict."""
+    console = console or Console()
+    pool, trace = prompts_and_trace(cfg)
+    bodies = [{"model": "lm", "token_ids": pool[i], "return_logits": False} for i in trace]
+    model_config = LMConfig(block_size=128, n_layer=4, n_head=4, d_model=128, num_experts=8, top_k=2, ffn_dim=128)
+    torch.manual_seed(cfg.seed)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        model_path = Path(folder) / "model.safetensors"
+        PiMoELM(model_config).save(model_path)
+        for name, mode in MODES.items():
+            console.print(f"[dim]mode {name}: {len(bodies)} requests, {cfg.concurrency} concurrent[/dim]")
+            results[name] = run_mode(model_path, mode, bodies, cfg)
+    base = results["one_by_one"]["throughput_rps"]
+    result = {
+        "benchmark": "serve",
+        "config": asdict(cfg),
+        "model": asdict(model_config),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "distinct_prompts_in_trace": len(set(trace)),
+        "modes": results,
+        "throughput_ratio_batching": results["batching"]["throughput_rps"] / base,
+        "throughput_ratio_batching_cache": results["batching_cache"]["throughput_rps"] / base,
+    }
+    _print(result, console)
+    return result
+
+
+def _print(result: dict, console: Console) -> None:
+    cfg = result["config"]
+    table = Table(title=f"Loopback HTTP load: {cfg['num_requests']} requests, {cfg['concurrency']} concurrent, "
+                        f"Zipf {cfg['zipf_skew']} over {cfg['num_prompts']} prompts")
+    for col in ("mode", "req/s", "x one-by-one", "p50 ms", "p99 ms", "mean batch", "errors"):
+        table.add_column(col, justify="right")
+    base = result["modes"]["one_by_one"]["throughput_rps"]
+    for name, r in result["modes"].items():
+        table.add_row(name, f"{r['throughput_rps']:.1f}", f"{r['throughput_rps'] / base:.2f}", f"{r['p50_ms']:.1f}",
+                      f"{r['p99_ms']:.1f}", f"{r['mean_batch_size']:.1f}", str(r["errors"]))
+    console.print(table)
+
+
+def main(quick: bool = False, json_path: Path | None = None) -> dict:
+    """Entry point of ``benchmarks/serve.py`` (and of ``pimoe bench serve``)."""
+    cfg = ServeBenchConfig(num_requests=300, warmup_requests=32) if quick else ServeBenchConfig()
+    result = run(cfg)
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result, indent=2))
+    return result

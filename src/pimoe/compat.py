@@ -1,0 +1,115 @@
+"""The seed document's inference names as thin adapters over :mod:`pimoe.infer` and :mod:`pimoe.compress`.
+
+- :class:`UltraFastInferenceConfig` holds the seed's fields and maps them to an
+  :class:`~pimoe.infer.InferenceConfig` (compile, bf16 autocast, result cache) and, with
+  ``enable_model_compression``, an :class:`~pimoe.compress.ArchitectureConfig` (pruning, quantization).
+- :class:`UltraFastInferenceEngine` is an :class:`~pimoe.infer.InferenceEngine` with those
+  settings: it compresses each model once (on its first call, with that call's inputs as the
+  example batch) and runs the compressed copy.
+- :class:`InferenceCache` accepts the seed's ``cache_strategy=`` as an alias of ``policy=``;
+  :class:`IntelligentCaching` is that cache with ``get_or_compute(key, fn)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from pimoe.compress import ArchitectureConfig, CompressionReport
+from pimoe.infer import InferenceCache as _InferenceCache
+from pimoe.infer import InferenceConfig, InferenceEngine
+
+
+class InferenceCache(_InferenceCache):
+    """:class:`pimoe.infer.InferenceCache` that also takes ``cache_strategy`` (the seed's name for ``policy``)."""
+
+    def __init__(self, max_size: int = 1024, *, cache_strategy: str | None = None, policy: str | None = None,
+                 **kwargs: Any) -> None:
+        if cache_strategy is not None and policy is not None and cache_strategy != policy:
+            raise ValueError(f"cache_strategy={cache_strategy!r} and policy={policy!r} disagree; give one")
+        super().__init__(max_size=max_size, policy=cache_strategy or policy or "lru", **kwargs)
+
+
+class IntelligentCaching(InferenceCache):
+    """The seed's "intelligent cache": an :class:`InferenceCache` (LRU by default).
+
+    ``IntelligentCaching(max_size=..., cache_strategy=...)`` or ``IntelligentCaching(config)`` with
+    an :class:`UltraFastInferenceConfig` (its ``cache_size`` becomes ``max_size``). Use
+    ``get_or_compute(key, fn)``; the seed's one-argument ``get_or_compute(output)`` has no key to
+    look up and is not supported.
+    """
+
+    def __init__(self, config: UltraFastInferenceConfig | None = None, **kwargs: Any) -> None:
+        if config is not None:
+            kwargs.setdefault("max_size", max(1, config.cache_size))
+        super().__init__(**kwargs)
+
+
+@dataclass
+class UltraFastInferenceConfig:
+    """The seed's engine settings.
+
+    Args:
+        cache_size: entries of the engine's LRU result cache (0: no cache).
+        enable_model_compression: compress each model once before serving it; the steps are the
+            enabled ones of ``enable_pruning`` (``sparsity_ratio`` magnitude pruning) and
+            ``enable_quantization`` (``quantization_bits``: 8 dynamic int8, 4 int4 weight-only, 16 bf16).
+        enable_torch_compile: ``torch.compile`` the (compressed) model, falling back to eager with
+            a warning where compilation is unavailable or fails.
+        enable_mixed_precision: bfloat16 autocast (``mixed_precision_dtype``) on ``device``.
+    """
+
+    cache_size: int = 0
+    enable_model_compression: bool = False
+    enable_pruning: bool = False
+    enable_quantization: bool = False
+    quantization_bits: int = 8
+    sparsity_ratio: float = 0.5
+    enable_torch_compile: bool = False
+    enable_mixed_precision: bool = False
+    mixed_precision_dtype: str = "bfloat16"
+    device: str = "cpu"
+
+    def inference_config(self) -> InferenceConfig:
+        """The :class:`InferenceConfig` these settings ask for."""
+        return InferenceConfig(
+            compile=self.enable_torch_compile,
+            dtype=self.mixed_precision_dtype if self.enable_mixed_precision else "float32",  # type: ignore[arg-type]
+            device=self.device,
+            cache_size=self.cache_size,
+            optimize=self.architecture_config(),
+        )
+
+    def architecture_config(self) -> ArchitectureConfig | None:
+        """The compression steps, or None without ``enable_model_compression``."""
+        if not self.enable_model_compression:
+            return None
+        return ArchitectureConfig(enable_pruning=self.enable_pruning, enable_quantization=self.enable_quantization,
+                                  quantization_bits=self.quantization_bits, sparsity_ratio=self.sparsity_ratio,
+                                  latency_repeats=1)
+
+
+class UltraFastInferenceEngine:
+    """``UltraFastInferenceEngine(config).infer(model, inputs)``: an :class:`~pimoe.infer.InferenceEngine`
+    configured by :meth:`UltraFastInferenceConfig.inference_config`.
+
+    With compression on, each model is compressed once (on a copy; ``model`` is not changed) with
+    its first call's inputs as the example batch; :meth:`report` gives the compression report.
+    """
+
+    def __init__(self, config: UltraFastInferenceConfig | None = None) -> None:
+        self.config = config if config is not None else UltraFastInferenceConfig()
+        self.engine = InferenceEngine(self.config.inference_config())
+
+    def infer(self, model: nn.Module, inputs: Tensor | tuple[Tensor, ...] | list[Tensor]) -> Any:
+        """``model(*inputs)`` through the engine (on the compressed copy when compression is on)."""
+        return self.engine.infer(model, inputs)
+
+    def report(self, model: nn.Module) -> CompressionReport | None:
+        """``model``'s compression report (None without compression or before its first call)."""
+        return self.engine.report(model)
+
+
+__all__ = ["InferenceCache", "IntelligentCaching", "UltraFastInferenceConfig", "UltraFastInferenceEngine"]

@@ -1,0 +1,63 @@
+"""`pimoe save-demo-model PATH` and `pimoe serve --model PATH` (uvicorn.run replaced)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from pimoe.cli import app as cli_app  # noqa: E402
+from pimoe.infer.demo_model import DEMO_MODEL_CONFIG  # noqa: E402
+from pimoe.moe.model import PiMoELM  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("demo") / "sub" / "demo.safetensors"
+    result = CliRunner().invoke(cli_app, ["save-demo-model", str(path), "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert "3 steps" in result.output
+    return path
+
+
+def test_save_demo_model_writes_a_loadable_lm(demo_path: Path) -> None:
+    model = PiMoELM.load(demo_path)
+    assert model.config == DEMO_MODEL_CONFIG
+
+
+def test_save_demo_model_untrained(tmp_path: Path) -> None:
+    path = tmp_path / "untrained.safetensors"
+    result = CliRunner().invoke(cli_app, ["save-demo-model", str(path), "--steps", "0"])
+    assert result.exit_code == 0, result.output
+    assert PiMoELM.load(path).config == DEMO_MODEL_CONFIG
+
+
+def test_serve_model_option(demo_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[object, dict]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    args = ["serve", "--model", str(demo_path), "--host", "127.0.0.1", "--port", "8124", "--cache-size", "8"]
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 0, result.output
+    (app, kwargs), = calls
+    assert kwargs == {"host": "127.0.0.1", "port": 8124}
+    assert list(app.state.models) == ["demo"] and app.state.cache is not None
+    app.state.batchers["demo"].close()
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_serve_needs_the_model_exactly_once(demo_path: Path, twice: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("must not serve"))
+    args = ["serve", str(demo_path), "--model", str(demo_path)] if twice else ["serve"]
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code != 0 and "--model" in result.output
+
+
+def test_serve_model_option_rejects_a_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(bad)])
+    assert result.exit_code != 0 and "safetensors" in result.output
