@@ -10,6 +10,7 @@ key is always stored; TinyLFU's admission filter acts when a key leaves its wind
 from __future__ import annotations
 
 import heapq
+from abc import ABC, abstractmethod
 import sys
 import time
 from collections import OrderedDict
@@ -36,7 +37,7 @@ def value_nbytes(value: Any) -> int:
     return sys.getsizeof(value)
 
 
-class Cache:
+class Cache(ABC):
     """A bounded mapping: at most ``max_size`` entries and, if set, ``max_bytes`` bytes of values.
 
     Not thread-safe (``InferenceCache`` adds the lock). ``put`` of a value larger than
@@ -123,9 +124,9 @@ class Cache:
     def _forget(self, key: Hashable) -> None:
         """Drop ``key`` from the policy's bookkeeping."""
 
+    @abstractmethod
     def _victim(self) -> Hashable:
         """The key to evict next."""
-        raise NotImplementedError
 
     def _purge(self) -> None:
         """Drop entries that are no longer valid (expired)."""
