@@ -9,10 +9,9 @@ per operation on 4 KB tensor values, medians of interleaved rounds.
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pimoe.bench.timing import interleaved_medians
+from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.infer import InferenceCache, belady_hits, make_key, make_policy, simulate_hits
 from pimoe.infer.policies import Cache, LFUCache
 from pimoe.io import atomic_write_text
@@ -138,10 +137,7 @@ def run(cfg: CacheBenchConfig, console: Console | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         cost_us = costs(cfg, Path(folder))
     result = {
-        "benchmark": "cache",
-        "config": asdict(cfg),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        **run_header("cache", cfg),
         "hit_rates": rows,
         "cost_us": cost_us,
     }

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import socket
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.multiprocessing as mp
 from rich.console import Console
 from rich.table import Table
 
-from pimoe.bench.timing import interleaved_medians
+from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.io import atomic_write_text
 from pimoe.moe import PiMoE
 from pimoe.moe.parallel import ExpertParallelMoE, init_process_group
@@ -148,11 +147,7 @@ def run(cfg: EPBenchConfig, console: Console | None = None) -> dict:
             for name, peer in single.items():
                 row[f"fwdbwd_vs_single_{name}"] = row["fwdbwd_tokens_per_s"] / peer["fwdbwd_tokens_per_s"]
     result = {
-        "benchmark": "expert_parallel",
-        "config": asdict(cfg),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **run_header("expert_parallel", cfg),
         "backend": "gloo",
         "threads_per_process": 1,
         "max_abs_diff_vs_single_process": max(r["max_abs_diff_vs_single_process"] for r in rows),

@@ -7,9 +7,8 @@ FLOPs as the MoE layer with no routing, sorting or gathering. Ratios < 1 are fas
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from pimoe.bench.timing import geomean, interleaved_medians
+from pimoe.bench.timing import geomean, interleaved_medians, run_header
 from pimoe.io import atomic_write_text
 from pimoe.moe import PiMoE, SwiGLU
 
@@ -94,10 +93,7 @@ def run(cfg: MoEBenchConfig, console: Console | None = None) -> dict:
     fwd = [r for r in rows if r["mode"] == "fwd"]
     fwdbwd = [r for r in rows if r["mode"] == "fwd+bwd"]
     result = {
-        "benchmark": "moe_layer",
-        "config": asdict(cfg),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        **run_header("moe_layer", cfg),
         "fwd_ratio_vs_dense": geomean([r["pimoe_vs_dense"] for r in fwd]),
         "fwdbwd_ratio_vs_dense": geomean([r["pimoe_vs_dense"] for r in fwdbwd]),
         "fwd_ratio_vs_hf": geomean([r["pimoe_vs_hf_eager"] for r in fwd]),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pimoe.bench.cache import zipf_trace
+from pimoe.bench.timing import run_header
 from pimoe.data import load_pydoc_text
 from pimoe.io import atomic_write_text
 from pimoe.moe.model import LMConfig, PiMoELM
@@ -204,12 +204,8 @@ def run(cfg: ServeBenchConfig, console: Console | None = None) -> dict:
             results[name] = run_mode(model_path, mode, bodies, cfg)
     base = results["one_by_one"]["throughput_rps"]
     result = {
-        "benchmark": "serve",
-        "config": asdict(cfg),
+        **run_header("serve", cfg),
         "model": asdict(model_config),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
         "distinct_prompts_in_trace": len(set(trace)),
         "modes": results,
         "throughput_ratio_batching": results["batching"]["throughput_rps"] / base,

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+
+def run_header(name: str, config: Any) -> dict[str, object]:
+    """The fields every benchmark result starts with: its name, config (a dataclass) and machine."""
+    return {
+        "benchmark": name,
+        "config": asdict(config),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
