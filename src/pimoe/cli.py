@@ -31,8 +31,8 @@ def demo(
 
 @app.command()
 def serve(
-    model_path: Annotated[Optional[Path], typer.Argument(exists=True, dir_okay=False, show_default=False, help="A PiMoELM safetensors file (same as --model).")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", exists=True, dir_okay=False, help="A PiMoELM safetensors file (from `pimoe save-demo-model PATH` or `pimoe demo --out DIR`).")] = None,
+    model_path: Annotated[Optional[Path], typer.Argument(exists=True, show_default=False, help="Same as --model.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", exists=True, help="A PiMoELM safetensors file (from `pimoe save-demo-model PATH` or `pimoe demo --out DIR`) or a Hugging Face encoder folder (e.g. all-MiniLM-L6-v2).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in requests; default: the file name without extension.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
@@ -40,7 +40,7 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for a batch to fill, in ms.")] = 5.0,
     cache_size: Annotated[int, typer.Option(min=0, help="Entries of the LRU inference cache (0: off).")] = 0,
 ) -> None:
-    """Serve a saved PiMoELM over HTTP (POST /v1/infer, GET /healthz, GET /metrics)."""
+    """Serve a saved PiMoELM or a HF encoder folder over HTTP (POST /v1/infer, GET /healthz, GET /metrics)."""
     from pimoe.infer.server import serve as run_server
 
     if (model_path is None) == (model is None):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,41 +18,13 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from typer.testing import CliRunner  # noqa: E402
 
+from live_server import LiveServer  # noqa: E402
+
 from pimoe.cli import app as cli_app  # noqa: E402
 from pimoe.infer.server import ServedModel, create_app  # noqa: E402
 from pimoe.moe.model import LMConfig, PiMoELM  # noqa: E402
 
 MAX_ELEMENTS = 512
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    """A uvicorn server on a background thread."""
-
-    def __init__(self, app: object) -> None:
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> httpx.Client:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
-        return self.client
-
-    def __exit__(self, *exc: object) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +69,7 @@ def served(lm_path: Path, linear: nn.Linear, tagger: nn.Linear) -> Iterator[tupl
          "tagger": ServedModel.tensor(tagger, (None, 4))},
         max_batch_size=32, max_wait_ms=20, max_request_elements=MAX_ELEMENTS,
     )
-    with _Server(app) as client:
+    with LiveServer(app) as client:
         yield client, app
 
 
@@ -246,7 +216,7 @@ def test_metrics(client: httpx.Client) -> None:
 
 def test_cache_hits(lm_path: Path, reference: PiMoELM) -> None:
     app = create_app({"lm": lm_path}, cache_size=8, max_wait_ms=0)
-    with _Server(app) as client:
+    with LiveServer(app) as client:
         first = client.post("/v1/infer", json={"model": "lm", "text": "abc"}).json()
         second = client.post("/v1/infer", json={"model": "lm", "text": "abc"}).json()
         assert (first["cached"], second["cached"]) == (False, True)

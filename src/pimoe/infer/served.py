@@ -1,0 +1,232 @@
+"""What the server serves (:class:`ServedModel`) and how a request's JSON becomes model input.
+
+Three kinds of model:
+
+- ``"lm"``: a :class:`PiMoELM`; requests send ``token_ids`` or ``text`` (UTF-8 bytes are its
+  tokens); the answer holds the logits ``[L, V]`` and the next token id.
+- ``"tensor"``: any module taking one float tensor ``[B, *input_shape]``; requests send ``inputs``.
+- ``"text"``: a :class:`~pimoe.infer.encoder.SentenceEncoder` (a Hugging Face encoder folder such
+  as all-MiniLM-L6-v2); requests send ``text`` (one string or a list) and get embeddings ``[D]``
+  (or ``[N, D]``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from pimoe.infer.encoder import SentenceEncoder, is_hf_folder
+from pimoe.moe.model import PiMoELM
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model the server runs.
+
+    Args:
+        module: a :class:`PiMoELM` (``kind="lm"``), a :class:`SentenceEncoder` (``kind="text"``)
+            or any ``nn.Module`` taking one float tensor ``[B, *input_shape]`` and returning a
+            tensor with ``B`` rows (``kind="tensor"``).
+        kind: "lm" (requests send ``token_ids`` or ``text``), "text" (requests send ``text``: a
+            string or a list of strings) or "tensor" (requests send ``inputs``).
+        input_shape: for "tensor", the shape of one request's input; ``None`` entries accept any
+            size (a leading ``None`` is a variable sequence length: requests of different
+            lengths are padded with zeros in a batch, so the model must ignore padding).
+        input_dtype: for "tensor", the dtype the JSON numbers are converted to.
+        seq_output: for "tensor" with a variable length, whether outputs are per-position
+            (``[B, Lmax, ...]``, cut back to each request's length) or pooled (``[B, ...]``).
+    """
+
+    module: nn.Module
+    kind: Literal["lm", "tensor", "text"]
+    input_shape: tuple[int | None, ...] = ()
+    input_dtype: str = "float32"
+    seq_output: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind == "lm" and not isinstance(self.module, PiMoELM):
+            raise TypeError(f"kind='lm' serves a PiMoELM, got {type(self.module).__name__}")
+        if self.kind == "text" and not isinstance(self.module, SentenceEncoder):
+            raise TypeError(f"kind='text' serves a SentenceEncoder, got {type(self.module).__name__}")
+        if self.kind == "tensor":
+            if not self.input_shape:
+                raise ValueError("kind='tensor' needs a non-empty input_shape (one request's shape)")
+            if self.input_dtype not in _DTYPES:
+                raise ValueError(f"input_dtype must be one of {sorted(_DTYPES)}, got {self.input_dtype!r}")
+
+    @classmethod
+    def lm(cls, model: PiMoELM) -> ServedModel:
+        """Serve a language model (token ids or UTF-8 text in; logits and next-token id out)."""
+        return cls(model, "lm")
+
+    @classmethod
+    def encoder(cls, module: SentenceEncoder) -> ServedModel:
+        """Serve a sentence encoder (texts in; one embedding ``[D]`` per text out)."""
+        return cls(module, "text", seq_output=False)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], map_location: str = "cpu") -> ServedModel:
+        """Serve what ``path`` holds: a Hugging Face encoder folder (as a :class:`SentenceEncoder`)
+        or a :class:`PiMoELM` saved with :meth:`PiMoELM.save` (safetensors with config)."""
+        if is_hf_folder(path):
+            return cls.encoder(SentenceEncoder.from_folder(path).to(map_location))
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a folder without config.json: not a Hugging Face model folder")
+        return cls.lm(PiMoELM.load(path, map_location=map_location))
+
+    @classmethod
+    def tensor(cls, module: nn.Module, input_shape: tuple[int | None, ...], input_dtype: str = "float32",
+               seq_output: bool = True) -> ServedModel:
+        """Serve a module taking one float tensor ``[B, *input_shape]``."""
+        return cls(module, "tensor", tuple(input_shape), input_dtype, seq_output)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the module's first parameter or buffer (CPU for a module without any)."""
+        for t in (*self.module.parameters(), *self.module.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+
+class InferRequest(BaseModel):
+    """Body of ``POST /v1/infer``: ``model`` and exactly one of ``inputs``, ``token_ids``, ``text``."""
+
+    model: str
+    inputs: Any = None
+    token_ids: list[int] | None = None
+    text: str | list[str] | None = None
+    return_logits: bool = True
+
+
+class RequestError(Exception):
+    """A request the server rejects with ``status`` (4xx) and a message naming the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def request_rows(served: ServedModel, req: InferRequest, max_elements: int) -> tuple[list[Tensor], bool]:
+    """Validate a request's payload; return its rows (one batcher request each) and whether the
+    payload was a batch of rows (``RequestError`` if it is invalid)."""
+    given = [k for k in ("inputs", "token_ids", "text") if getattr(req, k) is not None]
+    if len(given) != 1:
+        raise RequestError(422, f"send exactly one of 'inputs', 'token_ids', 'text'; got {given or 'none'}")
+    if served.kind == "lm":
+        return [_lm_input(cast(PiMoELM, served.module), req, max_elements)], False
+    if served.kind == "text":
+        return _text_input(cast(SentenceEncoder, served.module), req, max_elements)
+    if req.inputs is None:
+        raise RequestError(422, f"model {req.model!r} takes 'inputs' (nested lists of shape {_shape_str(served)})")
+    return _tensor_input(served, req.inputs, max_elements)
+
+
+def _lm_input(model: PiMoELM, req: InferRequest, max_elements: int) -> Tensor:
+    if req.inputs is not None:
+        raise RequestError(422, f"model {req.model!r} is a language model: send 'token_ids' or 'text'")
+    if isinstance(req.text, list):
+        raise RequestError(422, f"model {req.model!r} is a language model: send one 'text' string, not a list")
+    ids = list(req.text.encode("utf-8")) if req.text is not None else req.token_ids
+    assert ids is not None
+    cfg = model.config
+    if len(ids) > max_elements:
+        raise RequestError(413, f"request has {len(ids)} tokens; the limit is {max_elements}")
+    if not 1 <= len(ids) <= cfg.block_size:
+        raise RequestError(422, f"sequence length must be in [1, {cfg.block_size}] (block_size), got {len(ids)}")
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise RequestError(422, f"token ids must be in [0, {cfg.vocab_size}); got {bad[:5]}")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _text_input(encoder: SentenceEncoder, req: InferRequest, max_elements: int) -> tuple[list[Tensor], bool]:
+    """``text`` (one string, or a list of N strings) -> token ids, one batcher request per text."""
+    if req.text is None:
+        raise RequestError(422, f"model {req.model!r} is a text encoder: send 'text' (a string or a list of strings)")
+    texts = [req.text] if isinstance(req.text, str) else req.text
+    if not texts:
+        raise RequestError(422, "'text' is an empty list")
+    rows: list[Tensor] = []
+    for i, text in enumerate(texts):
+        try:
+            rows.append(encoder.encode_text(text))
+        except ValueError as exc:
+            raise RequestError(422, f"text[{i}]: {exc}" if isinstance(req.text, list) else str(exc)) from None
+        if sum(len(r) for r in rows) > max_elements:
+            raise RequestError(413, f"request has more than {max_elements} tokens (max_request_elements)")
+    return rows, isinstance(req.text, list)
+
+
+def _tensor_input(served: ServedModel, inputs: Any, max_elements: int) -> tuple[list[Tensor], bool]:
+    """``inputs`` of shape ``input_shape`` (one row) or ``[N, *input_shape]`` (N rows)."""
+    dtype = _DTYPES[served.input_dtype]
+    if _count_leaves(inputs, max_elements) > max_elements:
+        raise RequestError(413, f"request has more than {max_elements} elements (max_request_elements)")
+    if not isinstance(inputs, list) or any(isinstance(v, bool) for v in _leaves(inputs)):
+        raise RequestError(422, f"'inputs' must be nested lists of numbers of shape {_shape_str(served)}")
+    try:
+        x = torch.tensor(inputs, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise RequestError(422, f"'inputs' is not a rectangular array of numbers ({exc})") from None
+    expected = served.input_shape
+    batched = x.dim() == len(expected) + 1
+    row_shape = x.shape[1:] if batched else x.shape
+    if len(row_shape) != len(expected) or any(e is not None and e != a for e, a in zip(expected, row_shape)):
+        raise RequestError(422, f"'inputs' has shape {list(x.shape)}; model expects {_shape_str(served)}")
+    if x.numel() == 0:
+        raise RequestError(422, "'inputs' is empty")
+    if not torch.isfinite(x).all():
+        raise RequestError(422, "'inputs' contains NaN or infinity")
+    return (list(x.unbind(0)) if batched else [x]), batched
+
+
+def _leaves(value: Any) -> list[Any]:
+    """The non-list items of nested lists."""
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def _count_leaves(value: Any, limit: int) -> int:
+    """Number of non-list items in nested lists, counting stops once past ``limit``."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        else:
+            count += 1
+    return count
+
+
+def _shape_str(served: ServedModel) -> str:
+    return "[" + ", ".join("*" if d is None else str(d) for d in served.input_shape) + "]"
+
+
+def response_body(served: ServedModel, out: Any, return_logits: bool) -> dict[str, Any]:
+    """The JSON fields of a result; ``ValueError`` if it holds NaN/inf (JSON cannot carry them)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"served models must return a tensor, got {type(out).__name__}")
+    out = out.float()
+    if not torch.isfinite(out).all():
+        raise ValueError("the output holds NaN or infinity")
+    if served.kind == "lm":  # out: [L, V] logits
+        body: dict[str, Any] = {"next_token_id": int(out[-1].argmax())}
+        if return_logits:
+            body.update(outputs=out.tolist(), shape=list(out.shape))
+        return body
+    return {"outputs": out.tolist(), "shape": list(out.shape)}
+
+
+
+__all__ = ["InferRequest", "RequestError", "ServedModel", "request_rows", "response_body"]
