@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from pimoe.compress.distill import Batch, LossKind, default_output_fn, distill
+from pimoe.compress.embedding import quantize_embeddings
 from pimoe.compress.lowrank import factorize
 from pimoe.compress.prune import magnitude_prune
 from pimoe.compress.quantize import cast, quantize_dynamic_int8, quantize_weight_only_int4, quantize_weight_only_int8
@@ -58,6 +60,11 @@ class ArchitectureConfig:
         output_fn: turns model outputs into the compared tensor (default ``.logits`` or identity).
         skip: ``fnmatch`` patterns of module names that low rank and quantization leave alone.
         latency_repeats: calls timed per measurement (the median is reported).
+        int8_full_range: dynamic int8 with 8-bit instead of torch.ao's 7-bit activations
+            (:class:`~pimoe.compress.quantize.FullRangeDynamicLinear`).
+        embedding_bits: with the quantize step, also quantize the ``nn.Embedding`` modules
+            matching ``embedding_patterns`` to 8 or 4 bits (``embedding_group_size`` values per
+            int4 scale); ``None`` leaves embeddings in float.
     """
 
     compression_ratio: float = 0.5
@@ -79,6 +86,10 @@ class ArchitectureConfig:
     output_fn: Callable[[Any], Tensor] = default_output_fn
     skip: Sequence[str] = ()
     latency_repeats: int = 10
+    int8_full_range: bool = False
+    embedding_bits: int | None = None
+    embedding_patterns: Sequence[str] = ("*word_embeddings",)
+    embedding_group_size: int = 16
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,12 +118,23 @@ class ArchitectureConfig:
             raise ValueError(f"fidelity must be one of {sorted(FIDELITY_FNS)} or a callable, got {self.fidelity!r}")
         if self.distill_loss not in ("kl", "mse", "cosine"):
             raise ValueError(f"distill_loss must be 'kl', 'mse' or 'cosine', got {self.distill_loss!r}")
+        if self.embedding_bits not in (None, 4, 8):
+            raise ValueError(f"embedding_bits must be None, 4 or 8, got {self.embedding_bits}")
+        if self.embedding_bits is not None and self.quantization_bits == 16:
+            raise ValueError("embedding_bits needs float32 activations; it cannot be combined with quantization_bits=16")
         if self.latency_repeats < 1:
             raise ValueError(f"latency_repeats must be >= 1, got {self.latency_repeats}")
 
     def enabled_steps(self) -> list[str]:
         """The names in ``order`` whose ``enable_*`` flag is set, in order."""
         return [name for name in self.order if getattr(self, _ENABLE_FLAGS[name])]
+
+
+class OptimizeResult(NamedTuple):
+    """What :meth:`ArchitectureOptimizer.optimize` returns: the new model and its report."""
+
+    model: nn.Module
+    report: CompressionReport
 
 
 class ArchitectureOptimizer:
@@ -144,7 +166,7 @@ class ArchitectureOptimizer:
         *,
         distill_data: Iterable[Batch] | None = None,
         labels: Tensor | None = None,
-    ) -> tuple[nn.Module, CompressionReport]:
+    ) -> OptimizeResult:
         """Apply the enabled steps to a deep copy of ``model``; ``model`` itself is not changed.
 
         Args:
@@ -155,8 +177,11 @@ class ArchitectureOptimizer:
             labels: targets for ``fidelity="accuracy"`` (accuracy instead of agreement).
 
         Returns:
-            ``(optimized model, report)``; the report's first row is ``"before"``, then one row
-            per enabled step.
+            ``OptimizeResult(model, report)`` (also unpacks as a pair); the report's first row is
+            ``"before"``, then one row per enabled step.
+
+        Raises:
+            RuntimeError: the compressed copy fails or gives non-finite outputs after a step.
         """
         cfg = self.config
         fidelity, metric = self._fidelity(labels)
@@ -165,27 +190,51 @@ class ArchitectureOptimizer:
         report = CompressionReport(fidelity_metric=metric)
 
         def record(name: str, current: nn.Module, note: str = "") -> None:
-            report.steps.append(
-                measure(name, current, example_inputs, reference, fidelity,
-                        output_fn=cfg.output_fn, repeats=cfg.latency_repeats, note=note)
-            )
+            try:
+                step = measure(name, current, example_inputs, reference, fidelity,
+                               output_fn=cfg.output_fn, repeats=cfg.latency_repeats, note=note)
+            except Exception as error:  # any failure of the compressed copy is reported the same way
+                raise RuntimeError(f"the model fails after step {name!r} ({note}): {error}; "
+                                   "the input model is unchanged") from error
+            if not math.isfinite(step.fidelity):
+                raise RuntimeError(f"the model gives non-finite outputs after step {name!r} ({note}); "
+                                   "the input model is unchanged")
+            report.steps.append(step)
 
         record("before", model)
+        current = copy.deepcopy(model) if not cfg.enabled_steps() else model
+        for name, current, note in self._run_steps(model, distill_data):
+            if note.startswith("skipped"):
+                report.steps.append(dataclasses.replace(report.steps[-1], name=name, note=note))
+            else:
+                record(name, current, note)
+        model.train(was_training)
+        current.eval()
+        return OptimizeResult(current, report)
+
+    def compress(self, model: nn.Module, *, distill_data: Iterable[Batch] | None = None) -> nn.Module:
+        """The enabled steps applied to a deep copy of ``model``, without measurements (eval mode)."""
+        was_training = model.training
+        current = copy.deepcopy(model) if not self.config.enabled_steps() else model
+        for _, current, _ in self._run_steps(model, distill_data):
+            pass
+        model.train(was_training)
+        return current.eval()
+
+    def _run_steps(
+        self, model: nn.Module, distill_data: Iterable[Batch] | None
+    ) -> Iterator[tuple[str, nn.Module, str]]:
+        """Yield ``(step name, model after it, note)`` for each enabled step, on a deep copy."""
         current = copy.deepcopy(model)
         pruned = False
-        data = distill_data if distill_data is not None else cfg.distill_data
-        for name in cfg.enabled_steps():
+        data = distill_data if distill_data is not None else self.config.distill_data
+        for name in self.config.enabled_steps():
             if name == "distill" and data is None:
-                report.steps.append(
-                    dataclasses.replace(report.steps[-1], name=name, note="skipped: no distill_data given")
-                )
+                yield name, current, "skipped: no distill_data given"
                 continue
             current, note = self._apply(name, current, model, data, pruned)
             pruned = pruned or name == "prune"
-            record(name, current, note)
-        model.train(was_training)
-        current.eval()
-        return current, report
+            yield name, current, note
 
     def _apply(
         self, name: str, current: nn.Module, teacher: nn.Module, data: Iterable[Batch] | None, pruned: bool
@@ -211,6 +260,17 @@ class ArchitectureOptimizer:
         return self._quantize(current)
 
     def _quantize(self, current: nn.Module) -> tuple[nn.Module, str]:
+        current, note = self._quantize_linears(current)
+        if self.config.embedding_bits is not None:
+            cfg = self.config
+            replaced, skipped = quantize_embeddings(
+                current, cfg.embedding_bits, cfg.embedding_patterns, group_size=cfg.embedding_group_size
+            )
+            note += f"; int{cfg.embedding_bits} embeddings: {', '.join(replaced) or 'none matched'}"
+            note += "".join(f"; skipped {reason}" for reason in skipped)
+        return current, note
+
+    def _quantize_linears(self, current: nn.Module) -> tuple[nn.Module, str]:
         cfg = self.config
         bits = cfg.quantization_bits
         if bits == 32:
@@ -221,6 +281,6 @@ class ArchitectureOptimizer:
             replaced = quantize_weight_only_int4(current, skip=cfg.skip)
             return current, f"int4 weight-only, {len(replaced)} Linear(s)"
         if cfg.quantization_mode == "dynamic":
-            return quantize_dynamic_int8(current, skip=cfg.skip, inplace=True), "int8 dynamic (torch.ao)"
-        replaced = quantize_weight_only_int8(current, skip=cfg.skip)
-        return current, f"int8 weight-only, {len(replaced)} Linear(s)"
+            current = quantize_dynamic_int8(current, skip=cfg.skip, inplace=True, full_range=cfg.int8_full_range)
+            return current, "int8 dynamic (torch.ao" + (", 8-bit activations)" if cfg.int8_full_range else ")")
+        return current, f"int8 weight-only, {len(quantize_weight_only_int8(current, skip=cfg.skip))} Linear(s)"
