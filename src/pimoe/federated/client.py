@@ -1,0 +1,120 @@
+"""The Flower ClientApp: local training (FedAvg / FedProx), personalization, simulated failures.
+
+Each SuperNode reads its shard from ``context.node_config`` (``partition-id``, ``num-partitions``;
+the simulation sets both, a real ``flower-supernode`` gets them from ``--node-config``). A client
+that fails replies ``Message(Error(...), reply_to=msg)``, as Flower expects, instead of raising.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from pimoe.federated.config import FederatedConfig
+from pimoe.federated.task import client_split, evaluate, make_model, train_epochs
+
+SIMULATED_DROPOUT = 1001  # Error code of a client that drops out on purpose (--dropout)
+TRAINING_FAILED = 1002
+PERSONAL_KEY = "personal-layers"  # where a client keeps its personal layers in context.state
+
+
+def is_personal(name: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether parameter ``name`` belongs to a layer kept on the client."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def drops_out(cfg: FederatedConfig, client: int, server_round: int) -> bool:
+    """The seeded coin flip that makes ``client`` fail in ``server_round`` (probability ``cfg.dropout``)."""
+    return cfg.dropout > 0 and np.random.default_rng([cfg.seed, server_round, client]).random() < cfg.dropout
+
+
+def poison(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], attack: str) -> dict[str, torch.Tensor]:
+    """What a malicious client sends: its change scaled by 100, NaNs, or a wrongly shaped array."""
+    first = next(iter(state))
+    if attack == "scale":
+        return {k: start[k] + 100 * (v - start[k]) for k, v in state.items()}
+    if attack == "nan":
+        return {**state, first: torch.full_like(state[first], float("nan"))}
+    return {**state, first: torch.zeros(state[first].numel() + 1)}
+
+
+class LocalModel:
+    """A client's model built from the global arrays, with its personal layers swapped back in."""
+
+    def __init__(self, cfg: FederatedConfig, msg: Message, context: Context) -> None:
+        self.cfg = cfg
+        self.model: nn.Module = make_model(cfg.model, cfg.seed)
+        self.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        if cfg.personal and PERSONAL_KEY in context.state:
+            self.model.load_state_dict(context.state[PERSONAL_KEY].to_torch_state_dict(), strict=False)
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if not is_personal(k, self.cfg.personal)}
+
+    def personal_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if is_personal(k, self.cfg.personal)}
+
+
+def _config(fixed: FederatedConfig | None, context: Context) -> FederatedConfig:
+    return fixed if fixed is not None else FederatedConfig.from_run_config(dict(context.run_config))
+
+
+def _client_id(context: Context) -> tuple[int, int]:
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def make_client_app(fixed: FederatedConfig | None = None) -> ClientApp:
+    """A ClientApp for ``fixed`` settings, or (``None``) for the settings in each run's config."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = _config(fixed, context)
+        client, num_clients = _client_id(context)
+        server_round = int(msg.content["config"]["server-round"])
+        if drops_out(cfg, client, server_round):
+            return Message(Error(SIMULATED_DROPOUT, f"client {client} dropped out in round {server_round}"), reply_to=msg)
+        try:
+            torch.set_num_threads(1)
+            data = client_split(client, num_clients, cfg.partition, cfg.alpha, cfg.seed)
+            local = LocalModel(cfg, msg, context)
+            start = local.shared_state()
+            mu = float(msg.content["config"].get("proximal-mu", 0.0))
+            seed = cfg.seed * 1_000_003 + server_round * 1009 + client
+            metrics = _local_training(cfg, local.model, data, mu, seed, num_clients)
+            state = local.shared_state()
+            if client in cfg.malicious_ids:
+                state = poison(state, start, cfg.attack)
+            if cfg.personal:
+                context.state[PERSONAL_KEY] = ArrayRecord(local.personal_state())
+        except Exception as err:  # noqa: BLE001 - any local failure becomes an Error reply
+            return Message(Error(TRAINING_FAILED, f"client {client}: {type(err).__name__}: {err}"), reply_to=msg)
+        content = RecordDict({"arrays": ArrayRecord(state),
+                              "metrics": MetricRecord({**metrics, "num-examples": len(data)})})
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_local(msg: Message, context: Context) -> Message:
+        cfg = _config(fixed, context)
+        client, num_clients = _client_id(context)
+        torch.set_num_threads(1)
+        data = client_split(client, num_clients, cfg.partition, cfg.alpha, cfg.seed)
+        loss, acc = evaluate(LocalModel(cfg, msg, context).model, data)
+        metrics = MetricRecord({"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(data)})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def _local_training(cfg: FederatedConfig, model: nn.Module, data, mu: float, seed: int, num_clients: int) -> dict[str, float]:
+    """Plain (or FedProx) SGD on the client's data; DP-SGD through pimoe.privacy when ``dp_epsilon > 0``."""
+    if cfg.dp_epsilon > 0:
+        from pimoe.federated.private import dp_train
+
+        return dp_train(cfg, model, data, mu, seed)
+    loss = train_epochs(model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                        seed=seed, proximal_mu=mu)
+    return {"train-loss": loss}

@@ -1,0 +1,93 @@
+"""One settings object for a federated run, shared by the ServerApp, the ClientApp and the runner.
+
+In a simulation the apps get it directly; under a real Flower deployment (``flwr run``) both apps
+rebuild it from the run config (``[tool.flwr.app.config]`` in the app's pyproject.toml, keys with
+dashes, e.g. ``local-epochs = 5``) with :meth:`FederatedConfig.from_run_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from pimoe.federated.selection import POLICIES
+
+STRATEGIES = ("fedavg", "fedprox")
+PARTITIONS = ("iid", "dirichlet")
+ATTACKS = ("scale", "nan", "shape")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """Everything that defines a run (defaults: the 100-client non-IID digits setting)."""
+
+    clients: int = 100
+    rounds: int = 30
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    dropout: float = 0.0  # probability that a sampled client fails in a round
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01  # FedProx only
+    fraction: float = 0.2  # clients sampled per round
+    min_clients: int = 2
+    selection: str = "uniform"  # or "size" / "loss" (see selection.py)
+    fraction_evaluate: float = 0.0  # client-side evaluation (the server always evaluates centrally)
+    local_epochs: int = 5
+    lr: float = 0.05
+    batch_size: int = 8
+    model: str = "mlp"  # or "moe"
+    personal_layers: str = ""  # comma-separated parameter-name prefixes kept on clients, e.g. "moe.experts"
+    norm_factor: float = 5.0  # reject updates whose change norm > factor x the round's median
+    malicious: str = ""  # comma-separated client ids that send poisoned updates (tests / demos)
+    attack: str = "scale"
+    dp_epsilon: float = 0.0  # > 0: DP-SGD on every client with this target epsilon
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
+    secure_agg: bool = False
+    he: bool = False
+    audit_log: str = ""  # JSON-lines audit file ("" = none)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.clients >= 2, f"clients must be >= 2, got {self.clients}"),
+            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
+            (self.partition in PARTITIONS, f"unknown partition {self.partition!r}; expected one of {PARTITIONS}"),
+            (self.alpha > 0, f"alpha must be > 0, got {self.alpha}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}"),
+            (self.proximal_mu >= 0, f"proximal_mu must be >= 0, got {self.proximal_mu}"),
+            (0 < self.fraction <= 1, f"fraction must be in (0, 1], got {self.fraction}"),
+            (self.selection in POLICIES, f"unknown selection {self.selection!r}; expected one of {POLICIES}"),
+            (0 <= self.fraction_evaluate <= 1, f"fraction_evaluate must be in [0, 1], got {self.fraction_evaluate}"),
+            (self.local_epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "local_epochs, batch_size and lr must be positive"),
+            (self.attack in ATTACKS, f"unknown attack {self.attack!r}; expected one of {ATTACKS}"),
+            (self.dp_epsilon >= 0, f"dp_epsilon must be >= 0 (0 = off), got {self.dp_epsilon}"),
+            (not (self.secure_agg and self.he), "choose one of secure_agg and he, not both"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def personal(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.personal_layers.split(",") if p.strip())
+
+    @property
+    def malicious_ids(self) -> frozenset[int]:
+        return frozenset(int(p) for p in self.malicious.split(",") if p.strip())
+
+    def to_run_config(self) -> dict[str, bool | float | int | str]:
+        """Flower run-config form (dashed keys), the inverse of :meth:`from_run_config`."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> FederatedConfig:
+        """Build from a Flower ``context.run_config``; unknown keys are an error, missing keys default."""
+        names = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise ValueError(f"unknown run-config key {key!r}")
+            values[name] = value
+        return cls(**values)

@@ -1,0 +1,139 @@
+"""Flower strategies with client selection, input screening and a per-round participation log.
+
+``ScreenedFedAvg`` and ``ScreenedFedProx`` are Flower's own ``FedAvg`` / ``FedProx`` (message API)
+with one mixin in front that (1) picks the round's clients with a :class:`ClientSelector`,
+(2) rejects malformed, non-finite and outlier updates before Flower averages the rest, (3) merges
+a partial update (personal layers stay on clients) into the global arrays, and (4) records who
+was sampled, who failed, who was rejected and who was aggregated in every round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from logging import WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.supercore import log
+
+from pimoe.federated.checks import Rejection, screen_updates
+from pimoe.federated.config import FederatedConfig
+from pimoe.federated.selection import ClientSelector
+
+
+@dataclass
+class RoundLog:
+    """Who took part in one training round."""
+
+    round: int
+    sampled: int
+    failed: int
+    rejected: int
+    aggregated: int
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+class _SelectedNodes:
+    """A view of a Grid that shows only the selected nodes, so Flower's own sampling (fraction 1.0)
+    addresses exactly the clients our selector picked."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class ScreenedAggregation:
+    """Mixin placed before a Flower message strategy (see module docstring)."""
+
+    def __init__(self, *args: Any, selector: ClientSelector, norm_factor: float = 5.0, audit: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1, **kwargs)
+        self.selector = selector
+        self.norm_factor = norm_factor
+        self.audit = audit  # anything with .record(event, **fields), e.g. pimoe.privacy.audit.AuditLog
+        self.rounds: list[RoundLog] = []
+        self._global: dict[str, np.ndarray] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._global = {k: v.numpy() for k, v in arrays.items()}
+        while len(nodes := list(grid.get_node_ids())) < self.selector.min_clients:
+            log(WARNING, "waiting for clients: %d connected, %d needed", len(nodes), self.selector.min_clients)
+            time.sleep(1)
+        chosen = self.selector.select(nodes)
+        return super().configure_train(server_round, arrays, config, _SelectedNodes(grid, chosen))  # type: ignore[misc]
+
+    def screen(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """The replies that may be aggregated; logs and records the rest."""
+        ok = [m for m in replies if not m.has_error()]
+        failures = [m.error.reason or f"error {m.error.code}" for m in replies if m.has_error()]
+        updates: dict[int, dict[str, np.ndarray]] = {}
+        rejected: list[Rejection] = []
+        for msg in ok:
+            node = msg.metadata.src_node_id
+            try:
+                weight = float(msg.content["metrics"]["num-examples"])
+                if not (np.isfinite(weight) and weight > 0):
+                    raise ValueError(f"num-examples {weight}")
+                updates[node] = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            except (KeyError, TypeError, ValueError) as err:
+                rejected.append(Rejection(node, f"malformed reply: {err}"))
+        accepted, screened_out = screen_updates(updates, self._global, self.norm_factor)
+        rejected += screened_out
+        for r in rejected:
+            log(WARNING, "round %d: rejected update from node %d: %s", server_round, r.node_id, r.reason)
+            if self.audit is not None:
+                self.audit.record("update_rejected", round=server_round, node_id=r.node_id, reason=r.reason)
+        keep = [m for m in ok if m.metadata.src_node_id in set(accepted)]
+        for m in keep:
+            metrics = m.content["metrics"]
+            self.selector.observe(m.metadata.src_node_id, float(metrics["num-examples"]), float(metrics.get("train-loss", 0.0)))
+        self.rounds.append(RoundLog(server_round, len(replies), len(failures), len(rejected), len(keep),
+                                    [asdict(r) for r in rejected], failures))
+        if self.audit is not None:
+            self.audit.record("round_aggregated", round=server_round, sampled=len(replies), failed=len(failures),
+                              rejected=len(rejected), aggregated=len(keep))
+        return keep
+
+    def merge(self, partial: ArrayRecord | None) -> ArrayRecord | None:
+        """Global arrays with those in ``partial`` replaced (layers absent from it stay as they were)."""
+        if partial is None:
+            return None
+        merged = {k: Array(v) for k, v in self._global.items()}
+        merged.update(partial)
+        return ArrayRecord(merged)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        keep = self.screen(server_round, list(replies))
+        if not keep:
+            log(WARNING, "round %d: no update to aggregate; the global model stays as it was", server_round)
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, keep)  # type: ignore[misc]
+        return self.merge(arrays), metrics
+
+
+class ScreenedFedAvg(ScreenedAggregation, FedAvg):
+    """Flower FedAvg + selection + screening (weights: each client's ``num-examples``)."""
+
+
+class ScreenedFedProx(ScreenedAggregation, FedProx):
+    """Flower FedProx (sends ``proximal-mu`` to clients) + selection + screening."""
+
+
+def make_strategy(cfg: FederatedConfig, audit: Any = None) -> ScreenedAggregation:
+    """The strategy named by ``cfg.strategy`` with the config's selection and screening."""
+    selector = ClientSelector(cfg.fraction, cfg.min_clients, cfg.selection, cfg.seed)
+    common = dict(selector=selector, norm_factor=cfg.norm_factor, audit=audit,
+                  fraction_evaluate=cfg.fraction_evaluate, min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0)
+    if cfg.strategy == "fedprox":
+        return ScreenedFedProx(proximal_mu=cfg.proximal_mu, **common)
+    return ScreenedFedAvg(**common)

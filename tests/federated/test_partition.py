@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from pimoe.federated.partition import dirichlet_partition, iid_partition, label_skew, make_partition
+
+LABELS = load_digits().target
+
+
+def _assert_disjoint_cover(parts: list[np.ndarray], n: int) -> None:
+    joined = np.concatenate(parts)
+    assert len(joined) == n
+    assert np.array_equal(np.sort(joined), np.arange(n))
+
+
+@pytest.mark.parametrize("clients", [1, 7, 100])
+def test_iid_is_disjoint_covering_and_balanced(clients):
+    parts = iid_partition(LABELS, clients, seed=0)
+    assert len(parts) == clients
+    _assert_disjoint_cover(parts, len(LABELS))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 5.0])
+def test_dirichlet_is_disjoint_covering_nonempty(alpha):
+    parts = dirichlet_partition(LABELS, 100, alpha, seed=1)
+    _assert_disjoint_cover(parts, len(LABELS))
+    assert min(len(p) for p in parts) >= 1
+
+
+def test_label_skew_grows_as_alpha_falls():
+    skews = [label_skew(LABELS, dirichlet_partition(LABELS, 20, a, seed=2)) for a in (100.0, 1.0, 0.1)]
+    iid = label_skew(LABELS, iid_partition(LABELS, 20, seed=2))
+    assert iid < 0.2
+    assert skews[0] < skews[1] < skews[2]
+    assert skews[2] > 0.6
+
+
+def test_seeded_and_bad_input():
+    a = make_partition(LABELS, 10, "dirichlet", 0.5, seed=3)
+    b = make_partition(LABELS, 10, "dirichlet", 0.5, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="alpha"):
+        dirichlet_partition(LABELS, 10, 0.0)
+    with pytest.raises(ValueError, match="unknown partition"):
+        make_partition(LABELS, 10, "shards")
+    with pytest.raises(ValueError, match="at least one"):
+        iid_partition(LABELS[:5], 10)
+    with pytest.raises(TypeError, match="integers"):
+        iid_partition(LABELS.astype(float), 10)
