@@ -73,12 +73,12 @@ def test_reptile_meta_training_lowers_post_adaptation_error():
     model = _mlp(width=32)
     test = SinusoidTasks(seed=99).sample(50, 10, 50)
     before = _post_adaptation_mse(model, test, steps=5, lr=0.02)
-    reptile = Reptile(model, inner_lr=0.02, inner_steps=5, epsilon=0.1)
+    reptile = Reptile(model, inner_lr=0.05, inner_steps=5, epsilon=0.5)
     source = SinusoidTasks(seed=0)
     for _ in range(80):
         reptile.step(source.sample(3, 10, 10))
     after = _post_adaptation_mse(model, test, steps=5, lr=0.02)
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.6 * before, (before, after)
 
 
 def _moe_model(experts: bool) -> nn.Sequential:
