@@ -11,7 +11,7 @@ server's interpreter lock) in each mode:
 The load is the same seeded trace in every mode: ``num_requests`` POST /v1/infer calls with
 ``token_ids`` drawn from a pool of ``num_prompts`` pydoc text windows (16 to 96 bytes) by a Zipf
 law of skew ``zipf_skew`` over the pool (popular prompts repeat, as in real traffic), sent by
-``concurrency`` asyncio clients over keep-alive connections, answer ``next_token_id`` only.
+``concurrency`` asyncio clients over keep-alive connections (aiohttp), answer ``next_token_id`` only.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-import httpx
+import aiohttp
 import numpy as np
 import torch
 from rich.console import Console
@@ -101,9 +102,10 @@ def _start_server(model_path: Path, mode: dict[str, int], cfg: ServeBenchConfig,
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with status {proc.returncode}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return proc, url
+        except OSError:
             time.sleep(0.1)
     _stop(proc)
     raise RuntimeError("the server did not answer /healthz within 60 s")
@@ -120,12 +122,16 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float], int]:
     """Send ``bodies`` with ``concurrency`` clients; return (seconds, latencies in s of the
-    answered requests, errors: non-200 answers and connection failures)."""
+    answered requests, errors: non-200 answers and connection failures).
+
+    The load generator is aiohttp: it costs about 0.5 ms of CPU per request here against httpx's
+    5 ms, and client and server share the machine's two cores."""
     latencies: list[float] = []
     errors = 0
     next_index = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base_url=url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
 
         async def worker() -> None:
             nonlocal next_index, errors
@@ -134,12 +140,13 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, 
                 next_index += 1
                 start = time.perf_counter()
                 try:
-                    response = await client.post("/v1/infer", json=body)
-                except httpx.TransportError:  # counted, not raised: the report says how many failed
+                    async with session.post("/v1/infer", json=body) as response:
+                        await response.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError):  # counted, not raised: the report says how many failed
                     errors += 1
                     continue
                 latencies.append(time.perf_counter() - start)
-                errors += response.status_code != 200
+                errors += response.status != 200
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -158,7 +165,8 @@ def run_mode(model_path: Path, mode: dict[str, int], bodies: list[dict], cfg: Se
     try:
         asyncio.run(_load(url, bodies[: cfg.warmup_requests], cfg.concurrency))
         seconds, latencies, errors = asyncio.run(_load(url, bodies, cfg.concurrency))
-        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
     finally:
         _stop(proc)
     server_errors = [line for line in log_path.read_text(errors="replace").splitlines()
