@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from pimoe.compress.distill import Batch, call_model, default_output_fn
 from pimoe.compress.quantize import saved_bytes
+from pimoe.io import atomic_write_bytes
 
 FidelityFn = Callable[[Tensor, Tensor], float]
 
@@ -203,6 +205,20 @@ class CompressionReport:
             )
         return table
 
+    def to_markdown(self) -> str:
+        """The report as a Markdown table (sizes also as a fraction of the original)."""
+        base = self.before.bytes_torch_save
+        lines = [
+            f"| step | params | nonzero | torch.save bytes | size vs before | latency ms | {self.fidelity_metric} | note |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for s in self.steps:
+            lines.append(
+                f"| {s.name} | {s.params:,} | {s.nonzero_params:,} | {s.bytes_torch_save:,} | "
+                f"{s.bytes_torch_save / base:.3f} | {s.latency_ms:.2f} | {s.fidelity:.4f} | {s.note} |"
+            )
+        return "\n".join(lines) + "\n"
+
     def plot(self, path: str | Path) -> Path:
         """Write a PNG with three panels per step: torch.save bytes, fidelity, latency."""
         from matplotlib.figure import Figure
@@ -221,5 +237,7 @@ class CompressionReport:
             ax.set_title(title)
         fig.tight_layout()
         path = Path(path)
-        fig.savefig(path, format="png")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        atomic_write_bytes(path, buffer.getvalue())
         return path

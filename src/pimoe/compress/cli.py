@@ -1,0 +1,82 @@
+"""``pimoe compress MODEL OUT``: compress a saved model with an ArchitectureConfig and write a report.
+
+Wired into the ``pimoe`` command by :mod:`pimoe.cli`. Settings come from ``--config`` (a JSON or
+TOML file of :class:`~pimoe.compress.ArchitectureConfig` fields) and/or flags; a flag overrides the
+file. Without a config file only the steps asked for by flags run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+# flag name -> (config field set to the flag's value, enable flag turned on by it)
+_STEP_FLAGS = {
+    "sparsity": ("sparsity_ratio", "enable_pruning"),
+    "low_rank": ("compression_ratio", "enable_low_rank"),
+    "bits": ("quantization_bits", "enable_quantization"),
+}
+
+
+def build_config(config_file: Path | None, flags: dict[str, Any]) -> Any:
+    """The :class:`ArchitectureConfig` from a config file (optional) and flags (``None``: not given)."""
+    from pimoe.compress.saved import config_from_dict, read_config_file
+
+    values: dict[str, Any] = dict(read_config_file(config_file)) if config_file else {}
+    if config_file is None:
+        values.update(enable_pruning=False, enable_quantization=False)
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        if flag in _STEP_FLAGS:
+            field, enable = _STEP_FLAGS[flag]
+            values[field] = value
+            values[enable] = True
+        else:
+            values[flag] = value
+    config = config_from_dict(values)
+    if not config.enabled_steps():
+        raise ValueError("no step enabled: give --bits, --sparsity, --low-rank or a config file")
+    return config
+
+
+def compress(
+    model_path: Annotated[Path, typer.Argument(exists=True, help="A Hugging Face encoder folder or a PiMoELM .safetensors file.")],
+    out: Annotated[Path, typer.Argument(file_okay=False, help="Folder for model.pt, recipe.json, report.md/.json/.png.")],
+    config: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False, help="JSON/TOML file of ArchitectureConfig fields.")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="Quantize: 8 (int8), 4 (int4 weight-only), 16 (bfloat16).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="int8 mode: dynamic or weight_only.")] = None,
+    full_range: Annotated[Optional[bool], typer.Option("--full-range/--reduced-range", help="Dynamic int8 activations with 8 bits (default 7, torch.ao's).")] = None,
+    embedding_bits: Annotated[Optional[int], typer.Option(help="Also quantize word embeddings to 8 or 4 bits.")] = None,
+    sparsity: Annotated[Optional[float], typer.Option(help="Global magnitude pruning of Linear weights, fraction in [0, 1).")] = None,
+    low_rank: Annotated[Optional[float], typer.Option(help="Low-rank factorization keeping this fraction of each Linear's parameters, in (0, 1].")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option(help="fnmatch pattern of module names to leave alone (repeatable).")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Latency repeats per measurement (median).")] = 5,
+) -> None:
+    """Compress a model, save it (loads back with pimoe.compress.load_compressed) and write a report."""
+    from rich.console import Console
+
+    from pimoe.compress.optimizer import ArchitectureOptimizer
+    from pimoe.compress.saved import load_source, save_compressed
+    from pimoe.io import atomic_write_text
+
+    flags = {"bits": bits, "quantization_mode": mode, "int8_full_range": full_range,
+             "embedding_bits": embedding_bits, "sparsity": sparsity, "low_rank": low_rank,
+             "skip": skip or None, "latency_repeats": repeats}
+    try:
+        cfg = build_config(config, flags)
+        source = load_source(model_path)
+        result = ArchitectureOptimizer(cfg).optimize(source.model, source.example_inputs)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    save_compressed(out, result.model, source, cfg)
+    report = result.report
+    atomic_write_text(out / "report.md", f"# Compression of {source.path.name}\n\n{report.to_markdown()}")
+    atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
+    report.plot(out / "report.png")
+    console = Console()
+    console.print(report.table())
+    console.print(f"wrote {out}/model.pt ({(out / 'model.pt').stat().st_size:,} bytes), recipe.json, report.md, report.json, report.png")

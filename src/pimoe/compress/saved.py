@@ -1,0 +1,143 @@
+"""Compressed models on disk: load a source model, save the compressed one, load it back.
+
+A compressed model is a folder:
+- ``model.pt``: ``torch.save`` of the compressed model's state dict (int8 / int4 tensors,
+  torch.ao packed parameters; loaded with ``weights_only=True``);
+- ``recipe.json``: the source model's path and kind and the :class:`ArchitectureConfig` fields.
+
+Loading rebuilds the module structure by loading the source model again and re-running the
+recipe's steps with distillation off (every structural decision of the steps is a function of the
+source weights: SVD ranks, magnitudes, weight-norm head and expert scores), then loads the state
+dict strictly, which restores the trained (distilled) values.
+
+Sources: a Hugging Face encoder folder (``config.json``; wrapped as a mean-pooling
+:class:`~pimoe.data.minilm.SentenceEncoder`, compared on held-out sentences) or a PiMoELM
+``.safetensors`` file (:meth:`pimoe.moe.model.PiMoELM.save`; compared on held-out pydoc bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from pimoe.compress.optimizer import ArchitectureConfig, ArchitectureOptimizer
+from pimoe.io import atomic_write_bytes, atomic_write_text
+
+FORMAT = "pimoe-compressed/1"
+_NOT_SAVED = ("distill_data", "output_fn")
+SourceKind = Literal["hf", "pimoe"]
+
+
+@dataclass
+class Source:
+    """A loaded source model with the inputs its fidelity is measured on."""
+
+    model: nn.Module
+    kind: SourceKind
+    path: Path
+    example_inputs: tuple[Tensor, ...]
+
+
+def config_fields() -> list[str]:
+    """The :class:`ArchitectureConfig` fields a config file (or ``recipe.json``) may set."""
+    return [f.name for f in dataclasses.fields(ArchitectureConfig) if f.name not in _NOT_SAVED]
+
+
+def config_to_dict(config: ArchitectureConfig) -> dict[str, Any]:
+    """The JSON-serializable fields of ``config`` (``ValueError`` for a callable ``fidelity``)."""
+    if callable(config.fidelity):
+        raise ValueError("a config with a callable fidelity cannot be saved; use 'cosine', 'mse' or 'accuracy'")
+    out = {}
+    for name in config_fields():
+        value = getattr(config, name)
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_from_dict(values: dict[str, Any], **overrides: Any) -> ArchitectureConfig:
+    """Build (and validate) a config from a mapping of field names; unknown names raise ``ValueError``."""
+    unknown = sorted(set(values) - set(config_fields()))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known: {config_fields()}")
+    return ArchitectureConfig(**{**values, **overrides})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The field mapping of a ``.json`` or ``.toml`` config file (not yet validated)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".json":
+            values = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise ValueError(f"{path}: config files must end in .json or .toml")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a valid config file ({error})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: the config must be a table/object of ArchitectureConfig fields")
+    return values
+
+
+def load_source(path: str | Path, examples: int = 32) -> Source:
+    """Load a source model and ``examples`` held-out inputs for its measurements."""
+    path = Path(path)
+    if path.is_dir():
+        from pimoe.data.minilm import load_minilm, load_sentences
+
+        minilm = load_minilm(path)
+        return Source(minilm.encoder, "hf", path.resolve(), minilm.tokenize(load_sentences("heldout")[:examples]))
+    if path.is_file() and path.suffix == ".safetensors":
+        from pimoe.data import byte_splits, get_batch, load_pydoc_text
+        from pimoe.moe.model import PiMoELM
+
+        model = PiMoELM.load(path).eval()
+        _, val = byte_splits(load_pydoc_text())
+        x, _ = get_batch(val, examples, model.config.block_size, torch.Generator().manual_seed(0))
+        return Source(model, "pimoe", path.resolve(), (x,))
+    if not path.exists():
+        raise FileNotFoundError(path)
+    raise ValueError(f"{path}: expected a Hugging Face model folder or a PiMoELM .safetensors file")
+
+
+def save_compressed(folder: str | Path, model: nn.Module, source: Source, config: ArchitectureConfig) -> Path:
+    """Write ``model.pt`` and ``recipe.json`` into ``folder`` (created; files written atomically)."""
+    folder = Path(folder)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    atomic_write_bytes(folder / "model.pt", buffer.getvalue())
+    recipe = {"format": FORMAT, "source": str(source.path), "kind": source.kind, "config": config_to_dict(config)}
+    atomic_write_text(folder / "recipe.json", json.dumps(recipe, indent=2))
+    return folder
+
+
+def load_compressed(folder: str | Path) -> nn.Module:
+    """Rebuild the compressed model saved in ``folder`` (eval mode).
+
+    Raises:
+        ValueError: a missing or invalid ``recipe.json``, or weights that do not fit the rebuilt
+            structure (a tampered file or a changed source model).
+    """
+    folder = Path(folder)
+    try:
+        recipe = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{folder}: no readable recipe.json ({error})") from error
+    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
+        raise ValueError(f"{folder}/recipe.json: not a {FORMAT} recipe")
+    config = config_from_dict(recipe["config"], enable_knowledge_distillation=False)
+    model = ArchitectureOptimizer(config).compress(load_source(recipe["source"], examples=1).model)
+    try:
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError) as error:
+        raise ValueError(f"{folder}/model.pt does not match the recipe's model ({error})") from error
+    return model.eval()
