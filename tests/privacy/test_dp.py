@@ -1,0 +1,127 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pimoe.moe import PiMoE
+from pimoe.privacy.dp import dp_compatible, epsilon, make_private
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus warns about secure RNG
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, data.target, test_size=0.2, stratify=data.target, random_state=0)
+    return torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), torch.from_numpy(y_te)
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def _private(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, accountant: str = "rdp"):
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True)
+    return make_private(model, optimizer, loader, target_epsilon=eps, target_delta=1e-5, epochs=epochs,
+                        max_grad_norm=1.0, accountant=accountant)
+
+
+def _train(model, optimizer, loader, epochs: int) -> None:
+    for _ in range(epochs):
+        for xb, yb in loader:
+            if len(yb) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb.long()).backward()
+            optimizer.step()
+
+
+def test_budget_is_spent_exactly_and_model_learns(digits) -> None:
+    x_tr, y_tr, x_te, y_te = digits
+    torch.manual_seed(0)
+    model, optimizer, loader, engine = _private(_mlp(), x_tr, y_tr, eps=8.0, epochs=4)
+    assert epsilon(engine, 1e-5) == 0.0
+    assert optimizer.noise_multiplier > 0.3
+    _train(model, optimizer, loader, 4)
+    spent = epsilon(engine, 1e-5)
+    assert 7.0 < spent <= 8.05, spent  # the realized number of Poisson batches varies a little
+    assert epsilon(engine, 1e-3) < spent  # a looser delta costs less epsilon
+    with torch.no_grad():
+        accuracy = (model(x_te).argmax(1) == y_te).float().mean().item()
+    assert accuracy > 0.7, accuracy
+
+
+def test_lower_epsilon_means_more_noise(digits) -> None:
+    x_tr, y_tr, _, _ = digits
+    sigmas = [_private(_mlp(), x_tr, y_tr, eps=e, epochs=5)[1].noise_multiplier for e in (1.0, 3.0, 8.0)]
+    assert sigmas[0] > sigmas[1] > sigmas[2] > 0
+
+
+def test_prv_accountant_is_tighter_than_rdp(digits) -> None:
+    x_tr, y_tr, _, _ = digits
+    rdp = _private(_mlp(), x_tr, y_tr, eps=3.0, epochs=2, accountant="rdp")[1].noise_multiplier
+    prv = _private(_mlp(), x_tr, y_tr, eps=3.0, epochs=2, accountant="prv")[1].noise_multiplier
+    assert 0.7 * rdp < prv < rdp  # same guarantee with less noise
+
+
+def test_gradients_are_clipped_per_example_and_noised(digits) -> None:
+    x_tr, y_tr, _, _ = digits
+    torch.manual_seed(0)
+    model, optimizer, loader, _ = _private(_mlp(), x_tr[:256], y_tr[:256], eps=8.0, epochs=1)
+    xb, yb = next(iter(DataLoader(TensorDataset(x_tr[:32], y_tr[:32]), batch_size=32)))
+    nn.functional.cross_entropy(model(xb * 50), yb.long()).backward()  # large inputs: large gradients
+    per_sample = torch.cat([p.grad_sample.flatten(1) for p in model.parameters()], dim=1)
+    assert per_sample.shape[0] == 32 and per_sample.norm(dim=1).min() > 1.0  # unclipped norms exceed C
+    optimizer.pre_step()  # clip each example to C=1 and add noise, without the Adam update
+    clipped = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+    assert clipped.norm() <= 32 * 1.0 + 1e-4  # a sum of 32 vectors of norm <= 1
+    noised = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert not torch.allclose(noised, clipped / 32)
+
+
+def test_batchnorm_rejected_then_fixed(digits) -> None:
+    x_tr, y_tr, _, _ = digits
+    model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    with pytest.raises(ValueError, match="dp_compatible"):
+        _private(model, x_tr, y_tr, eps=3.0, epochs=1)
+    fixed = dp_compatible(model)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in fixed.modules())
+    _private(fixed, x_tr, y_tr, eps=3.0, epochs=1)
+
+
+def test_trainable_moe_layer_rejected_frozen_one_allowed(digits) -> None:
+    x_tr, y_tr, _, _ = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), PiMoE(16, num_experts=4, top_k=2, ffn_dim=16), nn.Linear(16, 10))
+    with pytest.raises(ValueError, match="out of batch order"):
+        _private(model, x_tr, y_tr, eps=3.0, epochs=1)
+    model[1].requires_grad_(False)
+    frozen = [p.clone() for p in model[1].parameters()]
+    private, optimizer, loader, engine = _private(model, x_tr[:256], y_tr[:256], eps=3.0, epochs=1)
+    _train(private, optimizer, loader, 1)
+    assert epsilon(engine, 1e-5) > 0
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model[1].parameters()))
+
+
+def test_bad_arguments(digits) -> None:
+    x_tr, y_tr, _, _ = digits
+    for kwargs, match in [({"eps": 0.0}, "target_epsilon"), ({"eps": 1.0, "epochs": 0}, "epochs")]:
+        with pytest.raises(ValueError, match=match):
+            _private(_mlp(), x_tr, y_tr, **{"epochs": 1, **kwargs})
+    with pytest.raises(ValueError, match="accountant"):
+        _private(_mlp(), x_tr, y_tr, eps=1.0, epochs=1, accountant="gdp2")
+    model, optimizer, loader, engine = _private(_mlp(), x_tr, y_tr, eps=1.0, epochs=1)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="already wrapped"):
+        make_private(model, optimizer, loader, target_epsilon=1, target_delta=1e-5, epochs=1, max_grad_norm=1)
+    with pytest.raises(ValueError, match="delta"):
+        epsilon(engine, 0.0)
+    with pytest.raises(TypeError, match="PrivacyEngine"):
+        epsilon(object(), 1e-5)
