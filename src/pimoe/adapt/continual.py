@@ -153,7 +153,7 @@ def train_task(model: nn.Module, x: Tensor, y: Tensor, *, loss: str | LossFn = "
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
-            last = float(total)
+            last = float(total.detach())
     if replay is not None:
         replay.add(x, y)
     return last

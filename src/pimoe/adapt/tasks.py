@@ -61,7 +61,7 @@ class SinusoidTasks:
 
 
 def load_digits_tensors() -> tuple[Tensor, Tensor]:
-    """sklearn's 1,797 8x8 digits: ``x [1797, 64]`` float32 in [0, 1], ``y [1797]`` long."""
+    """sklearn's 1,797 8x8 digits: ``x [1797, 64]`` float32 in [0, 1] (row-major 8x8), ``y [1797]`` long."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -74,28 +74,35 @@ class DigitsEpisodes:
     Each episode draws ``n_way`` classes of ``classes``, relabels them 0..n_way-1 in random order,
     and draws ``k_shot`` support and ``queries`` query images per class (disjoint):
     ``support_x [n_way * k_shot, 64]``, ``support_y [n_way * k_shot]``, ``query_x [n_way * queries, 64]``.
+
+    ``rotations=True`` makes each digit rotated by 0, 90, 180 and 270 degrees a class of its own
+    (4x the classes, the Omniglot augmentation of Santoro et al. 2016 / Vinyals et al. 2016): with
+    only five meta-train digits, episodes otherwise always show the same five classes.
     """
 
     def __init__(self, classes: list[int], n_way: int = 5, k_shot: int = 1, queries: int = 15, seed: int = 0,
-                 data: tuple[Tensor, Tensor] | None = None) -> None:
-        if n_way < 2 or n_way > len(classes):
-            raise ValueError(f"n_way must be in [2, {len(classes)}] for classes {classes}, got {n_way}")
+                 data: tuple[Tensor, Tensor] | None = None, rotations: bool = False) -> None:
+        available = len(classes) * (4 if rotations else 1)
+        if n_way < 2 or n_way > available:
+            raise ValueError(f"n_way must be in [2, {available}] for classes {classes}, got {n_way}")
         if k_shot < 1 or queries < 1:
             raise ValueError(f"k_shot and queries must be >= 1, got {k_shot}, {queries}")
         x, y = data if data is not None else load_digits_tensors()
-        self.by_class = {c: x[y == c] for c in classes}
+        images = x.view(-1, 8, 8)
+        turns = range(4) if rotations else range(1)
+        self.by_class = {(c, k): torch.rot90(images[y == c], k, (1, 2)).reshape(-1, 64) for c in classes for k in turns}
         for c, rows in self.by_class.items():
             if len(rows) < k_shot + queries:
                 raise ValueError(f"class {c} has {len(rows)} images, fewer than k_shot + queries = {k_shot + queries}")
-        self.classes, self.n_way, self.k_shot, self.queries = list(classes), n_way, k_shot, queries
+        self.classes, self.n_way, self.k_shot, self.queries = list(self.by_class), n_way, k_shot, queries
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> Task:
         """One episode."""
-        chosen = self.rng.choice(self.classes, size=self.n_way, replace=False)
+        chosen = self.rng.choice(len(self.classes), size=self.n_way, replace=False)
         sx, sy, qx, qy = [], [], [], []
         for label, c in enumerate(chosen):
-            rows = self.by_class[int(c)]
+            rows = self.by_class[self.classes[int(c)]]
             pick = torch.from_numpy(self.rng.permutation(len(rows))[: self.k_shot + self.queries])
             sx.append(rows[pick[: self.k_shot]])
             qx.append(rows[pick[self.k_shot:]])
