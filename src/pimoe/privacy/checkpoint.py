@@ -1,0 +1,59 @@
+"""Encrypted checkpoints: a state dict as safetensors bytes sealed with AES-256-GCM (see crypto.py).
+
+The file is a :func:`pimoe.privacy.crypto.seal` blob whose associated data is a fixed label, so
+a sealed cache entry cannot be passed off as a checkpoint. Writes are atomic (pimoe.io). The key
+comes from the caller, e.g. ``load_key()`` (``$PIMOE_KEY``) or ``load_key(path=...)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from pimoe.io import atomic_write_bytes
+from pimoe.privacy.audit import AuditLog
+from pimoe.privacy.crypto import IntegrityError, open_sealed, seal
+
+CHECKPOINT_LABEL = b"pimoe-encrypted-checkpoint-v1"
+
+
+def save_encrypted(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str], key: bytes, audit: AuditLog | None = None
+) -> int:
+    """Write ``state_dict`` (name -> tensor) encrypted to ``path``; return the file size in bytes.
+
+    Tensors are copied to CPU; tied (shared-storage) tensors are stored once each.
+    """
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise TypeError("state_dict must be a non-empty dict of name -> tensor")
+    bad = [name for name, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if bad:
+        raise TypeError(f"state_dict values must be tensors; not tensors: {bad[:5]}")
+    tensors = {name: value.detach().cpu().contiguous().clone() for name, value in state_dict.items()}
+    blob = seal(key, safetensors_save(tensors), CHECKPOINT_LABEL)
+    atomic_write_bytes(path, blob)
+    if audit is not None:
+        audit.record("checkpoint_saved", path=str(path), tensors=len(tensors), bytes=len(blob))
+    return len(blob)
+
+
+def load_encrypted(path: str | os.PathLike[str], key: bytes, audit: AuditLog | None = None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint written by :func:`save_encrypted` (CPU tensors).
+
+    Raises IntegrityError (a ValueError) if the file was tampered with or truncated, or the key
+    is wrong; the failure is recorded in ``audit`` if given.
+    """
+    blob = Path(path).read_bytes()
+    try:
+        data = open_sealed(key, blob, CHECKPOINT_LABEL)
+    except IntegrityError as error:
+        if audit is not None:
+            audit.record("authentication_failed", path=str(path), reason=str(error))
+        raise IntegrityError(f"encrypted checkpoint {path}: {error}") from None
+    if audit is not None:
+        audit.record("checkpoint_loaded", path=str(path))
+    return safetensors_load(data)

@@ -1,0 +1,117 @@
+import hashlib
+import json
+import threading
+
+import pytest
+
+from pimoe.privacy.audit import AuditLog
+from pimoe.privacy.crypto import IntegrityError
+
+
+def _log(tmp_path, n: int = 5, key: bytes | None = None) -> AuditLog:
+    log = AuditLog(tmp_path / "audit.jsonl", key=key)
+    for i in range(n):
+        log.record("round", round=i, clients=10, epsilon=0.5 * i)
+    return log
+
+
+def _rewrite(log: AuditLog, edit) -> None:
+    lines = log.path.read_text().splitlines(keepends=True)
+    log.path.write_text("".join(edit(lines)))
+
+
+def test_one_json_line_per_event_with_timestamp(tmp_path) -> None:
+    log = _log(tmp_path, 3)
+    log.record("key_use", purpose="checkpoint")
+    lines = log.path.read_text().splitlines()
+    assert len(lines) == 4
+    entries = [json.loads(line) for line in lines]
+    assert [e["event"] for e in entries] == ["round", "round", "round", "key_use"]
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4]
+    assert entries[2]["epsilon"] == 1.0 and entries[3]["purpose"] == "checkpoint"
+    assert all(e["ts"].endswith("+00:00") for e in entries)
+    assert log.verify(expected_head=log.head) == 4
+    assert log.entries() == entries
+
+
+def test_reopened_log_appends_and_keeps_the_chain(tmp_path) -> None:
+    first = _log(tmp_path, 2)
+    again = AuditLog(first.path)
+    assert again.head == first.head
+    again.record("round", round=2)
+    assert again.verify() == 3
+    assert json.loads(again.path.read_text().splitlines()[0])["round"] == 0  # old lines kept
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda ls: [ls[0], ls[1].replace('"clients": 10', '"clients": 11'), *ls[2:]], "line 2: hash mismatch"),
+        (lambda ls: [ls[0], *ls[2:]], "line 2: chain broken"),
+        (lambda ls: [ls[1], ls[0], *ls[2:]], "line 1: chain broken"),
+        (lambda ls: [*ls[:2], ls[2], *ls[2:]], "line 4: chain broken"),
+        (lambda ls: [*ls[:3], "not json\n", *ls[3:]], "line 4: not an audit entry"),
+    ],
+)
+def test_edits_are_detected(tmp_path, edit, match: str) -> None:
+    log = _log(tmp_path)
+    _rewrite(log, edit)
+    with pytest.raises(IntegrityError, match=match):
+        log.verify()
+
+
+def test_truncated_tail_detected_with_a_kept_head(tmp_path) -> None:
+    log = _log(tmp_path)
+    head = log.head
+    _rewrite(log, lambda ls: ls[:-2])
+    assert log.verify() == 3  # a shorter chain is still a valid chain ...
+    with pytest.raises(IntegrityError, match="expected head"):
+        log.verify(expected_head=head)  # ... but not the one we last wrote
+
+
+def _forge_last_line(log: AuditLog) -> None:
+    """What someone with write access does: edit the last entry and recompute its SHA-256 hash."""
+    entries = log.entries()
+    entry = entries[-1]
+    entry.pop("hash")
+    entry["epsilon"] = 0.0
+    entry["hash"] = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+    log.path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+
+
+def test_keyed_chain_cannot_be_rebuilt_without_the_key(tmp_path) -> None:
+    plain = _log(tmp_path / "plain", 3)
+    _forge_last_line(plain)
+    assert plain.verify() == 3  # an unkeyed chain only detects edits that do not recompute hashes
+    keyed = _log(tmp_path / "keyed", 3, key=b"k" * 32)
+    assert keyed.verify() == 3
+    with pytest.raises(IntegrityError, match="wrong key"):
+        AuditLog(keyed.path, key=b"x" * 32).verify()
+    _forge_last_line(keyed)
+    with pytest.raises(IntegrityError, match="line 3: hash mismatch"):
+        keyed.verify()
+
+
+def test_concurrent_records_from_threads_keep_one_chain(tmp_path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    threads = [threading.Thread(target=lambda i=i: [log.record("t", thread=i, n=n) for n in range(20)]) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert log.verify() == 80
+
+
+def test_bad_records_rejected(tmp_path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    with pytest.raises(ValueError, match="reserved"):
+        log.record("round", hash="x")
+    with pytest.raises(ValueError, match="non-empty"):
+        log.record("")
+    with pytest.raises(TypeError, match="JSON"):
+        log.record("round", value=object())
+    with pytest.raises(TypeError, match="JSON"):
+        log.record("round", epsilon=float("nan"))
+    with pytest.raises(ValueError, match="16 bytes"):
+        AuditLog(tmp_path / "other.jsonl", key=b"short")
+    assert log.verify() == 0
