@@ -21,12 +21,11 @@ from pimoe.privacy.crypto import IntegrityError, open_sealed, seal
 CHECKPOINT_LABEL = b"pimoe-encrypted-checkpoint-v1"
 
 
-def save_encrypted(
-    state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str], key: bytes, audit: AuditLog | None = None
-) -> int:
-    """Write ``state_dict`` (name -> tensor) encrypted to ``path``; return the file size in bytes.
+def seal_state_dict(state_dict: dict[str, torch.Tensor], key: bytes, label: bytes = CHECKPOINT_LABEL) -> bytes:
+    """``state_dict`` (name -> tensor) as safetensors bytes sealed with ``key`` (AES-256-GCM).
 
-    Tensors are copied to CPU; tied (shared-storage) tensors are stored once each.
+    Tensors are copied to CPU; tied (shared-storage) tensors are stored once each. ``label`` is
+    the authenticated context: :func:`open_state_dict` needs the same one.
     """
     if not isinstance(state_dict, dict) or not state_dict:
         raise TypeError("state_dict must be a non-empty dict of name -> tensor")
@@ -34,10 +33,22 @@ def save_encrypted(
     if bad:
         raise TypeError(f"state_dict values must be tensors; not tensors: {bad[:5]}")
     tensors = {name: value.detach().cpu().contiguous().clone() for name, value in state_dict.items()}
-    blob = seal(key, safetensors_save(tensors), CHECKPOINT_LABEL)
+    return seal(key, safetensors_save(tensors), label)
+
+
+def open_state_dict(blob: bytes, key: bytes, label: bytes = CHECKPOINT_LABEL) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`seal_state_dict`; raises IntegrityError if ``blob`` does not authenticate."""
+    return safetensors_load(open_sealed(key, blob, label))
+
+
+def save_encrypted(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str], key: bytes, audit: AuditLog | None = None
+) -> int:
+    """Write ``state_dict`` (name -> tensor) encrypted to ``path`` atomically; return the file size in bytes."""
+    blob = seal_state_dict(state_dict, key)
     atomic_write_bytes(path, blob)
     if audit is not None:
-        audit.record("checkpoint_saved", path=str(path), tensors=len(tensors), bytes=len(blob))
+        audit.record("checkpoint_saved", path=str(path), tensors=len(state_dict), bytes=len(blob))
     return len(blob)
 
 
@@ -47,13 +58,12 @@ def load_encrypted(path: str | os.PathLike[str], key: bytes, audit: AuditLog | N
     Raises IntegrityError (a ValueError) if the file was tampered with or truncated, or the key
     is wrong; the failure is recorded in ``audit`` if given.
     """
-    blob = Path(path).read_bytes()
     try:
-        data = open_sealed(key, blob, CHECKPOINT_LABEL)
+        state = open_state_dict(Path(path).read_bytes(), key)
     except IntegrityError as error:
         if audit is not None:
             audit.record("authentication_failed", path=str(path), reason=str(error))
         raise IntegrityError(f"encrypted checkpoint {path}: {error}") from None
     if audit is not None:
         audit.record("checkpoint_loaded", path=str(path))
-    return safetensors_load(data)
+    return state
