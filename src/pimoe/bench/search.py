@@ -44,13 +44,14 @@ class SearchBenchConfig:
     latency_repeats: int = 15
     sampler: str = "tpe"
     threads: int = 1
+    space: SearchSpace = field(default_factory=SearchSpace)
 
 
 def run(cfg: SearchBenchConfig, plot_prefix: Path | None = None, progress: bool = True) -> dict:
     """Run every (task, seed, sampler) study; return the results dict."""
     console = Console()
     result = run_header("search", cfg)
-    space = SearchSpace()
+    space = cfg.space
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()

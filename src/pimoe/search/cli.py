@@ -48,7 +48,7 @@ def search_and_report(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        space, settings = SearchSpace(), TrialSettings(steps=steps, seed=seed)
+        space, settings = SearchSpace(), TrialSettings(steps=steps, checkpoints=min(4, max(1, steps)), seed=seed)
         task_obj = make_task(task, seed=seed)
         study = run_search(
             task_obj, space, settings, trials=trials, budget_minutes=budget_minutes, storage=storage,

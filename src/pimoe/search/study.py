@@ -48,7 +48,8 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as err:  # SQLAlchemy raises many types (OperationalError, ArgumentError, ...)
-        raise ValueError(f"cannot open Optuna storage {url!r}: {err}") from err
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"cannot open Optuna storage {url!r}: {reason}") from err
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
