@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from pimoe.federated.config import FederatedConfig
-from pimoe.federated.task import client_split, evaluate, make_model, train_epochs
+from pimoe.federated.task import Split, client_split, evaluate, make_model, train_epochs
 
 SIMULATED_DROPOUT = 1001  # Error code of a client that drops out on purpose (--dropout)
 TRAINING_FAILED = 1002
@@ -84,7 +84,7 @@ def make_client_app(fixed: FederatedConfig | None = None) -> ClientApp:
             start = local.shared_state()
             mu = float(msg.content["config"].get("proximal-mu", 0.0))
             seed = cfg.seed * 1_000_003 + server_round * 1009 + client
-            metrics = _local_training(cfg, local.model, data, mu, seed, num_clients)
+            metrics = _local_training(cfg, local.model, data, mu, seed, context.state)
             state = local.shared_state()
             if client in cfg.malicious_ids:
                 state = poison(state, start, cfg.attack)
@@ -109,12 +109,12 @@ def make_client_app(fixed: FederatedConfig | None = None) -> ClientApp:
     return app
 
 
-def _local_training(cfg: FederatedConfig, model: nn.Module, data, mu: float, seed: int, num_clients: int) -> dict[str, float]:
+def _local_training(cfg: FederatedConfig, model: nn.Module, data: Split, mu: float, seed: int, state: RecordDict) -> dict[str, float]:
     """Plain (or FedProx) SGD on the client's data; DP-SGD through pimoe.privacy when ``dp_epsilon > 0``."""
     if cfg.dp_epsilon > 0:
         from pimoe.federated.private import dp_train
 
-        return dp_train(cfg, model, data, mu, seed)
+        return dp_train(cfg, model, data, seed, state)
     loss = train_epochs(model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                         seed=seed, proximal_mu=mu)
     return {"train-loss": loss}

@@ -32,11 +32,11 @@ class FederatedConfig:
     selection: str = "uniform"  # or "size" / "loss" (see selection.py)
     fraction_evaluate: float = 0.0  # client-side evaluation (the server always evaluates centrally)
     local_epochs: int = 5
-    lr: float = 0.05
+    lr: float = 0.1
     batch_size: int = 8
     model: str = "mlp"  # or "moe"
     personal_layers: str = ""  # comma-separated parameter-name prefixes kept on clients, e.g. "moe.experts"
-    norm_factor: float = 5.0  # reject updates whose change norm > factor x the round's median
+    norm_factor: float = 10.0  # reject updates whose change norm > factor x the round's median
     malicious: str = ""  # comma-separated client ids that send poisoned updates (tests / demos)
     attack: str = "scale"
     dp_epsilon: float = 0.0  # > 0: DP-SGD on every client with this target epsilon
@@ -63,6 +63,8 @@ class FederatedConfig:
             (self.attack in ATTACKS, f"unknown attack {self.attack!r}; expected one of {ATTACKS}"),
             (self.dp_epsilon >= 0, f"dp_epsilon must be >= 0 (0 = off), got {self.dp_epsilon}"),
             (not (self.secure_agg and self.he), "choose one of secure_agg and he, not both"),
+            (not (self.dp_epsilon > 0 and self.strategy == "fedprox"),
+             "DP-SGD uses per-example gradients only, so FedProx's proximal term would be ignored: use fedavg with DP"),
         ]
         for ok, message in checks:
             if not ok:

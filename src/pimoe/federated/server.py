@@ -36,6 +36,10 @@ class RunRecord:
     def clients_per_round(self) -> list[int]:
         return [r.aggregated for r in self.rounds]
 
+    def rounds_to_reach(self, target: float) -> int | None:
+        """First round whose test accuracy is >= ``target`` (0 = the initial model; None if never)."""
+        return next((r for r, a in enumerate(self.accuracy) if a >= target), None)
+
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy_per_round": self.accuracy, "loss_per_round": self.loss,
                 "clients_per_round": self.clients_per_round, "rounds": [asdict(r) for r in self.rounds], **self.extra}
@@ -63,7 +67,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, record: RunRecord, on_round: Ca
                    train_config=ConfigRecord({"local-epochs": cfg.local_epochs}), evaluate_fn=evaluate_fn)
     record.rounds = strategy.rounds
     record.arrays = result.arrays
-    record.extra.update(getattr(strategy, "report", dict)())
+    record.extra.update(strategy.report())
 
 
 def make_server_app(fixed: FederatedConfig | None = None, record: RunRecord | None = None,

@@ -63,6 +63,7 @@ class ScreenedAggregation:
         self.audit = audit  # anything with .record(event, **fields), e.g. pimoe.privacy.audit.AuditLog
         self.rounds: list[RoundLog] = []
         self._global: dict[str, np.ndarray] = {}
+        self.max_epsilon: float | None = None  # largest DP ε any client reported (DP runs only)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = {k: v.numpy() for k, v in arrays.items()}
@@ -75,6 +76,10 @@ class ScreenedAggregation:
     def screen(self, server_round: int, replies: list[Message]) -> list[Message]:
         """The replies that may be aggregated; logs and records the rest."""
         ok = [m for m in replies if not m.has_error()]
+        for m in ok:  # a client's ε is spent once it trained, whether or not its update is accepted
+            eps = m.content["metrics"].get("epsilon") if "metrics" in m.content else None
+            if isinstance(eps, (int, float)):
+                self.max_epsilon = max(self.max_epsilon or 0.0, float(eps))
         failures = [m.error.reason or f"error {m.error.code}" for m in replies if m.has_error()]
         updates: dict[int, dict[str, np.ndarray]] = {}
         rejected: list[Rejection] = []
@@ -103,6 +108,10 @@ class ScreenedAggregation:
             self.audit.record("round_aggregated", round=server_round, sampled=len(replies), failed=len(failures),
                               rejected=len(rejected), aggregated=len(keep))
         return keep
+
+    def report(self) -> dict[str, Any]:
+        """Run-level results beyond the per-round log: ``epsilon`` (max over clients) when DP is on."""
+        return {} if self.max_epsilon is None else {"epsilon": self.max_epsilon}
 
     def merge(self, partial: ArrayRecord | None) -> ArrayRecord | None:
         """Global arrays with those in ``partial`` replaced (layers absent from it stay as they were)."""
