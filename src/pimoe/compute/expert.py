@@ -38,7 +38,8 @@ def next_result_bytes(sequence: bytes | list[int], engine: ArithmeticEngine) -> 
 
     Inside a span ``CALL_START expr "=" r_0 ... r_{n-1} CALL_END``: at the ``=`` position and at
     each of the following ``n`` positions the value is the next byte of
-    ``engine.compute(to_expression(expr)) + CALL_END`` (so the span is closed by the expert);
+    ``engine.compute(to_expression(expr, context)) + CALL_END``, ``context`` being the bytes before
+    the span (where references ``#k`` find their numbers); so the span is closed by the expert;
     elsewhere it is ``NO_OUTPUT``. Positions count from ``=``, independent of what bytes were
     actually written after it. An unparseable expression yields the error token's bytes.
     """
@@ -46,16 +47,17 @@ def next_result_bytes(sequence: bytes | list[int], engine: ArithmeticEngine) -> 
     in_span, after_eq = False, False
     expr: list[int] = []
     result = b""
-    emitted = 0
+    emitted = span_start = 0
     for t, byte in enumerate(sequence):
         if byte == CALL_START:
-            in_span, after_eq, expr = True, False, []
+            in_span, after_eq, expr, span_start = True, False, [], t
         elif byte == CALL_END:
             in_span = after_eq = False
         elif in_span and not after_eq:
             if byte == EQUALS:
                 after_eq, emitted = True, 0
-                result = engine.compute(to_expression(bytes(expr))).encode("ascii") + bytes([CALL_END])
+                context = bytes(sequence[:span_start])
+                result = engine.compute(to_expression(bytes(expr), context)).encode("ascii") + bytes([CALL_END])
                 out[t] = result[0]
             else:
                 expr.append(byte)

@@ -21,6 +21,7 @@ Problems are a pure function of ``(split, index, seed)``.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +33,7 @@ CALL_START = 0x02
 CALL_END = 0x03
 EQUALS = ord("=")
 Split = Literal["train", "heldout"]
+Calls = Literal["expression", "reference"]
 
 _WORD_TEMPLATES: tuple[tuple[str, str], ...] = (
     # (template over operands a, b, c; expression over the same operands)
@@ -45,16 +47,18 @@ _WORD_TEMPLATES: tuple[tuple[str, str], ...] = (
 @dataclass(frozen=True)
 class Problem:
     """One problem: ``prompt`` and ``completion`` are text; ``expression`` is what the span
-    computes and ``answer`` its exact rendered value."""
+    computes, ``answer`` its exact rendered value, and ``call`` what the text side writes in the
+    span before ``=`` (the expression itself, or with ``#k`` references to the prompt's numbers)."""
 
     prompt: str
     expression: str
     answer: str
+    call: str
 
     @property
     def completion(self) -> str:
         """The target continuation: the computation span followed by a newline."""
-        return f"{chr(CALL_START)}{self.expression}={self.answer}{chr(CALL_END)}\n"
+        return f"{chr(CALL_START)}{self.call}={self.answer}{chr(CALL_END)}\n"
 
     @property
     def text(self) -> str:
@@ -86,16 +90,22 @@ class ArithmeticTask:
         word_fraction: probability that a problem is a templated word problem rather than
             ``"Compute <expression>."``.
         seed: base seed; each problem is generated from ``(seed, split, index)`` alone.
+        calls: ``"expression"``: the span holds the expression with its operands' digits
+            (``48213*907+12``); ``"reference"``: the operands are written as references to the
+            prompt's numbers in order of appearance (``#1*#2+#3``), resolved by
+            :func:`to_expression`, so writing the call never means copying digits.
     """
 
     def __init__(self, train_digits: int = 4, heldout_digits: int = 8, word_fraction: float = 0.5,
-                 seed: int = 0) -> None:
+                 seed: int = 0, calls: Calls = "expression") -> None:
         if not 1 <= train_digits < heldout_digits:
             raise ValueError(f"need 1 <= train_digits < heldout_digits, got {train_digits}, {heldout_digits}")
         if not 0.0 <= word_fraction <= 1.0:
             raise ValueError(f"word_fraction must be in [0, 1], got {word_fraction}")
         self.train_digits, self.heldout_digits = train_digits, heldout_digits
-        self.word_fraction, self.seed = word_fraction, seed
+        if calls not in ("expression", "reference"):
+            raise ValueError(f"calls must be 'expression' or 'reference', got {calls!r}")
+        self.word_fraction, self.seed, self.calls = word_fraction, seed, calls
         self.engine = ArithmeticEngine(max_digits=3 * heldout_digits + 2)
 
     def _digits(self, rng: random.Random, split: Split) -> tuple[int, int, int]:
@@ -123,7 +133,11 @@ class ArithmeticTask:
             expression = f"{a}{ops[0]}{b}{ops[1]}{c}"
             prompt = f"Compute {a} {ops[0]} {b} {ops[1]} {c}."
         answer = self.engine.compute(expression)
-        return Problem(prompt=f"Q: {prompt}\nA: ", expression=expression, answer=answer)
+        call = expression
+        if self.calls == "reference":  # operands appear in the prompt in the expression's order
+            count = iter(range(1, 4))
+            call = re.sub(r"\d+", lambda m: f"#{next(count)}", expression)
+        return Problem(prompt=f"Q: {prompt}\nA: ", expression=expression, answer=answer, call=call)
 
     def split(self, split: Split, n: int) -> list[Problem]:
         """The first ``n`` problems of ``split``."""
