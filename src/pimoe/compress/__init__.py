@@ -8,6 +8,7 @@ quantization (:mod:`~pimoe.compress.quantize`) and expert dropping/merging for P
 """
 
 from pimoe.compress.distill import DistillResult, distill, soft_loss
+from pimoe.compress.embedding import Int4Embedding, quantize_embeddings
 from pimoe.compress.lowrank import (
     FactorizationReport,
     LayerFactorization,
@@ -23,7 +24,7 @@ from pimoe.compress.moe import (
     merge_similar_experts,
     similar_expert_groups,
 )
-from pimoe.compress.optimizer import ArchitectureConfig, ArchitectureOptimizer
+from pimoe.compress.optimizer import ArchitectureConfig, ArchitectureOptimizer, OptimizeResult
 from pimoe.compress.prune import (
     SparsityReport,
     magnitude_prune,
@@ -32,6 +33,7 @@ from pimoe.compress.prune import (
     sparsity,
 )
 from pimoe.compress.quantize import (
+    FullRangeDynamicLinear,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
     cast,
@@ -46,9 +48,11 @@ from pimoe.compress.quantize import (
     unpack_int4,
 )
 from pimoe.compress.report import CompressionReport, StepResult, measure
+from pimoe.compress.saved import load_compressed, save_compressed
 
 __all__ = [
-    "ArchitectureConfig", "ArchitectureOptimizer", "CompressionReport", "DistillResult", "StepResult",
+    "ArchitectureConfig", "ArchitectureOptimizer", "CompressionReport", "DistillResult", "OptimizeResult", "StepResult",
+    "FullRangeDynamicLinear", "Int4Embedding", "load_compressed", "quantize_embeddings", "save_compressed",
     "distill", "measure", "soft_loss",
     "FactorizationReport", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "LayerFactorization",
     "LowRankLinear", "SparsityReport", "cast", "drop_experts", "experts_to_keep", "factorize",

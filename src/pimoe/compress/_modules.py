@@ -46,3 +46,16 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def float_weight_modules(model: nn.Module) -> list[str]:
+    """``"name (Type)"`` of every module that directly holds a floating-point parameter of 2+ dims.
+
+    After quantization these are the layers left in float (unsupported types, skipped names, tied
+    weights), which the compression report lists.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if any(p.is_floating_point() and p.dim() >= 2 for p in module.parameters(recurse=False)):
+            found.append(f"{name or '(root)'} ({type(module).__name__})")
+    return found

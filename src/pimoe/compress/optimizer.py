@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from pimoe.compress._modules import float_weight_modules
 from pimoe.compress.distill import Batch, LossKind, default_output_fn, distill
 from pimoe.compress.embedding import quantize_embeddings
 from pimoe.compress.lowrank import factorize
@@ -196,6 +197,8 @@ class ArchitectureOptimizer:
             except Exception as error:  # any failure of the compressed copy is reported the same way
                 raise RuntimeError(f"the model fails after step {name!r} ({note}): {error}; "
                                    "the input model is unchanged") from error
+            if name == "quantize":
+                step.left_in_float = float_weight_modules(current)
             if not math.isfinite(step.fidelity):
                 raise RuntimeError(f"the model gives non-finite outputs after step {name!r} ({note}); "
                                    "the input model is unchanged")
@@ -282,5 +285,5 @@ class ArchitectureOptimizer:
             return current, f"int4 weight-only, {len(replaced)} Linear(s)"
         if cfg.quantization_mode == "dynamic":
             current = quantize_dynamic_int8(current, skip=cfg.skip, inplace=True, full_range=cfg.int8_full_range)
-            return current, "int8 dynamic (torch.ao" + (", 8-bit activations)" if cfg.int8_full_range else ")")
+            return current, "int8 dynamic (torch.ao" + (", 8-bit activations, 7-bit weights)" if cfg.int8_full_range else ")")
         return current, f"int8 weight-only, {len(quantize_weight_only_int8(current, skip=cfg.skip))} Linear(s)"

@@ -142,6 +142,7 @@ class StepResult:
     latency_ms: float
     fidelity: float
     note: str = ""
+    left_in_float: list[str] = field(default_factory=list)
 
 
 def measure(
@@ -217,6 +218,10 @@ class CompressionReport:
                 f"| {s.name} | {s.params:,} | {s.nonzero_params:,} | {s.bytes_torch_save:,} | "
                 f"{s.bytes_torch_save / base:.3f} | {s.latency_ms:.2f} | {s.fidelity:.4f} | {s.note} |"
             )
+        for s in self.steps:
+            if s.left_in_float:
+                lines.append(f"\nLeft in float after `{s.name}` (unsupported or skipped): "
+                             + ", ".join(f"`{name}`" for name in s.left_in_float))
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path:

@@ -1,0 +1,76 @@
+"""`pimoe compress` on a small saved PiMoELM: files written, the saved model loads back, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from pimoe.compress.cli import compress
+from pimoe.compress.saved import load_compressed, load_source
+from pimoe.infer.demo_model import save_demo_model
+
+app = typer.Typer()
+app.command()(compress)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def lm_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lm") / "lm.safetensors"
+    save_demo_model(path, steps=0)
+    return path
+
+
+def test_compress_writes_a_model_that_loads_back(lm_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    config = tmp_path / "cfg.toml"
+    config.write_text("enable_pruning = true\nsparsity_ratio = 0.3\nenable_quantization = false\nlatency_repeats = 1\n")
+    result = runner.invoke(app, [str(lm_path), str(out), "--config", str(config), "--bits", "8", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    for name in ("model.pt", "recipe.json", "report.md", "report.json", "report.png"):
+        assert (out / name).stat().st_size > 0
+    steps = json.loads((out / "report.json").read_text())["steps"]
+    assert [s["name"] for s in steps] == ["before", "prune", "quantize"]
+    assert steps[-1]["bytes_torch_save"] < steps[0]["bytes_torch_save"]
+    # expert weights (StackedExperts) are not Linears: the report lists them as left in float
+    assert any("StackedExperts" in name for name in steps[-1]["left_in_float"])
+    assert "StackedExperts" in (out / "report.md").read_text()
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    loaded = load_compressed(out)
+    source = load_source(lm_path, examples=4)
+    x = source.example_inputs[0]
+    with torch.inference_mode():
+        again = load_compressed(out)(x).logits
+        assert torch.equal(loaded(x).logits, again)
+        cos = torch.nn.functional.cosine_similarity(again.flatten(1), source.model(x).logits.flatten(1))
+    assert float(cos.mean()) > 0.9
+
+
+def test_bad_input(lm_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bad"
+    result = runner.invoke(app, [str(lm_path), str(out), "--bits", "6"])
+    assert result.exit_code != 0 and "quantization_bits" in result.output
+    result = runner.invoke(app, [str(lm_path), str(out)])
+    assert result.exit_code != 0 and "no step enabled" in result.output
+    bad_cfg = tmp_path / "cfg.json"
+    bad_cfg.write_text('{"sparsity": 0.5}')
+    result = runner.invoke(app, [str(lm_path), str(out), "--config", str(bad_cfg)])
+    assert result.exit_code != 0 and "unknown config field" in result.output
+    result = runner.invoke(app, [str(lm_path), str(out), "--sparsity", "1.5"])
+    assert result.exit_code != 0 and "sparsity_ratio" in result.output
+    assert not out.exists()
+
+
+def test_tampered_model_file_is_refused(lm_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert runner.invoke(app, [str(lm_path), str(out), "--bits", "8", "--repeats", "1"]).exit_code == 0
+    (out / "model.pt").write_bytes((out / "model.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="does not match"):
+        load_compressed(out)
+    (out / "recipe.json").write_text("{}")
+    with pytest.raises(ValueError, match="recipe"):
+        load_compressed(out)
