@@ -66,9 +66,16 @@ def _client_id(context: Context) -> tuple[int, int]:
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
 
 
-def make_client_app(fixed: FederatedConfig | None = None) -> ClientApp:
-    """A ClientApp for ``fixed`` settings, or (``None``) for the settings in each run's config."""
+def make_client_app(fixed: FederatedConfig | None = None, he_context: bytes | None = None) -> ClientApp:
+    """A ClientApp for ``fixed`` settings, or (``None``) for the settings in each run's config.
+
+    ``he_context``: the serialized CKKS context with the secret key, for ``cfg.he`` runs (a real
+    SuperNode reads it from the file named by its ``he-context-file`` node-config key instead).
+    """
+    from pimoe.federated.secure import load_key_file, protected_reply, register_client_handlers, weighted_change
+
     app = ClientApp()
+    register_client_handlers(app, he_context)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -90,10 +97,16 @@ def make_client_app(fixed: FederatedConfig | None = None) -> ClientApp:
                 state = poison(state, start, cfg.attack)
             if cfg.personal:
                 context.state[PERSONAL_KEY] = ArrayRecord(local.personal_state())
+            if cfg.secure_agg or cfg.he:
+                he = he_context or (load_key_file(str(context.node_config.get("he-context-file", ""))) if cfg.he else None)
+                content = protected_reply(msg, context, weighted_change(state, start, len(data)), he)
+                if "epsilon" in metrics:  # the DP budget spent is public; the update is not
+                    content["metrics"] = MetricRecord({"epsilon": metrics["epsilon"]})
+            else:
+                content = RecordDict({"arrays": ArrayRecord(state),
+                                      "metrics": MetricRecord({**metrics, "num-examples": len(data)})})
         except Exception as err:  # noqa: BLE001 - any local failure becomes an Error reply
             return Message(Error(TRAINING_FAILED, f"client {client}: {type(err).__name__}: {err}"), reply_to=msg)
-        content = RecordDict({"arrays": ArrayRecord(state),
-                              "metrics": MetricRecord({**metrics, "num-examples": len(data)})})
         return Message(content, reply_to=msg)
 
     @app.evaluate()

@@ -107,6 +107,36 @@ def dp_train(cfg: FederatedConfig, model: nn.Module, data: Split, seed: int, sta
     return {"train-loss": loss, "epsilon": _spent(history, cfg.dp_delta)}
 
 
-def make_private_strategy(cfg: FederatedConfig, audit: Any) -> Any:
+def make_protected_strategy(cfg: FederatedConfig, audit: Any, he_public: bytes | None) -> Any:
     """The secure- or HE-aggregation strategy when ``cfg`` asks for one, else None."""
-    return None
+    if not (cfg.secure_agg or cfg.he):
+        return None
+    from flwr.serverapp.strategy import FedAvg, FedProx
+
+    from pimoe.federated.client import is_personal
+    from pimoe.federated.secure import HomomorphicAggregation, SecureAggregation
+    from pimoe.federated.selection import ClientSelector
+    from pimoe.federated.task import make_model
+
+    mode = SecureAggregation if cfg.secure_agg else HomomorphicAggregation
+    base = FedProx if cfg.strategy == "fedprox" else FedAvg
+    strategy_class = type(f"{mode.__name__}{base.__name__}", (mode, base), {})
+    names = [k for k in make_model(cfg.model, cfg.seed).state_dict() if not is_personal(k, cfg.personal)]
+    kwargs: dict[str, Any] = dict(selector=ClientSelector(cfg.fraction, cfg.min_clients, cfg.selection, cfg.seed),
+                                  norm_factor=cfg.norm_factor, audit=audit, shared_names=names, fraction_evaluate=0.0)
+    if cfg.strategy == "fedprox":
+        kwargs["proximal_mu"] = cfg.proximal_mu
+    if cfg.he:
+        if he_public is None:
+            raise ValueError("HE aggregation needs the public CKKS context")
+        kwargs["public_context"] = he_public
+    return strategy_class(**kwargs)
+
+
+def he_keys() -> tuple[bytes, bytes]:
+    """A fresh CKKS key set: (context with the secret key, for clients; public context, for the server)."""
+    from pimoe.privacy.he import make_context, public_context
+
+    context = make_context()
+    secret = context.serialize(save_public_key=True, save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
+    return secret, public_context(context)

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from pimoe.federated.config import FederatedConfig
+from pimoe.federated.secure import load_key_file
 from pimoe.federated.strategy import RoundLog, make_strategy
 from pimoe.federated.task import evaluate, load_digits_split, make_model
 from pimoe.io import atomic_write_text
@@ -45,12 +46,16 @@ class RunRecord:
                 "clients_per_round": self.clients_per_round, "rounds": [asdict(r) for r in self.rounds], **self.extra}
 
 
-def run_server(grid: Grid, cfg: FederatedConfig, record: RunRecord, on_round: Callable[[int, float], None] | None = None) -> None:
-    """Train for ``cfg.rounds`` rounds over ``grid``; fill ``record``; call ``on_round(round, accuracy)``."""
-    from pimoe.federated.private import make_audit, make_private_strategy
+def run_server(grid: Grid, cfg: FederatedConfig, record: RunRecord, on_round: Callable[[int, float], None] | None = None,
+               he_public: bytes | None = None) -> None:
+    """Train for ``cfg.rounds`` rounds over ``grid``; fill ``record``; call ``on_round(round, accuracy)``.
+
+    ``he_public``: the public CKKS context for ``cfg.he`` runs.
+    """
+    from pimoe.federated.private import make_audit, make_protected_strategy
 
     audit = make_audit(cfg)
-    strategy = make_private_strategy(cfg, audit) or make_strategy(cfg, audit)
+    strategy = make_protected_strategy(cfg, audit, he_public) or make_strategy(cfg, audit)
     model = make_model(cfg.model, cfg.seed)
     _, test = load_digits_split(cfg.seed)
 
@@ -71,17 +76,23 @@ def run_server(grid: Grid, cfg: FederatedConfig, record: RunRecord, on_round: Ca
 
 
 def make_server_app(fixed: FederatedConfig | None = None, record: RunRecord | None = None,
-                    on_round: Callable[[int, float], None] | None = None) -> ServerApp:
-    """A ServerApp for ``fixed`` settings, or (``None``) for the settings in the run config."""
+                    on_round: Callable[[int, float], None] | None = None, he_public: bytes | None = None) -> ServerApp:
+    """A ServerApp for ``fixed`` settings, or (``None``) for the settings in the run config.
+
+    Run-config keys besides :class:`FederatedConfig`'s: ``result-path`` (write the RunRecord JSON
+    there) and ``he-public-context-file`` (the public CKKS context, for ``he = true``).
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
         result_path = str(run_config.pop("result-path", ""))
+        he_file = str(run_config.pop("he-public-context-file", ""))
         cfg = fixed if fixed is not None else FederatedConfig.from_run_config(run_config)
         out = record if record is not None else RunRecord()
-        run_server(grid, cfg, out, on_round)
+        public = he_public if he_public is not None or not cfg.he else load_key_file(he_file)
+        run_server(grid, cfg, out, on_round, public)
         if result_path:
             atomic_write_text(result_path, json.dumps(out.to_dict(), indent=2))
 

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from pimoe.federated.client import make_client_app
 from pimoe.federated.config import FederatedConfig
+from pimoe.federated.private import he_keys
 from pimoe.federated.server import RunRecord, make_server_app, run_server
 
 BACKENDS = ("ray", "inprocess")
@@ -87,15 +88,16 @@ def run_federated(cfg: FederatedConfig, backend: str = "ray", on_round: Callable
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     record = RunRecord()
-    client_app = make_client_app(cfg)
+    secret, public = he_keys() if cfg.he else (None, None)  # the runner acts as the key authority
+    client_app = make_client_app(cfg, secret)
     if backend == "inprocess":
-        run_server(InProcessGrid(client_app, cfg.clients), cfg, record, on_round)
+        run_server(InProcessGrid(client_app, cfg.clients), cfg, record, on_round, public)
         return record
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
-        server_app=make_server_app(cfg, record, on_round),
+        server_app=make_server_app(cfg, record, on_round, public),
         client_app=client_app,
         num_supernodes=cfg.clients,
         backend_name="ray",
