@@ -1,7 +1,9 @@
 """End-to-end demo: train a byte-level PiMoE LM on Python's documentation next to its dense twin.
 
-``python -m pimoe.demo [--steps 300] [--device cpu|cuda] [--seed 0] [--out-dir DIR]``. Both
-models see the same batches in the same order and are scored on the same held-out batches.
+``python -m pimoe.demo [--steps 300] [--device cpu|cuda] [--seed 0] [--out-dir DIR] [--computation]``.
+Both models see the same batches in the same order and are scored on the same held-out batches.
+``--computation`` adds a second stage: the computation-experts comparison of
+``pimoe bench computation --quick`` on 20 held-out problems (about a minute more).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -224,9 +226,23 @@ def plot_curves(moe: TrainResult, dense: TrainResult, path: Path) -> None:
     tmp.replace(path)
 
 
-def run_demo(steps: int = 600, device: str = "cpu", seed: int = 0, out_dir: str | None = None) -> dict:
+def run_computation_stage(console: Console, seed: int) -> dict:
+    """Second stage (``--computation``): the computation-experts comparison at the ``--quick``
+    size on 20 held-out problems (CPU, one thread): LM alone vs PiMoE hand-off vs tool call."""
+    from pimoe.bench.computation import QUICK, print_report, run
+
+    console.print("[bold]Computation experts[/bold]: text expert + token-level router + exact "
+                  "computation expert vs the LM alone vs a tool call (see docs/computation.md)")
+    result = run(replace(QUICK, eval_problems=20, seed=seed, threads=1))
+    print_report(result, console)
+    return result
+
+
+def run_demo(steps: int = 600, device: str = "cpu", seed: int = 0, out_dir: str | None = None,
+             computation: bool = False) -> dict:
     """Train the demo MoE LM and its dense twin on ``pydoc_data`` text, print the comparison,
-    a routing table and a sample, optionally save the MoE model and results; return the results."""
+    a routing table and a sample, optionally save the MoE model and results; return the results.
+    With ``computation``, then run :func:`run_computation_stage` (results under "computation")."""
     console = Console()
     start = time.perf_counter()
     train, val = byte_splits(load_pydoc_text())
@@ -253,6 +269,8 @@ def run_demo(steps: int = 600, device: str = "cpu", seed: int = 0, out_dir: str 
     _print_report(console, moe, dense, results)
     console.print("[bold]Sample from the MoE model[/bold] (prompt b'The ', temperature 0.8):")
     console.print(repr(sample), markup=False, highlight=False)
+    if computation:
+        results["computation"] = run_computation_stage(console, seed)
     results["wall_s"] = round(time.perf_counter() - start, 1)
     console.print(f"demo wall time: {results['wall_s']:.1f} s")
     if out_dir is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 
 from pimoe.bench.timing import run_header
@@ -63,8 +64,6 @@ def _longest_operand(problem: Problem) -> int:
 
 def _evaluate(chain: InferenceChain, problems: list[Problem], progress: bool) -> dict[str, dict[str, list]]:
     """Per mode: correctness, expression correctness, ms, steps and inserted bytes per problem."""
-    from rich.progress import track
-
     rows: dict[str, dict[str, list]] = {m: {"correct": [], "expression": [], "ms": [], "steps": [],
                                             "inserted": [], "digits": []} for m in MODES}
     for problem in track(problems, description="decode held-out", disable=not progress, transient=True):
@@ -88,8 +87,17 @@ def _by_digits(row: dict[str, list]) -> dict[str, float]:
 
 
 def run(cfg: ComputationBenchConfig, progress: bool = True) -> dict:
-    """Train the text expert and the router, decode the held-out problems in every mode."""
+    """Train the text expert and the router, decode the held-out problems in every mode
+    (with ``cfg.threads`` torch threads; the previous setting is restored)."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(cfg: ComputationBenchConfig, progress: bool) -> dict:
     task = ArithmeticTask(cfg.train_digits, cfg.heldout_digits, cfg.word_fraction, cfg.seed, cfg.calls)
     start = time.perf_counter()
     lm, lm_losses = train_text_expert(task, cfg.lm, cfg.lm_train, progress)
@@ -159,7 +167,7 @@ def plot(result: dict, path: Path) -> None:
     for mode in MODES:
         by = result[f"accuracy_by_longest_operand_{mode}"]
         ax.plot([int(d) for d in by], list(by.values()), marker="o", label=mode)
-    ax.set(xlabel="digits of the longest operand (training: <= %d)" % result["config"]["train_digits"],
+    ax.set(xlabel=f"digits of the longest operand (training: <= {result['config']['train_digits']})",
            ylabel="answer accuracy", title="Held-out arithmetic", ylim=(-0.05, 1.05))
     ax.legend()
     fig.tight_layout()
@@ -169,11 +177,12 @@ def plot(result: dict, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def main(quick: bool = False, json_path: Path | None = None, threads: int = 1,
+def main(quick: bool = False, json_path: Path | None = None, threads: int = 1, calls: Calls = "reference",
          config: ComputationBenchConfig | None = None, progress: bool = True) -> dict:
     """Entry point of ``benchmarks/computation.py`` and ``pimoe bench computation``; ``config``
-    replaces the ``quick`` / full presets. With ``json_path``, the plot goes next to it as PNG."""
-    cfg = replace(config or (QUICK if quick else ComputationBenchConfig()), threads=threads)
+    replaces the ``quick`` / full presets (and ``calls``). With ``json_path``, the plot goes next
+    to it as PNG."""
+    cfg = replace(config or replace(QUICK if quick else ComputationBenchConfig(), calls=calls), threads=threads)
     result = run(cfg, progress)
     print_report(result)
     if json_path is not None:
