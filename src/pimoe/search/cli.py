@@ -31,6 +31,7 @@ def search_and_report(
     from optuna.trial import TrialState
     from rich.console import Console
 
+    from pimoe.io import atomic_write_text
     from pimoe.search.hypervolume import shared_hypervolumes
     from pimoe.search.objective import TrialSettings
     from pimoe.search.predictor import score_predictor
@@ -39,7 +40,6 @@ def search_and_report(
     from pimoe.search.space import SearchSpace
     from pimoe.search.study import run_search
     from pimoe.search.tasks import make_task
-    from pimoe.io import atomic_write_text
 
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
