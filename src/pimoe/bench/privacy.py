@@ -1,0 +1,280 @@
+"""Privacy costs on sklearn digits: DP-SGD accuracy, secure aggregation and CKKS aggregation.
+
+- DP-SGD (Opacus, PRV accountant, delta 1e-5) on the 64-128-10 MLP at epsilon 1 / 3 / 8 vs the
+  same training without DP (peer, same seeds, same run): test accuracy, epsilon spent, time.
+- Secure aggregation (pairwise masking) of N clients' real updates (one local epoch on an IID
+  shard, 9,610 floats each): exactness vs the plaintext sum, time per phase per round, bytes,
+  with and without 10% of the clients dropping after masking; peer: the plaintext sum.
+- CKKS aggregation (TenSEAL) of 10 such updates: max error of the mean vs plaintext, encrypt /
+  add / decrypt time, ciphertext bytes vs fp32 bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from pimoe.bench.timing import interleaved_medians, run_header
+from pimoe.federated.task import client_split, evaluate, load_digits_split, mlp, train_epochs
+from pimoe.io import atomic_write_bytes, atomic_write_text
+from pimoe.privacy import he
+from pimoe.privacy.dp import epsilon, make_private
+from pimoe.privacy.secagg import SecAggClient, decode, encode, unmask_sum
+
+
+@dataclass
+class PrivacyBenchConfig:
+    """DP training settings (Adam, batch 128, clip 1.0), aggregation sizes and timing repeats."""
+
+    epsilons: list[float] = field(default_factory=lambda: [1.0, 3.0, 8.0])
+    delta: float = 1e-5
+    epochs: int = 20
+    lr: float = 5e-3
+    batch_size: int = 128
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    seeds: int = 3
+    secagg_clients: list[int] = field(default_factory=lambda: [10, 100])
+    dropout: float = 0.1
+    he_clients: int = 10
+    rounds: int = 3
+
+
+QUICK = PrivacyBenchConfig(epochs=10, seeds=1, secagg_clients=[10], rounds=1)
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    data = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def dp_run(cfg: PrivacyBenchConfig, target_epsilon: float | None, seed: int) -> dict:
+    """Train the MLP on the digits training set (DP-SGD if ``target_epsilon``); test accuracy and cost."""
+    train, test = load_digits_split(0)
+    torch.manual_seed(seed)
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loader, engine = _loader(train.x, train.y, cfg.batch_size, seed), None
+    if target_epsilon is not None:
+        model, optimizer, loader, engine = make_private(
+            model, optimizer, loader, target_epsilon=target_epsilon, target_delta=cfg.delta, epochs=cfg.epochs,
+            max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    train_epochs(model, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
+                 optimizer=optimizer, batches=loader)
+    seconds = time.perf_counter() - start
+    return {
+        "accuracy": evaluate(model, test)[1],
+        "epsilon_spent": epsilon(engine, cfg.delta) if engine is not None else None,
+        "noise_multiplier": optimizer.noise_multiplier if engine is not None else 0.0,
+        "train_seconds": seconds,
+    }
+
+
+def dp_results(cfg: PrivacyBenchConfig, progress: Progress) -> tuple[dict, list[dict]]:
+    """The non-private peer and one row per target epsilon (mean, min, max over seeds)."""
+    targets: list[float | None] = [None, *cfg.epsilons]
+    task = progress.add_task("DP-SGD runs", total=len(targets) * cfg.seeds)
+    runs: dict[float | None, list[dict]] = {t: [] for t in targets}
+    for seed in range(cfg.seeds):
+        for target in targets:
+            runs[target].append(dp_run(cfg, target, seed))
+            progress.advance(task)
+
+    def summary(rs: list[dict]) -> dict:
+        acc = [r["accuracy"] for r in rs]
+        return {"accuracy_mean": float(np.mean(acc)), "accuracy_min": min(acc), "accuracy_max": max(acc),
+                "train_seconds": float(np.mean([r["train_seconds"] for r in rs]))}
+
+    peer = summary(runs[None])
+    rows = []
+    for target in cfg.epsilons:
+        row = {"target_epsilon": target, **summary(runs[target]),
+               "epsilon_spent": max(r["epsilon_spent"] for r in runs[target]),
+               "noise_multiplier": runs[target][0]["noise_multiplier"]}
+        row["accuracy_ratio_to_non_private"] = row["accuracy_mean"] / peer["accuracy_mean"]
+        row["time_ratio_to_non_private"] = row["train_seconds"] / peer["train_seconds"]
+        rows.append(row)
+    return peer, rows
+
+
+def client_updates(num_clients: int, seed: int = 0) -> list[np.ndarray]:
+    """Real FedAvg updates ``float32 [9610]``: one local SGD epoch on each client's IID digits shard."""
+    torch.manual_seed(seed)
+    start = mlp()
+    before = torch.nn.utils.parameters_to_vector(start.parameters()).detach()
+    updates = []
+    for client in range(num_clients):
+        model = mlp()
+        model.load_state_dict(start.state_dict())
+        train_epochs(model, client_split(client, num_clients, "iid", 1.0, seed), epochs=1, lr=0.05,
+                     batch_size=16, seed=seed + client)
+        after = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        updates.append((after - before).numpy().astype(np.float32))
+    return updates
+
+
+def secagg_round(updates: list[np.ndarray], dropout: float, rounds: int) -> dict:
+    """Time and check one secure-aggregation round of ``len(updates)`` clients."""
+    n, dim = len(updates), updates[0].size
+    clients = {i: SecAggClient(i) for i in range(n)}
+    keys = {i: c.public_key() for i, c in clients.items()}
+    masked = {i: clients[i].mask(updates[i], keys, round_id=1) for i in clients}
+    dropped = set(range(0, n, max(1, round(1 / dropout))) if dropout > 0 else [])
+    survivors = {i: m for i, m in masked.items() if i not in dropped}
+    revealed = {i: clients[i].reveal_seeds_for(dropped) for i in survivors}
+    plain = np.sum(np.stack(updates).astype(np.float64), axis=0)
+    plain_survivors = np.sum(np.stack([updates[i] for i in survivors]).astype(np.float64), axis=0)
+    total = unmask_sum(masked, participants=clients)
+    total_dropped = unmask_sum(survivors, participants=clients, revealed=revealed)
+    encoded_sum = np.sum(np.stack([encode(u) for u in updates]), axis=0, dtype=np.uint64)
+    seconds = interleaved_medians({
+        "keygen": lambda: [SecAggClient(i).public_key() for i in range(n)],
+        "mask": lambda: [clients[i].mask(updates[i], keys, round_id=2) for i in clients],
+        "unmask": lambda: unmask_sum(masked, participants=clients),
+        "unmask_with_dropped": lambda: unmask_sum(survivors, participants=clients, revealed=revealed),
+        "plaintext_sum": lambda: np.sum(np.stack(updates), axis=0),
+    }, rounds)
+    return {
+        "clients": n, "dim": dim, "dropped": len(dropped),
+        "bit_exact": bool(np.array_equal(total, decode(encoded_sum))),
+        "max_abs_error": float(np.abs(total - plain).max()),
+        "max_abs_error_with_dropped": float(np.abs(total_dropped - plain_survivors).max()),
+        "keygen_ms_per_client": 1e3 * seconds["keygen"] / n,
+        "mask_ms_per_client": 1e3 * seconds["mask"] / n,
+        "unmask_ms": 1e3 * seconds["unmask"],
+        "unmask_with_dropped_ms": 1e3 * seconds["unmask_with_dropped"],
+        "plaintext_sum_ms": 1e3 * seconds["plaintext_sum"],
+        "bytes_per_client": int(masked[0].nbytes) + 32,
+        "bytes_ratio_to_fp32": (masked[0].nbytes + 32) / (4 * dim),
+    }
+
+
+def he_round(updates: list[np.ndarray], rounds: int) -> dict:
+    """Time and check one CKKS aggregation round: clients encrypt, server adds, a client decrypts the mean."""
+    n, dim = len(updates), updates[0].size
+    params = he.CKKSParams()
+    start = time.perf_counter()
+    context = he.make_context(params)
+    context_seconds = time.perf_counter() - start
+    public = he.public_context(context)
+    server = he.load_context(public)
+    encrypted = [he.encrypt_update(context, u) for u in updates]
+    summed = he.add_encrypted(server, encrypted)
+    mean = he.decrypt_mean(context, summed, n, dim)
+    plain = np.mean(np.stack(updates).astype(np.float64), axis=0)
+    seconds = interleaved_medians({
+        "encrypt": lambda: [he.encrypt_update(context, u) for u in updates],
+        "add": lambda: he.add_encrypted(server, encrypted),
+        "decrypt": lambda: he.decrypt_mean(context, summed, n, dim),
+        "plaintext_mean": lambda: np.mean(np.stack(updates), axis=0),
+    }, rounds)
+    client_bytes = sum(len(c) for c in encrypted[0])
+    return {
+        "clients": n, "dim": dim, "poly_modulus_degree": params.poly_modulus_degree,
+        "coeff_mod_bit_sizes": list(params.coeff_mod_bit_sizes), "scale_bits": params.scale_bits,
+        "ciphertexts_per_client": len(encrypted[0]),
+        "max_abs_error": float(np.abs(mean - plain).max()),
+        "update_max_abs": float(max(np.abs(u).max() for u in updates)),
+        "context_ms": 1e3 * context_seconds,
+        "encrypt_ms_per_client": 1e3 * seconds["encrypt"] / n,
+        "add_ms": 1e3 * seconds["add"],
+        "decrypt_ms": 1e3 * seconds["decrypt"],
+        "plaintext_mean_ms": 1e3 * seconds["plaintext_mean"],
+        "bytes_per_client": client_bytes,
+        "bytes_ratio_to_fp32": client_bytes / (4 * dim),
+        "public_context_bytes": len(public),
+    }
+
+
+def run(cfg: PrivacyBenchConfig, console: Console | None = None) -> dict:
+    """Measure and return the results as a JSON-serializable dict."""
+    console = console or Console()
+    torch.set_num_threads(1)
+    with Progress(console=console, transient=True) as progress:
+        peer, dp_rows = dp_results(cfg, progress)
+        task = progress.add_task("aggregation rounds", total=len(cfg.secagg_clients) + 1)
+        updates = client_updates(max(cfg.he_clients, *cfg.secagg_clients))
+        secagg = []
+        for n in cfg.secagg_clients:
+            secagg.append(secagg_round(updates[:n], cfg.dropout, cfg.rounds))
+            progress.advance(task)
+        he_result = he_round(updates[: cfg.he_clients], cfg.rounds)
+        progress.advance(task)
+    result = {**run_header("privacy", cfg), "non_private": peer, "dp": dp_rows, "secagg": secagg, "he": he_result}
+    _print(result, console)
+    return result
+
+
+def _print(result: dict, console: Console) -> None:
+    cfg, peer = result["config"], result["non_private"]
+    table = Table(title=f"DP-SGD on digits (MLP 64-128-10, {cfg['epochs']} epochs, delta {cfg['delta']:g}, "
+                        f"{cfg['seeds']} seed(s)); non-private accuracy {peer['accuracy_mean']:.3f}")
+    for col in ("target ε", "ε spent", "noise σ", "accuracy (min-max)", "x non-private acc", "x non-private time"):
+        table.add_column(col, justify="right")
+    for r in result["dp"]:
+        table.add_row(f"{r['target_epsilon']:g}", f"{r['epsilon_spent']:.2f}", f"{r['noise_multiplier']:.2f}",
+                      f"{r['accuracy_mean']:.3f} ({r['accuracy_min']:.3f}-{r['accuracy_max']:.3f})",
+                      f"{r['accuracy_ratio_to_non_private']:.3f}", f"{r['time_ratio_to_non_private']:.1f}")
+    console.print(table)
+    table = Table(title="Secure aggregation (pairwise masks), one round; ms (keygen, mask: per client)")
+    for col in ("N", "drop", "exact", "error", "keygen", "mask", "unmask", "+drop", "plain", "B/fp32"):
+        table.add_column(col, justify="right")
+    for r in result["secagg"]:
+        table.add_row(str(r["clients"]), str(r["dropped"]), str(r["bit_exact"]),
+                      f"{max(r['max_abs_error'], r['max_abs_error_with_dropped']):.1e}",
+                      f"{r['keygen_ms_per_client']:.2f}", f"{r['mask_ms_per_client']:.2f}", f"{r['unmask_ms']:.2f}",
+                      f"{r['unmask_with_dropped_ms']:.2f}", f"{r['plaintext_sum_ms']:.3f}", f"{r['bytes_ratio_to_fp32']:.2f}")
+    console.print(table)
+    h = result["he"]
+    console.print(
+        f"CKKS aggregation, {h['clients']} clients x {h['dim']} floats: max error of the mean {h['max_abs_error']:.1e}, "
+        f"encrypt {h['encrypt_ms_per_client']:.1f} ms/client, add {h['add_ms']:.1f} ms, decrypt {h['decrypt_ms']:.1f} ms "
+        f"(plaintext mean {h['plaintext_mean_ms']:.3f} ms), {h['bytes_per_client'] / 1e6:.2f} MB/client "
+        f"({h['bytes_ratio_to_fp32']:.0f}x fp32), public context {h['public_context_bytes'] / 1e6:.2f} MB")
+
+
+def plot(result: dict, path: Path) -> None:
+    """PNG: DP test accuracy (mean, min-max) per target epsilon, with the non-private accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["dp"]
+    eps = [r["target_epsilon"] for r in rows]
+    mean = np.array([r["accuracy_mean"] for r in rows])
+    low, high = mean - [r["accuracy_min"] for r in rows], np.array([r["accuracy_max"] for r in rows]) - mean
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar(eps, mean, yerr=[low, high], marker="o", capsize=3, label="DP-SGD (Opacus)")
+    ax.axhline(result["non_private"]["accuracy_mean"], color="gray", linestyle="--", label="non-private")
+    ax.set(xscale="log", xlabel=f"ε (δ = {result['config']['delta']:g})", ylabel="test accuracy",
+           title="DP-SGD on sklearn digits")
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def main(quick: bool = False, json_path: Path | None = None) -> dict:
+    """Entry point of ``benchmarks/privacy.py`` and ``pimoe bench privacy``; with ``json_path``, the
+    plot goes next to it as PNG."""
+    result = run(QUICK if quick else PrivacyBenchConfig())
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result, indent=2))
+        plot(result, Path(json_path).with_suffix(".png"))
+    return result

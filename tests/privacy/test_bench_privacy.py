@@ -1,0 +1,24 @@
+import json
+
+import pytest
+
+from pimoe.bench.privacy import PrivacyBenchConfig, plot, run
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_privacy_benchmark_small(tmp_path) -> None:
+    cfg = PrivacyBenchConfig(epsilons=[8.0], epochs=2, accountant="rdp", seeds=1, secagg_clients=[4], he_clients=3,
+                             dropout=0.25, rounds=1)
+    result = run(cfg)
+    json.dumps(result)
+    (dp,) = result["dp"]
+    assert 6.0 < dp["epsilon_spent"] <= 8.05 and dp["noise_multiplier"] > 0
+    assert 0.1 < dp["accuracy_mean"] and 0.1 < result["non_private"]["accuracy_mean"]
+    (sa,) = result["secagg"]
+    assert sa["bit_exact"] and sa["dropped"] == 1 and sa["dim"] == 9610
+    assert max(sa["max_abs_error"], sa["max_abs_error_with_dropped"]) < 4 * 2.0**-24
+    he = result["he"]
+    assert he["ciphertexts_per_client"] == 3 and 0 < he["max_abs_error"] < 1e-6
+    assert he["bytes_ratio_to_fp32"] > 5  # ciphertexts are much larger than the floats
+    plot(result, tmp_path / "privacy.png")
+    assert (tmp_path / "privacy.png").read_bytes()[:4] == b"\x89PNG"
