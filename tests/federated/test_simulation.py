@@ -88,3 +88,20 @@ def test_ray_simulation_matches_in_process():
     assert ray_run.clients_per_round == local.clients_per_round
     assert ray_run.accuracy[-1] > ray_run.accuracy[0] + 0.3
     np.testing.assert_allclose(ray_run.accuracy, local.accuracy, atol=1 / 360 + 1e-6)
+
+
+def test_deployment_apps_read_the_run_config(tmp_path):
+    """The module-level apps that `flwr run` loads take every setting from the run config."""
+    import json
+
+    from pimoe.federated.apps import client_app, server_app
+
+    cfg = FederatedConfig(**{**SMALL, "clients": 4, "rounds": 1, "local_epochs": 1})
+    run_config = cfg.to_run_config()
+    grid = InProcessGrid(client_app, cfg.clients, run_config=run_config)
+    out = tmp_path / "result.json"
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config={**run_config, "result-path": str(out)}))
+    result = json.loads(out.read_text())
+    assert result["clients_per_round"] == [4]
+    assert result["accuracy_per_round"][1] > result["accuracy_per_round"][0] + 0.3
