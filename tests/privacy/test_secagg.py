@@ -82,10 +82,15 @@ def test_masks_change_every_round() -> None:
     np.testing.assert_array_equal(first, clients[0].mask(update, keys, round_id=1))
 
 
-def test_pair_seed_is_symmetric() -> None:
+def test_pair_seed_is_symmetric_and_key_can_be_restored() -> None:
     a, b = SecAggClient(3), SecAggClient(8)
     assert a.pair_seed(8, b.public_key(), 5) == b.pair_seed(3, a.public_key(), 5)
     assert a.pair_seed(8, b.public_key(), 5) != a.pair_seed(8, b.public_key(), 6)
+    restored = SecAggClient(3, private_key=a.private_key_bytes())
+    assert restored.public_key() == a.public_key()
+    assert restored.pair_seed(8, b.public_key(), 5) == a.pair_seed(8, b.public_key(), 5)
+    with pytest.raises(ValueError, match="32 raw bytes"):
+        SecAggClient(3, private_key=b"short")
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

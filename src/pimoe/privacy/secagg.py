@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 FRAC_BITS = 24
 MODULUS_BITS = 64
@@ -90,15 +91,23 @@ class SecAggClient:
     Args:
         client_id: this client's id; ids order the pairs (the lower id adds the pair mask).
         frac_bits: fixed-point fractional bits (precision ``2**-frac_bits``); the same for all.
+        private_key: a 32-byte X25519 private key from :meth:`private_key_bytes` (a stateless
+            client restoring itself between messages of one round); a fresh key if None.
     """
 
-    def __init__(self, client_id: int, frac_bits: int = FRAC_BITS) -> None:
+    def __init__(self, client_id: int, frac_bits: int = FRAC_BITS, private_key: bytes | None = None) -> None:
         if not 0 <= frac_bits < MODULUS_BITS - 1:
             raise ValueError(f"frac_bits must be in [0, {MODULUS_BITS - 2}], got {frac_bits}")
+        if private_key is not None and (not isinstance(private_key, bytes) or len(private_key) != 32):
+            raise ValueError("private_key must be 32 raw bytes (from private_key_bytes())")
         self.client_id = int(client_id)
         self.frac_bits = frac_bits
-        self._key = X25519PrivateKey.generate()
+        self._key = X25519PrivateKey.from_private_bytes(private_key) if private_key else X25519PrivateKey.generate()
         self._seeds: dict[int, bytes] = {}
+
+    def private_key_bytes(self) -> bytes:
+        """The raw X25519 private key, for a client that must keep it in its own state between messages."""
+        return self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
     def public_key(self) -> bytes:
         """The 32-byte X25519 public key to send to the server, which relays it to the peers."""
