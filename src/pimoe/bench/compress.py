@@ -54,8 +54,14 @@ CONFIGS: dict[str, tuple[str, ArchitectureConfig]] = {
         "--bits 8 --full-range --embedding-bits 4",
         ArchitectureConfig(enable_pruning=False, quantization_bits=8, int8_full_range=True, embedding_bits=4)),
     "bf16": ("--bits 16", ArchitectureConfig(enable_pruning=False, quantization_bits=16)),
+    "25% heads pruned, no repair": (
+        "--prune-heads 0.25", ArchitectureConfig(enable_pruning=False, enable_quantization=False,
+                                                 enable_head_pruning=True, head_prune_ratio=0.25)),
+    "10% FFN neurons pruned, no repair": (
+        "--prune-neurons 0.1", ArchitectureConfig(enable_pruning=False, enable_quantization=False,
+                                                  enable_neuron_pruning=True, neuron_prune_ratio=0.1)),
 }
-QUICK_SKIP = ("bf16",)
+QUICK_SKIP = ("bf16", "25% heads pruned, no repair", "10% FFN neurons pruned, no repair")
 
 
 @dataclass

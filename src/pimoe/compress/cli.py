@@ -18,6 +18,10 @@ _STEP_FLAGS = {
     "sparsity": ("sparsity_ratio", "enable_pruning"),
     "low_rank": ("compression_ratio", "enable_low_rank"),
     "bits": ("quantization_bits", "enable_quantization"),
+    "prune_heads": ("head_prune_ratio", "enable_head_pruning"),
+    "prune_neurons": ("neuron_prune_ratio", "enable_neuron_pruning"),
+    "drop_experts": ("expert_drop_ratio", "enable_expert_drop"),
+    "merge_experts": ("experts_after_merge", "enable_expert_merge"),
 }
 
 
@@ -39,7 +43,7 @@ def build_config(config_file: Path | None, flags: dict[str, Any]) -> Any:
             values[flag] = value
     config = config_from_dict(values)
     if not config.enabled_steps():
-        raise ValueError("no step enabled: give --bits, --sparsity, --low-rank or a config file")
+        raise ValueError("no step enabled: give a step flag (--bits, --sparsity, --prune-heads, ...) or a config file")
     return config
 
 
@@ -53,6 +57,10 @@ def compress(
     embedding_bits: Annotated[Optional[int], typer.Option(help="Also quantize word embeddings to 8 or 4 bits.")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="Global magnitude pruning of Linear weights, fraction in [0, 1).")] = None,
     low_rank: Annotated[Optional[float], typer.Option(help="Low-rank factorization keeping this fraction of each Linear's parameters, in (0, 1].")] = None,
+    prune_heads: Annotated[Optional[float], typer.Option(help="Remove this fraction of the attention heads (structured), in (0, 1).")] = None,
+    prune_neurons: Annotated[Optional[float], typer.Option(help="Remove this fraction of dense FFN neurons (structured), in (0, 1).")] = None,
+    drop_experts: Annotated[Optional[float], typer.Option(help="Drop this fraction of each PiMoE layer's experts, in (0, 1).")] = None,
+    merge_experts: Annotated[Optional[int], typer.Option(help="Merge each PiMoE layer's experts down to this many.")] = None,
     skip: Annotated[Optional[list[str]], typer.Option(help="fnmatch pattern of module names to leave alone (repeatable).")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Latency repeats per measurement (median).")] = 5,
 ) -> None:
@@ -65,6 +73,8 @@ def compress(
 
     flags = {"bits": bits, "quantization_mode": mode, "int8_full_range": full_range,
              "embedding_bits": embedding_bits, "sparsity": sparsity, "low_rank": low_rank,
+             "prune_heads": prune_heads, "prune_neurons": prune_neurons, "drop_experts": drop_experts,
+             "merge_experts": merge_experts,
              "skip": skip or None, "latency_repeats": repeats}
     try:
         cfg = build_config(config, flags)

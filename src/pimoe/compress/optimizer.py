@@ -26,10 +26,20 @@ from pimoe.compress.embedding import quantize_embeddings
 from pimoe.compress.lowrank import factorize
 from pimoe.compress.prune import magnitude_prune
 from pimoe.compress.quantize import cast, quantize_dynamic_int8, quantize_weight_only_int4, quantize_weight_only_int8
+from pimoe.compress.structured import (
+    drop_experts_everywhere,
+    merge_experts_everywhere,
+    prune_attention_heads_noted,
+    prune_neurons,
+)
 from pimoe.compress.report import FIDELITY_FNS, CompressionReport, FidelityFn, measure, run_model
 
-STEP_NAMES = ("low_rank", "prune", "distill", "quantize")
+STEP_NAMES = ("drop_experts", "merge_experts", "prune_heads", "prune_neurons", "low_rank", "prune", "distill", "quantize")
 _ENABLE_FLAGS = {
+    "drop_experts": "enable_expert_drop",
+    "merge_experts": "enable_expert_merge",
+    "prune_heads": "enable_head_pruning",
+    "prune_neurons": "enable_neuron_pruning",
     "low_rank": "enable_low_rank",
     "prune": "enable_pruning",
     "distill": "enable_knowledge_distillation",
@@ -48,7 +58,8 @@ class ArchitectureConfig:
             16 (bfloat16 cast) or 32 (no quantization; the step is recorded with a note).
         sparsity_ratio: fraction of Linear weights zeroed by global magnitude pruning, in [0, 1).
         enable_*: turn each step on; a step in ``order`` runs only when its flag is set.
-        order: step names from ``"low_rank"``, ``"prune"``, ``"distill"``, ``"quantize"``.
+        order: step names from ``"drop_experts"``, ``"merge_experts"``, ``"prune_heads"``,
+            ``"prune_neurons"``, ``"low_rank"``, ``"prune"``, ``"distill"``, ``"quantize"``.
             ``"distill"`` must come before ``"quantize"`` (quantized models are not trained).
         quantization_mode: for 8 bits, ``"dynamic"`` (torch.ao, activations quantized per call)
             or ``"weight_only"`` (:class:`~pimoe.compress.quantize.Int8WeightOnlyLinear`).
@@ -66,6 +77,14 @@ class ArchitectureConfig:
         embedding_bits: with the quantize step, also quantize the ``nn.Embedding`` modules
             matching ``embedding_patterns`` to 8 or 4 bits (``embedding_group_size`` values per
             int4 scale); ``None`` leaves embeddings in float.
+        expert_drop_ratio: ``drop_experts`` removes this fraction of each PiMoE layer's experts
+            (smallest weight norm), in (0, 1).
+        experts_after_merge: ``merge_experts`` merges each PiMoE layer down to this many experts
+            (most similar router rows first), >= 1.
+        head_prune_ratio: ``prune_heads`` removes this fraction of the heads of every
+            ``nn.MultiheadAttention`` / Hugging Face BERT attention, in (0, 1).
+        neuron_prune_ratio: ``prune_neurons`` removes this fraction of the hidden neurons of every
+            dense FFN (pimoe ``FFN`` / ``SwiGLU``, BERT intermediate/output), in (0, 1).
     """
 
     compression_ratio: float = 0.5
@@ -91,6 +110,14 @@ class ArchitectureConfig:
     embedding_bits: int | None = None
     embedding_patterns: Sequence[str] = ("*word_embeddings",)
     embedding_group_size: int = 16
+    enable_expert_drop: bool = False
+    enable_expert_merge: bool = False
+    enable_head_pruning: bool = False
+    enable_neuron_pruning: bool = False
+    expert_drop_ratio: float = 0.25
+    experts_after_merge: int = 2
+    head_prune_ratio: float = 0.25
+    neuron_prune_ratio: float = 0.25
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,12 +150,25 @@ class ArchitectureConfig:
             raise ValueError(f"embedding_bits must be None, 4 or 8, got {self.embedding_bits}")
         if self.embedding_bits is not None and self.quantization_bits == 16:
             raise ValueError("embedding_bits needs float32 activations; it cannot be combined with quantization_bits=16")
+        for name in ("expert_drop_ratio", "head_prune_ratio", "neuron_prune_ratio"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.experts_after_merge < 1:
+            raise ValueError(f"experts_after_merge must be >= 1, got {self.experts_after_merge}")
         if self.latency_repeats < 1:
             raise ValueError(f"latency_repeats must be >= 1, got {self.latency_repeats}")
 
     def enabled_steps(self) -> list[str]:
         """The names in ``order`` whose ``enable_*`` flag is set, in order."""
         return [name for name in self.order if getattr(self, _ENABLE_FLAGS[name])]
+
+
+_STRUCTURED = {
+    "drop_experts": (drop_experts_everywhere, "expert_drop_ratio"),
+    "merge_experts": (merge_experts_everywhere, "experts_after_merge"),
+    "prune_heads": (prune_attention_heads_noted, "head_prune_ratio"),
+    "prune_neurons": (prune_neurons, "neuron_prune_ratio"),
+}
 
 
 class OptimizeResult(NamedTuple):
@@ -244,6 +284,11 @@ class ArchitectureOptimizer:
     ) -> tuple[nn.Module, str]:
         """Run one step; return the (possibly new) model and a note for the report."""
         cfg = self.config
+        if name in _STRUCTURED:
+            function, setting = _STRUCTURED[name]
+            changed, skipped = function(current, getattr(cfg, setting), cfg.skip)
+            note = "; ".join(changed) or "nothing to change"
+            return current, note + "".join(f"; skipped {reason}" for reason in skipped)
         if name == "low_rank":
             fact = factorize(current, ratio=cfg.compression_ratio, skip=cfg.skip)
             return current, f"{len(fact.replaced)} Linear(s) factorized"
