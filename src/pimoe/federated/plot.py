@@ -14,12 +14,14 @@ def plot_accuracy(curves: dict[str, list[float]], centralized: float | None, pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, acc in curves.items():
         ax.plot(range(len(acc)), acc, label=label, linewidth=1.5)
     if centralized is not None:
         ax.axhline(centralized, color="black", linestyle="--", linewidth=1, label=f"centralized ({centralized:.3f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (360 held-out digits)")
     ax.set_ylim(0, 1)
