@@ -260,6 +260,7 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(result["non_private"]["accuracy_mean"], color="gray", linestyle="--", label="non-private")
     ax.set(xscale="log", xlabel=f"ε (δ = {result['config']['delta']:g})", ylabel="test accuracy",
            title="DP-SGD on sklearn digits")
+    ax.minorticks_off()
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.legend()
     fig.tight_layout()
