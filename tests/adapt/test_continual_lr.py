@@ -117,3 +117,13 @@ def test_adaptive_learning_adapts_a_copy_and_lowers_the_loss_on_new_data():
         learner.adapt(model, (x, y[:3]))
     with pytest.raises(ValueError):
         AdaptConfig(optimizer="rmsprop")
+
+
+def test_seed_names_adaptive_learning():
+    from pimoe.compat import AdaptiveLearning as SeedAdaptiveLearning
+    from pimoe.compat import AdaptiveLearningConfig
+
+    model = _net()
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    adapted = SeedAdaptiveLearning(AdaptiveLearningConfig(steps=5, lr=0.5, loss="cross_entropy")).adapt(model, (x, y))
+    assert adapted is not model and isinstance(adapted, nn.Sequential)
