@@ -27,13 +27,15 @@ def lm_path(tmp_path_factory) -> Path:
 def test_compress_writes_a_model_that_loads_back(lm_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     config = tmp_path / "cfg.toml"
-    config.write_text("enable_pruning = true\nsparsity_ratio = 0.3\nenable_quantization = false\nlatency_repeats = 1\n")
+    config.write_text("enable_pruning = true\nsparsity_ratio = 0.3\nenable_quantization = false\n"
+                      "enable_expert_drop = true\nexpert_drop_ratio = 0.5\n")
     result = runner.invoke(app, [str(lm_path), str(out), "--config", str(config), "--bits", "8", "--repeats", "1"])
     assert result.exit_code == 0, result.output
     for name in ("model.pt", "recipe.json", "report.md", "report.json", "report.png"):
         assert (out / name).stat().st_size > 0
     steps = json.loads((out / "report.json").read_text())["steps"]
-    assert [s["name"] for s in steps] == ["before", "prune", "quantize"]
+    assert [s["name"] for s in steps] == ["before", "drop_experts", "prune", "quantize"]
+    assert "4 -> 2 experts" in steps[1]["note"]
     assert steps[-1]["bytes_torch_save"] < steps[0]["bytes_torch_save"]
     # expert weights (StackedExperts) are not Linears: the report lists them as left in float
     assert any("StackedExperts" in name for name in steps[-1]["left_in_float"])
