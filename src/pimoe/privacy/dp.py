@@ -16,13 +16,16 @@ built, so the optimizer holds the new parameters.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from pimoe.moe.layer import MoEOutput
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
 
 Accountant = Literal["prv", "rdp"]
 
@@ -70,7 +73,7 @@ def make_private(
     max_grad_norm: float,
     accountant: Accountant = "prv",
     poisson_sampling: bool = True,
-) -> tuple[nn.Module, Optimizer, DataLoader, object]:
+) -> tuple[nn.Module, Optimizer, DataLoader, PrivacyEngine]:
     """Wrap ``model``, ``optimizer`` and ``data_loader`` for DP-SGD at ``(target_epsilon, target_delta)``.
 
     Args:
@@ -125,7 +128,7 @@ def make_private(
     return model, optimizer, data_loader, engine
 
 
-def epsilon(engine: object, delta: float) -> float:
+def epsilon(engine: PrivacyEngine, delta: float) -> float:
     """The ε spent at ``delta`` by the optimizer steps ``engine`` (from :func:`make_private`) has seen; 0 before the first."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")

@@ -18,8 +18,12 @@ CKKS is approximate: the decrypted mean carries an error around ``2**-scale_bits
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import tenseal as ts
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class CKKSParams:
         return self.poly_modulus_degree // 2
 
 
-def make_context(params: CKKSParams | None = None):
+def make_context(params: CKKSParams | None = None) -> ts.Context:
     """A fresh CKKS context holding the secret key (``tenseal.Context``): for clients only."""
     import tenseal as ts
 
@@ -54,13 +58,13 @@ def make_context(params: CKKSParams | None = None):
     return context
 
 
-def public_context(context) -> bytes:
+def public_context(context: ts.Context) -> bytes:
     """Serialized copy of ``context`` without the secret key: what the server receives."""
     return context.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False,
                              save_relin_keys=False)  # addition needs neither rotations nor relinearization
 
 
-def load_context(data: bytes):
+def load_context(data: bytes) -> ts.Context:
     """A ``tenseal.Context`` from :func:`public_context` (or a full serialized context) bytes."""
     import tenseal as ts
 
@@ -72,7 +76,7 @@ def load_context(data: bytes):
         raise ValueError(f"not a serialized TenSEAL context: {error}") from None
 
 
-def _load_vector(context, data: bytes):
+def _load_vector(context: ts.Context, data: bytes) -> ts.CKKSVector:
     import tenseal as ts
 
     try:
@@ -81,11 +85,11 @@ def _load_vector(context, data: bytes):
         raise ValueError(f"not a serialized CKKS vector for this context: {error}") from None
 
 
-def _slots(context) -> int:
+def _slots(context: ts.Context) -> int:
     return context.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
 
 
-def encrypt_update(context, update: np.ndarray) -> list[bytes]:
+def encrypt_update(context: ts.Context, update: np.ndarray) -> list[bytes]:
     """Encrypt a 1-D float ``update [D]`` as ``ceil(D / slots)`` serialized CKKS vectors."""
     import tenseal as ts
 
@@ -98,7 +102,7 @@ def encrypt_update(context, update: np.ndarray) -> list[bytes]:
     return [ts.ckks_vector(context, values[i : i + slots]).serialize() for i in range(0, values.size, slots)]
 
 
-def add_encrypted(server_context, encrypted: list[list[bytes]]) -> list[bytes]:
+def add_encrypted(server_context: ts.Context, encrypted: list[list[bytes]]) -> list[bytes]:
     """Server side: the chunk-wise sum of several clients' :func:`encrypt_update` outputs.
 
     ``server_context`` is the public context (:func:`load_context` of :func:`public_context`);
@@ -119,7 +123,7 @@ def add_encrypted(server_context, encrypted: list[list[bytes]]) -> list[bytes]:
     return [t.serialize() for t in total]
 
 
-def decrypt_mean(context, summed: list[bytes], num_clients: int, length: int) -> np.ndarray:
+def decrypt_mean(context: ts.Context, summed: list[bytes], num_clients: int, length: int) -> np.ndarray:
     """Client side: decrypt :func:`add_encrypted`'s sum and divide by ``num_clients`` -> ``float64 [length]``."""
     if not context.is_private():
         raise ValueError("decrypting needs the context with the secret key")
