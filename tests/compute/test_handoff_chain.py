@@ -133,3 +133,22 @@ def test_micro_benchmark_trains_a_router_and_writes_the_json(tmp_path) -> None:
     router = result["router_heldout"]
     assert router["accuracy"] > router["majority_baseline"] + 0.03  # it learned where spans are
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_computation_stage_prints_the_comparison(monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    import pimoe.bench.computation as bench
+    from pimoe.demo import run_computation_stage
+
+    micro = replace(QUICK, lm=MICRO, lm_train=TrainSettings(steps=20, batch_size=4, lr=1e-2),
+                    router_train=TrainSettings(steps=5, batch_size=4, lr=1e-2),
+                    router_eval_problems=8, max_new_tokens=12)
+    monkeypatch.setattr(bench, "QUICK", micro)
+    out = io.StringIO()
+    result = run_computation_stage(Console(file=out, width=200), seed=1)
+    assert result["eval_problems"] == 20 and result["config"]["seed"] == 1
+    assert "tool_call" in out.getvalue() and "router (held-out" in out.getvalue()
+    assert torch.get_num_threads() == 1  # the stage restores the caller's setting (1 in these tests)

@@ -30,8 +30,8 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.steps < 3 or self.batch_size < 1:  # the schedule warms up over >= 2 steps
+            raise ValueError(f"need steps >= 3 and batch_size >= 1, got {self.steps}, {self.batch_size}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -47,10 +47,10 @@ def progress_bar(enabled: bool) -> Progress:
 
 def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with a one-cycle schedule (warm-up over 10% of the steps, cosine decay)."""
+    """AdamW with a one-cycle schedule: warm-up over 10% of the steps (at least 2), cosine decay."""
     optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=settings.lr, total_steps=settings.steps, pct_start=0.1)
+        optimizer, max_lr=settings.lr, total_steps=settings.steps, pct_start=max(0.1, 2 / settings.steps))
     return optimizer, schedule
 
 
