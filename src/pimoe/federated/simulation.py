@@ -4,8 +4,10 @@
 client is a virtual SuperNode whose ClientApp runs in a Ray actor (1 CPU and 1 torch thread
 each), the ServerApp in a thread of this process. ``backend="inprocess"`` runs the same two apps
 through :class:`InProcessGrid`, which calls each ClientApp in turn in this process: no Ray start
-(8-18 s), used by the tests and for quick experiments; results match Ray's for the same seed
-because every client's randomness is seeded by (seed, round, client id).
+(8-18 s), used by the tests and for quick experiments. Every client's randomness is seeded by
+(seed, round, client id), so when the same clients are selected (e.g. ``fraction=1``) both give
+the same run; with sampling they pick different clients (Ray registers random 64-bit node ids, so
+the same seeded draw lands on other shards) and agree only statistically.
 """
 
 from __future__ import annotations
