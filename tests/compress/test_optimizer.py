@@ -133,3 +133,34 @@ def test_report_table_dict_and_plot(tmp_path):
     assert "quantize" in console.export_text()
     path = report.plot(tmp_path / "report.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_step_that_breaks_the_model_raises_and_leaves_the_input_untouched() -> None:
+    class Float32Only(nn.Module):
+        """Fails once its weights are no longer float32 (e.g. after the bf16 cast)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.fc.weight.dtype != torch.float32:
+                raise TypeError("this model needs float32 weights")
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Float32Only())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = ArchitectureConfig(enable_pruning=True, sparsity_ratio=0.5, quantization_bits=16, latency_repeats=1)
+    with pytest.raises(RuntimeError, match="fails after step 'quantize'.*unchanged"):
+        ArchitectureOptimizer(config).optimize(model, torch.randn(4, 8))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) and value.dtype == torch.float32
+
+
+def test_quantize_lists_layers_left_in_float() -> None:
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(32, 4))
+    config = ArchitectureConfig(enable_pruning=False, quantization_bits=8, latency_repeats=1)
+    _, report = ArchitectureOptimizer(config).optimize(model, torch.randint(0, 20, (3, 4)))
+    assert report.after.left_in_float == ["0 (Embedding)"]
+    assert "`0 (Embedding)`" in report.to_markdown()
