@@ -22,3 +22,13 @@ def test_privacy_benchmark_small(tmp_path) -> None:
     assert he["bytes_ratio_to_fp32"] > 5  # ciphertexts are much larger than the floats
     plot(result, tmp_path / "privacy.png")
     assert (tmp_path / "privacy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_has_bench_privacy() -> None:
+    from typer.testing import CliRunner
+
+    from pimoe.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "privacy", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--quick" in result.output and "--json" in result.output
