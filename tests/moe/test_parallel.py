@@ -18,11 +18,9 @@ from pimoe.moe.parallel import (
     ExpertParallelError,
     ExpertParallelMoE,
     allreduce_replicated_grads,
-    expert_shard,
     init_process_group,
-    shard_state_dict,
-    unshard_state_dict,
 )
+from pimoe.moe.placement import ExpertPlacement, expert_shard, select_experts, shard_state_dict, unshard_state_dict
 
 D, T = 16, 12  # model width, tokens per rank
 
@@ -40,10 +38,10 @@ def setup(rank: int, world: int, port: int, timeout_s: float = 30.0) -> None:
 
 
 def check_against_single_process(
-    layer: PiMoE, rank: int, world: int, tokens: list[int], positive: bool = False
+    layer: PiMoE, rank: int, world: int, tokens: list[int], positive: bool = False, replicas=None
 ) -> ExpertParallelMoE:
     """Rank ``r`` feeds ``tokens[r]`` tokens; outputs and all gradients must match one process."""
-    ep = ExpertParallelMoE.from_layer(layer)
+    ep = ExpertParallelMoE.from_layer(layer, replicas=replicas)
     gen = torch.Generator().manual_seed(1)
     x_all = torch.randn(sum(tokens), D, generator=gen)
     if positive:
@@ -66,14 +64,14 @@ def check_against_single_process(
     torch.testing.assert_close(x.grad, x_ref.grad[rows], atol=1e-5, rtol=1e-5)
     full_grads = {name: p.grad for name, p in layer.named_parameters()}
     local_grads = {name: p.grad for name, p in ep.named_parameters()}
-    local_ref = shard_state_dict(full_grads, layer.num_experts, rank, world)
+    local_ref = select_experts(full_grads, layer.num_experts, ep.held)
     assert local_grads.keys() == local_ref.keys()
     for name, grad in local_grads.items():
         torch.testing.assert_close(grad, local_ref[name], atol=1e-5, rtol=1e-5, msg=name)
     return ep
 
 
-def check_state_dict_round_trip(layer: PiMoE, ep: ExpertParallelMoE, make_layer, rank: int) -> None:
+def check_state_dict_round_trip(layer: PiMoE, ep: ExpertParallelMoE, make_layer, rank: int, replicas=None) -> None:
     full = ep.gather_full_state_dict()
     if rank == 0:
         assert full is not None and full.keys() == layer.state_dict().keys()
@@ -82,7 +80,7 @@ def check_state_dict_round_trip(layer: PiMoE, ep: ExpertParallelMoE, make_layer,
     else:
         assert full is None
     torch.manual_seed(123)  # a differently initialized layer takes the weights back on every rank
-    other = ExpertParallelMoE.from_layer(make_layer())
+    other = ExpertParallelMoE.from_layer(make_layer(), replicas=replicas)
     other.load_full_state_dict(layer.state_dict())
     x = torch.randn(T, D)
     with torch.no_grad():
@@ -134,6 +132,15 @@ def job_two_ranks(rank: int, world: int, port: int) -> None:
     layer = list_layer()
     ep = check_against_single_process(layer, rank, world, tokens)
     check_state_dict_round_trip(layer, ep, list_layer, rank)
+
+    # Replicas: expert 0 (rank 0's) also on rank 1, expert 3 (rank 1's) also on rank 0, for both backends.
+    replicas = {0: [1], 3: [0]}
+    for make in (swiglu_layer, list_layer):
+        torch.manual_seed(0)
+        layer = make()
+        ep = check_against_single_process(layer, rank, world, tokens, replicas=replicas)
+        assert ep.held == ((0, 1, 3) if rank == 0 else (0, 2, 3))
+        check_state_dict_round_trip(layer, ep, make, rank, replicas)
     dist.destroy_process_group()
 
 
@@ -150,6 +157,21 @@ def job_four_ranks(rank: int, world: int, port: int) -> None:
     check_state_dict_round_trip(layer, ep, make_layer, rank)
     with pytest.raises(ValueError, match="not divisible"):
         ExpertParallelMoE.from_layer(PiMoE(D, 6, top_k=2))
+
+    # Expert 0 copied to every rank: each rank computes its own rows for it (nothing is sent for it).
+    replicas = {0: range(4), 5: [0, 1]}
+    torch.manual_seed(0)
+    layer = make_layer()
+    with torch.no_grad():  # route every token to experts 0 and 5
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[0] = 1.0
+        layer.router.gate.weight[5] = 0.9
+    ep = check_against_single_process(layer, rank, world, [T, 3, T + 1, 7], positive=True, replicas=replicas)
+    n = [T, 3, T + 1, 7][rank]
+    # Ranks 0-2 hold both experts; rank 3 keeps expert 0's rows and sends expert 5's to copy 3 mod 3 = rank 0.
+    expected = [[2 * n, 0, 0, 0], [0, 2 * n, 0, 0], [0, 0, 2 * n, 0], [n, 0, 0, n]][rank]
+    assert ep.last_send_splits == expected, (rank, ep.last_send_splits)
+    check_state_dict_round_trip(layer, ep, make_layer, rank, replicas)
     dist.destroy_process_group()
 
 
@@ -184,7 +206,9 @@ def test_four_ranks_match_single_process() -> None:
 
 @pytest.mark.parametrize("hang", [False, True], ids=["peer-exits", "peer-hangs"])
 def test_dead_peer_raises_within_timeout(tmp_path: Path, hang: bool) -> None:
-    timeout_s = 2.0
+    # A peer that exits is seen through the closed connection, well before a long timeout (the
+    # exit itself can take seconds on a busy machine); a hung peer only after the short one.
+    timeout_s = 2.0 if hang else 30.0
     spawn(job_dead_peer, 2, timeout_s, hang, str(tmp_path))
     elapsed, message = (tmp_path / "error.txt").read_text().split("\n", 1)
     assert "rank 0 of 2" in message and "peer rank" in message
@@ -204,6 +228,24 @@ def test_shard_helpers_without_processes() -> None:
     assert "experts.experts.0.gate_up.weight" in shards[1] and "experts.experts.2.up.weight" not in shards[0]
     back = unshard_state_dict(shards, 4)
     assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
+
+
+def test_placement_without_processes() -> None:
+    placement = ExpertPlacement(8, 4, {0: range(4), 5: [0]})
+    assert placement.holders[0] == (0, 1, 2, 3) and placement.holders[5] == (0, 2) and placement.holders[3] == (1,)
+    assert placement.held == ((0, 1, 5), (0, 2, 3), (0, 4, 5), (0, 6, 7))
+    assert placement.replicated == (0, 5)
+    assert [placement.destination(5, src) for src in range(4)] == [0, 2, 2, 2]  # holders (0, 2): own copy, else copy src mod 2
+    # slots number (rank, held expert): rank 3 sends expert 0 to itself (slot 9), expert 5 to rank 2 (slot 8)
+    slots = placement.slots(3).tolist()
+    assert slots[0] == 9 and slots[5] == 8 and slots[1] == 1 and slots[7] == 11
+    assert sorted(set(ExpertPlacement(8, 4).slots(0).tolist())) == list(range(8))
+    with pytest.raises(ValueError, match="expert 9"):
+        ExpertPlacement(8, 4, {9: [0]})
+    with pytest.raises(ValueError, match="rank 4"):
+        ExpertPlacement(8, 4, {1: [4]})
+    with pytest.raises(ValueError, match="not divisible"):
+        ExpertPlacement(6, 4)
 
 
 def test_layer_needs_a_process_group() -> None:

@@ -13,9 +13,14 @@ lives on rank ``e // (E / W)`` only. One forward, on every rank of the group at 
 4. a second ``all_to_all_single`` sends the results back (the reverse splits), then the weighted
    scatter-add of :func:`pimoe.moe.dispatch.combine`, as in the single-process layer.
 
+With ``replicas`` (see :class:`~pimoe.moe.placement.ExpertPlacement`) an expert may also have
+copies on other ranks: a rank holding a copy computes its own rows for that expert locally, and
+the other ranks spread theirs over the copies; the counts and rows are then exchanged per (rank,
+held expert) slot instead of per expert.
+
 The exchanges are differentiable (:func:`all_to_all_rows`: the backward is the reverse
 all-to-all), so expert weights get their full gradient (from every rank's tokens) on their owning
-rank. Replicated parameters (router, shared experts, the rest of the model) get per-rank partial
+rank (spread over the copies of a replicated expert, until they are summed). Replicated parameters (router, shared experts, the rest of the model) get per-rank partial
 gradients: reduce them with :func:`allreduce_replicated_grads`. Every rank must call forward and
 backward the same number of times, in the same order (they are collectives).
 """
@@ -24,8 +29,7 @@ from __future__ import annotations
 
 import copy
 import os
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -37,12 +41,12 @@ from torch import Tensor, nn
 from pimoe.moe.dispatch import combine, sort_assignments
 from pimoe.moe.experts import ExpertList, StackedExperts
 from pimoe.moe.layer import MoEOutput, PiMoE
+from pimoe.moe.placement import ExpertPlacement, expert_shard, select_experts, unshard_state_dict
 from pimoe.moe.router import Router
 from pimoe.moe.stats import RoutingStats
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup, or None for the default group
 DEFAULT_TIMEOUT = timedelta(minutes=2)
-_LIST_KEY = re.compile(r"^experts\.experts\.(\d+)\.(.+)$")  # ExpertList: experts.experts.<e>.<param>
 
 
 class ExpertParallelError(RuntimeError):
@@ -91,59 +95,9 @@ def all_to_all_rows(x: Tensor, out_splits: list[int], in_splits: list[int], grou
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def expert_shard(num_experts: int, rank: int, world_size: int) -> range:
-    """The experts owned by ``rank``: a contiguous ``range`` of ``E / W`` experts."""
-    if world_size < 1 or num_experts % world_size:
-        raise ValueError(
-            f"num_experts={num_experts} is not divisible by the world size {world_size}; expert "
-            "parallelism gives every rank the same number of experts"
-        )
-    per_rank = num_experts // world_size
-    return range(rank * per_rank, (rank + 1) * per_rank)
-
-
-def shard_state_dict(full: Mapping[str, Tensor], num_experts: int, rank: int, world_size: int) -> dict[str, Tensor]:
-    """The part of a single-process ``PiMoE`` state dict that ``rank`` holds.
-
-    Stacked expert tensors (``experts.w_in [E, ...]`` etc.) are sliced along dim 0; ``ExpertList``
-    keys ``experts.experts.<e>.*`` are kept for owned experts and renumbered from 0; other keys
-    (router, shared experts) are replicated.
-    """
-    shard = expert_shard(num_experts, rank, world_size)
-    out: dict[str, Tensor] = {}
-    for key, value in full.items():
-        match = _LIST_KEY.match(key)
-        if match:
-            e = int(match.group(1))
-            if e in shard:
-                out[f"experts.experts.{e - shard.start}.{match.group(2)}"] = value
-        elif key.startswith("experts."):
-            if value.shape[0] != num_experts:
-                raise ValueError(f"{key} has {value.shape[0]} experts on dim 0, expected {num_experts}")
-            out[key] = value[shard.start : shard.stop]
-        else:
-            out[key] = value
-    return out
-
-
-def unshard_state_dict(shards: list[Mapping[str, Tensor]], num_experts: int) -> dict[str, Tensor]:
-    """Inverse of :func:`shard_state_dict`: ``shards[r]`` is rank ``r``'s state dict."""
-    per_rank = len(expert_shard(num_experts, 0, len(shards)))
-    out: dict[str, Tensor] = {}
-    for rank, shard in enumerate(shards):
-        for key, value in shard.items():
-            match = _LIST_KEY.match(key)
-            if match:
-                out[f"experts.experts.{int(match.group(1)) + rank * per_rank}.{match.group(2)}"] = value
-            elif key.startswith("experts."):
-                out[key] = value if rank == 0 else torch.cat([out[key], value])
-            elif rank == 0:
-                out[key] = value
-    return out
-
-
 class ExpertParallelMoE(MoEOutput):
-    """A :class:`PiMoE` layer whose experts are sharded over the ranks of a process group.
+    """A :class:`PiMoE` layer whose experts are sharded (and optionally replicated) over the ranks
+    of a process group.
 
     Input ``[..., D]`` (each rank its own tokens), output of the same shape; the result equals the
     single-process layer applied to the concatenation of all ranks' tokens (dropless token-choice
@@ -155,10 +109,14 @@ class ExpertParallelMoE(MoEOutput):
 
     Args:
         router: the replicated router (``E`` experts).
-        experts: this rank's experts backend (``StackedExperts`` or ``ExpertList`` of ``E / W``).
+        experts: this rank's experts backend (``StackedExperts`` or ``ExpertList``) holding the
+            experts ``placement.held[rank]``, in that order.
         num_experts: ``E``.
         shared, shared_gate: replicated shared experts and their gate, or None.
         group: the process group (None: the default group).
+        placement: which ranks hold which experts (default: each its shard, no copies).
+        replica_numel: for each of ``placement.replicated``, the number of its parameters
+            (:meth:`from_layer` fills it in; needed to sum the copies' gradients).
     """
 
     def __init__(
@@ -170,16 +128,25 @@ class ExpertParallelMoE(MoEOutput):
         shared: nn.Module | None = None,
         shared_gate: nn.Module | None = None,
         group: ProcessGroup = None,
+        placement: ExpertPlacement | None = None,
+        replica_numel: list[int] | None = None,
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("ExpertParallelMoE needs an initialized process group (see init_process_group)")
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.placement = placement or ExpertPlacement(num_experts, self.world_size)
+        if (self.placement.num_experts, self.placement.world_size) != (num_experts, self.world_size):
+            raise ValueError(f"{self.placement} does not fit {num_experts} experts on {self.world_size} ranks")
         self.shard = expert_shard(num_experts, self.rank, self.world_size)
-        held = len(experts)  # type: ignore[arg-type]
-        if held != len(self.shard):
-            raise ValueError(f"rank {self.rank} should hold {len(self.shard)} experts, got {held}")
+        self.held = self.placement.held[self.rank]
+        if len(experts) != len(self.held):  # type: ignore[arg-type]
+            raise ValueError(f"rank {self.rank} should hold {len(self.held)} experts, got {len(experts)}")  # type: ignore[arg-type]
+        if self.placement.replicated and (replica_numel is None or len(replica_numel) != len(self.placement.replicated)):
+            raise ValueError("replicated experts need replica_numel (one count per replicated expert); use from_layer")
+        self.replica_numel = replica_numel or []
+        self.register_buffer("_slots", self.placement.slots(self.rank), persistent=False)  # [E]
         self.d_model, self.num_experts, self.top_k = router.d_model, num_experts, router.top_k
         self.router, self.experts, self.shared, self.shared_gate = router, experts, shared, shared_gate
         self.aux_loss: Tensor = torch.zeros(())
@@ -189,34 +156,40 @@ class ExpertParallelMoE(MoEOutput):
         self.last_recv_splits: list[int] = []
 
     @classmethod
-    def from_layer(cls, layer: PiMoE, group: ProcessGroup = None) -> ExpertParallelMoE:
-        """Copy ``layer``'s router and shared experts, and this rank's shard of its experts."""
+    def from_layer(cls, layer: PiMoE, group: ProcessGroup = None,
+                   replicas: Mapping[int, Iterable[int]] | None = None) -> ExpertParallelMoE:
+        """Copy ``layer``'s router and shared experts, and the experts this rank holds: its shard
+        and, with ``replicas`` (``{expert: extra ranks}``, the same on every rank), its copies."""
         if not dist.is_initialized():
             raise RuntimeError("ExpertParallelMoE needs an initialized process group (see init_process_group)")
-        shard = expert_shard(layer.num_experts, dist.get_rank(group), dist.get_world_size(group))
+        placement = ExpertPlacement(layer.num_experts, dist.get_world_size(group), replicas)
+        held = list(placement.held[dist.get_rank(group)])
         bank = layer.experts
         experts: nn.Module
         if isinstance(bank, StackedExperts):
             experts = StackedExperts(
-                len(shard), bank.d_model, bank.ffn_dim, bank.activation, bank.b_in is not None, bank.backend
+                len(held), bank.d_model, bank.ffn_dim, bank.activation, bank.b_in is not None, bank.backend
             ).to(bank.w_in.device, bank.w_in.dtype)
             with torch.no_grad():
                 for name, param in experts.named_parameters():
-                    param.copy_(getattr(bank, name)[shard.start : shard.stop])
+                    param.copy_(getattr(bank, name)[held])
+            numel = [sum(p[0].numel() for p in bank.parameters())] * len(placement.replicated)
         elif isinstance(bank, ExpertList):
-            experts = ExpertList([copy.deepcopy(bank.experts[e]) for e in shard])
+            experts = ExpertList([copy.deepcopy(bank.experts[e]) for e in held])
+            numel = [sum(p.numel() for p in bank.experts[e].parameters()) for e in placement.replicated]
         else:
             raise TypeError(f"cannot shard experts of type {type(bank).__name__}")
         return cls(
             copy.deepcopy(layer.router), experts, layer.num_experts,
             shared=copy.deepcopy(layer.shared), shared_gate=copy.deepcopy(layer.shared_gate), group=group,
+            placement=placement, replica_numel=numel,
         )
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., D] -> [..., D]``; a collective: every rank of the group must call it."""
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"expected input [..., {self.d_model}], got shape {tuple(x.shape)}")
-        shape, world, local = x.shape, self.world_size, len(self.shard)
+        shape, world = x.shape, self.world_size
         tokens = x.reshape(-1, self.d_model)  # [T, D]
         if torch.is_grad_enabled() and not tokens.requires_grad:
             # Keep the token exchange in the graph, so that every rank runs the same backward
@@ -224,11 +197,17 @@ class ExpertParallelMoE(MoEOutput):
             tokens = tokens.detach().requires_grad_()
         route = self.router(tokens)
         token_sorted, weight_sorted, counts = sort_assignments(route, self.num_experts)  # [N], [N], [E]
-        recv_counts = torch.empty_like(counts)
+        # Regroup the rows from expert order to slot order (destination rank, then its local expert).
+        expert_of_row = torch.arange(self.num_experts, device=counts.device).repeat_interleave(counts)  # [N]
+        order = self._slots[expert_of_row].argsort(stable=True)  # [N]
+        token_sorted, weight_sorted = token_sorted[order], weight_sorted[order]
+        held_per_rank = [len(h) for h in self.placement.held]
+        slot_counts = counts.new_zeros(sum(held_per_rank)).index_add_(0, self._slots, counts)  # [S]
+        recv_counts = counts.new_empty(world * len(self.held))
         with _collective("all_to_all of expert counts", self.group):
-            dist.all_to_all_single(recv_counts, counts, group=self.group)
-        recv_counts = recv_counts.view(world, local)  # [W, E/W]: rows from rank r for local expert e
-        send_splits = counts.view(world, local).sum(dim=1).tolist()
+            dist.all_to_all_single(recv_counts, slot_counts, [len(self.held)] * world, held_per_rank, group=self.group)
+        recv_counts = recv_counts.view(world, len(self.held))  # [W, H]: rows from rank r for held expert h
+        send_splits = [int(c.sum()) for c in slot_counts.split(held_per_rank)]
         recv_splits = recv_counts.sum(dim=1).tolist()
         received = all_to_all_rows(tokens.index_select(0, token_sorted), recv_splits, send_splits, self.group)  # [M, D]
         y = self._run_local_experts(received, recv_counts)  # [M, D], in the received order
@@ -238,28 +217,60 @@ class ExpertParallelMoE(MoEOutput):
         return out.reshape(shape)
 
     def _run_local_experts(self, received: Tensor, recv_counts: Tensor) -> Tensor:
-        """``received [M, D]`` grouped by source rank then local expert, ``recv_counts [W, E/W]``
+        """``received [M, D]`` grouped by source rank then held expert, ``recv_counts [W, H]``
         -> ``[M, D]`` in the same order; the experts backend sees the rows grouped by expert."""
         world, local = recv_counts.shape
         if world == 1 or local == 1:  # already grouped by expert
             return self.experts(received, recv_counts.sum(dim=0))
-        expert_of_row = torch.arange(local, device=received.device).repeat(world)  # [W * E/W]
+        expert_of_row = torch.arange(local, device=received.device).repeat(world)  # [W * H]
         expert_of_row = expert_of_row.repeat_interleave(recv_counts.reshape(-1))  # [M]
         order = expert_of_row.argsort(stable=True)  # [M]
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         return self.experts(received.index_select(0, order), recv_counts.sum(dim=0)).index_select(0, inverse)
 
     def expert_parameters(self) -> list[nn.Parameter]:
-        """Parameters owned by this rank only (the expert shard); all others are replicated."""
+        """Parameters of the experts this rank holds (not replicated on every rank like the rest)."""
         return list(self.experts.parameters())
+
+    def _held_grads(self, i: int) -> list[Tensor]:
+        """Gradient views of held expert ``i``'s parameters (zero-filled where there is none)."""
+        if isinstance(self.experts, StackedExperts):
+            params = [(p, True) for p in self.experts.parameters()]
+        else:
+            params = [(p, False) for p in self.experts.experts[i].parameters()]  # type: ignore[union-attr]
+        for p, _ in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad[i] if stacked else p.grad for p, stacked in params]  # type: ignore[index]
+
+    def sum_replica_grads(self) -> None:
+        """Sum the gradients of every replicated expert over the ranks holding a copy (a
+        collective; a no-op without replicas), so that all copies take the same optimizer step."""
+        replicated = self.placement.replicated
+        if not replicated:
+            return
+        device = next(self.experts.parameters()).device
+        flat = torch.zeros(sum(self.replica_numel), device=device)
+        chunks = flat.split(self.replica_numel)
+        mine = [(chunks[j], self.held.index(e)) for j, e in enumerate(replicated) if e in self.held]
+        for chunk, i in mine:
+            chunk.copy_(torch.cat([g.reshape(-1) for g in self._held_grads(i)]))
+        with _collective("all_reduce of replicated expert gradients", self.group):
+            dist.all_reduce(flat, group=self.group)
+        for chunk, i in mine:
+            grads = self._held_grads(i)
+            for grad, part in zip(grads, chunk.split([g.numel() for g in grads])):
+                grad.copy_(part.view_as(grad))
 
     def gather_full_state_dict(self) -> dict[str, Tensor] | None:
         """Reassemble the single-process ``PiMoE`` state dict (CPU tensors) on the group's rank 0.
 
         A collective: every rank must call it; ranks other than 0 get None. Replicated tensors are
-        taken from rank 0. Load the result into a ``PiMoE`` built with the same arguments.
+        taken from rank 0, each expert from its owner. Load the result into a ``PiMoE`` built with
+        the same arguments.
         """
-        local = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        local = select_experts(state, len(self.held), [self.held.index(e) for e in self.shard])
         shards: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
         dst = 0 if self.group is None else dist.get_global_rank(self.group, 0)
         with _collective("gather of the expert shards", self.group):
@@ -267,28 +278,34 @@ class ExpertParallelMoE(MoEOutput):
         return None if shards is None else unshard_state_dict(shards, self.num_experts)
 
     def load_full_state_dict(self, full: Mapping[str, Tensor], strict: bool = True) -> None:
-        """Load a single-process ``PiMoE`` state dict: this rank takes its shard of the experts."""
-        self.load_state_dict(shard_state_dict(full, self.num_experts, self.rank, self.world_size), strict=strict)
+        """Load a single-process ``PiMoE`` state dict: this rank takes the experts it holds."""
+        self.load_state_dict(select_experts(full, self.num_experts, self.held), strict=strict)
 
     def extra_repr(self) -> str:
+        copies = [e for e in self.held if e not in self.shard]
         return (
             f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"rank={self.rank}, world_size={self.world_size}, experts={self.shard.start}..{self.shard.stop - 1}"
+            + (f", copies={copies}" if copies else "")
         )
 
 
 def allreduce_replicated_grads(module: nn.Module, average: bool = True, group: ProcessGroup = None) -> None:
     """Make every rank's gradients those of the whole group's loss, after ``backward()``.
 
-    Replicated parameters (everything outside the expert shards of the
-    :class:`ExpertParallelMoE` layers in ``module``) are all-reduced (summed); expert gradients
-    already hold every rank's contribution and are left as they are. With ``average`` (each rank's
+    Replicated parameters (everything outside the experts of the :class:`ExpertParallelMoE`
+    layers in ``module``) are all-reduced (summed); expert gradients already hold every rank's
+    contribution, except that an expert with copies on several ranks (``replicas``) has it spread
+    over its copies, which are summed over their holders first (:meth:`ExpertParallelMoE.sum_replica_grads`). With ``average`` (each rank's
     loss is a mean over its tokens, the DDP convention) both are then divided by the world size,
     giving the gradient of the mean of the ranks' losses; without it, of their sum. Do not wrap
     the layer in DDP as well: DDP would average the different experts of different ranks.
     """
     world = dist.get_world_size(group)
-    owned = {id(p) for m in module.modules() if isinstance(m, ExpertParallelMoE) for p in m.expert_parameters()}
+    layers = [m for m in module.modules() if isinstance(m, ExpertParallelMoE)]
+    for layer in layers:
+        layer.sum_replica_grads()
+    owned = {id(p) for m in layers for p in m.expert_parameters()}
     replicated = [p.grad for p in module.parameters() if p.grad is not None and id(p) not in owned]
     if replicated:
         flat = torch.cat([g.reshape(-1) for g in replicated])
