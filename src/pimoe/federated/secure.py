@@ -29,7 +29,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from pimoe.federated.strategy import RoundLog, ScreenedAggregation
+from pimoe.federated.checks import Rejection
+from pimoe.federated.strategy import ScreenedAggregation
 
 KEYS, REVEAL, DECRYPT = "query.secagg_keys", "query.secagg_reveal", "query.he_decrypt"
 SECAGG_KEY = "secagg-private-key"  # context.state: this round's X25519 private key (raw bytes)
@@ -145,18 +146,6 @@ class ProtectedAggregation(ScreenedAggregation):
         messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=message_type) for n in nodes]
         return list(self._grid.send_and_receive(messages))
 
-    def _log(self, server_round: int, replies: list[Message], kept: int, rejected: list[dict]) -> None:
-        failures = [m.error.reason or f"error {m.error.code}" for m in replies if m.has_error()]
-        for m in replies:
-            if not m.has_error() and "metrics" in m.content and "epsilon" in m.content["metrics"]:
-                self.max_epsilon = max(self.max_epsilon or 0.0, float(m.content["metrics"]["epsilon"]))
-        self.rounds.append(RoundLog(server_round, len(replies), len(failures), len(rejected), kept, rejected, failures))
-        for r in rejected:
-            log(WARNING, "round %d: rejected update from node %d: %s", server_round, r["node_id"], r["reason"])
-        if self.audit is not None:
-            self.audit.record("round_aggregated", round=server_round, mode=type(self).__name__, sampled=len(replies),
-                              failed=len(failures), rejected=len(rejected), aggregated=kept)
-
 
 class SecureAggregation(ProtectedAggregation):
     """FedAvg over pairwise-masked updates: the server learns only their sum."""
@@ -186,7 +175,7 @@ class SecureAggregation(ProtectedAggregation):
                 continue
             vector = m.content["arrays"]["masked"].numpy() if "arrays" in m.content else None
             if vector is None or vector.dtype != np.uint64 or vector.shape != (length,):
-                rejected.append({"node_id": m.metadata.src_node_id, "reason": "masked update of the wrong shape or type"})
+                rejected.append(Rejection(m.metadata.src_node_id, "masked update of the wrong shape or type"))
             else:
                 masked[m.metadata.src_node_id] = vector
         participants = [int(i) for i in self._peers["peer-ids"]]
@@ -197,7 +186,7 @@ class SecureAggregation(ProtectedAggregation):
             for r in self._ask(REVEAL, list(masked), reveal_cfg):
                 if not r.has_error():
                     revealed[r.metadata.src_node_id] = dict(zip(dropped, r.content["config"]["seeds"]))
-        self._log(server_round, replies, len(masked), rejected)
+        self.record_round(server_round, replies, len(masked), rejected)
         if not masked or set(revealed) != (set(masked) if dropped else set()):
             log(WARNING, "round %d: secure aggregation could not be completed; the global model stays", server_round)
             return None, None
@@ -223,10 +212,10 @@ class HomomorphicAggregation(ProtectedAggregation):
                 encrypted[m.metadata.src_node_id] = list(m.content["encrypted"]["chunks"])
         counts = [len(c) for c in encrypted.values()]
         common = max(set(counts), key=counts.count) if counts else 0
-        rejected = [{"node_id": n, "reason": f"{len(c)} ciphertext chunks, expected {common}"}
+        rejected = [Rejection(n, f"{len(c)} ciphertext chunks, expected {common}")
                     for n, c in encrypted.items() if len(c) != common]
         encrypted = {n: c for n, c in encrypted.items() if len(c) == common}
-        self._log(server_round, replies, len(encrypted), rejected)
+        self.record_round(server_round, replies, len(encrypted), rejected)
         self.bytes_per_round.append(sum(len(b) for c in encrypted.values() for b in c))
         if not encrypted:
             return None, None

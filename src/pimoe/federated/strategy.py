@@ -56,7 +56,7 @@ class _SelectedNodes:
 class ScreenedAggregation:
     """Mixin placed before a Flower message strategy (see module docstring)."""
 
-    def __init__(self, *args: Any, selector: ClientSelector, norm_factor: float = 5.0, audit: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, selector: ClientSelector, norm_factor: float = 10.0, audit: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1, **kwargs)
         self.selector = selector
         self.norm_factor = norm_factor
@@ -73,14 +73,27 @@ class ScreenedAggregation:
         chosen = self.selector.select(nodes)
         return super().configure_train(server_round, arrays, config, _SelectedNodes(grid, chosen))  # type: ignore[misc]
 
+    def record_round(self, server_round: int, replies: list[Message], kept: int, rejected: list[Rejection]) -> None:
+        """Log, audit and append the round's :class:`RoundLog`; note the largest DP ε reported."""
+        for m in replies:  # a client's ε is spent once it trained, whether or not its update is kept
+            if not m.has_error() and "metrics" in m.content:
+                eps = m.content["metrics"].get("epsilon")
+                if isinstance(eps, (int, float)):
+                    self.max_epsilon = max(self.max_epsilon or 0.0, float(eps))
+        failures = [m.error.reason or f"error {m.error.code}" for m in replies if m.has_error()]
+        for r in rejected:
+            log(WARNING, "round %d: rejected update from node %d: %s", server_round, r.node_id, r.reason)
+            if self.audit is not None:
+                self.audit.record("update_rejected", round=server_round, node_id=r.node_id, reason=r.reason)
+        self.rounds.append(RoundLog(server_round, len(replies), len(failures), len(rejected), kept,
+                                    [asdict(r) for r in rejected], failures))
+        if self.audit is not None:
+            self.audit.record("round_aggregated", round=server_round, mode=type(self).__name__, sampled=len(replies),
+                              failed=len(failures), rejected=len(rejected), aggregated=kept)
+
     def screen(self, server_round: int, replies: list[Message]) -> list[Message]:
         """The replies that may be aggregated; logs and records the rest."""
         ok = [m for m in replies if not m.has_error()]
-        for m in ok:  # a client's ε is spent once it trained, whether or not its update is accepted
-            eps = m.content["metrics"].get("epsilon") if "metrics" in m.content else None
-            if isinstance(eps, (int, float)):
-                self.max_epsilon = max(self.max_epsilon or 0.0, float(eps))
-        failures = [m.error.reason or f"error {m.error.code}" for m in replies if m.has_error()]
         updates: dict[int, dict[str, np.ndarray]] = {}
         rejected: list[Rejection] = []
         for msg in ok:
@@ -93,20 +106,11 @@ class ScreenedAggregation:
             except (KeyError, TypeError, ValueError) as err:
                 rejected.append(Rejection(node, f"malformed reply: {err}"))
         accepted, screened_out = screen_updates(updates, self._global, self.norm_factor)
-        rejected += screened_out
-        for r in rejected:
-            log(WARNING, "round %d: rejected update from node %d: %s", server_round, r.node_id, r.reason)
-            if self.audit is not None:
-                self.audit.record("update_rejected", round=server_round, node_id=r.node_id, reason=r.reason)
         keep = [m for m in ok if m.metadata.src_node_id in set(accepted)]
         for m in keep:
             metrics = m.content["metrics"]
             self.selector.observe(m.metadata.src_node_id, float(metrics["num-examples"]), float(metrics.get("train-loss", 0.0)))
-        self.rounds.append(RoundLog(server_round, len(replies), len(failures), len(rejected), len(keep),
-                                    [asdict(r) for r in rejected], failures))
-        if self.audit is not None:
-            self.audit.record("round_aggregated", round=server_round, sampled=len(replies), failed=len(failures),
-                              rejected=len(rejected), aggregated=len(keep))
+        self.record_round(server_round, replies, len(keep), rejected + screened_out)
         return keep
 
     def report(self) -> dict[str, Any]:
