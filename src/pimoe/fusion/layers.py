@@ -1,8 +1,8 @@
 """Fusion layers: several modalities in, one ``[B, d_model]`` vector out.
 
 Every layer takes ``inputs: dict[str, Tensor]`` with, per configured modality ``m``, a tensor
-``[B, D_m]`` (one token) or ``[B, S_m, D_m]`` (``S_m <= max_tokens`` tokens), projects each to
-``d_model``, adds a learned per-modality position embedding (so pooling keeps token order) and
+``[B, D_m]`` (one token) or ``[B, S_m, D_m]`` (``S_m <= max_tokens`` tokens), maps each token to
+``d_model`` with a per-modality two-layer MLP, adds a learned per-modality position embedding (so pooling keeps token order) and
 fuses. Modalities are configured as ``{name: D_m}``.
 
 Missing modalities (key absent or ``None``): with ``allow_missing=False`` (default) a
@@ -33,7 +33,10 @@ class Fusion(nn.Module):
             raise ValueError(f"d_model must be >= 1, got {d_model}")
         self.modalities, self.d_model, self.allow_missing = dict(modalities), d_model, allow_missing
         self.max_tokens = max_tokens
-        self.proj = nn.ModuleDict({m: nn.Linear(dim, d_model) for m, dim in modalities.items()})
+        self.proj = nn.ModuleDict({
+            m: nn.Sequential(nn.Linear(dim, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+            for m, dim in modalities.items()
+        })
         self.pos = nn.ParameterDict({m: nn.Parameter(torch.randn(max_tokens, d_model) * 0.02) for m in modalities})
         self.missing = (nn.ParameterDict({m: nn.Parameter(torch.zeros(d_model)) for m in modalities})
                         if allow_missing else None)
