@@ -31,7 +31,7 @@ class FusionBenchConfig:
 
     noise_std: float = 0.1
     d_model: int = 64
-    epochs: int = 40
+    epochs: int = 30
     batch_size: int = 64
     lr: float = 3e-3
     aux_coef: float = 0.01
