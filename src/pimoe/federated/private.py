@@ -12,6 +12,7 @@ whose next round would exceed the budget declines (an Error reply) instead of tr
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 from typing import Any
 
@@ -95,12 +96,15 @@ def dp_train(cfg: FederatedConfig, model: nn.Module, data: Split, seed: int, sta
         raise BudgetExhausted(f"epsilon {_spent(previous, cfg.dp_delta):.3f} spent; one more round exceeds {cfg.dp_epsilon}")
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
     loader = DataLoader(TensorDataset(data.x, data.y), batch_size=batch)
-    engine = PrivacyEngine(accountant="rdp")
-    dp_model, dp_opt, dp_loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                      noise_multiplier=noise, max_grad_norm=cfg.dp_max_grad_norm,
-                                                      poisson_sampling=True)
-    loss = train_epochs(dp_model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=batch, seed=seed,
-                        optimizer=dp_opt, batches=dp_loader)
+    with warnings.catch_warnings():  # once per client and round: Opacus's secure_mode note, a torch hook note
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        engine = PrivacyEngine(accountant="rdp")
+        dp_model, dp_opt, dp_loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                          noise_multiplier=noise, max_grad_norm=cfg.dp_max_grad_norm,
+                                                          poisson_sampling=True)
+        loss = train_epochs(dp_model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=batch, seed=seed,
+                            optimizer=dp_opt, batches=dp_loader)
     history = previous + [(float(n), float(q), int(k)) for n, q, k in engine.accountant.history]
     state[DP_HISTORY] = ConfigRecord({"noise": [h[0] for h in history], "rate": [h[1] for h in history],
                                       "steps": [h[2] for h in history]})
