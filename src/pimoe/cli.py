@@ -7,9 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
+# Subcommands defined next to their subsystems; these modules import only typer at load time
+# (Optuna, Flower/Ray and the models load when the command runs).
+from pimoe.compress.cli import compress as compress_command
+from pimoe.federated.cli import federate as federate_command
+from pimoe.search.cli import search as search_command
+
 app = typer.Typer(help="pimoe: build, compress, serve and train Mixture-of-Experts models.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks; each prints ratios against a peer measured in the same run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.command("search")(search_command)
+app.command("federate")(federate_command)
+app.command("compress")(compress_command)
 
 
 @app.command()
@@ -18,6 +27,7 @@ def demo(
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Folder to save the trained model and results JSON.")] = None,
+    computation: Annotated[bool, typer.Option(help="Add the computation-experts stage: LM alone vs PiMoE hand-off vs tool call (~1-2 min).")] = False,
 ) -> None:
     """Train a small PiMoE language model and its dense twin on Python's bundled docs; compare them."""
     import torch
@@ -26,7 +36,7 @@ def demo(
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise typer.BadParameter("CUDA was requested but torch.cuda.is_available() is False", param_hint="--device")
-    run_demo(steps=steps, device=device, seed=seed, out_dir=str(out) if out else None)
+    run_demo(steps=steps, device=device, seed=seed, out_dir=str(out) if out else None, computation=computation)
 
 
 @app.command()
@@ -102,6 +112,18 @@ def bench_serve(
     main(quick=quick, json_path=json_path)
 
 
+@bench_app.command("computation")
+def bench_computation(
+    quick: Annotated[bool, typer.Option(help="800 training steps, 40 held-out problems (~1-2 min).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON (and a PNG plot next to it).")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
+) -> None:
+    """PiMoE computation experts on held-out arithmetic: LM alone vs token-level hand-off vs tool call."""
+    from pimoe.bench.computation import main
+
+    main(quick=quick, json_path=json_path, threads=threads)
+
+
 @bench_app.command("expert-parallel")
 def bench_expert_parallel(
     quick: Annotated[bool, typer.Option(help="512 tokens per process, 3 rounds (~25 s).")] = False,
@@ -112,6 +134,89 @@ def bench_expert_parallel(
     from pimoe.bench.expert_parallel import main
 
     main(quick=quick, json_path=json_path, rounds=rounds)
+
+
+@bench_app.command("search")
+def bench_search(
+    quick: Annotated[bool, typer.Option(help="Digits only, 10 trials per sampler, 1 seed (~1 min).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON (plots next to it).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="Repeats with different seeds (default: 1 quick, 3 full).")] = None,
+) -> None:
+    """Multi-objective TPE vs random search at equal trial budgets: hypervolume, predictor Spearman."""
+    from pimoe.bench.search import main
+
+    main(quick=quick, json_path=json_path, seeds=seeds)
+
+
+@bench_app.command("federated")
+def bench_federated(
+    quick: Annotated[bool, typer.Option(help="Fewer rounds and only the non-IID runs, in process (no Ray start).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON (PNG next to it).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="ray or inprocess (default: inprocess with --quick, else ray).")] = None,
+) -> None:
+    """Centralized vs 100-client FedAvg vs FedProx, IID vs non-IID, 0% and 30% dropout, sklearn digits."""
+    from pimoe.bench.federated import main
+
+    main(quick=quick, json_path=json_path, backend=backend)
+
+
+@bench_app.command("privacy")
+def bench_privacy(
+    quick: Annotated[bool, typer.Option(help="1 seed, 10 DP epochs, 10-client secure aggregation only (~20 s of CPU).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON (PNG next to it).")] = None,
+) -> None:
+    """DP-SGD accuracy at ε 1/3/8 vs non-private; secure-aggregation and CKKS aggregation error, time and bytes."""
+    from pimoe.bench.privacy import main
+
+    main(quick=quick, json_path=json_path)
+
+
+@bench_app.command("compress")
+def bench_compress(
+    quick: Annotated[bool, typer.Option(help="4 configurations, 3 timing rounds (the ONNX export is cached after the first run).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="torch and ONNX Runtime threads.")] = 1,
+    onnx: Annotated[bool, typer.Option(help="Measure the ONNX Runtime peer.")] = True,
+    rounds: Annotated[Optional[int], typer.Option(min=1, help="Timing rounds (median is reported).")] = None,
+) -> None:
+    """all-MiniLM-L6-v2: pimoe.compress configurations vs ONNX Runtime dynamic int8 (size, cosine, latency)."""
+    from pimoe.bench.compress import main
+
+    main(quick=quick, json_path=json_path, threads=threads, onnx=onnx, rounds=rounds)
+
+
+@bench_app.command("meta")
+def bench_meta(
+    quick: Annotated[bool, typer.Option(help="K=10 only, 600 meta-steps, 200 training episodes (~1-2 min).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write the sinusoid MSE-vs-steps plot here (PNG).")] = None,
+) -> None:
+    """MAML vs pretrained on the MAML paper's sinusoids; 5-way digits (ProtoNet, MAML); EWC/replay."""
+    from pimoe.bench.meta import main
+
+    main(quick=quick, json_path=json_path, plot_path=plot)
+
+
+@bench_app.command("fusion")
+def bench_fusion(
+    quick: Annotated[bool, typer.Option(help="15 epochs, one seed, 30 contrastive epochs (~1 min).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """Two-sensor digits: each sensor alone vs concat/gated/FiLM/cross-attention/MoE fusion; retrieval recall@k."""
+    from pimoe.bench.fusion import main
+
+    main(quick=quick, json_path=json_path)
+
+
+@bench_app.command("compress-experts")
+def bench_compress_experts(
+    quick: Annotated[bool, typer.Option(help="One seed, shorter training (~15 s on an idle machine).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """PiMoE digits classifier: test accuracy after dropping / merging experts (with and without distillation)."""
+    from pimoe.bench.compress_experts import main
+
+    main(quick=quick, json_path=json_path)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
+from pimoe.adapt import AdaptConfig, AdaptiveLearning
 from pimoe.compress import ArchitectureConfig, CompressionReport
+from pimoe.compress.advanced import AdvancedArchitectureConfig, AdvancedArchitectureOptimizer
+from pimoe.fusion import FusionConfig, build_fusion
 from pimoe.infer import InferenceCache as _InferenceCache
 from pimoe.infer import InferenceConfig, InferenceEngine
+from pimoe.privacy.checkpoint import open_state_dict, seal_state_dict
+from pimoe.privacy.crypto import generate_key, load_key
 
 
 class InferenceCache(_InferenceCache):
@@ -112,4 +118,53 @@ class UltraFastInferenceEngine:
         return self.engine.report(model)
 
 
-__all__ = ["InferenceCache", "IntelligentCaching", "UltraFastInferenceConfig", "UltraFastInferenceEngine"]
+class AdvancedSecurity:
+    """The seed's security component: ``AdvancedSecurity(config).secure(x)`` seals a tensor or a
+    state dict with AES-256-GCM (:func:`pimoe.privacy.checkpoint.seal_state_dict`) and returns the
+    sealed bytes; :meth:`open` authenticates and decrypts them (a tensor comes back as ``{"tensor": x}``).
+
+    The key is ``key``, else ``config.encryption_key`` if the config has one, else ``$PIMOE_KEY``
+    if set, else a fresh random key (kept in ``.key``). Tampered bytes raise IntegrityError.
+    """
+
+    def __init__(self, config: Any = None, *, key: bytes | None = None) -> None:
+        key = key if key is not None else getattr(config, "encryption_key", None)
+        if key is None:
+            key = load_key() if os.environ.get("PIMOE_KEY") else generate_key()
+        self.key = key
+
+    def secure(self, data: Tensor | dict[str, Tensor]) -> bytes:
+        """``data`` sealed: safetensors bytes inside AES-256-GCM."""
+        return seal_state_dict({"tensor": data} if isinstance(data, Tensor) else data, self.key)
+
+    def open(self, blob: bytes) -> dict[str, Tensor]:
+        """The tensors sealed by :meth:`secure`."""
+        return open_state_dict(blob, self.key)
+
+
+# The seed's adaptive-learning names: ``AdaptiveLearning(AdaptiveLearningConfig()).adapt(model, (x, y))``.
+AdaptiveLearningConfig = AdaptConfig
+
+
+MultiModalFusionConfig = FusionConfig
+
+
+class MultiModalFusion(nn.Module):
+    """The seed's fusion component: ``MultiModalFusion(FusionConfig(modalities={...}, method=...))``
+    (or the same fields as keywords); ``.fuse({modality: [B, (S,) D_m]})`` -> ``[B, d_model]`` with
+    the :mod:`pimoe.fusion` layer :func:`~pimoe.fusion.build_fusion` makes."""
+
+    def __init__(self, config: FusionConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        if config is not None and kwargs:
+            raise ValueError("give a FusionConfig or keyword fields, not both")
+        self.fusion = build_fusion(config if config is not None else FusionConfig(**kwargs))
+
+    def fuse(self, inputs: dict[str, Tensor | None]) -> Tensor:
+        """The fused representation ``[B, d_model]``."""
+        return self.fusion(inputs)
+
+    forward = fuse
+
+
+__all__ = ["AdaptiveLearning", "AdaptiveLearningConfig", "AdvancedArchitectureConfig", "AdvancedArchitectureOptimizer", "AdvancedSecurity", "InferenceCache", "IntelligentCaching", "MultiModalFusion", "MultiModalFusionConfig", "UltraFastInferenceConfig", "UltraFastInferenceEngine"]
