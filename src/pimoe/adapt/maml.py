@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from pimoe.adapt.functional import LossFn, Params, get_loss, run, sgd_steps, trainable_params
+from pimoe.adapt.functional import LossFn, Order, Params, get_loss, run, sgd_steps, trainable_params
 from pimoe.adapt.tasks import Task
 
 
@@ -42,13 +42,14 @@ class MAML:
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=outer_lr)
 
     @property
-    def order(self) -> str:
+    def order(self) -> Order:
+        """How the inner loop's result depends on the initialization (see :func:`sgd_steps`)."""
         return "first_order" if self.first_order else "second_order"
 
     def task_loss(self, params: Params, task: Task) -> Tensor:
         """Query loss of one task after ``inner_steps`` steps from ``params`` on its support set."""
         fast = sgd_steps(self.model, params, task.support_x, task.support_y, self.loss_fn,
-                         self.inner_steps, self.inner_lr, self.order)  # type: ignore[arg-type]
+                         self.inner_steps, self.inner_lr, self.order)
         return self.loss_fn(run(self.model, fast, task.query_x), task.query_y)
 
     def _vmapped_losses(self, params: Params, tasks: Task) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +123,7 @@ class ConvEncoder(nn.Module):
         return self.net(x.view(-1, 1, 8, 8))
 
 
-def episode_accuracy(predict, episodes: list[Task]) -> tuple[float, float]:  # noqa: ANN001
+def episode_accuracy(predict: Callable[[Task], Tensor], episodes: list[Task]) -> tuple[float, float]:
     """Mean query accuracy (with CI) of ``predict(task) -> labels [Q]`` over episodes."""
     return ci95([float((predict(e) == e.query_y).float().mean()) for e in episodes])
 
