@@ -68,10 +68,11 @@ def run_server(grid: Grid, cfg: FederatedConfig, record: RunRecord, on_round: Ca
             on_round(server_round, acc)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.rounds,
+    initial = ArrayRecord(model.state_dict())
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds,
                    train_config=ConfigRecord({"local-epochs": cfg.local_epochs}), evaluate_fn=evaluate_fn)
     record.rounds = strategy.rounds
-    record.arrays = result.arrays
+    record.arrays = result.arrays if len(result.arrays) else initial  # no round aggregated: still the initial model
     record.extra.update(strategy.report())
 
 
