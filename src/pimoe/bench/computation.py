@@ -164,9 +164,10 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in MODES:
+    for mode, (marker, style) in zip(MODES, (("o", "-"), ("s", "-"), ("^", "--"), ("x", ":"))):
         by = result[f"accuracy_by_longest_operand_{mode}"]
-        ax.plot([int(d) for d in by], list(by.values()), marker="o", label=mode)
+        ax.plot([int(d) for d in by], list(by.values()), marker=marker, linestyle=style, label=mode)
+        ax.set_xticks([int(d) for d in by])
     ax.set(xlabel=f"digits of the longest operand (training: <= {result['config']['train_digits']})",
            ylabel="answer accuracy", title="Held-out arithmetic", ylim=(-0.05, 1.05))
     ax.legend()
