@@ -3,10 +3,8 @@
 The package ships the Hugging Face folder of ``sentence-transformers/all-MiniLM-L6-v2``; this module
 loads it with ``transformers.AutoModel`` / ``AutoTokenizer`` from that local path and pools like
 sentence-transformers does for this model (attention-masked mean of the last hidden states, then L2
-normalization). Sentence lists for measurements ship next to this file:
-
-- ``sentences_heldout.txt``: fidelity measurements only (never calibration or training);
-- ``sentences_calibration.txt``: activation statistics for calibrated quantization (SmoothQuant).
+normalization). ``sentences_heldout.txt`` next to this file holds 70 English sentences for
+fidelity measurements only (never calibration or training).
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 DATA_DIR = Path(__file__).resolve().parent
-SENTENCE_FILES = {"heldout": DATA_DIR / "sentences_heldout.txt", "calibration": DATA_DIR / "sentences_calibration.txt"}
+SENTENCE_FILES = {"heldout": DATA_DIR / "sentences_heldout.txt"}
 
 
 def minilm_path() -> Path:
@@ -33,7 +31,7 @@ def minilm_path() -> Path:
 
 
 def load_sentences(name: str = "heldout") -> list[str]:
-    """The non-empty lines of a shipped sentence file: ``"heldout"`` or ``"calibration"``."""
+    """The non-empty lines of a shipped sentence file (``"heldout"``)."""
     if name not in SENTENCE_FILES:
         raise ValueError(f"unknown sentence file {name!r}; choose from {sorted(SENTENCE_FILES)}")
     lines = SENTENCE_FILES[name].read_text(encoding="utf-8").splitlines()
