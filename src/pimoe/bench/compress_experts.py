@@ -9,6 +9,7 @@ logits on the training images (no labels), through :class:`~pimoe.compress.Archi
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,8 +94,6 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def _with_layer(model: DigitsMoE, make: Callable[[PiMoE], PiMoE]) -> DigitsMoE:
-    import copy
-
     new = copy.deepcopy(model)
     new.moe = make(model.moe)
     return new.eval()

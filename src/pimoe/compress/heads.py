@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pimoe.compress._modules import matches, set_module

@@ -26,13 +26,13 @@ from pimoe.compress.embedding import quantize_embeddings
 from pimoe.compress.lowrank import factorize
 from pimoe.compress.prune import magnitude_prune
 from pimoe.compress.quantize import cast, quantize_dynamic_int8, quantize_weight_only_int4, quantize_weight_only_int8
+from pimoe.compress.report import FIDELITY_FNS, CompressionReport, FidelityFn, measure, run_model
 from pimoe.compress.structured import (
     drop_experts_everywhere,
     merge_experts_everywhere,
     prune_attention_heads_noted,
     prune_neurons,
 )
-from pimoe.compress.report import FIDELITY_FNS, CompressionReport, FidelityFn, measure, run_model
 
 STEP_NAMES = ("drop_experts", "merge_experts", "prune_heads", "prune_neurons", "low_rank", "prune", "distill", "quantize")
 _ENABLE_FLAGS = {
