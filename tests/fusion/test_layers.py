@@ -57,8 +57,8 @@ def test_output_depends_on_every_modality(method):
 def test_gated_fusion_weights_are_a_distribution_over_modalities():
     layer = GatedFusion(DIMS, 16)
     layer(_inputs())
-    assert layer.last_gates.shape == (5, 2)
-    torch.testing.assert_close(layer.last_gates.sum(-1), torch.ones(5))
+    assert layer.last_gates.shape == (5, 2, 16)
+    torch.testing.assert_close(layer.last_gates.sum(1), torch.ones(5, 16))
 
 
 def test_film_starts_as_identity_modulation_of_the_first_modality():

@@ -92,20 +92,21 @@ class ConcatFusion(Fusion):
 
 
 class GatedFusion(Fusion):
-    """Gated multimodal unit (Arevalo et al. 2017) for M modalities:
-    ``sum_m a_m * tanh(h_m)`` with ``a = softmax(Linear(concat_m h_m))`` per example."""
+    """Gated multimodal unit (Arevalo et al. 2017) for M modalities: ``sum_m z_m * tanh(h_m)``
+    with per-feature gates ``z = softmax over m of Linear(concat_m h_m)`` (for M = 2 this is the
+    paper's ``z * tanh(h_1) + (1 - z) * tanh(h_2)``, ``z = sigmoid(...)``)."""
 
     def __init__(self, modalities: dict[str, int], d_model: int = 64, allow_missing: bool = False) -> None:
         super().__init__(modalities, d_model, allow_missing, min_modalities=2)
-        self.gate = nn.Linear(len(modalities) * d_model, len(modalities))
+        self.gate = nn.Linear(len(modalities) * d_model, len(modalities) * d_model)
         self.last_gates: Tensor | None = None
 
     def forward(self, inputs: dict[str, Tensor | None]) -> Tensor:
-        """``{m: [B, (S_m,) D_m]}`` -> ``[B, d_model]``; ``last_gates`` holds ``[B, M]``."""
+        """``{m: [B, (S_m,) D_m]}`` -> ``[B, d_model]``; ``last_gates`` holds ``[B, M, d_model]``."""
         h = torch.stack(self.summaries(inputs), 1)  # [B, M, d]
-        gates = torch.softmax(self.gate(h.flatten(1)), -1)  # [B, M]
+        gates = torch.softmax(self.gate(h.flatten(1)).view_as(h), 1)  # [B, M, d], sums to 1 over M
         self.last_gates = gates.detach()
-        return (gates.unsqueeze(-1) * torch.tanh(h)).sum(1)
+        return (gates * torch.tanh(h)).sum(1)
 
 
 class FiLMFusion(Fusion):
