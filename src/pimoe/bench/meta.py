@@ -262,7 +262,7 @@ def _plot(sin: dict, path: Path) -> None:
     ax.set_xlabel("gradient steps on the K support points")
     ax.set_ylabel("query MSE")
     ax.set_yscale("log")
-    ax.set_title("Sinusoid regression after adaptation (MAML paper Fig. 3 setup)")
+    ax.set_title("Sinusoids: query MSE after adaptation (MAML Fig. 3 setup)")
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
