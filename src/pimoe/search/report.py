@@ -146,7 +146,7 @@ def plot_front(studies: dict[str, list[FrozenTrial]], path: str | os.PathLike[st
         ax.scatter(front[:, 1], front[:, 0], facecolors="none", edgecolors="red", marker=marker, s=120,
                    linewidths=1.5)
     ax.set(xscale="log", xlabel="median CPU latency (ms, log)", ylabel="held-out loss (nats)",
-           title=f"{title} (red outline: Pareto front over loss, latency, bytes)")
+           title=f"{title}\nred outline: Pareto front over loss, latency and bytes")
     fig.colorbar(scatter, ax=ax, label="state-dict bytes")
     ax.legend()
     fig.tight_layout()
