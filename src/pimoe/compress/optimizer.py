@@ -5,7 +5,9 @@ map onto the techniques of this package: low rank → :func:`~pimoe.compress.low
 prune → :func:`~pimoe.compress.prune.magnitude_prune`, distill →
 :func:`~pimoe.compress.distill.distill` with the original model as teacher, quantize →
 :func:`~pimoe.compress.quantize.quantize_dynamic_int8` / ``quantize_weight_only_int8`` /
-``quantize_weight_only_int4`` / :func:`~pimoe.compress.quantize.cast` (bfloat16).
+``quantize_weight_only_int4`` / :func:`~pimoe.compress.quantize.cast` (bfloat16), plus
+:func:`~pimoe.compress.embedding.quantize_embeddings`. Structured steps (drop / merge experts,
+prune attention heads / FFN neurons) come from :mod:`pimoe.compress.structured`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ int8 word embeddings.
   (per-channel or per-tensor weights) and ``nn.LSTM``. Weights are stored in int8 and
   activations are quantized on the fly; it runs on CPU only (fbgemm / qnnpack kernels).
   torch.ao eager quantization is deprecated upstream in favour of torchao; its deprecation
-  warnings are silenced inside these calls.
+  warnings are silenced inside these calls. ``full_range=True`` gives 8-bit activations and
+  7-bit weights (:class:`FullRangeDynamicLinear`).
 - :class:`Int8WeightOnlyLinear` / :func:`quantize_weight_only_int8`: symmetric per-output-channel
   int8 weights plus floating-point scales, dequantized in ``forward`` (any device, any float
   dtype). The int8 tensor is a buffer, so the state dict (and a saved file) holds 1 byte per
