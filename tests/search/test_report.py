@@ -10,6 +10,7 @@ from pimoe.compress.optimizer import ArchitectureOptimizer
 from pimoe.moe.model import PiMoELM
 from pimoe.search.report import (
     choose,
+    describe,
     front_table,
     load_compression,
     load_config,
@@ -17,7 +18,7 @@ from pimoe.search.report import (
     save_choice,
     to_architecture_config,
 )
-from pimoe.search.space import Compression
+from pimoe.search.space import Compression, SearchSpace
 
 
 def _front(space) -> tuple[optuna.Study, list]:
@@ -39,6 +40,14 @@ def test_choose_front_member_within_limits(tiny_space) -> None:
     with pytest.raises(ValueError, match="empty"):
         choose([])
     assert front_table(front, tiny_space).row_count == 3
+
+
+def test_describe_marks_dense_configs() -> None:
+    space = SearchSpace()
+    params = dict(n_layer=1, d_model=32, num_experts=4, top_k=2, ffn_dim=64, shared_experts=0,
+                  moe_every=2, bits=8, sparsity=0.3, low_rank_ratio=1.0)
+    assert describe(params, space) == "L1 d32 E4k2 f64 s0 m2 (dense) | int8 p0.3 r1"
+    assert "(dense)" not in describe({**params, "n_layer": 2}, space)
 
 
 def test_saved_choice_round_trips(tmp_path, tiny_space) -> None:

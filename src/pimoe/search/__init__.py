@@ -15,7 +15,7 @@ _EXPORTS = {
     "objective": ("OBJECTIVES", "TrialResult", "TrialSettings", "compress_model", "run_trial", "train"),
     "predictor": ("PredictorScore", "fit_predictor", "score_predictor", "trial_features"),
     "pruning": ("MedianRule",),
-    "report": ("choose", "front_table", "load_compression", "load_config", "plot_front",
+    "report": ("choose", "describe", "front_table", "load_compression", "load_config", "plot_front",
                "save_choice", "to_architecture_config"),
     "space": ("Candidate", "Compression", "SearchSpace"),
     "study": ("finished_trials", "make_sampler", "open_storage", "run_search"),

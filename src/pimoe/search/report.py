@@ -27,20 +27,30 @@ from pimoe.search.space import Compression, SearchSpace
 CHOICE_FORMAT = "pimoe.search.choice/1"
 
 
+CONFIG_LEGEND = ("L layers, d width, E experts, k top-k, f expert width, s shared experts, "
+                 "m PiMoE every m-th block (dense: no PiMoE layer) | weights, p sparsity, r low-rank ratio")
+
+
+def describe(params: dict, space: SearchSpace) -> str:
+    """Short text of a configuration, e.g. ``L2 d64 E8k2 f32 s1 m2 | int8 p0.3 r0.5``
+    (see :data:`CONFIG_LEGEND`)."""
+    c = space.candidate(params)
+    m, z = c.model, c.compression
+    weights = "fp32" if z.bits == 32 else f"int{z.bits}"
+    dense = "" if any(m.is_moe(i) for i in range(m.n_layer)) else " (dense)"
+    return (f"L{m.n_layer} d{m.d_model} E{m.num_experts}k{m.top_k} f{m.ffn_dim} s{m.shared_experts} "
+            f"m{m.moe_every}{dense} | {weights} p{z.sparsity:g} r{z.low_rank_ratio:g}")
+
+
 def front_table(front: list[FrozenTrial], space: SearchSpace, title: str = "Pareto front") -> Table:
     """One row per front trial, sorted by held-out loss: objectives and the configuration."""
-    table = Table(title=title)
-    for column in ("trial", "loss", "latency ms", "KB", "layers", "d", "E", "k", "ffn", "shared",
-                   "moe every", "bits", "sparsity", "low rank"):
+    table = Table(title=title, caption=CONFIG_LEGEND)
+    for column in ("#", "loss", "ms", "KB"):
         table.add_column(column, justify="right")
+    table.add_column("config", no_wrap=True)
     for t in sorted(front, key=lambda t: t.values[0]):
-        c = space.candidate(t.params)
-        m, z = c.model, c.compression
-        table.add_row(
-            str(t.number), f"{t.values[0]:.4f}", f"{t.values[1]:.2f}", f"{t.values[2] / 1024:.1f}",
-            str(m.n_layer), str(m.d_model), str(m.num_experts), str(m.top_k), str(m.ffn_dim),
-            str(m.shared_experts), str(m.moe_every), str(z.bits), f"{z.sparsity:g}", f"{z.low_rank_ratio:g}",
-        )
+        table.add_row(str(t.number), f"{t.values[0]:.3f}", f"{t.values[1]:.2f}", f"{t.values[2] / 1024:.0f}",
+                      describe(t.params, space))
     return table
 
 
