@@ -47,12 +47,13 @@ from pimoe.compress.quantize import (
     saved_bytes,
     unpack_int4,
 )
+from pimoe.compress.quantize_experts import Int8StackedExperts, quantize_experts_int8
 from pimoe.compress.report import CompressionReport, StepResult, measure
 from pimoe.compress.saved import load_compressed, save_compressed
 
 __all__ = [
     "ArchitectureConfig", "ArchitectureOptimizer", "CompressionReport", "DistillResult", "OptimizeResult", "StepResult",
-    "FullRangeDynamicLinear", "Int4Embedding", "load_compressed", "quantize_embeddings", "save_compressed",
+    "FullRangeDynamicLinear", "Int4Embedding", "Int8StackedExperts", "quantize_experts_int8", "load_compressed", "quantize_embeddings", "save_compressed",
     "distill", "measure", "soft_loss",
     "FactorizationReport", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "LayerFactorization",
     "LowRankLinear", "SparsityReport", "cast", "drop_experts", "experts_to_keep", "factorize",

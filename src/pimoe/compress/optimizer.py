@@ -28,6 +28,7 @@ from pimoe.compress.embedding import quantize_embeddings
 from pimoe.compress.lowrank import factorize
 from pimoe.compress.prune import magnitude_prune
 from pimoe.compress.quantize import cast, quantize_dynamic_int8, quantize_weight_only_int4, quantize_weight_only_int8
+from pimoe.compress.quantize_experts import quantize_experts_int8
 from pimoe.compress.report import FIDELITY_FNS, CompressionReport, FidelityFn, measure, run_model
 from pimoe.compress.structured import (
     drop_experts_everywhere,
@@ -56,7 +57,8 @@ class ArchitectureConfig:
     Attributes:
         compression_ratio: low-rank target, passed to ``factorize(ratio=...)``: each factorized
             Linear keeps at most this fraction of its weight's parameters. In (0, 1].
-        quantization_bits: 8 (int8, see ``quantization_mode``), 4 (int4 weight-only, group 32),
+        quantization_bits: 8 (int8 Linears, see ``quantization_mode``, and int8 weight-only
+            PiMoE ``StackedExperts``), 4 (int4 weight-only Linears, group 32),
             16 (bfloat16 cast) or 32 (no quantization; the step is recorded with a note).
         sparsity_ratio: fraction of Linear weights zeroed by global magnitude pruning, in [0, 1).
         enable_*: turn each step on; a step in ``order`` runs only when its flag is set.
@@ -330,7 +332,11 @@ class ArchitectureOptimizer:
         if bits == 4:
             replaced = quantize_weight_only_int4(current, skip=cfg.skip)
             return current, f"int4 weight-only, {len(replaced)} Linear(s)"
+        experts = quantize_experts_int8(current, skip=cfg.skip)
+        experts_note = f"; int8 weight-only experts: {len(experts)} PiMoE layer(s)" if experts else ""
         if cfg.quantization_mode == "dynamic":
             current = quantize_dynamic_int8(current, skip=cfg.skip, inplace=True, full_range=cfg.int8_full_range)
-            return current, "int8 dynamic (torch.ao" + (", 8-bit activations, 7-bit weights)" if cfg.int8_full_range else ")")
-        return current, f"int8 weight-only, {len(quantize_weight_only_int8(current, skip=cfg.skip))} Linear(s)"
+            note = "int8 dynamic (torch.ao" + (", 8-bit activations, 7-bit weights)" if cfg.int8_full_range else ")")
+        else:
+            note = f"int8 weight-only, {len(quantize_weight_only_int8(current, skip=cfg.skip))} Linear(s)"
+        return current, note + experts_note
