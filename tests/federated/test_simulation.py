@@ -97,11 +97,10 @@ def test_deployment_apps_read_the_run_config(tmp_path):
     from pimoe.federated.apps import client_app, server_app
 
     cfg = FederatedConfig(**{**SMALL, "clients": 4, "rounds": 1, "local_epochs": 1})
-    run_config = cfg.to_run_config()
-    grid = InProcessGrid(client_app, cfg.clients, run_config=run_config)
     out = tmp_path / "result.json"
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                             run_config={**run_config, "result-path": str(out)}))
+    run_config = {**cfg.to_run_config(), "result-path": str(out)}  # every app of a run sees the same config
+    grid = InProcessGrid(client_app, cfg.clients, run_config=run_config)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     result = json.loads(out.read_text())
     assert result["clients_per_round"] == [4]
     assert result["accuracy_per_round"][1] > result["accuracy_per_round"][0] + 0.3

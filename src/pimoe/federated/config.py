@@ -14,6 +14,7 @@ from pimoe.federated.selection import POLICIES
 STRATEGIES = ("fedavg", "fedprox")
 PARTITIONS = ("iid", "dirichlet")
 ATTACKS = ("scale", "nan", "shape")
+SERVER_KEYS = ("result-path", "he-public-context-file")  # run-config keys only the ServerApp reads
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,15 @@ class FederatedConfig:
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> FederatedConfig:
-        """Build from a Flower ``context.run_config``; unknown keys are an error, missing keys default."""
+        """Build from a Flower ``context.run_config``; unknown keys are an error, missing keys default.
+
+        The ServerApp-only keys (``SERVER_KEYS``) are skipped: every app of a run sees the same config.
+        """
         names = {f.name: f for f in fields(cls)}
         values = {}
         for key, value in run_config.items():
+            if key in SERVER_KEYS:
+                continue
             name = key.replace("-", "_")
             if name not in names:
                 raise ValueError(f"unknown run-config key {key!r}")
