@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from pimoe.cli import app
 from pimoe.compress.optimizer import ArchitectureOptimizer
+from pimoe.compress.saved import config_from_dict, read_config_file
 from pimoe.moe.model import PiMoELM
 from pimoe.search.report import (
     choose,
@@ -16,6 +17,7 @@ from pimoe.search.report import (
     load_config,
     plot_front,
     save_choice,
+    save_compress_config,
     to_architecture_config,
 )
 from pimoe.search.space import Compression, SearchSpace
@@ -60,6 +62,11 @@ def test_saved_choice_round_trips(tmp_path, tiny_space) -> None:
     compression = load_compression(path)
     assert compression == Compression(**record["compression"])
     ArchitectureOptimizer(to_architecture_config(Compression(bits=8, sparsity=0.3, low_rank_ratio=0.5)))
+    assert not save_compress_config(tmp_path / "none.json", Compression())  # nothing to compress
+    assert not (tmp_path / "none.json").exists()
+    assert save_compress_config(tmp_path / "c.json", Compression(bits=4, sparsity=0.3))
+    arch = config_from_dict(read_config_file(tmp_path / "c.json"))  # what `pimoe compress --config` does
+    assert arch.enabled_steps() == ["prune", "quantize"] and arch.quantization_bits == 4
     assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temp file
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

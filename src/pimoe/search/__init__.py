@@ -16,7 +16,7 @@ _EXPORTS = {
     "predictor": ("PredictorScore", "fit_predictor", "score_predictor", "trial_features"),
     "pruning": ("MedianRule",),
     "report": ("choose", "describe", "front_table", "load_compression", "load_config", "plot_front",
-               "save_choice", "to_architecture_config"),
+               "save_choice", "save_compress_config", "to_architecture_config"),
     "space": ("Candidate", "Compression", "SearchSpace"),
     "study": ("finished_trials", "make_sampler", "open_storage", "run_search"),
     "tasks": ("DigitsMoEClassifier", "DigitsTask", "LMTask", "Task", "make_task"),

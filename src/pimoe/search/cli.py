@@ -36,7 +36,9 @@ def search_and_report(
     from pimoe.search.objective import TrialSettings
     from pimoe.search.predictor import score_predictor
     from pimoe.search.pruning import MedianRule
-    from pimoe.search.report import choose, front_table, plot_front, save_choice, trial_record
+    from pimoe.search.report import (
+        choose, front_table, plot_front, save_choice, save_compress_config, trial_record,
+    )
     from pimoe.search.space import SearchSpace
     from pimoe.search.study import run_search
     from pimoe.search.tasks import make_task
@@ -75,7 +77,11 @@ def search_and_report(
         if out_dir is not None:
             save_choice(out_dir / "chosen_config.json", chosen, space, study, task)
             plot_front({sampler: complete}, out_dir / "pareto.png", title=f"pimoe search, {task}")
-            console.print(f"saved chosen_config.json (trial {chosen.number}) and pareto.png in {out_dir}")
+            compression = space.candidate(chosen.params).compression
+            wrote = save_compress_config(out_dir / "compress_config.json", compression)
+            console.print(f"saved chosen_config.json (trial {chosen.number}), pareto.png"
+                          + (" and compress_config.json" if wrote else " (no compression chosen)")
+                          + f" in {out_dir}")
     if len(complete) >= 4:
         result["predictor"] = score_predictor(complete, space).as_dict()
         console.print(f"predictor (leave-one-out Spearman rho): {result['predictor']['spearman']:.3f}, "

@@ -126,6 +126,19 @@ def to_architecture_config(compression: Compression) -> ArchitectureConfig:
     )
 
 
+def save_compress_config(path: str | os.PathLike[str], compression: Compression) -> bool:
+    """Write :func:`to_architecture_config` of ``compression`` as the JSON config file that
+    ``pimoe compress MODEL OUT --config PATH`` reads; return False (and write nothing) when the
+    choice compresses nothing (float32, no pruning, no low rank)."""
+    from pimoe.compress.saved import config_to_dict
+
+    config = to_architecture_config(compression)
+    if not config.enabled_steps():
+        return False
+    atomic_write_text(path, json.dumps(config_to_dict(config), indent=2))
+    return True
+
+
 def plot_front(studies: dict[str, list[FrozenTrial]], path: str | os.PathLike[str], title: str) -> None:
     """PNG scatter of held-out loss vs latency (log scale) of every completed trial, colour =
     bytes (log scale); each study's Pareto front (over all three objectives) is outlined."""
