@@ -83,7 +83,7 @@ def test_personal_layers_stay_on_clients():
 def test_ray_simulation_matches_in_process():
     """Flower's Ray backend (the scalable path) gives the same run as the in-process grid."""
     cfg = FederatedConfig(**{**SMALL, "clients": 4}, dropout=0.25)
-    ray_run = run_federated(cfg, backend="ray")
+    ray_run = run_federated(cfg, backend="ray", ray_cpus=1)  # one actor: the cheapest Ray start
     local = run_federated(cfg, backend="inprocess")
     assert ray_run.clients_per_round == local.clients_per_round
     assert ray_run.accuracy[-1] > ray_run.accuracy[0] + 0.3

@@ -85,8 +85,12 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_federated(cfg: FederatedConfig, backend: str = "ray", on_round: Callable[[int, float], None] | None = None) -> RunRecord:
-    """Train ``cfg.clients`` clients for ``cfg.rounds`` rounds; return accuracy and participation per round."""
+def run_federated(cfg: FederatedConfig, backend: str = "ray", on_round: Callable[[int, float], None] | None = None,
+                  ray_cpus: int | None = None) -> RunRecord:
+    """Train ``cfg.clients`` clients for ``cfg.rounds`` rounds; return accuracy and participation per round.
+
+    ``ray_cpus``: CPUs Ray may use (default: all); each client takes one, so this many run at once.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     record = RunRecord()
@@ -104,7 +108,7 @@ def run_federated(cfg: FederatedConfig, backend: str = "ray", on_round: Callable
         num_supernodes=cfg.clients,
         backend_name="ray",
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False}},
+                        "init_args": {"num_cpus": ray_cpus or os.cpu_count() or 1, "log_to_driver": False}},
     )
     if len(record.accuracy) != cfg.rounds + 1:
         raise RuntimeError(f"the simulation stopped after {len(record.accuracy) - 1} of {cfg.rounds} rounds (see Flower's log)")
