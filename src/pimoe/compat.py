@@ -6,6 +6,8 @@
 - :class:`UltraFastInferenceEngine` is an :class:`~pimoe.infer.InferenceEngine` with those
   settings: it compresses each model once (on its first call, with that call's inputs as the
   example batch) and runs the compressed copy.
+- :class:`AdvancedArchitectureConfig` / :class:`AdvancedArchitectureOptimizer` (from
+  :mod:`pimoe.compress.advanced`): the seed's names and ``optimize_architecture(model, input_shape)``.
 - :class:`InferenceCache` accepts the seed's ``cache_strategy=`` as an alias of ``policy=``;
   :class:`IntelligentCaching` is that cache with ``get_or_compute(key, fn)``.
 """
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from pimoe.adapt import AdaptConfig, AdaptiveLearning
 from pimoe.compress import ArchitectureConfig, CompressionReport
 from pimoe.compress.advanced import AdvancedArchitectureConfig, AdvancedArchitectureOptimizer
+from pimoe.federated.edge import EdgeComputing  # federated training over simulated edge nodes; Flower loads on first use
 from pimoe.fusion import FusionConfig, build_fusion
 from pimoe.infer import InferenceCache as _InferenceCache
 from pimoe.infer import InferenceConfig, InferenceEngine
@@ -167,4 +170,4 @@ class MultiModalFusion(nn.Module):
     forward = fuse
 
 
-__all__ = ["AdaptiveLearning", "AdaptiveLearningConfig", "AdvancedArchitectureConfig", "AdvancedArchitectureOptimizer", "AdvancedSecurity", "InferenceCache", "IntelligentCaching", "MultiModalFusion", "MultiModalFusionConfig", "UltraFastInferenceConfig", "UltraFastInferenceEngine"]
+__all__ = ["AdaptiveLearning", "AdaptiveLearningConfig", "AdvancedArchitectureConfig", "AdvancedArchitectureOptimizer", "AdvancedSecurity", "EdgeComputing", "InferenceCache", "IntelligentCaching", "MultiModalFusion", "MultiModalFusionConfig", "UltraFastInferenceConfig", "UltraFastInferenceEngine"]
