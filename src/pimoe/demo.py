@@ -21,7 +21,7 @@ from rich.table import Table
 from torch import Tensor
 
 from pimoe.data import byte_splits, get_batch, load_pydoc_text
-from pimoe.io import atomic_write_text
+from pimoe.io import atomic_write_text, save_png
 from pimoe.moe.model import LMConfig, PiMoELM
 from pimoe.moe.stats import RoutingStats
 
@@ -220,10 +220,7 @@ def plot_curves(moe: TrainResult, dense: TrainResult, path: Path) -> None:
     ax_aux.set(xlabel="step", ylabel="sum over MoE layers", title="Load-balancing loss")
     ax_aux.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def run_computation_stage(console: Console, seed: int) -> dict:

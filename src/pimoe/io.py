@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -33,3 +35,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """UTF-8 text version of :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_png(fig: Any, path: str | os.PathLike[str], dpi: int = 100, bbox_inches: str | None = None) -> None:
+    """Render the matplotlib figure ``fig`` as PNG into ``path`` atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches=bbox_inches)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -27,7 +27,7 @@ from pimoe.compute.chain import MODES, InferenceChain, span_answer
 from pimoe.compute.handoff import router_accuracy, train_router
 from pimoe.compute.task import ArithmeticTask, Calls, Problem
 from pimoe.compute.train import TrainSettings, train_text_expert
-from pimoe.io import atomic_write_bytes, atomic_write_text
+from pimoe.io import atomic_write_text, save_png
 from pimoe.moe.model import LMConfig
 
 EVAL_OFFSET = 500_000  # evaluation problems start here: never seen by the router or the text expert
@@ -156,8 +156,6 @@ def print_report(result: dict, console: Console | None = None) -> None:
 
 def plot(result: dict, path: Path) -> None:
     """PNG: answer accuracy per longest-operand length, one line per pipeline."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,10 +170,7 @@ def plot(result: dict, path: Path) -> None:
            ylabel="answer accuracy", title="Held-out arithmetic", ylim=(-0.05, 1.05))
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
 
 
 def main(quick: bool = False, json_path: Path | None = None, threads: int = 1, calls: Calls = "reference",

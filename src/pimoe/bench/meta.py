@@ -26,7 +26,7 @@ from pimoe.adapt import (
     task_incremental_loss, train_task, trainable_params,
 )
 from pimoe.bench.timing import run_header
-from pimoe.io import atomic_write_text
+from pimoe.io import atomic_write_text, save_png
 
 # Finn et al. 2017, Fig. 3 (K=5, read from the chart; ANCHORS.md "Meta-learning").
 PAPER_K5 = {"maml_1step": 0.7, "maml_from_4_steps": 0.3, "pretrained": "> 2"}
@@ -265,9 +265,7 @@ def _plot(sin: dict, path: Path) -> None:
     ax.set_title("Sinusoids: query MSE after adaptation (MAML Fig. 3 setup)")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def main(quick: bool = False, json_path: Path | None = None, plot_path: Path | None = None) -> dict:

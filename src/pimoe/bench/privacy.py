@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from rich.table import Table
 
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.federated.task import client_split, evaluate, load_digits_split, mlp, train_epochs
-from pimoe.io import atomic_write_bytes, atomic_write_text
+from pimoe.io import atomic_write_text, save_png
 from pimoe.privacy import he
 from pimoe.privacy.dp import epsilon, make_private
 from pimoe.privacy.secagg import SecAggClient, decode, encode, unmask_sum
@@ -264,10 +263,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
 
 
 def main(quick: bool = False, json_path: Path | None = None) -> dict:

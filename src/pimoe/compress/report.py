@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 
 from pimoe.compress.distill import Batch, call_model, default_output_fn
 from pimoe.compress.quantize import saved_bytes
-from pimoe.io import atomic_write_bytes
+from pimoe.io import save_png
 
 FidelityFn = Callable[[Tensor, Tensor], float]
 
@@ -242,7 +241,5 @@ class CompressionReport:
             ax.set_title(title)
         fig.tight_layout()
         path = Path(path)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        atomic_write_bytes(path, buffer.getvalue())
+        save_png(fig, path)
         return path

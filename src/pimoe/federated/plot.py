@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from pimoe.io import atomic_write_bytes
+from pimoe.io import save_png
 
 
 def plot_accuracy(curves: dict[str, list[float]], centralized: float | None, path: Path, title: str = "") -> None:
@@ -28,7 +27,4 @@ def plot_accuracy(curves: dict[str, list[float]], centralized: float | None, pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title or "Federated training on sklearn digits")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=110, bbox_inches="tight")

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial
 from rich.table import Table
 
 from pimoe.compress.optimizer import ArchitectureConfig
-from pimoe.io import atomic_write_text
+from pimoe.io import atomic_write_text, save_png
 from pimoe.moe.model import LMConfig
 from pimoe.search.hypervolume import normalize
 from pimoe.search.objective import OBJECTIVES
@@ -173,12 +173,7 @@ def plot_front(studies: dict[str, list[FrozenTrial]], path: str | os.PathLike[st
     fig.colorbar(scatter, ax=ax, label="state-dict bytes")
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def trial_record(trial: FrozenTrial) -> dict:
