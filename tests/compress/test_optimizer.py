@@ -110,7 +110,7 @@ def test_accuracy_and_callable_fidelity():
     [
         dict(order=["low_rank", "shrink"]),
         dict(quantization_bits=6),
-        dict(quantization_mode="static"),
+        dict(quantization_mode="histogram"),
         dict(fidelity="psnr"),
         dict(sparsity_ratio=1.0),
         dict(compression_ratio=0.0),

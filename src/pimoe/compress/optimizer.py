@@ -30,6 +30,7 @@ from pimoe.compress.prune import magnitude_prune
 from pimoe.compress.quantize import cast, quantize_dynamic_int8, quantize_weight_only_int4, quantize_weight_only_int8
 from pimoe.compress.quantize_experts import quantize_experts_int8
 from pimoe.compress.report import FIDELITY_FNS, CompressionReport, FidelityFn, measure, run_model
+from pimoe.compress.static import quantize_static_int8
 from pimoe.compress.structured import (
     drop_experts_everywhere,
     merge_experts_everywhere,
@@ -65,8 +66,10 @@ class ArchitectureConfig:
         order: step names from ``"drop_experts"``, ``"merge_experts"``, ``"prune_heads"``,
             ``"prune_neurons"``, ``"low_rank"``, ``"prune"``, ``"distill"``, ``"quantize"``.
             ``"distill"`` must come before ``"quantize"`` (quantized models are not trained).
-        quantization_mode: for 8 bits, ``"dynamic"`` (torch.ao, activations quantized per call)
-            or ``"weight_only"`` (:class:`~pimoe.compress.quantize.Int8WeightOnlyLinear`).
+        quantization_mode: for 8 bits, ``"dynamic"`` (torch.ao, activations quantized per call),
+            ``"weight_only"`` (:class:`~pimoe.compress.quantize.Int8WeightOnlyLinear`) or
+            ``"static"`` (:func:`~pimoe.compress.static.quantize_static_int8`: activation scales
+            calibrated on the ``distill_data`` batches; needs a model torch.fx can trace).
         fidelity: ``"cosine"`` (mean cosine similarity to the original's outputs), ``"mse"``,
             ``"accuracy"`` (argmax agreement with the original, or accuracy against ``labels``
             when :meth:`ArchitectureOptimizer.optimize` gets them), or a callable
@@ -140,8 +143,10 @@ class ArchitectureConfig:
             raise ValueError("distill must come before quantize: quantized models are not trained")
         if self.quantization_bits not in (4, 8, 16, 32):
             raise ValueError(f"quantization_bits must be 4, 8, 16 or 32, got {self.quantization_bits}")
-        if self.quantization_mode not in ("dynamic", "weight_only"):
-            raise ValueError(f"quantization_mode must be 'dynamic' or 'weight_only', got {self.quantization_mode!r}")
+        if self.quantization_mode not in ("dynamic", "weight_only", "static"):
+            raise ValueError(
+                f"quantization_mode must be 'dynamic', 'weight_only' or 'static', got {self.quantization_mode!r}"
+            )
         if not 0.0 < self.compression_ratio <= 1.0:
             raise ValueError(f"compression_ratio must be in (0, 1], got {self.compression_ratio}")
         if not 0.0 <= self.sparsity_ratio < 1.0:
@@ -309,10 +314,10 @@ class ArchitectureOptimizer:
                 )
             last = f", last loss {result.losses[-1]:.4g}" if result.losses else ""
             return current, f"{result.steps} distillation steps{last}"
-        return self._quantize(current)
+        return self._quantize(current, data)
 
-    def _quantize(self, current: nn.Module) -> tuple[nn.Module, str]:
-        current, note = self._quantize_linears(current)
+    def _quantize(self, current: nn.Module, data: Iterable[Batch] | None) -> tuple[nn.Module, str]:
+        current, note = self._quantize_linears(current, data)
         if self.config.embedding_bits is not None:
             cfg = self.config
             replaced, skipped = quantize_embeddings(
@@ -322,7 +327,7 @@ class ArchitectureOptimizer:
             note += "".join(f"; skipped {reason}" for reason in skipped)
         return current, note
 
-    def _quantize_linears(self, current: nn.Module) -> tuple[nn.Module, str]:
+    def _quantize_linears(self, current: nn.Module, data: Iterable[Batch] | None) -> tuple[nn.Module, str]:
         cfg = self.config
         bits = cfg.quantization_bits
         if bits == 32:
@@ -332,6 +337,11 @@ class ArchitectureOptimizer:
         if bits == 4:
             replaced = quantize_weight_only_int4(current, skip=cfg.skip)
             return current, f"int4 weight-only, {len(replaced)} Linear(s)"
+        if cfg.quantization_mode == "static":
+            batches = list(data) if data is not None else []
+            if not batches:
+                raise ValueError("quantization_mode='static' calibrates on distill_data: give at least one batch")
+            return quantize_static_int8(current, batches[0], batches), f"int8 static, calibrated on {len(batches)} batch(es)"
         experts = quantize_experts_int8(current, skip=cfg.skip)
         experts_note = f"; int8 weight-only experts: {len(experts)} PiMoE layer(s)" if experts else ""
         if cfg.quantization_mode == "dynamic":
