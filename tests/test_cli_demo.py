@@ -26,3 +26,21 @@ def test_demo_command_trains_compares_and_saves(tmp_path) -> None:
 def test_demo_rejects_cuda_without_gpu() -> None:
     result = CliRunner().invoke(app, ["demo", "--device", "cuda", "--steps", "1"])
     assert result.exit_code != 0 and "CUDA" in result.output
+
+
+def test_demo_trains_a_config_chosen_by_search(tmp_path) -> None:
+    from dataclasses import asdict
+
+    from pimoe.moe.model import LMConfig
+    from pimoe.search.report import CHOICE_FORMAT
+
+    chosen = LMConfig(block_size=32, n_layer=1, n_head=2, d_model=32, num_experts=4, top_k=1, ffn_dim=32)
+    path = tmp_path / "chosen_config.json"
+    path.write_text(json.dumps({"format": CHOICE_FORMAT, "task": "lm", "model": asdict(chosen)}))
+    result = CliRunner().invoke(app, ["demo", "--steps", "2", "--config", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"] == asdict(chosen)
+
+    path.write_text(json.dumps({"format": CHOICE_FORMAT, "task": "digits", "model": asdict(LMConfig(vocab_size=17))}))
+    result = CliRunner().invoke(app, ["demo", "--steps", "2", "--config", str(path)])
+    assert result.exit_code != 0 and "byte-level" in result.output

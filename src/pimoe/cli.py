@@ -28,6 +28,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Folder to save the trained model and results JSON.")] = None,
     computation: Annotated[bool, typer.Option(help="Add the computation-experts stage: LM alone vs PiMoE hand-off vs tool call (~1-2 min).")] = False,
+    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="chosen_config.json of a `pimoe search --task lm` run: train that model instead of the default.")] = None,
 ) -> None:
     """Train a small PiMoE language model and its dense twin on Python's bundled docs; compare them."""
     import torch
@@ -36,7 +37,19 @@ def demo(
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise typer.BadParameter("CUDA was requested but torch.cuda.is_available() is False", param_hint="--device")
-    run_demo(steps=steps, device=device, seed=seed, out_dir=str(out) if out else None, computation=computation)
+    model_config = None
+    if config is not None:
+        from pimoe.search import load_config
+
+        try:
+            model_config = load_config(config)
+            if model_config.vocab_size != 256:
+                raise ValueError(f"vocab_size is {model_config.vocab_size}; the demo is byte-level (256): "
+                                 "use a config from `pimoe search --task lm`")
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--config") from err
+    run_demo(steps=steps, device=device, seed=seed, out_dir=str(out) if out else None, computation=computation,
+             config=model_config)
 
 
 @app.command()

@@ -236,15 +236,19 @@ def run_computation_stage(console: Console, seed: int) -> dict:
 
 
 def run_demo(steps: int = 600, device: str = "cpu", seed: int = 0, out_dir: str | None = None,
-             computation: bool = False) -> dict:
+             computation: bool = False, config: LMConfig | None = None) -> dict:
     """Train the demo MoE LM and its dense twin on ``pydoc_data`` text, print the comparison,
     a routing table and a sample, optionally save the MoE model and results; return the results.
-    With ``computation``, then run :func:`run_computation_stage` (results under "computation")."""
+    ``config`` replaces the default model (e.g. one chosen by ``pimoe search --task lm``; it must
+    be byte-level: ``vocab_size`` 256). With ``computation``, then run
+    :func:`run_computation_stage` (results under "computation")."""
+    if config is not None and config.vocab_size != 256:
+        raise ValueError(f"the demo trains a byte-level LM: config.vocab_size must be 256, got {config.vocab_size}")
     console = Console()
     start = time.perf_counter()
     train, val = byte_splits(load_pydoc_text())
-    config = LMConfig(block_size=128, n_layer=4, n_head=4, d_model=128,
-                      num_experts=8, top_k=2, ffn_dim=128)
+    config = config or LMConfig(block_size=128, n_layer=4, n_head=4, d_model=128,
+                                num_experts=8, top_k=2, ffn_dim=128)
     settings = {"steps": steps, "batch_size": 16, "lr": 2e-3, "device": device, "seed": seed}
     console.print(f"pydoc_data text: {len(train):,} train bytes, {len(val):,} held-out bytes; "
                   f"{steps} steps of {settings['batch_size']}x{config.block_size} bytes on {device}")
