@@ -59,14 +59,10 @@ def apply_mean_change(global_arrays: dict[str, np.ndarray], names: list[str], to
 
 
 def _secagg_client(node_id: int, raw_key: bytes | None = None) -> Any:
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
+    """A new key pair, or (``raw_key`` from ``context.state``) the same client in a later message of the round."""
     from pimoe.privacy.secagg import SecAggClient
 
-    client = SecAggClient(node_id)
-    if raw_key is not None:  # the same client in a later message of the round (state lives in context.state)
-        client._key = X25519PrivateKey.from_private_bytes(raw_key)
-    return client
+    return SecAggClient(node_id, private_key=raw_key)
 
 
 def _query(content: RecordDict, msg: Message) -> Message:
@@ -79,11 +75,8 @@ def register_client_handlers(app: ClientApp, he_context: bytes | None) -> None:
     @app.query("secagg_keys")
     def keys(msg: Message, context: Context) -> Message:
         client = _secagg_client(context.node_id)
-        from cryptography.hazmat.primitives import serialization
-
-        raw = client._key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                        serialization.NoEncryption())
-        context.state[SECAGG_KEY] = ConfigRecord({"key": raw, "round": int(msg.content["config"]["server-round"])})
+        context.state[SECAGG_KEY] = ConfigRecord({"key": client.private_key_bytes(),
+                                                  "round": int(msg.content["config"]["server-round"])})
         return _query(RecordDict({"config": ConfigRecord({"public-key": client.public_key()})}), msg)
 
     @app.query("secagg_reveal")
