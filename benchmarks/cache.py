@@ -1,16 +1,11 @@
 """Cache policies vs Belady's MIN on seeded Zipf traces; cost of hits, misses and disk hits.
 
-Usage: python benchmarks/cache.py [--quick] [--json FILE]
+Same as `pimoe bench cache`, with the same options (`python benchmarks/cache.py --help`).
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from pimoe.bench.cache import main
+from pimoe.cli import app
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    main(quick=args.quick, json_path=args.json)
+    app(["bench", "cache", *sys.argv[1:]], prog_name=f"python {sys.argv[0]}")

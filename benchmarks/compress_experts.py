@@ -1,16 +1,11 @@
 """Expert dropping / merging on a PiMoE digits classifier: test accuracy before and after.
 
-Usage: python benchmarks/compress_experts.py [--quick] [--json FILE]
+Same as `pimoe bench compress-experts`, with the same options (`python benchmarks/compress_experts.py --help`).
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from pimoe.bench.compress_experts import main
+from pimoe.cli import app
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    main(quick=args.quick, json_path=args.json)
+    app(["bench", "compress-experts", *sys.argv[1:]], prog_name=f"python {sys.argv[0]}")

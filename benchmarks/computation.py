@@ -1,20 +1,12 @@
 """PiMoE computation experts: LM alone vs token-level hand-off vs tool call on held-out arithmetic
 with longer operands than in training (accuracy, latency per problem, decoding steps).
 
-Usage: python benchmarks/computation.py [--quick] [--json FILE] [--threads N] [--calls reference|expression]
+Same as `pimoe bench computation`, with the same options (`python benchmarks/computation.py --help`).
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from pimoe.bench.computation import main
+from pimoe.cli import app
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--calls", choices=["reference", "expression"], default="reference",
-                        help="what the text expert writes in a span: #k references or the digits")
-    args = parser.parse_args()
-    main(quick=args.quick, json_path=args.json, threads=args.threads, calls=args.calls)
+    app(["bench", "computation", *sys.argv[1:]], prog_name=f"python {sys.argv[0]}")

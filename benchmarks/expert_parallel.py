@@ -1,18 +1,12 @@
 """Expert parallelism on 1, 2, 4 local gloo processes vs the single-process layer. Same as
 `pimoe bench expert-parallel`.
 
-Usage: python benchmarks/expert_parallel.py [--quick] [--json FILE] [--rounds N]
+Same as `pimoe bench expert-parallel`, with the same options (`python benchmarks/expert_parallel.py --help`).
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from pimoe.bench.expert_parallel import main
+from pimoe.cli import app
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--rounds", type=int, default=None)
-    args = parser.parse_args()
-    main(quick=args.quick, json_path=args.json, rounds=args.rounds)
+    app(["bench", "expert-parallel", *sys.argv[1:]], prog_name=f"python {sys.argv[0]}")

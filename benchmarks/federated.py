@@ -1,17 +1,11 @@
 """Centralized vs 100-client FedAvg vs FedProx (Flower), IID vs non-IID, 0% and 30% dropout.
 
-Usage: python benchmarks/federated.py [--quick] [--json FILE] [--backend ray|inprocess]
+Same as `pimoe bench federated`, with the same options (`python benchmarks/federated.py --help`).
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from pimoe.bench.federated import main
+from pimoe.cli import app
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--backend", choices=["ray", "inprocess"], default=None)
-    args = parser.parse_args()
-    main(quick=args.quick, json_path=args.json, backend=args.backend)
+    app(["bench", "federated", *sys.argv[1:]], prog_name=f"python {sys.argv[0]}")

@@ -1,16 +1,11 @@
 """Sensor fusion on digits halves (each sensor alone vs each fusion method) and contrastive retrieval.
 
-Usage: python benchmarks/fusion.py [--quick] [--json FILE]
+Same as `pimoe bench fusion`, with the same options (`python benchmarks/fusion.py --help`).
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from pimoe.bench.fusion import main
+from pimoe.cli import app
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    main(quick=args.quick, json_path=args.json)
+    app(["bench", "fusion", *sys.argv[1:]], prog_name=f"python {sys.argv[0]}")

@@ -1,17 +1,11 @@
 """Meta-learning (MAML vs pretrained on sinusoids, few-shot digits) and continual learning (EWC, replay).
 
-Usage: python benchmarks/meta.py [--quick] [--json FILE] [--plot FILE.png]
+Same as `pimoe bench meta`, with the same options (`python benchmarks/meta.py --help`).
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from pimoe.bench.meta import main
+from pimoe.cli import app
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
-    args = parser.parse_args()
-    main(quick=args.quick, json_path=args.json, plot_path=args.plot)
+    app(["bench", "meta", *sys.argv[1:]], prog_name=f"python {sys.argv[0]}")

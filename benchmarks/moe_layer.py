@@ -1,18 +1,11 @@
 """PiMoE layer vs HF MixtralSparseMoeBlock vs the dense limit. Same as `pimoe bench moe`.
 
-Usage: python benchmarks/moe_layer.py [--quick] [--json FILE]
+Same as `pimoe bench moe`, with the same options (`python benchmarks/moe_layer.py --help`).
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from pimoe.bench.moe_layer import main
+from pimoe.cli import app
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    main(quick=args.quick, json_path=args.json, rounds=args.rounds, threads=args.threads)
+    app(["bench", "moe", *sys.argv[1:]], prog_name=f"python {sys.argv[0]}")

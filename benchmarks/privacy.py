@@ -1,16 +1,11 @@
 """DP-SGD accuracy at epsilon 1/3/8 vs non-private, secure aggregation and CKKS aggregation costs (sklearn digits).
 
-Usage: python benchmarks/privacy.py [--quick] [--json FILE]
+Same as `pimoe bench privacy`, with the same options (`python benchmarks/privacy.py --help`).
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from pimoe.bench.privacy import main
+from pimoe.cli import app
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    main(quick=args.quick, json_path=args.json)
+    app(["bench", "privacy", *sys.argv[1:]], prog_name=f"python {sys.argv[0]}")

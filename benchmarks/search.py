@@ -1,18 +1,12 @@
 """Multi-objective architecture search (Optuna TPE) vs random search at equal budget: hypervolume
 of the Pareto fronts (held-out loss, CPU latency, bytes) and the performance predictor's Spearman rho.
 
-Usage: python benchmarks/search.py [--quick] [--json FILE] [--seeds N]
+Same as `pimoe bench search`, with the same options (`python benchmarks/search.py --help`).
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from pimoe.bench.search import main
+from pimoe.cli import app
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--seeds", type=int, default=None)
-    args = parser.parse_args()
-    main(quick=args.quick, json_path=args.json, seeds=args.seeds)
+    app(["bench", "search", *sys.argv[1:]], prog_name=f"python {sys.argv[0]}")

@@ -1,16 +1,11 @@
 """Loopback HTTP load against ``pimoe serve``: one-by-one vs batching vs batching+cache.
 
-Usage: python benchmarks/serve.py [--quick] [--json FILE]
+Same as `pimoe bench serve`, with the same options (`python benchmarks/serve.py --help`).
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from pimoe.bench.serve import main
+from pimoe.cli import app
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    main(quick=args.quick, json_path=args.json)
+    app(["bench", "serve", *sys.argv[1:]], prog_name=f"python {sys.argv[0]}")

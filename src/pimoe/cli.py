@@ -130,11 +130,14 @@ def bench_computation(
     quick: Annotated[bool, typer.Option(help="800 training steps, 40 held-out problems (~1-2 min).")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON (and a PNG plot next to it).")] = None,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
+    calls: Annotated[str, typer.Option(help="Call format the text expert learns: 'reference' (#1*#2, resolved by text-to-computation) or 'expression' (literal digits).")] = "reference",
 ) -> None:
     """PiMoE computation experts on held-out arithmetic: LM alone vs token-level hand-off vs tool call."""
     from pimoe.bench.computation import main
 
-    main(quick=quick, json_path=json_path, threads=threads)
+    if calls not in ("reference", "expression"):
+        raise typer.BadParameter(f"must be 'reference' or 'expression', got {calls!r}", param_hint="--calls")
+    main(quick=quick, json_path=json_path, threads=threads, calls=calls)  # type: ignore[arg-type]
 
 
 @bench_app.command("expert-parallel")
