@@ -55,7 +55,7 @@ def demo(
 @app.command()
 def serve(
     model_path: Annotated[Optional[Path], typer.Argument(exists=True, show_default=False, help="Same as --model.")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", exists=True, help="A PiMoELM safetensors file (from `pimoe save-demo-model PATH` or `pimoe demo --out DIR`) or a Hugging Face encoder folder (e.g. all-MiniLM-L6-v2).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", exists=True, help="A PiMoELM safetensors file (from `pimoe save-demo-model PATH` or `pimoe demo --out DIR`), a Hugging Face encoder folder (e.g. all-MiniLM-L6-v2) or a `pimoe compress` output folder.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in requests; default: the file name without extension.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,

@@ -119,6 +119,19 @@ def save_compressed(folder: str | Path, model: nn.Module, source: Source, config
     return folder
 
 
+def read_recipe(folder: str | Path) -> dict[str, Any]:
+    """``recipe.json`` of a compressed-model folder: ``source`` (path), ``kind`` ("hf" or "pimoe"),
+    ``config``; ``ValueError`` if it is missing or not a pimoe recipe."""
+    folder = Path(folder)
+    try:
+        recipe = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{folder}: no readable recipe.json ({error})") from error
+    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
+        raise ValueError(f"{folder}/recipe.json: not a {FORMAT} recipe")
+    return recipe
+
+
 def load_compressed(folder: str | Path) -> nn.Module:
     """Rebuild the compressed model saved in ``folder`` (eval mode).
 
@@ -127,12 +140,7 @@ def load_compressed(folder: str | Path) -> nn.Module:
             structure (a tampered file or a changed source model).
     """
     folder = Path(folder)
-    try:
-        recipe = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{folder}: no readable recipe.json ({error})") from error
-    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
-        raise ValueError(f"{folder}/recipe.json: not a {FORMAT} recipe")
+    recipe = read_recipe(folder)
     config = config_from_dict(recipe["config"], enable_knowledge_distillation=False)
     model = ArchitectureOptimizer(config).compress(load_source(recipe["source"], examples=1).model)
     try:

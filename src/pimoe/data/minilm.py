@@ -9,6 +9,7 @@ fidelity measurements only (never calibration or training).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,19 +46,37 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 class SentenceEncoder(nn.Module):
-    """A Hugging Face encoder plus mean pooling and L2 normalization (sentence-transformers' recipe).
+    """A Hugging Face encoder plus pooling and L2 normalization (sentence-transformers' recipe).
 
-    ``forward(input_ids [B, T], attention_mask [B, T]) -> [B, H]`` unit-norm float embeddings. The
-    wrapped model is ``self.model``; compression passes see its layers under ``model.*``.
+    ``forward(input_ids [B, T], attention_mask [B, T]) -> [B, H]`` float embeddings: the
+    attention-masked mean (``pooling="mean"``) or the first token (``"cls"``) of the last hidden
+    states, unit-norm with ``normalize``. The wrapped model is ``self.model``; compression passes
+    see its layers under ``model.*``.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, pooling: str = "mean", normalize: bool = True) -> None:
         super().__init__()
-        self.model = model
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.model, self.pooling, self.normalize = model, pooling, normalize
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(mean_pool(hidden, attention_mask).float(), dim=-1)
+        pooled = (hidden[:, 0] if self.pooling == "cls" else mean_pool(hidden, attention_mask)).float()
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+
+def pooling_of(folder: Path) -> tuple[str, bool]:
+    """``(pooling, normalize)`` from a folder's sentence-transformers files: ``1_Pooling/config.json``
+    (CLS or mean) and a ``Normalize`` entry in ``modules.json``; without them mean pooling, normalized."""
+    pooling, normalize = "mean", True
+    pool_cfg = folder / "1_Pooling" / "config.json"
+    if pool_cfg.is_file():
+        pooling = "cls" if json.loads(pool_cfg.read_text()).get("pooling_mode_cls_token") else "mean"
+    modules = folder / "modules.json"
+    if modules.is_file():
+        normalize = any(str(m.get("type", "")).endswith("Normalize") for m in json.loads(modules.read_text()))
+    return pooling, normalize
 
 
 @dataclass
@@ -83,7 +102,8 @@ class MiniLM:
 
 
 def load_minilm(path: str | Path | None = None) -> MiniLM:
-    """Load all-MiniLM-L6-v2 (or another local BERT-style HF folder) as a :class:`MiniLM`.
+    """Load all-MiniLM-L6-v2 (or another local BERT-style HF folder) as a :class:`MiniLM`
+    (pooling and normalization from :func:`pooling_of`).
 
     Args:
         path: a local Hugging Face model folder; default: the packaged all-MiniLM-L6-v2.
@@ -95,4 +115,4 @@ def load_minilm(path: str | Path | None = None) -> MiniLM:
         raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
     model = AutoModel.from_pretrained(folder, local_files_only=True).float().eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return MiniLM(SentenceEncoder(model).eval(), tokenizer, folder)
+    return MiniLM(SentenceEncoder(model, *pooling_of(folder)).eval(), tokenizer, folder)

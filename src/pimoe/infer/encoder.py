@@ -1,18 +1,19 @@
-"""``SentenceEncoder``: a Hugging Face encoder folder (e.g. all-MiniLM-L6-v2) as a served text model.
+"""``ServedEncoder``: a sentence encoder and its tokenizer, shaped for the server's micro-batcher.
 
-It loads the tokenizer and model with ``transformers`` from a local folder (never from a hub) and
-pools like sentence-transformers: the folder's ``1_Pooling/config.json`` picks mean or CLS
-pooling (mean when absent), and ``modules.json`` listing a ``Normalize`` module L2-normalizes the
-embeddings. Its forward takes right-padded token ids and their lengths, so it fits the
-:class:`~pimoe.infer.batching.MicroBatcher` (``fn(batch, lengths=lengths)``): padding never
-changes a sentence's embedding because attention and pooling are masked.
+The encoder is :class:`pimoe.data.minilm.SentenceEncoder` (a Hugging Face encoder with
+sentence-transformers pooling, loaded from a local folder, never from a hub), either as saved in
+a Hugging Face folder (e.g. all-MiniLM-L6-v2) or compressed by ``pimoe compress`` (a folder with
+``recipe.json``; the tokenizer comes from the recipe's source folder). The forward takes
+right-padded token ids and their lengths, as :class:`~pimoe.infer.batching.MicroBatcher` passes
+them (``fn(batch, lengths=lengths)``): attention and pooling are masked, so padding never changes
+a text's embedding.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,44 +26,48 @@ def is_hf_folder(path: str | os.PathLike[str]) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
-class SentenceEncoder(nn.Module):
+def is_compressed_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder written by ``pimoe compress`` (a ``recipe.json``)."""
+    return Path(path).is_dir() and (Path(path) / "recipe.json").is_file()
+
+
+class ServedEncoder(nn.Module):
     """Token ids ``[B, L]`` (right-padded) and ``lengths [B]`` -> sentence embeddings ``[B, D]``.
 
     Args:
-        model: a transformers encoder (``AutoModel``) returning ``last_hidden_state [B, L, D]``.
-        tokenizer: its tokenizer (used by :meth:`encode_text`).
-        pooling: "mean" (average of the real positions) or "cls" (the first position).
-        normalize: L2-normalize the pooled embeddings.
+        encoder: a module ``(input_ids [B, L], attention_mask [B, L]) -> [B, D]``, e.g.
+            :class:`pimoe.data.minilm.SentenceEncoder` (float or compressed).
+        tokenizer: its Hugging Face tokenizer (used by :meth:`encode_text`).
         max_length: longest accepted token sequence (the model's position limit).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: object, pooling: str = "mean", normalize: bool = True,
-                 max_length: int = 512) -> None:
+    def __init__(self, encoder: nn.Module, tokenizer: Any, max_length: int = 512) -> None:
         super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        self.model, self.tokenizer = model, tokenizer
-        self.pooling, self.normalize, self.max_length = pooling, normalize, max_length
+        self.encoder, self.tokenizer, self.max_length = encoder, tokenizer, max_length
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike[str]) -> SentenceEncoder:
-        """Load a local HF folder (``config.json``, weights, tokenizer files); ``ValueError`` if it is not one."""
-        from transformers import AutoModel, AutoTokenizer
+    def from_folder(cls, path: str | os.PathLike[str]) -> ServedEncoder:
+        """A Hugging Face encoder folder; ``ValueError`` if ``path`` is not one."""
+        from pimoe.data.minilm import load_minilm
 
-        folder = Path(path)
-        if not is_hf_folder(folder):
-            raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
-        pooling, normalize = "mean", False
-        pool_cfg = folder / "1_Pooling" / "config.json"
-        if pool_cfg.is_file():
-            pooling = "cls" if json.loads(pool_cfg.read_text()).get("pooling_mode_cls_token") else "mean"
-        modules = folder / "modules.json"
-        if modules.is_file():
-            normalize = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
-        max_length = int(getattr(model.config, "max_position_embeddings", 512))
-        return cls(model, tokenizer, pooling, normalize, max_length)
+        if not is_hf_folder(path):
+            raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
+        minilm = load_minilm(path)
+        return cls(minilm.encoder, minilm.tokenizer, _max_positions(minilm.encoder))
+
+    @classmethod
+    def from_compressed(cls, path: str | os.PathLike[str]) -> ServedEncoder:
+        """A ``pimoe compress`` folder whose source is a Hugging Face encoder folder."""
+        from transformers import AutoTokenizer
+
+        from pimoe.compress.saved import load_compressed, read_recipe
+
+        recipe = read_recipe(path)
+        if recipe.get("kind") != "hf":
+            raise ValueError(f"{path} holds a compressed {recipe.get('kind')!r} model, not a text encoder")
+        encoder = load_compressed(path)
+        tokenizer = AutoTokenizer.from_pretrained(recipe["source"], local_files_only=True)
+        return cls(encoder, tokenizer, _max_positions(encoder))
 
     def encode_text(self, text: str) -> Tensor:
         """One text -> its token ids ``[L]`` (int64, with the model's special tokens).
@@ -71,7 +76,7 @@ class SentenceEncoder(nn.Module):
         """
         if not text.strip():
             raise ValueError("text is empty")
-        ids: list[int] = self.tokenizer(text, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+        ids: list[int] = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) > self.max_length:
             raise ValueError(f"text has {len(ids)} tokens; this model takes at most {self.max_length}")
         return torch.tensor(ids, dtype=torch.long)
@@ -82,14 +87,12 @@ class SentenceEncoder(nn.Module):
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
         if lengths is None:
             lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
-        mask = lengths_to_mask(lengths, input_ids.shape[1])  # [B, L]
-        hidden = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state  # [B, L, D]
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            m = mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+        return self.encoder(input_ids, lengths_to_mask(lengths, input_ids.shape[1]).long())
 
 
-__all__ = ["SentenceEncoder", "is_hf_folder"]
+def _max_positions(encoder: nn.Module) -> int:
+    config = getattr(getattr(encoder, "model", None), "config", None)
+    return int(getattr(config, "max_position_embeddings", 512))
+
+
+__all__ = ["ServedEncoder", "is_compressed_folder", "is_hf_folder"]

@@ -5,9 +5,9 @@ Three kinds of model:
 - ``"lm"``: a :class:`PiMoELM`; requests send ``token_ids`` or ``text`` (UTF-8 bytes are its
   tokens); the answer holds the logits ``[L, V]`` and the next token id.
 - ``"tensor"``: any module taking one float tensor ``[B, *input_shape]``; requests send ``inputs``.
-- ``"text"``: a :class:`~pimoe.infer.encoder.SentenceEncoder` (a Hugging Face encoder folder such
-  as all-MiniLM-L6-v2); requests send ``text`` (one string or a list) and get embeddings ``[D]``
-  (or ``[N, D]``).
+- ``"text"``: a :class:`~pimoe.infer.encoder.ServedEncoder` (a Hugging Face encoder folder such
+  as all-MiniLM-L6-v2, or one compressed by ``pimoe compress``); requests send ``text`` (one
+  string or a list) and get embeddings ``[D]`` (or ``[N, D]``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from pimoe.infer.encoder import SentenceEncoder, is_hf_folder
+from pimoe.infer.encoder import ServedEncoder, is_compressed_folder, is_hf_folder
 from pimoe.moe.model import PiMoELM
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -33,7 +33,7 @@ class ServedModel:
     """A model the server runs.
 
     Args:
-        module: a :class:`PiMoELM` (``kind="lm"``), a :class:`SentenceEncoder` (``kind="text"``)
+        module: a :class:`PiMoELM` (``kind="lm"``), a :class:`ServedEncoder` (``kind="text"``)
             or any ``nn.Module`` taking one float tensor ``[B, *input_shape]`` and returning a
             tensor with ``B`` rows (``kind="tensor"``).
         kind: "lm" (requests send ``token_ids`` or ``text``), "text" (requests send ``text``: a
@@ -55,8 +55,8 @@ class ServedModel:
     def __post_init__(self) -> None:
         if self.kind == "lm" and not isinstance(self.module, PiMoELM):
             raise TypeError(f"kind='lm' serves a PiMoELM, got {type(self.module).__name__}")
-        if self.kind == "text" and not isinstance(self.module, SentenceEncoder):
-            raise TypeError(f"kind='text' serves a SentenceEncoder, got {type(self.module).__name__}")
+        if self.kind == "text" and not isinstance(self.module, ServedEncoder):
+            raise TypeError(f"kind='text' serves a ServedEncoder, got {type(self.module).__name__}")
         if self.kind == "tensor":
             if not self.input_shape:
                 raise ValueError("kind='tensor' needs a non-empty input_shape (one request's shape)")
@@ -69,18 +69,29 @@ class ServedModel:
         return cls(model, "lm")
 
     @classmethod
-    def encoder(cls, module: SentenceEncoder) -> ServedModel:
+    def encoder(cls, module: ServedEncoder) -> ServedModel:
         """Serve a sentence encoder (texts in; one embedding ``[D]`` per text out)."""
         return cls(module, "text", seq_output=False)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], map_location: str = "cpu") -> ServedModel:
-        """Serve what ``path`` holds: a Hugging Face encoder folder (as a :class:`SentenceEncoder`)
-        or a :class:`PiMoELM` saved with :meth:`PiMoELM.save` (safetensors with config)."""
+        """Serve what ``path`` holds: a Hugging Face encoder folder, a ``pimoe compress`` output
+        folder (a compressed encoder or PiMoELM), or a :class:`PiMoELM` saved with
+        :meth:`PiMoELM.save` (safetensors with config)."""
         if is_hf_folder(path):
-            return cls.encoder(SentenceEncoder.from_folder(path).to(map_location))
+            return cls.encoder(ServedEncoder.from_folder(path).to(map_location))
+        if is_compressed_folder(path):
+            from pimoe.compress.saved import load_compressed, read_recipe
+
+            if read_recipe(path).get("kind") == "hf":
+                return cls.encoder(ServedEncoder.from_compressed(path))
+            model = load_compressed(path)
+            if not isinstance(model, PiMoELM):
+                raise ValueError(f"{path} holds a compressed {type(model).__name__}, which the server cannot serve")
+            return cls.lm(model)
         if os.path.isdir(path):
-            raise ValueError(f"{path} is a folder without config.json: not a Hugging Face model folder")
+            raise ValueError(f"{path} is a folder without config.json or recipe.json: "
+                             "not a Hugging Face model folder or a pimoe compress output")
         return cls.lm(PiMoELM.load(path, map_location=map_location))
 
     @classmethod
@@ -125,7 +136,7 @@ def request_rows(served: ServedModel, req: InferRequest, max_elements: int) -> t
     if served.kind == "lm":
         return [_lm_input(cast(PiMoELM, served.module), req, max_elements)], False
     if served.kind == "text":
-        return _text_input(cast(SentenceEncoder, served.module), req, max_elements)
+        return _text_input(cast(ServedEncoder, served.module), req, max_elements)
     if req.inputs is None:
         raise RequestError(422, f"model {req.model!r} takes 'inputs' (nested lists of shape {_shape_str(served)})")
     return _tensor_input(served, req.inputs, max_elements)
@@ -149,7 +160,7 @@ def _lm_input(model: PiMoELM, req: InferRequest, max_elements: int) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _text_input(encoder: SentenceEncoder, req: InferRequest, max_elements: int) -> tuple[list[Tensor], bool]:
+def _text_input(encoder: ServedEncoder, req: InferRequest, max_elements: int) -> tuple[list[Tensor], bool]:
     """``text`` (one string, or a list of N strings) -> token ids, one batcher request per text."""
     if req.text is None:
         raise RequestError(422, f"model {req.model!r} is a text encoder: send 'text' (a string or a list of strings)")
