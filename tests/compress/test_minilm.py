@@ -46,3 +46,13 @@ def test_benchmark_best_config_json(tmp_path) -> None:
     assert rows["fp32"]["cosine"] > 0.99999 and rows["fp32"]["size_ratio"] == 1.0
     assert best["cosine"] > 0.985 and best["cosine_min"] > 0.97  # 70 held-out sentences
     assert best["size_ratio"] < 0.25 and best["latency_ratio"] > 0
+
+
+def test_tokenize_refuses_to_truncate() -> None:
+    from pimoe.data.minilm import load_minilm
+
+    minilm = load_minilm()
+    ids, mask = minilm.tokenize(["short", "a little longer sentence"])
+    assert ids.shape == mask.shape and int(mask.sum(1).max()) == ids.shape[1]
+    with pytest.raises(ValueError, match="max_length=8"):
+        minilm.tokenize(["short", "this sentence is clearly longer than eight word pieces"], max_length=8)

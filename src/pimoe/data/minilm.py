@@ -88,10 +88,15 @@ class MiniLM:
     path: Path
 
     def tokenize(self, sentences: list[str], max_length: int = 128) -> tuple[Tensor, Tensor]:
-        """``(input_ids [B, T], attention_mask [B, T])`` int64, padded to the longest sentence."""
+        """``(input_ids [B, T], attention_mask [B, T])`` int64, padded to the longest sentence;
+        ``ValueError`` for a sentence longer than ``max_length`` tokens (nothing is truncated)."""
         if not sentences or not all(isinstance(s, str) for s in sentences):
             raise ValueError("give a non-empty list of strings")
-        batch = self.tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = self.tokenizer(sentences, padding=True, return_tensors="pt")
+        lengths = batch["attention_mask"].sum(1)
+        if int(lengths.max()) > max_length:
+            i = int(lengths.argmax())
+            raise ValueError(f"sentence {i} has {int(lengths[i])} tokens; the limit is max_length={max_length}")
         return batch["input_ids"], batch["attention_mask"]
 
     @torch.inference_mode()
