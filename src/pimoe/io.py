@@ -193,7 +193,7 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
         head = json.dumps(parts).encode("utf-8")
         digest.update(struct.pack("<QQ", len(head), data.nbytes))
         digest.update(head)
-        digest.update(memoryview(data))
+        digest.update(data.data)
     return digest.hexdigest()
 
 
@@ -227,7 +227,7 @@ def read_safetensors_header(source: str | os.PathLike[str] | bytes) -> tuple[dic
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{label}: not a safetensors file (header is not JSON: {err})") from err
     if not isinstance(header, dict):
-        raise ValueError(f"{label}: not a safetensors file (header is not an object)")
+        raise ValueError(f"{label}: not a safetensors file (header is not an object)")  # noqa: TRY004 (bad file, not bad argument)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{label}: __metadata__ must map names to strings")
