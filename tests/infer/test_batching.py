@@ -11,6 +11,7 @@ from torch import nn
 from pimoe.infer.batching import MicroBatcher, lengths_to_mask
 from pimoe.infer.engine import InferenceEngine
 from pimoe.moe.model import LMConfig, PiMoELM
+from pimoe.moe.config import MoEConfig
 
 NAN = float("nan")
 
@@ -58,7 +59,7 @@ def test_padding_does_not_leak(kind: str) -> None:
 
 
 def test_causal_lm_with_token_ids_through_the_engine() -> None:
-    lm = PiMoELM(LMConfig(n_layer=2, d_model=32, n_head=2, num_experts=4, ffn_dim=32, block_size=16))
+    lm = PiMoELM(LMConfig(n_layer=2, d_model=32, n_head=2, block_size=16, moe=MoEConfig(num_experts=4, ffn_dim=32)))
     engine = InferenceEngine()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g) for n in (3, 9, 5, 9, 1, 7)]
@@ -159,6 +160,30 @@ def test_exceptions_reach_every_future_of_the_batch_only() -> None:
                 f.result(timeout=10)
         assert b(torch.tensor([3.0]), timeout=10).item() == 3.0  # the worker survived
     assert b.stats.errors == 1
+
+
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()])
+def test_a_non_exception_from_fn_fails_pending_requests_and_refuses_new_ones(error: BaseException) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        started.set()
+        release.wait(10)
+        raise error
+
+    b = MicroBatcher(fn, max_batch_size=1, max_wait_ms=0)
+    running = b.submit(torch.tensor([1.0]))
+    assert started.wait(10)
+    queued = [b.submit(torch.tensor([float(i)])) for i in range(3)]  # behind the running batch
+    release.set()
+    for future in (running, *queued):
+        with pytest.raises(RuntimeError, match=rf"worker stopped: fn raised {type(error).__name__}") as info:
+            future.result(timeout=10)  # before: the worker died and these never completed
+        assert info.value.__cause__ is error
+    with pytest.raises(RuntimeError, match="refuses requests"):
+        b.submit(torch.tensor([1.0]))
+    b.close(timeout=10)
+    assert not b._worker.is_alive() and b.stats.errors == 1
 
 
 def test_wrong_output_shapes_are_reported() -> None:

@@ -28,6 +28,7 @@ attention, mean pooling over all of ``Lmax``, MoE routing with a capacity limit)
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+_log = logging.getLogger(__name__)
 
 def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
     """``lengths [B]`` -> boolean mask ``[B, max_len]``, True at real (non-padded) positions."""
@@ -106,6 +108,7 @@ class MicroBatcher:
         self._queue: deque[tuple[float, _Request]] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._dead: RuntimeError | None = None  # set when the worker ended on a non-Exception error
         self._requests = self._errors = 0
         self._sizes: deque[int] = deque(maxlen=history)
         self._counts: Counter[int] = Counter()
@@ -136,7 +139,10 @@ class MicroBatcher:
     def submit(self, x: Tensor) -> Future[Any]:
         """Queue request ``x [L, ...]`` (at least 1-D); the future gets its result or ``fn``'s exception.
 
-        A future cancelled before its batch starts is skipped.
+        A future cancelled before its batch starts is skipped. If ``fn`` raises something that is
+        not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``), the worker stops: the futures
+        of that batch and of every queued request get a ``RuntimeError`` caused by it, and later
+        calls raise one (``RuntimeError`` too after :meth:`close`).
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"a request is a torch.Tensor, got {type(x).__name__}")
@@ -146,6 +152,8 @@ class MicroBatcher:
             raise RuntimeError("fn must not submit to its own MicroBatcher (the worker would wait for itself)")
         request = _Request(x)
         with self._cond:
+            if self._dead is not None:
+                raise RuntimeError(f"MicroBatcher refuses requests: {self._dead}") from self._dead.__cause__
             if self._closed:
                 raise RuntimeError("MicroBatcher is closed")
             self._queue.append((time.monotonic(), request))
@@ -186,13 +194,33 @@ class MicroBatcher:
             return [self._queue.popleft()[1] for _ in range(n)]
 
     def _run(self) -> None:
-        while (taken := self._take()) is not None:
-            live = [r for r in taken if r.future.set_running_or_notify_cancel()]
-            groups: dict[tuple[Any, ...], list[_Request]] = {}
-            for r in live:
-                groups.setdefault((r.x.dtype, r.x.device, tuple(r.x.shape[1:])), []).append(r)
-            for group in groups.values():
-                self._run_group(group)
+        live: list[_Request] = []
+        try:
+            while (taken := self._take()) is not None:
+                live = [r for r in taken if r.future.set_running_or_notify_cancel()]
+                groups: dict[tuple[Any, ...], list[_Request]] = {}
+                for r in live:
+                    groups.setdefault((r.x.dtype, r.x.device, tuple(r.x.shape[1:])), []).append(r)
+                for group in groups.values():
+                    self._run_group(group)
+        except BaseException as exc:  # noqa: BLE001 (fn's Exceptions fail only their batch; others end the worker)
+            self._die(exc, live)
+
+    def _die(self, exc: BaseException, running: list[_Request]) -> None:
+        """The worker is ending on ``exc`` (e.g. ``SystemExit`` from ``fn``): fail the running and
+        queued requests with a ``RuntimeError`` caused by it, and refuse new ones."""
+        error = RuntimeError(f"MicroBatcher worker stopped: fn raised {type(exc).__name__}({exc})")
+        error.__cause__ = exc
+        with self._cond:
+            self._dead = error
+            self._closed = True
+            self._errors += 1
+            queued = [r for _, r in self._queue]
+            self._queue.clear()
+        for r in (*running, *queued):
+            if not r.future.done():
+                r.future.set_exception(error)
+        _log.error("%s; pending requests failed, new ones are refused", error)
 
     def _run_group(self, group: list[_Request]) -> None:
         with self._cond:
