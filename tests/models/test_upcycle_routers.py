@@ -1,0 +1,62 @@
+"""Router training of split-upcycled models, and saving/loading the routers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pimoe.models.router_training import load_routers, routing_quality, save_routers, train_routers
+from pimoe.models.upcycle import moe_layers, upcycle
+from pimoe.models.upcycle_cluster import capture_mlp_inputs
+from test_upcycle import LAYERS, logits, tiny_llama, tokens
+
+
+def _split(top_k: int = 2):
+    model = tiny_llama()
+    train = capture_mlp_inputs(model, tokens(8, 32, seed=1))
+    heldout = capture_mlp_inputs(model, tokens(4, 32, seed=2))
+    upcycle(model, 4, top_k, "split", mlp_inputs=train)
+    return model, train, heldout
+
+
+def test_router_training_lowers_the_loss_and_beats_a_random_router() -> None:
+    model, train, heldout = _split()
+    before = [routing_quality(layer, x) for layer, x in zip(moe_layers(model), heldout)]
+    reports = train_routers(model, train, heldout, steps=100)
+    assert len(reports) == LAYERS
+    for report, (recall0, error0, _) in zip(reports, before):
+        assert report.loss_end < report.loss_start - 0.01
+        assert report.heldout_recall > recall0 and report.heldout_rel_error < error0
+        assert report.oracle_rel_error <= report.heldout_rel_error + 1e-6
+
+
+def test_saved_routers_rebuild_the_same_model(tmp_path) -> None:
+    model, train, _ = _split()
+    train_routers(model, train, steps=20)
+    path = tmp_path / "routers.safetensors"
+    save_routers(model, path, {"tokens": 256})
+    ids = tokens(2, 16, seed=3)
+    rebuilt = tiny_llama()
+    assert load_routers(rebuilt, path) == {"tokens": 256}
+    torch.testing.assert_close(logits(rebuilt, ids), logits(model, ids))
+    four = tiny_llama()
+    load_routers(four, path, top_k=4)
+    assert [layer.top_k for layer in moe_layers(four)] == [4] * LAYERS
+    torch.testing.assert_close(logits(four, ids), logits(tiny_llama(), ids), atol=1e-5, rtol=1e-5)  # k == E: dense
+
+
+def test_router_files_are_checked(tmp_path) -> None:
+    model, _, _ = _split()
+    path = tmp_path / "routers.safetensors"
+    with pytest.raises(ValueError, match="split"):
+        save_routers(tiny_llama(), path)
+    save_routers(model, path)
+    other = tiny_llama()
+    other.model.layers = other.model.layers[:1]  # one MLP instead of two
+    with pytest.raises(ValueError, match="missing|unexpected"):
+        load_routers(other, path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="safetensors"):
+        load_routers(tiny_llama(), path)
+    with pytest.raises(ValueError, match="no PiMoE"):
+        train_routers(tiny_llama(), [], steps=1)
