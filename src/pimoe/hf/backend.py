@@ -1,0 +1,134 @@
+"""pimoe's grouped expert kernel as a transformers experts implementation (``"pimoe"``).
+
+transformers >= 5 runs the experts of its MoE families (Mixtral, Qwen2/3-MoE, OLMoE,
+DeepSeek-V2/V3, GPT-OSS, ...) through ``transformers.integrations.moe.ExpertsInterface``: an
+experts module decorated with ``@use_experts_implementation`` calls the function registered under
+``config._experts_implementation`` as ``fn(experts, hidden_states [T, D], top_k_index [T, k],
+top_k_weights [T, k]) -> [T, D]``. :func:`pimoe_experts_forward` is such a function: it sorts
+the assignments by expert (:mod:`pimoe.moe.dispatch`), runs
+:func:`pimoe.moe.grouped.grouped_ffn` on the module's own weights (no copy) and combines.
+
+The decorator describes each family's layout, and this backend follows it:
+
+- ``has_gate``: ``gate_up_proj`` (fused gate and up rows) and the family's ``_apply_gate``
+  (transformers' default ``act(gate) * up`` on concatenated halves, or the family's own, e.g.
+  GPT-OSS's interleaved, clamped ``(up + 1) * gate * sigmoid(alpha * gate)``); otherwise
+  ``up_proj`` and ``act_fn``;
+- ``is_transposed``: weights stored ``[E, D, F_in]`` / ``[E, F, D]`` (used through a view);
+- ``has_bias``: ``gate_up_proj_bias`` / ``up_proj_bias`` and ``down_proj_bias``;
+- ``has_post_expert_norm``: ``post_expert_norm`` applied to each expert output row;
+- expert parallelism: indices ``>= num_experts`` (sentinels of other ranks) are skipped.
+
+An experts module with a parameter this layout does not name (quantization scales, per-expert
+scales, ...) raises ``TypeError`` naming the family and the parameter: nothing runs silently wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from pimoe.moe.dispatch import combine, sort_by_expert
+from pimoe.moe.grouped import grouped_ffn
+
+NAME = "pimoe"
+_KNOWN_PARAMETERS = frozenset(
+    {"gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias"}
+)
+_LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+
+
+class ExpertsLayout(NamedTuple):
+    """One experts module's weights in the kernel's layout (views, never copies)."""
+
+    w_in: Tensor  # [E, F_in, D]
+    b_in: Tensor | None  # [E, F_in]
+    w_out: Tensor  # [E, D, F]
+    b_out: Tensor | None  # [E, D]
+    act: Callable[[Tensor], Tensor]  # [n, F_in] -> [n, F]
+
+
+def _family(experts: nn.Module) -> str:
+    return type(experts).__name__
+
+
+def experts_layout(experts: nn.Module) -> ExpertsLayout:
+    """Read a ``@use_experts_implementation`` module's weights as ``grouped_ffn`` arguments.
+
+    Raises:
+        TypeError: the module is not a transformers experts module, or holds a parameter the
+            kernel would ignore (named in the message with the family).
+    """
+    family = _family(experts)
+    missing = [flag for flag in _LAYOUT_FLAGS if not hasattr(experts, flag)]
+    if missing or not hasattr(experts, "num_experts"):
+        raise TypeError(
+            f"{family} is not a transformers experts module decorated with @use_experts_implementation "
+            f"(missing {missing or ['num_experts']})"
+        )
+    unknown = sorted(set(experts._parameters) - _KNOWN_PARAMETERS)
+    if unknown:
+        raise TypeError(
+            f"experts_implementation='pimoe' cannot run {family}: parameters {unknown} are not part of "
+            "the fused-experts layout (gate_up_proj/up_proj, down_proj, biases) that pimoe's kernel executes"
+        )
+    w_in = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    w_out = experts.down_proj
+    for name, weight in (("input projection", w_in), ("down_proj", w_out)):
+        if not weight.is_floating_point() or weight.dim() != 3:
+            raise TypeError(
+                f"experts_implementation='pimoe' cannot run {family}: its {name} is {weight.dtype} "
+                f"{tuple(weight.shape)}; the kernel needs floating-point [E, out, in] weights"
+            )
+    if experts.is_transposed:  # stored [E, in, out]
+        w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
+    b_in = b_out = None
+    if experts.has_bias:
+        b_in = experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias
+        b_out = experts.down_proj_bias
+    act = experts._apply_gate if experts.has_gate else experts.act_fn
+    return ExpertsLayout(w_in, b_in, w_out, b_out, act)
+
+
+def pimoe_experts_forward(
+    self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """transformers experts implementation running pimoe's grouped kernel.
+
+    Args:
+        self: the family's experts module (``@use_experts_implementation``).
+        hidden_states: ``[T, D]`` tokens.
+        top_k_index: ``[T, k]`` chosen experts (``>= num_experts`` marks another rank's expert).
+        top_k_weights: ``[T, k]`` combine weights.
+
+    Returns:
+        ``[T, D]`` in ``hidden_states``' dtype: each token's weighted sum of its experts' outputs.
+    """
+    layout = experts_layout(self)
+    num_experts = int(self.num_experts)
+    mask = top_k_index < num_experts if self._is_expert_parallel else None
+    token_sorted, weight_sorted, counts = sort_by_expert(top_k_index, top_k_weights, num_experts, mask)
+    x_sorted = hidden_states.index_select(0, token_sorted)  # [N, D]
+    y = grouped_ffn(x_sorted, layout.w_in, layout.b_in, layout.w_out, layout.b_out, counts, layout.act)
+    if self.has_post_expert_norm:
+        y = self.post_expert_norm(y)
+    return combine(hidden_states, y, token_sorted, weight_sorted)
+
+
+def enable() -> None:
+    """Register :func:`pimoe_experts_forward` with transformers as ``"pimoe"`` (idempotent).
+
+    Afterwards ``from_pretrained(..., experts_implementation="pimoe")``,
+    ``model.set_experts_implementation("pimoe")`` or ``config._experts_implementation = "pimoe"``
+    run a model's experts on pimoe's kernel.
+    """
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError as err:  # transformers < 5 has no experts interface
+        raise ImportError(
+            "pimoe.hf needs transformers>=5 (transformers.integrations.moe.ExpertsInterface): "
+            "pip install 'pimoe[hf]'"
+        ) from err
+    ExpertsInterface.register(NAME, pimoe_experts_forward)
