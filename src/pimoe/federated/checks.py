@@ -1,9 +1,11 @@
 """Input checks on client updates before aggregation: a bad update is rejected, not averaged in.
 
-An update is rejected when its arrays do not match the global model's names and shapes, when it
-holds NaN or inf, or when the L2 norm of its change from the global model is more than
-``norm_factor`` times the median change of the round (a scaled / poisoned update). The norm test
-needs at least ``min_for_norm`` well-formed updates to have a meaningful median.
+An update is rejected when its arrays do not match the global model's names, shapes and floating
+dtypes (an ``int64``, ``bool``, ``complex``, object or string array is rejected, whatever its
+values), when it holds NaN or inf, or when the L2 norm of its change from the global model is more than
+``norm_factor`` times the median change of the round (a scaled / poisoned update; ``norm_factor=0``
+switches this test off). The norm test needs at least ``min_for_norm`` well-formed updates to have
+a meaningful median.
 """
 
 from __future__ import annotations
@@ -28,19 +30,20 @@ def _shape_problem(update: dict[str, np.ndarray], reference: dict[str, np.ndarra
     if not update:
         return "no arrays"
     for name, array in update.items():
-        if array.shape != reference[name].shape:
-            return f"array {name!r} has shape {tuple(array.shape)}, expected {tuple(reference[name].shape)}"
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        expected = reference[name]
+        if not isinstance(array, np.ndarray) or array.dtype != expected.dtype or expected.dtype.kind != "f":
+            got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+            return f"array {name!r} has dtype {got}, expected {expected.dtype}"
+        if array.shape != expected.shape:
+            return f"array {name!r} has shape {tuple(array.shape)}, expected {tuple(expected.shape)}"
+        if not np.isfinite(array).all():
             return f"array {name!r} holds NaN or inf"
     return None
 
 
 def update_norm(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
-    """L2 norm of ``update - reference`` over the float arrays of ``update``."""
-    total = 0.0
-    for name, array in update.items():
-        if array.dtype.kind == "f":
-            total += float(np.sum((array.astype(np.float64) - reference[name]) ** 2))
+    """L2 norm of ``update - reference`` over the arrays of ``update`` (float, as screened)."""
+    total = sum(float(np.sum((a.astype(np.float64) - reference[k].astype(np.float64)) ** 2)) for k, a in update.items())
     return total**0.5
 
 
@@ -54,8 +57,8 @@ def screen_updates(
 
     ``reference`` is the global model the clients started from (name → array).
     """
-    if norm_factor <= 1:
-        raise ValueError(f"norm_factor must be > 1, got {norm_factor}")
+    if norm_factor != 0 and not norm_factor > 1:
+        raise ValueError(f"norm_factor must be > 1 (or 0: no norm test), got {norm_factor}")
     rejected: list[Rejection] = []
     well_formed: dict[int, float] = {}
     keysets = {}
@@ -71,7 +74,7 @@ def screen_updates(
         for node in [n for n, k in keysets.items() if k != common]:
             rejected.append(Rejection(node, "carries a different set of arrays than the other clients"))
             del well_formed[node]
-    if len(well_formed) >= min_for_norm:
+    if norm_factor and len(well_formed) >= min_for_norm:
         median = float(np.median(list(well_formed.values())))
         for node, norm in list(well_formed.items()):
             if norm > norm_factor * max(median, 1e-12):

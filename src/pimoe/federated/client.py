@@ -31,11 +31,14 @@ def drops_out(cfg: FederatedConfig, client: int, server_round: int) -> bool:
     return cfg.dropout > 0 and np.random.default_rng([cfg.seed, server_round, client]).random() < cfg.dropout
 
 
+SCALES = {"scale": 100.0, "scale1e4": 1e4, "signflip": -1.0}
+
+
 def poison(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], attack: str) -> dict[str, torch.Tensor]:
-    """What a malicious client sends: its change scaled by 100, NaNs, or a wrongly shaped array."""
+    """What a malicious client sends: its change scaled by 100 or 1e4 or sign-flipped, NaNs, or a wrongly shaped array."""
     first = next(iter(state))
-    if attack == "scale":
-        return {k: start[k] + 100 * (v - start[k]) for k, v in state.items()}
+    if attack in SCALES:
+        return {k: start[k] + SCALES[attack] * (v - start[k]) for k, v in state.items()}
     if attack == "nan":
         return {**state, first: torch.full_like(state[first], float("nan"))}
     return {**state, first: torch.zeros(state[first].numel() + 1)}
@@ -91,8 +94,10 @@ def make_client_app(fixed: FederatedConfig | None = None, he_context: bytes | No
             start = local.shared_state()
             mu = float(msg.content["config"].get("proximal-mu", 0.0))
             seed = cfg.seed * 1_000_003 + server_round * 1009 + client
-            metrics = _local_training(cfg, local.model, data, mu, seed, context.state)
+            metrics = _local_training(cfg, local.model, data, mu, seed, context)
             state = local.shared_state()
+            if cfg.clip_norm > 0:  # honest clients bound their change; a malicious one skips it
+                state = clipped(state, start, cfg.clip_norm)
             if client in cfg.malicious_ids:
                 state = poison(state, start, cfg.attack)
             if cfg.personal:
@@ -100,8 +105,9 @@ def make_client_app(fixed: FederatedConfig | None = None, he_context: bytes | No
             if cfg.secure_agg or cfg.he:
                 he = he_context or (load_key_file(str(context.node_config.get("he-context-file", ""))) if cfg.he else None)
                 content = protected_reply(msg, context, weighted_change(state, start, len(data)), he)
-                if "epsilon" in metrics:  # the DP budget spent is public; the update is not
-                    content["metrics"] = MetricRecord({"epsilon": metrics["epsilon"]})
+                # public: the example count (the server checks the masked weight against it) and the DP budget spent
+                content["metrics"] = MetricRecord({"num-examples": len(data),
+                                                   **({"epsilon": metrics["epsilon"]} if "epsilon" in metrics else {})})
             else:
                 content = RecordDict({"arrays": ArrayRecord(state),
                                       "metrics": MetricRecord({**metrics, "num-examples": len(data)})})
@@ -122,12 +128,20 @@ def make_client_app(fixed: FederatedConfig | None = None, he_context: bytes | No
     return app
 
 
-def _local_training(cfg: FederatedConfig, model: nn.Module, data: Split, mu: float, seed: int, state: RecordDict) -> dict[str, float]:
+def clipped(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], bound: float) -> dict[str, torch.Tensor]:
+    """``state`` whose change from ``start`` is clipped to L2 norm ``bound`` (:func:`~pimoe.federated.bounding.clip_change`)."""
+    from pimoe.federated.bounding import clip_change
+
+    out = clip_change({k: v.numpy() for k, v in state.items()}, {k: v.numpy() for k, v in start.items()}, bound)
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in out.items()}
+
+
+def _local_training(cfg: FederatedConfig, model: nn.Module, data: Split, mu: float, seed: int, context: Context) -> dict[str, float]:
     """Plain (or FedProx) SGD on the client's data; DP-SGD through pimoe.privacy when ``dp_epsilon > 0``."""
     if cfg.dp_epsilon > 0:
         from pimoe.federated.private import dp_train
 
-        return dp_train(cfg, model, data, seed, state)
+        return dp_train(cfg, model, data, seed, context)
     loss = train_epochs(model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                         seed=seed, proximal_mu=mu)
     return {"train-loss": loss}

@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, fields
 
 from pimoe.federated.selection import POLICIES
 
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
+ROBUST = ("fedmedian", "fedtrimmedavg")  # coordinate-wise: they need every update in the clear
 PARTITIONS = ("iid", "dirichlet")
-ATTACKS = ("scale", "nan", "shape")
+ATTACKS = ("scale", "scale1e4", "signflip", "nan", "shape")
 SERVER_KEYS = ("result-path", "he-public-context-file")  # run-config keys only the ServerApp reads
 
 
@@ -37,9 +38,11 @@ class FederatedConfig:
     batch_size: int = 8
     model: str = "mlp"  # or "moe"
     personal_layers: str = ""  # comma-separated parameter-name prefixes kept on clients, e.g. "moe.experts"
-    norm_factor: float = 10.0  # reject updates whose change norm > factor x the round's median
-    malicious: str = ""  # comma-separated client ids that send poisoned updates (tests / demos)
-    attack: str = "scale"
+    norm_factor: float = 10.0  # reject updates whose change norm > factor x the round's median (0 = off)
+    clip_norm: float = 0.0  # > 0: every client's change is clipped to this L2 norm (see bounding.py)
+    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut from each tail of every coordinate
+    malicious: str = ""  # comma-separated client ids that send poisoned updates (tests / benchmarks)
+    attack: str = "scale"  # scale (x100), scale1e4, signflip, nan, shape (see client.poison)
     dp_epsilon: float = 0.0  # > 0: DP-SGD on every client with this target epsilon
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0
@@ -62,6 +65,12 @@ class FederatedConfig:
             (0 <= self.fraction_evaluate <= 1, f"fraction_evaluate must be in [0, 1], got {self.fraction_evaluate}"),
             (self.local_epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "local_epochs, batch_size and lr must be positive"),
             (self.attack in ATTACKS, f"unknown attack {self.attack!r}; expected one of {ATTACKS}"),
+            (self.norm_factor == 0 or self.norm_factor > 1, f"norm_factor must be > 1 (or 0: off), got {self.norm_factor}"),
+            (self.clip_norm >= 0, f"clip_norm must be >= 0 (0 = off), got {self.clip_norm}"),
+            (0 <= self.trim_beta < 0.5, f"trim_beta must be in [0, 0.5), got {self.trim_beta}"),
+            (not ((self.secure_agg or self.he) and self.strategy in ROBUST),
+             f"{self.strategy} needs every update in the clear: it cannot run under secure or HE aggregation "
+             "(use clip_norm there)"),
             (self.dp_epsilon >= 0, f"dp_epsilon must be >= 0 (0 = off), got {self.dp_epsilon}"),
             (not (self.secure_agg and self.he), "choose one of secure_agg and he, not both"),
             (not (self.dp_epsilon > 0 and self.strategy == "fedprox"),

@@ -1,10 +1,13 @@
 """Flower strategies with client selection, input screening and a per-round participation log.
 
-``ScreenedFedAvg`` and ``ScreenedFedProx`` are Flower's own ``FedAvg`` / ``FedProx`` (message API)
-with one mixin in front that (1) picks the round's clients with a :class:`ClientSelector`,
-(2) rejects malformed, non-finite and outlier updates before Flower averages the rest, (3) merges
-a partial update (personal layers stay on clients) into the global arrays, and (4) records who
-was sampled, who failed, who was rejected and who was aggregated in every round.
+``ScreenedFedAvg``, ``ScreenedFedProx``, ``ScreenedFedMedian`` and ``ScreenedFedTrimmedAvg`` are
+Flower's own ``FedAvg`` / ``FedProx`` / ``FedMedian`` (coordinate-wise median) /
+``FedTrimmedAvg`` (coordinate-wise trimmed mean, ``beta`` cut from each tail) with one mixin in
+front that (1) picks the round's clients with a :class:`ClientSelector`, (2) rejects malformed,
+non-float, non-finite and outlier updates before Flower aggregates the rest, (3) clips each
+accepted change to ``clip_norm`` when set (norm-bounded aggregation), (4) merges a partial update
+(personal layers stay on clients) into the global arrays, and (5) records who was sampled, who
+failed, who was rejected and who was aggregated in every round.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg
 from flwr.supercore import log
 
+from pimoe.federated.bounding import clip_change
 from pimoe.federated.checks import Rejection, screen_updates
 from pimoe.federated.config import FederatedConfig
 from pimoe.federated.selection import ClientSelector
@@ -56,10 +60,12 @@ class _SelectedNodes:
 class ScreenedAggregation:
     """Mixin placed before a Flower message strategy (see module docstring)."""
 
-    def __init__(self, *args: Any, selector: ClientSelector, norm_factor: float = 10.0, audit: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, selector: ClientSelector, norm_factor: float = 10.0, clip_norm: float = 0.0,
+                 audit: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1, **kwargs)
         self.selector = selector
         self.norm_factor = norm_factor
+        self.clip_norm = clip_norm
         self.audit = audit  # anything with .record(event, **fields), e.g. pimoe.privacy.audit.AuditLog
         self.rounds: list[RoundLog] = []
         self._global: dict[str, np.ndarray] = {}
@@ -103,11 +109,14 @@ class ScreenedAggregation:
                 if not (np.isfinite(weight) and weight > 0):
                     raise ValueError(f"num-examples {weight}")
                 updates[node] = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-            except (KeyError, TypeError, ValueError) as err:
-                rejected.append(Rejection(node, f"malformed reply: {err}"))
+            except (AttributeError, KeyError, TypeError, ValueError) as err:
+                rejected.append(Rejection(node, f"malformed reply: {type(err).__name__}: {err}"))
         accepted, screened_out = screen_updates(updates, self._global, self.norm_factor)
         keep = [m for m in ok if m.metadata.src_node_id in set(accepted)]
         for m in keep:
+            if self.clip_norm > 0:
+                clipped = clip_change(updates[m.metadata.src_node_id], self._global, self.clip_norm)
+                m.content["arrays"] = ArrayRecord({k: Array(v) for k, v in clipped.items()})
             metrics = m.content["metrics"]
             self.selector.observe(m.metadata.src_node_id, float(metrics["num-examples"]), float(metrics.get("train-loss", 0.0)))
         self.record_round(server_round, replies, len(keep), rejected + screened_out)
@@ -142,11 +151,23 @@ class ScreenedFedProx(ScreenedAggregation, FedProx):
     """Flower FedProx (sends ``proximal-mu`` to clients) + selection + screening."""
 
 
+class ScreenedFedMedian(ScreenedAggregation, FedMedian):
+    """Flower FedMedian (coordinate-wise median, unweighted) + selection + screening."""
+
+
+class ScreenedFedTrimmedAvg(ScreenedAggregation, FedTrimmedAvg):
+    """Flower FedTrimmedAvg (coordinate-wise mean without the ``beta`` tails, unweighted) + selection + screening."""
+
+
 def make_strategy(cfg: FederatedConfig, audit: Any = None) -> ScreenedAggregation:
     """The strategy named by ``cfg.strategy`` with the config's selection and screening."""
     selector = ClientSelector(cfg.fraction, cfg.min_clients, cfg.selection, cfg.seed)
-    common = dict(selector=selector, norm_factor=cfg.norm_factor, audit=audit,
+    common = dict(selector=selector, norm_factor=cfg.norm_factor, clip_norm=cfg.clip_norm, audit=audit,
                   fraction_evaluate=cfg.fraction_evaluate, min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0)
     if cfg.strategy == "fedprox":
         return ScreenedFedProx(proximal_mu=cfg.proximal_mu, **common)
+    if cfg.strategy == "fedmedian":
+        return ScreenedFedMedian(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return ScreenedFedTrimmedAvg(beta=cfg.trim_beta, **common)
     return ScreenedFedAvg(**common)
