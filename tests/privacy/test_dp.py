@@ -7,7 +7,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pimoe.moe import PiMoE
-from pimoe.privacy.dp import dp_compatible, epsilon, make_private
+from pimoe.privacy.dp import (
+    dp_compatible,
+    epsilon,
+    epsilon_spent,
+    make_private,
+    noise_for_budget,
+    opacus_sampling,
+    train_private,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus warns about secure RNG
 
@@ -34,25 +42,15 @@ def _private(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, epo
                         max_grad_norm=1.0, accountant=accountant)
 
 
-def _train(model, optimizer, loader, epochs: int) -> None:
-    for _ in range(epochs):
-        for xb, yb in loader:
-            if len(yb) == 0:  # Poisson sampling can draw an empty batch
-                continue
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(xb), yb.long()).backward()
-            optimizer.step()
-
-
 def test_budget_is_spent_exactly_and_model_learns(digits) -> None:
     x_tr, y_tr, x_te, y_te = digits
     torch.manual_seed(0)
     model, optimizer, loader, engine = _private(_mlp(), x_tr, y_tr, eps=8.0, epochs=4)
     assert epsilon(engine, 1e-5) == 0.0
     assert optimizer.noise_multiplier > 0.3
-    _train(model, optimizer, loader, 4)
+    train_private(model, optimizer, loader, epochs=4)
     spent = epsilon(engine, 1e-5)
-    assert 7.0 < spent <= 8.05, spent  # the realized number of Poisson batches varies a little
+    assert 7.9 < spent <= 8.0, spent  # every step is accounted, at the rate Opacus samples with
     assert epsilon(engine, 1e-3) < spent  # a looser delta costs less epsilon
     with torch.no_grad():
         accuracy = (model(x_te).argmax(1) == y_te).float().mean().item()
@@ -75,7 +73,7 @@ def test_prv_accountant_is_tighter_than_rdp(digits) -> None:
 def test_gradients_are_clipped_per_example_and_noised(digits) -> None:
     x_tr, y_tr, _, _ = digits
     torch.manual_seed(0)
-    model, optimizer, loader, _ = _private(_mlp(), x_tr[:256], y_tr[:256], eps=8.0, epochs=1)
+    model, optimizer, _, _ = _private(_mlp(), x_tr[:256], y_tr[:256], eps=8.0, epochs=1)
     xb, yb = next(iter(DataLoader(TensorDataset(x_tr[:32], y_tr[:32]), batch_size=32)))
     nn.functional.cross_entropy(model(xb * 50), yb.long()).backward()  # large inputs: large gradients
     per_sample = torch.cat([p.grad_sample.flatten(1) for p in model.parameters()], dim=1)
@@ -106,7 +104,7 @@ def test_trainable_moe_layer_rejected_frozen_one_allowed(digits) -> None:
     model[1].requires_grad_(False)
     frozen = [p.clone() for p in model[1].parameters()]
     private, optimizer, loader, engine = _private(model, x_tr[:256], y_tr[:256], eps=3.0, epochs=1)
-    _train(private, optimizer, loader, 1)
+    train_private(private, optimizer, loader, epochs=1)
     assert epsilon(engine, 1e-5) > 0
     assert all(torch.equal(a, b) for a, b in zip(frozen, model[1].parameters()))
 
@@ -125,3 +123,62 @@ def test_bad_arguments(digits) -> None:
         epsilon(engine, 0.0)
     with pytest.raises(TypeError, match="PrivacyEngine"):
         epsilon(object(), 1e-5)
+
+
+@pytest.mark.parametrize(("n", "batch", "rate", "steps"), [(1437, 128, 1 / 12, 12), (72, 8, 1 / 9, 9), (93, 1, 1 / 92, 92)])
+def test_calibration_uses_the_rate_and_steps_opacus_accounts(n: int, batch: int, rate: float, steps: int) -> None:
+    """Opacus samples each example with probability 1/ceil(n/b) (not b/n) for int(ceil(n/b)) steps
+    (92 for 93 batches: float rounding), and its accountant records exactly that; so must the calibration."""
+    torch.manual_seed(0)
+    x, y = torch.randn(n, 64), torch.randint(0, 10, (n,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch)
+    assert opacus_sampling(loader) == (rate, steps)
+    assert opacus_sampling(loader, poisson=False) == (1 / len(loader), len(loader))
+    net = _mlp()
+    model, optimizer, dp_loader, engine = make_private(net, torch.optim.SGD(net.parameters(), lr=0.0), loader,
+                                                       target_epsilon=3.0, target_delta=1e-5, epochs=2,
+                                                       max_grad_norm=1.0, accountant="rdp")
+    train_private(model, optimizer, dp_loader, epochs=2)
+    noise = optimizer.noise_multiplier
+    assert engine.accountant.history == [(noise, rate, 2 * steps)]  # what Opacus counted is what we planned for
+    assert noise == noise_for_budget(3.0, 1e-5, rate, 2 * steps)
+    assert 2.95 < epsilon(engine, 1e-5) <= 3.0  # the budget is reached, not undershot (less noise than b/n gave)
+    assert epsilon_spent([(noise * 0.99, rate, 2 * steps)], 1e-5) > 3.0  # 1% less noise would overspend
+
+
+def test_epsilon_matches_opacus_rdp_accountant() -> None:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    history = [(1.1, 1 / 12, 240), (0.8, 1 / 9, 18)]
+    reference = RDPAccountant()
+    for noise, rate, steps in history:
+        for _ in range(steps):
+            reference.step(noise_multiplier=noise, sample_rate=rate)
+    assert reference.history == history
+    assert epsilon_spent(history, 1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+    assert epsilon_spent([], 1e-5) == 0.0
+    sigma = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=1 / 9, steps=90, accountant="rdp")
+    assert noise_for_budget(2.0, 1e-5, 1 / 9, 90) == sigma
+    with pytest.raises(ValueError, match="accountant"):
+        epsilon_spent(history, 1e-5, accountant="gdp")  # type: ignore[arg-type]
+
+
+def test_empty_poisson_batches_are_noisy_accounted_steps() -> None:
+    """6 examples in 6 batches: each Poisson batch is empty with probability (5/6)^6 = 0.33."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 64), torch.randint(0, 10, (6,))
+    net = _mlp()
+    model, optimizer, loader, engine = make_private(net, torch.optim.SGD(net.parameters(), lr=0.1),
+                                                    DataLoader(TensorDataset(x, y), batch_size=1), target_epsilon=3.0,
+                                                    target_delta=1e-5, epochs=5, max_grad_norm=1.0, accountant="rdp")
+    sizes: list[int] = []
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(target))
+        return nn.functional.cross_entropy(out, target)
+
+    loss = train_private(model, optimizer, loader, epochs=5, loss_fn=loss_fn)
+    assert len(sizes) == 30 and sizes.count(0) >= 3  # empty batches went through the step
+    assert engine.accountant.history == [(optimizer.noise_multiplier, 1 / 6, 30)]  # ... and were accounted
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and np.isfinite(loss)

@@ -4,29 +4,37 @@ secure / homomorphic aggregation strategies.
 
 DP budget: each client calibrates its noise (Opacus, RDP accountant) so that training in its
 *planned* number of rounds, ``ceil(rounds * fraction)``, spends ``cfg.dp_epsilon`` at
-``cfg.dp_delta``. The accountant's history (noise, sampling rate, steps) is kept in the client's
-``context.state`` across rounds, so ε composes over every round it really trained in; a client
-whose next round would exceed the budget declines (an Error reply) instead of training.
+``cfg.dp_delta``, at the sampling rate and step count of Opacus's Poisson loader
+(:func:`pimoe.privacy.dp.opacus_sampling`). Every step counts, empty Poisson batches included.
+The client's steps are reserved in a :class:`pimoe.privacy.budget.PrivacyBudget` before it
+trains: a file ``dp-budget-client-<partition-id>.json`` in the SuperNode's ``dp-budget-dir``
+node-config folder (survives a restarted client), else the client's ``context.state`` (lives as
+long as the run's client state, enough for a simulation). A client whose next round would exceed
+the budget declines (an Error reply) instead of training.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from functools import lru_cache
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Context
 from torch import nn
 
 from pimoe.federated.config import FederatedConfig
-from pimoe.federated.task import Split, train_epochs
+from pimoe.federated.task import Split
+from pimoe.privacy.dp import BudgetExhausted
 
-DP_HISTORY = "dp-history"  # context.state key of a client's accountant history
+if TYPE_CHECKING:
+    from pimoe.privacy.budget import PrivacyBudget
 
+__all__ = ["BUDGET_DIR_KEY", "BudgetExhausted", "client_budget", "dp_train", "he_keys", "keep_budget", "make_audit",
+           "make_protected_strategy", "planned_rounds"]
 
-class BudgetExhausted(RuntimeError):
-    """A client's next round would spend more than its ε budget."""
+DP_HISTORY = "dp-history"  # context.state key of a client's accountant history (without a budget folder)
+BUDGET_DIR_KEY = "dp-budget-dir"  # node-config key: the folder of the client's persisted budget
 
 
 def make_audit(cfg: FederatedConfig) -> Any:
@@ -43,59 +51,57 @@ def planned_rounds(cfg: FederatedConfig) -> int:
     return max(1, math.ceil(cfg.rounds * cfg.fraction))
 
 
-def _history(state: RecordDict) -> list[tuple[float, float, int]]:
-    if DP_HISTORY not in state:
-        return []
-    rec = state[DP_HISTORY]
-    return list(zip(rec["noise"], rec["rate"], rec["steps"]))
+def client_budget(cfg: FederatedConfig, context: Context) -> PrivacyBudget:
+    """The :class:`~pimoe.privacy.budget.PrivacyBudget` of the client running in ``context``.
+
+    Persisted in ``<dp-budget-dir>/dp-budget-client-<partition-id>.json`` when the node config
+    names that folder; otherwise its history lives in ``context.state`` (use :func:`keep_budget`
+    after reserving).
+    """
+    from pimoe.privacy.budget import PrivacyBudget
+
+    client = int(context.node_config["partition-id"])
+    folder = context.node_config.get(BUDGET_DIR_KEY)
+    if folder:
+        path = Path(str(folder)) / f"dp-budget-client-{client}.json"
+        return PrivacyBudget(cfg.dp_epsilon, cfg.dp_delta, path, owner=f"client-{client}")
+    history: list[tuple[float, float, int]] = []
+    if DP_HISTORY in context.state:
+        rec = context.state[DP_HISTORY]
+        noise, rate, steps = (cast("list[float]", rec[key]) for key in ("noise", "rate", "steps"))
+        history = [(float(n), float(q), int(k)) for n, q, k in zip(noise, rate, steps)]
+    return PrivacyBudget(cfg.dp_epsilon, cfg.dp_delta, owner=f"client-{client}", history=history)
 
 
-ORDERS = tuple(range(2, 129))  # integer Rényi orders: fast exact RDP of the subsampled Gaussian
+def keep_budget(budget: PrivacyBudget, context: Context) -> None:
+    """Store an in-memory budget's history in ``context.state`` (a persisted one is already on disk)."""
+    if budget.path is None:
+        history = budget.history
+        context.state[DP_HISTORY] = ConfigRecord({"noise": [h[0] for h in history], "rate": [h[1] for h in history],
+                                                  "steps": [h[2] for h in history]})
 
 
-def _spent(history: list[tuple[float, float, int]], delta: float) -> float:
-    """ε at ``delta`` of DP-SGD steps ``history`` = [(noise multiplier, sampling rate, steps)], by RDP."""
-    from opacus.accountants import RDPAccountant
-
-    if not history:
-        return 0.0
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta, alphas=list(ORDERS)))
-
-
-@lru_cache(maxsize=256)
-def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Noise multiplier whose ``steps`` DP-SGD steps at ``sample_rate`` spend ``epsilon`` (Opacus, RDP)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-                                      accountant="rdp", epsilon_tolerance=0.02, alphas=list(ORDERS)))
-
-
-def dp_train(cfg: FederatedConfig, model: nn.Module, data: Split, seed: int, state: RecordDict) -> dict[str, float]:
+def dp_train(cfg: FederatedConfig, model: nn.Module, data: Split, seed: int, context: Context) -> dict[str, float]:
     """One round of DP-SGD on ``data`` (in place on ``model``); returns train-loss and the ε spent so far.
 
-    Opacus clips per-example gradients and adds noise; the noise multiplier is calibrated once per
-    (budget, sampling rate) and cached (Opacus's own calibration takes seconds per call, too slow to
-    repeat for every client in every round, which is why this does not go through
-    ``pimoe.privacy.dp.make_private``). Raises :class:`BudgetExhausted` before training if this
-    round would push ε past the budget.
+    The round's steps are reserved in the client's budget (:func:`client_budget`) before
+    training; raises :class:`BudgetExhausted` instead if they would push ε past the budget.
     """
     import torch
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
+    from pimoe.privacy.dp import noise_for_budget, opacus_sampling, train_private
+
     torch.manual_seed(seed)
-    batch = min(cfg.batch_size, len(data))
-    rate = batch / len(data)
-    steps_per_round = cfg.local_epochs * math.ceil(len(data) / batch)
-    noise = noise_for_budget(cfg.dp_epsilon, cfg.dp_delta, rate, steps_per_round * planned_rounds(cfg))
-    previous = _history(state)
-    if _spent(previous + [(noise, rate, steps_per_round)], cfg.dp_delta) > cfg.dp_epsilon * 1.001:
-        raise BudgetExhausted(f"epsilon {_spent(previous, cfg.dp_delta):.3f} spent; one more round exceeds {cfg.dp_epsilon}")
+    loader = DataLoader(TensorDataset(data.x, data.y), batch_size=min(cfg.batch_size, len(data)))
+    rate, steps_per_epoch = opacus_sampling(loader)
+    steps = cfg.local_epochs * steps_per_epoch
+    noise = noise_for_budget(cfg.dp_epsilon, cfg.dp_delta, rate, steps * planned_rounds(cfg))
+    budget = client_budget(cfg, context)
+    spent = budget.reserve(noise, rate, steps)
+    keep_budget(budget, context)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-    loader = DataLoader(TensorDataset(data.x, data.y), batch_size=batch)
     with warnings.catch_warnings():  # once per client and round: Opacus's secure_mode note, a torch hook note
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -103,12 +109,10 @@ def dp_train(cfg: FederatedConfig, model: nn.Module, data: Split, seed: int, sta
         dp_model, dp_opt, dp_loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                           noise_multiplier=noise, max_grad_norm=cfg.dp_max_grad_norm,
                                                           poisson_sampling=True)
-        loss = train_epochs(dp_model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=batch, seed=seed,
-                            optimizer=dp_opt, batches=dp_loader)
-    history = previous + [(float(n), float(q), int(k)) for n, q, k in engine.accountant.history]
-    state[DP_HISTORY] = ConfigRecord({"noise": [h[0] for h in history], "rate": [h[1] for h in history],
-                                      "steps": [h[2] for h in history]})
-    return {"train-loss": loss, "epsilon": _spent(history, cfg.dp_delta)}
+        loss = train_private(dp_model, dp_opt, dp_loader, epochs=cfg.local_epochs)
+    if engine.accountant.history != [(noise, rate, steps)]:  # what Opacus counted is what was reserved
+        raise RuntimeError(f"DP accounting mismatch: reserved {(noise, rate, steps)}, Opacus counted {engine.accountant.history}")
+    return {"train-loss": loss, "epsilon": spent}
 
 
 def make_protected_strategy(cfg: FederatedConfig, audit: Any, he_public: bytes | None) -> Any:
@@ -126,8 +130,8 @@ def make_protected_strategy(cfg: FederatedConfig, audit: Any, he_public: bytes |
     base = FedProx if cfg.strategy == "fedprox" else FedAvg
     strategy_class = type(f"{mode.__name__}{base.__name__}", (mode, base), {})
     names = [k for k in make_model(cfg.model, cfg.seed).state_dict() if not is_personal(k, cfg.personal)]
-    kwargs: dict[str, Any] = dict(selector=ClientSelector(cfg.fraction, cfg.min_clients, cfg.selection, cfg.seed),
-                                  norm_factor=cfg.norm_factor, audit=audit, shared_names=names, fraction_evaluate=0.0)
+    kwargs: dict[str, Any] = {"selector": ClientSelector(cfg.fraction, cfg.min_clients, cfg.selection, cfg.seed),
+                              "norm_factor": cfg.norm_factor, "audit": audit, "shared_names": names, "fraction_evaluate": 0.0}
     if cfg.strategy == "fedprox":
         kwargs["proximal_mu"] = cfg.proximal_mu
     if cfg.he:

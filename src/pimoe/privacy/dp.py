@@ -4,7 +4,12 @@ DP-SGD (Abadi et al. 2016) clips every example's gradient to L2 norm ``max_grad_
 them, adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` and averages. Opacus does
 the per-sample gradients (hooks for standard layers, ``torch.func`` for others), the Poisson
 sampling of batches, and the accounting; :func:`make_private` picks the noise multiplier that
-reaches ``(target_epsilon, target_delta)`` after ``epochs`` passes over the data.
+reaches ``(target_epsilon, target_delta)`` after ``epochs`` passes over the data, calibrated at the
+sampling rate and step count that Opacus's Poisson loader and accountant really use
+(:func:`opacus_sampling`). :func:`train_private` steps on every batch, empty ones included: an
+empty Poisson batch is still a noisy, accounted step of the mechanism (skipping it would both
+leave it out of ε and reveal that the batch was empty). :mod:`pimoe.privacy.budget` keeps a data
+owner's spent budget on disk across restarts.
 
 Models with layers Opacus refuses (BatchNorm, whose running statistics mix examples) raise a
 ``ValueError`` naming them, and so do trainable PiMoE layers: they sort tokens by expert, so the
@@ -16,9 +21,13 @@ built, so the optimizer holds the new parameters.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -28,6 +37,68 @@ if TYPE_CHECKING:
     from opacus import PrivacyEngine
 
 Accountant = Literal["prv", "rdp"]
+Step = tuple[float, float, int]
+"""One accountant history entry: (noise multiplier, sampling rate, number of steps), as in Opacus."""
+
+
+class BudgetExhausted(RuntimeError):
+    """Training further would spend more than the privacy budget (ε) allows."""
+
+
+def _check_accountant(accountant: str) -> None:
+    if accountant not in ("prv", "rdp"):
+        raise ValueError(f"unknown accountant {accountant!r}; expected 'prv' or 'rdp'")
+
+
+def opacus_sampling(data_loader: DataLoader, poisson: bool = True) -> tuple[float, int]:
+    """``(sample_rate, steps_per_epoch)`` that Opacus uses for ``data_loader``.
+
+    With ``poisson`` (Opacus's ``DPDataLoader``) each example enters a batch with probability
+    ``1 / len(data_loader)`` (i.e. ``1 / ceil(n / batch_size)``, not ``batch_size / n``), an epoch
+    is ``int(1 / that)`` batches (one fewer than ``len(data_loader)`` for some lengths, e.g. 93,
+    through float rounding), and the accountant records rate ``1 / steps_per_epoch``; this
+    returns what the accountant records. Without ``poisson``: ``(1 / len, len)``.
+    """
+    if len(data_loader) == 0:
+        raise ValueError("data_loader is empty: DP-SGD needs at least one batch")
+    if not poisson:
+        return 1 / len(data_loader), len(data_loader)
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    steps = len(UniformWithReplacementSampler(num_samples=len(data_loader.dataset),  # type: ignore[arg-type]
+                                              sample_rate=1 / len(data_loader)))
+    return 1 / steps, steps
+
+
+@lru_cache(maxsize=256)
+def noise_for_budget(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
+                     accountant: Accountant = "rdp") -> float:
+    """Noise multiplier whose ``steps`` DP-SGD steps at ``sample_rate`` spend at most ``target_epsilon``.
+
+    Opacus's own calibration (``get_noise_multiplier``, tolerance 0.01, default Rényi orders),
+    cached: a call takes up to seconds.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    _check_accountant(accountant)
+    with warnings.catch_warnings():  # the search tries noise levels far from the answer, where Opacus
+        warnings.filterwarnings("ignore", message="Optimal order is the")  # notes the best order is at the edge
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
+
+
+def epsilon_spent(history: Sequence[Step], delta: float, accountant: Accountant = "rdp") -> float:
+    """ε at ``delta`` of the DP-SGD steps in ``history`` (Opacus's accountant); 0 for none."""
+    from opacus.accountants import create_accountant
+
+    _check_accountant(accountant)
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not history:
+        return 0.0
+    counter = create_accountant(mechanism=accountant)
+    counter.history = [(float(n), float(q), int(k)) for n, q, k in history]
+    return float(counter.get_epsilon(delta))
 
 
 def dp_compatible(model: nn.Module) -> nn.Module:
@@ -90,9 +161,10 @@ def make_private(
         accountant: ``"prv"`` (privacy random variables, tighter) or ``"rdp"`` (Rényi DP).
 
     Returns:
-        ``(model, optimizer, data_loader, engine)``: train with the first three exactly as
-        without DP (loss reduction "mean"); ``engine`` is the Opacus ``PrivacyEngine`` that
-        tracks the budget spent. ``model._module`` is the original module.
+        ``(model, optimizer, data_loader, engine)``: train with the first three as without DP
+        (loss reduction "mean") but take the optimizer step on empty batches too, as
+        :func:`train_private` does; ``engine`` is the Opacus ``PrivacyEngine`` that tracks the
+        budget spent. ``model._module`` is the original module.
 
     Raises:
         ValueError: a non-positive budget/epochs/clip bound, an empty loader, an unknown
@@ -100,8 +172,7 @@ def make_private(
     """
     from opacus import PrivacyEngine
 
-    if accountant not in ("prv", "rdp"):
-        raise ValueError(f"unknown accountant {accountant!r}; expected 'prv' or 'rdp'")
+    _check_accountant(accountant)
     for name, value in (("target_epsilon", target_epsilon), ("max_grad_norm", max_grad_norm)):
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
@@ -109,23 +180,52 @@ def make_private(
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
     if int(epochs) != epochs or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs}")
-    if len(data_loader) == 0:
-        raise ValueError("data_loader is empty: DP-SGD needs at least one batch")
     if hasattr(model, "_module") and type(model).__module__.startswith("opacus"):
         raise ValueError("model is already wrapped by Opacus; pass the plain module (model._module)")
     _check_supported(model)
+    rate, steps = opacus_sampling(data_loader, poisson_sampling)
+    noise = noise_for_budget(target_epsilon, target_delta, rate, steps * int(epochs), accountant)
     engine = PrivacyEngine(accountant=accountant)
-    model, optimizer, data_loader = engine.make_private_with_epsilon(
+    model, optimizer, data_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=data_loader,
-        target_epsilon=target_epsilon,
-        target_delta=target_delta,
-        epochs=int(epochs),
+        noise_multiplier=noise,
         max_grad_norm=max_grad_norm,
         poisson_sampling=poisson_sampling,
     )
     return model, optimizer, data_loader, engine
+
+
+def train_private(
+    model: nn.Module,
+    optimizer: Optimizer,
+    data_loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    epochs: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+) -> float:
+    """Train ``model`` in place for ``epochs`` passes over ``data_loader`` (from :func:`make_private`).
+
+    Every batch ``(x [B, ...], y [B])`` is one optimizer step, including empty ones (``B = 0``,
+    which Poisson sampling draws now and then): Opacus adds the noise to a zero gradient and the
+    accountant counts the step, exactly as the guarantee assumes. Returns the mean ``loss_fn``
+    over the non-empty batches of the last epoch (NaN if all were empty).
+    """
+    if int(epochs) != epochs or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs}")
+    model.train()
+    losses: list[float] = []
+    for _ in range(int(epochs)):
+        losses = []
+        for x, y in data_loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)  # NaN for an empty batch; its gradient is empty, not NaN
+            loss.backward()
+            optimizer.step()
+            if len(y):
+                losses.append(loss.item())
+    return float(torch.tensor(losses).mean()) if losses else float("nan")
 
 
 def epsilon(engine: PrivacyEngine, delta: float) -> float:
