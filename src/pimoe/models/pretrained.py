@@ -105,7 +105,7 @@ def gguf_path(name: str) -> Path:
     found = importlib.util.find_spec(spec.module)
     if found is None or not found.submodule_search_locations:
         raise ImportError(f"the pretrained model {name!r} needs the package {spec.package}: {spec.install_command}")
-    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall the package: {spec.install_command} --force-reinstall")
     return path
@@ -276,7 +276,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tupl
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     _prepare_generation(model, tokenizer)
-    return model.to(device).eval(), tokenizer
+    model.to(device)  # type: ignore[arg-type]  # transformers' decorated .to confuses mypy
+    return model.eval(), tokenizer
 
 
 def _prepare_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
