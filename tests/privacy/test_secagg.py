@@ -122,3 +122,73 @@ def test_bad_keys_and_shapes_rejected() -> None:
         unmask_sum(masked, participants=(0, 1))
     with pytest.raises(ValueError, match="not participants"):
         unmask_sum({0: masked[0]}, participants=(1,))
+
+
+# --- SecAgg+: self-masks and Shamir-shared recovery ---
+
+from pimoe.privacy.secagg import SecAggPlusClient, secaggplus_sum  # noqa: E402
+
+
+def _plus_round(n: int, threshold: int, round_id: int = 3, seed: int = 0):
+    """Stages 1-3 of a SecAgg+ round: clients, their keys, every client's inbox, updates and masked inputs."""
+    rng = np.random.default_rng(seed)
+    clients = {i: SecAggPlusClient(i, round_id) for i in range(n)}
+    keys = {i: c.public_keys() for i, c in clients.items()}
+    outbox = {i: c.share(keys, threshold) for i, c in clients.items()}
+    inbox = {v: {u: outbox[u][v] for u in clients} for v in clients}
+    updates = {i: (0.1 * rng.standard_normal(DIM)).astype(np.float32) for i in clients}
+    masked = {i: c.mask(updates[i], sharers=clients) for i, c in clients.items()}
+    return clients, keys, inbox, updates, masked
+
+
+def test_secaggplus_sum_with_dropouts_is_exact():
+    clients, keys, inbox, updates, masked = _plus_round(7, threshold=4)
+    dropped = {1, 5}
+    alive = {i: m for i, m in masked.items() if i not in dropped}
+    shares = {v: clients[v].unmask(alive, dropped, inbox[v]) for v in alive}
+    total = secaggplus_sum(alive, keys, clients, shares, threshold=4, round_id=3)
+    plain = np.sum([encode(updates[i]) for i in alive], axis=0, dtype=np.uint64)
+    np.testing.assert_array_equal(total, decode(plain))
+    # a survivor's masked input alone is hidden by its self-mask even with all its pair masks removed
+    assert np.abs(decode(masked[0]) - updates[0]).mean() > 1e6
+
+
+def test_a_server_that_lies_about_a_dropout_cannot_rebuild_both_secrets():
+    """Client 0 sent its input; the server calls it dropped to some clients and alive to the others."""
+    n, t = 7, 4
+    clients, keys, inbox, updates, masked = _plus_round(n, threshold=t, seed=1)
+    everyone = set(clients)
+    lied_to = {1, 2, 3}  # told "0 dropped": they reveal its s_sk share
+    shares = {}
+    for v in everyone - {0}:
+        dropped = {0} if v in lied_to else set()
+        survivors = everyone - dropped
+        shares[v] = clients[v].unmask(survivors, dropped, inbox[v])
+    with pytest.raises(ValueError, match="already revealed"):  # asking again, with the other story, is refused
+        clients[4].unmask(everyone - {0}, {0}, inbox[4])
+    s_shares = sum(1 for v in lied_to if 0 in shares[v])
+    b_shares = sum(1 for v in everyone - {0} - lied_to if 0 in shares[v])
+    assert s_shares < t and b_shares < t  # a strict-majority threshold: at most one secret can reach t
+    for claimed_alive in (everyone - {0}, everyone):  # 0 as dropped (needs s_sk) or as a survivor (needs b)
+        with pytest.raises(ValueError, match="client 0"):  # too few shares, or a b/s mix that rebuilds a wrong key
+            secaggplus_sum({i: masked[i] for i in claimed_alive}, keys, clients, shares, threshold=t, round_id=3)
+
+
+def test_secaggplus_refuses_bad_requests():
+    clients, keys, inbox, _, _ = _plus_round(5, threshold=3)
+    c = clients[0]
+    fresh = SecAggPlusClient(9, 3)
+    with pytest.raises(ValueError, match="strict majority"):
+        fresh.share({**keys, 9: fresh.public_keys()}, threshold=2)  # 2 of 6: a lying server could get both secrets
+    with pytest.raises(ValueError, match="own keys"):
+        fresh.share(keys, threshold=3)
+    with pytest.raises(ValueError, match="split the masking clients"):
+        c.unmask({0, 1, 2}, {2, 3, 4}, inbox[0])  # client 2 both alive and dropped
+    with pytest.raises(ValueError, match="split the masking clients"):
+        c.unmask({1, 2, 3, 4}, {0}, inbox[0])  # this client called dropped
+    restored = SecAggPlusClient(0, 3, state=c.state())
+    assert restored.public_keys() == c.public_keys()
+    garbage = {**inbox[0], 1: b"\0" * 80}
+    assert 1 not in restored.unmask(set(clients), set(), garbage)  # a sender's garbage share is skipped
+    with pytest.raises(ValueError, match="round 3, not"):
+        SecAggPlusClient(0, 4, state=c.state())
