@@ -8,7 +8,12 @@
 """
 
 from pimoe.hf.backend import enable, experts_layout, pimoe_experts_forward
+from pimoe.hf.families import FAMILIES, build_tiny, check_families
+from pimoe.hf.report import LayerRouting, RoutingReport, routing_report
 
 enable()
 
-__all__ = ["enable", "experts_layout", "pimoe_experts_forward"]
+__all__ = [
+    "FAMILIES", "LayerRouting", "RoutingReport", "build_tiny", "check_families", "enable",
+    "experts_layout", "pimoe_experts_forward", "routing_report",
+]
