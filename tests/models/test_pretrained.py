@@ -77,14 +77,15 @@ def test_first_call_converts_and_writes_a_hashed_manifest(tiny: PretrainedSpec, 
 
 
 def test_cached_reload_equals_the_conversion_without_converting_again(
-    tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch
+    tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     first, _ = load_pretrained(tiny.name, progress=False)
     calls = _count_conversions(monkeypatch)
-    for verify in (True, False):
-        again, _ = load_pretrained(tiny.name, progress=False, verify=verify)
-        torch.testing.assert_close(_logits(again), _logits(first), rtol=0, atol=0)
-    assert calls == []
+    with caplog.at_level(logging.WARNING, logger="pimoe.models.pretrained"):
+        for verify in (True, False):
+            again, _ = load_pretrained(tiny.name, progress=False, verify=verify)
+            torch.testing.assert_close(_logits(again), _logits(first), rtol=0, atol=0)
+    assert calls == [] and not caplog.records
 
 
 def test_the_cached_folder_equals_transformers_gguf_loader(tiny: PretrainedSpec) -> None:
@@ -259,3 +260,13 @@ def test_command_line_warms_the_cache_once(tiny: PretrainedSpec, capsys: pytest.
     assert first["cache"] == str(cache_path(tiny.name)) and first["parameters"] == second["parameters"] > 0
     with pytest.raises(SystemExit):
         main(["no-such-model"])
+
+
+def test_concurrent_first_loads_convert_once(tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = _count_conversions(monkeypatch)
+    with ThreadPoolExecutor(2) as pool:
+        models = [m for m, _ in pool.map(lambda _: load_pretrained(tiny.name, progress=False), range(2))]
+    assert calls == [tiny.name]
+    torch.testing.assert_close(_logits(models[0]), _logits(models[1]), rtol=0, atol=0)
