@@ -115,3 +115,73 @@ def test_bad_records_rejected(tmp_path) -> None:
     with pytest.raises(ValueError, match="16 bytes"):
         AuditLog(tmp_path / "other.jsonl", key=b"short")
     assert log.verify() == 0
+
+
+def test_torn_last_line_is_dropped_reported_and_recorded(tmp_path) -> None:
+    log = _log(tmp_path, 4)
+    whole = log.path.read_bytes()
+    torn = b'{"event": "round", "epsilon": 2.5, "pr'  # a writer killed in the middle of its line
+    log.path.write_bytes(whole + torn)
+    with pytest.warns(RuntimeWarning, match=f"dropped a torn last line \\({len(torn)} bytes\\).*4 entries"):
+        reopened = AuditLog(log.path)
+    assert reopened.dropped_bytes == len(torn)
+    assert log.path.read_bytes().startswith(whole)  # the verified prefix is kept byte for byte
+    last = reopened.entries()[-1]
+    assert (last["event"], last["dropped_bytes"], last["seq"]) == ("torn_tail_dropped", len(torn), 5)
+    reopened.record("round", round=5)
+    assert reopened.verify(expected_head=reopened.head) == 6
+
+
+def test_torn_tail_met_by_a_running_writer_and_a_line_missing_only_its_newline(tmp_path) -> None:
+    log = _log(tmp_path, 2)
+    other = AuditLog(log.path)  # opened before another writer crashed
+    other.record("round", round=2)
+    line = log.path.read_bytes().splitlines(keepends=True)[-1]
+    log.path.write_bytes(log.path.read_bytes()[: -len(line)] + line[:-1])  # whole entry, newline lost
+    assert AuditLog(log.path).dropped_bytes == 0 and log.verify() == 3  # kept: it verifies
+    log.path.write_bytes(log.path.read_bytes() + b"\x00" * 40)  # a crash left zeros after the last line
+    with pytest.warns(RuntimeWarning, match="40 bytes"):
+        log.record("round", round=3)  # the writer repairs before it appends
+    assert [e["event"] for e in log.entries()[-2:]] == ["torn_tail_dropped", "round"] and log.verify() == 5
+
+
+def test_damage_before_the_tail_is_not_repaired(tmp_path) -> None:
+    log = _log(tmp_path, 3)
+    _rewrite(log, lambda ls: [*ls[:-1], "garbage\n"])  # a complete line: not a torn write
+    before = log.path.read_bytes()
+    with pytest.raises(IntegrityError, match="last complete line is not an audit entry"):
+        AuditLog(log.path)
+    assert log.path.read_bytes() == before  # nothing truncated
+    edited = _log(tmp_path / "edited", 3)
+    _rewrite(edited, lambda ls: [ls[0], ls[1].replace('"clients": 10', '"clients": 12'), ls[2], "x" * 10])
+    with pytest.warns(RuntimeWarning, match="10 bytes"):
+        reopened = AuditLog(edited.path)  # only the torn tail is repaired ...
+    with pytest.raises(IntegrityError, match="line 2: hash mismatch"):
+        reopened.verify()  # ... the edited line is still reported
+
+
+def _append_many(path: str, writer: int, count: int) -> None:
+    log = AuditLog(path)  # opened once: its in-memory head goes stale as the others append
+    for n in range(count):
+        log.record("write", writer=writer, n=n)
+
+
+def test_writer_processes_share_one_chain(tmp_path) -> None:
+    import multiprocessing
+
+    path = str(tmp_path / "audit.jsonl")
+    AuditLog(path).record("start")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork (POSIX)")
+    context = multiprocessing.get_context("fork")  # the writers only touch the file
+    workers = [context.Process(target=_append_many, args=(path, w, 25)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
+    log = AuditLog(path)
+    assert log.verify(expected_head=log.head) == 101
+    writers = [e["writer"] for e in log.entries()[1:]]
+    assert sorted(writers) == sorted(list(range(4)) * 25)
+    assert any(a != b for a, b in zip(writers, writers[1:]))  # the writers really interleaved
