@@ -54,11 +54,14 @@ def _temp_pattern(target_name: str) -> re.Pattern[str]:
     return re.compile(rf"\.{re.escape(target_name)}\.[A-Za-z0-9_-]+\.tmp")
 
 
-def _take_lock(fd: int, blocking: bool) -> bool:
+def lock_file(fd: int, exclusive: bool = True, blocking: bool = True) -> bool:
+    """``flock`` the open file ``fd`` (exclusive or shared); False if ``blocking=False`` and
+    another open file holds a conflicting lock. The kernel drops the lock when the file is
+    closed or its process dies. Without ``flock`` (Windows) it does nothing and returns True."""
     if fcntl is None:
         return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
         return False
     return True
@@ -89,7 +92,7 @@ def clean_stale_temps(folder: str | os.PathLike[str], target_name: str, min_age_
         except OSError:  # gone meanwhile, or not ours to read
             continue
         try:
-            if time.time() - os.fstat(fd).st_mtime < min_age or not _take_lock(fd, blocking=False):
+            if time.time() - os.fstat(fd).st_mtime < min_age or not lock_file(fd, blocking=False):
                 continue
             path.unlink(missing_ok=True)  # unlinked while we hold the lock: no writer can have it
             removed.append(path)
@@ -102,7 +105,7 @@ def _locked_temp(target: Path) -> tuple[int, Path]:
     """A new temp file next to ``target``, open and locked by us (fd, path)."""
     while True:
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        _take_lock(fd, blocking=True)
+        lock_file(fd)
         try:  # a cleaner may have taken it between mkstemp and our lock: then start again
             if os.stat(name).st_ino == os.fstat(fd).st_ino:
                 return fd, Path(name)

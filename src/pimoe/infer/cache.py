@@ -108,8 +108,11 @@ class InferenceCache:
             sees the entries written before. Writes go to both tiers; a disk hit is promoted.
         disk_max_bytes: byte budget of the disk tier (the oldest writes are culled first).
         encrypt_key: 32-byte AES-256 key; every disk entry is then sealed with AES-GCM, bound to
-            its cache key. Requires ``disk_path`` (the memory tier holds plain tensors).
-        audit: called as ``audit(event, fields)`` when a disk entry fails its integrity check.
+            its cache key. Requires ``disk_path`` (the memory tier holds plain tensors). A folder
+            written with another key (or none, or opened without its key) raises
+            :class:`~pimoe.infer.disk.CacheKeyError` and is left untouched.
+        audit: called as ``audit(event, fields)`` when a disk entry fails its integrity check or
+            an unreadable ``cache.db`` is moved aside (see :mod:`pimoe.infer.disk`).
         timer: clock of the "ttl" policy (inject a fake one in tests).
         copy_values: see the module docstring.
 
