@@ -1,6 +1,8 @@
 import hashlib
+import itertools
 import json
 import threading
+from typing import Any
 
 import pytest
 
@@ -160,8 +162,9 @@ def test_damage_before_the_tail_is_not_repaired(tmp_path) -> None:
         reopened.verify()  # ... the edited line is still reported
 
 
-def _append_many(path: str, writer: int, count: int) -> None:
+def _append_many(path: str, writer: int, count: int, start: Any) -> None:
     log = AuditLog(path)  # opened once: its in-memory head goes stale as the others append
+    start.wait(timeout=30)
     for n in range(count):
         log.record("write", writer=writer, n=n)
 
@@ -174,7 +177,8 @@ def test_writer_processes_share_one_chain(tmp_path) -> None:
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("needs fork (POSIX)")
     context = multiprocessing.get_context("fork")  # the writers only touch the file
-    workers = [context.Process(target=_append_many, args=(path, w, 25)) for w in range(4)]
+    start = context.Barrier(4)
+    workers = [context.Process(target=_append_many, args=(path, w, 25, start)) for w in range(4)]
     for w in workers:
         w.start()
     for w in workers:
@@ -184,4 +188,4 @@ def test_writer_processes_share_one_chain(tmp_path) -> None:
     assert log.verify(expected_head=log.head) == 101
     writers = [e["writer"] for e in log.entries()[1:]]
     assert sorted(writers) == sorted(list(range(4)) * 25)
-    assert any(a != b for a, b in zip(writers, writers[1:]))  # the writers really interleaved
+    assert any(a != b for a, b in itertools.pairwise(writers))  # the writers really interleaved
