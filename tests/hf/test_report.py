@@ -66,7 +66,7 @@ def test_every_family_reports_executed_assignments(family: str) -> None:
         assert int(layer.stats.tokens_per_expert.sum()) == ids.numel() * k
         assert 0.0 < layer.stats.entropy <= torch.log(torch.tensor(float(layer.stats.num_experts))).item() + 1e-6
         if family != "deepseek_v3":  # sigmoid + group routing: not a top-k of softmax
-            expected = float(load_balancing_loss_func((logits,), logits.shape[-1], k)) / k
+            expected = float(load_balancing_loss_func((logits.detach(),), logits.shape[-1], k)) / k
             assert layer.aux_loss == pytest.approx(expected, rel=1e-5)
     assert json.loads(json.dumps(report.as_dict()))["layers"][0]["num_tokens"] == ids.numel()
 

@@ -1,0 +1,38 @@
+"""check_families rows (consumed by `pimoe bench models`) and the transformers-backend benchmark."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from pimoe.bench.hf_backend import HFBackendBenchConfig, run  # noqa: E402
+from pimoe.hf import check_families  # noqa: E402
+
+
+def test_check_families_row() -> None:
+    (row,) = check_families(["olmoe"], tokens=16, repeats=1)
+    assert row["family"] == "olmoe" and row["experts_class"] == "OlmoeExperts"
+    assert row["max_abs_logit_diff"] <= 1e-4 and row["max_abs_grad"] > 0
+    assert row["grouped_mm_max_abs_logit_diff"] <= 1e-4
+    assert min(row[f"fwd_ms_{name}"] for name in ("pimoe", "grouped_mm", "eager")) > 0
+
+
+def test_check_families_bad_input() -> None:
+    with pytest.raises(ValueError, match="unknown MoE families \\['llama'\\]"):
+        check_families(["llama"])
+    with pytest.raises(ValueError, match="tokens and repeats"):
+        check_families(["mixtral"], tokens=0)
+
+
+def test_benchmark_runs_at_a_tiny_size() -> None:
+    threads = torch.get_num_threads()
+    try:
+        result = run(HFBackendBenchConfig(d_model=32, tokens=[24], rounds=1, families=["mixtral"], family_tokens=8))
+    finally:
+        torch.set_num_threads(threads)
+    assert {r["shape"] for r in result["rows"]} == {"qwen3_moe E64 k8 f256", "mixtral E8 k2 f1024"}
+    assert result["max_abs_diff_vs_eager"] <= 1e-5
+    assert result["max_abs_logit_diff_hf"] == result["families"][0]["max_abs_logit_diff"]
+    assert all(r["pimoe_vs_grouped_mm"] > 0 for r in result["rows"])
