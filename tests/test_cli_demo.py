@@ -7,10 +7,11 @@ from typer.testing import CliRunner
 
 from pimoe.cli import app
 from pimoe.moe.model import PiMoELM
+from pimoe.moe.config import MoEConfig
 
 
 def test_demo_command_trains_compares_and_saves(tmp_path) -> None:
-    result = CliRunner().invoke(app, ["demo", "--steps", "4", "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, ["demo", "--scratch", "--steps", "4", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "dense" in result.output and "Routing" in result.output
     results = json.loads((tmp_path / "results.json").read_text())
@@ -24,8 +25,9 @@ def test_demo_command_trains_compares_and_saves(tmp_path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without a GPU")
 def test_demo_rejects_cuda_without_gpu() -> None:
-    result = CliRunner().invoke(app, ["demo", "--device", "cuda", "--steps", "1"])
-    assert result.exit_code != 0 and "CUDA" in result.output
+    for args in (["--scratch", "--steps", "1"], []):  # both demos
+        result = CliRunner().invoke(app, ["demo", "--device", "cuda", *args])
+        assert result.exit_code != 0 and "CUDA" in result.output
 
 
 def test_demo_trains_a_config_chosen_by_search(tmp_path) -> None:
@@ -34,7 +36,7 @@ def test_demo_trains_a_config_chosen_by_search(tmp_path) -> None:
     from pimoe.moe.model import LMConfig
     from pimoe.search.report import CHOICE_FORMAT
 
-    chosen = LMConfig(block_size=32, n_layer=1, n_head=2, d_model=32, num_experts=4, top_k=1, ffn_dim=32)
+    chosen = LMConfig(block_size=32, n_layer=1, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, top_k=1, ffn_dim=32))
     path = tmp_path / "chosen_config.json"
     path.write_text(json.dumps({"format": CHOICE_FORMAT, "task": "lm", "model": asdict(chosen)}))
     result = CliRunner().invoke(app, ["demo", "--steps", "2", "--config", str(path), "--out", str(tmp_path / "run")])

@@ -20,7 +20,8 @@ Each split layer keeps its partition in the non-persistent buffer ``neuron_assig
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from pimoe.models.progress import track
 from pimoe.models.upcycle_cluster import cluster_neurons
-from pimoe.moe import PiMoE
+from pimoe.moe import PiMoE, RoutingStats
 
 Method = Literal["copy", "split"]
 METHODS = ("copy", "split")
@@ -178,6 +179,28 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
         experts = sum(p.numel() for p in layer.experts.parameters())
         inactive += experts - experts * layer.top_k // layer.num_experts
     return total, total - inactive
+
+
+@contextmanager
+def record_routing(model: nn.Module) -> Iterator[list[RoutingStats | None]]:
+    """While active, sum the :class:`RoutingStats` of every forward call of each :class:`PiMoE`
+    layer of ``model``; yields the list (one entry per layer, ``None`` until it has run)."""
+    layers = moe_layers(model)
+    totals: list[RoutingStats | None] = [None] * len(layers)
+
+    def hook(i: int) -> Callable[..., None]:
+        def add(layer: nn.Module, args: object, output: object) -> None:
+            stats = layer.last_stats
+            if stats is not None:
+                totals[i] = stats if totals[i] is None else totals[i] + stats
+        return add
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        yield totals
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def set_top_k(model: nn.Module, top_k: int) -> None:

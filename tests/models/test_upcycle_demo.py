@@ -1,0 +1,42 @@
+"""The pretrained-model demo end to end on the tiny GGUF model (conversion, split, routers cache)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from pimoe.cli import app
+from pimoe.demo_pretrained import PretrainedDemoSettings, routers_path, run_pretrained_demo
+
+TINY_SETTINGS = PretrainedDemoSettings(model="tiny-llama", window=32, calibration_windows=4, heldout_windows=2,
+                                       router_steps=5, max_new_tokens=4)
+
+
+def test_demo_trains_then_reuses_the_routers(tiny, tmp_path) -> None:
+    first = run_pretrained_demo(TINY_SETTINGS, progress=False)
+    assert first["routers"] == "trained" and routers_path(TINY_SETTINGS).is_file()
+    assert first["params_active"] < first["params_dense"] < first["params_total"]
+    assert len(first["routing"]) == 2 and len(first["router_training"]["layers"]) == 2
+    second = run_pretrained_demo(TINY_SETTINGS, progress=False, out_dir=str(tmp_path))
+    assert second["routers"] == "cache"
+    assert second["ppl_moe"] == first["ppl_moe"] and second["ppl_dense"] == first["ppl_dense"]
+    assert json.loads((tmp_path / "results.json").read_text())["routers"] == "cache"
+
+
+def test_demo_with_all_experts_matches_the_dense_model(tiny) -> None:
+    from dataclasses import replace
+
+    results = run_pretrained_demo(replace(TINY_SETTINGS, top_k=8), progress=False)
+    assert abs(results["ppl_moe"] - results["ppl_dense"]) < 1e-3 * results["ppl_dense"]
+    assert results["answers"]["moe"] == results["answers"]["dense"]
+
+
+def test_demo_command_runs_the_pretrained_demo_by_default(tiny, tmp_path, monkeypatch) -> None:
+    import pimoe.demo_pretrained as demo
+
+    monkeypatch.setattr(demo, "PretrainedDemoSettings", lambda: TINY_SETTINGS)
+    result = CliRunner().invoke(app, ["demo", "--model", "tiny-llama", "--top-k", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "Routing on held-out text" in result.output and "MoE 2/8" in result.output
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["top_k"] == 2
