@@ -63,3 +63,62 @@ def test_plain_fedavg_drops_int64_and_complex_updates():
     assert {x["node_id"] for x in r.rejections} == {2, 3} and all("dtype" in x["reason"] for x in r.rejections)
     assert record.accuracy[-1] > record.accuracy[0] + 0.3
     assert max(float(np.abs(v).max()) for v in record.arrays.to_torch_state_dict().values()) < 10
+
+
+def _masked_random(content: RecordDict) -> RecordDict:
+    size = content["arrays"]["masked"].numpy().size
+    vector = np.random.default_rng(0).integers(0, 2**64 - 1, size=size, dtype=np.uint64)
+    return RecordDict({"arrays": ArrayRecord({"masked": Array(vector)}), "metrics": content["metrics"]})
+
+
+def _negative_weight(content: RecordDict) -> RecordDict:
+    from flwr.app import MetricRecord
+
+    return RecordDict({"arrays": content["arrays"], "metrics": MetricRecord({"num-examples": -5})})
+
+
+def _garbage_ciphertext(content: RecordDict) -> RecordDict:
+    return RecordDict({"encrypted": ConfigRecord({"chunks": [b"garbage"] * 3}), "metrics": content["metrics"]})
+
+
+def test_secure_aggregation_survives_bad_replies():
+    cfg = FederatedConfig(**BASE, secure_agg=True)
+    record = run_tampered(cfg, {2: _negative_weight})  # a declared negative weight: dropped like a dropout
+    assert (record.rounds[0].rejected, record.rounds[0].aggregated) == (1, 5)
+    assert record.accuracy[-1] > record.accuracy[0] + 0.3
+    record = run_tampered(cfg, {3: _masked_random})  # well-typed noise cannot be attributed: the round is skipped
+    assert len(record.accuracy) == 2 and record.accuracy[-1] == record.accuracy[0]
+
+
+def test_he_aggregation_drops_a_garbage_ciphertext():
+    from pimoe.federated.private import he_keys
+
+    record = run_tampered(FederatedConfig(**BASE, he=True), {2: _garbage_ciphertext}, he=he_keys())
+    r = record.rounds[0]
+    assert (r.rejected, r.aggregated) == (1, 5) and "CKKS" in r.rejections[0]["reason"]
+    assert record.accuracy[-1] > record.accuracy[0] + 0.3
+
+
+def test_he_client_decrypts_only_the_rounds_aggregate_once():
+    """A malicious server forwards one client's ciphertext as "the sum": every client refuses."""
+    from pimoe.federated.he_round import decrypt_aggregate, encrypt_for_round
+    from pimoe.federated.private import he_keys
+    from pimoe.privacy.he import add_encrypted, load_context
+
+    secret, public = he_keys()
+    nodes, length = [1, 2, 3, 4], 50
+    rng = np.random.default_rng(0)
+    updates = {n: rng.standard_normal(length) for n in nodes}
+    states = {n: RecordDict() for n in nodes}
+    chunks = {n: encrypt_for_round(secret, states[n], 7, nodes, n, updates[n]) for n in nodes}
+    server = load_context(public)
+    with pytest.raises(ValueError, match="not the sum"):  # client 2's update presented as the sum of 1, 2, 3
+        decrypt_aggregate(secret, states[1], 7, chunks[2], [1, 2, 3], length)
+    with pytest.raises(ValueError, match="already decrypted"):  # and the refusal used client 1's one decryption
+        decrypt_aggregate(secret, states[1], 7, add_encrypted(server, [chunks[n] for n in nodes]), nodes, length)
+    with pytest.raises(ValueError, match="strict majority"):  # a pair sum would expose one update to a colluder
+        decrypt_aggregate(secret, states[2], 7, add_encrypted(server, [chunks[3], chunks[4]]), [3, 4], length)
+    with pytest.raises(ValueError, match="round 8"):
+        decrypt_aggregate(secret, states[3], 8, chunks[3], nodes, length)
+    total = decrypt_aggregate(secret, states[4], 7, add_encrypted(server, [chunks[n] for n in (1, 2, 3)]), [1, 2, 3], length)
+    np.testing.assert_allclose(total, updates[1] + updates[2] + updates[3], atol=1e-5)

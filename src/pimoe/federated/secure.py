@@ -19,12 +19,14 @@ Per-client metrics (train loss, example count) are not aggregated in these modes
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore import log
@@ -32,8 +34,9 @@ from flwr.supercore import log
 from pimoe.federated.checks import Rejection
 from pimoe.federated.strategy import ScreenedAggregation
 
-KEYS, REVEAL, DECRYPT = "query.secagg_keys", "query.secagg_reveal", "query.he_decrypt"
-SECAGG_KEY = "secagg-private-key"  # context.state: this round's X25519 private key (raw bytes)
+KEYS, SHARE, UNMASK, DECRYPT = "query.secagg_keys", "query.secagg_share", "query.secagg_unmask", "query.he_decrypt"
+REFUSED = 1003  # Error code of a client that refuses a key / share / unmask / decrypt request
+SECAGG_STATE = "secagg-state"  # context.state: this round's SecAgg+ client state (secret keys, b_u seed)
 
 
 def weighted_change(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], weight: float) -> np.ndarray:
@@ -58,59 +61,97 @@ def apply_mean_change(global_arrays: dict[str, np.ndarray], names: list[str], to
     return ArrayRecord(new)
 
 
-def _secagg_client(node_id: int, raw_key: bytes | None = None) -> Any:
-    """A new key pair, or (``raw_key`` from ``context.state``) the same client in a later message of the round."""
-    from pimoe.privacy.secagg import SecAggClient
-
-    return SecAggClient(node_id, private_key=raw_key)
+def _ids(values: Any) -> list[int]:
+    return [int(v) for v in values]  # node ids travel as strings: Flower's are unsigned 64-bit
 
 
-def _query(content: RecordDict, msg: Message) -> Message:
-    return Message(content, reply_to=msg)
+def _secagg_client(context: Context, server_round: int) -> Any:
+    from pimoe.privacy.secagg import SecAggPlusClient
+
+    return SecAggPlusClient(context.node_id, server_round, state=context.state[SECAGG_STATE]["state"])
+
+
+def _save(context: Context, client: Any) -> None:
+    context.state[SECAGG_STATE] = ConfigRecord({"state": client.state()})
+
+
+def _reply(content: dict[str, Any], msg: Message) -> Message:
+    return Message(RecordDict({"config": ConfigRecord(content)}), reply_to=msg)
+
+
+def _refusing(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A handler whose ValueError / KeyError / TypeError becomes an Error reply (a refusal), as Flower expects."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except (KeyError, TypeError, ValueError) as err:
+            return Message(Error(REFUSED, f"{type(err).__name__}: {err}"), reply_to=msg)
+
+    return wrapped
 
 
 def register_client_handlers(app: ClientApp, he_context: bytes | None) -> None:
-    """Add the key-exchange, seed-reveal and decryption handlers to a ClientApp."""
+    """Add the SecAgg+ (keys, shares, unmask) and HE decryption handlers to a ClientApp."""
+    from pimoe.privacy.secagg import SecAggPlusClient
 
     @app.query("secagg_keys")
+    @_refusing
     def keys(msg: Message, context: Context) -> Message:
-        client = _secagg_client(context.node_id)
-        context.state[SECAGG_KEY] = ConfigRecord({"key": client.private_key_bytes(),
-                                                  "round": int(msg.content["config"]["server-round"])})
-        return _query(RecordDict({"config": ConfigRecord({"public-key": client.public_key()})}), msg)
+        client = SecAggPlusClient(context.node_id, int(msg.content["config"]["server-round"]))
+        _save(context, client)
+        c_pk, s_pk = client.public_keys()
+        return _reply({"c-pk": c_pk, "s-pk": s_pk}, msg)
 
-    @app.query("secagg_reveal")
-    def reveal(msg: Message, context: Context) -> Message:
+    @app.query("secagg_share")
+    @_refusing
+    def share(msg: Message, context: Context) -> Message:
         cfg = msg.content["config"]
-        client = _secagg_client(context.node_id, context.state[SECAGG_KEY]["key"])
-        peers = dict(zip((int(i) for i in cfg["peer-ids"]), cfg["peer-keys"]))
-        seeds = [client.pair_seed(int(j), peers[int(j)], int(cfg["server-round"])) for j in cfg["dropped"]]
-        return _query(RecordDict({"config": ConfigRecord({"seeds": seeds})}), msg)
+        client = _secagg_client(context, int(cfg["server-round"]))
+        out = client.share(dict(zip(_ids(cfg["ids"]), zip(cfg["c-pks"], cfg["s-pks"]))), int(cfg["threshold"]))
+        _save(context, client)
+        return _reply({"to": [str(j) for j in out], "shares": list(out.values())}, msg)
+
+    @app.query("secagg_unmask")
+    @_refusing
+    def unmask(msg: Message, context: Context) -> Message:
+        cfg = msg.content["config"]
+        client = _secagg_client(context, int(cfg["server-round"]))
+        try:
+            out = client.unmask(_ids(cfg["survivors"]), _ids(cfg["dropped"]), dict(zip(_ids(cfg["inbox-from"]), cfg["inbox"])))
+        finally:
+            _save(context, client)  # a refused request still counts as this round's one answer
+        return _reply({"ids": [str(j) for j in out], "shares": list(out.values())}, msg)
 
     @app.query("he_decrypt")
+    @_refusing
     def decrypt(msg: Message, context: Context) -> Message:
-        from pimoe.privacy.he import decrypt_mean, load_context
+        from pimoe.federated.he_round import decrypt_aggregate
 
         if he_context is None:
             raise ValueError("this client holds no CKKS key")
         cfg = msg.content["config"]
-        total = decrypt_mean(load_context(he_context), list(cfg["chunks"]), 1, int(cfg["length"]))
-        return _query(RecordDict({"arrays": ArrayRecord({"sum": Array(total)})}), msg)
+        total = decrypt_aggregate(he_context, context.state, int(cfg["server-round"]), list(cfg["chunks"]),
+                                  _ids(cfg["contributors"]), int(cfg["length"]))
+        return Message(RecordDict({"arrays": ArrayRecord({"sum": Array(total)})}), reply_to=msg)
 
 
 def protected_reply(msg: Message, context: Context, vector: np.ndarray, he_context: bytes | None) -> RecordDict:
     """What a client sends in a secure / HE round instead of its arrays."""
     cfg = msg.content["config"]
-    if "peer-ids" in cfg:
-        client = _secagg_client(context.node_id, context.state[SECAGG_KEY]["key"])
-        peers = dict(zip((int(i) for i in cfg["peer-ids"]), cfg["peer-keys"]))
-        masked = client.mask(vector, peers, round_id=int(cfg["server-round"]))
+    server_round = int(cfg["server-round"])
+    if "secagg-sharers" in cfg:
+        client = _secagg_client(context, server_round)
+        masked = client.mask(vector, _ids(cfg["secagg-sharers"]))
+        _save(context, client)
         return RecordDict({"arrays": ArrayRecord({"masked": Array(masked)})})
-    if he_context is None:
+    if he_context is None or "he-participants" not in cfg:
         raise ValueError("the server asked for neither masking nor encryption")
-    from pimoe.privacy.he import encrypt_update, load_context
+    from pimoe.federated.he_round import encrypt_for_round
 
-    return RecordDict({"encrypted": ConfigRecord({"chunks": encrypt_update(load_context(he_context), vector)})})
+    chunks = encrypt_for_round(he_context, context.state, server_round, _ids(cfg["he-participants"]), context.node_id, vector)
+    return RecordDict({"encrypted": ConfigRecord({"chunks": chunks})})
 
 
 def load_key_file(path: str) -> bytes:
@@ -123,7 +164,7 @@ def load_key_file(path: str) -> bytes:
 
 
 class ProtectedAggregation(ScreenedAggregation):
-    """Shared bookkeeping of the secure and HE strategies: the round log, the shared names, the grid."""
+    """Shared parts of the secure and HE strategies: declared weights, the aggregate check, the grid."""
 
     def __init__(self, *args: Any, shared_names: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -134,92 +175,154 @@ class ProtectedAggregation(ScreenedAggregation):
         self._grid = grid
         return list(super().configure_train(server_round, arrays, config, grid))
 
-    def _ask(self, message_type: str, nodes: list[int], config: ConfigRecord) -> list[Message]:
+    def _ask(self, message_type: str, configs: dict[int, ConfigRecord]) -> list[Message]:
+        """Send each node its own config; the replies without an error."""
         assert self._grid is not None
-        messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=message_type) for n in nodes]
-        return list(self._grid.send_and_receive(messages))
+        messages = [Message(RecordDict({"config": c}), dst_node_id=n, message_type=message_type) for n, c in configs.items()]
+        return [r for r in self._grid.send_and_receive(messages) if not r.has_error()]
+
+    @property
+    def length(self) -> int:
+        return sum(self._global[k].size for k in self.shared_names) + 1
+
+    @staticmethod
+    def declared_weight(msg: Message) -> float | None:
+        """The example count a reply announced in the clear, or None if missing / not a positive finite number."""
+        try:
+            weight = float(msg.content["metrics"]["num-examples"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return weight if np.isfinite(weight) and weight > 0 else None
+
+    def finish(self, server_round: int, total: np.ndarray | None, weight: float, why: str = "") -> ArrayRecord | None:
+        """The new global arrays from a summed weighted change, or None (logged, audited) if it fails the check."""
+        from pimoe.federated.bounding import aggregate_problem
+
+        problem = why or (aggregate_problem(total, weight, self.clip_norm, slack=1e-4) if total is not None else "no sum")
+        if problem:
+            log(WARNING, "round %d: aggregate rejected (%s); the global model stays", server_round, problem)
+            if self.audit is not None:
+                self.audit.record("aggregate_rejected", round=server_round, reason=problem)
+            return None
+        return apply_mean_change(self._global, self.shared_names, total)
 
 
 class SecureAggregation(ProtectedAggregation):
-    """FedAvg over pairwise-masked updates: the server learns only their sum."""
+    """FedAvg over SecAgg+-masked updates (:class:`pimoe.privacy.secagg.SecAggPlusClient`): the server learns only their sum.
+
+    Per round: keys -> encrypted Shamir shares (threshold: a strict majority of the clients that
+    sent keys) -> masked inputs -> each survivor reveals, per other client, a self-mask share (a
+    survivor) or a mask-key share (dropped). A reply with a wrong type / shape or a missing or
+    non-positive declared weight is treated as a dropout (its masks are removed, its input is not
+    used). A well-typed but corrupted masked input cannot be attributed: the summed weight or the
+    norm bound then fails and the round is skipped.
+    """
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         messages = super().configure_train(server_round, arrays, config, grid)
         nodes = [m.metadata.dst_node_id for m in messages]
-        replies = self._ask(KEYS, nodes, ConfigRecord({"server-round": server_round}))
-        keys = {m.metadata.src_node_id: m.content["config"]["public-key"] for m in replies if not m.has_error()}
-        self._peers = ConfigRecord({"peer-ids": [str(n) for n in keys], "peer-keys": list(keys.values()),
-                                    "server-round": server_round})
-        if messages:  # FedAvg's messages share one RecordDict: add the peer list once
-            messages[0].content["config"]["peer-ids"] = self._peers["peer-ids"]
-            messages[0].content["config"]["peer-keys"] = self._peers["peer-keys"]
+        keys = {r.metadata.src_node_id: (r.content["config"]["c-pk"], r.content["config"]["s-pk"])
+                for r in self._ask(KEYS, {n: ConfigRecord({"server-round": server_round}) for n in nodes})}
+        self._keys, self._threshold, self._sharers, self._inbox = keys, len(keys) // 2 + 1, [], {}
+        if len(keys) < 3:
+            log(WARNING, "round %d: %d clients sent keys; secure aggregation needs 3", server_round, len(keys))
+            return []
+        share_cfg = ConfigRecord({"ids": [str(n) for n in keys], "c-pks": [k[0] for k in keys.values()],
+                                  "s-pks": [k[1] for k in keys.values()], "threshold": self._threshold,
+                                  "server-round": server_round})
+        for r in self._ask(SHARE, {n: share_cfg for n in keys}):
+            sender = r.metadata.src_node_id
+            self._sharers.append(sender)
+            for to, blob in zip(_ids(r.content["config"]["to"]), r.content["config"]["shares"]):
+                self._inbox.setdefault(to, {})[sender] = blob
+        if messages:  # FedAvg's messages share one RecordDict: add the list once
+            messages[0].content["config"]["secagg-sharers"] = [str(n) for n in self._sharers]
         if self.audit is not None:
             self.audit.record("secagg_keys_relayed", round=server_round, clients=len(keys))
-        return [m for m in messages if m.metadata.dst_node_id in keys]
+        return [m for m in messages if m.metadata.dst_node_id in set(self._sharers)] if len(self._sharers) >= self._threshold else []
 
     def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        from pimoe.privacy.secagg import unmask_sum
+        from pimoe.privacy.secagg import secaggplus_sum
 
         replies = list(replies)
-        length = sum(self._global[k].size for k in self.shared_names) + 1
-        masked, rejected = {}, []
+        masked, weights, rejected = {}, {}, []
         for m in replies:
+            node = m.metadata.src_node_id
             if m.has_error():
                 continue
-            vector = m.content["arrays"]["masked"].numpy() if "arrays" in m.content else None
-            if vector is None or vector.dtype != np.uint64 or vector.shape != (length,):
-                rejected.append(Rejection(m.metadata.src_node_id, "masked update of the wrong shape or type"))
+            vector = m.content["arrays"]["masked"].numpy() if "arrays" in m.content and "masked" in m.content["arrays"] else None
+            weight = self.declared_weight(m)
+            if vector is None or vector.dtype != np.uint64 or vector.shape != (self.length,) or weight is None:
+                rejected.append(Rejection(node, "masked update of the wrong type or shape, or no positive example count"))
             else:
-                masked[m.metadata.src_node_id] = vector
-        participants = [int(i) for i in self._peers["peer-ids"]]
-        dropped = [n for n in participants if n not in masked]
-        revealed = {}
-        if dropped and masked:
-            reveal_cfg = ConfigRecord({**self._peers, "dropped": [str(n) for n in dropped]})
-            for r in self._ask(REVEAL, list(masked), reveal_cfg):
-                if not r.has_error():
-                    revealed[r.metadata.src_node_id] = dict(zip(dropped, r.content["config"]["seeds"]))
+                masked[node], weights[node] = vector, weight
         self.record_round(server_round, replies, len(masked), rejected)
-        if not masked or set(revealed) != (set(masked) if dropped else set()):
-            log(WARNING, "round %d: secure aggregation could not be completed; the global model stays", server_round)
-            return None, None
-        total = unmask_sum(masked, participants, revealed if dropped else None)
-        return apply_mean_change(self._global, self.shared_names, total), None
+        dropped = [n for n in self._sharers if n not in masked]
+        if len(masked) < self._threshold:
+            return self.finish(server_round, None, 0.0, f"{len(masked)} masked inputs, {self._threshold} needed"), None
+        common = {"survivors": [str(n) for n in masked], "dropped": [str(n) for n in dropped], "server-round": server_round}
+        configs = {v: ConfigRecord({**common, "inbox-from": [str(u) for u in self._inbox.get(v, {})],
+                                    "inbox": list(self._inbox.get(v, {}).values())}) for v in masked}
+        shares = {r.metadata.src_node_id: dict(zip(_ids(r.content["config"]["ids"]), r.content["config"]["shares"]))
+                  for r in self._ask(UNMASK, configs)}
+        try:
+            total = secaggplus_sum(masked, self._keys, self._sharers, shares, self._threshold, server_round)
+        except ValueError as err:
+            return self.finish(server_round, None, 0.0, f"unmasking failed: {err}"), None
+        return self.finish(server_round, total, sum(weights.values())), None
 
 
 class HomomorphicAggregation(ProtectedAggregation):
-    """FedAvg over CKKS-encrypted updates: the server adds ciphertexts it cannot read."""
+    """FedAvg over CKKS-encrypted updates: the server adds ciphertexts it cannot read.
+
+    A reply whose ciphertexts do not parse under the public context, or that has the wrong number
+    of values or no positive declared weight, is dropped before adding. One client decrypts the
+    sum under the rules of :mod:`pimoe.federated.he_round`; if it refuses or fails, the next one
+    is asked (each client decrypts at most once per round).
+    """
 
     def __init__(self, *args: Any, public_context: bytes, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.public_context = public_context
         self.bytes_per_round: list[int] = []
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        messages = super().configure_train(server_round, arrays, config, grid)
+        if messages:
+            messages[0].content["config"]["he-participants"] = [str(m.metadata.dst_node_id) for m in messages]
+        return messages
+
     def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        from pimoe.privacy.he import add_encrypted, load_context
+        from pimoe.privacy.he import add_encrypted, check_ciphertexts, load_context
 
         replies = list(replies)
+        context = load_context(self.public_context)
         encrypted: dict[int, list[bytes]] = {}
+        weights, rejected = {}, []
         for m in replies:
-            if not m.has_error() and "encrypted" in m.content:
-                encrypted[m.metadata.src_node_id] = list(m.content["encrypted"]["chunks"])
-        counts = [len(c) for c in encrypted.values()]
-        common = max(set(counts), key=counts.count) if counts else 0
-        rejected = [Rejection(n, f"{len(c)} ciphertext chunks, expected {common}")
-                    for n, c in encrypted.items() if len(c) != common]
-        encrypted = {n: c for n, c in encrypted.items() if len(c) == common}
+            if m.has_error():
+                continue
+            node, weight = m.metadata.src_node_id, self.declared_weight(m)
+            try:
+                chunks = list(m.content["encrypted"]["chunks"])
+                check_ciphertexts(context, chunks, self.length)
+                if weight is None:
+                    raise ValueError("no positive example count")
+            except (KeyError, TypeError, ValueError) as err:
+                rejected.append(Rejection(node, f"encrypted update rejected: {err}"))
+                continue
+            encrypted[node], weights[node] = chunks, weight
         self.record_round(server_round, replies, len(encrypted), rejected)
         self.bytes_per_round.append(sum(len(b) for c in encrypted.values() for b in c))
         if not encrypted:
             return None, None
-        summed = add_encrypted(load_context(self.public_context), list(encrypted.values()))
-        length = sum(self._global[k].size for k in self.shared_names) + 1
-        for reply in self._ask(DECRYPT, list(encrypted)[:1], ConfigRecord({"chunks": summed, "length": length})):
-            if not reply.has_error():
-                return apply_mean_change(self._global, self.shared_names, reply.content["arrays"]["sum"].numpy()), None
-        log(WARNING, "round %d: no client decrypted the sum; the global model stays", server_round)
-        return None, None
+        summed = add_encrypted(context, list(encrypted.values()))
+        ask = ConfigRecord({"chunks": summed, "length": self.length, "server-round": server_round,
+                            "contributors": [str(n) for n in encrypted]})
+        for node in encrypted:
+            for reply in self._ask(DECRYPT, {node: ask}):
+                return self.finish(server_round, reply.content["arrays"]["sum"].numpy(), sum(weights.values())), None
+        return self.finish(server_round, None, 0.0, "no client decrypted the sum"), None
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), "he_ciphertext_bytes_per_round": self.bytes_per_round}
-

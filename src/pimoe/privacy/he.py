@@ -102,6 +102,21 @@ def encrypt_update(context: ts.Context, update: np.ndarray) -> list[bytes]:
     return [ts.ckks_vector(context, values[i : i + slots]).serialize() for i in range(0, values.size, slots)]
 
 
+def check_ciphertexts(server_context: ts.Context, chunks: list[bytes], length: int) -> None:
+    """Raise ValueError unless ``chunks`` are serialized CKKS vectors of this context holding ``length`` values.
+
+    The server runs it on each client's reply before adding, so one garbage reply is dropped
+    instead of failing the whole sum.
+    """
+    if not isinstance(chunks, list) or not chunks or not all(isinstance(c, bytes) for c in chunks):
+        raise ValueError("an encrypted update must be a non-empty list of bytes")
+    slots = _slots(server_context)
+    sizes = [_load_vector(server_context, c).size() for c in chunks]
+    expected = [min(slots, length - i) for i in range(0, length, slots)]
+    if sizes != expected:
+        raise ValueError(f"ciphertext chunks hold {sizes} values, expected {expected}")
+
+
 def add_encrypted(server_context: ts.Context, encrypted: list[list[bytes]]) -> list[bytes]:
     """Server side: the chunk-wise sum of several clients' :func:`encrypt_update` outputs.
 
