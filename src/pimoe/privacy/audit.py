@@ -36,12 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from pimoe import io as pimoe_io
 from pimoe.privacy.crypto import IntegrityError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 GENESIS = "0" * 64
 RESERVED = ("seq", "ts", "event", "prev", "hash")
@@ -79,10 +75,10 @@ class AuditLog:
     @contextmanager
     def _locked(self, shared: bool = False) -> Iterator[IO[bytes]]:
         """The log opened for append (or, ``shared``, for reading) under its ``flock``."""
-        if fcntl is None:  # pragma: no cover - Windows
+        if pimoe_io.fcntl is None:  # pragma: no cover - Windows
             raise OSError("AuditLog needs fcntl.flock (POSIX) to keep one hash chain across writers")
         with open(self.path, "rb" if shared else "a+b") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            pimoe_io.lock_file(handle.fileno(), exclusive=not shared)
             yield handle  # closing the file releases the lock
 
     def _entry(self, raw: bytes, seq: int, prev: str) -> dict[str, Any] | None:
