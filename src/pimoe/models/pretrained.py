@@ -124,7 +124,8 @@ def load_pretrained(
 
     Args:
         name_or_path: a name from :func:`pretrained_names` (converted once, then cached) or a
-            local Hugging Face model folder (``config.json`` + weights + tokenizer files).
+            local Hugging Face model folder (``config.json`` + weights + tokenizer files); a known
+            name wins over a folder of the same name in the working directory.
         dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16`` (or their names).
         device: where the model goes (``"cpu"``, ``"cuda"``, ...).
         cache_dir: folder of converted models (default: see :func:`cache_root`).
