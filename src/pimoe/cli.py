@@ -251,5 +251,16 @@ def bench_compress_experts(
     main(quick=quick, json_path=json_path)
 
 
+
+@bench_app.command("models")
+def bench_models(
+    quick: Annotated[bool, typer.Option(help="2,048 held-out tokens, 32 decode tokens, 2 timing rounds.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """SmolLM2-135M dense vs split into 8 experts (k=4, k=2): load time, perplexity, tokens/s; HF-families equivalence."""
+    from pimoe.bench.models import main
+
+    main(quick=quick, json_path=json_path)
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,138 @@
+"""Real pretrained models: SmolLM2-135M-Instruct dense vs split into 8 experts (MoEfication).
+
+Measured in one run: load time (first call, converting or reading the cache as it finds it, then a
+cached call), held-out perplexity on Python's bundled documentation of the dense model and the
+split model at k=2 and k=4 of 8 (routers from the demo's cache, trained there when missing),
+active parameters, prefill and decode tokens/s (HF ``generate`` with its KV cache, contenders
+interleaved), and the transformers experts-backend equivalence table of
+:func:`pimoe.hf.families.check_families` (pimoe vs eager on tiny random MoE families).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from pimoe.bench.timing import interleaved_medians, run_header
+from pimoe.io import atomic_write_text
+
+
+@dataclass
+class ModelsBenchConfig:
+    """Sizes: ``heldout_windows`` windows of ``window`` held-out tokens for perplexity; timing on a
+    ``prefill_tokens`` prompt and ``decode_tokens`` greedy new tokens."""
+
+    model: str = "smollm2-135m-instruct"
+    heldout_windows: int = 32
+    window: int = 256
+    prefill_tokens: int = 256
+    decode_tokens: int = 64
+    rounds: int = 3
+    threads: int = 2
+    families: bool = True
+
+
+QUICK = ModelsBenchConfig(heldout_windows=8, decode_tokens=32, rounds=2)
+
+
+def _timers(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple:
+    def prefill() -> None:
+        with torch.inference_mode():
+            model(prompt, use_cache=False)
+
+    def decode() -> None:
+        short = prompt[:, :16]
+        model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=new_tokens,  # type: ignore[operator]
+                       min_new_tokens=new_tokens, do_sample=False)
+    return prefill, decode
+
+
+def run(cfg: ModelsBenchConfig, progress: bool = True) -> dict:
+    """Run the benchmark (see the module docs); returns the results dict."""
+    from pimoe.demo_pretrained import PretrainedDemoSettings, upcycle_with_cached_routers
+    from pimoe.models import cache_path, load_pretrained
+    from pimoe.models.perplexity import perplexity, pydoc_token_splits, windows
+    from pimoe.models.upcycle import parameter_counts, set_top_k
+
+    torch.set_num_threads(cfg.threads)
+    result: dict = run_header("models", cfg)
+    was_cached = cache_path(cfg.model).is_dir()
+    start = time.perf_counter()
+    dense, tokenizer = load_pretrained(cfg.model, progress=progress)
+    result["load_first_s"] = round(time.perf_counter() - start, 2)
+    result["load_first_was_cached"] = was_cached
+    start = time.perf_counter()
+    moe, _ = load_pretrained(cfg.model, progress=progress)
+    result["load_cached_s"] = round(time.perf_counter() - start, 2)
+
+    train_ids, heldout_ids = pydoc_token_splits(tokenizer)
+    heldout = windows(heldout_ids, cfg.window, cfg.heldout_windows)
+    settings = replace(PretrainedDemoSettings(), model=cfg.model, top_k=4)
+    source, _ = upcycle_with_cached_routers(moe, train_ids, heldout, settings, progress=progress)
+    result["routers"] = source
+    result["heldout_tokens"] = heldout.numel()
+    result["ppl_dense"] = round(perplexity(dense, heldout, progress=progress, desc="perplexity dense"), 4)
+    dense_params = parameter_counts(dense)[0]
+    result["params"] = {"dense": {"total": dense_params, "active": dense_params}}
+    for k in (4, 2):
+        set_top_k(moe, k)
+        result[f"ppl_moe_k{k}"] = round(perplexity(moe, heldout, progress=progress, desc=f"perplexity k={k}"), 4)
+        result[f"ppl_ratio_k{k}"] = round(result[f"ppl_moe_k{k}"] / result["ppl_dense"], 4)
+        total, active = parameter_counts(moe)
+        result["params"][f"moe_k{k}"] = {"total": total, "active": active}
+
+    prompt = heldout_ids[: cfg.prefill_tokens].unsqueeze(0)
+    contenders = {}
+    for name, model, k in (("dense", dense, None), ("moe_k4", moe, 4), ("moe_k2", moe, 2)):
+        prefill, decode = _timers(model, prompt, cfg.decode_tokens)
+        if k is not None:
+            contenders[f"prefill/{name}"] = lambda p=prefill, k=k: (set_top_k(moe, k), p())
+            contenders[f"decode/{name}"] = lambda d=decode, k=k: (set_top_k(moe, k), d())
+        else:
+            contenders[f"prefill/{name}"], contenders[f"decode/{name}"] = prefill, decode
+    seconds = interleaved_medians(contenders, rounds=cfg.rounds)
+    for phase, tokens in (("prefill", cfg.prefill_tokens), ("decode", cfg.decode_tokens)):
+        rates = {name.split("/")[1]: tokens / s for name, s in seconds.items() if name.startswith(phase)}
+        result[f"{phase}_tokens_per_s"] = {n: round(r, 1) for n, r in rates.items()}
+        result[f"{phase}_ratio_vs_dense"] = {n: round(r / rates["dense"], 3) for n, r in rates.items()}
+
+    if cfg.families:
+        from pimoe.hf.families import check_families
+
+        rows = check_families(repeats=1)
+        result["hf_families"] = rows
+        result["max_abs_logit_diff_hf"] = max(float(row["max_abs_logit_diff"]) for row in rows)
+    return result
+
+
+def print_report(result: dict, console: Console | None = None) -> None:
+    """Tables of the results."""
+    console = console or Console()
+    console.print(f"load: first call {result['load_first_s']} s (cache {'present' if result['load_first_was_cached'] else 'built'}), "
+                  f"cached {result['load_cached_s']} s; routers {result['routers']}")
+    table = Table(title=f"Dense vs split 8 experts ({result['heldout_tokens']:,} held-out pydoc tokens)")
+    for column in ("model", "active params", "perplexity", "ppl ratio", "prefill tok/s", "decode tok/s"):
+        table.add_column(column, justify="right")
+    for name in ("dense", "moe_k4", "moe_k2"):
+        ppl = result["ppl_dense"] if name == "dense" else result[f"ppl_{name}"]
+        table.add_row(name, f"{result['params'][name]['active']:,}", f"{ppl:.3f}", f"{ppl / result['ppl_dense']:.3f}",
+                      f"{result['prefill_tokens_per_s'][name]:.1f}", f"{result['decode_tokens_per_s'][name]:.1f}")
+    console.print(table)
+    if "hf_families" in result:
+        console.print(f"transformers experts backend 'pimoe' vs eager: max |logit diff| over "
+                      f"{len(result['hf_families'])} families = {result['max_abs_logit_diff_hf']:.2e}")
+
+
+def main(quick: bool = False, json_path: Path | None = None) -> dict:
+    """Entry point of ``pimoe bench models``."""
+    result = run(QUICK if quick else ModelsBenchConfig())
+    print_report(result)
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result, indent=2, default=str))
+    return result
