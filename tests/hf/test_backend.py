@@ -8,9 +8,11 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-import pimoe.hf.backend as backend  # noqa: E402
-from pimoe.hf import enable  # noqa: E402
-from pimoe.hf.families import FAMILIES, build_tiny, compare_implementations  # noqa: E402
+from pimoe.hf import (
+    backend,
+    enable,
+)
+from pimoe.hf.families import FAMILIES, build_tiny, compare_implementations
 
 LOGIT_TOL = 1e-4
 GRAD_RTOL = 1e-5  # of the largest gradient entry (~1e2..1e3 with loss = sum of squared logits)
@@ -113,7 +115,9 @@ def test_layout_without_gate_relu2() -> None:
 
 
 def test_layout_post_expert_norm() -> None:
-    from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
+    from transformers.models.muse_spark.configuration_muse_spark import (
+        MuseSparkTextConfig,
+    )
     from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
 
     config = MuseSparkTextConfig(num_local_experts=6, moe_hidden_size=16, moe_intermediate_size=12)

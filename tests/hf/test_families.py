@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from pimoe.bench.hf_backend import HFBackendBenchConfig, run  # noqa: E402
-from pimoe.hf import check_families  # noqa: E402
+from pimoe.bench.hf_backend import HFBackendBenchConfig, run
+from pimoe.hf import check_families
 
 
 def test_check_families_row() -> None:

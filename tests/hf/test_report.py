@@ -10,9 +10,9 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from pimoe.hf import routing_report  # noqa: E402
-from pimoe.hf.families import build_tiny  # noqa: E402
-from pimoe.moe import PiMoE  # noqa: E402
+from pimoe.hf import routing_report
+from pimoe.hf.families import build_tiny
+from pimoe.moe import PiMoE
 
 
 def _ids(model: nn.Module, batch: int = 2, length: int = 20) -> torch.Tensor:

@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -45,7 +46,7 @@ class HFBackendBenchConfig:
     family_tokens: int = 64
 
 
-def _block(shape: str, d_model: int) -> nn.Module:
+def _block(shape: str, d_model: int) -> Any:
     """The family's sparse MoE block (router + experts) with seeded N(0, 0.02) weights."""
     from transformers import AutoConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -59,13 +60,14 @@ def _block(shape: str, d_model: int) -> nn.Module:
         moe_intermediate_size=width, num_local_experts=experts, num_experts=experts,
         num_experts_per_tok=top_k, norm_topk_prob=True,
     )
-    block = (MixtralSparseMoeBlock if model_type == "mixtral" else Qwen3MoeSparseMoeBlock)(config)
+    block_class: Any = MixtralSparseMoeBlock if model_type == "mixtral" else Qwen3MoeSparseMoeBlock
+    block = block_class(config)
     for param in block.parameters():
         nn.init.normal_(param, std=0.02)
     return block
 
 
-def _step(block: nn.Module, implementation: str, x: torch.Tensor, backward: bool) -> Callable[[], None]:
+def _step(block: Any, implementation: str, x: torch.Tensor, backward: bool) -> Callable[[], None]:
     def run() -> None:
         block.experts.config._experts_implementation = implementation
         if backward:
@@ -78,7 +80,7 @@ def _step(block: nn.Module, implementation: str, x: torch.Tensor, backward: bool
     return run
 
 
-def _max_diff_vs_eager(block: nn.Module, x: torch.Tensor) -> float:
+def _max_diff_vs_eager(block: Any, x: torch.Tensor) -> float:
     outputs = {}
     with torch.inference_mode():
         for name in ("eager", "pimoe"):
@@ -95,7 +97,7 @@ def run(cfg: HFBackendBenchConfig, console: Console | None = None) -> dict:
 
     families = check_families(cfg.families, seed=cfg.seed, tokens=cfg.family_tokens, repeats=cfg.rounds)
     _print_families(families, console)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for shape in cfg.shapes:
         torch.manual_seed(cfg.seed)
         block = _block(shape, cfg.d_model)
@@ -103,7 +105,7 @@ def run(cfg: HFBackendBenchConfig, console: Console | None = None) -> dict:
             x = torch.randn(1, tokens, cfg.d_model)
             diff = _max_diff_vs_eager(block, x)
             for backward in (False, True):
-                fns = {name: _step(block, name, x, backward) for name in CONTENDERS}
+                fns: dict[str, Callable[[], object]] = {name: _step(block, name, x, backward) for name in CONTENDERS}
                 times = interleaved_medians(fns, cfg.rounds)
                 rows.append({
                     "shape": shape, "tokens": tokens, "mode": "fwd+bwd" if backward else "fwd",

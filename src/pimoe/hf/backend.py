@@ -26,7 +26,7 @@ scales, ...) raises ``TypeError`` naming the family and the parameter: nothing r
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -54,13 +54,14 @@ def _family(experts: nn.Module) -> str:
     return type(experts).__name__
 
 
-def experts_layout(experts: nn.Module) -> ExpertsLayout:
+def experts_layout(module: nn.Module) -> ExpertsLayout:
     """Read a ``@use_experts_implementation`` module's weights as ``grouped_ffn`` arguments.
 
     Raises:
         TypeError: the module is not a transformers experts module, or holds a parameter the
             kernel would ignore (named in the message with the family).
     """
+    experts: Any = module  # transformers' experts modules are typed by convention, not by class
     family = _family(experts)
     missing = [flag for flag in _LAYOUT_FLAGS if not hasattr(experts, flag)]
     if missing or not hasattr(experts, "num_experts"):
@@ -106,14 +107,15 @@ def pimoe_experts_forward(
     Returns:
         ``[T, D]`` in ``hidden_states``' dtype: each token's weighted sum of its experts' outputs.
     """
-    layout = experts_layout(self)
-    num_experts = int(self.num_experts)
-    mask = top_k_index < num_experts if self._is_expert_parallel else None
+    experts: Any = self
+    layout = experts_layout(experts)
+    num_experts = int(experts.num_experts)
+    mask = top_k_index < num_experts if experts._is_expert_parallel else None
     token_sorted, weight_sorted, counts = sort_by_expert(top_k_index, top_k_weights, num_experts, mask)
     x_sorted = hidden_states.index_select(0, token_sorted)  # [N, D]
     y = grouped_ffn(x_sorted, layout.w_in, layout.b_in, layout.w_out, layout.b_out, counts, layout.act)
-    if self.has_post_expert_norm:
-        y = self.post_expert_norm(y)
+    if experts.has_post_expert_norm:
+        y = experts.post_expert_norm(y)
     return combine(hidden_states, y, token_sorted, weight_sorted)
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from pimoe.hf.backend import NAME, enable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _COMMON: dict[str, Any] = {
     "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -68,7 +71,7 @@ def _randomize_biases(model: nn.Module, std: float) -> None:
                 buffer.normal_(0.0, std)
 
 
-def build_tiny(family: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
+def build_tiny(family: str, *, seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A tiny random causal LM of ``family`` (a key of :data:`FAMILIES`), fp32, eval mode.
 
     Raises:
@@ -86,7 +89,7 @@ def build_tiny(family: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
     return model.eval()
 
 
-def _logits_and_grads(model: nn.Module, input_ids: Tensor, implementation: str) -> tuple[Tensor, dict[str, Tensor]]:
+def _logits_and_grads(model: PreTrainedModel, input_ids: Tensor, implementation: str) -> tuple[Tensor, dict[str, Tensor]]:
     model.set_experts_implementation(implementation)
     model.zero_grad(set_to_none=True)
     logits = model(input_ids=input_ids).logits.float()  # [B, S, V]
@@ -112,7 +115,7 @@ def _max_grad_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[float, f
 
 
 def compare_implementations(
-    model: nn.Module, input_ids: Tensor, implementations: tuple[str, ...] = (NAME,)
+    model: PreTrainedModel, input_ids: Tensor, implementations: tuple[str, ...] = (NAME,)
 ) -> dict[str, dict[str, float]]:
     """Logit and gradient differences of each implementation vs ``"eager"`` on one model
     (fp32, loss = sum of squared logits); also the scale of the eager logits and gradients."""
@@ -130,7 +133,7 @@ def compare_implementations(
     return result
 
 
-def _time_forward(model: nn.Module, input_ids: Tensor, implementations: tuple[str, ...], repeats: int) -> dict[str, float]:
+def _time_forward(model: PreTrainedModel, input_ids: Tensor, implementations: tuple[str, ...], repeats: int) -> dict[str, float]:
     """Median forward milliseconds per implementation, interleaved within each round."""
     times: dict[str, list[float]] = {name: [] for name in implementations}
     with torch.no_grad():
@@ -181,14 +184,15 @@ def check_families(
         if progress is not None:
             progress(name)
         model = build_tiny(name, seed=seed)
+        config: Any = model.config
         generator = torch.Generator().manual_seed(seed)
-        input_ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
-        experts = next(m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "num_experts"))
+        input_ids = torch.randint(0, config.vocab_size, (1, tokens), generator=generator)
+        experts: Any = next(m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "num_experts"))
         row: dict[str, Any] = {
             "family": name,
             "experts_class": type(experts).__name__,
             "num_experts": int(experts.num_experts),
-            "top_k": int(model.config.num_experts_per_tok),
+            "top_k": int(config.num_experts_per_tok),
         }
         diffs = compare_implementations(model, input_ids, (NAME, "grouped_mm"))
         row.update(diffs[NAME])

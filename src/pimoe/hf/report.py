@@ -31,7 +31,6 @@ from pimoe.moe.layer import MoEOutput
 from pimoe.moe.losses import load_balancing_loss
 from pimoe.moe.stats import RoutingStats
 
-
 _COLUMNS = ("layer", "tokens", "dead", "imbalance", "entropy", "aux loss")
 
 
@@ -182,11 +181,11 @@ def _token_mask(inputs: Any) -> Tensor | None:
     return None if mask is None else mask.reshape(-1).bool()
 
 
-def _pimoe_report(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> RoutingReport:
+def _pimoe_report(model: nn.Module, layers: dict[str, Any], inputs: Any) -> RoutingReport:
     stats: dict[str, list[tuple[RoutingStats, float]]] = {name: [] for name in layers}
 
     def hook(name: str):
-        def record(module: nn.Module, args: Any, output: Any) -> None:
+        def record(module: Any, args: Any, output: Any) -> None:
             if module.last_stats is not None:
                 stats[name].append((module.last_stats, float(module.aux_loss)))
         return record
@@ -218,7 +217,7 @@ def routing_report(model: nn.Module, inputs: Any) -> RoutingReport:
     Raises:
         TypeError: the model has no MoE layer this function recognizes.
     """
-    pimoe_layers = {name: m for name, m in model.named_modules() if isinstance(m, MoEOutput)}
+    pimoe_layers: dict[str, Any] = {name: m for name, m in model.named_modules() if isinstance(m, MoEOutput)}
     if pimoe_layers:
         return _pimoe_report(model, pimoe_layers, inputs)
     recorders = _router_recorders(model)
