@@ -16,7 +16,7 @@ def federate(
     partition: Annotated[str, typer.Option(help="iid or dirichlet (label-skewed non-IID).")] = "dirichlet",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration: smaller = more skewed.")] = 0.5,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Probability that a sampled client fails in a round.")] = 0.0,
-    strategy: Annotated[str, typer.Option(help="fedavg or fedprox.")] = "fedavg",
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox, fedmedian (coordinate-wise median) or fedtrimmedavg (trimmed mean).")] = "fedavg",
     proximal_mu: Annotated[float, typer.Option(help="FedProx proximal weight mu.")] = 0.01,
     fraction: Annotated[float, typer.Option(help="Fraction of clients sampled per round.")] = 0.2,
     selection: Annotated[str, typer.Option(help="Client selection: uniform, size (by data size) or loss (by last loss).")] = "uniform",
@@ -24,9 +24,15 @@ def federate(
     lr: Annotated[float, typer.Option(help="Client SGD learning rate.")] = 0.1,
     model: Annotated[str, typer.Option(help="mlp (64-128-10) or moe (a PiMoE classifier).")] = "mlp",
     personal_layers: Annotated[str, typer.Option(help="Comma-separated parameter prefixes kept on clients, e.g. moe.experts.")] = "",
+    clip_norm: Annotated[float, typer.Option(min=0.0, help="Clip every client's change to this L2 norm (0 = off); works with --secure-agg / --he.")] = 0.0,
+    trim_beta: Annotated[float, typer.Option(min=0.0, max=0.49, help="fedtrimmedavg: fraction cut from each tail.")] = 0.2,
+    norm_factor: Annotated[float, typer.Option(min=0.0, help="Reject plain updates whose change norm is > this x the round's median (0 = off).")] = 10.0,
     dp_epsilon: Annotated[Optional[float], typer.Option(help="DP-SGD on every client with this target epsilon (delta 1e-5).")] = None,
-    secure_agg: Annotated[bool, typer.Option("--secure-agg", help="Pairwise-masked secure aggregation (server sees only the sum).")] = False,
-    he: Annotated[bool, typer.Option("--he", help="Homomorphic (CKKS) aggregation of encrypted updates.")] = False,
+    secure_agg: Annotated[bool, typer.Option("--secure-agg", help="SecAgg+ secure aggregation (self-masks + Shamir-shared recovery): the server sees only the sum, "
+                                                          "even if it lies about dropouts, while a majority of each round's clients is honest and "
+                                                          "their public keys are not replaced (no PKI: the server relays them).")] = False,
+    he: Annotated[bool, typer.Option("--he", help="Homomorphic (CKKS) aggregation: clients share the secret key and decrypt only the round's tagged sum "
+                                             "over a majority, once each (a server asking several clients can still difference their sums).")] = False,
     audit_log: Annotated[Optional[Path], typer.Option(help="Append privacy-relevant events here (JSON lines).")] = None,
     backend: Annotated[str, typer.Option(help="ray (Flower's simulation runtime) or inprocess (no Ray).")] = "ray",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -47,7 +53,8 @@ def federate(
         cfg = FederatedConfig(
             clients=clients, rounds=rounds, partition=partition, alpha=alpha, dropout=dropout, strategy=strategy,
             proximal_mu=proximal_mu, fraction=fraction, selection=selection, local_epochs=local_epochs, lr=lr,
-            model=model, personal_layers=personal_layers, dp_epsilon=dp_epsilon or 0.0, secure_agg=secure_agg,
+            model=model, personal_layers=personal_layers, clip_norm=clip_norm, trim_beta=trim_beta,
+            norm_factor=norm_factor, dp_epsilon=dp_epsilon or 0.0, secure_agg=secure_agg,
             he=he, audit_log=str(audit_log or ""), seed=seed)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err

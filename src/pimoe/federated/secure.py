@@ -4,16 +4,22 @@ Both modes send the server a *weighted change* instead of a model: client ``i`` 
 examples sends ``u_i = [n_i * (w_i - w_global) flattened, n_i]``; the server only ever learns
 ``sum_i u_i``, from which the FedAvg update is ``sum(n_i * delta_i) / sum(n_i)``.
 
-- Secure aggregation (``--secure-agg``, :mod:`pimoe.privacy.secagg`): per round the server relays
-  X25519 public keys (a ``query.secagg_keys`` message), clients send pairwise-masked fixed-point
-  vectors, and if some clients dropped after the keys went out the survivors reveal the pair seeds
-  they shared with them (``query.secagg_reveal``) so the masks still cancel.
+- Secure aggregation (``--secure-agg``, SecAgg+ of :mod:`pimoe.privacy.secagg`): per round the
+  server relays two X25519 public keys per client (``query.secagg_keys``), then each client's
+  encrypted Shamir shares of its self-mask seed and mask key (``query.secagg_share``, threshold: a
+  strict majority), clients send self- and pairwise-masked fixed-point vectors, and each survivor
+  reveals per other client either its self-mask share or (dropped) its mask-key share, once per
+  round (``query.secagg_unmask``).
 - Homomorphic aggregation (``--he``, :mod:`pimoe.privacy.he`): clients share one CKKS key set
-  (made by the runner, the key authority); the server holds only the public context, adds the
-  ciphertexts, and asks one surviving client to decrypt the sum (``query.he_decrypt``).
+  (made by the runner, the key authority); the server holds only the public context, checks each
+  client's ciphertexts parse, adds them, and asks a surviving client to decrypt the sum
+  (``query.he_decrypt``), which it does only under the rules of :mod:`pimoe.federated.he_round`.
 
 Masked or encrypted updates cannot be screened for NaN or outliers by the server (that is the
-point of hiding them): only their shape is checked, and clients check their own update is finite.
+point of hiding them): their type and shape are checked, clients send their example count in the
+clear, and the decrypted / unmasked sum is checked (:func:`pimoe.federated.bounding.aggregate_problem`:
+summed weight = declared counts, norm within ``clip_norm`` x that weight); a sum that fails is not
+applied and the round is skipped. A client's refusal of a query is an Error reply, never an abort.
 Per-client metrics (train loss, example count) are not aggregated in these modes.
 """
 

@@ -1,4 +1,4 @@
-"""Secure aggregation by pairwise masking (Bonawitz et al. 2017, single-mask variant).
+"""Secure aggregation: pairwise masking (Bonawitz et al. 2017) and SecAgg+ (Bell et al. 2020).
 
 Every client holds an X25519 key pair. For each pair of clients ``i < j`` the Diffie-Hellman
 secret, passed through HKDF-SHA256 with the round number, gives a 32-byte seed ``s_ij`` that only
@@ -8,25 +8,24 @@ integers. Client ``i`` sends
     y_i = encode(x_i) + sum_{j > i} m_ij - sum_{j < i} m_ji   (mod 2**64)
 
 where ``encode`` is fixed point with ``frac_bits`` fractional bits. In the sum over all clients
-every mask appears once with each sign, so the server gets ``sum_i encode(x_i)`` exactly (mod
-2**64) and decodes it; the error is only the rounding of each value to ``2**-frac_bits``.
+every mask appears once with each sign, so the server gets ``sum_i encode(x_i)`` exactly.
 
-A client that drops after the others masked leaves its pair masks uncancelled in the survivors'
-inputs: each survivor reveals the seed it shared with the dropped client
-(:meth:`SecAggClient.reveal_seeds_for`) and :func:`unmask_sum` regenerates and removes those masks.
+``SecAggClient`` / ``unmask_sum``: the single-mask variant. Survivors reveal the pair seeds they
+shared with dropped clients, so a server that lies about who dropped can unmask a live client's
+update: use it only with an honest-but-curious server (it is kept as the cheapest baseline).
 
-Threat model covered: an honest-but-curious server (follows the protocol, reads everything it
-receives) and eavesdroppers see each masked input ``y_i`` as uniform noise; only the sum is
-revealed. Not covered (the parts of Bonawitz et al. this variant leaves out):
-- no self-mask and no secret sharing: a server that lies about who dropped can obtain a live
-  client's pair seeds and unmask its update (``unmask_sum`` refuses seeds for a client whose input
-  it holds, but a malicious server would not call it); a client that drops before revealing the
-  seeds for another dropped client makes the round unrecoverable;
-- no authentication of public keys (the server relays them: it could run a man-in-the-middle),
-  no protection against a client sending a malformed or poisoned input (masked inputs cannot be
-  screened; use DP or norm-bounded updates), and no protection of the sum itself (use DP for that).
-Masks depend on the round number: reusing a round number with the same keys reuses the masks, and
-the difference of two masked inputs then leaks the difference of the updates.
+``SecAggPlusClient`` / ``secaggplus_sum`` (what ``pimoe.federated`` uses): every client also adds
+a self-mask ``PRG(b_u)`` and Shamir-shares ``b_u`` and its mask private key among the round's
+clients (threshold ``t``, a strict majority); for each client the server asks for EITHER the
+``b_u`` shares (survivor: remove the self-mask) OR the key shares (dropped: rebuild its pair
+masks), and each client answers once per round with one kind per client. A lying server gets
+at most one of the two secrets of any client. Not covered: public keys are not authenticated
+(the relaying server could replace them, or add clients of its own, and so control the
+majority: a PKI would fix that); a wrong share from a malicious client makes reconstruction
+fail (detected for mask keys, not for ``b_u``) and the round is lost, not attributed; the
+protocol runs on the complete graph (SecAgg+'s sparse k-regular graph is not implemented); masked
+inputs cannot be screened (see pimoe.federated.bounding); the sum itself is not private (add DP).
+Masks depend on the round number and fresh keys are made every round.
 """
 
 from __future__ import annotations
