@@ -12,15 +12,16 @@ from rich.table import Table
 
 from pimoe.data import byte_splits, load_pydoc_text
 from pimoe.demo import train_lm
+from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig
 
 SETTINGS = {"steps": 600, "batch_size": 16, "lr": 2e-3, "device": "cpu", "seed": 0, "progress": True}
 RUNS = {
     "dense twin": LMConfig().dense_twin(),
-    "MoE, no router losses": LMConfig(aux_loss_coef=0.0, z_loss_coef=0.0),
-    "MoE, aux 0.01 (default)": LMConfig(aux_loss_coef=0.01, z_loss_coef=0.0),
-    "MoE, z 0.001": LMConfig(aux_loss_coef=0.0, z_loss_coef=0.001),
-    "MoE, aux 0.01 + z 0.001": LMConfig(aux_loss_coef=0.01, z_loss_coef=0.001),
+    "MoE, no router losses": LMConfig(moe=MoEConfig(aux_loss_coef=0.0, z_loss_coef=0.0)),
+    "MoE, aux 0.01 (default)": LMConfig(moe=MoEConfig(aux_loss_coef=0.01, z_loss_coef=0.0)),
+    "MoE, z 0.001": LMConfig(moe=MoEConfig(aux_loss_coef=0.0, z_loss_coef=0.001)),
+    "MoE, aux 0.01 + z 0.001": LMConfig(moe=MoEConfig(aux_loss_coef=0.01, z_loss_coef=0.001)),
 }
 
 if __name__ == "__main__":

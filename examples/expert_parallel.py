@@ -22,7 +22,7 @@ from pimoe.moe.parallel import ExpertParallelMoE, allreduce_replicated_grads, in
 
 def make_layer(d_model: int, num_experts: int) -> PiMoE:
     torch.manual_seed(0)  # the same initial weights in every process
-    return PiMoE(d_model, num_experts, top_k=2, ffn_dim=2 * d_model, shared_experts=1)
+    return PiMoE(d_model, num_experts=num_experts, top_k=2, ffn_dim=2 * d_model, shared_experts=1)
 
 
 def batch(step: int, rank: int, tokens: int, d_model: int) -> tuple[torch.Tensor, torch.Tensor]:

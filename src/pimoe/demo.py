@@ -22,6 +22,7 @@ from torch import Tensor
 
 from pimoe.data import byte_splits, get_batch, load_pydoc_text
 from pimoe.io import atomic_write_text, save_png
+from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
 from pimoe.moe.stats import RoutingStats
 
@@ -247,8 +248,7 @@ def run_demo(steps: int = 600, device: str = "cpu", seed: int = 0, out_dir: str 
     console = Console()
     start = time.perf_counter()
     train, val = byte_splits(load_pydoc_text())
-    config = config or LMConfig(block_size=128, n_layer=4, n_head=4, d_model=128,
-                                num_experts=8, top_k=2, ffn_dim=128)
+    config = config or LMConfig(block_size=128, n_layer=4, n_head=4, d_model=128, moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=128))
     settings = {"steps": steps, "batch_size": 16, "lr": 2e-3, "device": device, "seed": seed}
     console.print(f"pydoc_data text: {len(train):,} train bytes, {len(val):,} held-out bytes; "
                   f"{steps} steps of {settings['batch_size']}x{config.block_size} bytes on {device}")

@@ -84,7 +84,7 @@ def test_reptile_meta_training_lowers_post_adaptation_error():
 def _moe_model(experts: bool) -> nn.Sequential:
     torch.manual_seed(0)
     layer = (PiMoE(8, top_k=2, experts=[nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)) for _ in range(4)])
-             if experts else PiMoE(8, 4, top_k=2, ffn_dim=8))
+             if experts else PiMoE(8, num_experts=4, top_k=2, ffn_dim=8))
     return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), layer, nn.Linear(8, 1))
 
 

@@ -130,8 +130,9 @@ def test_bare_linear_and_bad_rank_rejected() -> None:
 
 def test_pimoe_lm_router_gates_and_tied_head_are_not_factorized() -> None:
     from pimoe.moe.model import LMConfig, PiMoELM
+    from pimoe.moe.config import MoEConfig
 
-    config = LMConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32, num_experts=4, ffn_dim=32)
+    config = LMConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, ffn_dim=32))
     model = PiMoELM(config).eval()
     report = factorize(model, ratio=0.3)
     reasons = {layer.name: layer.reason for layer in report.layers}

@@ -14,7 +14,7 @@ D, E = 16, 6
 
 
 def _layer(**kwargs: object) -> PiMoE:
-    return PiMoE(D, E, top_k=kwargs.pop("top_k", 2), ffn_dim=24, **kwargs).eval()
+    return PiMoE(D, num_experts=E, top_k=kwargs.pop("top_k", 2), ffn_dim=24, **kwargs).eval()
 
 
 def _kill(layer: PiMoE, dead: list[int]) -> None:

@@ -135,8 +135,9 @@ def test_embedding_bad_names() -> None:
 
 def _tiny_lm() -> nn.Module:
     from pimoe.moe.model import LMConfig, PiMoELM
+    from pimoe.moe.config import MoEConfig
 
-    config = LMConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32, num_experts=4, ffn_dim=32)
+    config = LMConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, ffn_dim=32))
     return PiMoELM(config).eval()
 
 

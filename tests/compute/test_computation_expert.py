@@ -9,6 +9,7 @@ from pimoe.compute.expert import NO_OUTPUT, ComputationExpert, next_result_bytes
 from pimoe.compute.task import CALL_END, CALL_START, ArithmeticTask, encode_batch
 from pimoe.moe.experts import FFN, ExpertList
 from pimoe.moe.layer import PiMoE
+from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
 from pimoe.moe.router import RouterOutput
 
@@ -41,11 +42,10 @@ def test_error_tokens_for_bad_spans() -> None:
     assert _emitted(_span("9" * 50, "x" * 20)).startswith(b"<err:overflow>")
 
 
-def _layer_with_expert(scale: float = 1.0) -> tuple[PiMoE, ComputationExpert, nn.Embedding]:
+def _layer_with_expert(scale: float = 1.0, top_k: int = 1) -> tuple[PiMoE, ComputationExpert, nn.Embedding]:
     emb = nn.Embedding(256, D)
     expert = ComputationExpert(emb, scale=scale)
-    layer = PiMoE(D, experts=[FFN(D, 2 * D), expert], top_k=1)
-    expert.attach(layer, 1)
+    layer = PiMoE(D, experts=[FFN(D, 2 * D), expert], top_k=top_k)
     with torch.no_grad():  # route on channel 0: positive -> computation expert
         layer.router.gate.weight.zero_()
         layer.router.gate.weight[1, 0], layer.router.gate.weight[0, 0] = 20.0, -20.0
@@ -80,13 +80,14 @@ def test_exact_results_inside_a_pimoe_layer() -> None:
 
 
 def test_rows_map_back_to_positions_with_top2() -> None:
-    layer, expert, emb = _layer_with_expert()
-    layer.router.top_k = layer.top_k = 2
+    layer, expert, emb = _layer_with_expert(top_k=2)
     idx, targets = _batch()
     x = _hidden(targets)
     expert.set_context(idx)
+    routes: list[RouterOutput] = []
+    layer.router.register_forward_hook(lambda module, args, out: routes.append(out))
     out = layer(x)
-    route: RouterOutput = expert._route
+    route = routes[0]
     weight_comp = (route.weights * (route.indices == 1)).sum(-1).reshape(targets.shape)
     routed = targets != NO_OUTPUT
     expected = weight_comp[routed].unsqueeze(-1) * emb.weight[targets[routed]].detach()
@@ -110,9 +111,8 @@ def test_expert_output_has_no_graph() -> None:
     layer, expert, _ = _layer_with_expert()
     idx, targets = _batch()
     expert.set_context(idx)
-    layer.router(_hidden(targets).reshape(-1, D))
-    n = int(expert._route.indices.eq(1).sum())
-    out = expert(torch.randn(n, D, requires_grad=True))
+    positions = (targets.reshape(-1) != NO_OUTPUT).nonzero().squeeze(-1)
+    out = expert(torch.randn(positions.numel(), D, requires_grad=True), positions)
     assert not out.requires_grad
 
 
@@ -120,21 +120,22 @@ def test_errors_without_setup() -> None:
     emb = nn.Embedding(256, D)
     expert = ComputationExpert(emb)
     with pytest.raises(RuntimeError, match="set_context"):
-        expert(torch.randn(2, D))
+        expert(torch.randn(2, D), torch.tensor([0, 1]))
     expert.set_context(torch.zeros(1, 2, dtype=torch.long))
-    with pytest.raises(RuntimeError, match="attach"):
-        expert(torch.randn(2, D))
+    with pytest.raises(ValueError, match="outside the context"):
+        expert(torch.randn(2, D), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="positions"):
+        expert(torch.randn(2, D), torch.tensor([0]))
     with pytest.raises(ValueError):
         expert.set_context(torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="index"):
-        expert.attach(PiMoE(D, experts=[FFN(D, D), expert]), 2)
+    with pytest.raises(ValueError, match="needs token positions"):  # a bank called without positions
+        ExpertList([FFN(D, D), expert])(torch.randn(2, D), torch.tensor([0, 2]))
 
 
-def test_works_in_expert_list_and_detach() -> None:
+def test_works_in_expert_list_without_router_hooks() -> None:
     layer, expert, _ = _layer_with_expert()
     assert isinstance(layer.experts, ExpertList)
-    expert.detach()
-    assert expert.index is None and not layer.router._forward_hooks
+    assert not layer.router._forward_hooks
 
 
 def _oracle_route(expert: ComputationExpert, index: int):
@@ -153,13 +154,12 @@ def test_greedy_decoding_in_a_pimoe_lm_with_oracle_hand_off() -> None:
     """An untrained LM whose last PiMoE layer holds the computation expert: with the hand-off
     given by an oracle router, greedy decoding writes the exact result of a long held-out
     problem and closes the span."""
-    config = LMConfig(block_size=128, n_layer=2, d_model=D, n_head=4, num_experts=2, top_k=1)
+    config = LMConfig(block_size=128, n_layer=2, d_model=D, n_head=4, moe=MoEConfig(num_experts=2, top_k=1))
     model = PiMoELM(config).eval()
     expert = ComputationExpert(model.tok_emb, scale=1000.0)
     block = model.blocks[-1]
     block.ffn = PiMoE(D, experts=[FFN(D, 2 * D), expert], top_k=1)
     block.ffn.router.register_forward_hook(_oracle_route(expert, 1))
-    expert.attach(block.ffn, 1)
     heldout = ArithmeticTask(train_digits=4, heldout_digits=8, seed=9).split("heldout", 50)
     problem = next(p for p in heldout if len(p.answer) >= 12)
     text = problem.encode()

@@ -12,8 +12,9 @@ from pimoe.compute.handoff import HandoffRouter, forward_with_hidden, handoff_la
 from pimoe.compute.task import CALL_END, CALL_START, ArithmeticTask, lm_batch
 from pimoe.compute.train import TrainSettings
 from pimoe.moe.model import LMConfig, PiMoELM
+from pimoe.moe.config import MoEConfig
 
-MICRO = LMConfig(block_size=128, n_layer=1, n_head=2, d_model=32, num_experts=2, top_k=1, ffn_dim=32)
+MICRO = LMConfig(block_size=128, n_layer=1, n_head=2, d_model=32, moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=32))
 SPAN = bytes([CALL_START])
 
 

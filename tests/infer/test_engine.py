@@ -8,6 +8,7 @@ from pimoe.infer import InferenceCache
 from pimoe.infer.engine import InferenceConfig, InferenceEngine
 from pimoe.moe import PiMoE
 from pimoe.moe.model import LMConfig, PiMoELM
+from pimoe.moe.config import MoEConfig
 
 
 class Counting(nn.Module):
@@ -52,7 +53,7 @@ def test_fp32_equals_eager_exactly() -> None:
 
 
 def test_lm_and_tuple_inputs() -> None:
-    lm = PiMoELM(LMConfig(n_layer=2, d_model=32, n_head=2, num_experts=4, ffn_dim=32, block_size=16))
+    lm = PiMoELM(LMConfig(n_layer=2, d_model=32, n_head=2, block_size=16, moe=MoEConfig(num_experts=4, ffn_dim=32)))
     idx = torch.randint(0, 256, (2, 7))
     with torch.no_grad():
         expected = lm(idx).logits

@@ -23,6 +23,7 @@ from live_server import LiveServer  # noqa: E402
 from pimoe.cli import app as cli_app  # noqa: E402
 from pimoe.infer.server import ServedModel, create_app  # noqa: E402
 from pimoe.moe.model import LMConfig, PiMoELM  # noqa: E402
+from pimoe.moe.config import MoEConfig  # noqa: E402
 
 MAX_ELEMENTS = 512
 
@@ -30,7 +31,7 @@ MAX_ELEMENTS = 512
 @pytest.fixture(scope="module")
 def lm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model = PiMoELM(LMConfig(block_size=32, n_layer=2, n_head=2, d_model=16, num_experts=4, top_k=2, ffn_dim=16))
+    model = PiMoELM(LMConfig(block_size=32, n_layer=2, n_head=2, d_model=16, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16)))
     path = tmp_path_factory.mktemp("lm") / "model.safetensors"
     model.save(path)
     return path

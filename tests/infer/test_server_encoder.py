@@ -107,6 +107,7 @@ def test_compressed_encoder_and_lm_are_served(tmp_path: Path) -> None:
 
     from pimoe.cli import app as cli_app
     from pimoe.moe.model import LMConfig, PiMoELM
+    from pimoe.moe.config import MoEConfig
 
     out = tmp_path / "minilm-int8"
     result = CliRunner().invoke(cli_app, ["compress", str(FOLDER), str(out), "--bits", "8", "--full-range"])
@@ -121,7 +122,7 @@ def test_compressed_encoder_and_lm_are_served(tmp_path: Path) -> None:
 
     lm_path = tmp_path / "lm.safetensors"
     torch.manual_seed(0)
-    PiMoELM(LMConfig(block_size=32, n_layer=1, n_head=2, d_model=32, num_experts=4, top_k=2, ffn_dim=32)).save(lm_path)
+    PiMoELM(LMConfig(block_size=32, n_layer=1, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32))).save(lm_path)
     result = CliRunner().invoke(cli_app, ["compress", str(lm_path), str(tmp_path / "lm-int8"), "--bits", "8"])
     assert result.exit_code == 0, result.output
     lm = ServedModel.from_file(tmp_path / "lm-int8")

@@ -12,7 +12,7 @@ from pimoe.moe import EXPERT_PRESETS, FFN, StackedExperts, SwiGLU, make_expert
 def stacked_expert(bank: StackedExperts, e: int, x: torch.Tensor) -> torch.Tensor:
     b_in = bank.b_in[e] if bank.b_in is not None else None
     b_out = bank.b_out[e] if bank.b_out is not None else None
-    return F.linear(bank._act(F.linear(x, bank.w_in[e], b_in)), bank.w_out[e], b_out)
+    return F.linear(bank.act(F.linear(x, bank.w_in[e], b_in)), bank.w_out[e], b_out)
 
 
 def naive_moe(layer: PiMoE, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def naive_moe(layer: PiMoE, x: torch.Tensor) -> torch.Tensor:
 )
 def test_vectorized_layer_matches_token_loop(kwargs: dict) -> None:
     kwargs = {"top_k": 2, **kwargs}
-    layer = PiMoE(16, 4, ffn_dim=32, **kwargs)
+    layer = PiMoE(16, num_experts=4, ffn_dim=32, **kwargs)
     x = torch.randn(3, 7, 16)
     torch.testing.assert_close(layer(x), naive_moe(layer, x), rtol=1e-5, atol=1e-6)
 
@@ -82,11 +82,11 @@ def test_stacked_expert_export_matches_stacked_weights(activation: str) -> None:
 
 def test_num_experts_mismatch_with_list() -> None:
     with pytest.raises(ValueError, match="experts were given"):
-        PiMoE(8, 3, experts=[nn.Linear(8, 8), nn.Linear(8, 8)])
+        PiMoE(8, num_experts=3, experts=[nn.Linear(8, 8), nn.Linear(8, 8)])
 
 
 def test_gradients_reach_router_and_experts() -> None:
-    layer = PiMoE(16, 4, 2, 32, shared_experts=1, shared_gate=True)
+    layer = PiMoE(16, num_experts=4, top_k=2, ffn_dim=32, shared_experts=1, shared_gate=True)
     x = torch.randn(2, 9, 16, requires_grad=True)
     (layer(x).square().mean() + 0.01 * layer.aux_loss + 0.001 * layer.z_loss).backward()
     for name, p in layer.named_parameters():
@@ -95,12 +95,12 @@ def test_gradients_reach_router_and_experts() -> None:
 
 
 def test_gradients_match_token_loop() -> None:
-    layer = PiMoE(8, 4, 2, 16, bias=True, activation="gelu")
+    layer = PiMoE(8, num_experts=4, top_k=2, ffn_dim=16, bias=True, activation="gelu")
     x = torch.randn(12, 8)
     layer(x).sum().backward()
     fast = {n: p.grad.clone() for n, p in layer.named_parameters()}
     layer.zero_grad()
-    ref = PiMoE(8, 4, 2, 16, bias=True, activation="gelu")
+    ref = PiMoE(8, num_experts=4, top_k=2, ffn_dim=16, bias=True, activation="gelu")
     ref.load_state_dict(layer.state_dict())
     naive_moe(ref, x).sum().backward()
     for name, p in ref.named_parameters():
@@ -108,14 +108,14 @@ def test_gradients_match_token_loop() -> None:
 
 
 def test_gradcheck_double() -> None:
-    layer = PiMoE(4, 3, 2, 6, bias=True, shared_experts=1, shared_gate=True).double()
+    layer = PiMoE(4, num_experts=3, top_k=2, ffn_dim=6, bias=True, shared_experts=1, shared_gate=True).double()
     x = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_fp32(dtype: torch.dtype) -> None:
-    layer = PiMoE(32, 4, 2, 64)
+    layer = PiMoE(32, num_experts=4, top_k=2, ffn_dim=64)
     x = torch.randn(64, 32)
     ref = layer(x)
     low = layer.to(dtype)(x.to(dtype))
@@ -125,7 +125,7 @@ def test_half_precision_close_to_fp32(dtype: torch.dtype) -> None:
 
 
 def test_autocast_bf16_on_cpu() -> None:
-    layer = PiMoE(32, 4, 2, 64)
+    layer = PiMoE(32, num_experts=4, top_k=2, ffn_dim=64)
     x = torch.randn(2, 16, 32)
     ref = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -136,8 +136,8 @@ def test_autocast_bf16_on_cpu() -> None:
 
 
 def test_grouped_mm_backend_forward_matches_loop() -> None:
-    layer = PiMoE(16, 4, 2, 32, backend="loop")
-    other = PiMoE(16, 4, 2, 32, backend="grouped_mm")
+    layer = PiMoE(16, num_experts=4, top_k=2, ffn_dim=32, backend="loop")
+    other = PiMoE(16, num_experts=4, top_k=2, ffn_dim=32, backend="grouped_mm")
     other.load_state_dict(layer.state_dict())
     x = torch.randn(30, 16)
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_grouped_mm_backend_forward_matches_loop() -> None:
 
 
 def test_torch_compile_matches_eager() -> None:
-    layer = PiMoE(16, 4, 2, 32)
+    layer = PiMoE(16, num_experts=4, top_k=2, ffn_dim=32)
     x = torch.randn(2, 8, 16)
     compiled = torch.compile(layer)
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-5)
@@ -155,7 +155,7 @@ def test_torch_compile_matches_eager() -> None:
 
 
 def test_stats_count_every_assignment_and_aggregate() -> None:
-    layer = PiMoE(16, 4, 2, 32)
+    layer = PiMoE(16, num_experts=4, top_k=2, ffn_dim=32)
     layer(torch.randn(10, 16))
     first = layer.last_stats
     assert isinstance(first, RoutingStats)
@@ -169,7 +169,7 @@ def test_stats_count_every_assignment_and_aggregate() -> None:
 
 
 def test_stats_report_dead_experts_and_drops() -> None:
-    layer = PiMoE(4, 3, 1, 8, capacity_factor=1.0)
+    layer = PiMoE(4, num_experts=3, top_k=1, ffn_dim=8, capacity_factor=1.0)
     with torch.no_grad():
         layer.router.gate.weight.copy_(torch.tensor([[5.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
     x = torch.zeros(9, 4)
@@ -183,14 +183,14 @@ def test_stats_report_dead_experts_and_drops() -> None:
 
 
 def test_empty_batch_returns_empty() -> None:
-    layer = PiMoE(8, 2, 1, 16)
+    layer = PiMoE(8, num_experts=2, top_k=1, ffn_dim=16)
     out = layer(torch.randn(0, 5, 8))
     assert out.shape == (0, 5, 8)
     assert layer.aux_loss.item() == 0.0
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
-    layer = PiMoE(8, 2, 1, 16, check_finite=True)
+    layer = PiMoE(8, num_experts=2, top_k=1, ffn_dim=16, check_finite=True)
     with pytest.raises(ValueError, match=r"\[\.\.\., 8\]"):
         layer(torch.randn(3, 7))
     with pytest.raises(TypeError, match="floating-point"):
@@ -202,15 +202,15 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="NaN"):
         layer(bad)
     with pytest.raises(ValueError):
-        PiMoE(8, 2, 3)
+        PiMoE(8, num_experts=2, top_k=3)
     with pytest.raises(ValueError):
-        PiMoE(8, 0, 1)
+        PiMoE(8, num_experts=0, top_k=1)
     with pytest.raises(ValueError, match="activation"):
-        PiMoE(8, 2, 1, activation="tanh")
+        PiMoE(8, num_experts=2, top_k=1, activation="tanh")
 
 
 def test_expert_without_tokens_gets_zero_gradient() -> None:
-    layer = PiMoE(4, 3, 1, 8, bias=True)
+    layer = PiMoE(4, num_experts=3, top_k=1, ffn_dim=8, bias=True)
     with torch.no_grad():
         layer.router.gate.weight.copy_(torch.tensor([[5.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
     x = torch.zeros(6, 4)
@@ -225,7 +225,7 @@ def test_deepcopy_and_pickle_after_a_training_forward() -> None:
     import copy
     import pickle
 
-    layer = PiMoE(8, 4, 2, 16)
+    layer = PiMoE(8, num_experts=4, top_k=2, ffn_dim=16)
     x = torch.randn(5, 8)
     out = layer(x)
     twin = copy.deepcopy(layer)

@@ -14,9 +14,10 @@ from pimoe.data import byte_splits, get_batch, load_pydoc_text
 from pimoe.demo import loss_curve, train_lm
 from pimoe.moe.layer import PiMoE
 from pimoe.moe.model import LMConfig, PiMoELM
+from pimoe.moe.config import MoEConfig
 from pimoe.moe.stats import RoutingStats
 
-TINY = LMConfig(block_size=16, n_layer=2, n_head=2, d_model=32, num_experts=4, top_k=2, ffn_dim=32)
+TINY = LMConfig(block_size=16, n_layer=2, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32))
 
 
 def make_model(config: LMConfig = TINY, seed: int = 0) -> PiMoELM:
@@ -47,7 +48,7 @@ def test_output_shapes_and_loss_terms() -> None:
 
 
 def test_total_loss_includes_weighted_aux_and_z_losses() -> None:
-    config = replace(TINY, aux_loss_coef=0.5, z_loss_coef=0.25)
+    config = replace(TINY, moe=TINY.moe.replace(aux_loss_coef=0.5, z_loss_coef=0.25))
     out = make_model(config)(*batch())
     expected = out.ce_loss + 0.5 * out.aux_loss + 0.25 * out.z_loss
     torch.testing.assert_close(out.loss, expected)
@@ -68,7 +69,7 @@ def test_router_losses_reach_every_router(term: str) -> None:
 def test_total_loss_gradient_changes_with_aux_coefficient() -> None:
     grads = []
     for coef in (0.0, 1.0):
-        model = make_model(replace(TINY, aux_loss_coef=coef, z_loss_coef=0.0))
+        model = make_model(replace(TINY, moe=TINY.moe.replace(aux_loss_coef=coef, z_loss_coef=0.0)))
         model(*batch()).loss.backward()
         grads.append(model.moe_layers[0].router.gate.weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
@@ -90,16 +91,16 @@ def test_overfits_a_repeated_batch() -> None:
 
 def test_dense_twin_has_the_same_active_params() -> None:
     """Active params of the MoE model = those of its dense twin + the router gates, exactly."""
-    for config in (TINY, replace(TINY, moe_every=2, n_layer=4), replace(TINY, shared_experts=1)):
+    for config in (TINY, replace(TINY, moe_every=2, n_layer=4), replace(TINY, moe=TINY.moe.replace(shared_experts=1))):
         moe, dense = make_model(config), make_model(config.dense_twin())
         n_moe = len(moe.moe_layers)
         assert n_moe == config.n_layer // config.moe_every and not dense.moe_layers
-        gates = n_moe * config.d_model * config.num_experts
+        gates = n_moe * config.d_model * config.moe.num_experts
         assert moe.num_params(active=True) == dense.num_params(active=True) + gates
         assert dense.num_params(active=True) == dense.num_params()
         # Total: the skipped experts are stored but not used per token.
         per_expert = 3 * config.d_model * config.ffn_dim
-        skipped = n_moe * (config.num_experts - config.top_k) * per_expert
+        skipped = n_moe * (config.moe.num_experts - config.moe.top_k) * per_expert
         assert moe.num_params() == moe.num_params(active=True) + skipped
 
 
@@ -126,7 +127,7 @@ def test_routing_stats_per_layer() -> None:
     assert len(stats) == 2 and all(isinstance(s, RoutingStats) for s in stats)
     for s in stats:
         assert s.num_tokens == 3 * 16
-        assert int(s.tokens_per_expert.sum()) == 3 * 16 * TINY.top_k  # dropless
+        assert int(s.tokens_per_expert.sum()) == 3 * 16 * TINY.moe.top_k  # dropless
 
 
 def test_save_load_round_trip(tmp_path) -> None:
@@ -157,7 +158,7 @@ def test_load_rejects_bad_files(tmp_path) -> None:
     wrong_weights = tmp_path / "wrong.safetensors"
     save_file({"w": torch.zeros(2)}, str(wrong_weights),
               metadata={"pimoe.LMConfig": json.dumps({"d_model": 32, "n_head": 2})})
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match="unexpected tensor"):
         PiMoELM.load(wrong_weights)
     with pytest.raises(FileNotFoundError):
         PiMoELM.load(tmp_path / "missing.safetensors")
@@ -210,7 +211,7 @@ def test_bad_configs() -> None:
     with pytest.raises(ValueError, match="n_head"):
         LMConfig(d_model=30, n_head=4)
     with pytest.raises(ValueError, match="top_k"):
-        LMConfig(num_experts=2, top_k=3)
+        LMConfig(moe=MoEConfig(num_experts=2, top_k=3))
     with pytest.raises(ValueError, match="moe_every"):
         LMConfig(moe_every=-1)
 
@@ -219,7 +220,7 @@ def test_moe_every_places_moe_blocks() -> None:
     model = make_model(replace(TINY, n_layer=4, moe_every=2))
     kinds = [isinstance(block.ffn, PiMoE) for block in model.blocks]
     assert kinds == [False, True, False, True]
-    assert replace(TINY, moe_every=2).dense_twin().dense_width == TINY.top_k * TINY.ffn_dim
+    assert replace(TINY, moe_every=2).dense_twin().dense_width == TINY.moe.top_k * TINY.ffn_dim
 
 
 def test_pydoc_text_and_splits() -> None:

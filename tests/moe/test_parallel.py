@@ -92,7 +92,7 @@ def job_two_ranks(rank: int, world: int, port: int) -> None:
     tokens = [T, T + 5]
 
     def swiglu_layer() -> PiMoE:
-        return PiMoE(D, 4, top_k=2, ffn_dim=24, shared_experts=1, shared_gate=True)
+        return PiMoE(D, num_experts=4, top_k=2, ffn_dim=24, shared_experts=1, shared_gate=True)
 
     torch.manual_seed(0)
     layer = swiglu_layer()
@@ -102,13 +102,13 @@ def job_two_ranks(rank: int, world: int, port: int) -> None:
 
     # Biased FFN experts, top-1, sigmoid scores.
     torch.manual_seed(0)
-    check_against_single_process(PiMoE(D, 4, top_k=1, ffn_dim=24, activation="gelu", bias=True, score="sigmoid"),
+    check_against_single_process(PiMoE(D, num_experts=4, top_k=1, ffn_dim=24, activation="gelu", bias=True, score="sigmoid"),
                                  rank, world, tokens)
 
     # Uneven routing: with positive inputs every token goes to experts 0 and 1 (rank 0's), so
     # rank 1 receives no row at all.
     torch.manual_seed(0)
-    layer = PiMoE(D, 4, top_k=2, ffn_dim=24)
+    layer = PiMoE(D, num_experts=4, top_k=2, ffn_dim=24)
     with torch.no_grad():
         layer.router.gate.weight.copy_(torch.tensor([1.0, 1.1, -1.0, -1.0]).unsqueeze(1).expand(4, D))
     ep = check_against_single_process(layer, rank, world, tokens, positive=True)
@@ -117,7 +117,7 @@ def job_two_ranks(rank: int, world: int, port: int) -> None:
 
     # A rank with no tokens at all still takes part.
     torch.manual_seed(0)
-    check_against_single_process(PiMoE(D, 4, top_k=2, ffn_dim=24), rank, world, [T, 0])
+    check_against_single_process(PiMoE(D, num_experts=4, top_k=2, ffn_dim=24), rank, world, [T, 0])
 
     # Only rank 0's input needs a gradient: the backward collectives must still pair up.
     x = torch.randn(T, D, requires_grad=rank == 0)
@@ -148,7 +148,7 @@ def job_four_ranks(rank: int, world: int, port: int) -> None:
     setup(rank, world, port)
 
     def make_layer() -> PiMoE:
-        return PiMoE(D, 8, top_k=2, ffn_dim=24, shared_experts=2)
+        return PiMoE(D, num_experts=8, top_k=2, ffn_dim=24, shared_experts=2)
 
     torch.manual_seed(0)
     layer = make_layer()
@@ -156,7 +156,7 @@ def job_four_ranks(rank: int, world: int, port: int) -> None:
     assert list(ep.shard) == [2 * rank, 2 * rank + 1]
     check_state_dict_round_trip(layer, ep, make_layer, rank)
     with pytest.raises(ValueError, match="not divisible"):
-        ExpertParallelMoE.from_layer(PiMoE(D, 6, top_k=2))
+        ExpertParallelMoE.from_layer(PiMoE(D, num_experts=6, top_k=2))
 
     # Expert 0 copied to every rank: each rank computes its own rows for it (nothing is sent for it).
     replicas = {0: range(4), 5: [0, 1]}
@@ -178,7 +178,7 @@ def job_four_ranks(rank: int, world: int, port: int) -> None:
 def job_dead_peer(rank: int, world: int, port: int, timeout_s: float, hang: bool, result_dir: str) -> None:
     setup(rank, world, port, timeout_s)
     torch.manual_seed(0)
-    ep = ExpertParallelMoE.from_layer(PiMoE(D, 4, top_k=2))
+    ep = ExpertParallelMoE.from_layer(PiMoE(D, num_experts=4, top_k=2))
     dist.barrier()
     if rank == 1:  # leaves without taking part in the forward: exits at once, or hangs first
         if hang:
@@ -222,7 +222,7 @@ def test_shard_helpers_without_processes() -> None:
     assert expert_shard(8, 3, 4) == range(6, 8)
     with pytest.raises(ValueError, match="not divisible"):
         expert_shard(6, 0, 4)
-    layer = PiMoE(D, 4, top_k=2, experts=[FFN(D, 8), FFN(D, 8), SwiGLU(D, 8), SwiGLU(D, 4)])
+    layer = PiMoE(D, num_experts=4, top_k=2, experts=[FFN(D, 8), FFN(D, 8), SwiGLU(D, 8), SwiGLU(D, 4)])
     full = layer.state_dict()
     shards = [shard_state_dict(full, 4, r, 2) for r in range(2)]
     assert "experts.experts.0.gate_up.weight" in shards[1] and "experts.experts.2.up.weight" not in shards[0]
@@ -251,4 +251,4 @@ def test_placement_without_processes() -> None:
 def test_layer_needs_a_process_group() -> None:
     assert not dist.is_initialized()  # the other tests only initialize groups in spawned processes
     with pytest.raises(RuntimeError, match="process group"):
-        ExpertParallelMoE.from_layer(PiMoE(D, 4))
+        ExpertParallelMoE.from_layer(PiMoE(D, num_experts=4))

@@ -7,7 +7,7 @@ from pimoe.moe import Router, load_balancing_loss, router_z_loss
 
 
 def test_softmax_topk_weights_renormalized_and_match_manual() -> None:
-    router = Router(16, 6, 2)
+    router = Router(16, num_experts=6, top_k=2)
     x = torch.randn(40, 16)
     out = router(x)
     probs = (x @ router.gate.weight.t()).softmax(-1)
@@ -19,7 +19,7 @@ def test_softmax_topk_weights_renormalized_and_match_manual() -> None:
 
 
 def test_unnormalized_weights_are_raw_probabilities() -> None:
-    router = Router(8, 4, 2, normalize=False)
+    router = Router(8, num_experts=4, top_k=2, normalize=False)
     x = torch.randn(10, 8)
     out = router(x)
     torch.testing.assert_close(out.weights, out.probs.gather(1, out.indices))
@@ -27,7 +27,7 @@ def test_unnormalized_weights_are_raw_probabilities() -> None:
 
 
 def test_sigmoid_scores_are_independent_per_expert() -> None:
-    router = Router(8, 4, 1, score="sigmoid", normalize=False)
+    router = Router(8, num_experts=4, top_k=1, score="sigmoid", normalize=False)
     x = torch.randn(10, 8)
     out = router(x)
     scores = torch.sigmoid(out.logits)
@@ -36,7 +36,7 @@ def test_sigmoid_scores_are_independent_per_expert() -> None:
 
 
 def test_noise_only_in_training() -> None:
-    router = Router(8, 4, 2, noise_std=1.0)
+    router = Router(8, num_experts=4, top_k=2, noise_std=1.0)
     x = torch.randn(64, 8)
     router.eval()
     assert torch.equal(router(x).logits, router(x).logits)
@@ -45,7 +45,7 @@ def test_noise_only_in_training() -> None:
 
 
 def test_capacity_drops_lowest_priority_assignments() -> None:
-    router = Router(4, 2, 1, capacity_factor=1.0)
+    router = Router(4, num_experts=2, top_k=1, capacity_factor=1.0)
     with torch.no_grad():
         router.gate.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
     x = torch.zeros(6, 4)
@@ -60,7 +60,7 @@ def test_capacity_drops_lowest_priority_assignments() -> None:
 
 
 def test_capacity_first_choices_have_priority_over_second() -> None:
-    router = Router(4, 2, 2, capacity_factor=0.5)  # capacity = ceil(0.5*4*2/2) = 2
+    router = Router(4, num_experts=2, top_k=2, capacity_factor=0.5)  # capacity = ceil(0.5*4*2/2) = 2
     with torch.no_grad():
         router.gate.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
     x = torch.tensor([[2.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 2.0, 0, 0]])
@@ -71,7 +71,7 @@ def test_capacity_first_choices_have_priority_over_second() -> None:
 
 
 def test_expert_choice_is_balanced() -> None:
-    router = Router(8, 4, 1, routing="expert_choice")
+    router = Router(8, num_experts=4, top_k=1, routing="expert_choice")
     out = router(torch.randn(32, 8))
     assert out.mask is not None
     assert out.mask.sum(0).tolist() == [8, 8, 8, 8]  # capacity = 32 * 1 / 4
@@ -109,7 +109,7 @@ def test_load_balancing_loss_matches_transformers_times_k() -> None:
 
 
 def test_aux_loss_has_gradient_to_router() -> None:
-    router = Router(8, 4, 2)
+    router = Router(8, num_experts=4, top_k=2)
     out = router(torch.randn(16, 8))
     (out.aux_loss + out.z_loss).backward()
     assert router.gate.weight.grad is not None and router.gate.weight.grad.abs().sum() > 0

@@ -40,7 +40,7 @@ class DigitsMoE(nn.Module):
         super().__init__()
         self.inp = nn.Linear(64, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.moe = PiMoE(d_model, num_experts, top_k=2, ffn_dim=ffn_dim)
+        self.moe = PiMoE(d_model, num_experts=num_experts, top_k=2, ffn_dim=ffn_dim)
         self.head = nn.Linear(d_model, 10)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from pimoe.compute.handoff import router_accuracy, train_router
 from pimoe.compute.task import ArithmeticTask, Calls, Problem
 from pimoe.compute.train import TrainSettings, train_text_expert
 from pimoe.io import atomic_write_text, save_png
+from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig
 
 EVAL_OFFSET = 500_000  # evaluation problems start here: never seen by the router or the text expert
@@ -41,8 +42,7 @@ class ComputationBenchConfig:
     heldout_digits: int = 8
     word_fraction: float = 0.5
     calls: Calls = "reference"
-    lm: LMConfig = field(default_factory=lambda: LMConfig(
-        block_size=128, n_layer=2, n_head=4, d_model=64, num_experts=4, top_k=1, ffn_dim=128))
+    lm: LMConfig = field(default_factory=lambda: LMConfig(block_size=128, n_layer=2, n_head=4, d_model=64, moe=MoEConfig(num_experts=4, top_k=1, ffn_dim=128)))
     lm_train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=3000, batch_size=16, lr=1e-2))
     router_train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=200, batch_size=16, lr=3e-3))
     router_hidden: int = 64

@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 def _layer(cfg: EPBenchConfig) -> PiMoE:
     torch.manual_seed(cfg.seed)
-    return PiMoE(cfg.d_model, cfg.num_experts, top_k=cfg.top_k, ffn_dim=cfg.ffn_dim)
+    return PiMoE(cfg.d_model, num_experts=cfg.num_experts, top_k=cfg.top_k, ffn_dim=cfg.ffn_dim)
 
 
 def _inputs(cfg: EPBenchConfig, world: int) -> torch.Tensor:

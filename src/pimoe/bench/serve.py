@@ -40,6 +40,7 @@ from pimoe.bench.cache import zipf_trace
 from pimoe.bench.timing import run_header
 from pimoe.data import load_pydoc_text
 from pimoe.io import atomic_write_text
+from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
 
 MODES: dict[str, dict[str, int]] = {
@@ -201,7 +202,7 @@ def run(cfg: ServeBenchConfig, console: Console | None = None) -> dict:
     console = console or Console()
     pool, trace = prompts_and_trace(cfg)
     bodies = [{"model": "lm", "token_ids": pool[i], "return_logits": False} for i in trace]
-    model_config = LMConfig(block_size=128, n_layer=4, n_head=4, d_model=128, num_experts=8, top_k=2, ffn_dim=128)
+    model_config = LMConfig(block_size=128, n_layer=4, n_head=4, d_model=128, moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=128))
     torch.manual_seed(cfg.seed)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as folder:

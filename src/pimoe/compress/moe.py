@@ -60,11 +60,9 @@ def _rebuild(layer: PiMoE, gate_weight: Tensor, gate_bias: Tensor | None, expert
     capacity_factor = old.capacity_factor
     if capacity_factor is not None:  # keep ceil(f * T * k / E) per expert
         capacity_factor = capacity_factor * num_experts * old.top_k / (layer.num_experts * top_k)
-    router = Router(
-        old.d_model, num_experts, top_k, score=old.score, normalize=old.normalize,
-        noise_std=old.noise_std, capacity_factor=capacity_factor, routing=old.routing,
-        bias=gate_bias is not None,
-    ).to(device=gate_weight.device, dtype=gate_weight.dtype)
+    config = old.config.replace(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
+                                router_bias=gate_bias is not None)
+    router = Router(old.d_model, config).to(device=gate_weight.device, dtype=gate_weight.dtype)
     with torch.no_grad():
         router.gate.weight.copy_(gate_weight)
         if gate_bias is not None:
@@ -72,7 +70,7 @@ def _rebuild(layer: PiMoE, gate_weight: Tensor, gate_bias: Tensor | None, expert
     router.train(old.training)
     # Deep-copy everything else (shared experts, flags); the memo hands over the new parts.
     new = copy.deepcopy(layer, memo={id(layer.router): router, id(layer.experts): experts})
-    new.num_experts, new.top_k = num_experts, top_k
+    new.config, new.num_experts, new.top_k = config, num_experts, top_k
     new.last_stats = None
     return new
 

@@ -49,8 +49,8 @@ class Int8StackedExperts(nn.Module):
     def __len__(self) -> int:
         return self.num_experts
 
-    def _act(self, h: Tensor) -> Tensor:
-        return StackedExperts._act(self, h)  # type: ignore[arg-type]  # same activations as the source
+    def act(self, h: Tensor) -> Tensor:
+        return StackedExperts.act(self, h)  # type: ignore[arg-type]  # same activations as the source
 
     def dequantized(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The float ``(w_in [E, F_in, D], w_out [E, D, F])`` this module computes with."""
@@ -58,9 +58,9 @@ class Int8StackedExperts(nn.Module):
         w_out = self.w_out_int8.to(dtype) * self.w_out_scale.to(dtype)[..., None]
         return w_in, w_out
 
-    def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+    def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:
         w_in, w_out = self.dequantized(x_sorted.dtype)
-        return grouped_ffn(x_sorted, w_in, self.b_in, w_out, self.b_out, counts, self._act)
+        return grouped_ffn(x_sorted, w_in, self.b_in, w_out, self.b_out, counts, self.act)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, ffn_dim={self.ffn_dim}, int8"

@@ -2,13 +2,13 @@
 
 Interface inside a :class:`pimoe.moe.layer.PiMoE` layer (``experts=[..., expert, ...]``):
 
-1. ``expert.attach(layer, index)`` once: the expert registers a forward hook on ``layer.router``
-   and keeps the last :class:`RouterOutput`. From it the expert recomputes the dispatcher's
-   ordering (:func:`pimoe.moe.dispatch.sort_assignments`), so it knows *which token positions*
-   its ``[N, D]`` rows are: the rows of expert ``index`` are the ``index``-th contiguous slice.
-2. ``expert.set_context(idx)`` before each forward of the model: ``idx [B, S]`` are the byte ids
-   of the batch (the layer's tokens are ``idx`` flattened row-major, as ``x.reshape(-1, D)`` does).
-3. ``forward(x [N, D]) -> [N, D]``: for each routed position, the next byte of the exact result
+1. ``expert.set_context(idx)`` before each forward of the model: ``idx [B, S]`` are the byte ids
+   of the whole context (with a KV cache: everything decoded so far, not only the new tokens).
+2. The layer hands the expert its rows together with their token positions (the expert declares
+   ``uses_positions = True``): a position ``p`` is ``b * S + s`` in ``idx`` flattened row-major,
+   which is the layer's own token index without a cache; a cached model passes these absolute
+   positions to the layer (``PiMoELM`` does). No router hook is needed.
+3. ``forward(x [N, D], positions [N]) -> [N, D]``: for each routed position, the next byte of the exact result
    (see :func:`next_result_bytes`) is looked up in the provided embedding table (the LM's tied
    ``tok_emb``) and scaled by ``scale``; positions with nothing to emit get zeros. The output is
    computed under ``no_grad`` from detached weights: no gradient flows into or through the expert.
@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.task import CALL_END, CALL_START, EQUALS
 from pimoe.compute.text_to_computation import to_expression
-from pimoe.moe.dispatch import sort_assignments
-from pimoe.moe.layer import PiMoE
-from pimoe.moe.router import RouterOutput
 
 NO_OUTPUT = -1
 
@@ -78,35 +74,15 @@ class ComputationExpert(nn.Module):
         scale: multiplier on the result byte's embedding row.
     """
 
+    uses_positions = True  # the layer passes each routed row's token position
+
     def __init__(self, embedding: nn.Embedding, engine: ArithmeticEngine | None = None,
                  scale: float = 1.0) -> None:
         super().__init__()
         self.__dict__["_embedding"] = embedding
         self.engine = engine or ArithmeticEngine()
         self.scale = scale
-        self.index: int | None = None
-        self._layer_experts = 0
-        self._route: RouterOutput | None = None
         self._targets: Tensor | None = None
-        self._hook: RemovableHandle | None = None
-
-    def attach(self, layer: PiMoE, index: int) -> None:
-        """Register on ``layer``, a :class:`PiMoE` whose expert ``index`` is this module."""
-        if not 0 <= index < layer.num_experts:
-            raise ValueError(f"index must be in [0, {layer.num_experts}), got {index}")
-        if self._hook is not None:
-            self._hook.remove()
-        self.index, self._layer_experts = index, layer.num_experts
-        self._hook = layer.router.register_forward_hook(self._keep_route)
-
-    def detach(self) -> None:
-        """Remove the router hook registered by :meth:`attach`."""
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook, self._route, self.index = None, None, None
-
-    def _keep_route(self, module: nn.Module, args: tuple, output: RouterOutput) -> None:
-        self._route = output
 
     def targets(self, idx: Tensor) -> Tensor:
         """``idx [B, S]`` byte ids -> ``[B, S]`` long: the result byte to emit, or ``NO_OUTPUT``.
@@ -118,30 +94,21 @@ class ComputationExpert(nn.Module):
         return torch.tensor(rows, dtype=torch.long, device=idx.device).reshape(idx.shape)
 
     def set_context(self, idx: Tensor) -> None:
-        """Set the byte ids ``[B, S]`` of the batch about to pass through the layer."""
+        """Set the byte ids ``[B, S]`` of the whole context the next forward pass belongs to."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape [B, S], got {tuple(idx.shape)}")
         self._targets = self.targets(idx).reshape(-1)
 
-    def routed_positions(self, num_rows: int) -> Tensor:
-        """Flat token positions (``b * S + s``) of the ``num_rows`` rows routed to this expert."""
-        if self._route is None or self.index is None:
-            raise RuntimeError("ComputationExpert is not attached: call attach(layer, index) first")
-        token_sorted, _, counts = sort_assignments(self._route, self._layer_experts)
-        start = int(counts[: self.index].sum())
-        positions = token_sorted[start:start + int(counts[self.index])]
-        if positions.numel() != num_rows:
-            raise RuntimeError(f"expected {positions.numel()} routed rows, got {num_rows}")
-        return positions
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [N, D]`` rows routed here -> ``[N, D]`` scaled embeddings of the result bytes."""
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """``x [N, D]`` rows routed here, ``positions [N]`` -> ``[N, D]`` scaled embeddings of
+        the result bytes (zeros where there is nothing to emit)."""
         if self._targets is None:
             raise RuntimeError("no context: call set_context(idx) before the forward pass")
+        if positions.shape != x.shape[:1]:
+            raise ValueError(f"expected {x.shape[0]} positions, got shape {tuple(positions.shape)}")
         with torch.no_grad():
-            positions = self.routed_positions(x.shape[0])
-            if positions.numel() and int(positions.max()) >= self._targets.numel():
-                raise RuntimeError("set_context(idx) does not match the layer's input shape")
+            if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < self._targets.numel():
+                raise ValueError("positions fall outside the context given to set_context(idx)")
             byte = self._targets.to(positions.device)[positions]  # [N]
             weight = self._embedding.weight.detach()  # [V, D]
             out = weight[byte.clamp(min=0)] * self.scale  # [N, D]
@@ -149,4 +116,4 @@ class ComputationExpert(nn.Module):
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"index={self.index}, scale={self.scale}, max_digits={self.engine.max_digits}"
+        return f"scale={self.scale}, max_digits={self.engine.max_digits}"

@@ -49,7 +49,7 @@ class HandoffRouter(nn.Module):
     def __init__(self, d_model: int, hidden: int = 64) -> None:
         super().__init__()
         self.feature = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU())
-        self.gate = Router(hidden, num_experts=2, top_k=1, bias=True)
+        self.gate = Router(hidden, num_experts=2, top_k=1, router_bias=True)
 
     def forward(self, hidden: Tensor) -> Tensor:
         """``hidden [..., D]`` -> routing logits ``[..., 2]`` (index 1: computation expert)."""

@@ -73,7 +73,7 @@ class MoEClassifier(nn.Module):
     def __init__(self, in_dim: int = 64, d_model: int = 32, num_experts: int = 4, top_k: int = 2, classes: int = 10) -> None:
         super().__init__()
         self.embed = nn.Linear(in_dim, d_model)
-        self.moe = PiMoE(d_model, num_experts, top_k, ffn_dim=2 * d_model)
+        self.moe = PiMoE(d_model, num_experts=num_experts, top_k=top_k, ffn_dim=2 * d_model)
         self.head = nn.Linear(d_model, classes)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -14,9 +14,10 @@ import torch
 
 from pimoe.data import byte_splits, load_pydoc_text
 from pimoe.demo import evaluate, train_lm
+from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
 
-DEMO_MODEL_CONFIG = LMConfig(block_size=64, n_layer=2, n_head=4, d_model=64, num_experts=4, top_k=2, ffn_dim=64)
+DEMO_MODEL_CONFIG = LMConfig(block_size=64, n_layer=2, n_head=4, d_model=64, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=64))
 
 
 def save_demo_model(path: str | os.PathLike[str], steps: int = 40, seed: int = 0,

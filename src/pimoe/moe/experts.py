@@ -1,25 +1,25 @@
-"""Experts: single modules, presets, and the two execution backends used by the dispatcher.
+"""Experts: single modules, presets, and the two expert banks the dispatcher calls.
 
-An *experts backend* takes tokens already sorted by expert, ``x_sorted [N, D]``, and the
-number of tokens of each expert, ``counts [E]``, and returns ``[N, D]``: expert ``e`` is run
-once on its contiguous slice. ``ExpertList`` holds any ``nn.Module`` experts; ``StackedExperts``
-holds identical-shape FFN experts as 3-D weights (the layout of Hugging Face's Mixtral and
-Qwen2-MoE experts), which is faster to run and to load from those models.
+A bank is called as ``bank(x_sorted [N, D], counts [E], positions [N] | None) -> [N, D]``: the
+rows are sorted by expert, expert ``e`` is run once on its contiguous slice, and ``positions``
+are the rows' token positions. ``ExpertList`` holds any ``nn.Module`` experts (an expert with
+``uses_positions = True``, such as a computation expert, is also given its rows' positions);
+``StackedExperts`` holds identical-shape FFN experts as 3-D weights (the layout of Hugging
+Face's Mixtral and Qwen2-MoE experts), run by a backend from :mod:`pimoe.moe.backends`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pimoe.moe.grouped import grouped_ffn
+from pimoe.moe.backends import check_backend, get_experts_backend
+from pimoe.moe.config import Activation
 
-Activation = Literal["swiglu", "gelu", "relu", "silu"]
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "relu": F.relu,
@@ -97,13 +97,21 @@ class ExpertList(nn.Module):
     def __len__(self) -> int:
         return len(self.experts)
 
-    def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
-        """``x_sorted [N, D]``, ``counts [E]`` -> ``[N, D]``."""
-        outputs = [
-            expert(chunk)
-            for expert, chunk in zip(self.experts, x_sorted.split(counts.tolist()))
-            if chunk.shape[0] > 0
-        ]
+    def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``x_sorted [N, D]``, ``counts [E]``, ``positions [N]`` or None -> ``[N, D]``."""
+        splits = counts.tolist()
+        chunks = x_sorted.split(splits)
+        where = positions.split(splits) if positions is not None else [None] * len(chunks)
+        outputs = []
+        for expert, chunk, pos in zip(self.experts, chunks, where):
+            if chunk.shape[0] == 0:
+                continue
+            if getattr(expert, "uses_positions", False):
+                if pos is None:
+                    raise ValueError(f"{type(expert).__name__} needs token positions; the caller gave none")
+                outputs.append(expert(chunk, positions=pos))
+            else:
+                outputs.append(expert(chunk))
         if not outputs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outputs, dim=0)
@@ -117,11 +125,11 @@ class StackedExperts(nn.Module):
     ``[E, D]``.
 
     Args:
-        backend: ``"loop"`` runs each expert's FFN on its slice inside a single autograd node
-            (:func:`pimoe.moe.grouped.grouped_ffn`). ``"grouped_mm"`` uses
-            ``torch.nn.functional.grouped_mm`` (one kernel, no host sync; for CUDA, where it is
-            fastest in bf16; its CPU backward fails in torch 2.13). ``"auto"`` picks grouped_mm
-            for bf16 weights on CUDA when torch has it, else loop.
+        backend: a name from :mod:`pimoe.moe.backends`: ``"loop"`` runs each expert's FFN on its
+            slice inside a single autograd node (:func:`pimoe.moe.grouped.grouped_ffn`).
+            ``"grouped_mm"`` uses ``torch.nn.functional.grouped_mm`` (one kernel, no host sync;
+            for CUDA, where it is fastest in bf16; its CPU backward fails in torch 2.13).
+            ``"auto"`` picks grouped_mm for bf16 weights on CUDA when torch has it, else loop.
     """
 
     def __init__(
@@ -131,14 +139,11 @@ class StackedExperts(nn.Module):
         ffn_dim: int,
         activation: Activation = "swiglu",
         bias: bool = False,
-        backend: Literal["auto", "loop", "grouped_mm"] = "auto",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         _check_activation(activation)
-        if backend not in ("auto", "loop", "grouped_mm"):
-            raise ValueError(f"unknown backend {backend!r}; choose auto, loop or grouped_mm")
-        if backend == "grouped_mm" and not hasattr(F, "grouped_mm"):
-            raise ValueError("backend='grouped_mm' needs torch.nn.functional.grouped_mm (torch>=2.9)")
+        check_backend(backend)
         self.num_experts, self.d_model, self.ffn_dim = num_experts, d_model, ffn_dim
         self.activation = activation
         self.backend = backend
@@ -158,28 +163,16 @@ class StackedExperts(nn.Module):
     def __len__(self) -> int:
         return self.num_experts
 
-    def _act(self, h: Tensor) -> Tensor:
+    def act(self, h: Tensor) -> Tensor:
+        """The experts' activation: ``[n, F_in] -> [n, F]`` (SwiGLU: ``silu(gate) * up``)."""
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             return F.silu(gate) * up
         return _ACTIVATIONS[self.activation](h)
 
-    def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
-        """``x_sorted [N, D]``, ``counts [E]`` -> ``[N, D]``."""
-        if self.backend == "auto":
-            use_grouped_mm = x_sorted.is_cuda and hasattr(F, "grouped_mm") and self.w_in.dtype == torch.bfloat16
-        else:
-            use_grouped_mm = self.backend == "grouped_mm"
-        if not use_grouped_mm:
-            return grouped_ffn(x_sorted, self.w_in, self.b_in, self.w_out, self.b_out, counts, self._act)
-        offsets = counts.cumsum(0).to(torch.int32)
-        h = F.grouped_mm(x_sorted, self.w_in.transpose(-2, -1), offs=offsets)  # [N, F_in]
-        if self.b_in is not None:
-            h = h + self.b_in.repeat_interleave(counts, dim=0, output_size=x_sorted.shape[0])
-        y = F.grouped_mm(self._act(h), self.w_out.transpose(-2, -1), offs=offsets)  # [N, D]
-        if self.b_out is not None:
-            y = y + self.b_out.repeat_interleave(counts, dim=0, output_size=x_sorted.shape[0])
-        return y
+    def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``x_sorted [N, D]``, ``counts [E]``, ``positions [N]`` or None -> ``[N, D]``."""
+        return get_experts_backend(self.backend, self.w_in)(self, x_sorted, counts, positions)
 
     def expert(self, e: int) -> nn.Module:
         """A standalone copy of expert ``e`` as a ``SwiGLU`` or ``FFN`` module."""

@@ -33,9 +33,9 @@ def from_hf_block(cls: type[PiMoE], block: nn.Module) -> PiMoE:
         raise ValueError(f"{name}'s shared expert uses an activation other than SiLU")
     layer = cls(
         d_model,
-        num_experts,
-        gate.top_k,
-        two_f // 2,
+        num_experts=num_experts,
+        top_k=gate.top_k,
+        ffn_dim=two_f // 2,
         normalize=getattr(gate, "norm_topk_prob", True),
         shared_experts=1 if shared is not None else 0,
         shared_ffn_dim=shared.down_proj.in_features if shared is not None else None,

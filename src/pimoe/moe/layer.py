@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from pimoe.moe.dispatch import dispatch_combine
-from pimoe.moe.experts import Activation, ExpertList, StackedExperts, SwiGLU
-from pimoe.moe.router import Router, RouterOutput, Routing, Score
+from pimoe.moe.config import MoEConfig
+from pimoe.moe.experts import ExpertList, StackedExperts, SwiGLU
+from pimoe.moe.router import Router, RouterOutput
 from pimoe.moe.stats import RoutingStats
 
 
@@ -53,73 +54,47 @@ class PiMoE(MoEOutput):
     hold scalar tensors with gradients that the caller adds to its loss with its own
     coefficients, and ``layer.last_stats`` holds a :class:`RoutingStats`.
 
+    ``PiMoE(d_model, config)`` or ``PiMoE(d_model, num_experts=8, top_k=2, ffn_dim=512, ...)``:
+    the options are the fields of :class:`~pimoe.moe.config.MoEConfig`, given as a config,
+    keywords, or both (keywords win); ``layer.config`` is the result.
+
     Args:
         d_model: token width ``D``.
-        num_experts: ``E`` (default 8), or inferred from ``experts``.
-        top_k: experts per token.
-        ffn_dim: hidden width of each built-in expert (default ``4 * d_model``; for SwiGLU the
-            gate and up projections are each this wide).
+        config: the layer's :class:`MoEConfig` (default ``MoEConfig()``).
         experts: optional list of any ``nn.Module`` mapping ``[N, D] -> [N, D]``; if given, no
-            built-in experts are created.
-        activation: built-in expert type: ``"swiglu"`` or an FFN with ``"gelu"``/``"relu"``/``"silu"``.
-        bias: biases in the built-in experts.
-        backend: built-in experts backend, ``"auto"``/``"loop"``/``"grouped_mm"`` (see
-            :class:`StackedExperts`).
-        shared_experts: number of always-on experts (merged into one SwiGLU of width
-            ``shared_experts * shared_ffn_dim``, as in DeepSeek / Qwen2-MoE); 0 for none.
-        shared_ffn_dim: width per shared expert (default ``ffn_dim``).
-        shared_gate: scale the shared output by ``sigmoid(Linear(D, 1)(x))`` (Qwen2-MoE).
-        score, normalize, noise_std, capacity_factor, routing: see :class:`Router`.
-        check_finite: raise ``ValueError`` on NaN/inf input (costs one reduction per call).
+            built-in experts are created and ``num_experts`` is its length. A module with
+            ``uses_positions = True`` is called as ``expert(x, positions=[N] long)``.
+        **options: ``MoEConfig`` fields overriding ``config``.
     """
 
     def __init__(
         self,
         d_model: int,
-        num_experts: int | None = None,
-        top_k: int = 2,
-        ffn_dim: int | None = None,
+        config: MoEConfig | None = None,
         *,
         experts: Sequence[nn.Module] | None = None,
-        activation: Activation = "swiglu",
-        bias: bool = False,
-        backend: Literal["auto", "loop", "grouped_mm"] = "auto",
-        shared_experts: int = 0,
-        shared_ffn_dim: int | None = None,
-        shared_gate: bool = False,
-        score: Score = "softmax",
-        normalize: bool = True,
-        noise_std: float = 0.0,
-        capacity_factor: float | None = None,
-        routing: Routing = "token_choice",
-        check_finite: bool = False,
+        **options: Any,
     ) -> None:
         super().__init__()
         if d_model < 1:
             raise ValueError(f"d_model must be >= 1, got {d_model}")
         if experts is not None:
-            if num_experts is not None and num_experts != len(experts):
-                raise ValueError(f"num_experts={num_experts} but {len(experts)} experts were given")
-            num_experts = len(experts)
-        num_experts = 8 if num_experts is None else num_experts
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if shared_experts < 0:
-            raise ValueError(f"shared_experts must be >= 0, got {shared_experts}")
-        ffn_dim = 4 * d_model if ffn_dim is None else ffn_dim
-        self.d_model, self.num_experts, self.top_k, self.ffn_dim = d_model, num_experts, top_k, ffn_dim
-        self.check_finite = check_finite
-        self.router = Router(
-            d_model, num_experts, top_k, score=score, normalize=normalize, noise_std=noise_std,
-            capacity_factor=capacity_factor, routing=routing,
-        )
+            if options.get("num_experts", len(experts)) != len(experts):
+                raise ValueError(f"num_experts={options['num_experts']} but {len(experts)} experts were given")
+            options["num_experts"] = len(experts)
+        self.config = config = MoEConfig.build(config, options)
+        self.d_model, self.num_experts, self.top_k = d_model, config.num_experts, config.top_k
+        self.ffn_dim = config.expert_width(d_model)
+        self.check_finite = config.check_finite
+        self.router = Router(d_model, config)
         self.experts: nn.Module = (
             ExpertList(experts) if experts is not None
-            else StackedExperts(num_experts, d_model, ffn_dim, activation, bias, backend)
+            else StackedExperts(config.num_experts, d_model, self.ffn_dim, config.activation, config.bias,
+                                config.backend)
         )
-        width = shared_experts * (shared_ffn_dim or ffn_dim)
-        self.shared = SwiGLU(d_model, width) if shared_experts else None
-        self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_experts and shared_gate else None
+        width = config.shared_experts * (config.shared_ffn_dim or self.ffn_dim)
+        self.shared = SwiGLU(d_model, width) if config.shared_experts else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if config.shared_experts and config.shared_gate else None
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
         self.last_stats: RoutingStats | None = None
@@ -146,17 +121,30 @@ class PiMoE(MoEOutput):
         if self.check_finite and not torch.isfinite(x).all():
             raise ValueError("input contains NaN or inf")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``[..., D] -> [..., D]``."""
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``x [..., D]`` -> ``[..., D]``.
+
+        ``positions``: optional long tensor of shape ``x.shape[:-1]``, each token's position,
+        handed to the experts with their rows (default: the index into ``x.reshape(-1, D)``).
+        A model decoding with a KV cache passes absolute positions, so that a position-aware
+        expert (a computation expert) sees the same positions as without the cache.
+        """
         self._check_input(x)
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)  # [T, D]
+        if positions is not None:
+            if positions.shape != shape[:-1] or positions.dtype != torch.long:
+                raise ValueError(
+                    f"positions must be a long tensor of shape {tuple(shape[:-1])}, got "
+                    f"{positions.dtype} {tuple(positions.shape)}"
+                )
+            positions = positions.reshape(-1)
         if tokens.shape[0] == 0:
             self.aux_loss = self.z_loss = tokens.new_zeros((), dtype=torch.float32)
             self.last_stats = None
             return x.clone()
         route = self.router(tokens)
-        out, counts = dispatch_combine(tokens, route, self.experts, self.num_experts)
+        out, counts = dispatch_combine(tokens, route, self.experts, self.num_experts, positions)
         return self._finish(tokens, out, route, counts).reshape(shape)
 
     def extra_repr(self) -> str:

@@ -11,26 +11,35 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
+from pimoe.io import atomic_output, check_safetensors_shapes, read_safetensors_header, tensor_digest
+from pimoe.moe.config import MoEConfig
 from pimoe.moe.experts import SwiGLU
+from pimoe.moe.kv_cache import KVCache
 from pimoe.moe.layer import PiMoE
 from pimoe.moe.stats import RoutingStats
 
 _CONFIG_KEY = "pimoe.LMConfig"
+_DIGEST_KEY = "pimoe.sha256"
+
+
+def _default_moe() -> MoEConfig:
+    return MoEConfig(ffn_dim=128)
 
 
 @dataclass
 class LMConfig:
-    """Model hyperparameters; the defaults are the demo's byte-level model."""
+    """Model hyperparameters; the defaults are the demo's byte-level model. The MoE layers'
+    settings (experts, top-k, widths, routing, loss coefficients) are ``moe``."""
 
     vocab_size: int = 256  # byte-level
     block_size: int = 128  # longest context
@@ -39,29 +48,29 @@ class LMConfig:
     d_model: int = 128
     dropout: float = 0.0
     moe_every: int = 1  # a PiMoE FFN in every k-th block (blocks k-1, 2k-1, ...); 0 = all dense
-    num_experts: int = 8
-    top_k: int = 2
-    ffn_dim: int = 128  # hidden width of one expert
-    shared_experts: int = 0
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0  # off: at the demo scale it cost held-out loss (docs/benchmarks.md)
+    moe: MoEConfig = field(default_factory=_default_moe)
     dense_ffn_dim: int | None = None  # dense blocks' width; None = (top_k + shared_experts) * ffn_dim
 
     def __post_init__(self) -> None:
+        if not isinstance(self.moe, MoEConfig):
+            raise TypeError(f"moe must be a MoEConfig, got {type(self.moe).__name__}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.moe_every < 0:
             raise ValueError(f"moe_every must be >= 0, got {self.moe_every}")
-        for name in ("vocab_size", "block_size", "n_layer", "ffn_dim"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
+    def ffn_dim(self) -> int:
+        """Hidden width of one routed expert."""
+        return self.moe.expert_width(self.d_model)
+
+    @property
     def dense_width(self) -> int:
         """Hidden width of the dense SwiGLU blocks: by default, the active width of an MoE block."""
-        return self.dense_ffn_dim or (self.top_k + self.shared_experts) * self.ffn_dim
+        return self.dense_ffn_dim or (self.moe.top_k + self.moe.shared_experts) * self.ffn_dim
 
     def is_moe(self, layer: int) -> bool:
         """Whether block ``layer`` (0-based) has a PiMoE feed-forward layer."""
@@ -70,6 +79,30 @@ class LMConfig:
     def dense_twin(self) -> LMConfig:
         """The all-dense config with the same active parameters per token (router gates aside)."""
         return replace(self, moe_every=0, dense_ffn_dim=self.dense_width)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``moe`` nested), what :meth:`PiMoELM.save` stores."""
+        return {**asdict(self), "moe": self.moe.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LMConfig:
+        """Inverse of :meth:`to_dict`. Also reads the flat layout of older files (``num_experts``,
+        ``top_k``, ``ffn_dim``, ``shared_experts``, ``aux_loss_coef``, ``z_loss_coef`` at the top
+        level). Unknown keys raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a dict, got {type(data).__name__}")
+        data = dict(data)
+        moe = dict(data.pop("moe", None) or {"ffn_dim": 128})
+        for key in _LEGACY_MOE_KEYS:
+            if key in data:
+                moe[key] = data.pop(key)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown LMConfig keys: {sorted(unknown)}")
+        return cls(**data, moe=MoEConfig.from_dict(moe))
+
+
+_LEGACY_MOE_KEYS = ("num_experts", "top_k", "ffn_dim", "shared_experts", "aux_loss_coef", "z_loss_coef")
 
 
 @dataclass
@@ -88,19 +121,27 @@ class LMOutput:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with PyTorch's fused scaled-dot-product attention."""
 
-    def __init__(self, config: LMConfig) -> None:
+    def __init__(self, config: LMConfig, layer: int = 0) -> None:
         super().__init__()
-        self.n_head, self.dropout = config.n_head, config.dropout
+        self.n_head, self.dropout, self.layer = config.n_head, config.dropout, layer
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, S, D] -> [B, S, D]
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:  # [B, S, D] -> [B, S, D]
         B, S, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)  # each [B, S, D]
         q, k, v = (t.view(B, S, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        mask, causal = None, True
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer, k, v)  # [B, H, past + S, D/H]
+            if past and S > 1:  # new query i sees the past and new keys up to its own position
+                mask = torch.arange(past + S, device=x.device) <= past + torch.arange(S, device=x.device)[:, None]
+            causal = past == 0
         y = F.scaled_dot_product_attention(  # [B, H, S, D/H]
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and mask is None and S > 1,
         )
         y = y.transpose(1, 2).contiguous().view(B, S, D)
         return self.resid_dropout(self.proj(y))
@@ -109,21 +150,19 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
 
-    def __init__(self, config: LMConfig, moe: bool) -> None:
+    def __init__(self, config: LMConfig, moe: bool, layer: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.RMSNorm(config.d_model)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.norm2 = nn.RMSNorm(config.d_model)
-        self.ffn: nn.Module = (
-            PiMoE(config.d_model, config.num_experts, config.top_k, config.ffn_dim,
-                  shared_experts=config.shared_experts)
-            if moe else SwiGLU(config.d_model, config.dense_width)
-        )
+        self.ffn: nn.Module = PiMoE(config.d_model, config.moe) if moe else SwiGLU(config.d_model, config.dense_width)
         self.ffn_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, S, D] -> [B, S, D]
-        x = x + self.attn(self.norm1(x))
-        return x + self.ffn_dropout(self.ffn(self.norm2(x)))
+    def forward(self, x: Tensor, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+        """``x [B, S, D]`` -> ``[B, S, D]``; ``positions [B, S]`` go to a PiMoE feed-forward layer."""
+        x = x + self.attn(self.norm1(x), cache)
+        h = self.norm2(x)
+        return x + self.ffn_dropout(self.ffn(h, positions) if isinstance(self.ffn, PiMoE) else self.ffn(h))
 
 
 class PiMoELM(nn.Module):
@@ -135,7 +174,7 @@ class PiMoELM(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.block_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, config.is_moe(i)) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, config.is_moe(i), i) for i in range(config.n_layer))
         self.norm_f = nn.RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying
@@ -175,13 +214,25 @@ class PiMoELM(nn.Module):
                 f"{targets.dtype} {tuple(targets.shape)}"
             )
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> LMOutput:
-        """``idx [B, S]`` long token ids, optional ``targets [B, S]`` -> :class:`LMOutput`."""
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> LMOutput:
+        """``idx [B, S]`` long token ids, optional ``targets [B, S]`` -> :class:`LMOutput`.
+
+        With a ``cache`` (:meth:`new_cache`), ``idx`` are the tokens after the ``cache.length``
+        cached ones: they get positions ``cache.length ...`` and are appended to the cache.
+        """
         self._check_input(idx, targets)
-        pos = torch.arange(idx.shape[1], device=idx.device)  # [S]
+        B, S = idx.shape
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            cache.check_room(S, B)
+        pos = torch.arange(past, past + S, device=idx.device)  # [S]
+        # The PiMoE layers see positions into the whole context [B, past + S], flattened.
+        positions = None if not past else torch.arange(B, device=idx.device)[:, None] * (past + S) + pos
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # [B, S, D]
         for block in self.blocks:
-            x = block(x)
+            x = block(x, cache, positions)
+        if cache is not None:
+            cache.advance(S)
         logits = self.lm_head(self.norm_f(x))  # [B, S, V]
         zero = logits.new_zeros((), dtype=torch.float32)
         aux_loss = sum((layer.aux_loss for layer in self.moe_layers), zero)
@@ -189,8 +240,42 @@ class PiMoELM(nn.Module):
         if targets is None:
             return LMOutput(logits, None, None, aux_loss, z_loss)
         ce_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-        loss = ce_loss + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
+        moe = self.config.moe
+        loss = ce_loss + moe.aux_loss_coef * aux_loss + moe.z_loss_coef * z_loss
         return LMOutput(logits, loss, ce_loss, aux_loss, z_loss)
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences, in the model's dtype and device."""
+        weight = self.tok_emb.weight
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_head, c.d_model // c.n_head, c.block_size, weight.dtype, weight.device)
+
+    @property
+    def can_cache(self) -> bool:
+        """Whether decoding with a KV cache gives the uncached results: every MoE layer routes
+        each token on its own (dropless token choice). Capacity limits and expert-choice
+        routing look at the whole batch of positions, so they are not causal."""
+        return all(
+            layer.config.routing == "token_choice" and layer.config.capacity_factor is None
+            for layer in self.moe_layers
+        )
+
+    def extend(self, idx: Tensor, cache: KVCache | None) -> tuple[Tensor, KVCache | None]:
+        """Logits of ``idx``'s last position, reusing ``cache`` (which must hold a prefix of
+        ``idx [B, S]``, or be None) -> ``(logits [B, V], cache)``.
+
+        Only the positions after the cached prefix are computed. Past ``block_size`` the
+        context is cropped to its last ``block_size`` tokens, as without a cache: that changes
+        every position, so the window is recomputed (and cached again). Without
+        :attr:`can_cache` it always runs uncached and returns ``None``.
+        """
+        block = self.config.block_size
+        if not self.can_cache:
+            return self(idx[:, -block:]).logits[:, -1], None
+        if cache is None or idx.shape[1] > block or cache.length >= idx.shape[1]:
+            cache = self.new_cache(idx.shape[0])
+            return self(idx[:, -block:], cache=cache).logits[:, -1], cache
+        return self(idx[:, cache.length:], cache=cache).logits[:, -1], cache
 
     def routing_stats(self) -> list[RoutingStats]:
         """Per MoE layer, the :class:`RoutingStats` of the last forward call."""
@@ -220,17 +305,26 @@ class PiMoELM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> Tensor:
         """Extend ``idx [B, S]`` by ``max_new_tokens`` sampled tokens -> ``[B, S + max_new_tokens]``.
 
         The context is cropped to the last ``block_size`` tokens. ``temperature=0`` is greedy
         decoding; ``top_k`` keeps only the k most likely tokens; ``generator`` makes sampling
-        reproducible (it must live on the model's device).
+        reproducible (it must live on the model's device). ``use_cache`` decodes with a KV cache
+        (see :meth:`extend`); the outputs are those of the uncached loop.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        cache: KVCache | None = None
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:]).logits[:, -1, :].float()  # [B, V]
+            if use_cache:
+                logits, cache = self.extend(idx, cache)
+            else:
+                logits = self(idx[:, -self.config.block_size:]).logits[:, -1]
+            logits = logits.float()  # [B, V]
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
             else:
@@ -243,36 +337,47 @@ class PiMoELM(nn.Module):
         return idx
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the weights (tied head stored once) and the config as safetensors metadata,
-        atomically: to a temporary file in the same folder, then renamed over ``path``."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            save_model(self, str(tmp), metadata={_CONFIG_KEY: json.dumps(asdict(self.config))})
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        """Write the weights (tied head stored once), the config and a SHA-256 of the weights
+        as safetensors metadata, atomically (temp file + rename; stale temps of earlier killed
+        saves are removed)."""
+        state = {name: t for name, t in self.state_dict().items() if name != "lm_head.weight"}
+        metadata = {_CONFIG_KEY: json.dumps(self.config.to_dict()), _DIGEST_KEY: tensor_digest(state)}
+        with atomic_output(path) as tmp:
+            save_model(self, str(tmp), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> PiMoELM:
-        """Rebuild a model written by :meth:`save`; ``ValueError`` if the file is not one."""
+    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
+             verify: bool = True) -> PiMoELM:
+        """Rebuild a model written by :meth:`save`; ``ValueError`` if the file is not one.
+
+        The tensors' declared shapes are checked against the stored config before anything is
+        allocated (a crafted header cannot make it allocate more than the file holds), and with
+        ``verify`` the weights' SHA-256 and finiteness are checked after loading.
+        """
+        if not Path(path).is_file():
+            raise FileNotFoundError(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except (SafetensorError, OSError) as err:
-            if isinstance(err, FileNotFoundError):
-                raise
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-        if _CONFIG_KEY not in metadata:
-            raise ValueError(f"{path}: no {_CONFIG_KEY!r} entry in the safetensors metadata")
-        try:
-            config = LMConfig(**json.loads(metadata[_CONFIG_KEY]))
+            metadata, _ = read_safetensors_header(path)
+            config = LMConfig.from_dict(json.loads(metadata[_CONFIG_KEY]))
+        except KeyError:
+            raise ValueError(f"{path}: no {_CONFIG_KEY!r} entry in the safetensors metadata") from None
         except (json.JSONDecodeError, TypeError, ValueError) as err:
+            if str(err).startswith(str(path)):
+                raise
             raise ValueError(f"{path}: invalid {_CONFIG_KEY!r} metadata ({err})") from err
+        with torch.device("meta"):
+            expected = {name: t.shape for name, t in cls(config).state_dict().items()}
+        check_safetensors_shapes(path, expected, may_be_missing=("lm_head.weight", "tok_emb.weight"))  # tied: one is stored
         model = cls(config).to(map_location)
         try:
             load_model(model, str(path), strict=True, device=str(map_location))
         except (SafetensorError, RuntimeError) as err:
             raise ValueError(f"{path}: weights do not match the stored config ({err})") from err
+        if verify:
+            state = {name: t for name, t in model.state_dict().items() if name != "lm_head.weight"}
+            if _DIGEST_KEY in metadata and tensor_digest(state) != metadata[_DIGEST_KEY]:
+                raise ValueError(f"{path}: the weights do not match their stored SHA-256 (corrupt or tampered file)")
+            bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:
+                raise ValueError(f"{path}: non-finite weights in {bad[:3]}")
         return model

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pimoe.moe.config import MoEConfig, Routing, Score
 from pimoe.moe.losses import load_balancing_loss, router_z_loss
 
-Score = Literal["softmax", "sigmoid"]
-Routing = Literal["token_choice", "expert_choice"]
+__all__ = ["Router", "RouterOutput", "Routing", "Score"]
 
 
 @dataclass
@@ -48,62 +48,53 @@ class RouterOutput:
 class Router(nn.Module):
     """Linear gate followed by top-k selection.
 
-    Args:
-        d_model: token width ``D``.
-        num_experts: ``E`` (>= 1).
-        top_k: experts per token ``k`` (1 <= k <= E). For expert-choice routing it sets the
-            average number of experts per token (each expert takes ``capacity`` tokens).
-        score: ``"softmax"`` (Mixtral / Switch) or ``"sigmoid"`` (DeepSeek-V3 style independent
-            per-expert scores).
-        normalize: renormalize the selected ``k`` weights to sum to 1 (Mixtral does; Qwen2-MoE
-            makes it a config option ``norm_topk_prob``).
-        noise_std: standard deviation of Gaussian noise added to the logits in training only
-            (noisy gating, Shazeer et al. 2017). 0 disables it.
-        capacity_factor: ``None`` for dropless routing (default). Otherwise each expert takes at
-            most ``ceil(capacity_factor * T * k / E)`` assignments; the rest are dropped
-            (Switch / GShard), first choices having priority over second choices.
-        routing: ``"token_choice"`` (each token picks k experts) or ``"expert_choice"``
-            (each expert picks its top ``capacity`` tokens, Zhou et al. 2022; perfectly balanced,
-            but a token may get 0 or several experts, and it looks at the whole batch, so it is
-            not causal: do not use it for autoregressive decoding).
-        bias: whether the gate Linear has a bias.
+    ``Router(d_model, config)`` or ``Router(d_model, num_experts=8, top_k=2, ...)``: the routing
+    options are the fields of :class:`~pimoe.moe.config.MoEConfig` (``num_experts``, ``top_k``,
+    ``score``, ``normalize``, ``weight_outputs``, ``noise_std``, ``capacity_factor``,
+    ``routing``, ``router_bias``), given as a config, keywords, or both (keywords win).
+
+    With ``capacity_factor`` each expert takes at most ``ceil(capacity_factor * T * k / E)``
+    assignments; the rest are dropped (Switch / GShard), first choices having priority over
+    second choices. Expert-choice routing (each expert picks its top ``capacity`` tokens, Zhou
+    et al. 2022) is balanced, but a token may get 0 or several experts, and it looks at the whole
+    batch, so it is not causal: do not use it for autoregressive decoding.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        top_k: int = 2,
-        *,
-        score: Score = "softmax",
-        normalize: bool = True,
-        noise_std: float = 0.0,
-        capacity_factor: float | None = None,
-        routing: Routing = "token_choice",
-        bias: bool = False,
-    ) -> None:
+    def __init__(self, d_model: int, config: MoEConfig | None = None, **options: Any) -> None:
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        if score not in ("softmax", "sigmoid"):
-            raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
-        if routing not in ("token_choice", "expert_choice"):
-            raise ValueError(f"routing must be 'token_choice' or 'expert_choice', got {routing!r}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        if d_model < 1:
+            raise ValueError(f"d_model must be >= 1, got {d_model}")
+        self.config = MoEConfig.build(config, options)
         self.d_model = d_model
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.score = score
-        self.normalize = normalize
-        self.noise_std = noise_std
-        self.capacity_factor = capacity_factor
-        self.routing = routing
-        self.gate = nn.Linear(d_model, num_experts, bias=bias)
+        self.gate = nn.Linear(d_model, self.config.num_experts, bias=self.config.router_bias)
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.config.top_k
+
+    @property
+    def score(self) -> Score:
+        return self.config.score
+
+    @property
+    def normalize(self) -> bool:
+        return self.config.normalize
+
+    @property
+    def noise_std(self) -> float:
+        return self.config.noise_std
+
+    @property
+    def capacity_factor(self) -> float | None:
+        return self.config.capacity_factor
+
+    @property
+    def routing(self) -> Routing:
+        return self.config.routing
 
     def capacity(self, num_tokens: int) -> int:
         """Assignments one expert may take for ``num_tokens`` tokens (expert-choice defaults to 1.0)."""
@@ -123,10 +114,14 @@ class Router(nn.Module):
             probs = scores / scores.sum(dim=-1, keepdim=True)
         if self.routing == "expert_choice":
             indices, weights, mask = self._expert_choice(scores)
+            if not self.config.weight_outputs:
+                weights = mask.to(scores.dtype)
         else:
             weights, indices = scores.topk(self.top_k, dim=-1)  # [T, k]
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
+            if not self.config.weight_outputs:  # select only: outputs are summed unweighted
+                weights = torch.ones_like(weights)
             mask = None
             if self.capacity_factor is not None:
                 mask = self._capacity_mask(indices, x.shape[0])

@@ -38,7 +38,7 @@ def describe(params: dict, space: SearchSpace) -> str:
     m, z = c.model, c.compression
     weights = "fp32" if z.bits == 32 else f"int{z.bits}"
     dense = "" if any(m.is_moe(i) for i in range(m.n_layer)) else " (dense)"
-    return (f"L{m.n_layer} d{m.d_model} E{m.num_experts}k{m.top_k} f{m.ffn_dim} s{m.shared_experts} "
+    return (f"L{m.n_layer} d{m.d_model} E{m.moe.num_experts}k{m.moe.top_k} f{m.ffn_dim} s{m.moe.shared_experts} "
             f"m{m.moe_every}{dense} | {weights} p{z.sparsity:g} r{z.low_rank_ratio:g}")
 
 
@@ -100,7 +100,7 @@ def load_config(path: str | os.PathLike[str]) -> LMConfig:
     """The model configuration saved by :func:`save_choice` (``pimoe search --config-out``)."""
     record = _read_choice(path)
     try:
-        return LMConfig(**record["model"])
+        return LMConfig.from_dict(record["model"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: invalid model configuration ({err})") from err
 

@@ -8,7 +8,7 @@ draws one from an Optuna trial, :meth:`SearchSpace.validate` rejects empty or co
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from pimoe.moe.model import LMConfig
@@ -50,8 +50,8 @@ class Candidate:
         m, c = self.model, self.compression
         moe_layers = sum(m.is_moe(i) for i in range(m.n_layer))
         return [
-            float(m.n_layer), math.log2(m.d_model), math.log2(m.num_experts), float(m.top_k),
-            math.log2(m.ffn_dim), float(m.shared_experts), float(moe_layers),
+            float(m.n_layer), math.log2(m.d_model), math.log2(m.moe.num_experts), float(m.moe.top_k),
+            math.log2(m.ffn_dim), float(m.moe.shared_experts), float(moe_layers),
             math.log2(c.bits), c.sparsity, c.low_rank_ratio,
         ]
 
@@ -135,14 +135,13 @@ class SearchSpace:
         missing = sorted(set(self.choices()) - set(params))
         if missing:
             raise ValueError(f"missing search parameters {missing}")
-        model = LMConfig(**{
-            **asdict(self.base),
-            "n_layer": int(params["n_layer"]), "d_model": int(params["d_model"]),
-            "num_experts": int(params["num_experts"]),
-            "top_k": min(int(params["top_k"]), int(params["num_experts"])),
-            "ffn_dim": int(params["ffn_dim"]), "shared_experts": int(params["shared_experts"]),
-            "moe_every": int(params["moe_every"]),
-        })
+        moe = self.base.moe.replace(
+            num_experts=int(params["num_experts"]),
+            top_k=min(int(params["top_k"]), int(params["num_experts"])),
+            ffn_dim=int(params["ffn_dim"]), shared_experts=int(params["shared_experts"]),
+        )
+        model = replace(self.base, n_layer=int(params["n_layer"]), d_model=int(params["d_model"]),
+                        moe_every=int(params["moe_every"]), moe=moe)
         compression = Compression(
             bits=int(params["bits"]), sparsity=float(params["sparsity"]),
             low_rank_ratio=float(params["low_rank_ratio"]),

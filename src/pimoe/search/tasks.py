@@ -148,7 +148,7 @@ class DigitsTask(Task):
 
     def loss(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
         ce = F.cross_entropy(model(inputs), targets)
-        return ce + model.config.aux_loss_coef * moe_aux_loss(model)
+        return ce + model.config.moe.aux_loss_coef * moe_aux_loss(model)
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
