@@ -126,3 +126,24 @@ def test_router_rows_that_are_already_probabilities_are_kept() -> None:
     probs = logits.softmax(-1)
     torch.testing.assert_close(_as_probs(logits), probs)
     torch.testing.assert_close(_as_probs(probs), probs)
+
+
+def test_model_outside_the_experts_interface_counts_router_top_k() -> None:
+    """JetMoE (mixture of attention heads and MLP experts, no @use_experts_implementation):
+    counts come from the router's top-k and the pooled loss still equals transformers' aux_loss."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "jetmoe", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+        intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = _ids(model, length=10)
+    report = routing_report(model, {"input_ids": ids})
+    out = model(input_ids=ids, output_router_logits=True)
+    assert len(report.layers) == len(out.router_logits) == 4
+    assert {layer.counts_from for layer in report.layers} == {"router_top_k"}
+    for layer, logits in zip(report.layers, out.router_logits):
+        recount = torch.bincount(logits.topk(2, dim=-1).indices.reshape(-1), minlength=4)
+        assert layer.stats.tokens_per_expert.tolist() == recount.tolist()
+    assert report.hf_aux_loss == pytest.approx(float(out.aux_loss.detach()), rel=1e-5)
