@@ -8,9 +8,7 @@ Every number is a mean over held-out tasks with a 95% confidence interval (1.96 
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,15 +20,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pimoe.adapt import (
-    EWC, MAML, DigitsEpisodes, ProtoNet, ReplayBuffer, SinusoidTasks, Task, load_digits_tensors, run, sgd_steps,
-    task_incremental_loss, train_task, trainable_params,
+    EWC, MAML, ReplayBuffer, SinusoidTasks, Task, load_digits_tensors, run, sgd_steps, task_incremental_loss,
+    train_task, trainable_params,
 )
+from pimoe.bench.meta_fewshot import FewShotSetup, ci95, fewshot_accuracy
 from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text, save_png
 
 # Finn et al. 2017, Fig. 3 (K=5, read from the chart; ANCHORS.md "Meta-learning").
 PAPER_K5 = {"maml_1step": 0.7, "maml_from_4_steps": 0.3, "pretrained": "> 2"}
-META_TRAIN, META_TEST = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 
 
 @dataclass
@@ -51,14 +49,6 @@ class MetaBenchConfig:
     ewc_epochs_b: int = 30
     replay_size: int = 500
     seed: int = 0
-
-
-def ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95% normal confidence interval."""
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / max(1, n - 1)
-    return mean, 1.96 * math.sqrt(var / n)
 
 
 def sinusoid_net() -> nn.Sequential:
@@ -107,60 +97,13 @@ def sinusoid(cfg: MetaBenchConfig, k: int) -> dict:
     }
 
 
-class ConvEncoder(nn.Module):
-    """``x [M, 64]`` (8x8 digits) -> ``[M, 128]``: three 3x3 conv blocks, two 2x2 max-pools."""
-
-    def __init__(self, width: int = 32) -> None:
-        super().__init__()
-        blocks: list[nn.Module] = []
-        for i in range(3):
-            blocks += [nn.Conv2d(1 if i == 0 else width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-            if i:
-                blocks.append(nn.MaxPool2d(2))
-        self.net = nn.Sequential(*blocks, nn.Flatten())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.view(-1, 1, 8, 8))
-
-
-def episode_accuracy(predict: Callable[[Task], Tensor], episodes: list[Task]) -> tuple[float, float]:
-    """Mean query accuracy (with CI) of ``predict(task) -> labels [Q]`` over episodes."""
-    return ci95([float((predict(e) == e.query_y).float().mean()) for e in episodes])
-
-
 def fewshot(cfg: MetaBenchConfig, shots: int, data: tuple[Tensor, Tensor]) -> dict:
     """5-way ``shots``-shot on meta-test digits 5-9 after episodic training on rotated digits 0-4."""
-    torch.manual_seed(cfg.seed)
-    train = DigitsEpisodes(META_TRAIN, 5, shots, 15, seed=cfg.seed, data=data, rotations=True)
-    test = DigitsEpisodes(META_TEST, 5, shots, 15, seed=cfg.seed + 1, data=data)
-    episodes = [test.sample() for _ in range(cfg.fewshot_eval)]
-    pixels = ProtoNet(nn.Identity())
-    result = {"pixel_nearest_mean": episode_accuracy(lambda e: pixels(*e[:3]).argmax(-1), episodes)}
-
-    proto = ProtoNet(ConvEncoder())
-    optimizer = torch.optim.Adam(proto.parameters(), lr=1e-3)
-    for _ in tqdm(range(cfg.fewshot_episodes), desc=f"ProtoNet {shots}-shot", leave=False):
-        loss = proto.loss(train.sample())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    proto.eval()
-    with torch.no_grad():
-        result["protonet"] = episode_accuracy(lambda e: proto(*e[:3]).argmax(-1), episodes)
-
-    torch.manual_seed(cfg.seed)
-    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
-    maml = MAML(net, inner_lr=cfg.maml_digits_inner_lr, inner_steps=5, loss="cross_entropy", vectorize=True)
-    for _ in tqdm(range(cfg.fewshot_episodes // 4), desc=f"MAML {shots}-shot", leave=False):
-        maml.step(train.sample_batch(4))
-
-    def maml_predict(e: Task) -> Tensor:
-        params = maml.adapt(e.support_x, e.support_y, steps=10)
-        with torch.no_grad():
-            return run(net, params, e.query_x).argmax(-1)
-
-    result["maml"] = episode_accuracy(maml_predict, episodes)
-    return result
+    setups = {"pixel_nearest_mean": FewShotSetup(method="pixels"),
+              "protonet": FewShotSetup(method="protonet", episodes=cfg.fewshot_episodes),
+              "maml": FewShotSetup(method="maml", backbone="conv", norm="none", episodes=cfg.fewshot_episodes // 4,
+                                   inner_lr=cfg.maml_digits_inner_lr)}
+    return {name: fewshot_accuracy(s, shots, data, cfg.fewshot_eval, cfg.seed) for name, s in setups.items()}
 
 
 def continual(cfg: MetaBenchConfig, data: tuple[Tensor, Tensor]) -> dict:
@@ -278,3 +221,4 @@ def main(quick: bool = False, json_path: Path | None = None, plot_path: Path | N
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))
     return result
+
