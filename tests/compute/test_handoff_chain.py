@@ -98,8 +98,21 @@ def test_router_that_never_hands_off_is_the_lm_alone() -> None:
     alone, routed = chain.run(prompt, "lm_only"), chain.run(prompt, "pimoe")
     assert routed.completion == alone.completion and routed.inserted == 0
     assert alone.steps == len(alone.completion) == 20
-    expected = lm.generate(torch.tensor([list(prompt)]), 20, temperature=0)[0, len(prompt):]
-    assert alone.completion == bytes(expected.tolist())
+    expected = lm.generate(torch.tensor([list(prompt)]), 20, temperature=0, use_cache=False)[0, len(prompt):]
+    assert alone.completion == bytes(expected.tolist())  # the cached chain equals uncached decoding
+
+
+def test_inserted_spans_extend_the_cache_like_a_full_forward() -> None:
+    """pimoe_span appends several expert bytes at once: the next cached step must see them all."""
+    lm = _lm()
+    chain = InferenceChain(lm, _fixed_router(hand_off=True), max_new_tokens=30)
+    prompt = b"Q: x\nA: " + SPAN + b"12*12="
+    out = chain.run(prompt, "pimoe_span")
+    sequence = list(prompt + out.completion)
+    after = sequence.index(CALL_END, len(prompt)) + 1  # first byte the LM wrote after the span
+    assert after < len(sequence)
+    expected = int(lm(torch.tensor([sequence[:after]])).logits[0, -1].argmax())
+    assert sequence[after] == expected
 
 
 def test_chain_rejects_bad_input() -> None:

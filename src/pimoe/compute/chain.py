@@ -1,8 +1,9 @@
 """One inference chain, three ways to get the result bytes of a computation span.
 
-Every mode decodes greedily and KV-free (each step runs the text expert on the whole context,
-cropped to ``block_size``), from the prompt until the stop byte (``"\\n"``, which ends a completion)
-or ``max_new_tokens`` new bytes:
+Every mode decodes greedily with the text expert's KV cache (each step runs the model on the
+bytes appended since the last step only; past ``block_size`` the context is cropped, as
+:meth:`PiMoELM.extend` does), from the prompt until the stop byte (``"\\n"``, which ends a
+completion) or ``max_new_tokens`` new bytes:
 
 - ``"lm_only"``: the text expert writes every byte, result digits included.
 - ``"pimoe"``: token-level hand-off. At each step the :class:`HandoffRouter` reads the text
@@ -32,9 +33,10 @@ import torch
 
 from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.expert import NO_OUTPUT, ComputationExpert
-from pimoe.compute.handoff import HandoffRouter, forward_with_hidden
+from pimoe.compute.handoff import HandoffRouter
 from pimoe.compute.task import CALL_END, CALL_START, EQUALS
 from pimoe.compute.text_to_computation import to_expression
+from pimoe.moe.kv_cache import KVCache
 from pimoe.moe.model import PiMoELM
 
 Mode = Literal["lm_only", "pimoe", "pimoe_span", "tool_call"]
@@ -121,6 +123,17 @@ class InferenceChain:
         """The tool call: resolve and evaluate in Python, return the result bytes and ``CALL_END``."""
         return list(self.engine.compute(to_expression(call, context)).encode("ascii")) + [CALL_END]
 
+    def _step(self, sequence: list[int], cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
+        """Run the text expert on what ``cache`` lacks of ``sequence`` -> ``(logits [V],
+        last hidden state [D] (``norm_f``'s output), cache)``."""
+        captured: list[torch.Tensor] = []
+        handle = self.lm.norm_f.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            logits, cache = self.lm.extend(torch.tensor([sequence]), cache)
+        finally:
+            handle.remove()
+        return logits[0], captured[-1][0, -1], cache
+
     @torch.no_grad()
     def run(self, prompt: bytes, mode: Mode) -> ChainOutput:
         """Decode a completion of ``prompt`` (non-empty bytes) in ``mode``."""
@@ -132,7 +145,7 @@ class InferenceChain:
             raise ValueError(f"mode {mode!r} needs a router")
         start = time.perf_counter()
         sequence, steps, inserted = list(prompt), 0, 0
-        block = self.lm.config.block_size
+        cache: KVCache | None = None
         while len(sequence) - len(prompt) < self.max_new_tokens:
             call = open_call(sequence) if mode == "tool_call" else None
             if call is not None:
@@ -140,10 +153,10 @@ class InferenceChain:
                 sequence += result
                 inserted += len(result)
                 continue
-            logits, hidden = forward_with_hidden(self.lm, torch.tensor([sequence[-block:]]))
+            logits, hidden, cache = self._step(sequence, cache)
             steps += 1
-            written = [int(logits[0, -1].argmax())]
-            if mode.startswith("pimoe") and self.router.hand_off(hidden[0, -1]):  # type: ignore[union-attr]
+            written = [int(logits.argmax())]
+            if mode.startswith("pimoe") and self.router.hand_off(hidden):  # type: ignore[union-attr]
                 expert = self._expert_bytes(sequence, whole=mode == "pimoe_span")
                 if expert:
                     written, inserted = expert, inserted + len(expert)
