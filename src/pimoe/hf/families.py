@@ -28,9 +28,10 @@ _COMMON: dict[str, Any] = {
 }
 
 # model_type -> config overrides on top of _COMMON. Chosen so that every routing and layout
-# feature of the family is exercised: shared experts, top-k normalization on and off, group-limited
-# sigmoid routing with a score-correction bias, GPT-OSS's biases, interleaved gate/up and a clamp
-# limit low enough to be hit.
+# feature of the family is exercised: shared experts, top-k normalization on and off, DeepSeek-V3's
+# group-limited sigmoid routing with a score-correction bias, DeepSeek-V2's group-limited softmax
+# routing, PhiMoE's sparsemixer routing, GPT-OSS's biases, interleaved gate/up and a clamp limit
+# low enough to be hit.
 FAMILIES: dict[str, dict[str, Any]] = {
     "mixtral": {"intermediate_size": 48, "num_local_experts": 6, "num_experts_per_tok": 2},
     "qwen2_moe": {
@@ -48,6 +49,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "topk_group": 2, "n_shared_experts": 1, "routed_scaling_factor": 2.5, "q_lora_rank": 16,
         "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
         "head_dim": 8, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+    "granitemoe": {"intermediate_size": 24, "num_local_experts": 6, "num_experts_per_tok": 2},
+    "phimoe": {
+        "intermediate_size": 24, "num_local_experts": 6, "num_experts_per_tok": 2,
+        "router_jitter_noise": 0.0, "input_jitter_noise": 0.0,
+    },
+    "deepseek_v2": {
+        "num_key_value_heads": 4, "intermediate_size": 64, "moe_intermediate_size": 24,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "q_lora_rank": None,
+        "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "head_dim": 8,
+        "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
     "gpt_oss": {
         "head_dim": 8, "intermediate_size": 24, "num_local_experts": 8, "num_experts_per_tok": 2,
