@@ -89,8 +89,9 @@ def serve(
     try:
         run_server(path, name=name, host=host, port=port, max_batch_size=max_batch_size,
                    max_wait_ms=max_wait_ms, cache_size=cache_size)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--model") from err
+    except ValueError as err:  # a model file that cannot be served: one line, no traceback
+        typer.echo(f"pimoe serve: {' '.join(str(err).split())}", err=True)
+        raise typer.Exit(2) from err
 
 
 @app.command("save-demo-model")

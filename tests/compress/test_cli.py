@@ -66,13 +66,14 @@ def test_bad_input(lm_path: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, [str(lm_path), str(out), "--sparsity", "1.5"])
     assert result.exit_code != 0 and "sparsity_ratio" in result.output
     assert not out.exists()
+    assert result.exit_code == 2 and result.output.startswith("pimoe compress: ") and result.output.count("\n") == 1
 
 
 def test_tampered_model_file_is_refused(lm_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert runner.invoke(app, [str(lm_path), str(out), "--bits", "8", "--repeats", "1"]).exit_code == 0
     (out / "model.pt").write_bytes((out / "model.pt").read_bytes()[:1000])
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="model.pt: not a readable state dict"):
         load_compressed(out)
     (out / "recipe.json").write_text("{}")
     with pytest.raises(ValueError, match="recipe"):

@@ -80,9 +80,10 @@ def compress(
         cfg = build_config(config, flags)
         source = load_source(model_path)
         result = ArchitectureOptimizer(cfg).optimize(source.model, source.example_inputs)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from error
-    save_compressed(out, result.model, source, cfg)
+        save_compressed(out, result.model, source, cfg)
+    except ValueError as error:  # bad settings or model file: one line, no traceback
+        typer.echo(f"pimoe compress: {' '.join(str(error).split())}", err=True)
+        raise typer.Exit(2) from error
     report = result.report
     atomic_write_text(out / "report.md", f"# Compression of {source.path.name}\n\n{report.to_markdown()}")
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
