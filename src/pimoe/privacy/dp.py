@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -87,18 +88,40 @@ def noise_for_budget(target_epsilon: float, target_delta: float, sample_rate: fl
                                           sample_rate=sample_rate, steps=steps, accountant=accountant))
 
 
+@lru_cache(maxsize=1024)
+def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """Rényi DP of one subsampled-Gaussian step at Opacus's default orders (RDP adds up over steps)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    return tuple(float(r) for r in rdp)
+
+
 def epsilon_spent(history: Sequence[Step], delta: float, accountant: Accountant = "rdp") -> float:
-    """ε at ``delta`` of the DP-SGD steps in ``history`` (Opacus's accountant); 0 for none."""
-    from opacus.accountants import create_accountant
+    """ε at ``delta`` of the DP-SGD steps in ``history`` (Opacus's accountant); 0 for none.
+
+    ``"rdp"`` gives what ``opacus.accountants.RDPAccountant`` gives for the same history (same
+    orders and functions), with the per-step Rényi DP of each (noise, rate) cached: a client
+    checking its budget every round pays the expensive part once.
+    """
+    from opacus.accountants import RDPAccountant, create_accountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
 
     _check_accountant(accountant)
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if not history:
         return 0.0
-    counter = create_accountant(mechanism=accountant)
-    counter.history = [(float(n), float(q), int(k)) for n, q, k in history]
-    return float(counter.get_epsilon(delta))
+    if accountant == "prv":
+        counter = create_accountant(mechanism=accountant)
+        counter.history = [(float(n), float(q), int(k)) for n, q, k in history]
+        return float(counter.get_epsilon(delta))
+    rdp = sum(np.asarray(_rdp_of_one_step(float(n), float(q))) * int(k) for n, q, k in history)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 def dp_compatible(model: nn.Module) -> nn.Module:
