@@ -173,3 +173,26 @@ def test_bad_safetensors_headers_are_value_errors_naming_the_file(tmp_path, blob
     path.write_bytes(blob)
     with pytest.raises(ValueError, match=rf"bad\.safetensors: .*{problem}"):
         read_safetensors_header(path)
+
+
+def test_concurrent_writers_of_one_target_never_remove_each_others_temps(tmp_path) -> None:
+    import threading
+
+    target = tmp_path / "shared.bin"
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        try:
+            for j in range(25):
+                atomic_write_bytes(target, f"{i}-{j}".encode() * 1000)
+        except BaseException as exc:  # a writer whose temp vanished would fail in os.replace
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert target.read_bytes() in {f"{i}-24".encode() * 1000 for i in range(4)}
+    assert _temps(tmp_path) == []
