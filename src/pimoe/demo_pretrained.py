@@ -33,9 +33,10 @@ class PretrainedDemoSettings:
     num_experts: int = 8
     top_k: int = 4
     window: int = 256
-    calibration_windows: int = 16  # training text for clustering and routers: 4,096 tokens
+    calibration_windows: int = 32  # training text for clustering, routers and refit: 8,192 tokens
     heldout_windows: int = 8  # perplexity and routing statistics: 2,048 held-out tokens
     router_steps: int = 200
+    refit_ridge: float | None = 0.3  # closed-form refit of the experts for top_k (None: routers only)
     max_new_tokens: int = 40
     seed: int = 0
 
@@ -54,12 +55,14 @@ def routers_path(settings: PretrainedDemoSettings) -> Path:
     from pimoe.models import cache_root
 
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", settings.model)
-    return cache_root() / "upcycle" / f"{name}-split-e{settings.num_experts}.safetensors"
+    refit = f"-k{settings.top_k}-refit" if settings.refit_ridge is not None else ""
+    return cache_root() / "upcycle" / f"{name}-split-e{settings.num_experts}{refit}.safetensors"
 
 
 def _routers_key(settings: PretrainedDemoSettings, fingerprint: str) -> dict[str, object]:
-    keys = ("num_experts", "window", "calibration_windows", "router_steps", "seed")
-    return {"model": fingerprint, **{k: getattr(settings, k) for k in keys}}
+    keys = ("num_experts", "window", "calibration_windows", "router_steps", "seed", "refit_ridge")
+    refit = {"top_k": settings.top_k} if settings.refit_ridge is not None else {}
+    return {"model": fingerprint, **{k: getattr(settings, k) for k in keys}, **refit}
 
 
 def upcycle_with_cached_routers(
@@ -70,8 +73,9 @@ def upcycle_with_cached_routers(
 
     Loads partitions and routers saved by an earlier run with the same settings and dense weights;
     otherwise (or with ``retrain``) clusters and trains them on ``train_ids`` (held-out report on
-    ``heldout [B, S]``) and saves them. Returns ``("cache" | "trained", metadata)``; the metadata
-    holds the training report of the run that trained the routers."""
+    ``heldout [B, S]``), refits the experts' down projections for ``top_k`` when
+    ``settings.refit_ridge`` is set (:mod:`pimoe.models.upcycle_refit`), and saves them. Returns
+    ``("cache" | "trained", metadata)``; the metadata holds the report of the run that trained them."""
     from pimoe.models.perplexity import windows
     from pimoe.models.router_training import load_routers, save_routers, train_routers
     from pimoe.models.upcycle import upcycle
@@ -95,12 +99,18 @@ def upcycle_with_cached_routers(
     upcycle(model, settings.num_experts, settings.top_k, "split", mlp_inputs=train_inputs, seed=settings.seed,
             progress=progress)
     reports = train_routers(model, train_inputs, heldout_inputs, steps=settings.router_steps, progress=progress)
+    refit_errors = None
+    if settings.refit_ridge is not None:
+        from pimoe.models.upcycle_refit import refit_experts
+
+        refit_errors = [round(e, 4) for e in refit_experts(model, train_inputs, settings.refit_ridge, progress)]
     metadata: dict[str, object] = {
         "key": key, "train_tokens": calibration.numel(), "heldout_tokens": heldout[:2].numel(),
         "seconds": round(time.perf_counter() - start, 1), "layers": [r.as_dict() for r in reports],
+        "refit_train_rel_error": refit_errors,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_routers(model, path, metadata)
+    save_routers(model, path, metadata, experts=refit_errors is not None)
     return "trained", metadata
 
 
@@ -161,7 +171,8 @@ def run_pretrained_demo(
     dense_answer, dense_tps = answer(model, tokenizer, PROMPT, settings.max_new_tokens)
 
     source, meta = upcycle_with_cached_routers(model, train_ids, heldout, settings, retrain, progress)
-    console.print(f"split into {settings.num_experts} experts per MLP, top-{settings.top_k}; routers "
+    refit = "" if settings.refit_ridge is None else " and experts refit"
+    console.print(f"split into {settings.num_experts} experts per MLP, top-{settings.top_k}; routers{refit} "
                   + ("loaded from the cache of an earlier run" if source == "cache" else "clustered and trained now")
                   + f" ({meta['train_tokens']:,} training tokens, {settings.router_steps} steps, "
                   f"{meta['seconds']} s when trained): {routers_path(settings)}")

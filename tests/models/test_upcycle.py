@@ -6,8 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-from pimoe.models.upcycle import find_mlps, moe_layers, parameter_counts, set_top_k, split_groups, upcycle
-from pimoe.models.upcycle_cluster import balanced_assign, capture_mlp_inputs, cluster_neurons
+from pimoe.models.upcycle import (
+    find_mlps,
+    moe_layers,
+    parameter_counts,
+    set_top_k,
+    split_groups,
+    upcycle,
+)
+from pimoe.models.upcycle_cluster import (
+    balanced_assign,
+    capture_mlp_inputs,
+    cluster_neurons,
+)
 from pimoe.moe import PiMoE
 
 D, F_DIM, LAYERS, VOCAB = 32, 64, 2, 97

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_upcycle import LAYERS, logits, tiny_llama, tokens
 
-from pimoe.models.router_training import load_routers, routing_quality, save_routers, train_routers
+from pimoe.models.router_training import (
+    load_routers,
+    routing_quality,
+    save_routers,
+    train_routers,
+)
 from pimoe.models.upcycle import moe_layers, upcycle
 from pimoe.models.upcycle_cluster import capture_mlp_inputs
-from test_upcycle import LAYERS, logits, tiny_llama, tokens
 
 
 def _split(top_k: int = 2):
@@ -60,3 +65,24 @@ def test_router_files_are_checked(tmp_path) -> None:
         load_routers(tiny_llama(), path)
     with pytest.raises(ValueError, match="no PiMoE"):
         train_routers(tiny_llama(), [], steps=1)
+
+
+def test_refit_keeps_all_experts_exact_and_lowers_the_routed_error() -> None:
+    from pimoe.models.upcycle_refit import refit_experts
+
+    model, train, heldout = _split(top_k=4)
+    ids = tokens(2, 16, seed=3)
+    dense = logits(model, ids)
+    before = [layer.experts.w_out.clone() for layer in moe_layers(model)]
+    refit_experts(model, train)  # top_k == E: the dense weights are the exact solution
+    for layer, w in zip(moe_layers(model), before):
+        torch.testing.assert_close(layer.experts.w_out, w, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(logits(model, ids), dense, atol=1e-4, rtol=1e-4)
+
+    model, train, _heldout = _split(top_k=1)
+    train_routers(model, train, steps=50)
+    error_before = [routing_quality(layer, x)[1] for layer, x in zip(moe_layers(model), train)]
+    errors = refit_experts(model, train)
+    assert all(after < 0.9 * b for after, b in zip(errors, error_before))
+    with pytest.raises(ValueError, match="ridge"):
+        refit_experts(model, train, ridge=0.0)

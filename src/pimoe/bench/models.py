@@ -2,7 +2,9 @@
 
 Measured in one run: load time (first call, converting or reading the cache as it finds it, then a
 cached call), held-out perplexity on Python's bundled documentation of the dense model and the
-split model at k=2 and k=4 of 8 (routers from the demo's cache, trained there when missing),
+split model at k=4 of 8 (experts refit for k=4, as in the demo) and, with the same partition and
+routers but the original expert weights, at k=4 and k=2 (routers from the demo's cache, trained
+there when missing),
 active parameters, prefill and decode tokens/s (HF ``generate`` with its KV cache, contenders
 interleaved), and the transformers experts-backend equivalence table of
 :func:`pimoe.hf.families.check_families` (pimoe vs eager on tiny random MoE families).
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,7 +44,7 @@ class ModelsBenchConfig:
 QUICK = ModelsBenchConfig(heldout_windows=8, decode_tokens=32, rounds=2)
 
 
-def _timers(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple:
+def _timers(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[Callable[[], None], Callable[[], None]]:
     def prefill() -> None:
         with torch.inference_mode():
             model(prompt, use_cache=False)
@@ -55,9 +58,14 @@ def _timers(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tu
 
 def run(cfg: ModelsBenchConfig, progress: bool = True) -> dict:
     """Run the benchmark (see the module docs); returns the results dict."""
-    from pimoe.demo_pretrained import PretrainedDemoSettings, upcycle_with_cached_routers
+    from pimoe.demo_pretrained import (
+        PretrainedDemoSettings,
+        routers_path,
+        upcycle_with_cached_routers,
+    )
     from pimoe.models import cache_path, load_pretrained
     from pimoe.models.perplexity import perplexity, pydoc_token_splits, windows
+    from pimoe.models.router_training import load_routers
     from pimoe.models.upcycle import parameter_counts, set_top_k
 
     torch.set_num_threads(cfg.threads)
@@ -75,27 +83,26 @@ def run(cfg: ModelsBenchConfig, progress: bool = True) -> dict:
     heldout = windows(heldout_ids, cfg.window, cfg.heldout_windows)
     settings = replace(PretrainedDemoSettings(), model=cfg.model, top_k=4)
     source, _ = upcycle_with_cached_routers(moe, train_ids, heldout, settings, progress=progress)
+    plain, _ = load_pretrained(cfg.model, progress=progress)  # same partition and routers, experts not refit
+    load_routers(plain, routers_path(settings), top_k=2, experts=False)
     result["routers"] = source
+    result["refit_ridge"] = settings.refit_ridge
     result["heldout_tokens"] = heldout.numel()
     result["ppl_dense"] = round(perplexity(dense, heldout, progress=progress, desc="perplexity dense"), 4)
     dense_params = parameter_counts(dense)[0]
     result["params"] = {"dense": {"total": dense_params, "active": dense_params}}
-    for k in (4, 2):
-        set_top_k(moe, k)
-        result[f"ppl_moe_k{k}"] = round(perplexity(moe, heldout, progress=progress, desc=f"perplexity k={k}"), 4)
-        result[f"ppl_ratio_k{k}"] = round(result[f"ppl_moe_k{k}"] / result["ppl_dense"], 4)
-        total, active = parameter_counts(moe)
-        result["params"][f"moe_k{k}"] = {"total": total, "active": active}
+    variants = (("moe_k4", moe, 4), ("moe_k4_norefit", plain, 4), ("moe_k2", plain, 2))
+    for name, model, k in variants:
+        set_top_k(model, k)
+        result[f"ppl_{name}"] = round(perplexity(model, heldout, progress=progress, desc=f"perplexity {name}"), 4)
+        result[f"ppl_ratio_{name}"] = round(result[f"ppl_{name}"] / result["ppl_dense"], 4)
+        total, active = parameter_counts(model)
+        result["params"][name] = {"total": total, "active": active}
 
     prompt = heldout_ids[: cfg.prefill_tokens].unsqueeze(0)
-    contenders = {}
-    for name, model, k in (("dense", dense, None), ("moe_k4", moe, 4), ("moe_k2", moe, 2)):
-        prefill, decode = _timers(model, prompt, cfg.decode_tokens)
-        if k is not None:
-            contenders[f"prefill/{name}"] = lambda p=prefill, k=k: (set_top_k(moe, k), p())
-            contenders[f"decode/{name}"] = lambda d=decode, k=k: (set_top_k(moe, k), d())
-        else:
-            contenders[f"prefill/{name}"], contenders[f"decode/{name}"] = prefill, decode
+    contenders: dict[str, Callable[[], object]] = {}
+    for name, model in (("dense", dense), ("moe_k4", moe), ("moe_k2", plain)):
+        contenders[f"prefill/{name}"], contenders[f"decode/{name}"] = _timers(model, prompt, cfg.decode_tokens)
     seconds = interleaved_medians(contenders, rounds=cfg.rounds)
     for phase, tokens in (("prefill", cfg.prefill_tokens), ("decode", cfg.decode_tokens)):
         rates = {name.split("/")[1]: tokens / s for name, s in seconds.items() if name.startswith(phase)}
@@ -119,10 +126,11 @@ def print_report(result: dict, console: Console | None = None) -> None:
     table = Table(title=f"Dense vs split 8 experts ({result['heldout_tokens']:,} held-out pydoc tokens)")
     for column in ("model", "active params", "perplexity", "ppl ratio", "prefill tok/s", "decode tok/s"):
         table.add_column(column, justify="right")
-    for name in ("dense", "moe_k4", "moe_k2"):
+    for name in ("dense", "moe_k4", "moe_k4_norefit", "moe_k2"):
         ppl = result["ppl_dense"] if name == "dense" else result[f"ppl_{name}"]
+        timing = name if name in result["decode_tokens_per_s"] else "moe_k4"
         table.add_row(name, f"{result['params'][name]['active']:,}", f"{ppl:.3f}", f"{ppl / result['ppl_dense']:.3f}",
-                      f"{result['prefill_tokens_per_s'][name]:.1f}", f"{result['decode_tokens_per_s'][name]:.1f}")
+                      f"{result['prefill_tokens_per_s'][timing]:.1f}", f"{result['decode_tokens_per_s'][timing]:.1f}")
     console.print(table)
     if "hf_families" in result:
         console.print(f"transformers experts backend 'pimoe' vs eager: max |logit diff| over "

@@ -23,7 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pimoe.io import atomic_write_bytes, check_safetensors_shapes, read_safetensors_header
+from pimoe.io import (
+    atomic_write_bytes,
+    check_safetensors_shapes,
+    read_safetensors_header,
+)
 from pimoe.models.progress import track
 from pimoe.models.upcycle import find_mlps, moe_layers, upcycle
 from pimoe.moe import PiMoE
@@ -135,9 +139,12 @@ def train_routers(
     return reports
 
 
-def save_routers(model: nn.Module, path: str | os.PathLike[str], metadata: dict[str, object] | None = None) -> None:
+def save_routers(
+    model: nn.Module, path: str | os.PathLike[str], metadata: dict[str, object] | None = None, experts: bool = False,
+) -> None:
     """Write the router gates and neuron partitions of a split-upcycled ``model`` to a safetensors
-    file (atomically); ``metadata`` (JSON-serializable) is stored with them."""
+    file (atomically); ``metadata`` (JSON-serializable) is stored with them. With ``experts``, also
+    the down projections ``w_out`` (needed after :func:`pimoe.models.upcycle_refit.refit_experts`)."""
     from safetensors.torch import save
 
     layers = moe_layers(model)
@@ -147,14 +154,19 @@ def save_routers(model: nn.Module, path: str | os.PathLike[str], metadata: dict[
     for i, layer in enumerate(layers):
         tensors[f"{i}.gate"] = layer.router.gate.weight.detach().float().cpu().contiguous()
         tensors[f"{i}.assignment"] = layer.neuron_assignment.cpu().contiguous()
+        if experts:
+            tensors[f"{i}.w_out"] = layer.experts.w_out.detach().float().cpu().contiguous()
     info = {"format": ROUTERS_FORMAT, "num_experts": str(layers[0].num_experts),
             "top_k": str(layers[0].top_k), "extra": json.dumps(metadata or {})}
     atomic_write_bytes(path, save(tensors, metadata=info))
 
 
-def load_routers(model: nn.Module, path: str | os.PathLike[str], top_k: int | None = None) -> dict[str, object]:
+def load_routers(
+    model: nn.Module, path: str | os.PathLike[str], top_k: int | None = None, experts: bool = True,
+) -> dict[str, object]:
     """Upcycle the dense ``model`` in place (``"split"``) with the partitions and routers saved by
-    :func:`save_routers`; ``top_k`` defaults to the saved one. Returns the saved metadata.
+    :func:`save_routers` (and the saved down projections, if any, unless ``experts`` is False);
+    ``top_k`` defaults to the saved one. Returns the saved metadata.
 
     Raises:
         ValueError: not a routers file, or one saved for another model shape.
@@ -173,12 +185,15 @@ def load_routers(model: nn.Module, path: str | os.PathLike[str], top_k: int | No
     for i in range(len(mlps)):
         expected[f"{i}.gate"] = (num_experts, d_model)
         expected[f"{i}.assignment"] = (width,)
-    check_safetensors_shapes(path, expected)
+        expected[f"{i}.w_out"] = (num_experts, d_model, width // num_experts)
+    check_safetensors_shapes(path, expected, may_be_missing=[f"{i}.w_out" for i in range(len(mlps))])
     tensors = load_file(str(path))
     upcycle(model, num_experts, top_k or int(info["top_k"]), "split",
             assignments=[tensors[f"{i}.assignment"] for i in range(len(mlps))])
     with torch.no_grad():
         for i, layer in enumerate(moe_layers(model)):
             layer.router.gate.weight.copy_(tensors[f"{i}.gate"])
+            if experts and f"{i}.w_out" in tensors:
+                layer.experts.w_out.copy_(tensors[f"{i}.w_out"])
     return json.loads(info["extra"])
 

@@ -31,7 +31,7 @@ def capture_mlp_inputs(
         raise ValueError(f"{type(model).__name__} has no gated MLP or PiMoE layer")
     captured: list[list[Tensor]] = [[] for _ in modules]
 
-    def hook(i: int):  # noqa: ANN202 - a forward pre-hook
+    def hook(i: int):
         def save(module: nn.Module, args: tuple[Tensor, ...]) -> None:
             captured[i].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
         return save
