@@ -1,4 +1,5 @@
-"""Real pretrained models: offline loading of packaged checkpoints, cached as safetensors."""
+"""Real pretrained models: offline loading of packaged checkpoints, cached as safetensors; dense ->
+MoE upcycling (copy / split) with router training."""
 
 from pimoe.models.pretrained import (
     REGISTRY,
@@ -9,6 +10,10 @@ from pimoe.models.pretrained import (
     load_pretrained,
     pretrained_names,
 )
+from pimoe.models.router_training import load_routers, save_routers, train_routers
+from pimoe.models.upcycle import parameter_counts, set_top_k, upcycle
+from pimoe.models.upcycle_cluster import capture_mlp_inputs
+from pimoe.models.upcycle_refit import refit_experts
 
 __all__ = [
     "REGISTRY",
@@ -18,4 +23,12 @@ __all__ = [
     "gguf_path",
     "load_pretrained",
     "pretrained_names",
+    "capture_mlp_inputs",
+    "load_routers",
+    "parameter_counts",
+    "refit_experts",
+    "save_routers",
+    "set_top_k",
+    "train_routers",
+    "upcycle",
 ]
