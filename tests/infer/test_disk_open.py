@@ -124,16 +124,17 @@ _WRITER = textwrap.dedent("""
 @pytest.mark.slow
 def test_killed_writers_leave_no_orphans_after_the_next_open(tmp_path) -> None:
     orphans: set[str] = set()
-    for attempt in range(10):  # kill -9 until a writer died between its file and its row
+    for attempt in range(20):  # kill -9 until a writer died between its file and its row
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        time.sleep(0.3 + 0.17 * attempt)
+        time.sleep(0.3 + 0.11 * attempt)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         orphans = _value_files(tmp_path) - _referenced(tmp_path)
         if orphans:
             break
-    assert orphans, "no kill landed between a value file and its row; rerun"
+    if not orphans:  # timing-dependent; the deterministic test above covers the cleanup itself
+        pytest.skip("no kill landed between a value file and its row")
     with InferenceCache(disk_path=tmp_path) as c:
         assert c._disk.orphans_removed == len(orphans)
     assert _value_files(tmp_path) == _referenced(tmp_path)
