@@ -252,6 +252,38 @@ def bench_compress_experts(
     main(quick=quick, json_path=json_path)
 
 
+@bench_app.command("kv-cache")
+def bench_kv_cache(
+    quick: Annotated[bool, typer.Option(help="Batch 1 only, one round.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """PiMoELM greedy decoding of 256 tokens with the KV cache vs the uncached loop (same outputs)."""
+    from pimoe.bench.kv_cache import main
+
+    main(quick=quick, json_path=json_path)
+
+
+@bench_app.command("federated-robust")
+def bench_federated_robust(
+    quick: Annotated[bool, typer.Option(help="Fewer rounds and attacks.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """Digits federation under 10%/30% malicious clients: FedAvg vs screening, median, trimmed mean, norm bounding."""
+    from pimoe.bench.federated_robust import main
+
+    main(quick=quick, json_path=json_path)
+
+
+@bench_app.command("hf-backend")
+def bench_hf_backend(
+    quick: Annotated[bool, typer.Option(help="Fewer shapes and rounds.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """transformers MoE blocks with experts_implementation='pimoe' vs 'grouped_mm' (fwd, fwd+bwd), after the tiny-family check."""
+    from pimoe.bench.hf_backend import main
+
+    main(quick=quick, json_path=json_path)
+
 
 @bench_app.command("models")
 def bench_models(
