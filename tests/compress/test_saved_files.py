@@ -109,6 +109,26 @@ def _set(folder: Path, name: str, value) -> None:
     (folder / "recipe.json").write_text(json.dumps(recipe))
 
 
+def _declare_huge_storage(folder: Path) -> None:
+    """``model.pt`` whose pickle declares 10**10 elements for a stored tensor's storage."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(folder / "model.pt") as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    pkl = next(name for name in files if name.endswith("data.pkl"))
+    numel = _emb(folder).numel()
+    assert numel < 2**31
+    marker = b"J" + struct.pack("<i", numel) if numel >= 2**16 else b"M" + struct.pack("<H", numel)
+    assert marker in files[pkl]
+    files[pkl] = files[pkl].replace(marker, b"\x8a\x05" + (10**10).to_bytes(5, "little"), 1)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    (folder / "model.pt").write_bytes(out.getvalue())
+
+
 BAD = {  # how a folder is broken -> what the ValueError says (before: UnpicklingError, KeyError, TypeError, ...)
     "model.pt garbage": (lambda f: (f / "model.pt").write_bytes(b"\x80\x02not a torch file"), "model.pt: not a readable"),
     "model.pt truncated": (lambda f: (f / "model.pt").write_bytes((f / "model.pt").read_bytes()[:3000]), "model.pt: not a readable"),
@@ -116,6 +136,7 @@ BAD = {  # how a folder is broken -> what the ValueError says (before: Unpicklin
     "model.pt not a dict": (lambda f: torch.save(torch.ones(2), f / "model.pt"), "not a state dict"),
     "model.pt a pickle": (lambda f: (f / "model.pt").write_bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00\x8c\x01x\x94."),
                           "model.pt: not a readable"),
+    "model.pt declares 10**10 elements": (_declare_huge_storage, "model.pt: not a readable.*does not match expected size"),
     "no config": (lambda f: _set(f, "config", None), r"recipe\.json: invalid or missing \['config'\]"),
     "config a list": (lambda f: _set(f, "config", [1, 2]), r"invalid or missing \['config'\]"),
     "config bad value": (lambda f: _set(f, "config", {"sparsity_ratio": "half"}), r"recipe\.json: invalid config"),
