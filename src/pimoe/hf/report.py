@@ -211,8 +211,9 @@ def routing_report(model: nn.Module, inputs: Any) -> RoutingReport:
     Args:
         model: a transformers MoE model (any family that records ``router_logits``), or a model
             whose MoE layers are pimoe ``PiMoE`` layers.
-        inputs: keyword arguments (e.g. a tokenizer's output; its ``attention_mask`` excludes
-            padding from the counts and the losses), positional arguments, or one tensor.
+        inputs: keyword arguments (e.g. a tokenizer's output; for transformers models its
+            ``attention_mask`` excludes padding from the counts and the losses), positional
+            arguments, or one tensor.
 
     Raises:
         TypeError: the model has no MoE layer this function recognizes.
@@ -282,6 +283,7 @@ def _hf_report(
         executed = chosen[chosen < num_experts]  # drop expert-parallel sentinels
         counts = torch.bincount(executed.reshape(-1).cpu(), minlength=num_experts)
         stats = RoutingStats.from_routing(probs, None, counts)
+        # expert-parallel sentinels (another rank's experts) are folded into the last expert here
         aux = float(load_balancing_loss(probs, chosen.clamp(max=num_experts - 1).to(probs.device), num_experts))
         layers.append(LayerRouting(parent, stats, chosen.shape[1], aux, counts_from))
         pooled.append((probs, chosen.to(probs.device)))
