@@ -2,6 +2,7 @@ import hashlib
 import itertools
 import json
 import threading
+import warnings
 from typing import Any
 
 import pytest
@@ -189,3 +190,20 @@ def test_writer_processes_share_one_chain(tmp_path) -> None:
     writers = [e["writer"] for e in log.entries()[1:]]
     assert sorted(writers) == sorted(list(range(4)) * 25)
     assert any(a != b for a, b in itertools.pairwise(writers))  # the writers really interleaved
+
+
+def test_a_crash_at_any_byte_of_the_last_line_recovers(tmp_path) -> None:
+    log = _log(tmp_path, 3)
+    data = log.path.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1  # the last line
+    for cut in range(start, len(data) + 1):
+        log.path.write_bytes(data[:cut])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reopened = AuditLog(log.path)
+        whole = cut >= len(data) - 1  # the entry is complete (its newline may be missing)
+        assert reopened.dropped_bytes == (0 if whole or cut == start else cut - start), cut
+        assert len(caught) == (reopened.dropped_bytes > 0)
+        events = [e["event"] for e in reopened.entries()]
+        assert events == ["round"] * (3 if whole else 2) + (["torn_tail_dropped"] if reopened.dropped_bytes else [])
+        assert reopened.verify(expected_head=reopened.head) == len(events)

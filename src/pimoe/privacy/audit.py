@@ -78,7 +78,7 @@ class AuditLog:
         if pimoe_io.fcntl is None:  # pragma: no cover - Windows
             raise OSError("AuditLog needs fcntl.flock (POSIX) to keep one hash chain across writers")
         with open(self.path, "rb" if shared else "a+b") as handle:
-            pimoe_io.lock_file(handle.fileno(), exclusive=not shared)
+            pimoe_io.lock_file(handle.fileno(), exclusive=not shared, blocking=True)
             yield handle  # closing the file releases the lock
 
     def _entry(self, raw: bytes, seq: int, prev: str) -> dict[str, Any] | None:
