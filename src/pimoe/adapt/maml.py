@@ -4,7 +4,9 @@ The inner loop runs the model functionally (``torch.func.functional_call``) on f
 any ``nn.Module`` works, PiMoE layers included. With ``vectorize=True`` the tasks of a meta-batch
 are evaluated at once with ``torch.func.vmap`` over ``torch.func.grad`` inner steps; that needs a
 module ``vmap`` can trace (fixed shapes, no data-dependent control flow: MLPs and convnets yes,
-PiMoE's sort-based dispatch no), and gives the same meta-gradient as the per-task loop.
+PiMoE's sort-based dispatch no), and gives the same meta-gradient as the per-task loop, except
+through batch norm: there torch.func's second derivative is wrong (the loop's matches finite
+differences), so second-order ``vectorize=True`` refuses a model with batch-norm layers.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class MAML:
         first_order: FOMAML (inner gradients treated as constants; no second derivatives).
         outer_lr: learning rate of the default meta-optimizer (Adam), ignored if ``optimizer`` is given.
         loss: ``"mse"``, ``"cross_entropy"`` or a callable ``loss(pred, target)``.
-        vectorize: evaluate the meta-batch with ``vmap`` (see the module docstring).
+        vectorize: evaluate the meta-batch with ``vmap`` (see the module docstring); not with
+            second order through batch norm (ValueError).
         optimizer: meta-optimizer over ``model.parameters()``.
     """
 
@@ -36,6 +39,10 @@ class MAML:
                  optimizer: torch.optim.Optimizer | None = None) -> None:
         if inner_lr <= 0 or inner_steps < 1:
             raise ValueError(f"need inner_lr > 0 and inner_steps >= 1, got {inner_lr}, {inner_steps}")
+        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if vectorize and not first_order and batch_norm:
+            raise ValueError("second-order MAML with vectorize=True gives wrong meta-gradients through batch norm "
+                             "(torch.func); use vectorize=False or first_order=True")
         self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
         self.first_order, self.vectorize = first_order, vectorize
         self.loss_fn = get_loss(loss)

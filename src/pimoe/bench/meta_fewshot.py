@@ -127,7 +127,7 @@ def fewshot_predictor(setup: FewShotSetup, shots: int, data: tuple[Tensor, Tenso
     else:
         raise ValueError(f"unknown method {setup.method!r}")
     maml = MAML(net, inner_lr=setup.inner_lr, inner_steps=setup.inner_steps, first_order=setup.first_order,
-                loss="cross_entropy", vectorize=True)
+                loss="cross_entropy", vectorize=setup.norm == "none" or setup.first_order)
     if setup.method == "maml":
         for _ in tqdm(range(setup.episodes), desc=f"MAML {shots}-shot", leave=False):
             maml.step(train.sample_batch(setup.meta_batch))
