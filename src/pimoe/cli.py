@@ -10,12 +10,14 @@ import typer
 # Subcommands defined next to their subsystems; these modules import only typer at load time
 # (Optuna, Flower/Ray and the models load when the command runs).
 from pimoe.compress.cli import compress as compress_command
+from pimoe.compute.cli import chain_app
 from pimoe.federated.cli import federate as federate_command
 from pimoe.search.cli import search as search_command
 
 app = typer.Typer(help="pimoe: build, compress, serve and train Mixture-of-Experts models.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks; each prints ratios against a peer measured in the same run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(chain_app, name="chain")
 app.command("search")(search_command)
 app.command("federate")(federate_command)
 app.command("compress")(compress_command)
@@ -73,22 +75,41 @@ def serve(
     model_path: Annotated[Optional[Path], typer.Argument(exists=True, show_default=False, help="Same as --model.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", exists=True, help="A PiMoELM safetensors file (from `pimoe save-demo-model PATH` or `pimoe demo --out DIR`), a Hugging Face encoder folder (e.g. all-MiniLM-L6-v2) or a `pimoe compress` output folder.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in requests; default: the file name without extension.")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on (a non-loopback address without --api-key prints a warning).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Most requests per forward pass.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for a batch to fill, in ms.")] = 5.0,
     cache_size: Annotated[int, typer.Option(min=0, help="Entries of the LRU inference cache (0: off).")] = 0,
+    api_key: Annotated[Optional[str], typer.Option(envvar="PIMOE_API_KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on every path but /healthz (401 otherwise). Prefer the PIMOE_API_KEY variable: a command line is visible to other users.")] = None,
+    docs: Annotated[bool, typer.Option(help="Serve the API docs (/docs, /redoc, /openapi.json); off by default.")] = False,
+    ssl_certfile: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="TLS certificate (PEM); needs --ssl-keyfile.")] = None,
+    ssl_keyfile: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="TLS private key (PEM); needs --ssl-certfile.")] = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger (declared or counted while reading) is answered 413.")] = 8 * 2**20,
+    body_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds from a request's headers to the end of its body; slower is answered 408.")] = 30.0,
+    header_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a connection may take to send a request's headers; then it is closed.")] = 10.0,
+    max_header_bytes: Annotated[int, typer.Option(min=1024, help="Bytes a connection may send without completing a request's headers; then it is closed.")] = 64 * 1024,
+    timeout_keep_alive: Annotated[float, typer.Option(min=0.001, help="Seconds an idle keep-alive connection stays open.")] = 5.0,
+    limit_concurrency: Annotated[int, typer.Option(min=0, help="Most open connections and most requests in flight; beyond either, 503 (0: no limit).")] = 512,
+    timeout_graceful_shutdown: Annotated[float, typer.Option(min=0.001, help="On SIGTERM/Ctrl-C, seconds to let running requests finish before cancelling them.")] = 10.0,
 ) -> None:
     """Serve a saved PiMoELM or a HF encoder folder over HTTP (POST /v1/infer, GET /healthz, GET /metrics)."""
+    from pimoe.infer.server import ServerLimits
     from pimoe.infer.server import serve as run_server
 
     if (model_path is None) == (model is None):
         raise typer.BadParameter("give the model file once: `--model PATH` or a positional PATH", param_hint="--model")
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise typer.BadParameter("TLS needs both --ssl-certfile and --ssl-keyfile", param_hint="--ssl-certfile")
     path = model if model is not None else model_path
     assert path is not None
+    limits = ServerLimits(limit_concurrency=limit_concurrency or None, timeout_keep_alive_s=timeout_keep_alive,
+                          header_timeout_s=header_timeout, max_header_bytes=max_header_bytes,
+                          timeout_graceful_shutdown_s=timeout_graceful_shutdown)
     try:
         run_server(path, name=name, host=host, port=port, max_batch_size=max_batch_size,
-                   max_wait_ms=max_wait_ms, cache_size=cache_size)
+                   max_wait_ms=max_wait_ms, cache_size=cache_size, api_key=api_key, docs=docs,
+                   max_body_bytes=max_body_bytes, body_timeout_s=body_timeout, limits=limits,
+                   ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     except ValueError as err:  # a model file that cannot be served: one line, no traceback
         typer.echo(f"pimoe serve: {' '.join(str(err).split())}", err=True)
         raise typer.Exit(2) from err
@@ -148,13 +169,16 @@ def bench_computation(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON (and a PNG plot next to it).")] = None,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
     calls: Annotated[str, typer.Option(help="Call format the text expert learns: 'reference' (#1*#2, resolved by text-to-computation) or 'expression' (literal digits).")] = "reference",
+    model: Annotated[Optional[str], typer.Option(help="'smollm2': run on the frozen SmolLM2-135M-Instruct (word problems; adds a two-call agent).")] = None,
 ) -> None:
     """PiMoE computation experts on held-out arithmetic: LM alone vs token-level hand-off vs tool call."""
     from pimoe.bench.computation import main
 
     if calls not in ("reference", "expression"):
         raise typer.BadParameter(f"must be 'reference' or 'expression', got {calls!r}", param_hint="--calls")
-    main(quick=quick, json_path=json_path, threads=threads, calls=calls)  # type: ignore[arg-type]
+    if model is not None and model != "smollm2":
+        raise typer.BadParameter(f"must be 'smollm2', got {model!r}", param_hint="--model")
+    main(quick=quick, json_path=json_path, threads=threads, calls=calls, model=model)  # type: ignore[arg-type]
 
 
 @bench_app.command("expert-parallel")

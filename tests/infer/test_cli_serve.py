@@ -43,7 +43,7 @@ def test_serve_model_option(demo_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     result = CliRunner().invoke(cli_app, args)
     assert result.exit_code == 0, result.output
     (app, kwargs), = calls
-    assert kwargs == {"host": "127.0.0.1", "port": 8124}
+    assert (kwargs["host"], kwargs["port"], kwargs["timeout_keep_alive"]) == ("127.0.0.1", 8124, 5.0)
     assert list(app.state.models) == ["demo"] and app.state.cache is not None
     app.state.batchers["demo"].close()
 

@@ -140,9 +140,9 @@ def test_variable_length_tensor_model_is_padded_and_cut(served: tuple[httpx.Clie
 
 def test_model_failure_is_500_and_server_keeps_serving(client: httpx.Client) -> None:
     r = client.post("/v1/infer", json={"model": "boom", "inputs": [0.0, 2.0]})
-    assert r.status_code == 500 and "RuntimeError: boom" in r.json()["error"]
+    assert r.status_code == 500 and "RuntimeError: boom" in r.json()["error"]["message"]
     r = client.post("/v1/infer", json={"model": "boom", "inputs": [1.0, 2.0]})
-    assert r.status_code == 500 and "NaN" in r.json()["error"]
+    assert r.status_code == 500 and "NaN" in r.json()["error"]["message"]
     assert client.post("/v1/infer", json={"model": "lm", "token_ids": [1]}).status_code == 200
 
 
@@ -188,18 +188,18 @@ def test_concurrent_requests_are_batched_and_correct(served: tuple[httpx.Client,
 def test_bad_requests_get_json_errors(client: httpx.Client, body: dict, status: int, fragment: str) -> None:
     r = client.post("/v1/infer", json=body)
     assert r.status_code == status, r.text
-    assert fragment in r.json()["error"]
+    assert fragment in r.json()["error"]["message"]
     assert client.get("/healthz").status_code == 200
 
 
 def test_nan_malformed_json_and_large_body(client: httpx.Client, linear: nn.Linear) -> None:
     headers = {"content-type": "application/json"}
     r = client.post("/v1/infer", content=b'{"model": "linear", "inputs": [[NaN, 1, 2, 3]]}', headers=headers)
-    assert r.status_code == 422 and "NaN" in r.json()["error"]
+    assert r.status_code == 422 and "NaN" in r.json()["error"]["message"]
     r = client.post("/v1/infer", content=b'{"model": "linear", "inputs": [[1, 2', headers=headers)
-    assert r.status_code == 422 and "invalid request body" in r.json()["error"]
+    assert r.status_code == 422 and "invalid request body" in r.json()["error"]["message"]
     r = client.post("/v1/infer", content=b" " * (8 * 2**20 + 1), headers=headers)
-    assert r.status_code == 413 and "exceeds" in r.json()["error"]
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
     ok = client.post("/v1/infer", json={"model": "linear", "inputs": [[1.0, 2.0, 3.0, 4.0]]})
     assert ok.status_code == 200
 
@@ -243,7 +243,7 @@ def test_serve_command(lm_path: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     result = CliRunner().invoke(cli_app, ["serve", str(lm_path), "--port", "8123", "--max-batch-size", "4"])
     assert result.exit_code == 0, result.output
     (app, kwargs), = calls
-    assert kwargs == {"host": "127.0.0.1", "port": 8123}
+    assert (kwargs["host"], kwargs["port"], kwargs["timeout_graceful_shutdown"]) == ("127.0.0.1", 8123, 10.0)
     assert list(app.state.models) == ["model"] and app.state.batchers["model"].max_batch_size == 4
     app.state.batchers["model"].close()
     bad = tmp_path / "bad.safetensors"

@@ -97,7 +97,7 @@ def test_http_embeddings_are_padding_invariant(client: httpx.Client, encoder: Se
 def test_bad_requests(client: httpx.Client, payload: dict[str, object], status: int, needle: str) -> None:
     r = client.post("/v1/infer", json={"model": "minilm", **payload})
     assert r.status_code == status, r.text
-    assert needle in r.json()["error"]
+    assert needle in r.json()["error"]["message"]
     assert client.get("/healthz").json() == {"status": "ok", "models": {"minilm": "text"}}
 
 

@@ -13,11 +13,12 @@ Three kinds of model:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 import torch
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from pimoe.infer.encoder import ServedEncoder, is_compressed_folder, is_hf_folder
@@ -100,6 +101,15 @@ class ServedModel:
         """Serve a module taking one float tensor ``[B, *input_shape]``."""
         return cls(module, "tensor", tuple(input_shape), input_dtype, seq_output)
 
+    def check_weights(self, name: str) -> None:
+        """``ValueError`` if a parameter or buffer (quantized and packed ones included) holds NaN
+        or infinity: such a model would answer every request with an error."""
+        bad = [key for key, t in _state_tensors(self.module.state_dict(), "") if not _finite(t)]
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise ValueError(f"model {name!r} has NaN or infinite weights in {', '.join(bad[:3])}{more}; "
+                             "refusing to serve it")
+
     @property
     def device(self) -> torch.device:
         """The device of the module's first parameter or buffer (CPU for a module without any)."""
@@ -108,13 +118,50 @@ class ServedModel:
         return torch.device("cpu")
 
 
+def check_unicode(text: str) -> str:
+    """``text`` if it is valid Unicode; ``ValueError`` naming a lone surrogate (JSON's ``"\\ud800"``
+    escapes decode to one, and neither UTF-8 nor a tokenizer can take it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone surrogate {text[exc.start]!r} at index {exc.start}, "
+                         "which is not valid Unicode text") from None
+    return text
+
+
+#: A request string that must be valid Unicode (a lone surrogate is a 422, not a failure later).
+UnicodeStr = Annotated[str, AfterValidator(check_unicode)]
+
+
+def _state_tensors(value: Any, name: str) -> Iterator[tuple[str, Tensor]]:
+    """The tensors of a state dict, tuples and lists (torch.ao packed parameters) included."""
+    if isinstance(value, Tensor):
+        yield name, value
+    elif isinstance(value, dict):
+        for key, v in value.items():
+            yield from _state_tensors(v, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            yield from _state_tensors(v, f"{name}.{i}")
+
+
+def _finite(t: Tensor) -> bool:
+    values = t.dequantize() if t.is_quantized else t
+    return not (values.is_floating_point() or values.is_complex()) or bool(torch.isfinite(values).all())
+
+
 class InferRequest(BaseModel):
-    """Body of ``POST /v1/infer``: ``model`` and exactly one of ``inputs``, ``token_ids``, ``text``."""
+    """Body of ``POST /v1/infer``: ``model`` and exactly one of ``inputs``, ``token_ids``, ``text``.
+
+    Strict types: ``"5"``, ``5.0`` or ``true`` are not token ids and ``"yes"`` is not a boolean.
+    """
+
+    model_config = ConfigDict(strict=True)
 
     model: str
     inputs: Any = None
     token_ids: list[int] | None = None
-    text: str | list[str] | None = None
+    text: UnicodeStr | list[UnicodeStr] | None = None
     return_logits: bool = True
 
 
@@ -240,4 +287,4 @@ def response_body(served: ServedModel, out: Any, return_logits: bool) -> dict[st
 
 
 
-__all__ = ["InferRequest", "RequestError", "ServedModel", "request_rows", "response_body"]
+__all__ = ["InferRequest", "RequestError", "ServedModel", "UnicodeStr", "check_unicode", "request_rows", "response_body"]

@@ -4,6 +4,9 @@ Each served model has its own :class:`MicroBatcher` (its worker thread runs the 
 the async endpoint awaits the request's future) and, with ``cache_size > 0``, the app shares one
 :class:`InferenceCache` in front of the batchers. ``GET /healthz`` answers liveness and lists the
 models; ``GET /metrics`` exposes Prometheus metrics from a registry owned by the app.
+
+Every request first passes :class:`~pimoe.infer.security.RequestGuard` (API key, body size and
+deadline); every error answer has :mod:`pimoe.infer.http_errors`' shape.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,12 +25,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
 from pimoe.infer.batching import MicroBatcher
 from pimoe.infer.cache import InferenceCache, make_key
 from pimoe.infer.engine import InferenceConfig, InferenceEngine
+from pimoe.infer.http_errors import clip, error_response
+from pimoe.infer.lm_models import GenerationModel, HFGenerationModel, open_generation_model
+from pimoe.infer.openai_api import mount_generation
+from pimoe.infer.security import DOCS_PATHS, OPEN_PATHS, RequestGuard, ServerLimits, is_loopback, uvicorn_options
 from pimoe.infer.served import InferRequest, RequestError, ServedModel, request_rows, response_body
 from pimoe.moe.model import PiMoELM
 
@@ -38,6 +46,7 @@ class _Metrics:
     """The app's Prometheus registry and its metrics."""
 
     registry: CollectorRegistry
+    responses: Counter
     requests: Counter
     latency: Histogram
     batch_size: Histogram
@@ -51,6 +60,8 @@ def _make_metrics(cache: InferenceCache | None) -> _Metrics:
     hit_rate.set_function(lambda: cache.stats.hit_rate if cache is not None else 0.0)
     return _Metrics(
         registry=registry,
+        responses=Counter("pimoe_http_responses", "Every HTTP answer of the app, by status", ["status"],
+                          registry=registry),
         requests=Counter("pimoe_requests", "Inference requests by model and HTTP status", ["model", "status"],
                          registry=registry),
         latency=Histogram("pimoe_request_latency_seconds", "Latency of successful inference requests",
@@ -79,27 +90,6 @@ def _batch_fn(name: str, served: ServedModel, engine: InferenceEngine, metrics: 
     return run
 
 
-class _BodyLimit:
-    """ASGI middleware: a request whose ``Content-Length`` exceeds ``max_bytes`` gets ``reject(length)``
-    (a 413) without reaching the app. Plain ASGI rather than ``@app.middleware("http")``, whose
-    per-request task group cost about a tenth of the server's CPU under load."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, reject: Callable[[int], Response]) -> None:
-        self.app, self.max_bytes, self.reject = app, max_bytes, reject
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for key, value in scope["headers"]:
-                if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                    await self.reject(int(value))(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
 def create_app(
     models: Mapping[str, ServedModel | PiMoELM | str | os.PathLike[str]],
     *,
@@ -108,6 +98,10 @@ def create_app(
     cache_size: int = 0,
     max_request_elements: int = 65_536,
     max_body_bytes: int = 8 * 2**20,
+    body_timeout_s: float = 30.0,
+    api_key: str | None = None,
+    docs: bool = False,
+    generators: Mapping[str, GenerationModel] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``models`` (name -> :class:`ServedModel`, a :class:`PiMoELM`, or the
     path of a saved PiMoELM).
@@ -117,16 +111,29 @@ def create_app(
         cache_size: entries of an LRU :class:`InferenceCache` shared by the models (keys are
             namespaced by model name); 0 disables caching.
         max_request_elements: most numbers (or tokens) in one request; more is answered 413.
-        max_body_bytes: largest request body (by ``Content-Length``); larger is answered 413.
+        max_body_bytes: largest request body (by ``Content-Length``, or counted while reading a
+            chunked one); larger is answered 413.
+        body_timeout_s: a body not fully received this many seconds after the headers is
+            answered 408.
+        api_key: if given, every path but ``/healthz`` (and the docs, when on) needs
+            ``Authorization: Bearer <api_key>``; otherwise 401.
+        docs: serve ``/docs``, ``/redoc`` and ``/openapi.json`` (off by default).
+        generators: language models served for text generation on the OpenAI routes
+            (:func:`~pimoe.infer.openai_api.mount_generation`, ``max_batch_size`` rows each).
 
-    The batchers are closed (draining queued requests) when the app shuts down.
+    ``ValueError`` if a model's weights hold NaN or infinity. The batchers are closed (draining
+    queued requests) when the app shuts down.
     """
-    if not models:
+    if not models and not generators:
         raise ValueError("create_app needs at least one model")
     if max_request_elements < 1 or max_body_bytes < 1:
         raise ValueError("max_request_elements and max_body_bytes must be >= 1")
     if cache_size < 0:
         raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+    if not body_timeout_s > 0:
+        raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: give a non-empty key, or None for no key")
     served: dict[str, ServedModel] = {}
     for name, m in models.items():
         if isinstance(m, ServedModel):
@@ -135,6 +142,7 @@ def create_app(
             served[name] = ServedModel.lm(m)
         else:
             served[name] = ServedModel.from_file(m)
+        served[name].check_weights(name)
     cache = InferenceCache(max_size=cache_size) if cache_size > 0 else None
     metrics = _make_metrics(cache)
     devices = {name: s.device for name, s in served.items()}
@@ -152,21 +160,29 @@ def create_app(
         if cache is not None:
             cache.close()
 
-    app = FastAPI(title="pimoe inference server", lifespan=lifespan)
+    app = FastAPI(title="pimoe inference server", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.models, app.state.batchers, app.state.cache, app.state.metrics = served, batchers, cache, metrics
-
-    def reject_body(length: int) -> JSONResponse:
-        metrics.requests.labels(model="", status="413").inc()
-        return _error(413, f"request body of {length} bytes exceeds the limit of {max_body_bytes} bytes")
-
-    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, reject=reject_body)
+    app.add_middleware(RequestGuard, api_key=api_key, open_paths=OPEN_PATHS | (DOCS_PATHS if docs else set()),
+                       max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
+                       on_response=lambda status: metrics.responses.labels(status=str(status)).inc())
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.requests.labels(model="", status="422").inc()
-        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors())
-        return JSONResponse({"error": f"invalid request body: {problems}", "detail": _jsonable_errors(exc)},
-                            status_code=422)
+        errors = exc.errors()
+        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in errors[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        param = ".".join(map(str, errors[0].get("loc", ()))) if errors else None
+        return error_response(422, clip(f"invalid request body: {problems}{more}", 1000, quote=False), param=param,
+                              code="invalid_body")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        messages = {404: f"no route {clip(request.url.path)}",
+                    405: f"method {request.method} not allowed on {clip(request.url.path)}"}
+        message = messages.get(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, message, headers=exc.headers)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -196,7 +212,7 @@ def create_app(
         label = req.model if req.model in served else ""
         try:
             if req.model not in served:
-                raise RequestError(404, f"unknown model {req.model!r}; served: {sorted(served)}")
+                raise RequestError(404, f"unknown model {clip(req.model)}; served: {sorted(served)}")
             s = served[req.model]
             rows, batched = request_rows(s, req, max_request_elements)
             results = await asyncio.gather(*(run_row(req.model, x) for x in rows))
@@ -205,34 +221,48 @@ def create_app(
             body = response_body(s, out, req.return_logits)
         except RequestError as exc:
             metrics.requests.labels(model=label, status=str(exc.status)).inc()
-            return _error(exc.status, exc.message)
+            return error_response(exc.status, exc.message, code="model_not_found" if exc.status == 404 else None)
         except Exception as exc:  # the model failed: report it and keep serving
             metrics.requests.labels(model=label, status="500").inc()
-            return _error(500, f"model {req.model!r} failed: {type(exc).__name__}: {exc}")
+            detail = clip(str(exc), 1000, quote=False)
+            return error_response(500, f"model {label!r} failed: {type(exc).__name__}: {detail}")
         latency = time.perf_counter() - start
         metrics.latency.labels(model=label).observe(latency)
         metrics.requests.labels(model=label, status="200").inc()
         return JSONResponse({"model": req.model, **body, "cached": cached, "latency_ms": latency * 1000})
 
+    if generators:
+        mount_generation(app, generators, max_batch_size=max_batch_size)
     return app
 
 
-def _jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
-    """FastAPI's validation errors reduced to JSON-safe ``{"loc", "msg", "type"}`` items."""
-    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-            for e in exc.errors()]
-
-
 def serve(model_path: str | os.PathLike[str], name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          max_batch_size: int = 32, max_wait_ms: float = 5.0, cache_size: int = 0) -> None:
-    """Serve ``model_path`` (a saved :class:`PiMoELM` or a Hugging Face encoder folder) with
-    uvicorn until interrupted; the model's name in requests is ``name`` or the path's base name."""
+          max_batch_size: int = 32, max_wait_ms: float = 5.0, cache_size: int = 0, *, api_key: str | None = None,
+          docs: bool = False, max_body_bytes: int = 8 * 2**20, body_timeout_s: float = 30.0,
+          limits: ServerLimits | None = None, ssl_certfile: str | os.PathLike[str] | None = None,
+          ssl_keyfile: str | os.PathLike[str] | None = None, routers: str | os.PathLike[str] | None = None) -> None:
+    """Serve ``model_path`` (a saved :class:`PiMoELM`, a Hugging Face encoder or causal-LM folder, or
+    a name known to :func:`pimoe.models.load_pretrained`; ``routers`` upcycles a causal LM, see
+    :func:`~pimoe.infer.lm_models.open_generation_model`) with uvicorn until interrupted; the
+    model's name in requests is ``name`` or the path's base name. Language models get the OpenAI
+    generation routes (a HF causal LM only those, a PiMoELM also ``/v1/infer``).
+
+    ``api_key``, ``docs``, ``max_body_bytes`` and ``body_timeout_s`` are :func:`create_app`'s;
+    ``limits`` the connection limits (:class:`ServerLimits`); both ``ssl_*`` files turn on TLS.
+    Warns (``UserWarning``) when ``host`` is not a loopback address and there is no ``api_key``.
+    """
     import uvicorn
 
+    if not is_loopback(host) and api_key is None:
+        warnings.warn(f"serving on {host}, reachable from other machines, without an API key: anyone who can "
+                      "connect can use the models (set --api-key or PIMOE_API_KEY)", UserWarning, stacklevel=2)
     model_name = name or os.path.splitext(os.path.basename(os.path.normpath(os.fspath(model_path))))[0]
-    app = create_app({model_name: ServedModel.from_file(model_path)}, max_batch_size=max_batch_size,
-                     max_wait_ms=max_wait_ms, cache_size=cache_size)
-    uvicorn.run(app, host=host, port=port)
+    generator = open_generation_model(model_path, routers)  # a causal LM also gets the OpenAI routes
+    models = {} if isinstance(generator, HFGenerationModel) else {model_name: ServedModel.from_file(model_path)}
+    app = create_app(models, generators={model_name: generator} if generator else None, max_batch_size=max_batch_size,
+                     max_wait_ms=max_wait_ms, cache_size=cache_size, max_body_bytes=max_body_bytes,
+                     body_timeout_s=body_timeout_s, api_key=api_key, docs=docs)
+    uvicorn.run(app, host=host, port=port, **uvicorn_options(limits, ssl_certfile, ssl_keyfile))
 
 
-__all__ = ["InferRequest", "RequestError", "ServedModel", "create_app", "serve"]
+__all__ = ["InferRequest", "RequestError", "ServedModel", "ServerLimits", "create_app", "serve"]

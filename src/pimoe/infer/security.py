@@ -1,0 +1,311 @@
+"""What keeps the HTTP server up and private: the request guard (an ASGI middleware) and the
+connection limits of the uvicorn server that runs it.
+
+:class:`RequestGuard` sees every HTTP request before the app does. In order, it answers
+
+- 503 when the connection layer flagged the request as over ``limit_concurrency`` (``/healthz``
+  is still answered, so liveness probes see a live server);
+- 401 when an API key is set and the path is not an open one (default: only ``/healthz``) and the
+  request lacks ``Authorization: Bearer <key>`` (compared in constant time);
+- 413 when ``Content-Length`` exceeds ``max_body_bytes``, and also while reading a body that
+  has no ``Content-Length`` (chunked): bytes are counted as they arrive and the answer goes out
+  as soon as the limit is passed, so at most ``max_body_bytes`` are ever buffered;
+- 408 when the body has not fully arrived ``body_timeout_s`` after the request's headers.
+
+413 and 408 close the connection. Every answer, the app's included, is reported by status to
+``on_response``; an exception escaping the app becomes a 500 in the same error shape.
+
+:func:`uvicorn_options` configures the uvicorn server with :class:`ServerLimits`: a keep-alive timeout,
+a graceful-shutdown deadline, a cap on open connections and in-flight requests, and, through
+:func:`guarded_protocol`, a deadline and a byte cap for a request's headers (uvicorn has neither:
+a client trickling header bytes keeps its connection forever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import os
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pimoe.infer.http_errors import error_response
+
+#: Paths answered without an API key.
+OPEN_PATHS: frozenset[str] = frozenset({"/healthz"})
+#: FastAPI's documentation paths (served only with ``docs=True``; then also open).
+DOCS_PATHS: frozenset[str] = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: Scope key the connection layer sets on a request over ``limit_concurrency``.
+OVERLOADED = "pimoe.overloaded"
+_CLOSE = {"connection": "close"}
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class RequestGuard:
+    """ASGI middleware: overload, API key, body size and body-read deadline (module docstring).
+
+    Args:
+        app: the wrapped ASGI app.
+        api_key: the key clients must send as ``Authorization: Bearer <key>``; ``None``: no check.
+        open_paths: paths answered without the key.
+        max_body_bytes: largest request body (``Content-Length`` or bytes read).
+        body_timeout_s: longest time from the request's headers to the end of its body.
+        on_response: called with the status of every answer.
+    """
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None, open_paths: Collection[str], max_body_bytes: int,
+                 body_timeout_s: float, on_response: Callable[[int], None]) -> None:
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key is empty: give a non-empty key or None")
+        if max_body_bytes < 1 or not body_timeout_s > 0:
+            raise ValueError(f"max_body_bytes must be >= 1 and body_timeout_s > 0, got {max_body_bytes}, "
+                             f"{body_timeout_s}")
+        self.app, self.open_paths, self.max_body_bytes = app, frozenset(open_paths), max_body_bytes
+        self.body_timeout_s, self.on_response = body_timeout_s, on_response
+        self._key_digest = _digest(api_key.encode()) if api_key is not None else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def counted_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.on_response(int(message["status"]))
+            await send(message)
+
+        try:
+            self._check_headers(scope)
+            body = await self._read_body(receive)
+        except _Reject as r:
+            headers = {"www-authenticate": "Bearer"} if r.status == 401 else _CLOSE if r.status in (408, 413) else {}
+            await error_response(r.status, r.message, code=r.code, headers=headers)(scope, receive, counted_send)
+            return
+        except _Disconnected:
+            return
+        try:
+            await self.app(scope, _replay(body, receive), counted_send)
+        except Exception:
+            if not started:
+                await error_response(500, "internal server error", code="internal_error")(scope, receive, counted_send)
+            raise
+
+    def _check_headers(self, scope: Scope) -> None:
+        """Overload, API key and ``Content-Length`` checks (``_Reject`` on failure)."""
+        path = scope["path"]
+        if scope.get(OVERLOADED) and path not in OPEN_PATHS:
+            raise _Reject(503, "the server is at its concurrency limit; retry later", "overloaded")
+        auth, length = None, None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                auth = value
+            elif key == b"content-length":
+                length = value
+        if self._key_digest is not None and path not in self.open_paths and not self._authorized(auth):
+            raise _Reject(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                          "invalid_api_key")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            raise _Reject(413, f"request body of {int(length)} bytes exceeds the limit of {self.max_body_bytes} "
+                               "bytes", "body_too_large")
+
+    def _authorized(self, header: bytes | None) -> bool:
+        scheme, _, token = (header or b"").partition(b" ")
+        # Comparing digests keeps the time independent of the key's content and length.
+        ok = hmac.compare_digest(_digest(token.strip()), self._key_digest or b"")
+        return ok and scheme.lower() == b"bearer"
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body, counting bytes as they arrive; ``_Reject`` past the size or the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise _Reject(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                              "body_timeout") from None
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _Reject(413, f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                              "body_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the already read ``body`` once, then defers to ``receive``
+    (which reports the client's disconnect to streaming answers)."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Connection-level limits of the uvicorn server (``pimoe serve`` options of the same names).
+
+    Args:
+        limit_concurrency: most open connections, and most requests in flight; a request beyond
+            either is answered 503 (``None``: no limit).
+        timeout_keep_alive_s: an idle keep-alive connection is closed after this many seconds.
+        header_timeout_s: a connection whose next request's headers are not complete this many
+            seconds after it opened (or after its previous answer) is closed.
+        max_header_bytes: a connection that sent this many bytes without completing a request's
+            headers is closed.
+        timeout_graceful_shutdown_s: on SIGTERM/SIGINT, requests still running after this many
+            seconds are cancelled and the server exits.
+    """
+
+    limit_concurrency: int | None = 512
+    timeout_keep_alive_s: float = 5.0
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 64 * 1024
+    timeout_graceful_shutdown_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            raise ValueError(f"limit_concurrency must be >= 1 or None, got {self.limit_concurrency}")
+        for name in ("timeout_keep_alive_s", "header_timeout_s", "timeout_graceful_shutdown_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_header_bytes < 1024:
+            raise ValueError(f"max_header_bytes must be >= 1024, got {self.max_header_bytes}")
+
+
+def guarded_protocol(limits: ServerLimits) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools when installed, else h11) with :class:`ServerLimits`'
+    header deadline and byte cap, and with ``limit_concurrency`` answered by the app's
+    :class:`RequestGuard` (503 in the app's error shape, counted) instead of uvicorn's plain text."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # uvicorn without httptools
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class GuardedProtocol(Base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.limit_concurrency = None  # checked in _flag_overload instead
+            self._app = self.app
+            self.app = self._flag_overload
+            self._header_timer: asyncio.TimerHandle | None = None
+            self._header_bytes = 0
+            self._idle_cycle: object = None
+
+        async def _flag_overload(self, scope: Scope, receive: Receive, send: Send) -> None:
+            limit = limits.limit_concurrency
+            if limit is not None and (len(self.connections) > limit or len(self.tasks) > limit):
+                scope[OVERLOADED] = True
+            await self._app(scope, receive, send)
+
+        def _await_headers(self) -> None:
+            """Start the header deadline: no request since ``self.cycle`` may take longer."""
+            self._cancel_header_timer()
+            self._idle_cycle, self._header_bytes = self.cycle, 0
+            self._header_timer = self.loop.call_later(limits.header_timeout_s, self._header_deadline)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _idle(self) -> bool:
+            """No new request began since the deadline started and none is being answered."""
+            return self.cycle is self._idle_cycle and (self.cycle is None or self.cycle.response_complete)
+
+        def _header_deadline(self) -> None:
+            self._header_timer = None
+            if self._idle() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._await_headers()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._header_timer is None or self.transport.is_closing():
+                return
+            if self.cycle is not self._idle_cycle:  # a request's headers completed
+                self._cancel_header_timer()
+                return
+            self._header_bytes += len(data)
+            if self._header_bytes > limits.max_header_bytes:
+                self._cancel_header_timer()
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._await_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+    return GuardedProtocol
+
+
+def uvicorn_options(limits: ServerLimits | None = None, ssl_certfile: str | os.PathLike[str] | None = None,
+                    ssl_keyfile: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``uvicorn.run`` / ``uvicorn.Config`` that apply ``limits`` (default
+    :class:`ServerLimits`) and, with both files given, TLS."""
+    limits = limits or ServerLimits()
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise ValueError("TLS needs both ssl_certfile and ssl_keyfile")
+    options: dict[str, Any] = {
+        "http": guarded_protocol(limits),
+        "timeout_keep_alive": limits.timeout_keep_alive_s,
+        "timeout_graceful_shutdown": limits.timeout_graceful_shutdown_s,
+        "h11_max_incomplete_event_size": limits.max_header_bytes,
+    }
+    if ssl_certfile is not None:
+        options.update(ssl_certfile=os.fspath(ssl_certfile), ssl_keyfile=os.fspath(ssl_keyfile))  # type: ignore[arg-type]
+    return options
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: assume it is reachable from outside
+        return False
+
+
+__all__ = ["DOCS_PATHS", "OPEN_PATHS", "OVERLOADED", "RequestGuard", "ServerLimits", "guarded_protocol",
+           "is_loopback", "uvicorn_options"]
