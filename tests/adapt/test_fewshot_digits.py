@@ -57,6 +57,8 @@ def test_second_order_maml_through_batch_norm_is_exact_in_the_loop_and_refused_u
     net = ConvNet(width=4, norm="batch_transductive", num_classes=3).double()
     with pytest.raises(ValueError, match="batch norm"):
         MAML(net, vectorize=True)
+    with pytest.raises(ValueError, match="layer norm"):
+        MAML(torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.LayerNorm(4)), vectorize=True)
     MAML(net, vectorize=True, first_order=True)  # first order is exact under vmap
     analytic = _meta_grad(net, tasks)
     maml = MAML(net, inner_lr=0.5, inner_steps=2, loss="cross_entropy")

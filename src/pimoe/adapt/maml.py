@@ -5,8 +5,9 @@ any ``nn.Module`` works, PiMoE layers included. With ``vectorize=True`` the task
 are evaluated at once with ``torch.func.vmap`` over ``torch.func.grad`` inner steps; that needs a
 module ``vmap`` can trace (fixed shapes, no data-dependent control flow: MLPs and convnets yes,
 PiMoE's sort-based dispatch no), and gives the same meta-gradient as the per-task loop, except
-through batch norm: there torch.func's second derivative is wrong (the loop's matches finite
-differences), so second-order ``vectorize=True`` refuses a model with batch-norm layers.
+through batch norm and layer norm: there the second derivative under ``vmap`` is wrong (the
+loop's matches finite differences; functorch issue #534, "layer_norm and batch_norm backward
+batching rule is incorrect"), so second-order ``vectorize=True`` refuses models with them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class MAML:
         outer_lr: learning rate of the default meta-optimizer (Adam), ignored if ``optimizer`` is given.
         loss: ``"mse"``, ``"cross_entropy"`` or a callable ``loss(pred, target)``.
         vectorize: evaluate the meta-batch with ``vmap`` (see the module docstring); not with
-            second order through batch norm (ValueError).
+            second order through batch norm or layer norm (ValueError).
         optimizer: meta-optimizer over ``model.parameters()``.
     """
 
@@ -39,10 +40,10 @@ class MAML:
                  optimizer: torch.optim.Optimizer | None = None) -> None:
         if inner_lr <= 0 or inner_steps < 1:
             raise ValueError(f"need inner_lr > 0 and inner_steps >= 1, got {inner_lr}, {inner_steps}")
-        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        if vectorize and not first_order and batch_norm:
+        norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+        if vectorize and not first_order and any(isinstance(m, norms) for m in model.modules()):
             raise ValueError("second-order MAML with vectorize=True gives wrong meta-gradients through batch norm "
-                             "(torch.func); use vectorize=False or first_order=True")
+                             "and layer norm (torch.func); use vectorize=False or first_order=True")
         self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
         self.first_order, self.vectorize = first_order, vectorize
         self.loss_fn = get_loss(loss)
