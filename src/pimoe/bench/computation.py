@@ -5,7 +5,8 @@ tool-call pipeline (the text expert writes the call, generation stops, Python ev
 expert continues). All use the same trained text expert, greedy KV-free decoding and the same
 stopping rule; the modes are interleaved problem by problem so machine noise hits all alike.
 
-Usage: ``pimoe bench computation [--quick] [--json FILE]``.
+Usage: ``pimoe bench computation [--quick] [--json FILE]``; with ``--model smollm2`` the same
+comparison runs on a frozen pretrained LM instead (:mod:`pimoe.compute.llm_bench`).
 """
 
 from __future__ import annotations
@@ -174,10 +175,18 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(quick: bool = False, json_path: Path | None = None, threads: int = 1, calls: Calls = "reference",
-         config: ComputationBenchConfig | None = None, progress: bool = True) -> dict:
+         config: ComputationBenchConfig | None = None, progress: bool = True, model: str | None = None) -> dict:
     """Entry point of ``benchmarks/computation.py`` and ``pimoe bench computation``; ``config``
     replaces the ``quick`` / full presets (and ``calls``). With ``json_path``, the plot goes next
-    to it as PNG."""
+    to it as PNG. With ``model`` (``"smollm2"``), the frozen-pretrained-LM comparison runs instead
+    (JSON only)."""
+    if model is not None:
+        from pimoe.compute.llm_bench import main as llm_main
+
+        result = llm_main(model, quick=quick, threads=threads, progress=progress)
+        if json_path is not None:
+            atomic_write_text(json_path, json.dumps(result, indent=2))
+        return result
     cfg = replace(config or replace(QUICK if quick else ComputationBenchConfig(), calls=calls), threads=threads)
     result = run(cfg, progress)
     print_report(result)

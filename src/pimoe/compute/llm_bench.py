@@ -1,0 +1,131 @@
+"""The real-LLM comparison behind ``pimoe bench computation --model smollm2``.
+
+Trains the chain's modules on the frozen LM (timed), then answers the same held-out word problems
+(longer operands *and* unseen templates) with four pipelines, interleaved problem by problem, all
+greedy with a KV cache and the same few-shot examples: (a) the LM alone, (b) the PiMoE chain,
+(c) a few-shot prompted tool call, (d) a two-call agent (:mod:`pimoe.compute.llm_baselines`).
+An answer is right when the last number of its text (tool-call markup removed) is the exact result.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from pimoe.compute.llm_baselines import PipelineRun, lm_only, tool_call, two_call
+from pimoe.compute.llm_chain import ComputationChain
+from pimoe.compute.llm_prompts import fewshot_prefix, final_number, shot_problems, translate_prefix
+from pimoe.compute.llm_runner import LMRunner
+from pimoe.compute.llm_train import QUICK_SETTINGS, ChainTrainSettings, train_chain
+from pimoe.compute.word_problems import WordProblemSet
+
+PIPELINES = ("lm_only", "pimoe", "tool_call", "two_call")
+EVAL_OFFSET = 500_000
+MODELS = {"smollm2": "smollm2-135m-instruct"}
+
+
+@dataclass(frozen=True)
+class LLMBenchConfig:
+    """Base model, training settings and evaluation size."""
+
+    model: str = "smollm2-135m-instruct"
+    train: ChainTrainSettings = ChainTrainSettings()
+    eval_problems: int = 60
+    max_new_tokens: int = 48
+    threads: int = 1
+
+
+QUICK = LLMBenchConfig(train=QUICK_SETTINGS, eval_problems=20)
+
+
+def run(cfg: LLMBenchConfig, progress: bool = True) -> dict:
+    """Train, then evaluate every pipeline; the result dict (see :func:`print_report` for keys)."""
+    from pimoe.models import load_pretrained
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        model, tokenizer = load_pretrained(cfg.model, progress=progress)
+        chain, report = train_chain(model, tokenizer, cfg.model, cfg.train, progress=progress)
+        return evaluate(chain, cfg, report, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def evaluate(chain: ComputationChain, cfg: LLMBenchConfig, report: dict, progress: bool = True) -> dict:
+    """Answer ``cfg.eval_problems`` held-out problems with the four pipelines, interleaved."""
+    problems = WordProblemSet(cfg.train.train_digits, cfg.train.heldout_digits, cfg.train.seed)
+    shots = shot_problems(problems, cfg.train.shots)
+    model, tokenizer, engine = chain.model, chain.tokenizer, chain.engine
+    tool = LMRunner(model, tokenizer, fewshot_prefix(shots, "tool"), chain.config.layers)
+    agent = LMRunner(model, tokenizer, fewshot_prefix(shots, "request"), chain.config.layers)
+    translator = LMRunner(model, tokenizer, translate_prefix(shots), chain.config.layers)
+    n = cfg.max_new_tokens
+    runs: dict[str, list[PipelineRun]] = {p: [] for p in PIPELINES}
+    correct: dict[str, list[bool]] = {p: [] for p in PIPELINES}
+    expression_right, misses = [], []
+    evaluation = problems.problems("heldout", EVAL_OFFSET, cfg.eval_problems)
+    for problem in track(evaluation, description="held-out problems", disable=not progress, transient=True):
+        q = problem.question
+        c = chain.run(q, n)
+        outs = {"lm_only": lm_only(chain.runner, q, n),
+                "pimoe": PipelineRun(c.text, c.generated_tokens, c.forward_passes, int(c.expression is not None), c.seconds),
+                "tool_call": tool_call(tool, engine, q, n), "two_call": two_call(agent, translator, engine, q, n)}
+        expression_right.append(c.expression is not None and engine.compute(c.expression) == problem.answer)
+        for name, out in outs.items():
+            runs[name].append(out)
+            correct[name].append(final_number(out.text) == problem.answer)
+        if not correct["pimoe"][-1]:
+            misses.append({"question": q, "answer": problem.answer, "expression": problem.expression,
+                           "pimoe_expression": c.expression, "pimoe_text": c.text})
+    result: dict = {"benchmark": "computation", "model": cfg.model, "eval_problems": len(evaluation),
+                    "config": {**asdict(cfg), "train": asdict(cfg.train)}, "torch_threads": cfg.threads,
+                    **{k: v for k, v in report.items() if k != "settings"}}
+    for name in PIPELINES:
+        result[f"accuracy_{name}"] = round(statistics.mean(correct[name]), 4)
+        result[f"tokens_{name}"] = round(statistics.mean(r.generated_tokens for r in runs[name]), 2)
+        result[f"forward_passes_{name}"] = round(statistics.mean(r.forward_passes for r in runs[name]), 2)
+        result[f"latency_ms_{name}"] = round(1e3 * statistics.median(r.seconds for r in runs[name]), 1)
+        result[f"calls_{name}"] = round(statistics.mean(r.calls for r in runs[name]), 2)
+    result["expression_accuracy_pimoe"] = round(statistics.mean(expression_right), 4)
+    result["pimoe_misses"] = misses
+    result["examples"] = {name: runs[name][0].text for name in PIPELINES}
+    result["examples"]["question"] = evaluation[0].question
+    result["examples"]["answer"] = evaluation[0].answer
+    return result
+
+
+def print_report(result: dict, console: Console | None = None) -> None:
+    """The four pipelines side by side."""
+    console = console or Console()
+    table = Table(title=f"{result['model']}: {result['eval_problems']} held-out word problems "
+                        "(longer operands, unseen templates)")
+    for column in ("pipeline", "accuracy", "generated tokens", "forward passes", "median latency ms", "engine calls"):
+        table.add_column(column, justify="right")
+    for name in PIPELINES:
+        table.add_row(name, f"{result[f'accuracy_{name}']:.3f}", f"{result[f'tokens_{name}']:.1f}",
+                      f"{result[f'forward_passes_{name}']:.1f}", f"{result[f'latency_ms_{name}']:.0f}",
+                      f"{result[f'calls_{name}']:.2f}")
+    console.print(table)
+    console.print(f"text-to-computation expression right: {result['expression_accuracy_pimoe']:.3f}; "
+                  f"module training: features {result['feature_s']} s, router {result['train_s_router']} s, "
+                  f"head {result['train_s_head']} s")
+
+
+def main(model: str, quick: bool = False, threads: int = 1, progress: bool = True) -> dict:
+    """Run the comparison for ``model`` (a key of :data:`MODELS`) and print it."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+    cfg = QUICK if quick else LLMBenchConfig()
+    cfg = LLMBenchConfig(model=MODELS[model], train=cfg.train, eval_problems=cfg.eval_problems, threads=threads)
+    start = time.perf_counter()
+    result = run(cfg, progress)
+    result["total_s"] = round(time.perf_counter() - start, 1)
+    print_report(result)
+    return result

@@ -1,0 +1,102 @@
+"""A frozen Hugging Face causal LM behind a cached prompt prefix: KV-cached greedy stepping that
+also returns the hidden-state features the chain's modules read.
+
+``LMRunner(model, tokenizer, prefix, layers)`` runs the (few-shot) ``prefix`` once and keeps its
+KV cache; :meth:`LMRunner.start` crops the cache back to the prefix for each new question, so the
+prefix is never recomputed. :meth:`LMRunner.feed` appends tokens in one forward pass (one prefill)
+and returns the last position's logits and the features of every appended position: the hidden
+states of ``layers`` (indices into ``output_hidden_states``: 0 = embeddings, ``n_layer`` = last),
+concatenated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def default_layers(model: PreTrainedModel) -> tuple[int, int]:
+    """The middle and the last layer of ``model``."""
+    n = int(model.config.num_hidden_layers)
+    return (max(1, n // 2), n)
+
+
+@dataclass
+class Session:
+    """One question's decoding state: the KV cache (prefix included) and counters."""
+
+    cache: Any
+    forward_passes: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+
+class LMRunner:
+    """A frozen causal LM with a cached ``prefix`` (see the module docstring)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prefix: str,
+                 layers: tuple[int, ...] | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.layers = tuple(layers) if layers is not None else default_layers(model)
+        n = int(model.config.num_hidden_layers)
+        if not self.layers or any(not 0 <= layer <= n for layer in self.layers):
+            raise ValueError(f"layers must lie in 0..{n}, got {self.layers}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        self.prefix = prefix
+        self.prefix_ids = self.encode(prefix) if prefix else []
+        self._cache: Any = None
+        if self.prefix_ids:
+            from transformers import DynamicCache
+
+            self._cache = DynamicCache()
+            self._forward(self.prefix_ids, self._cache)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of one position's features: ``hidden_size * len(layers)``."""
+        return int(self.model.config.hidden_size) * len(self.layers)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def start(self) -> Session:
+        """A new session whose cache holds exactly the prefix."""
+        if self._cache is None:
+            from transformers import DynamicCache
+
+            return Session(DynamicCache())
+        extra = self._cache.get_seq_length() - len(self.prefix_ids)
+        if extra > 0:
+            self._cache.crop(-extra)
+        return Session(self._cache)
+
+    @torch.no_grad()
+    def feed(self, session: Session, ids: list[int]) -> tuple[Tensor, Tensor]:
+        """Append ``ids`` in one forward pass: ``(logits [vocab] of the last position,
+        features [len(ids), feature_dim])``."""
+        if not ids:
+            raise ValueError("feed needs at least one token")
+        session.forward_passes += 1
+        session.tokens.extend(ids)
+        return self._forward(ids, session.cache)
+
+    def _forward(self, ids: list[int], cache: Any) -> tuple[Tensor, Tensor]:
+        out = self.model(input_ids=torch.tensor([ids], device=self.model.device), cache=cache,
+                         use_cache=True, output_hidden_states=True)
+        features = torch.cat([out.hidden_states[layer][0] for layer in self.layers], dim=-1).float()
+        return out.logits[0, -1].float(), features
+
+    def is_stop(self, token: int, stop: str = "\n") -> bool:
+        """True for the end-of-sequence token or a token whose text contains ``stop``."""
+        return token == self.tokenizer.eos_token_id or stop in self.tokenizer.decode([token])

@@ -1,0 +1,161 @@
+"""Training the real-LLM chain's modules on a frozen LM.
+
+The LM forward is the expensive part, so it runs once per training problem
+(:func:`collect_features`: the few-shot prefix is cached, then question block + gold answer in one
+pass) and both modules train on the cached features:
+
+- router labels: at the last question position and every answer position, 1 when the *next*
+  token is the first token of the result's digits, else 0 (binary cross-entropy, positives
+  re-weighted to the negatives' total);
+- text-to-computation labels: the problem's pattern, and for each number in the question its
+  operand slot (cross-entropy each).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pimoe.compute.llm_chain import ChainConfig, ComputationChain
+from pimoe.compute.llm_prompts import fewshot_prefix, question_block, shot_problems
+from pimoe.compute.llm_router import TokenRouter
+from pimoe.compute.llm_runner import LMRunner
+from pimoe.compute.operand_head import NONE_SLOT, OperandHead, locate_numbers, summary
+from pimoe.compute.word_problems import WordProblem, WordProblemSet
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class ChainTrainSettings:
+    """Data and optimization of :func:`train_chain`."""
+
+    problems: int = 320
+    shots: int = 4
+    train_digits: int = 5
+    heldout_digits: int = 8
+    steps: int = 300
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    router_hidden: int = 64
+    head_hidden: int = 128
+    seed: int = 0
+
+
+QUICK_SETTINGS = ChainTrainSettings(problems=96, steps=200)
+
+
+@dataclass
+class ProblemFeatures:
+    """Cached LM features of one training problem (``F`` = the runner's feature width)."""
+
+    router_x: Tensor  # [A, F]: last question position + answer positions but the last
+    router_y: Tensor  # [A]: 1 where the next token starts the result
+    question: Tensor  # [T, F]: the question block
+    number_positions: list[int]
+    slots: Tensor  # [N]: slot index per question number (NONE_SLOT for none)
+    pattern: int
+
+
+def problem_features(runner: LMRunner, problem: WordProblem) -> ProblemFeatures:
+    """One forward pass over the question block and the gold answer (after the cached prefix)."""
+    numbers = locate_numbers(runner.tokenizer, question_block(problem.question))
+    answer = " " + problem.answer_text + "\n"
+    enc = runner.tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    answer_ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    first = 1 + problem.result_start  # the answer's leading space shifts offsets by one
+    target = next(i for i, (s, e) in enumerate(offsets) if s <= first < e)
+    _, features = runner.feed(runner.start(), numbers.ids + answer_ids)
+    t = len(numbers.ids)
+    router_x = features[t - 1 : t - 1 + len(answer_ids)]
+    router_y = torch.zeros(len(answer_ids))
+    router_y[target] = 1.0
+    order = problem.operand_order  # slot of each question number, left to right
+    slots = torch.tensor([order[i] if i < len(order) else NONE_SLOT for i in range(len(numbers.positions))])
+    return ProblemFeatures(router_x, router_y, features[:t], numbers.positions, slots, problem.pattern)
+
+
+def collect_features(runner: LMRunner, problems: list[WordProblem], progress: bool = True) -> list[ProblemFeatures]:
+    """:func:`problem_features` for every problem, with a progress bar."""
+    return [problem_features(runner, p) for p in tqdm(problems, desc="LM features", disable=not progress)]
+
+
+def train_router(data: list[ProblemFeatures], feature_dim: int, settings: ChainTrainSettings,
+                 progress: bool = True) -> tuple[TokenRouter, list[float]]:
+    """Full-batch AdamW on every cached position; returns the router and its loss per step."""
+    torch.manual_seed(settings.seed)
+    x = torch.cat([d.router_x for d in data])
+    y = torch.cat([d.router_y for d in data])
+    router = TokenRouter(feature_dim, settings.router_hidden)
+    router.set_scale(x)
+    weight = (y.numel() - y.sum()) / y.sum().clamp_min(1.0)
+    optim = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    losses = []
+    for _ in tqdm(range(settings.steps), desc="router", disable=not progress):
+        loss = F.binary_cross_entropy_with_logits(router(x), y, pos_weight=weight)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    return router.eval(), losses
+
+
+def train_head(data: list[ProblemFeatures], feature_dim: int, settings: ChainTrainSettings,
+               progress: bool = True) -> tuple[OperandHead, list[float]]:
+    """AdamW on the pattern + pointer cross-entropies over all problems per step."""
+    torch.manual_seed(settings.seed)
+    head = OperandHead(feature_dim, settings.head_hidden)
+    head.set_scale(torch.cat([d.question for d in data]))
+    optim = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    patterns = torch.tensor([d.pattern for d in data])
+    summaries = torch.stack([summary(d.question) for d in data])
+    numbers = torch.cat([d.question[d.number_positions] for d in data])
+    owner = torch.cat([torch.full((len(d.number_positions),), i) for i, d in enumerate(data)])
+    slots = torch.cat([d.slots for d in data])
+    losses = []
+    for _ in tqdm(range(settings.steps), desc="text-to-computation", disable=not progress):
+        pattern_logits, slot_logits = head(summaries, numbers, owner)
+        loss = F.cross_entropy(pattern_logits, patterns) + F.cross_entropy(slot_logits, slots)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    return head.eval(), losses
+
+
+def train_chain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, base_model: str,
+                settings: ChainTrainSettings = ChainTrainSettings(), layers: tuple[int, ...] | None = None,
+                progress: bool = True) -> tuple[ComputationChain, dict]:
+    """Cache the frozen LM's features on ``settings.problems`` train-split problems, train the
+    router and the text-to-computation head, and join them into a :class:`ComputationChain`.
+
+    Returns the chain and a report: seconds per stage, final losses, sizes.
+    """
+    problems = WordProblemSet(settings.train_digits, settings.heldout_digits, settings.seed)
+    prefix = fewshot_prefix(shot_problems(problems, settings.shots), "answer")
+    start = time.perf_counter()
+    runner = LMRunner(model, tokenizer, prefix, layers)
+    data = collect_features(runner, problems.problems("train", 0, settings.problems), progress)
+    feature_s = time.perf_counter() - start
+    router, router_losses = train_router(data, runner.feature_dim, settings, progress)
+    router_s = time.perf_counter() - start - feature_s
+    head, head_losses = train_head(data, runner.feature_dim, settings, progress)
+    head_s = time.perf_counter() - start - feature_s - router_s
+    report = {
+        "feature_s": round(feature_s, 1), "train_s_router": round(router_s, 1), "train_s_head": round(head_s, 1),
+        "router_loss_first": round(router_losses[0], 4), "router_loss_final": round(router_losses[-1], 4),
+        "head_loss_first": round(head_losses[0], 4), "head_loss_final": round(head_losses[-1], 4),
+        "params_router": sum(p.numel() for p in router.parameters()),
+        "params_head": sum(p.numel() for p in head.parameters()),
+        "settings": asdict(settings),
+    }
+    config = ChainConfig(base_model=base_model, prefix=prefix, layers=runner.layers, feature_dim=runner.feature_dim,
+                         router_hidden=settings.router_hidden, head_hidden=settings.head_hidden, training=report)
+    return ComputationChain(model, tokenizer, router, head, config), report

@@ -1,0 +1,110 @@
+"""Learned text-to-computation for the real-LLM chain: question hidden states -> engine expression.
+
+Two heads read the frozen LM's features of the question (see
+:class:`~pimoe.compute.llm_runner.LMRunner`):
+
+- the *pattern* head classifies the operator tree among :data:`PATTERNS` from the summary of the
+  question (features of its last position and their mean over the question);
+- the *pointer* head scores, for every number written in the question (features of the number's
+  last token, next to the summary), which operand slot it fills (``a b c d``) or none.
+
+:meth:`OperandHead.expression` picks the pattern and the assignment of numbers to its slots with
+the highest joint score; the operands are copied from the question text digit for digit, so the
+engine computes exactly whatever their length. The LM never writes the expression.
+
+Numbers are runs of ASCII digits. A question with fewer numbers than the chosen pattern needs
+(no numbers at all, or numbers written with non-ASCII digits) maps to an empty expression, which
+the engine reports as ``<err:malformed>``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from pimoe.compute.word_problems import PATTERNS, SLOTS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+NONE_SLOT = len(SLOTS)  # pointer class "not an operand"
+MAX_NUMBERS = 10  # numbers after the tenth in a question are never operands
+_DIGITS = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class QuestionNumbers:
+    """A question block's token ids and its numbers: ``texts[i]`` ends at token ``positions[i]``."""
+
+    ids: list[int]
+    texts: list[str]
+    positions: list[int]
+
+
+def locate_numbers(tokenizer: PreTrainedTokenizerBase, block: str) -> QuestionNumbers:
+    """Tokenize ``block`` and find the last token of each ASCII digit run (at most ``MAX_NUMBERS``)."""
+    enc = tokenizer(block, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    texts, positions = [], []
+    for match in list(_DIGITS.finditer(block))[:MAX_NUMBERS]:
+        last_char = match.end() - 1
+        token = next((i for i, (s, e) in enumerate(offsets) if s <= last_char < e), None)
+        if token is not None:
+            texts.append(match.group())
+            positions.append(token)
+    return QuestionNumbers(ids, texts, positions)
+
+
+def summary(features: Tensor) -> Tensor:
+    """``features [T, F]`` of a question block -> ``[2F]``: last position and mean."""
+    return torch.cat([features[-1], features.mean(0)])
+
+
+class OperandHead(nn.Module):
+    """Pattern classifier and operand pointer (see the module docstring)."""
+
+    def __init__(self, feature_dim: int, hidden: int = 128, num_patterns: int = len(PATTERNS)) -> None:
+        super().__init__()
+        if feature_dim < 1 or hidden < 1:
+            raise ValueError(f"feature_dim and hidden must be positive, got {feature_dim}, {hidden}")
+        self.register_buffer("mean", torch.zeros(feature_dim))
+        self.register_buffer("std", torch.ones(feature_dim))
+        self.pattern = nn.Sequential(nn.Linear(2 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, num_patterns))
+        self.pointer = nn.Sequential(nn.Linear(3 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, NONE_SLOT + 1))
+
+    def set_scale(self, features: Tensor) -> None:
+        """Standardize inputs with the statistics of ``features [N, feature_dim]``."""
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0).clamp_min(1e-4))
+
+    def forward(self, summaries: Tensor, numbers: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
+        """``summaries [B, 2F]`` (:func:`summary` of each question block's features), ``numbers
+        [N, F]`` (features of the numbers' last tokens), ``owner [N]`` (the question of each number)
+        -> ``(pattern logits [B, P], slot logits [N, len(SLOTS)+1])``."""
+        s = (summaries - self.mean.repeat(2)) / self.std.repeat(2)
+        n = (numbers - self.mean) / self.std
+        return self.pattern(s), self.pointer(torch.cat([n, s[owner]], dim=-1))
+
+    @torch.no_grad()
+    def expression(self, question: Tensor, numbers: QuestionNumbers) -> str:
+        """The most likely engine expression for a question block (``""`` when unmappable)."""
+        owner = torch.zeros(len(numbers.positions), dtype=torch.long)
+        pattern_logits, slot_logits = self(summary(question)[None], question[numbers.positions], owner)
+        pattern_lp = pattern_logits[0].log_softmax(-1)
+        slot_lp = slot_logits.log_softmax(-1)
+        best, best_score = "", float("-inf")
+        for p, template in enumerate(PATTERNS):
+            arity = sum(f"{{{s}}}" in template for s in SLOTS)
+            for chosen in itertools.permutations(range(len(numbers.texts)), arity):
+                unused = [i for i in range(len(numbers.texts)) if i not in chosen]
+                score = float(pattern_lp[p] + sum(slot_lp[i, s] for s, i in enumerate(chosen))
+                              + sum(slot_lp[i, NONE_SLOT] for i in unused))
+                if score > best_score:
+                    best_score = score
+                    best = template.format(**{SLOTS[s]: numbers.texts[i] for s, i in enumerate(chosen)})
+        return best

@@ -1,0 +1,216 @@
+"""The real-LLM computation chain on a tiny random Llama (fast) and on SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+from pimoe.compute.engine import ArithmeticEngine
+from pimoe.compute.llm_baselines import lm_only, tool_call
+from pimoe.compute.llm_chain import ComputationChain, insertion_text
+from pimoe.compute.llm_prompts import final_number, question_block
+from pimoe.compute.llm_train import ChainTrainSettings, train_chain
+from pimoe.compute.operand_head import NONE_SLOT, locate_numbers
+from pimoe.compute.word_problems import PATTERNS, SLOTS, TEMPLATES, WordProblemSet
+
+def tiny_lm(seed: int = 0):
+    """A tiny random Llama (2 layers, hidden 16) with a real byte-level BPE tokenizer whose digits
+    and spaces are single tokens, as in SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                        pad_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+SETTINGS = ChainTrainSettings(problems=12, shots=2, steps=150)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_lm()
+    chain, report = train_chain(model, tokenizer, "tiny", SETTINGS, progress=False)
+    return chain, report
+
+
+def _rig(chain: ComputationChain, fire: bool, pattern: int | None = None) -> None:
+    """Router always (never) fires; head picks ``pattern`` and fills slots in question order."""
+    last = chain.router.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(20.0 if fire else -20.0)
+        if pattern is not None:
+            head_last, pointer_last = chain.head.pattern[-1], chain.head.pointer[-1]
+            head_last.weight.zero_()
+            head_last.bias.fill_(-20.0)
+            head_last.bias[pattern] = 20.0
+            pointer_last.weight.zero_()
+            pointer_last.bias.zero_()
+
+
+def test_word_problems_exact_splits_and_slots() -> None:
+    problems = WordProblemSet(train_digits=5, heldout_digits=8, seed=0)
+    assert problems.problem("train", 3) == problems.problem("train", 3)
+    assert {t.question for t in TEMPLATES["train"]}.isdisjoint(t.question for t in TEMPLATES["heldout"])
+    assert {t.answer for t in TEMPLATES["train"]}.isdisjoint(t.answer for t in TEMPLATES["heldout"])
+    for split in ("train", "heldout"):
+        for p in problems.problems(split, 0, 60):
+            longest = max(len(o) for o in p.operands)
+            assert longest <= 5 if split == "train" else 5 < longest <= 8
+            names = dict(zip(SLOTS, (f"Fraction({o})" for o in p.operands)))
+            assert eval(PATTERNS[p.pattern].format(**names)) == Fraction(int(p.answer))  # noqa: S307 (test oracle)
+            assert p.answer_text[p.result_start:].startswith(p.answer)
+            numbers = locate_numbers_text(p.question)
+            assert [numbers[i] for i in sorted(range(len(numbers)), key=lambda i: p.operand_order[i])] == list(p.operands)
+
+
+def locate_numbers_text(question: str) -> list[str]:
+    import re
+
+    return re.findall(r"[0-9]+", question)
+
+
+def test_locate_numbers_points_at_last_digit_tokens() -> None:
+    _, tokenizer = tiny_lm()
+    block = question_block("Had 120 apples, sold 45 and got 7.")
+    found = locate_numbers(tokenizer, block)
+    assert found.texts == ["120", "45", "7"]
+    assert [tokenizer.decode([found.ids[i]]) for i in found.positions] == ["0", "5", "7"]
+
+
+def test_training_lowers_both_losses(trained) -> None:
+    _, report = trained
+    assert report["router_loss_final"] < 0.5 * report["router_loss_first"]
+    assert report["head_loss_final"] < 0.5 * report["head_loss_first"]
+
+
+def test_router_that_never_fires_is_the_lm_alone(trained) -> None:
+    chain, _ = trained
+    _rig(chain, fire=False)
+    for question in ("Tom has 12 apples and 30 pears.", "No numbers here?"):
+        run, alone = chain.run(question, 12), lm_only(chain.runner, question, 12)
+        assert (run.text, run.generated_tokens, run.forward_passes) == (alone.text, alone.generated_tokens, alone.forward_passes)
+        assert run.expression is None and run.inserted_tokens == 0
+
+
+def test_handoff_inserts_exact_result_in_one_prefill(trained) -> None:
+    chain, _ = trained
+    _rig(chain, fire=True, pattern=PATTERNS.index("{a}*{b}+{c}"))
+    run = chain.run("A crate holds 48213987 bolts; 90712345 crates and 12 more bolts. How many?", 6)
+    result = str(48213987 * 90712345 + 12)
+    assert run.expression == "48213987*90712345+12"
+    assert run.text.startswith(result)
+    assert run.inserted_tokens == len(result)  # one token per digit with this tokenizer
+    # prompt prefill + one insertion prefill + one pass per generated token except a final stop
+    assert run.forward_passes - 2 in (run.generated_tokens, run.generated_tokens - 1)
+
+
+@pytest.mark.parametrize("question, token", [
+    ("From 7 apples 7 were sold and the rest shared among 0 kids. Each?", "<err:div0>"),
+    ("How many apples are there?", "<err:malformed>"),
+    ("Share \u0667\u0668 apples among \u0663 kids.", "<err:malformed>"),  # Arabic-Indic digits
+    ("From " + "9" * 45 + " apples 3 were sold, shared among 2 kids.", "<err:overflow>"),
+])
+def test_bad_input_gives_error_token_and_continues(trained, question: str, token: str) -> None:
+    chain, _ = trained
+    _rig(chain, fire=True, pattern=PATTERNS.index("({a}-{b})/{c}"))
+    run = chain.run(question, 5)
+    assert run.text.startswith(token)
+    assert run.generated_tokens == 5 or run.text != token  # the LM went on after the error token
+
+
+def test_save_load_round_trip(trained, tmp_path: Path) -> None:
+    chain, _ = trained
+    _rig(chain, fire=True, pattern=0)
+    base = tmp_path / "base"
+    chain.model.save_pretrained(base)
+    chain.tokenizer.save_pretrained(base)
+    chain.config.base_model = str(base)
+    chain.save(tmp_path / "chain")
+    loaded = ComputationChain.load(tmp_path / "chain")
+    question = "A shop had 500 apples, sold 20 and got 3. How many?"
+    assert loaded.generate(question, max_new_tokens=8) == chain.generate(question, max_new_tokens=8)
+    assert loaded.config == chain.config
+    with pytest.raises(ValueError, match="not a saved computation chain"):
+        ComputationChain.load(tmp_path)
+
+
+def test_cli_ask_prints_the_answer(trained, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pimoe.compute.cli import chain_app
+
+    chain, _ = trained
+    _rig(chain, fire=True, pattern=0)
+    base = tmp_path / "base"
+    chain.model.save_pretrained(base)
+    chain.tokenizer.save_pretrained(base)
+    chain.config.base_model = str(base)
+    chain.save(tmp_path / "chain")
+    question = "Had 9 coins, lost 4 and found 2."
+    out = CliRunner().invoke(chain_app, ["ask", str(tmp_path / "chain"), question, "--max-new-tokens", "4"])
+    assert out.exit_code == 0, out.output
+    assert out.output.strip() == chain.generate(question, max_new_tokens=4)
+    assert out.output.startswith("7")
+
+
+def test_tool_call_evaluates_the_written_call(trained) -> None:
+    from pimoe.compute.llm_runner import LMRunner
+
+    chain, _ = trained
+    model, tokenizer = chain.model, chain.tokenizer
+    script = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize("<<2+3>> ok\n")]
+    script.insert(7, script[7])  # the pass that feeds ">" predicts a token nobody uses: a spare space
+    calls = iter(script)
+
+    def scripted(module, inputs, logits):  # an LM that writes the script, one token per forward
+        out = torch.full_like(logits, -1e9)
+        out[..., next(calls)] = 0.0
+        return out
+
+    handle = model.lm_head.register_forward_hook(scripted)
+    try:
+        out = tool_call(LMRunner(model, tokenizer, "", chain.config.layers), ArithmeticEngine(), "What is 2+3?", 20)
+    finally:
+        handle.remove()
+    assert out.text == "<<2+3>>5 ok" and out.calls == 1
+    assert final_number(out.text) == "5"
+    assert out.generated_tokens == 11 and out.forward_passes == 12  # prompt + 10 fed tokens + the result
+
+
+def test_final_number_and_insertion_text() -> None:
+    assert final_number("The shop has <<120-45+30>>105 apples.") == "105"
+    assert final_number("It is 1,234,567 coins.") == "1234567"
+    assert final_number("none") is None
+    assert insertion_text("The shop has ", "105") == "105"
+    assert insertion_text("The shop has", "105") == " 105"
+    assert NONE_SLOT == len(SLOTS)
+
+
+@pytest.mark.slow
+def test_smollm2_quick_chain_answers_heldout() -> None:
+    from pimoe.models import cache_path, load_pretrained
+
+    if not (cache_path("smollm2-135m-instruct") / "model.safetensors").is_file():
+        pytest.skip("SmolLM2-135M-Instruct is not converted in the pimoe cache")
+    torch.set_num_threads(1)
+    model, tokenizer = load_pretrained("smollm2-135m-instruct", progress=False)
+    chain, _ = train_chain(model, tokenizer, "smollm2-135m-instruct", ChainTrainSettings(problems=48, steps=150),
+                           progress=False)
+    problems = WordProblemSet().problems("heldout", 500_000, 4)
+    right = sum(final_number(chain.generate(p.question)) == p.answer for p in problems)
+    assert right >= 2
