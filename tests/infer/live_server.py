@@ -17,11 +17,18 @@ def _free_port() -> int:
 
 
 class LiveServer:
-    """A uvicorn server on a background thread; ``with LiveServer(app) as client`` gives an httpx client."""
+    """A uvicorn server on a background thread; ``with LiveServer(app) as client`` gives an httpx client.
 
-    def __init__(self, app: object) -> None:
+    ``options`` go to ``uvicorn.Config``; with ``ssl_certfile`` the client speaks HTTPS and
+    verifies with ``verify`` (an ``ssl.SSLContext`` trusting the test certificate).
+    """
+
+    def __init__(self, app: object, verify: object = True, **options: object) -> None:
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.scheme = "https" if options.get("ssl_certfile") else "http"
+        self.verify = verify
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **options))  # type: ignore[arg-type]
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> httpx.Client:
@@ -31,7 +38,8 @@ class LiveServer:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.01)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
+        self.client = httpx.Client(base_url=f"{self.scheme}://127.0.0.1:{self.port}", timeout=10,
+                                   verify=self.verify)  # type: ignore[arg-type]
         return self.client
 
     def __exit__(self, *exc: object) -> None:
