@@ -214,6 +214,10 @@ class GenerationEngine:
             self._cond.notify()
 
     def _run(self) -> None:
+        with torch.inference_mode():  # the caches are inference tensors, written in place
+            self._loop()
+
+    def _loop(self) -> None:
         batch = self.model.new_batch(self.max_batch_size)
         active: list[_Sequence] = []
         while True:

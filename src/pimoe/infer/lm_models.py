@@ -189,6 +189,7 @@ class _HFBatch(DecodeBatch):
         cache.lengths += 1
         return logits[:, -1]
 
+    @torch.inference_mode()
     def remove(self, row: int) -> None:
         self.cache.move_row(self.size - 1, row)
 
