@@ -136,12 +136,12 @@ def routing_table(stats: list, router_layers: list[dict] | None) -> Table:
     known) the router's held-out recall of the oracle top-k from its training."""
     import math
 
-    table = Table(title="Routing on held-out text (load = share of assignments per expert)")
-    for column in ("layer", "load per expert", "imbalance", "entropy", "recall"):
+    table = Table(title="Routing on held-out text (load = % of assignments per expert)")
+    for column in ("layer", "load per expert (%)", "imbalance", "entropy", "recall"):
         table.add_column(column, justify="right")
     for i, s in enumerate(stats):
         recall = f"{router_layers[i]['heldout_recall']:.2f}" if router_layers else "-"
-        table.add_row(str(i), " ".join(f"{x:.2f}" for x in s.load), f"{s.imbalance:.2f}",
+        table.add_row(str(i), " ".join(f"{100 * x:2.0f}" for x in s.load), f"{s.imbalance:.2f}",
                       f"{s.entropy:.2f}/{math.log(s.num_experts):.2f}", recall)
     return table
 
