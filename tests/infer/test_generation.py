@@ -8,13 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_lm import save_tiny_llama
 
-from pimoe.infer.generation import EngineFull, GenerationEngine, GenerationEvent, SamplingParams, _safe_end
-from pimoe.infer.lm_models import GenerationModel, HFGenerationModel, PiMoEGenerationModel, open_generation_model
+from pimoe.infer.generation import (
+    EngineFull,
+    GenerationEngine,
+    GenerationEvent,
+    SamplingParams,
+    _safe_end,
+)
+from pimoe.infer.lm_models import (
+    GenerationModel,
+    HFGenerationModel,
+    PiMoEGenerationModel,
+    open_generation_model,
+)
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
-
-from tiny_lm import save_tiny_llama
 
 PROMPTS = ["The with statement", "def f(x):\n    return", "Lists are mutable sequences", "import os", "class A:",
            "x = 1", "while True:"]

@@ -116,7 +116,7 @@ class _Sequence:
                                 tuple(self.tokens) if finish is not None else (), error)
         try:
             self.on_event(event)
-        except Exception:  # a consumer that went away must not stop the engine
+        except Exception:  # noqa: BLE001  # a consumer that went away must not stop the engine
             self.cancelled = True
 
 
@@ -226,7 +226,7 @@ class GenerationEngine:
                     self._cond.wait()
                 if self._closed and not self._waiting and not active:
                     return
-                admitted = []
+                admitted: list[_Sequence] = []
                 while self._waiting and len(active) + len(admitted) < self.max_batch_size:
                     admitted.append(self._waiting.popleft())
             try:
@@ -247,7 +247,7 @@ class GenerationEngine:
                         self._advance(seq, logits, greedy, i)
                     self._drop_finished(batch, active)
                 self._running = len(active)
-            except Exception as exc:  # the model failed: fail the running requests, keep serving
+            except Exception as exc:  # noqa: BLE001  # the model failed: fail the running requests, keep serving
                 for seq in [*active, *admitted]:
                     if not seq.done:
                         seq.emit("", error=(500, f"the model failed: {type(exc).__name__}: {exc}"))

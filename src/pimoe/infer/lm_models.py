@@ -172,7 +172,8 @@ class _HFBatch(DecodeBatch):
         cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([prompt], device=self.cache.lengths.device)
         logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
-        self.cache.put_row(self.size, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+        layers: list[Any] = list(cache.layers)  # full-attention layers: keys/values [1, kv_heads, P, head_dim]
+        self.cache.put_row(self.size, [layer.keys for layer in layers], [layer.values for layer in layers])
         return logits[0, -1]
 
     @torch.inference_mode()
@@ -216,8 +217,8 @@ class HFGenerationModel(GenerationModel):
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template: use /v1/completions")
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        out: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if hasattr(out, "keys") else out  # a BatchEncoding in transformers 5
         return [int(i) for i in ids]
 
     def new_batch(self, max_rows: int) -> DecodeBatch:
@@ -320,10 +321,10 @@ def open_generation_model(spec: str | os.PathLike[str], routers: str | os.PathLi
         raise ValueError(f"routers upcycle a Hugging Face causal LM; {spec} is not one")
     if Path(spec).is_file():
         try:
-            model = PiMoELM.load(spec, map_location=device)
+            lm = PiMoELM.load(spec, map_location=device)
         except ValueError:
             return None
-        return PiMoEGenerationModel(model) if model.config.vocab_size == 256 and model.can_cache else None
+        return PiMoEGenerationModel(lm) if lm.config.vocab_size == 256 and lm.can_cache else None
     return None
 
 

@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -25,7 +25,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pimoe.infer.generation import EngineClosed, EngineFull, GenerationEngine, GenerationEvent, SamplingParams, Ticket
+from pimoe.infer.generation import (
+    EngineClosed,
+    EngineFull,
+    GenerationEngine,
+    GenerationEvent,
+    SamplingParams,
+    Ticket,
+)
 from pimoe.infer.http_errors import clip, error_body, error_response
 from pimoe.infer.lm_models import GenerationModel
 
@@ -97,7 +104,11 @@ class _GenerationMetrics:
                               ["model"], registry=registry)
         queued = Gauge("pimoe_generation_queued", "Requests waiting for a decoding row", ["model"], registry=registry)
         for name, engine in engines.items():
-            queued.labels(model=name).set_function(lambda e=engine: e.queued)
+            queued.labels(model=name).set_function(_queued_of(engine))
+
+
+def _queued_of(engine: GenerationEngine) -> Callable[[], float]:
+    return lambda: float(engine.queued)
 
 
 def mount_generation(app: FastAPI, models: Mapping[str, GenerationModel | GenerationEngine], *,
@@ -192,16 +203,18 @@ async def _parse(request: Request, model: type[_Sampling]) -> Any:
 
 def _completion_prompt(model: GenerationModel, req: CompletionRequest) -> list[int]:
     prompt = req.prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        if len(prompt) != 1:
-            raise ApiError(400, f"one prompt per request is supported, got {len(prompt)}", "prompt")
-        prompt = prompt[0]
     if isinstance(prompt, str):
         return _encode(model, prompt, "prompt")
-    bad = [t for t in prompt if not 0 <= t < model.vocab_size]  # type: ignore[operator]
+    texts = [p for p in prompt if isinstance(p, str)]
+    if texts:
+        if len(prompt) != 1:
+            raise ApiError(400, f"one prompt per request is supported, got {len(prompt)}", "prompt")
+        return _encode(model, texts[0], "prompt")
+    ids = [int(t) for t in prompt]
+    bad = [t for t in ids if not 0 <= t < model.vocab_size]
     if bad:
         raise ApiError(400, f"token ids must be in [0, {model.vocab_size}), got {clip(bad[:5])}", "prompt")
-    return [int(t) for t in prompt]
+    return ids
 
 
 def _chat_prompt(model: GenerationModel, req: ChatCompletionRequest) -> list[int]:
