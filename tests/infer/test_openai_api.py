@@ -115,12 +115,17 @@ def test_full_queue_is_429_and_disconnect_cancels(server: tuple[httpx.Client, Ge
                                                   tiny_hf: HFGenerationModel) -> None:
     http, engine = server
     client = _client(http)
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     prompt = tiny_hf.encode("x")
-    busy = [engine.submit(prompt, SamplingParams(max_tokens=200), lambda e: gate.wait(10)) for _ in range(2)]
+
+    def hold(event: object) -> None:  # runs on the engine's worker: holds it mid-step
+        started.set()
+        gate.wait(10)
+
+    busy = [engine.submit(prompt, SamplingParams(max_tokens=200), hold)]
+    assert started.wait(10)
+    busy.append(engine.submit(prompt, SamplingParams(max_tokens=200), hold))  # waits: the queue (1) is full
     deadline = time.monotonic() + 10
-    while engine.queued < 1 and time.monotonic() < deadline:  # one decoding (held), one waiting: the queue is full
-        time.sleep(0.01)
     try:
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model="tiny", prompt="a", max_tokens=2)
