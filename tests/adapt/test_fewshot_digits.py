@@ -96,3 +96,16 @@ def test_maml_on_digits_needs_its_training_steps_at_test_time_and_a_convnet(digi
     print(first_benchmark, mlp_acc, conv_acc)
     assert first_benchmark + 0.1 < mlp_acc < conv_acc - 0.05, (first_benchmark, mlp_acc, conv_acc)
     assert conv_acc > 0.78, conv_acc
+
+
+@pytest.mark.slow
+def test_protonet_without_batch_norm_beats_the_pixel_reference_at_one_shot(digits):
+    """Seeded floor of the ablation's finding (seed 0: 0.79 without batch norm, 0.73 with it and
+    0.73 for raw pixels, on 300 episodes after 1,000 training episodes)."""
+    torch.set_num_threads(1)
+    plain = FewShotSetup(norm="none", episodes=1000)
+    no_bn = fewshot_accuracy(plain, 1, digits, 100)[0]
+    with_bn = fewshot_accuracy(replace(plain, norm="batch"), 1, digits, 100)[0]
+    pixels = fewshot_accuracy(FewShotSetup(method="pixels"), 1, digits, 100)[0]
+    print(no_bn, with_bn, pixels)
+    assert no_bn > max(with_bn, pixels) + 0.03, (no_bn, with_bn, pixels)
