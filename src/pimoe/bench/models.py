@@ -41,7 +41,7 @@ class ModelsBenchConfig:
     families: bool = True
 
 
-QUICK = ModelsBenchConfig(heldout_windows=8, decode_tokens=32, rounds=2)
+QUICK = ModelsBenchConfig(heldout_windows=8, prefill_tokens=128, decode_tokens=16, rounds=1)
 
 
 def _timers(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[Callable[[], None], Callable[[], None]]:
