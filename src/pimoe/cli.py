@@ -311,7 +311,7 @@ def bench_hf_backend(
 
 @bench_app.command("models")
 def bench_models(
-    quick: Annotated[bool, typer.Option(help="2,048 held-out tokens, 32 decode tokens, 2 timing rounds.")] = False,
+    quick: Annotated[bool, typer.Option(help="2,048 held-out tokens, 128 prefill and 16 decode tokens, 1 timing round.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
 ) -> None:
     """SmolLM2-135M dense vs split into 8 experts (k=4, k=2): load time, perplexity, tokens/s; HF-families equivalence."""
