@@ -72,8 +72,9 @@ def demo(
 
 @app.command()
 def serve(
-    model_path: Annotated[Optional[Path], typer.Argument(exists=True, show_default=False, help="Same as --model.")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", exists=True, help="A PiMoELM safetensors file (from `pimoe save-demo-model PATH` or `pimoe demo --out DIR`), a Hugging Face encoder folder (e.g. all-MiniLM-L6-v2) or a `pimoe compress` output folder.")] = None,
+    model_path: Annotated[Optional[str], typer.Argument(show_default=False, help="Same as --model.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="A PiMoELM safetensors file (from `pimoe save-demo-model PATH` or `pimoe demo --out DIR`), a Hugging Face encoder folder (e.g. all-MiniLM-L6-v2), a `pimoe compress` output folder, a Hugging Face causal-LM folder or a pretrained name (smollm2-135m-instruct). Language models also get the OpenAI routes /v1/completions and /v1/chat/completions.")] = None,
+    routers: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="Upcycle the causal LM into PiMoE layers with routers saved by pimoe.models.save_routers (as `pimoe demo` does).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in requests; default: the file name without extension.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (a non-loopback address without --api-key prints a warning).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
@@ -92,7 +93,8 @@ def serve(
     limit_concurrency: Annotated[int, typer.Option(min=0, help="Most open connections and most requests in flight; beyond either, 503 (0: no limit).")] = 512,
     timeout_graceful_shutdown: Annotated[float, typer.Option(min=0.001, help="On SIGTERM/Ctrl-C, seconds to let running requests finish before cancelling them.")] = 10.0,
 ) -> None:
-    """Serve a saved PiMoELM or a HF encoder folder over HTTP (POST /v1/infer, GET /healthz, GET /metrics)."""
+    """Serve a model over HTTP (POST /v1/infer, GET /healthz, GET /metrics); language models also get OpenAI-style
+    text generation with continuous batching (GET /v1/models, POST /v1/completions, POST /v1/chat/completions)."""
     from pimoe.infer.server import ServerLimits
     from pimoe.infer.server import serve as run_server
 
@@ -102,6 +104,11 @@ def serve(
         raise typer.BadParameter("TLS needs both --ssl-certfile and --ssl-keyfile", param_hint="--ssl-certfile")
     path = model if model is not None else model_path
     assert path is not None
+    from pimoe.models.pretrained import REGISTRY
+
+    if path not in REGISTRY and not Path(path).exists():
+        raise typer.BadParameter(f"{path} does not exist and is not a pretrained name ({sorted(REGISTRY)})",
+                                 param_hint="--model")
     limits = ServerLimits(limit_concurrency=limit_concurrency or None, timeout_keep_alive_s=timeout_keep_alive,
                           header_timeout_s=header_timeout, max_header_bytes=max_header_bytes,
                           timeout_graceful_shutdown_s=timeout_graceful_shutdown)
@@ -109,7 +116,7 @@ def serve(
         run_server(path, name=name, host=host, port=port, max_batch_size=max_batch_size,
                    max_wait_ms=max_wait_ms, cache_size=cache_size, api_key=api_key, docs=docs,
                    max_body_bytes=max_body_bytes, body_timeout_s=body_timeout, limits=limits,
-                   ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+                   ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, routers=routers)
     except ValueError as err:  # a model file that cannot be served: one line, no traceback
         typer.echo(f"pimoe serve: {' '.join(str(err).split())}", err=True)
         raise typer.Exit(2) from err
