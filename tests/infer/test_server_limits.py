@@ -119,7 +119,7 @@ def test_trickled_headers_are_cut_off(live: LiveServer) -> None:
                 sock.sendall(b"x")
             except (BrokenPipeError, ConnectionResetError):
                 break
-            data, closed = _read_until_closed(sock, 0.2)
+            _, closed = _read_until_closed(sock, 0.2)
         took = time.monotonic() - start
     assert took < LIMITS.header_timeout_s + 1.5
 

@@ -102,13 +102,8 @@ class ServedModel:
         return cls(module, "tensor", tuple(input_shape), input_dtype, seq_output)
 
     def check_weights(self, name: str) -> None:
-        """``ValueError`` if a parameter or buffer (quantized and packed ones included) holds NaN
-        or infinity: such a model would answer every request with an error."""
-        bad = [key for key, t in _state_tensors(self.module.state_dict(), "") if not _finite(t)]
-        if bad:
-            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            raise ValueError(f"model {name!r} has NaN or infinite weights in {', '.join(bad[:3])}{more}; "
-                             "refusing to serve it")
+        """:func:`check_finite_weights` of the module."""
+        check_finite_weights(self.module, name)
 
     @property
     def device(self) -> torch.device:
@@ -131,6 +126,17 @@ def check_unicode(text: str) -> str:
 
 #: A request string that must be valid Unicode (a lone surrogate is a 422, not a failure later).
 UnicodeStr = Annotated[str, AfterValidator(check_unicode)]
+
+
+def check_finite_weights(module: nn.Module, name: str) -> None:
+    """``ValueError`` naming the tensors if a parameter or buffer of ``module`` (quantized and
+    torch.ao packed ones included) holds NaN or infinity: served, such a model would answer every
+    request with an error while looking healthy."""
+    bad = [key for key, t in _state_tensors(module.state_dict(), "") if not _finite(t)]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"model {name!r} has NaN or infinite weights in {', '.join(bad[:3])}{more}; "
+                         "refusing to serve it")
 
 
 def _state_tensors(value: Any, name: str) -> Iterator[tuple[str, Tensor]]:
@@ -287,4 +293,4 @@ def response_body(served: ServedModel, out: Any, return_logits: bool) -> dict[st
 
 
 
-__all__ = ["InferRequest", "RequestError", "ServedModel", "UnicodeStr", "check_unicode", "request_rows", "response_body"]
+__all__ = ["InferRequest", "RequestError", "ServedModel", "UnicodeStr", "check_finite_weights", "check_unicode", "request_rows", "response_body"]
