@@ -1,0 +1,265 @@
+"""Text-generation benchmark: ``pimoe serve`` (continuous batching, OpenAI streaming API) against
+Hugging Face ``generate``, then a bounded loopback soak (:mod:`pimoe.bench.generate_soak`).
+
+SmolLM2-135M-Instruct serves greedy completions of prompts cut from Python's own docs
+(``pydoc_data.topics``, ``prompt_tokens`` tokens each, ``max_tokens`` new tokens). The server runs
+in a child process (so the load generator does not share its interpreter lock); ``concurrency``
+streaming clients (aiohttp, SSE) send ``concurrency * waves`` requests for each level. Reported
+per level: aggregate completion tokens per second (``usage`` counts over the wall time), time to
+first token p50/p99 and inter-token latency p99 (gaps between text chunks of a stream). Peers, in
+the same run and the same process count of threads: HF ``generate`` one request at a time
+(``hf_sequential``) and HF static batching (all of the largest level's prompts in one left-padded
+``generate`` call, ``hf_static``); their tokens count up to and including each row's
+end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from pimoe.bench.serve import _free_port, _percentile, _stop
+from pimoe.bench.timing import run_header
+from pimoe.data import load_pydoc_text
+from pimoe.io import atomic_write_text
+
+_SERVER_CODE = (
+    "import sys, torch; torch.set_num_threads(int(sys.argv[4])); from pimoe.infer.server import serve; "
+    "serve(sys.argv[1], name='lm', host='127.0.0.1', port=int(sys.argv[2]), max_batch_size=int(sys.argv[3]))"
+)
+
+
+@dataclass
+class GenerateBenchConfig:
+    """Sizes of the throughput runs and of the soak."""
+
+    model: str = "smollm2-135m-instruct"
+    levels: tuple[int, ...] = (1, 8, 32)
+    waves: int = 2  # requests per level = level * waves (at least min_requests)
+    min_requests: int = 4
+    prompt_tokens: int = 64
+    max_tokens: int = 64
+    hf_sequential_requests: int = 6
+    threads: int = 1
+    max_batch_size: int = 32
+    seed: int = 0
+    soak: dict[str, Any] = field(default_factory=lambda: {"num_requests": 10_000, "concurrency": 64})
+
+
+def real_prompts(tokenizer: Any, count: int, tokens: int, seed: int) -> list[list[int]]:
+    """``count`` prompts of ``tokens`` token ids each, from seeded windows of the pydoc text."""
+    text = load_pydoc_text().decode("utf-8")
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for start in rng.integers(0, len(text) - 20 * tokens, size=count).tolist():
+        ids = tokenizer(text[start: start + 20 * tokens], add_special_tokens=False)["input_ids"]
+        prompts.append(list(ids[:tokens]))
+    return prompts
+
+
+def start_server(spec: str | Path, threads: int, max_batch_size: int, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
+    """``pimoe.infer.server.serve(spec)`` in a child process (model name ``lm``); returns it and its
+    base URL once ``/healthz`` answers (loading a model can take a minute on a busy machine)."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER_CODE, str(spec), str(port), str(max_batch_size), str(threads)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.2)
+    _stop(proc)
+    raise RuntimeError("the server did not answer /healthz within 300 s")
+
+
+@dataclass
+class StreamResult:
+    """One streamed request: HTTP status, time to first text (s), gaps between text chunks (s),
+    completion tokens (from ``usage``)."""
+
+    status: int
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+async def stream_completion(session: aiohttp.ClientSession, body: dict[str, Any]) -> StreamResult:
+    """POST a streamed ``/v1/completions`` and time its chunks."""
+    start = time.perf_counter()
+    async with session.post("/v1/completions", json={**body, "stream": True,
+                                                     "stream_options": {"include_usage": True}}) as response:
+        if response.status != 200:
+            await response.read()
+            return StreamResult(response.status)
+        result, last = StreamResult(200), 0.0
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                result.tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["text"]:
+                now = time.perf_counter()
+                if result.ttft is None:
+                    result.ttft = now - start
+                else:
+                    result.gaps.append(now - last)
+                last = now
+        return result
+
+
+async def _level(url: str, bodies: list[dict[str, Any]], concurrency: int) -> tuple[float, list[StreamResult]]:
+    results: list[StreamResult] = []
+    pending = list(reversed(bodies))
+    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=1800),
+                                     connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def worker() -> None:
+            while pending:
+                results.append(await stream_completion(session, pending.pop()))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start, results
+
+
+def _summary(seconds: float, results: list[StreamResult]) -> dict[str, float]:
+    ok = [r for r in results if r.status == 200]
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    gaps = [g for r in ok for g in r.gaps]
+    return {"requests": len(results), "errors": len(results) - len(ok), "seconds": seconds,
+            "tokens": sum(r.tokens for r in ok), "tokens_per_s": sum(r.tokens for r in ok) / seconds,
+            "ttft_p50_ms": _percentile(ttft, 50) * 1000, "ttft_p99_ms": _percentile(ttft, 99) * 1000,
+            "itl_p99_ms": _percentile(gaps, 99) * 1000 if gaps else float("nan")}
+
+
+def _generated(out: torch.Tensor, prompt_len: int, eos: int) -> int:
+    """Tokens each row of ``generate``'s output ``[B, P + N]`` produced, up to and including its first eos."""
+    new = out[:, prompt_len:]
+    is_eos = new == eos
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], new.shape[1], dtype=torch.long))
+    return int(first.sum())
+
+
+def hf_peers(cfg: GenerateBenchConfig, prompts: list[list[int]], console: Console) -> dict[str, dict[str, float]]:
+    """HF ``generate``: one request at a time, and all prompts in one left-padded static batch."""
+    from pimoe.models import load_pretrained
+
+    torch.set_num_threads(cfg.threads)
+    model, tokenizer = load_pretrained(cfg.model, progress=False)
+    generate: Any = model.generate
+    eos = int(tokenizer.eos_token_id)
+    kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with torch.inference_mode():
+        generate(torch.tensor([prompts[0]]), **{**kwargs, "max_new_tokens": 2})  # warm-up
+        tokens, start = 0, time.perf_counter()
+        for p in tqdm(prompts[: cfg.hf_sequential_requests], desc="HF generate, one at a time"):
+            tokens += _generated(generate(torch.tensor([p]), **kwargs), len(p), eos)
+        sequential = {"requests": cfg.hf_sequential_requests, "tokens": tokens,
+                      "seconds": time.perf_counter() - start}
+        console.print(f"[dim]HF static batch of {len(prompts)}[/dim]")
+        batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")  # left padding
+        start = time.perf_counter()
+        out = generate(**batch, **kwargs)
+        static = {"requests": len(prompts), "tokens": _generated(out, batch["input_ids"].shape[1], eos),
+                  "seconds": time.perf_counter() - start}
+    for r in (sequential, static):
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+    return {"hf_sequential": sequential, "hf_static": static}
+
+
+def run(cfg: GenerateBenchConfig, console: Console | None = None, work_dir: Path | None = None) -> dict[str, Any]:
+    """The throughput levels, the HF peers and the soak; a JSON-serializable dict."""
+    from transformers import AutoTokenizer
+
+    from pimoe.bench.generate_soak import run_soak
+    from pimoe.models.pretrained import cache_path, load_pretrained
+
+    console = console or Console()
+    load_before = os.getloadavg()
+    load_pretrained(cfg.model, progress=True)  # converts once if needed; the server loads the cached folder
+    tokenizer = AutoTokenizer.from_pretrained(cache_path(cfg.model))
+    largest = max(cfg.levels)
+    prompts = real_prompts(tokenizer, max(largest * cfg.waves, cfg.min_requests), cfg.prompt_tokens, cfg.seed)
+    levels: dict[str, dict[str, float]] = {}
+    work = work_dir or Path.cwd()
+    with open(work / "generate-server.log", "wb") as log:
+        proc, url = start_server(cfg.model, cfg.threads, cfg.max_batch_size, log)
+    try:
+        bodies = [{"model": "lm", "prompt": p, "max_tokens": cfg.max_tokens, "temperature": 0} for p in prompts]
+        asyncio.run(_level(url, bodies[:1], 1))  # warm-up
+        for level in cfg.levels:
+            count = max(level * cfg.waves, cfg.min_requests)
+            console.print(f"[dim]{count} streamed requests, {level} concurrent[/dim]")
+            levels[str(level)] = _summary(*asyncio.run(_level(url, bodies[:count], level)))
+    finally:
+        _stop(proc)
+    peers = hf_peers(cfg, prompts[:largest], console)
+    soak = run_soak(cfg.model, **cfg.soak, threads=cfg.threads, work_dir=work, console=console)
+    sequential = peers["hf_sequential"]["tokens_per_s"]
+    result: dict[str, Any] = {**run_header("generate", cfg), "load_average_before": load_before,
+                              "load_average_after": os.getloadavg(), "levels": levels, **peers, "soak": soak}
+    for name, r in levels.items():
+        for key in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms"):
+            result[f"{key.replace('tokens_per_s', 'tokens_per_s_pimoe')}_{name}"] = r[key]
+    result["tokens_per_s_hf_sequential"] = sequential
+    result[f"tokens_per_s_hf_static_{largest}"] = peers["hf_static"]["tokens_per_s"]
+    result[f"speedup_{largest}_vs_hf_sequential"] = levels[str(largest)]["tokens_per_s"] / sequential
+    result["target_4x_met"] = result[f"speedup_{largest}_vs_hf_sequential"] >= 4.0
+    _print(result, console)
+    return result
+
+
+def _print(result: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"Greedy generation, {result['config']['model']}, {result['config']['max_tokens']} new tokens")
+    for col in ("contender", "tokens/s", "x HF sequential", "TTFT p50 ms", "TTFT p99 ms", "ITL p99 ms"):
+        table.add_column(col, justify="right")
+    base = result["tokens_per_s_hf_sequential"]
+    for level, r in result["levels"].items():
+        table.add_row(f"pimoe, {level} streams", f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}",
+                      f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p99_ms']:.0f}")
+    for name in ("hf_sequential", "hf_static"):
+        r = result[name]
+        table.add_row(name, f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}", "", "", "")
+    console.print(table)
+    console.print(f"soak: {json.dumps(result['soak'])}")
+
+
+def main(quick: bool = False, json_path: Path | None = None, soak_requests: int | None = None) -> dict[str, Any]:
+    """Entry point of ``pimoe bench generate``. ``quick``: 32 new tokens, fewer requests and a soak
+    of 2,000 requests; ``soak_requests`` overrides the soak's request count."""
+    cfg = GenerateBenchConfig()
+    if quick:
+        cfg = GenerateBenchConfig(waves=1, max_tokens=32, hf_sequential_requests=4,
+                                  soak={"num_requests": 2000, "concurrency": 64})
+    if soak_requests is not None:
+        cfg.soak = {**cfg.soak, "num_requests": soak_requests}
+    result = run(cfg)
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result, indent=2, default=float))
+    return result
+
+
+__all__ = ["GenerateBenchConfig", "StreamResult", "main", "real_prompts", "run", "start_server", "stream_completion"]
