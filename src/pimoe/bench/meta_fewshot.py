@@ -250,7 +250,20 @@ if __name__ == "__main__":
     parser.add_argument("--protonet-episodes", type=int, default=1000)
     parser.add_argument("--maml-steps", type=int, default=200)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="instead, the few-shot part of `pimoe bench meta` at its full sizes")
     args = parser.parse_args()
+    if args.benchmark:
+        from pimoe.bench.meta import MetaBenchConfig, fewshot
+
+        torch.set_num_threads(1)
+        data, load_before = load_digits_tensors(), os.getloadavg()
+        bench = {str(s): fewshot(MetaBenchConfig(), s, data) for s in (1, 5)}
+        bench["load_average_before"], bench["load_average_after"] = load_before, os.getloadavg()
+        print(json.dumps(bench, indent=2))
+        if args.json is not None:
+            atomic_write_text(args.json, json.dumps(bench, indent=2))
+        raise SystemExit(0)
     chosen = [r for r in ablation_rows(args.protonet_episodes, args.maml_steps) if re.search(args.match, r[0])]
     seeds = [int(s) for s in args.seeds.split(",")]
     print_ablation(ablation(chosen, seeds, args.episodes, load_digits_tensors(), args.json))
