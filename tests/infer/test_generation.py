@@ -141,6 +141,10 @@ def test_full_queue_deadline_and_cancel(tiny_hf: HFGenerationModel) -> None:
         first = engine.submit(prompt, SamplingParams(max_tokens=200, temperature=0), blocking)
         assert started.wait(10)
         late: list[GenerationEvent] = []
+        gone = engine.submit(prompt, GREEDY, late.append)
+        with pytest.raises(EngineFull):
+            engine.submit(prompt, GREEDY, late.append)
+        gone.cancel()  # its client went away: the queue has room again
         engine.submit(prompt, GREEDY, late.append, timeout_s=0.0)  # waits; its deadline passes meanwhile
         with pytest.raises(EngineFull):
             engine.submit(prompt, GREEDY, late.append)

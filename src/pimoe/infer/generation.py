@@ -184,6 +184,8 @@ class GenerationEngine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the generation engine is shut down")
+            if len(self._waiting) >= self.max_queue:  # cancelled requests (gone clients) give their place
+                self._waiting = deque(s for s in self._waiting if not s.cancelled)
             if len(self._waiting) >= self.max_queue:
                 raise EngineFull(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue})")
             self._waiting.append(seq)
