@@ -16,6 +16,7 @@ from pimoe.compute.llm_train import ChainTrainSettings, train_chain
 from pimoe.compute.operand_head import NONE_SLOT, locate_numbers
 from pimoe.compute.word_problems import PATTERNS, SLOTS, TEMPLATES, WordProblemSet
 
+
 def tiny_lm(seed: int = 0):
     """A tiny random Llama (2 layers, hidden 16) with a real byte-level BPE tokenizer whose digits
     and spaces are single tokens, as in SmolLM2's."""
@@ -72,7 +73,7 @@ def test_word_problems_exact_splits_and_slots() -> None:
             longest = max(len(o) for o in p.operands)
             assert longest <= 5 if split == "train" else 5 < longest <= 8
             names = dict(zip(SLOTS, (f"Fraction({o})" for o in p.operands)))
-            assert eval(PATTERNS[p.pattern].format(**names)) == Fraction(int(p.answer))  # noqa: S307 (test oracle)
+            assert eval(PATTERNS[p.pattern].format(**names)) == Fraction(int(p.answer))
             assert p.answer_text[p.result_start:].startswith(p.answer)
             numbers = locate_numbers_text(p.question)
             assert [numbers[i] for i in sorted(range(len(numbers)), key=lambda i: p.operand_order[i])] == list(p.operands)

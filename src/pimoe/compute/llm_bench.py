@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from rich.console import Console
@@ -20,7 +20,12 @@ from rich.table import Table
 
 from pimoe.compute.llm_baselines import PipelineRun, lm_only, tool_call, two_call
 from pimoe.compute.llm_chain import ComputationChain
-from pimoe.compute.llm_prompts import fewshot_prefix, final_number, shot_problems, translate_prefix
+from pimoe.compute.llm_prompts import (
+    fewshot_prefix,
+    final_number,
+    shot_problems,
+    translate_prefix,
+)
 from pimoe.compute.llm_runner import LMRunner
 from pimoe.compute.llm_train import QUICK_SETTINGS, ChainTrainSettings, train_chain
 from pimoe.compute.word_problems import WordProblemSet
@@ -35,13 +40,13 @@ class LLMBenchConfig:
     """Base model, training settings and evaluation size."""
 
     model: str = "smollm2-135m-instruct"
-    train: ChainTrainSettings = ChainTrainSettings()
+    train: ChainTrainSettings = field(default_factory=ChainTrainSettings)
     eval_problems: int = 60
     max_new_tokens: int = 48
     threads: int = 1
 
 
-QUICK = LLMBenchConfig(train=QUICK_SETTINGS, eval_problems=20)
+QUICK = LLMBenchConfig(train=QUICK_SETTINGS, eval_problems=16)
 
 
 def run(cfg: LLMBenchConfig, progress: bool = True) -> dict:

@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 
 
 def default_layers(model: PreTrainedModel) -> tuple[int, int]:
-    """The middle and the last layer of ``model``."""
+    """The layer at three quarters of the depth and the last layer of ``model`` (22 and 30 for
+    SmolLM2-135M: on held-out phrasings they beat 15 + 30 and 8 + 15 + 22 + 30)."""
     n = int(model.config.num_hidden_layers)
-    return (max(1, n // 2), n)
+    return (max(1, 3 * n // 4), n)
 
 
 @dataclass

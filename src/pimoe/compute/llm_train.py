@@ -8,7 +8,7 @@ pass) and both modules train on the cached features:
   token is the first token of the result's digits, else 0 (binary cross-entropy, positives
   re-weighted to the negatives' total);
 - text-to-computation labels: the problem's pattern, and for each number in the question its
-  operand slot (cross-entropy each).
+  role (pattern and operand slot, :func:`~pimoe.compute.operand_head.role`; cross-entropy each).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pimoe.compute.llm_chain import ChainConfig, ComputationChain
 from pimoe.compute.llm_prompts import fewshot_prefix, question_block, shot_problems
 from pimoe.compute.llm_router import TokenRouter
 from pimoe.compute.llm_runner import LMRunner
-from pimoe.compute.operand_head import NONE_SLOT, OperandHead, locate_numbers, summary
+from pimoe.compute.operand_head import NONE_SLOT, OperandHead, locate_numbers, number_features, role, summary
 from pimoe.compute.word_problems import WordProblem, WordProblemSet
 
 if TYPE_CHECKING:
@@ -116,13 +116,13 @@ def train_head(data: list[ProblemFeatures], feature_dim: int, settings: ChainTra
     optim = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     patterns = torch.tensor([d.pattern for d in data])
     summaries = torch.stack([summary(d.question) for d in data])
-    numbers = torch.cat([d.question[d.number_positions] for d in data])
+    numbers = torch.cat([number_features(d.question, d.number_positions) for d in data])
     owner = torch.cat([torch.full((len(d.number_positions),), i) for i, d in enumerate(data)])
-    slots = torch.cat([d.slots for d in data])
+    roles = torch.cat([role(d.pattern, d.slots) for d in data])
     losses = []
     for _ in tqdm(range(settings.steps), desc="text-to-computation", disable=not progress):
         pattern_logits, slot_logits = head(summaries, numbers, owner)
-        loss = F.cross_entropy(pattern_logits, patterns) + F.cross_entropy(slot_logits, slots)
+        loss = F.cross_entropy(pattern_logits, patterns) + F.cross_entropy(slot_logits, roles)
         optim.zero_grad()
         loss.backward()
         optim.step()

@@ -6,10 +6,13 @@ Two heads read the frozen LM's features of the question (see
 - the *pattern* head classifies the operator tree among :data:`PATTERNS` from the summary of the
   question (features of its last position and their mean over the question);
 - the *pointer* head scores, for every number written in the question (features of the number's
-  last token, next to the summary), which operand slot it fills (``a b c d``) or none.
+  last token and of the few tokens after it, next to the summary), its *role*: which slot
+  (``a b c d``) of which pattern it fills, or none. Roles are pattern-specific (slot ``b`` of
+  ``{a}-{b}+{c}`` is "taken away", of ``{a}*{b}+{c}`` "per box"), so the words around each number
+  also vote for the operator tree; on held-out phrasings this beat pattern-free slots.
 
 :meth:`OperandHead.expression` picks the pattern and the assignment of numbers to its slots with
-the highest joint score; the operands are copied from the question text digit for digit, so the
+the highest joint score (pattern log-probability plus each number's role log-probability); the operands are copied from the question text digit for digit, so the
 engine computes exactly whatever their length. The LM never writes the expression.
 
 Numbers are runs of ASCII digits. A question with fewer numbers than the chosen pattern needs
@@ -32,7 +35,8 @@ from pimoe.compute.word_problems import PATTERNS, SLOTS
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-NONE_SLOT = len(SLOTS)  # pointer class "not an operand"
+NONE_SLOT = len(SLOTS)  # slot label "not an operand"
+NONE_ROLE = len(PATTERNS) * len(SLOTS)  # pointer class "not an operand"
 MAX_NUMBERS = 10  # numbers after the tenth in a question are never operands
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -65,6 +69,23 @@ def summary(features: Tensor) -> Tensor:
     return torch.cat([features[-1], features.mean(0)])
 
 
+def number_features(features: Tensor, positions: list[int], window: int = 3) -> Tensor:
+    """``features [T, F]`` -> ``[N, 2F]``: each number's last token, next to the mean of the up to
+    ``window`` tokens after it (they have read the number and the words that follow it)."""
+    rows = []
+    for p in positions:
+        after = features[p + 1 : p + 1 + window]
+        rows.append(torch.cat([features[p], (after if len(after) else features[p : p + 1]).mean(0)]))
+    return torch.stack(rows) if rows else features.new_zeros(0, 2 * features.shape[-1])
+
+
+def role(pattern: int | Tensor, slot: int | Tensor) -> int | Tensor:
+    """Pointer class of slot ``slot`` of pattern ``pattern``; slot ``NONE_SLOT`` maps to ``NONE_ROLE``."""
+    if isinstance(slot, Tensor):
+        return torch.where(slot == NONE_SLOT, torch.full_like(slot, NONE_ROLE), pattern * len(SLOTS) + slot)
+    return NONE_ROLE if slot == NONE_SLOT else int(pattern) * len(SLOTS) + slot
+
+
 class OperandHead(nn.Module):
     """Pattern classifier and operand pointer (see the module docstring)."""
 
@@ -75,7 +96,7 @@ class OperandHead(nn.Module):
         self.register_buffer("mean", torch.zeros(feature_dim))
         self.register_buffer("std", torch.ones(feature_dim))
         self.pattern = nn.Sequential(nn.Linear(2 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, num_patterns))
-        self.pointer = nn.Sequential(nn.Linear(3 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, NONE_SLOT + 1))
+        self.pointer = nn.Sequential(nn.Linear(4 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, NONE_ROLE + 1))
 
     def set_scale(self, features: Tensor) -> None:
         """Standardize inputs with the statistics of ``features [N, feature_dim]``."""
@@ -84,17 +105,17 @@ class OperandHead(nn.Module):
 
     def forward(self, summaries: Tensor, numbers: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
         """``summaries [B, 2F]`` (:func:`summary` of each question block's features), ``numbers
-        [N, F]`` (features of the numbers' last tokens), ``owner [N]`` (the question of each number)
-        -> ``(pattern logits [B, P], slot logits [N, len(SLOTS)+1])``."""
-        s = (summaries - self.mean.repeat(2)) / self.std.repeat(2)
-        n = (numbers - self.mean) / self.std
+        [N, 2F]`` (:func:`number_features`), ``owner [N]`` (the question of each number)
+        -> ``(pattern logits [B, P], role logits [N, P*len(SLOTS)+1])`` (:func:`role`)."""
+        mean, std = self.mean.repeat(2), self.std.repeat(2)
+        s, n = (summaries - mean) / std, (numbers - mean) / std
         return self.pattern(s), self.pointer(torch.cat([n, s[owner]], dim=-1))
 
     @torch.no_grad()
     def expression(self, question: Tensor, numbers: QuestionNumbers) -> str:
         """The most likely engine expression for a question block (``""`` when unmappable)."""
         owner = torch.zeros(len(numbers.positions), dtype=torch.long)
-        pattern_logits, slot_logits = self(summary(question)[None], question[numbers.positions], owner)
+        pattern_logits, slot_logits = self(summary(question)[None], number_features(question, numbers.positions), owner)
         pattern_lp = pattern_logits[0].log_softmax(-1)
         slot_lp = slot_logits.log_softmax(-1)
         best, best_score = "", float("-inf")
@@ -102,8 +123,8 @@ class OperandHead(nn.Module):
             arity = sum(f"{{{s}}}" in template for s in SLOTS)
             for chosen in itertools.permutations(range(len(numbers.texts)), arity):
                 unused = [i for i in range(len(numbers.texts)) if i not in chosen]
-                score = float(pattern_lp[p] + sum(slot_lp[i, s] for s, i in enumerate(chosen))
-                              + sum(slot_lp[i, NONE_SLOT] for i in unused))
+                score = float(pattern_lp[p] + sum(slot_lp[i, role(p, s)] for s, i in enumerate(chosen))
+                              + sum(slot_lp[i, NONE_ROLE] for i in unused))
                 if score > best_score:
                     best_score = score
                     best = template.format(**{SLOTS[s]: numbers.texts[i] for s, i in enumerate(chosen)})

@@ -14,7 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from pimoe.compute.task import ArithmeticTask, lm_batch
 from pimoe.moe.model import LMConfig, PiMoELM
