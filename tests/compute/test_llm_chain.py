@@ -115,6 +115,7 @@ def test_handoff_inserts_exact_result_in_one_prefill(trained) -> None:
     result = str(48213987 * 90712345 + 12)
     assert run.expression == "48213987*90712345+12"
     assert run.text.startswith(result)
+    assert not run.text[len(result) : len(result) + 2].strip()[:1].isdigit()  # the LM does not extend the number
     assert run.inserted_tokens == len(result)  # one token per digit with this tokenizer
     # prompt prefill + one insertion prefill + one pass per generated token except a final stop
     assert run.forward_passes - 2 in (run.generated_tokens, run.generated_tokens - 1)

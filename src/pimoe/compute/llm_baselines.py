@@ -19,6 +19,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.llm_prompts import question_block
 from pimoe.compute.llm_runner import LMRunner, Session
@@ -38,7 +40,7 @@ class PipelineRun:
     seconds: float
 
 
-def _greedy(runner: LMRunner, session: Session, logits, budget: int, stop: str = "\n", close: str | None = None,
+def _greedy(runner: LMRunner, session: Session, logits: Tensor, budget: int, stop: str = "\n", close: str | None = None,
             start: int | None = None) -> tuple[int, bool]:
     """Append greedy tokens until ``stop``, ``budget`` tokens, or (``close``) the text after
     ``start`` gains one more ``close`` marker; returns (tokens generated, closed)."""

@@ -13,7 +13,9 @@ Three parts, trained separately (:mod:`pimoe.compute.llm_train`) and joined only
 Decoding (greedy, KV cache): the LM writes its answer; when the router fires, the exact
 :class:`~pimoe.compute.engine.ArithmeticEngine` result (or its error token, e.g.
 ``<err:div0>``) is appended in one forward pass (one prefill of its tokens) and the LM continues
-until a newline or ``max_new_tokens``. At most ``max_handoffs`` hand-offs per answer.
+until a newline or ``max_new_tokens``; its first token after the result may not start with a
+digit (the computed number is complete; without this the LM tended to keep writing digits after
+a long inserted number). At most ``max_handoffs`` hand-offs per answer.
 
 Saved as a folder: ``chain.safetensors`` (router and head weights) and ``chain.json`` (the base
 model's name, layers, prefix, threshold, sizes).
@@ -26,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.llm_prompts import question_block
@@ -86,6 +90,9 @@ class ComputationChain:
         if self.runner.feature_dim != config.feature_dim:
             raise ValueError(f"the model gives {self.runner.feature_dim} features, the modules expect {config.feature_dim}")
         self.engine = ArithmeticEngine(max_digits=config.engine_max_digits)
+        self._digit_tokens = torch.zeros(int(model.config.vocab_size), dtype=torch.bool)
+        for token in range(min(len(tokenizer), len(self._digit_tokens))):  # tokens whose text starts with a digit
+            self._digit_tokens[token] = tokenizer.decode([token]).lstrip()[:1].isdigit()
 
     def generate(self, question: str, max_new_tokens: int = 48) -> str:
         """The answer text to ``question`` (the engine's result or error token inserted)."""
@@ -113,6 +120,7 @@ class ComputationChain:
                 text = runner.decode(session.tokens[prompt_len:])
                 ids = runner.encode(insertion_text(text, self.engine.compute(expression)))
                 logits, features = runner.feed(session, ids)
+                logits = logits.masked_fill(self._digit_tokens, float("-inf"))  # the number is complete
                 last, inserted, handoffs = features[-1], inserted + len(ids), handoffs + 1
                 continue
             token = int(logits.argmax())

@@ -18,6 +18,9 @@ class TokenRouter(nn.Module):
     features) so one learning rate fits every layer's scale.
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, feature_dim: int, hidden: int = 64) -> None:
         super().__init__()
         if feature_dim < 1 or hidden < 1:

@@ -20,13 +20,20 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from pimoe.compute.llm_chain import ChainConfig, ComputationChain
 from pimoe.compute.llm_prompts import fewshot_prefix, question_block, shot_problems
 from pimoe.compute.llm_router import TokenRouter
 from pimoe.compute.llm_runner import LMRunner
-from pimoe.compute.operand_head import NONE_SLOT, OperandHead, locate_numbers, number_features, role, summary
+from pimoe.compute.operand_head import (
+    NONE_SLOT,
+    OperandHead,
+    locate_numbers,
+    number_features,
+    role,
+    summary,
+)
 from pimoe.compute.word_problems import WordProblem, WordProblemSet
 
 if TYPE_CHECKING:

@@ -79,15 +79,16 @@ def number_features(features: Tensor, positions: list[int], window: int = 3) -> 
     return torch.stack(rows) if rows else features.new_zeros(0, 2 * features.shape[-1])
 
 
-def role(pattern: int | Tensor, slot: int | Tensor) -> int | Tensor:
-    """Pointer class of slot ``slot`` of pattern ``pattern``; slot ``NONE_SLOT`` maps to ``NONE_ROLE``."""
-    if isinstance(slot, Tensor):
-        return torch.where(slot == NONE_SLOT, torch.full_like(slot, NONE_ROLE), pattern * len(SLOTS) + slot)
-    return NONE_ROLE if slot == NONE_SLOT else int(pattern) * len(SLOTS) + slot
+def role(pattern: int, slots: Tensor) -> Tensor:
+    """Pointer classes of ``slots [N]`` (slot indices, ``NONE_SLOT`` for none) of ``pattern``."""
+    return torch.where(slots == NONE_SLOT, torch.full_like(slots, NONE_ROLE), pattern * len(SLOTS) + slots)
 
 
 class OperandHead(nn.Module):
     """Pattern classifier and operand pointer (see the module docstring)."""
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, feature_dim: int, hidden: int = 128, num_patterns: int = len(PATTERNS)) -> None:
         super().__init__()
@@ -123,7 +124,8 @@ class OperandHead(nn.Module):
             arity = sum(f"{{{s}}}" in template for s in SLOTS)
             for chosen in itertools.permutations(range(len(numbers.texts)), arity):
                 unused = [i for i in range(len(numbers.texts)) if i not in chosen]
-                score = float(pattern_lp[p] + sum(slot_lp[i, role(p, s)] for s, i in enumerate(chosen))
+                roles = role(p, torch.arange(arity))
+                score = float(pattern_lp[p] + sum(slot_lp[i, roles[s]] for s, i in enumerate(chosen))
                               + sum(slot_lp[i, NONE_ROLE] for i in unused))
                 if score > best_score:
                     best_score = score
