@@ -222,3 +222,26 @@ def test_open_generation_model_kinds(tmp_path: Path, tiny_pimoe: PiMoEGeneration
     assert open_generation_model(tmp_path / "enc") is None
     with pytest.raises(ValueError, match="routers"):
         open_generation_model(path, routers=path)
+
+
+def test_upcycled_moe_served_with_routers(tmp_path: Path) -> None:
+    from pimoe.models import save_routers, upcycle
+    from pimoe.models.upcycle_cluster import capture_mlp_inputs
+
+    folder = save_tiny_llama(tmp_path / "llama")
+    dense = open_generation_model(folder)
+    assert isinstance(dense, HFGenerationModel)
+    calibration = torch.tensor([dense.encode("The with statement runs a block of code inside a context manager")])
+    upcycle(dense.model, 4, 2, "split", mlp_inputs=capture_mlp_inputs(dense.model, calibration), seed=0)
+    save_routers(dense.model, tmp_path / "routers.safetensors")
+    served = open_generation_model(folder, routers=tmp_path / "routers.safetensors")
+    assert isinstance(served, HFGenerationModel) and type(served.model.model.layers[0].mlp).__name__ == "PiMoE"
+    ids = [served.encode(p) for p in PROMPTS[:4]]
+    reference = [tuple(served.model.generate(torch.tensor([p]), max_new_tokens=GREEDY.max_tokens, do_sample=False,
+                                             eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()) for p in ids]
+    engine = GenerationEngine(served, max_batch_size=4)
+    try:
+        busy = [e.token_ids for e in _concurrent(engine, ids, GREEDY, stagger_s=0.005)]
+    finally:
+        engine.close()
+    assert busy == reference
