@@ -211,6 +211,13 @@ def test_bad_requests(tiny_hf: GenerationModel) -> None:
             engine.submit([], GREEDY, print)
     finally:
         engine.close()
+    short = GenerationEngine(tiny_hf, max_context=8)  # bounds prompt + completion (and the KV memory)
+    try:
+        assert short.generate([5, 6, 7], SamplingParams(max_tokens=100, temperature=0)).completion_tokens == 5
+        with pytest.raises(ValueError, match="holds 8"):
+            short.submit([1] * 8, GREEDY, print)
+    finally:
+        short.close()
 
 
 def test_open_generation_model_kinds(tmp_path: Path, tiny_pimoe: PiMoEGenerationModel) -> None:

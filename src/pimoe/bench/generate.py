@@ -7,10 +7,11 @@ in a child process (so the load generator does not share its interpreter lock); 
 streaming clients (aiohttp, SSE) send ``concurrency * waves`` requests for each level. Reported
 per level: aggregate completion tokens per second (``usage`` counts over the wall time), time to
 first token p50/p99 and inter-token latency p99 (gaps between text chunks of a stream). Peers, in
-the same run and the same process count of threads: HF ``generate`` one request at a time
+the same run, with the same number of torch threads: HF ``generate`` one request at a time
 (``hf_sequential``) and HF static batching (all of the largest level's prompts in one left-padded
 ``generate`` call, ``hf_static``); their tokens count up to and including each row's
-end-of-sequence token.
+end-of-sequence token. ``engine_in_process`` runs the same engine on the largest level's prompts
+without HTTP (all submitted at once), separating the serving path's cost from the engine's.
 """
 
 from __future__ import annotations
@@ -163,8 +164,30 @@ def _generated(out: torch.Tensor, prompt_len: int, eos: int) -> int:
     return int(first.sum())
 
 
+def _engine_in_process(model: Any, tokenizer: Any, cfg: GenerateBenchConfig, prompts: list[list[int]]) -> dict[str, float]:
+    """The same engine without HTTP: all ``prompts`` submitted at once from this process."""
+    import queue
+
+    from pimoe.infer.generation import GenerationEngine, SamplingParams
+    from pimoe.infer.lm_models import HFGenerationModel
+
+    engine = GenerationEngine(HFGenerationModel(model, tokenizer), cfg.max_batch_size)
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0)
+    try:
+        done: queue.SimpleQueue[int] = queue.SimpleQueue()
+        start = time.perf_counter()
+        for p in prompts:
+            engine.submit(p, params, lambda e: done.put(e.completion_tokens) if e.final else None)
+        tokens = sum(done.get() for _ in prompts)
+        seconds = time.perf_counter() - start
+    finally:
+        engine.close()
+    return {"requests": len(prompts), "tokens": tokens, "seconds": seconds, "mean_batch": engine.stats.rows / max(engine.stats.steps, 1)}
+
+
 def hf_peers(cfg: GenerateBenchConfig, prompts: list[list[int]], console: Console) -> dict[str, dict[str, float]]:
-    """HF ``generate``: one request at a time, and all prompts in one left-padded static batch."""
+    """HF ``generate``: one request at a time, and all prompts in one left-padded static batch; and
+    the engine in this process (no HTTP) on the same prompts."""
     from pimoe.models import load_pretrained
 
     torch.set_num_threads(cfg.threads)
@@ -185,9 +208,11 @@ def hf_peers(cfg: GenerateBenchConfig, prompts: list[list[int]], console: Consol
         out = generate(**batch, **kwargs)
         static = {"requests": len(prompts), "tokens": _generated(out, batch["input_ids"].shape[1], eos),
                   "seconds": time.perf_counter() - start}
-    for r in (sequential, static):
+    console.print(f"[dim]pimoe engine in this process, {len(prompts)} requests at once[/dim]")
+    engine = _engine_in_process(model, tokenizer, cfg, prompts)
+    for r in (sequential, static, engine):
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
-    return {"hf_sequential": sequential, "hf_static": static}
+    return {"hf_sequential": sequential, "hf_static": static, "engine_in_process": engine}
 
 
 def run(cfg: GenerateBenchConfig, console: Console | None = None, work_dir: Path | None = None) -> dict[str, Any]:
@@ -226,6 +251,7 @@ def run(cfg: GenerateBenchConfig, console: Console | None = None, work_dir: Path
             result[f"{key.replace('tokens_per_s', 'tokens_per_s_pimoe')}_{name}"] = r[key]
     result["tokens_per_s_hf_sequential"] = sequential
     result[f"tokens_per_s_hf_static_{largest}"] = peers["hf_static"]["tokens_per_s"]
+    result[f"tokens_per_s_engine_in_process_{largest}"] = peers["engine_in_process"]["tokens_per_s"]
     result[f"speedup_{largest}_vs_hf_sequential"] = levels[str(largest)]["tokens_per_s"] / sequential
     result["target_4x_met"] = result[f"speedup_{largest}_vs_hf_sequential"] >= 4.0
     _print(result, console)
@@ -240,7 +266,7 @@ def _print(result: dict[str, Any], console: Console) -> None:
     for level, r in result["levels"].items():
         table.add_row(f"pimoe, {level} streams", f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}",
                       f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p99_ms']:.0f}")
-    for name in ("hf_sequential", "hf_static"):
+    for name in ("hf_sequential", "hf_static", "engine_in_process"):
         r = result[name]
         table.add_row(name, f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}", "", "", "")
     console.print(table)

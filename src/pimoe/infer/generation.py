@@ -138,12 +138,18 @@ class GenerationEngine:
         model: the model and tokenizer.
         max_batch_size: most sequences decoded together.
         max_queue: most requests waiting for a row; more raise :class:`EngineFull`.
+        max_context: most positions (prompt + completion) of one sequence, at most the model's
+            context; None: the model's. It bounds the KV memory: ``max_batch_size * max_context``
+            positions.
     """
 
-    def __init__(self, model: GenerationModel, max_batch_size: int = 32, max_queue: int = 256) -> None:
-        if max_batch_size < 1 or max_queue < 0:
-            raise ValueError(f"need max_batch_size >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
+    def __init__(self, model: GenerationModel, max_batch_size: int = 32, max_queue: int = 256,
+                 max_context: int | None = None) -> None:
+        if max_batch_size < 1 or max_queue < 0 or (max_context is not None and max_context < 2):
+            raise ValueError(f"need max_batch_size >= 1, max_queue >= 0 and max_context >= 2 or None, got "
+                             f"{max_batch_size}, {max_queue}, {max_context}")
         self.model, self.max_batch_size, self.max_queue = model, max_batch_size, max_queue
+        self.context_length = min(model.context_length, max_context or model.context_length)
         self.stats = EngineStats()
         self._waiting: deque[_Sequence] = deque()
         self._cond = threading.Condition()
@@ -168,12 +174,12 @@ class GenerationEngine:
         worker thread. ``timeout_s`` bounds its time from now to its last token (an error event
         with status 504 when exceeded). Raises ``ValueError`` for an empty prompt or one that
         fills the context, :class:`EngineFull` or :class:`EngineClosed`."""
-        room = self.model.context_length - len(prompt)
+        room = self.context_length - len(prompt)
         if not prompt:
             raise ValueError("the prompt is empty")
         if room < 1:
             raise ValueError(f"the prompt has {len(prompt)} tokens; this model's context holds "
-                             f"{self.model.context_length}, prompt and completion together")
+                             f"{self.context_length}, prompt and completion together")
         limit = room if params.max_tokens is None else min(room, params.max_tokens)
         generator = None
         if params.temperature > 0:
