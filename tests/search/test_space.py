@@ -27,10 +27,10 @@ def test_empty_or_contradictory_space(kwargs: dict, message: str) -> None:
 def test_candidate_builds_configs_and_clamps_top_k() -> None:
     space = SearchSpace(num_experts=(1, 2), top_k=(1, 2))
     candidate = space.candidate({**PARAMS, "num_experts": 1})
-    assert candidate.model.top_k == 1  # clamped to the sampled expert count
+    assert candidate.model.moe.top_k == 1  # clamped to the sampled expert count
     assert candidate.model.block_size == space.base.block_size
     full = space.candidate(PARAMS)
-    assert (full.model.top_k, full.model.moe_every, full.compression) == (2, 2, Compression(8, 0.3, 0.5))
+    assert (full.model.moe.top_k, full.model.moe_every, full.compression) == (2, 2, Compression(8, 0.3, 0.5))
     assert len(full.features()) == len(FEATURE_NAMES)
     assert full.features()[FEATURE_NAMES.index("moe_layers")] == 1  # layer 1 of 2
     with pytest.raises(ValueError, match="missing"):
