@@ -252,3 +252,39 @@ def test_upcycled_moe_served_with_routers(tmp_path: Path) -> None:
     finally:
         engine.close()
     assert busy == reference
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_prefill_budget_lets_running_streams_advance_between_arrivals(tiny_hf: HFGenerationModel,
+                                                                        budget: int | None) -> None:
+    order: list[tuple[str, int]] = []
+    gate, started = threading.Event(), threading.Event()
+
+    def record(name: str):  # type: ignore[no-untyped-def]
+        def on_event(event: GenerationEvent) -> None:
+            if name == "a" and event.completion_tokens >= 2 and not started.is_set():
+                started.set()
+                gate.wait(10)  # holds the worker mid-step until the others are queued
+            order.append((name, event.completion_tokens))
+        return on_event
+
+    engine = GenerationEngine(tiny_hf, max_batch_size=4, max_prefill_tokens=budget)
+    try:
+        params = SamplingParams(max_tokens=8, temperature=0)
+        engine.submit(tiny_hf.encode("x = 1"), params, record("a"))
+        assert started.wait(10)
+        for name in "bcd":
+            engine.submit(tiny_hf.encode("import os"), params, record(name))
+        gate.set()
+        deadline = time.monotonic() + 10
+        while len([e for e in order if e[1] == 8]) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        gate.set()
+        engine.close()
+    held = next(n for name, n in order if name == "a" and n >= 2)  # a's token when the worker was held
+    a_third = next(i for i, (name, n) in enumerate(order) if name == "a" and n > held)
+    d_first = next(i for i, (name, _) in enumerate(order) if name == "d")
+    # No budget: b, c and d are all prefilled before the next step. A budget of one prompt per
+    # step admits them over three steps, so a advances in between.
+    assert (a_third < d_first) == (budget is not None)

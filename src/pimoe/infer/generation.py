@@ -141,13 +141,20 @@ class GenerationEngine:
         max_context: most positions (prompt + completion) of one sequence, at most the model's
             context; None: the model's. It bounds the KV memory: ``max_batch_size * max_context``
             positions.
+        max_prefill_tokens: prompt tokens prefilled between two decoding steps (at least one
+            prompt is): a burst of arrivals is admitted over several steps, so running streams
+            wait for at most about this many prompt tokens between two of their tokens. None: no
+            limit (every waiting request that fits is admitted at once).
     """
 
     def __init__(self, model: GenerationModel, max_batch_size: int = 32, max_queue: int = 256,
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, max_prefill_tokens: int | None = None) -> None:
         if max_batch_size < 1 or max_queue < 0 or (max_context is not None and max_context < 2):
             raise ValueError(f"need max_batch_size >= 1, max_queue >= 0 and max_context >= 2 or None, got "
                              f"{max_batch_size}, {max_queue}, {max_context}")
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1 or None, got {max_prefill_tokens}")
+        self.max_prefill_tokens = max_prefill_tokens
         self.model, self.max_batch_size, self.max_queue = model, max_batch_size, max_queue
         self.context_length = min(model.context_length, max_context or model.context_length)
         self.stats = EngineStats()
@@ -235,8 +242,11 @@ class GenerationEngine:
                 if self._closed and not self._waiting and not active:
                     return
                 admitted: list[_Sequence] = []
-                while self._waiting and len(active) + len(admitted) < self.max_batch_size:
+                budget = self.max_prefill_tokens
+                while self._waiting and len(active) + len(admitted) < self.max_batch_size and (
+                        not admitted or budget is None or len(self._waiting[0].prompt) <= budget):
                     admitted.append(self._waiting.popleft())
+                    budget = None if budget is None else budget - len(admitted[-1].prompt)
             try:
                 for seq in admitted:
                     if self._expire(seq):

@@ -113,14 +113,15 @@ def _queued_of(engine: GenerationEngine) -> Callable[[], float]:
 
 def mount_generation(app: FastAPI, models: Mapping[str, GenerationModel | GenerationEngine], *,
                      max_batch_size: int = 32, max_queue: int = 256, max_context: int | None = 2048,
-                     timeout_s: float | None = 600.0) -> None:
+                     max_prefill_tokens: int | None = 512, timeout_s: float | None = 600.0) -> None:
     """Add the OpenAI generation routes to ``app`` for ``models`` (name -> a model, served by a new
-    :class:`GenerationEngine` with ``max_batch_size``, ``max_queue`` and ``max_context``, which
-    bounds the KV memory, or an engine). Each
+    :class:`GenerationEngine` with ``max_batch_size``, ``max_queue``, ``max_context`` (which
+    bounds the KV memory) and ``max_prefill_tokens``, or an engine). Each
     request must finish within ``timeout_s`` (504 otherwise; None: no deadline). The engines'
     metrics join ``app.state.metrics.registry`` when the app has one; the engines are closed
     when the app shuts down."""
-    engines = {name: m if isinstance(m, GenerationEngine) else GenerationEngine(m, max_batch_size, max_queue, max_context)
+    engines = {name: m if isinstance(m, GenerationEngine)
+               else GenerationEngine(m, max_batch_size, max_queue, max_context, max_prefill_tokens)
                for name, m in models.items()}
     app.state.generation = engines
     registry = getattr(getattr(app.state, "metrics", None), "registry", None)
