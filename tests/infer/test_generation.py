@@ -82,12 +82,13 @@ def test_hf_greedy_equals_hf_generate_alone_and_in_a_busy_batch(tiny_hf: HFGener
 
 
 def test_pimoe_greedy_equals_generate(tiny_pimoe: PiMoEGenerationModel) -> None:
-    ids = [tiny_pimoe.encode(p) for p in PROMPTS]
-    reference = [tuple(tiny_pimoe.model.generate(torch.tensor([p]), GREEDY.max_tokens, temperature=0)[0, len(p):].tolist())
+    ids = [tiny_pimoe.encode(p) for p in PROMPTS[:4]]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    reference = [tuple(tiny_pimoe.model.generate(torch.tensor([p]), 12, temperature=0)[0, len(p):].tolist())
                  for p in ids]
     engine = GenerationEngine(tiny_pimoe, max_batch_size=3)
     try:
-        busy = [e.token_ids for e in _concurrent(engine, ids, GREEDY, stagger_s=0.002)]
+        busy = [e.token_ids for e in _concurrent(engine, ids, params, stagger_s=0.002)]
     finally:
         engine.close()
     assert busy == reference
