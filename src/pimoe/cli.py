@@ -316,6 +316,18 @@ def bench_hf_backend(
     main(quick=quick, json_path=json_path)
 
 
+@bench_app.command("generate")
+def bench_generate(
+    quick: Annotated[bool, typer.Option(help="32 new tokens, fewer requests, a 2,000-request soak.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+    soak_requests: Annotated[Optional[int], typer.Option(help="Requests of the loopback soak (default 10,000; 2,000 with --quick).")] = None,
+) -> None:
+    """SmolLM2 served with continuous batching at 1/8/32 streams vs HF generate (sequential and static batches); loopback soak."""
+    from pimoe.bench.generate import main
+
+    main(quick=quick, json_path=json_path, soak_requests=soak_requests)
+
+
 @bench_app.command("models")
 def bench_models(
     quick: Annotated[bool, typer.Option(help="2,048 held-out tokens, 128 prefill and 16 decode tokens, 1 timing round.")] = False,

@@ -20,9 +20,7 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -34,7 +32,8 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from pimoe.bench.serve import _free_port, _percentile, _stop
+from pimoe.bench import child_server
+from pimoe.bench.child_server import percentile, stop
 from pimoe.bench.timing import run_header
 from pimoe.data import load_pydoc_text
 from pimoe.io import atomic_write_text
@@ -76,23 +75,8 @@ def real_prompts(tokenizer: Any, count: int, tokens: int, seed: int) -> list[lis
 def start_server(spec: str | Path, threads: int, max_batch_size: int, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
     """``pimoe.infer.server.serve(spec)`` in a child process (model name ``lm``); returns it and its
     base URL once ``/healthz`` answers (loading a model can take a minute on a busy machine)."""
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER_CODE, str(spec), str(port), str(max_batch_size), str(threads)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.2)
-    _stop(proc)
-    raise RuntimeError("the server did not answer /healthz within 300 s")
+    return child_server.start_server(_SERVER_CODE, [str(spec), "{port}", str(max_batch_size), str(threads)], threads,
+                                     log, timeout_s=300)
 
 
 @dataclass
@@ -152,8 +136,8 @@ def _summary(seconds: float, results: list[StreamResult]) -> dict[str, float]:
     gaps = [g for r in ok for g in r.gaps]
     return {"requests": len(results), "errors": len(results) - len(ok), "seconds": seconds,
             "tokens": sum(r.tokens for r in ok), "tokens_per_s": sum(r.tokens for r in ok) / seconds,
-            "ttft_p50_ms": _percentile(ttft, 50) * 1000, "ttft_p99_ms": _percentile(ttft, 99) * 1000,
-            "itl_p99_ms": _percentile(gaps, 99) * 1000 if gaps else float("nan")}
+            "ttft_p50_ms": percentile(ttft, 50) * 1000, "ttft_p99_ms": percentile(ttft, 99) * 1000,
+            "itl_p99_ms": percentile(gaps, 99) * 1000 if gaps else float("nan")}
 
 
 def _generated(out: torch.Tensor, prompt_len: int, eos: int) -> int:
@@ -240,7 +224,7 @@ def run(cfg: GenerateBenchConfig, console: Console | None = None, work_dir: Path
             console.print(f"[dim]{count} streamed requests, {level} concurrent[/dim]")
             levels[str(level)] = _summary(*asyncio.run(_level(url, bodies[:count], level)))
     finally:
-        _stop(proc)
+        stop(proc)
     peers = hf_peers(cfg, prompts[:largest], console)
     soak = run_soak(cfg.model, **cfg.soak, threads=cfg.threads, work_dir=work, console=console)
     sequential = peers["hf_sequential"]["tokens_per_s"]

@@ -25,7 +25,7 @@ from rich.console import Console
 from tqdm.auto import tqdm
 
 from pimoe.bench.generate import start_server, stream_completion
-from pimoe.bench.serve import _percentile, _stop
+from pimoe.bench.child_server import percentile, stop
 from pimoe.data import load_pydoc_text
 
 
@@ -119,7 +119,7 @@ async def _soak(url: str, pid: int, num_requests: int, concurrency: int, warmup:
             "requests_per_s": num_requests / seconds, "statuses": dict(statuses),
             "server_errors_5xx": sum(n for k, n in statuses.items() if k.startswith("5")),
             "rss_after_warmup_mb": rss[0], "rss_end_mb": rss[-1], "rss_max_mb": max(rss),
-            "rss_growth": rss[-1] / rss[0] - 1, "healthz": {"ok": health["ok"], "failed": health["failed"], "p99_ms": _percentile(latencies, 99) * 1000,
+            "rss_growth": rss[-1] / rss[0] - 1, "healthz": {"ok": health["ok"], "failed": health["failed"], "p99_ms": percentile(latencies, 99) * 1000,
                                                             "max_ms": max(latencies) * 1000}}
 
 
@@ -138,7 +138,7 @@ def run_soak(model: str, num_requests: int = 10_000, concurrency: int = 64, thre
     try:
         result = asyncio.run(_soak(url, proc.pid, num_requests, concurrency, warmup=min(500, num_requests // 10)))
     finally:
-        _stop(proc)
+        stop(proc)
     result["checks"] = {"zero_5xx": result["server_errors_5xx"] == 0, "rss_growth_under_10pct": result["rss_growth"] < 0.10,
                         "healthz_always_answered": result["healthz"]["failed"] == 0}
     console.print(f"soak checks: {result['checks']}")

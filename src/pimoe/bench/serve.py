@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -37,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pimoe.bench.cache import zipf_trace
+from pimoe.bench.child_server import percentile, start_server, stop
 from pimoe.bench.timing import run_header
 from pimoe.data import load_pydoc_text
 from pimoe.io import atomic_write_text
@@ -82,43 +80,12 @@ def prompts_and_trace(cfg: ServeBenchConfig) -> tuple[list[list[int]], list[int]
     return pool, zipf_trace(cfg.num_prompts, cfg.num_requests, cfg.zipf_skew, cfg.seed)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_server(model_path: Path, mode: dict[str, int], cfg: ServeBenchConfig,
                   log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``serve`` in a child process (output to ``log``); return it and its base URL once
     /healthz answers."""
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.server_threads)}
-    args = [sys.executable, "-c", _SERVER_CODE, str(model_path), str(port), str(mode["max_batch_size"]),
-            str(cfg.max_wait_ms), str(mode["cache_size"])]
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.1)
-    _stop(proc)
-    raise RuntimeError("the server did not answer /healthz within 60 s")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    args = [str(model_path), "{port}", str(mode["max_batch_size"]), str(cfg.max_wait_ms), str(mode["cache_size"])]
+    return start_server(_SERVER_CODE, args, cfg.server_threads, log)
 
 
 async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float], int]:
@@ -154,10 +121,6 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, 
         return time.perf_counter() - start, latencies, errors
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
-
-
 def run_mode(model_path: Path, mode: dict[str, int], bodies: list[dict], cfg: ServeBenchConfig) -> dict:
     """Serve the model in ``mode`` and measure the load (after ``warmup_requests`` unmeasured ones)."""
     log_path = model_path.with_name(f"server-{mode['max_batch_size']}-{mode['cache_size']}.log")
@@ -169,7 +132,7 @@ def run_mode(model_path: Path, mode: dict[str, int], bodies: list[dict], cfg: Se
         with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
             metrics = response.read().decode()
     finally:
-        _stop(proc)
+        stop(proc)
     server_errors = [line for line in log_path.read_text(errors="replace").splitlines()
                      if "Error" in line or "Traceback" in line]
     return {
@@ -178,8 +141,8 @@ def run_mode(model_path: Path, mode: dict[str, int], bodies: list[dict], cfg: Se
         "errors": errors,
         "seconds": seconds,
         "throughput_rps": len(bodies) / seconds,
-        "p50_ms": _percentile(latencies, 50) * 1000,
-        "p99_ms": _percentile(latencies, 99) * 1000,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
         "mean_ms": statistics.fmean(latencies) * 1000,
         "mean_batch_size": _mean_batch_size(metrics),
         "server_error_lines": server_errors[:5],
