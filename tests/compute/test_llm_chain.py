@@ -201,18 +201,3 @@ def test_final_number_and_insertion_text() -> None:
     assert insertion_text("The shop has ", "105") == "105"
     assert insertion_text("The shop has", "105") == " 105"
     assert NONE_SLOT == len(SLOTS)
-
-
-@pytest.mark.slow
-def test_smollm2_quick_chain_answers_heldout() -> None:
-    from pimoe.models import cache_path, load_pretrained
-
-    if not (cache_path("smollm2-135m-instruct") / "model.safetensors").is_file():
-        pytest.skip("SmolLM2-135M-Instruct is not converted in the pimoe cache")
-    torch.set_num_threads(1)
-    model, tokenizer = load_pretrained("smollm2-135m-instruct", progress=False)
-    chain, _ = train_chain(model, tokenizer, "smollm2-135m-instruct", ChainTrainSettings(problems=48, steps=150),
-                           progress=False)
-    problems = WordProblemSet().problems("heldout", 500_000, 4)
-    right = sum(final_number(chain.generate(p.question)) == p.answer for p in problems)
-    assert right >= 2
