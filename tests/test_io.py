@@ -196,3 +196,32 @@ def test_concurrent_writers_of_one_target_never_remove_each_others_temps(tmp_pat
     assert errors == []
     assert target.read_bytes() in {f"{i}-24".encode() * 1000 for i in range(4)}
     assert _temps(tmp_path) == []
+
+
+def test_a_hf_folder_declaring_more_parameters_than_it_stores_is_refused_before_loading(tmp_path) -> None:
+    """A small folder whose config.json declares a huge vocabulary must not reach from_pretrained."""
+    import json
+
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    from pimoe.data.minilm import load_minilm
+    from pimoe.io import check_hf_folder_fits
+    from pimoe.models import load_pretrained
+
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(bert)
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(llama)
+    for folder in (bert, llama):
+        check_hf_folder_fits(folder)  # honest folders pass
+        config = json.loads((folder / "config.json").read_text())
+        config["vocab_size"] = 10**12
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="declares"):
+            check_hf_folder_fits(folder)
+    with pytest.raises(ValueError, match="declares"):
+        load_minilm(bert)
+    with pytest.raises(ValueError, match="declares"):
+        load_pretrained(str(llama), progress=False)

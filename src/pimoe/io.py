@@ -277,3 +277,34 @@ def check_safetensors_shapes(
     if missing:
         raise ValueError(f"{label}: missing tensor(s) {missing[:5]}")
     return metadata
+
+
+def check_hf_folder_fits(folder: str | os.PathLike[str], slack: float = 1.5) -> None:
+    """Refuse, before any allocation, a Hugging Face model folder whose ``config.json`` declares
+    more parameters than its weight files can hold (a small crafted folder with
+    ``vocab_size=10**12`` would otherwise make ``from_pretrained`` allocate terabytes).
+
+    The declared count comes from the config's model built on the ``meta`` device (no memory);
+    the stored count from the safetensors headers (``*.safetensors``), or, for other weight files,
+    one element per byte (the most any dtype packs). ``slack`` allows for buffers and heads that
+    the files do not store. ``ValueError`` naming the folder on a mismatch.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    root = Path(folder)
+    config = AutoConfig.from_pretrained(root, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    declared = sum(p.numel() for p in model.parameters())
+    stored = 0
+    for path in root.iterdir():
+        if path.suffix == ".safetensors":
+            stored += sum(math.prod(shape) for _, shape in read_safetensors_header(path)[1].values())
+        elif path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"):
+            stored += path.stat().st_size
+    if declared > slack * stored:
+        raise ValueError(
+            f"{root}: config.json declares {declared:,} parameters but the weight files hold at most "
+            f"{stored:,}: a damaged or crafted folder"
+        )

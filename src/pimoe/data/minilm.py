@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pimoe.io import check_hf_folder_fits
+
 DATA_DIR = Path(__file__).resolve().parent
 SENTENCE_FILES = {"heldout": DATA_DIR / "sentences_heldout.txt"}
 
@@ -118,6 +120,7 @@ def load_minilm(path: str | Path | None = None) -> MiniLM:
     folder = Path(path) if path is not None else minilm_path()
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    check_hf_folder_fits(folder)
     model = AutoModel.from_pretrained(folder, local_files_only=True).float().eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return MiniLM(SentenceEncoder(model, *pooling_of(folder)).eval(), tokenizer, folder)

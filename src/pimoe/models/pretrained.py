@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from pimoe.io import check_hf_folder_fits
 from pimoe.models.cache import (
     build_folder,
     build_lock,
@@ -274,6 +275,7 @@ def _version(package: str) -> str | None:
 def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_hf_folder_fits(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     _prepare_generation(model, tokenizer)
