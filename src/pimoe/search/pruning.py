@@ -14,8 +14,11 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-import optuna
-from optuna.trial import TrialState
+from pimoe.extras import extra_imports
+
+with extra_imports("search", "pimoe.search"):
+    import optuna
+    from optuna.trial import TrialState
 
 CURVE_ATTR = "curve"
 PARAMS_ATTR = "num_params"

@@ -13,9 +13,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-import optuna
-from optuna.trial import FrozenTrial
 from rich.table import Table
+
+from pimoe.extras import extra_imports
+
+with extra_imports("search", "pimoe.search"):
+    import optuna
+    from optuna.trial import FrozenTrial
 
 from pimoe.compress.optimizer import ArchitectureConfig
 from pimoe.io import atomic_write_text, save_png

@@ -12,8 +12,11 @@ import json
 from dataclasses import asdict
 from typing import Literal
 
-import optuna
-from optuna.trial import FrozenTrial, TrialState
+from pimoe.extras import extra_imports
+
+with extra_imports("search", "pimoe.search"):
+    import optuna
+    from optuna.trial import FrozenTrial, TrialState
 
 from pimoe.search.objective import OBJECTIVES, TrialSettings, run_trial
 from pimoe.search.pruning import CURVE_ATTR, PARAMS_ATTR, MedianRule
