@@ -11,130 +11,21 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from torch import Tensor
 
-from pimoe.data import byte_splits, get_batch, load_pydoc_text
+from pimoe.data import byte_splits, load_pydoc_text
 from pimoe.io import atomic_write_text, save_png
 from pimoe.moe.config import MoEConfig
-from pimoe.moe.model import LMConfig, PiMoELM
-from pimoe.moe.stats import RoutingStats
+from pimoe.moe.model import LMConfig
+from pimoe.training import STATS_STEPS, TrainResult, train_lm
 
-VAL_BATCHES = 20  # fixed held-out batches for the validation loss
-STATS_STEPS = 20  # routing stats are summed over this many final training steps
 CURVE_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-@dataclass
-class TrainResult:
-    """Per-step training curves, held-out CE, throughput and routing stats of one run."""
-
-    losses: list[float]  # total loss (CE + weighted aux and z losses) per step
-    ce: list[float]  # cross-entropy per step
-    aux: list[float]  # load-balancing loss per step, summed over MoE layers
-    val_loss: float  # mean CE over VAL_BATCHES fixed held-out batches (nats per byte)
-    tokens_per_s: float  # training throughput (forward, backward and optimizer step)
-    routing: list[RoutingStats]  # per MoE layer, summed over the last STATS_STEPS steps
-    model: PiMoELM = field(repr=False)
-
-
-def _lr_factor(step: int, steps: int) -> float:
-    """Linear warm-up over the first 5% of steps, then cosine decay to 10% of the peak."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def evaluate(model: PiMoELM, val: Tensor, batch_size: int, seed: int) -> float:
-    """Mean cross-entropy of ``model`` on ``VAL_BATCHES`` held-out batches fixed by ``seed``."""
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(VAL_BATCHES):
-        x, y = get_batch(val, batch_size, model.config.block_size, generator)
-        out = model(x, y)
-        assert out.ce_loss is not None
-        losses.append(out.ce_loss.item())
-    return sum(losses) / len(losses)
-
-
-def train_lm(
-    config: LMConfig,
-    train: Tensor,
-    val: Tensor,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    device: str | torch.device,
-    seed: int,
-    progress: bool = True,
-) -> TrainResult:
-    """Train a :class:`PiMoELM` with AdamW on random windows of ``train`` (1-D byte ids).
-
-    ``seed`` fixes the initialization, the batch order and the held-out batches, so two configs
-    trained with the same seed see exactly the same data.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    torch.manual_seed(seed)
-    model = PiMoELM(config).to(device)
-    train, val = train.to(device), val.to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95),
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
-    generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    ce: list[float] = []
-    aux: list[float] = []
-    routing: list[RoutingStats] = []
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  aux {task.fields[aux]:.3f}"),
-        TimeRemainingColumn(), disable=not progress, transient=True,
-    )
-    name = "moe" if config.moe_every else "dense"
-    model.train()
-    start = time.perf_counter()
-    with bar:
-        task = bar.add_task(f"train {name}", total=steps, loss=float("nan"), aux=float("nan"))
-        for step in range(steps):
-            x, y = get_batch(train, batch_size, config.block_size, generator)
-            out = model(x, y)
-            assert out.loss is not None and out.ce_loss is not None
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            # One device sync per step; it also makes the timing below honest on GPUs.
-            values = torch.stack((out.loss, out.ce_loss, out.aux_loss)).detach().tolist()
-            losses.append(values[0])
-            ce.append(values[1])
-            aux.append(values[2])
-            if step >= steps - STATS_STEPS and model.moe_layers:
-                latest = model.routing_stats()
-                routing = latest if not routing else [a + b for a, b in zip(routing, latest)]
-            bar.update(task, advance=1, loss=losses[-1], aux=aux[-1])
-    seconds = time.perf_counter() - start
-    val_loss = evaluate(model, val, batch_size, seed + 1)
-    return TrainResult(
-        losses=losses, ce=ce, aux=aux, val_loss=val_loss,
-        tokens_per_s=steps * batch_size * config.block_size / seconds,
-        routing=routing, model=model,
-    )
 
 
 def loss_curve(losses: list[float]) -> dict[str, float]:
@@ -145,7 +36,7 @@ def loss_curve(losses: list[float]) -> dict[str, float]:
     for point in CURVE_POINTS:
         first = min(max(0, round(point * n) - width // 2), n - width)
         label = f"{first * 100 // n}-{(first + width) * 100 // n}%"
-        curve[label] = sum(losses[first:first + width]) / width
+        curve[label] = sum(losses[first : first + width]) / width
     return curve
 
 
@@ -165,13 +56,18 @@ def _summary(result: TrainResult) -> dict[str, object]:
 
 
 def _print_report(console: Console, moe: TrainResult, dense: TrainResult, results: dict) -> None:
-    routing = Table(title=f"Routing, last {STATS_STEPS} training steps (load = share of assignments)")
+    routing = Table(
+        title=f"Routing, last {STATS_STEPS} training steps (load = share of assignments)"
+    )
     for column in ("layer", "load per expert", "dead", "imbalance", "entropy", "top-1 conf."):
         routing.add_column(column, justify="right")
     for i, stats in enumerate(moe.routing):
         routing.add_row(
-            str(i), " ".join(f"{x:.2f}" for x in stats.load), str(stats.dead_experts or "-"),
-            f"{stats.imbalance:.2f}", f"{stats.entropy:.3f} / {math.log(stats.num_experts):.3f}",
+            str(i),
+            " ".join(f"{x:.2f}" for x in stats.load),
+            str(stats.dead_experts or "-"),
+            f"{stats.imbalance:.2f}",
+            f"{stats.entropy:.3f} / {math.log(stats.num_experts):.3f}",
             f"{stats.confidence:.3f}",
         )
     console.print(routing)
@@ -182,20 +78,42 @@ def _print_report(console: Console, moe: TrainResult, dense: TrainResult, result
     for label in labels:
         curves.add_column(label, justify="right")
     aux_label = f"MoE aux (sum of {len(moe.routing)} layers)"
-    for run, values in (("MoE total", moe.losses), ("MoE CE", moe.ce), (aux_label, moe.aux),
-                        ("dense CE", dense.ce)):
+    for run, values in (
+        ("MoE total", moe.losses),
+        ("MoE CE", moe.ce),
+        (aux_label, moe.aux),
+        ("dense CE", dense.ce),
+    ):
         curves.add_row(run, *(f"{v:.3f}" for v in loss_curve(values).values()))
     console.print(curves)
+    experts = moe.routing[0].num_experts if moe.routing else 0
+    coef = results["config"]["moe"]
+    console.print(
+        f"aux is the load-balancing loss (Switch Transformer, E * sum_e f_e * P_e) summed over "
+        f"{len(moe.routing)} MoE layers: {len(moe.routing)} means perfectly even routing, "
+        f"{experts * len(moe.routing)} all tokens on one expert per layer. MoE total = CE + "
+        f"{coef['aux_loss_coef']} aux + {coef['z_loss_coef']} router z-loss."
+    )
 
     compare = Table(title="PiMoE vs dense twin (same active parameters, data, steps and seed)")
-    for column in ("model", "total params", "active params", "val CE (nats)", "val bits/byte",
-                   "train tokens/s"):
+    for column in (
+        "model",
+        "total params",
+        "active params",
+        "val CE (nats)",
+        "val bits/byte",
+        "train tokens/s",
+    ):
         compare.add_column(column, justify="right")
     for name in ("moe", "dense"):
         row = results[name]
         compare.add_row(
-            name, f"{row['total_params']:,}", f"{row['active_params']:,}", f"{row['val_loss']:.4f}",
-            f"{row['val_bits_per_byte']:.4f}", f"{row['tokens_per_s']:,.0f}",
+            name,
+            f"{row['total_params']:,}",
+            f"{row['active_params']:,}",
+            f"{row['val_loss']:.4f}",
+            f"{row['val_bits_per_byte']:.4f}",
+            f"{row['tokens_per_s']:,.0f}",
         )
     console.print(compare)
 
@@ -208,8 +126,10 @@ def plot_curves(moe: TrainResult, dense: TrainResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     def smooth(values: list[float], width: int = 20) -> list[float]:
-        return [sum(values[max(0, i - width + 1):i + 1]) / len(values[max(0, i - width + 1):i + 1])
-                for i in range(len(values))]
+        return [
+            sum(values[max(0, i - width + 1) : i + 1]) / len(values[max(0, i - width + 1) : i + 1])
+            for i in range(len(values))
+        ]
 
     fig, (ax_ce, ax_aux) = plt.subplots(1, 2, figsize=(10, 4))
     ax_ce.plot(smooth(moe.ce), label=f"PiMoE (val {moe.val_loss:.3f})")
@@ -229,29 +149,61 @@ def run_computation_stage(console: Console, seed: int) -> dict:
     size on 20 held-out problems (CPU, one thread): LM alone vs PiMoE hand-off vs tool call."""
     from pimoe.bench.computation import QUICK, print_report, run
 
-    console.print("[bold]Computation experts[/bold]: text expert + token-level router + exact "
-                  "computation expert vs the LM alone vs a tool call (see docs/computation.md)")
+    console.print(
+        "[bold]Computation experts[/bold]: text expert + token-level router + exact "
+        "computation expert vs the LM alone vs a tool call (see docs/computation.md)"
+    )
     result = run(replace(QUICK, eval_problems=20, seed=seed, threads=1))
     print_report(result, console)
     return result
 
 
-def run_demo(steps: int = 600, device: str = "cpu", seed: int = 0, out_dir: str | None = None,
-             computation: bool = False, config: LMConfig | None = None) -> dict:
+def check_demo_config(config: LMConfig) -> None:
+    """Raise ``ValueError`` unless ``config`` suits the demo: byte-level (``vocab_size`` 256) and
+    with at least one MoE layer (else the demo would compare two identical dense models)."""
+    if config.vocab_size != 256:
+        raise ValueError(
+            f"the demo trains a byte-level LM: vocab_size must be 256, got {config.vocab_size} "
+            "(use a config from `pimoe search --task lm`)"
+        )
+    if not any(config.is_moe(layer) for layer in range(config.n_layer)):
+        raise ValueError(
+            f"the config has no MoE layer (n_layer={config.n_layer}, moe_every={config.moe_every}: "
+            f"only blocks moe_every-1, 2*moe_every-1, ... are MoE), so the demo would compare "
+            "two identical dense models; use moe_every <= n_layer"
+        )
+
+
+def run_demo(
+    steps: int = 600,
+    device: str = "cpu",
+    seed: int = 0,
+    out_dir: str | None = None,
+    computation: bool = False,
+    config: LMConfig | None = None,
+) -> dict:
     """Train the demo MoE LM and its dense twin on ``pydoc_data`` text, print the comparison,
     a routing table and a sample, optionally save the MoE model and results; return the results.
     ``config`` replaces the default model (e.g. one chosen by ``pimoe search --task lm``; it must
     be byte-level: ``vocab_size`` 256). With ``computation``, then run
     :func:`run_computation_stage` (results under "computation")."""
-    if config is not None and config.vocab_size != 256:
-        raise ValueError(f"the demo trains a byte-level LM: config.vocab_size must be 256, got {config.vocab_size}")
+    if config is not None:
+        check_demo_config(config)
     console = Console()
     start = time.perf_counter()
     train, val = byte_splits(load_pydoc_text())
-    config = config or LMConfig(block_size=128, n_layer=4, n_head=4, d_model=128, moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=128))
-    settings = {"steps": steps, "batch_size": 16, "lr": 2e-3, "device": device, "seed": seed}
-    console.print(f"pydoc_data text: {len(train):,} train bytes, {len(val):,} held-out bytes; "
-                  f"{steps} steps of {settings['batch_size']}x{config.block_size} bytes on {device}")
+    config = config or LMConfig(
+        block_size=128,
+        n_layer=4,
+        n_head=4,
+        d_model=128,
+        moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=128),
+    )
+    settings: dict[str, Any] = {"steps": steps, "batch_size": 16, "lr": 2e-3, "device": device, "seed": seed}
+    console.print(
+        f"pydoc_data text: {len(train):,} train bytes, {len(val):,} held-out bytes; "
+        f"{steps} steps of {settings['batch_size']}x{config.block_size} bytes on {device}"
+    )
     moe = train_lm(config, train, val, **settings)
     dense = train_lm(config.dense_twin(), train, val, **settings)
 
@@ -263,9 +215,13 @@ def run_demo(steps: int = 600, device: str = "cpu", seed: int = 0, out_dir: str 
 
     results: dict = {
         "data": "pydoc_data.topics (Python's English help topics), byte-level",
-        "train_bytes": len(train), "val_bytes": len(val),
-        **settings, "config": asdict(config),
-        "moe": _summary(moe), "dense": _summary(dense), "sample": sample,
+        "train_bytes": len(train),
+        "val_bytes": len(val),
+        **settings,
+        "config": asdict(config),
+        "moe": _summary(moe),
+        "dense": _summary(dense),
+        "sample": sample,
     }
     _print_report(console, moe, dense, results)
     console.print("[bold]Sample from the MoE model[/bold] (prompt b'The ', temperature 0.8):")

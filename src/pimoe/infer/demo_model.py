@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pimoe.data import byte_splits, load_pydoc_text
-from pimoe.demo import evaluate, train_lm
+from pimoe.training import evaluate, train_lm
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
 
