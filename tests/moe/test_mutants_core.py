@@ -86,9 +86,7 @@ def job_average(rank: int, world: int, port: int) -> None:
         ref = expected[name]
         if name.startswith("moe.experts."):  # this rank's slice [1, ...] of the stacked experts
             ref = ref[rank : rank + 1]
-        torch.testing.assert_close(
-            param.grad, ref, msg=f"{name}: not the gradient of the mean loss"
-        )
+        torch.testing.assert_close(param.grad, ref, msg=labelled(name))
     dist.destroy_process_group()
 
 
