@@ -17,6 +17,7 @@ from pimoe.infer.generation import (
     SamplingParams,
     _safe_end,
 )
+from pimoe.infer.decode_batch import length_groups
 from pimoe.infer.lm_models import (
     GenerationModel,
     HFGenerationModel,
@@ -89,9 +90,38 @@ def test_pimoe_greedy_equals_generate(tiny_pimoe: PiMoEGenerationModel) -> None:
     engine = GenerationEngine(tiny_pimoe, max_batch_size=3)
     try:
         busy = [e.token_ids for e in _concurrent(engine, ids, params, stagger_s=0.002)]
+        together = [e.token_ids for e in _concurrent(engine, ids, params)]
+        assert engine.stats.rows > engine.stats.steps  # steps really ran several sequences
     finally:
         engine.close()
     assert busy == reference
+    assert together == reference
+
+
+@pytest.mark.parametrize("kind", ["hf", "pimoe"])
+def test_batched_prefill_of_ragged_prompts_equals_one_by_one(
+    kind: str, tiny_hf: HFGenerationModel, tiny_pimoe: PiMoEGenerationModel
+) -> None:
+    model: GenerationModel = tiny_hf if kind == "hf" else tiny_pimoe
+    ids = [model.encode(p) for p in PROMPTS]  # 2 to 9 tokens: several length groups, padded ones among them
+    assert len({len(p) for p in ids}) > 3
+    together = model.new_batch(len(ids))
+    logits = together.add(ids)  # [7, V]
+    nxt = [int(t) for t in logits.argmax(-1)]
+    after = together.step(nxt)
+    for i, p in enumerate(ids):
+        alone = model.new_batch(1)
+        torch.testing.assert_close(alone.add([p])[0], logits[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.step([nxt[i]])[0], after[i], atol=1e-5, rtol=1e-5)
+
+
+def test_length_groups_bound_the_padding() -> None:
+    lengths = [64, 3, 60, 4, 64, 100]
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 1.25 * sum(lengths[i] for i in g)
+    assert {frozenset(g) for g in groups} >= {frozenset({0, 2, 4})}
 
 
 def test_sampling_seed_top_p_and_finish_reasons(tiny_hf: HFGenerationModel) -> None:

@@ -1,8 +1,8 @@
 """Continuous batching for text generation (iteration-level scheduling, as in Orca and vLLM).
 
 A :class:`GenerationEngine` owns one worker thread and one :class:`~pimoe.infer.lm_models.DecodeBatch`.
-Each iteration of its loop admits waiting requests into free rows (each prompt is prefilled on its
-own and its first token sampled), then advances every running sequence by one token in one batched
+Each iteration of its loop admits waiting requests into free rows (their prompts prefilled together,
+see :meth:`~pimoe.infer.decode_batch.DecodeBatch.add`, and their first tokens chosen), then advances every running sequence by one token in one batched
 step; a sequence that finishes (end-of-sequence token, stop string, ``max_tokens``, full context),
 is cancelled or passes its deadline leaves the batch before the next step. Each sequence keeps its
 own KV cache rows, so its greedy output does not depend on what else runs.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from pimoe.infer.lm_models import DecodeBatch, GenerationModel
+from pimoe.infer.decode_batch import DecodeBatch, GenerationModel
 
 FinishReason = str  # "stop" | "length"
 
@@ -109,14 +109,22 @@ class _Sequence:
     done: bool = False
     cancelled: bool = False
 
-    def emit(self, text: str, finish: FinishReason | None = None, error: tuple[int, str] | None = None) -> None:
+    def emit(
+        self, text: str, finish: FinishReason | None = None, error: tuple[int, str] | None = None
+    ) -> None:
         if finish is not None or error is not None:
             self.done = True
-        event = GenerationEvent(text, len(self.prompt), len(self.tokens), finish,
-                                tuple(self.tokens) if finish is not None else (), error)
+        event = GenerationEvent(
+            text,
+            len(self.prompt),
+            len(self.tokens),
+            finish,
+            tuple(self.tokens) if finish is not None else (),
+            error,
+        )
         try:
             self.on_event(event)
-        except Exception:  # noqa: BLE001  # a consumer that went away must not stop the engine
+        except Exception:  # a consumer that went away must not stop the engine
             self.cancelled = True
 
 
@@ -147,11 +155,19 @@ class GenerationEngine:
             limit (every waiting request that fits is admitted at once).
     """
 
-    def __init__(self, model: GenerationModel, max_batch_size: int = 32, max_queue: int = 256,
-                 max_context: int | None = None, max_prefill_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        model: GenerationModel,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        max_context: int | None = None,
+        max_prefill_tokens: int | None = None,
+    ) -> None:
         if max_batch_size < 1 or max_queue < 0 or (max_context is not None and max_context < 2):
-            raise ValueError(f"need max_batch_size >= 1, max_queue >= 0 and max_context >= 2 or None, got "
-                             f"{max_batch_size}, {max_queue}, {max_context}")
+            raise ValueError(
+                f"need max_batch_size >= 1, max_queue >= 0 and max_context >= 2 or None, got "
+                f"{max_batch_size}, {max_queue}, {max_context}"
+            )
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1 or None, got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
@@ -175,8 +191,13 @@ class GenerationEngine:
         """Sequences in the decode batch."""
         return self._running
 
-    def submit(self, prompt: list[int], params: SamplingParams, on_event: Callable[[GenerationEvent], None],
-               timeout_s: float | None = None) -> Ticket:
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        on_event: Callable[[GenerationEvent], None],
+        timeout_s: float | None = None,
+    ) -> Ticket:
         """Queue a completion of the token ids ``prompt``; ``on_event`` gets its events on the
         worker thread. ``timeout_s`` bounds its time from now to its last token (an error event
         with status 504 when exceeded). Raises ``ValueError`` for an empty prompt or one that
@@ -185,27 +206,37 @@ class GenerationEngine:
         if not prompt:
             raise ValueError("the prompt is empty")
         if room < 1:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; this model's context holds "
-                             f"{self.context_length}, prompt and completion together")
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens; this model's context holds "
+                f"{self.context_length}, prompt and completion together"
+            )
         limit = room if params.max_tokens is None else min(room, params.max_tokens)
         generator = None
         if params.temperature > 0:
             generator = torch.Generator()
-            generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
+            generator.manual_seed(
+                params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
+            )
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         seq = _Sequence(list(prompt), params, on_event, deadline, limit, generator)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the generation engine is shut down")
-            if len(self._waiting) >= self.max_queue:  # cancelled requests (gone clients) give their place
+            if (
+                len(self._waiting) >= self.max_queue
+            ):  # cancelled requests (gone clients) give their place
                 self._waiting = deque(s for s in self._waiting if not s.cancelled)
             if len(self._waiting) >= self.max_queue:
-                raise EngineFull(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue})")
+                raise EngineFull(
+                    f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue})"
+                )
             self._waiting.append(seq)
             self._cond.notify()
         return Ticket(seq, self)
 
-    def generate(self, prompt: list[int], params: SamplingParams, timeout_s: float | None = None) -> GenerationEvent:
+    def generate(
+        self, prompt: list[int], params: SamplingParams, timeout_s: float | None = None
+    ) -> GenerationEvent:
         """Blocking: the whole completion as one event (its ``text`` is the full text)."""
         events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
         self.submit(prompt, params, events.put, timeout_s)
@@ -214,8 +245,14 @@ class GenerationEngine:
             event = events.get()
             parts.append(event.text)
             if event.final:
-                return GenerationEvent("".join(parts), event.prompt_tokens, event.completion_tokens,
-                                       event.finish_reason, event.token_ids, event.error)
+                return GenerationEvent(
+                    "".join(parts),
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    event.finish_reason,
+                    event.token_ids,
+                    event.error,
+                )
 
     def close(self) -> None:
         """Stop taking requests, finish the queued and running ones, and join the worker."""
@@ -243,29 +280,31 @@ class GenerationEngine:
                     return
                 admitted: list[_Sequence] = []
                 budget = self.max_prefill_tokens
-                while self._waiting and len(active) + len(admitted) < self.max_batch_size and (
-                        not admitted or budget is None or len(self._waiting[0].prompt) <= budget):
+                while (
+                    self._waiting
+                    and len(active) + len(admitted) < self.max_batch_size
+                    and (not admitted or budget is None or len(self._waiting[0].prompt) <= budget)
+                ):
                     admitted.append(self._waiting.popleft())
                     budget = None if budget is None else budget - len(admitted[-1].prompt)
             try:
-                for seq in admitted:
-                    if self._expire(seq):
-                        continue
-                    logits = batch.add(seq.prompt)
-                    active.append(seq)
-                    self.stats.prefills += 1
-                    self._advance(seq, logits[None], [int(logits.argmax())], 0)
+                ready = [seq for seq in admitted if not self._expire(seq)]
+                if ready:
+                    logits = batch.add(
+                        [seq.prompt for seq in ready]
+                    )  # [n, V]: one prefill per length group
+                    active.extend(ready)
+                    self.stats.prefills += len(ready)
+                    self._advance_all(ready, logits)
                 self._drop_finished(batch, active)
                 if active:
                     logits = batch.step([s.tokens[-1] for s in active])  # [rows, V]
                     self.stats.steps += 1
                     self.stats.rows += len(active)
-                    greedy = logits.argmax(dim=-1).tolist()
-                    for i, seq in enumerate(active):
-                        self._advance(seq, logits, greedy, i)
+                    self._advance_all(active, logits)
                     self._drop_finished(batch, active)
                 self._running = len(active)
-            except Exception as exc:  # noqa: BLE001  # the model failed: fail the running requests, keep serving
+            except Exception as exc:  # the model failed: fail the running requests, keep serving
                 for seq in [*active, *admitted]:
                     if not seq.done:
                         seq.emit("", error=(500, f"the model failed: {type(exc).__name__}: {exc}"))
@@ -278,7 +317,13 @@ class GenerationEngine:
         if seq.cancelled:
             seq.done = True
         elif seq.deadline is not None and time.monotonic() > seq.deadline and not seq.done:
-            seq.emit("", error=(504, f"the request's deadline passed after {len(seq.tokens)} completion tokens"))
+            seq.emit(
+                "",
+                error=(
+                    504,
+                    f"the request's deadline passed after {len(seq.tokens)} completion tokens",
+                ),
+            )
         return seq.done
 
     def _drop_finished(self, batch: DecodeBatch, active: list[_Sequence]) -> None:
@@ -288,25 +333,30 @@ class GenerationEngine:
                 active[i] = active[-1]
                 active.pop()
 
-    def _advance(self, seq: _Sequence, logits: Tensor, greedy: list[int], row: int) -> None:
-        """Append the token sampled from ``logits[row]`` to ``seq`` and send its new text."""
+    def _advance_all(self, seqs: list[_Sequence], logits: Tensor) -> None:
+        """Append to each ``seqs[i]`` the token chosen from ``logits[i]`` (``[n, V]``) and send its new text."""
+        for seq, token in zip(
+            seqs, choose_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        ):
+            self._advance(seq, token)
+
+    def _advance(self, seq: _Sequence, token: int) -> None:
         p = seq.params
-        token = greedy[row] if p.temperature == 0 else sample(logits[row], p.temperature, p.top_p, seq.generator)
         seq.tokens.append(token)
         self.stats.tokens += 1
         if token in self.model.eos_ids:
-            seq.emit(self._text(seq)[seq.sent:], "stop")
+            seq.emit(self._text(seq)[seq.sent :], "stop")
             return
         text = self._text(seq)
         cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
         if cut >= 0:
-            seq.emit(text[seq.sent:max(cut, seq.sent)], "stop")
+            seq.emit(text[seq.sent : max(cut, seq.sent)], "stop")
         elif len(seq.tokens) >= seq.limit:
-            seq.emit(text[seq.sent:], "length")
+            seq.emit(text[seq.sent :], "length")
         else:
             safe = _safe_end(text, p.stop)
             if safe > seq.sent:
-                out, seq.sent = text[seq.sent:safe], safe
+                out, seq.sent = text[seq.sent : safe], safe
                 seq.emit(out)
 
     def _text(self, seq: _Sequence) -> str:
@@ -320,18 +370,42 @@ def _safe_end(text: str, stops: tuple[str, ...]) -> int:
     end = len(text)
     while end and text[end - 1] == "\ufffd":
         end -= 1
-    return end - max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k], 0, end)), default=0)
+    return end - max(
+        (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k], 0, end)), default=0
+    )
 
 
-def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token id from ``logits [V]`` at ``temperature`` (> 0) within the ``top_p`` nucleus."""
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # the generator lives on the CPU
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the first token is always kept
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+def choose_tokens(
+    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    """The next token of each row of ``logits [n, V]``: the argmax where ``params[i].temperature``
+    is 0, else a draw with ``generators[i]`` at that temperature within the ``top_p`` nucleus.
+    Temperature, softmax and nucleus are computed for all sampled rows at once; each row then
+    draws from its own generator (so a seed gives the same text whatever else is in the batch)."""
+    tokens = logits.argmax(dim=-1).tolist()
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not sampled:
+        return tokens
+    rows = logits[sampled].float().cpu()  # [m, V]; the generators live on the CPU
+    temperature = torch.tensor([params[i].temperature for i in sampled])[:, None]
+    probs = torch.softmax(rows / temperature, dim=-1)
+    top_p = torch.tensor([params[i].top_p for i in sampled])[:, None]
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the first token is always kept
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    for j, i in enumerate(sampled):
+        tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
+    return tokens
 
 
-__all__ = ["EngineClosed", "EngineFull", "EngineStats", "GenerationEngine", "GenerationEvent", "SamplingParams",
-           "Ticket", "sample"]
+__all__ = [
+    "EngineClosed",
+    "EngineFull",
+    "EngineStats",
+    "GenerationEngine",
+    "GenerationEvent",
+    "SamplingParams",
+    "Ticket",
+    "choose_tokens",
+]
