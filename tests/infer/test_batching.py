@@ -1,6 +1,6 @@
 import threading
-from collections import namedtuple
 import time
+from collections import namedtuple
 from concurrent.futures import CancelledError
 from functools import partial
 
@@ -10,8 +10,8 @@ from torch import nn
 
 from pimoe.infer.batching import MicroBatcher, lengths_to_mask
 from pimoe.infer.engine import InferenceEngine
-from pimoe.moe.model import LMConfig, PiMoELM
 from pimoe.moe.config import MoEConfig
+from pimoe.moe.model import LMConfig, PiMoELM
 
 NAN = float("nan")
 

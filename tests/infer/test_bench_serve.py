@@ -10,7 +10,7 @@ from rich.console import Console
 
 pytest.importorskip("uvicorn")
 
-from pimoe.bench.serve import MODES, ServeBenchConfig, _mean_batch_size, prompts_and_trace, run  # noqa: E402
+from pimoe.bench.serve import MODES, ServeBenchConfig, _mean_batch_size, prompts_and_trace, run
 
 
 def test_trace_is_seeded_and_repeats() -> None:

@@ -11,8 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pimoe.bench.cache import zipf_trace
-from pimoe.infer import FIFOCache, InferenceCache, LFUCache, LRUCache, TinyLFUCache, TTLCache, belady_hits, make_key
-from pimoe.infer import make_policy, simulate_hits
+from pimoe.infer import (
+    FIFOCache,
+    InferenceCache,
+    LFUCache,
+    LRUCache,
+    TinyLFUCache,
+    TTLCache,
+    belady_hits,
+    make_key,
+    make_policy,
+    simulate_hits,
+)
 from pimoe.infer.disk import CacheKeyError
 from pimoe.privacy.crypto import generate_key
 
@@ -142,7 +152,7 @@ def test_lfu_and_tinylfu_beat_lru_on_zipf() -> None:
 
 
 def _brute_force_optimum(trace: tuple[int, ...], capacity: int) -> int:
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def best(i: int, state: frozenset) -> int:
         if i == len(trace):
             return 0

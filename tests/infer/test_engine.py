@@ -7,8 +7,8 @@ from torch import nn
 from pimoe.infer import InferenceCache
 from pimoe.infer.engine import InferenceConfig, InferenceEngine
 from pimoe.moe import PiMoE
-from pimoe.moe.model import LMConfig, PiMoELM
 from pimoe.moe.config import MoEConfig
+from pimoe.moe.model import LMConfig, PiMoELM
 
 
 class Counting(nn.Module):

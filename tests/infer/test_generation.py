@@ -10,6 +10,7 @@ import pytest
 import torch
 from tiny_lm import save_tiny_llama
 
+from pimoe.infer.decode_batch import length_groups
 from pimoe.infer.generation import (
     EngineFull,
     GenerationEngine,
@@ -17,7 +18,6 @@ from pimoe.infer.generation import (
     SamplingParams,
     _safe_end,
 )
-from pimoe.infer.decode_batch import length_groups
 from pimoe.infer.lm_models import (
     GenerationModel,
     HFGenerationModel,
@@ -27,8 +27,15 @@ from pimoe.infer.lm_models import (
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
 
-PROMPTS = ["The with statement", "def f(x):\n    return", "Lists are mutable sequences", "import os", "class A:",
-           "x = 1", "while True:"]
+PROMPTS = [
+    "The with statement",
+    "def f(x):\n    return",
+    "Lists are mutable sequences",
+    "import os",
+    "class A:",
+    "x = 1",
+    "while True:",
+]
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
 
 
@@ -42,12 +49,22 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> HFGenerationModel:
 @pytest.fixture(scope="module")
 def tiny_pimoe() -> PiMoEGenerationModel:
     torch.manual_seed(0)
-    cfg = LMConfig(block_size=64, n_layer=2, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32))
+    cfg = LMConfig(
+        block_size=64,
+        n_layer=2,
+        n_head=2,
+        d_model=32,
+        moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32),
+    )
     return PiMoEGenerationModel(PiMoELM(cfg))
 
 
-def _concurrent(engine: GenerationEngine, prompts: list[list[int]], params: SamplingParams,
-                stagger_s: float = 0.0) -> list[GenerationEvent]:
+def _concurrent(
+    engine: GenerationEngine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    stagger_s: float = 0.0,
+) -> list[GenerationEvent]:
     out: list[GenerationEvent | None] = [None] * len(prompts)
 
     def run(i: int) -> None:
@@ -68,9 +85,14 @@ def test_hf_greedy_equals_hf_generate_alone_and_in_a_busy_batch(tiny_hf: HFGener
     ids = [tiny_hf.encode(p) for p in PROMPTS]
     reference = []
     for p in ids:  # the peer: transformers' own generate, one request at a time
-        out = tiny_hf.model.generate(torch.tensor([p]), max_new_tokens=GREEDY.max_tokens, do_sample=False,
-                                     eos_token_id=None, pad_token_id=0)
-        reference.append(tuple(out[0, len(p):].tolist()))
+        out = tiny_hf.model.generate(
+            torch.tensor([p]),
+            max_new_tokens=GREEDY.max_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        reference.append(tuple(out[0, len(p) :].tolist()))
     engine = GenerationEngine(tiny_hf, max_batch_size=4)
     try:
         alone = [engine.generate(p, GREEDY).token_ids for p in ids]
@@ -85,8 +107,10 @@ def test_hf_greedy_equals_hf_generate_alone_and_in_a_busy_batch(tiny_hf: HFGener
 def test_pimoe_greedy_equals_generate(tiny_pimoe: PiMoEGenerationModel) -> None:
     ids = [tiny_pimoe.encode(p) for p in PROMPTS[:4]]
     params = SamplingParams(max_tokens=12, temperature=0)
-    reference = [tuple(tiny_pimoe.model.generate(torch.tensor([p]), 12, temperature=0)[0, len(p):].tolist())
-                 for p in ids]
+    reference = [
+        tuple(tiny_pimoe.model.generate(torch.tensor([p]), 12, temperature=0)[0, len(p) :].tolist())
+        for p in ids
+    ]
     engine = GenerationEngine(tiny_pimoe, max_batch_size=3)
     try:
         busy = [e.token_ids for e in _concurrent(engine, ids, params, stagger_s=0.002)]
@@ -103,7 +127,9 @@ def test_batched_prefill_of_ragged_prompts_equals_one_by_one(
     kind: str, tiny_hf: HFGenerationModel, tiny_pimoe: PiMoEGenerationModel
 ) -> None:
     model: GenerationModel = tiny_hf if kind == "hf" else tiny_pimoe
-    ids = [model.encode(p) for p in PROMPTS]  # 2 to 9 tokens: several length groups, padded ones among them
+    ids = [
+        model.encode(p) for p in PROMPTS
+    ]  # 2 to 9 tokens: several length groups, padded ones among them
     assert len({len(p) for p in ids}) > 3
     together = model.new_batch(len(ids))
     logits = together.add(ids)  # [7, V]
@@ -133,13 +159,21 @@ def test_sampling_seed_top_p_and_finish_reasons(tiny_hf: HFGenerationModel) -> N
         c = engine.generate(prompt, SamplingParams(max_tokens=24, seed=8))
         nucleus = engine.generate(prompt, SamplingParams(max_tokens=24, seed=8, top_p=1e-6))
         stop = greedy.text[5:8]
-        stopped = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0, stop=(stop,)))
+        stopped = engine.generate(
+            prompt, SamplingParams(max_tokens=24, temperature=0, stop=(stop,))
+        )
     finally:
         engine.close()
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
     assert nucleus.token_ids == greedy.token_ids  # a tiny nucleus holds only the most likely token
-    assert greedy.finish_reason == "length" and greedy.completion_tokens == 24 and greedy.prompt_tokens == len(prompt)
-    assert stopped.finish_reason == "stop" and stopped.text == greedy.text[:greedy.text.index(stop)]
+    assert (
+        greedy.finish_reason == "length"
+        and greedy.completion_tokens == 24
+        and greedy.prompt_tokens == len(prompt)
+    )
+    assert (
+        stopped.finish_reason == "stop" and stopped.text == greedy.text[: greedy.text.index(stop)]
+    )
 
 
 def test_eos_ends_with_stop(tiny_hf: HFGenerationModel) -> None:
@@ -176,7 +210,9 @@ def test_full_queue_deadline_and_cancel(tiny_hf: HFGenerationModel) -> None:
         with pytest.raises(EngineFull):
             engine.submit(prompt, GREEDY, late.append)
         gone.cancel()  # its client went away: the queue has room again
-        engine.submit(prompt, GREEDY, late.append, timeout_s=0.0)  # waits; its deadline passes meanwhile
+        engine.submit(
+            prompt, GREEDY, late.append, timeout_s=0.0
+        )  # waits; its deadline passes meanwhile
         with pytest.raises(EngineFull):
             engine.submit(prompt, GREEDY, late.append)
         first.cancel()
@@ -187,7 +223,9 @@ def test_full_queue_deadline_and_cancel(tiny_hf: HFGenerationModel) -> None:
         assert engine.running == 0 and engine.queued == 0
         assert late[-1].error is not None and late[-1].error[0] == 504
         assert engine.stats.tokens < 200  # the cancelled sequence left early
-        assert engine.generate(prompt, GREEDY).completion_tokens == GREEDY.max_tokens  # still serving
+        assert (
+            engine.generate(prompt, GREEDY).completion_tokens == GREEDY.max_tokens
+        )  # still serving
     finally:
         gate.set()
         engine.close()
@@ -242,9 +280,16 @@ def test_bad_requests(tiny_hf: GenerationModel) -> None:
             engine.submit([], GREEDY, print)
     finally:
         engine.close()
-    short = GenerationEngine(tiny_hf, max_context=8)  # bounds prompt + completion (and the KV memory)
+    short = GenerationEngine(
+        tiny_hf, max_context=8
+    )  # bounds prompt + completion (and the KV memory)
     try:
-        assert short.generate([5, 6, 7], SamplingParams(max_tokens=100, temperature=0)).completion_tokens == 5
+        assert (
+            short.generate(
+                [5, 6, 7], SamplingParams(max_tokens=100, temperature=0)
+            ).completion_tokens
+            == 5
+        )
         with pytest.raises(ValueError, match="holds 8"):
             short.submit([1] * 8, GREEDY, print)
     finally:
@@ -269,14 +314,31 @@ def test_upcycled_moe_served_with_routers(tmp_path: Path) -> None:
     folder = save_tiny_llama(tmp_path / "llama")
     dense = open_generation_model(folder)
     assert isinstance(dense, HFGenerationModel)
-    calibration = torch.tensor([dense.encode("The with statement runs a block of code inside a context manager")])
-    upcycle(dense.model, 4, 2, "split", mlp_inputs=capture_mlp_inputs(dense.model, calibration), seed=0)
+    calibration = torch.tensor(
+        [dense.encode("The with statement runs a block of code inside a context manager")]
+    )
+    upcycle(
+        dense.model, 4, 2, "split", mlp_inputs=capture_mlp_inputs(dense.model, calibration), seed=0
+    )
     save_routers(dense.model, tmp_path / "routers.safetensors")
     served = open_generation_model(folder, routers=tmp_path / "routers.safetensors")
-    assert isinstance(served, HFGenerationModel) and type(served.model.model.layers[0].mlp).__name__ == "PiMoE"
+    assert (
+        isinstance(served, HFGenerationModel)
+        and type(served.model.model.layers[0].mlp).__name__ == "PiMoE"
+    )
     ids = [served.encode(p) for p in PROMPTS[:4]]
-    reference = [tuple(served.model.generate(torch.tensor([p]), max_new_tokens=GREEDY.max_tokens, do_sample=False,
-                                             eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()) for p in ids]
+    reference = [
+        tuple(
+            served.model.generate(
+                torch.tensor([p]),
+                max_new_tokens=GREEDY.max_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(p) :].tolist()
+        )
+        for p in ids
+    ]
     engine = GenerationEngine(served, max_batch_size=4)
     try:
         busy = [e.token_ids for e in _concurrent(engine, ids, GREEDY, stagger_s=0.005)]
@@ -286,8 +348,9 @@ def test_upcycled_moe_served_with_routers(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("budget", [None, 1])
-def test_prefill_budget_lets_running_streams_advance_between_arrivals(tiny_hf: HFGenerationModel,
-                                                                        budget: int | None) -> None:
+def test_prefill_budget_lets_running_streams_advance_between_arrivals(
+    tiny_hf: HFGenerationModel, budget: int | None
+) -> None:
     order: list[tuple[str, int]] = []
     gate, started = threading.Event(), threading.Event()
 
@@ -297,6 +360,7 @@ def test_prefill_budget_lets_running_streams_advance_between_arrivals(tiny_hf: H
                 started.set()
                 gate.wait(10)  # holds the worker mid-step until the others are queued
             order.append((name, event.completion_tokens))
+
         return on_event
 
     engine = GenerationEngine(tiny_hf, max_batch_size=4, max_prefill_tokens=budget)
@@ -313,7 +377,9 @@ def test_prefill_budget_lets_running_streams_advance_between_arrivals(tiny_hf: H
     finally:
         gate.set()
         engine.close()
-    held = next(n for name, n in order if name == "a" and n >= 2)  # a's token when the worker was held
+    held = next(
+        n for name, n in order if name == "a" and n >= 2
+    )  # a's token when the worker was held
     a_third = next(i for i, (name, n) in enumerate(order) if name == "a" and n > held)
     d_first = next(i for i, (name, _) in enumerate(order) if name == "d")
     # No budget: b, c and d are all prefilled before the next step. A budget of one prompt per

@@ -16,14 +16,13 @@ pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from typer.testing import CliRunner  # noqa: E402
-
 from live_server import LiveServer  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 from pimoe.cli import app as cli_app  # noqa: E402
 from pimoe.infer.server import ServedModel, create_app  # noqa: E402
-from pimoe.moe.model import LMConfig, PiMoELM  # noqa: E402
 from pimoe.moe.config import MoEConfig  # noqa: E402
+from pimoe.moe.model import LMConfig, PiMoELM  # noqa: E402
 
 MAX_ELEMENTS = 512
 

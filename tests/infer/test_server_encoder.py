@@ -106,8 +106,8 @@ def test_compressed_encoder_and_lm_are_served(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from pimoe.cli import app as cli_app
-    from pimoe.moe.model import LMConfig, PiMoELM
     from pimoe.moe.config import MoEConfig
+    from pimoe.moe.model import LMConfig, PiMoELM
 
     out = tmp_path / "minilm-int8"
     result = CliRunner().invoke(cli_app, ["compress", str(FOLDER), str(out), "--bits", "8", "--full-range"])

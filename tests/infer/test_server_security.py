@@ -19,9 +19,8 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
-
 from live_server import LiveServer  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 from pimoe.cli import app as cli_app  # noqa: E402
 from pimoe.infer import server as server_module  # noqa: E402
