@@ -12,10 +12,12 @@ from typing import Any, Literal
 Score = Literal["softmax", "sigmoid"]
 Routing = Literal["token_choice", "expert_choice"]
 Activation = Literal["swiglu", "gelu", "relu", "silu"]
+Balance = Literal["aux_loss", "bias"]
 
 _SCORES = ("softmax", "sigmoid")
 _ROUTINGS = ("token_choice", "expert_choice")
 _ACTIVATIONS = ("swiglu", "gelu", "relu", "silu")
+_BALANCES = ("aux_loss", "bias")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,16 @@ class MoEConfig:
         shared_gate: scale the shared output by ``sigmoid(Linear(D, 1)(x))`` (Qwen2-MoE).
 
     Balancing (used by models that add the losses, e.g. ``PiMoELM``):
-        aux_loss_coef: coefficient of the Switch load-balancing loss.
+        balance: ``"aux_loss"`` (Switch Transformer: balance through the loss ``aux_loss``) or
+            ``"bias"`` (DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias, the
+            router's ``e_score_correction_bias`` buffer, is added to the scores to *select* the
+            experts, never to the combine weights, and :func:`pimoe.moe.update_routing_bias`
+            moves it after each optimizer step by ``bias_update_rate * sign(mean_load - load_e)``).
+            With ``"bias"`` the router's ``aux_loss`` is the *sequence-wise* balance loss
+            (DeepSeek-V3 eq. 17-20: the Switch loss of each sequence, averaged), which
+            ``aux_loss_coef`` weights (DeepSeek-V3 used 1e-4; 0 turns it off).
+        bias_update_rate: ``u``, the bias step per update (``"bias"`` only; DeepSeek-V3: 1e-3).
+        aux_loss_coef: coefficient of the load-balancing loss.
         z_loss_coef: coefficient of the router z-loss.
 
     Checks:
@@ -71,6 +82,8 @@ class MoEConfig:
     shared_experts: int = 0
     shared_ffn_dim: int | None = None
     shared_gate: bool = False
+    balance: Balance = "aux_loss"
+    bias_update_rate: float = 1e-3
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     check_finite: bool = False
@@ -83,7 +96,9 @@ class MoEConfig:
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+            raise ValueError(
+                f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"
+            )
         if self.score not in _SCORES:
             raise ValueError(f"score must be one of {_SCORES}, got {self.score!r}")
         if self.routing not in _ROUTINGS:
@@ -104,6 +119,14 @@ class MoEConfig:
             raise ValueError(f"shared_experts must be >= 0, got {self.shared_experts}")
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
             raise ValueError("aux_loss_coef and z_loss_coef must be >= 0")
+        if self.balance not in _BALANCES:
+            raise ValueError(f"balance must be one of {_BALANCES}, got {self.balance!r}")
+        if not self.bias_update_rate >= 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        if self.balance == "bias" and self.routing != "token_choice":
+            raise ValueError(
+                "balance='bias' needs routing='token_choice' (expert choice is balanced by construction)"
+            )
 
     def expert_width(self, d_model: int) -> int:
         """Hidden width of one built-in expert for model width ``d_model``."""

@@ -143,7 +143,7 @@ class PiMoE(MoEOutput):
             self.aux_loss = self.z_loss = tokens.new_zeros((), dtype=torch.float32)
             self.last_stats = None
             return x.clone()
-        route = self.router(tokens)
+        route = self.router(tokens, seq_len=shape[-2] if len(shape) > 2 else None)
         out, counts = dispatch_combine(tokens, route, self.experts, self.num_experts, positions)
         return self._finish(tokens, out, route, counts).reshape(shape)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pimoe.moe.balance import sequence_balance_loss
 from pimoe.moe.config import MoEConfig, Routing, Score
 from pimoe.moe.losses import load_balancing_loss, router_z_loss
 
@@ -32,7 +33,8 @@ class RouterOutput:
         probs: ``[T, E]`` normalized scores used for the losses and statistics.
         mask: ``[T, k]`` bool, the assignments that are executed, or ``None`` when all are
             (dropless token-choice routing, the default).
-        aux_loss: scalar load-balancing loss (Switch Transformer), 1.0 at perfect balance.
+        aux_loss: scalar load-balancing loss (Switch Transformer), 1.0 at perfect balance; with
+            ``balance="bias"`` and known sequences, the mean of each sequence's Switch loss.
         z_loss: scalar router z-loss (ST-MoE).
     """
 
@@ -58,7 +60,16 @@ class Router(nn.Module):
     second choices. Expert-choice routing (each expert picks its top ``capacity`` tokens, Zhou
     et al. 2022) is balanced, but a token may get 0 or several experts, and it looks at the whole
     batch, so it is not causal: do not use it for autoregressive decoding.
+
+    With ``balance="bias"`` (DeepSeek-V3's auxiliary-loss-free balancing) the router holds two
+    buffers: ``e_score_correction_bias [E]`` (float32, saved with the model; the name
+    transformers' DeepSeek-V3 router uses), added to the scores to choose the top-k but not to
+    the combine weights, and ``tokens_per_expert [E]`` (long, not saved), the assignments chosen
+    in training forwards since the last :func:`pimoe.moe.update_routing_bias`.
     """
+
+    e_score_correction_bias: Tensor | None
+    tokens_per_expert: Tensor | None
 
     def __init__(self, d_model: int, config: MoEConfig | None = None, **options: Any) -> None:
         super().__init__()
@@ -67,6 +78,23 @@ class Router(nn.Module):
         self.config = MoEConfig.build(config, options)
         self.d_model = d_model
         self.gate = nn.Linear(d_model, self.config.num_experts, bias=self.config.router_bias)
+        self.register_buffer("e_score_correction_bias", None)
+        self.register_buffer("tokens_per_expert", None, persistent=False)
+        self.sync_balance_buffers()
+
+    def sync_balance_buffers(self) -> None:
+        """Create (zeros) or remove the balancing buffers so that they match ``config.balance``;
+        call it after replacing ``config`` (:func:`pimoe.moe.set_balance` does)."""
+        if self.config.balance != "bias":
+            self.e_score_correction_bias = self.tokens_per_expert = None
+            return
+        device, num_experts = self.gate.weight.device, self.config.num_experts
+        if self.e_score_correction_bias is None or self.e_score_correction_bias.shape != (
+            num_experts,
+        ):
+            self.e_score_correction_bias = torch.zeros(num_experts, device=device)
+        if self.tokens_per_expert is None or self.tokens_per_expert.shape != (num_experts,):
+            self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device=device)
 
     @property
     def num_experts(self) -> int:
@@ -101,8 +129,9 @@ class Router(nn.Module):
         factor = 1.0 if self.capacity_factor is None else self.capacity_factor
         return max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
 
-    def forward(self, x: Tensor) -> RouterOutput:
-        """Route ``x`` of shape ``[T, D]``."""
+    def forward(self, x: Tensor, seq_len: int | None = None) -> RouterOutput:
+        """Route ``x`` of shape ``[T, D]``; ``seq_len``: the length ``S`` of the sequences ``x``
+        is made of (``T = B * S``), used by the sequence-wise loss of ``balance="bias"``."""
         logits = self.gate(x)  # [T, E], at least float32 (HF computes routing in float32 too)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.training and self.noise_std > 0:
@@ -117,7 +146,16 @@ class Router(nn.Module):
             if not self.config.weight_outputs:
                 weights = mask.to(scores.dtype)
         else:
-            weights, indices = scores.topk(self.top_k, dim=-1)  # [T, k]
+            bias = self.e_score_correction_bias
+            if bias is None:
+                weights, indices = scores.topk(self.top_k, dim=-1)  # [T, k]
+            else:  # the bias chooses the experts; the weights stay the unbiased scores
+                indices = (scores.detach() + bias.to(scores.dtype)).topk(self.top_k, dim=-1).indices
+                weights = scores.gather(-1, indices)
+                if self.training and self.tokens_per_expert is not None:
+                    self.tokens_per_expert += torch.bincount(
+                        indices.reshape(-1), minlength=self.num_experts
+                    )
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
             if not self.config.weight_outputs:  # select only: outputs are summed unweighted
@@ -132,9 +170,14 @@ class Router(nn.Module):
             logits=logits,
             probs=probs,
             mask=mask,
-            aux_loss=load_balancing_loss(probs, indices, self.num_experts),
+            aux_loss=self._balance_loss(probs, indices, seq_len),
             z_loss=router_z_loss(logits),
         )
+
+    def _balance_loss(self, probs: Tensor, indices: Tensor, seq_len: int | None) -> Tensor:
+        if self.config.balance == "bias" and seq_len is not None and self.routing == "token_choice":
+            return sequence_balance_loss(probs, indices, self.num_experts, seq_len)
+        return load_balancing_loss(probs, indices, self.num_experts)
 
     def _capacity_mask(self, indices: Tensor, num_tokens: int) -> Tensor:
         """``[T, k]`` bool: keep an assignment if its expert still has room (GShard priority)."""
