@@ -99,7 +99,7 @@ def update_routing_bias(model: nn.Module, rate: float | None = None) -> dict[str
     routers = _bias_routers(model)
     loads: dict[str, Tensor] = {}
     for name, router, bias, counts in routers:
-                load = counts.detach().float()
+        load = counts.detach().float()
         loads[name] = load.cpu()
         if int(counts.sum()) == 0:
             continue
