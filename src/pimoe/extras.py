@@ -76,6 +76,18 @@ def require(module: str, extra: str, what: str | None = None) -> ModuleType:
         return importlib.import_module(module)
 
 
+def explain_missing(err: ModuleNotFoundError) -> MissingExtraError | None:
+    """``err`` as a :class:`MissingExtraError` when its module comes with an extra (the first
+    extra of :data:`EXTRA_MODULES` that installs it), else ``None``."""
+    if isinstance(err, MissingExtraError):
+        return err
+    module = (err.name or "").split(".")[0]
+    for extra, modules in EXTRA_MODULES.items():
+        if module in modules:
+            return MissingExtraError(module, extra)
+    return None
+
+
 def missing_modules(extra: str) -> list[str]:
     """The modules of ``extra`` that are not installed (found without importing them)."""
     _check_name(extra)
