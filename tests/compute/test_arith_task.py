@@ -15,7 +15,10 @@ def _operand_lengths(expression: str) -> list[int]:
 def test_deterministic_by_seed() -> None:
     assert ArithmeticTask(seed=1).split("train", 20) == ArithmeticTask(seed=1).split("train", 20)
     assert ArithmeticTask(seed=1).split("train", 20) != ArithmeticTask(seed=2).split("train", 20)
-    assert ArithmeticTask(seed=1).problem("heldout", 7) == ArithmeticTask(seed=1).split("heldout", 8)[7]
+    assert (
+        ArithmeticTask(seed=1).problem("heldout", 7)
+        == ArithmeticTask(seed=1).split("heldout", 8)[7]
+    )
 
 
 def test_heldout_operands_are_longer_than_training() -> None:
@@ -77,8 +80,8 @@ def test_text_to_computation_leaves_unknown_text_for_the_engine() -> None:
 
 
 def test_lm_batch_trains_a_pimoe_lm_step() -> None:
-    from pimoe.moe.model import LMConfig, PiMoELM
     from pimoe.moe.config import MoEConfig
+    from pimoe.moe.model import LMConfig, PiMoELM
 
     problems = ArithmeticTask(seed=4).split("train", 4)
     idx, targets = lm_batch(problems)
@@ -87,7 +90,15 @@ def test_lm_batch_trains_a_pimoe_lm_step() -> None:
     assert idx[0, : len(first) - 1].tolist() == list(first[:-1])
     assert targets[0, : len(first) - 1].tolist() == list(first[1:])
     assert (targets == -100).any()
-    model = PiMoELM(LMConfig(block_size=idx.shape[1], n_layer=1, d_model=32, n_head=2, moe=MoEConfig(num_experts=2, top_k=1)))
+    model = PiMoELM(
+        LMConfig(
+            block_size=idx.shape[1],
+            n_layer=1,
+            d_model=32,
+            n_head=2,
+            moe=MoEConfig(num_experts=2, top_k=1),
+        )
+    )
     out = model(idx, targets)
     assert out.loss is not None and torch.isfinite(out.loss)
     out.loss.backward()

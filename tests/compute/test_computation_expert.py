@@ -7,9 +7,9 @@ from torch import Tensor, nn
 from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.expert import NO_OUTPUT, ComputationExpert, next_result_bytes
 from pimoe.compute.task import CALL_END, CALL_START, ArithmeticTask, encode_batch
+from pimoe.moe.config import MoEConfig
 from pimoe.moe.experts import FFN, ExpertList
 from pimoe.moe.layer import PiMoE
-from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
 from pimoe.moe.router import RouterOutput
 
@@ -30,7 +30,7 @@ def test_next_result_bytes_teacher_forced_matches_the_completion() -> None:
         targets = next_result_bytes(data, ArithmeticEngine())
         eq = data.index(b"=")
         end = data.index(bytes([CALL_END]))
-        assert targets[eq:end] == list(data[eq + 1:end + 1])  # each position emits the next byte
+        assert targets[eq:end] == list(data[eq + 1 : end + 1])  # each position emits the next byte
         assert all(t == NO_OUTPUT for t in targets[:eq] + targets[end:])
 
 
@@ -42,7 +42,9 @@ def test_error_tokens_for_bad_spans() -> None:
     assert _emitted(_span("9" * 50, "x" * 20)).startswith(b"<err:overflow>")
 
 
-def _layer_with_expert(scale: float = 1.0, top_k: int = 1) -> tuple[PiMoE, ComputationExpert, nn.Embedding]:
+def _layer_with_expert(
+    scale: float = 1.0, top_k: int = 1
+) -> tuple[PiMoE, ComputationExpert, nn.Embedding]:
     emb = nn.Embedding(256, D)
     expert = ComputationExpert(emb, scale=scale)
     layer = PiMoE(D, experts=[FFN(D, 2 * D), expert], top_k=top_k)
@@ -92,8 +94,12 @@ def test_rows_map_back_to_positions_with_top2() -> None:
     routed = targets != NO_OUTPUT
     expected = weight_comp[routed].unsqueeze(-1) * emb.weight[targets[routed]].detach()
     ffn_part = out[routed] - expected
-    torch.testing.assert_close(ffn_part, (1 - weight_comp[routed]).unsqueeze(-1)
-                               * layer.experts.experts[0](x[routed]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        ffn_part,
+        (1 - weight_comp[routed]).unsqueeze(-1) * layer.experts.experts[0](x[routed]),
+        atol=1e-5,
+        rtol=1e-4,
+    )
 
 
 def test_no_gradient_flows_into_the_expert() -> None:
@@ -108,7 +114,7 @@ def test_no_gradient_flows_into_the_expert() -> None:
 
 
 def test_expert_output_has_no_graph() -> None:
-    layer, expert, _ = _layer_with_expert()
+    _layer, expert, _ = _layer_with_expert()
     idx, targets = _batch()
     expert.set_context(idx)
     positions = (targets.reshape(-1) != NO_OUTPUT).nonzero().squeeze(-1)
@@ -128,12 +134,14 @@ def test_errors_without_setup() -> None:
         expert(torch.randn(2, D), torch.tensor([0]))
     with pytest.raises(ValueError):
         expert.set_context(torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="needs token positions"):  # a bank called without positions
+    with pytest.raises(
+        ValueError, match="needs token positions"
+    ):  # a bank called without positions
         ExpertList([FFN(D, D), expert])(torch.randn(2, D), torch.tensor([0, 2]))
 
 
 def test_works_in_expert_list_without_router_hooks() -> None:
-    layer, expert, _ = _layer_with_expert()
+    layer, _expert, _ = _layer_with_expert()
     assert isinstance(layer.experts, ExpertList)
     assert not layer.router._forward_hooks
 
@@ -144,8 +152,12 @@ def _oracle_route(expert: ComputationExpert, index: int):
     def hook(module: nn.Module, args: tuple, output: RouterOutput) -> RouterOutput:
         comp = (expert._targets != NO_OUTPUT).to(output.indices.device)
         indices = torch.where(comp, index, 0).unsqueeze(-1)
-        return replace(output, indices=indices, weights=torch.ones_like(indices, dtype=output.weights.dtype),
-                       mask=None)
+        return replace(
+            output,
+            indices=indices,
+            weights=torch.ones_like(indices, dtype=output.weights.dtype),
+            mask=None,
+        )
 
     return hook
 
@@ -154,7 +166,9 @@ def test_greedy_decoding_in_a_pimoe_lm_with_oracle_hand_off() -> None:
     """An untrained LM whose last PiMoE layer holds the computation expert: with the hand-off
     given by an oracle router, greedy decoding writes the exact result of a long held-out
     problem and closes the span."""
-    config = LMConfig(block_size=128, n_layer=2, d_model=D, n_head=4, moe=MoEConfig(num_experts=2, top_k=1))
+    config = LMConfig(
+        block_size=128, n_layer=2, d_model=D, n_head=4, moe=MoEConfig(num_experts=2, top_k=1)
+    )
     model = PiMoELM(config).eval()
     expert = ComputationExpert(model.tok_emb, scale=1000.0)
     block = model.blocks[-1]
@@ -170,5 +184,5 @@ def test_greedy_decoding_in_a_pimoe_lm_with_oracle_hand_off() -> None:
             expert.set_context(idx)
             nxt = model(idx).logits[0, -1].argmax()
             idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
-    written = bytes(idx[0, len(prefix):].tolist())
+    written = bytes(idx[0, len(prefix) :].tolist())
     assert written == problem.answer.encode() + bytes([CALL_END])

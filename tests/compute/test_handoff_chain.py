@@ -11,10 +11,16 @@ from pimoe.compute.expert import ComputationExpert
 from pimoe.compute.handoff import HandoffRouter, forward_with_hidden, handoff_labels
 from pimoe.compute.task import CALL_END, CALL_START, ArithmeticTask, lm_batch
 from pimoe.compute.train import TrainSettings
-from pimoe.moe.model import LMConfig, PiMoELM
 from pimoe.moe.config import MoEConfig
+from pimoe.moe.model import LMConfig, PiMoELM
 
-MICRO = LMConfig(block_size=128, n_layer=1, n_head=2, d_model=32, moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=32))
+MICRO = LMConfig(
+    block_size=128,
+    n_layer=1,
+    n_head=2,
+    d_model=32,
+    moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=32),
+)
 SPAN = bytes([CALL_START])
 
 
@@ -35,14 +41,14 @@ def _fixed_router(hand_off: bool) -> HandoffRouter:
 @pytest.mark.parametrize("calls", ["expression", "reference"])
 def test_router_labels_are_the_span_result_positions(calls: str) -> None:
     problems = ArithmeticTask(calls=calls, seed=4).split("heldout", 12)
-    idx, targets = lm_batch(problems)
+    idx, _targets = lm_batch(problems)
     labels = handoff_labels(idx, ComputationExpert(torch.nn.Embedding(256, 4)))
     for row, problem in enumerate(problems):
         data = problem.encode()
         eq, end = data.index(b"="), data.index(bytes([CALL_END]))
         expected = [int(eq <= t < end) for t in range(idx.shape[1])]  # "=" .. last result byte
         assert labels[row].tolist() == expected
-        assert data[eq + 1:end + 1] == problem.answer.encode() + bytes([CALL_END])
+        assert data[eq + 1 : end + 1] == problem.answer.encode() + bytes([CALL_END])
 
 
 def test_reference_calls_resolve_to_the_expression() -> None:
@@ -52,7 +58,9 @@ def test_reference_calls_resolve_to_the_expression() -> None:
     for problem in task.split("heldout", 50) + task.split("train", 50):
         assert re.fullmatch(r"#1[-+*]#2[-+*]#3", problem.call)  # no digits to copy
         assert to_expression(problem.call, problem.prompt) == problem.expression
-    assert to_expression("#1*#4", "3 and 5") == "3*#4"  # out of range: left for the engine to reject
+    assert (
+        to_expression("#1*#4", "3 and 5") == "3*#4"
+    )  # out of range: left for the engine to reject
 
 
 def test_forward_with_hidden_is_the_head_input() -> None:
@@ -71,15 +79,20 @@ def test_open_call_and_span_answer() -> None:
     assert span_answer(b"no span\n") is None and span_answer(SPAN + b"1+2=3") is None
 
 
-@pytest.mark.parametrize("prompt, result", [
-    (b"Q: x\nA: " + SPAN + b"123456789*987654321=", str(123456789 * 987654321).encode()),
-    (b"Q: 48213 bolts, 907 crates, 12\nA: " + SPAN + b"#1*#2+#3=", b"43729203"),
-    (b"A: " + SPAN + b"1/0=", b"<err:div0>"),
-    (b"A: " + SPAN + b"2**3=", b"<err:malformed>"),
-    (b"Q: 5\nA: " + SPAN + b"#1+#2=", b"<err:malformed>"),
-    (b"A: " + SPAN + b"9" * 50 + b"*2=", b"<err:overflow>"),
-])
-def test_handoff_and_tool_call_insert_exact_results_and_error_tokens(prompt: bytes, result: bytes) -> None:
+@pytest.mark.parametrize(
+    "prompt, result",
+    [
+        (b"Q: x\nA: " + SPAN + b"123456789*987654321=", str(123456789 * 987654321).encode()),
+        (b"Q: 48213 bolts, 907 crates, 12\nA: " + SPAN + b"#1*#2+#3=", b"43729203"),
+        (b"A: " + SPAN + b"1/0=", b"<err:div0>"),
+        (b"A: " + SPAN + b"2**3=", b"<err:malformed>"),
+        (b"Q: 5\nA: " + SPAN + b"#1+#2=", b"<err:malformed>"),
+        (b"A: " + SPAN + b"9" * 50 + b"*2=", b"<err:overflow>"),
+    ],
+)
+def test_handoff_and_tool_call_insert_exact_results_and_error_tokens(
+    prompt: bytes, result: bytes
+) -> None:
     chain = InferenceChain(_lm(), _fixed_router(hand_off=True), max_new_tokens=40)
     expected = result + bytes([CALL_END])
     outs = {mode: chain.run(prompt, mode) for mode in ("pimoe", "pimoe_span", "tool_call")}
@@ -98,7 +111,9 @@ def test_router_that_never_hands_off_is_the_lm_alone() -> None:
     alone, routed = chain.run(prompt, "lm_only"), chain.run(prompt, "pimoe")
     assert routed.completion == alone.completion and routed.inserted == 0
     assert alone.steps == len(alone.completion) == 20
-    expected = lm.generate(torch.tensor([list(prompt)]), 20, temperature=0, use_cache=False)[0, len(prompt):]
+    expected = lm.generate(torch.tensor([list(prompt)]), 20, temperature=0, use_cache=False)[
+        0, len(prompt) :
+    ]
     assert alone.completion == bytes(expected.tolist())  # the cached chain equals uncached decoding
 
 
@@ -132,14 +147,28 @@ def test_chain_rejects_bad_input() -> None:
 
 
 def test_micro_benchmark_trains_a_router_and_writes_the_json(tmp_path) -> None:
-    config = replace(QUICK, lm=MICRO, lm_train=TrainSettings(steps=60, batch_size=8, lr=1e-2),
-                     router_train=TrainSettings(steps=80, batch_size=8, lr=1e-2),
-                     eval_problems=3, router_eval_problems=40, max_new_tokens=24)
+    config = replace(
+        QUICK,
+        lm=MICRO,
+        lm_train=TrainSettings(steps=60, batch_size=8, lr=1e-2),
+        router_train=TrainSettings(steps=80, batch_size=8, lr=1e-2),
+        eval_problems=3,
+        router_eval_problems=40,
+        max_new_tokens=24,
+    )
     path = tmp_path / "computation.json"
     main(json_path=path, config=config, progress=False)
     result = json.loads(path.read_text())
-    for key in ("accuracy_lm_only", "accuracy_pimoe", "accuracy_tool_call", "latency_ms_pimoe",
-                "latency_ms_tool_call", "tokens_pimoe", "tokens_tool_call", "router_accuracy_heldout"):
+    for key in (
+        "accuracy_lm_only",
+        "accuracy_pimoe",
+        "accuracy_tool_call",
+        "latency_ms_pimoe",
+        "latency_ms_tool_call",
+        "tokens_pimoe",
+        "tokens_tool_call",
+        "router_accuracy_heldout",
+    ):
         assert key in result
     for mode in MODES:
         assert 0.0 <= result[f"accuracy_{mode}"] <= 1.0 and result[f"latency_ms_{mode}"] > 0
@@ -157,12 +186,19 @@ def test_demo_computation_stage_prints_the_comparison(monkeypatch) -> None:
     import pimoe.bench.computation as bench
     from pimoe.demo import run_computation_stage
 
-    micro = replace(QUICK, lm=MICRO, lm_train=TrainSettings(steps=20, batch_size=4, lr=1e-2),
-                    router_train=TrainSettings(steps=5, batch_size=4, lr=1e-2),
-                    router_eval_problems=8, max_new_tokens=12)
+    micro = replace(
+        QUICK,
+        lm=MICRO,
+        lm_train=TrainSettings(steps=20, batch_size=4, lr=1e-2),
+        router_train=TrainSettings(steps=5, batch_size=4, lr=1e-2),
+        router_eval_problems=8,
+        max_new_tokens=12,
+    )
     monkeypatch.setattr(bench, "QUICK", micro)
     out = io.StringIO()
     result = run_computation_stage(Console(file=out, width=200), seed=1)
     assert result["eval_problems"] == 20 and result["config"]["seed"] == 1
     assert "tool_call" in out.getvalue() and "router (held-out" in out.getvalue()
-    assert torch.get_num_threads() == 1  # the stage restores the caller's setting (1 in these tests)
+    assert (
+        torch.get_num_threads() == 1
+    )  # the stage restores the caller's setting (1 in these tests)

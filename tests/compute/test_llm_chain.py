@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from pimoe.compute.llm_chain import ComputationChain, insertion_text
 from pimoe.compute.llm_prompts import final_number, question_block
 from pimoe.compute.llm_train import ChainTrainSettings, train_chain
 from pimoe.compute.operand_head import NONE_SLOT, locate_numbers
+from pimoe.compute.word_grammar import expand
 from pimoe.compute.word_problems import PATTERNS, SLOTS, TEMPLATES, WordProblemSet
+from pimoe.compute.word_templates import WRITTEN_TEMPLATES
 
 
 def tiny_lm(seed: int = 0):
@@ -28,12 +31,24 @@ def tiny_lm(seed: int = 0):
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                                        pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        pad_token="<|endoftext|>",
+    )
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
@@ -66,22 +81,51 @@ def _rig(chain: ComputationChain, fire: bool, pattern: int | None = None) -> Non
 def test_word_problems_exact_splits_and_slots() -> None:
     problems = WordProblemSet(train_digits=5, heldout_digits=8, seed=0)
     assert problems.problem("train", 3) == problems.problem("train", 3)
-    assert {t.question for t in TEMPLATES["train"]}.isdisjoint(t.question for t in TEMPLATES["heldout"])
+    assert {t.question for t in TEMPLATES["train"]}.isdisjoint(
+        t.question for t in TEMPLATES["heldout"]
+    )
     assert {t.answer for t in TEMPLATES["train"]}.isdisjoint(t.answer for t in TEMPLATES["heldout"])
+    assert len(TEMPLATES["heldout"]) == 16 and len(TEMPLATES["train"]) > 300
     for split in ("train", "heldout"):
         for p in problems.problems(split, 0, 60):
             longest = max(len(o) for o in p.operands)
             assert longest <= 5 if split == "train" else 5 < longest <= 8
             names = dict(zip(SLOTS, (f"Fraction({o})" for o in p.operands)))
             assert eval(PATTERNS[p.pattern].format(**names)) == Fraction(int(p.answer))
-            assert p.answer_text[p.result_start:].startswith(p.answer)
+            assert p.answer_text[p.result_start :].startswith(p.answer)
             numbers = locate_numbers_text(p.question)
-            assert [numbers[i] for i in sorted(range(len(numbers)), key=lambda i: p.operand_order[i])] == list(p.operands)
+            assert [
+                numbers[i] for i in sorted(range(len(numbers)), key=lambda i: p.operand_order[i])
+            ] == list(p.operands)
+
+
+def test_heldout_clauses_never_occur_in_training_phrasings() -> None:
+    train = [t.question.lower() for t in TEMPLATES["train"]]
+    for template in TEMPLATES["heldout"]:
+        for clause in re.split(r"[.;?,:]", template.question.lower()):
+            if len(clause.split()) > 4:
+                assert not any(clause.strip() in q for q in train), clause
+
+
+def test_grammar_expands_every_alternative_once() -> None:
+    assert expand("[A|B] has {a} [x|y|z].") == [
+        "A has {a} x.",
+        "A has {a} y.",
+        "A has {a} z.",
+        "B has {a} x.",
+        "B has {a} y.",
+        "B has {a} z.",
+    ]
+    assert expand("of {b} [each|], then") == ["of {b} each, then", "of {b}, then"]
+    generated = TEMPLATES["train"][len(WRITTEN_TEMPLATES["train"]) :]
+    for t in generated:  # every slot of the pattern named exactly once, no markup left
+        assert all(
+            t.question.count("{" + s + "}") == (("{" + s + "}") in t.pattern) for s in SLOTS
+        ), t
+        assert "[" not in t.question + t.answer and "{r}" in t.answer
 
 
 def locate_numbers_text(question: str) -> list[str]:
-    import re
-
     return re.findall(r"[0-9]+", question)
 
 
@@ -104,7 +148,11 @@ def test_router_that_never_fires_is_the_lm_alone(trained) -> None:
     _rig(chain, fire=False)
     for question in ("Tom has 12 apples and 30 pears.", "No numbers here?"):
         run, alone = chain.run(question, 12), lm_only(chain.runner, question, 12)
-        assert (run.text, run.generated_tokens, run.forward_passes) == (alone.text, alone.generated_tokens, alone.forward_passes)
+        assert (run.text, run.generated_tokens, run.forward_passes) == (
+            alone.text,
+            alone.generated_tokens,
+            alone.forward_passes,
+        )
         assert run.expression is None and run.inserted_tokens == 0
 
 
@@ -115,18 +163,28 @@ def test_handoff_inserts_exact_result_in_one_prefill(trained) -> None:
     result = str(48213987 * 90712345 + 12)
     assert run.expression == "48213987*90712345+12"
     assert run.text.startswith(result)
-    assert not run.text[len(result) : len(result) + 2].strip()[:1].isdigit()  # the LM does not extend the number
+    assert (
+        not run.text[len(result) : len(result) + 2].strip()[:1].isdigit()
+    )  # the LM does not extend the number
     assert run.inserted_tokens == len(result)  # one token per digit with this tokenizer
     # prompt prefill + one insertion prefill + one pass per generated token except a final stop
     assert run.forward_passes - 2 in (run.generated_tokens, run.generated_tokens - 1)
 
 
-@pytest.mark.parametrize("question, token", [
-    ("From 7 apples 7 were sold and the rest shared among 0 kids. Each?", "<err:div0>"),
-    ("How many apples are there?", "<err:malformed>"),
-    ("Share \u0667\u0668 apples among \u0663 kids.", "<err:malformed>"),  # Arabic-Indic digits
-    ("From " + "9" * 45 + " apples 3 were sold, shared among 2 kids.", "<err:overflow>"),
-])
+@pytest.mark.parametrize(
+    "question, token",
+    [
+        ("From 7 apples 7 were sold and the rest shared among 0 kids. Each?", "<err:div0>"),
+        ("How many apples are there?", "<err:malformed>"),
+        ("Share \u0667\u0668 apples among \u0663 kids.", "<err:malformed>"),  # Arabic-Indic digits
+        ("From " + "9" * 45 + " apples 3 were sold, shared among 2 kids.", "<err:overflow>"),
+        (
+            "Caf\u00e9 \u2615 had 12 cr\u00eapes \U0001f600, sold 2, shared among 5 friends.",
+            "2",
+        ),  # non-ASCII words: fine
+        ("", "<err:malformed>"),
+    ],
+)
 def test_bad_input_gives_error_token_and_continues(trained, question: str, token: str) -> None:
     chain, _ = trained
     _rig(chain, fire=True, pattern=PATTERNS.index("({a}-{b})/{c}"))
@@ -164,7 +222,9 @@ def test_cli_ask_prints_the_answer(trained, tmp_path: Path) -> None:
     chain.config.base_model = str(base)
     chain.save(tmp_path / "chain")
     question = "Had 9 coins, lost 4 and found 2."
-    out = CliRunner().invoke(chain_app, ["ask", str(tmp_path / "chain"), question, "--max-new-tokens", "4"])
+    out = CliRunner().invoke(
+        chain_app, ["ask", str(tmp_path / "chain"), question, "--max-new-tokens", "4"]
+    )
     assert out.exit_code == 0, out.output
     assert out.output.strip() == chain.generate(question, max_new_tokens=4)
     assert out.output.startswith("7")
@@ -176,7 +236,9 @@ def test_tool_call_evaluates_the_written_call(trained) -> None:
     chain, _ = trained
     model, tokenizer = chain.model, chain.tokenizer
     script = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize("<<2+3>> ok\n")]
-    script.insert(7, script[7])  # the pass that feeds ">" predicts a token nobody uses: a spare space
+    script.insert(
+        7, script[7]
+    )  # the pass that feeds ">" predicts a token nobody uses: a spare space
     calls = iter(script)
 
     def scripted(module, inputs, logits):  # an LM that writes the script, one token per forward
@@ -186,12 +248,19 @@ def test_tool_call_evaluates_the_written_call(trained) -> None:
 
     handle = model.lm_head.register_forward_hook(scripted)
     try:
-        out = tool_call(LMRunner(model, tokenizer, "", chain.config.layers), ArithmeticEngine(), "What is 2+3?", 20)
+        out = tool_call(
+            LMRunner(model, tokenizer, "", chain.config.layers),
+            ArithmeticEngine(),
+            "What is 2+3?",
+            20,
+        )
     finally:
         handle.remove()
     assert out.text == "<<2+3>>5 ok" and out.calls == 1
     assert final_number(out.text) == "5"
-    assert out.generated_tokens == 11 and out.forward_passes == 12  # prompt + 10 fed tokens + the result
+    assert (
+        out.generated_tokens == 11 and out.forward_passes == 12
+    )  # prompt + 10 fed tokens + the result
 
 
 def test_final_number_and_insertion_text() -> None:
@@ -200,4 +269,12 @@ def test_final_number_and_insertion_text() -> None:
     assert final_number("none") is None
     assert insertion_text("The shop has ", "105") == "105"
     assert insertion_text("The shop has", "105") == " 105"
-    assert NONE_SLOT == len(SLOTS)
+    assert len(SLOTS) == NONE_SLOT
+
+
+def test_run_rejects_bad_arguments(trained) -> None:
+    chain, _ = trained
+    with pytest.raises(TypeError, match="question must be a str"):
+        chain.run(b"12 apples", 4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        chain.run("12 apples", 0)

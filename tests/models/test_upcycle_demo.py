@@ -14,8 +14,17 @@ from pimoe.demo_pretrained import (
     run_pretrained_demo,
 )
 
-TINY_SETTINGS = PretrainedDemoSettings(model="tiny-llama", window=32, calibration_windows=4, heldout_windows=2,
-                                       router_steps=5, max_new_tokens=4)
+TINY_SETTINGS = PretrainedDemoSettings(
+    model="tiny-llama",
+    window=32,
+    calibration_windows=4,
+    heldout_windows=2,
+    router_steps=5,
+    max_new_tokens=4,
+    chain_problems=6,
+    chain_steps=5,
+    chain_questions=2,
+)
 
 
 @pytest.mark.slow
@@ -24,8 +33,12 @@ def test_demo_trains_then_reuses_the_routers(tiny, tmp_path) -> None:
     assert first["routers"] == "trained" and routers_path(TINY_SETTINGS).is_file()
     assert first["params_active"] < first["params_dense"] < first["params_total"]
     assert len(first["routing"]) == 2 and len(first["router_training"]["layers"]) == 2
+    assert first["chain"]["source"] == "trained" and len(first["chain"]["rows"]) == 2
     second = run_pretrained_demo(TINY_SETTINGS, progress=False, out_dir=str(tmp_path))
-    assert second["routers"] == "cache"
+    assert second["routers"] == "cache" and second["chain"]["source"] == "cache"
+    assert (
+        second["chain"]["rows"] == first["chain"]["rows"]
+    )  # the cached chain answers as the trained one
     assert second["ppl_moe"] == first["ppl_moe"] and second["ppl_dense"] == first["ppl_dense"]
     assert json.loads((tmp_path / "results.json").read_text())["routers"] == "cache"
 
@@ -44,7 +57,9 @@ def test_demo_command_runs_the_pretrained_demo_by_default(tiny, tmp_path, monkey
     import pimoe.demo_pretrained as demo
 
     monkeypatch.setattr(demo, "PretrainedDemoSettings", lambda: TINY_SETTINGS)
-    result = CliRunner().invoke(app, ["demo", "--model", "tiny-llama", "--top-k", "2", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["demo", "--model", "tiny-llama", "--top-k", "2", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
     assert "Routing on held-out text" in result.output and "MoE 2/8" in result.output
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["top_k"] == 2
@@ -56,10 +71,25 @@ def test_bench_models_reports_every_contender(tiny, tmp_path) -> None:
 
     from pimoe.bench.models import QUICK, run
 
-    result = run(replace(QUICK, model="tiny-llama", heldout_windows=2, window=32, prefill_tokens=32, decode_tokens=4,
-                         rounds=1, families=False), progress=False)
+    result = run(
+        replace(
+            QUICK,
+            model="tiny-llama",
+            heldout_windows=2,
+            window=32,
+            prefill_tokens=32,
+            decode_tokens=4,
+            rounds=1,
+            families=False,
+        ),
+        progress=False,
+    )
     assert result["load_first_was_cached"] is False and result["routers"] == "trained"
     for key in ("ppl_dense", "ppl_moe_k4", "ppl_moe_k4_norefit", "ppl_moe_k2"):
         assert 1.0 < result[key] < 1e6
     assert set(result["decode_tokens_per_s"]) == {"dense", "moe_k4", "moe_k2"}
-    assert result["params"]["moe_k2"]["active"] < result["params"]["moe_k4"]["active"] < result["params"]["dense"]["active"]
+    assert (
+        result["params"]["moe_k2"]["active"]
+        < result["params"]["moe_k4"]["active"]
+        < result["params"]["dense"]["active"]
+    )

@@ -17,6 +17,7 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -43,9 +44,21 @@ class ComputationBenchConfig:
     heldout_digits: int = 8
     word_fraction: float = 0.5
     calls: Calls = "reference"
-    lm: LMConfig = field(default_factory=lambda: LMConfig(block_size=128, n_layer=2, n_head=4, d_model=64, moe=MoEConfig(num_experts=4, top_k=1, ffn_dim=128)))
-    lm_train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=3000, batch_size=16, lr=1e-2))
-    router_train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=200, batch_size=16, lr=3e-3))
+    lm: LMConfig = field(
+        default_factory=lambda: LMConfig(
+            block_size=128,
+            n_layer=2,
+            n_head=4,
+            d_model=64,
+            moe=MoEConfig(num_experts=4, top_k=1, ffn_dim=128),
+        )
+    )
+    lm_train: TrainSettings = field(
+        default_factory=lambda: TrainSettings(steps=3000, batch_size=16, lr=1e-2)
+    )
+    router_train: TrainSettings = field(
+        default_factory=lambda: TrainSettings(steps=200, batch_size=16, lr=3e-3)
+    )
     router_hidden: int = 64
     eval_problems: int = 100
     router_eval_problems: int = 200
@@ -56,18 +69,27 @@ class ComputationBenchConfig:
 
 QUICK = ComputationBenchConfig(
     lm_train=TrainSettings(steps=800, batch_size=16, lr=1e-2),
-    router_train=TrainSettings(steps=100, batch_size=16, lr=3e-3), eval_problems=40, router_eval_problems=100)
+    router_train=TrainSettings(steps=100, batch_size=16, lr=3e-3),
+    eval_problems=40,
+    router_eval_problems=100,
+)
 
 
 def _longest_operand(problem: Problem) -> int:
     return max(len(n) for n in re.findall(r"\d+", problem.expression))
 
 
-def _evaluate(chain: InferenceChain, problems: list[Problem], progress: bool) -> dict[str, dict[str, list]]:
+def _evaluate(
+    chain: InferenceChain, problems: list[Problem], progress: bool
+) -> dict[str, dict[str, list]]:
     """Per mode: correctness, expression correctness, ms, steps and inserted bytes per problem."""
-    rows: dict[str, dict[str, list]] = {m: {"correct": [], "expression": [], "ms": [], "steps": [],
-                                            "inserted": [], "digits": []} for m in MODES}
-    for problem in track(problems, description="decode held-out", disable=not progress, transient=True):
+    rows: dict[str, dict[str, list]] = {
+        m: {"correct": [], "expression": [], "ms": [], "steps": [], "inserted": [], "digits": []}
+        for m in MODES
+    }
+    for problem in track(
+        problems, description="decode held-out", disable=not progress, transient=True
+    ):
         reference = problem.completion.encode()
         for mode in MODES:  # interleaved: every mode decodes this problem before the next one
             out = chain.run(problem.prompt.encode(), mode)
@@ -83,8 +105,12 @@ def _evaluate(chain: InferenceChain, problems: list[Problem], progress: bool) ->
 
 def _by_digits(row: dict[str, list]) -> dict[str, float]:
     digits = sorted(set(row["digits"]))
-    return {str(d): round(statistics.mean(c for c, n in zip(row["correct"], row["digits"]) if n == d), 3)
-            for d in digits}
+    return {
+        str(d): round(
+            statistics.mean(c for c, n in zip(row["correct"], row["digits"]) if n == d), 3
+        )
+        for d in digits
+    }
 
 
 def run(cfg: ComputationBenchConfig, progress: bool = True) -> dict:
@@ -99,28 +125,40 @@ def run(cfg: ComputationBenchConfig, progress: bool = True) -> dict:
 
 
 def _run(cfg: ComputationBenchConfig, progress: bool) -> dict:
-    task = ArithmeticTask(cfg.train_digits, cfg.heldout_digits, cfg.word_fraction, cfg.seed, cfg.calls)
+    task = ArithmeticTask(
+        cfg.train_digits, cfg.heldout_digits, cfg.word_fraction, cfg.seed, cfg.calls
+    )
     start = time.perf_counter()
     lm, lm_losses = train_text_expert(task, cfg.lm, cfg.lm_train, progress)
     lm_seconds = time.perf_counter() - start
     router, router_losses = train_router(lm, task, cfg.router_train, cfg.router_hidden, progress)
     router_seconds = time.perf_counter() - start - lm_seconds
     eval_range = range(EVAL_OFFSET, EVAL_OFFSET + cfg.router_eval_problems)
-    routing = {split: router_accuracy(lm, router, task, split, eval_range) for split in ("heldout", "train")}
+    routing = {
+        split: router_accuracy(lm, router, task, split, eval_range)
+        for split in ("heldout", "train")
+    }
     problems = [task.problem("heldout", EVAL_OFFSET + i) for i in range(cfg.eval_problems)]
-    rows = _evaluate(InferenceChain(lm, router, task.engine, cfg.max_new_tokens), problems, progress)
+    rows = _evaluate(
+        InferenceChain(lm, router, task.engine, cfg.max_new_tokens), problems, progress
+    )
 
-    result = run_header("computation", cfg)
-    result.update({
-        "params_text_expert": lm.num_params(), "params_router": sum(p.numel() for p in router.parameters()),
-        "train_s_text_expert": round(lm_seconds, 1), "train_s_router": round(router_seconds, 1),
-        "final_loss_text_expert": round(statistics.mean(lm_losses[-20:]), 4),
-        "final_loss_router": round(statistics.mean(router_losses[-20:]), 4),
-        "router_accuracy_heldout": round(routing["heldout"]["accuracy"], 4),
-        "router_heldout": {k: round(v, 4) for k, v in routing["heldout"].items()},
-        "router_train_split": {k: round(v, 4) for k, v in routing["train"].items()},
-        "eval_problems": len(problems),
-    })
+    result: dict[str, Any] = run_header("computation", cfg)
+    result.update(
+        {
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # float results depend on it (docs)
+            "params_text_expert": lm.num_params(),
+            "params_router": sum(p.numel() for p in router.parameters()),
+            "train_s_text_expert": round(lm_seconds, 1),
+            "train_s_router": round(router_seconds, 1),
+            "final_loss_text_expert": round(statistics.mean(lm_losses[-20:]), 4),
+            "final_loss_router": round(statistics.mean(router_losses[-20:]), 4),
+            "router_accuracy_heldout": round(routing["heldout"]["accuracy"], 4),
+            "router_heldout": {k: round(v, 4) for k, v in routing["heldout"].items()},
+            "router_train_split": {k: round(v, 4) for k, v in routing["train"].items()},
+            "eval_problems": len(problems),
+        }
+    )
     for mode, row in rows.items():
         result[f"accuracy_{mode}"] = round(statistics.mean(row["correct"]), 4)
         result[f"expression_accuracy_{mode}"] = round(statistics.mean(row["expression"]), 4)
@@ -128,31 +166,52 @@ def _run(cfg: ComputationBenchConfig, progress: bool) -> dict:
         result[f"tokens_{mode}"] = round(statistics.mean(row["steps"]), 2)
         result[f"inserted_{mode}"] = round(statistics.mean(row["inserted"]), 2)
         result[f"accuracy_by_longest_operand_{mode}"] = _by_digits(row)
-    result["latency_ratio_pimoe_vs_tool_call"] = round(result["latency_ms_pimoe"] / result["latency_ms_tool_call"], 3)
-    result["tokens_ratio_pimoe_vs_tool_call"] = round(result["tokens_pimoe"] / result["tokens_tool_call"], 3)
+    result["latency_ratio_pimoe_vs_tool_call"] = round(
+        result["latency_ms_pimoe"] / result["latency_ms_tool_call"], 3
+    )
+    result["tokens_ratio_pimoe_vs_tool_call"] = round(
+        result["tokens_pimoe"] / result["tokens_tool_call"], 3
+    )
     return result
 
 
 def print_report(result: dict, console: Console | None = None) -> None:
     """The comparison table and the router's scores."""
     console = console or Console()
-    table = Table(title=f"Held-out problems ({result['eval_problems']}), longest operand "
-                        f"{result['config']['train_digits'] + 1}..{result['config']['heldout_digits']} digits "
-                        f"(training: <= {result['config']['train_digits']})")
-    for column in ("pipeline", "answer accuracy", "expression written right", "latency ms/problem",
-                   "decoding steps", "bytes inserted"):
+    table = Table(
+        title=f"Held-out problems ({result['eval_problems']}), longest operand "
+        f"{result['config']['train_digits'] + 1}..{result['config']['heldout_digits']} digits "
+        f"(training: <= {result['config']['train_digits']})"
+    )
+    for column in (
+        "pipeline",
+        "answer accuracy",
+        "expression written right",
+        "latency ms/problem",
+        "decoding steps",
+        "bytes inserted",
+    ):
         table.add_column(column, justify="right")
     for mode in MODES:
-        table.add_row(mode, f"{result[f'accuracy_{mode}']:.3f}", f"{result[f'expression_accuracy_{mode}']:.3f}",
-                      f"{result[f'latency_ms_{mode}']:.1f}", f"{result[f'tokens_{mode}']:.1f}",
-                      f"{result[f'inserted_{mode}']:.1f}")
+        table.add_row(
+            mode,
+            f"{result[f'accuracy_{mode}']:.3f}",
+            f"{result[f'expression_accuracy_{mode}']:.3f}",
+            f"{result[f'latency_ms_{mode}']:.1f}",
+            f"{result[f'tokens_{mode}']:.1f}",
+            f"{result[f'inserted_{mode}']:.1f}",
+        )
     console.print(table)
     router = result["router_heldout"]
-    console.print(f"router (held-out, teacher-forced): token accuracy {router['accuracy']:.4f}, "
-                  f"hand-off precision {router['precision']:.3f}, recall {router['recall']:.3f}, "
-                  f"all tokens right in {router['problems_all_correct']:.3f} of problems")
-    console.print(f"pimoe vs tool_call: latency x{result['latency_ratio_pimoe_vs_tool_call']:.2f}, "
-                  f"decoding steps x{result['tokens_ratio_pimoe_vs_tool_call']:.2f}")
+    console.print(
+        f"router (held-out, teacher-forced): token accuracy {router['accuracy']:.4f}, "
+        f"hand-off precision {router['precision']:.3f}, recall {router['recall']:.3f}, "
+        f"all tokens right in {router['problems_all_correct']:.3f} of problems"
+    )
+    console.print(
+        f"pimoe vs tool_call: latency x{result['latency_ratio_pimoe_vs_tool_call']:.2f}, "
+        f"decoding steps x{result['tokens_ratio_pimoe_vs_tool_call']:.2f}"
+    )
 
 
 def plot(result: dict, path: Path) -> None:
@@ -167,15 +226,26 @@ def plot(result: dict, path: Path) -> None:
         by = result[f"accuracy_by_longest_operand_{mode}"]
         ax.plot([int(d) for d in by], list(by.values()), marker=marker, linestyle=style, label=mode)
         ax.set_xticks([int(d) for d in by])
-    ax.set(xlabel=f"digits of the longest operand (training: <= {result['config']['train_digits']})",
-           ylabel="answer accuracy", title="Held-out arithmetic", ylim=(-0.05, 1.05))
+    ax.set(
+        xlabel=f"digits of the longest operand (training: <= {result['config']['train_digits']})",
+        ylabel="answer accuracy",
+        title="Held-out arithmetic",
+        ylim=(-0.05, 1.05),
+    )
     ax.legend()
     fig.tight_layout()
     save_png(fig, path)
 
 
-def main(quick: bool = False, json_path: Path | None = None, threads: int = 1, calls: Calls = "reference",
-         config: ComputationBenchConfig | None = None, progress: bool = True, model: str | None = None) -> dict:
+def main(
+    quick: bool = False,
+    json_path: Path | None = None,
+    threads: int = 1,
+    calls: Calls = "reference",
+    config: ComputationBenchConfig | None = None,
+    progress: bool = True,
+    model: str | None = None,
+) -> dict:
     """Entry point of ``benchmarks/computation.py`` and ``pimoe bench computation``; ``config``
     replaces the ``quick`` / full presets (and ``calls``). With ``json_path``, the plot goes next
     to it as PNG. With ``model`` (``"smollm2"``), the frozen-pretrained-LM comparison runs instead
@@ -187,7 +257,10 @@ def main(quick: bool = False, json_path: Path | None = None, threads: int = 1, c
         if json_path is not None:
             atomic_write_text(json_path, json.dumps(result, indent=2))
         return result
-    cfg = replace(config or replace(QUICK if quick else ComputationBenchConfig(), calls=calls), threads=threads)
+    cfg = replace(
+        config or replace(QUICK if quick else ComputationBenchConfig(), calls=calls),
+        threads=threads,
+    )
     result = run(cfg, progress)
     print_report(result)
     if json_path is not None:

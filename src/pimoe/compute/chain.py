@@ -71,7 +71,7 @@ def open_call(sequence: list[int]) -> tuple[bytes, bytes] | None:
         return None
     for t in range(len(sequence) - 2, -1, -1):
         if sequence[t] == CALL_START:
-            return bytes(sequence[:t]), bytes(sequence[t + 1:-1])
+            return bytes(sequence[:t]), bytes(sequence[t + 1 : -1])
         if sequence[t] in (CALL_END, EQUALS):
             return None
     return None
@@ -84,7 +84,7 @@ def span_answer(completion: bytes) -> bytes | None:
         return None
     eq = completion.find(b"=", start)
     end = completion.find(bytes([CALL_END]), eq + 1)
-    return completion[eq + 1:end] if 0 <= eq < end else None
+    return completion[eq + 1 : end] if 0 <= eq < end else None
 
 
 class InferenceChain:
@@ -98,8 +98,13 @@ class InferenceChain:
         max_new_tokens: longest completion.
     """
 
-    def __init__(self, lm: PiMoELM, router: HandoffRouter | None = None,
-                 engine: ArithmeticEngine | None = None, max_new_tokens: int = 64) -> None:
+    def __init__(
+        self,
+        lm: PiMoELM,
+        router: HandoffRouter | None = None,
+        engine: ArithmeticEngine | None = None,
+        max_new_tokens: int = 64,
+    ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.lm, self.router = lm.eval(), router
@@ -121,13 +126,17 @@ class InferenceChain:
 
     def _tool(self, context: bytes, call: bytes) -> list[int]:
         """The tool call: resolve and evaluate in Python, return the result bytes and ``CALL_END``."""
-        return list(self.engine.compute(to_expression(call, context)).encode("ascii")) + [CALL_END]
+        return [*list(self.engine.compute(to_expression(call, context)).encode("ascii")), CALL_END]
 
-    def _step(self, sequence: list[int], cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
+    def _step(
+        self, sequence: list[int], cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
         """Run the text expert on what ``cache`` lacks of ``sequence`` -> ``(logits [V],
         last hidden state [D] (``norm_f``'s output), cache)``."""
         captured: list[torch.Tensor] = []
-        handle = self.lm.norm_f.register_forward_hook(lambda module, args, out: captured.append(out))
+        handle = self.lm.norm_f.register_forward_hook(
+            lambda module, args, out: captured.append(out)
+        )
         try:
             logits, cache = self.lm.extend(torch.tensor([sequence]), cache)
         finally:
@@ -163,5 +172,5 @@ class InferenceChain:
             sequence += written
             if sequence[-1] == NEWLINE:
                 break
-        completion = bytes(sequence[len(prompt):len(prompt) + self.max_new_tokens])
+        completion = bytes(sequence[len(prompt) : len(prompt) + self.max_new_tokens])
         return ChainOutput(completion, steps, inserted, time.perf_counter() - start)

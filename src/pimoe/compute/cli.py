@@ -7,15 +7,21 @@ from typing import Annotated
 
 import typer
 
-chain_app = typer.Typer(help="PiMoE computation chain on a frozen pretrained LM (SmolLM2-135M-Instruct).",
-                        no_args_is_help=True)
+chain_app = typer.Typer(
+    help="PiMoE computation chain on a frozen pretrained LM (SmolLM2-135M-Instruct).",
+    no_args_is_help=True,
+)
 
 
 @chain_app.command("train")
 def train(
     out: Annotated[Path, typer.Option("--out", help="Folder for chain.safetensors + chain.json.")],
-    quick: Annotated[bool, typer.Option(help="96 training problems instead of 320 (a few minutes on a CPU).")] = False,
-    model: Annotated[str, typer.Option(help="Base model: a pimoe.models name or a Hugging Face folder.")] = "smollm2-135m-instruct",
+    quick: Annotated[
+        bool, typer.Option(help="96 training problems instead of 320 (a few minutes on a CPU).")
+    ] = False,
+    model: Annotated[
+        str, typer.Option(help="Base model: a pimoe.models name or a Hugging Face folder.")
+    ] = "smollm2-135m-instruct",
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
 ) -> None:
     """Train the router and the text-to-computation head on the frozen LM and save them."""
@@ -28,7 +34,9 @@ def train(
 
     torch.set_num_threads(threads)
     lm, tokenizer = load_pretrained(model)
-    chain, report = train_chain(lm, tokenizer, model, QUICK_SETTINGS if quick else ChainTrainSettings())
+    chain, report = train_chain(
+        lm, tokenizer, model, QUICK_SETTINGS if quick else ChainTrainSettings()
+    )
     chain.save(out)
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=2))
     typer.echo(f"saved to {out}")

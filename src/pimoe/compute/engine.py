@@ -131,7 +131,7 @@ class _Parser:
         start = self.pos
         while self.pos < len(self.text) and self.text[self.pos] in "0123456789":
             self.pos += 1
-        digits = self.text[start:self.pos]
+        digits = self.text[start : self.pos]
         if not digits:
             raise _EngineError("malformed")
         if len(digits.lstrip("0")) > self.max_digits:

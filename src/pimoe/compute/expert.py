@@ -53,7 +53,9 @@ def next_result_bytes(sequence: bytes | list[int], engine: ArithmeticEngine) -> 
             if byte == EQUALS:
                 after_eq, emitted = True, 0
                 context = bytes(sequence[:span_start])
-                result = engine.compute(to_expression(bytes(expr), context)).encode("ascii") + bytes([CALL_END])
+                result = engine.compute(to_expression(bytes(expr), context)).encode(
+                    "ascii"
+                ) + bytes([CALL_END])
                 out[t] = result[0]
             else:
                 expr.append(byte)
@@ -76,8 +78,9 @@ class ComputationExpert(nn.Module):
 
     uses_positions = True  # the layer passes each routed row's token position
 
-    def __init__(self, embedding: nn.Embedding, engine: ArithmeticEngine | None = None,
-                 scale: float = 1.0) -> None:
+    def __init__(
+        self, embedding: nn.Embedding, engine: ArithmeticEngine | None = None, scale: float = 1.0
+    ) -> None:
         super().__init__()
         self.__dict__["_embedding"] = embedding
         self.engine = engine or ArithmeticEngine()
@@ -107,10 +110,13 @@ class ComputationExpert(nn.Module):
         if positions.shape != x.shape[:1]:
             raise ValueError(f"expected {x.shape[0]} positions, got shape {tuple(positions.shape)}")
         with torch.no_grad():
-            if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < self._targets.numel():
+            if (
+                positions.numel()
+                and not 0 <= int(positions.min()) <= int(positions.max()) < self._targets.numel()
+            ):
                 raise ValueError("positions fall outside the context given to set_context(idx)")
             byte = self._targets.to(positions.device)[positions]  # [N]
-            weight = self._embedding.weight.detach()  # [V, D]
+            weight = self._embedding.weight.detach()  # type: ignore[union-attr,operator]  # [V, D]
             out = weight[byte.clamp(min=0)] * self.scale  # [N, D]
             out = out * (byte != NO_OUTPUT).unsqueeze(-1)
         return out.to(x.dtype)

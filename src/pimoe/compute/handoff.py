@@ -67,14 +67,21 @@ def handoff_labels(idx: Tensor, expert: ComputationExpert) -> Tensor:
     return (expert.targets(idx) != NO_OUTPUT).long()
 
 
-def _labelled_batch(problems: list[Problem], expert: ComputationExpert) -> tuple[Tensor, Tensor, Tensor]:
+def _labelled_batch(
+    problems: list[Problem], expert: ComputationExpert
+) -> tuple[Tensor, Tensor, Tensor]:
     """Inputs ``[B, S]``, labels ``[B, S]`` and the mask of real (non-padding) positions."""
     idx, targets = lm_batch(problems)
     return idx, handoff_labels(idx, expert), targets != -100
 
 
-def train_router(lm: PiMoELM, task: ArithmeticTask, settings: TrainSettings, hidden: int = 64,
-                 progress: bool = True) -> tuple[HandoffRouter, list[float]]:
+def train_router(
+    lm: PiMoELM,
+    task: ArithmeticTask,
+    settings: TrainSettings,
+    hidden: int = 64,
+    progress: bool = True,
+) -> tuple[HandoffRouter, list[float]]:
     """Train a :class:`HandoffRouter` on the frozen ``lm``'s hidden states over ``task``'s train
     split (problems from index 10**6 on, not the text expert's first batches); returns the router
     in eval mode and the per-step cross-entropy."""
@@ -89,7 +96,8 @@ def train_router(lm: PiMoELM, task: ArithmeticTask, settings: TrainSettings, hid
         for step in range(settings.steps):
             first = 10**6 + step * settings.batch_size
             idx, labels, real = _labelled_batch(
-                [task.problem("train", first + i) for i in range(settings.batch_size)], expert)
+                [task.problem("train", first + i) for i in range(settings.batch_size)], expert
+            )
             with torch.no_grad():
                 _, hidden_states = forward_with_hidden(lm, idx)
             loss = F.cross_entropy(router(hidden_states)[real], labels[real])
@@ -104,8 +112,14 @@ def train_router(lm: PiMoELM, task: ArithmeticTask, settings: TrainSettings, hid
 
 
 @torch.no_grad()
-def router_accuracy(lm: PiMoELM, router: HandoffRouter, task: ArithmeticTask, split: Split,
-                    indices: range, engine: ArithmeticEngine | None = None) -> dict[str, float]:
+def router_accuracy(
+    lm: PiMoELM,
+    router: HandoffRouter,
+    task: ArithmeticTask,
+    split: Split,
+    indices: range,
+    engine: ArithmeticEngine | None = None,
+) -> dict[str, float]:
     """Teacher-forced token-level scores of ``router`` on problems ``indices`` of ``split``.
 
     Returns ``accuracy`` (all real positions), ``majority_baseline`` (the accuracy of always

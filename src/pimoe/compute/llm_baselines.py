@@ -40,8 +40,15 @@ class PipelineRun:
     seconds: float
 
 
-def _greedy(runner: LMRunner, session: Session, logits: Tensor, budget: int, stop: str = "\n", close: str | None = None,
-            start: int | None = None) -> tuple[int, bool]:
+def _greedy(
+    runner: LMRunner,
+    session: Session,
+    logits: Tensor,
+    budget: int,
+    stop: str = "\n",
+    close: str | None = None,
+    start: int | None = None,
+) -> tuple[int, bool]:
     """Append greedy tokens until ``stop``, ``budget`` tokens, or (``close``) the text after
     ``start`` gains one more ``close`` marker; returns (tokens generated, closed)."""
     start = len(session.tokens) if start is None else start
@@ -72,11 +79,18 @@ def lm_only(runner: LMRunner, question: str, max_new_tokens: int = 48) -> Pipeli
     logits, _ = runner.feed(session, runner.encode(question_block(question)))
     prompt_len = len(session.tokens)
     generated, _ = _greedy(runner, session, logits, max_new_tokens)
-    return PipelineRun(runner.decode(session.tokens[prompt_len:]).strip(), generated, session.forward_passes, 0,
-                       time.perf_counter() - t0)
+    return PipelineRun(
+        runner.decode(session.tokens[prompt_len:]).strip(),
+        generated,
+        session.forward_passes,
+        0,
+        time.perf_counter() - t0,
+    )
 
 
-def tool_call(runner: LMRunner, engine: ArithmeticEngine, question: str, max_new_tokens: int = 48) -> PipelineRun:
+def tool_call(
+    runner: LMRunner, engine: ArithmeticEngine, question: str, max_new_tokens: int = 48
+) -> PipelineRun:
     """(c): the LM writes ``<<expression>>``; Python evaluates; the result is prefilled."""
     t0 = time.perf_counter()
     session = runner.start()
@@ -84,19 +98,32 @@ def tool_call(runner: LMRunner, engine: ArithmeticEngine, question: str, max_new
     prompt_len = len(session.tokens)
     generated = calls = 0
     while generated < max_new_tokens:
-        steps, closed = _greedy(runner, session, logits, max_new_tokens - generated, close=">>", start=prompt_len)
+        steps, closed = _greedy(
+            runner, session, logits, max_new_tokens - generated, close=">>", start=prompt_len
+        )
         generated += steps
         if not closed or calls >= MAX_CALLS:
             break
         calls += 1
         result = engine.compute(_call_text(runner.decode(session.tokens[prompt_len:])))
         logits, _ = runner.feed(session, runner.encode(result))
-    return PipelineRun(runner.decode(session.tokens[prompt_len:]).strip(), generated, session.forward_passes, calls,
-                       time.perf_counter() - t0)
+    return PipelineRun(
+        runner.decode(session.tokens[prompt_len:]).strip(),
+        generated,
+        session.forward_passes,
+        calls,
+        time.perf_counter() - t0,
+    )
 
 
-def two_call(agent: LMRunner, translator: LMRunner, engine: ArithmeticEngine, question: str,
-             max_new_tokens: int = 48, max_expression_tokens: int = 48) -> PipelineRun:
+def two_call(
+    agent: LMRunner,
+    translator: LMRunner,
+    engine: ArithmeticEngine,
+    question: str,
+    max_new_tokens: int = 48,
+    max_expression_tokens: int = 48,
+) -> PipelineRun:
     """(d): request in words -> second LM call writes the expression -> Python -> re-read."""
     t0 = time.perf_counter()
     block = agent.encode(question_block(question))
@@ -104,14 +131,18 @@ def two_call(agent: LMRunner, translator: LMRunner, engine: ArithmeticEngine, qu
     logits, _ = agent.feed(session, block)
     generated = calls = passes = 0
     while generated < max_new_tokens:
-        steps, closed = _greedy(agent, session, logits, max_new_tokens - generated, close=">>", start=len(block))
+        steps, closed = _greedy(
+            agent, session, logits, max_new_tokens - generated, close=">>", start=len(block)
+        )
         generated += steps
         if not closed or calls >= MAX_CALLS:
             break
         calls += 1
-        answer = agent.decode(session.tokens[len(block):])
+        answer = agent.decode(session.tokens[len(block) :])
         ask = translator.start()
-        t_logits, _ = translator.feed(ask, translator.encode(f"Request: {_call_text(answer)}\nExpression:"))
+        t_logits, _ = translator.feed(
+            ask, translator.encode(f"Request: {_call_text(answer)}\nExpression:")
+        )
         steps, _ = _greedy(translator, ask, t_logits, max_expression_tokens)
         generated += steps
         passes += ask.forward_passes
@@ -121,5 +152,10 @@ def two_call(agent: LMRunner, translator: LMRunner, engine: ArithmeticEngine, qu
         session = agent.start()  # the first call re-reads its context from the cached prefix on
         logits, _ = agent.feed(session, block + agent.encode(answer))
     passes += session.forward_passes
-    return PipelineRun(agent.decode(session.tokens[len(block):]).strip(), generated, passes, calls,
-                       time.perf_counter() - t0)
+    return PipelineRun(
+        agent.decode(session.tokens[len(block) :]).strip(),
+        generated,
+        passes,
+        calls,
+        time.perf_counter() - t0,
+    )

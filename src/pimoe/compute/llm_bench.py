@@ -9,6 +9,7 @@ An answer is right when the last number of its text (tool-call markup removed) i
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,13 @@ from pimoe.compute.llm_prompts import (
 )
 from pimoe.compute.llm_runner import LMRunner
 from pimoe.compute.llm_train import QUICK_SETTINGS, ChainTrainSettings, train_chain
-from pimoe.compute.word_problems import WordProblemSet
+from pimoe.compute.word_problems import (
+    HELDOUT_SECOND,
+    PATTERNS,
+    TEMPLATES,
+    WordProblem,
+    WordProblemSet,
+)
 
 PIPELINES = ("lm_only", "pimoe", "tool_call", "two_call")
 EVAL_OFFSET = 500_000
@@ -49,6 +56,16 @@ class LLMBenchConfig:
 QUICK = LLMBenchConfig(train=QUICK_SETTINGS, eval_problems=16)
 
 
+def expression_errors(expression: str | None, problem: WordProblem) -> tuple[bool, bool]:
+    """``(operator tree right, operands right given the tree)`` of a chain's expression: the tree is
+    the expression with its numbers replaced by slots, the operands its numbers in order."""
+    if not expression:
+        return False, False
+    shape = re.sub(r"[0-9]+", "#", expression)
+    tree_ok = shape == re.sub(r"\{[a-d]\}", "#", PATTERNS[problem.pattern])
+    return tree_ok, tree_ok and re.findall(r"[0-9]+", expression) == list(problem.operands)
+
+
 def run(cfg: LLMBenchConfig, progress: bool = True) -> dict:
     """Train, then evaluate every pipeline; the result dict (see :func:`print_report` for keys)."""
     from pimoe.models import load_pretrained
@@ -63,7 +80,9 @@ def run(cfg: LLMBenchConfig, progress: bool = True) -> dict:
         torch.set_num_threads(previous)
 
 
-def evaluate(chain: ComputationChain, cfg: LLMBenchConfig, report: dict, progress: bool = True) -> dict:
+def evaluate(
+    chain: ComputationChain, cfg: LLMBenchConfig, report: dict, progress: bool = True
+) -> dict:
     """Answer ``cfg.eval_problems`` held-out problems with the four pipelines, interleaved."""
     problems = WordProblemSet(cfg.train.train_digits, cfg.train.heldout_digits, cfg.train.seed)
     shots = shot_problems(problems, cfg.train.shots)
@@ -74,31 +93,86 @@ def evaluate(chain: ComputationChain, cfg: LLMBenchConfig, report: dict, progres
     n = cfg.max_new_tokens
     runs: dict[str, list[PipelineRun]] = {p: [] for p in PIPELINES}
     correct: dict[str, list[bool]] = {p: [] for p in PIPELINES}
-    expression_right, misses = [], []
+    expression_right, tree_right, operands_right, misses = [], [], [], []
     evaluation = problems.problems("heldout", EVAL_OFFSET, cfg.eval_problems)
-    for problem in track(evaluation, description="held-out problems", disable=not progress, transient=True):
+    for problem in track(
+        evaluation, description="held-out problems", disable=not progress, transient=True
+    ):
         q = problem.question
         c = chain.run(q, n)
-        outs = {"lm_only": lm_only(chain.runner, q, n),
-                "pimoe": PipelineRun(c.text, c.generated_tokens, c.forward_passes, int(c.expression is not None), c.seconds),
-                "tool_call": tool_call(tool, engine, q, n), "two_call": two_call(agent, translator, engine, q, n)}
-        expression_right.append(c.expression is not None and engine.compute(c.expression) == problem.answer)
+        outs = {
+            "lm_only": lm_only(chain.runner, q, n),
+            "pimoe": PipelineRun(
+                c.text,
+                c.generated_tokens,
+                c.forward_passes,
+                int(c.expression is not None),
+                c.seconds,
+            ),
+            "tool_call": tool_call(tool, engine, q, n),
+            "two_call": two_call(agent, translator, engine, q, n),
+        }
+        expression_right.append(
+            c.expression is not None and engine.compute(c.expression) == problem.answer
+        )
+        tree_ok, operands_ok = expression_errors(c.expression, problem)
+        tree_right.append(tree_ok)
+        operands_right.append(operands_ok)
         for name, out in outs.items():
             runs[name].append(out)
             correct[name].append(final_number(out.text) == problem.answer)
         if not correct["pimoe"][-1]:
-            misses.append({"question": q, "answer": problem.answer, "expression": problem.expression,
-                           "pimoe_expression": c.expression, "pimoe_text": c.text})
-    result: dict = {"benchmark": "computation", "model": cfg.model, "eval_problems": len(evaluation),
-                    "config": {**asdict(cfg), "train": asdict(cfg.train)}, "torch_threads": cfg.threads,
-                    **{k: v for k, v in report.items() if k != "settings"}}
+            misses.append(
+                {
+                    "question": q,
+                    "template": TEMPLATES["heldout"].index(problem.template),
+                    "answer": problem.answer,
+                    "expression": problem.expression,
+                    "pimoe_expression": c.expression,
+                    "pimoe_text": c.text,
+                }
+            )
+    result: dict = {
+        "benchmark": "computation",
+        "model": cfg.model,
+        "eval_problems": len(evaluation),
+        "config": {**asdict(cfg), "train": asdict(cfg.train)},
+        "torch_threads": cfg.threads,
+        **{k: v for k, v in report.items() if k != "settings"},
+    }
     for name in PIPELINES:
         result[f"accuracy_{name}"] = round(statistics.mean(correct[name]), 4)
         result[f"tokens_{name}"] = round(statistics.mean(r.generated_tokens for r in runs[name]), 2)
-        result[f"forward_passes_{name}"] = round(statistics.mean(r.forward_passes for r in runs[name]), 2)
-        result[f"latency_ms_{name}"] = round(1e3 * statistics.median(r.seconds for r in runs[name]), 1)
+        result[f"forward_passes_{name}"] = round(
+            statistics.mean(r.forward_passes for r in runs[name]), 2
+        )
+        result[f"latency_ms_{name}"] = round(
+            1e3 * statistics.median(r.seconds for r in runs[name]), 1
+        )
         result[f"calls_{name}"] = round(statistics.mean(r.calls for r in runs[name]), 2)
     result["expression_accuracy_pimoe"] = round(statistics.mean(expression_right), 4)
+    result["tree_accuracy_pimoe"] = round(statistics.mean(tree_right), 4)
+    result["operand_accuracy_pimoe"] = (
+        round(statistics.mean(o for o, t in zip(operands_right, tree_right) if t), 4)
+        if any(tree_right)
+        else 0.0
+    )
+    template = [TEMPLATES["heldout"].index(p.template) for p in evaluation]
+    for name in PIPELINES:
+        by = {
+            i: [c for c, t in zip(correct[name], template) if t == i] for i in sorted(set(template))
+        }
+        result[f"accuracy_by_template_{name}"] = {
+            str(i): round(statistics.mean(v), 3) for i, v in by.items()
+        }
+        for key, chosen in (
+            ("first", lambda t: t not in HELDOUT_SECOND),
+            ("second", lambda t: t in HELDOUT_SECOND),
+        ):
+            picked = [c for c, t in zip(correct[name], template) if chosen(t)]
+            result[f"accuracy_{name}_{key}_phrasings"] = (
+                round(statistics.mean(picked), 4) if picked else None
+            )
     result["pimoe_misses"] = misses
     result["examples"] = {name: runs[name][0].text for name in PIPELINES}
     result["examples"]["question"] = evaluation[0].question
@@ -109,18 +183,35 @@ def evaluate(chain: ComputationChain, cfg: LLMBenchConfig, report: dict, progres
 def print_report(result: dict, console: Console | None = None) -> None:
     """The four pipelines side by side."""
     console = console or Console()
-    table = Table(title=f"{result['model']}: {result['eval_problems']} held-out word problems "
-                        "(longer operands, unseen templates)")
-    for column in ("pipeline", "accuracy", "generated tokens", "forward passes", "median latency ms", "engine calls"):
+    table = Table(
+        title=f"{result['model']}: {result['eval_problems']} held-out word problems "
+        "(longer operands, unseen templates)"
+    )
+    for column in (
+        "pipeline",
+        "accuracy",
+        "generated tokens",
+        "forward passes",
+        "median latency ms",
+        "engine calls",
+    ):
         table.add_column(column, justify="right")
     for name in PIPELINES:
-        table.add_row(name, f"{result[f'accuracy_{name}']:.3f}", f"{result[f'tokens_{name}']:.1f}",
-                      f"{result[f'forward_passes_{name}']:.1f}", f"{result[f'latency_ms_{name}']:.0f}",
-                      f"{result[f'calls_{name}']:.2f}")
+        table.add_row(
+            name,
+            f"{result[f'accuracy_{name}']:.3f}",
+            f"{result[f'tokens_{name}']:.1f}",
+            f"{result[f'forward_passes_{name}']:.1f}",
+            f"{result[f'latency_ms_{name}']:.0f}",
+            f"{result[f'calls_{name}']:.2f}",
+        )
     console.print(table)
-    console.print(f"text-to-computation expression right: {result['expression_accuracy_pimoe']:.3f}; "
-                  f"module training: features {result['feature_s']} s, router {result['train_s_router']} s, "
-                  f"head {result['train_s_head']} s")
+    console.print(
+        f"text-to-computation expression right: {result['expression_accuracy_pimoe']:.3f} (operator tree "
+        f"{result['tree_accuracy_pimoe']:.3f}, operands given the tree {result['operand_accuracy_pimoe']:.3f}); "
+        f"module training: features {result['feature_s']} s, router {result['train_s_router']} s, "
+        f"head {result['train_s_head']} s"
+    )
 
 
 def main(model: str, quick: bool = False, threads: int = 1, progress: bool = True) -> dict:
@@ -128,7 +219,9 @@ def main(model: str, quick: bool = False, threads: int = 1, progress: bool = Tru
     if model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
     cfg = QUICK if quick else LLMBenchConfig()
-    cfg = LLMBenchConfig(model=MODELS[model], train=cfg.train, eval_problems=cfg.eval_problems, threads=threads)
+    cfg = LLMBenchConfig(
+        model=MODELS[model], train=cfg.train, eval_problems=cfg.eval_problems, threads=threads
+    )
     start = time.perf_counter()
     result = run(cfg, progress)
     result["total_s"] = round(time.perf_counter() - start, 1)

@@ -82,17 +82,27 @@ def insertion_text(so_far: str, result: str) -> str:
 class ComputationChain:
     """The frozen LM, the router and the text-to-computation head, joined (module docstring)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, router: TokenRouter,
-                 head: OperandHead, config: ChainConfig) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        router: TokenRouter,
+        head: OperandHead,
+        config: ChainConfig,
+    ) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.router, self.head = router.eval(), head.eval()
         self.runner = LMRunner(model, tokenizer, config.prefix, config.layers)
         if self.runner.feature_dim != config.feature_dim:
-            raise ValueError(f"the model gives {self.runner.feature_dim} features, the modules expect {config.feature_dim}")
+            raise ValueError(
+                f"the model gives {self.runner.feature_dim} features, the modules expect {config.feature_dim}"
+            )
         self.engine = ArithmeticEngine(max_digits=config.engine_max_digits)
         self._digit_tokens = torch.zeros(int(model.config.vocab_size), dtype=torch.bool)
-        for token in range(min(len(tokenizer), len(self._digit_tokens))):  # tokens whose text starts with a digit
-            self._digit_tokens[token] = tokenizer.decode([token]).lstrip()[:1].isdigit()
+        for token in range(
+            min(len(tokenizer), len(self._digit_tokens))
+        ):  # tokens whose text starts with a digit
+            self._digit_tokens[token] = str(tokenizer.decode([token])).lstrip()[:1].isdigit()
 
     def generate(self, question: str, max_new_tokens: int = 48) -> str:
         """The answer text to ``question`` (the engine's result or error token inserted)."""
@@ -114,13 +124,17 @@ class ComputationChain:
         expression: str | None = None
         generated = inserted = handoffs = 0
         while generated < max_new_tokens:
-            if handoffs < self.config.max_handoffs and self.router.fires(last, self.config.threshold):
+            if handoffs < self.config.max_handoffs and self.router.fires(
+                last, self.config.threshold
+            ):
                 if expression is None:
                     expression = self.head.expression(question_features, numbers)
                 text = runner.decode(session.tokens[prompt_len:])
                 ids = runner.encode(insertion_text(text, self.engine.compute(expression)))
                 logits, features = runner.feed(session, ids)
-                logits = logits.masked_fill(self._digit_tokens, float("-inf"))  # the number is complete
+                logits = logits.masked_fill(
+                    self._digit_tokens, float("-inf")
+                )  # the number is complete
                 last, inserted, handoffs = features[-1], inserted + len(ids), handoffs + 1
                 continue
             token = int(logits.argmax())
@@ -131,7 +145,14 @@ class ComputationChain:
             logits, features = runner.feed(session, [token])
             last = features[-1]
         text = runner.decode(session.tokens[prompt_len:]).strip()
-        return ChainRun(text, generated, session.forward_passes, inserted, expression, time.perf_counter() - start)
+        return ChainRun(
+            text,
+            generated,
+            session.forward_passes,
+            inserted,
+            expression,
+            time.perf_counter() - start,
+        )
 
     def save(self, folder: str | Path) -> None:
         """Write ``chain.safetensors`` and ``chain.json`` into ``folder`` (created if needed)."""
@@ -148,15 +169,22 @@ class ComputationChain:
         atomic_write_text(folder / CONFIG_FILE, json.dumps(asdict(self.config), indent=2))
 
     @classmethod
-    def load(cls, folder: str | Path, model: PreTrainedModel | None = None,
-             tokenizer: PreTrainedTokenizerBase | None = None, progress: bool = False) -> ComputationChain:
+    def load(
+        cls,
+        folder: str | Path,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        progress: bool = False,
+    ) -> ComputationChain:
         """Load a saved chain; the base model is loaded with :func:`pimoe.models.load_pretrained`
         from the name in ``chain.json`` unless ``model`` and ``tokenizer`` are given."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-            raise ValueError(f"{folder} is not a saved computation chain: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+            raise ValueError(
+                f"{folder} is not a saved computation chain: it needs {CONFIG_FILE} and {WEIGHTS_FILE}"
+            )
         raw = json.loads((folder / CONFIG_FILE).read_text())
         config = ChainConfig(**{**raw, "layers": tuple(raw["layers"])})
         if model is None or tokenizer is None:
@@ -166,6 +194,10 @@ class ComputationChain:
         tensors = load_file(str(folder / WEIGHTS_FILE))
         router = TokenRouter(config.feature_dim, config.router_hidden)
         head = OperandHead(config.feature_dim, config.head_hidden)
-        router.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
-        head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+        router.load_state_dict(
+            {k[len("router.") :]: v for k, v in tensors.items() if k.startswith("router.")}
+        )
+        head.load_state_dict(
+            {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}
+        )
         return cls(model, tokenizer, router, head, config)

@@ -57,7 +57,9 @@ def answer_in_style(problem: WordProblem, style: Style) -> str:
 
 def fewshot_prefix(examples: list[WordProblem], style: Style) -> str:
     """The cached prompt prefix: the examples, each answered in ``style``."""
-    return "".join(f"{question_block(p.question)} {answer_in_style(p, style)}\n\n" for p in examples)
+    return "".join(
+        f"{question_block(p.question)} {answer_in_style(p, style)}\n\n" for p in examples
+    )
 
 
 def translate_prefix(examples: list[WordProblem]) -> str:

@@ -24,7 +24,9 @@ class TokenRouter(nn.Module):
     def __init__(self, feature_dim: int, hidden: int = 64) -> None:
         super().__init__()
         if feature_dim < 1 or hidden < 1:
-            raise ValueError(f"feature_dim and hidden must be positive, got {feature_dim}, {hidden}")
+            raise ValueError(
+                f"feature_dim and hidden must be positive, got {feature_dim}, {hidden}"
+            )
         self.register_buffer("mean", torch.zeros(feature_dim))
         self.register_buffer("std", torch.ones(feature_dim))
         self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))

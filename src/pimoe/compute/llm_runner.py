@@ -40,8 +40,13 @@ class Session:
 class LMRunner:
     """A frozen causal LM with a cached ``prefix`` (see the module docstring)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prefix: str,
-                 layers: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prefix: str,
+        layers: tuple[int, ...] | None = None,
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.layers = tuple(layers) if layers is not None else default_layers(model)
         n = int(model.config.num_hidden_layers)
@@ -93,8 +98,12 @@ class LMRunner:
         return self._forward(ids, session.cache)
 
     def _forward(self, ids: list[int], cache: Any) -> tuple[Tensor, Tensor]:
-        out = self.model(input_ids=torch.tensor([ids], device=self.model.device), cache=cache,
-                         use_cache=True, output_hidden_states=True)
+        out = self.model(
+            input_ids=torch.tensor([ids], device=self.model.device),
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
         features = torch.cat([out.hidden_states[layer][0] for layer in self.layers], dim=-1).float()
         return out.logits[0, -1].float(), features
 

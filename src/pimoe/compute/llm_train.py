@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm  # type: ignore[import-untyped]
+from tqdm.auto import tqdm
 
 from pimoe.compute.llm_chain import ChainConfig, ComputationChain
 from pimoe.compute.llm_prompts import fewshot_prefix, question_block, shot_problems
@@ -85,17 +85,30 @@ def problem_features(runner: LMRunner, problem: WordProblem) -> ProblemFeatures:
     router_y = torch.zeros(len(answer_ids))
     router_y[target] = 1.0
     order = problem.operand_order  # slot of each question number, left to right
-    slots = torch.tensor([order[i] if i < len(order) else NONE_SLOT for i in range(len(numbers.positions))])
-    return ProblemFeatures(router_x, router_y, features[:t], numbers.positions, slots, problem.pattern)
+    slots = torch.tensor(
+        [order[i] if i < len(order) else NONE_SLOT for i in range(len(numbers.positions))]
+    )
+    return ProblemFeatures(
+        router_x, router_y, features[:t], numbers.positions, slots, problem.pattern
+    )
 
 
-def collect_features(runner: LMRunner, problems: list[WordProblem], progress: bool = True) -> list[ProblemFeatures]:
+def collect_features(
+    runner: LMRunner, problems: list[WordProblem], progress: bool = True
+) -> list[ProblemFeatures]:
     """:func:`problem_features` for every problem, with a progress bar."""
-    return [problem_features(runner, p) for p in tqdm(problems, desc="LM features", disable=not progress)]
+    return [
+        problem_features(runner, p)
+        for p in tqdm(problems, desc="LM features", disable=not progress)
+    ]
 
 
-def train_router(data: list[ProblemFeatures], feature_dim: int, settings: ChainTrainSettings,
-                 progress: bool = True) -> tuple[TokenRouter, list[float]]:
+def train_router(
+    data: list[ProblemFeatures],
+    feature_dim: int,
+    settings: ChainTrainSettings,
+    progress: bool = True,
+) -> tuple[TokenRouter, list[float]]:
     """Full-batch AdamW on every cached position; returns the router and its loss per step."""
     torch.manual_seed(settings.seed)
     x = torch.cat([d.router_x for d in data])
@@ -103,7 +116,9 @@ def train_router(data: list[ProblemFeatures], feature_dim: int, settings: ChainT
     router = TokenRouter(feature_dim, settings.router_hidden)
     router.set_scale(x)
     weight = (y.numel() - y.sum()) / y.sum().clamp_min(1.0)
-    optim = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optim = torch.optim.AdamW(
+        router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
     losses = []
     for _ in tqdm(range(settings.steps), desc="router", disable=not progress):
         loss = F.binary_cross_entropy_with_logits(router(x), y, pos_weight=weight)
@@ -114,8 +129,12 @@ def train_router(data: list[ProblemFeatures], feature_dim: int, settings: ChainT
     return router.eval(), losses
 
 
-def train_head(data: list[ProblemFeatures], feature_dim: int, settings: ChainTrainSettings,
-               progress: bool = True) -> tuple[OperandHead, list[float]]:
+def train_head(
+    data: list[ProblemFeatures],
+    feature_dim: int,
+    settings: ChainTrainSettings,
+    progress: bool = True,
+) -> tuple[OperandHead, list[float]]:
     """AdamW on the pattern + pointer cross-entropies over all problems per step."""
     torch.manual_seed(settings.seed)
     head = OperandHead(feature_dim, settings.head_hidden)
@@ -137,9 +156,14 @@ def train_head(data: list[ProblemFeatures], feature_dim: int, settings: ChainTra
     return head.eval(), losses
 
 
-def train_chain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, base_model: str,
-                settings: ChainTrainSettings = ChainTrainSettings(), layers: tuple[int, ...] | None = None,
-                progress: bool = True) -> tuple[ComputationChain, dict]:
+def train_chain(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    base_model: str,
+    settings: ChainTrainSettings = ChainTrainSettings(),
+    layers: tuple[int, ...] | None = None,
+    progress: bool = True,
+) -> tuple[ComputationChain, dict]:
     """Cache the frozen LM's features on ``settings.problems`` train-split problems, train the
     router and the text-to-computation head, and join them into a :class:`ComputationChain`.
 
@@ -156,13 +180,24 @@ def train_chain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, base
     head, head_losses = train_head(data, runner.feature_dim, settings, progress)
     head_s = time.perf_counter() - start - feature_s - router_s
     report = {
-        "feature_s": round(feature_s, 1), "train_s_router": round(router_s, 1), "train_s_head": round(head_s, 1),
-        "router_loss_first": round(router_losses[0], 4), "router_loss_final": round(router_losses[-1], 4),
-        "head_loss_first": round(head_losses[0], 4), "head_loss_final": round(head_losses[-1], 4),
+        "feature_s": round(feature_s, 1),
+        "train_s_router": round(router_s, 1),
+        "train_s_head": round(head_s, 1),
+        "router_loss_first": round(router_losses[0], 4),
+        "router_loss_final": round(router_losses[-1], 4),
+        "head_loss_first": round(head_losses[0], 4),
+        "head_loss_final": round(head_losses[-1], 4),
         "params_router": sum(p.numel() for p in router.parameters()),
         "params_head": sum(p.numel() for p in head.parameters()),
         "settings": asdict(settings),
     }
-    config = ChainConfig(base_model=base_model, prefix=prefix, layers=runner.layers, feature_dim=runner.feature_dim,
-                         router_hidden=settings.router_hidden, head_hidden=settings.head_hidden, training=report)
+    config = ChainConfig(
+        base_model=base_model,
+        prefix=prefix,
+        layers=runner.layers,
+        feature_dim=runner.feature_dim,
+        router_hidden=settings.router_hidden,
+        head_hidden=settings.head_hidden,
+        training=report,
+    )
     return ComputationChain(model, tokenizer, router, head, config), report

@@ -75,13 +75,17 @@ def number_features(features: Tensor, positions: list[int], window: int = 3) -> 
     rows = []
     for p in positions:
         after = features[p + 1 : p + 1 + window]
-        rows.append(torch.cat([features[p], (after if len(after) else features[p : p + 1]).mean(0)]))
+        rows.append(
+            torch.cat([features[p], (after if len(after) else features[p : p + 1]).mean(0)])
+        )
     return torch.stack(rows) if rows else features.new_zeros(0, 2 * features.shape[-1])
 
 
 def role(pattern: int, slots: Tensor) -> Tensor:
     """Pointer classes of ``slots [N]`` (slot indices, ``NONE_SLOT`` for none) of ``pattern``."""
-    return torch.where(slots == NONE_SLOT, torch.full_like(slots, NONE_ROLE), pattern * len(SLOTS) + slots)
+    return torch.where(
+        slots == NONE_SLOT, torch.full_like(slots, NONE_ROLE), pattern * len(SLOTS) + slots
+    )
 
 
 class OperandHead(nn.Module):
@@ -90,14 +94,22 @@ class OperandHead(nn.Module):
     mean: Tensor
     std: Tensor
 
-    def __init__(self, feature_dim: int, hidden: int = 128, num_patterns: int = len(PATTERNS)) -> None:
+    def __init__(
+        self, feature_dim: int, hidden: int = 128, num_patterns: int = len(PATTERNS)
+    ) -> None:
         super().__init__()
         if feature_dim < 1 or hidden < 1:
-            raise ValueError(f"feature_dim and hidden must be positive, got {feature_dim}, {hidden}")
+            raise ValueError(
+                f"feature_dim and hidden must be positive, got {feature_dim}, {hidden}"
+            )
         self.register_buffer("mean", torch.zeros(feature_dim))
         self.register_buffer("std", torch.ones(feature_dim))
-        self.pattern = nn.Sequential(nn.Linear(2 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, num_patterns))
-        self.pointer = nn.Sequential(nn.Linear(4 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, NONE_ROLE + 1))
+        self.pattern = nn.Sequential(
+            nn.Linear(2 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, num_patterns)
+        )
+        self.pointer = nn.Sequential(
+            nn.Linear(4 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, NONE_ROLE + 1)
+        )
 
     def set_scale(self, features: Tensor) -> None:
         """Standardize inputs with the statistics of ``features [N, feature_dim]``."""
@@ -116,7 +128,9 @@ class OperandHead(nn.Module):
     def expression(self, question: Tensor, numbers: QuestionNumbers) -> str:
         """The most likely engine expression for a question block (``""`` when unmappable)."""
         owner = torch.zeros(len(numbers.positions), dtype=torch.long)
-        pattern_logits, slot_logits = self(summary(question)[None], number_features(question, numbers.positions), owner)
+        pattern_logits, slot_logits = self(
+            summary(question)[None], number_features(question, numbers.positions), owner
+        )
         pattern_lp = pattern_logits[0].log_softmax(-1)
         slot_lp = slot_logits.log_softmax(-1)
         best, best_score = "", float("-inf")
@@ -125,9 +139,14 @@ class OperandHead(nn.Module):
             for chosen in itertools.permutations(range(len(numbers.texts)), arity):
                 unused = [i for i in range(len(numbers.texts)) if i not in chosen]
                 roles = role(p, torch.arange(arity))
-                score = float(pattern_lp[p] + sum(slot_lp[i, roles[s]] for s, i in enumerate(chosen))
-                              + sum(slot_lp[i, NONE_ROLE] for i in unused))
+                score = float(
+                    pattern_lp[p]
+                    + sum(slot_lp[i, roles[s]] for s, i in enumerate(chosen))
+                    + sum(slot_lp[i, NONE_ROLE] for i in unused)
+                )
                 if score > best_score:
                     best_score = score
-                    best = template.format(**{SLOTS[s]: numbers.texts[i] for s, i in enumerate(chosen)})
+                    best = template.format(
+                        **{SLOTS[s]: numbers.texts[i] for s, i in enumerate(chosen)}
+                    )
         return best

@@ -40,7 +40,10 @@ _WORD_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("A crate holds {a} bolts. How many bolts are in {b} crates plus {c} more?", "{a}*{b}+{c}"),
     ("A farm had {a} sheep, sold {b} and bought {c}. How many sheep now?", "{a}-{b}+{c}"),
     ("Each of {a} boxes has {b} pens. {c} pens are lost. How many pens remain?", "{a}*{b}-{c}"),
-    ("A tank has {a} litres; {b} litres are added, then {c} litres are added. Total?", "{a}+{b}+{c}"),
+    (
+        "A tank has {a} litres; {b} litres are added, then {c} litres are added. Total?",
+        "{a}+{b}+{c}",
+    ),
 )
 
 
@@ -96,10 +99,18 @@ class ArithmeticTask:
             :func:`to_expression`, so writing the call never means copying digits.
     """
 
-    def __init__(self, train_digits: int = 4, heldout_digits: int = 8, word_fraction: float = 0.5,
-                 seed: int = 0, calls: Calls = "expression") -> None:
+    def __init__(
+        self,
+        train_digits: int = 4,
+        heldout_digits: int = 8,
+        word_fraction: float = 0.5,
+        seed: int = 0,
+        calls: Calls = "expression",
+    ) -> None:
         if not 1 <= train_digits < heldout_digits:
-            raise ValueError(f"need 1 <= train_digits < heldout_digits, got {train_digits}, {heldout_digits}")
+            raise ValueError(
+                f"need 1 <= train_digits < heldout_digits, got {train_digits}, {heldout_digits}"
+            )
         if not 0.0 <= word_fraction <= 1.0:
             raise ValueError(f"word_fraction must be in [0, 1], got {word_fraction}")
         self.train_digits, self.heldout_digits = train_digits, heldout_digits
@@ -151,7 +162,9 @@ def encode_batch(sequences: list[bytes], pad: int = 0) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long).reshape(len(sequences), length)
 
 
-def lm_batch(problems: list[Problem], ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_batch(
+    problems: list[Problem], ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-byte training pairs for ``PiMoELM``: ``(idx [B, S], targets [B, S])``.
 
     ``idx`` is each sequence without its last byte, ``targets`` without its first; padding

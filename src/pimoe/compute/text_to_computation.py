@@ -28,7 +28,11 @@ _REFERENCE = re.compile(r"#(\d+)")
 
 
 def _text(data: bytes | str) -> str:
-    return data.decode("ascii", errors="replace").replace("\ufffd", "?") if isinstance(data, bytes) else data
+    return (
+        data.decode("ascii", errors="replace").replace("\ufffd", "?")
+        if isinstance(data, bytes)
+        else data
+    )
 
 
 def to_expression(span: bytes | str, context: bytes | str = "") -> str:
@@ -41,8 +45,11 @@ def to_expression(span: bytes | str, context: bytes | str = "") -> str:
     """
     numbers = re.findall(r"\d+", _THOUSANDS.sub("", _text(context)))
     text = _REFERENCE.sub(
-        lambda m: numbers[int(m.group(1)) - 1] if 1 <= int(m.group(1)) <= len(numbers) else m.group(0),
-        _text(span))
+        lambda m: (
+            numbers[int(m.group(1)) - 1] if 1 <= int(m.group(1)) <= len(numbers) else m.group(0)
+        ),
+        _text(span),
+    )
     text = text.lower()
     for pattern, op in _WORD_OPS:
         text = pattern.sub(op, text)

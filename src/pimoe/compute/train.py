@@ -37,7 +37,9 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if self.steps < 3 or self.batch_size < 1:  # the schedule warms up over >= 2 steps
-            raise ValueError(f"need steps >= 3 and batch_size >= 1, got {self.steps}, {self.batch_size}")
+            raise ValueError(
+                f"need steps >= 3 and batch_size >= 1, got {self.steps}, {self.batch_size}"
+            )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -45,23 +47,33 @@ class TrainSettings:
 def progress_bar(enabled: bool) -> Progress:
     """The rich progress bar shared by the training loops of this package (transient)."""
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
-        disable=not enabled, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
     )
 
 
-def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def make_optimizer(
+    params: list[torch.nn.Parameter], settings: TrainSettings
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW with a one-cycle schedule: warm-up over 10% of the steps (at least 2), cosine decay."""
     optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=settings.lr, total_steps=settings.steps, pct_start=max(0.1, 2 / settings.steps))
+        optimizer,
+        max_lr=settings.lr,
+        total_steps=settings.steps,
+        pct_start=max(0.1, 2 / settings.steps),
+    )
     return optimizer, schedule
 
 
-def train_text_expert(task: ArithmeticTask, config: LMConfig, settings: TrainSettings,
-                      progress: bool = True) -> tuple[PiMoELM, list[float]]:
+def train_text_expert(
+    task: ArithmeticTask, config: LMConfig, settings: TrainSettings, progress: bool = True
+) -> tuple[PiMoELM, list[float]]:
     """Train a :class:`PiMoELM` on ``task``'s train split; returns the model (in eval mode) and
     the per-step loss (next-byte cross-entropy plus the MoE auxiliary losses)."""
     torch.manual_seed(settings.seed)
@@ -76,7 +88,9 @@ def train_text_expert(task: ArithmeticTask, config: LMConfig, settings: TrainSet
             problems = [task.problem("train", first + i) for i in range(settings.batch_size)]
             idx, targets = lm_batch(problems)  # [B, S] each
             if idx.shape[1] > config.block_size:
-                raise ValueError(f"problems of {idx.shape[1] + 1} bytes exceed block_size={config.block_size}")
+                raise ValueError(
+                    f"problems of {idx.shape[1] + 1} bytes exceed block_size={config.block_size}"
+                )
             out = model(idx, targets)
             assert out.loss is not None
             optimizer.zero_grad(set_to_none=True)

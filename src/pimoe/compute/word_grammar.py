@@ -1,0 +1,252 @@
+"""Generated training phrasings for the word problems: frames with alternatives, expanded.
+
+A *frame* is a question and an answer over the operand slots (``{a}`` ..), ``{item}`` and (answer)
+``{r}``, in which ``[x|y|z]`` offers alternatives. :func:`expand` gives every combination of a
+frame's question alternatives (each paired with one of its answer alternatives, in turn), and
+:func:`generated_templates` draws up to ``per_pattern`` of them per pattern with a fixed seed, so
+the training phrasings are a pure function of the frames.
+
+The frames vary what the held-out phrasings vary: the verbs of each operation, the order in which
+the operands are named (the result before its parts, the divisor first, the added amount first),
+imperative and question-first sentences, one or several sentences. None of them is a held-out
+phrasing (``tests/compute/test_llm_chain.py`` checks that no held-out clause of more than four
+words occurs in a training question).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+
+from pimoe.compute.word_templates import PATTERNS, Template
+
+_ALTERNATIVES = re.compile(r"\[([^\[\]]*)\]")
+
+# (pattern index, question frame, answer frame)
+FRAMES: tuple[tuple[int, str, str], ...] = (
+    # {a}-{b}+{c}
+    (
+        0,
+        "[Nina|Omar|A seller|The club] [had|owned|started with] {a} {item}, [gave away|lost|used up|traded] {b} "
+        "and [got|bought|was given|picked up] {c} [more|new ones]. How many {item} [now|are there now]?",
+        "[There are now {r} {item}.|Now there are {r} {item}.]",
+    ),
+    (
+        0,
+        "[First|At noon] {b} {item} were [removed|taken out|sold], then {c} were [added|brought in]; "
+        "[at the start|in the morning] the [bin|stall|room] held {a}. How many {item} does it hold?",
+        "[It holds {r} {item}.|The count is {r} {item}.]",
+    ),
+    (
+        0,
+        "[Take|Start from] {a} {item}, [remove|subtract|take away] {b}, then [add|put back|include] {c}. "
+        "How many {item} [is that|do you get]?",
+        "[That is {r} {item}.|You get {r} {item}.]",
+    ),
+    (
+        0,
+        "How many {item} [remain|are kept] if {c} [arrive|come in] after {b} [leave|are handed out] "
+        "from [a stock|a pile|a collection] of {a}?",
+        "[{r} {item} are kept.|The stock is {r} {item}.]",
+    ),
+    # {a}*{b}+{c}
+    (
+        1,
+        "[Nina|Omar|A grocer] [fills|packs|stacks] {a} [crates|bags|rows] with {b} {item} [in each|per one] "
+        "and [also has|keeps] {c} [loose|extra|spare] {item}. How many {item} [is that|in all]?",
+        "[That makes {r} {item}.|In all {r} {item}.]",
+    ),
+    (
+        1,
+        "[On top of|Along with|Next to] {c} [single|leftover] {item}, there are {b} {item} in each of {a} "
+        "[cartons|baskets|drawers]. [How many|What total of] {item} [are there|is that]?",
+        "[There are {r} {item}.|The total is {r} {item}.]",
+    ),
+    (
+        1,
+        "[Count|Find] the {item}: {a} [tubes|cases|cans] [contain|carry] {b} each, [plus|and there are] {c} "
+        "[more|others].",
+        "[The count is {r} {item}.|There are {r} {item}.]",
+    ),
+    (
+        1,
+        "[What is the total|How many {item} are there] when {a} [groups|batches] [of|with] {b} {item} "
+        "[are joined by|get] {c} [more|additional] {item}?",
+        "[The total is {r} {item}.|There are {r} {item}.]",
+    ),
+    # {a}*{b}-{c}
+    (
+        2,
+        "[Nina|Omar|A mill] [made|produced|packed] {a} [boxes|batches|bundles] of {b} {item} [each|], "
+        "[but|and then] {c} {item} were [lost|damaged|spoiled|returned]. How many {item} [are left|remain|are good]?",
+        "[{r} {item} are left.|There are {r} good {item}.]",
+    ),
+    (
+        2,
+        "[Once|After|When] {c} {item} are [sold|taken|removed], how many [are left|stay] [out of|from] {a} "
+        "[trays|sacks|shelves] [holding|with] {b} {item} each?",
+        "[{r} {item} stay.|There are {r} {item} left.]",
+    ),
+    (
+        2,
+        "[Fill|Load] {a} [jars|bins] with {b} {item} [each|per jar] and [then remove|take out] {c} {item}. "
+        "[How many {item} are left|What remains]?",
+        "[{r} {item} are left.|What remains is {r} {item}.]",
+    ),
+    (
+        2,
+        "There [were|are] {b} {item} in every one of {a} [rooms|carts|cases]; {c} of them [broke|were thrown away]. "
+        "How many {item} [are fine|can be used]?",
+        "[{r} {item} are fine.|{r} {item} can be used.]",
+    ),
+    # ({a}+{b})*{c}
+    (
+        3,
+        "[Nina|Omar|A team] [bought|ordered|needs] {a} [big|blue] and {b} [small|red] {item}, and [each one|every one] "
+        "[costs|weighs] {c} [dollars|grams]. [What is the total|How much is that]?",
+        "[The total is {r}.|That is {r}.]",
+    ),
+    (
+        3,
+        "[Every one of the|Each of the] {item} [is worth|sells for] {c} dollars. [A stall|One shop] has {a} and [another|a second] has {b}. "
+        "[How much are they worth|What is the total value]?",
+        "[They are worth {r} dollars.|The total value is {r} dollars.]",
+    ),
+    (
+        3,
+        "[Add|Sum up] {a} and {b} {item}, then [multiply the sum by|take the sum times] {c}. What [do you get|is the result]?",
+        "[You get {r}.|The result is {r}.]",
+    ),
+    (
+        3,
+        "How [much|many dollars] [do|will] {a} [old|adult] plus {b} [new|young] {item} [cost|bring] at {c} dollars "
+        "[per {item}|a piece]?",
+        "[They cost {r} dollars.|That brings {r} dollars.]",
+    ),
+    # ({a}-{b})/{c}
+    (
+        4,
+        "[Nina|Omar|A coach] [had|kept] {a} {item}, [threw out|lost|sold] {b} and [divided|split|shared] the [rest|remainder] "
+        "[equally|evenly] [among|between] {c} [players|boxes|days]. How many {item} [each|does each get]?",
+        "[Each gets {r} {item}.|That is {r} {item} each.]",
+    ),
+    (
+        4,
+        "[Split|Share] [equally|evenly] [among|across] {c} [kids|teams|weeks]: {a} {item} [minus|less] the {b} that "
+        "[broke|were used]. How many [per one|does each get]?",
+        "[Each gets {r} {item}.|{r} {item} per one.]",
+    ),
+    (
+        4,
+        "[When|After] {b} of {a} {item} are [taken|removed|given away], the [rest|others] go [equally|evenly] into {c} "
+        "[bags|rows|piles]. How many {item} [per bag|in each]?",
+        "[There are {r} {item} in each.|Each holds {r} {item}.]",
+    ),
+    (
+        4,
+        "[There are|We have] {c} [groups|boxes] to fill [equally|evenly] from {a} {item}, [after|once] {b} "
+        "[are set aside|spoil]. How many {item} [go in each|per group]?",
+        "[{r} {item} go in each.|Each group gets {r} {item}.]",
+    ),
+    # {a}*{b}*{c}
+    (
+        5,
+        "[A depot|A school|Nina] has {a} [buildings|carts|boxes]; each [holds|has] {b} [bins|shelves|bags] and each of "
+        "those [holds|has] {c} {item}. How many {item} [in total|are there]?",
+        "[There are {r} {item}.|In total {r} {item}.]",
+    ),
+    (
+        5,
+        "[Every|Each] [bag|tray] [holds|has] {c} {item}, [every|each] [box|crate] [holds|has] {b} [bags|trays], "
+        "and there are {a} [boxes|crates]. How many {item} [are there|in all]?",
+        "[There are {r} {item}.|In all {r} {item}.]",
+    ),
+    (
+        5,
+        "[Multiply|Count up]: {a} [towns|farms] [with|having] {b} [barns|sheds] [each|in each], and {c} {item} in "
+        "every [barn|shed]. [Total|How many {item}]?",
+        "[The total is {r}.|There are {r} {item}.]",
+    ),
+    (
+        5,
+        "How many {item} are [stored|kept] [when|if] {a} [vans|ships] carry {b} [cases|crates] each with {c} {item} "
+        "[inside|in every one]?",
+        "[{r} {item} are stored.|They keep {r} {item}.]",
+    ),
+    # {a}+{b}+{c}-{d}
+    (
+        6,
+        "[Nina|Omar|A farm] [got|collected|earned] {a}, {b} and {c} {item} [on three days|in three rounds] and "
+        "[spent|lost|gave away] {d}. How many {item} [are left|remain]?",
+        "[{r} {item} are left.|There remain {r} {item}.]",
+    ),
+    (
+        6,
+        "[Take away|Remove|Subtract] {d} from the [sum|total] of {a}, {b} and {c} {item}. [What is left|How many remain]?",
+        "[What is left is {r}.|{r} remain.]",
+    ),
+    (
+        6,
+        "[Of|From] the {a}, {b} and {c} {item} [that came in|delivered] [this week|so far], {d} were [returned|broken]. "
+        "How many {item} [are kept|stay]?",
+        "[{r} {item} are kept.|{r} {item} stay.]",
+    ),
+    (
+        6,
+        "[How many|What number of] {item} [are left|remain] [when|if] {d} [are sold|go] from [stacks|heaps] of {a}, {b} "
+        "and {c}?",
+        "[{r} {item} are left.|{r} remain.]",
+    ),
+    # ({a}+{b})/{c}
+    (
+        7,
+        "[Nina|Omar|The class] [has|collected] {a} {item} and [got|found] {b} more, then [shared|split|divided] "
+        "[all of them|the lot] [equally|evenly] [among|between|into] {c} [people|bags|rows]. How many [each|per one]?",
+        "[Each gets {r} {item}.|{r} {item} per one.]",
+    ),
+    (
+        7,
+        "[Share|Split] {a} [big|old] and {b} [small|new] {item} [equally|evenly] [among|across] {c} [kids|boxes]. "
+        "[How many does each get|What does each get]?",
+        "[Each gets {r} {item}.|Each one gets {r}.]",
+    ),
+    (
+        7,
+        "[Among|Between] {c} [teams|shelves], {a} {item} [plus|together with] {b} [others|extra] are [split|spread] "
+        "[equally|evenly]. How many {item} [per team|does each get]?",
+        "[Each gets {r} {item}.|{r} {item} each.]",
+    ),
+    (
+        7,
+        "[If|When] {a} {item} and {b} [more|other] {item} are [packed|divided] [evenly|equally] into {c} [crates|groups], "
+        "how many [go in each|are in each]?",
+        "[{r} {item} go in each.|Each has {r} {item}.]",
+    ),
+)
+
+
+def expand(text: str) -> list[str]:
+    """Every combination of the ``[x|y]`` alternatives in ``text`` (single spaces kept)."""
+    parts = _ALTERNATIVES.split(text)  # literal, choices, literal, choices, ...
+    choices = [[c] if i % 2 == 0 else c.split("|") for i, c in enumerate(parts)]
+    return [
+        re.sub(r" {2,}", " ", "".join(combo)).replace(" ,", ",")
+        for combo in itertools.product(*choices)
+    ]
+
+
+def generated_templates(per_pattern: int = 40, seed: int = 0) -> tuple[Template, ...]:
+    """Up to ``per_pattern`` expanded phrasings per pattern, drawn evenly over its frames."""
+    rng = random.Random(seed)
+    out: list[Template] = []
+    for pattern in range(len(PATTERNS)):
+        frames = [(q, a) for p, q, a in FRAMES if p == pattern]
+        for question, answer in frames:
+            questions, answers = expand(question), expand(answer)
+            chosen = rng.sample(questions, min(len(questions), per_pattern // len(frames)))
+            out.extend(
+                Template(PATTERNS[pattern], q, answers[i % len(answers)])
+                for i, q in enumerate(chosen)
+            )
+    return tuple(out)
