@@ -249,13 +249,15 @@ def test_bad_values_and_keys(tmp_path) -> None:
     with pytest.raises(ValueError, match="exceeds max_bytes"):
         c.get_or_compute("big", lambda: torch.zeros(26))
     assert "big" not in c
-    with pytest.raises(TypeError, match="keys are str"):
-        c.put(3, torch.zeros(1))
+    with pytest.raises(TypeError, match="hashable"):
+        c.put(["a"], torch.zeros(1))
     with pytest.raises(ValueError, match="encrypt_key must be 32"):
         InferenceCache(disk_path=tmp_path / "d", encrypt_key=b"short")
     with InferenceCache(disk_path=tmp_path / "d") as disk:
         with pytest.raises(TypeError, match="disk tier stores"):
             disk.put("obj", object())
+        with pytest.raises(TypeError, match="str or bytes keys"):
+            disk.put(3, torch.zeros(1))
 
 
 def test_thread_safety_and_single_computation() -> None:

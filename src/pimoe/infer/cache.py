@@ -12,34 +12,38 @@ Tensors are always detached: a cache must not keep autograd graphs alive.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import xxhash
 
-from pimoe.infer.disk import MISSING, AuditHook, DiskTier, check_storable, encode_entry, map_tensors
+from pimoe.extras import require
 from pimoe.infer.policies import TTLCache, make_policy
+from pimoe.infer.values import MISSING, map_tensors
+
+if TYPE_CHECKING:
+    from pimoe.infer.disk import AuditHook, DiskTier
 
 _KEY_VERSION = b"pimoe-key-v1"
 
 
-def _frame(h: xxhash.xxh3_128, tag: bytes, data: bytes | memoryview) -> None:
+def _frame(h: Any, tag: bytes, data: bytes | memoryview) -> None:
     h.update(tag + memoryview(data).nbytes.to_bytes(8, "little"))
     h.update(data)
 
 
-def _feed(h: xxhash.xxh3_128, part: Any) -> None:
+def _feed(h: Any, part: Any) -> None:
     if isinstance(part, torch.Tensor):
         if part.layout != torch.strided:
             raise TypeError(f"make_key hashes dense tensors only, got layout {part.layout}")
         t = part.detach().resolve_conj().resolve_neg().cpu().contiguous()
         _frame(h, b"T", f"{t.dtype}{tuple(t.shape)}".encode())
-        _frame(h, b"B", memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+        _frame(h, b"B", t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
     elif isinstance(part, (tuple, list)):
         _frame(h, b"(" if isinstance(part, tuple) else b"[", str(len(part)).encode())
         for item in part:
@@ -60,11 +64,11 @@ def make_key(*parts: Any, namespace: str = "") -> str:
     equal keys and any change of dtype, shape or content gives another; tuples, lists and dicts
     are hashed item by item (in order); anything else by its ``repr``.
     """
-    h = xxhash.xxh3_128()
+    h = require("xxhash", "serve", "make_key").xxh3_128()
     _frame(h, b"N", _KEY_VERSION + b"\x00" + namespace.encode())
     for part in parts:
         _feed(h, part)
-    return h.hexdigest()
+    return str(h.hexdigest())
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class _Pending:
         self.error: BaseException | None = None
 
 
-class InferenceCache:
+class InferenceCache(MutableMapping[Hashable, Any]):
     """Memory tier (``max_size`` entries, ``max_bytes`` bytes) + optional disk tier.
 
     Args:
@@ -116,37 +120,87 @@ class InferenceCache:
         timer: clock of the "ttl" policy (inject a fake one in tests).
         copy_values: see the module docstring.
 
-    Keys are strings: :func:`make_key` output or the caller's own. All methods are thread-safe
-    (one lock); ``get_or_compute`` runs ``fn`` outside it, once per key however many threads ask.
+    A ``MutableMapping``, as ``dict`` and cachetools' caches: ``cache[key]`` (``KeyError`` on a
+    miss), ``cache[key] = value``, ``del cache[key]`` (both tiers), ``in``, ``len`` and iteration
+    (the memory tier's keys), ``pop``, ``setdefault``, ``update``. Keys are any hashable value
+    (e.g. :func:`make_key` output, ints, tuples) for the memory tier; with a disk tier they must be
+    ``str`` or ``bytes`` (``TypeError`` otherwise). All methods are thread-safe (one lock);
+    ``get_or_compute`` runs ``fn`` outside it, once per key however many threads ask.
     """
 
-    def __init__(self, max_size: int = 1024, max_bytes: int | None = None, policy: str = "lru",
-                 ttl_s: float | None = None, disk_path: str | os.PathLike[str] | None = None,
-                 disk_max_bytes: int = 2**30, encrypt_key: bytes | None = None, audit: AuditHook | None = None,
-                 timer: Callable[[], float] = time.monotonic, copy_values: bool = True) -> None:
+    def __init__(
+        self,
+        max_size: int = 1024,
+        max_bytes: int | None = None,
+        policy: str = "lru",
+        ttl_s: float | None = None,
+        disk_path: str | os.PathLike[str] | None = None,
+        disk_max_bytes: int = 2**30,
+        encrypt_key: bytes | None = None,
+        audit: AuditHook | None = None,
+        timer: Callable[[], float] = time.monotonic,
+        copy_values: bool = True,
+    ) -> None:
         self._memory = make_policy(policy, max_size, max_bytes, ttl_s=ttl_s, timer=timer)
         if encrypt_key is not None:
             if disk_path is None:
-                raise ValueError("encrypt_key encrypts disk entries; it needs disk_path (the memory tier is plain)")
+                raise ValueError(
+                    "encrypt_key encrypts disk entries; it needs disk_path (the memory tier is plain)"
+                )
             if not isinstance(encrypt_key, bytes) or len(encrypt_key) != 32:
-                raise ValueError("encrypt_key must be 32 raw bytes (see pimoe.privacy.crypto.load_key / generate_key)")
+                raise ValueError(
+                    "encrypt_key must be 32 raw bytes (see pimoe.privacy.crypto.load_key / generate_key)"
+                )
         self.policy = policy
         self.copy_values = copy_values
         self._encrypt_key = encrypt_key
-        self._disk = None if disk_path is None else DiskTier(disk_path, disk_max_bytes, encrypt_key, ttl_s, audit)
+        self._disk: DiskTier | None = None
+        if disk_path is not None:
+            from pimoe.infer.disk import DiskTier
+
+            self._disk = DiskTier(disk_path, disk_max_bytes, encrypt_key, ttl_s, audit)
         self._lock = threading.Lock()
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[Hashable, _Pending] = {}
         self._hits = self._misses = self._disk_hits = 0
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: object) -> bool:
         """True if ``key`` is in memory or on disk (a disk entry is validated only when read)."""
+        self._check_key(key)
         with self._lock:
-            return key in self._memory or (self._disk is not None and key in self._disk)
+            disk = self._disk
+            return key in self._memory or (
+                disk is not None and isinstance(key, (str, bytes)) and key in disk
+            )
 
     def __len__(self) -> int:
         """Entries in the memory tier."""
         with self._lock:
             return len(self._memory)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        """The memory tier's keys (a snapshot), in no particular order."""
+        with self._lock:
+            return iter(self._memory.keys())
+
+    def __getitem__(self, key: Hashable) -> Any:
+        """The cached value of ``key``; ``KeyError`` on a miss (counted as one)."""
+        value = self.get(key, MISSING)
+        if value is MISSING:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: Hashable, value: Any) -> None:
+        self.put(key, value)
+
+    def __delitem__(self, key: Hashable) -> None:
+        """Remove ``key`` from both tiers; ``KeyError`` if neither holds it."""
+        self._check_key(key)
+        with self._lock:
+            found = self._memory.pop(key, MISSING) is not MISSING
+            if self._disk is not None and isinstance(key, (str, bytes)):
+                found = self._disk.delete(key) or found
+        if not found:
+            raise KeyError(key)
 
     def __enter__(self) -> InferenceCache:
         return self
@@ -161,17 +215,21 @@ class InferenceCache:
             lookups = self._hits + self._misses
             disk = self._disk
             return CacheStats(
-                hits=self._hits, misses=self._misses, evictions=self._memory.evictions,
-                hit_rate=self._hits / lookups if lookups else 0.0, bytes=self._memory.bytes,
-                entries=len(self._memory), disk_hits=self._disk_hits,
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._memory.evictions,
+                hit_rate=self._hits / lookups if lookups else 0.0,
+                bytes=self._memory.bytes,
+                entries=len(self._memory),
+                disk_hits=self._disk_hits,
                 integrity_failures=disk.integrity_failures if disk is not None else 0,
                 corrupt_entries=disk.corrupt_entries if disk is not None else 0,
                 expirations=self._memory.expirations if isinstance(self._memory, TTLCache) else 0,
             )
 
-    def get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: Hashable, default: Any = None) -> Any:
         """The cached value of ``key`` (memory, else disk, then promoted), or ``default``."""
-        _check_key(key)
+        self._check_key(key)
         with self._lock:
             value = self._lookup(key)
             if value is MISSING:
@@ -180,20 +238,20 @@ class InferenceCache:
             self._hits += 1
             return self._out(value)
 
-    def put(self, key: str, value: Any) -> None:
+    def put(self, key: Hashable, value: Any) -> None:
         """Store ``value`` under ``key`` in memory and, if configured, on disk."""
-        _check_key(key)
+        self._check_key(key)
         stored, blob = self._prepare(key, value)
         with self._lock:
             self._store(key, stored, blob)
 
-    def get_or_compute(self, key: str, fn: Callable[[], Any]) -> Any:
+    def get_or_compute(self, key: Hashable, fn: Callable[[], Any]) -> Any:
         """The cached value of ``key``, else ``fn()`` stored and returned.
 
         Concurrent callers of the same missing key wait for the first one's ``fn`` (called once);
         if it raises, they all see its exception and nothing is stored.
         """
-        _check_key(key)
+        self._check_key(key)
         with self._lock:
             value = self._lookup(key)
             if value is not MISSING:
@@ -201,7 +259,7 @@ class InferenceCache:
                 return self._out(value)
             pending = self._pending.get(key)
             owner = pending is None
-            if owner:
+            if pending is None:
                 pending = self._pending[key] = _Pending()
                 self._misses += 1
             else:
@@ -240,40 +298,53 @@ class InferenceCache:
                 self._disk.close()
                 self._disk = None
 
-    def _lookup(self, key: str) -> Any:
+    def _lookup(self, key: Hashable) -> Any:
         value = self._memory.get(key, MISSING)
-        if value is MISSING and self._disk is not None:
+        if value is MISSING and self._disk is not None and isinstance(key, (str, bytes)):
             value = self._disk.get(key)
             if value is not MISSING:
                 self._disk_hits += 1
                 self._promote(key, value)
         return value
 
-    def _promote(self, key: str, value: Any) -> None:
-        try:
+    def _promote(self, key: Hashable, value: Any) -> None:
+        with contextlib.suppress(
+            ValueError
+        ):  # written under a larger max_bytes: serve it from disk only
             self._memory.put(key, value)
-        except ValueError:  # written under a larger max_bytes: serve it from disk only
-            pass
 
-    def _prepare(self, key: str, value: Any) -> tuple[Any, bytes | None]:
-        stored = map_tensors(value, (lambda t: t.detach().clone()) if self.copy_values else torch.Tensor.detach)
+    def _prepare(self, key: Hashable, value: Any) -> tuple[Any, bytes | None]:
+        stored = map_tensors(
+            value, (lambda t: t.detach().clone()) if self.copy_values else torch.Tensor.detach
+        )
         size = self._memory.getsizeof(stored)
         if self._memory.max_bytes is not None and size > self._memory.max_bytes:
-            raise ValueError(f"value of {size} bytes exceeds max_bytes={self._memory.max_bytes}; raise max_bytes or cache smaller values")
-        if self._disk is None:
+            raise ValueError(
+                f"value of {size} bytes exceeds max_bytes={self._memory.max_bytes}; raise max_bytes or cache smaller values"
+            )
+        if self._disk is None or not isinstance(key, (str, bytes)):
             return stored, None
+        from pimoe.infer.disk import check_storable, encode_entry
+
         check_storable(stored)
         return stored, encode_entry(key, stored, self._encrypt_key)
 
-    def _store(self, key: str, stored: Any, blob: bytes | None) -> None:
+    def _store(self, key: Hashable, stored: Any, blob: bytes | None) -> None:
         self._memory.put(key, stored)
-        if blob is not None and self._disk is not None:
+        if blob is not None and self._disk is not None and isinstance(key, (str, bytes)):
             self._disk.put(key, blob)
+
+    def _check_key(self, key: object) -> None:
+        """``TypeError`` for a key the cache cannot hold: unhashable, or neither str nor bytes
+        with a disk tier."""
+        try:
+            hash(key)
+        except TypeError:
+            raise TypeError(f"cache keys must be hashable, got {type(key).__name__}") from None
+        if self._disk is not None and not isinstance(key, (str, bytes)):
+            raise TypeError(
+                f"a cache with a disk tier takes str or bytes keys (see make_key), got {type(key).__name__}"
+            )
 
     def _out(self, value: Any) -> Any:
         return map_tensors(value, torch.Tensor.clone) if self.copy_values else value
-
-
-def _check_key(key: object) -> None:
-    if not isinstance(key, str):
-        raise TypeError(f"cache keys are str (see make_key), got {type(key).__name__}")

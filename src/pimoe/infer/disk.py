@@ -39,16 +39,20 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-import diskcache
 import torch
-import xxhash
 
+from pimoe.extras import extra_imports
+from pimoe.infer.values import MISSING, map_tensors
 from pimoe.io import atomic_write_text, lock_file
+
+with extra_imports("serve", "the inference cache's disk tier"):
+    import diskcache
+    import xxhash
+
 from pimoe.privacy.crypto import IntegrityError, open_sealed, seal
 
 logger = logging.getLogger("pimoe.infer.cache")
 
-MISSING = object()
 PLAIN = b"\x00"
 AuditHook = Callable[[str, Mapping[str, object]], None]
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
@@ -57,7 +61,9 @@ LOCK = ".pimoe-cache.lock"
 _MARKER_FORMAT = "pimoe-disk-cache/1"
 _KEY_CHECK = b"pimoe disk cache key check"
 _PROBE_ENTRIES = 16
-_VALUE_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val")  # diskcache's value-file names
+_VALUE_FILE = re.compile(
+    r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val"
+)  # diskcache's value-file names
 
 
 class CorruptEntry(ValueError):
@@ -81,7 +87,9 @@ def check_storable(value: Any) -> None:
     elif isinstance(value, dict):
         for k, item in value.items():
             if not isinstance(k, (str, int)):
-                raise TypeError(f"dict keys must be str or int for the disk tier, got {type(k).__name__}")
+                raise TypeError(
+                    f"dict keys must be str or int for the disk tier, got {type(k).__name__}"
+                )
             check_storable(item)
     elif not isinstance(value, _SCALARS):
         raise TypeError(
@@ -89,47 +97,50 @@ def check_storable(value: Any) -> None:
         )
 
 
-def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply ``fn`` to every tensor in ``value``, rebuilding tuples, lists and dicts (as plain ones)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple):
-        return tuple(map_tensors(v, fn) for v in value)
-    if isinstance(value, list):
-        return [map_tensors(v, fn) for v in value]
-    if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    return value
-
-
 def _compact(t: torch.Tensor) -> torch.Tensor:
     """A tensor that owns exactly its bytes, so ``torch.save`` does not write a larger base storage."""
     t = t.detach()
-    return t if t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes else t.clone(memory_format=torch.contiguous_format)
+    return (
+        t
+        if t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes
+        else t.clone(memory_format=torch.contiguous_format)
+    )
 
 
-def _checksum(key: str, payload: bytes) -> bytes:
-    h = xxhash.xxh3_64(key.encode())
+def key_bytes(key: str | bytes) -> bytes:
+    """The bytes a disk entry is bound to: a str key's UTF-8, a bytes key after 0xFF (a byte
+    UTF-8 never holds, so ``"k"`` and ``b"k"`` never authenticate each other's entries)."""
+    if isinstance(key, str):
+        return key.encode()
+    if isinstance(key, bytes):
+        return b"\xff" + key
+    raise TypeError(
+        f"the disk tier takes str or bytes keys (see make_key), got {type(key).__name__}"
+    )
+
+
+def _checksum(key: str | bytes, payload: bytes) -> bytes:
+    h = xxhash.xxh3_64(key_bytes(key))
     h.update(b"\x00")
     h.update(payload)
     return h.digest()
 
 
-def encode_entry(key: str, value: Any, encrypt_key: bytes | None = None) -> bytes:
+def encode_entry(key: str | bytes, value: Any, encrypt_key: bytes | None = None) -> bytes:
     """Serialize ``value`` for the disk under cache key ``key`` (sealed if ``encrypt_key``)."""
     buffer = io.BytesIO()
     torch.save(map_tensors(value, _compact), buffer)
     payload = buffer.getvalue()
     if encrypt_key is not None:
-        return seal(encrypt_key, payload, associated_data=key.encode())
+        return seal(encrypt_key, payload, associated_data=key_bytes(key))
     return PLAIN + _checksum(key, payload) + payload
 
 
-def decode_entry(key: str, blob: bytes, encrypt_key: bytes | None = None) -> Any:
+def decode_entry(key: str | bytes, blob: bytes, encrypt_key: bytes | None = None) -> Any:
     """Inverse of :func:`encode_entry`; IntegrityError if a sealed entry does not authenticate,
     CorruptEntry for any other unreadable entry."""
     if encrypt_key is not None:
-        payload = open_sealed(encrypt_key, blob, associated_data=key.encode())
+        payload = open_sealed(encrypt_key, blob, associated_data=key_bytes(key))
     else:
         if blob[:1] != PLAIN:
             raise CorruptEntry("not a plain entry (an encrypted cache opened without its key?)")
@@ -154,8 +165,14 @@ class DiskTier:
     wall-clock time (diskcache uses ``time.time``).
     """
 
-    def __init__(self, path: str | os.PathLike[str], max_bytes: int, encrypt_key: bytes | None = None,
-                 ttl_s: float | None = None, audit: AuditHook | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_bytes: int,
+        encrypt_key: bytes | None = None,
+        ttl_s: float | None = None,
+        audit: AuditHook | None = None,
+    ) -> None:
         if not isinstance(max_bytes, int) or max_bytes <= 0:
             raise ValueError(f"disk_max_bytes must be a positive int, got {max_bytes!r}")
         self.path = os.fspath(path)
@@ -169,7 +186,9 @@ class DiskTier:
         os.makedirs(self.path, exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.path, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            sole = lock_file(self._lock_fd, blocking=False)  # no other open tier: we may repair the folder
+            sole = lock_file(
+                self._lock_fd, blocking=False
+            )  # no other open tier: we may repair the folder
             if not sole:
                 lock_file(self._lock_fd, exclusive=False)
             self._store = self._open_store(max_bytes, sole)
@@ -186,13 +205,13 @@ class DiskTier:
             os.close(self._lock_fd)
             raise
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: str | bytes) -> bool:
         return key in self._store
 
     def __len__(self) -> int:
         return len(self._store)
 
-    def get(self, key: str) -> Any:
+    def get(self, key: str | bytes) -> Any:
         """The stored value of ``key``, or ``MISSING`` (absent, expired, or unreadable and dropped)."""
         blob = self._store.get(key, default=None, retry=True)
         if blob is None:
@@ -207,9 +226,13 @@ class DiskTier:
             self._drop(key, "cache.corrupt_entry", str(exc))
         return MISSING
 
-    def put(self, key: str, blob: bytes) -> None:
+    def put(self, key: str | bytes, blob: bytes) -> None:
         """Store an :func:`encode_entry` blob (atomically replacing any old one)."""
         self._store.set(key, blob, expire=self.ttl_s, retry=True)
+
+    def delete(self, key: str | bytes) -> bool:
+        """Delete the entry of ``key``; whether there was one."""
+        return bool(self._store.delete(key, retry=True))
 
     def clear(self) -> None:
         """Delete every entry."""
@@ -224,22 +247,37 @@ class DiskTier:
 
     def _open_store(self, max_bytes: int, sole: bool) -> diskcache.Cache:
         """diskcache on the folder; an unreadable ``cache.db`` is moved aside when ``sole``."""
+
         def open_() -> diskcache.Cache:
-            return diskcache.Cache(self.path, size_limit=max_bytes, eviction_policy="least-recently-stored")
+            return diskcache.Cache(
+                self.path, size_limit=max_bytes, eviction_policy="least-recently-stored"
+            )
 
         try:
             return open_()
         except sqlite3.DatabaseError as exc:
-            if type(exc) is not sqlite3.DatabaseError:  # OperationalError (locked, ...) is not corruption
+            if (
+                type(exc) is not sqlite3.DatabaseError
+            ):  # OperationalError (locked, ...) is not corruption
                 raise
             if not sole:
-                raise ValueError(f"{self.path}/cache.db is not a readable database ({exc}); another process "
-                                 "has the cache open, so it was left in place") from exc
+                raise ValueError(
+                    f"{self.path}/cache.db is not a readable database ({exc}); another process "
+                    "has the cache open, so it was left in place"
+                ) from exc
             self.quarantined = _quarantine(Path(self.path) / "cache.db")
-            logger.warning("disk cache %s: cache.db is not a readable database (%s); moved it to %s and "
-                           "started empty", self.path, exc, self.quarantined)
+            logger.warning(
+                "disk cache %s: cache.db is not a readable database (%s); moved it to %s and "
+                "started empty",
+                self.path,
+                exc,
+                self.quarantined,
+            )
             if self.audit is not None:
-                self.audit("cache.quarantined", {"path": self.path, "reason": str(exc), "moved_to": self.quarantined})
+                self.audit(
+                    "cache.quarantined",
+                    {"path": self.path, "reason": str(exc), "moved_to": self.quarantined},
+                )
             return open_()
 
     def _check_key(self, sole: bool) -> None:
@@ -249,10 +287,23 @@ class DiskTier:
         if not marker.exists():
             self._probe_entries()
             if sole:
-                check = None if self.encrypt_key is None else seal(self.encrypt_key, _KEY_CHECK, _KEY_CHECK)
-                atomic_write_text(marker, json.dumps({
-                    "format": _MARKER_FORMAT, "encrypted": check is not None,
-                    "key_check": None if check is None else base64.b64encode(check).decode("ascii")}))
+                check = (
+                    None
+                    if self.encrypt_key is None
+                    else seal(self.encrypt_key, _KEY_CHECK, _KEY_CHECK)
+                )
+                atomic_write_text(
+                    marker,
+                    json.dumps(
+                        {
+                            "format": _MARKER_FORMAT,
+                            "encrypted": check is not None,
+                            "key_check": None
+                            if check is None
+                            else base64.b64encode(check).decode("ascii"),
+                        }
+                    ),
+                )
             return
         try:
             info = json.loads(marker.read_text(encoding="utf-8"))
@@ -261,18 +312,26 @@ class DiskTier:
                 raise ValueError(f"format {info['format']!r}")
             sealed = base64.b64decode(check, validate=True) if encrypted else None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{marker}: unreadable ({exc}); delete it to have the entries checked instead") from exc
+            raise ValueError(
+                f"{marker}: unreadable ({exc}); delete it to have the entries checked instead"
+            ) from exc
         if encrypted and self.encrypt_key is None:
-            raise CacheKeyError(f"disk cache {self.path} is encrypted: pass its encrypt_key (nothing was opened or deleted)")
+            raise CacheKeyError(
+                f"disk cache {self.path} is encrypted: pass its encrypt_key (nothing was opened or deleted)"
+            )
         if not encrypted and self.encrypt_key is not None:
-            raise CacheKeyError(f"disk cache {self.path} holds plain entries: open it without encrypt_key, "
-                                "or use another folder (nothing was opened or deleted)")
+            raise CacheKeyError(
+                f"disk cache {self.path} holds plain entries: open it without encrypt_key, "
+                "or use another folder (nothing was opened or deleted)"
+            )
         if sealed is not None and self.encrypt_key is not None:
             try:
                 open_sealed(self.encrypt_key, sealed, _KEY_CHECK)
             except IntegrityError:
-                raise CacheKeyError(f"disk cache {self.path} was written with another encrypt_key "
-                                    "(nothing was opened or deleted)") from None
+                raise CacheKeyError(
+                    f"disk cache {self.path} was written with another encrypt_key "
+                    "(nothing was opened or deleted)"
+                ) from None
 
     def _probe_entries(self) -> None:
         """A folder without a marker: some entry must open with ``encrypt_key`` (if any exist)."""
@@ -289,15 +348,24 @@ class DiskTier:
             if tried == _PROBE_ENTRIES:
                 break
         if tried:
-            how = "with this encrypt_key" if self.encrypt_key is not None else "without an encrypt_key"
-            raise CacheKeyError(f"disk cache {self.path}: none of the {tried} entries checked opens {how} "
-                                "(nothing was opened or deleted)")
+            how = (
+                "with this encrypt_key"
+                if self.encrypt_key is not None
+                else "without an encrypt_key"
+            )
+            raise CacheKeyError(
+                f"disk cache {self.path}: none of the {tried} entries checked opens {how} "
+                "(nothing was opened or deleted)"
+            )
 
     def _remove_orphans(self) -> int:
         """Delete value files no row points to; only called with no other tier open."""
         root = Path(self.path)
         with closing(sqlite3.connect(f"{(root / 'cache.db').as_uri()}?mode=ro", uri=True)) as db:
-            known = {row[0] for row in db.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
+            known = {
+                row[0]
+                for row in db.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")
+            }
         removed = 0
         for path in root.glob("*/*/*.val"):
             name = path.relative_to(root).as_posix()
@@ -305,12 +373,14 @@ class DiskTier:
                 path.unlink(missing_ok=True)
                 removed += 1
         if removed:
-            logger.warning("disk cache %s: deleted %d value file(s) no entry points to", self.path, removed)
+            logger.warning(
+                "disk cache %s: deleted %d value file(s) no entry points to", self.path, removed
+            )
         return removed
 
-    def _drop(self, key: str, event: str, reason: str) -> None:
+    def _drop(self, key: str | bytes, event: str, reason: str) -> None:
         self._store.delete(key, retry=True)
-        logger.warning("dropped disk cache entry %s: %s", key, reason)
+        logger.warning("dropped disk cache entry %r: %s", key, reason)
         if self.audit is not None:
             self.audit(event, {"key": key, "reason": reason, "path": self.path})
 

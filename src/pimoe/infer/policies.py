@@ -10,15 +10,17 @@ key is always stored; TinyLFU's admission filter acts when a key leaves its wind
 from __future__ import annotations
 
 import heapq
-from abc import ABC, abstractmethod
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from functools import cache
 from typing import Any
 
 import torch
-import xxhash
+
+from pimoe.extras import require
 
 _MISSING = object()
 
@@ -44,7 +46,12 @@ class Cache(ABC):
     ``max_bytes`` raises ValueError rather than silently storing nothing.
     """
 
-    def __init__(self, max_size: int, max_bytes: int | None = None, getsizeof: Callable[[Any], int] = value_nbytes) -> None:
+    def __init__(
+        self,
+        max_size: int,
+        max_bytes: int | None = None,
+        getsizeof: Callable[[Any], int] = value_nbytes,
+    ) -> None:
         if not isinstance(max_size, int) or max_size <= 0:
             raise ValueError(f"max_size must be a positive int, got {max_size!r}")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
@@ -83,13 +90,18 @@ class Cache(ABC):
         self._purge()
         size = self.getsizeof(value)
         if self.max_bytes is not None and size > self.max_bytes:
-            raise ValueError(f"value of {size} bytes exceeds max_bytes={self.max_bytes}; raise max_bytes or cache smaller values")
+            raise ValueError(
+                f"value of {size} bytes exceeds max_bytes={self.max_bytes}; raise max_bytes or cache smaller values"
+            )
         if key in self._data:
             self.bytes += size - self._sizes[key]
             self._data[key], self._sizes[key] = value, size
             self._touch(key, new=False)
         else:
-            while self._data and (len(self._data) >= self.max_size or (self.max_bytes is not None and self.bytes + size > self.max_bytes)):
+            while self._data and (
+                len(self._data) >= self.max_size
+                or (self.max_bytes is not None and self.bytes + size > self.max_bytes)
+            ):
                 self.evictions += 1
                 self._remove(self._victim())
             self._data[key], self._sizes[key] = value, size
@@ -118,17 +130,17 @@ class Cache(ABC):
         self.bytes -= self._sizes.pop(key)
         self._forget(key)
 
-    def _touch(self, key: Hashable, new: bool) -> None:
+    def _touch(self, key: Hashable, new: bool) -> None:  # noqa: B027  # a hook: no-op by default
         """Record an insert (``new``) or a use of ``key``."""
 
-    def _forget(self, key: Hashable) -> None:
+    def _forget(self, key: Hashable) -> None:  # noqa: B027  # a hook: no-op by default
         """Drop ``key`` from the policy's bookkeeping."""
 
     @abstractmethod
     def _victim(self) -> Hashable:
         """The key to evict next."""
 
-    def _purge(self) -> None:
+    def _purge(self) -> None:  # noqa: B027  # a hook: no-op by default
         """Drop entries that are no longer valid (expired)."""
 
 
@@ -164,14 +176,24 @@ class TTLCache(LRUCache):
     ``timer`` is the clock (``time.monotonic``; inject a fake one for deterministic tests).
     """
 
-    def __init__(self, max_size: int, max_bytes: int | None = None, *, ttl_s: float, timer: Callable[[], float] = time.monotonic, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        max_size: int,
+        max_bytes: int | None = None,
+        *,
+        ttl_s: float,
+        timer: Callable[[], float] = time.monotonic,
+        **kwargs: Any,
+    ) -> None:
         if not ttl_s or ttl_s <= 0:
             raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
         super().__init__(max_size, max_bytes, **kwargs)
         self.ttl_s = float(ttl_s)
         self.timer = timer
         self.expirations = 0
-        self._expires: OrderedDict[Hashable, float] = OrderedDict()  # insertion order = expiry order
+        self._expires: OrderedDict[Hashable, float] = (
+            OrderedDict()
+        )  # insertion order = expiry order
 
     def put(self, key: Hashable, value: Any) -> None:
         """Insert or replace ``key``; its lifetime restarts now."""
@@ -201,7 +223,14 @@ class LFUCache(Cache):
     key ever seen), so a returning popular key re-enters with its old count.
     """
 
-    def __init__(self, max_size: int, max_bytes: int | None = None, *, keep_history: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        max_size: int,
+        max_bytes: int | None = None,
+        *,
+        keep_history: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(max_size, max_bytes, **kwargs)
         self.keep_history = keep_history
         self._count: dict[Hashable, int] = {}
@@ -288,7 +317,9 @@ class TinyLFUCache(Cache):
         if len(self._window) < self.window_size:
             return main_victim if main_victim is not None else next(iter(self._window))
         candidate = next(iter(self._window))
-        if main_victim is None or self.sketch.estimate(candidate) <= self.sketch.estimate(main_victim):
+        if main_victim is None or self.sketch.estimate(candidate) <= self.sketch.estimate(
+            main_victim
+        ):
             return candidate
         del self._window[candidate]
         self._probation[candidate] = None
@@ -303,16 +334,18 @@ class CountMinSketch:
     _SEEDS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
 
     def __init__(self, capacity: int) -> None:
-        self.width = 1 << max(4, (capacity - 1).bit_length() + 2)  # 16 counters per entry, as Caffeine
+        self.width = 1 << max(
+            4, (capacity - 1).bit_length() + 2
+        )  # 16 counters per entry, as Caffeine
         self.table = [[0] * self.width for _ in range(self.ROWS)]
         self.sample_size = 10 * capacity
         self.additions = 0
 
     def _indices(self, key: Hashable) -> list[int]:
         if isinstance(key, str):
-            h = xxhash.xxh3_64_intdigest(key.encode())
+            h = _xxh3_64()(key.encode())
         elif isinstance(key, bytes):
-            h = xxhash.xxh3_64_intdigest(key)
+            h = _xxh3_64()(key)
         else:
             h = hash(key) & 0xFFFFFFFFFFFFFFFF
         mask = self.width - 1
@@ -333,13 +366,34 @@ class CountMinSketch:
         return min(row[i] for row, i in zip(self.table, self._indices(key)))
 
 
+@cache
+def _xxh3_64() -> Callable[[bytes], int]:
+    """xxhash's 64-bit xxh3 (str and bytes keys get the same sketch rows in every process, unlike
+    ``hash``), imported on first use."""
+    fn: Callable[[bytes], int] = require(
+        "xxhash", "serve", "TinyLFU's sketch of str/bytes keys"
+    ).xxh3_64_intdigest
+    return fn
+
+
 POLICIES: dict[str, type[Cache]] = {
-    "fifo": FIFOCache, "lru": LRUCache, "lfu": LFUCache, "ttl": TTLCache, "tinylfu": TinyLFUCache,
+    "fifo": FIFOCache,
+    "lru": LRUCache,
+    "lfu": LFUCache,
+    "ttl": TTLCache,
+    "tinylfu": TinyLFUCache,
 }
 
 
-def make_policy(policy: str, max_size: int, max_bytes: int | None = None, *, ttl_s: float | None = None,
-                timer: Callable[[], float] = time.monotonic, **kwargs: Any) -> Cache:
+def make_policy(
+    policy: str,
+    max_size: int,
+    max_bytes: int | None = None,
+    *,
+    ttl_s: float | None = None,
+    timer: Callable[[], float] = time.monotonic,
+    **kwargs: Any,
+) -> Cache:
     """Build the cache class named ``policy`` ("fifo", "lru", "lfu", "ttl" or "tinylfu")."""
     if policy not in POLICIES:
         raise ValueError(f"unknown cache policy {policy!r}; choose one of {sorted(POLICIES)}")
