@@ -45,7 +45,8 @@ def test_benchmark_best_config_json(tmp_path) -> None:
     assert {"size_ratio", "cosine", "latency_ratio", "cosine_min", "bytes"} <= set(best)
     assert rows["fp32"]["cosine"] > 0.99999 and rows["fp32"]["size_ratio"] == 1.0
     assert best["cosine"] > 0.985 and best["cosine_min"] > 0.97  # 70 held-out sentences
-    assert best["size_ratio"] < 0.25 and best["latency_ratio"] > 0
+    assert best["size_ratio"] < 0.25 and rows["fp32"]["latency_ratio"] == 1.0
+    assert best["latency_ratio"] == pytest.approx(best["latency_ms"] / rows["fp32"]["latency_ms"])
 
 
 def test_tokenize_refuses_to_truncate() -> None:

@@ -37,4 +37,6 @@ def test_tiny_run_over_http() -> None:
     for r in result["modes"].values():
         assert r["errors"] == 0 and r["requests"] == 24 and r["p99_ms"] >= r["p50_ms"] > 0
     assert result["modes"]["one_by_one"]["mean_batch_size"] == 1.0
-    assert result["throughput_ratio_batching"] > 0 and result["throughput_ratio_batching_cache"] > 0
+    base = result["modes"]["one_by_one"]["throughput_rps"]
+    for mode in ("batching", "batching_cache"):
+        assert result[f"throughput_ratio_{mode}"] == pytest.approx(result["modes"][mode]["throughput_rps"] / base)

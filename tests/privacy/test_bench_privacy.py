@@ -24,11 +24,13 @@ def test_privacy_benchmark_small(tmp_path) -> None:
     assert (tmp_path / "privacy.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_has_bench_privacy() -> None:
+def test_cli_bench_privacy_passes_its_options_to_main(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
     from pimoe.cli import app
 
-    result = CliRunner().invoke(app, ["bench", "privacy", "--help"])
+    calls: list[dict] = []
+    monkeypatch.setattr("pimoe.bench.privacy.main", lambda **kwargs: calls.append(kwargs))
+    result = CliRunner().invoke(app, ["bench", "privacy", "--quick", "--json", str(tmp_path / "p.json")])
     assert result.exit_code == 0, result.output
-    assert "--quick" in result.output and "--json" in result.output
+    assert calls == [{"quick": True, "json_path": tmp_path / "p.json"}]
