@@ -1,0 +1,364 @@
+"""LoRA adapters on fused 3-D expert weights and on ``nn.Linear`` layers.
+
+Fused experts keep all experts' weights in one ``[E, out, in]`` parameter (pimoe's
+``StackedExperts.w_in`` / ``w_out``, transformers 5's ``gate_up_proj`` / ``down_proj``), so there
+is no ``nn.Linear`` per expert for a module-swapping adapter to replace. :class:`ExpertLoRA` is a
+``torch.nn.utils.parametrize`` parametrization of such a parameter: reading the weight gives
+
+    ``W[e] + (lora_alpha / r) * B[e] @ A[e]``     ``A [E, r, in]`` (or ``[1, r, in]``: shared-A),
+                                                  ``B [E, out, r]`` (zeros at creation)
+
+so every reader of the weight (pimoe's experts backends, transformers' eager / grouped_mm /
+``"pimoe"`` experts implementations) runs the adapted expert, and autograd trains ``A`` and
+``B`` only. Weights stored transposed (``is_transposed``: ``[E, in, out]``, GPT-OSS) get the
+transposed update. :class:`LoRALinear` wraps an ``nn.Linear`` (attention projections) and adds
+the low-rank path on the activations, ``y = x W^T + (alpha / r) (x A^T) B^T``.
+
+Conventions follow PEFT: ``r``, ``lora_alpha``, ``target_modules`` (names of ``nn.Linear``
+modules), ``target_parameters`` (names of 3-D parameters), a folder with
+``adapter_model.safetensors`` and ``adapter_config.json``; ``merge_and_unload`` returns plain
+weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "ExpertLoRA",
+    "LoRAConfig",
+    "LoRALinear",
+    "add_lora",
+    "load_lora",
+    "lora_adapters",
+    "lora_state_dict",
+    "merge_and_unload",
+    "merge_lora",
+    "save_lora",
+    "unmerge_lora",
+]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "pimoe-lora/1"
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """What :func:`add_lora` adapts, and how.
+
+    Attributes:
+        r: rank of every adapter (>= 1).
+        lora_alpha: the update is scaled by ``lora_alpha / r``.
+        shared_a: fused experts share one ``A [1, r, in]`` (their input subspace), each keeps its
+            own ``B``; ``False``: one ``A`` per expert.
+        target_parameters: names of 3-D ``[E, out, in]`` parameters to adapt (pimoe's
+            ``w_in``/``w_out``, transformers' ``gate_up_proj``/``up_proj``/``down_proj``).
+        target_modules: names (last component) of ``nn.Linear`` modules to wrap in
+            :class:`LoRALinear`, e.g. ``("q_proj", "k_proj", "v_proj", "o_proj")``.
+    """
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    shared_a: bool = False
+    target_parameters: tuple[str, ...] = ("w_in", "w_out", "gate_up_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be an int >= 1, got {self.r!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        for name in ("target_parameters", "target_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"{name} must be a sequence of names, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown LoRAConfig keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _init_a(a: Tensor) -> None:
+    """PEFT's default for ``A`` (kaiming-uniform with ``a=sqrt(5)``: bound ``1/sqrt(in)``)."""
+    bound = 1.0 / math.sqrt(a.shape[-1])
+    nn.init.uniform_(a, -bound, bound)
+
+
+class ExpertLoRA(nn.Module):
+    """Parametrization ``W -> W + scaling * B @ A`` of a fused ``[E, out, in]`` weight.
+
+    Args:
+        weight: the parameter adapted (its shape, dtype and device).
+        r, lora_alpha, shared_a: see :class:`LoRAConfig`.
+        transposed: the weight is stored ``[E, in, out]``.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        r: int,
+        lora_alpha: float,
+        shared_a: bool = False,
+        transposed: bool = False,
+    ) -> None:
+        super().__init__()
+        if weight.dim() != 3:
+            raise ValueError(
+                f"ExpertLoRA adapts a 3-D [E, out, in] weight, got shape {tuple(weight.shape)}"
+            )
+        num_experts, out_features, in_features = weight.shape
+        if transposed:
+            out_features, in_features = in_features, out_features
+        self.scaling, self.transposed, self.merged = lora_alpha / r, transposed, False
+        kw: dict[str, Any] = {"dtype": weight.dtype, "device": weight.device}
+        self.lora_A = nn.Parameter(
+            torch.empty(1 if shared_a else num_experts, r, in_features, **kw)
+        )
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, r, **kw))
+        _init_a(self.lora_A)
+
+    def delta(self) -> Tensor:
+        """``scaling * B @ A`` in the weight's stored layout: ``[E, out, in]`` (or ``[E, in, out]``)."""
+        d = self.scaling * torch.matmul(self.lora_B, self.lora_A)
+        return d.transpose(1, 2) if self.transposed else d
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight if self.merged else weight + self.delta().to(weight.dtype)
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scaling * (x A^T) B^T`` around a frozen ``nn.Linear`` ``base``;
+    ``A [r, in]``, ``B [out, r]`` (zeros at creation)."""
+
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        self.base, self.scaling, self.merged = base, lora_alpha / r, False
+        kw: dict[str, Any] = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **kw))
+        _init_a(self.lora_A)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight ``[out, in]`` (merged with the adapter after :meth:`merge`)."""
+        return self.base.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta(self) -> Tensor:
+        """``scaling * B @ A``, ``[out, in]``."""
+        return self.scaling * self.lora_B @ self.lora_A
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        y: Tensor = self.base(x)
+        if self.merged:
+            return y
+        low = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (self.scaling * low).to(y.dtype)
+
+
+Adapter = ExpertLoRA | LoRALinear
+
+
+def lora_adapters(model: nn.Module) -> dict[str, Adapter]:
+    """Every adapter in ``model`` by target name: ``"<module>.<parameter>"`` for fused experts,
+    ``"<module>"`` for a :class:`LoRALinear`."""
+    found: dict[str, Adapter] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            found[name] = module
+        elif parametrize.is_parametrized(module):
+            for param_name, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, ExpertLoRA):
+                        found[f"{name}.{param_name}" if name else param_name] = p
+    return found
+
+
+def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
+    """Attach adapters to ``model`` **in place** and freeze every other parameter (PEFT's
+    ``get_peft_model``); returns the adapted target names.
+
+    Raises:
+        ValueError: nothing in ``model`` matches the targets, or it already has adapters.
+    """
+    config = config or LoRAConfig()
+    if lora_adapters(model):
+        raise ValueError("the model already has LoRA adapters (merge_and_unload it first)")
+    params = [
+        (module, pname)
+        for module in model.modules()
+        for pname, p in list(module._parameters.items())
+        if pname in config.target_parameters and p is not None and p.dim() == 3
+    ]
+    linears = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in config.target_modules
+    ]
+    if not params and not linears:
+        raise ValueError(
+            f"no 3-D parameter named {list(config.target_parameters)} and no nn.Linear named "
+            f"{list(config.target_modules)} in {type(model).__name__}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module, pname in params:
+        weight = module._parameters[pname]
+        assert weight is not None
+        transposed = bool(getattr(module, "is_transposed", False))
+        adapter = ExpertLoRA(weight, config.r, config.lora_alpha, config.shared_a, transposed)
+        parametrize.register_parametrization(module, pname, adapter)
+    for name, linear in linears:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, LoRALinear(linear, config.r, config.lora_alpha))
+    model.lora_config = config  # type: ignore[assignment]  # what save_lora writes
+    return list(lora_adapters(model))
+
+
+def _base_weight(model: nn.Module, target: str, adapter: Adapter) -> Tensor:
+    if isinstance(adapter, LoRALinear):
+        return adapter.base.weight
+    module_name, _, pname = target.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    original: Tensor = module.parametrizations[pname].original  # type: ignore[union-attr,index]
+    return original
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """Add every adapter's update into its base weight; the model then runs at the base
+    model's cost and gives the adapted output. :func:`unmerge_lora` undoes it."""
+    for target, adapter in lora_adapters(model).items():
+        if not adapter.merged:
+            weight = _base_weight(model, target, adapter)
+            weight.add_(adapter.delta().to(weight.dtype))
+            adapter.merged = True
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> None:
+    """Subtract the adapters merged by :func:`merge_lora` (the base weights come back to within
+    one rounding of each element)."""
+    for target, adapter in lora_adapters(model).items():
+        if adapter.merged:
+            weight = _base_weight(model, target, adapter)
+            weight.sub_(adapter.delta().to(weight.dtype))
+            adapter.merged = False
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the adapters and remove them: plain parameters and ``nn.Linear`` modules again
+    (what to save as a full model); returns ``model``."""
+    merge_lora(model)
+    for target, adapter in lora_adapters(model).items():
+        module_name, _, attr = target.rpartition(".")
+        parent = model.get_submodule(module_name) if module_name else model
+        if isinstance(adapter, LoRALinear):
+            setattr(parent, attr, adapter.base)
+        else:
+            parametrize.remove_parametrizations(parent, attr, leave_parametrized=False)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``{"<target>.lora_A": A, "<target>.lora_B": B}`` for every adapter (detached)."""
+    state = {}
+    for target, adapter in lora_adapters(model).items():
+        state[f"{target}.lora_A"] = adapter.lora_A.detach()
+        state[f"{target}.lora_B"] = adapter.lora_B.detach()
+    return state
+
+
+def save_lora(model: nn.Module, folder: str | os.PathLike[str]) -> None:
+    """Write the adapters alone: ``folder/adapter_model.safetensors`` (float tensors as trained)
+    and ``folder/adapter_config.json`` (the :class:`LoRAConfig`, the targets and their shapes),
+    each atomically."""
+    from safetensors.torch import save
+
+    from pimoe.io import atomic_write_bytes, atomic_write_text
+
+    state = lora_state_dict(model)
+    config = getattr(model, "lora_config", None)
+    if not state or not isinstance(config, LoRAConfig):
+        raise ValueError("the model has no LoRA adapters (add_lora first)")
+    folder = Path(folder)
+    tensors = {k: v.cpu().contiguous() for k, v in state.items()}
+    atomic_write_bytes(folder / ADAPTER_WEIGHTS, save(tensors, metadata={"format": FORMAT}))
+    info = {
+        "format": FORMAT,
+        **config.to_dict(),
+        "targets": {k: list(v.shape) for k, v in tensors.items()},
+    }
+    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(info, indent=2))
+
+
+def load_lora(model: nn.Module, folder: str | os.PathLike[str]) -> LoRAConfig:
+    """Attach the adapters saved by :func:`save_lora` to ``model`` (a model without adapters,
+    built like the one they were trained on) and load their weights; returns their config.
+
+    Raises:
+        ValueError: not an adapter folder, or adapters that do not fit ``model`` (targets or
+            shapes differ; checked before any tensor is read).
+    """
+    from safetensors.torch import load_file
+
+    from pimoe.io import check_safetensors_shapes
+
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder}: no readable {ADAPTER_CONFIG} ({err})") from err
+    if not isinstance(info, dict) or info.pop("format", None) != FORMAT:
+        raise ValueError(f"{folder / ADAPTER_CONFIG}: not a pimoe LoRA adapter config")
+    info.pop("targets", None)
+    config = LoRAConfig.from_dict(info)
+    add_lora(model, config)
+    expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
+    try:
+        check_safetensors_shapes(folder / ADAPTER_WEIGHTS, expected)
+    except (ValueError, OSError):
+        merge_and_unload(
+            model
+        )  # the fresh adapters' update is exactly zero: the model is unchanged
+        raise
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    with torch.no_grad():
+        for target, adapter in lora_adapters(model).items():
+            adapter.lora_A.copy_(tensors[f"{target}.lora_A"])
+            adapter.lora_B.copy_(tensors[f"{target}.lora_B"])
+    return config
