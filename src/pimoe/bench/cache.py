@@ -36,7 +36,7 @@ POLICIES: dict[str, Callable[[int], Cache]] = {
 
 @dataclass
 class CacheBenchConfig:
-    """Traces (the issue's 5,000 keys / 30,000 requests) and timing sizes."""
+    """Traces (by default 5,000 keys / 30,000 requests) and timing sizes."""
 
     num_keys: int = 5000
     num_requests: int = 30_000

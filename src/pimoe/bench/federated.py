@@ -1,4 +1,4 @@
-"""Federated vs centralized training on sklearn digits (the issue's "100 edge nodes").
+"""Federated vs centralized training on sklearn digits over 100 simulated edge nodes.
 
 Peer: the same 64-128-10 MLP trained centrally on the pooled 1,437 training digits (Adam 1e-3,
 30 epochs), measured in the same run. Contenders: 100 Flower clients, 20% sampled per round,

@@ -27,7 +27,7 @@ from pimoe.bench.meta_fewshot import FewShotSetup, ci95, fewshot_accuracy
 from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text, save_png
 
-# Finn et al. 2017, Fig. 3 (K=5, read from the chart; ANCHORS.md "Meta-learning").
+# Finn et al. 2017, Fig. 3 (K=5, read from the chart).
 PAPER_K5 = {"maml_1step": 0.7, "maml_from_4_steps": 0.3, "pretrained": "> 2"}
 
 

@@ -56,7 +56,7 @@ _SERVER_CODE = (
 
 @dataclass
 class ServeBenchConfig:
-    """Load and model sizes (the issue's 2,000 requests, 32 concurrent)."""
+    """Load and model sizes (by default 2,000 requests, 32 concurrent)."""
 
     num_requests: int = 2000
     concurrency: int = 32

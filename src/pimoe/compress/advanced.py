@@ -1,8 +1,8 @@
-"""The seed's ``AdvancedArchitectureConfig`` / ``AdvancedArchitectureOptimizer`` names over
+"""The compatibility names ``AdvancedArchitectureConfig`` / ``AdvancedArchitectureOptimizer`` over
 :class:`ArchitectureConfig` / :class:`ArchitectureOptimizer` (re-exported by :mod:`pimoe.compat`).
 
-The seed calls ``optimizer.optimize_architecture(model, input_shape)`` and gets the optimized model
-back; here the example batch for the measurements is drawn from a seeded standard normal of that
+``optimizer.optimize_architecture(model, input_shape)`` returns the optimized model; the example
+batch for the measurements is drawn from a seeded standard normal of that
 shape (or is the tensor given), and the measurements stay available as ``last_report``.
 """
 
@@ -23,11 +23,11 @@ OPTIMIZATION_LEVELS = ("basic", "standard", "advanced", "ultra")
 
 @dataclass
 class AdvancedArchitectureConfig(ArchitectureConfig):
-    """:class:`ArchitectureConfig` plus the seed's two extra fields.
+    """:class:`ArchitectureConfig` plus two fields kept for compatibility.
 
     Attributes:
-        optimization_level: one of ``basic``, ``standard``, ``advanced``, ``ultra``; recorded for the
-            seed's signature only: the ``enable_*`` flags and ratios decide what runs.
+        optimization_level: one of ``basic``, ``standard``, ``advanced``, ``ultra``; recorded for
+            compatibility only: the ``enable_*`` flags and ratios decide what runs.
         enable_model_compression: ``False`` turns every step off (the model is copied unchanged).
     """
 
@@ -44,7 +44,7 @@ class AdvancedArchitectureConfig(ArchitectureConfig):
 
 
 class AdvancedArchitectureOptimizer(ArchitectureOptimizer):
-    """:class:`ArchitectureOptimizer` with the seed's ``optimize_architecture``."""
+    """:class:`ArchitectureOptimizer` with the compatibility method ``optimize_architecture``."""
 
     last_report: CompressionReport | None = None
 

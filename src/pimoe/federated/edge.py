@@ -1,5 +1,6 @@
-"""The seed's ``EdgeComputing(config).process(x)``, made real: the model behind ``process`` is
-trained by federated learning over simulated edge nodes (Flower clients holding digits shards)."""
+"""``EdgeComputing(config).process(x)`` (a compatibility name), made real: the model behind
+``process`` is trained by federated learning over simulated edge nodes (Flower clients holding
+digits shards)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ looked up by :func:`make_key` of the inputs. With ``InferenceConfig.optimize`` (
 its first call's inputs as the example batch); the engine then runs the compressed copy.
 
 ``pimoe.compress`` is imported only when ``optimize`` is set: a reasoned exception to inference
-not depending on compression, so that the issue's "optimization of the model through the
-compression subsystem when the user asks for it" is one engine setting rather than a second API.
+not depending on compression, so that compressing the model before serving it, when the user
+asks for it, is one engine setting rather than a second API.
 """
 
 from __future__ import annotations

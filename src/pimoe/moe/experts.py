@@ -65,7 +65,7 @@ def _round(value: float, multiple: int = 16) -> int:
 
 
 # Presets are names for architecture choices, nothing more: what an expert is good at comes from
-# training, not from its name. They give the seed's typed experts a concrete, documented meaning.
+# training, not from its name. They give the typed expert names a concrete, documented meaning.
 EXPERT_PRESETS: dict[str, Callable[[int], nn.Module]] = {
     # Classic Transformer FFN (GPT-2): GELU, 4x width.
     "language": lambda d: FFN(d, 4 * d, "gelu"),
