@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from pimoe.compress import DistillResult, distill, magnitude_prune, soft_loss
+from pimoe.compress.distill import DistillResult, distill, soft_loss
+from pimoe.compress.prune import magnitude_prune
 
 
 def _mlp(seed: int, hidden: int = 64) -> nn.Sequential:

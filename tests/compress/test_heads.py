@@ -77,7 +77,11 @@ def test_neuron_step_and_bad_ratios() -> None:
     assert layer.intermediate.dense.out_features == 48 and layer.output.dense.in_features == 48
     assert layer.attention.self.num_attention_heads == 2
     assert bert.encoder.layer[0].intermediate.dense.out_features == 64  # the input model is untouched
-    for bad in (dict(head_prune_ratio=0.0), dict(neuron_prune_ratio=1.0), dict(expert_drop_ratio=-0.1),
-                dict(experts_after_merge=0)):
-        with pytest.raises(ValueError):
+    for bad in (dict(head_prune_ratio=0.0, enable_head_pruning=True),
+                dict(neuron_prune_ratio=1.0, enable_neuron_pruning=True),
+                dict(expert_drop_ratio=-0.1, enable_expert_drop=True),
+                dict(experts_after_merge=0, enable_expert_merge=True)):
+        with pytest.raises(ValueError, match="amount|num_experts"):  # the step's own config refuses it
             ArchitectureConfig(**bad)
+        disabled = {k: v for k, v in bad.items() if not k.startswith("enable_")}
+        ArchitectureConfig(**disabled)  # a disabled step's setting feeds nothing and is not checked

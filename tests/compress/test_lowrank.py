@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pimoe.compress import LowRankLinear, factorize, rank_for_energy, rank_for_ratio
+from pimoe.compress.lowrank import LowRankLinear, factorize, rank_for_energy, rank_for_ratio
 
 
 def _mlp(d_in: int = 32, hidden: int = 64, d_out: int = 16) -> nn.Sequential:
@@ -129,8 +129,8 @@ def test_bare_linear_and_bad_rank_rejected() -> None:
 
 
 def test_pimoe_lm_router_gates_and_tied_head_are_not_factorized() -> None:
-    from pimoe.moe.model import LMConfig, PiMoELM
     from pimoe.moe.config import MoEConfig
+    from pimoe.moe.model import LMConfig, PiMoELM
 
     config = LMConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, ffn_dim=32))
     model = PiMoELM(config).eval()

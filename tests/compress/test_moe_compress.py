@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pimoe.compress import (
+from pimoe.compress.moe import (
     drop_experts,
     experts_to_keep,
     merge_experts,

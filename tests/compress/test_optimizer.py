@@ -5,7 +5,12 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from pimoe.compress import ArchitectureConfig, ArchitectureOptimizer, CompressionReport, Int8WeightOnlyLinear
+from pimoe.compress import (
+    ArchitectureConfig,
+    ArchitectureOptimizer,
+    CompressionReport,
+    Int8WeightOnlyLinear,
+)
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -30,8 +35,9 @@ def test_pipeline_records_each_enabled_step_and_leaves_original_untouched():
         enable_quantization=True, quantization_bits=8, quantization_mode="weight_only", latency_repeats=3,
     )
     small, report = ArchitectureOptimizer(config).optimize(model, _x())
-    assert [s.name for s in report.steps] == ["before", "low_rank", "prune", "quantize"]
-    before, low, pruned, quant = report.steps
+    names = ["before", "low_rank", "magnitude_prune", "int8_weight_only", "int8_experts", "embeddings"]
+    assert [s.name for s in report.steps] == names
+    before, low, pruned, quant = report.steps[:4]
     assert before.fidelity == pytest.approx(1.0, abs=1e-6)
     assert low.params < before.params and low.bytes_torch_save < before.bytes_torch_save
     assert pruned.nonzero_params < 0.6 * low.nonzero_params
@@ -47,7 +53,7 @@ def test_pipeline_records_each_enabled_step_and_leaves_original_untouched():
 def test_dynamic_int8_is_not_safetensors_saveable_and_disabled_steps_are_absent():
     config = ArchitectureConfig(enable_pruning=False, quantization_bits=8, latency_repeats=2)
     _, report = ArchitectureOptimizer(config).optimize(_mlp(), _x())
-    assert [s.name for s in report.steps] == ["before", "quantize"]
+    assert [s.name for s in report.steps] == ["before", "int8_dynamic", "int8_experts", "embeddings"]
     assert report.before.bytes_safetensors is not None
     assert report.after.bytes_safetensors is None
     assert report.after.bytes_torch_save < 0.5 * report.before.bytes_torch_save
@@ -58,7 +64,7 @@ def test_dynamic_int8_is_not_safetensors_saveable_and_disabled_steps_are_absent(
 def test_other_bit_widths(bits: int):
     config = ArchitectureConfig(enable_pruning=False, quantization_bits=bits, latency_repeats=2)
     small, report = ArchitectureOptimizer(config).optimize(_mlp(), _x())
-    before, after = report.steps
+    before, after = report.steps[0], report.steps[-1]
     if bits == 32:
         assert after.bytes_torch_save == before.bytes_torch_save
         assert after.fidelity == pytest.approx(1.0, abs=1e-6)
@@ -75,7 +81,7 @@ def test_distill_repair_after_pruning_beats_no_repair():
         **common, enable_knowledge_distillation=True, distill_epochs=5, distill_lr=3e-3, distill_temperature=2.0
     )
     repaired, report = ArchitectureOptimizer(config).optimize(model, x, distill_data=_batches(1, 20))
-    assert [s.name for s in report.steps] == ["before", "prune", "distill"]
+    assert [s.name for s in report.steps] == ["before", "magnitude_prune", "distill"]
     assert report.after.nonzero_params == report.steps[1].nonzero_params  # still pruned
     gap_plain = 1.0 - plain.after.fidelity
     gap_repaired = 1.0 - report.after.fidelity
@@ -85,7 +91,7 @@ def test_distill_repair_after_pruning_beats_no_repair():
 def test_distill_without_data_is_skipped_with_a_note():
     config = ArchitectureConfig(enable_knowledge_distillation=True, enable_quantization=False, latency_repeats=2)
     _, report = ArchitectureOptimizer(config).optimize(_mlp(), _x())
-    assert [s.name for s in report.steps] == ["before", "prune", "distill"]
+    assert [s.name for s in report.steps] == ["before", "magnitude_prune", "distill"]
     assert "skipped" in report.after.note
     assert report.after.fidelity == report.steps[1].fidelity
 
@@ -113,9 +119,12 @@ def test_accuracy_and_callable_fidelity():
         dict(quantization_mode="histogram"),
         dict(fidelity="psnr"),
         dict(sparsity_ratio=1.0),
-        dict(compression_ratio=0.0),
+        dict(compression_ratio=1.0, enable_low_rank=True),  # passed validation, then failed in lowrank
+        dict(compression_ratio=0.0, enable_low_rank=True),
         dict(enable_knowledge_distillation=True, order=["prune", "quantize", "distill"]),
-        dict(distill_loss="huber"),
+        dict(distill_loss="huber", enable_knowledge_distillation=True),
+        dict(embedding_bits=3),
+        dict(embedding_bits=4, quantization_bits=16),
     ],
 )
 def test_bad_config_raises(kwargs: dict):
@@ -130,7 +139,7 @@ def test_report_table_dict_and_plot(tmp_path):
     assert json.loads(json.dumps(data))["steps"][0]["name"] == "before"
     console = Console(record=True, width=200)
     console.print(report.table())
-    assert "quantize" in console.export_text()
+    assert "int8_dynamic" in console.export_text()
     path = report.plot(tmp_path / "report.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -152,7 +161,7 @@ def test_a_step_that_breaks_the_model_raises_and_leaves_the_input_untouched() ->
     model = nn.Sequential(Float32Only())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = ArchitectureConfig(enable_pruning=True, sparsity_ratio=0.5, quantization_bits=16, latency_repeats=1)
-    with pytest.raises(RuntimeError, match="fails after step 'quantize'.*unchanged"):
+    with pytest.raises(RuntimeError, match="fails after step 'cast'.*unchanged"):
         ArchitectureOptimizer(config).optimize(model, torch.randn(4, 8))
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]) and value.dtype == torch.float32

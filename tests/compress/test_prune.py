@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pimoe.compress import magnitude_prune, neuron_scores, prune_ffn_neurons, sparsity
+from pimoe.compress.prune import magnitude_prune, neuron_scores, prune_ffn_neurons, sparsity
 
 
 def _mlp() -> nn.Sequential:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pimoe.compress import (
+from pimoe.compress.quantize import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
     cast,
@@ -134,8 +134,8 @@ def test_embedding_bad_names() -> None:
 
 
 def _tiny_lm() -> nn.Module:
-    from pimoe.moe.model import LMConfig, PiMoELM
     from pimoe.moe.config import MoEConfig
+    from pimoe.moe.model import LMConfig, PiMoELM
 
     config = LMConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, ffn_dim=32))
     return PiMoELM(config).eval()

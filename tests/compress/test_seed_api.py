@@ -31,7 +31,8 @@ def test_seed_example_runs_and_compresses() -> None:
     # --- end of the seed's code ---
 
     report = optimizer.last_report
-    assert [s.name for s in report.steps] == ["before", "prune", "distill", "quantize"]
+    names = ["before", "magnitude_prune", "distill", "int8_dynamic", "int8_experts", "embeddings"]
+    assert [s.name for s in report.steps] == names
     assert report.steps[2].note.startswith("skipped")  # no distillation data in the seed's call
     assert report.after.bytes_torch_save < 0.5 * report.before.bytes_torch_save
     assert report.after.fidelity > 0.95

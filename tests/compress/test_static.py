@@ -103,10 +103,12 @@ def test_architecture_optimizer_static_mode(trained) -> None:
     result = ArchitectureOptimizer(config).optimize(model, x_test, labels=y_test,
                                                     distill_data=list(x_train[:256].split(64)))
     before, after = result.report.steps[0], result.report.steps[-1]
-    assert after.name == "quantize" and "int8 static, calibrated on 4 batch(es)" in after.note
+    assert [s.name for s in result.report.steps] == ["before", "int8_static", "embeddings"]
+    assert "int8 static (x86), 3 Linear/Conv2d layer(s)" in result.report.steps[1].note
+    assert after.note == "int4 embeddings: none matched"
     assert after.fidelity >= before.fidelity - 0.02
     assert after.bytes_torch_save < 0.4 * before.bytes_torch_save
-    with pytest.raises(ValueError, match="calibrates on distill_data"):
+    with pytest.raises(ValueError, match="needs calibration batches"):
         ArchitectureOptimizer(config).optimize(model, x_test)
     with pytest.raises(ValueError, match="quantization_mode"):
         ArchitectureConfig(quantization_mode="histogram")

@@ -1,65 +1,112 @@
-"""pimoe.compress: compression techniques, each usable alone on any ``nn.Module``.
+"""pimoe.compress: model compression the torchao way.
 
-Low-rank factorization (:mod:`~pimoe.compress.lowrank`), pruning (:mod:`~pimoe.compress.prune`),
-quantization (:mod:`~pimoe.compress.quantize`) and expert dropping/merging for PiMoE layers
-(:mod:`~pimoe.compress.moe`); distillation (:mod:`~pimoe.compress.distill`) to repair them; and
-:class:`ArchitectureOptimizer`, which chains them and measures each step in a
-:class:`CompressionReport`. See ``docs/compress.md``.
+One in-place verb, :func:`compress_` ``(model, config_or_configs, filter_fn=None)``, and one small
+config per technique (:mod:`~pimoe.compress.configs`: int8 dynamic / weight-only / static, int4
+weight-only, casts, embeddings, low rank, magnitude / neuron / head / conv-channel pruning, expert
+drop / merge, distillation), each registered to its handler (:mod:`~pimoe.compress.handlers`,
+:func:`register_compress_handler`). :class:`ArchitectureOptimizer` applies a list of configs to a
+copy and measures each step; :class:`ArchitectureConfig` maps the original flat knobs onto
+configs. :func:`save_compressed` / :func:`load_compressed` write and read self-contained folders.
+See ``docs/compress.md``.
 """
 
-from pimoe.compress.distill import DistillResult, distill, soft_loss
-from pimoe.compress.embedding import Int4Embedding, quantize_embeddings
-from pimoe.compress.lowrank import (
-    FactorizationReport,
-    LayerFactorization,
-    LowRankLinear,
-    factorize,
-    rank_for_energy,
-    rank_for_ratio,
+from pimoe.compress import handlers as _handlers  # registers every config's handler
+from pimoe.compress.api import (
+    CompressConfig,
+    FilterFn,
+    Measure,
+    StepContext,
+    compress_,
+    register_compress_handler,
 )
-from pimoe.compress.moe import (
-    drop_experts,
-    experts_to_keep,
-    merge_experts,
-    merge_similar_experts,
-    similar_expert_groups,
+from pimoe.compress.configs import (
+    CastConfig,
+    ConvChannelPruneConfig,
+    DistillConfig,
+    EmbeddingQuantConfig,
+    ExpertDropConfig,
+    ExpertMergeConfig,
+    HeadPruneConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicConfig,
+    Int8ExpertsConfig,
+    Int8WeightOnlyConfig,
+    LowRankConfig,
+    MagnitudePruneConfig,
+    NeuronPruneConfig,
+    StaticInt8Config,
 )
+from pimoe.compress.distill import DistillResult, distill
+from pimoe.compress.embedding import Int4Embedding
+from pimoe.compress.heads import PrunedMultiheadAttention
+from pimoe.compress.lowrank import LowRankLinear
+from pimoe.compress.moe import drop_experts, merge_similar_experts
 from pimoe.compress.optimizer import ArchitectureConfig, ArchitectureOptimizer, OptimizeResult
-from pimoe.compress.prune import (
-    SparsityReport,
-    magnitude_prune,
-    neuron_scores,
-    prune_ffn_neurons,
-    sparsity,
-)
+from pimoe.compress.prune import sparsity
 from pimoe.compress.quantize import (
     FullRangeDynamicLinear,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
     cast,
-    load_weight_only_int4,
-    load_weight_only_int8,
-    pack_int4,
     quantize_dynamic_int8,
-    quantize_embedding_int8,
     quantize_weight_only_int4,
     quantize_weight_only_int8,
     saved_bytes,
-    unpack_int4,
 )
-from pimoe.compress.quantize_experts import Int8StackedExperts, quantize_experts_int8
-from pimoe.compress.report import CompressionReport, StepResult, measure
+from pimoe.compress.quantize_experts import Int8StackedExperts
+from pimoe.compress.report import CompressionReport, StepResult
 from pimoe.compress.saved import load_compressed, save_compressed
 
 __all__ = [
-    "ArchitectureConfig", "ArchitectureOptimizer", "CompressionReport", "DistillResult", "OptimizeResult", "StepResult",
-    "FullRangeDynamicLinear", "Int4Embedding", "Int8StackedExperts", "quantize_experts_int8", "load_compressed", "quantize_embeddings", "save_compressed",
-    "distill", "measure", "soft_loss",
-    "FactorizationReport", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "LayerFactorization",
-    "LowRankLinear", "SparsityReport", "cast", "drop_experts", "experts_to_keep", "factorize",
-    "load_weight_only_int4", "load_weight_only_int8", "magnitude_prune", "merge_experts",
-    "merge_similar_experts", "neuron_scores", "pack_int4", "prune_ffn_neurons",
-    "quantize_dynamic_int8", "quantize_embedding_int8", "quantize_weight_only_int4",
-    "quantize_weight_only_int8", "rank_for_energy", "rank_for_ratio", "saved_bytes",
-    "similar_expert_groups", "sparsity", "unpack_int4",
+    # lists of configs, the original knobs, files
+    "ArchitectureConfig",
+    "ArchitectureOptimizer",
+    # one config per technique
+    "CastConfig",
+    # the verb, its registry and report
+    "CompressConfig",
+    "CompressionReport",
+    "ConvChannelPruneConfig",
+    "DistillConfig",
+    "DistillResult",
+    "EmbeddingQuantConfig",
+    "ExpertDropConfig",
+    "ExpertMergeConfig",
+    "FilterFn",
+    # the modules the handlers build; distillation and sparsity as standalone tools
+    "FullRangeDynamicLinear",
+    "HeadPruneConfig",
+    "Int4Embedding",
+    "Int4WeightOnlyConfig",
+    "Int4WeightOnlyLinear",
+    "Int8DynamicConfig",
+    "Int8ExpertsConfig",
+    "Int8StackedExperts",
+    "Int8WeightOnlyConfig",
+    "Int8WeightOnlyLinear",
+    "LowRankConfig",
+    "LowRankLinear",
+    "MagnitudePruneConfig",
+    "Measure",
+    "NeuronPruneConfig",
+    "OptimizeResult",
+    "PrunedMultiheadAttention",
+    "StaticInt8Config",
+    "StepContext",
+    "StepResult",
+    # building blocks kept for existing callers (benchmarks, pimoe.search); prefer compress_
+    "cast",
+    "compress_",
+    "distill",
+    "drop_experts",
+    "load_compressed",
+    "merge_similar_experts",
+    "quantize_dynamic_int8",
+    "quantize_weight_only_int4",
+    "quantize_weight_only_int8",
+    "register_compress_handler",
+    "save_compressed",
+    "saved_bytes",
+    "sparsity",
 ]
+del _handlers

@@ -66,7 +66,7 @@ class AdvancedArchitectureOptimizer(ArchitectureOptimizer):
         if isinstance(input_shape, Tensor) or (
             isinstance(input_shape, tuple) and input_shape and all(isinstance(t, Tensor) for t in input_shape)
         ):
-            example: Batch = input_shape  # type: ignore[assignment]
+            example: Batch = input_shape
         elif all(isinstance(d, int) and d > 0 for d in input_shape) and len(input_shape) > 0:
             example = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed))
         else:

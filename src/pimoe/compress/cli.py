@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -49,19 +49,19 @@ def build_config(config_file: Path | None, flags: dict[str, Any]) -> Any:
 
 def compress(
     model_path: Annotated[Path, typer.Argument(exists=True, help="A Hugging Face encoder folder or a PiMoELM .safetensors file.")],
-    out: Annotated[Path, typer.Argument(file_okay=False, help="Folder for model.pt, recipe.json, report.md/.json/.png.")],
-    config: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False, help="JSON/TOML file of ArchitectureConfig fields.")] = None,
-    bits: Annotated[Optional[int], typer.Option(help="Quantize: 8 (int8), 4 (int4 weight-only), 16 (bfloat16).")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="int8 mode: dynamic or weight_only.")] = None,
-    full_range: Annotated[Optional[bool], typer.Option("--full-range/--reduced-range", help="Dynamic int8 activations with 8 bits (default 7, torch.ao's).")] = None,
-    embedding_bits: Annotated[Optional[int], typer.Option(help="Also quantize word embeddings to 8 or 4 bits.")] = None,
-    sparsity: Annotated[Optional[float], typer.Option(help="Global magnitude pruning of Linear weights, fraction in [0, 1).")] = None,
-    low_rank: Annotated[Optional[float], typer.Option(help="Low-rank factorization keeping this fraction of each Linear's parameters, in (0, 1].")] = None,
-    prune_heads: Annotated[Optional[float], typer.Option(help="Remove this fraction of the attention heads (structured), in (0, 1).")] = None,
-    prune_neurons: Annotated[Optional[float], typer.Option(help="Remove this fraction of dense FFN neurons (structured), in (0, 1).")] = None,
-    drop_experts: Annotated[Optional[float], typer.Option(help="Drop this fraction of each PiMoE layer's experts, in (0, 1).")] = None,
-    merge_experts: Annotated[Optional[int], typer.Option(help="Merge each PiMoE layer's experts down to this many.")] = None,
-    skip: Annotated[Optional[list[str]], typer.Option(help="fnmatch pattern of module names to leave alone (repeatable).")] = None,
+    out: Annotated[Path, typer.Argument(file_okay=False, help="Folder for model.safetensors, recipe.json, report.md/.json/.png.")],
+    config: Annotated[Path | None, typer.Option("--config", exists=True, dir_okay=False, help="JSON/TOML file of ArchitectureConfig fields.")] = None,
+    bits: Annotated[int | None, typer.Option(help="Quantize: 8 (int8: dynamic, 8-bit activations, int4 word embeddings unless told otherwise), 4 (int4 weight-only), 16 (bfloat16).")] = None,
+    mode: Annotated[str | None, typer.Option(help="int8 mode: dynamic or weight_only.")] = None,
+    full_range: Annotated[bool | None, typer.Option("--full-range/--reduced-range", help="Dynamic int8 activations with 8 bits (default) or torch.ao's 7.")] = None,
+    embedding_bits: Annotated[int | None, typer.Option(help="Word embeddings to 8 or 4 bits, 0 to keep them in float (default with --bits 8: 4).")] = None,
+    sparsity: Annotated[float | None, typer.Option(help="Global magnitude pruning of Linear weights, fraction in [0, 1).")] = None,
+    low_rank: Annotated[float | None, typer.Option(help="Low-rank factorization keeping this fraction of each Linear's parameters, in (0, 1].")] = None,
+    prune_heads: Annotated[float | None, typer.Option(help="Remove this fraction of the attention heads (structured), in (0, 1).")] = None,
+    prune_neurons: Annotated[float | None, typer.Option(help="Remove this fraction of dense FFN neurons (structured), in (0, 1).")] = None,
+    drop_experts: Annotated[float | None, typer.Option(help="Drop this fraction of each PiMoE layer's experts, in (0, 1).")] = None,
+    merge_experts: Annotated[int | None, typer.Option(help="Merge each PiMoE layer's experts down to this many.")] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="fnmatch pattern of module names to leave alone (repeatable).")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Latency repeats per measurement (median).")] = 5,
 ) -> None:
     """Compress a model, save it (loads back with pimoe.compress.load_compressed) and write a report."""
@@ -80,7 +80,7 @@ def compress(
         cfg = build_config(config, flags)
         source = load_source(model_path)
         result = ArchitectureOptimizer(cfg).optimize(source.model, source.example_inputs)
-        save_compressed(out, result.model, source, cfg)
+        save_compressed(out, result.model, source)
     except ValueError as error:  # bad settings or model file: one line, no traceback
         typer.echo(f"pimoe compress: {' '.join(str(error).split())}", err=True)
         raise typer.Exit(2) from error
@@ -90,4 +90,5 @@ def compress(
     report.plot(out / "report.png")
     console = Console()
     console.print(report.table())
-    console.print(f"wrote {out}/model.pt ({(out / 'model.pt').stat().st_size:,} bytes), recipe.json, report.md, report.json, report.png")
+    console.print(f"wrote {out}/model.safetensors ({(out / 'model.safetensors').stat().st_size:,} bytes), recipe.json, "
+                  "report.md, report.json, report.png")

@@ -27,9 +27,11 @@ LossKind = Literal["kl", "mse", "cosine"]
 def default_output_fn(output: Any) -> Tensor:
     """Return ``output.logits`` when present, the first element of a tuple, or ``output`` itself."""
     if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
+        output = output.logits
+    elif isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, Tensor):
+        raise TypeError(f"expected a tensor output (or .logits / a tuple), got {type(output).__name__}")
     return output
 
 
@@ -235,6 +237,7 @@ def distill(
     def check() -> bool:
         """Evaluate; return True when early stopping should end training."""
         nonlocal best_state, bad_evals
+        assert val_data is not None  # only called with validation data
         value = run.evaluate(val_data)
         result.val_losses.append(value)
         if result.best_val_loss is None or value < result.best_val_loss - min_delta:
@@ -253,7 +256,7 @@ def distill(
             for batch in data:
                 opt.zero_grad(set_to_none=True)
                 value = run.loss(batch)
-                value.backward()
+                value.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 with torch.no_grad():
                     for name, mask in masks.items():

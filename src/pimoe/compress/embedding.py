@@ -27,6 +27,9 @@ class Int4Embedding(nn.Module):
     the source embedding are not kept (lookups only, no training).
     """
 
+    weight_packed: Tensor
+    scales: Tensor
+
     def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 16) -> None:
         super().__init__()
         if group_size < 2 or group_size % 2 or embedding_dim % group_size:
@@ -51,14 +54,20 @@ class Int4Embedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         codes = unpack_int4(F.embedding(ids, self.weight_packed)).float() - 8  # [..., D]
         scales = F.embedding(ids, self.scales).float()  # [..., G]
-        return (codes.unflatten(-1, (-1, self.group_size)) * scales[..., None]).flatten(-2)
+        groups = codes.reshape(*codes.shape[:-1], -1, self.group_size)  # [..., G, g]
+        return (groups * scales[..., None]).flatten(-2)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"
 
 
 def quantize_embeddings(
-    model: nn.Module, bits: int, patterns: Iterable[str] = ("*word_embeddings",), *, group_size: int = 16
+    model: nn.Module,
+    bits: int,
+    patterns: Iterable[str] = ("*word_embeddings",),
+    *,
+    group_size: int = 16,
+    skip: Iterable[str] = (),
 ) -> tuple[list[str], list[str]]:
     """Quantize, in place, the ``nn.Embedding`` modules whose qualified name matches ``patterns``.
 
@@ -66,6 +75,7 @@ def quantize_embeddings(
         bits: 8 (torch.ao quantized embedding, per-row scale and zero point) or 4
             (:class:`Int4Embedding` with ``group_size``).
         patterns: ``fnmatch`` patterns of module names (default: BERT's word embeddings).
+        skip: ``fnmatch`` patterns of module names to leave alone.
 
     Returns:
         ``(replaced names, skipped)``; a matching embedding whose weight is tied to another module
@@ -73,11 +83,11 @@ def quantize_embeddings(
     """
     if bits not in (4, 8):
         raise ValueError(f"embedding bits must be 4 or 8, got {bits}")
-    patterns = tuple(patterns)
+    patterns, skip = tuple(patterns), tuple(skip)
     tied = tied_parameter_ids(model)
     replaced, skipped = [], []
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Embedding or not matches(name, patterns):
+        if type(module) is not nn.Embedding or not matches(name, patterns) or matches(name, skip):
             continue
         if id(module.weight) in tied:
             skipped.append(f"{name} (nn.Embedding): weight tied to another module")

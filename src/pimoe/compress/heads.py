@@ -18,6 +18,7 @@ weights are not scored (they only decide where a head looks, not how much it can
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +97,7 @@ class PrunedMultiheadAttention(nn.Module):
         (b, t, _), s = query.shape, key.shape[1]
 
         def heads(x: Tensor) -> Tensor:  # [B, L, H*d] -> [B, H, L, d]
-            return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+            return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(query)), heads(self.k_proj(key)), heads(self.v_proj(value))
         scores = q @ k.transpose(-2, -1) / self.head_dim**0.5  # [B, H, T, S]
@@ -125,7 +126,8 @@ def _is_hf_attention(module: nn.Module) -> bool:
             and hasattr(inner, "attention_head_size") and type(getattr(output, "dense", None)) is nn.Linear)
 
 
-def _prune_hf(module: nn.Module, amount: float) -> list[int]:
+def _prune_hf(module: Any, amount: float) -> list[int]:
+    """Slice a Hugging Face BERT-style attention (``module.self`` / ``module.output``) in place."""
     inner, dense = module.self, module.output.dense
     size = inner.attention_head_size
     keep = heads_to_keep(head_scores(inner.value.weight, dense.weight, inner.value.out_features // size), amount)
@@ -135,7 +137,7 @@ def _prune_hf(module: nn.Module, amount: float) -> list[int]:
     module.output.dense = _sliced_linear(dense, None, rows)
     inner.num_attention_heads = len(keep)
     inner.all_head_size = len(keep) * size
-    return keep.tolist()
+    return [int(h) for h in keep.tolist()]
 
 
 def prune_attention_heads(model: nn.Module, amount: float, *, skip: Iterable[str] = ()) -> dict[str, list[int]]:

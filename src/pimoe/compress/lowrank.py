@@ -69,11 +69,13 @@ class LowRankLinear(nn.Module):
 
     def effective_weight(self) -> Tensor:
         """The effective ``[out, in]`` weight ``second.weight @ first.weight``."""
-        return self.second.weight @ self.first.weight
+        weight: Tensor = self.second.weight @ self.first.weight
+        return weight
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., in] -> [..., out]``."""
-        return self.second(self.first(x))
+        out: Tensor = self.second(self.first(x))
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -191,7 +193,8 @@ def factorize(
         bias = 0 if linear.bias is None else n_out
         before = n_in * n_out + bias
 
-        def skipped(reason: str, rank: int | None = None, error: float | None = None) -> None:
+        def skipped(reason: str, rank: int | None = None, error: float | None = None,
+                    name: str = name, n_in: int = n_in, n_out: int = n_out, before: int = before) -> None:
             report.layers.append(
                 LayerFactorization(name, n_in, n_out, rank, before, before, error, False, reason)
             )

@@ -214,7 +214,8 @@ def merge_experts(
 
         def average(t: Tensor, mix: Tensor = mix, index: Tensor = index) -> Tensor:
             picked = t.detach().index_select(0, index).double()
-            return torch.tensordot(mix, picked, dims=1).to(t.dtype)
+            mixed: Tensor = torch.tensordot(mix, picked, dims=1)
+            return mixed.to(t.dtype)
 
         rows.append(average(gate.weight))
         group_bias = (

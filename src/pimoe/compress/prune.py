@@ -38,6 +38,12 @@ def _targets(
     ]
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)  # _targets selects modules with a tensor weight
+    return weight.detach()
+
+
 def magnitude_prune(
     model: nn.Module,
     amount: float,
@@ -74,9 +80,9 @@ def magnitude_prune(
         )
     else:
         for _, module in targets:
-            prune.l1_unstructured(module, "weight", amount=amount)
+            prune.l1_unstructured(module, "weight", amount=amount)  # type: ignore[no-untyped-call]
     for _, module in targets:
-        prune.remove(module, "weight")
+        prune.remove(module, "weight")  # type: ignore[no-untyped-call]
     return model
 
 
@@ -104,7 +110,7 @@ def sparsity(model: nn.Module, types: tuple[type[nn.Module], ...] = DEFAULT_TYPE
     per_layer: dict[str, float] = {}
     zeros = total = 0
     for name, module in _targets(model, types, ()):
-        weight = module.weight.detach()
+        weight = _weight(module)
         layer_zeros, layer_total = int((weight == 0).sum()), weight.numel()
         per_layer[name] = layer_zeros / layer_total if layer_total else 0.0
         zeros += layer_zeros

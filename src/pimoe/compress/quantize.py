@@ -40,7 +40,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @contextmanager
-def _quiet_torch_ao() -> Iterator[None]:
+def quiet_torch_ao() -> Iterator[None]:
     """Silence torch.ao's deprecation warnings (the API still works in torch 2.13)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -79,7 +79,11 @@ def quantize_dynamic_int8(
     Returns:
         the quantized model (CPU inference only; not trainable).
     """
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import (
+        default_dynamic_qconfig,
+        per_channel_dynamic_qconfig,
+        quantize_dynamic,
+    )
 
     skip = tuple(skip)
     tied = tied_parameter_ids(model)
@@ -97,8 +101,8 @@ def quantize_dynamic_int8(
             for name, module in model.named_modules()
             if type(module) is nn.LSTM and not matches(name, skip)
         })
-    with _quiet_torch_ao():
-        quantized = quantize_dynamic(model, spec, dtype=torch.qint8, inplace=inplace)
+    with quiet_torch_ao():
+        quantized: nn.Module = quantize_dynamic(model, spec, dtype=torch.qint8, inplace=inplace)  # type: ignore[no-untyped-call]
     if full_range:
         for module in quantized.modules():
             if type(module) is nnqd.Linear:
@@ -108,12 +112,17 @@ def quantize_dynamic_int8(
 
 def _full_range_qconfig(per_channel: bool) -> object:
     """8-bit dynamic activations and symmetric 7-bit weights (``[-64, 63]``)."""
-    from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver, PlaceholderObserver, QConfig
+    from torch.ao.quantization import (
+        MinMaxObserver,
+        PerChannelMinMaxObserver,
+        PlaceholderObserver,
+        QConfig,
+    )
 
     observer, scheme = (
         (PerChannelMinMaxObserver, torch.per_channel_symmetric) if per_channel else (MinMaxObserver, torch.per_tensor_symmetric)
     )
-    return QConfig(
+    return QConfig(  # type: ignore[no-untyped-call]
         activation=PlaceholderObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True),
         weight=observer.with_args(dtype=torch.qint8, qscheme=scheme, quant_min=-64, quant_max=63),
     )
@@ -131,7 +140,8 @@ class FullRangeDynamicLinear(nnqd.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         packed = self._packed_params._packed_params
-        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)
+        out: Tensor = torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False)
+        return out.to(x.dtype)
 
 
 def _frozen_bias(size: int, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
@@ -147,6 +157,9 @@ class Int8WeightOnlyLinear(nn.Module):
 
     Buffers/parameters: ``weight_int8 [out, in]`` int8, ``scale [out]`` float, ``bias [out]``.
     """
+
+    weight_int8: Tensor
+    scale: Tensor
 
     def __init__(
         self,
@@ -174,7 +187,7 @@ class Int8WeightOnlyLinear(nn.Module):
         with torch.no_grad():
             module.weight_int8.copy_((wide / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
             module.scale.copy_(scale.to(weight.dtype))
-            if linear.bias is not None:
+            if linear.bias is not None and module.bias is not None:
                 module.bias.copy_(linear.bias.detach())
         return module
 
@@ -242,6 +255,9 @@ class Int4WeightOnlyLinear(nn.Module):
     float, ``bias [out]``. Requires ``in_features`` divisible by ``group_size`` (even).
     """
 
+    weight_packed: Tensor
+    scales: Tensor
+
     def __init__(
         self,
         in_features: int,
@@ -279,7 +295,7 @@ class Int4WeightOnlyLinear(nn.Module):
         with torch.no_grad():
             module.weight_packed.copy_(pack_int4(codes.reshape(linear.out_features, -1)))
             module.scales.copy_(scales.to(weight.dtype))
-            if linear.bias is not None:
+            if linear.bias is not None and module.bias is not None:
                 module.bias.copy_(linear.bias.detach())
         return module
 
@@ -308,7 +324,7 @@ def pack_int4(codes: Tensor) -> Tensor:
         raise ValueError(f"the last dimension must be even, got {codes.shape[-1]}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
         raise ValueError("int4 codes must lie in [0, 15]")
-    pairs = codes.to(torch.uint8).unflatten(-1, (-1, 2))
+    pairs = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
@@ -385,9 +401,9 @@ def quantize_embedding_int8(model: nn.Module, names: Sequence[str]) -> nn.Module
         if type(module) is not nn.Embedding:
             raise ValueError(f"{name!r} is a {type(module).__name__}, not an nn.Embedding")
         float_module = copy.copy(module)
-        float_module.qconfig = float_qparams_weight_only_qconfig
-        with _quiet_torch_ao():
-            set_module(model, name, nnq.Embedding.from_float(float_module))
+        float_module.qconfig = float_qparams_weight_only_qconfig  # type: ignore[assignment]
+        with quiet_torch_ao():
+            set_module(model, name, nnq.Embedding.from_float(float_module))  # type: ignore[no-untyped-call]
     return model
 
 

@@ -72,11 +72,11 @@ def safetensors_bytes(model: nn.Module) -> int | None:
     not store; tied (shared) tensors are saved once.
     """
     tensors: dict[str, Tensor] = {}
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, int]] = set()  # (storage pointer, offset) of the tensors already stored
     for name, value in model.state_dict().items():
         if not isinstance(value, Tensor) or value.is_quantized:
             return None
-        key = (value.untyped_storage().data_ptr(), value.storage_offset())
+        key = (value.untyped_storage().data_ptr(), int(value.storage_offset()))
         if key in seen:
             continue
         seen.add(key)
@@ -131,15 +131,16 @@ def median_latency_ms(model: nn.Module, inputs: Batch, repeats: int = 10, warmup
 
 @dataclass
 class StepResult:
-    """The model's measurements after one step (``name="before"`` for the original)."""
+    """The model's measurements after one step (``name="before"`` for the original);
+    ``latency_ms`` and ``fidelity`` are ``None`` when no example inputs were given."""
 
     name: str
     params: int
     nonzero_params: int
     bytes_torch_save: int
     bytes_safetensors: int | None
-    latency_ms: float
-    fidelity: float
+    latency_ms: float | None
+    fidelity: float | None
     note: str = ""
     left_in_float: list[str] = field(default_factory=list)
 
@@ -147,26 +148,35 @@ class StepResult:
 def measure(
     name: str,
     model: nn.Module,
-    example_inputs: Batch,
-    reference: Tensor,
-    fidelity: FidelityFn,
+    example_inputs: Batch | None = None,
+    reference: Tensor | None = None,
+    fidelity: FidelityFn | None = None,
     *,
     output_fn: Callable[[Any], Tensor] = default_output_fn,
     repeats: int = 10,
     note: str = "",
 ) -> StepResult:
-    """Measure ``model`` on ``example_inputs`` against the ``reference`` output."""
+    """Measure ``model``: sizes always; latency and fidelity (against the ``reference`` output)
+    on ``example_inputs`` when they, ``reference`` and ``fidelity`` are given."""
     params, nonzero = param_counts(model)
+    latency = score = None
+    if example_inputs is not None and reference is not None and fidelity is not None:
+        latency = median_latency_ms(model, example_inputs, repeats=repeats)
+        score = fidelity(reference, run_model(model, example_inputs, output_fn))
     return StepResult(
         name=name,
         params=params,
         nonzero_params=nonzero,
         bytes_torch_save=saved_bytes(model),
         bytes_safetensors=safetensors_bytes(model),
-        latency_ms=median_latency_ms(model, example_inputs, repeats=repeats),
-        fidelity=fidelity(reference, run_model(model, example_inputs, output_fn)),
+        latency_ms=latency,
+        fidelity=score,
         note=note,
     )
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 @dataclass
@@ -201,7 +211,7 @@ class CompressionReport:
             table.add_row(
                 s.name, f"{s.params:,}", f"{s.nonzero_params:,}",
                 f"{s.bytes_torch_save:,} ({s.bytes_torch_save / base:.2f}x)", st,
-                f"{s.latency_ms:.3f}", f"{s.fidelity:.4f}", s.note,
+                _fmt(s.latency_ms, ".3f"), _fmt(s.fidelity, ".4f"), s.note,
             )
         return table
 
@@ -215,7 +225,7 @@ class CompressionReport:
         for s in self.steps:
             lines.append(
                 f"| {s.name} | {s.params:,} | {s.nonzero_params:,} | {s.bytes_torch_save:,} | "
-                f"{s.bytes_torch_save / base:.3f} | {s.latency_ms:.2f} | {s.fidelity:.4f} | {s.note} |"
+                f"{s.bytes_torch_save / base:.3f} | {_fmt(s.latency_ms, '.2f')} | {_fmt(s.fidelity, '.4f')} | {s.note} |"
             )
         for s in self.steps:
             if s.left_in_float:
@@ -230,8 +240,8 @@ class CompressionReport:
         names = [s.name for s in self.steps]
         panels: Sequence[tuple[str, list[float]]] = (
             ("torch.save bytes", [float(s.bytes_torch_save) for s in self.steps]),
-            (f"fidelity ({self.fidelity_metric})", [s.fidelity for s in self.steps]),
-            ("median latency (ms)", [s.latency_ms for s in self.steps]),
+            (f"fidelity ({self.fidelity_metric})", [s.fidelity or 0.0 for s in self.steps]),
+            ("median latency (ms)", [s.latency_ms or 0.0 for s in self.steps]),
         )
         fig = Figure(figsize=(12, 3.5))
         axes = fig.subplots(1, 3)

@@ -1,105 +1,77 @@
-"""Compressed models on disk: load a source model, save the compressed one, load it back.
+"""Compressed models on disk: self-contained folders that load without the source model.
 
-A compressed model is a folder:
-- ``model.pt``: ``torch.save`` of the compressed model's state dict (int8 / int4 tensors,
-  torch.ao packed parameters; loaded with ``weights_only=True``);
-- ``recipe.json``: the source model's path and kind, the :class:`ArchitectureConfig` fields and
-  ``sha256``, the :func:`state_digest` of the state dict. Loading recomputes it (``verify=False``
-  skips that) and refuses a mismatch (a flipped byte, a NaN written into a weight, a ``model.pt``
-  from another save); saving and verified loading refuse NaN or infinite floating-point values.
+A folder written by :func:`save_compressed` holds:
+- ``model.safetensors``: every tensor of the compressed state (quantized tensors as their integer
+  values plus scales and zero points, see :mod:`pimoe.compress.state`), with the description of
+  the non-tensor entries in its metadata;
+- ``recipe.json``: the base architecture (a Hugging Face config, a PiMoELM config, or the class
+  name of a plain module), the applied configs with their recorded decisions (SVD ranks, the
+  modules a filter excluded), and the byte size and SHA-256 of every other file;
+- ``tokenizer/``: the tokenizer files of a Hugging Face text encoder.
 
-Loading rebuilds the module structure by loading the source model again and re-running the
-recipe's steps with distillation off (every structural decision of the steps is a function of the
-source weights: SVD ranks, magnitudes, weight-norm head and expert scores), then loads the state
-dict strictly, which restores the trained (distilled) values.
-
-Sources: a Hugging Face encoder folder (``config.json``; wrapped as a mean-pooling
-:class:`~pimoe.data.minilm.SentenceEncoder`, compared on held-out sentences) or a PiMoELM
-``.safetensors`` file (:meth:`pimoe.moe.model.PiMoELM.save`; compared on held-out pydoc bytes).
+Loading builds the base architecture from its config (no source weights), replays the configs'
+structural changes on it, and loads the tensors strictly. Before that, every file is checked
+against ``recipe.json``: a missing, truncated or changed file (a flipped byte, a tampered
+safetensors header) is a ``ValueError`` naming the file and the problem. The hash detects
+accidents and mismatched files; it is not a signature (whoever can rewrite ``recipe.json`` can
+make it agree).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
+import hashlib
 import json
-import logging
-import tomllib
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
-from pimoe.compress.optimizer import ArchitectureConfig, ArchitectureOptimizer
-from pimoe.io import atomic_write_bytes, atomic_write_text, tensor_digest
+from pimoe.compress.api import RECIPE_ATTR, compress_, compress_config_from_dict
+from pimoe.compress.arch_files import (
+    config_fields,
+    config_from_dict,
+    config_to_dict,
+    read_config_file,
+)
+from pimoe.compress.state import encode_state, load_encoded
+from pimoe.io import atomic_output, atomic_write_bytes, atomic_write_text, read_safetensors_header
 
-logger = logging.getLogger(__name__)
-FORMAT = "pimoe-compressed/1"
-_NOT_SAVED = ("distill_data", "output_fn")
-SourceKind = Literal["hf", "pimoe"]
+FORMAT = "pimoe-compressed/2"
+WEIGHTS = "model.safetensors"
+_STATE_KEY = "pimoe.state"
+_MAX_SKELETON_PER_FILE_BYTE = (
+    64  # a float base model may hold at most this many bytes per stored byte
+)
+SourceKind = Literal["hf", "pimoe", "module"]
 
 
 @dataclass
 class Source:
-    """A loaded source model with the inputs its fidelity is measured on."""
+    """A loaded source model with the inputs its fidelity is measured on (and its tokenizer)."""
 
     model: nn.Module
     kind: SourceKind
     path: Path
     example_inputs: tuple[Tensor, ...]
-
-
-def config_fields() -> list[str]:
-    """The :class:`ArchitectureConfig` fields a config file (or ``recipe.json``) may set."""
-    return [f.name for f in dataclasses.fields(ArchitectureConfig) if f.name not in _NOT_SAVED]
-
-
-def config_to_dict(config: ArchitectureConfig) -> dict[str, Any]:
-    """The JSON-serializable fields of ``config`` (``ValueError`` for a callable ``fidelity``)."""
-    if callable(config.fidelity):
-        raise ValueError("a config with a callable fidelity cannot be saved; use 'cosine', 'mse' or 'accuracy'")
-    out = {}
-    for name in config_fields():
-        value = getattr(config, name)
-        out[name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def config_from_dict(values: dict[str, Any], **overrides: Any) -> ArchitectureConfig:
-    """Build (and validate) a config from a mapping of field names; unknown names raise ``ValueError``."""
-    unknown = sorted(set(values) - set(config_fields()))
-    if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; known: {config_fields()}")
-    return ArchitectureConfig(**{**values, **overrides})
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The field mapping of a ``.json`` or ``.toml`` config file (not yet validated)."""
-    path = Path(path)
-    try:
-        if path.suffix == ".toml":
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        elif path.suffix == ".json":
-            values = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            raise ValueError(f"{path}: config files must end in .json or .toml")
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a valid config file ({error})") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: the config must be a table/object of ArchitectureConfig fields")
-    return values
+    tokenizer: Any = None
 
 
 def load_source(path: str | Path, examples: int = 32) -> Source:
-    """Load a source model and ``examples`` held-out inputs for its measurements."""
+    """Load a source model (a Hugging Face encoder folder or a PiMoELM ``.safetensors`` file) and
+    ``examples`` held-out inputs for its measurements."""
     path = Path(path)
     if path.is_dir():
         from pimoe.data.minilm import load_minilm, load_sentences
 
         minilm = load_minilm(path)
-        return Source(minilm.encoder, "hf", path.resolve(), minilm.tokenize(load_sentences("heldout")[:examples]))
+        inputs = minilm.tokenize(load_sentences("heldout")[:examples])
+        return Source(minilm.encoder, "hf", path.resolve(), inputs, minilm.tokenizer)
     if path.is_file() and path.suffix == ".safetensors":
         from pimoe.data import byte_splits, get_batch, load_pydoc_text
         from pimoe.moe.model import PiMoELM
@@ -113,115 +85,222 @@ def load_source(path: str | Path, examples: int = 32) -> Source:
     raise ValueError(f"{path}: expected a Hugging Face model folder or a PiMoELM .safetensors file")
 
 
-def _flat_tensors(state: Any, prefix: str) -> dict[str, Tensor]:
-    """A state dict's leaves as ``{name: tensor}``: tuples (torch.ao packed parameters) get
-    ``.0``, ``.1``, ... names; a non-tensor leaf (a ``torch.dtype``, ``None``, a number) becomes
-    an empty tensor whose name carries its ``repr``, so it is hashed too."""
-    if isinstance(state, Tensor):
-        return {prefix: state}
-    if isinstance(state, dict):
-        items: Any = ((f"{prefix}.{k}" if prefix else str(k), v) for k, v in state.items())
-    elif isinstance(state, (tuple, list)):
-        items = ((f"{prefix}.{i}", v) for i, v in enumerate(state))
-    else:
-        return {f"{prefix}={state!r}": torch.empty(0, dtype=torch.uint8)}
-    return {name: t for key, value in items for name, t in _flat_tensors(value, key).items()}
+def _base_of(model: nn.Module) -> tuple[SourceKind, dict[str, Any]]:
+    """What rebuilds ``model``'s uncompressed architecture without its weights."""
+    from pimoe.data.minilm import SentenceEncoder
+    from pimoe.moe.model import PiMoELM
+
+    if isinstance(model, PiMoELM):
+        return "pimoe", {"config": model.config.to_dict()}
+    config = getattr(model.model, "config", None) if isinstance(model, SentenceEncoder) else None
+    if isinstance(model, SentenceEncoder) and config is not None:
+        return "hf", {
+            "config": config.to_dict(),
+            "pooling": model.pooling,
+            "normalize": model.normalize,
+        }
+    return "module", {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
-def state_digest(state: dict[str, Any]) -> str:
-    """:func:`pimoe.io.tensor_digest` of a (compressed) state dict, packed parameters included."""
-    return tensor_digest(_flat_tensors(state, ""))
+def _digest(path: Path) -> dict[str, Any]:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
-def _check_finite(state: dict[str, Any], where: str) -> None:
-    for name, t in _flat_tensors(state, "").items():
-        values = t.dequantize() if t.is_quantized else t
-        if (values.is_floating_point() or values.is_complex()) and not bool(torch.isfinite(values).all()):
+def _check_finite(tensors: dict[str, Tensor], where: str) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{where}: {name} holds NaN or infinite values")
 
 
-def save_compressed(folder: str | Path, model: nn.Module, source: Source, config: ArchitectureConfig) -> Path:
-    """Write ``model.pt`` and ``recipe.json`` (with the state's ``sha256``) into ``folder``
-    (created; files written atomically). ``ValueError`` if a weight is NaN or infinite."""
+def save_compressed(folder: str | Path, model: nn.Module, source: Source | None = None) -> Path:
+    """Write ``model`` (compressed with :func:`~pimoe.compress.compress_`, or not) to ``folder``.
+
+    Args:
+        source: the source it came from (its tokenizer is saved for a Hugging Face encoder).
+
+    Raises:
+        ValueError: a NaN or infinite weight, or a state entry that cannot be stored.
+    """
     folder = Path(folder)
-    state = model.state_dict()
-    _check_finite(state, f"{folder}: the compressed model")
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(folder / "model.pt", buffer.getvalue())
-    recipe = {"format": FORMAT, "source": str(source.path), "kind": source.kind, "config": config_to_dict(config),
-              "sha256": state_digest(state)}
-    atomic_write_text(folder / "recipe.json", json.dumps(recipe, indent=2))
+    tensors, description = encode_state(model)
+    _check_finite(tensors, f"{folder}: the compressed model")
+    kind, base = _base_of(model)
+    with atomic_output(folder / WEIGHTS) as tmp:
+        tmp.write_bytes(safetensors_save(tensors, metadata={_STATE_KEY: json.dumps(description)}))
+    files = {WEIGHTS: _digest(folder / WEIGHTS)}
+    if kind == "hf" and source is not None and source.tokenizer is not None:
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            source.tokenizer.save_pretrained(tmp_dir)
+            for item in sorted(Path(tmp_dir).iterdir()):
+                atomic_write_bytes(folder / "tokenizer" / item.name, item.read_bytes())
+                files[f"tokenizer/{item.name}"] = _digest(folder / "tokenizer" / item.name)
+    recipe = {
+        "format": FORMAT,
+        "kind": kind,
+        "base": base,
+        "recipe": getattr(model, RECIPE_ATTR, []),
+        "source": str(source.path) if source is not None else None,
+        "files": files,
+    }
+    atomic_write_text(
+        folder / "recipe.json", json.dumps(recipe, indent=2)
+    )  # last: it vouches for the rest
     return folder
 
 
 def read_recipe(folder: str | Path) -> dict[str, Any]:
-    """``recipe.json`` of a compressed-model folder: ``source`` (path), ``kind`` ("hf" or "pimoe"),
-    ``config``; ``ValueError`` if it is missing or not a pimoe recipe."""
+    """``recipe.json`` of a compressed-model folder; ``ValueError`` if missing or invalid. For a
+    Hugging Face encoder, ``"tokenizer"`` (and ``"source"``) is the folder of its tokenizer files."""
     folder = Path(folder)
     try:
         recipe = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{folder}: no readable recipe.json ({error})") from error
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
-        raise ValueError(f"{folder}/recipe.json: not a {FORMAT} recipe")
-    problems = [k for k, kind in (("source", str), ("config", dict)) if not isinstance(recipe.get(k), kind)]
-    if recipe.get("kind") not in ("hf", "pimoe"):
+        raise ValueError(
+            f"{folder}/recipe.json: not a {FORMAT} recipe (folders of older pimoe versions: compress again)"
+        )
+    problems = [
+        k
+        for k, kind in (("base", dict), ("recipe", list), ("files", dict))
+        if not isinstance(recipe.get(k), kind)
+    ]
+    if recipe.get("kind") not in ("hf", "pimoe", "module"):
         problems.append("kind")
-    if not isinstance(recipe.get("sha256", ""), str):
-        problems.append("sha256")
+    if not isinstance(recipe.get("files", {}).get(WEIGHTS), dict):
+        problems.append(f"files[{WEIGHTS!r}]")
     if problems:
         raise ValueError(f"{folder}/recipe.json: invalid or missing {problems}")
+    if recipe["kind"] == "hf":
+        recipe["tokenizer"] = recipe["source"] = str(folder / "tokenizer")
     return recipe
 
 
-def load_compressed(folder: str | Path, verify: bool = True) -> nn.Module:
-    """Rebuild the compressed model saved in ``folder`` (eval mode).
+def _check_files(folder: Path, files: dict[str, Any], verify: bool) -> None:
+    for name, expected in files.items():
+        path = folder / name
+        if not isinstance(expected, dict) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{folder}/recipe.json: invalid entry for {name!r}")
+        if not path.is_file():
+            raise ValueError(f"{path}: missing (recipe.json lists it)")
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            raise ValueError(
+                f"{path}: {size} bytes, recipe.json records {expected.get('bytes')} (truncated or changed)"
+            )
+        if name == WEIGHTS:
+            read_safetensors_header(path)  # names the header's problem, if any
+        if verify and _digest(path)["sha256"] != expected.get("sha256"):
+            raise ValueError(
+                f"{path}: SHA-256 differs from recipe.json's (the file was changed or corrupted)"
+            )
 
-    ``verify`` (default) checks the state against the recipe's ``sha256`` and for NaN/infinite
-    values; ``verify=False`` skips both (faster for large models).
+
+def _build_base(
+    kind: str, base: dict[str, Any], weights_bytes: int, model: nn.Module | None
+) -> nn.Module:
+    """The uncompressed architecture, randomly initialised, after a size check on ``meta``."""
+    if kind == "module":
+        if model is None:
+            raise ValueError(
+                f"this folder holds a compressed {base.get('class')}: pass model=<a freshly built "
+                "instance of that architecture> to load it"
+            )
+        return model
+    if model is not None:
+        raise ValueError(f"this folder describes its own architecture ({kind}); do not pass model=")
+
+    def build() -> nn.Module:
+        if kind == "pimoe":
+            from pimoe.moe.model import LMConfig, PiMoELM
+
+            return PiMoELM(LMConfig.from_dict(base["config"]))
+        from transformers import AutoConfig, AutoModel
+
+        from pimoe.data.minilm import SentenceEncoder
+
+        values = dict(base["config"])
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        encoder = AutoModel.from_config(config)  # type: ignore[no-untyped-call]
+        return SentenceEncoder(
+            encoder, base.get("pooling", "mean"), bool(base.get("normalize", True))
+        )
+
+    with torch.device("meta"):
+        skeleton = build()
+    need = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    if need > _MAX_SKELETON_PER_FILE_BYTE * weights_bytes + (64 << 20):
+        raise ValueError(
+            f"recipe.json declares a base model of {need:,} bytes for {weights_bytes:,} bytes of weights"
+        )
+    return build()
+
+
+def load_compressed(
+    folder: str | Path, verify: bool = True, *, model: nn.Module | None = None
+) -> nn.Module:
+    """Rebuild the compressed model saved in ``folder`` (eval mode), without the source model.
+
+    Args:
+        verify: check each file's SHA-256 and the weights for NaN/infinite values (default).
+        model: for a folder saved from a plain ``nn.Module`` (``kind: module``), a freshly built
+            instance of its architecture (its weights are replaced); not allowed otherwise.
 
     Raises:
-        ValueError (naming the file): a missing or invalid ``recipe.json``, a source model that is
-            gone or unreadable, a ``model.pt`` that is not a readable state dict, fails the
-            check, or does not fit the rebuilt structure (a tampered file or a changed source).
+        ValueError (naming the file): a missing or invalid ``recipe.json``; a missing, truncated
+            or changed file; weights that do not fit the rebuilt structure.
     """
     folder = Path(folder)
     recipe = read_recipe(folder)
+    _check_files(folder, recipe["files"], verify)
+    path = folder / WEIGHTS
     try:
-        config = config_from_dict(recipe["config"], enable_knowledge_distillation=False)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{folder}/recipe.json: invalid config ({error})") from error
-    try:
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    except Exception as error:  # any failure to parse it means the file is unusable
-        first_line = (str(error).strip().splitlines() or [""])[0]  # torch's messages run over many lines
-        raise ValueError(f"{folder}/model.pt: not a readable state dict ({type(error).__name__}: {first_line})") from error
-    if not isinstance(state, dict):
-        raise ValueError(f"{folder}/model.pt: holds a {type(state).__name__}, not a state dict")
+        tensors = safetensors_load(path.read_bytes())
+        description = json.loads(read_safetensors_header(path)[0][_STATE_KEY])
+    except (KeyError, json.JSONDecodeError, OSError, RuntimeError) as error:
+        raise ValueError(
+            f"{path}: not a compressed pimoe state ({type(error).__name__}: {error})"
+        ) from error
     if verify:
-        _verify(folder, recipe, state)
+        _check_finite(tensors, str(path))
     try:
-        source = load_source(recipe["source"], examples=1)
-    except FileNotFoundError as error:
-        raise ValueError(f"{folder}/recipe.json: the source model {recipe['source']} is gone") from error
-    model = ArchitectureOptimizer(config).compress(source.model)
+        configs = [compress_config_from_dict(entry["config"]) for entry in recipe["recipe"]]
+        decisions = [dict(entry.get("decisions") or {}) for entry in recipe["recipe"]]
+        base = _build_base(recipe["kind"], recipe["base"], os.path.getsize(path), model)
+        compress_(base, configs, replay=decisions)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{folder}/recipe.json: invalid recipe ({type(error).__name__}: {error})"
+        ) from error
+    except ValueError as error:
+        raise ValueError(f"{folder}/recipe.json: {error}") from error
     try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
-        raise ValueError(f"{folder}/model.pt does not match the recipe's model ({error})") from error
-    return model.eval()
+        load_encoded(base, tensors, description)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+    setattr(base, RECIPE_ATTR, recipe["recipe"])
+    return base.eval()
 
 
-def _verify(folder: Path, recipe: dict[str, Any], state: dict[str, Any]) -> None:
-    expected = recipe.get("sha256")
-    try:
-        actual = state_digest(state)
-    except TypeError as error:
-        raise ValueError(f"{folder}/model.pt: not a state dict of tensors ({error})") from error
-    if expected is None:
-        logger.warning("%s/recipe.json has no sha256 (saved by an older pimoe): model.pt is not verified", folder)
-    elif actual != expected:
-        raise ValueError(f"{folder}/model.pt: content hash {actual[:12]}... does not match recipe.json's "
-                         f"{expected[:12]}... (a changed or corrupted file)")
-    _check_finite(state, f"{folder}/model.pt")
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of the files a compressed folder's ``recipe.json`` lists (the weights, a tokenizer)."""
+    return sum(int(entry["bytes"]) for entry in read_recipe(folder)["files"].values())
+
+
+__all__ = [
+    "FORMAT",
+    "Source",
+    "config_fields",
+    "config_from_dict",
+    "config_to_dict",
+    "folder_bytes",
+    "load_compressed",
+    "load_source",
+    "read_config_file",
+    "read_recipe",
+    "save_compressed",
+]

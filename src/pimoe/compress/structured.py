@@ -44,6 +44,7 @@ def prune_neurons(model: nn.Module, amount: float, skip: Iterable[str] = ()) -> 
     changed = []
     for name, owner, up_path, down_path, gated in _ffn_pairs(model, tuple(skip)):
         up, down = owner.get_submodule(up_path), owner.get_submodule(down_path)
+        assert isinstance(up, nn.Linear) and isinstance(down, nn.Linear)  # _ffn_pairs checked their types
         new_up, new_down = prune_ffn_neurons(up, down, amount, gated=gated)
         set_module(owner, up_path, new_up)
         set_module(owner, down_path, new_down)

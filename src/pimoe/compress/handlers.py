@@ -1,0 +1,227 @@
+"""The handler of each config of :mod:`pimoe.compress.configs`, registered with
+:func:`~pimoe.compress.api.register_compress_handler`.
+
+Every handler works in place on the whole model, honours ``ctx.filter_fn`` (through the passes'
+``skip`` names) and returns the report's note. The passes themselves (``factorize``,
+``quantize_dynamic_int8``, ...) live in their own modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.ao.nn.quantized.dynamic as nnqd
+from torch import nn
+
+from pimoe.compress._modules import matches, plain_linears, set_module, tied_parameter_ids
+from pimoe.compress.api import StepContext, register_compress_handler
+from pimoe.compress.configs import (
+    CastConfig,
+    ConvChannelPruneConfig,
+    DistillConfig,
+    EmbeddingQuantConfig,
+    ExpertDropConfig,
+    ExpertMergeConfig,
+    HeadPruneConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicConfig,
+    Int8ExpertsConfig,
+    Int8WeightOnlyConfig,
+    LowRankConfig,
+    MagnitudePruneConfig,
+    NeuronPruneConfig,
+    StaticInt8Config,
+)
+from pimoe.compress.conv import prune_sequential_convs
+from pimoe.compress.distill import call_model, distill
+from pimoe.compress.embedding import quantize_embeddings
+from pimoe.compress.lowrank import LowRankLinear, factorize
+from pimoe.compress.prune import magnitude_prune
+from pimoe.compress.quantize import (
+    quantize_dynamic_int8,
+    quantize_weight_only_int4,
+    quantize_weight_only_int8,
+    quiet_torch_ao,
+)
+from pimoe.compress.quantize_experts import quantize_experts_int8
+from pimoe.compress.structured import (
+    drop_experts_everywhere,
+    merge_experts_everywhere,
+    prune_attention_heads_noted,
+    prune_neurons,
+)
+
+
+def _joined(changed: list[str], skipped: list[str]) -> str:
+    return ("; ".join(changed) or "nothing to change") + "".join(
+        f"; skipped {reason}" for reason in skipped
+    )
+
+
+@register_compress_handler(Int8DynamicConfig)
+def _int8_dynamic(model: nn.Module, config: Int8DynamicConfig, ctx: StepContext) -> str:
+    quantize_dynamic_int8(
+        model,
+        config.per_channel,
+        lstm=config.lstm,
+        skip=ctx.skip_names(model),
+        inplace=True,
+        full_range=config.full_range,
+    )
+    replaced = sum(1 for m in model.modules() if isinstance(m, (nnqd.Linear, nnqd.LSTM)))
+    activations = (
+        "8-bit activations, 7-bit weights" if config.full_range else "7-bit activations (torch.ao)"
+    )
+    return f"int8 dynamic, {replaced} Linear/LSTM module(s), {activations}"
+
+
+@register_compress_handler(Int8WeightOnlyConfig)
+def _int8_weight_only(model: nn.Module, config: Int8WeightOnlyConfig, ctx: StepContext) -> str:
+    return f"int8 weight-only, {len(quantize_weight_only_int8(model, skip=ctx.skip_names(model)))} Linear(s)"
+
+
+@register_compress_handler(Int4WeightOnlyConfig)
+def _int4_weight_only(model: nn.Module, config: Int4WeightOnlyConfig, ctx: StepContext) -> str:
+    replaced = quantize_weight_only_int4(
+        model, group_size=config.group_size, skip=ctx.skip_names(model)
+    )
+    return f"int4 weight-only (group {config.group_size}), {len(replaced)} Linear(s)"
+
+
+@register_compress_handler(Int8ExpertsConfig)
+def _int8_experts(model: nn.Module, config: Int8ExpertsConfig, ctx: StepContext) -> str:
+    replaced = quantize_experts_int8(model, skip=ctx.skip_names(model))
+    return f"int8 weight-only experts: {', '.join(replaced) or 'no PiMoE StackedExperts'}"
+
+
+@register_compress_handler(StaticInt8Config)
+def _int8_static(model: nn.Module, config: StaticInt8Config, ctx: StepContext) -> str:
+    from torch.ao.quantization import QuantWrapper, convert, get_default_qconfig, prepare
+
+    if config.calibration is None and not ctx.replay:
+        raise ValueError("StaticInt8Config needs calibration batches")
+    skip, tied = ctx.skip_names(model), tied_parameter_ids(model)
+    convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    targets = [
+        (n, m)
+        for n, m in [*plain_linears(model), *convs]
+        if n and not matches(n, skip) and id(m.weight) not in tied
+    ]
+    qconfig = get_default_qconfig("x86")  # type: ignore[no-untyped-call]
+    for name, module in targets:
+        wrapper = QuantWrapper(module)
+        wrapper.qconfig = qconfig
+        set_module(model, name, wrapper)
+    model.eval()
+    with quiet_torch_ao():
+        prepare(model, inplace=True)  # type: ignore[no-untyped-call]
+        if not ctx.replay and config.calibration is not None:
+            with torch.no_grad():
+                for batch in config.calibration:
+                    call_model(model, batch)
+        convert(model, inplace=True)  # type: ignore[no-untyped-call]
+    return f"int8 static (x86), {len(targets)} Linear/Conv2d layer(s)"
+
+
+@register_compress_handler(CastConfig)
+def _cast(model: nn.Module, config: CastConfig, ctx: StepContext) -> str:
+    model.to(getattr(torch, config.dtype))
+    return f"{config.dtype} cast"
+
+
+@register_compress_handler(EmbeddingQuantConfig)
+def _embeddings(model: nn.Module, config: EmbeddingQuantConfig, ctx: StepContext) -> str:
+    replaced, skipped = quantize_embeddings(
+        model,
+        config.bits,
+        config.patterns,
+        group_size=config.group_size,
+        skip=ctx.skip_names(model),
+    )
+    return f"int{config.bits} embeddings: {', '.join(replaced) or 'none matched'}" + "".join(
+        f"; skipped {reason}" for reason in skipped
+    )
+
+
+@register_compress_handler(LowRankConfig)
+def _low_rank(model: nn.Module, config: LowRankConfig, ctx: StepContext) -> str:
+    if ctx.replay:  # the ranks came from the source's singular values: rebuild them as recorded
+        for name, rank in ctx.decisions["ranks"].items():
+            linear = model.get_submodule(name)
+            if type(linear) is not nn.Linear:
+                raise ValueError(
+                    f"{name} is a {type(linear).__name__}, not the nn.Linear the recipe factorized"
+                )
+            set_module(
+                model,
+                name,
+                LowRankLinear(
+                    linear.in_features,
+                    linear.out_features,
+                    rank,
+                    bias=linear.bias is not None,
+                    dtype=linear.weight.dtype,
+                ),
+            )
+        return "rebuilt"
+    report = factorize(
+        model,
+        energy=config.energy,
+        ratio=config.ratio,
+        min_features=config.min_features,
+        skip=ctx.skip_names(model),
+    )
+    ctx.decisions["ranks"] = {layer.name: layer.rank for layer in report.replaced}
+    return f"{len(report.replaced)} of {len(report.layers)} Linear(s) factorized"
+
+
+@register_compress_handler(MagnitudePruneConfig)
+def _magnitude_prune(model: nn.Module, config: MagnitudePruneConfig, ctx: StepContext) -> str:
+    magnitude_prune(model, config.amount, scope=config.scope, skip=ctx.skip_names(model))
+    return f"{config.scope} magnitude pruning {config.amount:.0%}"
+
+
+@register_compress_handler(NeuronPruneConfig)
+def _neuron_prune(model: nn.Module, config: NeuronPruneConfig, ctx: StepContext) -> str:
+    return _joined(*prune_neurons(model, config.amount, ctx.skip_names(model)))
+
+
+@register_compress_handler(HeadPruneConfig)
+def _head_prune(model: nn.Module, config: HeadPruneConfig, ctx: StepContext) -> str:
+    return _joined(*prune_attention_heads_noted(model, config.amount, ctx.skip_names(model)))
+
+
+@register_compress_handler(ConvChannelPruneConfig)
+def _conv_channel_prune(model: nn.Module, config: ConvChannelPruneConfig, ctx: StepContext) -> str:
+    return _joined(prune_sequential_convs(model, config.amount, ctx.skip_names(model)), [])
+
+
+@register_compress_handler(ExpertDropConfig)
+def _expert_drop(model: nn.Module, config: ExpertDropConfig, ctx: StepContext) -> str:
+    return _joined(*drop_experts_everywhere(model, config.amount, ctx.skip_names(model)))
+
+
+@register_compress_handler(ExpertMergeConfig)
+def _expert_merge(model: nn.Module, config: ExpertMergeConfig, ctx: StepContext) -> str:
+    return _joined(*merge_experts_everywhere(model, config.num_experts, ctx.skip_names(model)))
+
+
+@register_compress_handler(DistillConfig)
+def _distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> str:
+    teacher = config.teacher if config.teacher is not None else ctx.teacher
+    if config.data is None or teacher is None:
+        return "skipped: no distillation data given"
+    with torch.enable_grad():
+        result = distill(
+            teacher,
+            model,
+            config.data,
+            epochs=config.epochs,
+            steps=config.steps,
+            lr=config.lr,
+            temperature=config.temperature,
+            loss=config.loss,
+            output_fn=config.output_fn,
+            preserve_sparsity=ctx.pruned,
+        )
+    last = f", last loss {result.losses[-1]:.4g}" if result.losses else ""
+    return f"{result.steps} distillation steps{last}"
