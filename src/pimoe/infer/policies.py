@@ -96,7 +96,7 @@ class Cache(ABC):
         if key in self._data:
             self.bytes += size - self._sizes[key]
             self._data[key], self._sizes[key] = value, size
-            self._touch(key, new=False)
+            self._update(key)
         else:
             while self._data and (
                 len(self._data) >= self.max_size
@@ -133,6 +133,10 @@ class Cache(ABC):
     def _touch(self, key: Hashable, new: bool) -> None:  # noqa: B027  # a hook: no-op by default
         """Record an insert (``new``) or a use of ``key``."""
 
+    def _update(self, key: Hashable) -> None:
+        """Record a put of a resident ``key`` (by default, a use)."""
+        self._touch(key, new=False)
+
     def _forget(self, key: Hashable) -> None:  # noqa: B027  # a hook: no-op by default
         """Drop ``key`` from the policy's bookkeeping."""
 
@@ -145,7 +149,8 @@ class Cache(ABC):
 
 
 class FIFOCache(Cache):
-    """Evicts the oldest insert; uses and updates do not change the order."""
+    """Evicts the oldest insert; a use does not change the order, a put of a resident key moves it
+    to the back (as cachetools' ``FIFOCache``)."""
 
     def __init__(self, max_size: int, max_bytes: int | None = None, **kwargs: Any) -> None:
         super().__init__(max_size, max_bytes, **kwargs)
@@ -154,6 +159,11 @@ class FIFOCache(Cache):
     def _touch(self, key: Hashable, new: bool) -> None:
         if new:
             self._order[key] = None
+
+    def _update(
+        self, key: Hashable
+    ) -> None:  # a replaced value counts as a new insert, as in cachetools
+        self._order.move_to_end(key)
 
     def _forget(self, key: Hashable) -> None:
         del self._order[key]
