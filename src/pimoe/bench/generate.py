@@ -8,7 +8,9 @@ streaming clients (aiohttp, SSE) send ``concurrency * waves`` requests for each 
 per level: aggregate completion tokens per second (``usage`` counts over the wall time), time to
 first token p50/p99 and inter-token latency p99 (gaps between text chunks of a stream). Peers, in
 the same run, with the same number of torch threads: HF ``generate`` one request at a time
-(``hf_sequential``) and HF static batching (all of the largest level's prompts in one left-padded
+(``hf_sequential``), run before the first level and after each one, so that each level's ratio
+(``x_hf_sequential``) is against the mean of the two runs around it and a change of the machine's
+load during the run hits both sides; HF static batching (all of the largest level's prompts in one left-padded
 ``generate`` call, ``hf_static``); their tokens count up to and including each row's
 end-of-sequence token. ``engine_in_process`` runs the same engine on the largest level's prompts
 without HTTP (all submitted at once), separating the serving path's cost from the engine's.
@@ -54,11 +56,15 @@ class GenerateBenchConfig:
     min_requests: int = 4
     prompt_tokens: int = 64
     max_tokens: int = 64
-    hf_sequential_requests: int = 6
+    hf_sequential_requests: int = (
+        3  # per HF sequential run (one before the first level and one after each)
+    )
     threads: int = 1
     max_batch_size: int = 32
     seed: int = 0
-    soak: dict[str, Any] = field(default_factory=lambda: {"num_requests": 10_000, "concurrency": 64})
+    soak: dict[str, Any] = field(
+        default_factory=lambda: {"num_requests": 10_000, "concurrency": 64}
+    )
 
 
 def real_prompts(tokenizer: Any, count: int, tokens: int, seed: int) -> list[list[int]]:
@@ -67,16 +73,23 @@ def real_prompts(tokenizer: Any, count: int, tokens: int, seed: int) -> list[lis
     rng = np.random.default_rng(seed)
     prompts = []
     for start in rng.integers(0, len(text) - 20 * tokens, size=count).tolist():
-        ids = tokenizer(text[start: start + 20 * tokens], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text[start : start + 20 * tokens], add_special_tokens=False)["input_ids"]
         prompts.append(list(ids[:tokens]))
     return prompts
 
 
-def start_server(spec: str | Path, threads: int, max_batch_size: int, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    spec: str | Path, threads: int, max_batch_size: int, log: IO[bytes]
+) -> tuple[subprocess.Popen[bytes], str]:
     """``pimoe.infer.server.serve(spec)`` in a child process (model name ``lm``); returns it and its
     base URL once ``/healthz`` answers (loading a model can take a minute on a busy machine)."""
-    return child_server.start_server(_SERVER_CODE, [str(spec), "{port}", str(max_batch_size), str(threads)], threads,
-                                     log, timeout_s=300)
+    return child_server.start_server(
+        _SERVER_CODE,
+        [str(spec), "{port}", str(max_batch_size), str(threads)],
+        threads,
+        log,
+        timeout_s=300,
+    )
 
 
 @dataclass
@@ -93,8 +106,9 @@ class StreamResult:
 async def stream_completion(session: aiohttp.ClientSession, body: dict[str, Any]) -> StreamResult:
     """POST a streamed ``/v1/completions`` and time its chunks."""
     start = time.perf_counter()
-    async with session.post("/v1/completions", json={**body, "stream": True,
-                                                     "stream_options": {"include_usage": True}}) as response:
+    async with session.post(
+        "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+    ) as response:
         if response.status != 200:
             await response.read()
             return StreamResult(response.status)
@@ -116,11 +130,17 @@ async def stream_completion(session: aiohttp.ClientSession, body: dict[str, Any]
         return result
 
 
-async def _level(url: str, bodies: list[dict[str, Any]], concurrency: int) -> tuple[float, list[StreamResult]]:
+async def _level(
+    url: str, bodies: list[dict[str, Any]], concurrency: int
+) -> tuple[float, list[StreamResult]]:
     results: list[StreamResult] = []
     pending = list(reversed(bodies))
-    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=1800),
-                                     connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+    async with aiohttp.ClientSession(
+        base_url=url,
+        timeout=aiohttp.ClientTimeout(total=1800),
+        connector=aiohttp.TCPConnector(limit=concurrency),
+    ) as session:
+
         async def worker() -> None:
             while pending:
                 results.append(await stream_completion(session, pending.pop()))
@@ -134,21 +154,33 @@ def _summary(seconds: float, results: list[StreamResult]) -> dict[str, float]:
     ok = [r for r in results if r.status == 200]
     ttft = [r.ttft for r in ok if r.ttft is not None]
     gaps = [g for r in ok for g in r.gaps]
-    return {"requests": len(results), "errors": len(results) - len(ok), "seconds": seconds,
-            "tokens": sum(r.tokens for r in ok), "tokens_per_s": sum(r.tokens for r in ok) / seconds,
-            "ttft_p50_ms": percentile(ttft, 50) * 1000, "ttft_p99_ms": percentile(ttft, 99) * 1000,
-            "itl_p99_ms": percentile(gaps, 99) * 1000 if gaps else float("nan")}
+    return {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "seconds": seconds,
+        "tokens": sum(r.tokens for r in ok),
+        "tokens_per_s": sum(r.tokens for r in ok) / seconds,
+        "ttft_p50_ms": percentile(ttft, 50) * 1000,
+        "ttft_p99_ms": percentile(ttft, 99) * 1000,
+        "itl_p99_ms": percentile(gaps, 99) * 1000 if gaps else float("nan"),
+    }
 
 
 def _generated(out: torch.Tensor, prompt_len: int, eos: int) -> int:
     """Tokens each row of ``generate``'s output ``[B, P + N]`` produced, up to and including its first eos."""
     new = out[:, prompt_len:]
     is_eos = new == eos
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], new.shape[1], dtype=torch.long))
+    first = torch.where(
+        is_eos.any(1),
+        is_eos.int().argmax(1) + 1,
+        torch.full_like(is_eos[:, 0], new.shape[1], dtype=torch.long),
+    )
     return int(first.sum())
 
 
-def _engine_in_process(model: Any, tokenizer: Any, cfg: GenerateBenchConfig, prompts: list[list[int]]) -> dict[str, float]:
+def _engine_in_process(
+    model: Any, tokenizer: Any, cfg: GenerateBenchConfig, prompts: list[list[int]]
+) -> dict[str, float]:
     """The same engine without HTTP: all ``prompts`` submitted at once from this process."""
     import queue
 
@@ -166,104 +198,190 @@ def _engine_in_process(model: Any, tokenizer: Any, cfg: GenerateBenchConfig, pro
         seconds = time.perf_counter() - start
     finally:
         engine.close()
-    return {"requests": len(prompts), "tokens": tokens, "seconds": seconds, "mean_batch": engine.stats.rows / max(engine.stats.steps, 1)}
+    return {
+        "requests": len(prompts),
+        "tokens": tokens,
+        "seconds": seconds,
+        "mean_batch": engine.stats.rows / max(engine.stats.steps, 1),
+    }
 
 
-def hf_peers(cfg: GenerateBenchConfig, prompts: list[list[int]], console: Console) -> dict[str, dict[str, float]]:
-    """HF ``generate``: one request at a time, and all prompts in one left-padded static batch; and
-    the engine in this process (no HTTP) on the same prompts."""
-    from pimoe.models import load_pretrained
-
-    torch.set_num_threads(cfg.threads)
-    model, tokenizer = load_pretrained(cfg.model, progress=False)
-    generate: Any = model.generate
-    eos = int(tokenizer.eos_token_id)
-    kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+def hf_sequential(
+    model: Any, tokenizer: Any, cfg: GenerateBenchConfig, prompts: list[list[int]]
+) -> dict[str, float]:
+    """HF ``generate``, one request at a time, on ``prompts``."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": cfg.max_tokens,
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    tokens, start = 0, time.perf_counter()
     with torch.inference_mode():
-        generate(torch.tensor([prompts[0]]), **{**kwargs, "max_new_tokens": 2})  # warm-up
-        tokens, start = 0, time.perf_counter()
-        for p in tqdm(prompts[: cfg.hf_sequential_requests], desc="HF generate, one at a time"):
-            tokens += _generated(generate(torch.tensor([p]), **kwargs), len(p), eos)
-        sequential = {"requests": cfg.hf_sequential_requests, "tokens": tokens,
-                      "seconds": time.perf_counter() - start}
-        console.print(f"[dim]HF static batch of {len(prompts)}[/dim]")
-        batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")  # left padding
+        for p in tqdm(prompts, desc="HF generate, one at a time", leave=False):
+            tokens += _generated(
+                model.generate(torch.tensor([p]), **kwargs), len(p), int(tokenizer.eos_token_id)
+            )
+    seconds = time.perf_counter() - start
+    return {
+        "requests": len(prompts),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+    }
+
+
+def hf_static_and_engine(
+    model: Any, tokenizer: Any, cfg: GenerateBenchConfig, prompts: list[list[int]], console: Console
+) -> dict[str, dict[str, float]]:
+    """HF static batching (all ``prompts`` in one left-padded ``generate``) and the engine in this
+    process (no HTTP) on the same prompts."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": cfg.max_tokens,
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    console.print(f"[dim]HF static batch of {len(prompts)}[/dim]")
+    batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")  # left padding
+    with torch.inference_mode():
         start = time.perf_counter()
-        out = generate(**batch, **kwargs)
-        static = {"requests": len(prompts), "tokens": _generated(out, batch["input_ids"].shape[1], eos),
-                  "seconds": time.perf_counter() - start}
+        out = model.generate(**batch, **kwargs)
+        static = {
+            "requests": len(prompts),
+            "tokens": _generated(out, batch["input_ids"].shape[1], int(tokenizer.eos_token_id)),
+            "seconds": time.perf_counter() - start,
+        }
     console.print(f"[dim]pimoe engine in this process, {len(prompts)} requests at once[/dim]")
     engine = _engine_in_process(model, tokenizer, cfg, prompts)
-    for r in (sequential, static, engine):
+    for r in (static, engine):
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
-    return {"hf_sequential": sequential, "hf_static": static, "engine_in_process": engine}
+    return {"hf_static": static, "engine_in_process": engine}
 
 
-def run(cfg: GenerateBenchConfig, console: Console | None = None, work_dir: Path | None = None) -> dict[str, Any]:
-    """The throughput levels, the HF peers and the soak; a JSON-serializable dict."""
-    from transformers import AutoTokenizer
-
+def run(
+    cfg: GenerateBenchConfig, console: Console | None = None, work_dir: Path | None = None
+) -> dict[str, Any]:
+    """The throughput levels bracketed by HF sequential runs, the other peers and the soak; a
+    JSON-serializable dict."""
     from pimoe.bench.generate_soak import run_soak
-    from pimoe.models.pretrained import cache_path, load_pretrained
+    from pimoe.models import load_pretrained
 
     console = console or Console()
     load_before = os.getloadavg()
-    load_pretrained(cfg.model, progress=True)  # converts once if needed; the server loads the cached folder
-    tokenizer = AutoTokenizer.from_pretrained(cache_path(cfg.model))
+    torch.set_num_threads(cfg.threads)
+    model: Any
+    model, tokenizer = load_pretrained(
+        cfg.model, progress=True
+    )  # the peers run here; the server loads the cached folder
     largest = max(cfg.levels)
-    prompts = real_prompts(tokenizer, max(largest * cfg.waves, cfg.min_requests), cfg.prompt_tokens, cfg.seed)
+    prompts = real_prompts(
+        tokenizer, max(largest * cfg.waves, cfg.min_requests), cfg.prompt_tokens, cfg.seed
+    )
+    sequential_prompts = prompts[: cfg.hf_sequential_requests]
+    with torch.inference_mode():
+        model.generate(
+            torch.tensor([prompts[0]]),
+            max_new_tokens=2,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # warm-up
     levels: dict[str, dict[str, float]] = {}
     work = work_dir or Path.cwd()
     with open(work / "generate-server.log", "wb") as log:
         proc, url = start_server(cfg.model, cfg.threads, cfg.max_batch_size, log)
     try:
-        bodies = [{"model": "lm", "prompt": p, "max_tokens": cfg.max_tokens, "temperature": 0} for p in prompts]
+        bodies = [
+            {"model": "lm", "prompt": p, "max_tokens": cfg.max_tokens, "temperature": 0}
+            for p in prompts
+        ]
         asyncio.run(_level(url, bodies[:1], 1))  # warm-up
-        for level in cfg.levels:
+        brackets = [hf_sequential(model, tokenizer, cfg, sequential_prompts)]
+        for (
+            level
+        ) in cfg.levels:  # each level between two HF sequential runs: load drift hits both sides
             count = max(level * cfg.waves, cfg.min_requests)
             console.print(f"[dim]{count} streamed requests, {level} concurrent[/dim]")
             levels[str(level)] = _summary(*asyncio.run(_level(url, bodies[:count], level)))
+            brackets.append(hf_sequential(model, tokenizer, cfg, sequential_prompts))
+            peer = (brackets[-2]["tokens_per_s"] + brackets[-1]["tokens_per_s"]) / 2
+            levels[str(level)]["hf_sequential_tokens_per_s"] = peer
+            levels[str(level)]["x_hf_sequential"] = levels[str(level)]["tokens_per_s"] / peer
     finally:
         stop(proc)
-    peers = hf_peers(cfg, prompts[:largest], console)
+    sequential: dict[str, Any] = {
+        "requests_per_run": len(sequential_prompts),
+        "runs": brackets,
+        "tokens_per_s": sum(b["tokens_per_s"] for b in brackets) / len(brackets),
+    }
+    peers = {
+        "hf_sequential": sequential,
+        **hf_static_and_engine(model, tokenizer, cfg, prompts[:largest], console),
+    }
     soak = run_soak(cfg.model, **cfg.soak, threads=cfg.threads, work_dir=work, console=console)
-    sequential = peers["hf_sequential"]["tokens_per_s"]
-    result: dict[str, Any] = {**run_header("generate", cfg), "load_average_before": load_before,
-                              "load_average_after": os.getloadavg(), "levels": levels, **peers, "soak": soak}
+    result: dict[str, Any] = {
+        **run_header("generate", cfg),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "levels": levels,
+        **peers,
+        "soak": soak,
+    }
     for name, r in levels.items():
         for key in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms"):
             result[f"{key.replace('tokens_per_s', 'tokens_per_s_pimoe')}_{name}"] = r[key]
-    result["tokens_per_s_hf_sequential"] = sequential
+    result["tokens_per_s_hf_sequential"] = sequential["tokens_per_s"]
     result[f"tokens_per_s_hf_static_{largest}"] = peers["hf_static"]["tokens_per_s"]
     result[f"tokens_per_s_engine_in_process_{largest}"] = peers["engine_in_process"]["tokens_per_s"]
-    result[f"speedup_{largest}_vs_hf_sequential"] = levels[str(largest)]["tokens_per_s"] / sequential
+    result[f"speedup_{largest}_vs_hf_sequential"] = levels[str(largest)]["x_hf_sequential"]
     result["target_4x_met"] = result[f"speedup_{largest}_vs_hf_sequential"] >= 4.0
     _print(result, console)
     return result
 
 
 def _print(result: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"Greedy generation, {result['config']['model']}, {result['config']['max_tokens']} new tokens")
-    for col in ("contender", "tokens/s", "x HF sequential", "TTFT p50 ms", "TTFT p99 ms", "ITL p99 ms"):
+    table = Table(
+        title=f"Greedy generation, {result['config']['model']}, {result['config']['max_tokens']} new tokens"
+    )
+    for col in (
+        "contender",
+        "tokens/s",
+        "x HF sequential",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "ITL p99 ms",
+    ):
         table.add_column(col, justify="right")
     base = result["tokens_per_s_hf_sequential"]
     for level, r in result["levels"].items():
-        table.add_row(f"pimoe, {level} streams", f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}",
-                      f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p99_ms']:.0f}")
+        table.add_row(
+            f"pimoe, {level} streams",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['x_hf_sequential']:.2f}",
+            f"{r['ttft_p50_ms']:.0f}",
+            f"{r['ttft_p99_ms']:.0f}",
+            f"{r['itl_p99_ms']:.0f}",
+        )
     for name in ("hf_sequential", "hf_static", "engine_in_process"):
         r = result[name]
-        table.add_row(name, f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}", "", "", "")
+        table.add_row(
+            name, f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}", "", "", ""
+        )
     console.print(table)
     console.print(f"soak: {json.dumps(result['soak'])}")
 
 
-def main(quick: bool = False, json_path: Path | None = None, soak_requests: int | None = None) -> dict[str, Any]:
+def main(
+    quick: bool = False, json_path: Path | None = None, soak_requests: int | None = None
+) -> dict[str, Any]:
     """Entry point of ``pimoe bench generate``. ``quick``: 32 new tokens, fewer requests and a soak
     of 2,000 requests; ``soak_requests`` overrides the soak's request count."""
     cfg = GenerateBenchConfig()
     if quick:
-        cfg = GenerateBenchConfig(waves=1, max_tokens=32, hf_sequential_requests=4,
-                                  soak={"num_requests": 2000, "concurrency": 64})
+        cfg = GenerateBenchConfig(
+            waves=1,
+            max_tokens=32,
+            hf_sequential_requests=2,
+            soak={"num_requests": 2000, "concurrency": 64},
+        )
     if soak_requests is not None:
         cfg.soak = {**cfg.soak, "num_requests": soak_requests}
     result = run(cfg)
@@ -272,4 +390,12 @@ def main(quick: bool = False, json_path: Path | None = None, soak_requests: int 
     return result
 
 
-__all__ = ["GenerateBenchConfig", "StreamResult", "main", "real_prompts", "run", "start_server", "stream_completion"]
+__all__ = [
+    "GenerateBenchConfig",
+    "StreamResult",
+    "main",
+    "real_prompts",
+    "run",
+    "start_server",
+    "stream_completion",
+]
