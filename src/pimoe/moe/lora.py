@@ -347,14 +347,16 @@ def load_lora(model: nn.Module, folder: str | os.PathLike[str]) -> LoRAConfig:
         raise ValueError(f"{folder / ADAPTER_CONFIG}: not a pimoe LoRA adapter config")
     info.pop("targets", None)
     config = LoRAConfig.from_dict(info)
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
     add_lora(model, config)
     expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
     try:
         check_safetensors_shapes(folder / ADAPTER_WEIGHTS, expected)
     except (ValueError, OSError):
-        merge_and_unload(
-            model
-        )  # the fresh adapters' update is exactly zero: the model is unchanged
+        # the fresh adapters' update is exactly zero: unloading them leaves the model as it was
+        merge_and_unload(model)
+        for param, flag in trainable:
+            param.requires_grad_(flag)
         raise
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     with torch.no_grad():
