@@ -46,9 +46,8 @@ class PretrainedDemoSettings:
     max_new_tokens: int = 40
     seed: int = 0
     chain: bool = True  # the computation chain's answers next to the LM alone's
-    chain_problems: int = (
-        96  # its training problems and steps (the --quick size of `pimoe chain train`)
-    )
+    # its training problems and steps: the --quick size of `pimoe chain train`
+    chain_problems: int = 192
     chain_steps: int = 200
     chain_questions: int = 3
 

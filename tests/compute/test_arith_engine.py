@@ -57,7 +57,9 @@ def test_binary_ops_with_precedence_free_operands(a: int, b: int, op: str) -> No
 def test_never_raises_on_arbitrary_input(text: str) -> None:
     result = ENGINE.evaluate(text)
     assert result.ok or result.error in ERROR_KINDS
-    rendered = result.render()  # a value renders to text that evaluates back to it; an error to its token
+    rendered = (
+        result.render()
+    )  # a value renders to text that evaluates back to it; an error to its token
     assert ENGINE.evaluate(rendered) == result if result.ok else rendered == f"<err:{result.error}>"
 
 

@@ -17,7 +17,7 @@ chain_app = typer.Typer(
 def train(
     out: Annotated[Path, typer.Option("--out", help="Folder for chain.safetensors + chain.json.")],
     quick: Annotated[
-        bool, typer.Option(help="96 training problems instead of 320 (a few minutes on a CPU).")
+        bool, typer.Option(help="192 training problems instead of 400 (a few minutes on a CPU).")
     ] = False,
     model: Annotated[
         str, typer.Option(help="Base model: a pimoe.models name or a Hugging Face folder.")

@@ -48,12 +48,12 @@ class LLMBenchConfig:
 
     model: str = "smollm2-135m-instruct"
     train: ChainTrainSettings = field(default_factory=ChainTrainSettings)
-    eval_problems: int = 60
+    eval_problems: int = 64
     max_new_tokens: int = 48
     threads: int = 1
 
 
-QUICK = LLMBenchConfig(train=QUICK_SETTINGS, eval_problems=16)
+QUICK = LLMBenchConfig(train=QUICK_SETTINGS, eval_problems=32)
 
 
 def expression_errors(expression: str | None, problem: WordProblem) -> tuple[bool, bool]:

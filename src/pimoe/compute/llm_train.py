@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 class ChainTrainSettings:
     """Data and optimization of :func:`train_chain`."""
 
-    problems: int = 320
+    problems: int = 400
     shots: int = 4
     train_digits: int = 5
     heldout_digits: int = 8
@@ -56,7 +56,7 @@ class ChainTrainSettings:
     seed: int = 0
 
 
-QUICK_SETTINGS = ChainTrainSettings(problems=96, steps=200)
+QUICK_SETTINGS = ChainTrainSettings(problems=192, steps=200)
 
 
 @dataclass
