@@ -5,7 +5,13 @@ import torch
 from torch import nn
 
 from pimoe.adapt import (
-    EWC, AdaptConfig, AdaptiveLearning, HypergradientLR, ReplayBuffer, fisher_diagonal, task_incremental_loss,
+    EWC,
+    AdaptConfig,
+    AdaptiveLearning,
+    HypergradientLR,
+    ReplayBuffer,
+    fisher_diagonal,
+    task_incremental_loss,
 )
 
 
@@ -70,9 +76,13 @@ def test_task_incremental_loss_ignores_other_tasks_logits():
     changed = logits.clone()
     changed[0, 3:] += 100  # other task's logits of example 0
     changed[2, :3] -= 100
-    torch.testing.assert_close(task_incremental_loss(changed, y, 3), task_incremental_loss(logits, y, 3))
-    expected = nn.functional.cross_entropy(logits[:2, :3], y[:2]) * 0.5 + nn.functional.cross_entropy(
-        logits[2:, 3:], y[2:] - 3) * 0.5
+    torch.testing.assert_close(
+        task_incremental_loss(changed, y, 3), task_incremental_loss(logits, y, 3)
+    )
+    expected = (
+        nn.functional.cross_entropy(logits[:2, :3], y[:2]) * 0.5
+        + nn.functional.cross_entropy(logits[2:, 3:], y[2:] - 3) * 0.5
+    )
     torch.testing.assert_close(task_incremental_loss(logits, y, 3), expected)
 
 
@@ -105,7 +115,9 @@ def test_adaptive_learning_adapts_a_copy_and_lowers_the_loss_on_new_data():
     model = _net()
     original = copy.deepcopy(model.state_dict())
     x, y = torch.randn(32, 6), torch.randint(0, 4, (32,))
-    learner = AdaptiveLearning(AdaptConfig(steps=20, lr=0.5, loss="cross_entropy", hypergradient_beta=0.02))
+    learner = AdaptiveLearning(
+        AdaptConfig(steps=20, lr=0.5, loss="cross_entropy", hypergradient_beta=0.02)
+    )
     adapted = learner.adapt(model, (x, y))
     for k, v in model.state_dict().items():
         assert torch.equal(v, original[k])
@@ -126,5 +138,7 @@ def test_seed_names_adaptive_learning():
 
     model = _net()
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
-    adapted = SeedAdaptiveLearning(AdaptiveLearningConfig(steps=5, lr=0.5, loss="cross_entropy")).adapt(model, (x, y))
+    adapted = SeedAdaptiveLearning(
+        AdaptiveLearningConfig(steps=5, lr=0.5, loss="cross_entropy")
+    ).adapt(model, (x, y))
     assert adapted is not model and isinstance(adapted, nn.Sequential)

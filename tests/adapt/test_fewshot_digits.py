@@ -35,12 +35,16 @@ def test_transductive_batch_norm_keeps_no_running_statistics():
 
 def _meta_grad(net, tasks, **kwargs):
     net.zero_grad()
-    MAML(net, inner_lr=0.5, inner_steps=2, loss="cross_entropy", **kwargs).meta_loss(tasks).backward()
+    MAML(net, inner_lr=0.5, inner_steps=2, loss="cross_entropy", **kwargs).meta_loss(
+        tasks
+    ).backward()
     return torch.cat([p.grad.flatten() for p in net.parameters()])
 
 
 def _episodes(digits, dtype=torch.float32):
-    tasks = DigitsEpisodes([0, 1, 2], n_way=3, k_shot=1, queries=2, seed=0, data=digits).sample_batch(3)
+    tasks = DigitsEpisodes(
+        [0, 1, 2], n_way=3, k_shot=1, queries=2, seed=0, data=digits
+    ).sample_batch(3)
     return Task(tasks.support_x.to(dtype), tasks.support_y, tasks.query_x.to(dtype), tasks.query_y)
 
 
@@ -48,7 +52,9 @@ def test_maml_vmap_over_convnet_episodes_gives_the_loop_meta_gradient(digits):
     tasks = _episodes(digits)
     torch.manual_seed(0)
     net = ConvNet(width=4, norm="none", num_classes=3)
-    torch.testing.assert_close(_meta_grad(net, tasks, vectorize=True), _meta_grad(net, tasks), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        _meta_grad(net, tasks, vectorize=True), _meta_grad(net, tasks), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_second_order_maml_through_batch_norm_is_exact_in_the_loop_and_refused_under_vmap(digits):
@@ -69,7 +75,9 @@ def test_second_order_maml_through_batch_norm_is_exact_in_the_loop_and_refused_u
             with torch.no_grad():
                 weight[i] += shift
             losses.append(float(maml.meta_loss(tasks).detach()))
-        assert abs((losses[0] - losses[1]) / 2e-6 - float(analytic[i])) < 1e-6 * max(1.0, abs(float(analytic[i])))
+        assert abs((losses[0] - losses[1]) / 2e-6 - float(analytic[i])) < 1e-6 * max(
+            1.0, abs(float(analytic[i]))
+        )
 
 
 def test_pixel_reference_is_sklearns_nearest_centroid(digits):
@@ -79,7 +87,11 @@ def test_pixel_reference_is_sklearns_nearest_centroid(digits):
     episodes = DigitsEpisodes(META_TEST, 5, 2, 15, seed=3, data=digits)
     for _ in range(5):
         e = episodes.sample()
-        peer = NearestCentroid().fit(e.support_x.numpy(), e.support_y.numpy()).predict(e.query_x.numpy())
+        peer = (
+            NearestCentroid()
+            .fit(e.support_x.numpy(), e.support_y.numpy())
+            .predict(e.query_x.numpy())
+        )
         assert predict(e).tolist() == peer.tolist()
 
 

@@ -8,8 +8,9 @@ from pimoe.moe import PiMoE
 
 def _mlp(seed: int = 0, width: int = 16, dtype: torch.dtype = torch.float32) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                         nn.Linear(width, 1)).to(dtype)
+    return nn.Sequential(
+        nn.Linear(1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
+    ).to(dtype)
 
 
 def _meta_grad(model: nn.Module, tasks: Task, **kwargs) -> torch.Tensor:
@@ -41,8 +42,9 @@ def test_second_order_meta_gradient_matches_finite_differences():
                 weight.view(-1)[i] += shift
             values.append(float(maml.meta_loss(tasks).detach()))
         numeric.append((values[0] - values[1]) / 2e-6)
-    torch.testing.assert_close(analytic[: weight.numel()], torch.tensor(numeric, dtype=torch.float64),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        analytic[: weight.numel()], torch.tensor(numeric, dtype=torch.float64), rtol=1e-5, atol=1e-7
+    )
     first = _meta_grad(model, tasks, inner_lr=0.1, inner_steps=2, first_order=True)
     assert not torch.allclose(first, analytic, rtol=1e-3)  # FOMAML drops the second-order term
 
@@ -50,9 +52,19 @@ def test_second_order_meta_gradient_matches_finite_differences():
 def _post_adaptation_mse(model: nn.Module, tasks: Task, steps: int = 1, lr: float = 0.01) -> float:
     losses = []
     for i in range(tasks.support_x.shape[0]):
-        t = tasks.index(i)
-        fast = sgd_steps(model, trainable_params(model), t.support_x, t.support_y, nn.functional.mse_loss, steps, lr)
-        losses.append(float(nn.functional.mse_loss(run(model, fast, t.query_x), t.query_y).detach()))
+        t = tasks.task(i)
+        fast = sgd_steps(
+            model,
+            trainable_params(model),
+            t.support_x,
+            t.support_y,
+            nn.functional.mse_loss,
+            steps,
+            lr,
+        )
+        losses.append(
+            float(nn.functional.mse_loss(run(model, fast, t.query_x), t.query_y).detach())
+        )
     return sum(losses) / len(losses)
 
 
@@ -66,7 +78,9 @@ def test_maml_meta_training_lowers_post_adaptation_error_on_new_sinusoids():
         maml.step(source.sample(10, 10, 10))
     after = _post_adaptation_mse(model, test)
     assert after < 0.7 * before, (before, after)
-    assert after < _post_adaptation_mse(model, test, steps=0)  # the one step from the learned init helps
+    assert after < _post_adaptation_mse(
+        model, test, steps=0
+    )  # the one step from the learned init helps
 
 
 def test_reptile_meta_training_lowers_post_adaptation_error():
@@ -83,8 +97,15 @@ def test_reptile_meta_training_lowers_post_adaptation_error():
 
 def _moe_model(experts: bool) -> nn.Sequential:
     torch.manual_seed(0)
-    layer = (PiMoE(8, top_k=2, experts=[nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)) for _ in range(4)])
-             if experts else PiMoE(8, num_experts=4, top_k=2, ffn_dim=8))
+    layer = (
+        PiMoE(
+            8,
+            top_k=2,
+            experts=[nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)) for _ in range(4)],
+        )
+        if experts
+        else PiMoE(8, num_experts=4, top_k=2, ffn_dim=8)
+    )
     return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), layer, nn.Linear(8, 1))
 
 
@@ -108,6 +129,8 @@ def test_bad_arguments_raise():
         Reptile(_mlp(), epsilon=2.0)
     tasks = SinusoidTasks(seed=0).sample(3, 5, 5)
     with pytest.raises(ValueError, match="leading dimension"):
-        MAML(_mlp()).meta_loss(Task(tasks.support_x, tasks.support_y[:2], tasks.query_x, tasks.query_y))
+        MAML(_mlp()).meta_loss(
+            Task(tasks.support_x, tasks.support_y[:2], tasks.query_x, tasks.query_y)
+        )
     with pytest.raises(ValueError):
         SinusoidTasks(amplitude=(5.0, 0.1))

@@ -18,7 +18,7 @@ def test_sinusoid_tasks_follow_the_maml_paper_ranges():
     assert tasks.support_x.min() >= -5 and tasks.support_x.max() <= 5
     assert tasks.query_y.abs().max() <= 5
     # Every task's targets fit A sin(x - phase) with one (A, phase): y = a sin x + b cos x.
-    t = tasks.index(0)
+    t = tasks.task(0)
     x = torch.cat([t.support_x, t.query_x]).squeeze(1).double()
     y = torch.cat([t.support_y, t.query_y]).squeeze(1).double()
     basis = torch.stack([torch.sin(x), torch.cos(x)], 1)
@@ -32,7 +32,10 @@ def test_digits_episodes_are_n_way_k_shot_over_the_given_classes(digits):
     episodes = DigitsEpisodes([5, 6, 7, 8, 9], n_way=5, k_shot=2, queries=3, seed=0, data=digits)
     task = episodes.sample()
     assert task.support_x.shape == (10, 64) and task.query_x.shape == (15, 64)
-    assert torch.bincount(task.support_y).tolist() == [2] * 5 and torch.bincount(task.query_y).tolist() == [3] * 5
+    assert (
+        torch.bincount(task.support_y).tolist() == [2] * 5
+        and torch.bincount(task.query_y).tolist() == [3] * 5
+    )
     x, y = digits
     rows = {tuple(r.tolist()): int(c) for r, c in zip(x, y)}
     for images, labels in ((task.support_x, task.support_y), (task.query_x, task.query_y)):

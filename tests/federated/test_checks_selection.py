@@ -9,7 +9,9 @@ REF = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(3, np.float32)}
 
 
 def _honest(rng, scale=0.1):
-    return {k: (v + scale * rng.standard_normal(v.shape)).astype(np.float32) for k, v in REF.items()}
+    return {
+        k: (v + scale * rng.standard_normal(v.shape)).astype(np.float32) for k, v in REF.items()
+    }
 
 
 def test_screen_rejects_nan_shape_outlier_and_keeps_honest():
@@ -23,7 +25,12 @@ def test_screen_rejects_nan_shape_outlier_and_keeps_honest():
     assert accepted == list(range(6))
     reasons = {r.node_id: r.reason for r in rejected}
     assert set(reasons) == {10, 11, 12, 13}
-    assert "NaN" in reasons[10] and "shape" in reasons[11] and "median" in reasons[12] and "unknown" in reasons[13]
+    assert (
+        "NaN" in reasons[10]
+        and "shape" in reasons[11]
+        and "median" in reasons[12]
+        and "unknown" in reasons[13]
+    )
 
 
 def test_norm_test_needs_enough_updates_and_valid_factor():
@@ -39,7 +46,9 @@ def test_selector_counts_and_weighting():
     nodes = [2**64 - 1 - i for i in range(100)]  # Flower node ids are 64-bit unsigned
     uniform = ClientSelector(0.2, min_clients=2, seed=0)
     chosen = uniform.select(nodes)
-    assert len(chosen) == 20 == len(set(chosen)) and all(isinstance(n, int) and n in nodes for n in chosen)
+    assert len(chosen) == 20 == len(set(chosen)) and all(
+        isinstance(n, int) and n in nodes for n in chosen
+    )
     assert len(ClientSelector(0.01, min_clients=5).select(nodes)) == 5
 
     by_size = ClientSelector(0.1, policy="size", seed=0)
@@ -54,8 +63,12 @@ def test_selector_counts_and_weighting():
         by_loss.observe(n, 10, train_loss=loss)
     by_loss.observe(nodes[0], 10, train_loss=0.01)
     picks = [n for _ in range(50) for n in by_loss.select(nodes)]
-    assert picks.count(nodes[0]) < 0.5 * 50 * 0.1  # a client with a tiny loss: picked well below uniform (10%)
-    assert np.mean([nodes.index(n) >= 50 for n in picks]) > 0.55  # unseen clients count as the highest loss: explored
+    assert (
+        picks.count(nodes[0]) < 0.5 * 50 * 0.1
+    )  # a client with a tiny loss: picked well below uniform (10%)
+    assert (
+        np.mean([nodes.index(n) >= 50 for n in picks]) > 0.55
+    )  # unseen clients count as the highest loss: explored
 
 
 def test_bad_settings_raise():

@@ -1,15 +1,17 @@
 import pytest
 import torch
 
+from pimoe.data.digits import digits_split
 from pimoe.federated.config import FederatedConfig
 from pimoe.federated.edge import EdgeComputing
-from pimoe.federated.task import load_digits_split
 
 
 def test_edge_computing_process_uses_the_federated_model():
     torch.set_num_threads(1)
-    edge = EdgeComputing(FederatedConfig(clients=5, rounds=2, fraction=1.0, local_epochs=2, partition="iid"))
-    _, test = load_digits_split(0)
+    edge = EdgeComputing(
+        FederatedConfig(clients=5, rounds=2, fraction=1.0, local_epochs=2, partition="iid")
+    )
+    _, test = digits_split(0.2, 0)
     logits = edge.process(test.x)
     assert logits.shape == (len(test), 10)
     assert (logits.argmax(1) == test.y).float().mean() > 0.8

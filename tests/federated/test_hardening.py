@@ -9,19 +9,30 @@ from pimoe.federated.checks import screen_updates
 from pimoe.federated.client import make_client_app
 from pimoe.federated.config import FederatedConfig
 from pimoe.federated.server import RunRecord, run_server
-from pimoe.federated.simulation import InProcessGrid
+from pimoe.federated.simulation import InProcessGrid, flower_task_identity
 
 REF = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(3, np.float32)}
 BASE = dict(clients=6, rounds=1, fraction=1.0, local_epochs=2, partition="iid", seed=0)
 
 
-@pytest.mark.parametrize("bad", [
-    np.full((3, 2), 2**40, np.int64), np.ones((3, 2), np.uint8), np.ones((3, 2), bool),
-    np.ones((3, 2), np.complex64), np.ones((3, 2), object), np.full((3, 2), "1"), np.ones((3, 2), np.float64),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.full((3, 2), 2**40, np.int64),
+        np.ones((3, 2), np.uint8),
+        np.ones((3, 2), bool),
+        np.ones((3, 2), np.complex64),
+        np.ones((3, 2), object),
+        np.full((3, 2), "1"),
+        np.ones((3, 2), np.float64),
+    ],
+)
 def test_screen_rejects_every_non_expected_dtype(bad):
     rng = np.random.default_rng(0)
-    updates = {i: {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in REF.items()} for i in range(4)}
+    updates = {
+        i: {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in REF.items()}
+        for i in range(4)
+    }
     updates[9] = {**updates[0], "w": bad}
     accepted, rejected = screen_updates(updates, REF, norm_factor=5)
     assert accepted == [0, 1, 2, 3]
@@ -36,31 +47,51 @@ class Tamper:
 
     def __call__(self, msg: Message, context):
         reply = self.app(msg, context)
-        if msg.metadata.message_type == "train" and context.node_id in self.bad and not reply.has_error():
+        if (
+            msg.metadata.message_type == "train"
+            and context.node_id in self.bad
+            and not reply.has_error()
+        ):
             reply = Message(self.bad[context.node_id](reply.content), reply_to=msg)
         return reply
 
 
-def run_tampered(cfg: FederatedConfig, bad: dict, he: tuple[bytes, bytes] | None = None) -> RunRecord:
+def run_tampered(
+    cfg: FederatedConfig, bad: dict, he: tuple[bytes, bytes] | None = None
+) -> RunRecord:
     torch.set_num_threads(1)
     secret, public = he or (None, None)
     record = RunRecord()
-    run_server(InProcessGrid(Tamper(make_client_app(cfg, secret), bad), cfg.clients), cfg, record, None, public)
+    with flower_task_identity():
+        run_server(
+            InProcessGrid(Tamper(make_client_app(cfg, secret), bad), cfg.clients),
+            cfg,
+            record,
+            None,
+            public,
+        )
     return record
 
 
 def _arrays_as(dtype):
     def bad(content: RecordDict) -> RecordDict:
-        arrays = {k: Array(np.full(v.shape, 2**40).astype(dtype)) for k, v in content["arrays"].items()}
+        arrays = {
+            k: Array(np.full(v.shape, 2**40).astype(dtype)) for k, v in content["arrays"].items()
+        }
         return RecordDict({"arrays": ArrayRecord(arrays), "metrics": content["metrics"]})
+
     return bad
 
 
 def test_plain_fedavg_drops_int64_and_complex_updates():
-    record = run_tampered(FederatedConfig(**BASE), {2: _arrays_as(np.int64), 3: _arrays_as(np.complex64)})
+    record = run_tampered(
+        FederatedConfig(**BASE), {2: _arrays_as(np.int64), 3: _arrays_as(np.complex64)}
+    )
     r = record.rounds[0]
     assert (r.rejected, r.aggregated) == (2, 4)
-    assert {x["node_id"] for x in r.rejections} == {2, 3} and all("dtype" in x["reason"] for x in r.rejections)
+    assert {x["node_id"] for x in r.rejections} == {2, 3} and all(
+        "dtype" in x["reason"] for x in r.rejections
+    )
     assert record.accuracy[-1] > record.accuracy[0] + 0.3
     assert max(float(np.abs(v).max()) for v in record.arrays.to_torch_state_dict().values()) < 10
 
@@ -68,7 +99,9 @@ def test_plain_fedavg_drops_int64_and_complex_updates():
 def _masked_random(content: RecordDict) -> RecordDict:
     size = content["arrays"]["masked"].numpy().size
     vector = np.random.default_rng(0).integers(0, 2**64 - 1, size=size, dtype=np.uint64)
-    return RecordDict({"arrays": ArrayRecord({"masked": Array(vector)}), "metrics": content["metrics"]})
+    return RecordDict(
+        {"arrays": ArrayRecord({"masked": Array(vector)}), "metrics": content["metrics"]}
+    )
 
 
 def _negative_weight(content: RecordDict) -> RecordDict:
@@ -78,15 +111,21 @@ def _negative_weight(content: RecordDict) -> RecordDict:
 
 
 def _garbage_ciphertext(content: RecordDict) -> RecordDict:
-    return RecordDict({"encrypted": ConfigRecord({"chunks": [b"garbage"] * 3}), "metrics": content["metrics"]})
+    return RecordDict(
+        {"encrypted": ConfigRecord({"chunks": [b"garbage"] * 3}), "metrics": content["metrics"]}
+    )
 
 
 def test_secure_aggregation_survives_bad_replies():
     cfg = FederatedConfig(**BASE, secure_agg=True)
-    record = run_tampered(cfg, {2: _negative_weight})  # a declared negative weight: dropped like a dropout
+    record = run_tampered(
+        cfg, {2: _negative_weight}
+    )  # a declared negative weight: dropped like a dropout
     assert (record.rounds[0].rejected, record.rounds[0].aggregated) == (1, 5)
     assert record.accuracy[-1] > record.accuracy[0] + 0.3
-    record = run_tampered(cfg, {3: _masked_random})  # well-typed noise cannot be attributed: the round is skipped
+    record = run_tampered(
+        cfg, {3: _masked_random}
+    )  # well-typed noise cannot be attributed: the round is skipped
     assert len(record.accuracy) == 2 and record.accuracy[-1] == record.accuracy[0]
 
 
@@ -112,13 +151,30 @@ def test_he_client_decrypts_only_the_rounds_aggregate_once():
     states = {n: RecordDict() for n in nodes}
     chunks = {n: encrypt_for_round(secret, states[n], 7, nodes, n, updates[n]) for n in nodes}
     server = load_context(public)
-    with pytest.raises(ValueError, match="not the sum"):  # client 2's update presented as the sum of 1, 2, 3
+    with pytest.raises(
+        ValueError, match="not the sum"
+    ):  # client 2's update presented as the sum of 1, 2, 3
         decrypt_aggregate(secret, states[1], 7, chunks[2], [1, 2, 3], length)
-    with pytest.raises(ValueError, match="already decrypted"):  # and the refusal used client 1's one decryption
-        decrypt_aggregate(secret, states[1], 7, add_encrypted(server, [chunks[n] for n in nodes]), nodes, length)
-    with pytest.raises(ValueError, match="strict majority"):  # a pair sum would expose one update to a colluder
-        decrypt_aggregate(secret, states[2], 7, add_encrypted(server, [chunks[3], chunks[4]]), [3, 4], length)
+    with pytest.raises(
+        ValueError, match="already decrypted"
+    ):  # and the refusal used client 1's one decryption
+        decrypt_aggregate(
+            secret, states[1], 7, add_encrypted(server, [chunks[n] for n in nodes]), nodes, length
+        )
+    with pytest.raises(
+        ValueError, match="strict majority"
+    ):  # a pair sum would expose one update to a colluder
+        decrypt_aggregate(
+            secret, states[2], 7, add_encrypted(server, [chunks[3], chunks[4]]), [3, 4], length
+        )
     with pytest.raises(ValueError, match="round 8"):
         decrypt_aggregate(secret, states[3], 8, chunks[3], nodes, length)
-    total = decrypt_aggregate(secret, states[4], 7, add_encrypted(server, [chunks[n] for n in (1, 2, 3)]), [1, 2, 3], length)
+    total = decrypt_aggregate(
+        secret,
+        states[4],
+        7,
+        add_encrypted(server, [chunks[n] for n in (1, 2, 3)]),
+        [1, 2, 3],
+        length,
+    )
     np.testing.assert_allclose(total, updates[1] + updates[2] + updates[3], atol=1e-5)

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
+from pimoe.data.digits import load_digits
 from pimoe.federated.partition import dirichlet_partition, iid_partition, label_skew, make_partition
 
-LABELS = load_digits().target
+LABELS = load_digits().y.numpy()
 
 
 def _assert_disjoint_cover(parts: list[np.ndarray], n: int) -> None:
@@ -30,7 +30,9 @@ def test_dirichlet_is_disjoint_covering_nonempty(alpha):
 
 
 def test_label_skew_grows_as_alpha_falls():
-    skews = [label_skew(LABELS, dirichlet_partition(LABELS, 20, a, seed=2)) for a in (100.0, 1.0, 0.1)]
+    skews = [
+        label_skew(LABELS, dirichlet_partition(LABELS, 20, a, seed=2)) for a in (100.0, 1.0, 0.1)
+    ]
     iid = label_skew(LABELS, iid_partition(LABELS, 20, seed=2))
     assert iid < 0.2
     assert skews[0] < skews[1] < skews[2]

@@ -17,7 +17,9 @@ def test_secure_and_he_aggregation_equal_plain_fedavg(tmp_path):
     # seed 0: client 4 fails after the key exchange, so the survivors must reveal its pair seeds
     assert plain.rounds[0].failed == 1 and plain.rounds[0].aggregated == 5
     audit = tmp_path / "audit.jsonl"
-    secure = run_federated(FederatedConfig(**BASE, secure_agg=True, audit_log=str(audit)), backend="inprocess")
+    secure = run_federated(
+        FederatedConfig(**BASE, secure_agg=True, audit_log=str(audit)), backend="inprocess"
+    )
     he = run_federated(FederatedConfig(**BASE, he=True), backend="inprocess")
     want = plain.arrays.to_torch_state_dict()
     for run in (secure, he):
@@ -25,6 +27,9 @@ def test_secure_and_he_aggregation_equal_plain_fedavg(tmp_path):
         got = run.arrays.to_torch_state_dict()
         for name, value in want.items():
             np.testing.assert_allclose(got[name].numpy(), value.numpy(), atol=1e-6)
-    assert len(he.extra["he_ciphertext_bytes_per_round"]) == 1 and he.extra["he_ciphertext_bytes_per_round"][0] > 5 * 9611 * 8
+    assert (
+        len(he.extra["he_ciphertext_bytes_per_round"]) == 1
+        and he.extra["he_ciphertext_bytes_per_round"][0] > 5 * 9611 * 8
+    )
     events = [json.loads(line)["event"] for line in audit.read_text().splitlines()]
     assert events == ["secagg_keys_relayed", "round_aggregated"]

@@ -7,8 +7,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from pimoe.federated.client import PERSONAL_KEY, make_client_app
 from pimoe.federated.config import FederatedConfig
-from pimoe.federated.simulation import InProcessGrid, run_federated
-from pimoe.federated.task import make_model
+from pimoe.federated.digits import DigitsTask
+from pimoe.federated.simulation import InProcessGrid, flower_task_identity, run_federated
 
 SMALL = dict(clients=6, rounds=2, fraction=1.0, local_epochs=3, lr=0.1, partition="iid", seed=0)
 
@@ -28,10 +28,14 @@ def test_accuracy_improves_with_dropout_and_a_malicious_client():
     assert record.accuracy[0] < 0.2 and record.accuracy[-1] > 0.75  # 10 classes: chance is 0.1
     for r in record.rounds:
         assert r.sampled == 6 and r.failed + r.rejected + r.aggregated == 6
-    assert sum(r.failed for r in record.rounds) >= 1  # some clients dropped out and training went on
+    assert (
+        sum(r.failed for r in record.rounds) >= 1
+    )  # some clients dropped out and training went on
     rejected = [x for r in record.rounds for x in r.rejections]
     # client 2 (node 3) is sampled every round and its x100 update is rejected whenever it did not drop out
-    assert len(rejected) == sum(1 for r in record.rounds if "client 2 dropped" not in " ".join(r.failures))
+    assert len(rejected) == sum(
+        1 for r in record.rounds if "client 2 dropped" not in " ".join(r.failures)
+    )
     assert all(x["node_id"] == 3 and "median" in x["reason"] for x in rejected)
     assert record.clients_per_round == [r.aggregated for r in record.rounds]
 
@@ -45,17 +49,33 @@ def test_nan_update_is_rejected_and_global_stays_finite():
 
 def test_fedprox_limits_client_drift():
     """The same client, same data and seed: a large proximal mu keeps its weights nearer the start."""
-    model = make_model("mlp")
+    model = DigitsTask("mlp").make_model(0)
     start = ArrayRecord(model.state_dict())
 
     def drift(mu: float) -> float:
         cfg = FederatedConfig(**SMALL, strategy="fedprox", proximal_mu=mu)
         app = make_client_app(cfg)
-        msg = Message(RecordDict({"arrays": start, "config": ConfigRecord({"server-round": 1, "proximal-mu": mu})}),
-                      dst_node_id=1, message_type=MessageType.TRAIN)
-        ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 6}, state=RecordDict(), run_config={})
-        InProcessGrid(app, 1)  # sets Flower's task identity for Message construction
-        reply = app(msg, ctx)
+        ctx = Context(
+            run_id=1,
+            node_id=1,
+            node_config={"partition-id": 0, "num-partitions": 6},
+            state=RecordDict(),
+            run_config={},
+        )
+        with (
+            flower_task_identity()
+        ):  # Flower stamps new Messages with the task running in the process
+            msg = Message(
+                RecordDict(
+                    {
+                        "arrays": start,
+                        "config": ConfigRecord({"server-round": 1, "proximal-mu": mu}),
+                    }
+                ),
+                dst_node_id=1,
+                message_type=MessageType.TRAIN,
+            )
+            reply = app(msg, ctx)
         new = reply.content["arrays"].to_torch_state_dict()
         return float(sum((new[k] - v).pow(2).sum() for k, v in model.state_dict().items()) ** 0.5)
 
@@ -63,15 +83,18 @@ def test_fedprox_limits_client_drift():
 
 
 def test_personal_layers_stay_on_clients():
-    cfg = FederatedConfig(**{**SMALL, "clients": 4, "rounds": 1}, model="moe", personal_layers="moe.experts")
+    cfg = FederatedConfig(
+        **{**SMALL, "clients": 4, "rounds": 1}, model="moe", personal_layers="moe.experts"
+    )
     grid = InProcessGrid(make_client_app(cfg), cfg.clients)
     from pimoe.federated.server import RunRecord, run_server
 
-    start = make_model("moe", cfg.seed).state_dict()
+    start = DigitsTask("moe").make_model(cfg.seed).state_dict()
     record = RunRecord()
-    run_server(grid, cfg, record)
+    with flower_task_identity():
+        run_server(grid, cfg, record)
     assert record.accuracy[-1] > record.accuracy[0]
-    ctx = grid._contexts[1]
+    ctx = grid.context(1)
     personal = ctx.state[PERSONAL_KEY].to_torch_state_dict()
     assert personal and all(k.startswith("moe.experts.") for k in personal)
     assert any(not torch.equal(v, start[k]) for k, v in personal.items())  # trained locally...
@@ -98,9 +121,16 @@ def test_deployment_apps_read_the_run_config(tmp_path):
 
     cfg = FederatedConfig(**{**SMALL, "clients": 4, "rounds": 1, "local_epochs": 1})
     out = tmp_path / "result.json"
-    run_config = {**cfg.to_run_config(), "result-path": str(out)}  # every app of a run sees the same config
+    run_config = {
+        **cfg.to_run_config(),
+        "result-path": str(out),
+    }  # every app of a run sees the same config
     grid = InProcessGrid(client_app, cfg.clients, run_config=run_config)
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    with flower_task_identity():
+        server_app(
+            grid,
+            Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
+        )
     result = json.loads(out.read_text())
     assert result["clients_per_round"] == [4]
     assert result["accuracy_per_round"][1] > result["accuracy_per_round"][0] + 0.3

@@ -12,7 +12,10 @@ def test_info_nce_matches_clip_pseudocode_and_is_symmetric():
     b = nn.functional.normalize(torch.randn(6, 4), dim=-1)
     logits = 10.0 * a @ b.t()
     labels = torch.arange(6)
-    expected = (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.t(), labels)) / 2
+    expected = (
+        nn.functional.cross_entropy(logits, labels)
+        + nn.functional.cross_entropy(logits.t(), labels)
+    ) / 2
     torch.testing.assert_close(info_nce(a, b, 10.0), expected)
     torch.testing.assert_close(info_nce(b, a, 10.0), expected)
     assert float(info_nce(a, a, 100.0)) < float(info_nce(a, b, 100.0))
@@ -45,7 +48,9 @@ def test_contrastive_training_aligns_two_views_of_the_same_items():
     latent = torch.randn(256, 6)
     view_a = latent @ torch.randn(6, 10)  # two different linear "sensors" of one latent
     view_b = torch.tanh(latent @ torch.randn(6, 12))
-    aligner = ContrastiveAligner(nn.Linear(10, 16), nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 16)))
+    aligner = ContrastiveAligner(
+        nn.Linear(10, 16), nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 16))
+    )
     with torch.no_grad():
         before = recall_at_k(aligner.embed_a(view_a[200:]), aligner.embed_b(view_b[200:]))[1]
     optimizer = torch.optim.Adam(aligner.parameters(), lr=3e-3)
@@ -64,10 +69,13 @@ def test_contrastive_training_aligns_two_views_of_the_same_items():
 def test_seed_name_multimodal_fusion_fuse():
     from pimoe.compat import MultiModalFusion
 
-    fusion = MultiModalFusion(FusionConfig({"image": 12, "text": 6}, "cross_attention", d_model=8, heads=2))
+    fusion = MultiModalFusion(
+        FusionConfig({"image": 12, "text": 6}, "cross_attention", d_model=8, heads=2)
+    )
     out = fusion.fuse({"image": torch.randn(3, 5, 12), "text": torch.randn(3, 6)})
     assert out.shape == (3, 8)
     assert MultiModalFusion(modalities={"a": 2, "b": 2}, method="concat", d_model=4).fuse(
-        {"a": torch.randn(2, 2), "b": torch.randn(2, 2)}).shape == (2, 4)
+        {"a": torch.randn(2, 2), "b": torch.randn(2, 2)}
+    ).shape == (2, 4)
     with pytest.raises(ValueError):
         MultiModalFusion(FusionConfig({"a": 2, "b": 2}), method="concat")

@@ -3,8 +3,15 @@ import torch
 from torch import nn
 
 from pimoe.fusion import (
-    METHODS, CrossAttentionFusion, FiLMFusion, FusionClassifier, FusionConfig, GatedFusion, ModalityMoEFusion,
-    build_fusion, digit_halves,
+    METHODS,
+    CrossAttentionFusion,
+    FiLMFusion,
+    FusionClassifier,
+    FusionConfig,
+    GatedFusion,
+    ModalityMoEFusion,
+    build_fusion,
+    digit_halves,
 )
 
 DIMS = {"top": 8, "bottom": 8}
@@ -36,7 +43,7 @@ def test_examples_are_fused_independently(method):
     layer = build_fusion(FusionConfig(DIMS, method, d_model=16)).eval()
     x = _inputs(6)
     full = layer(x)
-    alone = torch.cat([layer({m: v[i:i + 1] for m, v in x.items()}) for i in range(6)])
+    alone = torch.cat([layer({m: v[i : i + 1] for m, v in x.items()}) for i in range(6)])
     torch.testing.assert_close(full, alone, rtol=1e-4, atol=1e-5)
 
 
@@ -81,7 +88,10 @@ def test_cross_attention_to_a_single_token_is_its_value_projection():
 
 def test_modality_moe_shares_experts_across_modalities_and_has_its_own():
     layer = ModalityMoEFusion(DIMS, 16, shared_experts=2, experts_per_modality=1, top_k=2)
-    top, bottom = layer.moe.layers["top"].experts.experts, layer.moe.layers["bottom"].experts.experts
+    top, bottom = (
+        layer.moe.layers["top"].experts.experts,
+        layer.moe.layers["bottom"].experts.experts,
+    )
     assert top[0] is bottom[0] and top[1] is bottom[1] and top[2] is not bottom[2]
     out = layer(_inputs())
     (out.sum() + layer.aux_loss).backward()
@@ -123,7 +133,9 @@ def test_missing_modality_raises_unless_allowed_then_uses_a_learned_token(method
         strict({"top": torch.randn(5, 4, 8)})
     with pytest.raises(ValueError, match="missing"):
         strict({"top": torch.randn(5, 4, 8), "bottom": None})
-    lenient = _trained_like(build_fusion(FusionConfig(DIMS, method, d_model=16, allow_missing=True)))
+    lenient = _trained_like(
+        build_fusion(FusionConfig(DIMS, method, d_model=16, allow_missing=True))
+    )
     out = lenient({"top": torch.randn(5, 4, 8)})
     assert out.shape == (5, 16)
     out.sum().backward()
@@ -143,12 +155,16 @@ def test_fusion_beats_each_sensor_on_noisy_digit_halves():
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         for _ in range(4):
             for idx in torch.randperm(len(train_y)).split(64):
-                loss = nn.functional.cross_entropy(model({m: train_v[m][idx] for m in modalities}), train_y[idx])
+                loss = nn.functional.cross_entropy(
+                    model({m: train_v[m][idx] for m in modalities}), train_y[idx]
+                )
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
         with torch.no_grad():
-            return float((model({m: test_v[m] for m in modalities}).argmax(-1) == test_y).float().mean())
+            return float(
+                (model({m: test_v[m] for m in modalities}).argmax(-1) == test_y).float().mean()
+            )
 
     top, bottom, both = fit({"top": 8}), fit({"bottom": 8}), fit(DIMS)
     assert both > max(top, bottom) + 0.05, (top, bottom, both)

@@ -49,7 +49,10 @@ def test_reopened_log_appends_and_keeps_the_chain(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (lambda ls: [ls[0], ls[1].replace('"clients": 10', '"clients": 11'), *ls[2:]], "line 2: hash mismatch"),
+        (
+            lambda ls: [ls[0], ls[1].replace('"clients": 10', '"clients": 11'), *ls[2:]],
+            "line 2: hash mismatch",
+        ),
         (lambda ls: [ls[0], *ls[2:]], "line 2: chain broken"),
         (lambda ls: [ls[1], ls[0], *ls[2:]], "line 1: chain broken"),
         (lambda ls: [*ls[:2], ls[2], *ls[2:]], "line 4: chain broken"),
@@ -97,7 +100,10 @@ def test_keyed_chain_cannot_be_rebuilt_without_the_key(tmp_path) -> None:
 
 def test_concurrent_records_from_threads_keep_one_chain(tmp_path) -> None:
     log = AuditLog(tmp_path / "audit.jsonl")
-    threads = [threading.Thread(target=lambda i=i: [log.record("t", thread=i, n=n) for n in range(20)]) for i in range(4)]
+    threads = [
+        threading.Thread(target=lambda i=i: [log.record("t", thread=i, n=n) for n in range(20)])
+        for i in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -125,12 +131,18 @@ def test_torn_last_line_is_dropped_reported_and_recorded(tmp_path) -> None:
     whole = log.path.read_bytes()
     torn = b'{"event": "round", "epsilon": 2.5, "pr'  # a writer killed in the middle of its line
     log.path.write_bytes(whole + torn)
-    with pytest.warns(RuntimeWarning, match=f"dropped a torn last line \\({len(torn)} bytes\\).*4 entries"):
+    with pytest.warns(
+        RuntimeWarning, match=f"dropped a torn last line \\({len(torn)} bytes\\).*4 entries"
+    ):
         reopened = AuditLog(log.path)
     assert reopened.dropped_bytes == len(torn)
     assert log.path.read_bytes().startswith(whole)  # the verified prefix is kept byte for byte
     last = reopened.entries()[-1]
-    assert (last["event"], last["dropped_bytes"], last["seq"]) == ("torn_tail_dropped", len(torn), 5)
+    assert (last["event"], last["dropped_bytes"], last["seq"]) == (
+        "torn_tail_dropped",
+        len(torn),
+        5,
+    )
     reopened.record("round", round=5)
     assert reopened.verify(expected_head=reopened.head) == 6
 
@@ -140,12 +152,19 @@ def test_torn_tail_met_by_a_running_writer_and_a_line_missing_only_its_newline(t
     other = AuditLog(log.path)  # opened before another writer crashed
     other.record("round", round=2)
     line = log.path.read_bytes().splitlines(keepends=True)[-1]
-    log.path.write_bytes(log.path.read_bytes()[: -len(line)] + line[:-1])  # whole entry, newline lost
+    log.path.write_bytes(
+        log.path.read_bytes()[: -len(line)] + line[:-1]
+    )  # whole entry, newline lost
     assert AuditLog(log.path).dropped_bytes == 0 and log.verify() == 3  # kept: it verifies
-    log.path.write_bytes(log.path.read_bytes() + b"\x00" * 40)  # a crash left zeros after the last line
+    log.path.write_bytes(
+        log.path.read_bytes() + b"\x00" * 40
+    )  # a crash left zeros after the last line
     with pytest.warns(RuntimeWarning, match="40 bytes"):
         log.record("round", round=3)  # the writer repairs before it appends
-    assert [e["event"] for e in log.entries()[-2:]] == ["torn_tail_dropped", "round"] and log.verify() == 5
+    assert [e["event"] for e in log.entries()[-2:]] == [
+        "torn_tail_dropped",
+        "round",
+    ] and log.verify() == 5
 
 
 def test_damage_before_the_tail_is_not_repaired(tmp_path) -> None:
@@ -156,7 +175,9 @@ def test_damage_before_the_tail_is_not_repaired(tmp_path) -> None:
         AuditLog(log.path)
     assert log.path.read_bytes() == before  # nothing truncated
     edited = _log(tmp_path / "edited", 3)
-    _rewrite(edited, lambda ls: [ls[0], ls[1].replace('"clients": 10', '"clients": 12'), ls[2], "x" * 10])
+    _rewrite(
+        edited, lambda ls: [ls[0], ls[1].replace('"clients": 10', '"clients": 12'), ls[2], "x" * 10]
+    )
     with pytest.warns(RuntimeWarning, match="10 bytes"):
         reopened = AuditLog(edited.path)  # only the torn tail is repaired ...
     with pytest.raises(IntegrityError, match="line 2: hash mismatch"):
@@ -205,5 +226,7 @@ def test_a_crash_at_any_byte_of_the_last_line_recovers(tmp_path) -> None:
         assert reopened.dropped_bytes == (0 if whole or cut == start else cut - start), cut
         assert len(caught) == (reopened.dropped_bytes > 0)
         events = [e["event"] for e in reopened.entries()]
-        assert events == ["round"] * (3 if whole else 2) + (["torn_tail_dropped"] if reopened.dropped_bytes else [])
+        assert events == ["round"] * (3 if whole else 2) + (
+            ["torn_tail_dropped"] if reopened.dropped_bytes else []
+        )
         assert reopened.verify(expected_head=reopened.head) == len(events)

@@ -7,13 +7,21 @@ from pimoe.bench.privacy import PrivacyBenchConfig, plot, run
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_privacy_benchmark_small(tmp_path) -> None:
-    cfg = PrivacyBenchConfig(epsilons=[8.0], epochs=2, accountant="rdp", seeds=1, secagg_clients=[4], he_clients=3,
-                             dropout=0.25, rounds=1)
+    cfg = PrivacyBenchConfig(
+        epsilons=[8.0],
+        epochs=2,
+        accountant="rdp",
+        seeds=1,
+        secagg_clients=[4],
+        he_clients=3,
+        dropout=0.25,
+        rounds=1,
+    )
     result = run(cfg)
     json.dumps(result)
     (dp,) = result["dp"]
     assert 6.0 < dp["epsilon_spent"] <= 8.05 and dp["noise_multiplier"] > 0
-    assert 0.1 < dp["accuracy_mean"] and 0.1 < result["non_private"]["accuracy_mean"]
+    assert dp["accuracy_mean"] > 0.1 and result["non_private"]["accuracy_mean"] > 0.1
     (sa,) = result["secagg"]
     assert sa["bit_exact"] and sa["dropped"] == 1 and sa["dim"] == 9610
     assert max(sa["max_abs_error"], sa["max_abs_error_with_dropped"]) < 4 * 2.0**-24
@@ -24,13 +32,17 @@ def test_privacy_benchmark_small(tmp_path) -> None:
     assert (tmp_path / "privacy.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_bench_privacy_passes_its_options_to_main(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_bench_privacy_passes_its_options_to_main(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from typer.testing import CliRunner
 
     from pimoe.cli import app
 
     calls: list[dict] = []
     monkeypatch.setattr("pimoe.bench.privacy.main", lambda **kwargs: calls.append(kwargs))
-    result = CliRunner().invoke(app, ["bench", "privacy", "--quick", "--json", str(tmp_path / "p.json")])
+    result = CliRunner().invoke(
+        app, ["bench", "privacy", "--quick", "--json", str(tmp_path / "p.json")]
+    )
     assert result.exit_code == 0, result.output
     assert calls == [{"quick": True, "json_path": tmp_path / "p.json"}]

@@ -90,7 +90,9 @@ def _temps(folder: Path) -> list[str]:
 def _kill_mid_write(path: Path) -> list[str]:
     """Start a process that saves ``path`` in a loop and SIGKILL it while a temp file exists."""
     for _ in range(3):  # the kill can land just after a rename, leaving no temp: try again
-        child = subprocess.Popen([sys.executable, "-c", _SAVER, str(path)], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(path)], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert child.stdout is not None and child.stdout.readline().strip() == "ready"
             deadline = time.monotonic() + 30
@@ -119,13 +121,23 @@ def test_load_removes_only_dead_writers_temps_of_its_own_path(tmp_path) -> None:
     path = tmp_path / "model.enc"
     save_encrypted({"w": torch.ones(2)}, path, bytes(32))
     stale = tmp_path / ".model.enc.k1ll3d.tmp"  # a killed save's temp: nobody holds its lock
-    others = [tmp_path / ".other.enc.abc123.tmp", tmp_path / "notes.tmp", tmp_path / ".model.enc.tmp"]
+    others = [
+        tmp_path / ".other.enc.abc123.tmp",
+        tmp_path / "notes.tmp",
+        tmp_path / ".model.enc.tmp",
+    ]
     for file in [stale, *others]:  # another target's temp, a user's file, a name outside our scheme
         file.write_bytes(b"x" * 1000)
-    live = tmp_path / ".model.enc.live99.tmp"  # a save in progress elsewhere: its writer holds the lock
+    live = (
+        tmp_path / ".model.enc.live99.tmp"
+    )  # a save in progress elsewhere: its writer holds the lock
     with open(live, "wb") as held:
         lock_file(held.fileno())
         load_encrypted(path, bytes(32))
-        assert _temps(tmp_path) == sorted([live.name, *(o.name for o in others if o.name.endswith(".tmp"))])
+        assert _temps(tmp_path) == sorted(
+            [live.name, *(o.name for o in others if o.name.endswith(".tmp"))]
+        )
     load_encrypted(path, bytes(32))  # the writer of `live` is gone now
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.enc", *(o.name for o in others)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model.enc", *(o.name for o in others)]
+    )

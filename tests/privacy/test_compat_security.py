@@ -16,7 +16,10 @@ def test_seed_secure_call_seals_the_output(monkeypatch: pytest.MonkeyPatch) -> N
     advanced_system = {"advanced_security": AdvancedSecurity(config)}
     secure_output = advanced_system["advanced_security"].secure(fused_output)
     # --- end ---
-    assert isinstance(secure_output, bytes) and fused_output.numpy().tobytes()[:16] not in secure_output
+    assert (
+        isinstance(secure_output, bytes)
+        and fused_output.numpy().tobytes()[:16] not in secure_output
+    )
     security = advanced_system["advanced_security"]
     assert torch.equal(security.open(secure_output)["tensor"], fused_output)
     tampered = bytearray(secure_output)

@@ -2,7 +2,14 @@ import base64
 
 import pytest
 
-from pimoe.privacy.crypto import KEY_BYTES, IntegrityError, generate_key, load_key, open_sealed, seal
+from pimoe.privacy.crypto import (
+    KEY_BYTES,
+    IntegrityError,
+    generate_key,
+    load_key,
+    open_sealed,
+    seal,
+)
 
 
 def test_roundtrip_and_fresh_nonce() -> None:
@@ -59,7 +66,9 @@ def test_load_key_from_env_hex_and_base64(monkeypatch: pytest.MonkeyPatch) -> No
     assert load_key("OTHER_KEY") == key
 
 
-@pytest.mark.parametrize("value", ["abcd", "zz" * 32, base64.b64encode(b"x" * 16).decode(), "not base64!"])
+@pytest.mark.parametrize(
+    "value", ["abcd", "zz" * 32, base64.b64encode(b"x" * 16).decode(), "not base64!"]
+)
 def test_load_key_rejects_bad_env_values(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("PIMOE_KEY", value)
     with pytest.raises(ValueError, match=r"\$PIMOE_KEY"):

@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from pimoe.privacy.he import CKKSParams, add_encrypted, decrypt_mean, encrypt_update, load_context, make_context, public_context
+from pimoe.privacy.he import (
+    CKKSParams,
+    add_encrypted,
+    decrypt_mean,
+    encrypt_update,
+    load_context,
+    make_context,
+    public_context,
+)
 
 PARAMS = CKKSParams()
 LENGTH = PARAMS.slots + 900  # two ciphertext chunks, the second one partly filled
@@ -37,7 +45,9 @@ def test_mean_matches_plaintext(setup) -> None:
     plain = np.mean([u.astype(np.float64) for u in updates], axis=0)
     assert mean.shape == (LENGTH,)
     assert np.abs(mean - plain).max() < 1e-6
-    assert np.abs(mean - plain).max() > 0  # CKKS is approximate: an exact match would mean no encryption
+    assert (
+        np.abs(mean - plain).max() > 0
+    )  # CKKS is approximate: an exact match would mean no encryption
 
 
 def test_ciphertexts_do_not_hold_the_plaintext(setup) -> None:
@@ -47,7 +57,7 @@ def test_ciphertexts_do_not_hold_the_plaintext(setup) -> None:
 
 
 def test_bad_inputs(setup) -> None:
-    context, server, updates, encrypted = setup
+    context, server, _updates, encrypted = setup
     with pytest.raises(ValueError, match="secret key"):
         add_encrypted(context, encrypted)
     with pytest.raises(ValueError, match="chunks"):

@@ -27,7 +27,7 @@ def test_sum_is_exact_to_fixed_point_precision() -> None:
 
 
 def test_masks_cancel_only_in_the_full_sum() -> None:
-    clients, updates, masked = _round(4)
+    _clients, updates, masked = _round(4)
     partial = unmask_sum({i: masked[i] for i in (0, 1, 2)}, participants=(0, 1, 2))
     expected = sum(updates[i].astype(np.float64) for i in (0, 1, 2))
     assert np.abs(partial - expected).mean() > 1e6  # client 3's pair masks are still in there
@@ -59,7 +59,7 @@ def test_server_cannot_get_seeds_of_a_client_whose_input_it_holds() -> None:
 
 
 def test_masked_input_is_indistinguishable_from_uniform_noise() -> None:
-    clients, updates, masked = _round(5, seed=2, scale=1.0)
+    _clients, updates, masked = _round(5, seed=2, scale=1.0)
     view = masked[3]
     unit = view.astype(np.float64) / 2.0**64  # the server's view, mapped to [0, 1)
     assert stats.kstest(unit, "uniform").pvalue > 1e-3
@@ -77,7 +77,10 @@ def test_masks_change_every_round() -> None:
     clients = {i: SecAggClient(i) for i in range(3)}
     keys = {i: c.public_key() for i, c in clients.items()}
     update = rng.standard_normal(DIM).astype(np.float32)
-    first, second = clients[0].mask(update, keys, round_id=1), clients[0].mask(update, keys, round_id=2)
+    first, second = (
+        clients[0].mask(update, keys, round_id=1),
+        clients[0].mask(update, keys, round_id=2),
+    )
     assert np.mean(first == second) < 0.01
     np.testing.assert_array_equal(first, clients[0].mask(update, keys, round_id=1))
 
@@ -164,13 +167,21 @@ def test_a_server_that_lies_about_a_dropout_cannot_rebuild_both_secrets():
         dropped = {0} if v in lied_to else set()
         survivors = everyone - dropped
         shares[v] = clients[v].unmask(survivors, dropped, inbox[v])
-    with pytest.raises(ValueError, match="already revealed"):  # asking again, with the other story, is refused
+    with pytest.raises(
+        ValueError, match="already revealed"
+    ):  # asking again, with the other story, is refused
         clients[4].unmask(everyone - {0}, {0}, inbox[4])
     s_shares = sum(1 for v in lied_to if 0 in shares[v])
     b_shares = sum(1 for v in everyone - {0} - lied_to if 0 in shares[v])
-    assert s_shares < t and b_shares < t  # a strict-majority threshold: at most one secret can reach t
-    with pytest.raises(ValueError, match="client 0"):  # 0 as dropped: its mask key cannot be rebuilt
-        secaggplus_sum({i: masked[i] for i in everyone - {0}}, keys, clients, shares, threshold=t, round_id=3)
+    assert (
+        s_shares < t and b_shares < t
+    )  # a strict-majority threshold: at most one secret can reach t
+    with pytest.raises(
+        ValueError, match="client 0"
+    ):  # 0 as dropped: its mask key cannot be rebuilt
+        secaggplus_sum(
+            {i: masked[i] for i in everyone - {0}}, keys, clients, shares, threshold=t, round_id=3
+        )
     # 0 as a survivor: the mixed b / s_sk shares rebuild a wrong self-mask, so even the sum is noise
     total = secaggplus_sum(masked, keys, clients, shares, threshold=t, round_id=3)
     assert np.abs(total - sum(u.astype(np.float64) for u in updates.values())).mean() > 1e6
@@ -181,7 +192,9 @@ def test_secaggplus_refuses_bad_requests():
     c = clients[0]
     fresh = SecAggPlusClient(9, 3)
     with pytest.raises(ValueError, match="strict majority"):
-        fresh.share({**keys, 9: fresh.public_keys()}, threshold=2)  # 2 of 6: a lying server could get both secrets
+        fresh.share(
+            {**keys, 9: fresh.public_keys()}, threshold=2
+        )  # 2 of 6: a lying server could get both secrets
     with pytest.raises(ValueError, match="own keys"):
         fresh.share(keys, threshold=3)
     with pytest.raises(ValueError, match="split the masking clients"):
@@ -191,6 +204,8 @@ def test_secaggplus_refuses_bad_requests():
     restored = SecAggPlusClient(0, 3, state=c.state())
     assert restored.public_keys() == c.public_keys()
     garbage = {**inbox[0], 1: b"\0" * 80}
-    assert 1 not in restored.unmask(set(clients), set(), garbage)  # a sender's garbage share is skipped
+    assert 1 not in restored.unmask(
+        set(clients), set(), garbage
+    )  # a sender's garbage share is skipped
     with pytest.raises(ValueError, match="round 3, not"):
         SecAggPlusClient(0, 4, state=c.state())

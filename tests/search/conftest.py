@@ -6,9 +6,18 @@ from pimoe.search.space import SearchSpace
 from pimoe.search.tasks import DigitsTask
 
 # Two-choice tiny space: every trial trains in well under a second.
-TINY = dict(n_layer=(1,), d_model=(16, 32), num_experts=(2, 4), top_k=(1, 2), ffn_dim=(16,),
-            shared_experts=(0, 1), moe_every=(1,), bits=(32, 8), sparsity=(0.0, 0.3),
-            low_rank_ratio=(1.0,))
+TINY = dict(
+    n_layer=(1,),
+    d_model=(16, 32),
+    num_experts=(2, 4),
+    top_k=(1, 2),
+    ffn_dim=(16,),
+    shared_experts=(0, 1),
+    moe_every=(1,),
+    bits=(32, 8),
+    sparsity=(0.0, 0.3),
+    low_rank_ratio=(1.0,),
+)
 
 
 @pytest.fixture(scope="session")

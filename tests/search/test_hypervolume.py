@@ -4,7 +4,9 @@ import pytest
 from pimoe.search.hypervolume import hypervolume, normalize, pareto_mask, shared_hypervolumes
 
 
-def monte_carlo_hypervolume(points: np.ndarray, reference: np.ndarray, samples: int, seed: int) -> float:
+def monte_carlo_hypervolume(
+    points: np.ndarray, reference: np.ndarray, samples: int, seed: int
+) -> float:
     rng = np.random.default_rng(seed)
     low = points.min(axis=0)
     box = rng.uniform(low, reference, size=(samples, len(reference)))  # [S, d]
@@ -45,9 +47,7 @@ def test_dominated_and_outside_points_add_nothing() -> None:
 
 def test_pareto_mask_matches_brute_force() -> None:
     points = np.random.default_rng(1).integers(0, 5, size=(40, 3)).astype(float)
-    expected = [
-        not any(np.all(q <= p) and np.any(q < p) for q in points) for p in points
-    ]
+    expected = [not any(np.all(q <= p) and np.any(q < p) for q in points) for p in points]
     assert pareto_mask(points).tolist() == expected
 
 

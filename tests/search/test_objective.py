@@ -9,15 +9,25 @@ from pimoe.search.objective import TrialSettings, compress_model, run_trial, tra
 from pimoe.search.space import Compression, SearchSpace
 from pimoe.search.tasks import DigitsMoEClassifier, LMTask, make_task
 
-PARAMS = dict(n_layer=1, d_model=32, num_experts=2, top_k=1, ffn_dim=16, shared_experts=0,
-              moe_every=1, bits=32, sparsity=0.0, low_rank_ratio=1.0)
+PARAMS = dict(
+    n_layer=1,
+    d_model=32,
+    num_experts=2,
+    top_k=1,
+    ffn_dim=16,
+    shared_experts=0,
+    moe_every=1,
+    bits=32,
+    sparsity=0.0,
+    low_rank_ratio=1.0,
+)
 
 
 def test_training_learns_digits_and_is_seeded(digits, tiny_space) -> None:
     candidate = tiny_space.candidate(PARAMS)
     settings = TrialSettings(steps=40, checkpoints=4, latency_repeats=2)
     model, curve = train(digits, candidate, settings)
-    again, curve_again = train(digits, candidate, settings)
+    _again, curve_again = train(digits, candidate, settings)
     assert curve == curve_again  # same seed, same data, same model
     assert curve[-1] < curve[0] < 2.4  # chance is ln(10) = 2.30; it learns
     assert digits.evaluate(model)["accuracy"] > 0.5  # 10 classes: chance is 0.1
@@ -49,7 +59,9 @@ def test_run_trial_measures_three_objectives(digits, tiny_space, fast) -> None:
 def test_lm_task_and_settings_validation() -> None:
     task = LMTask(block_size=16, batch_size=2, val_batches=1)
     space = SearchSpace(d_model=(16,), base=LMConfig(block_size=16, n_head=4))
-    model, curve = train(task, space.candidate({**PARAMS, "d_model": 16}), TrialSettings(steps=2, checkpoints=1))
+    _model, curve = train(
+        task, space.candidate({**PARAMS, "d_model": 16}), TrialSettings(steps=2, checkpoints=1)
+    )
     assert len(curve) == 1 and 4.0 < curve[0] < 6.0  # near ln(256) = 5.55 after two steps
     with pytest.raises(ValueError, match="block_size"):
         task.build(LMConfig(block_size=32))

@@ -10,16 +10,22 @@ from pimoe.search.space import FEATURE_NAMES
 def _trials(space, n: int, seed: int) -> list:
     """Trials whose final loss follows their early curve (plus noise), as in real training."""
     rng = np.random.default_rng(seed)
-    distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.choices().items()}
+    distributions = {
+        k: optuna.distributions.CategoricalDistribution(v) for k, v in space.choices().items()
+    }
     trials = []
     for _ in range(n):
         params = {k: v[rng.integers(len(v))] for k, v in space.choices().items()}
         early = rng.uniform(0.5, 2.0)
         final = 0.6 * early + 0.3 * params["sparsity"] + rng.normal(0, 0.02)
-        trials.append(optuna.trial.create_trial(
-            params=params, distributions=distributions, values=[final, 1.0, 1.0],
-            user_attrs={CURVE_ATTR: [early + 0.5, early, final]},
-        ))
+        trials.append(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=distributions,
+                values=[final, 1.0, 1.0],
+                user_attrs={CURVE_ATTR: [early + 0.5, early, final]},
+            )
+        )
     return trials
 
 

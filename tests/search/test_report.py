@@ -25,15 +25,19 @@ from pimoe.search.space import Compression, SearchSpace
 
 def _front(space) -> tuple[optuna.Study, list]:
     study = optuna.create_study(directions=["minimize"] * 3)
-    distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.choices().items()}
+    distributions = {
+        k: optuna.distributions.CategoricalDistribution(v) for k, v in space.choices().items()
+    }
     params = {k: v[0] for k, v in space.choices().items()}
     for values in ([1.0, 10.0, 900.0], [2.0, 2.0, 500.0], [3.0, 1.0, 100.0], [3.5, 5.0, 950.0]):
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, values=values))
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions=distributions, values=values)
+        )
     return study, study.best_trials
 
 
 def test_choose_front_member_within_limits(tiny_space) -> None:
-    study, front = _front(tiny_space)
+    _study, front = _front(tiny_space)
     assert sorted(t.values[0] for t in front) == [1.0, 2.0, 3.0]  # the 4th is dominated
     assert choose(front).values == [2.0, 2.0, 500.0]  # closest to the ideal point
     assert choose(front, max_bytes=200).values[0] == 3.0
@@ -46,8 +50,18 @@ def test_choose_front_member_within_limits(tiny_space) -> None:
 
 def test_describe_marks_dense_configs() -> None:
     space = SearchSpace()
-    params = dict(n_layer=1, d_model=32, num_experts=4, top_k=2, ffn_dim=64, shared_experts=0,
-                  moe_every=2, bits=8, sparsity=0.3, low_rank_ratio=1.0)
+    params = dict(
+        n_layer=1,
+        d_model=32,
+        num_experts=4,
+        top_k=2,
+        ffn_dim=64,
+        shared_experts=0,
+        moe_every=2,
+        bits=8,
+        sparsity=0.3,
+        low_rank_ratio=1.0,
+    )
     assert describe(params, space) == "L1 d32 E4k2 f64 s0 m2 (dense) | int8 p0.3 r1"
     assert "(dense)" not in describe({**params, "n_layer": 2}, space)
 
@@ -61,11 +75,15 @@ def test_saved_choice_round_trips(tmp_path, tiny_space) -> None:
     assert PiMoELM(config).num_params() > 0
     compression = load_compression(path)
     assert compression == Compression(**record["compression"])
-    ArchitectureOptimizer(to_architecture_config(Compression(bits=8, sparsity=0.3, low_rank_ratio=0.5)))
+    ArchitectureOptimizer(
+        to_architecture_config(Compression(bits=8, sparsity=0.3, low_rank_ratio=0.5))
+    )
     assert not save_compress_config(tmp_path / "none.json", Compression())  # nothing to compress
     assert not (tmp_path / "none.json").exists()
     assert save_compress_config(tmp_path / "c.json", Compression(bits=4, sparsity=0.3))
-    arch = config_from_dict(read_config_file(tmp_path / "c.json"))  # what `pimoe compress --config` does
+    arch = config_from_dict(
+        read_config_file(tmp_path / "c.json")
+    )  # what `pimoe compress --config` does
     assert arch.enabled_steps() == ["prune", "quantize"] and arch.quantization_bits == 4
     assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temp file
     path.write_text("{not json")
@@ -87,8 +105,24 @@ def test_plot_writes_png(tmp_path, tiny_space) -> None:
 
 def test_cli_search_resumes_and_saves(tmp_path) -> None:
     db = f"sqlite:///{tmp_path / 's.db'}"
-    args = ["search", "--task", "digits", "--trials", "2", "--budget-minutes", "5", "--storage", db,
-            "--steps", "3", "--no-prune", "--out", str(tmp_path), "--json", str(tmp_path / "r.json")]
+    args = [
+        "search",
+        "--task",
+        "digits",
+        "--trials",
+        "2",
+        "--budget-minutes",
+        "5",
+        "--storage",
+        db,
+        "--steps",
+        "3",
+        "--no-prune",
+        "--out",
+        str(tmp_path),
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())

@@ -3,22 +3,35 @@ import pytest
 from pimoe.moe.model import LMConfig
 from pimoe.search.space import FEATURE_NAMES, Compression, SearchSpace
 
-PARAMS = dict(n_layer=2, d_model=32, num_experts=2, top_k=2, ffn_dim=32, shared_experts=1,
-              moe_every=2, bits=8, sparsity=0.3, low_rank_ratio=0.5)
+PARAMS = dict(
+    n_layer=2,
+    d_model=32,
+    num_experts=2,
+    top_k=2,
+    ffn_dim=32,
+    shared_experts=1,
+    moe_every=2,
+    bits=8,
+    sparsity=0.3,
+    low_rank_ratio=0.5,
+)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"n_layer": ()}, "non-empty"),
-    ({"d_model": []}, "non-empty tuple"),
-    ({"top_k": (1, 4), "num_experts": (2, 3)}, "top_k choice 4 exceeds"),
-    ({"moe_every": (3,), "n_layer": (1, 2)}, "no configuration"),
-    ({"d_model": (30,)}, "divisible"),
-    ({"bits": (16,)}, "bits"),
-    ({"sparsity": (1.0,)}, "sparsity"),
-    ({"low_rank_ratio": (0.0,)}, "low_rank_ratio"),
-    ({"num_experts": (0, 2)}, ">= 1"),
-    ({"ffn_dim": (32, 32)}, "duplicate"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_layer": ()}, "non-empty"),
+        ({"d_model": []}, "non-empty tuple"),
+        ({"top_k": (1, 4), "num_experts": (2, 3)}, "top_k choice 4 exceeds"),
+        ({"moe_every": (3,), "n_layer": (1, 2)}, "no configuration"),
+        ({"d_model": (30,)}, "divisible"),
+        ({"bits": (16,)}, "bits"),
+        ({"sparsity": (1.0,)}, "sparsity"),
+        ({"low_rank_ratio": (0.0,)}, "low_rank_ratio"),
+        ({"num_experts": (0, 2)}, ">= 1"),
+        ({"ffn_dim": (32, 32)}, "duplicate"),
+    ],
+)
 def test_empty_or_contradictory_space(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SearchSpace(**kwargs)
@@ -30,7 +43,11 @@ def test_candidate_builds_configs_and_clamps_top_k() -> None:
     assert candidate.model.moe.top_k == 1  # clamped to the sampled expert count
     assert candidate.model.block_size == space.base.block_size
     full = space.candidate(PARAMS)
-    assert (full.model.moe.top_k, full.model.moe_every, full.compression) == (2, 2, Compression(8, 0.3, 0.5))
+    assert (full.model.moe.top_k, full.model.moe_every, full.compression) == (
+        2,
+        2,
+        Compression(8, 0.3, 0.5),
+    )
     assert len(full.features()) == len(FEATURE_NAMES)
     assert full.features()[FEATURE_NAMES.index("moe_layers")] == 1  # layer 1 of 2
     with pytest.raises(ValueError, match="missing"):

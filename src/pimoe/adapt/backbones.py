@@ -30,12 +30,18 @@ class ConvNet(nn.Module):
         num_classes: if given, a linear head to that many logits.
     """
 
-    def __init__(self, width: int = 32, side: int = 8, norm: Norm = "batch", num_classes: int | None = None) -> None:
+    def __init__(
+        self, width: int = 32, side: int = 8, norm: Norm = "batch", num_classes: int | None = None
+    ) -> None:
         super().__init__()
         if width < 1 or side < 4 or side % 4:
-            raise ValueError(f"need width >= 1 and side a multiple of 4, got width={width}, side={side}")
+            raise ValueError(
+                f"need width >= 1 and side a multiple of 4, got width={width}, side={side}"
+            )
         if norm not in ("batch", "batch_transductive", "none"):
-            raise ValueError(f"unknown norm {norm!r}; expected 'batch', 'batch_transductive' or 'none'")
+            raise ValueError(
+                f"unknown norm {norm!r}; expected 'batch', 'batch_transductive' or 'none'"
+            )
         self.side = side
         blocks: list[nn.Module] = []
         for i in range(3):

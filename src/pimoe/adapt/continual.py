@@ -18,13 +18,22 @@ from torch.func import grad, vmap
 from pimoe.adapt.functional import LossFn, Params, get_loss, run, trainable_params
 
 
-def fisher_diagonal(model: nn.Module, x: Tensor, y: Tensor, loss: str | LossFn = "cross_entropy", *,
-                    chunk_size: int = 256, vectorize: bool = True) -> Params:
+def fisher_diagonal(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss: str | LossFn = "cross_entropy",
+    *,
+    chunk_size: int = 256,
+    vectorize: bool = True,
+) -> Params:
     """Diagonal empirical Fisher: mean over the ``M`` samples of ``x [M, ...]``, ``y [M, ...]`` of
     the squared per-sample gradient. ``vectorize`` computes per-sample gradients with
     ``vmap(grad)`` (modules vmap can trace); otherwise one backward pass per sample (any module)."""
     if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"need a non-empty x and y of equal length, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"need a non-empty x and y of equal length, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     loss_fn = get_loss(loss)
     params = {n: p.detach() for n, p in trainable_params(model).items()}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -34,7 +43,7 @@ def fisher_diagonal(model: nn.Module, x: Tensor, y: Tensor, loss: str | LossFn =
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     for start in range(0, x.shape[0], chunk_size):
-        xs, ys = x[start:start + chunk_size], y[start:start + chunk_size]
+        xs, ys = x[start : start + chunk_size], y[start : start + chunk_size]
         if vectorize:
             grads = per_sample(params, xs, ys)
             for n in fisher:
@@ -54,8 +63,16 @@ class EWC:
     latest weights (the "online EWC" of Schwarz et al. 2018 with ``gamma = 1``).
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, *, lam: float, loss: str | LossFn = "cross_entropy",
-                 vectorize: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        lam: float,
+        loss: str | LossFn = "cross_entropy",
+        vectorize: bool = True,
+    ) -> None:
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
         self.lam, self.loss, self.vectorize = lam, loss, vectorize
@@ -74,7 +91,8 @@ class EWC:
         params = trainable_params(model)
         if params.keys() != self.anchor.keys():
             raise ValueError("model parameters do not match the ones EWC was consolidated on")
-        return 0.5 * self.lam * sum((self.fisher[n] * (p - self.anchor[n]).pow(2)).sum() for n, p in params.items())
+        terms = [(self.fisher[n] * (p - self.anchor[n]).pow(2)).sum() for n, p in params.items()]
+        return 0.5 * self.lam * torch.stack(terms).sum()
 
 
 class ReplayBuffer:
@@ -124,17 +142,29 @@ def task_incremental_loss(logits: Tensor, y: Tensor, classes_per_task: int) -> T
     return F.cross_entropy(masked, y)
 
 
-def minibatches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+def minibatches(
+    x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
     """One shuffled epoch of ``(x, y)`` in batches of ``batch_size``."""
     order = torch.randperm(x.shape[0], generator=generator)
     for start in range(0, x.shape[0], batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield x[idx], y[idx]
 
 
-def train_task(model: nn.Module, x: Tensor, y: Tensor, *, loss: str | LossFn = "cross_entropy", epochs: int = 10,
-               lr: float = 1e-3, batch_size: int = 32, ewc: EWC | None = None, replay: ReplayBuffer | None = None,
-               seed: int = 0) -> float:
+def train_task(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss: str | LossFn = "cross_entropy",
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    ewc: EWC | None = None,
+    replay: ReplayBuffer | None = None,
+    seed: int = 0,
+) -> float:
     """Train ``model`` on one task with Adam; with ``ewc`` its penalty is added, with ``replay``
     each batch is doubled with as many replayed examples (and the task's data is added to the
     buffer afterwards). Returns the last batch's loss."""

@@ -32,15 +32,10 @@ def get_loss(loss: str | LossFn) -> LossFn:
 
 def trainable_params(model: nn.Module) -> Params:
     """The model's parameters that require grad, by name (the tensors themselves, not copies)."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params: Params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
     return params
-
-
-def detached_params(model: nn.Module) -> Params:
-    """Detached copies of :func:`trainable_params` that require grad (a fresh start for SGD)."""
-    return {name: p.detach().clone().requires_grad_() for name, p in trainable_params(model).items()}
 
 
 def run(model: nn.Module, params: Params, x: Tensor) -> Tensor:
@@ -73,11 +68,10 @@ def sgd_steps(
         params = {n: p.detach().requires_grad_() for n, p in params.items()}
     for _ in range(steps):
         loss = loss_fn(run(model, params, x), y)
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=order == "second_order",
-                                    allow_unused=True)
-        params = {
-            n: p if g is None else p - lr * g for (n, p), g in zip(params.items(), grads)
-        }
+        grads = torch.autograd.grad(
+            loss, list(params.values()), create_graph=order == "second_order", allow_unused=True
+        )
+        params = {n: p if g is None else p - lr * g for (n, p), g in zip(params.items(), grads)}
         if order == "none":
             params = {n: p.detach().requires_grad_() for n, p in params.items()}
     return params

@@ -52,14 +52,22 @@ class AdaptiveLearning:
             raise TypeError("new_data must be a pair (x, y) of tensors")
         x, y = new_data
         if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"need non-empty x and y of equal length, got {tuple(x.shape)}, {tuple(y.shape)}")
+            raise ValueError(
+                f"need non-empty x and y of equal length, got {tuple(x.shape)}, {tuple(y.shape)}"
+            )
         cfg = self.config
         adapted = copy.deepcopy(model).train()
         params = [p for p in adapted.parameters() if p.requires_grad]
         optimizer: torch.optim.Optimizer = (
-            torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=cfg.lr)
+            torch.optim.SGD(params, lr=cfg.lr)
+            if cfg.optimizer == "sgd"
+            else torch.optim.Adam(params, lr=cfg.lr)
         )
-        controller = HypergradientLR(optimizer, cfg.hypergradient_beta) if cfg.hypergradient_beta > 0 else None
+        controller = (
+            HypergradientLR(optimizer, cfg.hypergradient_beta)
+            if cfg.hypergradient_beta > 0
+            else None
+        )
         loss_fn = get_loss(cfg.loss)
         for _ in range(cfg.steps):
             optimizer.zero_grad()

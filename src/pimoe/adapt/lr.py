@@ -28,8 +28,13 @@ class HypergradientLR:
         min_lr, max_lr: bounds of the adapted learning rate.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, beta: float = 0.02, min_lr: float = 1e-8,
-                 max_lr: float = 10.0) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        beta: float = 0.02,
+        min_lr: float = 1e-8,
+        max_lr: float = 10.0,
+    ) -> None:
         if not 0 < beta < 1:
             raise ValueError(f"beta must be in (0, 1), got {beta}")
         if not 0 < min_lr <= max_lr:
@@ -50,6 +55,8 @@ class HypergradientLR:
                 g = torch.cat([p.grad.detach().flatten() for p in params])
                 delta = torch.cat([(p.detach() - q).flatten() for p, q in zip(params, previous)])
                 cos = torch.nn.functional.cosine_similarity(g, delta, dim=0, eps=1e-12)
-                group["lr"] = min(self.max_lr, max(self.min_lr, group["lr"] * (1 - self.beta * float(cos))))
+                group["lr"] = min(
+                    self.max_lr, max(self.min_lr, group["lr"] * (1 - self.beta * float(cos)))
+                )
             self._previous[i] = [p.detach().clone() for p in params]
         self.history.append(float(self.optimizer.param_groups[0]["lr"]))

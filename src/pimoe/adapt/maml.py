@@ -35,15 +35,28 @@ class MAML:
         optimizer: meta-optimizer over ``model.parameters()``.
     """
 
-    def __init__(self, model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,
-                 outer_lr: float = 1e-3, loss: str | LossFn = "mse", vectorize: bool = False,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        outer_lr: float = 1e-3,
+        loss: str | LossFn = "mse",
+        vectorize: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         if inner_lr <= 0 or inner_steps < 1:
-            raise ValueError(f"need inner_lr > 0 and inner_steps >= 1, got {inner_lr}, {inner_steps}")
+            raise ValueError(
+                f"need inner_lr > 0 and inner_steps >= 1, got {inner_lr}, {inner_steps}"
+            )
         norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
         if vectorize and not first_order and any(isinstance(m, norms) for m in model.modules()):
-            raise ValueError("second-order MAML with vectorize=True gives wrong meta-gradients through batch norm "
-                             "and layer norm (torch.func); use vectorize=False or first_order=True")
+            raise ValueError(
+                "second-order MAML with vectorize=True gives wrong meta-gradients through batch norm "
+                "and layer norm (torch.func); use vectorize=False or first_order=True"
+            )
         self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
         self.first_order, self.vectorize = first_order, vectorize
         self.loss_fn = get_loss(loss)
@@ -56,8 +69,16 @@ class MAML:
 
     def task_loss(self, params: Params, task: Task) -> Tensor:
         """Query loss of one task after ``inner_steps`` steps from ``params`` on its support set."""
-        fast = sgd_steps(self.model, params, task.support_x, task.support_y, self.loss_fn,
-                         self.inner_steps, self.inner_lr, self.order)
+        fast = sgd_steps(
+            self.model,
+            params,
+            task.support_x,
+            task.support_y,
+            self.loss_fn,
+            self.inner_steps,
+            self.inner_lr,
+            self.order,
+        )
         return self.loss_fn(run(self.model, fast, task.query_x), task.query_y)
 
     def _vmapped_losses(self, params: Params, tasks: Task) -> Tensor:
@@ -78,13 +99,15 @@ class MAML:
         """Mean post-adaptation query loss over a batch of tasks (``support_x [N, K, ...]`` etc.),
         differentiable w.r.t. the model's parameters."""
         if tasks.support_x.dim() < 2 or any(t.shape[0] != tasks.support_x.shape[0] for t in tasks):
-            raise ValueError(f"expected a batch of tasks with a common leading dimension, got shapes "
-                             f"{[tuple(t.shape) for t in tasks]}")
+            raise ValueError(
+                f"expected a batch of tasks with a common leading dimension, got shapes "
+                f"{[tuple(t.shape) for t in tasks]}"
+            )
         params = trainable_params(self.model)
         if self.vectorize:
             return self._vmapped_losses(params, tasks).mean()
         n = tasks.support_x.shape[0]
-        return torch.stack([self.task_loss(params, tasks.index(i)) for i in range(n)]).mean()
+        return torch.stack([self.task_loss(params, tasks.task(i)) for i in range(n)]).mean()
 
     def step(self, tasks: Task) -> float:
         """One meta-update on a batch of tasks; returns the meta-loss before the update."""
@@ -94,8 +117,18 @@ class MAML:
         self.optimizer.step()
         return float(loss.detach())
 
-    def adapt(self, x: Tensor, y: Tensor, steps: int | None = None, lr: float | None = None) -> Params:
+    def adapt(
+        self, x: Tensor, y: Tensor, steps: int | None = None, lr: float | None = None
+    ) -> Params:
         """Fast weights after ``steps`` (default ``inner_steps``) SGD steps on ``(x, y)`` from the
         meta-learned initialization; use them with :func:`pimoe.adapt.functional.run`."""
-        return sgd_steps(self.model, trainable_params(self.model), x, y, self.loss_fn,
-                         self.inner_steps if steps is None else steps, lr or self.inner_lr, "none")
+        return sgd_steps(
+            self.model,
+            trainable_params(self.model),
+            x,
+            y,
+            self.loss_fn,
+            self.inner_steps if steps is None else steps,
+            lr or self.inner_lr,
+            "none",
+        )

@@ -22,13 +22,21 @@ class ProtoNet(nn.Module):
 
     def prototypes(self, support_x: Tensor, support_y: Tensor) -> Tensor:
         """``support_x [S, ...]``, ``support_y [S]`` long -> prototypes ``[n_way, E]``."""
-        if support_y.dim() != 1 or support_y.shape[0] != support_x.shape[0] or support_y.dtype != torch.long:
-            raise ValueError(f"support_y must be long [{support_x.shape[0]}], got {support_y.dtype} "
-                             f"{tuple(support_y.shape)}")
+        if (
+            support_y.dim() != 1
+            or support_y.shape[0] != support_x.shape[0]
+            or support_y.dtype != torch.long
+        ):
+            raise ValueError(
+                f"support_y must be long [{support_x.shape[0]}], got {support_y.dtype} "
+                f"{tuple(support_y.shape)}"
+            )
         n_way = int(support_y.max()) + 1
         counts = torch.bincount(support_y, minlength=n_way)
         if bool((counts == 0).any()):
-            raise ValueError(f"every class 0..{n_way - 1} needs a support example; counts {counts.tolist()}")
+            raise ValueError(
+                f"every class 0..{n_way - 1} needs a support example; counts {counts.tolist()}"
+            )
         emb = self.encoder(support_x)  # [S, E]
         sums = emb.new_zeros(n_way, emb.shape[-1]).index_add_(0, support_y, emb)
         return sums / counts.unsqueeze(1).to(emb.dtype)

@@ -22,12 +22,26 @@ class Reptile:
         loss: ``"mse"``, ``"cross_entropy"`` or a callable.
     """
 
-    def __init__(self, model: nn.Module, *, inner_lr: float = 0.02, inner_steps: int = 5, epsilon: float = 0.1,
-                 loss: str | LossFn = "mse") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_lr: float = 0.02,
+        inner_steps: int = 5,
+        epsilon: float = 0.1,
+        loss: str | LossFn = "mse",
+    ) -> None:
         if inner_lr <= 0 or inner_steps < 1 or not 0 < epsilon <= 1:
-            raise ValueError(f"need inner_lr > 0, inner_steps >= 1, 0 < epsilon <= 1; got "
-                             f"{inner_lr}, {inner_steps}, {epsilon}")
-        self.model, self.inner_lr, self.inner_steps, self.epsilon = model, inner_lr, inner_steps, epsilon
+            raise ValueError(
+                f"need inner_lr > 0, inner_steps >= 1, 0 < epsilon <= 1; got "
+                f"{inner_lr}, {inner_steps}, {epsilon}"
+            )
+        self.model, self.inner_lr, self.inner_steps, self.epsilon = (
+            model,
+            inner_lr,
+            inner_steps,
+            epsilon,
+        )
         self.loss_fn = get_loss(loss)
 
     @torch.no_grad()
@@ -38,11 +52,13 @@ class Reptile:
         delta = {n: torch.zeros_like(p) for n, p in params.items()}
         losses = []
         for i in range(tasks.support_x.shape[0]):
-            task = tasks.index(i)
+            task = tasks.task(i)
             x = torch.cat([task.support_x, task.query_x])
             y = torch.cat([task.support_y, task.query_y])
             with torch.enable_grad():
-                fast = sgd_steps(self.model, params, x, y, self.loss_fn, self.inner_steps, self.inner_lr, "none")
+                fast = sgd_steps(
+                    self.model, params, x, y, self.loss_fn, self.inner_steps, self.inner_lr, "none"
+                )
                 losses.append(float(self.loss_fn(run(self.model, fast, x), y).detach()))
             for n in delta:
                 delta[n] += fast[n] - params[n]

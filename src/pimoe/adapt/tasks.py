@@ -22,7 +22,7 @@ class Task(NamedTuple):
     query_x: Tensor
     query_y: Tensor
 
-    def index(self, i: int) -> Task:
+    def task(self, i: int) -> Task:
         """Task ``i`` of a batch."""
         return Task(*(t[i] for t in self))
 
@@ -31,8 +31,13 @@ class SinusoidTasks:
     """Finn et al. 2017, Sec. 5.1: ``y = A sin(x - phase)``, ``A`` ~ U[0.1, 5], ``phase`` ~ U[0, pi],
     ``x`` ~ U[-5, 5]. Inputs and targets are ``[..., 1]`` float32."""
 
-    def __init__(self, amplitude: tuple[float, float] = (0.1, 5.0), phase: tuple[float, float] = (0.0, math.pi),
-                 x_range: tuple[float, float] = (-5.0, 5.0), seed: int = 0) -> None:
+    def __init__(
+        self,
+        amplitude: tuple[float, float] = (0.1, 5.0),
+        phase: tuple[float, float] = (0.0, math.pi),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+        seed: int = 0,
+    ) -> None:
         for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
             if not lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with low <= high, got {(lo, hi)}")
@@ -46,7 +51,9 @@ class SinusoidTasks:
         """``num_tasks`` random sinusoids, each with ``k_support`` and ``k_query`` random points:
         ``support_x [N, K, 1]`` etc."""
         if num_tasks < 1 or k_support < 1 or k_query < 1:
-            raise ValueError(f"need num_tasks, k_support, k_query >= 1, got {num_tasks, k_support, k_query}")
+            raise ValueError(
+                f"need num_tasks, k_support, k_query >= 1, got {num_tasks, k_support, k_query}"
+            )
         amp = self._uniform((num_tasks, 1, 1), *self.amplitude)
         phase = self._uniform((num_tasks, 1, 1), *self.phase)
         xs = self._uniform((num_tasks, k_support, 1), *self.x_range)
@@ -61,11 +68,12 @@ class SinusoidTasks:
 
 
 def load_digits_tensors() -> tuple[Tensor, Tensor]:
-    """sklearn's 1,797 8x8 digits: ``x [1797, 64]`` float32 in [0, 1] (row-major 8x8), ``y [1797]`` long."""
-    from sklearn.datasets import load_digits
+    """sklearn's 1,797 8x8 digits: ``x [1797, 64]`` float32 in [0, 1] (row-major 8x8), ``y [1797]`` long
+    (:func:`pimoe.data.digits.load_digits`)."""
+    from pimoe.data.digits import load_digits
 
     data = load_digits()
-    return torch.tensor(data.data / 16.0, dtype=torch.float32), torch.tensor(data.target, dtype=torch.long)
+    return data.x, data.y
 
 
 class DigitsEpisodes:
@@ -80,21 +88,42 @@ class DigitsEpisodes:
     only five meta-train digits, episodes otherwise always show the same five classes.
     """
 
-    def __init__(self, classes: list[int], n_way: int = 5, k_shot: int = 1, queries: int = 15, seed: int = 0,
-                 data: tuple[Tensor, Tensor] | None = None, rotations: bool = False) -> None:
+    def __init__(
+        self,
+        classes: list[int],
+        n_way: int = 5,
+        k_shot: int = 1,
+        queries: int = 15,
+        seed: int = 0,
+        data: tuple[Tensor, Tensor] | None = None,
+        rotations: bool = False,
+    ) -> None:
         available = len(classes) * (4 if rotations else 1)
         if n_way < 2 or n_way > available:
-            raise ValueError(f"n_way must be in [2, {available}] for classes {classes}, got {n_way}")
+            raise ValueError(
+                f"n_way must be in [2, {available}] for classes {classes}, got {n_way}"
+            )
         if k_shot < 1 or queries < 1:
             raise ValueError(f"k_shot and queries must be >= 1, got {k_shot}, {queries}")
         x, y = data if data is not None else load_digits_tensors()
         images = x.view(-1, 8, 8)
         turns = range(4) if rotations else range(1)
-        self.by_class = {(c, k): torch.rot90(images[y == c], k, (1, 2)).reshape(-1, 64) for c in classes for k in turns}
+        self.by_class = {
+            (c, k): torch.rot90(images[y == c], k, (1, 2)).reshape(-1, 64)
+            for c in classes
+            for k in turns
+        }
         for c, rows in self.by_class.items():
             if len(rows) < k_shot + queries:
-                raise ValueError(f"class {c} has {len(rows)} images, fewer than k_shot + queries = {k_shot + queries}")
-        self.classes, self.n_way, self.k_shot, self.queries = list(self.by_class), n_way, k_shot, queries
+                raise ValueError(
+                    f"class {c} has {len(rows)} images, fewer than k_shot + queries = {k_shot + queries}"
+                )
+        self.classes, self.n_way, self.k_shot, self.queries = (
+            list(self.by_class),
+            n_way,
+            k_shot,
+            queries,
+        )
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> Task:
@@ -105,7 +134,7 @@ class DigitsEpisodes:
             rows = self.by_class[self.classes[int(c)]]
             pick = torch.from_numpy(self.rng.permutation(len(rows))[: self.k_shot + self.queries])
             sx.append(rows[pick[: self.k_shot]])
-            qx.append(rows[pick[self.k_shot:]])
+            qx.append(rows[pick[self.k_shot :]])
             sy.append(torch.full((self.k_shot,), label))
             qy.append(torch.full((self.queries,), label))
         return Task(torch.cat(sx), torch.cat(sy), torch.cat(qx), torch.cat(qy))

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from pimoe.bench.timing import run_header
 from pimoe.federated.config import FederatedConfig
 from pimoe.federated.plot import plot_accuracy
 from pimoe.federated.simulation import run_federated
-from pimoe.federated.task import centralized_accuracy
+from pimoe.federated.task import centralized_accuracy, load_task
 from pimoe.io import atomic_write_text
 
 
@@ -45,7 +45,9 @@ def run(cfg: FederatedBenchConfig, console: Console | None = None) -> dict:
     console = console or Console()
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    central = centralized_accuracy(cfg.base.model, cfg.centralized_epochs, cfg.base.seed)
+    central = centralized_accuracy(
+        load_task(cfg.base), cfg.base.clients, cfg.centralized_epochs, cfg.base.seed
+    )
     runs = []
     grid = [(s, p, d) for p in cfg.partitions for s in cfg.strategies for d in cfg.dropouts]
     with Progress(console=console) as progress:
@@ -54,17 +56,28 @@ def run(cfg: FederatedBenchConfig, console: Console | None = None) -> dict:
             label = f"{strategy}, {partition}, dropout {dropout:g}"
             task = progress.add_task(label, total=run_cfg.rounds)
             start = time.perf_counter()
-            record = run_federated(run_cfg, cfg.backend,
-                                   on_round=lambda r, acc, task=task: progress.update(task, completed=r))
+
+            def on_round(server_round: int, acc: float, task: TaskID = task) -> None:
+                progress.update(task, completed=server_round)
+
+            record = run_federated(run_cfg, cfg.backend, on_round=on_round)
             final = record.accuracy[-1]
-            runs.append({
-                "strategy": strategy, "partition": partition, "dropout": dropout, "final_accuracy": final,
-                "ratio_to_centralized": final / central, "rounds_to_90pct": record.rounds_to_reach(0.9 * central),
-                "clients_per_round": record.clients_per_round,
-                "mean_clients_per_round": sum(record.clients_per_round) / len(record.clients_per_round),
-                "rejected_updates": sum(r.rejected for r in record.rounds), "seconds": time.perf_counter() - start,
-                "accuracy_per_round": record.accuracy,
-            })
+            runs.append(
+                {
+                    "strategy": strategy,
+                    "partition": partition,
+                    "dropout": dropout,
+                    "final_accuracy": final,
+                    "ratio_to_centralized": final / central,
+                    "rounds_to_90pct": record.rounds_to_reach(0.9 * central),
+                    "clients_per_round": record.clients_per_round,
+                    "mean_clients_per_round": sum(record.clients_per_round)
+                    / len(record.clients_per_round),
+                    "rejected_updates": sum(r.rejected for r in record.rounds),
+                    "seconds": time.perf_counter() - start,
+                    "accuracy_per_round": record.accuracy,
+                }
+            )
     result = {**run_header("federated", cfg), "centralized_accuracy": central, "runs": runs}
     _print(result, console)
     return result
@@ -72,14 +85,32 @@ def run(cfg: FederatedBenchConfig, console: Console | None = None) -> dict:
 
 def _print(result: dict, console: Console) -> None:
     cfg = result["config"]["base"]
-    table = Table(title=f"{cfg['clients']} clients, {cfg['rounds']} rounds, {cfg['fraction']:.0%} sampled; "
-                        f"centralized accuracy {result['centralized_accuracy']:.3f} (same run)")
-    for col in ("strategy", "partition", "dropout", "clients/round", "final acc", "/ centralized", "rounds to 90%", "s"):
+    table = Table(
+        title=f"{cfg['clients']} clients, {cfg['rounds']} rounds, {cfg['fraction']:.0%} sampled; "
+        f"centralized accuracy {result['centralized_accuracy']:.3f} (same run)"
+    )
+    for col in (
+        "strategy",
+        "partition",
+        "dropout",
+        "clients/round",
+        "final acc",
+        "/ centralized",
+        "rounds to 90%",
+        "s",
+    ):
         table.add_column(col, justify="right")
     for r in result["runs"]:
-        table.add_row(r["strategy"], r["partition"], f"{r['dropout']:.0%}", f"{r['mean_clients_per_round']:.1f}",
-                      f"{r['final_accuracy']:.3f}", f"{r['ratio_to_centralized']:.3f}", str(r["rounds_to_90pct"]),
-                      f"{r['seconds']:.0f}")
+        table.add_row(
+            r["strategy"],
+            r["partition"],
+            f"{r['dropout']:.0%}",
+            f"{r['mean_clients_per_round']:.1f}",
+            f"{r['final_accuracy']:.3f}",
+            f"{r['ratio_to_centralized']:.3f}",
+            str(r["rounds_to_90pct"]),
+            f"{r['seconds']:.0f}",
+        )
     console.print(table)
 
 
@@ -91,14 +122,27 @@ def main(quick: bool = False, json_path: Path | None = None, backend: str | None
     """
     cfg = FederatedBenchConfig()
     if quick:
-        cfg = FederatedBenchConfig(base=FederatedConfig(rounds=15), strategies=["fedavg"], partitions=["dirichlet"],
-                                   backend="inprocess")
+        cfg = FederatedBenchConfig(
+            base=FederatedConfig(rounds=15),
+            strategies=["fedavg"],
+            partitions=["dirichlet"],
+            backend="inprocess",
+        )
     if backend is not None:
         cfg = replace(cfg, backend=backend)
     result = run(cfg)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))
-        curves = {f"{r['strategy']}, {r['partition']}, dropout {r['dropout']:.0%}": r["accuracy_per_round"] for r in result["runs"]}
-        plot_accuracy(curves, result["centralized_accuracy"], json_path.with_suffix(".png"),
-                      title="Federated vs centralized, sklearn digits")
+        curves = {
+            f"{r['strategy']}, {r['partition']}, dropout {r['dropout']:.0%}": r[
+                "accuracy_per_round"
+            ]
+            for r in result["runs"]
+        }
+        plot_accuracy(
+            curves,
+            result["centralized_accuracy"],
+            json_path.with_suffix(".png"),
+            title="Federated vs centralized, sklearn digits",
+        )
     return result

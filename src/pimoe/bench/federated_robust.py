@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from pimoe.federated.config import FederatedConfig
 from pimoe.federated.simulation import run_federated
 from pimoe.io import atomic_write_text, save_png
 
-AGGREGATORS = {
+AGGREGATORS: dict[str, dict[str, Any]] = {
     "fedavg": dict(strategy="fedavg", norm_factor=0.0),
     "fedavg+screen": dict(strategy="fedavg"),
     "median": dict(strategy="fedmedian", norm_factor=0.0),
@@ -66,7 +67,9 @@ def run(cfg: RobustBenchConfig, console: Console | None = None) -> dict:
     """Measure and return the results as a JSON-serializable dict."""
     unknown = set(cfg.aggregators) - set(AGGREGATORS)
     if unknown:
-        raise ValueError(f"unknown aggregators {sorted(unknown)}; expected some of {list(AGGREGATORS)}")
+        raise ValueError(
+            f"unknown aggregators {sorted(unknown)}; expected some of {list(AGGREGATORS)}"
+        )
     console = console or Console()
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -76,24 +79,48 @@ def run(cfg: RobustBenchConfig, console: Console | None = None) -> dict:
         task = progress.add_task("robust aggregation", total=len(scenarios) * len(cfg.aggregators))
         for attack, fraction in scenarios:
             for name in cfg.aggregators:
-                run_cfg = replace(cfg.base, **AGGREGATORS[name], clip_norm=cfg.clip_norm if name == "clip" else 0.0,
-                                  malicious=malicious_ids(cfg.base.clients, fraction, cfg.base.seed) if fraction else "",
-                                  attack=attack if fraction else "scale")
+                run_cfg = replace(
+                    cfg.base,
+                    **AGGREGATORS[name],
+                    clip_norm=cfg.clip_norm if name == "clip" else 0.0,
+                    malicious=malicious_ids(cfg.base.clients, fraction, cfg.base.seed)
+                    if fraction
+                    else "",
+                    attack=attack if fraction else "scale",
+                )
                 start = time.perf_counter()
                 record = run_federated(run_cfg, backend="inprocess")
-                runs.append({"aggregator": name, "attack": attack, "malicious_fraction": fraction,
-                             "final_accuracy": record.accuracy[-1], "accuracy_per_round": record.accuracy,
-                             "rejected_updates": sum(r.rejected for r in record.rounds),
-                             "seconds": time.perf_counter() - start})
-                progress.update(task, advance=1, description=f"{name}, {attack} {fraction:.0%}: {record.accuracy[-1]:.3f}")
+                runs.append(
+                    {
+                        "aggregator": name,
+                        "attack": attack,
+                        "malicious_fraction": fraction,
+                        "final_accuracy": record.accuracy[-1],
+                        "accuracy_per_round": record.accuracy,
+                        "rejected_updates": sum(r.rejected for r in record.rounds),
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
+                progress.update(
+                    task,
+                    advance=1,
+                    description=f"{name}, {attack} {fraction:.0%}: {record.accuracy[-1]:.3f}",
+                )
     result = {**run_header("federated_robust", cfg), "runs": runs}
     _print(result, console)
     return result
 
 
 def _rows(result: dict) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
-    cells = {(r["aggregator"], "none" if not r["malicious_fraction"] else f"{r['attack']} {r['malicious_fraction']:.0%}"):
-             r["final_accuracy"] for r in result["runs"]}
+    cells = {
+        (
+            r["aggregator"],
+            "none"
+            if not r["malicious_fraction"]
+            else f"{r['attack']} {r['malicious_fraction']:.0%}",
+        ): r["final_accuracy"]
+        for r in result["runs"]
+    }
     aggregators = list(dict.fromkeys(r["aggregator"] for r in result["runs"]))
     scenarios = list(dict.fromkeys(s for _, s in cells))
     return aggregators, scenarios, cells
@@ -102,8 +129,10 @@ def _rows(result: dict) -> tuple[list[str], list[str], dict[tuple[str, str], flo
 def _print(result: dict, console: Console) -> None:
     aggregators, scenarios, cells = _rows(result)
     base = result["config"]["base"]
-    table = Table(title=f"final test accuracy, {base['clients']} clients, {base['rounds']} rounds, "
-                        f"{base['fraction']:.0%} sampled, {base['partition']}")
+    table = Table(
+        title=f"final test accuracy, {base['clients']} clients, {base['rounds']} rounds, "
+        f"{base['fraction']:.0%} sampled, {base['partition']}"
+    )
     table.add_column("attack, malicious")
     for name in aggregators:
         table.add_column(name, justify="right")
@@ -139,7 +168,9 @@ def main(quick: bool = False, json_path: Path | None = None) -> dict:
     """
     cfg = RobustBenchConfig()
     if quick:
-        cfg = RobustBenchConfig(base=FederatedConfig(rounds=8), attacks=["scale", "signflip"], malicious_fractions=[0.3])
+        cfg = RobustBenchConfig(
+            base=FederatedConfig(rounds=8), attacks=["scale", "signflip"], malicious_fractions=[0.3]
+        )
     result = run(cfg)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))

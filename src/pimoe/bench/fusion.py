@@ -18,8 +18,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pimoe.bench.timing import run_header
-from pimoe.fusion import METHODS, ContrastiveAligner, FusionClassifier, FusionConfig, build_fusion, digit_halves
-from pimoe.fusion import recall_at_k
+from pimoe.fusion import (
+    METHODS,
+    ContrastiveAligner,
+    FusionClassifier,
+    FusionConfig,
+    build_fusion,
+    digit_halves,
+    recall_at_k,
+)
 from pimoe.io import atomic_write_text
 
 Views = dict[str, Tensor]
@@ -44,7 +51,9 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor
     return list(torch.randperm(n, generator=generator).split(batch_size))
 
 
-def train_classifier(model: FusionClassifier, views: Views, y: Tensor, cfg: FusionBenchConfig, seed: int) -> float:
+def train_classifier(
+    model: FusionClassifier, views: Views, y: Tensor, cfg: FusionBenchConfig, seed: int
+) -> float:
     """Adam on cross-entropy (+ ``aux_coef`` x the MoE balance loss); returns seconds taken."""
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(seed)
@@ -66,7 +75,9 @@ def accuracy(model: nn.Module, views: Views, y: Tensor) -> float:
     return float((model(views).argmax(-1) == y).float().mean())
 
 
-def classification(cfg: FusionBenchConfig, data: tuple[Views, Tensor, Views, Tensor]) -> dict[str, dict]:
+def classification(
+    cfg: FusionBenchConfig, data: tuple[Views, Tensor, Views, Tensor]
+) -> dict[str, dict]:
     """Test accuracy (mean and per seed) of each sensor alone and of each fusion method."""
     train_v, train_y, test_v, test_y = data
     dims = {m: v.shape[-1] for m, v in train_v.items()}
@@ -82,10 +93,18 @@ def classification(cfg: FusionBenchConfig, data: tuple[Views, Tensor, Views, Ten
         accs, seconds = [], 0.0
         for s in range(cfg.seeds):
             torch.manual_seed(cfg.seed + s)
-            model = FusionClassifier(build_fusion(FusionConfig(modalities, method, cfg.d_model)), 10)
-            seconds += train_classifier(model, {m: train_v[m] for m in modalities}, train_y, cfg, cfg.seed + s)
+            model = FusionClassifier(
+                build_fusion(FusionConfig(modalities, method, cfg.d_model)), 10
+            )
+            seconds += train_classifier(
+                model, {m: train_v[m] for m in modalities}, train_y, cfg, cfg.seed + s
+            )
             accs.append(accuracy(model, {m: test_v[m] for m in modalities}, test_y))
-        results[name] = {"acc": sum(accs) / len(accs), "per_seed": accs, "train_s": seconds / cfg.seeds}
+        results[name] = {
+            "acc": sum(accs) / len(accs),
+            "per_seed": accs,
+            "train_s": seconds / cfg.seeds,
+        }
     return results
 
 
@@ -93,7 +112,9 @@ def _encoder(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(d_in, 128), nn.GELU(), nn.Linear(128, d_out))
 
 
-def retrieval(cfg: FusionBenchConfig, data: tuple[Views, Tensor, Views, Tensor]) -> dict[str, float]:
+def retrieval(
+    cfg: FusionBenchConfig, data: tuple[Views, Tensor, Views, Tensor]
+) -> dict[str, float]:
     """Contrastive encoders for top and bottom halves trained on the train split; recall@1/@5 of
     finding an image's other half among all test images (both directions), vs chance."""
     train_v, _, test_v, _ = data
@@ -113,10 +134,14 @@ def retrieval(cfg: FusionBenchConfig, data: tuple[Views, Tensor, Views, Tensor])
     t2b, b2t = recall_at_k(top, bottom), recall_at_k(bottom, top)
     n_test = len(top)
     return {
-        "recall_at_1": (t2b[1] + b2t[1]) / 2, "recall_at_5": (t2b[5] + b2t[5]) / 2,
-        "top_to_bottom_recall_at_1": t2b[1], "bottom_to_top_recall_at_1": b2t[1],
-        "chance_recall_at_1": 1 / n_test, "chance_recall_at_5": 5 / n_test,
-        "temperature": float(1 / aligner.logit_scale.detach()), "gallery_size": n_test,
+        "recall_at_1": (t2b[1] + b2t[1]) / 2,
+        "recall_at_5": (t2b[5] + b2t[5]) / 2,
+        "top_to_bottom_recall_at_1": t2b[1],
+        "bottom_to_top_recall_at_1": b2t[1],
+        "chance_recall_at_1": 1 / n_test,
+        "chance_recall_at_5": 5 / n_test,
+        "temperature": float(1 / aligner.logit_scale.detach()),
+        "gallery_size": n_test,
     }
 
 
@@ -128,8 +153,12 @@ def run(cfg: FusionBenchConfig, console: Console | None = None) -> dict:
     cls = classification(cfg, data)
     ret = retrieval(cfg, data)
     single = max(r["acc"] for name, r in cls.items() if "_only" in name)
-    result = {**run_header("fusion", cfg), "classification": cls, "retrieval": ret,
-              "best_single_sensor_acc": single}
+    result = {
+        **run_header("fusion", cfg),
+        "classification": cls,
+        "retrieval": ret,
+        "best_single_sensor_acc": single,
+    }
     for method in METHODS:
         result[f"{method}_acc"] = cls[method]["acc"]
     result["recall_at_1"], result["recall_at_5"] = ret["recall_at_1"], ret["recall_at_5"]
@@ -139,17 +168,21 @@ def run(cfg: FusionBenchConfig, console: Console | None = None) -> dict:
 
 def _print(result: dict, console: Console) -> None:
     best = result["best_single_sensor_acc"]
-    table = Table(title=f"Digits seen by two noisy sensors (top/bottom half): test accuracy, "
-                        f"mean of {result['config']['seeds']} seeds")
+    table = Table(
+        title=f"Digits seen by two noisy sensors (top/bottom half): test accuracy, "
+        f"mean of {result['config']['seeds']} seeds"
+    )
     for col in ("model", "accuracy", "vs best single sensor", "train s"):
         table.add_column(col, justify="right")
     for name, r in result["classification"].items():
         table.add_row(name, f"{r['acc']:.3f}", f"{r['acc'] - best:+.3f}", f"{r['train_s']:.1f}")
     console.print(table)
     r = result["retrieval"]
-    console.print(f"Cross-modal retrieval over {r['gallery_size']} test images: recall@1 {r['recall_at_1']:.3f} "
-                  f"(chance {r['chance_recall_at_1']:.4f}), recall@5 {r['recall_at_5']:.3f} "
-                  f"(chance {r['chance_recall_at_5']:.4f}), learned temperature {r['temperature']:.3f}")
+    console.print(
+        f"Cross-modal retrieval over {r['gallery_size']} test images: recall@1 {r['recall_at_1']:.3f} "
+        f"(chance {r['chance_recall_at_1']:.4f}), recall@5 {r['recall_at_5']:.3f} "
+        f"(chance {r['chance_recall_at_5']:.4f}), learned temperature {r['temperature']:.3f}"
+    )
 
 
 def main(quick: bool = False, json_path: Path | None = None) -> dict:

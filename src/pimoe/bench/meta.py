@@ -20,8 +20,17 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pimoe.adapt import (
-    EWC, MAML, ReplayBuffer, SinusoidTasks, Task, load_digits_tensors, run, sgd_steps, task_incremental_loss,
-    train_task, trainable_params,
+    EWC,
+    MAML,
+    ReplayBuffer,
+    SinusoidTasks,
+    Task,
+    load_digits_tensors,
+    run,
+    sgd_steps,
+    task_incremental_loss,
+    train_task,
+    trainable_params,
 )
 from pimoe.bench.meta_fewshot import FewShotSetup, ci95, fewshot_accuracy
 from pimoe.bench.timing import run_header
@@ -53,18 +62,24 @@ class MetaBenchConfig:
 
 def sinusoid_net() -> nn.Sequential:
     """The paper's regressor: 1 -> 40 -> 40 -> 1, ReLU."""
-    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    return nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
 
 
-def mse_curve(model: nn.Module, tasks: Task, max_steps: int, lr: float) -> list[tuple[float, float]]:
+def mse_curve(
+    model: nn.Module, tasks: Task, max_steps: int, lr: float
+) -> list[tuple[float, float]]:
     """Query MSE (mean, CI) after 0..max_steps SGD steps on each task's support set."""
     per_step: list[list[float]] = [[] for _ in range(max_steps + 1)]
     for i in range(tasks.support_x.shape[0]):
-        task = tasks.index(i)
+        task = tasks.task(i)
         params = trainable_params(model)
         for step in range(max_steps + 1):
             with torch.no_grad():
-                per_step[step].append(float(F.mse_loss(run(model, params, task.query_x), task.query_y)))
+                per_step[step].append(
+                    float(F.mse_loss(run(model, params, task.query_x), task.query_y))
+                )
             params = sgd_steps(model, params, task.support_x, task.support_y, F.mse_loss, 1, lr)
     return [ci95(v) for v in per_step]
 
@@ -101,11 +116,21 @@ def fewshot(cfg: MetaBenchConfig, shots: int, data: tuple[Tensor, Tensor]) -> di
     """5-way ``shots``-shot on meta-test digits 5-9 after episodic training on rotated digits 0-4:
     the raw-pixel reference, ProtoNet and MAML, both on the convnet without batch norm (the ablation
     of ``pimoe.bench.meta_fewshot``: batch norm costs ProtoNet 1-shot and MAML accuracy here)."""
-    setups = {"pixel_nearest_mean": FewShotSetup(method="pixels"),
-              "protonet": FewShotSetup(method="protonet", norm="none", episodes=cfg.fewshot_episodes),
-              "maml": FewShotSetup(method="maml", backbone="conv", norm="none", episodes=cfg.fewshot_episodes // 4,
-                                   inner_lr=cfg.maml_digits_inner_lr)}
-    return {name: fewshot_accuracy(s, shots, data, cfg.fewshot_eval, cfg.seed) for name, s in setups.items()}
+    setups = {
+        "pixel_nearest_mean": FewShotSetup(method="pixels"),
+        "protonet": FewShotSetup(method="protonet", norm="none", episodes=cfg.fewshot_episodes),
+        "maml": FewShotSetup(
+            method="maml",
+            backbone="conv",
+            norm="none",
+            episodes=cfg.fewshot_episodes // 4,
+            inner_lr=cfg.maml_digits_inner_lr,
+        ),
+    }
+    return {
+        name: fewshot_accuracy(s, shots, data, cfg.fewshot_eval, cfg.seed)
+        for name, s in setups.items()
+    }
 
 
 def continual(cfg: MetaBenchConfig, data: tuple[Tensor, Tensor]) -> dict:
@@ -125,7 +150,9 @@ def continual(cfg: MetaBenchConfig, data: tuple[Tensor, Tensor]) -> dict:
         xs, ys = part(test, task_b)
         offset = 5 if task_b else 0
         with torch.no_grad():
-            return float((model(xs)[:, offset:offset + 5].argmax(-1) + offset == ys).float().mean())
+            return float(
+                (model(xs)[:, offset : offset + 5].argmax(-1) + offset == ys).float().mean()
+            )
 
     def loss(out: Tensor, target: Tensor) -> Tensor:
         return task_incremental_loss(out, target, 5)
@@ -137,15 +164,31 @@ def continual(cfg: MetaBenchConfig, data: tuple[Tensor, Tensor]) -> dict:
         replay = ReplayBuffer(cfg.replay_size, seed=cfg.seed) if method == "replay" else None
         train_task(model, *part(train, False), loss=loss, epochs=10, replay=replay, seed=cfg.seed)
         after_a = accuracy(model, False)
-        ewc = EWC(model, *part(train, False), lam=cfg.ewc_lambda, loss=loss) if method == "ewc" else None
-        train_task(model, *part(train, True), loss=loss, epochs=cfg.ewc_epochs_b, ewc=ewc, replay=replay,
-                   seed=cfg.seed + 1)
-        results[method] = {"task_a_after_a": after_a, "task_a_after_b": accuracy(model, False),
-                           "task_b": accuracy(model, True)}
+        ewc = (
+            EWC(model, *part(train, False), lam=cfg.ewc_lambda, loss=loss)
+            if method == "ewc"
+            else None
+        )
+        train_task(
+            model,
+            *part(train, True),
+            loss=loss,
+            epochs=cfg.ewc_epochs_b,
+            ewc=ewc,
+            replay=replay,
+            seed=cfg.seed + 1,
+        )
+        results[method] = {
+            "task_a_after_a": after_a,
+            "task_a_after_b": accuracy(model, False),
+            "task_b": accuracy(model, True),
+        }
     return results
 
 
-def run_all(cfg: MetaBenchConfig, console: Console | None = None, plot_path: Path | None = None) -> dict:
+def run_all(
+    cfg: MetaBenchConfig, console: Console | None = None, plot_path: Path | None = None
+) -> dict:
     """Measure everything and return the results as a JSON-serializable dict."""
     console = console or Console()
     torch.set_num_threads(1)
@@ -153,8 +196,13 @@ def run_all(cfg: MetaBenchConfig, console: Console | None = None, plot_path: Pat
     sin = {k: sinusoid(cfg, k) for k in cfg.shots}
     shots = {s: fewshot(cfg, s, data) for s in (1, 5)}
     cl = continual(cfg, data)
-    result: dict = {**run_header("meta", cfg), "paper_k5_fig3": PAPER_K5, "sinusoid": sin, "fewshot": shots,
-                    "continual": cl}
+    result: dict = {
+        **run_header("meta", cfg),
+        "paper_k5_fig3": PAPER_K5,
+        "sinusoid": sin,
+        "fewshot": shots,
+        "continual": cl,
+    }
     for k, r in sin.items():
         for steps in (1, 10):
             result[f"sinusoid_k{k}_mse_{steps}step"] = r["maml"][steps][0]
@@ -172,7 +220,9 @@ def run_all(cfg: MetaBenchConfig, console: Console | None = None, plot_path: Pat
 
 
 def _print(result: dict, console: Console) -> None:
-    table = Table(title="Sinusoid regression: query MSE after k SGD steps on K points (mean ± 95% CI)")
+    table = Table(
+        title="Sinusoid regression: query MSE after k SGD steps on K points (mean ± 95% CI)"
+    )
     for col in ("K", "model", "0 steps", "1 step", "4 steps", "10 steps", "paper (K=5, Fig. 3)"):
         table.add_column(col, justify="right")
     for k, r in result["sinusoid"].items():
@@ -184,7 +234,10 @@ def _print(result: dict, console: Console) -> None:
     for col in ("shots", "pixel nearest mean", "ProtoNet", "MAML"):
         fs.add_column(col, justify="right")
     for s, r in result["fewshot"].items():
-        fs.add_row(str(s), *(f"{r[m][0]:.3f} ± {r[m][1]:.3f}" for m in ("pixel_nearest_mean", "protonet", "maml")))
+        fs.add_row(
+            str(s),
+            *(f"{r[m][0]:.3f} ± {r[m][1]:.3f}" for m in ("pixel_nearest_mean", "protonet", "maml")),
+        )
     console.print(fs)
     cl = Table(title="Digits 0-4 then 5-9 (task-incremental): accuracy on held-out images")
     for col in ("method", "A after A", "A after B", "B after B"):
@@ -217,10 +270,15 @@ def main(quick: bool = False, json_path: Path | None = None, plot_path: Path | N
     """Entry point of ``benchmarks/meta.py`` (and of ``pimoe bench meta``)."""
     cfg = MetaBenchConfig()
     if quick:
-        cfg = MetaBenchConfig(shots=[10], sinusoid_iterations=600, eval_tasks=100, fewshot_episodes=200,
-                              fewshot_eval=100, ewc_epochs_b=15)
+        cfg = MetaBenchConfig(
+            shots=[10],
+            sinusoid_iterations=600,
+            eval_tasks=100,
+            fewshot_episodes=200,
+            fewshot_eval=100,
+            ewc_epochs_b=15,
+        )
     result = run_all(cfg, plot_path=plot_path)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))
     return result
-

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -76,8 +77,13 @@ def _backbone(setup: FewShotSetup, num_classes: int | None) -> nn.Module:
     if setup.backbone == "conv":
         return ConvNet(norm=setup.norm, num_classes=num_classes)
     if setup.backbone == "mlp":
-        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                             nn.Linear(64, num_classes or 64))
+        return nn.Sequential(
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Linear(64, num_classes or 64),
+        )
     raise ValueError(f"unknown backbone {setup.backbone!r}; expected 'conv' or 'mlp'")
 
 
@@ -94,26 +100,42 @@ def _half(data: tuple[Tensor, Tensor], parity: int) -> tuple[Tensor, Tensor]:
 class PCA(nn.Module):
     """``z [M, D]`` -> ``[M, dim]``: coordinates in the top ``dim`` principal components of ``x [N, D]``."""
 
+    mean: Tensor
+    basis: Tensor
+
     def __init__(self, x: Tensor, dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", x.mean(0))
-        self.register_buffer("basis", torch.linalg.svd(x - self.mean, full_matrices=False).Vh[:dim].T)
+        self.register_buffer(
+            "basis", torch.linalg.svd(x - self.mean, full_matrices=False).Vh[:dim].T
+        )
 
     def forward(self, z: Tensor) -> Tensor:
         return (z - self.mean) @ self.basis
 
 
-def fewshot_predictor(setup: FewShotSetup, shots: int, data: tuple[Tensor, Tensor],
-                      seed: int) -> Callable[[Task], Tensor]:
+def fewshot_predictor(
+    setup: FewShotSetup, shots: int, data: tuple[Tensor, Tensor], seed: int
+) -> Callable[[Task], Tensor]:
     """Train ``setup`` on the meta-train digits (rotated if ``setup.rotations``) and return
     ``predict(task) -> query labels [Q]`` for test episodes (of data standardized as ``setup`` says)."""
     torch.manual_seed(seed)
-    classes = META_TEST if setup.oracle else META_TRAIN[:setup.train_digits]
-    train = DigitsEpisodes(classes, setup.train_way, setup.train_shots or shots, 15, seed=seed,
-                           data=_half(data, 0) if setup.oracle else data, rotations=setup.rotations)
+    classes = META_TEST if setup.oracle else META_TRAIN[: setup.train_digits]
+    train = DigitsEpisodes(
+        classes,
+        setup.train_way,
+        setup.train_shots or shots,
+        15,
+        seed=seed,
+        data=_half(data, 0) if setup.oracle else data,
+        rotations=setup.rotations,
+    )
     if setup.method in ("pixels", "pca", "random"):
-        encoder = {"pixels": nn.Identity, "random": lambda: _backbone(setup, None),
-                   "pca": lambda: PCA(torch.cat(list(train.by_class.values())), setup.pca_dim)}[setup.method]()
+        encoder = {
+            "pixels": nn.Identity,
+            "random": lambda: _backbone(setup, None),
+            "pca": lambda: PCA(torch.cat(list(train.by_class.values())), setup.pca_dim),
+        }[setup.method]()
         proto = ProtoNet(encoder).eval()
         return lambda e: proto(*e[:3]).argmax(-1)
     if setup.method == "protonet":
@@ -127,15 +149,22 @@ def fewshot_predictor(setup: FewShotSetup, shots: int, data: tuple[Tensor, Tenso
         proto.eval()
         return lambda e: proto(*e[:3]).argmax(-1)
     if setup.method == "linear":
-        net: nn.Module = nn.Linear(64, 5)
-        nn.init.zeros_(net.weight)
-        nn.init.zeros_(net.bias)
+        linear = nn.Linear(64, 5)
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        net: nn.Module = linear
     elif setup.method == "maml":
         net = _backbone(setup, 5)
     else:
         raise ValueError(f"unknown method {setup.method!r}")
-    maml = MAML(net, inner_lr=setup.inner_lr, inner_steps=setup.inner_steps, first_order=setup.first_order,
-                loss="cross_entropy", vectorize=setup.norm == "none" or setup.first_order)
+    maml = MAML(
+        net,
+        inner_lr=setup.inner_lr,
+        inner_steps=setup.inner_steps,
+        first_order=setup.first_order,
+        loss="cross_entropy",
+        vectorize=setup.norm == "none" or setup.first_order,
+    )
     if setup.method == "maml":
         for _ in tqdm(range(setup.episodes), desc=f"MAML {shots}-shot", leave=False):
             maml.step(train.sample_batch(setup.meta_batch))
@@ -148,62 +177,110 @@ def fewshot_predictor(setup: FewShotSetup, shots: int, data: tuple[Tensor, Tenso
     return maml_predict
 
 
-def fewshot_accuracy(setup: FewShotSetup, shots: int, data: tuple[Tensor, Tensor], num_episodes: int,
-                     seed: int = 0) -> tuple[float, float]:
+def fewshot_accuracy(
+    setup: FewShotSetup, shots: int, data: tuple[Tensor, Tensor], num_episodes: int, seed: int = 0
+) -> tuple[float, float]:
     """Query accuracy (mean, CI) of ``setup`` on ``num_episodes`` 5-way ``shots``-shot episodes of the
     meta-test digits (the same episodes for every setup with this seed)."""
     if setup.standardize:
         data = _standardized(data)
-    test = DigitsEpisodes(META_TEST, 5, shots, 15, seed=seed + 1, data=_half(data, 1) if setup.oracle else data)
+    test = DigitsEpisodes(
+        META_TEST, 5, shots, 15, seed=seed + 1, data=_half(data, 1) if setup.oracle else data
+    )
     episodes = [test.sample() for _ in range(num_episodes)]
     return episode_accuracy(fewshot_predictor(setup, shots, data, seed), episodes)
 
 
-def episode_accuracy(predict: Callable[[Task], Tensor], episodes: list[Task]) -> tuple[float, float]:
+def episode_accuracy(
+    predict: Callable[[Task], Tensor], episodes: list[Task]
+) -> tuple[float, float]:
     """Mean query accuracy (with CI) of ``predict(task) -> labels [Q]`` over episodes."""
     return ci95([float((predict(e) == e.query_y).float().mean()) for e in episodes])
 
 
-def ablation_rows(protonet_episodes: int = 1000, maml_steps: int = 200) -> list[tuple[str, int, FewShotSetup]]:
+def ablation_rows(
+    protonet_episodes: int = 1000, maml_steps: int = 200
+) -> list[tuple[str, int, FewShotSetup]]:
     """``(name, shots, setup)`` rows: baselines, then one factor at a time from the benchmark's MAML
     (5-shot) and ProtoNet (1-shot) settings."""
     maml = FewShotSetup(method="maml", backbone="conv", norm="none", episodes=maml_steps)
     mlp = replace(maml, backbone="mlp")
     proto = FewShotSetup(episodes=protonet_episodes)
-    rows = [(f"{name}, {s}-shot", s, setup) for s in (1, 5) for name, setup in (
-        ("pixel nearest mean", FewShotSetup(method="pixels")),
-        ("pixel nearest mean, standardized inputs", FewShotSetup(method="pixels", standardize=True)),
-        ("PCA-20 of meta-train images, nearest mean", FewShotSetup(method="pca")),
-        ("untrained conv embedding, nearest mean", FewShotSetup(method="random")),
-        ("linear classifier from zero, 5 SGD steps (no meta-training)", FewShotSetup(method="linear")),
-        ("MAML conv (reference)", maml), ("ProtoNet conv (reference)", proto))]
-    rows += [(f"MAML {name}, 5-shot", 5, setup) for name, setup in (
-        ("MLP, 10 test steps (first benchmark)", replace(mlp, test_steps=10)),
-        ("MLP", mlp), ("MLP, first order", replace(mlp, first_order=True)),
-        ("MLP, standardized inputs", replace(mlp, standardize=True)),
-        ("conv, transductive batch norm", replace(maml, norm="batch_transductive")),
-        ("conv, first order", replace(maml, first_order=True)),
-        ("conv, inner lr 0.1", replace(maml, inner_lr=0.1)),
-        ("conv, no rotations (5 meta-train classes)", replace(maml, rotations=False)))]
-    rows += [(f"ProtoNet {name}, 1-shot", 1, setup) for name, setup in (
-        (f"conv, {protonet_episodes // 4} episodes", replace(proto, episodes=protonet_episodes // 4)),
-        (f"conv, {protonet_episodes * 2} episodes", replace(proto, episodes=protonet_episodes * 2)),
-        ("conv, 20-way training", replace(proto, train_way=20)),
-        ("conv, 5-shot training", replace(proto, train_shots=5)),
-        ("conv, no batch norm", replace(proto, norm="none")),
-        ("MLP", replace(proto, backbone="mlp")),
-        ("conv, standardized inputs", replace(proto, standardize=True)),
-        ("conv, no rotations (5 meta-train classes)", replace(proto, rotations=False)),
-        ("conv, digits 0-2 only (12 meta-train classes)", replace(proto, train_digits=3)),
-        ("conv, digits 0-1 only (8 meta-train classes)", replace(proto, train_digits=2)),
-        ("conv, oracle: trained on digits 5-9 (even images), tested on odd images", replace(proto, oracle=True)))]
-    rows += [("pixel nearest mean, oracle's test images (odd), 1-shot", 1, FewShotSetup(method="pixels", oracle=True)),
-             ("ProtoNet conv, no batch norm, 5-shot", 5, replace(proto, norm="none"))]
+    rows = [
+        (f"{name}, {s}-shot", s, setup)
+        for s in (1, 5)
+        for name, setup in (
+            ("pixel nearest mean", FewShotSetup(method="pixels")),
+            (
+                "pixel nearest mean, standardized inputs",
+                FewShotSetup(method="pixels", standardize=True),
+            ),
+            ("PCA-20 of meta-train images, nearest mean", FewShotSetup(method="pca")),
+            ("untrained conv embedding, nearest mean", FewShotSetup(method="random")),
+            (
+                "linear classifier from zero, 5 SGD steps (no meta-training)",
+                FewShotSetup(method="linear"),
+            ),
+            ("MAML conv (reference)", maml),
+            ("ProtoNet conv (reference)", proto),
+        )
+    ]
+    rows += [
+        (f"MAML {name}, 5-shot", 5, setup)
+        for name, setup in (
+            ("MLP, 10 test steps (first benchmark)", replace(mlp, test_steps=10)),
+            ("MLP", mlp),
+            ("MLP, first order", replace(mlp, first_order=True)),
+            ("MLP, standardized inputs", replace(mlp, standardize=True)),
+            ("conv, transductive batch norm", replace(maml, norm="batch_transductive")),
+            ("conv, first order", replace(maml, first_order=True)),
+            ("conv, inner lr 0.1", replace(maml, inner_lr=0.1)),
+            ("conv, no rotations (5 meta-train classes)", replace(maml, rotations=False)),
+        )
+    ]
+    rows += [
+        (f"ProtoNet {name}, 1-shot", 1, setup)
+        for name, setup in (
+            (
+                f"conv, {protonet_episodes // 4} episodes",
+                replace(proto, episodes=protonet_episodes // 4),
+            ),
+            (
+                f"conv, {protonet_episodes * 2} episodes",
+                replace(proto, episodes=protonet_episodes * 2),
+            ),
+            ("conv, 20-way training", replace(proto, train_way=20)),
+            ("conv, 5-shot training", replace(proto, train_shots=5)),
+            ("conv, no batch norm", replace(proto, norm="none")),
+            ("MLP", replace(proto, backbone="mlp")),
+            ("conv, standardized inputs", replace(proto, standardize=True)),
+            ("conv, no rotations (5 meta-train classes)", replace(proto, rotations=False)),
+            ("conv, digits 0-2 only (12 meta-train classes)", replace(proto, train_digits=3)),
+            ("conv, digits 0-1 only (8 meta-train classes)", replace(proto, train_digits=2)),
+            (
+                "conv, oracle: trained on digits 5-9 (even images), tested on odd images",
+                replace(proto, oracle=True),
+            ),
+        )
+    ]
+    rows += [
+        (
+            "pixel nearest mean, oracle's test images (odd), 1-shot",
+            1,
+            FewShotSetup(method="pixels", oracle=True),
+        ),
+        ("ProtoNet conv, no batch norm, 5-shot", 5, replace(proto, norm="none")),
+    ]
     return rows
 
 
-def ablation(rows: list[tuple[str, int, FewShotSetup]], seeds: list[int], num_episodes: int,
-             data: tuple[Tensor, Tensor], json_path: Path | None = None) -> dict:
+def ablation(
+    rows: list[tuple[str, int, FewShotSetup]],
+    seeds: list[int],
+    num_episodes: int,
+    data: tuple[Tensor, Tensor],
+    json_path: Path | None = None,
+) -> dict:
     """Every row on ``num_episodes`` test episodes per seed: per-seed (mean, CI), their mean and
     their spread (max - min over seeds), with the machine's load average before and after.
     The results so far are rewritten to ``json_path`` after every row."""
@@ -218,9 +295,17 @@ def ablation(rows: list[tuple[str, int, FewShotSetup]], seeds: list[int], num_ep
             per_seed.append(fewshot_accuracy(setup, shots, data, num_episodes, seed))
             bar.update()
         means = [m for m, _ in per_seed]
-        out["rows"].append({"name": name, "shots": shots, "setup": asdict(setup), "per_seed": per_seed,
-                            "mean": sum(means) / len(means), "spread": max(means) - min(means),
-                            "seconds": time.perf_counter() - start})
+        out["rows"].append(
+            {
+                "name": name,
+                "shots": shots,
+                "setup": asdict(setup),
+                "per_seed": per_seed,
+                "mean": sum(means) / len(means),
+                "spread": max(means) - min(means),
+                "seconds": time.perf_counter() - start,
+            }
+        )
         out["load_average_before"], out["load_average_after"] = load_before, os.getloadavg()
         if json_path is not None:
             atomic_write_text(json_path, json.dumps(out, indent=2))
@@ -230,13 +315,20 @@ def ablation(rows: list[tuple[str, int, FewShotSetup]], seeds: list[int], num_ep
 
 def print_ablation(result: dict, console: Console | None = None) -> None:
     """The ablation as a table: mean accuracy over seeds, spread, first seed's 95% CI."""
-    table = Table(title=f"5-way few-shot on unseen digits 5-9, seeds {result['seeds']}, "
-                        f"{result['eval_episodes']} test episodes each")
+    table = Table(
+        title=f"5-way few-shot on unseen digits 5-9, seeds {result['seeds']}, "
+        f"{result['eval_episodes']} test episodes each"
+    )
     for col in ("setting", "accuracy", "spread over seeds", "95% CI (first seed)", "s"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     for r in result["rows"]:
-        table.add_row(r["name"], f"{r['mean']:.3f}", f"{r['spread']:.3f}", f"± {r['per_seed'][0][1]:.3f}",
-                      f"{r['seconds']:.0f}")
+        table.add_row(
+            r["name"],
+            f"{r['mean']:.3f}",
+            f"{r['spread']:.3f}",
+            f"± {r['per_seed'][0][1]:.3f}",
+            f"{r['seconds']:.0f}",
+        )
     (console or Console()).print(table)
 
 
@@ -244,26 +336,35 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Few-shot digits ablation (docs/adapt.md).")
-    parser.add_argument("--match", default="", help="only rows whose name matches this regular expression")
+    parser.add_argument(
+        "--match", default="", help="only rows whose name matches this regular expression"
+    )
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     parser.add_argument("--episodes", type=int, default=300, help="test episodes per row and seed")
     parser.add_argument("--protonet-episodes", type=int, default=1000)
     parser.add_argument("--maml-steps", type=int, default=200)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="instead, the few-shot part of `pimoe bench meta` at its full sizes")
+    parser.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="instead, the few-shot part of `pimoe bench meta` at its full sizes",
+    )
     args = parser.parse_args()
     if args.benchmark:
         from pimoe.bench.meta import MetaBenchConfig, fewshot
 
         torch.set_num_threads(1)
         data, load_before = load_digits_tensors(), os.getloadavg()
-        bench = {str(s): fewshot(MetaBenchConfig(), s, data) for s in (1, 5)}
+        bench: dict[str, Any] = {str(s): fewshot(MetaBenchConfig(), s, data) for s in (1, 5)}
         bench["load_average_before"], bench["load_average_after"] = load_before, os.getloadavg()
         print(json.dumps(bench, indent=2))
         if args.json is not None:
             atomic_write_text(args.json, json.dumps(bench, indent=2))
         raise SystemExit(0)
-    chosen = [r for r in ablation_rows(args.protonet_episodes, args.maml_steps) if re.search(args.match, r[0])]
+    chosen = [
+        r
+        for r in ablation_rows(args.protonet_episodes, args.maml_steps)
+        if re.search(args.match, r[0])
+    ]
     seeds = [int(s) for s in args.seeds.split(",")]
     print_ablation(ablation(chosen, seeds, args.episodes, load_digits_tensors(), args.json))

@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,10 +24,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from pimoe.bench.timing import interleaved_medians, run_header
-from pimoe.federated.task import client_split, evaluate, load_digits_split, mlp, train_epochs
+from pimoe.data.digits import digits_split
+from pimoe.federated.digits import DigitsTask, client_split, mlp
+from pimoe.federated.task import evaluate, train_epochs
 from pimoe.io import atomic_write_text, save_png
 from pimoe.privacy import he
-from pimoe.privacy.dp import epsilon, make_private
+from pimoe.privacy.dp import Accountant, epsilon, make_private, train_private
 from pimoe.privacy.secagg import SecAggClient, decode, encode, unmask_sum
 
 
@@ -40,7 +43,8 @@ class PrivacyBenchConfig:
     lr: float = 5e-3
     batch_size: int = 128
     max_grad_norm: float = 1.0
-    accountant: str = "prv"
+    accountant: Accountant = "prv"
+    model: str = "mlp"  # the digits model of the DP runs: "mlp" or "moe" (a trainable PiMoE block)
     seeds: int = 3
     secagg_clients: list[int] = field(default_factory=lambda: [10, 100])
     dropout: float = 0.1
@@ -51,31 +55,52 @@ class PrivacyBenchConfig:
 QUICK = PrivacyBenchConfig(epochs=10, seeds=1, secagg_clients=[10], rounds=1)
 
 
-def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+def _loader(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int
+) -> torch.utils.data.DataLoader:
     data = torch.utils.data.TensorDataset(x, y)
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def dp_run(cfg: PrivacyBenchConfig, target_epsilon: float | None, seed: int) -> dict:
-    """Train the MLP on the digits training set (DP-SGD if ``target_epsilon``); test accuracy and cost."""
-    train, test = load_digits_split(0)
+    """Train ``cfg.model`` on the digits training set (DP-SGD if ``target_epsilon``); test accuracy and cost."""
+    train, test = digits_split(0.2, 0)
     torch.manual_seed(seed)
-    model = mlp()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model = DigitsTask(cfg.model).build_model()
+    optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loader, engine = _loader(train.x, train.y, cfg.batch_size, seed), None
     if target_epsilon is not None:
         model, optimizer, loader, engine = make_private(
-            model, optimizer, loader, target_epsilon=target_epsilon, target_delta=cfg.delta, epochs=cfg.epochs,
-            max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant)  # type: ignore[arg-type]
+            model,
+            optimizer,
+            loader,
+            target_epsilon=target_epsilon,
+            target_delta=cfg.delta,
+            epochs=cfg.epochs,
+            max_grad_norm=cfg.max_grad_norm,
+            accountant=cfg.accountant,
+        )
     start = time.perf_counter()
-    train_epochs(model, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
-                 optimizer=optimizer, batches=loader)
+    if engine is not None:  # every Poisson batch is an accounted step, empty ones included
+        train_private(model, optimizer, loader, epochs=cfg.epochs)
+    else:
+        train_epochs(
+            model,
+            train,
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            optimizer=optimizer,
+            batches=loader,
+        )
     seconds = time.perf_counter() - start
     return {
         "accuracy": evaluate(model, test)[1],
         "epsilon_spent": epsilon(engine, cfg.delta) if engine is not None else None,
-        "noise_multiplier": optimizer.noise_multiplier if engine is not None else 0.0,
+        "noise_multiplier": cast(Any, optimizer).noise_multiplier if engine is not None else 0.0,
         "train_seconds": seconds,
     }
 
@@ -92,15 +117,22 @@ def dp_results(cfg: PrivacyBenchConfig, progress: Progress) -> tuple[dict, list[
 
     def summary(rs: list[dict]) -> dict:
         acc = [r["accuracy"] for r in rs]
-        return {"accuracy_mean": float(np.mean(acc)), "accuracy_min": min(acc), "accuracy_max": max(acc),
-                "train_seconds": float(np.mean([r["train_seconds"] for r in rs]))}
+        return {
+            "accuracy_mean": float(np.mean(acc)),
+            "accuracy_min": min(acc),
+            "accuracy_max": max(acc),
+            "train_seconds": float(np.mean([r["train_seconds"] for r in rs])),
+        }
 
     peer = summary(runs[None])
     rows = []
     for target in cfg.epsilons:
-        row = {"target_epsilon": target, **summary(runs[target]),
-               "epsilon_spent": max(r["epsilon_spent"] for r in runs[target]),
-               "noise_multiplier": runs[target][0]["noise_multiplier"]}
+        row = {
+            "target_epsilon": target,
+            **summary(runs[target]),
+            "epsilon_spent": max(r["epsilon_spent"] for r in runs[target]),
+            "noise_multiplier": runs[target][0]["noise_multiplier"],
+        }
         row["accuracy_ratio_to_non_private"] = row["accuracy_mean"] / peer["accuracy_mean"]
         row["time_ratio_to_non_private"] = row["train_seconds"] / peer["train_seconds"]
         rows.append(row)
@@ -116,8 +148,14 @@ def client_updates(num_clients: int, seed: int = 0) -> list[np.ndarray]:
     for client in range(num_clients):
         model = mlp()
         model.load_state_dict(start.state_dict())
-        train_epochs(model, client_split(client, num_clients, "iid", 1.0, seed), epochs=1, lr=0.05,
-                     batch_size=16, seed=seed + client)
+        train_epochs(
+            model,
+            client_split(client, num_clients, "iid", 1.0, seed),
+            epochs=1,
+            lr=0.05,
+            batch_size=16,
+            seed=seed + client,
+        )
         after = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
         updates.append((after - before).numpy().astype(np.float32))
     return updates
@@ -137,16 +175,23 @@ def secagg_round(updates: list[np.ndarray], dropout: float, rounds: int) -> dict
     total = unmask_sum(masked, participants=clients)
     total_dropped = unmask_sum(survivors, participants=clients, revealed=revealed)
     encoded_sum = np.sum(np.stack([encode(u) for u in updates]), axis=0, dtype=np.uint64)
-    seconds = interleaved_medians({
-        "keygen": lambda: [SecAggClient(i).public_key() for i in range(n)],
-        "mask": lambda: [clients[i].mask(updates[i], keys, round_id=2) for i in clients],
-        "unmask": lambda: unmask_sum(masked, participants=clients),
-        "unmask_with_dropped": lambda: unmask_sum(survivors, participants=clients, revealed=revealed),
-        "plaintext_sum": lambda: np.sum(np.stack(updates), axis=0),
-    }, rounds)
+    seconds = interleaved_medians(
+        {
+            "keygen": lambda: [SecAggClient(i).public_key() for i in range(n)],
+            "mask": lambda: [clients[i].mask(updates[i], keys, round_id=2) for i in clients],
+            "unmask": lambda: unmask_sum(masked, participants=clients),
+            "unmask_with_dropped": lambda: unmask_sum(
+                survivors, participants=clients, revealed=revealed
+            ),
+            "plaintext_sum": lambda: np.sum(np.stack(updates), axis=0),
+        },
+        rounds,
+    )
     return {
-        "clients": n, "dim": dim, "dropped": len(dropped),
-        "bit_exact": bool(np.array_equal(total, decode(encoded_sum))),
+        "clients": n,
+        "dim": dim,
+        "dropped": len(dropped),
+        "bit_exact": bool(np.array_equal(total, decode(np.asarray(encoded_sum)))),
         "max_abs_error": float(np.abs(total - plain).max()),
         "max_abs_error_with_dropped": float(np.abs(total_dropped - plain_survivors).max()),
         "keygen_ms_per_client": 1e3 * seconds["keygen"] / n,
@@ -172,16 +217,22 @@ def he_round(updates: list[np.ndarray], rounds: int) -> dict:
     summed = he.add_encrypted(server, encrypted)
     mean = he.decrypt_mean(context, summed, n, dim)
     plain = np.mean(np.stack(updates).astype(np.float64), axis=0)
-    seconds = interleaved_medians({
-        "encrypt": lambda: [he.encrypt_update(context, u) for u in updates],
-        "add": lambda: he.add_encrypted(server, encrypted),
-        "decrypt": lambda: he.decrypt_mean(context, summed, n, dim),
-        "plaintext_mean": lambda: np.mean(np.stack(updates), axis=0),
-    }, rounds)
+    seconds = interleaved_medians(
+        {
+            "encrypt": lambda: [he.encrypt_update(context, u) for u in updates],
+            "add": lambda: he.add_encrypted(server, encrypted),
+            "decrypt": lambda: he.decrypt_mean(context, summed, n, dim),
+            "plaintext_mean": lambda: np.mean(np.stack(updates), axis=0),
+        },
+        rounds,
+    )
     client_bytes = sum(len(c) for c in encrypted[0])
     return {
-        "clients": n, "dim": dim, "poly_modulus_degree": params.poly_modulus_degree,
-        "coeff_mod_bit_sizes": list(params.coeff_mod_bit_sizes), "scale_bits": params.scale_bits,
+        "clients": n,
+        "dim": dim,
+        "poly_modulus_degree": params.poly_modulus_degree,
+        "coeff_mod_bit_sizes": list(params.coeff_mod_bit_sizes),
+        "scale_bits": params.scale_bits,
         "ciphertexts_per_client": len(encrypted[0]),
         "max_abs_error": float(np.abs(mean - plain).max()),
         "update_max_abs": float(max(np.abs(u).max() for u in updates)),
@@ -210,37 +261,79 @@ def run(cfg: PrivacyBenchConfig, console: Console | None = None) -> dict:
             progress.advance(task)
         he_result = he_round(updates[: cfg.he_clients], cfg.rounds)
         progress.advance(task)
-    result = {**run_header("privacy", cfg), "non_private": peer, "dp": dp_rows, "secagg": secagg, "he": he_result}
+    result = {
+        **run_header("privacy", cfg),
+        "non_private": peer,
+        "dp": dp_rows,
+        "secagg": secagg,
+        "he": he_result,
+    }
     _print(result, console)
     return result
 
 
 def _print(result: dict, console: Console) -> None:
     cfg, peer = result["config"], result["non_private"]
-    table = Table(title=f"DP-SGD on digits (MLP 64-128-10, {cfg['epochs']} epochs, delta {cfg['delta']:g}, "
-                        f"{cfg['seeds']} seed(s)); non-private accuracy {peer['accuracy_mean']:.3f}")
-    for col in ("target ε", "ε spent", "noise σ", "accuracy (min-max)", "x non-private acc", "x non-private time"):
+    table = Table(
+        title=f"DP-SGD on digits (MLP 64-128-10, {cfg['epochs']} epochs, delta {cfg['delta']:g}, "
+        f"{cfg['seeds']} seed(s)); non-private accuracy {peer['accuracy_mean']:.3f}"
+    )
+    for col in (
+        "target ε",
+        "ε spent",
+        "noise σ",
+        "accuracy (min-max)",
+        "x non-private acc",
+        "x non-private time",
+    ):
         table.add_column(col, justify="right")
     for r in result["dp"]:
-        table.add_row(f"{r['target_epsilon']:g}", f"{r['epsilon_spent']:.2f}", f"{r['noise_multiplier']:.2f}",
-                      f"{r['accuracy_mean']:.3f} ({r['accuracy_min']:.3f}-{r['accuracy_max']:.3f})",
-                      f"{r['accuracy_ratio_to_non_private']:.3f}", f"{r['time_ratio_to_non_private']:.1f}")
+        table.add_row(
+            f"{r['target_epsilon']:g}",
+            f"{r['epsilon_spent']:.2f}",
+            f"{r['noise_multiplier']:.2f}",
+            f"{r['accuracy_mean']:.3f} ({r['accuracy_min']:.3f}-{r['accuracy_max']:.3f})",
+            f"{r['accuracy_ratio_to_non_private']:.3f}",
+            f"{r['time_ratio_to_non_private']:.1f}",
+        )
     console.print(table)
-    table = Table(title="Secure aggregation (pairwise masks), one round; ms (keygen, mask: per client)")
-    for col in ("N", "drop", "exact", "error", "keygen", "mask", "unmask", "+drop", "plain", "B/fp32"):
+    table = Table(
+        title="Secure aggregation (pairwise masks), one round; ms (keygen, mask: per client)"
+    )
+    for col in (
+        "N",
+        "drop",
+        "exact",
+        "error",
+        "keygen",
+        "mask",
+        "unmask",
+        "+drop",
+        "plain",
+        "B/fp32",
+    ):
         table.add_column(col, justify="right")
     for r in result["secagg"]:
-        table.add_row(str(r["clients"]), str(r["dropped"]), str(r["bit_exact"]),
-                      f"{max(r['max_abs_error'], r['max_abs_error_with_dropped']):.1e}",
-                      f"{r['keygen_ms_per_client']:.2f}", f"{r['mask_ms_per_client']:.2f}", f"{r['unmask_ms']:.2f}",
-                      f"{r['unmask_with_dropped_ms']:.2f}", f"{r['plaintext_sum_ms']:.3f}", f"{r['bytes_ratio_to_fp32']:.2f}")
+        table.add_row(
+            str(r["clients"]),
+            str(r["dropped"]),
+            str(r["bit_exact"]),
+            f"{max(r['max_abs_error'], r['max_abs_error_with_dropped']):.1e}",
+            f"{r['keygen_ms_per_client']:.2f}",
+            f"{r['mask_ms_per_client']:.2f}",
+            f"{r['unmask_ms']:.2f}",
+            f"{r['unmask_with_dropped_ms']:.2f}",
+            f"{r['plaintext_sum_ms']:.3f}",
+            f"{r['bytes_ratio_to_fp32']:.2f}",
+        )
     console.print(table)
     h = result["he"]
     console.print(
         f"CKKS aggregation, {h['clients']} clients x {h['dim']} floats: max error of the mean {h['max_abs_error']:.1e}, "
         f"encrypt {h['encrypt_ms_per_client']:.1f} ms/client, add {h['add_ms']:.1f} ms, decrypt {h['decrypt_ms']:.1f} ms "
         f"(plaintext mean {h['plaintext_mean_ms']:.3f} ms), {h['bytes_per_client'] / 1e6:.2f} MB/client "
-        f"({h['bytes_ratio_to_fp32']:.0f}x fp32), public context {h['public_context_bytes'] / 1e6:.2f} MB")
+        f"({h['bytes_ratio_to_fp32']:.0f}x fp32), public context {h['public_context_bytes'] / 1e6:.2f} MB"
+    )
 
 
 def plot(result: dict, path: Path) -> None:
@@ -253,12 +346,21 @@ def plot(result: dict, path: Path) -> None:
     rows = result["dp"]
     eps = [r["target_epsilon"] for r in rows]
     mean = np.array([r["accuracy_mean"] for r in rows])
-    low, high = mean - [r["accuracy_min"] for r in rows], np.array([r["accuracy_max"] for r in rows]) - mean
+    low, high = (
+        mean - [r["accuracy_min"] for r in rows],
+        np.array([r["accuracy_max"] for r in rows]) - mean,
+    )
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.errorbar(eps, mean, yerr=[low, high], marker="o", capsize=3, label="DP-SGD (Opacus)")
-    ax.axhline(result["non_private"]["accuracy_mean"], color="gray", linestyle="--", label="non-private")
-    ax.set(xscale="log", xlabel=f"ε (δ = {result['config']['delta']:g})", ylabel="test accuracy",
-           title="DP-SGD on sklearn digits")
+    ax.axhline(
+        result["non_private"]["accuracy_mean"], color="gray", linestyle="--", label="non-private"
+    )
+    ax.set(
+        xscale="log",
+        xlabel=f"ε (δ = {result['config']['delta']:g})",
+        ylabel="test accuracy",
+        title="DP-SGD on sklearn digits",
+    )
     ax.minorticks_off()
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.legend()

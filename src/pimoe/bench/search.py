@@ -15,6 +15,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from rich.console import Console
@@ -27,7 +28,7 @@ from pimoe.search.objective import TrialSettings
 from pimoe.search.predictor import score_predictor
 from pimoe.search.report import plot_front
 from pimoe.search.space import SearchSpace
-from pimoe.search.study import run_search
+from pimoe.search.study import SamplerName, run_search
 from pimoe.search.tasks import make_task
 
 PEER = "random"
@@ -42,7 +43,7 @@ class SearchBenchConfig:
     seeds: int = 3
     steps: int = 60
     latency_repeats: int = 15
-    sampler: str = "tpe"
+    sampler: SamplerName = "tpe"
     threads: int = 1
     space: SearchSpace = field(default_factory=SearchSpace)
 
@@ -50,7 +51,7 @@ class SearchBenchConfig:
 def run(cfg: SearchBenchConfig, plot_prefix: Path | None = None, progress: bool = True) -> dict:
     """Run every (task, seed, sampler) study; return the results dict."""
     console = Console()
-    result = run_header("search", cfg)
+    result: dict[str, Any] = run_header("search", cfg)
     space = cfg.space
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -58,74 +59,124 @@ def run(cfg: SearchBenchConfig, plot_prefix: Path | None = None, progress: bool 
     per_task: dict[str, dict] = {}
     try:
         for task_name in cfg.tasks:
-            runs, pooled = [], []
+            runs: list[dict[str, Any]] = []
+            pooled = []
             for seed in range(cfg.seeds):
                 task = make_task(task_name, seed=seed)
-                settings = TrialSettings(steps=cfg.steps, latency_repeats=cfg.latency_repeats, seed=seed)
+                settings = TrialSettings(
+                    steps=cfg.steps, latency_repeats=cfg.latency_repeats, seed=seed
+                )
                 studies = {
-                    name: run_search(task, space, settings, trials=cfg.trials, sampler=name, seed=seed,
-                                     study_name=f"{task_name}-{name}-{seed}", progress=progress)
+                    name: run_search(
+                        task,
+                        space,
+                        settings,
+                        trials=cfg.trials,
+                        sampler=cast(SamplerName, name),
+                        seed=seed,
+                        study_name=f"{task_name}-{name}-{seed}",
+                        progress=progress,
+                    )
                     for name in (cfg.sampler, PEER)
                 }
-                complete = {name: [t for t in s.trials if t.values is not None] for name, s in studies.items()}
-                volumes = shared_hypervolumes({name: [t.values for t in ts] for name, ts in complete.items()})
-                runs.append({"seed": seed, "hypervolume_search": volumes[cfg.sampler],
-                             "hypervolume_random": volumes[PEER],
-                             "front_sizes": {n: len(s.best_trials) for n, s in studies.items()}})
+                complete = {
+                    name: [t for t in s.trials if t.values is not None]
+                    for name, s in studies.items()
+                }
+                volumes = shared_hypervolumes(
+                    {name: [t.values for t in ts] for name, ts in complete.items()}
+                )
+                runs.append(
+                    {
+                        "seed": seed,
+                        "hypervolume_search": volumes[cfg.sampler],
+                        "hypervolume_random": volumes[PEER],
+                        "front_sizes": {n: len(s.best_trials) for n, s in studies.items()},
+                    }
+                )
                 pooled += [t for ts in complete.values() for t in ts]
                 if plot_prefix is not None and seed == 0:
-                    plot_front(complete, plot_prefix.with_name(f"{plot_prefix.name}_{task_name}.png"),
-                               title=f"{task_name}: {cfg.sampler} vs random, {cfg.trials} trials each")
+                    plot_front(
+                        complete,
+                        plot_prefix.with_name(f"{plot_prefix.name}_{task_name}.png"),
+                        title=f"{task_name}: {cfg.sampler} vs random, {cfg.trials} trials each",
+                    )
             predictor = score_predictor(pooled, space)
             per_task[task_name] = {
                 "runs": runs,
                 "hypervolume_search": statistics.mean(r["hypervolume_search"] for r in runs),
                 "hypervolume_random": statistics.mean(r["hypervolume_random"] for r in runs),
-                "search_wins": int(sum(r["hypervolume_search"] > r["hypervolume_random"] for r in runs)),
+                "search_wins": int(
+                    sum(r["hypervolume_search"] > r["hypervolume_random"] for r in runs)
+                ),
                 "predictor": predictor.as_dict(),
             }
     finally:
         torch.set_num_threads(previous_threads)
     all_runs = [r for t in per_task.values() for r in t["runs"]]
-    result.update({
-        "tasks": per_task,
-        "hypervolume_search": statistics.mean(r["hypervolume_search"] for r in all_runs),
-        "hypervolume_random": statistics.mean(r["hypervolume_random"] for r in all_runs),
-        "search_wins": sum(t["search_wins"] for t in per_task.values()),
-        "runs": len(all_runs),
-        "predictor_spearman": statistics.mean(t["predictor"]["spearman"] for t in per_task.values()),
-        "predictor_baseline_spearman": statistics.mean(
-            t["predictor"]["baseline_spearman"] for t in per_task.values()),
-        "wall_s": round(time.perf_counter() - start, 1),
-    })
-    result["hypervolume_ratio"] = result["hypervolume_search"] / max(result["hypervolume_random"], 1e-12)
+    result.update(
+        {
+            "tasks": per_task,
+            "hypervolume_search": statistics.mean(r["hypervolume_search"] for r in all_runs),
+            "hypervolume_random": statistics.mean(r["hypervolume_random"] for r in all_runs),
+            "search_wins": sum(t["search_wins"] for t in per_task.values()),
+            "runs": len(all_runs),
+            "predictor_spearman": statistics.mean(
+                t["predictor"]["spearman"] for t in per_task.values()
+            ),
+            "predictor_baseline_spearman": statistics.mean(
+                t["predictor"]["baseline_spearman"] for t in per_task.values()
+            ),
+            "wall_s": round(time.perf_counter() - start, 1),
+        }
+    )
+    result["hypervolume_ratio"] = result["hypervolume_search"] / max(
+        result["hypervolume_random"], 1e-12
+    )
     _print(console, result, cfg)
     return result
 
 
 def _print(console: Console, result: dict, cfg: SearchBenchConfig) -> None:
-    table = Table(title=f"{cfg.sampler} vs random search, {cfg.trials} trials each, {cfg.seeds} seed(s) "
-                        "(hypervolume of loss/latency/bytes, shared normalization)")
-    for column in ("task", f"HV {cfg.sampler}", "HV random", "ratio", "wins", "predictor rho",
-                   "last-early-loss rho"):
+    table = Table(
+        title=f"{cfg.sampler} vs random search, {cfg.trials} trials each, {cfg.seeds} seed(s) "
+        "(hypervolume of loss/latency/bytes, shared normalization)"
+    )
+    for column in (
+        "task",
+        f"HV {cfg.sampler}",
+        "HV random",
+        "ratio",
+        "wins",
+        "predictor rho",
+        "last-early-loss rho",
+    ):
         table.add_column(column, justify="right")
     for name, task in result["tasks"].items():
         table.add_row(
-            name, f"{task['hypervolume_search']:.3f}", f"{task['hypervolume_random']:.3f}",
+            name,
+            f"{task['hypervolume_search']:.3f}",
+            f"{task['hypervolume_random']:.3f}",
             f"{task['hypervolume_search'] / max(task['hypervolume_random'], 1e-12):.2f}x",
-            f"{task['search_wins']}/{len(task['runs'])}", f"{task['predictor']['spearman']:.3f}",
+            f"{task['search_wins']}/{len(task['runs'])}",
+            f"{task['predictor']['spearman']:.3f}",
             f"{task['predictor']['baseline_spearman']:.3f}",
         )
     console.print(table)
-    console.print(f"mean over {result['runs']} runs: HV {result['hypervolume_search']:.3f} vs "
-                  f"{result['hypervolume_random']:.3f} ({result['hypervolume_ratio']:.2f}x); "
-                  f"wall {result['wall_s']:.0f} s")
+    console.print(
+        f"mean over {result['runs']} runs: HV {result['hypervolume_search']:.3f} vs "
+        f"{result['hypervolume_random']:.3f} ({result['hypervolume_ratio']:.2f}x); "
+        f"wall {result['wall_s']:.0f} s"
+    )
 
 
 def main(quick: bool = False, json_path: Path | None = None, seeds: int | None = None) -> dict:
     """Entry point of ``benchmarks/search.py`` (and of ``pimoe bench search``)."""
-    cfg = SearchBenchConfig(tasks=["digits"], trials=10, seeds=1, steps=40, latency_repeats=7) if quick \
+    cfg = (
+        SearchBenchConfig(tasks=["digits"], trials=10, seeds=1, steps=40, latency_repeats=7)
+        if quick
         else SearchBenchConfig()
+    )
     if seeds is not None:
         cfg.seeds = seeds
     plot_prefix = json_path.with_suffix("") if json_path is not None else None

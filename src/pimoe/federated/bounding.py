@@ -17,7 +17,9 @@ import numpy as np
 from pimoe.federated.checks import update_norm
 
 
-def clip_change(update: dict[str, np.ndarray], reference: dict[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
+def clip_change(
+    update: dict[str, np.ndarray], reference: dict[str, np.ndarray], bound: float
+) -> dict[str, np.ndarray]:
     """``reference + (update - reference) * min(1, bound / ||update - reference||)``, same dtypes and shapes."""
     if not bound > 0:
         raise ValueError(f"the norm bound must be > 0, got {bound}")
@@ -25,11 +27,17 @@ def clip_change(update: dict[str, np.ndarray], reference: dict[str, np.ndarray],
     if norm <= bound:
         return update
     factor = bound / norm
-    return {k: (reference[k].astype(np.float64) + factor * (a.astype(np.float64) - reference[k])).astype(a.dtype)
-            for k, a in update.items()}
+    return {
+        k: (
+            reference[k].astype(np.float64) + factor * (a.astype(np.float64) - reference[k])
+        ).astype(a.dtype)
+        for k, a in update.items()
+    }
 
 
-def aggregate_problem(total: np.ndarray, declared_weight: float, bound: float, slack: float = 1e-6) -> str | None:
+def aggregate_problem(
+    total: np.ndarray, declared_weight: float, bound: float, slack: float = 1e-6
+) -> str | None:
     """Why the summed weighted change ``total [D + 1]`` (last slot: summed weight) cannot be right, or None.
 
     ``declared_weight``: the sum of the example counts the clients announced in the clear;
@@ -38,7 +46,10 @@ def aggregate_problem(total: np.ndarray, declared_weight: float, bound: float, s
     """
     if total.ndim != 1 or total.size < 2 or not np.isfinite(total).all():
         return "the aggregate is not a finite vector"
-    if not declared_weight > 0 or abs(total[-1] - declared_weight) > slack * max(1.0, declared_weight) + slack:
+    if (
+        not declared_weight > 0
+        or abs(total[-1] - declared_weight) > slack * max(1.0, declared_weight) + slack
+    ):
         return f"the summed weight {total[-1]:.6g} differs from the declared example counts {declared_weight:.6g}"
     norm = float(np.linalg.norm(total[:-1]))
     limit = bound * declared_weight + slack * total.size**0.5

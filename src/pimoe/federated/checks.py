@@ -31,11 +31,17 @@ def _shape_problem(update: dict[str, np.ndarray], reference: dict[str, np.ndarra
         return "no arrays"
     for name, array in update.items():
         expected = reference[name]
-        if not isinstance(array, np.ndarray) or array.dtype != expected.dtype or expected.dtype.kind != "f":
+        if (
+            not isinstance(array, np.ndarray)
+            or array.dtype != expected.dtype
+            or expected.dtype.kind != "f"
+        ):
             got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
             return f"array {name!r} has dtype {got}, expected {expected.dtype}"
         if array.shape != expected.shape:
-            return f"array {name!r} has shape {tuple(array.shape)}, expected {tuple(expected.shape)}"
+            return (
+                f"array {name!r} has shape {tuple(array.shape)}, expected {tuple(expected.shape)}"
+            )
         if not np.isfinite(array).all():
             return f"array {name!r} holds NaN or inf"
     return None
@@ -43,7 +49,10 @@ def _shape_problem(update: dict[str, np.ndarray], reference: dict[str, np.ndarra
 
 def update_norm(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
     """L2 norm of ``update - reference`` over the arrays of ``update`` (float, as screened)."""
-    total = sum(float(np.sum((a.astype(np.float64) - reference[k].astype(np.float64)) ** 2)) for k, a in update.items())
+    total = sum(
+        float(np.sum((a.astype(np.float64) - reference[k].astype(np.float64)) ** 2))
+        for k, a in update.items()
+    )
     return total**0.5
 
 
@@ -72,12 +81,18 @@ def screen_updates(
     if len(set(keysets.values())) > 1:  # all accepted updates must carry the same arrays
         common = max(set(keysets.values()), key=list(keysets.values()).count)
         for node in [n for n, k in keysets.items() if k != common]:
-            rejected.append(Rejection(node, "carries a different set of arrays than the other clients"))
+            rejected.append(
+                Rejection(node, "carries a different set of arrays than the other clients")
+            )
             del well_formed[node]
     if norm_factor and len(well_formed) >= min_for_norm:
         median = float(np.median(list(well_formed.values())))
         for node, norm in list(well_formed.items()):
             if norm > norm_factor * max(median, 1e-12):
-                rejected.append(Rejection(node, f"update norm {norm:.3g} > {norm_factor:g} x median {median:.3g}"))
+                rejected.append(
+                    Rejection(
+                        node, f"update norm {norm:.3g} > {norm_factor:g} x median {median:.3g}"
+                    )
+                )
                 del well_formed[node]
     return sorted(well_formed), rejected

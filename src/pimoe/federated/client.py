@@ -14,27 +14,28 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from pimoe.federated.config import FederatedConfig
-from pimoe.federated.task import Split, client_split, evaluate, make_model, train_epochs
+from pimoe.federated.records import arrays, as_float, as_int, config
+from pimoe.federated.task import FederatedTask, Split, load_task
 
 SIMULATED_DROPOUT = 1001  # Error code of a client that drops out on purpose (--dropout)
 TRAINING_FAILED = 1002
 PERSONAL_KEY = "personal-layers"  # where a client keeps its personal layers in context.state
 
 
-def is_personal(name: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether parameter ``name`` belongs to a layer kept on the client."""
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def drops_out(cfg: FederatedConfig, client: int, server_round: int) -> bool:
     """The seeded coin flip that makes ``client`` fail in ``server_round`` (probability ``cfg.dropout``)."""
-    return cfg.dropout > 0 and np.random.default_rng([cfg.seed, server_round, client]).random() < cfg.dropout
+    return (
+        cfg.dropout > 0
+        and np.random.default_rng([cfg.seed, server_round, client]).random() < cfg.dropout
+    )
 
 
 SCALES = {"scale": 100.0, "scale1e4": 1e4, "signflip": -1.0}
 
 
-def poison(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], attack: str) -> dict[str, torch.Tensor]:
+def poison(
+    state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], attack: str
+) -> dict[str, torch.Tensor]:
     """What a malicious client sends: its change scaled by 100 or 1e4 or sign-flipped, NaNs, or a wrongly shaped array."""
     first = next(iter(state))
     if attack in SCALES:
@@ -47,18 +48,30 @@ def poison(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], attac
 class LocalModel:
     """A client's model built from the global arrays, with its personal layers swapped back in."""
 
-    def __init__(self, cfg: FederatedConfig, msg: Message, context: Context) -> None:
+    def __init__(
+        self, cfg: FederatedConfig, task: FederatedTask, msg: Message, context: Context
+    ) -> None:
         self.cfg = cfg
-        self.model: nn.Module = make_model(cfg.model, cfg.seed)
-        self.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        self.model: nn.Module = task.make_model(cfg.seed)
+        self.model.load_state_dict(arrays(msg.content).to_torch_state_dict())
         if cfg.personal and PERSONAL_KEY in context.state:
-            self.model.load_state_dict(context.state[PERSONAL_KEY].to_torch_state_dict(), strict=False)
+            self.model.load_state_dict(
+                arrays(context.state, PERSONAL_KEY).to_torch_state_dict(), strict=False
+            )
 
     def shared_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if not is_personal(k, self.cfg.personal)}
+        return {
+            k: v.detach().clone()
+            for k, v in self.model.state_dict().items()
+            if not self.cfg.is_personal(k)
+        }
 
     def personal_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if is_personal(k, self.cfg.personal)}
+        return {
+            k: v.detach().clone()
+            for k, v in self.model.state_dict().items()
+            if self.cfg.is_personal(k)
+        }
 
 
 def _config(fixed: FederatedConfig | None, context: Context) -> FederatedConfig:
@@ -69,13 +82,20 @@ def _client_id(context: Context) -> tuple[int, int]:
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
 
 
-def make_client_app(fixed: FederatedConfig | None = None, he_context: bytes | None = None) -> ClientApp:
+def make_client_app(
+    fixed: FederatedConfig | None = None, he_context: bytes | None = None
+) -> ClientApp:
     """A ClientApp for ``fixed`` settings, or (``None``) for the settings in each run's config.
 
     ``he_context``: the serialized CKKS context with the secret key, for ``cfg.he`` runs (a real
     SuperNode reads it from the file named by its ``he-context-file`` node-config key instead).
     """
-    from pimoe.federated.secure import load_key_file, protected_reply, register_client_handlers, weighted_change
+    from pimoe.federated.secure import (
+        load_key_file,
+        protected_reply,
+        register_client_handlers,
+        weighted_change,
+    )
 
     app = ClientApp()
     register_client_handlers(app, he_context)
@@ -84,17 +104,21 @@ def make_client_app(fixed: FederatedConfig | None = None, he_context: bytes | No
     def train(msg: Message, context: Context) -> Message:
         cfg = _config(fixed, context)
         client, num_clients = _client_id(context)
-        server_round = int(msg.content["config"]["server-round"])
+        server_round = as_int(config(msg.content)["server-round"])
         if drops_out(cfg, client, server_round):
-            return Message(Error(SIMULATED_DROPOUT, f"client {client} dropped out in round {server_round}"), reply_to=msg)
+            return Message(
+                Error(SIMULATED_DROPOUT, f"client {client} dropped out in round {server_round}"),
+                reply_to=msg,
+            )
         try:
             torch.set_num_threads(1)
-            data = client_split(client, num_clients, cfg.partition, cfg.alpha, cfg.seed)
-            local = LocalModel(cfg, msg, context)
+            task = load_task(cfg)
+            data = task.client_data(client, num_clients)
+            local = LocalModel(cfg, task, msg, context)
             start = local.shared_state()
-            mu = float(msg.content["config"].get("proximal-mu", 0.0))
+            mu = as_float(config(msg.content).get("proximal-mu", 0.0))
             seed = cfg.seed * 1_000_003 + server_round * 1009 + client
-            metrics = _local_training(cfg, local.model, data, mu, seed, context)
+            metrics = _local_training(cfg, task, local.model, data, mu, seed, context)
             state = local.shared_state()
             if cfg.clip_norm > 0:  # honest clients bound their change; a malicious one skips it
                 state = clipped(state, start, cfg.clip_norm)
@@ -103,16 +127,33 @@ def make_client_app(fixed: FederatedConfig | None = None, he_context: bytes | No
             if cfg.personal:
                 context.state[PERSONAL_KEY] = ArrayRecord(local.personal_state())
             if cfg.secure_agg or cfg.he:
-                he = he_context or (load_key_file(str(context.node_config.get("he-context-file", ""))) if cfg.he else None)
-                content = protected_reply(msg, context, weighted_change(state, start, len(data)), he)
+                he = he_context or (
+                    load_key_file(str(context.node_config.get("he-context-file", "")))
+                    if cfg.he
+                    else None
+                )
+                content = protected_reply(
+                    msg, context, weighted_change(state, start, len(data)), he
+                )
                 # public: the example count (the server checks the masked weight against it) and the DP budget spent
-                content["metrics"] = MetricRecord({"num-examples": len(data),
-                                                   **({"epsilon": metrics["epsilon"]} if "epsilon" in metrics else {})})
+                content["metrics"] = MetricRecord(
+                    {
+                        "num-examples": len(data),
+                        **({"epsilon": metrics["epsilon"]} if "epsilon" in metrics else {}),
+                    }
+                )
             else:
-                content = RecordDict({"arrays": ArrayRecord(state),
-                                      "metrics": MetricRecord({**metrics, "num-examples": len(data)})})
-        except Exception as err:  # noqa: BLE001 - any local failure becomes an Error reply
-            return Message(Error(TRAINING_FAILED, f"client {client}: {type(err).__name__}: {err}"), reply_to=msg)
+                content = RecordDict(
+                    {
+                        "arrays": ArrayRecord(state),
+                        "metrics": MetricRecord({**metrics, "num-examples": len(data)}),
+                    }
+                )
+        except Exception as err:
+            return Message(
+                Error(TRAINING_FAILED, f"client {client}: {type(err).__name__}: {err}"),
+                reply_to=msg,
+            )
         return Message(content, reply_to=msg)
 
     @app.evaluate()
@@ -120,28 +161,48 @@ def make_client_app(fixed: FederatedConfig | None = None, he_context: bytes | No
         cfg = _config(fixed, context)
         client, num_clients = _client_id(context)
         torch.set_num_threads(1)
-        data = client_split(client, num_clients, cfg.partition, cfg.alpha, cfg.seed)
-        loss, acc = evaluate(LocalModel(cfg, msg, context).model, data)
+        task = load_task(cfg)
+        data = task.client_data(client, num_clients)
+        loss, acc = task.evaluate(LocalModel(cfg, task, msg, context).model, data)
         metrics = MetricRecord({"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(data)})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app
 
 
-def clipped(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], bound: float) -> dict[str, torch.Tensor]:
+def clipped(
+    state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], bound: float
+) -> dict[str, torch.Tensor]:
     """``state`` whose change from ``start`` is clipped to L2 norm ``bound`` (:func:`~pimoe.federated.bounding.clip_change`)."""
     from pimoe.federated.bounding import clip_change
 
-    out = clip_change({k: v.numpy() for k, v in state.items()}, {k: v.numpy() for k, v in start.items()}, bound)
+    out = clip_change(
+        {k: v.numpy() for k, v in state.items()}, {k: v.numpy() for k, v in start.items()}, bound
+    )
     return {k: torch.from_numpy(np.asarray(v)) for k, v in out.items()}
 
 
-def _local_training(cfg: FederatedConfig, model: nn.Module, data: Split, mu: float, seed: int, context: Context) -> dict[str, float]:
-    """Plain (or FedProx) SGD on the client's data; DP-SGD through pimoe.privacy when ``dp_epsilon > 0``."""
+def _local_training(
+    cfg: FederatedConfig,
+    task: FederatedTask,
+    model: nn.Module,
+    data: Split,
+    mu: float,
+    seed: int,
+    context: Context,
+) -> dict[str, float]:
+    """The task's training (FedProx term when ``mu > 0``); DP-SGD through pimoe.privacy when ``dp_epsilon > 0``."""
     if cfg.dp_epsilon > 0:
         from pimoe.federated.private import dp_train
 
-        return dp_train(cfg, model, data, seed, context)
-    loss = train_epochs(model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                        seed=seed, proximal_mu=mu)
+        return dp_train(cfg, model, data, seed, context, loss_fn=task.loss)
+    loss = task.train(
+        model,
+        data,
+        epochs=cfg.local_epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        proximal_mu=mu,
+    )
     return {"train-loss": loss}

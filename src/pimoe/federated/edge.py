@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from pimoe.federated.config import FederatedConfig
-from pimoe.federated.task import make_model
+from pimoe.federated.task import load_task
 
 
 class EdgeComputing:
@@ -24,6 +24,8 @@ class EdgeComputing:
 
     def __init__(self, config: FederatedConfig | None = None, backend: str = "inprocess") -> None:
         self.config = config if config is not None else FederatedConfig()
+        if self.config.task != "digits":
+            raise ValueError(f"EdgeComputing serves the digits task, got task {self.config.task!r}")
         self.backend = backend
         self.model: torch.nn.Module | None = None
         self.record: Any = None
@@ -33,9 +35,11 @@ class EdgeComputing:
         from pimoe.federated.simulation import run_federated
 
         if self.model is None:
-            with torch.enable_grad():  # process() runs under no_grad; local training needs gradients
+            with (
+                torch.enable_grad()
+            ):  # process() runs under no_grad; local training needs gradients
                 self.record = run_federated(self.config, backend=self.backend)
-            model = make_model(self.config.model, self.config.seed)
+            model = load_task(self.config).make_model(self.config.seed)
             model.load_state_dict(self.record.arrays.to_torch_state_dict())
             self.model = model.eval()
         return self
@@ -43,9 +47,20 @@ class EdgeComputing:
     @torch.no_grad()
     def process(self, x: Tensor) -> Tensor:
         """``x [B, 64]`` float → logits ``[B, 10]`` of the federated global model."""
-        if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != 64 or not x.is_floating_point():
-            got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"process expects a float tensor [B, 64] of 8x8 digit pixels in [0, 1], got {got}")
+        if (
+            not isinstance(x, Tensor)
+            or x.ndim != 2
+            or x.shape[1] != 64
+            or not x.is_floating_point()
+        ):
+            got = (
+                f"{x.dtype} tensor of shape {tuple(x.shape)}"
+                if isinstance(x, Tensor)
+                else type(x).__name__
+            )
+            raise ValueError(
+                f"process expects a float tensor [B, 64] of 8x8 digit pixels in [0, 1], got {got}"
+            )
         if not torch.isfinite(x).all():
             raise ValueError("process input holds NaN or inf")
         model = self.train().model

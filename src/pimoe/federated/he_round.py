@@ -30,6 +30,7 @@ import hashlib
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
+from pimoe.federated.records import as_int, as_list, config
 from pimoe.privacy.he import decrypt_mean, encrypt_update, load_context
 from pimoe.privacy.secagg import mask_vector
 
@@ -42,7 +43,9 @@ def tag_range(participants: int) -> float:
     return TAG_BUDGET / participants
 
 
-def _tag(he_context: bytes, server_round: int, participants: list[int], client: int, length: int) -> np.ndarray:
+def _tag(
+    he_context: bytes, server_round: int, participants: list[int], client: int, length: int
+) -> np.ndarray:
     """``float64 [length]`` uniform in ``[-R, R]``: client ``client``'s tag in this round."""
     key = hashlib.sha256(b"pimoe-he-tag-key|" + he_context).digest()
     label = f"{server_round}|{','.join(map(str, sorted(participants)))}|{client}".encode()
@@ -51,38 +54,70 @@ def _tag(he_context: bytes, server_round: int, participants: list[int], client: 
     return (mask_vector(seed, length) >> np.uint64(11)).astype(np.float64) / 2.0**53 * 2 * r - r
 
 
-def encrypt_for_round(he_context: bytes, state: RecordDict, server_round: int, participants: list[int], client: int,
-                      vector: np.ndarray) -> list[bytes]:
+def encrypt_for_round(
+    he_context: bytes,
+    state: RecordDict,
+    server_round: int,
+    participants: list[int],
+    client: int,
+    vector: np.ndarray,
+) -> list[bytes]:
     """Encrypt ``vector [D]`` plus this client's tag; remember the round, its participants and the ciphertext hash."""
     if client not in participants:
         raise ValueError(f"client {client} is not among the round's announced participants")
-    chunks = encrypt_update(load_context(he_context), vector + _tag(he_context, server_round, participants, client, vector.size))
-    state[HE_STATE] = ConfigRecord({"round": server_round, "participants": [str(p) for p in participants],
-                                    "submitted": hashlib.sha256(b"".join(chunks)).digest(), "decrypted": False})
+    chunks = encrypt_update(
+        load_context(he_context),
+        vector + _tag(he_context, server_round, participants, client, vector.size),
+    )
+    state[HE_STATE] = ConfigRecord(
+        {
+            "round": server_round,
+            "participants": [str(p) for p in participants],
+            "submitted": hashlib.sha256(b"".join(chunks)).digest(),
+            "decrypted": False,
+        }
+    )
     return chunks
 
 
-def decrypt_aggregate(he_context: bytes, state: RecordDict, server_round: int, chunks: list[bytes], contributors: list[int],
-                      length: int) -> np.ndarray:
+def decrypt_aggregate(
+    he_context: bytes,
+    state: RecordDict,
+    server_round: int,
+    chunks: list[bytes],
+    contributors: list[int],
+    length: int,
+) -> np.ndarray:
     """The decrypted sum ``float64 [length]`` over ``contributors``, under the rules in the module docstring.
 
     Raises ValueError (and releases nothing) when a rule is broken.
     """
-    if HE_STATE not in state or int(state[HE_STATE]["round"]) != server_round:
-        raise ValueError(f"this client did not encrypt for round {server_round}; it decrypts only that round's sum")
-    record = state[HE_STATE]
+    if HE_STATE not in state or as_int(config(state, HE_STATE)["round"]) != server_round:
+        raise ValueError(
+            f"this client did not encrypt for round {server_round}; it decrypts only that round's sum"
+        )
+    record = config(state, HE_STATE)
     if record["decrypted"]:
         raise ValueError(f"this client already decrypted once in round {server_round}")
     record["decrypted"] = True  # a refused request also uses the round's one decryption
-    participants = [int(p) for p in record["participants"]]
+    participants = [int(p) for p in as_list(record["participants"])]
     chosen = set(contributors)
-    if len(chosen) != len(contributors) or not chosen <= set(participants) or 2 * len(chosen) <= len(participants):
-        raise ValueError(f"the contributors must be distinct, announced participants and a strict majority of the "
-                         f"{len(participants)}; got {len(contributors)}")
+    if (
+        len(chosen) != len(contributors)
+        or not chosen <= set(participants)
+        or 2 * len(chosen) <= len(participants)
+    ):
+        raise ValueError(
+            f"the contributors must be distinct, announced participants and a strict majority of the "
+            f"{len(participants)}; got {len(contributors)}"
+        )
     if hashlib.sha256(b"".join(chunks)).digest() == record["submitted"]:
         raise ValueError("asked to decrypt this client's own submission")
     values = decrypt_mean(load_context(he_context), chunks, 1, length)
     values -= sum(_tag(he_context, server_round, participants, i, length) for i in chosen)
-    if not np.isfinite(values).all() or np.abs(values[:-1]).max() > tag_range(len(participants)) / 4:
+    if (
+        not np.isfinite(values).all()
+        or np.abs(values[:-1]).max() > tag_range(len(participants)) / 4
+    ):
         raise ValueError("the ciphertext is not the sum of the named contributors' submissions")
     return values

@@ -19,7 +19,9 @@ def _check(labels: np.ndarray, num_clients: int) -> np.ndarray:
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if len(labels) < num_clients:
-        raise ValueError(f"cannot give {num_clients} clients at least one of {len(labels)} samples each")
+        raise ValueError(
+            f"cannot give {num_clients} clients at least one of {len(labels)} samples each"
+        )
     return labels
 
 
@@ -42,7 +44,9 @@ def dirichlet_partition(
     if not alpha > 0 or not np.isfinite(alpha):
         raise ValueError(f"alpha must be a positive finite number, got {alpha}")
     if min_size * num_clients > len(labels):
-        raise ValueError(f"min_size={min_size} x {num_clients} clients exceeds {len(labels)} samples")
+        raise ValueError(
+            f"min_size={min_size} x {num_clients} clients exceeds {len(labels)} samples"
+        )
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     for _ in range(1000):
@@ -56,7 +60,9 @@ def dirichlet_partition(
         merged = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(p) for p in merged) >= min_size:
             return merged
-    raise ValueError(f"no Dirichlet(alpha={alpha}) draw gave every client {min_size} samples; raise alpha or lower min_size")
+    raise ValueError(
+        f"no Dirichlet(alpha={alpha}) draw gave every client {min_size} samples; raise alpha or lower min_size"
+    )
 
 
 def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
@@ -76,7 +82,9 @@ def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
     return float(np.mean(distances))
 
 
-def make_partition(labels: np.ndarray, num_clients: int, kind: str, alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
+def make_partition(
+    labels: np.ndarray, num_clients: int, kind: str, alpha: float = 0.5, seed: int = 0
+) -> list[np.ndarray]:
     """``kind`` "iid" or "dirichlet" (with ``alpha``): the client index arrays."""
     if kind == "iid":
         return iid_partition(labels, num_clients, seed)

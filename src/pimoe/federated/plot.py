@@ -7,7 +7,9 @@ from pathlib import Path
 from pimoe.io import save_png
 
 
-def plot_accuracy(curves: dict[str, list[float]], centralized: float | None, path: Path, title: str = "") -> None:
+def plot_accuracy(
+    curves: dict[str, list[float]], centralized: float | None, path: Path, title: str = ""
+) -> None:
     """Write ``curves`` (label → accuracy per round, index 0 = before training) to ``path``."""
     import matplotlib
 
@@ -19,7 +21,13 @@ def plot_accuracy(curves: dict[str, list[float]], centralized: float | None, pat
     for label, acc in curves.items():
         ax.plot(range(len(acc)), acc, label=label, linewidth=1.5)
     if centralized is not None:
-        ax.axhline(centralized, color="black", linestyle="--", linewidth=1, label=f"centralized ({centralized:.3f})")
+        ax.axhline(
+            centralized,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"centralized ({centralized:.3f})",
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (360 held-out digits)")

@@ -17,23 +17,35 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from flwr.app import ConfigRecord, Context
-from torch import nn
+from torch import Tensor, nn
 
+from pimoe.data.digits import Split
 from pimoe.federated.config import FederatedConfig
-from pimoe.federated.task import Split
 from pimoe.privacy.dp import BudgetExhausted
 
 if TYPE_CHECKING:
     from pimoe.privacy.budget import PrivacyBudget
 
-__all__ = ["BUDGET_DIR_KEY", "BudgetExhausted", "client_budget", "dp_train", "he_keys", "keep_budget", "make_audit",
-           "make_protected_strategy", "planned_rounds"]
+__all__ = [
+    "BUDGET_DIR_KEY",
+    "BudgetExhausted",
+    "client_budget",
+    "dp_train",
+    "he_keys",
+    "keep_budget",
+    "make_audit",
+    "make_protected_strategy",
+    "planned_rounds",
+]
 
-DP_HISTORY = "dp-history"  # context.state key of a client's accountant history (without a budget folder)
+DP_HISTORY = (
+    "dp-history"  # context.state key of a client's accountant history (without a budget folder)
+)
 BUDGET_DIR_KEY = "dp-budget-dir"  # node-config key: the folder of the client's persisted budget
 
 
@@ -77,21 +89,34 @@ def keep_budget(budget: PrivacyBudget, context: Context) -> None:
     """Store an in-memory budget's history in ``context.state`` (a persisted one is already on disk)."""
     if budget.path is None:
         history = budget.history
-        context.state[DP_HISTORY] = ConfigRecord({"noise": [h[0] for h in history], "rate": [h[1] for h in history],
-                                                  "steps": [h[2] for h in history]})
+        context.state[DP_HISTORY] = ConfigRecord(
+            {
+                "noise": [h[0] for h in history],
+                "rate": [h[1] for h in history],
+                "steps": [h[2] for h in history],
+            }
+        )
 
 
-def dp_train(cfg: FederatedConfig, model: nn.Module, data: Split, seed: int, context: Context) -> dict[str, float]:
+def dp_train(
+    cfg: FederatedConfig,
+    model: nn.Module,
+    data: Split,
+    seed: int,
+    context: Context,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+) -> dict[str, float]:
     """One round of DP-SGD on ``data`` (in place on ``model``); returns train-loss and the ε spent so far.
 
-    The round's steps are reserved in the client's budget (:func:`client_budget`) before
-    training; raises :class:`BudgetExhausted` instead if they would push ε past the budget.
+    Any model :func:`pimoe.privacy.dp.privatize` takes (PiMoE layers included). The round's steps
+    are reserved in the client's budget (:func:`client_budget`) before training; raises
+    :class:`BudgetExhausted` instead if they would push ε past the budget.
     """
     import torch
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pimoe.privacy.dp import noise_for_budget, opacus_sampling, train_private
+    from pimoe.privacy.dp import noise_for_budget, opacus_sampling, privatize, train_private
 
     torch.manual_seed(seed)
     loader = DataLoader(TensorDataset(data.x, data.y), batch_size=min(cfg.batch_size, len(data)))
@@ -102,16 +127,27 @@ def dp_train(cfg: FederatedConfig, model: nn.Module, data: Split, seed: int, con
     spent = budget.reserve(noise, rate, steps)
     keep_budget(budget, context)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-    with warnings.catch_warnings():  # once per client and round: Opacus's secure_mode note, a torch hook note
+    with (
+        warnings.catch_warnings()
+    ):  # once per client and round: Opacus's secure_mode note, a torch hook note
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         engine = PrivacyEngine(accountant="rdp")
-        dp_model, dp_opt, dp_loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                          noise_multiplier=noise, max_grad_norm=cfg.dp_max_grad_norm,
-                                                          poisson_sampling=True)
-        loss = train_private(dp_model, dp_opt, dp_loader, epochs=cfg.local_epochs)
-    if engine.accountant.history != [(noise, rate, steps)]:  # what Opacus counted is what was reserved
-        raise RuntimeError(f"DP accounting mismatch: reserved {(noise, rate, steps)}, Opacus counted {engine.accountant.history}")
+        dp_model, dp_opt, dp_loader = privatize(
+            engine,
+            model,
+            optimizer,
+            loader,
+            noise_multiplier=noise,
+            max_grad_norm=cfg.dp_max_grad_norm,
+        )
+        loss = train_private(dp_model, dp_opt, dp_loader, epochs=cfg.local_epochs, loss_fn=loss_fn)
+    if engine.accountant.history != [
+        (noise, rate, steps)
+    ]:  # what Opacus counted is what was reserved
+        raise RuntimeError(
+            f"DP accounting mismatch: reserved {(noise, rate, steps)}, Opacus counted {engine.accountant.history}"
+        )
     return {"train-loss": loss, "epsilon": spent}
 
 
@@ -119,19 +155,19 @@ def make_protected_strategy(cfg: FederatedConfig, audit: Any, he_public: bytes |
     """The secure- or HE-aggregation strategy when ``cfg`` asks for one, else None."""
     if not (cfg.secure_agg or cfg.he):
         return None
-    from flwr.serverapp.strategy import FedAvg, FedProx
-
-    from pimoe.federated.client import is_personal
-    from pimoe.federated.secure import HomomorphicAggregation, SecureAggregation
+    from pimoe.federated.secure import PROTECTED_STRATEGIES
     from pimoe.federated.selection import ClientSelector
-    from pimoe.federated.task import make_model
+    from pimoe.federated.task import load_task
 
-    mode = SecureAggregation if cfg.secure_agg else HomomorphicAggregation
-    base = FedProx if cfg.strategy == "fedprox" else FedAvg
-    strategy_class = type(f"{mode.__name__}{base.__name__}", (mode, base), {})
-    names = [k for k in make_model(cfg.model, cfg.seed).state_dict() if not is_personal(k, cfg.personal)]
-    kwargs: dict[str, Any] = {"selector": ClientSelector(cfg.fraction, cfg.min_clients, cfg.selection, cfg.seed),
-                              "norm_factor": cfg.norm_factor, "audit": audit, "shared_names": names, "fraction_evaluate": 0.0}
+    strategy_class = PROTECTED_STRATEGIES["secure" if cfg.secure_agg else "he", cfg.strategy]
+    names = [k for k in load_task(cfg).make_model(cfg.seed).state_dict() if not cfg.is_personal(k)]
+    kwargs: dict[str, Any] = {
+        "selector": ClientSelector(cfg.fraction, cfg.min_clients, cfg.selection, cfg.seed),
+        "norm_factor": cfg.norm_factor,
+        "audit": audit,
+        "shared_names": names,
+        "fraction_evaluate": 0.0,
+    }
     if cfg.strategy == "fedprox":
         kwargs["proximal_mu"] = cfg.proximal_mu
     if cfg.he:
@@ -146,5 +182,7 @@ def he_keys() -> tuple[bytes, bytes]:
     from pimoe.privacy.he import make_context, public_context
 
     context = make_context()
-    secret = context.serialize(save_public_key=True, save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
+    secret = context.serialize(
+        save_public_key=True, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
+    )
     return secret, public_context(context)

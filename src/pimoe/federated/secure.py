@@ -32,33 +32,61 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore import log
+from flwr.serverapp.strategy import FedAvg, FedProx
 
 from pimoe.federated.checks import Rejection
+from pimoe.federated.records import array as array_of
+from pimoe.federated.records import as_bytes, as_bytes_list, as_float, as_int, as_list, metrics
+from pimoe.federated.records import config as config_of
 from pimoe.federated.strategy import ScreenedAggregation
 
-KEYS, SHARE, UNMASK, DECRYPT = "query.secagg_keys", "query.secagg_share", "query.secagg_unmask", "query.he_decrypt"
+KEYS, SHARE, UNMASK, DECRYPT = (
+    "query.secagg_keys",
+    "query.secagg_share",
+    "query.secagg_unmask",
+    "query.he_decrypt",
+)
 REFUSED = 1003  # Error code of a client that refuses a key / share / unmask / decrypt request
-SECAGG_STATE = "secagg-state"  # context.state: this round's SecAgg+ client state (secret keys, b_u seed)
+SECAGG_STATE = (
+    "secagg-state"  # context.state: this round's SecAgg+ client state (secret keys, b_u seed)
+)
 
 
-def weighted_change(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], weight: float) -> np.ndarray:
+def weighted_change(
+    state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], weight: float
+) -> np.ndarray:
     """``[weight * (state - start)`` over the names in sorted order, flattened, ``weight]``: float64 ``[D + 1]``."""
-    parts = [weight * (state[k].double() - start[k].double()).flatten().numpy() for k in sorted(state)]
+    parts = [
+        weight * (state[k].double() - start[k].double()).flatten().numpy() for k in sorted(state)
+    ]
     vector = np.concatenate([*parts, [weight]])
     if not np.isfinite(vector).all():
         raise ValueError("the local update holds NaN or inf; not sending it")
     return vector
 
 
-def apply_mean_change(global_arrays: dict[str, np.ndarray], names: list[str], total: np.ndarray) -> ArrayRecord:
+def apply_mean_change(
+    global_arrays: dict[str, np.ndarray], names: list[str], total: np.ndarray
+) -> ArrayRecord:
     """Global arrays plus ``total[:-1] / total[-1]`` unflattened onto ``names`` (sorted order)."""
     sizes = [global_arrays[k].size for k in names]
     if total.shape != (sum(sizes) + 1,) or not total[-1] > 0:
-        raise ValueError(f"aggregate of shape {total.shape} does not fit {sum(sizes)} parameters + a weight")
+        raise ValueError(
+            f"aggregate of shape {total.shape} does not fit {sum(sizes)} parameters + a weight"
+        )
     mean = total[:-1] / total[-1]
     new = {k: Array(v) for k, v in global_arrays.items()}
     for name, chunk in zip(names, np.split(mean, np.cumsum(sizes)[:-1])):
@@ -67,14 +95,20 @@ def apply_mean_change(global_arrays: dict[str, np.ndarray], names: list[str], to
     return ArrayRecord(new)
 
 
-def _ids(values: Any) -> list[int]:
-    return [int(v) for v in values]  # node ids travel as strings: Flower's are unsigned 64-bit
+def _ids(values: object) -> list[int]:
+    return [
+        int(v) for v in as_list(values)
+    ]  # node ids travel as strings: Flower's are unsigned 64-bit
 
 
 def _secagg_client(context: Context, server_round: int) -> Any:
     from pimoe.privacy.secagg import SecAggPlusClient
 
-    return SecAggPlusClient(context.node_id, server_round, state=context.state[SECAGG_STATE]["state"])
+    return SecAggPlusClient(
+        context.node_id,
+        server_round,
+        state=as_bytes(config_of(context.state, SECAGG_STATE)["state"]),
+    )
 
 
 def _save(context: Context, client: Any) -> None:
@@ -85,7 +119,9 @@ def _reply(content: dict[str, Any], msg: Message) -> Message:
     return Message(RecordDict({"config": ConfigRecord(content)}), reply_to=msg)
 
 
-def _refusing(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+def _refusing(
+    handler: Callable[[Message, Context], Message],
+) -> Callable[[Message, Context], Message]:
     """A handler whose ValueError / KeyError / TypeError becomes an Error reply (a refusal), as Flower expects."""
 
     @functools.wraps(handler)
@@ -105,7 +141,7 @@ def register_client_handlers(app: ClientApp, he_context: bytes | None) -> None:
     @app.query("secagg_keys")
     @_refusing
     def keys(msg: Message, context: Context) -> Message:
-        client = SecAggPlusClient(context.node_id, int(msg.content["config"]["server-round"]))
+        client = SecAggPlusClient(context.node_id, as_int(config_of(msg.content)["server-round"]))
         _save(context, client)
         c_pk, s_pk = client.public_keys()
         return _reply({"c-pk": c_pk, "s-pk": s_pk}, msg)
@@ -113,19 +149,28 @@ def register_client_handlers(app: ClientApp, he_context: bytes | None) -> None:
     @app.query("secagg_share")
     @_refusing
     def share(msg: Message, context: Context) -> Message:
-        cfg = msg.content["config"]
-        client = _secagg_client(context, int(cfg["server-round"]))
-        out = client.share(dict(zip(_ids(cfg["ids"]), zip(cfg["c-pks"], cfg["s-pks"]))), int(cfg["threshold"]))
+        cfg = config_of(msg.content)
+        client = _secagg_client(context, as_int(cfg["server-round"]))
+        out = client.share(
+            dict(
+                zip(_ids(cfg["ids"]), zip(as_bytes_list(cfg["c-pks"]), as_bytes_list(cfg["s-pks"])))
+            ),
+            as_int(cfg["threshold"]),
+        )
         _save(context, client)
         return _reply({"to": [str(j) for j in out], "shares": list(out.values())}, msg)
 
     @app.query("secagg_unmask")
     @_refusing
     def unmask(msg: Message, context: Context) -> Message:
-        cfg = msg.content["config"]
-        client = _secagg_client(context, int(cfg["server-round"]))
+        cfg = config_of(msg.content)
+        client = _secagg_client(context, as_int(cfg["server-round"]))
         try:
-            out = client.unmask(_ids(cfg["survivors"]), _ids(cfg["dropped"]), dict(zip(_ids(cfg["inbox-from"]), cfg["inbox"])))
+            out = client.unmask(
+                _ids(cfg["survivors"]),
+                _ids(cfg["dropped"]),
+                dict(zip(_ids(cfg["inbox-from"]), as_bytes_list(cfg["inbox"]))),
+            )
         finally:
             _save(context, client)  # a refused request still counts as this round's one answer
         return _reply({"ids": [str(j) for j in out], "shares": list(out.values())}, msg)
@@ -137,16 +182,24 @@ def register_client_handlers(app: ClientApp, he_context: bytes | None) -> None:
 
         if he_context is None:
             raise ValueError("this client holds no CKKS key")
-        cfg = msg.content["config"]
-        total = decrypt_aggregate(he_context, context.state, int(cfg["server-round"]), list(cfg["chunks"]),
-                                  _ids(cfg["contributors"]), int(cfg["length"]))
+        cfg = config_of(msg.content)
+        total = decrypt_aggregate(
+            he_context,
+            context.state,
+            as_int(cfg["server-round"]),
+            as_bytes_list(cfg["chunks"]),
+            _ids(cfg["contributors"]),
+            as_int(cfg["length"]),
+        )
         return Message(RecordDict({"arrays": ArrayRecord({"sum": Array(total)})}), reply_to=msg)
 
 
-def protected_reply(msg: Message, context: Context, vector: np.ndarray, he_context: bytes | None) -> RecordDict:
+def protected_reply(
+    msg: Message, context: Context, vector: np.ndarray, he_context: bytes | None
+) -> RecordDict:
     """What a client sends in a secure / HE round instead of its arrays."""
-    cfg = msg.content["config"]
-    server_round = int(cfg["server-round"])
+    cfg = config_of(msg.content)
+    server_round = as_int(cfg["server-round"])
     if "secagg-sharers" in cfg:
         client = _secagg_client(context, server_round)
         masked = client.mask(vector, _ids(cfg["secagg-sharers"]))
@@ -156,8 +209,28 @@ def protected_reply(msg: Message, context: Context, vector: np.ndarray, he_conte
         raise ValueError("the server asked for neither masking nor encryption")
     from pimoe.federated.he_round import encrypt_for_round
 
-    chunks = encrypt_for_round(he_context, context.state, server_round, _ids(cfg["he-participants"]), context.node_id, vector)
+    chunks = encrypt_for_round(
+        he_context,
+        context.state,
+        server_round,
+        _ids(cfg["he-participants"]),
+        context.node_id,
+        vector,
+    )
     return RecordDict({"encrypted": ConfigRecord({"chunks": chunks})})
+
+
+def with_config(msg: Message, extra: dict[str, Any]) -> Message:
+    """A new instruction like ``msg`` whose config also holds ``extra`` (``msg`` and its content stay as they were)."""
+    content = RecordDict(
+        {**msg.content, "config": ConfigRecord({**config_of(msg.content), **extra})}
+    )
+    return Message(
+        content,
+        dst_node_id=msg.metadata.dst_node_id,
+        message_type=msg.metadata.message_type,
+        group_id=msg.metadata.group_id,
+    )
 
 
 def load_key_file(path: str) -> bytes:
@@ -172,19 +245,24 @@ def load_key_file(path: str) -> bytes:
 class ProtectedAggregation(ScreenedAggregation):
     """Shared parts of the secure and HE strategies: declared weights, the aggregate check, the grid."""
 
-    def __init__(self, *args: Any, shared_names: list[str], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, shared_names: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.shared_names = sorted(shared_names)
         self._grid: Grid | None = None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ):
         self._grid = grid
         return list(super().configure_train(server_round, arrays, config, grid))
 
     def _ask(self, message_type: str, configs: dict[int, ConfigRecord]) -> list[Message]:
         """Send each node its own config; the replies without an error."""
         assert self._grid is not None
-        messages = [Message(RecordDict({"config": c}), dst_node_id=n, message_type=message_type) for n, c in configs.items()]
+        messages = [
+            Message(RecordDict({"config": c}), dst_node_id=n, message_type=message_type)
+            for n, c in configs.items()
+        ]
         return [r for r in self._grid.send_and_receive(messages) if not r.has_error()]
 
     @property
@@ -195,18 +273,29 @@ class ProtectedAggregation(ScreenedAggregation):
     def declared_weight(msg: Message) -> float | None:
         """The example count a reply announced in the clear, or None if missing / not a positive finite number."""
         try:
-            weight = float(msg.content["metrics"]["num-examples"])
+            weight = as_float(metrics(msg.content)["num-examples"])
         except (KeyError, TypeError, ValueError):
             return None
         return weight if np.isfinite(weight) and weight > 0 else None
 
-    def finish(self, server_round: int, total: np.ndarray | None, weight: float, why: str = "") -> ArrayRecord | None:
+    def finish(
+        self, server_round: int, total: np.ndarray | None, weight: float, why: str = ""
+    ) -> ArrayRecord | None:
         """The new global arrays from a summed weighted change, or None (logged, audited) if it fails the check."""
         from pimoe.federated.bounding import aggregate_problem
 
-        problem = why or (aggregate_problem(total, weight, self.clip_norm, slack=1e-4) if total is not None else "no sum")
-        if problem:
-            log(WARNING, "round %d: aggregate rejected (%s); the global model stays", server_round, problem)
+        problem = why or (
+            aggregate_problem(total, weight, self.clip_norm, slack=1e-4)
+            if total is not None
+            else "no sum"
+        )
+        if problem or total is None:
+            log(
+                WARNING,
+                "round %d: aggregate rejected (%s); the global model stays",
+                server_round,
+                problem,
+            )
             if self.audit is not None:
                 self.audit.record("aggregate_rejected", round=server_round, reason=problem)
             return None
@@ -224,30 +313,61 @@ class SecureAggregation(ProtectedAggregation):
     norm bound then fails and the round is skipped.
     """
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ):
         messages = super().configure_train(server_round, arrays, config, grid)
         nodes = [m.metadata.dst_node_id for m in messages]
-        keys = {r.metadata.src_node_id: (r.content["config"]["c-pk"], r.content["config"]["s-pk"])
-                for r in self._ask(KEYS, {n: ConfigRecord({"server-round": server_round}) for n in nodes})}
-        self._keys, self._threshold, self._sharers, self._inbox = keys, len(keys) // 2 + 1, [], {}
+        keys = {
+            r.metadata.src_node_id: (
+                as_bytes(config_of(r.content)["c-pk"]),
+                as_bytes(config_of(r.content)["s-pk"]),
+            )
+            for r in self._ask(
+                KEYS, {n: ConfigRecord({"server-round": server_round}) for n in nodes}
+            )
+        }
+        self._keys, self._threshold = keys, len(keys) // 2 + 1
+        self._sharers: list[int] = []
+        self._inbox: dict[int, dict[int, bytes]] = {}
         if len(keys) < 3:
-            log(WARNING, "round %d: %d clients sent keys; secure aggregation needs 3", server_round, len(keys))
+            log(
+                WARNING,
+                "round %d: %d clients sent keys; secure aggregation needs 3",
+                server_round,
+                len(keys),
+            )
             return []
-        share_cfg = ConfigRecord({"ids": [str(n) for n in keys], "c-pks": [k[0] for k in keys.values()],
-                                  "s-pks": [k[1] for k in keys.values()], "threshold": self._threshold,
-                                  "server-round": server_round})
+        share_cfg = ConfigRecord(
+            {
+                "ids": [str(n) for n in keys],
+                "c-pks": [k[0] for k in keys.values()],
+                "s-pks": [k[1] for k in keys.values()],
+                "threshold": self._threshold,
+                "server-round": server_round,
+            }
+        )
         for r in self._ask(SHARE, {n: share_cfg for n in keys}):
             sender = r.metadata.src_node_id
             self._sharers.append(sender)
-            for to, blob in zip(_ids(r.content["config"]["to"]), r.content["config"]["shares"]):
+            for to, blob in zip(
+                _ids(config_of(r.content)["to"]), as_bytes_list(config_of(r.content)["shares"])
+            ):
                 self._inbox.setdefault(to, {})[sender] = blob
-        if messages:  # FedAvg's messages share one RecordDict: add the list once
-            messages[0].content["config"]["secagg-sharers"] = [str(n) for n in self._sharers]
         if self.audit is not None:
             self.audit.record("secagg_keys_relayed", round=server_round, clients=len(keys))
-        return [m for m in messages if m.metadata.dst_node_id in set(self._sharers)] if len(self._sharers) >= self._threshold else []
+        if len(self._sharers) < self._threshold:
+            return []
+        sharers = {"secagg-sharers": [str(n) for n in self._sharers]}
+        return [
+            with_config(m, sharers)
+            for m in messages
+            if m.metadata.dst_node_id in set(self._sharers)
+        ]
 
-    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Any
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         from pimoe.privacy.secagg import secaggplus_sum
 
         replies = list(replies)
@@ -256,23 +376,59 @@ class SecureAggregation(ProtectedAggregation):
             node = m.metadata.src_node_id
             if m.has_error():
                 continue
-            vector = m.content["arrays"]["masked"].numpy() if "arrays" in m.content and "masked" in m.content["arrays"] else None
+            vector = (
+                m.content["arrays"]["masked"].numpy()
+                if "arrays" in m.content and "masked" in m.content["arrays"]
+                else None
+            )
             weight = self.declared_weight(m)
-            if vector is None or vector.dtype != np.uint64 or vector.shape != (self.length,) or weight is None:
-                rejected.append(Rejection(node, "masked update of the wrong type or shape, or no positive example count"))
+            if (
+                vector is None
+                or vector.dtype != np.uint64
+                or vector.shape != (self.length,)
+                or weight is None
+            ):
+                rejected.append(
+                    Rejection(
+                        node,
+                        "masked update of the wrong type or shape, or no positive example count",
+                    )
+                )
             else:
                 masked[node], weights[node] = vector, weight
         self.record_round(server_round, replies, len(masked), rejected)
         dropped = [n for n in self._sharers if n not in masked]
         if len(masked) < self._threshold:
-            return self.finish(server_round, None, 0.0, f"{len(masked)} masked inputs, {self._threshold} needed"), None
-        common = {"survivors": [str(n) for n in masked], "dropped": [str(n) for n in dropped], "server-round": server_round}
-        configs = {v: ConfigRecord({**common, "inbox-from": [str(u) for u in self._inbox.get(v, {})],
-                                    "inbox": list(self._inbox.get(v, {}).values())}) for v in masked}
-        shares = {r.metadata.src_node_id: dict(zip(_ids(r.content["config"]["ids"]), r.content["config"]["shares"]))
-                  for r in self._ask(UNMASK, configs)}
+            return self.finish(
+                server_round, None, 0.0, f"{len(masked)} masked inputs, {self._threshold} needed"
+            ), None
+        common: dict[str, Any] = {
+            "survivors": [str(n) for n in masked],
+            "dropped": [str(n) for n in dropped],
+            "server-round": server_round,
+        }
+        configs = {
+            v: ConfigRecord(
+                {
+                    **common,
+                    "inbox-from": [str(u) for u in self._inbox.get(v, {})],
+                    "inbox": list(self._inbox.get(v, {}).values()),
+                }
+            )
+            for v in masked
+        }
+        shares = {
+            r.metadata.src_node_id: dict(
+                zip(
+                    _ids(config_of(r.content)["ids"]), as_bytes_list(config_of(r.content)["shares"])
+                )
+            )
+            for r in self._ask(UNMASK, configs)
+        }
         try:
-            total = secaggplus_sum(masked, self._keys, self._sharers, shares, self._threshold, server_round)
+            total = secaggplus_sum(
+                masked, self._keys, self._sharers, shares, self._threshold, server_round
+            )
         except ValueError as err:
             return self.finish(server_round, None, 0.0, f"unmasking failed: {err}"), None
         return self.finish(server_round, total, sum(weights.values())), None
@@ -287,18 +443,21 @@ class HomomorphicAggregation(ProtectedAggregation):
     is asked (each client decrypts at most once per round).
     """
 
-    def __init__(self, *args: Any, public_context: bytes, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, public_context: bytes, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.public_context = public_context
         self.bytes_per_round: list[int] = []
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ):
         messages = super().configure_train(server_round, arrays, config, grid)
-        if messages:
-            messages[0].content["config"]["he-participants"] = [str(m.metadata.dst_node_id) for m in messages]
-        return messages
+        participants = {"he-participants": [str(m.metadata.dst_node_id) for m in messages]}
+        return [with_config(m, participants) for m in messages]
 
-    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Any
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         from pimoe.privacy.he import add_encrypted, check_ciphertexts, load_context
 
         replies = list(replies)
@@ -323,12 +482,45 @@ class HomomorphicAggregation(ProtectedAggregation):
         if not encrypted:
             return None, None
         summed = add_encrypted(context, list(encrypted.values()))
-        ask = ConfigRecord({"chunks": summed, "length": self.length, "server-round": server_round,
-                            "contributors": [str(n) for n in encrypted]})
+        ask = ConfigRecord(
+            {
+                "chunks": summed,
+                "length": self.length,
+                "server-round": server_round,
+                "contributors": [str(n) for n in encrypted],
+            }
+        )
         for node in encrypted:
             for reply in self._ask(DECRYPT, {node: ask}):
-                return self.finish(server_round, reply.content["arrays"]["sum"].numpy(), sum(weights.values())), None
+                return self.finish(
+                    server_round, array_of(reply.content, "sum"), sum(weights.values())
+                ), None
         return self.finish(server_round, None, 0.0, "no client decrypted the sum"), None
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), "he_ciphertext_bytes_per_round": self.bytes_per_round}
+
+
+class SecureFedAvg(SecureAggregation, FedAvg):
+    """Flower FedAvg over SecAgg+-masked updates."""
+
+
+class SecureFedProx(SecureAggregation, FedProx):
+    """Flower FedProx (sends ``proximal-mu``) over SecAgg+-masked updates."""
+
+
+class HomomorphicFedAvg(HomomorphicAggregation, FedAvg):
+    """Flower FedAvg over CKKS-encrypted updates."""
+
+
+class HomomorphicFedProx(HomomorphicAggregation, FedProx):
+    """Flower FedProx (sends ``proximal-mu``) over CKKS-encrypted updates."""
+
+
+PROTECTED_STRATEGIES: dict[tuple[str, str], type[ProtectedAggregation]] = {
+    ("secure", "fedavg"): SecureFedAvg,
+    ("secure", "fedprox"): SecureFedProx,
+    ("he", "fedavg"): HomomorphicFedAvg,
+    ("he", "fedprox"): HomomorphicFedProx,
+}
+"""(mode, strategy) -> class; the coordinate-wise strategies need updates in the clear (see config.ROBUST)."""

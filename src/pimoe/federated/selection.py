@@ -16,7 +16,9 @@ POLICIES = ("uniform", "size", "loss")
 class ClientSelector:
     """Picks ``max(min_clients, fraction * available)`` node ids per round with one of ``POLICIES``."""
 
-    def __init__(self, fraction: float, min_clients: int = 2, policy: str = "uniform", seed: int = 0) -> None:
+    def __init__(
+        self, fraction: float, min_clients: int = 2, policy: str = "uniform", seed: int = 0
+    ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         if min_clients < 1:
@@ -45,7 +47,9 @@ class ClientSelector:
     def select(self, nodes: list[int]) -> list[int]:
         """The node ids to train this round (sorted)."""
         if len(nodes) < self.min_clients:
-            raise ValueError(f"{len(nodes)} clients available, fewer than min_clients={self.min_clients}")
+            raise ValueError(
+                f"{len(nodes)} clients available, fewer than min_clients={self.min_clients}"
+            )
         k = min(len(nodes), max(self.min_clients, int(self.fraction * len(nodes))))
         nodes = sorted(nodes)  # node ids are 64-bit unsigned: sample positions, not ids, with numpy
         w = np.ones(len(nodes)) if self.policy == "uniform" else self._weights(nodes)

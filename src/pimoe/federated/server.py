@@ -1,7 +1,7 @@
 """The Flower ServerApp: runs the configured strategy and evaluates the global model centrally.
 
-Centralized evaluation (Flower's ``evaluate_fn``) scores the global model on the 360 held-out
-digits before the first round and after every round. The ServerApp fills a :class:`RunRecord`
+Centralized evaluation (Flower's ``evaluate_fn``) scores the global model on the task's test data
+(the 360 held-out digits for the built-in task) before the first round and after every round. The ServerApp fills a :class:`RunRecord`
 (in a simulation the caller reads it afterwards; under ``flwr run`` it is written as JSON to the
 ``result-path`` run-config key when one is given).
 """
@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from pimoe.federated.config import FederatedConfig
 from pimoe.federated.secure import load_key_file
 from pimoe.federated.strategy import RoundLog, make_strategy
-from pimoe.federated.task import evaluate, load_digits_split, make_model
+from pimoe.federated.task import load_task
 from pimoe.io import atomic_write_text
 
 
@@ -42,12 +42,22 @@ class RunRecord:
         return next((r for r, a in enumerate(self.accuracy) if a >= target), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"accuracy_per_round": self.accuracy, "loss_per_round": self.loss,
-                "clients_per_round": self.clients_per_round, "rounds": [asdict(r) for r in self.rounds], **self.extra}
+        return {
+            "accuracy_per_round": self.accuracy,
+            "loss_per_round": self.loss,
+            "clients_per_round": self.clients_per_round,
+            "rounds": [asdict(r) for r in self.rounds],
+            **self.extra,
+        }
 
 
-def run_server(grid: Grid, cfg: FederatedConfig, record: RunRecord, on_round: Callable[[int, float], None] | None = None,
-               he_public: bytes | None = None) -> None:
+def run_server(
+    grid: Grid,
+    cfg: FederatedConfig,
+    record: RunRecord,
+    on_round: Callable[[int, float], None] | None = None,
+    he_public: bytes | None = None,
+) -> None:
     """Train for ``cfg.rounds`` rounds over ``grid``; fill ``record``; call ``on_round(round, accuracy)``.
 
     ``he_public``: the public CKKS context for ``cfg.he`` runs.
@@ -56,12 +66,13 @@ def run_server(grid: Grid, cfg: FederatedConfig, record: RunRecord, on_round: Ca
 
     audit = make_audit(cfg)
     strategy = make_protected_strategy(cfg, audit, he_public) or make_strategy(cfg, audit)
-    model = make_model(cfg.model, cfg.seed)
-    _, test = load_digits_split(cfg.seed)
+    task = load_task(cfg)
+    model = task.make_model(cfg.seed)
+    test = task.test_data()
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, acc = evaluate(model, test)
+        loss, acc = task.evaluate(model, test)
         record.accuracy.append(acc)
         record.loss.append(loss)
         if on_round is not None:
@@ -69,15 +80,26 @@ def run_server(grid: Grid, cfg: FederatedConfig, record: RunRecord, on_round: Ca
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     initial = ArrayRecord(model.state_dict())
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds,
-                   train_config=ConfigRecord({"local-epochs": cfg.local_epochs}), evaluate_fn=evaluate_fn)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.rounds,
+        train_config=ConfigRecord({"local-epochs": cfg.local_epochs}),
+        evaluate_fn=evaluate_fn,
+    )
     record.rounds = strategy.rounds
-    record.arrays = result.arrays if len(result.arrays) else initial  # no round aggregated: still the initial model
+    record.arrays = (
+        result.arrays if len(result.arrays) else initial
+    )  # no round aggregated: still the initial model
     record.extra.update(strategy.report())
 
 
-def make_server_app(fixed: FederatedConfig | None = None, record: RunRecord | None = None,
-                    on_round: Callable[[int, float], None] | None = None, he_public: bytes | None = None) -> ServerApp:
+def make_server_app(
+    fixed: FederatedConfig | None = None,
+    record: RunRecord | None = None,
+    on_round: Callable[[int, float], None] | None = None,
+    he_public: bytes | None = None,
+) -> ServerApp:
     """A ServerApp for ``fixed`` settings, or (``None``) for the settings in the run config.
 
     Run-config keys besides :class:`FederatedConfig`'s: ``result-path`` (write the RunRecord JSON

@@ -13,14 +13,13 @@ the same seeded draw lands on other shards) and agree only statistically.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.serverapp import Grid
 
 from pimoe.federated.client import make_client_app
@@ -29,64 +28,114 @@ from pimoe.federated.private import he_keys
 from pimoe.federated.server import RunRecord, make_server_app, run_server
 
 BACKENDS = ("ray", "inprocess")
+SERVER_NODE_ID = 0  # the sender of instructions in the in-process grid (SuperNodes are 1..N)
 
 
 class InProcessGrid(Grid):
     """A Flower Grid whose SuperNodes are ClientApp calls in this process (node ids 1..N).
 
     Each node keeps its own ``Context`` (``partition-id``, ``num-partitions`` and a persistent
-    ``state``), as a SuperNode does between rounds.
+    ``state``), as a SuperNode does between rounds. Messages are passed as they are (a reply,
+    ``Message(content, reply_to=msg)``, names its sender); the ids that fetch the replies are
+    the grid's own. Serve the ServerApp inside :func:`flower_task_identity` (Flower's strategies
+    stamp new instructions with the identity of the task running in the process).
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp | Callable[[Message, Context], Message],
+        num_nodes: int,
+        run_config: dict[str, Any] | None = None,
+        run_id: int = 1,
+    ) -> None:
         self._app = client_app
-        self._run = Run.create_empty(run_id=1)
-        # Flower stamps new Messages with the process's task identity; run_simulation sets it the same way
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+        self._run: Any = None
+        self.run_id = run_id
         self._contexts = {
-            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=dict(run_config or {}),
-                          node_config={"partition-id": node - 1, "num-partitions": num_nodes})
+            node: Context(
+                run_id=run_id,
+                node_id=node,
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+                node_config={"partition-id": node - 1, "num-partitions": num_nodes},
+            )
             for node in range(1, num_nodes + 1)
         }
         self._replies: dict[str, Message] = {}
 
-    def set_run(self, run: Run) -> None:
+    def set_run(self, run: Any) -> None:
         self._run = run
 
     @property
-    def run(self) -> Run:
+    def run(self) -> Any:
+        if self._run is None:
+            raise RuntimeError("no Run was set on this grid (set_run)")
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl
+        )
 
     def get_node_ids(self) -> list[int]:
         return list(self._contexts)
 
+    def context(self, node_id: int) -> Context:
+        """The persistent context of SuperNode ``node_id``."""
+        return self._contexts[node_id]
+
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Run each addressed ClientApp now; the returned ids (ours, fresh) fetch the replies."""
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg_id = str(uuid4())
-            msg.metadata.__dict__["_run_id"] = self._run.run_id
             node = msg.metadata.dst_node_id
             if node not in self._contexts:
                 raise ValueError(f"no node with id {node}")
-            reply = self._app(msg, self._contexts[node])
-            reply.metadata.__dict__["_src_node_id"] = node
-            self._replies[msg_id] = reply
-            ids.append(msg_id)
+            ids.append(uuid4().hex)
+            self._replies[ids[-1]] = self._app(msg, self._contexts[node])
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_federated(cfg: FederatedConfig, backend: str = "ray", on_round: Callable[[int, float], None] | None = None,
-                  ray_cpus: int | None = None) -> RunRecord:
+@contextmanager
+def flower_task_identity(run_id: int = 1) -> Iterator[None]:
+    """Run a ServerApp outside Flower's runtimes: set the process's task identity, as
+    ``flwr.simulation.run_simulation`` does for its ServerApp thread, and restore it afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = []
+    for name in ("task_id", "run_id", "node_id"):
+        try:
+            saved.append(getattr(TaskIdentity, name))
+        except RuntimeError:  # not set: this process runs no Flower task
+            saved.append(None)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SERVER_NODE_ID
+    try:
+        yield
+    finally:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = saved
+
+
+def run_federated(
+    cfg: FederatedConfig,
+    backend: str = "ray",
+    on_round: Callable[[int, float], None] | None = None,
+    ray_cpus: int | None = None,
+) -> RunRecord:
     """Train ``cfg.clients`` clients for ``cfg.rounds`` rounds; return accuracy and participation per round.
 
     ``ray_cpus``: CPUs Ray may use (default: all); each client takes one, so this many run at once.
@@ -97,7 +146,8 @@ def run_federated(cfg: FederatedConfig, backend: str = "ray", on_round: Callable
     secret, public = he_keys() if cfg.he else (None, None)  # the runner acts as the key authority
     client_app = make_client_app(cfg, secret)
     if backend == "inprocess":
-        run_server(InProcessGrid(client_app, cfg.clients), cfg, record, on_round, public)
+        with flower_task_identity():
+            run_server(InProcessGrid(client_app, cfg.clients), cfg, record, on_round, public)
         return record
     from flwr.simulation import run_simulation
 
@@ -107,9 +157,13 @@ def run_federated(cfg: FederatedConfig, backend: str = "ray", on_round: Callable
         client_app=client_app,
         num_supernodes=cfg.clients,
         backend_name="ray",
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": ray_cpus or os.cpu_count() or 1, "log_to_driver": False}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": ray_cpus or os.cpu_count() or 1, "log_to_driver": False},
+        },
     )
     if len(record.accuracy) != cfg.rounds + 1:
-        raise RuntimeError(f"the simulation stopped after {len(record.accuracy) - 1} of {cfg.rounds} rounds (see Flower's log)")
+        raise RuntimeError(
+            f"the simulation stopped after {len(record.accuracy) - 1} of {cfg.rounds} rounds (see Flower's log)"
+        )
     return record

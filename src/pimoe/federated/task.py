@@ -1,95 +1,51 @@
-"""The federated task: sklearn digits split and partitioned, the models, local training and evaluation.
+"""The federated task: what a run trains, as user code (the role of ``task.py`` in a Flower app).
 
-Digits: 1,797 8x8 images, stratified 80/20 split (1,437 train / 360 test, as in ANCHORS.md),
-features scaled to [0, 1] (pixel values are 0..16). Everything here is plain torch + numpy so the
-same functions run inside a Flower ClientApp, a ServerApp's evaluation, and the centralized peer.
+A :class:`FederatedTask` says how to build the model, which data each client holds and how the
+server evaluates the global model; the ClientApp and ServerApp stay the same for every task.
+Flower's ``flwr new`` templates put the same four things in ``task.py`` (``Net``,
+``load_data(partition_id, num_partitions)``, ``train``, ``test``)::
+
+    from pimoe.data.digits import Split
+    from pimoe.federated.task import FederatedTask
+
+    class WineTask(FederatedTask):
+        def build_model(self) -> nn.Module:            # any nn.Module
+            return MyNet()
+        def client_data(self, partition_id: int, num_partitions: int) -> Split:
+            ...                                          # this client's (x [n, ...], y [n])
+        def test_data(self) -> Split:
+            ...                                          # the server's held-out set
+
+    task = WineTask()       # pimoe federate --task mypackage.mytask:task
+
+``loss`` (cross-entropy), ``train`` (SGD with momentum, optional FedProx term) and ``evaluate``
+(loss, accuracy) have defaults for classification; override them for other objectives. The
+built-in task is :class:`pimoe.federated.digits.DigitsTask` (``--task digits``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pimoe.federated.partition import make_partition
-from pimoe.moe import PiMoE
+from pimoe.data.digits import Split
 
-
-@dataclass(frozen=True)
-class Split:
-    """Features ``x [N, 64]`` float32 and labels ``y [N]`` int64."""
-
-    x: Tensor
-    y: Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-@lru_cache(maxsize=4)
-def load_digits_split(seed: int = 0) -> tuple[Split, Split]:
-    """(train, test) of sklearn digits: 1,437 / 360 samples, stratified, seeded."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, data.target, test_size=0.2, stratify=data.target, random_state=seed)
-    return (Split(torch.from_numpy(x_tr), torch.from_numpy(y_tr).long()),
-            Split(torch.from_numpy(x_te), torch.from_numpy(y_te).long()))
-
-
-@lru_cache(maxsize=8)
-def client_partitions(num_clients: int, kind: str, alpha: float, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """The training-set indices of every client (same call in every process gives the same split)."""
-    train, _ = load_digits_split(seed)
-    return tuple(make_partition(train.y.numpy(), num_clients, kind, alpha, seed))
-
-
-def client_split(client: int, num_clients: int, kind: str, alpha: float, seed: int = 0) -> Split:
-    """Client ``client``'s share of the digits training set."""
-    if not 0 <= client < num_clients:
-        raise ValueError(f"client id {client} outside [0, {num_clients})")
-    train, _ = load_digits_split(seed)
-    idx = torch.from_numpy(client_partitions(num_clients, kind, alpha, seed)[client])
-    return Split(train.x[idx], train.y[idx])
-
-
-def mlp(in_dim: int = 64, hidden: int = 128, classes: int = 10) -> nn.Module:
-    """The ANCHORS peer model: 64-128-10 MLP (9,610 parameters)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-
-
-class MoEClassifier(nn.Module):
-    """``x [B, in_dim]`` → embed ``[B, D]`` → residual PiMoE block → logits ``[B, classes]``.
-
-    Its routed experts live under ``moe.experts``: a natural set of layers to keep personal.
-    """
-
-    def __init__(self, in_dim: int = 64, d_model: int = 32, num_experts: int = 4, top_k: int = 2, classes: int = 10) -> None:
-        super().__init__()
-        self.embed = nn.Linear(in_dim, d_model)
-        self.moe = PiMoE(d_model, num_experts=num_experts, top_k=top_k, ffn_dim=2 * d_model)
-        self.head = nn.Linear(d_model, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.embed(x))
-        return self.head(h + self.moe(h))
-
-
-MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "moe": MoEClassifier}
-
-
-def make_model(name: str, seed: int = 0) -> nn.Module:
-    """A freshly initialised model by name (``"mlp"`` or ``"moe"``), seeded."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
-    torch.manual_seed(seed)
-    return MODELS[name]()
+__all__ = [
+    "FederatedTask",
+    "Split",
+    "centralized_accuracy",
+    "evaluate",
+    "load_task",
+    "proximal_term",
+    "train_epochs",
+]
 
 
 def proximal_term(model: nn.Module, anchor: dict[str, Tensor]) -> Tensor:
@@ -109,11 +65,12 @@ def train_epochs(
     proximal_mu: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
     batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+    loss_fn: Any = nn.functional.cross_entropy,
 ) -> float:
-    """Train in place with cross-entropy (+ ``mu/2 * ||w - w_start||^2`` when ``proximal_mu > 0``).
+    """Train in place with ``loss_fn`` (+ ``mu/2 * ||w - w_start||^2`` when ``proximal_mu > 0``).
 
-    ``optimizer`` defaults to SGD(lr, momentum 0.9); ``batches`` (e.g. an Opacus DP loader)
-    replaces the seeded shuffled mini-batches of ``data`` for every epoch. Returns the mean loss
+    ``optimizer`` defaults to SGD(lr, momentum 0.9); ``batches`` replaces the seeded shuffled
+    mini-batches of ``data`` (``x [b, ...]``, ``y [b]``) for every epoch. Returns the mean loss
     of the last epoch.
     """
     if len(data) == 0:
@@ -125,12 +82,10 @@ def train_epochs(
     last = 0.0
     for _ in range(epochs):
         losses = []
-        epoch_batches = batches if batches is not None else (
-            (data.x[i], data.y[i]) for i in torch.randperm(len(data), generator=gen).split(batch_size))
+        order = torch.randperm(len(data), generator=gen).split(batch_size)
+        epoch_batches = batches if batches is not None else ((data.x[i], data.y[i]) for i in order)
         for xb, yb in epoch_batches:
-            if len(yb) == 0:  # Poisson sampling (DP) can draw an empty batch
-                continue
-            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss = loss_fn(model(xb), yb)
             if proximal_mu > 0:
                 loss = loss + proximal_mu / 2 * proximal_term(model, anchor)
             opt.zero_grad()
@@ -142,19 +97,134 @@ def train_epochs(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Split) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on ``data``."""
+def evaluate(
+    model: nn.Module, data: Split, loss_fn: Any = nn.functional.cross_entropy
+) -> tuple[float, float]:
+    """(mean ``loss_fn``, accuracy of the arg-max class) of ``model`` on ``data``."""
     if len(data) == 0:
         raise ValueError("cannot evaluate on an empty split")
     model.eval()
     logits = model(data.x)
-    return float(nn.functional.cross_entropy(logits, data.y)), float((logits.argmax(1) == data.y).float().mean())
+    return float(loss_fn(logits, data.y)), float((logits.argmax(1) == data.y).float().mean())
 
 
-def centralized_accuracy(model_name: str = "mlp", epochs: int = 30, seed: int = 0) -> float:
-    """The peer: the same model trained on the pooled training set (Adam 1e-3, batch 32)."""
-    train, test = load_digits_split(seed)
-    model = make_model(model_name, seed)
+class FederatedTask(ABC):
+    """A model and its data, split among clients (see the module docstring for an example)."""
+
+    name: str = "task"
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model (the runner seeds torch before calling this)."""
+
+    @abstractmethod
+    def client_data(self, partition_id: int, num_partitions: int) -> Split:
+        """Client ``partition_id``'s training data (of ``num_partitions`` clients): ``x [n, ...]``, ``y [n]``."""
+
+    @abstractmethod
+    def test_data(self) -> Split:
+        """The held-out data the server scores the global model on after every round."""
+
+    def centralized_data(self, num_partitions: int) -> Split:
+        """The pooled training data of the centralized peer (default: every client's data)."""
+        parts = [self.client_data(i, num_partitions) for i in range(num_partitions)]
+        return Split(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """The training loss, averaged over the batch (default: cross-entropy on logits ``[b, C]``)."""
+        return nn.functional.cross_entropy(output, target)
+
+    def train(
+        self,
+        model: nn.Module,
+        data: Split,
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        seed: int,
+        proximal_mu: float = 0.0,
+    ) -> float:
+        """Local training in place (default: SGD, momentum 0.9, seeded shuffles); returns the last epoch's loss."""
+        return train_epochs(
+            model,
+            data,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            proximal_mu=proximal_mu,
+            loss_fn=self.loss,
+        )
+
+    def evaluate(self, model: nn.Module, data: Split) -> tuple[float, float]:
+        """``(loss, accuracy)`` of ``model`` on ``data``."""
+        return evaluate(model, data, self.loss)
+
+    def make_model(self, seed: int) -> nn.Module:
+        """:meth:`build_model` after ``torch.manual_seed(seed)`` (same weights in every process)."""
+        torch.manual_seed(seed)
+        model = self.build_model()
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__}.build_model() must return an nn.Module, got {type(model).__name__}"
+            )
+        return model
+
+
+def centralized_accuracy(
+    task: FederatedTask, num_partitions: int, epochs: int = 30, seed: int = 0
+) -> float:
+    """The peer of a federated run: the same model trained on the pooled training data (Adam 1e-3, batch 32)."""
+    model = task.make_model(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    train_epochs(model, train, epochs=epochs, lr=1e-3, batch_size=32, seed=seed, optimizer=opt)
-    return evaluate(model, test)[1]
+    train_epochs(
+        model,
+        task.centralized_data(num_partitions),
+        epochs=epochs,
+        lr=1e-3,
+        batch_size=32,
+        seed=seed,
+        optimizer=opt,
+        loss_fn=task.loss,
+    )
+    return task.evaluate(model, task.test_data())[1]
+
+
+def _import(spec: str) -> FederatedTask:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"a task is 'digits' or 'module:attr', got {spec!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"task {spec!r}: cannot import module {module_name!r} ({err})") from err
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"task {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    task = (
+        target()
+        if isinstance(target, type) or (callable(target) and not isinstance(target, FederatedTask))
+        else target
+    )
+    if not isinstance(task, FederatedTask):
+        raise TypeError(
+            f"task {spec!r} is a {type(task).__name__}, not a pimoe.federated.task.FederatedTask"
+        )
+    return task
+
+
+@lru_cache(maxsize=16)
+def load_task(cfg: Any) -> FederatedTask:
+    """The task of a :class:`~pimoe.federated.config.FederatedConfig`: ``"digits"`` or ``"module:attr"``.
+
+    ``attr`` names a :class:`FederatedTask` instance, or a class / factory called without
+    arguments. One task object per config and process (cached). Raises ValueError / TypeError
+    naming the problem.
+    """
+    if cfg.task == "digits":
+        from pimoe.federated.digits import DigitsTask
+
+        return DigitsTask(cfg.model, cfg.partition, cfg.alpha, cfg.seed)
+    return _import(cfg.task)

@@ -8,7 +8,19 @@ from pimoe.fusion.moe import ModalityMoE, ModalityMoEFusion
 from pimoe.fusion.sensors import digit_halves
 
 __all__ = [
-    "METHODS", "ConcatFusion", "ContrastiveAligner", "CrossAttentionFusion", "FiLMFusion", "Fusion",
-    "FusionClassifier", "FusionConfig", "GatedFusion", "ModalityMoE", "ModalityMoEFusion", "build_fusion",
-    "digit_halves", "info_nce", "recall_at_k",
+    "METHODS",
+    "ConcatFusion",
+    "ContrastiveAligner",
+    "CrossAttentionFusion",
+    "FiLMFusion",
+    "Fusion",
+    "FusionClassifier",
+    "FusionConfig",
+    "GatedFusion",
+    "ModalityMoE",
+    "ModalityMoEFusion",
+    "build_fusion",
+    "digit_halves",
+    "info_nce",
+    "recall_at_k",
 ]

@@ -44,8 +44,15 @@ def build_fusion(config: FusionConfig) -> Fusion:
     if c.method not in METHODS:
         raise ValueError(f"unknown fusion method {c.method!r}; expected one of {METHODS}")
     if c.method == "moe":
-        return ModalityMoEFusion(c.modalities, c.d_model, c.heads, c.shared_experts, c.experts_per_modality, c.top_k,
-                                 c.allow_missing)
+        return ModalityMoEFusion(
+            c.modalities,
+            c.d_model,
+            c.heads,
+            c.shared_experts,
+            c.experts_per_modality,
+            c.top_k,
+            c.allow_missing,
+        )
     if c.method == "cross_attention":
         return CrossAttentionFusion(c.modalities, c.d_model, c.heads, c.allow_missing)
     layer = {"concat": ConcatFusion, "gated": GatedFusion, "film": FiLMFusion}[c.method]

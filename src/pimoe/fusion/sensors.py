@@ -8,18 +8,20 @@ import torch
 from torch import Tensor
 
 
-def digit_halves(noise_std: float = 0.0, test_fraction: float = 0.3, seed: int = 0
-                 ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]:
+def digit_halves(
+    noise_std: float = 0.0, test_fraction: float = 0.3, seed: int = 0
+) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]:
     """Seeded random split of the 1,797 digits into train and test:
     ``(train_views, train_y, test_views, test_y)`` with views ``{"top": [N, 4, 8], "bottom": [N, 4, 8]}``
     (pixels in [0, 1] plus noise) and labels ``[N]``."""
-    from sklearn.datasets import load_digits
+    from pimoe.data.digits import load_digits
 
     if noise_std < 0 or not 0 < test_fraction < 1:
-        raise ValueError(f"need noise_std >= 0 and 0 < test_fraction < 1, got {noise_std}, {test_fraction}")
+        raise ValueError(
+            f"need noise_std >= 0 and 0 < test_fraction < 1, got {noise_std}, {test_fraction}"
+        )
     data = load_digits()
-    images = torch.tensor(data.images / 16.0, dtype=torch.float32)  # [N, 8, 8]
-    labels = torch.tensor(data.target, dtype=torch.long)
+    images, labels = data.x.view(-1, 8, 8), data.y  # [N, 8, 8], [N]
     generator = torch.Generator().manual_seed(seed)
     images = images + noise_std * torch.randn(images.shape, generator=generator)
     order = torch.randperm(len(labels), generator=generator)

@@ -76,7 +76,9 @@ class AuditLog:
     def _locked(self, shared: bool = False) -> Iterator[IO[bytes]]:
         """The log opened for append (or, ``shared``, for reading) under its ``flock``."""
         if pimoe_io.fcntl is None:  # pragma: no cover - Windows
-            raise OSError("AuditLog needs fcntl.flock (POSIX) to keep one hash chain across writers")
+            raise OSError(
+                "AuditLog needs fcntl.flock (POSIX) to keep one hash chain across writers"
+            )
         with open(self.path, "rb" if shared else "a+b") as handle:
             pimoe_io.lock_file(handle.fileno(), exclusive=not shared, blocking=True)
             yield handle  # closing the file releases the lock
@@ -98,7 +100,9 @@ class AuditLog:
         """``(seq, hash)`` of the last entry, after repairing a torn tail (exclusive lock held)."""
         size = handle.seek(0, os.SEEK_END)
         end, buffer = size, b""
-        while end > 0 and buffer.count(b"\n") < 2:  # enough for the last complete line and what follows
+        while (
+            end > 0 and buffer.count(b"\n") < 2
+        ):  # enough for the last complete line and what follows
             start = max(0, end - _CHUNK)
             handle.seek(start)
             buffer, end = handle.read(end - start) + buffer, start
@@ -111,8 +115,10 @@ class AuditLog:
                 entry = json.loads(last)
                 seq, head = int(entry["seq"]), str(entry["hash"])
             except (ValueError, KeyError, TypeError):
-                raise IntegrityError(f"audit log {self.path}: the last complete line is not an audit entry "
-                                     "(edited or corrupted; not repaired)") from None
+                raise IntegrityError(
+                    f"audit log {self.path}: the last complete line is not an audit entry "
+                    "(edited or corrupted; not repaired)"
+                ) from None
         if not torn:
             return seq, head
         kept = self._entry(torn, seq + 1, head)
@@ -123,8 +129,12 @@ class AuditLog:
         os.ftruncate(handle.fileno(), end + cut)
         self._sync(handle)
         self.dropped_bytes += len(torn)
-        warnings.warn(f"audit log {self.path}: dropped a torn last line ({len(torn)} bytes) left by an interrupted "
-                      f"write; the {seq} entries before it are kept", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"audit log {self.path}: dropped a torn last line ({len(torn)} bytes) left by an interrupted "
+            f"write; the {seq} entries before it are kept",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return self._append(handle, TORN_TAIL_EVENT, {"dropped_bytes": len(torn)}, seq, head)
 
     @staticmethod
@@ -132,12 +142,22 @@ class AuditLog:
         handle.flush()
         os.fsync(handle.fileno())
 
-    def _append(self, handle: IO[bytes], event: str, fields: dict[str, Any], seq: int, head: str) -> tuple[int, str]:
-        entry = {"seq": seq + 1, "ts": datetime.now(timezone.utc).isoformat(), "event": event, **fields, "prev": head}
+    def _append(
+        self, handle: IO[bytes], event: str, fields: dict[str, Any], seq: int, head: str
+    ) -> tuple[int, str]:
+        entry = {
+            "seq": seq + 1,
+            "ts": datetime.now(timezone.utc).isoformat(),
+            "event": event,
+            **fields,
+            "prev": head,
+        }
         try:
             body = json.dumps(entry, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as error:
-            raise TypeError(f"audit fields must be JSON-serializable finite values: {error}") from None
+            raise TypeError(
+                f"audit fields must be JSON-serializable finite values: {error}"
+            ) from None
         entry["hash"] = self._digest(body)
         handle.write((json.dumps(entry, sort_keys=True) + "\n").encode("utf-8"))
         self._sync(handle)
@@ -179,12 +199,22 @@ class AuditLog:
                         entry = json.loads(line)
                         stored = entry.pop("hash")
                     except (ValueError, KeyError, AttributeError):
-                        raise IntegrityError(f"audit log {self.path} line {number}: not an audit entry") from None
+                        raise IntegrityError(
+                            f"audit log {self.path} line {number}: not an audit entry"
+                        ) from None
                     if entry.get("seq") != number or entry.get("prev") != prev:
-                        raise IntegrityError(f"audit log {self.path} line {number}: chain broken (line deleted, inserted or reordered)")
-                    if not hmac.compare_digest(self._digest(json.dumps(entry, sort_keys=True)), str(stored)):
-                        raise IntegrityError(f"audit log {self.path} line {number}: hash mismatch (entry edited or wrong key)")
+                        raise IntegrityError(
+                            f"audit log {self.path} line {number}: chain broken (line deleted, inserted or reordered)"
+                        )
+                    if not hmac.compare_digest(
+                        self._digest(json.dumps(entry, sort_keys=True)), str(stored)
+                    ):
+                        raise IntegrityError(
+                            f"audit log {self.path} line {number}: hash mismatch (entry edited or wrong key)"
+                        )
                     prev, count = stored, number
         if expected_head is not None and prev != expected_head:
-            raise IntegrityError(f"audit log {self.path}: last hash is not the expected head (entries removed from the end?)")
+            raise IntegrityError(
+                f"audit log {self.path}: last hash is not the expected head (entries removed from the end?)"
+            )
         return count

@@ -53,15 +53,28 @@ class PrivacyBudget:
         history: steps already spent, for a budget kept elsewhere (only without ``path``).
     """
 
-    def __init__(self, epsilon: float, delta: float, path: str | os.PathLike[str] | None = None, *,
-                 owner: str = "", accountant: Accountant = "rdp", history: Sequence[Step] = ()) -> None:
+    def __init__(
+        self,
+        epsilon: float,
+        delta: float,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        owner: str = "",
+        accountant: Accountant = "rdp",
+        history: Sequence[Step] = (),
+    ) -> None:
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         if accountant not in ("rdp", "prv"):
             raise ValueError(f"unknown accountant {accountant!r}; expected 'prv' or 'rdp'")
-        self.epsilon, self.delta, self.owner, self.accountant = float(epsilon), float(delta), owner, accountant
+        self.epsilon, self.delta, self.owner, self.accountant = (
+            float(epsilon),
+            float(delta),
+            owner,
+            accountant,
+        )
         if path is not None and history:
             raise ValueError("give a budget file or an in-memory history, not both")
         self.path = Path(path) if path is not None else None
@@ -86,21 +99,34 @@ class PrivacyBudget:
             ValueError: a non-positive noise, a rate outside (0, 1] or a step count below 1.
         """
         if not noise_multiplier > 0 or not 0 < sample_rate <= 1 or int(steps) != steps or steps < 1:
-            raise ValueError(f"need noise > 0, rate in (0, 1], steps >= 1; got {noise_multiplier}, {sample_rate}, {steps}")
+            raise ValueError(
+                f"need noise > 0, rate in (0, 1], steps >= 1; got {noise_multiplier}, {sample_rate}, {steps}"
+            )
         step = (float(noise_multiplier), float(sample_rate), int(steps))
         after = self.spent([step])
         if after > self.epsilon * (1 + _EPS_SLACK):
-            raise BudgetExhausted(f"{self.owner or 'this owner'} has spent epsilon {self.spent():.3f} of "
-                                  f"{self.epsilon}; {steps} more steps would reach {after:.3f}, which exceeds the budget")
+            raise BudgetExhausted(
+                f"{self.owner or 'this owner'} has spent epsilon {self.spent():.3f} of "
+                f"{self.epsilon}; {steps} more steps would reach {after:.3f}, which exceeds the budget"
+            )
         history = [*self._history]
-        if history and history[-1][:2] == step[:2]:  # same noise and rate: one entry, as Opacus keeps it
+        if (
+            history and history[-1][:2] == step[:2]
+        ):  # same noise and rate: one entry, as Opacus keeps it
             history[-1] = (step[0], step[1], history[-1][2] + step[2])
         else:
             history.append(step)
         if self.path is not None:
-            body = {"format": FORMAT, "version": VERSION, "owner": self.owner, "accountant": self.accountant,
-                    "history": [list(h) for h in history]}
-            atomic_write_text(self.path, json.dumps({**body, "sha256": _digest(body)}, sort_keys=True) + "\n")
+            body = {
+                "format": FORMAT,
+                "version": VERSION,
+                "owner": self.owner,
+                "accountant": self.accountant,
+                "history": [list(h) for h in history],
+            }
+            atomic_write_text(
+                self.path, json.dumps({**body, "sha256": _digest(body)}, sort_keys=True) + "\n"
+            )
         self._history = history
         return after
 
@@ -110,18 +136,30 @@ class PrivacyBudget:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             stored = data.pop("sha256")
-            fields = data["format"], data["version"], data["owner"], data["accountant"], data["history"]
+            fields = (
+                data["format"],
+                data["version"],
+                data["owner"],
+                data["accountant"],
+                data["history"],
+            )
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-            raise IntegrityError(f"{where}: not a DP budget file (corrupted or truncated); "
-                                 "refusing to reset the budget: restore it or remove it deliberately") from None
+            raise IntegrityError(
+                f"{where}: not a DP budget file (corrupted or truncated); "
+                "refusing to reset the budget: restore it or remove it deliberately"
+            ) from None
         if fields[:2] != (FORMAT, VERSION):
             raise IntegrityError(f"{where}: unknown format {fields[:2]}")
         if stored != _digest(data):
-            raise IntegrityError(f"{where}: hash mismatch (edited or corrupted); refusing to reset the budget")
+            raise IntegrityError(
+                f"{where}: hash mismatch (edited or corrupted); refusing to reset the budget"
+            )
         if fields[2] != self.owner:
             raise IntegrityError(f"{where}: belongs to owner {fields[2]!r}, not {self.owner!r}")
         if fields[3] != self.accountant:
-            raise IntegrityError(f"{where}: kept with accountant {fields[3]!r}, not {self.accountant!r}")
+            raise IntegrityError(
+                f"{where}: kept with accountant {fields[3]!r}, not {self.accountant!r}"
+            )
         try:
             return [(float(n), float(q), int(k)) for n, q, k in fields[4]]
         except (TypeError, ValueError):

@@ -25,7 +25,9 @@ from pimoe.privacy.crypto import IntegrityError, open_sealed, seal
 CHECKPOINT_LABEL = b"pimoe-encrypted-checkpoint-v1"
 
 
-def seal_state_dict(state_dict: dict[str, torch.Tensor], key: bytes, label: bytes = CHECKPOINT_LABEL) -> bytes:
+def seal_state_dict(
+    state_dict: dict[str, torch.Tensor], key: bytes, label: bytes = CHECKPOINT_LABEL
+) -> bytes:
     """``state_dict`` (name -> tensor) as safetensors bytes sealed with ``key`` (AES-256-GCM).
 
     Tensors are copied to CPU; tied (shared-storage) tensors are stored once each. ``label`` is
@@ -36,17 +38,24 @@ def seal_state_dict(state_dict: dict[str, torch.Tensor], key: bytes, label: byte
     bad = [name for name, value in state_dict.items() if not isinstance(value, torch.Tensor)]
     if bad:
         raise TypeError(f"state_dict values must be tensors; not tensors: {bad[:5]}")
-    tensors = {name: value.detach().cpu().contiguous().clone() for name, value in state_dict.items()}
+    tensors = {
+        name: value.detach().cpu().contiguous().clone() for name, value in state_dict.items()
+    }
     return seal(key, safetensors_save(tensors), label)
 
 
-def open_state_dict(blob: bytes, key: bytes, label: bytes = CHECKPOINT_LABEL) -> dict[str, torch.Tensor]:
+def open_state_dict(
+    blob: bytes, key: bytes, label: bytes = CHECKPOINT_LABEL
+) -> dict[str, torch.Tensor]:
     """Inverse of :func:`seal_state_dict`; raises IntegrityError if ``blob`` does not authenticate."""
     return safetensors_load(open_sealed(key, blob, label))
 
 
 def save_encrypted(
-    state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str], key: bytes, audit: AuditLog | None = None
+    state_dict: dict[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    key: bytes,
+    audit: AuditLog | None = None,
 ) -> int:
     """Write ``state_dict`` (name -> tensor) encrypted to ``path`` atomically; return the file size in bytes.
 
@@ -59,7 +68,9 @@ def save_encrypted(
     return len(blob)
 
 
-def load_encrypted(path: str | os.PathLike[str], key: bytes, audit: AuditLog | None = None) -> dict[str, torch.Tensor]:
+def load_encrypted(
+    path: str | os.PathLike[str], key: bytes, audit: AuditLog | None = None
+) -> dict[str, torch.Tensor]:
     """Read a checkpoint written by :func:`save_encrypted` (CPU tensors); remove the temps killed saves of it left.
 
     Raises IntegrityError (a ValueError) if the file was tampered with or truncated, or the key

@@ -70,11 +70,15 @@ def load_key(env_var: str = "PIMOE_KEY", path: str | os.PathLike[str] | None = N
         try:
             text = data.decode("ascii")
         except UnicodeDecodeError:
-            raise ValueError(f"key file {path}: {len(data)} raw bytes, expected {KEY_BYTES}") from None
+            raise ValueError(
+                f"key file {path}: {len(data)} raw bytes, expected {KEY_BYTES}"
+            ) from None
         return _decode_key_text(text, f"key file {path}")
     value = os.environ.get(env_var)
     if not value:
-        raise ValueError(f"no key: set ${env_var} (hex or base64 of {KEY_BYTES} bytes) or pass a key file")
+        raise ValueError(
+            f"no key: set ${env_var} (hex or base64 of {KEY_BYTES} bytes) or pass a key file"
+        )
     return _decode_key_text(value, f"${env_var}")
 
 
@@ -89,7 +93,9 @@ def open_sealed(key: bytes, blob: bytes, associated_data: bytes = b"") -> bytes:
     """Return the plaintext of a :func:`seal` blob; raise IntegrityError if it does not authenticate."""
     aesgcm = AESGCM(_check_key(key))
     if len(blob) < 1 + NONCE_BYTES + TAG_BYTES:
-        raise IntegrityError(f"sealed blob truncated: {len(blob)} bytes, at least {1 + NONCE_BYTES + TAG_BYTES} expected")
+        raise IntegrityError(
+            f"sealed blob truncated: {len(blob)} bytes, at least {1 + NONCE_BYTES + TAG_BYTES} expected"
+        )
     if blob[0] != VERSION:
         raise IntegrityError(f"unknown sealed-blob version {blob[0]} (expected {VERSION})")
     nonce, ciphertext = blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :]

@@ -12,11 +12,12 @@ leave it out of ε and reveal that the batch was empty). :mod:`pimoe.privacy.bud
 owner's spent budget on disk across restarts.
 
 Models with layers Opacus refuses (BatchNorm, whose running statistics mix examples) raise a
-``ValueError`` naming them, and so do trainable PiMoE layers: they sort tokens by expert, so the
-per-sample gradients Opacus computes inside them would belong to the wrong examples (frozen PiMoE
-layers are fine: gradients flow through them to the trainable layers around them); :func:`dp_compatible` swaps them for DP-friendly equivalents
+``ValueError`` naming them; :func:`dp_compatible` swaps them for DP-friendly equivalents
 (``ModuleValidator.fix``: BatchNorm -> GroupNorm) and must be applied *before* the optimizer is
-built, so the optimizer holds the new parameters.
+built, so the optimizer holds the new parameters. Models with trainable PiMoE layers train too:
+those layers sort tokens by expert, so Opacus's per-layer hooks would charge per-row gradients to
+the wrong examples; :func:`privatize` computes their per-example gradients one example at a time
+instead (:mod:`pimoe.privacy.per_example`), with Opacus's optimizer, noise and accountant.
 """
 
 from __future__ import annotations
@@ -66,14 +67,23 @@ def opacus_sampling(data_loader: DataLoader, poisson: bool = True) -> tuple[floa
         return 1 / len(data_loader), len(data_loader)
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    steps = len(UniformWithReplacementSampler(num_samples=len(data_loader.dataset),  # type: ignore[arg-type]
-                                              sample_rate=1 / len(data_loader)))
+    steps = len(
+        UniformWithReplacementSampler(
+            num_samples=len(data_loader.dataset),  # type: ignore[arg-type]
+            sample_rate=1 / len(data_loader),
+        )
+    )
     return 1 / steps, steps
 
 
 @lru_cache(maxsize=256)
-def noise_for_budget(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
-                     accountant: Accountant = "rdp") -> float:
+def noise_for_budget(
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: Accountant = "rdp",
+) -> float:
     """Noise multiplier whose ``steps`` DP-SGD steps at ``sample_rate`` spend at most ``target_epsilon``.
 
     Opacus's own calibration (``get_noise_multiplier``, tolerance 0.01, default Rényi orders),
@@ -82,10 +92,21 @@ def noise_for_budget(target_epsilon: float, target_delta: float, sample_rate: fl
     from opacus.accountants.utils import get_noise_multiplier
 
     _check_accountant(accountant)
-    with warnings.catch_warnings():  # the search tries noise levels far from the answer, where Opacus
-        warnings.filterwarnings("ignore", message="Optimal order is the")  # notes the best order is at the edge
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
+    with (
+        warnings.catch_warnings()
+    ):  # the search tries noise levels far from the answer, where Opacus
+        warnings.filterwarnings(
+            "ignore", message="Optimal order is the"
+        )  # notes the best order is at the edge
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=target_delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+            )
+        )
 
 
 @lru_cache(maxsize=1024)
@@ -94,7 +115,12 @@ def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    rdp = compute_rdp(
+        q=sample_rate,
+        noise_multiplier=noise_multiplier,
+        steps=1,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+    )
     return tuple(float(r) for r in rdp)
 
 
@@ -133,20 +159,25 @@ def dp_compatible(model: nn.Module) -> nn.Module:
     from opacus.validators import ModuleValidator
 
     fixed = ModuleValidator.fix(model) if ModuleValidator.validate(model, strict=False) else model
-    _check_supported(fixed)
+    check_private(fixed)
     return fixed
 
 
-def _check_supported(model: nn.Module) -> None:
+def routes_tokens(model: nn.Module) -> bool:
+    """Whether ``model`` has a trainable MoE layer (its per-example gradients are taken one example at a time)."""
+    from pimoe.moe.experts import StackedExperts
+
+    return any(
+        isinstance(m, (MoEOutput, StackedExperts)) and any(p.requires_grad for p in m.parameters())
+        for m in model.modules()
+    )
+
+
+def check_private(model: nn.Module) -> None:
+    """``ValueError`` naming the layers DP-SGD cannot train in ``model`` (BatchNorm and the other
+    layers Opacus's validator refuses); None if :func:`privatize` can train it."""
     from opacus.validators import ModuleValidator
 
-    for name, module in model.named_modules():
-        if isinstance(module, MoEOutput) and any(p.requires_grad for p in module.parameters()):
-            raise ValueError(
-                f"layer {name or '<root>'} ({type(module).__name__}) routes tokens out of batch order, so "
-                "Opacus would attribute its per-sample gradients to the wrong examples (no DP guarantee). "
-                "Freeze it (requires_grad_(False)) and train the other layers privately."
-            )
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         reasons = "; ".join(str(e) for e in errors)
@@ -154,6 +185,45 @@ def _check_supported(model: nn.Module) -> None:
             f"Opacus cannot compute per-sample gradients for this model ({len(errors)} problem(s)): "
             f"{reasons}. Call pimoe.privacy.dp_compatible(model) before building the optimizer."
         )
+
+
+def privatize(
+    engine: PrivacyEngine,
+    model: nn.Module,
+    optimizer: Optimizer,
+    data_loader: DataLoader,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    poisson_sampling: bool = True,
+) -> tuple[nn.Module, Optimizer, DataLoader]:
+    """``engine.make_private`` at a given noise multiplier, for any model :func:`check_private` accepts.
+
+    Models with trainable PiMoE layers get exact per-example gradients one example at a time
+    (:func:`pimoe.privacy.per_example.make_private_per_example`); the others go through Opacus's
+    hooks. Either way ``engine.accountant`` counts every optimizer step.
+    """
+    check_private(model)
+    if routes_tokens(model):
+        from pimoe.privacy.per_example import make_private_per_example
+
+        return make_private_per_example(
+            engine,
+            model,
+            optimizer,
+            data_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=poisson_sampling,
+        )
+    return engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=poisson_sampling,
+    )
 
 
 def make_private(
@@ -203,16 +273,19 @@ def make_private(
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
     if int(epochs) != epochs or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs}")
-    if hasattr(model, "_module") and type(model).__module__.startswith("opacus"):
-        raise ValueError("model is already wrapped by Opacus; pass the plain module (model._module)")
-    _check_supported(model)
+    if hasattr(model, "_module") and type(model).__module__.startswith(("opacus", "pimoe.privacy")):
+        raise ValueError(
+            "model is already wrapped by Opacus; pass the plain module (model._module)"
+        )
+    check_private(model)
     rate, steps = opacus_sampling(data_loader, poisson_sampling)
     noise = noise_for_budget(target_epsilon, target_delta, rate, steps * int(epochs), accountant)
     engine = PrivacyEngine(accountant=accountant)
-    model, optimizer, data_loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=data_loader,
+    model, optimizer, data_loader = privatize(
+        engine,
+        model,
+        optimizer,
+        data_loader,
         noise_multiplier=noise,
         max_grad_norm=max_grad_norm,
         poisson_sampling=poisson_sampling,
@@ -256,7 +329,9 @@ def epsilon(engine: PrivacyEngine, delta: float) -> float:
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if not hasattr(engine, "get_epsilon") or not hasattr(engine, "accountant"):
-        raise TypeError(f"expected an Opacus PrivacyEngine from make_private, got {type(engine).__name__}")
+        raise TypeError(
+            f"expected an Opacus PrivacyEngine from make_private, got {type(engine).__name__}"
+        )
     if len(engine.accountant) == 0:
         return 0.0
     return float(engine.get_epsilon(delta))

@@ -60,8 +60,9 @@ def make_context(params: CKKSParams | None = None) -> ts.Context:
 
 def public_context(context: ts.Context) -> bytes:
     """Serialized copy of ``context`` without the secret key: what the server receives."""
-    return context.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False,
-                             save_relin_keys=False)  # addition needs neither rotations nor relinearization
+    return context.serialize(
+        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    )  # addition needs neither rotations nor relinearization
 
 
 def load_context(data: bytes) -> ts.Context:
@@ -93,13 +94,21 @@ def encrypt_update(context: ts.Context, update: np.ndarray) -> list[bytes]:
     """Encrypt a 1-D float ``update [D]`` as ``ceil(D / slots)`` serialized CKKS vectors."""
     import tenseal as ts
 
-    if not isinstance(update, np.ndarray) or update.ndim != 1 or update.dtype.kind != "f" or update.size == 0:
+    if (
+        not isinstance(update, np.ndarray)
+        or update.ndim != 1
+        or update.dtype.kind != "f"
+        or update.size == 0
+    ):
         raise TypeError("an update must be a non-empty 1-D float numpy array")
     if not np.isfinite(update).all():
         raise ValueError("an update holds NaN or inf")
     slots = _slots(context)
     values = update.astype(np.float64)
-    return [ts.ckks_vector(context, values[i : i + slots]).serialize() for i in range(0, values.size, slots)]
+    return [
+        ts.ckks_vector(context, values[i : i + slots]).serialize()
+        for i in range(0, values.size, slots)
+    ]
 
 
 def check_ciphertexts(server_context: ts.Context, chunks: list[bytes], length: int) -> None:
@@ -125,7 +134,9 @@ def add_encrypted(server_context: ts.Context, encrypted: list[list[bytes]]) -> l
     different numbers of chunks.
     """
     if server_context.is_private():
-        raise ValueError("the server's context holds the secret key; give it public_context(...) only")
+        raise ValueError(
+            "the server's context holds the secret key; give it public_context(...) only"
+        )
     if not encrypted:
         raise ValueError("no encrypted updates to add")
     chunks = {len(e) for e in encrypted}
@@ -138,7 +149,9 @@ def add_encrypted(server_context: ts.Context, encrypted: list[list[bytes]]) -> l
     return [t.serialize() for t in total]
 
 
-def decrypt_mean(context: ts.Context, summed: list[bytes], num_clients: int, length: int) -> np.ndarray:
+def decrypt_mean(
+    context: ts.Context, summed: list[bytes], num_clients: int, length: int
+) -> np.ndarray:
     """Client side: decrypt :func:`add_encrypted`'s sum and divide by ``num_clients`` -> ``float64 [length]``."""
     if not context.is_private():
         raise ValueError("decrypting needs the context with the secret key")

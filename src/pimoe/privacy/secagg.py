@@ -59,7 +59,11 @@ def encode(update: np.ndarray, frac_bits: int = FRAC_BITS, max_terms: int = 1) -
     a sum of ``max_terms`` of them would overflow the signed 64-bit range.
     """
     if not isinstance(update, np.ndarray) or update.ndim != 1 or update.dtype.kind != "f":
-        got = f"{update.dtype} array of shape {update.shape}" if isinstance(update, np.ndarray) else type(update).__name__
+        got = (
+            f"{update.dtype} array of shape {update.shape}"
+            if isinstance(update, np.ndarray)
+            else type(update).__name__
+        )
         raise TypeError(f"an update must be a 1-D float numpy array, got {got}")
     if update.size == 0:
         raise ValueError("an update must not be empty")
@@ -92,16 +96,25 @@ def _public_key(raw: bytes, owner: int) -> X25519PublicKey:
 
 
 def _derive(secret: bytes, label: str) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=label.encode()).derive(secret)
+    return HKDF(
+        algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=label.encode()
+    ).derive(secret)
 
 
-def pair_seed(key: X25519PrivateKey, own_id: int, peer_id: int, peer_key: bytes, round_id: int) -> bytes:
+def pair_seed(
+    key: X25519PrivateKey, own_id: int, peer_id: int, peer_key: bytes, round_id: int
+) -> bytes:
     """The 32-byte seed ``own_id`` (holding ``key``) shares with ``peer_id`` in ``round_id``: X25519 + HKDF-SHA256."""
     low, high = sorted((int(own_id), int(peer_id)))
-    return _derive(key.exchange(_public_key(peer_key, peer_id)), f"pimoe-secagg-v1|round={round_id}|pair={low},{high}")
+    return _derive(
+        key.exchange(_public_key(peer_key, peer_id)),
+        f"pimoe-secagg-v1|round={round_id}|pair={low},{high}",
+    )
 
 
-def apply_pair_masks(vector: np.ndarray, own_id: int, seeds: dict[int, bytes], sign: int = 1) -> np.ndarray:
+def apply_pair_masks(
+    vector: np.ndarray, own_id: int, seeds: dict[int, bytes], sign: int = 1
+) -> np.ndarray:
     """``vector`` plus (``sign=-1``: minus) ``own_id``'s pair masks: ``+m`` toward higher ids, ``-m`` toward lower."""
     for j, seed in seeds.items():
         pair_mask = mask_vector(seed, vector.size)
@@ -119,14 +132,22 @@ class SecAggClient:
             client restoring itself between messages of one round); a fresh key if None.
     """
 
-    def __init__(self, client_id: int, frac_bits: int = FRAC_BITS, private_key: bytes | None = None) -> None:
+    def __init__(
+        self, client_id: int, frac_bits: int = FRAC_BITS, private_key: bytes | None = None
+    ) -> None:
         if not 0 <= frac_bits < MODULUS_BITS - 1:
             raise ValueError(f"frac_bits must be in [0, {MODULUS_BITS - 2}], got {frac_bits}")
-        if private_key is not None and (not isinstance(private_key, bytes) or len(private_key) != 32):
+        if private_key is not None and (
+            not isinstance(private_key, bytes) or len(private_key) != 32
+        ):
             raise ValueError("private_key must be 32 raw bytes (from private_key_bytes())")
         self.client_id = int(client_id)
         self.frac_bits = frac_bits
-        self._key = X25519PrivateKey.from_private_bytes(private_key) if private_key else X25519PrivateKey.generate()
+        self._key = (
+            X25519PrivateKey.from_private_bytes(private_key)
+            if private_key
+            else X25519PrivateKey.generate()
+        )
         self._seeds: dict[int, bytes] = {}
 
     def private_key_bytes(self) -> bytes:
@@ -158,10 +179,14 @@ class SecAggClient:
         """The seeds of the last :meth:`mask` call shared with the clients that dropped, by their id."""
         dropped = {int(j) for j in dropped_ids}
         if self.client_id in dropped:
-            raise ValueError(f"client {self.client_id} is alive; it reveals seeds only for dropped peers")
+            raise ValueError(
+                f"client {self.client_id} is alive; it reveals seeds only for dropped peers"
+            )
         unknown = dropped - set(self._seeds)
         if unknown:
-            raise ValueError(f"clients {sorted(unknown)} were not peers of client {self.client_id} in its last round")
+            raise ValueError(
+                f"clients {sorted(unknown)} were not peers of client {self.client_id} in its last round"
+            )
         return {j: self._seeds[j] for j in sorted(dropped)}
 
 
@@ -186,12 +211,16 @@ def unmask_sum(
         raise ValueError("no masked inputs to aggregate")
     survivors, everyone = set(masked), set(participants)
     if not survivors <= everyone:
-        raise ValueError(f"inputs from clients {sorted(survivors - everyone)} that were not participants")
+        raise ValueError(
+            f"inputs from clients {sorted(survivors - everyone)} that were not participants"
+        )
     dropped = everyone - survivors
     revealed = revealed or {}
     shapes = {v.shape for v in masked.values()}
     if len(shapes) != 1 or any(v.dtype != np.uint64 or v.ndim != 1 for v in masked.values()):
-        raise ValueError(f"masked inputs must be 1-D uint64 arrays of one length, got shapes {sorted(shapes)}")
+        raise ValueError(
+            f"masked inputs must be 1-D uint64 arrays of one length, got shapes {sorted(shapes)}"
+        )
     total = np.zeros(shapes.pop(), dtype=np.uint64)
     for vector in masked.values():
         total += vector
@@ -214,7 +243,10 @@ def _shamir_split(secret: bytes, threshold: int, count: int) -> list[bytes]:
     """``count`` Shamir shares (GF(2^128), pycryptodome) of a 32-byte secret; share k has index k + 1."""
     from Crypto.Protocol.SecretSharing import Shamir
 
-    parts = [Shamir.split(threshold, count, secret[i : i + 16], ssss=False) for i in range(0, len(secret), 16)]
+    parts = [
+        Shamir.split(threshold, count, secret[i : i + 16], ssss=False)
+        for i in range(0, len(secret), 16)
+    ]
     return [b"".join(part[k][1] for part in parts) for k in range(count)]
 
 
@@ -223,10 +255,15 @@ def _shamir_combine(shares: dict[int, bytes]) -> bytes:
     from Crypto.Protocol.SecretSharing import Shamir
 
     size = len(next(iter(shares.values())))
-    return b"".join(Shamir.combine([(i, s[c : c + 16]) for i, s in shares.items()], ssss=False) for c in range(0, size, 16))
+    return b"".join(
+        Shamir.combine([(i, s[c : c + 16]) for i, s in shares.items()], ssss=False)
+        for c in range(0, size, 16)
+    )
 
 
-def _share_cipher(key: X25519PrivateKey, peer_key: bytes, sender: int, receiver: int, round_id: int) -> tuple[Any, bytes]:
+def _share_cipher(
+    key: X25519PrivateKey, peer_key: bytes, sender: int, receiver: int, round_id: int
+) -> tuple[Any, bytes]:
     """AES-GCM for the share ``sender -> receiver`` (X25519 of the channel keys + HKDF) and its associated data."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -252,29 +289,55 @@ class SecAggPlusClient:
     self-mask or the pair masks.
     """
 
-    def __init__(self, client_id: int, round_id: int, frac_bits: int = FRAC_BITS, state: bytes | None = None) -> None:
+    def __init__(
+        self, client_id: int, round_id: int, frac_bits: int = FRAC_BITS, state: bytes | None = None
+    ) -> None:
         self.client_id, self.round_id, self.frac_bits = int(client_id), int(round_id), frac_bits
         if state is None:
-            self._c, self._s, self._b = X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(SEED_BYTES)
+            self._c, self._s, self._b = (
+                X25519PrivateKey.generate(),
+                X25519PrivateKey.generate(),
+                os.urandom(SEED_BYTES),
+            )
             self._keys: dict[int, tuple[bytes, bytes]] = {}
             self._sharers: list[int] = []
             self._threshold, self._unmasked = 0, False
             return
         saved = json.loads(state)
         if saved["client"] != self.client_id or saved["round"] != self.round_id:
-            raise ValueError(f"saved SecAgg+ state of client {saved['client']} round {saved['round']}, not "
-                             f"client {self.client_id} round {self.round_id}")
-        self._c, self._s = (X25519PrivateKey.from_private_bytes(bytes.fromhex(saved[k])) for k in ("c", "s"))
+            raise ValueError(
+                f"saved SecAgg+ state of client {saved['client']} round {saved['round']}, not "
+                f"client {self.client_id} round {self.round_id}"
+            )
+        self._c, self._s = (
+            X25519PrivateKey.from_private_bytes(bytes.fromhex(saved[k])) for k in ("c", "s")
+        )
         self._b = bytes.fromhex(saved["b"])
-        self._keys = {int(j): (bytes.fromhex(c), bytes.fromhex(s)) for j, (c, s) in saved["keys"].items()}
-        self._threshold, self._sharers, self._unmasked = saved["threshold"], saved["sharers"], saved["unmasked"]
+        self._keys = {
+            int(j): (bytes.fromhex(c), bytes.fromhex(s)) for j, (c, s) in saved["keys"].items()
+        }
+        self._threshold, self._sharers, self._unmasked = (
+            saved["threshold"],
+            saved["sharers"],
+            saved["unmasked"],
+        )
 
     def state(self) -> bytes:
         """Everything this client must keep between the stages of its round (secret: keep it local)."""
         raw = lambda k: k.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex()  # noqa: E731
-        return json.dumps({"client": self.client_id, "round": self.round_id, "c": raw(self._c), "s": raw(self._s),
-                           "b": self._b.hex(), "keys": {str(j): (c.hex(), s.hex()) for j, (c, s) in self._keys.items()},
-                           "threshold": self._threshold, "sharers": self._sharers, "unmasked": self._unmasked}).encode()
+        return json.dumps(
+            {
+                "client": self.client_id,
+                "round": self.round_id,
+                "c": raw(self._c),
+                "s": raw(self._s),
+                "b": self._b.hex(),
+                "keys": {str(j): (c.hex(), s.hex()) for j, (c, s) in self._keys.items()},
+                "threshold": self._threshold,
+                "sharers": self._sharers,
+                "unmasked": self._unmasked,
+            }
+        ).encode()
 
     def public_keys(self) -> tuple[bytes, bytes]:
         """``(c_pk, s_pk)``: the share-channel key and the mask key, 32 raw bytes each."""
@@ -290,11 +353,17 @@ class SecAggPlusClient:
         if keys.get(self.client_id) != self.public_keys():
             raise ValueError(f"the key list does not hold client {self.client_id}'s own keys")
         if not (len(keys) < 2 * threshold and threshold <= len(keys) and threshold >= 2):
-            raise ValueError(f"threshold {threshold} must be a strict majority of the {len(keys)} clients and >= 2")
+            raise ValueError(
+                f"threshold {threshold} must be a strict majority of the {len(keys)} clients and >= 2"
+            )
         self._keys, self._threshold = keys, int(threshold)
         order = sorted(keys)
         b_shares = _shamir_split(self._b, threshold, len(order))
-        s_shares = _shamir_split(self._s.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()), threshold, len(order))
+        s_shares = _shamir_split(
+            self._s.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+            threshold,
+            len(order),
+        )
         out = {}
         for k, j in enumerate(order):
             cipher, label = _share_cipher(self._c, keys[j][0], self.client_id, j, self.round_id)
@@ -307,15 +376,29 @@ class SecAggPlusClient:
         sharers = sorted({int(j) for j in sharers})
         if not self._keys:
             raise ValueError("share() must come before mask()")
-        if self.client_id not in sharers or not set(sharers) <= set(self._keys) or len(sharers) < self._threshold:
-            raise ValueError(f"the clients to mask with must include this one, be among the {len(self._keys)} that "
-                             f"exchanged keys and number at least the threshold {self._threshold}")
+        if (
+            self.client_id not in sharers
+            or not set(sharers) <= set(self._keys)
+            or len(sharers) < self._threshold
+        ):
+            raise ValueError(
+                f"the clients to mask with must include this one, be among the {len(self._keys)} that "
+                f"exchanged keys and number at least the threshold {self._threshold}"
+            )
         self._sharers = sharers
-        masked = encode(update, self.frac_bits, max_terms=len(sharers)) + mask_vector(self._b, update.size)
-        seeds = {j: pair_seed(self._s, self.client_id, j, self._keys[j][1], self.round_id) for j in sharers if j != self.client_id}
+        masked = encode(update, self.frac_bits, max_terms=len(sharers)) + mask_vector(
+            self._b, update.size
+        )
+        seeds = {
+            j: pair_seed(self._s, self.client_id, j, self._keys[j][1], self.round_id)
+            for j in sharers
+            if j != self.client_id
+        }
         return apply_pair_masks(masked, self.client_id, seeds)
 
-    def unmask(self, survivors: Collection[int], dropped: Collection[int], inbox: dict[int, bytes]) -> dict[int, bytes]:
+    def unmask(
+        self, survivors: Collection[int], dropped: Collection[int], inbox: dict[int, bytes]
+    ) -> dict[int, bytes]:
         """This client's shares for the server: a survivor's ``b`` share, a dropped client's ``s_sk`` share.
 
         ``inbox``: the ciphertexts other clients made for this one in :meth:`share`, by sender. Raises
@@ -327,17 +410,28 @@ class SecAggPlusClient:
 
         alive, gone = {int(j) for j in survivors}, {int(j) for j in dropped}
         if self._unmasked:
-            raise ValueError(f"client {self.client_id} already revealed its shares for round {self.round_id}")
-        if alive & gone or alive | gone != set(self._sharers) or self.client_id not in alive or len(alive) < self._threshold:
-            raise ValueError("survivors and dropped clients must split the masking clients, include this one among "
-                             f"the survivors, and leave at least {self._threshold} survivors")
+            raise ValueError(
+                f"client {self.client_id} already revealed its shares for round {self.round_id}"
+            )
+        if (
+            alive & gone
+            or alive | gone != set(self._sharers)
+            or self.client_id not in alive
+            or len(alive) < self._threshold
+        ):
+            raise ValueError(
+                "survivors and dropped clients must split the masking clients, include this one among "
+                f"the survivors, and leave at least {self._threshold} survivors"
+            )
         self._unmasked = True
         out = {}
         for u in sorted(alive | gone):
             data = inbox.get(u)
             if data is None or len(data) < 12:
                 continue
-            cipher, label = _share_cipher(self._c, self._keys[u][0], u, self.client_id, self.round_id)
+            cipher, label = _share_cipher(
+                self._c, self._keys[u][0], u, self.client_id, self.round_id
+            )
             try:
                 plain = cipher.decrypt(data[:12], data[12:], label)
             except InvalidTag:
@@ -368,7 +462,9 @@ def secaggplus_sum(
     """
     alive, everyone = set(masked), {int(j) for j in sharers}
     if not alive or not alive <= everyone or not everyone <= set(keys):
-        raise ValueError("survivors must be among the masking clients, and those among the key holders")
+        raise ValueError(
+            "survivors must be among the masking clients, and those among the key holders"
+        )
     shapes = {(v.dtype, v.shape) for v in masked.values()}
     if len(shapes) != 1 or any(v.dtype != np.uint64 or v.ndim != 1 for v in masked.values()):
         raise ValueError("masked inputs must be 1-D uint64 arrays of one length")
@@ -380,7 +476,9 @@ def secaggplus_sum(
     def rebuild(u: int) -> bytes:
         got = {index[v]: answer[u] for v, answer in shares.items() if u in answer}
         if len(got) < threshold:
-            raise ValueError(f"{len(got)} shares of client {u}'s secret came back; {threshold} are needed")
+            raise ValueError(
+                f"{len(got)} shares of client {u}'s secret came back; {threshold} are needed"
+            )
         return _shamir_combine(got)
 
     for u in sorted(alive):
@@ -388,7 +486,11 @@ def secaggplus_sum(
     for u in sorted(everyone - alive):
         key = X25519PrivateKey.from_private_bytes(rebuild(u))
         if key.public_key().public_bytes_raw() != keys[u][1]:
-            raise ValueError(f"the mask key rebuilt for dropped client {u} does not match its public key (a bad share)")
+            raise ValueError(
+                f"the mask key rebuilt for dropped client {u} does not match its public key (a bad share)"
+            )
         for v in alive:
-            total = apply_pair_masks(total, v, {u: pair_seed(key, u, v, keys[v][1], round_id)}, sign=-1)
+            total = apply_pair_masks(
+                total, v, {u: pair_seed(key, u, v, keys[v][1], round_id)}, sign=-1
+            )
     return decode(total, frac_bits)

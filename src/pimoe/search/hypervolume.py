@@ -83,13 +83,15 @@ def shared_hypervolumes(point_sets: dict[str, ArrayLike], margin: float = 0.1) -
     point is ``1 + margin`` in every objective (so the extreme points still count). Empty sets
     get 0. The result lies in ``[0, (1 + margin)^d]``.
     """
-    arrays = {name: _as_points(points) for name, points in point_sets.items() if len(points)}
+    arrays = {name: _as_points(points) for name, points in point_sets.items() if np.size(points)}
     if not arrays:
         raise ValueError("no points in any set")
     union = np.concatenate(list(arrays.values()))
     lower, upper = union.min(axis=0), union.max(axis=0)
     reference = np.full(union.shape[1], 1.0 + margin)
     return {
-        name: hypervolume(normalize(arrays[name], lower, upper), reference) if name in arrays else 0.0
+        name: hypervolume(normalize(arrays[name], lower, upper), reference)
+        if name in arrays
+        else 0.0
         for name in point_sets
     }

@@ -41,7 +41,9 @@ class TrialSettings:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not 1 <= self.checkpoints <= self.steps:
-            raise ValueError(f"checkpoints must be in [1, steps={self.steps}], got {self.checkpoints}")
+            raise ValueError(
+                f"checkpoints must be in [1, steps={self.steps}], got {self.checkpoints}"
+            )
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.latency_repeats < 1:
@@ -49,7 +51,9 @@ class TrialSettings:
 
     def checkpoint_steps(self) -> list[int]:
         """1-based step numbers after which the held-out loss is measured."""
-        return sorted({round(self.steps * (i + 1) / self.checkpoints) for i in range(self.checkpoints)})
+        return sorted(
+            {round(self.steps * (i + 1) / self.checkpoints) for i in range(self.checkpoints)}
+        )
 
 
 @dataclass
@@ -61,7 +65,9 @@ class TrialResult:
     bytes: int
     curve: list[float]  # held-out CE (before compression) at each checkpoint
     params: int  # parameter count of the uncompressed model
-    metrics: dict[str, float] = field(default_factory=dict)  # all held-out metrics after compression
+    metrics: dict[str, float] = field(
+        default_factory=dict
+    )  # all held-out metrics after compression
 
     def values(self) -> tuple[float, float, float]:
         return self.loss, self.latency_ms, float(self.bytes)
@@ -71,7 +77,10 @@ CheckpointHook = Callable[[int, float, nn.Module], None]
 
 
 def train(
-    task: Task, candidate: Candidate, settings: TrialSettings, on_checkpoint: CheckpointHook | None = None
+    task: Task,
+    candidate: Candidate,
+    settings: TrialSettings,
+    on_checkpoint: CheckpointHook | None = None,
 ) -> tuple[nn.Module, list[float]]:
     """Train ``task.build(candidate.model)`` with AdamW (linear warm-up over 10% of the steps);
     return it and its held-out loss at each checkpoint. ``on_checkpoint(index, loss, model)`` may raise
@@ -120,7 +129,10 @@ def compress_model(model: nn.Module, compression: Compression) -> nn.Module:
 
 
 def run_trial(
-    task: Task, candidate: Candidate, settings: TrialSettings, on_checkpoint: CheckpointHook | None = None
+    task: Task,
+    candidate: Candidate,
+    settings: TrialSettings,
+    on_checkpoint: CheckpointHook | None = None,
 ) -> TrialResult:
     """Train, compress and measure ``candidate`` on ``task``."""
     model, curve = train(task, candidate, settings, on_checkpoint)
@@ -129,6 +141,10 @@ def run_trial(
     metrics = task.evaluate(model)
     latency = median_latency_ms(model, task.latency_input(), repeats=settings.latency_repeats)
     return TrialResult(
-        loss=metrics["loss"], latency_ms=latency, bytes=saved_bytes(model), curve=curve,
-        params=params, metrics=metrics,
+        loss=metrics["loss"],
+        latency_ms=latency,
+        bytes=saved_bytes(model),
+        curve=curve,
+        params=params,
+        metrics=metrics,
     )

@@ -29,25 +29,35 @@ class PredictorScore:
     early: int  # checkpoints used
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"spearman": self.spearman, "baseline_spearman": self.baseline_spearman,
-                "n": self.n, "early": self.early}
+        return {
+            "spearman": self.spearman,
+            "baseline_spearman": self.baseline_spearman,
+            "n": self.n,
+            "early": self.early,
+        }
 
 
 def trial_features(trial: FrozenTrial, space: SearchSpace, early: int) -> list[float]:
     """Config features of ``trial.params`` followed by its first ``early`` curve losses."""
     curve = trial.user_attrs.get(CURVE_ATTR, [])
     if len(curve) < early:
-        raise ValueError(f"trial {trial.number} has {len(curve)} checkpoints, fewer than early={early}")
+        raise ValueError(
+            f"trial {trial.number} has {len(curve)} checkpoints, fewer than early={early}"
+        )
     return space.candidate(trial.params).features() + list(curve[:early])
 
 
-def _dataset(trials: list[FrozenTrial], space: SearchSpace, early: int, minimum: int) -> tuple[np.ndarray, np.ndarray]:
+def _dataset(
+    trials: list[FrozenTrial], space: SearchSpace, early: int, minimum: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Features ``[n, F]`` and final losses ``[n]`` of the completed ``trials``."""
     if early < 1:
         raise ValueError(f"early must be >= 1, got {early}")
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
     if len(done) < minimum:
-        raise ValueError(f"the predictor needs at least {minimum} completed trials, got {len(done)}")
+        raise ValueError(
+            f"the predictor needs at least {minimum} completed trials, got {len(done)}"
+        )
     x = np.array([trial_features(t, space, early) for t in done])
     return x, np.array([t.values[0] for t in done])
 
@@ -60,7 +70,9 @@ def _ridge(alpha: float):
     return make_pipeline(StandardScaler(), Ridge(alpha=alpha))
 
 
-def fit_predictor(trials: list[FrozenTrial], space: SearchSpace, early: int = 2, alpha: float = 1.0):
+def fit_predictor(
+    trials: list[FrozenTrial], space: SearchSpace, early: int = 2, alpha: float = 1.0
+):
     """The ridge pipeline fitted on the completed ``trials`` (at least 2);
     ``.predict([trial_features(trial, space, early)])`` gives the predicted final loss of a
     partly trained configuration."""
@@ -83,6 +95,8 @@ def score_predictor(
     rho = spearmanr(predicted, y).statistic
     baseline = spearmanr(x[:, -1], y).statistic
     return PredictorScore(
-        spearman=float(np.nan_to_num(rho)), baseline_spearman=float(np.nan_to_num(baseline)),
-        n=len(y), early=early,
+        spearman=float(np.nan_to_num(rho)),
+        baseline_spearman=float(np.nan_to_num(baseline)),
+        n=len(y),
+        early=early,
     )

@@ -37,7 +37,9 @@ class MedianRule:
         if self.n_startup_trials < 1 or self.n_warmup_checkpoints < 0:
             raise ValueError("n_startup_trials must be >= 1 and n_warmup_checkpoints >= 0")
 
-    def should_prune(self, study: optuna.Study, checkpoint: int, loss: float, num_params: int) -> bool:
+    def should_prune(
+        self, study: optuna.Study, checkpoint: int, loss: float, num_params: int
+    ) -> bool:
         """Whether a trial with ``num_params`` parameters and held-out ``loss`` at
         ``checkpoint`` (0-based) should stop."""
         if checkpoint < self.n_warmup_checkpoints:

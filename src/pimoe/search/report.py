@@ -31,8 +31,10 @@ from pimoe.search.space import Compression, SearchSpace
 CHOICE_FORMAT = "pimoe.search.choice/1"
 
 
-CONFIG_LEGEND = ("L layers, d width, E experts, k top-k, f expert width, s shared experts, "
-                 "m PiMoE every m-th block (dense: no PiMoE layer) | weights, p sparsity, r low-rank ratio")
+CONFIG_LEGEND = (
+    "L layers, d width, E experts, k top-k, f expert width, s shared experts, "
+    "m PiMoE every m-th block (dense: no PiMoE layer) | weights, p sparsity, r low-rank ratio"
+)
 
 
 def describe(params: dict, space: SearchSpace) -> str:
@@ -42,8 +44,10 @@ def describe(params: dict, space: SearchSpace) -> str:
     m, z = c.model, c.compression
     weights = "fp32" if z.bits == 32 else f"int{z.bits}"
     dense = "" if any(m.is_moe(i) for i in range(m.n_layer)) else " (dense)"
-    return (f"L{m.n_layer} d{m.d_model} E{m.moe.num_experts}k{m.moe.top_k} f{m.ffn_dim} s{m.moe.shared_experts} "
-            f"m{m.moe_every}{dense} | {weights} p{z.sparsity:g} r{z.low_rank_ratio:g}")
+    return (
+        f"L{m.n_layer} d{m.d_model} E{m.moe.num_experts}k{m.moe.top_k} f{m.ffn_dim} s{m.moe.shared_experts} "
+        f"m{m.moe_every}{dense} | {weights} p{z.sparsity:g} r{z.low_rank_ratio:g}"
+    )
 
 
 def front_table(front: list[FrozenTrial], space: SearchSpace, title: str = "Pareto front") -> Table:
@@ -53,8 +57,13 @@ def front_table(front: list[FrozenTrial], space: SearchSpace, title: str = "Pare
         table.add_column(column, justify="right")
     table.add_column("config", no_wrap=True)
     for t in sorted(front, key=lambda t: t.values[0]):
-        table.add_row(str(t.number), f"{t.values[0]:.3f}", f"{t.values[1]:.2f}", f"{t.values[2] / 1024:.0f}",
-                      describe(t.params, space))
+        table.add_row(
+            str(t.number),
+            f"{t.values[0]:.3f}",
+            f"{t.values[1]:.2f}",
+            f"{t.values[2] / 1024:.0f}",
+            describe(t.params, space),
+        )
     return table
 
 
@@ -66,22 +75,34 @@ def choose(
     if not front:
         raise ValueError("the Pareto front is empty: no trial completed")
     allowed = [
-        t for t in front
+        t
+        for t in front
         if (max_latency_ms is None or t.values[1] <= max_latency_ms)
         and (max_bytes is None or t.values[2] <= max_bytes)
     ]
     if not allowed:
-        raise ValueError(f"no front trial within max_latency_ms={max_latency_ms}, max_bytes={max_bytes}")
+        raise ValueError(
+            f"no front trial within max_latency_ms={max_latency_ms}, max_bytes={max_bytes}"
+        )
     values = np.array([t.values for t in front])
     scaled = normalize([t.values for t in allowed], values.min(axis=0), values.max(axis=0))
     return allowed[int(np.linalg.norm(scaled, axis=1).argmin())]
 
 
-def save_choice(path: str | os.PathLike[str], trial: FrozenTrial, space: SearchSpace, study: optuna.Study, task: str) -> dict:
+def save_choice(
+    path: str | os.PathLike[str],
+    trial: FrozenTrial,
+    space: SearchSpace,
+    study: optuna.Study,
+    task: str,
+) -> dict:
     """Write the chosen trial's configuration and measurements as JSON (atomically); return it."""
     candidate = space.candidate(trial.params)
     record = {
-        "format": CHOICE_FORMAT, "task": task, "study": study.study_name, "trial": trial.number,
+        "format": CHOICE_FORMAT,
+        "task": task,
+        "study": study.study_name,
+        "trial": trial.number,
         **candidate.as_dict(),
         "objectives": dict(zip(OBJECTIVES, trial.values)),
         "metrics": {k: v for k, v in trial.user_attrs.items() if k.startswith("final_")},
@@ -123,9 +144,12 @@ def to_architecture_config(compression: Compression) -> ArchitectureConfig:
     :func:`pimoe.search.objective.compress_model` (low rank, magnitude pruning, dynamic int8 or
     int4 weight-only quantization; no distillation)."""
     return ArchitectureConfig(
-        compression_ratio=compression.low_rank_ratio, enable_low_rank=compression.low_rank_ratio < 1.0,
-        sparsity_ratio=compression.sparsity, enable_pruning=compression.sparsity > 0.0,
-        quantization_bits=compression.bits, enable_quantization=compression.bits < 32,
+        compression_ratio=compression.low_rank_ratio,
+        enable_low_rank=compression.low_rank_ratio < 1.0,
+        sparsity_ratio=compression.sparsity,
+        enable_pruning=compression.sparsity > 0.0,
+        quantization_bits=compression.bits,
+        enable_quantization=compression.bits < 32,
         quantization_mode="dynamic",
     )
 
@@ -143,7 +167,9 @@ def save_compress_config(path: str | os.PathLike[str], compression: Compression)
     return True
 
 
-def plot_front(studies: dict[str, list[FrozenTrial]], path: str | os.PathLike[str], title: str) -> None:
+def plot_front(
+    studies: dict[str, list[FrozenTrial]], path: str | os.PathLike[str], title: str
+) -> None:
     """PNG scatter of held-out loss vs latency (log scale) of every completed trial, colour =
     bytes (log scale); each study's Pareto front (over all three objectives) is outlined."""
     import matplotlib
@@ -167,14 +193,34 @@ def plot_front(studies: dict[str, list[FrozenTrial]], path: str | os.PathLike[st
             continue
         values = np.array([t.values for t in trials])
         marker = next(markers)
-        scatter = ax.scatter(values[:, 1], values[:, 0], c=values[:, 2], cmap="viridis", norm=norm,
-                             marker=marker, alpha=0.8, label=f"{label} ({len(trials)} trials)")
+        scatter = ax.scatter(
+            values[:, 1],
+            values[:, 0],
+            c=values[:, 2],
+            cmap="viridis",
+            norm=norm,
+            marker=marker,
+            alpha=0.8,
+            label=f"{label} ({len(trials)} trials)",
+        )
         front = values[pareto_mask(values)]
-        ax.scatter(front[:, 1], front[:, 0], facecolors="none", edgecolors="red", marker=marker, s=120,
-                   linewidths=1.5)
-    ax.set(xscale="log", xlabel="median CPU latency (ms, log)", ylabel="held-out loss (nats)",
-           title=f"{title}\nred outline: Pareto front over loss, latency and bytes")
-    fig.colorbar(scatter, ax=ax, label="state-dict bytes")
+        ax.scatter(
+            front[:, 1],
+            front[:, 0],
+            facecolors="none",
+            edgecolors="red",
+            marker=marker,
+            s=120,
+            linewidths=1.5,
+        )
+    ax.set(
+        xscale="log",
+        xlabel="median CPU latency (ms, log)",
+        ylabel="held-out loss (nats)",
+        title=f"{title}\nred outline: Pareto front over loss, latency and bytes",
+    )
+    if scatter is not None:
+        fig.colorbar(scatter, ax=ax, label="state-dict bytes")
     ax.legend()
     fig.tight_layout()
     save_png(fig, path)
@@ -183,7 +229,9 @@ def plot_front(studies: dict[str, list[FrozenTrial]], path: str | os.PathLike[st
 def trial_record(trial: FrozenTrial) -> dict:
     """JSON-ready summary of one finished trial."""
     return {
-        "number": trial.number, "state": trial.state.name, "params": trial.params,
+        "number": trial.number,
+        "state": trial.state.name,
+        "params": trial.params,
         "values": dict(zip(OBJECTIVES, trial.values)) if trial.values else None,
         **{k: v for k, v in trial.user_attrs.items()},
     }

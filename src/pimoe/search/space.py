@@ -50,9 +50,16 @@ class Candidate:
         m, c = self.model, self.compression
         moe_layers = sum(m.is_moe(i) for i in range(m.n_layer))
         return [
-            float(m.n_layer), math.log2(m.d_model), math.log2(m.moe.num_experts), float(m.moe.top_k),
-            math.log2(m.ffn_dim), float(m.moe.shared_experts), float(moe_layers),
-            math.log2(c.bits), c.sparsity, c.low_rank_ratio,
+            float(m.n_layer),
+            math.log2(m.d_model),
+            math.log2(m.moe.num_experts),
+            float(m.moe.top_k),
+            math.log2(m.ffn_dim),
+            float(m.moe.shared_experts),
+            float(moe_layers),
+            math.log2(c.bits),
+            c.sparsity,
+            c.low_rank_ratio,
         ]
 
     def as_dict(self) -> dict[str, dict]:
@@ -60,8 +67,16 @@ class Candidate:
 
 
 FEATURE_NAMES = (
-    "n_layer", "log2_d_model", "log2_num_experts", "top_k", "log2_ffn_dim", "shared_experts",
-    "moe_layers", "log2_bits", "sparsity", "low_rank_ratio",
+    "n_layer",
+    "log2_d_model",
+    "log2_num_experts",
+    "top_k",
+    "log2_ffn_dim",
+    "shared_experts",
+    "moe_layers",
+    "log2_bits",
+    "sparsity",
+    "low_rank_ratio",
 )
 
 
@@ -97,12 +112,16 @@ class SearchSpace:
         """Raise ``ValueError`` for an empty, out-of-range or contradictory space."""
         for name, options in self.choices().items():
             if not isinstance(options, tuple) or len(options) == 0:
-                raise ValueError(f"search space: {name} needs a non-empty tuple of choices, got {options!r}")
+                raise ValueError(
+                    f"search space: {name} needs a non-empty tuple of choices, got {options!r}"
+                )
             if len(set(options)) != len(options):
                 raise ValueError(f"search space: {name} has duplicate choices {options}")
         for name in ("n_layer", "d_model", "num_experts", "top_k", "ffn_dim"):
             if min(getattr(self, name)) < 1:
-                raise ValueError(f"search space: {name} choices must be >= 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"search space: {name} choices must be >= 1, got {getattr(self, name)}"
+                )
         if min(self.shared_experts) < 0 or min(self.moe_every) < 1:
             raise ValueError("search space: shared_experts must be >= 0 and moe_every >= 1")
         if max(self.top_k) > max(self.num_experts):
@@ -117,7 +136,9 @@ class SearchSpace:
             )
         bad_width = [d for d in self.d_model if d % self.base.n_head]
         if bad_width:
-            raise ValueError(f"search space: d_model {bad_width} not divisible by n_head={self.base.n_head}")
+            raise ValueError(
+                f"search space: d_model {bad_width} not divisible by n_head={self.base.n_head}"
+            )
         for bits in self.bits:
             Compression(bits=bits)
         for sparsity in self.sparsity:
@@ -127,7 +148,10 @@ class SearchSpace:
 
     def sample(self, trial: optuna.Trial) -> Candidate:
         """Draw one :class:`Candidate` with ``trial.suggest_categorical`` for every setting."""
-        pick = {name: trial.suggest_categorical(name, options) for name, options in self.choices().items()}
+        pick = {
+            name: trial.suggest_categorical(name, options)
+            for name, options in self.choices().items()
+        }
         return self.candidate(pick)
 
     def candidate(self, params: dict) -> Candidate:
@@ -138,12 +162,19 @@ class SearchSpace:
         moe = self.base.moe.replace(
             num_experts=int(params["num_experts"]),
             top_k=min(int(params["top_k"]), int(params["num_experts"])),
-            ffn_dim=int(params["ffn_dim"]), shared_experts=int(params["shared_experts"]),
+            ffn_dim=int(params["ffn_dim"]),
+            shared_experts=int(params["shared_experts"]),
         )
-        model = replace(self.base, n_layer=int(params["n_layer"]), d_model=int(params["d_model"]),
-                        moe_every=int(params["moe_every"]), moe=moe)
+        model = replace(
+            self.base,
+            n_layer=int(params["n_layer"]),
+            d_model=int(params["d_model"]),
+            moe_every=int(params["moe_every"]),
+            moe=moe,
+        )
         compression = Compression(
-            bits=int(params["bits"]), sparsity=float(params["sparsity"]),
+            bits=int(params["bits"]),
+            sparsity=float(params["sparsity"]),
             low_rank_ratio=float(params["low_rank_ratio"]),
         )
         return Candidate(model, compression)

@@ -35,7 +35,9 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, trials // 3)))
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(4, trials // 3)))
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=min(50, max(4, trials // 3))
+        )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLERS}")
@@ -47,7 +49,9 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
     if url is None:
         return None
     if not isinstance(url, str) or "://" not in url:
-        raise ValueError(f"storage must be a database URL such as 'sqlite:///search.db', got {url!r}")
+        raise ValueError(
+            f"storage must be a database URL such as 'sqlite:///search.db', got {url!r}"
+        )
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as err:  # SQLAlchemy raises many types (OperationalError, ArgumentError, ...)
@@ -62,8 +66,12 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def _setup(task: Task, space: SearchSpace, settings: TrialSettings) -> str:
     return json.dumps(
-        {"task": task.name, "space": {k: list(v) for k, v in space.choices().items()},
-         "base": asdict(space.base), "settings": asdict(settings)},
+        {
+            "task": task.name,
+            "space": {k: list(v) for k, v in space.choices().items()},
+            "base": asdict(space.base),
+            "settings": asdict(settings),
+        },
         sort_keys=True,
     )
 
@@ -108,8 +116,11 @@ def run_search(
     name = study_name or f"pimoe-{task.name}-{sampler}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        storage=open_storage(storage), study_name=name, load_if_exists=True,
-        directions=["minimize"] * len(OBJECTIVES), sampler=make_sampler(sampler, seed, trials),
+        storage=open_storage(storage),
+        study_name=name,
+        load_if_exists=True,
+        directions=["minimize"] * len(OBJECTIVES),
+        sampler=make_sampler(sampler, seed, trials),
     )
     setup = _setup(task, space, settings)
     stored = study.user_attrs.get(_SETUP_ATTR)
@@ -133,7 +144,9 @@ def run_search(
             trial.set_user_attr(CURVE_ATTR, curve)
             trial.set_user_attr(PARAMS_ATTR, num_params)
             if prune is not None and prune.should_prune(study, index, loss, num_params):
-                raise optuna.TrialPruned(f"held-out loss {loss:.4f} above the median at checkpoint {index}")
+                raise optuna.TrialPruned(
+                    f"held-out loss {loss:.4f} above the median at checkpoint {index}"
+                )
 
         result = run_trial(task, candidate, settings, on_checkpoint)
         for key, value in result.metrics.items():
@@ -141,7 +154,10 @@ def run_search(
         return result.values()
 
     study.optimize(
-        objective, n_trials=remaining, timeout=None if budget_minutes is None else budget_minutes * 60,
-        catch=(FloatingPointError,), show_progress_bar=progress,
+        objective,
+        n_trials=remaining,
+        timeout=None if budget_minutes is None else budget_minutes * 60,
+        catch=(FloatingPointError,),
+        show_progress_bar=progress,
     )
     return study

@@ -9,6 +9,8 @@ accuracy.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +62,9 @@ class LMTask(Task):
 
     name = "lm"
 
-    def __init__(self, block_size: int = 64, batch_size: int = 16, val_batches: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self, block_size: int = 64, batch_size: int = 16, val_batches: int = 4, seed: int = 0
+    ) -> None:
         self.block_size, self.batch_size = block_size, batch_size
         self.train, val = byte_splits(load_pydoc_text())
         generator = torch.Generator().manual_seed(seed + 1)
@@ -126,17 +130,10 @@ class DigitsTask(Task):
     name = "digits"
 
     def __init__(self, batch_size: int = 64, seed: int = 0, latency_batch: int = 32) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+        from pimoe.data.digits import digits_split
 
-        x, y = load_digits(return_X_y=True)
-        x_train, x_val, y_train, y_val = train_test_split(
-            x / 16.0, y, test_size=0.25, stratify=y, random_state=seed
-        )
-        self.x_train = torch.tensor(x_train, dtype=torch.float32)
-        self.y_train = torch.tensor(y_train, dtype=torch.long)
-        self.x_val = torch.tensor(x_val, dtype=torch.float32)
-        self.y_val = torch.tensor(y_val, dtype=torch.long)
+        train, val = digits_split(test_size=0.25, seed=seed)
+        self.x_train, self.y_train, self.x_val, self.y_val = train.x, train.y, val.x, val.y
         self.batch_size, self.latency_batch = batch_size, latency_batch
 
     def build(self, config: LMConfig) -> nn.Module:
@@ -148,7 +145,7 @@ class DigitsTask(Task):
 
     def loss(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
         ce = F.cross_entropy(model(inputs), targets)
-        return ce + model.config.moe.aux_loss_coef * moe_aux_loss(model)
+        return ce + cast(Any, model).config.moe.aux_loss_coef * moe_aux_loss(model)
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -163,7 +160,7 @@ class DigitsTask(Task):
         return self.x_val[: self.latency_batch]
 
 
-TASKS: dict[str, type[Task]] = {"lm": LMTask, "digits": DigitsTask}
+TASKS: dict[str, Callable[..., Task]] = {"lm": LMTask, "digits": DigitsTask}
 
 
 def make_task(name: str, seed: int = 0) -> Task:
