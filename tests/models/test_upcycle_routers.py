@@ -29,7 +29,7 @@ def test_router_training_lowers_the_loss_and_beats_a_random_router() -> None:
     before = [routing_quality(layer, x) for layer, x in zip(moe_layers(model), heldout)]
     reports = train_routers(model, train, heldout, steps=100)
     assert len(reports) == LAYERS
-    for report, (recall0, error0, _) in zip(reports, before):
+    for report, (recall0, error0, _, _) in zip(reports, before):
         assert report.loss_end < report.loss_start - 0.01
         assert report.heldout_recall > recall0 and report.heldout_rel_error < error0
         assert report.oracle_rel_error <= report.heldout_rel_error + 1e-6
@@ -47,7 +47,9 @@ def test_saved_routers_rebuild_the_same_model(tmp_path) -> None:
     four = tiny_llama()
     load_routers(four, path, top_k=4)
     assert [layer.top_k for layer in moe_layers(four)] == [4] * LAYERS
-    torch.testing.assert_close(logits(four, ids), logits(tiny_llama(), ids), atol=1e-5, rtol=1e-5)  # k == E: dense
+    torch.testing.assert_close(
+        logits(four, ids), logits(tiny_llama(), ids), atol=1e-5, rtol=1e-5
+    )  # k == E: dense
 
 
 def test_router_files_are_checked(tmp_path) -> None:
@@ -70,7 +72,7 @@ def test_router_files_are_checked(tmp_path) -> None:
 def test_refit_keeps_all_experts_exact_and_lowers_the_routed_error() -> None:
     from pimoe.models.upcycle_refit import refit_experts
 
-    model, train, heldout = _split(top_k=4)
+    model, train, _heldout = _split(top_k=4)
     ids = tokens(2, 16, seed=3)
     dense = logits(model, ids)
     before = [layer.experts.w_out.clone() for layer in moe_layers(model)]
@@ -86,3 +88,23 @@ def test_refit_keeps_all_experts_exact_and_lowers_the_routed_error() -> None:
     assert all(after < 0.9 * b for after, b in zip(errors, error_before))
     with pytest.raises(ValueError, match="ridge"):
         refit_experts(model, train, ridge=0.0)
+
+
+def test_router_training_with_a_selection_bias_balances_the_choice() -> None:
+    imbalance = {}
+    for balance in ("none", "bias"):
+        model, train, heldout = _split()
+        reports = train_routers(
+            model, train, heldout, steps=100, balance=balance, bias_update_rate=0.003
+        )
+        assert all(r.heldout_imbalance >= 1.0 for r in reports)
+        layers = moe_layers(model)
+        assert all(
+            (layer.router.e_score_correction_bias is not None) == (balance == "bias")
+            for layer in layers
+        )
+        # the bias balances the tokens it was updated on (128 held-out tokens are too few to tell)
+        imbalance[balance] = [routing_quality(layer, x)[3] for layer, x in zip(layers, train)]
+    assert all(b < n - 0.1 and b < 1.05 for b, n in zip(imbalance["bias"], imbalance["none"]))
+    with pytest.raises(ValueError, match="balance"):
+        train_routers(model, train, steps=1, balance="switch")

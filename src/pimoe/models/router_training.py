@@ -8,6 +8,12 @@ experts that carry the most output. Held-out metrics per layer: top-k recall aga
 top-k by importance, and the relative error ``||MoE_k(x) - MLP(x)|| / ||MLP(x)||`` of the routed
 layer next to the oracle's.
 
+Balancing (``balance``): ``"aux_loss"`` adds the Switch loss of the router's own top-k choice
+(weighted by ``aux_loss_coef``); ``"bias"`` trains a selection bias with DeepSeek-V3's update
+after each step (``bias += bias_update_rate * sign(mean_load - load)``) and leaves the layer's
+router with ``balance="bias"`` and that bias. Held-out reports then add the imbalance (max/mean
+assignments per expert) of the router's choice.
+
 Trained routers and the neuron partitions are saved together (safetensors), so an upcycled model
 is rebuilt from the dense one without clustering or training (:func:`load_routers`).
 """
@@ -18,6 +24,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +37,7 @@ from pimoe.io import (
 )
 from pimoe.models.progress import track
 from pimoe.models.upcycle import find_mlps, moe_layers, upcycle
-from pimoe.moe import PiMoE
+from pimoe.moe import PiMoE, load_balancing_loss, set_balance
 
 ROUTERS_FORMAT = "pimoe-upcycle-routers/1"
 
@@ -45,6 +52,9 @@ class RouterLayerReport:
     heldout_recall: float  # share of the oracle top-k experts the router picks
     heldout_rel_error: float  # ||MoE_k - MLP|| / ||MLP|| with the trained router
     oracle_rel_error: float  # the same with the oracle top-k (the floor for this partition)
+    heldout_imbalance: float = float(
+        "nan"
+    )  # max / mean assignments per expert of the router's top-k
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in asdict(self).items()}
@@ -72,15 +82,27 @@ def _shares(outputs: Tensor) -> Tensor:
     return norms / norms.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _choose(logits: Tensor, k: int, bias: Tensor | None) -> Tensor:
+    """``[T, k]`` experts a softmax router picks from ``logits [T, E]`` (with a selection bias)."""
+    scores = logits.softmax(dim=-1)
+    return (scores if bias is None else scores + bias.to(scores)).topk(k, dim=-1).indices
+
+
 @torch.no_grad()
-def routing_quality(layer: PiMoE, x: Tensor, top_k: int | None = None) -> tuple[float, float, float]:
-    """``(recall, rel_error, oracle_rel_error)`` of ``layer``'s router at ``top_k`` (default the
-    layer's) on inputs ``x [T, D]``; see the module docs."""
+def routing_quality(
+    layer: PiMoE, x: Tensor, top_k: int | None = None
+) -> tuple[float, float, float, float]:
+    """``(recall, rel_error, oracle_rel_error, imbalance)`` of ``layer``'s router (with its
+    selection bias, if any) at ``top_k`` (default the layer's) on inputs ``x [T, D]``; see the
+    module docs."""
     k = top_k or layer.top_k
     outputs = expert_outputs(layer, x)  # [E, T, D]
     dense = outputs.sum(dim=0)  # [T, D]
     oracle = outputs.norm(dim=-1).T.topk(k, dim=-1).indices  # [T, k]
-    chosen = layer.router.gate(x.to(layer.router.gate.weight)).float().cpu().topk(k, dim=-1).indices
+    logits = layer.router.gate(x.to(layer.router.gate.weight)).float().cpu()
+    bias = layer.router.e_score_correction_bias
+    chosen = _choose(logits, k, None if bias is None else bias.cpu())
+    counts = torch.bincount(chosen.reshape(-1), minlength=layer.num_experts).float()
 
     def rel_error(idx: Tensor) -> float:
         mask = torch.zeros(x.shape[0], layer.num_experts).scatter_(1, idx, 1.0)  # [T, E]
@@ -88,7 +110,7 @@ def routing_quality(layer: PiMoE, x: Tensor, top_k: int | None = None) -> tuple[
         return float((routed - dense).norm() / dense.norm())
 
     recall = (chosen.unsqueeze(-1) == oracle.unsqueeze(-2)).any(-1).float().mean()
-    return float(recall), rel_error(chosen), rel_error(oracle)
+    return float(recall), rel_error(chosen), rel_error(oracle), float(counts.max() / counts.mean())
 
 
 def train_routers(
@@ -98,6 +120,9 @@ def train_routers(
     steps: int = 200,
     lr: float = 1e-2,
     progress: bool = False,
+    balance: Literal["none", "aux_loss", "bias"] = "none",
+    aux_loss_coef: float = 0.01,
+    bias_update_rate: float = 1e-3,
 ) -> list[RouterLayerReport]:
     """Train the gate of every :class:`PiMoE` layer of ``model`` on its dense MLP inputs.
 
@@ -109,38 +134,68 @@ def train_routers(
         steps: full-batch Adam steps per layer.
         lr: Adam learning rate.
         progress: progress output over layers.
+        balance: ``"none"``, ``"aux_loss"`` (Switch loss times ``aux_loss_coef``) or ``"bias"``
+            (selection bias updated by ``bias_update_rate`` after each step), see the module docs.
     """
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no PiMoE layer to train")
-    if len(train_inputs) != len(layers) or (heldout_inputs is not None and len(heldout_inputs) != len(layers)):
+    if len(train_inputs) != len(layers) or (
+        heldout_inputs is not None and len(heldout_inputs) != len(layers)
+    ):
         raise ValueError(f"need one input tensor per PiMoE layer ({len(layers)})")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if balance not in ("none", "aux_loss", "bias"):
+        raise ValueError(f"balance must be 'none', 'aux_loss' or 'bias', got {balance!r}")
     reports = []
     for i, layer in enumerate(track(layers, "train routers", enabled=progress)):
         gate = layer.router.gate
         x = train_inputs[i].to(gate.weight.device, torch.float32)
         target = _shares(expert_outputs(layer, x)).to(x.device)
         weight = gate.weight.detach().float().clone().requires_grad_()
+        bias = torch.zeros(layer.num_experts, device=x.device)
         optimizer = torch.optim.Adam([weight], lr=lr)
         losses = []
         for _ in range(steps):
-            loss = _soft_ce(x @ weight.T, target)
+            logits = x @ weight.T  # [T, E]
+            fit = _soft_ce(logits, target)
+            loss = fit
+            if balance == "aux_loss":
+                chosen = _choose(logits.detach(), layer.top_k, None)
+                loss = fit + aux_loss_coef * load_balancing_loss(
+                    logits.softmax(-1), chosen, layer.num_experts
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            if balance == "bias":
+                load = torch.bincount(
+                    _choose(logits.detach(), layer.top_k, bias).reshape(-1), minlength=len(bias)
+                )
+                bias += bias_update_rate * torch.sign(load.float().mean() - load.float())
+            losses.append(fit.item())
         with torch.no_grad():
             gate.weight.copy_(weight)
             end = _soft_ce(x @ weight.T, target).item()
-        quality = routing_quality(layer, heldout_inputs[i]) if heldout_inputs is not None else (float("nan"),) * 3
+            if balance == "bias":
+                set_balance(layer, "bias", bias_update_rate)
+                assert layer.router.e_score_correction_bias is not None
+                layer.router.e_score_correction_bias.copy_(bias)
+        quality = (
+            routing_quality(layer, heldout_inputs[i])
+            if heldout_inputs is not None
+            else (float("nan"),) * 4
+        )
         reports.append(RouterLayerReport(losses[0], end, *quality))
     return reports
 
 
 def save_routers(
-    model: nn.Module, path: str | os.PathLike[str], metadata: dict[str, object] | None = None, experts: bool = False,
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    metadata: dict[str, object] | None = None,
+    experts: bool = False,
 ) -> None:
     """Write the router gates and neuron partitions of a split-upcycled ``model`` to a safetensors
     file (atomically); ``metadata`` (JSON-serializable) is stored with them. With ``experts``, also
@@ -153,16 +208,24 @@ def save_routers(
     tensors: dict[str, Tensor] = {}
     for i, layer in enumerate(layers):
         tensors[f"{i}.gate"] = layer.router.gate.weight.detach().float().cpu().contiguous()
-        tensors[f"{i}.assignment"] = layer.neuron_assignment.cpu().contiguous()
+        tensors[f"{i}.assignment"] = layer.get_buffer("neuron_assignment").cpu().contiguous()
         if experts:
-            tensors[f"{i}.w_out"] = layer.experts.w_out.detach().float().cpu().contiguous()
-    info = {"format": ROUTERS_FORMAT, "num_experts": str(layers[0].num_experts),
-            "top_k": str(layers[0].top_k), "extra": json.dumps(metadata or {})}
+            w_out: Tensor = layer.experts.w_out  # type: ignore[assignment]
+            tensors[f"{i}.w_out"] = w_out.detach().float().cpu().contiguous()
+    info = {
+        "format": ROUTERS_FORMAT,
+        "num_experts": str(layers[0].num_experts),
+        "top_k": str(layers[0].top_k),
+        "extra": json.dumps(metadata or {}),
+    }
     atomic_write_bytes(path, save(tensors, metadata=info))
 
 
 def load_routers(
-    model: nn.Module, path: str | os.PathLike[str], top_k: int | None = None, experts: bool = True,
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    top_k: int | None = None,
+    experts: bool = True,
 ) -> dict[str, object]:
     """Upcycle the dense ``model`` in place (``"split"``) with the partitions and routers saved by
     :func:`save_routers` (and the saved down projections, if any, unless ``experts`` is False);
@@ -180,20 +243,28 @@ def load_routers(
     if info.get("format") != ROUTERS_FORMAT or not {"num_experts", "top_k", "extra"} <= set(info):
         raise ValueError(f"{path}: not a pimoe routers file (format {info.get('format')!r})")
     num_experts = int(info["num_experts"])
-    width, d_model = mlps[0][1].gate_proj.weight.shape
+    gate_proj: nn.Linear = mlps[0][1].gate_proj  # type: ignore[assignment]
+    width, d_model = gate_proj.weight.shape
     expected: dict[str, tuple[int, ...]] = {}
     for i in range(len(mlps)):
         expected[f"{i}.gate"] = (num_experts, d_model)
         expected[f"{i}.assignment"] = (width,)
         expected[f"{i}.w_out"] = (num_experts, d_model, width // num_experts)
-    check_safetensors_shapes(path, expected, may_be_missing=[f"{i}.w_out" for i in range(len(mlps))])
+    check_safetensors_shapes(
+        path, expected, may_be_missing=[f"{i}.w_out" for i in range(len(mlps))]
+    )
     tensors = load_file(str(path))
-    upcycle(model, num_experts, top_k or int(info["top_k"]), "split",
-            assignments=[tensors[f"{i}.assignment"] for i in range(len(mlps))])
+    upcycle(
+        model,
+        num_experts,
+        top_k or int(info["top_k"]),
+        "split",
+        assignments=[tensors[f"{i}.assignment"] for i in range(len(mlps))],
+    )
     with torch.no_grad():
         for i, layer in enumerate(moe_layers(model)):
             layer.router.gate.weight.copy_(tensors[f"{i}.gate"])
             if experts and f"{i}.w_out" in tensors:
-                layer.experts.w_out.copy_(tensors[f"{i}.w_out"])
+                target: Tensor = layer.experts.w_out  # type: ignore[assignment]
+                target.copy_(tensors[f"{i}.w_out"])
     return json.loads(info["extra"])
-
