@@ -98,7 +98,7 @@ def test_bad_requests(client: httpx.Client, payload: dict[str, object], status: 
     r = client.post("/v1/infer", json={"model": "minilm", **payload})
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
-    assert client.get("/healthz").json() == {"status": "ok", "models": {"minilm": "text"}}
+    assert client.get("/healthz").json() == {"status": "ok", "models": {"minilm": "text"}, "generation": []}
 
 
 def test_compressed_encoder_and_lm_are_served(tmp_path: Path) -> None:

@@ -20,11 +20,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from pimoe.infer.decode_batch import DecodeBatch, GenerationModel
+from pimoe.infer.decode_batch import DecodeBatch, GenerationModel, TextModel
 
 FinishReason = str  # "stop" | "length"
 
@@ -86,7 +87,7 @@ class EngineClosed(RuntimeError):
 
 
 @dataclass
-class EngineStats:
+class GenerationStats:
     """Counters since start: decoding ``steps``, the ``rows`` they advanced (``rows / steps`` is
     the mean batch), ``prefills`` and generated ``tokens``."""
 
@@ -128,6 +129,36 @@ class _Sequence:
             self.cancelled = True
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None:
+        """Make the request leave as soon as it can."""
+
+
+class TextGenerator(Protocol):
+    """What the OpenAI routes serve: a :class:`GenerationEngine`, or another engine with the same
+    surface (:class:`~pimoe.infer.chain_serving.ChainEngine`). ``kind`` is what ``/healthz``
+    reports; ``greedy_only`` engines refuse sampling parameters."""
+
+    kind: str
+    greedy_only: bool
+
+    @property
+    def model(self) -> TextModel: ...
+
+    @property
+    def queued(self) -> int: ...
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        on_event: Callable[[GenerationEvent], None],
+        timeout_s: float | None = None,
+    ) -> Cancellable: ...
+
+    def close(self) -> None: ...
+
+
 class Ticket:
     """A submitted request; :meth:`cancel` makes it leave the batch before the next step."""
 
@@ -155,6 +186,9 @@ class GenerationEngine:
             limit (every waiting request that fits is admitted at once).
     """
 
+    kind = "generation"
+    greedy_only = False
+
     def __init__(
         self,
         model: GenerationModel,
@@ -173,7 +207,7 @@ class GenerationEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.model, self.max_batch_size, self.max_queue = model, max_batch_size, max_queue
         self.context_length = min(model.context_length, max_context or model.context_length)
-        self.stats = EngineStats()
+        self.stats = GenerationStats()
         self._waiting: deque[_Sequence] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -402,9 +436,9 @@ def choose_tokens(
 __all__ = [
     "EngineClosed",
     "EngineFull",
-    "EngineStats",
     "GenerationEngine",
     "GenerationEvent",
+    "GenerationStats",
     "SamplingParams",
     "Ticket",
     "choose_tokens",

@@ -25,16 +25,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pimoe.infer.decode_batch import GenerationModel, TextModel
 from pimoe.infer.generation import (
+    Cancellable,
     EngineClosed,
     EngineFull,
     GenerationEngine,
     GenerationEvent,
     SamplingParams,
-    Ticket,
+    TextGenerator,
 )
 from pimoe.infer.http_errors import clip, error_body, error_response
-from pimoe.infer.lm_models import GenerationModel
 
 _POLL_S = 1.0  # how often a waiting request checks for a disconnected client
 
@@ -88,7 +89,9 @@ class ChatCompletionRequest(_Sampling):
 class ApiError(Exception):
     """An error answer: HTTP ``status``, message, OpenAI ``param`` and ``code``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
@@ -97,32 +100,55 @@ class ApiError(Exception):
 
 
 class _GenerationMetrics:
-    def __init__(self, registry: CollectorRegistry, engines: Mapping[str, GenerationEngine]) -> None:
-        self.tokens = Counter("pimoe_generated_tokens", "Completion tokens sent, by model", ["model"],
-                              registry=registry)
-        self.ttft = Histogram("pimoe_time_to_first_token_seconds", "Time from request to first completion text",
-                              ["model"], registry=registry)
-        queued = Gauge("pimoe_generation_queued", "Requests waiting for a decoding row", ["model"], registry=registry)
+    def __init__(self, registry: CollectorRegistry, engines: Mapping[str, TextGenerator]) -> None:
+        self.tokens = Counter(
+            "pimoe_generated_tokens",
+            "Completion tokens sent, by model",
+            ["model"],
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "pimoe_time_to_first_token_seconds",
+            "Time from request to first completion text",
+            ["model"],
+            registry=registry,
+        )
+        queued = Gauge(
+            "pimoe_generation_queued",
+            "Requests waiting for a decoding row",
+            ["model"],
+            registry=registry,
+        )
         for name, engine in engines.items():
             queued.labels(model=name).set_function(_queued_of(engine))
 
 
-def _queued_of(engine: GenerationEngine) -> Callable[[], float]:
+def _queued_of(engine: TextGenerator) -> Callable[[], float]:
     return lambda: float(engine.queued)
 
 
-def mount_generation(app: FastAPI, models: Mapping[str, GenerationModel | GenerationEngine], *,
-                     max_batch_size: int = 32, max_queue: int = 256, max_context: int | None = 2048,
-                     max_prefill_tokens: int | None = 512, timeout_s: float | None = 600.0) -> None:
+def mount_generation(
+    app: FastAPI,
+    models: Mapping[str, GenerationModel | TextGenerator],
+    *,
+    max_batch_size: int = 32,
+    max_queue: int = 256,
+    max_context: int | None = 2048,
+    max_prefill_tokens: int | None = 512,
+    timeout_s: float | None = 600.0,
+) -> None:
     """Add the OpenAI generation routes to ``app`` for ``models`` (name -> a model, served by a new
     :class:`GenerationEngine` with ``max_batch_size``, ``max_queue``, ``max_context`` (which
     bounds the KV memory) and ``max_prefill_tokens``, or an engine). Each
     request must finish within ``timeout_s`` (504 otherwise; None: no deadline). The engines'
     metrics join ``app.state.metrics.registry`` when the app has one; the engines are closed
     when the app shuts down."""
-    engines = {name: m if isinstance(m, GenerationEngine)
-               else GenerationEngine(m, max_batch_size, max_queue, max_context, max_prefill_tokens)
-               for name, m in models.items()}
+    engines: dict[str, TextGenerator] = {
+        name: GenerationEngine(m, max_batch_size, max_queue, max_context, max_prefill_tokens)
+        if isinstance(m, GenerationModel)
+        else m
+        for name, m in models.items()
+    }
     app.state.generation = engines
     registry = getattr(getattr(app.state, "metrics", None), "registry", None)
     metrics = _GenerationMetrics(registry if registry is not None else CollectorRegistry(), engines)
@@ -149,7 +175,9 @@ def mount_generation(app: FastAPI, models: Mapping[str, GenerationModel | Genera
     @app.get("/v1/models/{name:path}", response_model=None)
     async def get_model(name: str) -> dict[str, Any] | JSONResponse:
         if name not in engines:
-            return ApiError(404, f"unknown model {clip(name)}", "model", "model_not_found").response()
+            return ApiError(
+                404, f"unknown model {clip(name)}", "model", "model_not_found"
+            ).response()
         return card(name)
 
     async def run(request: Request, chat: bool) -> Response:
@@ -157,22 +185,47 @@ def mount_generation(app: FastAPI, models: Mapping[str, GenerationModel | Genera
         try:
             req = await _parse(request, ChatCompletionRequest if chat else CompletionRequest)
             if req.model not in engines:
-                raise ApiError(404, f"unknown model {clip(req.model)}; served: {sorted(engines)}", "model",
-                               "model_not_found")
+                raise ApiError(
+                    404,
+                    f"unknown model {clip(req.model)}; served: {sorted(engines)}",
+                    "model",
+                    "model_not_found",
+                )
             engine = engines[req.model]
-            prompt = _chat_prompt(engine.model, req) if chat else _completion_prompt(engine.model, req)
+            prompt = (
+                _chat_prompt(engine.model, req) if chat else _completion_prompt(engine.model, req)
+            )
             params = _sampling(req)
+            if engine.greedy_only and (
+                (params.temperature > 0 and req.temperature is not None) or params.top_p < 1
+            ):
+                param = "top_p" if params.top_p < 1 else "temperature"
+                raise ApiError(
+                    400,
+                    f"model {clip(req.model)} decodes greedily: {param} must be omitted (or "
+                    f"temperature 0, top_p 1)",
+                    param,
+                )
             events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
             loop = asyncio.get_running_loop()
-            ticket = _submit(engine, prompt, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-                             timeout_s, "messages" if chat else "prompt")
+            ticket = _submit(
+                engine,
+                prompt,
+                params,
+                lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+                timeout_s,
+                "messages" if chat else "prompt",
+            )
         except ApiError as err:
             return err.response()
         reply = _Reply(req.model, chat, metrics, start)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(reply.stream(request, events, ticket, include_usage), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return StreamingResponse(
+                reply.stream(request, events, ticket, include_usage),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
         return await reply.whole(request, events, ticket)
 
     @app.post("/v1/completions", response_model=None)
@@ -190,7 +243,9 @@ async def _parse(request: Request, model: type[_Sampling]) -> Any:
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the request body is not valid JSON ({clip(str(err), quote=False)})") from None
+        raise ApiError(
+            400, f"the request body is not valid JSON ({clip(str(err), quote=False)})"
+        ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
@@ -201,10 +256,12 @@ async def _parse(request: Request, model: type[_Sampling]) -> Any:
         msg = first["msg"]
         if first["type"] == "extra_forbidden":
             msg = "unsupported parameter"
-        raise ApiError(400, clip(f"{param}: {msg}", 500, quote=False), param, "invalid_value") from None
+        raise ApiError(
+            400, clip(f"{param}: {msg}", 500, quote=False), param, "invalid_value"
+        ) from None
 
 
-def _completion_prompt(model: GenerationModel, req: CompletionRequest) -> list[int]:
+def _completion_prompt(model: TextModel, req: CompletionRequest) -> list[int]:
     prompt = req.prompt
     if isinstance(prompt, str):
         return _encode(model, prompt, "prompt")
@@ -216,15 +273,24 @@ def _completion_prompt(model: GenerationModel, req: CompletionRequest) -> list[i
     ids = [int(t) for t in prompt]
     bad = [t for t in ids if not 0 <= t < model.vocab_size]
     if bad:
-        raise ApiError(400, f"token ids must be in [0, {model.vocab_size}), got {clip(bad[:5])}", "prompt")
+        raise ApiError(
+            400, f"token ids must be in [0, {model.vocab_size}), got {clip(bad[:5])}", "prompt"
+        )
     return ids
 
 
-def _chat_prompt(model: GenerationModel, req: ChatCompletionRequest) -> list[int]:
+def _chat_prompt(model: TextModel, req: ChatCompletionRequest) -> list[int]:
     if not req.messages:
         raise ApiError(400, "messages is empty", "messages")
-    messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                 else "".join(p.text for p in m.content)} for m in req.messages]
+    messages = [
+        {
+            "role": m.role,
+            "content": m.content
+            if isinstance(m.content, str)
+            else "".join(p.text for p in m.content),
+        }
+        for m in req.messages
+    ]
     for i, m in enumerate(messages):
         _encode(model, m["content"], f"messages.{i}.content")  # checks the text
     try:
@@ -233,11 +299,13 @@ def _chat_prompt(model: GenerationModel, req: ChatCompletionRequest) -> list[int
         raise ApiError(400, str(err), "messages") from None
 
 
-def _encode(model: GenerationModel, text: str, param: str) -> list[int]:
+def _encode(model: TextModel, text: str, param: str) -> list[int]:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ApiError(400, f"{param} is not valid Unicode (it holds a lone surrogate)", param) from None
+        raise ApiError(
+            400, f"{param} is not valid Unicode (it holds a lone surrogate)", param
+        ) from None
     return model.encode(text)
 
 
@@ -248,8 +316,13 @@ def _sampling(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
     max_tokens = req.max_tokens
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
         max_tokens = req.max_completion_tokens
-    values = {"max_tokens": max_tokens, "temperature": 1.0 if req.temperature is None else req.temperature,
-              "top_p": 1.0 if req.top_p is None else req.top_p, "seed": req.seed, "stop": stop}
+    values = {
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "seed": req.seed,
+        "stop": stop,
+    }
     try:
         return SamplingParams(**values)  # type: ignore[arg-type]
     except ValueError as err:
@@ -257,8 +330,14 @@ def _sampling(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
         raise ApiError(400, str(err), param) from None
 
 
-def _submit(engine: GenerationEngine, prompt: list[int], params: SamplingParams, on_event: Any,
-            timeout_s: float | None, param: str) -> Ticket:
+def _submit(
+    engine: TextGenerator,
+    prompt: list[int],
+    params: SamplingParams,
+    on_event: Any,
+    timeout_s: float | None,
+    param: str,
+) -> Cancellable:
     try:
         return engine.submit(prompt, params, on_event, timeout_s)
     except EngineFull as err:
@@ -285,7 +364,9 @@ class _Reply:
         if event.final:
             self.metrics.tokens.labels(model=self.model).inc(event.completion_tokens)
 
-    async def _next(self, request: Request, events: asyncio.Queue[GenerationEvent], ticket: Ticket) -> GenerationEvent | None:
+    async def _next(
+        self, request: Request, events: asyncio.Queue[GenerationEvent], ticket: Cancellable
+    ) -> GenerationEvent | None:
         """The next event, or None once the client has gone (its sequence is then cancelled)."""
         while True:
             try:
@@ -299,46 +380,85 @@ class _Reply:
             return event
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
     @staticmethod
     def _usage(event: GenerationEvent) -> dict[str, int]:
-        return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-                "total_tokens": event.prompt_tokens + event.completion_tokens}
+        return {
+            "prompt_tokens": event.prompt_tokens,
+            "completion_tokens": event.completion_tokens,
+            "total_tokens": event.prompt_tokens + event.completion_tokens,
+        }
 
-    async def whole(self, request: Request, events: asyncio.Queue[GenerationEvent], ticket: Ticket) -> Response:
+    async def whole(
+        self, request: Request, events: asyncio.Queue[GenerationEvent], ticket: Cancellable
+    ) -> Response:
         parts: list[str] = []
         while True:
             event = await self._next(request, events, ticket)
             if event is None:
                 return Response(status_code=499)  # nobody is listening
             if event.error is not None:
-                return ApiError(event.error[0], event.error[1], code="timeout" if event.error[0] == 504 else None).response()
+                return ApiError(
+                    event.error[0],
+                    event.error[1],
+                    code="timeout" if event.error[0] == 504 else None,
+                ).response()
             parts.append(event.text)
             if event.final:
                 break
         text = "".join(parts)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": event.finish_reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": event.finish_reason,
+            }
             body = self._envelope("chat.completion", [choice])
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": event.finish_reason,
+            }
             body = self._envelope("text_completion", [choice])
         return JSONResponse({**body, "usage": self._usage(event)})
 
     def _chunk(self, text: str | None, finish: str | None, role: bool = False) -> str:
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            body = self._envelope("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None,
-                                                             "finish_reason": finish}])
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": ""}
+                if role
+                else {}
+                if text is None
+                else {"content": text}
+            )
+            body = self._envelope(
+                "chat.completion.chunk",
+                [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            )
         else:
-            body = self._envelope("text_completion", [{"index": 0, "text": text or "", "logprobs": None,
-                                                       "finish_reason": finish}])
+            body = self._envelope(
+                "text_completion",
+                [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}],
+            )
         return _sse(body)
 
-    async def stream(self, request: Request, events: asyncio.Queue[GenerationEvent], ticket: Ticket,
-                     include_usage: bool) -> AsyncIterator[str]:
+    async def stream(
+        self,
+        request: Request,
+        events: asyncio.Queue[GenerationEvent],
+        ticket: Cancellable,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
         try:
             if self.chat:
                 yield self._chunk(None, None, role=True)
@@ -354,8 +474,14 @@ class _Reply:
                 if event.final:
                     yield self._chunk(None, event.finish_reason)
                     if include_usage:
-                        yield _sse({**self._envelope(
-                            "chat.completion.chunk" if self.chat else "text_completion", []), "usage": self._usage(event)})
+                        yield _sse(
+                            {
+                                **self._envelope(
+                                    "chat.completion.chunk" if self.chat else "text_completion", []
+                                ),
+                                "usage": self._usage(event),
+                            }
+                        )
                     yield "data: [DONE]\n\n"
                     return
                 if await request.is_disconnected():

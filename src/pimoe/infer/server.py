@@ -24,17 +24,32 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
 from pimoe.infer.batching import MicroBatcher
 from pimoe.infer.cache import InferenceCache, make_key
 from pimoe.infer.engine import InferenceConfig, InferenceEngine
+from pimoe.infer.generation import TextGenerator
 from pimoe.infer.http_errors import clip, error_response
 from pimoe.infer.lm_models import GenerationModel, HFGenerationModel, open_generation_model
 from pimoe.infer.openai_api import mount_generation
-from pimoe.infer.security import DOCS_PATHS, OPEN_PATHS, RequestGuard, ServerLimits, is_loopback, uvicorn_options
+from pimoe.infer.security import (
+    DOCS_PATHS,
+    OPEN_PATHS,
+    RequestGuard,
+    ServerLimits,
+    is_loopback,
+    uvicorn_options,
+)
 from pimoe.infer.served import InferRequest, RequestError, ServedModel, request_rows, response_body
 from pimoe.moe.model import PiMoELM
 
@@ -55,37 +70,62 @@ class _Metrics:
 
 def _make_metrics(cache: InferenceCache | None) -> _Metrics:
     registry = CollectorRegistry()
-    hit_rate = Gauge("pimoe_cache_hit_rate", "Hit rate of the inference cache since start (0 without a cache)",
-                     registry=registry)
+    hit_rate = Gauge(
+        "pimoe_cache_hit_rate",
+        "Hit rate of the inference cache since start (0 without a cache)",
+        registry=registry,
+    )
     hit_rate.set_function(lambda: cache.stats.hit_rate if cache is not None else 0.0)
     return _Metrics(
         registry=registry,
-        responses=Counter("pimoe_http_responses", "Every HTTP answer of the app, by status", ["status"],
-                          registry=registry),
-        requests=Counter("pimoe_requests", "Inference requests by model and HTTP status", ["model", "status"],
-                         registry=registry),
-        latency=Histogram("pimoe_request_latency_seconds", "Latency of successful inference requests",
-                          ["model"], registry=registry),
-        batch_size=Histogram("pimoe_batch_size", "Requests per forward pass", ["model"], buckets=_BATCH_BUCKETS,
-                             registry=registry),
+        responses=Counter(
+            "pimoe_http_responses",
+            "Every HTTP answer of the app, by status",
+            ["status"],
+            registry=registry,
+        ),
+        requests=Counter(
+            "pimoe_requests",
+            "Inference requests by model and HTTP status",
+            ["model", "status"],
+            registry=registry,
+        ),
+        latency=Histogram(
+            "pimoe_request_latency_seconds",
+            "Latency of successful inference requests",
+            ["model"],
+            registry=registry,
+        ),
+        batch_size=Histogram(
+            "pimoe_batch_size",
+            "Requests per forward pass",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=registry,
+        ),
         cache_hit_rate=hit_rate,
     )
 
 
-def _batch_fn(name: str, served: ServedModel, engine: InferenceEngine, metrics: _Metrics) -> Callable[..., Tensor]:
+def _batch_fn(
+    name: str, served: ServedModel, engine: InferenceEngine, metrics: _Metrics
+) -> Callable[..., Tensor]:
     """The function a model's batcher runs on ``batch [B, ...]`` (with ``lengths [B]`` for text encoders)."""
     observe = metrics.batch_size.labels(model=name).observe
     if served.kind == "text":
+
         def run_text(batch: Tensor, lengths: Tensor) -> Tensor:
             observe(batch.shape[0])
-            return engine.infer(served.module, (batch, lengths))
+            out: Tensor = engine.infer(served.module, (batch, lengths))
+            return out
 
         return run_text
 
     def run(batch: Tensor) -> Tensor:
         observe(batch.shape[0])
         out = engine.infer(served.module, batch)
-        return out.logits if served.kind == "lm" else out
+        result: Tensor = out.logits if served.kind == "lm" else out
+        return result
 
     return run
 
@@ -101,7 +141,7 @@ def create_app(
     body_timeout_s: float = 30.0,
     api_key: str | None = None,
     docs: bool = False,
-    generators: Mapping[str, GenerationModel] | None = None,
+    generators: Mapping[str, GenerationModel | TextGenerator] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``models`` (name -> :class:`ServedModel`, a :class:`PiMoELM`, or the
     path of a saved PiMoELM).
@@ -119,7 +159,8 @@ def create_app(
             ``Authorization: Bearer <api_key>``; otherwise 401.
         docs: serve ``/docs``, ``/redoc`` and ``/openapi.json`` (off by default).
         generators: language models served for text generation on the OpenAI routes
-            (:func:`~pimoe.infer.openai_api.mount_generation`, ``max_batch_size`` rows each).
+            (:func:`~pimoe.infer.openai_api.mount_generation`, ``max_batch_size`` rows each), or
+            engines (e.g. :class:`~pimoe.infer.chain_serving.ChainEngine`).
 
     ``ValueError`` if a model's weights hold NaN or infinity. The batchers are closed (draining
     queued requests) when the app shuts down.
@@ -149,8 +190,12 @@ def create_app(
     batchers: dict[str, MicroBatcher] = {}
     for name, s in served.items():
         engine = InferenceEngine(InferenceConfig(device=str(devices[name])))
-        batchers[name] = MicroBatcher(_batch_fn(name, s, engine, metrics), max_batch_size, max_wait_ms,
-                                      seq_output=s.kind == "lm" or s.seq_output)
+        batchers[name] = MicroBatcher(
+            _batch_fn(name, s, engine, metrics),
+            max_batch_size,
+            max_wait_ms,
+            seq_output=s.kind == "lm" or s.seq_output,
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -160,34 +205,63 @@ def create_app(
         if cache is not None:
             cache.close()
 
-    app = FastAPI(title="pimoe inference server", lifespan=lifespan, docs_url="/docs" if docs else None,
-                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
-    app.state.models, app.state.batchers, app.state.cache, app.state.metrics = served, batchers, cache, metrics
-    app.add_middleware(RequestGuard, api_key=api_key, open_paths=OPEN_PATHS | (DOCS_PATHS if docs else set()),
-                       max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
-                       on_response=lambda status: metrics.responses.labels(status=str(status)).inc())
+    app = FastAPI(
+        title="pimoe inference server",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.state.models, app.state.batchers, app.state.cache, app.state.metrics = (
+        served,
+        batchers,
+        cache,
+        metrics,
+    )
+    app.add_middleware(
+        RequestGuard,
+        api_key=api_key,
+        open_paths=OPEN_PATHS | (DOCS_PATHS if docs else set()),
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout_s,
+        on_response=lambda status: metrics.responses.labels(status=str(status)).inc(),
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.requests.labels(model="", status="422").inc()
         errors = exc.errors()
-        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in errors[:5])
+        problems = "; ".join(
+            f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in errors[:5]
+        )
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         param = ".".join(map(str, errors[0].get("loc", ()))) if errors else None
-        return error_response(422, clip(f"invalid request body: {problems}{more}", 1000, quote=False), param=param,
-                              code="invalid_body")
+        return error_response(
+            422,
+            clip(f"invalid request body: {problems}{more}", 1000, quote=False),
+            param=param,
+            code="invalid_body",
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        messages = {404: f"no route {clip(request.url.path)}",
-                    405: f"method {request.method} not allowed on {clip(request.url.path)}"}
+        messages = {
+            404: f"no route {clip(request.url.path)}",
+            405: f"method {request.method} not allowed on {clip(request.url.path)}",
+        }
         message = messages.get(exc.status_code, str(exc.detail))
         return error_response(exc.status_code, message, headers=exc.headers)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        """Liveness and the served models."""
-        return {"status": "ok", "models": {n: s.kind for n, s in served.items()}}
+        """Liveness and every served model: its ``/v1/infer`` kind, else its generation kind."""
+        generation: dict[str, Any] = getattr(app.state, "generation", {})
+        kinds = {n: str(getattr(e, "kind", "generation")) for n, e in generation.items()}
+        return {
+            "status": "ok",
+            "models": {**kinds, **{n: s.kind for n, s in served.items()}},
+            "generation": sorted(generation),
+        }
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
@@ -212,7 +286,9 @@ def create_app(
         label = req.model if req.model in served else ""
         try:
             if req.model not in served:
-                raise RequestError(404, f"unknown model {clip(req.model)}; served: {sorted(served)}")
+                raise RequestError(
+                    404, f"unknown model {clip(req.model)}; served: {sorted(served)}"
+                )
             s = served[req.model]
             rows, batched = request_rows(s, req, max_request_elements)
             results = await asyncio.gather(*(run_row(req.model, x) for x in rows))
@@ -221,7 +297,9 @@ def create_app(
             body = response_body(s, out, req.return_logits)
         except RequestError as exc:
             metrics.requests.labels(model=label, status=str(exc.status)).inc()
-            return error_response(exc.status, exc.message, code="model_not_found" if exc.status == 404 else None)
+            return error_response(
+                exc.status, exc.message, code="model_not_found" if exc.status == 404 else None
+            )
         except Exception as exc:  # the model failed: report it and keep serving
             metrics.requests.labels(model=label, status="500").inc()
             detail = clip(str(exc), 1000, quote=False)
@@ -229,23 +307,41 @@ def create_app(
         latency = time.perf_counter() - start
         metrics.latency.labels(model=label).observe(latency)
         metrics.requests.labels(model=label, status="200").inc()
-        return JSONResponse({"model": req.model, **body, "cached": cached, "latency_ms": latency * 1000})
+        return JSONResponse(
+            {"model": req.model, **body, "cached": cached, "latency_ms": latency * 1000}
+        )
 
     if generators:
         mount_generation(app, generators, max_batch_size=max_batch_size)
     return app
 
 
-def serve(model_path: str | os.PathLike[str], name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          max_batch_size: int = 32, max_wait_ms: float = 5.0, cache_size: int = 0, *, api_key: str | None = None,
-          docs: bool = False, max_body_bytes: int = 8 * 2**20, body_timeout_s: float = 30.0,
-          limits: ServerLimits | None = None, ssl_certfile: str | os.PathLike[str] | None = None,
-          ssl_keyfile: str | os.PathLike[str] | None = None, routers: str | os.PathLike[str] | None = None) -> None:
+def serve(
+    model_path: str | os.PathLike[str] | None,
+    name: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+    cache_size: int = 0,
+    *,
+    api_key: str | None = None,
+    docs: bool = False,
+    max_body_bytes: int = 8 * 2**20,
+    body_timeout_s: float = 30.0,
+    limits: ServerLimits | None = None,
+    ssl_certfile: str | os.PathLike[str] | None = None,
+    ssl_keyfile: str | os.PathLike[str] | None = None,
+    routers: str | os.PathLike[str] | None = None,
+    chain: str | os.PathLike[str] | None = None,
+) -> None:
     """Serve ``model_path`` (a saved :class:`PiMoELM`, a Hugging Face encoder or causal-LM folder, or
     a name known to :func:`pimoe.models.load_pretrained`; ``routers`` upcycles a causal LM, see
-    :func:`~pimoe.infer.lm_models.open_generation_model`) with uvicorn until interrupted; the
-    model's name in requests is ``name`` or the path's base name. Language models get the OpenAI
-    generation routes (a HF causal LM only those, a PiMoELM also ``/v1/infer``).
+    :func:`~pimoe.infer.lm_models.open_generation_model`), or the computation chain saved in the
+    folder ``chain`` (:mod:`pimoe.infer.chain_serving`), with uvicorn until interrupted; give
+    exactly one of the two. The name in requests is ``name`` or the path's base name. Language
+    models and the chain get the OpenAI generation routes (a HF causal LM and the chain only
+    those, a PiMoELM also ``/v1/infer``).
 
     ``api_key``, ``docs``, ``max_body_bytes`` and ``body_timeout_s`` are :func:`create_app`'s;
     ``limits`` the connection limits (:class:`ServerLimits`); both ``ssl_*`` files turn on TLS.
@@ -253,15 +349,38 @@ def serve(model_path: str | os.PathLike[str], name: str | None = None, host: str
     """
     import uvicorn
 
+    if (model_path is None) == (chain is None):
+        raise ValueError("serve one model path or one chain folder")
     if not is_loopback(host) and api_key is None:
-        warnings.warn(f"serving on {host}, reachable from other machines, without an API key: anyone who can "
-                      "connect can use the models (set --api-key or PIMOE_API_KEY)", UserWarning, stacklevel=2)
-    model_name = name or os.path.splitext(os.path.basename(os.path.normpath(os.fspath(model_path))))[0]
-    generator = open_generation_model(model_path, routers)  # a causal LM also gets the OpenAI routes
-    models = {} if isinstance(generator, HFGenerationModel) else {model_name: ServedModel.from_file(model_path)}
-    app = create_app(models, generators={model_name: generator} if generator else None, max_batch_size=max_batch_size,
-                     max_wait_ms=max_wait_ms, cache_size=cache_size, max_body_bytes=max_body_bytes,
-                     body_timeout_s=body_timeout_s, api_key=api_key, docs=docs)
+        warnings.warn(
+            f"serving on {host}, reachable from other machines, without an API key: anyone who can "
+            "connect can use the models (set --api-key or PIMOE_API_KEY)",
+            UserWarning,
+            stacklevel=2,
+        )
+    spec = os.fspath(model_path if model_path is not None else chain)  # type: ignore[arg-type]  # one is set
+    model_name = name or os.path.splitext(os.path.basename(os.path.normpath(spec)))[0]
+    models: dict[str, ServedModel] = {}
+    generator: GenerationModel | TextGenerator | None
+    if chain is not None:
+        from pimoe.infer.chain_serving import open_chain
+
+        generator = open_chain(chain)
+    else:
+        generator = open_generation_model(spec, routers)  # a causal LM also gets the OpenAI routes
+        if not isinstance(generator, HFGenerationModel):
+            models[model_name] = ServedModel.from_file(spec)
+    app = create_app(
+        models,
+        generators={model_name: generator} if generator else None,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        cache_size=cache_size,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout_s,
+        api_key=api_key,
+        docs=docs,
+    )
     uvicorn.run(app, host=host, port=port, **uvicorn_options(limits, ssl_certfile, ssl_keyfile))
 
 
