@@ -26,7 +26,10 @@ def test_soft_loss_zero_for_identical_outputs_and_scaled_by_t_squared():
     assert float(soft_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
     assert float(soft_loss(a, a.clone(), "cosine")) == pytest.approx(0.0, abs=1e-6)
     raw = torch.nn.functional.kl_div(
-        torch.log_softmax(a / 4, -1), torch.log_softmax(b / 4, -1), reduction="batchmean", log_target=True
+        torch.log_softmax(a / 4, -1),
+        torch.log_softmax(b / 4, -1),
+        reduction="batchmean",
+        log_target=True,
     )
     assert float(soft_loss(a, b, "kl", 4.0)) == pytest.approx(float(raw) * 16, rel=1e-5)
     with pytest.raises(ValueError):
@@ -61,7 +64,14 @@ def test_distill_repairs_pruned_student_and_keeps_it_sparse():
 def test_early_stopping_on_plateau():
     teacher, student = _mlp(0), _mlp(1)
     result = distill(
-        teacher, student, _batches(2, 10), epochs=3, lr=0.0, val_data=_batches(3, 2), eval_every=1, patience=3
+        teacher,
+        student,
+        _batches(2, 10),
+        epochs=3,
+        lr=0.0,
+        val_data=_batches(3, 2),
+        eval_every=1,
+        patience=3,
     )
     assert result.stopped_early
     assert result.steps == 4 and len(result.val_losses) == 4
@@ -70,7 +80,9 @@ def test_early_stopping_on_plateau():
 
 def test_early_stopping_restores_best_weights_and_steps_limit():
     teacher, student = _mlp(0), _mlp(1)
-    result = distill(teacher, student, _batches(2, 10), epochs=5, steps=7, lr=1e-2, val_data=_batches(3, 2))
+    result = distill(
+        teacher, student, _batches(2, 10), epochs=5, steps=7, lr=1e-2, val_data=_batches(3, 2)
+    )
     assert result.steps == 7 and len(result.val_losses) == 0
     result = distill(teacher, student, _batches(2, 10), epochs=2, lr=1e-2, val_data=_batches(3, 2))
     assert len(result.val_losses) == 2
@@ -84,8 +96,15 @@ def test_hidden_state_matching_tuple_batches_and_labels():
     x = _batches(2, 5)
     data = [(xb, teacher(xb).argmax(-1)) for xb in x]
     result = distill(
-        teacher, student, data, epochs=2, alpha=0.5, with_labels=True, hidden_pairs=[("0", "0")],
-        hidden_mse_weight=1.0, loss="mse",
+        teacher,
+        student,
+        data,
+        epochs=2,
+        alpha=0.5,
+        with_labels=True,
+        hidden_pairs=[("0", "0")],
+        hidden_mse_weight=1.0,
+        loss="mse",
     )
     assert result.losses[-1] < result.losses[0]
     with pytest.raises(ValueError, match="no module"):

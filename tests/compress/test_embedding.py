@@ -72,19 +72,28 @@ def test_int8_stacked_experts_match_and_round_trip(activation: str, bias: bool) 
     from pimoe.moe import PiMoE
 
     torch.manual_seed(0)
-    model = nn.Sequential(PiMoE(32, num_experts=4, top_k=2, ffn_dim=64, activation=activation, bias=bias)).eval()
+    model = nn.Sequential(
+        PiMoE(32, num_experts=4, top_k=2, ffn_dim=64, activation=activation, bias=bias)
+    ).eval()
     x = torch.randn(10, 32)
-    quantized = nn.Sequential(PiMoE(32, num_experts=4, top_k=2, ffn_dim=64, activation=activation, bias=bias)).eval()
+    quantized = nn.Sequential(
+        PiMoE(32, num_experts=4, top_k=2, ffn_dim=64, activation=activation, bias=bias)
+    ).eval()
     quantized.load_state_dict(model.state_dict())
     assert quantize_experts_int8(quantized) == ["0.experts"]
-    assert isinstance(quantized[0].experts, Int8StackedExperts) and quantized[0].experts.w_in_int8.dtype == torch.int8
+    assert (
+        isinstance(quantized[0].experts, Int8StackedExperts)
+        and quantized[0].experts.w_in_int8.dtype == torch.int8
+    )
     with torch.no_grad():
         ref, out = model(x), quantized(x)
     assert float((out - ref).norm() / ref.norm()) < 0.02  # int8 rows: ~0.5% weight error
     buffer = io.BytesIO()
     torch.save(quantized.state_dict(), buffer)
     buffer.seek(0)
-    fresh = nn.Sequential(PiMoE(32, num_experts=4, top_k=2, ffn_dim=64, activation=activation, bias=bias)).eval()
+    fresh = nn.Sequential(
+        PiMoE(32, num_experts=4, top_k=2, ffn_dim=64, activation=activation, bias=bias)
+    ).eval()
     quantize_experts_int8(fresh)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     with torch.no_grad():

@@ -114,7 +114,13 @@ def test_multihead_attention_projection_is_left_alone() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"energy": 0.9, "ratio": 0.5}, {"energy": 0.0}, {"energy": 1.5}, {"ratio": 1.0}, {"min_features": 0}],
+    [
+        {"energy": 0.9, "ratio": 0.5},
+        {"energy": 0.0},
+        {"energy": 1.5},
+        {"ratio": 1.0},
+        {"min_features": 0},
+    ],
 )
 def test_bad_options(kwargs: dict) -> None:
     with pytest.raises(ValueError):
@@ -132,7 +138,14 @@ def test_pimoe_lm_router_gates_and_tied_head_are_not_factorized() -> None:
     from pimoe.moe.config import MoEConfig
     from pimoe.moe.model import LMConfig, PiMoELM
 
-    config = LMConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, ffn_dim=32))
+    config = LMConfig(
+        vocab_size=64,
+        block_size=16,
+        n_layer=2,
+        n_head=2,
+        d_model=32,
+        moe=MoEConfig(num_experts=4, ffn_dim=32),
+    )
     model = PiMoELM(config).eval()
     report = factorize(model, ratio=0.3)
     reasons = {layer.name: layer.reason for layer in report.layers}

@@ -19,7 +19,9 @@ def test_matches_sentence_transformers(minilm) -> None:
     from sentence_transformers import SentenceTransformer
 
     sentences = load_sentences("heldout")[:4]
-    reference = SentenceTransformer(str(minilm.path), device="cpu").encode(sentences, convert_to_tensor=True)
+    reference = SentenceTransformer(str(minilm.path), device="cpu").encode(
+        sentences, convert_to_tensor=True
+    )
     ours = minilm.embed(sentences)
     assert ours.shape == (4, 384)
     torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-4)
@@ -38,7 +40,11 @@ def test_benchmark_best_config_json(tmp_path) -> None:
     """`pimoe bench compress` minus the ONNX peer and all but the best configuration, 1 round."""
     from pimoe.bench.compress import CompressBenchConfig, run
 
-    result = run(CompressBenchConfig(configs=["int8 dyn + int4 emb"], rounds=1, onnx=False, cache_dir=str(tmp_path)))
+    result = run(
+        CompressBenchConfig(
+            configs=["int8 dyn + int4 emb"], rounds=1, onnx=False, cache_dir=str(tmp_path)
+        )
+    )
     rows = {row["name"]: row for row in result["configurations"]}
     assert set(rows) == {"fp32", "int8 dyn + int4 emb"}
     best = rows["int8 dyn + int4 emb"]
@@ -56,4 +62,6 @@ def test_tokenize_refuses_to_truncate() -> None:
     ids, mask = minilm.tokenize(["short", "a little longer sentence"])
     assert ids.shape == mask.shape and int(mask.sum(1).max()) == ids.shape[1]
     with pytest.raises(ValueError, match="max_length=8"):
-        minilm.tokenize(["short", "this sentence is clearly longer than eight word pieces"], max_length=8)
+        minilm.tokenize(
+            ["short", "this sentence is clearly longer than eight word pieces"], max_length=8
+        )

@@ -46,7 +46,11 @@ def test_dropping_dead_experts_is_exact(shared: int) -> None:
         before = layer(x)
         small = drop_experts(layer, amount=2 / 6, stats=stats)
         after = small(x)
-    assert small.num_experts == 4 and small.router.num_experts == 4 and small.experts.w_in.shape[0] == 4
+    assert (
+        small.num_experts == 4
+        and small.router.num_experts == 4
+        and small.experts.w_in.shape[0] == 4
+    )
     assert small.router.gate.weight.shape == (4, D)
     # Same routing decisions exactly; outputs equal up to the rounding of a smaller gate matmul.
     tokens = x.reshape(-1, D)
@@ -74,7 +78,9 @@ def test_keep_by_load_and_weight_norm() -> None:
     stats = _stats(layer, torch.randn(64, D))
     loads = stats.tokens_per_expert.tolist()
     kept = experts_to_keep(layer, 0.5, stats=stats)
-    assert len(kept) == 3 and min(loads[e] for e in kept) >= max(loads[e] for e in range(E) if e not in kept)
+    assert len(kept) == 3 and min(loads[e] for e in kept) >= max(
+        loads[e] for e in range(E) if e not in kept
+    )
     with torch.no_grad():
         layer.experts.w_in[2] *= 10
         layer.experts.w_out[2] *= 10

@@ -15,7 +15,9 @@ from pimoe.compress import (
 
 def _mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 10))
+    return nn.Sequential(
+        nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 10)
+    )
 
 
 def _batches(seed: int, n: int, size: int = 32) -> list[torch.Tensor]:
@@ -31,18 +33,33 @@ def test_pipeline_records_each_enabled_step_and_leaves_original_untouched():
     model = _mlp()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     config = ArchitectureConfig(
-        enable_low_rank=True, compression_ratio=0.5, enable_pruning=True, sparsity_ratio=0.5,
-        enable_quantization=True, quantization_bits=8, quantization_mode="weight_only", latency_repeats=3,
+        enable_low_rank=True,
+        compression_ratio=0.5,
+        enable_pruning=True,
+        sparsity_ratio=0.5,
+        enable_quantization=True,
+        quantization_bits=8,
+        quantization_mode="weight_only",
+        latency_repeats=3,
     )
     small, report = ArchitectureOptimizer(config).optimize(model, _x())
-    names = ["before", "low_rank", "magnitude_prune", "int8_weight_only", "int8_experts", "embeddings"]
+    names = [
+        "before",
+        "low_rank",
+        "magnitude_prune",
+        "int8_weight_only",
+        "int8_experts",
+        "embeddings",
+    ]
     assert [s.name for s in report.steps] == names
     before, low, pruned, quant = report.steps[:4]
     assert before.fidelity == pytest.approx(1.0, abs=1e-6)
     assert low.params < before.params and low.bytes_torch_save < before.bytes_torch_save
     assert pruned.nonzero_params < 0.6 * low.nonzero_params
     assert quant.bytes_torch_save < 0.4 * pruned.bytes_torch_save
-    assert quant.bytes_safetensors is not None and quant.bytes_safetensors < pruned.bytes_safetensors
+    assert (
+        quant.bytes_safetensors is not None and quant.bytes_safetensors < pruned.bytes_safetensors
+    )
     assert all(0.0 < s.fidelity <= 1.0 + 1e-6 for s in report.steps)
     assert any(isinstance(m, Int8WeightOnlyLinear) for m in small.modules())
     for k, v in model.state_dict().items():
@@ -53,7 +70,12 @@ def test_pipeline_records_each_enabled_step_and_leaves_original_untouched():
 def test_dynamic_int8_is_not_safetensors_saveable_and_disabled_steps_are_absent():
     config = ArchitectureConfig(enable_pruning=False, quantization_bits=8, latency_repeats=2)
     _, report = ArchitectureOptimizer(config).optimize(_mlp(), _x())
-    assert [s.name for s in report.steps] == ["before", "int8_dynamic", "int8_experts", "embeddings"]
+    assert [s.name for s in report.steps] == [
+        "before",
+        "int8_dynamic",
+        "int8_experts",
+        "embeddings",
+    ]
     assert report.before.bytes_safetensors is not None
     assert report.after.bytes_safetensors is None
     assert report.after.bytes_torch_save < 0.5 * report.before.bytes_torch_save
@@ -63,7 +85,7 @@ def test_dynamic_int8_is_not_safetensors_saveable_and_disabled_steps_are_absent(
 @pytest.mark.parametrize("bits", [4, 16, 32])
 def test_other_bit_widths(bits: int):
     config = ArchitectureConfig(enable_pruning=False, quantization_bits=bits, latency_repeats=2)
-    small, report = ArchitectureOptimizer(config).optimize(_mlp(), _x())
+    _, report = ArchitectureOptimizer(config).optimize(_mlp(), _x())
     before, after = report.steps[0], report.steps[-1]
     if bits == 32:
         assert after.bytes_torch_save == before.bytes_torch_save
@@ -75,12 +97,18 @@ def test_other_bit_widths(bits: int):
 
 def test_distill_repair_after_pruning_beats_no_repair():
     model, x = _mlp(), _x()
-    common = dict(enable_pruning=True, sparsity_ratio=0.5, enable_quantization=False, latency_repeats=2)
+    common = dict(
+        enable_pruning=True, sparsity_ratio=0.5, enable_quantization=False, latency_repeats=2
+    )
     _, plain = ArchitectureOptimizer(ArchitectureConfig(**common)).optimize(model, x)
     config = ArchitectureConfig(
-        **common, enable_knowledge_distillation=True, distill_epochs=5, distill_lr=3e-3, distill_temperature=2.0
+        **common,
+        enable_knowledge_distillation=True,
+        distill_epochs=5,
+        distill_lr=3e-3,
+        distill_temperature=2.0,
     )
-    repaired, report = ArchitectureOptimizer(config).optimize(model, x, distill_data=_batches(1, 20))
+    _, report = ArchitectureOptimizer(config).optimize(model, x, distill_data=_batches(1, 20))
     assert [s.name for s in report.steps] == ["before", "magnitude_prune", "distill"]
     assert report.after.nonzero_params == report.steps[1].nonzero_params  # still pruned
     gap_plain = 1.0 - plain.after.fidelity
@@ -89,7 +117,9 @@ def test_distill_repair_after_pruning_beats_no_repair():
 
 
 def test_distill_without_data_is_skipped_with_a_note():
-    config = ArchitectureConfig(enable_knowledge_distillation=True, enable_quantization=False, latency_repeats=2)
+    config = ArchitectureConfig(
+        enable_knowledge_distillation=True, enable_quantization=False, latency_repeats=2
+    )
     _, report = ArchitectureOptimizer(config).optimize(_mlp(), _x())
     assert [s.name for s in report.steps] == ["before", "magnitude_prune", "distill"]
     assert "skipped" in report.after.note
@@ -119,7 +149,9 @@ def test_accuracy_and_callable_fidelity():
         dict(quantization_mode="histogram"),
         dict(fidelity="psnr"),
         dict(sparsity_ratio=1.0),
-        dict(compression_ratio=1.0, enable_low_rank=True),  # passed validation, then failed in lowrank
+        dict(
+            compression_ratio=1.0, enable_low_rank=True
+        ),  # passed validation, then failed in lowrank
         dict(compression_ratio=0.0, enable_low_rank=True),
         dict(enable_knowledge_distillation=True, order=["prune", "quantize", "distill"]),
         dict(distill_loss="huber", enable_knowledge_distillation=True),
@@ -160,7 +192,9 @@ def test_a_step_that_breaks_the_model_raises_and_leaves_the_input_untouched() ->
     torch.manual_seed(0)
     model = nn.Sequential(Float32Only())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = ArchitectureConfig(enable_pruning=True, sparsity_ratio=0.5, quantization_bits=16, latency_repeats=1)
+    config = ArchitectureConfig(
+        enable_pruning=True, sparsity_ratio=0.5, quantization_bits=16, latency_repeats=1
+    )
     with pytest.raises(RuntimeError, match="fails after step 'cast'.*unchanged"):
         ArchitectureOptimizer(config).optimize(model, torch.randn(4, 8))
     for key, value in model.state_dict().items():

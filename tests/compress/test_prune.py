@@ -11,7 +11,9 @@ def _mlp() -> nn.Sequential:
 
 
 def _no_masks_or_hooks(model: nn.Module) -> bool:
-    names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    names = [name for name, _ in model.named_parameters()] + [
+        name for name, _ in model.named_buffers()
+    ]
     hooks = any(module._forward_pre_hooks for module in model.modules())
     return not hooks and not any(name.endswith(("_orig", "_mask")) for name in names)
 
@@ -22,7 +24,12 @@ def test_global_pruning_exact_and_permanent() -> None:
     report = sparsity(model)
     assert report.total == 768 and report.zeros == 384 and report.overall == 0.5
     assert _no_masks_or_hooks(model)
-    assert sorted(name for name, _ in model.named_parameters()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert sorted(name for name, _ in model.named_parameters()) == [
+        "0.bias",
+        "0.weight",
+        "2.bias",
+        "2.weight",
+    ]
 
 
 def test_global_pruning_removes_smallest_magnitudes() -> None:
@@ -53,7 +60,9 @@ def test_skip_and_biases_untouched() -> None:
     torch.testing.assert_close(model[0].bias, bias)
 
 
-@pytest.mark.parametrize("kwargs", [{"amount": -0.1}, {"amount": 1.5}, {"amount": 0.5, "scope": "row"}])
+@pytest.mark.parametrize(
+    "kwargs", [{"amount": -0.1}, {"amount": 1.5}, {"amount": 0.5, "scope": "row"}]
+)
 def test_bad_options(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         magnitude_prune(_mlp(), **kwargs)

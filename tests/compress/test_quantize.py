@@ -137,7 +137,14 @@ def _tiny_lm() -> nn.Module:
     from pimoe.moe.config import MoEConfig
     from pimoe.moe.model import LMConfig, PiMoELM
 
-    config = LMConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, ffn_dim=32))
+    config = LMConfig(
+        vocab_size=64,
+        block_size=16,
+        n_layer=2,
+        n_head=2,
+        d_model=32,
+        moe=MoEConfig(num_experts=4, ffn_dim=32),
+    )
     return PiMoELM(config).eval()
 
 

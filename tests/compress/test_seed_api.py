@@ -16,14 +16,14 @@ def test_seed_example_runs_and_compresses() -> None:
 
     # Create advanced architecture optimizer
     architecture_config = AdvancedArchitectureConfig(
-        optimization_level='ultra',
+        optimization_level="ultra",
         compression_ratio=0.75,
         quantization_bits=8,
         sparsity_ratio=0.15,
         enable_model_compression=True,
         enable_quantization=True,
         enable_pruning=True,
-        enable_knowledge_distillation=True
+        enable_knowledge_distillation=True,
     )
 
     optimizer = AdvancedArchitectureOptimizer(architecture_config)

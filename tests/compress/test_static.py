@@ -60,8 +60,13 @@ def test_static_int8_keeps_accuracy_and_is_int8(trained, tmp_path: Path) -> None
     assert fp32_acc > 0.9
     assert int8_acc >= fp32_acc - 0.02, (fp32_acc, int8_acc)
     kinds = {type(m).__module__ for m in q.modules()}
-    assert "torch.ao.nn.quantized.modules.linear" in kinds and "torch.ao.nn.quantized.modules.conv" in kinds
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the input model is untouched
+    assert (
+        "torch.ao.nn.quantized.modules.linear" in kinds
+        and "torch.ao.nn.quantized.modules.conv" in kinds
+    )
+    assert all(
+        torch.equal(v, model.state_dict()[k]) for k, v in before.items()
+    )  # the input model is untouched
 
     path = tmp_path / "int8.pt"
     save_static_int8(q, path)
@@ -98,10 +103,16 @@ def test_architecture_optimizer_static_mode(trained) -> None:
     from pimoe.compress import ArchitectureConfig, ArchitectureOptimizer
 
     model, x_train, x_test, y_test = trained
-    config = ArchitectureConfig(enable_pruning=False, quantization_bits=8, quantization_mode="static",
-                                fidelity="accuracy", latency_repeats=2)
-    result = ArchitectureOptimizer(config).optimize(model, x_test, labels=y_test,
-                                                    distill_data=list(x_train[:256].split(64)))
+    config = ArchitectureConfig(
+        enable_pruning=False,
+        quantization_bits=8,
+        quantization_mode="static",
+        fidelity="accuracy",
+        latency_repeats=2,
+    )
+    result = ArchitectureOptimizer(config).optimize(
+        model, x_test, labels=y_test, distill_data=list(x_train[:256].split(64))
+    )
     before, after = result.report.steps[0], result.report.steps[-1]
     assert [s.name for s in result.report.steps] == ["before", "int8_static", "embeddings"]
     assert "int8 static (x86), 3 Linear/Conv2d layer(s)" in result.report.steps[1].note

@@ -44,22 +44,44 @@ TARGETS = {"size_ratio": 0.25, "cosine": 0.99, "latency_ratio": 1 / 1.5}
 # 8-bit activations; "emb": the word embeddings quantized too; "ORT": ONNX Runtime.
 CONFIGS: dict[str, tuple[str, ArchitectureConfig]] = {
     "int8 dyn, 7-bit act (torch.ao)": (
-        "--bits 8", ArchitectureConfig(enable_pruning=False, quantization_bits=8)),
+        "--bits 8",
+        ArchitectureConfig(enable_pruning=False, quantization_bits=8),
+    ),
     "int8 dyn": (
-        "--bits 8 --full-range", ArchitectureConfig(enable_pruning=False, quantization_bits=8, int8_full_range=True)),
+        "--bits 8 --full-range",
+        ArchitectureConfig(enable_pruning=False, quantization_bits=8, int8_full_range=True),
+    ),
     "int8 dyn + int8 emb": (
         "--bits 8 --full-range --embedding-bits 8",
-        ArchitectureConfig(enable_pruning=False, quantization_bits=8, int8_full_range=True, embedding_bits=8)),
+        ArchitectureConfig(
+            enable_pruning=False, quantization_bits=8, int8_full_range=True, embedding_bits=8
+        ),
+    ),
     "int8 dyn + int4 emb": (
         "--bits 8 --full-range --embedding-bits 4",
-        ArchitectureConfig(enable_pruning=False, quantization_bits=8, int8_full_range=True, embedding_bits=4)),
+        ArchitectureConfig(
+            enable_pruning=False, quantization_bits=8, int8_full_range=True, embedding_bits=4
+        ),
+    ),
     "bf16": ("--bits 16", ArchitectureConfig(enable_pruning=False, quantization_bits=16)),
     "25% heads pruned, no repair": (
-        "--prune-heads 0.25", ArchitectureConfig(enable_pruning=False, enable_quantization=False,
-                                                 enable_head_pruning=True, head_prune_ratio=0.25)),
+        "--prune-heads 0.25",
+        ArchitectureConfig(
+            enable_pruning=False,
+            enable_quantization=False,
+            enable_head_pruning=True,
+            head_prune_ratio=0.25,
+        ),
+    ),
     "10% FFN neurons pruned, no repair": (
-        "--prune-neurons 0.1", ArchitectureConfig(enable_pruning=False, enable_quantization=False,
-                                                  enable_neuron_pruning=True, neuron_prune_ratio=0.1)),
+        "--prune-neurons 0.1",
+        ArchitectureConfig(
+            enable_pruning=False,
+            enable_quantization=False,
+            enable_neuron_pruning=True,
+            neuron_prune_ratio=0.1,
+        ),
+    ),
 }
 QUICK_SKIP = ("bf16", "25% heads pruned, no repair", "10% FFN neurons pruned, no repair")
 
@@ -99,15 +121,23 @@ def _onnx_fp32(minilm: MiniLM, cache_dir: Path) -> Path:
     """The fp32 encoder exported with the dynamo exporter (cached; dynamic batch and length)."""
     weights = minilm.path / "model.safetensors"
     stat = weights.stat()
-    key = hashlib.sha256(f"{weights}:{stat.st_size}:{stat.st_mtime_ns}:{torch.__version__}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{weights}:{stat.st_size}:{stat.st_mtime_ns}:{torch.__version__}".encode()
+    ).hexdigest()[:16]
     path = cache_dir / f"minilm-fp32-{key}.onnx"
     if path.is_file():
         return path
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    sample = minilm.tokenize(["a short sentence", "a slightly longer sentence to export the encoder with"])
+    sample = minilm.tokenize(
+        ["a short sentence", "a slightly longer sentence to export the encoder with"]
+    )
     program = torch.onnx.export(
-        minilm.encoder, sample, dynamo=True, input_names=["input_ids", "attention_mask"],
-        output_names=["sentence_embedding"], optimize=True,
+        minilm.encoder,
+        sample,
+        dynamo=True,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["sentence_embedding"],
+        optimize=True,
         dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +161,9 @@ def _ort_runner(path: Path, threads: int) -> Runner:
     return run
 
 
-def onnx_contenders(minilm: MiniLM, cfg: CompressBenchConfig, folder: Path) -> dict[str, tuple[str, int, Runner]]:
+def onnx_contenders(
+    minilm: MiniLM, cfg: CompressBenchConfig, folder: Path
+) -> dict[str, tuple[str, int, Runner]]:
     """``{name: (how, file bytes, runner)}`` for ONNX Runtime fp32 and dynamic int8 per-channel."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -139,9 +171,16 @@ def onnx_contenders(minilm: MiniLM, cfg: CompressBenchConfig, folder: Path) -> d
     int8 = folder / "minilm-int8.onnx"
     quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8)
     return {
-        "ORT fp32": ("torch.onnx.export(dynamo=True)", fp32.stat().st_size, _ort_runner(fp32, cfg.threads)),
+        "ORT fp32": (
+            "torch.onnx.export(dynamo=True)",
+            fp32.stat().st_size,
+            _ort_runner(fp32, cfg.threads),
+        ),
         "ORT int8 dyn (peer)": (
-            "quantize_dynamic(per_channel=True, weight_type=QInt8)", int8.stat().st_size, _ort_runner(int8, cfg.threads)),
+            "quantize_dynamic(per_channel=True, weight_type=QInt8)",
+            int8.stat().st_size,
+            _ort_runner(int8, cfg.threads),
+        ),
     }
 
 
@@ -162,7 +201,9 @@ def run(cfg: CompressBenchConfig, console: Console | None = None) -> dict:
         folder = Path(tmp)
         base_bytes = _saved_size(fp32.state_dict(), folder, "fp32")
         contenders["fp32"] = ("(original)", base_bytes, fp32)
-        for index, name in enumerate(track(cfg.configs, description="compressing", console=console)):
+        for index, name in enumerate(
+            track(cfg.configs, description="compressing", console=console)
+        ):
             flags, config = CONFIGS[name]
             model = ArchitectureOptimizer(config).compress(fp32)
             size = _saved_size(model.state_dict(), folder, f"config{index}")
@@ -170,10 +211,13 @@ def run(cfg: CompressBenchConfig, console: Console | None = None) -> dict:
         if cfg.onnx:
             console.print("ONNX Runtime: export (cached after the first run) and quantize_dynamic")
             contenders.update(onnx_contenders(minilm, cfg, folder))
-        rows = [_fidelity_row(name, how, size, runner, batches, reference, base_bytes)
-                for name, (how, size, runner) in contenders.items()]
+        rows = [
+            _fidelity_row(name, how, size, runner, batches, reference, base_bytes)
+            for name, (how, size, runner) in contenders.items()
+        ]
         seconds = interleaved_medians(
-            {name: _bound(runner, timing_batch) for name, (_, _, runner) in contenders.items()}, cfg.rounds
+            {name: _bound(runner, timing_batch) for name, (_, _, runner) in contenders.items()},
+            cfg.rounds,
         )
     for row in rows:
         row["latency_ms"] = seconds[row["name"]] * 1000
@@ -181,9 +225,17 @@ def run(cfg: CompressBenchConfig, console: Console | None = None) -> dict:
         row["meets_targets"] = _meets(row)
     onnx_fp32 = next((row for row in rows if row["name"] == "ORT fp32"), None)
     if onnx_fp32 is not None and onnx_fp32["cosine_min"] < 0.9999:
-        raise RuntimeError(f"the ONNX export does not match torch (min cosine {onnx_fp32['cosine_min']:.6f})")
-    result = {**run_header("compress", cfg), "model": "all-MiniLM-L6-v2", "sentences": int(reference.shape[0]),
-              "fp32_bytes": base_bytes, "targets": TARGETS, "configurations": rows}
+        raise RuntimeError(
+            f"the ONNX export does not match torch (min cosine {onnx_fp32['cosine_min']:.6f})"
+        )
+    result = {
+        **run_header("compress", cfg),
+        "model": "all-MiniLM-L6-v2",
+        "sentences": int(reference.shape[0]),
+        "fp32_bytes": base_bytes,
+        "targets": TARGETS,
+        "configurations": rows,
+    }
     _print(result, console)
     return result
 
@@ -196,35 +248,75 @@ def _bound(runner: Runner, batch: tuple[Tensor, Tensor]) -> Callable[[], object]
     return call
 
 
-def _fidelity_row(name: str, how: str, size: int, runner: Runner, batches: list[tuple[Tensor, Tensor]],
-                  reference: Tensor, base_bytes: int) -> dict:
+def _fidelity_row(
+    name: str,
+    how: str,
+    size: int,
+    runner: Runner,
+    batches: list[tuple[Tensor, Tensor]],
+    reference: Tensor,
+    base_bytes: int,
+) -> dict:
     cos = F.cosine_similarity(_embed(runner, batches), reference, dim=-1)
-    return {"name": name, "command": how, "bytes": size, "size_ratio": size / base_bytes,
-            "cosine": float(cos.mean()), "cosine_min": float(cos.min())}
+    return {
+        "name": name,
+        "command": how,
+        "bytes": size,
+        "size_ratio": size / base_bytes,
+        "cosine": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+    }
 
 
 def _meets(row: dict) -> bool:
-    return (row["size_ratio"] <= TARGETS["size_ratio"] and row["cosine"] >= TARGETS["cosine"]
-            and row["latency_ratio"] <= TARGETS["latency_ratio"])
+    return (
+        row["size_ratio"] <= TARGETS["size_ratio"]
+        and row["cosine"] >= TARGETS["cosine"]
+        and row["latency_ratio"] <= TARGETS["latency_ratio"]
+    )
 
 
 def _print(result: dict, console: Console) -> None:
-    table = Table(title=f"all-MiniLM-L6-v2, {result['sentences']} held-out sentences, batch "
-                        f"{result['config']['batch_size']}, {result['config']['threads']} thread(s); vs fp32 torch")
-    for column in ("configuration", "size_ratio", "cosine", "min cos", "ms", "latency_ratio", "targets"):
+    table = Table(
+        title=f"all-MiniLM-L6-v2, {result['sentences']} held-out sentences, batch "
+        f"{result['config']['batch_size']}, {result['config']['threads']} thread(s); vs fp32 torch"
+    )
+    for column in (
+        "configuration",
+        "size_ratio",
+        "cosine",
+        "min cos",
+        "ms",
+        "latency_ratio",
+        "targets",
+    ):
         table.add_column(column, justify="left" if column == "configuration" else "right")
     for row in result["configurations"]:
-        table.add_row(row["name"], f"{row['size_ratio']:.3f}", f"{row['cosine']:.4f}", f"{row['cosine_min']:.4f}",
-                      f"{row['latency_ms']:.0f}", f"{row['latency_ratio']:.3f}", "all 3" if row["meets_targets"] else "-")
+        table.add_row(
+            row["name"],
+            f"{row['size_ratio']:.3f}",
+            f"{row['cosine']:.4f}",
+            f"{row['cosine_min']:.4f}",
+            f"{row['latency_ms']:.0f}",
+            f"{row['latency_ratio']:.3f}",
+            "all 3" if row["meets_targets"] else "-",
+        )
     console.print(table)
     for row in result["configurations"]:
         console.print(f"  {row['name']}: {row['command']}")
-    console.print(f"targets: size_ratio <= {TARGETS['size_ratio']}, cosine >= {TARGETS['cosine']}, "
-                  f"latency_ratio <= {TARGETS['latency_ratio']:.3f}")
+    console.print(
+        f"targets: size_ratio <= {TARGETS['size_ratio']}, cosine >= {TARGETS['cosine']}, "
+        f"latency_ratio <= {TARGETS['latency_ratio']:.3f}"
+    )
 
 
-def main(quick: bool = False, json_path: Path | None = None, threads: int = 1, onnx: bool = True,
-         rounds: int | None = None) -> dict:
+def main(
+    quick: bool = False,
+    json_path: Path | None = None,
+    threads: int = 1,
+    onnx: bool = True,
+    rounds: int | None = None,
+) -> dict:
     """Entry point of ``benchmarks/compress_minilm.py`` (and of ``pimoe bench compress``)."""
     cfg = CompressBenchConfig(threads=threads, onnx=onnx)
     if quick:

@@ -37,7 +37,9 @@ class AdvancedArchitectureConfig(ArchitectureConfig):
     def validate(self) -> None:
         super().validate()
         if self.optimization_level not in OPTIMIZATION_LEVELS:
-            raise ValueError(f"optimization_level must be one of {OPTIMIZATION_LEVELS}, got {self.optimization_level!r}")
+            raise ValueError(
+                f"optimization_level must be one of {OPTIMIZATION_LEVELS}, got {self.optimization_level!r}"
+            )
 
     def enabled_steps(self) -> list[str]:
         return super().enabled_steps() if self.enable_model_compression else []
@@ -64,13 +66,17 @@ class AdvancedArchitectureOptimizer(ArchitectureOptimizer):
             distill_data: batches for the distill step (it is skipped, and says so, without them).
         """
         if isinstance(input_shape, Tensor) or (
-            isinstance(input_shape, tuple) and input_shape and all(isinstance(t, Tensor) for t in input_shape)
+            isinstance(input_shape, tuple)
+            and input_shape
+            and all(isinstance(t, Tensor) for t in input_shape)
         ):
             example: Batch = input_shape
         elif all(isinstance(d, int) and d > 0 for d in input_shape) and len(input_shape) > 0:
             example = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed))
         else:
-            raise ValueError(f"input_shape must be positive ints or example tensors, got {input_shape!r}")
+            raise ValueError(
+                f"input_shape must be positive ints or example tensors, got {input_shape!r}"
+            )
         result = self.optimize(model, example, distill_data=distill_data)
         self.last_report = result.report
         return result.model

@@ -43,26 +43,86 @@ def build_config(config_file: Path | None, flags: dict[str, Any]) -> Any:
             values[flag] = value
     config = config_from_dict(values)
     if not config.enabled_steps():
-        raise ValueError("no step enabled: give a step flag (--bits, --sparsity, --prune-heads, ...) or a config file")
+        raise ValueError(
+            "no step enabled: give a step flag (--bits, --sparsity, --prune-heads, ...) or a config file"
+        )
     return config
 
 
 def compress(
-    model_path: Annotated[Path, typer.Argument(exists=True, help="A Hugging Face encoder folder or a PiMoELM .safetensors file.")],
-    out: Annotated[Path, typer.Argument(file_okay=False, help="Folder for model.safetensors, recipe.json, report.md/.json/.png.")],
-    config: Annotated[Path | None, typer.Option("--config", exists=True, dir_okay=False, help="JSON/TOML file of ArchitectureConfig fields.")] = None,
-    bits: Annotated[int | None, typer.Option(help="Quantize: 8 (int8: dynamic, 8-bit activations, int4 word embeddings unless told otherwise), 4 (int4 weight-only), 16 (bfloat16).")] = None,
+    model_path: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, help="A Hugging Face encoder folder or a PiMoELM .safetensors file."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            file_okay=False, help="Folder for model.safetensors, recipe.json, report.md/.json/.png."
+        ),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            exists=True,
+            dir_okay=False,
+            help="JSON/TOML file of ArchitectureConfig fields.",
+        ),
+    ] = None,
+    bits: Annotated[
+        int | None,
+        typer.Option(
+            help="Quantize: 8 (int8: dynamic, 8-bit activations, int4 word embeddings unless told otherwise), 4 (int4 weight-only), 16 (bfloat16)."
+        ),
+    ] = None,
     mode: Annotated[str | None, typer.Option(help="int8 mode: dynamic or weight_only.")] = None,
-    full_range: Annotated[bool | None, typer.Option("--full-range/--reduced-range", help="Dynamic int8 activations with 8 bits (default) or torch.ao's 7.")] = None,
-    embedding_bits: Annotated[int | None, typer.Option(help="Word embeddings to 8 or 4 bits, 0 to keep them in float (default with --bits 8: 4).")] = None,
-    sparsity: Annotated[float | None, typer.Option(help="Global magnitude pruning of Linear weights, fraction in [0, 1).")] = None,
-    low_rank: Annotated[float | None, typer.Option(help="Low-rank factorization keeping this fraction of each Linear's parameters, in (0, 1].")] = None,
-    prune_heads: Annotated[float | None, typer.Option(help="Remove this fraction of the attention heads (structured), in (0, 1).")] = None,
-    prune_neurons: Annotated[float | None, typer.Option(help="Remove this fraction of dense FFN neurons (structured), in (0, 1).")] = None,
-    drop_experts: Annotated[float | None, typer.Option(help="Drop this fraction of each PiMoE layer's experts, in (0, 1).")] = None,
-    merge_experts: Annotated[int | None, typer.Option(help="Merge each PiMoE layer's experts down to this many.")] = None,
-    skip: Annotated[list[str] | None, typer.Option(help="fnmatch pattern of module names to leave alone (repeatable).")] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Latency repeats per measurement (median).")] = 5,
+    full_range: Annotated[
+        bool | None,
+        typer.Option(
+            "--full-range/--reduced-range",
+            help="Dynamic int8 activations with 8 bits (default) or torch.ao's 7.",
+        ),
+    ] = None,
+    embedding_bits: Annotated[
+        int | None,
+        typer.Option(
+            help="Word embeddings to 8 or 4 bits, 0 to keep them in float (default with --bits 8: 4)."
+        ),
+    ] = None,
+    sparsity: Annotated[
+        float | None,
+        typer.Option(help="Global magnitude pruning of Linear weights, fraction in [0, 1)."),
+    ] = None,
+    low_rank: Annotated[
+        float | None,
+        typer.Option(
+            help="Low-rank factorization keeping this fraction of each Linear's parameters, in (0, 1]."
+        ),
+    ] = None,
+    prune_heads: Annotated[
+        float | None,
+        typer.Option(help="Remove this fraction of the attention heads (structured), in (0, 1)."),
+    ] = None,
+    prune_neurons: Annotated[
+        float | None,
+        typer.Option(help="Remove this fraction of dense FFN neurons (structured), in (0, 1)."),
+    ] = None,
+    drop_experts: Annotated[
+        float | None,
+        typer.Option(help="Drop this fraction of each PiMoE layer's experts, in (0, 1)."),
+    ] = None,
+    merge_experts: Annotated[
+        int | None, typer.Option(help="Merge each PiMoE layer's experts down to this many.")
+    ] = None,
+    skip: Annotated[
+        list[str] | None,
+        typer.Option(help="fnmatch pattern of module names to leave alone (repeatable)."),
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Latency repeats per measurement (median).")
+    ] = 5,
 ) -> None:
     """Compress a model, save it (loads back with pimoe.compress.load_compressed) and write a report."""
     from rich.console import Console
@@ -71,11 +131,20 @@ def compress(
     from pimoe.compress.saved import load_source, save_compressed
     from pimoe.io import atomic_write_text
 
-    flags = {"bits": bits, "quantization_mode": mode, "int8_full_range": full_range,
-             "embedding_bits": embedding_bits, "sparsity": sparsity, "low_rank": low_rank,
-             "prune_heads": prune_heads, "prune_neurons": prune_neurons, "drop_experts": drop_experts,
-             "merge_experts": merge_experts,
-             "skip": skip or None, "latency_repeats": repeats}
+    flags = {
+        "bits": bits,
+        "quantization_mode": mode,
+        "int8_full_range": full_range,
+        "embedding_bits": embedding_bits,
+        "sparsity": sparsity,
+        "low_rank": low_rank,
+        "prune_heads": prune_heads,
+        "prune_neurons": prune_neurons,
+        "drop_experts": drop_experts,
+        "merge_experts": merge_experts,
+        "skip": skip or None,
+        "latency_repeats": repeats,
+    }
     try:
         cfg = build_config(config, flags)
         source = load_source(model_path)
@@ -85,10 +154,14 @@ def compress(
         typer.echo(f"pimoe compress: {' '.join(str(error).split())}", err=True)
         raise typer.Exit(2) from error
     report = result.report
-    atomic_write_text(out / "report.md", f"# Compression of {source.path.name}\n\n{report.to_markdown()}")
+    atomic_write_text(
+        out / "report.md", f"# Compression of {source.path.name}\n\n{report.to_markdown()}"
+    )
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
     report.plot(out / "report.png")
     console = Console()
     console.print(report.table())
-    console.print(f"wrote {out}/model.safetensors ({(out / 'model.safetensors').stat().st_size:,} bytes), recipe.json, "
-                  "report.md, report.json, report.png")
+    console.print(
+        f"wrote {out}/model.safetensors ({(out / 'model.safetensors').stat().st_size:,} bytes), recipe.json, "
+        "report.md, report.json, report.png"
+    )

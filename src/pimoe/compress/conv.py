@@ -12,6 +12,7 @@ the output does not change, as for :func:`~pimoe.compress.prune.neuron_scores`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -80,19 +81,20 @@ def _sliced_conv(conv: nn.Conv2d, out_index: Tensor | None, in_index: Tensor | N
     weight = conv.weight.detach()
     weight = weight.index_select(0, out_index) if out_index is not None else weight
     weight = weight.index_select(1, in_index) if in_index is not None else weight
+    pair = tuple[int, int]
     new = nn.Conv2d(
         weight.shape[1],
         weight.shape[0],
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,  # type: ignore[arg-type]
-        conv.dilation,
+        cast(pair, conv.kernel_size),
+        cast(pair, conv.stride),
+        cast(pair | str, conv.padding),
+        cast(pair, conv.dilation),
         1,
         conv.bias is not None,
         conv.padding_mode,
         weight.device,
         weight.dtype,
-    )  # type: ignore[arg-type]
+    )
     with torch.no_grad():
         new.weight.copy_(weight)
         if conv.bias is not None and new.bias is not None:
@@ -174,10 +176,11 @@ def prune_sequential_convs(model: nn.Module, amount: float, skip: Iterable[str] 
             if found is None:
                 continue
             bn_index, consumer_index = found
-            bn = seq[bn_index] if bn_index is not None else None
-            new_conv, new_bn, new_consumer = prune_conv_channels(
-                conv, seq[consumer_index], amount, bn=bn
-            )  # type: ignore[arg-type]
+            bn, consumer = seq[bn_index] if bn_index is not None else None, seq[consumer_index]
+            assert isinstance(consumer, (nn.Conv2d, nn.Linear)) and isinstance(
+                bn, (nn.BatchNorm2d, type(None))
+            )
+            new_conv, new_bn, new_consumer = prune_conv_channels(conv, consumer, amount, bn=bn)
             seq[i], seq[consumer_index] = new_conv, new_consumer
             if bn_index is not None and new_bn is not None:
                 seq[bn_index] = new_bn

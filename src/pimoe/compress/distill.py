@@ -31,7 +31,9 @@ def default_output_fn(output: Any) -> Tensor:
     elif isinstance(output, (tuple, list)):
         output = output[0]
     if not isinstance(output, Tensor):
-        raise TypeError(f"expected a tensor output (or .logits / a tuple), got {type(output).__name__}")
+        raise TypeError(
+            f"expected a tensor output (or .logits / a tuple), got {type(output).__name__}"
+        )
     return output
 
 
@@ -42,7 +44,9 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
     return model(batch)
 
 
-def soft_loss(student: Tensor, teacher: Tensor, kind: LossKind = "kl", temperature: float = 2.0) -> Tensor:
+def soft_loss(
+    student: Tensor, teacher: Tensor, kind: LossKind = "kl", temperature: float = 2.0
+) -> Tensor:
     """Distillation loss between student and teacher outputs of the same shape.
 
     ``"kl"``: ``KL(softmax(teacher / T) || softmax(student / T)) * T**2`` over the last dimension,
@@ -50,7 +54,9 @@ def soft_loss(student: Tensor, teacher: Tensor, kind: LossKind = "kl", temperatu
     ``1 - cos`` along the last dimension.
     """
     if student.shape != teacher.shape:
-        raise ValueError(f"student output {tuple(student.shape)} != teacher output {tuple(teacher.shape)}")
+        raise ValueError(
+            f"student output {tuple(student.shape)} != teacher output {tuple(teacher.shape)}"
+        )
     student, teacher = student.float(), teacher.float()
     if kind == "kl":
         s = F.log_softmax(student.reshape(-1, student.shape[-1]) / temperature, dim=-1)
@@ -148,7 +154,9 @@ class _Distiller:
             hard = F.cross_entropy(s_out.reshape(-1, s_out.shape[-1]).float(), labels.reshape(-1))
             loss = loss + (1.0 - self.alpha) * hard
         for t_name, s_name in self.hidden_pairs:
-            loss = loss + self.hidden_mse_weight * F.mse_loss(s_hidden[s_name].float(), t_hidden[t_name].float())
+            loss = loss + self.hidden_mse_weight * F.mse_loss(
+                s_hidden[s_name].float(), t_hidden[t_name].float()
+            )
         return loss
 
     @torch.no_grad()
@@ -212,7 +220,12 @@ def distill(
     Raises:
         ValueError: a setting out of range, or output / hidden shapes that differ.
     """
-    if epochs < 1 or (steps is not None and steps < 1) or temperature <= 0 or not 0.0 <= alpha <= 1.0:
+    if (
+        epochs < 1
+        or (steps is not None and steps < 1)
+        or temperature <= 0
+        or not 0.0 <= alpha <= 1.0
+    ):
         raise ValueError("need epochs >= 1, steps >= 1, temperature > 0 and 0 <= alpha <= 1")
     if patience is not None and (patience < 1 or val_data is None):
         raise ValueError("patience needs val_data and must be >= 1")
@@ -221,13 +234,22 @@ def distill(
     if loss not in ("kl", "mse", "cosine"):
         raise ValueError(f"loss must be 'kl', 'mse' or 'cosine', got {loss!r}")
     run = _Distiller(
-        teacher, student, kind=loss, temperature=temperature, alpha=alpha, hidden_pairs=hidden_pairs,
-        hidden_mse_weight=hidden_mse_weight, output_fn=output_fn, with_labels=with_labels,
+        teacher,
+        student,
+        kind=loss,
+        temperature=temperature,
+        alpha=alpha,
+        hidden_pairs=hidden_pairs,
+        hidden_mse_weight=hidden_mse_weight,
+        output_fn=output_fn,
+        with_labels=with_labels,
     )
     was_training = student.training
     teacher.eval()
     student.train()
-    opt = optimizer or torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
+    opt = optimizer or torch.optim.AdamW(
+        [p for p in student.parameters() if p.requires_grad], lr=lr
+    )
     masks = _zero_masks(student) if preserve_sparsity else {}
     params = dict(student.named_parameters())
     result = DistillResult()
@@ -249,7 +271,9 @@ def distill(
             bad_evals += 1
         return patience is not None and bad_evals >= patience
 
-    total = steps if steps is not None else (epochs * len(data) if isinstance(data, Sized) else None)
+    total = (
+        steps if steps is not None else (epochs * len(data) if isinstance(data, Sized) else None)
+    )
     bar = tqdm(total=total, disable=not progress, desc="distill")
     try:
         for _epoch in range(epochs):
@@ -266,7 +290,11 @@ def distill(
                 result.steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4g}")
-                if val_data is not None and eval_every is not None and result.steps % eval_every == 0:
+                if (
+                    val_data is not None
+                    and eval_every is not None
+                    and result.steps % eval_every == 0
+                ):
                     result.stopped_early = check()
                 if result.stopped_early or (steps is not None and result.steps >= steps):
                     break

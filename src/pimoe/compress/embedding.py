@@ -33,10 +33,20 @@ class Int4Embedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 16) -> None:
         super().__init__()
         if group_size < 2 or group_size % 2 or embedding_dim % group_size:
-            raise ValueError(f"group_size must be even, >= 2 and divide embedding_dim={embedding_dim}, got {group_size}")
-        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
-        self.register_buffer("weight_packed", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8))
-        self.register_buffer("scales", torch.ones(num_embeddings, embedding_dim // group_size, dtype=torch.float16))
+            raise ValueError(
+                f"group_size must be even, >= 2 and divide embedding_dim={embedding_dim}, got {group_size}"
+            )
+        self.num_embeddings, self.embedding_dim, self.group_size = (
+            num_embeddings,
+            embedding_dim,
+            group_size,
+        )
+        self.register_buffer(
+            "weight_packed", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8)
+        )
+        self.register_buffer(
+            "scales", torch.ones(num_embeddings, embedding_dim // group_size, dtype=torch.float16)
+        )
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, group_size: int = 16) -> Int4Embedding:
@@ -44,7 +54,9 @@ class Int4Embedding(nn.Module):
         weight = embedding.weight.detach().float()
         module = cls(embedding.num_embeddings, embedding.embedding_dim, group_size)
         groups = weight.reshape(embedding.num_embeddings, -1, group_size)  # [V, G, g]
-        scales = (groups.abs().amax(-1) / 7.0).to(torch.float16).float().clamp_min(1e-7)  # [V, G], as stored
+        scales = (
+            (groups.abs().amax(-1) / 7.0).to(torch.float16).float().clamp_min(1e-7)
+        )  # [V, G], as stored
         codes = (groups / scales[..., None]).round().clamp(-7, 7).to(torch.int16) + 8
         with torch.no_grad():
             module.weight_packed.copy_(pack_int4(codes.reshape(embedding.num_embeddings, -1)))

@@ -30,7 +30,9 @@ from pimoe.compress.prune import _sliced_linear
 def head_scores(value_weight: Tensor, out_weight: Tensor, num_heads: int) -> Tensor:
     """``[H]`` importance of each head: ``value_weight [H*d, E_in]``, ``out_weight [E_out, H*d]``."""
     incoming = value_weight.detach().float().reshape(num_heads, -1).square().sum(1)
-    outgoing = out_weight.detach().float().reshape(out_weight.shape[0], num_heads, -1).square().sum((0, 2))
+    outgoing = (
+        out_weight.detach().float().reshape(out_weight.shape[0], num_heads, -1).square().sum((0, 2))
+    )
     return (incoming * outgoing).sqrt()
 
 
@@ -56,10 +58,23 @@ class PrunedMultiheadAttention(nn.Module):
     over heads) or ``[B, H, T, S]``, or ``None`` when ``need_weights=False``. Eval only (no dropout).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, kdim: int, vdim: int,
-                 bias: bool = True, batch_first: bool = False) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        kdim: int,
+        vdim: int,
+        bias: bool = True,
+        batch_first: bool = False,
+    ) -> None:
         super().__init__()
-        self.embed_dim, self.num_heads, self.head_dim, self.batch_first = embed_dim, num_heads, head_dim, batch_first
+        self.embed_dim, self.num_heads, self.head_dim, self.batch_first = (
+            embed_dim,
+            num_heads,
+            head_dim,
+            batch_first,
+        )
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
         self.k_proj = nn.Linear(kdim, inner, bias=bias)
@@ -76,7 +91,11 @@ class PrunedMultiheadAttention(nn.Module):
         if mha._qkv_same_embed_dim:
             weights = mha.in_proj_weight.detach().chunk(3)
         else:
-            weights = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
+            weights = (
+                mha.q_proj_weight.detach(),
+                mha.k_proj_weight.detach(),
+                mha.v_proj_weight.detach(),
+            )
         biases = mha.in_proj_bias.detach().chunk(3) if bias else (None, None, None)
         rows = _head_rows(keep, mha.head_dim)
         with torch.no_grad():
@@ -89,9 +108,17 @@ class PrunedMultiheadAttention(nn.Module):
                 new.out_proj.bias.copy_(mha.out_proj.bias.detach())
         return new.to(mha.out_proj.weight.dtype)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None,
-                average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         (b, t, _), s = query.shape, key.shape[1]
@@ -110,7 +137,11 @@ class PrunedMultiheadAttention(nn.Module):
                 mask = mask.reshape(b, self.num_heads, t, s) if mask.dim() == 3 else mask
             else:
                 mask = mask.reshape(shape)
-            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            scores = (
+                scores.masked_fill(mask, float("-inf"))
+                if mask.dtype == torch.bool
+                else scores + mask
+            )
         weights = scores.softmax(-1)
         out = self.out_proj((weights @ v).transpose(1, 2).flatten(2))  # [B, T, E]
         if not self.batch_first:
@@ -122,15 +153,21 @@ class PrunedMultiheadAttention(nn.Module):
 
 def _is_hf_attention(module: nn.Module) -> bool:
     inner, output = getattr(module, "self", None), getattr(module, "output", None)
-    return (isinstance(inner, nn.Module) and all(type(getattr(inner, n, None)) is nn.Linear for n in ("query", "key", "value"))
-            and hasattr(inner, "attention_head_size") and type(getattr(output, "dense", None)) is nn.Linear)
+    return (
+        isinstance(inner, nn.Module)
+        and all(type(getattr(inner, n, None)) is nn.Linear for n in ("query", "key", "value"))
+        and hasattr(inner, "attention_head_size")
+        and type(getattr(output, "dense", None)) is nn.Linear
+    )
 
 
 def _prune_hf(module: Any, amount: float) -> list[int]:
     """Slice a Hugging Face BERT-style attention (``module.self`` / ``module.output``) in place."""
     inner, dense = module.self, module.output.dense
     size = inner.attention_head_size
-    keep = heads_to_keep(head_scores(inner.value.weight, dense.weight, inner.value.out_features // size), amount)
+    keep = heads_to_keep(
+        head_scores(inner.value.weight, dense.weight, inner.value.out_features // size), amount
+    )
     rows = _head_rows(keep, size)
     for name in ("query", "key", "value"):
         setattr(inner, name, _sliced_linear(getattr(inner, name), rows, None))
@@ -140,7 +177,9 @@ def _prune_hf(module: Any, amount: float) -> list[int]:
     return [int(h) for h in keep.tolist()]
 
 
-def prune_attention_heads(model: nn.Module, amount: float, *, skip: Iterable[str] = ()) -> dict[str, list[int]]:
+def prune_attention_heads(
+    model: nn.Module, amount: float, *, skip: Iterable[str] = ()
+) -> dict[str, list[int]]:
     """Remove the ``round(amount * H)`` least important heads of every supported attention, in place.
 
     Returns:
@@ -158,7 +197,11 @@ def prune_attention_heads(model: nn.Module, amount: float, *, skip: Iterable[str
             continue
         if type(module) is nn.MultiheadAttention:
             out_weight = module.out_proj.weight
-            value_weight = (module.in_proj_weight.chunk(3)[2] if module._qkv_same_embed_dim else module.v_proj_weight)
+            value_weight = (
+                module.in_proj_weight.chunk(3)[2]
+                if module._qkv_same_embed_dim
+                else module.v_proj_weight
+            )
             keep = heads_to_keep(head_scores(value_weight, out_weight, module.num_heads), amount)
             set_module(model, name, PrunedMultiheadAttention.from_mha(module, keep))
             kept[name] = keep.tolist()

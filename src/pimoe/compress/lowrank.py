@@ -53,11 +53,17 @@ class LowRankLinear(nn.Module):
         return cls._from_svd(linear, u, s, vh, rank)
 
     @classmethod
-    def _from_svd(cls, linear: nn.Linear, u: Tensor, s: Tensor, vh: Tensor, rank: int) -> LowRankLinear:
+    def _from_svd(
+        cls, linear: nn.Linear, u: Tensor, s: Tensor, vh: Tensor, rank: int
+    ) -> LowRankLinear:
         weight = linear.weight
         module = cls(
-            linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
-            device=weight.device, dtype=weight.dtype,
+            linear.in_features,
+            linear.out_features,
+            rank,
+            bias=linear.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         root = s[:rank].sqrt()
         with torch.no_grad():
@@ -193,8 +199,15 @@ def factorize(
         bias = 0 if linear.bias is None else n_out
         before = n_in * n_out + bias
 
-        def skipped(reason: str, rank: int | None = None, error: float | None = None,
-                    name: str = name, n_in: int = n_in, n_out: int = n_out, before: int = before) -> None:
+        def skipped(
+            reason: str,
+            rank: int | None = None,
+            error: float | None = None,
+            name: str = name,
+            n_in: int = n_in,
+            n_out: int = n_out,
+            before: int = before,
+        ) -> None:
             report.layers.append(
                 LayerFactorization(name, n_in, n_out, rank, before, before, error, False, reason)
             )
@@ -225,5 +238,7 @@ def factorize(
             continue
         set_module(model, name, LowRankLinear._from_svd(linear, u, s, vh, rank))
         after = rank * (n_in + n_out) + bias
-        report.layers.append(LayerFactorization(name, n_in, n_out, rank, before, after, error, True))
+        report.layers.append(
+            LayerFactorization(name, n_in, n_out, rank, before, after, error, True)
+        )
     return report

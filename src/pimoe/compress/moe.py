@@ -48,11 +48,15 @@ def _loads(layer: PiMoE, stats: RoutingStats | None) -> Tensor | None:
     if stats is None:
         return None
     if stats.num_experts != layer.num_experts:
-        raise ValueError(f"stats cover {stats.num_experts} experts, the layer has {layer.num_experts}")
+        raise ValueError(
+            f"stats cover {stats.num_experts} experts, the layer has {layer.num_experts}"
+        )
     return stats.tokens_per_expert.detach().double().cpu()
 
 
-def _rebuild(layer: PiMoE, gate_weight: Tensor, gate_bias: Tensor | None, experts: torch.nn.Module) -> PiMoE:
+def _rebuild(
+    layer: PiMoE, gate_weight: Tensor, gate_bias: Tensor | None, experts: torch.nn.Module
+) -> PiMoE:
     """A deep copy of ``layer`` with a new router (given gate) and experts backend."""
     old = layer.router
     num_experts = gate_weight.shape[0]
@@ -60,8 +64,12 @@ def _rebuild(layer: PiMoE, gate_weight: Tensor, gate_bias: Tensor | None, expert
     capacity_factor = old.capacity_factor
     if capacity_factor is not None:  # keep ceil(f * T * k / E) per expert
         capacity_factor = capacity_factor * num_experts * old.top_k / (layer.num_experts * top_k)
-    config = old.config.replace(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
-                                router_bias=gate_bias is not None)
+    config = old.config.replace(
+        num_experts=num_experts,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        router_bias=gate_bias is not None,
+    )
     router = Router(old.d_model, config).to(device=gate_weight.device, dtype=gate_weight.dtype)
     with torch.no_grad():
         router.gate.weight.copy_(gate_weight)
@@ -86,7 +94,9 @@ def _select_experts(experts: torch.nn.Module, keep: list[int]) -> torch.nn.Modul
         for name in ("w_in", "w_out", "b_in", "b_out"):
             param = getattr(experts, name)
             if param is not None:
-                setattr(new, name, torch.nn.Parameter(param.detach().index_select(0, index).clone()))
+                setattr(
+                    new, name, torch.nn.Parameter(param.detach().index_select(0, index).clone())
+                )
     new.num_experts = len(keep)
     return new
 
@@ -109,13 +119,17 @@ def experts_to_keep(
     if by == "load":
         loads = _loads(layer, stats)
         if loads is None:
-            raise ValueError("by='load' needs stats (a RoutingStats collected on representative inputs)")
+            raise ValueError(
+                "by='load' needs stats (a RoutingStats collected on representative inputs)"
+            )
         score = loads
     elif by == "weight_norm":
         experts = layer.experts
         if not isinstance(experts, StackedExperts):
             raise ValueError("by='weight_norm' needs StackedExperts")
-        score = (experts.w_in.detach().square().sum(dim=(1, 2)) + experts.w_out.detach().square().sum(dim=(1, 2)))
+        score = experts.w_in.detach().square().sum(
+            dim=(1, 2)
+        ) + experts.w_out.detach().square().sum(dim=(1, 2))
         score = score.double().cpu()
     else:
         raise ValueError(f"by must be 'load' or 'weight_norm', got {by!r}")
@@ -162,7 +176,9 @@ def _check_groups(groups: Sequence[Sequence[int]], num_experts: int) -> list[lis
     if any(len(group) == 0 for group in groups):
         raise ValueError("groups must not be empty")
     if len(set(named)) != len(named) or not all(0 <= e < num_experts for e in named):
-        raise ValueError(f"groups must hold distinct expert indices in [0, {num_experts}), got {groups}")
+        raise ValueError(
+            f"groups must hold distinct expert indices in [0, {num_experts}), got {groups}"
+        )
     partition = [sorted(int(e) for e in group) for group in groups]
     partition += [[e] for e in range(num_experts) if e not in set(named)]
     return sorted(partition, key=lambda group: group[0])
@@ -200,7 +216,9 @@ def merge_experts(
     if router_merge not in ("logsumexp", "mean"):
         raise ValueError(f"router_merge must be 'logsumexp' or 'mean', got {router_merge!r}")
     if router_merge == "logsumexp" and score != "softmax":
-        raise ValueError("router_merge='logsumexp' preserves softmax mass; use 'mean' for sigmoid scores")
+        raise ValueError(
+            "router_merge='logsumexp' preserves softmax mass; use 'mean' for sigmoid scores"
+        )
     partition = _check_groups(groups, layer.num_experts)
     loads = _loads(layer, stats)
     gate = layer.router.gate
@@ -219,7 +237,8 @@ def merge_experts(
 
         rows.append(average(gate.weight))
         group_bias = (
-            gate.bias.detach().index_select(0, index).double() if gate.bias is not None
+            gate.bias.detach().index_select(0, index).double()
+            if gate.bias is not None
             else torch.zeros(len(group), dtype=torch.float64, device=gate.weight.device)
         )
         if router_merge == "logsumexp":
@@ -273,7 +292,9 @@ def similar_expert_groups(
         if not isinstance(layer.experts, StackedExperts):
             raise ValueError("by='weights' needs StackedExperts")
         experts = layer.experts
-        vectors = torch.cat([experts.w_in.detach().flatten(1), experts.w_out.detach().flatten(1)], dim=1)
+        vectors = torch.cat(
+            [experts.w_in.detach().flatten(1), experts.w_out.detach().flatten(1)], dim=1
+        )
         vectors = vectors.double().cpu()
     else:
         raise ValueError(f"by must be 'router' or 'weights', got {by!r}")

@@ -67,6 +67,17 @@ _ENABLE_FLAGS = {
     "quantize": "enable_quantization",
 }
 
+_SETTINGS = {  # the flat fields each step's config is built from (for error messages)
+    "drop_experts": "expert_drop_ratio",
+    "merge_experts": "experts_after_merge",
+    "prune_heads": "head_prune_ratio",
+    "prune_neurons": "neuron_prune_ratio",
+    "low_rank": "compression_ratio",
+    "prune": "sparsity_ratio",
+    "distill": "distill_epochs / distill_steps / distill_lr / distill_temperature / distill_loss",
+    "quantize": "quantization_bits / embedding_*",
+}
+
 
 @dataclass
 class ArchitectureConfig:
@@ -184,7 +195,12 @@ class ArchitectureConfig:
         }
         configs: list[CompressConfig] = []
         for name in self.enabled_steps():
-            configs += self._quantize_configs(data) if name == "quantize" else [structured[name]()]
+            try:
+                configs += (
+                    self._quantize_configs(data) if name == "quantize" else [structured[name]()]
+                )
+            except ValueError as error:  # name the flat field, not only the config's own
+                raise ValueError(f"{_SETTINGS[name]}: {error}") from error
         return configs
 
     def _quantize_configs(self, data: Iterable[Batch] | None) -> list[CompressConfig]:

@@ -75,7 +75,8 @@ def magnitude_prune(
         raise ValueError(f"no module of types {[t.__name__ for t in types]} to prune")
     if scope == "global":
         prune.global_unstructured(
-            [(module, "weight") for _, module in targets], pruning_method=prune.L1Unstructured,
+            [(module, "weight") for _, module in targets],
+            pruning_method=prune.L1Unstructured,
             amount=amount,
         )
     else:
@@ -105,7 +106,9 @@ class SparsityReport:
         return self.zeros / self.total if self.total else 0.0
 
 
-def sparsity(model: nn.Module, types: tuple[type[nn.Module], ...] = DEFAULT_TYPES) -> SparsityReport:
+def sparsity(
+    model: nn.Module, types: tuple[type[nn.Module], ...] = DEFAULT_TYPES
+) -> SparsityReport:
     """Count the real zeros in the ``weight`` of every module of ``types`` (biases excluded)."""
     per_layer: dict[str, float] = {}
     zeros = total = 0
@@ -134,20 +137,27 @@ def neuron_scores(up: nn.Linear, down: nn.Linear, gated: bool = False) -> torch.
             + (" (gated: expected 2x)" if gated else "")
         )
     rows = up.weight.detach()
-    incoming = rows.view(2, hidden, -1).square().sum(dim=(0, 2)) if gated else rows.square().sum(dim=1)
+    incoming = (
+        rows.view(2, hidden, -1).square().sum(dim=(0, 2)) if gated else rows.square().sum(dim=1)
+    )
     outgoing = down.weight.detach().square().sum(dim=0)
     return (incoming * outgoing).sqrt()
 
 
-def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
+def _sliced_linear(
+    linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None
+) -> nn.Linear:
     weight = linear.weight.detach()
     if rows is not None:
         weight = weight.index_select(0, rows)
     if cols is not None:
         weight = weight.index_select(1, cols)
     new = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=linear.bias is not None,
-        device=weight.device, dtype=weight.dtype,
+        weight.shape[1],
+        weight.shape[0],
+        bias=linear.bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
     )
     with torch.no_grad():
         new.weight.copy_(weight)

@@ -87,8 +87,10 @@ def quantize_dynamic_int8(
 
     skip = tuple(skip)
     tied = tied_parameter_ids(model)
-    linear_qconfig = _full_range_qconfig(per_channel) if full_range else (
-        per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    linear_qconfig = (
+        _full_range_qconfig(per_channel)
+        if full_range
+        else (per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig)
     )
     spec: dict[str, object] = {
         name: linear_qconfig
@@ -96,11 +98,13 @@ def quantize_dynamic_int8(
         if not matches(name, skip) and id(linear.weight) not in tied
     }
     if lstm:
-        spec.update({
-            name: default_dynamic_qconfig
-            for name, module in model.named_modules()
-            if type(module) is nn.LSTM and not matches(name, skip)
-        })
+        spec.update(
+            {
+                name: default_dynamic_qconfig
+                for name, module in model.named_modules()
+                if type(module) is nn.LSTM and not matches(name, skip)
+            }
+        )
     with quiet_torch_ao():
         quantized: nn.Module = quantize_dynamic(model, spec, dtype=torch.qint8, inplace=inplace)  # type: ignore[no-untyped-call]
     if full_range:
@@ -120,10 +124,14 @@ def _full_range_qconfig(per_channel: bool) -> object:
     )
 
     observer, scheme = (
-        (PerChannelMinMaxObserver, torch.per_channel_symmetric) if per_channel else (MinMaxObserver, torch.per_tensor_symmetric)
+        (PerChannelMinMaxObserver, torch.per_channel_symmetric)
+        if per_channel
+        else (MinMaxObserver, torch.per_tensor_symmetric)
     )
     return QConfig(  # type: ignore[no-untyped-call]
-        activation=PlaceholderObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True),
+        activation=PlaceholderObserver.with_args(
+            dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True
+        ),
         weight=observer.with_args(dtype=torch.qint8, qscheme=scheme, quant_min=-64, quant_max=63),
     )
 
@@ -181,11 +189,19 @@ class Int8WeightOnlyLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
         """Quantize ``linear``'s weight per output channel (round to nearest)."""
         weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.device, weight.dtype)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            weight.device,
+            weight.dtype,
+        )
         wide = weight.float()
         scale = wide.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0  # [out]
         with torch.no_grad():
-            module.weight_int8.copy_((wide / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+            module.weight_int8.copy_(
+                (wide / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            )
             module.scale.copy_(scale.to(weight.dtype))
             if linear.bias is not None and module.bias is not None:
                 module.bias.copy_(linear.bias.detach())
@@ -274,10 +290,12 @@ class Int4WeightOnlyLinear(nn.Module):
             )
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer(
-            "weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+            "weight_packed",
+            torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
         )
         self.register_buffer(
-            "scales", torch.ones(out_features, in_features // group_size, dtype=dtype, device=device)
+            "scales",
+            torch.ones(out_features, in_features // group_size, dtype=dtype, device=device),
         )
         self.bias = _frozen_bias(out_features, dtype, device) if bias else None
 
@@ -286,11 +304,17 @@ class Int4WeightOnlyLinear(nn.Module):
         """Quantize ``linear``'s weight group-wise (round to nearest) and pack it."""
         weight = linear.weight.detach()
         module = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, group_size,
-            weight.device, weight.dtype,
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            group_size,
+            weight.device,
+            weight.dtype,
         )
         groups = weight.float().reshape(linear.out_features, -1, group_size)  # [out, G, g]
-        scales = groups.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny) / 7.0  # [out, G]
+        scales = (
+            groups.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny) / 7.0
+        )  # [out, G]
         codes = (groups / scales[..., None]).round().clamp(-7, 7).to(torch.int16) + 8  # in [1, 15]
         with torch.no_grad():
             module.weight_packed.copy_(pack_int4(codes.reshape(linear.out_features, -1)))
@@ -303,7 +327,9 @@ class Int4WeightOnlyLinear(nn.Module):
         """The ``[out, in]`` float weight this layer computes with."""
         dtype = dtype or self.scales.dtype
         codes = unpack_int4(self.weight_packed).to(dtype) - 8  # [out, in]
-        groups = codes.reshape(self.out_features, -1, self.group_size) * self.scales.to(dtype)[..., None]
+        groups = (
+            codes.reshape(self.out_features, -1, self.group_size) * self.scales.to(dtype)[..., None]
+        )
         return groups.reshape(self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -333,7 +359,9 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
 
 
-def quantize_weight_only_int4(model: nn.Module, *, group_size: int = 32, skip: Iterable[str] = ()) -> list[str]:
+def quantize_weight_only_int4(
+    model: nn.Module, *, group_size: int = 32, skip: Iterable[str] = ()
+) -> list[str]:
     """Replace, in place, the ``nn.Linear`` layers of ``model`` by :class:`Int4WeightOnlyLinear`.
 
     Same selection as :func:`quantize_weight_only_int8`; layers whose ``in_features`` is not a
@@ -354,7 +382,11 @@ def quantize_weight_only_int4(model: nn.Module, *, group_size: int = 32, skip: I
 
 
 def load_weight_only_int4(
-    model: nn.Module, state_dict: Mapping[str, Tensor], *, group_size: int = 32, skip: Iterable[str] = ()
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    group_size: int = 32,
+    skip: Iterable[str] = (),
 ) -> nn.Module:
     """Load a state dict saved from a :func:`quantize_weight_only_int4` model into a freshly
     built float ``model`` of the same architecture (converted in place, loaded strictly)."""

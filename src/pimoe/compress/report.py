@@ -198,20 +198,37 @@ class CompressionReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (JSON-serialisable)."""
-        return {"fidelity_metric": self.fidelity_metric, "steps": [dataclasses.asdict(s) for s in self.steps]}
+        return {
+            "fidelity_metric": self.fidelity_metric,
+            "steps": [dataclasses.asdict(s) for s in self.steps],
+        }
 
     def table(self) -> Table:
         """A rich table with one row per step; sizes also as a fraction of the original."""
         table = Table(title=f"compression (fidelity: {self.fidelity_metric})")
-        for column in ("step", "params", "nonzero", "torch.save", "safetensors", "latency ms", "fidelity", "note"):
+        for column in (
+            "step",
+            "params",
+            "nonzero",
+            "torch.save",
+            "safetensors",
+            "latency ms",
+            "fidelity",
+            "note",
+        ):
             table.add_column(column, justify="left" if column in ("step", "note") else "right")
         base = self.before.bytes_torch_save
         for s in self.steps:
             st = "-" if s.bytes_safetensors is None else f"{s.bytes_safetensors:,}"
             table.add_row(
-                s.name, f"{s.params:,}", f"{s.nonzero_params:,}",
-                f"{s.bytes_torch_save:,} ({s.bytes_torch_save / base:.2f}x)", st,
-                _fmt(s.latency_ms, ".3f"), _fmt(s.fidelity, ".4f"), s.note,
+                s.name,
+                f"{s.params:,}",
+                f"{s.nonzero_params:,}",
+                f"{s.bytes_torch_save:,} ({s.bytes_torch_save / base:.2f}x)",
+                st,
+                _fmt(s.latency_ms, ".3f"),
+                _fmt(s.fidelity, ".4f"),
+                s.note,
             )
         return table
 
@@ -229,8 +246,10 @@ class CompressionReport:
             )
         for s in self.steps:
             if s.left_in_float:
-                lines.append(f"\nLeft in float after `{s.name}` (unsupported or skipped): "
-                             + ", ".join(f"`{name}`" for name in s.left_in_float))
+                lines.append(
+                    f"\nLeft in float after `{s.name}` (unsupported or skipped): "
+                    + ", ".join(f"`{name}`" for name in s.left_in_float)
+                )
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path:

@@ -28,17 +28,27 @@ from pimoe.compress.distill import Batch, call_model
 from pimoe.io import atomic_write_bytes
 
 
-def _convert(model: nn.Module, example_inputs: Batch, calibration: Iterable[Batch] | None, backend: str) -> nn.Module:
+def _convert(
+    model: nn.Module, example_inputs: Batch, calibration: Iterable[Batch] | None, backend: str
+) -> nn.Module:
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     float_model = copy.deepcopy(model).eval()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notices and "observer not run" on rebuilds
+        warnings.simplefilter(
+            "ignore"
+        )  # torch.ao's deprecation notices and "observer not run" on rebuilds
         try:
-            args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+            args = (
+                tuple(example_inputs)
+                if isinstance(example_inputs, (tuple, list))
+                else (example_inputs,)
+            )
             prepared = prepare_fx(float_model, get_default_qconfig_mapping(backend), args)
-        except Exception as exc:  # torch.fx raises TraceError, TypeError, RuntimeError... on untraceable code
+        except (
+            Exception
+        ) as exc:  # torch.fx raises TraceError, TypeError, RuntimeError... on untraceable code
             raise ValueError(
                 f"static int8 needs a model torch.fx can trace; {type(model).__name__} is not "
                 f"({type(exc).__name__}: {exc}). Use dynamic int8 (quantize_dynamic_int8) instead."
@@ -50,12 +60,15 @@ def _convert(model: nn.Module, example_inputs: Batch, calibration: Iterable[Batc
                     call_model(prepared, batch)
                     batches += 1
             if batches == 0:
-                raise ValueError("calibration is empty: static int8 needs at least one batch to fix activation ranges")
+                raise ValueError(
+                    "calibration is empty: static int8 needs at least one batch to fix activation ranges"
+                )
         return convert_fx(prepared)
 
 
-def quantize_static_int8(model: nn.Module, example_inputs: Batch, calibration: Iterable[Batch],
-                         backend: str = "x86") -> nn.Module:
+def quantize_static_int8(
+    model: nn.Module, example_inputs: Batch, calibration: Iterable[Batch], backend: str = "x86"
+) -> nn.Module:
     """A new int8 model (``model`` is unchanged) whose activation scales come from ``calibration``.
 
     Args:
@@ -80,19 +93,24 @@ def save_static_int8(model: nn.Module, path: str | os.PathLike[str]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_static_int8(model: nn.Module, example_inputs: Batch, path: str | os.PathLike[str],
-                     backend: str = "x86") -> nn.Module:
+def load_static_int8(
+    model: nn.Module, example_inputs: Batch, path: str | os.PathLike[str], backend: str = "x86"
+) -> nn.Module:
     """Rebuild the static int8 graph of the float ``model`` (same architecture as when it was
     saved) and load the scales and int8 weights saved by :func:`save_static_int8`."""
     try:
         state: dict[str, Any] = torch.load(path, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} is not a static int8 state dict written by save_static_int8 ({exc})") from exc
+        raise ValueError(
+            f"{path} is not a static int8 state dict written by save_static_int8 ({exc})"
+        ) from exc
     quantized = _convert(model, example_inputs, None, backend)
     try:
         quantized.load_state_dict(state)
     except (RuntimeError, KeyError) as exc:
-        raise ValueError(f"{path} does not fit the int8 graph of {type(model).__name__}: {exc}") from exc
+        raise ValueError(
+            f"{path} does not fit the int8 graph of {type(model).__name__}: {exc}"
+        ) from exc
     return quantized
 
 

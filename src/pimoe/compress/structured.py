@@ -23,7 +23,9 @@ from pimoe.moe.layer import PiMoE
 Changes = tuple[list[str], list[str]]
 
 
-def _ffn_pairs(model: nn.Module, skip: tuple[str, ...]) -> Iterable[tuple[str, nn.Module, str, str, bool]]:
+def _ffn_pairs(
+    model: nn.Module, skip: tuple[str, ...]
+) -> Iterable[tuple[str, nn.Module, str, str, bool]]:
     """``(name, owner, up attribute path, down attribute path, gated)`` of each dense FFN."""
     for name, module in list(model.named_modules()):
         if matches(name, skip):
@@ -32,10 +34,18 @@ def _ffn_pairs(model: nn.Module, skip: tuple[str, ...]) -> Iterable[tuple[str, n
             yield name, module, "up", "down", False
         elif type(module) is SwiGLU:
             yield name, module, "gate_up", "down", True
-        elif (type(getattr(getattr(module, "intermediate", None), "dense", None)) is nn.Linear
-              and type(getattr(getattr(module, "output", None), "dense", None)) is nn.Linear
-              and module.intermediate.dense.out_features == module.output.dense.in_features):
-            yield name, module, "intermediate.dense", "output.dense", False  # Hugging Face BERT layer
+        elif (
+            type(getattr(getattr(module, "intermediate", None), "dense", None)) is nn.Linear
+            and type(getattr(getattr(module, "output", None), "dense", None)) is nn.Linear
+            and module.intermediate.dense.out_features == module.output.dense.in_features
+        ):
+            yield (
+                name,
+                module,
+                "intermediate.dense",
+                "output.dense",
+                False,
+            )  # Hugging Face BERT layer
 
 
 def prune_neurons(model: nn.Module, amount: float, skip: Iterable[str] = ()) -> Changes:
@@ -44,7 +54,9 @@ def prune_neurons(model: nn.Module, amount: float, skip: Iterable[str] = ()) -> 
     changed = []
     for name, owner, up_path, down_path, gated in _ffn_pairs(model, tuple(skip)):
         up, down = owner.get_submodule(up_path), owner.get_submodule(down_path)
-        assert isinstance(up, nn.Linear) and isinstance(down, nn.Linear)  # _ffn_pairs checked their types
+        assert isinstance(up, nn.Linear) and isinstance(
+            down, nn.Linear
+        )  # _ffn_pairs checked their types
         new_up, new_down = prune_ffn_neurons(up, down, amount, gated=gated)
         set_module(owner, up_path, new_up)
         set_module(owner, down_path, new_down)
@@ -72,7 +84,9 @@ def drop_experts_everywhere(model: nn.Module, amount: float, skip: Iterable[str]
     return changed, skipped
 
 
-def merge_experts_everywhere(model: nn.Module, num_experts_after: int, skip: Iterable[str] = ()) -> Changes:
+def merge_experts_everywhere(
+    model: nn.Module, num_experts_after: int, skip: Iterable[str] = ()
+) -> Changes:
     """Merge every PiMoE layer's experts down to ``num_experts_after`` by router-row similarity."""
     changed, skipped = [], []
     for name, layer in _moe_layers(model, tuple(skip)):
@@ -88,7 +102,9 @@ def merge_experts_everywhere(model: nn.Module, num_experts_after: int, skip: Ite
     return changed, skipped
 
 
-def prune_attention_heads_noted(model: nn.Module, amount: float, skip: Iterable[str] = ()) -> Changes:
+def prune_attention_heads_noted(
+    model: nn.Module, amount: float, skip: Iterable[str] = ()
+) -> Changes:
     """:func:`~pimoe.compress.heads.prune_attention_heads` with the report's notes."""
     kept = prune_attention_heads(model, amount, skip=skip)
     return [f"{name}: heads {heads} kept" for name, heads in kept.items()], []
