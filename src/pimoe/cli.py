@@ -162,7 +162,7 @@ def demo(
             computation=computation,
         )
         return
-    from pimoe.demo import run_demo
+    from pimoe.demo import check_demo_config, run_demo
 
     model_config = None
     if config is not None:
@@ -170,11 +170,7 @@ def demo(
 
         try:
             model_config = load_config(config)
-            if model_config.vocab_size != 256:
-                raise ValueError(
-                    f"vocab_size is {model_config.vocab_size}; the demo is byte-level (256): "
-                    "use a config from `pimoe search --task lm`"
-                )
+            check_demo_config(model_config)
         except ValueError as err:
             raise typer.BadParameter(str(err), param_hint="--config") from err
     run_demo(

@@ -199,7 +199,13 @@ def run_demo(
         d_model=128,
         moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=128),
     )
-    settings: dict[str, Any] = {"steps": steps, "batch_size": 16, "lr": 2e-3, "device": device, "seed": seed}
+    settings: dict[str, Any] = {
+        "steps": steps,
+        "batch_size": 16,
+        "lr": 2e-3,
+        "device": device,
+        "seed": seed,
+    }
     console.print(
         f"pydoc_data text: {len(train):,} train bytes, {len(val):,} held-out bytes; "
         f"{steps} steps of {settings['batch_size']}x{config.block_size} bytes on {device}"

@@ -37,8 +37,22 @@ NO_LOCK_STALE_AFTER_S = 24 * 3600.0
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 _SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 
 
@@ -61,13 +75,17 @@ def lock_file(fd: int, exclusive: bool = True, blocking: bool = True) -> bool:
     if fcntl is None:
         return True
     try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB))
+        fcntl.flock(
+            fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
+        )
     except BlockingIOError:
         return False
     return True
 
 
-def clean_stale_temps(folder: str | os.PathLike[str], target_name: str, min_age_s: float = 0.0) -> list[Path]:
+def clean_stale_temps(
+    folder: str | os.PathLike[str], target_name: str, min_age_s: float = 0.0
+) -> list[Path]:
     """Remove the temp files of ``folder/target_name`` whose writer is gone; return them.
 
     A temp counts as stale when no live process holds its lock (POSIX ``flock``; released by the
@@ -157,7 +175,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_png(fig: Any, path: str | os.PathLike[str], dpi: int = 100, bbox_inches: str | None = None) -> None:
+def save_png(
+    fig: Any, path: str | os.PathLike[str], dpi: int = 100, bbox_inches: str | None = None
+) -> None:
     """Render the matplotlib figure ``fig`` as PNG into ``path`` atomically, then close it."""
     import matplotlib.pyplot as plt
 
@@ -182,14 +202,19 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensor_digest: {name!r} is a {type(t).__name__}, not a tensor")
         if t.layout != torch.strided or t.is_meta:
-            raise TypeError(f"tensor_digest: {name!r} has no dense data ({t.layout}, device {t.device})")
+            raise TypeError(
+                f"tensor_digest: {name!r} has no dense data ({t.layout}, device {t.device})"
+            )
         parts: list[Any] = [name, str(t.dtype), list(t.shape)]
         if t.is_quantized:
             if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
                 parts.append([t.q_scale(), t.q_zero_point()])
             else:
                 parts.append(t.q_per_channel_axis())
-                rest = {"scales": t.q_per_channel_scales(), "zero_points": t.q_per_channel_zero_points()}
+                rest = {
+                    "scales": t.q_per_channel_scales(),
+                    "zero_points": t.q_per_channel_zero_points(),
+                }
                 parts.append(tensor_digest(rest))
             t = t.int_repr()
         data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -200,7 +225,9 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def read_safetensors_header(source: str | os.PathLike[str] | bytes) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+def read_safetensors_header(
+    source: str | os.PathLike[str] | bytes,
+) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
     """The metadata and ``{name: (dtype, shape)}`` of a safetensors file (a path) or buffer
     (bytes), read without loading any tensor.
 
@@ -211,7 +238,7 @@ def read_safetensors_header(source: str | os.PathLike[str] | bytes) -> tuple[dic
     label = "safetensors bytes" if isinstance(source, (bytes, bytearray)) else str(source)
     if isinstance(source, (bytes, bytearray)):
         size, prefix = len(source), bytes(source[:8])
-        raw = bytes(source[8:8 + min(_MAX_SAFETENSORS_HEADER, max(size - 8, 0))])
+        raw = bytes(source[8 : 8 + min(_MAX_SAFETENSORS_HEADER, max(size - 8, 0))])
     else:
         with open(source, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -224,13 +251,15 @@ def read_safetensors_header(source: str | os.PathLike[str] | bytes) -> tuple[dic
         raise ValueError(f"{label}: not a safetensors file ({size} bytes)")
     (n,) = struct.unpack("<Q", prefix)
     if n > _MAX_SAFETENSORS_HEADER or n > size - 8:
-        raise ValueError(f"{label}: not a safetensors file (header length {n} in a {size}-byte file)")
+        raise ValueError(
+            f"{label}: not a safetensors file (header length {n} in a {size}-byte file)"
+        )
     try:
         header = json.loads(raw[:n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{label}: not a safetensors file (header is not JSON: {err})") from err
     if not isinstance(header, dict):
-        raise ValueError(f"{label}: not a safetensors file (header is not an object)")  # noqa: TRY004 (bad file, not bad argument)
+        raise ValueError(f"{label}: not a safetensors file (header is not an object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{label}: __metadata__ must map names to strings")
@@ -239,15 +268,22 @@ def read_safetensors_header(source: str | os.PathLike[str] | bytes) -> tuple[dic
     for name, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            valid = (dtype in _SAFETENSORS_DTYPE_BYTES and isinstance(shape, list)
-                     and all(type(d) is int and d >= 0 for d in shape)
-                     and type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
-                     and end - begin == math.prod(shape) * _SAFETENSORS_DTYPE_BYTES[dtype])
+            valid = (
+                dtype in _SAFETENSORS_DTYPE_BYTES
+                and isinstance(shape, list)
+                and all(type(d) is int and d >= 0 for d in shape)
+                and type(begin) is int
+                and type(end) is int
+                and 0 <= begin <= end <= data_size
+                and end - begin == math.prod(shape) * _SAFETENSORS_DTYPE_BYTES[dtype]
+            )
         except (TypeError, KeyError, ValueError):
             valid = False
         if not valid:
-            raise ValueError(f"{label}: tensor {name!r} has an invalid entry {info!r} "
-                             f"(its dtype and shape must fill its byte range inside the {data_size} data bytes)")
+            raise ValueError(
+                f"{label}: tensor {name!r} has an invalid entry {info!r} "
+                f"(its dtype and shape must fill its byte range inside the {data_size} data bytes)"
+            )
         tensors[name] = (dtype, tuple(shape))
     return metadata, tensors
 
@@ -272,7 +308,9 @@ def check_safetensors_shapes(
         if name not in expected:
             raise ValueError(f"{label}: unexpected tensor {name!r}")
         if tuple(expected[name]) != shape:
-            raise ValueError(f"{label}: tensor {name!r} has shape {list(shape)}, expected {list(expected[name])}")
+            raise ValueError(
+                f"{label}: tensor {name!r} has shape {list(shape)}, expected {list(expected[name])}"
+            )
     missing = sorted(set(expected) - set(tensors) - set(may_be_missing))
     if missing:
         raise ValueError(f"{label}: missing tensor(s) {missing[:5]}")
@@ -300,7 +338,9 @@ def check_hf_folder_fits(folder: str | os.PathLike[str], slack: float = 1.5) -> 
     stored = 0
     for path in root.iterdir():
         if path.suffix == ".safetensors":
-            stored += sum(math.prod(shape) for _, shape in read_safetensors_header(path)[1].values())
+            stored += sum(
+                math.prod(shape) for _, shape in read_safetensors_header(path)[1].values()
+            )
         elif path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"):
             stored += path.stat().st_size
     if declared > slack * stored:
