@@ -27,8 +27,9 @@ class LiveServer:
         self.port = _free_port()
         self.scheme = "https" if options.get("ssl_certfile") else "http"
         self.verify = verify
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    **options))  # type: ignore[arg-type]
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", **options)
+        )  # type: ignore[arg-type]
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> httpx.Client:
@@ -38,8 +39,9 @@ class LiveServer:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.01)
-        self.client = httpx.Client(base_url=f"{self.scheme}://127.0.0.1:{self.port}", timeout=10,
-                                   verify=self.verify)  # type: ignore[arg-type]
+        self.client = httpx.Client(
+            base_url=f"{self.scheme}://127.0.0.1:{self.port}", timeout=10, verify=self.verify
+        )  # type: ignore[arg-type]
         return self.client
 
     def __exit__(self, *exc: object) -> None:

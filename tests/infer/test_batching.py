@@ -33,7 +33,9 @@ def _masked_mean(batch: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 def _requests(n: int, d: int = 8, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(int(torch.randint(1, 12, (), generator=g)), d, generator=g) for _ in range(n)]
+    return [
+        torch.randn(int(torch.randint(1, 12, (), generator=g)), d, generator=g) for _ in range(n)
+    ]
 
 
 def _submit_all(batcher: MicroBatcher, xs: list[torch.Tensor]) -> list[object]:
@@ -47,9 +49,14 @@ def test_padding_does_not_leak(kind: str) -> None:
     fn = {"per_token": model, "causal": _causal, "masked_mean": _masked_mean}[kind]
     xs = _requests(10)
     with torch.no_grad():
-        alone = [fn(x[None], torch.tensor([len(x)]))[0] if kind == "masked_mean" else fn(x[None])[0] for x in xs]
+        alone = [
+            fn(x[None], torch.tensor([len(x)]))[0] if kind == "masked_mean" else fn(x[None])[0]
+            for x in xs
+        ]
     # NaN padding: any leak into a real position would show up as NaN
-    with MicroBatcher(fn, max_batch_size=16, max_wait_ms=200, pad_value=NAN, seq_output=kind != "masked_mean") as b:
+    with MicroBatcher(
+        fn, max_batch_size=16, max_wait_ms=200, pad_value=NAN, seq_output=kind != "masked_mean"
+    ) as b:
         got = _submit_all(b, xs)
     assert b.stats.mean_batch_size > 1
     for g, a, x in zip(got, alone, xs):
@@ -59,12 +66,18 @@ def test_padding_does_not_leak(kind: str) -> None:
 
 
 def test_causal_lm_with_token_ids_through_the_engine() -> None:
-    lm = PiMoELM(LMConfig(n_layer=2, d_model=32, n_head=2, block_size=16, moe=MoEConfig(num_experts=4, ffn_dim=32)))
+    lm = PiMoELM(
+        LMConfig(
+            n_layer=2, d_model=32, n_head=2, block_size=16, moe=MoEConfig(num_experts=4, ffn_dim=32)
+        )
+    )
     engine = InferenceEngine()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g) for n in (3, 9, 5, 9, 1, 7)]
     alone = [engine.infer(lm, p[None]).logits[0] for p in prompts]
-    with MicroBatcher(lambda idx: engine.infer(lm, idx).logits, max_batch_size=8, max_wait_ms=200) as b:
+    with MicroBatcher(
+        lambda idx: engine.infer(lm, idx).logits, max_batch_size=8, max_wait_ms=200
+    ) as b:
         got = _submit_all(b, prompts)
     assert b.stats.batches < len(prompts)
     for g_, a, p in zip(got, alone, prompts):
@@ -92,7 +105,9 @@ def test_namedtuple_outputs_are_split() -> None:
     Pair = namedtuple("Pair", "doubled shifted")
     with MicroBatcher(lambda batch: Pair(batch * 2, batch + 1), max_wait_ms=200) as b:
         short, long = _submit_all(b, [torch.ones(1, 2), torch.ones(3, 2)])
-    assert isinstance(short, Pair) and short.doubled.shape == (1, 2) and long.shifted.shape == (3, 2)
+    assert (
+        isinstance(short, Pair) and short.doubled.shape == (1, 2) and long.shifted.shape == (3, 2)
+    )
 
 
 def test_incompatible_requests_run_in_separate_groups() -> None:
@@ -114,6 +129,7 @@ def test_many_threads_get_their_own_results_and_batches_coalesce() -> None:
     results: list[torch.Tensor | None] = [None] * len(xs)
     start = threading.Barrier(16)
     with MicroBatcher(slow, max_batch_size=8, max_wait_ms=20) as b:
+
         def client(k: int) -> None:
             start.wait()
             for i in range(k, len(xs), 16):
@@ -154,7 +170,11 @@ def test_exceptions_reach_every_future_of_the_batch_only() -> None:
         return batch
 
     with MicroBatcher(fn, max_batch_size=4, max_wait_ms=200) as b:
-        bad = [b.submit(torch.tensor([1.0])), b.submit(torch.tensor([-1.0])), b.submit(torch.tensor([2.0]))]
+        bad = [
+            b.submit(torch.tensor([1.0])),
+            b.submit(torch.tensor([-1.0])),
+            b.submit(torch.tensor([2.0])),
+        ]
         for f in bad:
             with pytest.raises(RuntimeError, match="negative input"):
                 f.result(timeout=10)
@@ -163,7 +183,9 @@ def test_exceptions_reach_every_future_of_the_batch_only() -> None:
 
 
 @pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()])
-def test_a_non_exception_from_fn_fails_pending_requests_and_refuses_new_ones(error: BaseException) -> None:
+def test_a_non_exception_from_fn_fails_pending_requests_and_refuses_new_ones(
+    error: BaseException,
+) -> None:
     started, release = threading.Event(), threading.Event()
 
     def fn(batch: torch.Tensor) -> torch.Tensor:
@@ -177,7 +199,9 @@ def test_a_non_exception_from_fn_fails_pending_requests_and_refuses_new_ones(err
     queued = [b.submit(torch.tensor([float(i)])) for i in range(3)]  # behind the running batch
     release.set()
     for future in (running, *queued):
-        with pytest.raises(RuntimeError, match=rf"worker stopped: fn raised {type(error).__name__}") as info:
+        with pytest.raises(
+            RuntimeError, match=rf"worker stopped: fn raised {type(error).__name__}"
+        ) as info:
             future.result(timeout=10)  # before: the worker died and these never completed
         assert info.value.__cause__ is error
     with pytest.raises(RuntimeError, match="refuses requests"):
@@ -187,13 +211,18 @@ def test_a_non_exception_from_fn_fails_pending_requests_and_refuses_new_ones(err
 
 
 def test_wrong_output_shapes_are_reported() -> None:
-    with MicroBatcher(lambda batch: batch.sum(dim=1), max_wait_ms=200) as b:  # pooled, but seq_output=True
+    with MicroBatcher(
+        lambda batch: batch.sum(dim=1), max_wait_ms=200
+    ) as b:  # pooled, but seq_output=True
         f1, f2 = b.submit(torch.randn(2, 3)), b.submit(torch.randn(4, 3))
         with pytest.raises(ValueError, match="seq_output=False"):
             f1.result(timeout=10)
         with pytest.raises(ValueError, match="seq_output=False"):
             f2.result(timeout=10)
-    with MicroBatcher(lambda batch: batch.new_zeros(len(batch) + 1)) as b, pytest.raises(ValueError, match="one per request"):
+    with (
+        MicroBatcher(lambda batch: batch.new_zeros(len(batch) + 1)) as b,
+        pytest.raises(ValueError, match="one per request"),
+    ):
         b(torch.randn(2), timeout=10)
 
 
@@ -243,9 +272,12 @@ def test_lengths_are_passed_by_signature_or_flag() -> None:
         [f.result(timeout=10) for f in futures]
     assert got["lengths"].tolist() == [2, 5] and got["lengths"].dtype == torch.long
     with MicroBatcher(lambda batch, **kw: (batch, kw["lengths"]), pass_lengths=True) as b:
-        out, lengths = b(torch.ones(3, 2), timeout=10)
+        _, lengths = b(torch.ones(3, 2), timeout=10)
         assert lengths.item() == 3
-    assert lengths_to_mask(torch.tensor([1, 3]), 3).tolist() == [[True, False, False], [True, True, True]]
+    assert lengths_to_mask(torch.tensor([1, 3]), 3).tolist() == [
+        [True, False, False],
+        [True, True, True],
+    ]
 
 
 def test_bad_arguments() -> None:

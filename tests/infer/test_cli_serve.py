@@ -39,17 +39,33 @@ def test_save_demo_model_untrained(tmp_path: Path) -> None:
 def test_serve_model_option(demo_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[object, dict]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
-    args = ["serve", "--model", str(demo_path), "--host", "127.0.0.1", "--port", "8124", "--cache-size", "8"]
+    args = [
+        "serve",
+        "--model",
+        str(demo_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8124",
+        "--cache-size",
+        "8",
+    ]
     result = CliRunner().invoke(cli_app, args)
     assert result.exit_code == 0, result.output
-    (app, kwargs), = calls
-    assert (kwargs["host"], kwargs["port"], kwargs["timeout_keep_alive"]) == ("127.0.0.1", 8124, 5.0)
+    ((app, kwargs),) = calls
+    assert (kwargs["host"], kwargs["port"], kwargs["timeout_keep_alive"]) == (
+        "127.0.0.1",
+        8124,
+        5.0,
+    )
     assert list(app.state.models) == ["demo"] and app.state.cache is not None
     app.state.batchers["demo"].close()
 
 
 @pytest.mark.parametrize("twice", [False, True])
-def test_serve_needs_the_model_exactly_once(demo_path: Path, twice: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_needs_the_model_exactly_once(
+    demo_path: Path, twice: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("must not serve"))
     args = ["serve", str(demo_path), "--model", str(demo_path)] if twice else ["serve"]
     result = CliRunner().invoke(cli_app, args)

@@ -51,7 +51,9 @@ def test_a_cache_without_marker_is_checked_on_its_entries(tmp_path) -> None:
         InferenceCache(disk_path=tmp_path, encrypt_key=generate_key())
     with pytest.raises(CacheKeyError, match="without an encrypt_key"):
         InferenceCache(disk_path=tmp_path)
-    assert _count(tmp_path, key) == 20 and (tmp_path / MARKER).exists()  # the right key re-creates it
+    assert (
+        _count(tmp_path, key) == 20 and (tmp_path / MARKER).exists()
+    )  # the right key re-creates it
     (tmp_path / MARKER).write_text("{not json")
     with pytest.raises(ValueError, match="pimoe-cache.json: unreadable"):
         InferenceCache(disk_path=tmp_path, encrypt_key=key)
@@ -74,7 +76,9 @@ def test_an_unreadable_database_is_moved_aside(tmp_path, damage, caplog) -> None
         moved = c._disk.quarantined
     assert moved is not None and Path(moved).name.startswith("cache.db.corrupt-")
     assert Path(moved).read_bytes() == damaged  # kept for a post-mortem, not deleted
-    assert any("moved it to" in r.getMessage() for r in caplog.records) and events == ["cache.quarantined"]
+    assert any("moved it to" in r.getMessage() for r in caplog.records) and events == [
+        "cache.quarantined"
+    ]
     with InferenceCache(disk_path=tmp_path) as again:  # the fresh database persists
         assert torch.equal(again.get("new"), torch.ones(2)) and again._disk.quarantined is None
 
@@ -125,7 +129,9 @@ _WRITER = textwrap.dedent("""
 def test_killed_writers_leave_no_orphans_after_the_next_open(tmp_path) -> None:
     orphans: set[str] = set()
     for attempt in range(20):  # kill -9 until a writer died between its file and its row
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         time.sleep(0.3 + 0.11 * attempt)
         proc.send_signal(signal.SIGKILL)

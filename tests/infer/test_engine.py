@@ -33,8 +33,12 @@ class Spy(nn.Module):
         self.seen: dict[str, object] = {}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.seen = {"inference": torch.is_inference_mode_enabled(), "autocast": torch.is_autocast_enabled("cpu"),
-                     "training": self.training, "x": x}
+        self.seen = {
+            "inference": torch.is_inference_mode_enabled(),
+            "autocast": torch.is_autocast_enabled("cpu"),
+            "training": self.training,
+            "x": x,
+        }
         return self.lin(x) + y
 
 
@@ -53,7 +57,11 @@ def test_fp32_equals_eager_exactly() -> None:
 
 
 def test_lm_and_tuple_inputs() -> None:
-    lm = PiMoELM(LMConfig(n_layer=2, d_model=32, n_head=2, block_size=16, moe=MoEConfig(num_experts=4, ffn_dim=32)))
+    lm = PiMoELM(
+        LMConfig(
+            n_layer=2, d_model=32, n_head=2, block_size=16, moe=MoEConfig(num_experts=4, ffn_dim=32)
+        )
+    )
     idx = torch.randint(0, 256, (2, 7))
     with torch.no_grad():
         expected = lm(idx).logits
@@ -105,13 +113,17 @@ def test_compile_unavailable_falls_back_with_warning(monkeypatch: pytest.MonkeyP
     with torch.no_grad():
         assert torch.equal(out, layer(x))
     assert engine.compile_status(layer) == "eager-fallback"
-    assert engine.stats.compile_fallbacks == 1 and "no compiler here" in engine.stats.last_compile_error
+    assert (
+        engine.stats.compile_fallbacks == 1
+        and "no compiler here" in engine.stats.last_compile_error
+    )
 
 
 def test_compile_failing_at_first_call_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     def lazy_broken(model: nn.Module, **kwargs: object):
         def run(*args: torch.Tensor) -> None:
             raise RuntimeError("backend crashed")
+
         return run
 
     monkeypatch.setattr(torch, "compile", lazy_broken)
@@ -174,7 +186,9 @@ def test_channels_last_inputs_and_model() -> None:
     conv[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     out = InferenceEngine(InferenceConfig(channels_last=True)).infer(conv, x)
     torch.testing.assert_close(out, expected)
-    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(memory_format=torch.channels_last)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(
+        memory_format=torch.channels_last
+    )
     assert conv[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -196,12 +210,15 @@ def test_bad_inputs_raise_clear_errors() -> None:
         engine.infer(nn.Linear(16, 16, device="meta"), torch.randn(2, 16))
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"dtype": "float64"}, "dtype must be"),
-    ({"device": "nonsense"}, "not a torch device"),
-    ({"num_threads": 0}, "num_threads"),
-    ({"cache_size": -1}, "cache_size"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dtype": "float64"}, "dtype must be"),
+        ({"device": "nonsense"}, "not a torch device"),
+        ({"num_threads": 0}, "num_threads"),
+        ({"cache_size": -1}, "cache_size"),
+    ],
+)
 def test_bad_config(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         InferenceConfig(**kwargs)

@@ -10,7 +10,9 @@ from pimoe.infer import InferenceConfig, InferenceEngine
 
 
 def _config() -> ArchitectureConfig:
-    return ArchitectureConfig(enable_pruning=True, enable_quantization=False, sparsity_ratio=0.5, latency_repeats=1)
+    return ArchitectureConfig(
+        enable_pruning=True, enable_quantization=False, sparsity_ratio=0.5, latency_repeats=1
+    )
 
 
 def test_engine_runs_a_compressed_copy_once() -> None:
@@ -26,7 +28,9 @@ def test_engine_runs_a_compressed_copy_once() -> None:
     pruned = engine._models[id(model)].target
     assert pruned is not model and torch.equal(out, pruned(x))
     assert not torch.equal(out, model(x))  # half the weights are zeroed in the copy
-    assert all(torch.equal(a, b) for a, b in zip(original, model.parameters()))  # the model is unchanged
+    assert all(
+        torch.equal(a, b) for a, b in zip(original, model.parameters())
+    )  # the model is unchanged
     engine.infer(model, torch.randn(5, 8))
     assert engine.report(model) is report  # compressed once per model
 

@@ -9,15 +9,15 @@ import pytest
 
 uvicorn = pytest.importorskip("uvicorn")
 
-from typer.testing import CliRunner
+from typer.testing import CliRunner  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_lm import save_tiny_llama
+from tiny_lm import save_tiny_llama  # noqa: E402
 
-from pimoe.cli import app as cli_app
-from pimoe.infer.lm_models import HFGenerationModel, PiMoEGenerationModel
-from pimoe.moe.config import MoEConfig
-from pimoe.moe.model import LMConfig, PiMoELM
+from pimoe.cli import app as cli_app  # noqa: E402
+from pimoe.infer.lm_models import HFGenerationModel, PiMoEGenerationModel  # noqa: E402
+from pimoe.moe.config import MoEConfig  # noqa: E402
+from pimoe.moe.model import LMConfig, PiMoELM  # noqa: E402
 
 
 def _serve(monkeypatch: pytest.MonkeyPatch, *args: str) -> object:
@@ -37,10 +37,19 @@ def test_serve_hf_causal_lm_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     engines["llama"].close()
 
 
-def test_serve_pimoe_lm_gets_generation_and_infer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_pimoe_lm_gets_generation_and_infer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "lm.safetensors"
-    PiMoELM(LMConfig(block_size=32, n_layer=1, n_head=2, d_model=16, moe=MoEConfig(num_experts=2, top_k=1,
-                                                                                  ffn_dim=16))).save(path)
+    PiMoELM(
+        LMConfig(
+            block_size=32,
+            n_layer=1,
+            n_head=2,
+            d_model=16,
+            moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=16),
+        )
+    ).save(path)
     app = _serve(monkeypatch, "--model", str(path))
     assert isinstance(app.state.generation["lm"].model, PiMoEGenerationModel)  # type: ignore[attr-defined]
     assert app.state.models["lm"].kind == "lm"  # type: ignore[attr-defined]

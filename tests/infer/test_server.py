@@ -30,7 +30,15 @@ MAX_ELEMENTS = 512
 @pytest.fixture(scope="module")
 def lm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model = PiMoELM(LMConfig(block_size=32, n_layer=2, n_head=2, d_model=16, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16)))
+    model = PiMoELM(
+        LMConfig(
+            block_size=32,
+            n_layer=2,
+            n_head=2,
+            d_model=16,
+            moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16),
+        )
+    )
     path = tmp_path_factory.mktemp("lm") / "model.safetensors"
     model.save(path)
     return path
@@ -63,11 +71,19 @@ class _Boom(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def served(lm_path: Path, linear: nn.Linear, tagger: nn.Linear) -> Iterator[tuple[httpx.Client, object]]:
+def served(
+    lm_path: Path, linear: nn.Linear, tagger: nn.Linear
+) -> Iterator[tuple[httpx.Client, object]]:
     app = create_app(
-        {"lm": lm_path, "linear": ServedModel.tensor(linear, (4,)), "boom": ServedModel.tensor(_Boom(), (2,)),
-         "tagger": ServedModel.tensor(tagger, (None, 4))},
-        max_batch_size=32, max_wait_ms=20, max_request_elements=MAX_ELEMENTS,
+        {
+            "lm": lm_path,
+            "linear": ServedModel.tensor(linear, (4,)),
+            "boom": ServedModel.tensor(_Boom(), (2,)),
+            "tagger": ServedModel.tensor(tagger, (None, 4)),
+        },
+        max_batch_size=32,
+        max_wait_ms=20,
+        max_request_elements=MAX_ELEMENTS,
     )
     with LiveServer(app) as client:
         yield client, app
@@ -86,7 +102,10 @@ def _logits(model: PiMoELM, ids: list[int]) -> torch.Tensor:
 def test_healthz(client: httpx.Client) -> None:
     r = client.get("/healthz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "models": {"lm": "lm", "linear": "tensor", "boom": "tensor", "tagger": "tensor"}}
+    assert r.json() == {
+        "status": "ok",
+        "models": {"lm": "lm", "linear": "tensor", "boom": "tensor", "tagger": "tensor"},
+    }
 
 
 def test_token_ids_match_direct_forward(client: httpx.Client, reference: PiMoELM) -> None:
@@ -110,7 +129,9 @@ def test_text_is_utf8_bytes(client: httpx.Client, reference: PiMoELM) -> None:
     assert body["next_token_id"] == int(_logits(reference, list(text.encode()))[-1].argmax())
 
 
-@pytest.mark.parametrize("x", [[0.5, -1.0, 2.0, 0.25], [[0.5, -1.0, 2.0, 0.25], [1.0, 0.0, -3.0, 4.5]]])
+@pytest.mark.parametrize(
+    "x", [[0.5, -1.0, 2.0, 0.25], [[0.5, -1.0, 2.0, 0.25], [1.0, 0.0, -3.0, 4.5]]]
+)
 def test_float_tensor_model(client: httpx.Client, linear: nn.Linear, x: list) -> None:
     r = client.post("/v1/infer", json={"model": "linear", "inputs": x})
     assert r.status_code == 200, r.text
@@ -120,7 +141,9 @@ def test_float_tensor_model(client: httpx.Client, linear: nn.Linear, x: list) ->
     torch.testing.assert_close(torch.tensor(r.json()["outputs"]), expected)
 
 
-def test_variable_length_tensor_model_is_padded_and_cut(served: tuple[httpx.Client, object], tagger: nn.Linear) -> None:
+def test_variable_length_tensor_model_is_padded_and_cut(
+    served: tuple[httpx.Client, object], tagger: nn.Linear
+) -> None:
     client, app = served
     xs = [torch.randn(n, 4).tolist() for n in (1, 3, 5, 2, 4, 6, 1, 2)]
     start = threading.Barrier(len(xs))
@@ -145,7 +168,9 @@ def test_model_failure_is_500_and_server_keeps_serving(client: httpx.Client) -> 
     assert client.post("/v1/infer", json={"model": "lm", "token_ids": [1]}).status_code == 200
 
 
-def test_concurrent_requests_are_batched_and_correct(served: tuple[httpx.Client, object], reference: PiMoELM) -> None:
+def test_concurrent_requests_are_batched_and_correct(
+    served: tuple[httpx.Client, object], reference: PiMoELM
+) -> None:
     client, app = served
     before = app.state.batchers["lm"].stats.batch_size_counts  # type: ignore[attr-defined]
     seqs = [[(7 * i + j) % 256 for j in range(1 + i % 9)] for i in range(32)]
@@ -160,7 +185,9 @@ def test_concurrent_requests_are_batched_and_correct(served: tuple[httpx.Client,
     with ThreadPoolExecutor(32) as pool:
         bodies = list(pool.map(call, seqs))
     for ids, body in zip(seqs, bodies):
-        torch.testing.assert_close(torch.tensor(body["outputs"]), _logits(reference, ids), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(body["outputs"]), _logits(reference, ids), rtol=1e-4, atol=1e-5
+        )
     after = app.state.batchers["lm"].stats.batch_size_counts  # type: ignore[attr-defined]
     new_sizes = {size for size, n in after.items() if n > before.get(size, 0)}
     assert max(new_sizes) > 1, after
@@ -184,7 +211,9 @@ def test_concurrent_requests_are_batched_and_correct(served: tuple[httpx.Client,
         ({"token_ids": [1]}, 422, "model"),
     ],
 )
-def test_bad_requests_get_json_errors(client: httpx.Client, body: dict, status: int, fragment: str) -> None:
+def test_bad_requests_get_json_errors(
+    client: httpx.Client, body: dict, status: int, fragment: str
+) -> None:
     r = client.post("/v1/infer", json=body)
     assert r.status_code == status, r.text
     assert fragment in r.json()["error"]["message"]
@@ -193,7 +222,9 @@ def test_bad_requests_get_json_errors(client: httpx.Client, body: dict, status: 
 
 def test_nan_malformed_json_and_large_body(client: httpx.Client, linear: nn.Linear) -> None:
     headers = {"content-type": "application/json"}
-    r = client.post("/v1/infer", content=b'{"model": "linear", "inputs": [[NaN, 1, 2, 3]]}', headers=headers)
+    r = client.post(
+        "/v1/infer", content=b'{"model": "linear", "inputs": [[NaN, 1, 2, 3]]}', headers=headers
+    )
     assert r.status_code == 422 and "NaN" in r.json()["error"]["message"]
     r = client.post("/v1/infer", content=b'{"model": "linear", "inputs": [[1, 2', headers=headers)
     assert r.status_code == 422 and "invalid request body" in r.json()["error"]["message"]
@@ -239,10 +270,16 @@ def test_create_app_rejects_bad_models(tmp_path: Path) -> None:
 def test_serve_command(lm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[object, dict]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
-    result = CliRunner().invoke(cli_app, ["serve", str(lm_path), "--port", "8123", "--max-batch-size", "4"])
+    result = CliRunner().invoke(
+        cli_app, ["serve", str(lm_path), "--port", "8123", "--max-batch-size", "4"]
+    )
     assert result.exit_code == 0, result.output
-    (app, kwargs), = calls
-    assert (kwargs["host"], kwargs["port"], kwargs["timeout_graceful_shutdown"]) == ("127.0.0.1", 8123, 10.0)
+    ((app, kwargs),) = calls
+    assert (kwargs["host"], kwargs["port"], kwargs["timeout_graceful_shutdown"]) == (
+        "127.0.0.1",
+        8123,
+        10.0,
+    )
     assert list(app.state.models) == ["model"] and app.state.batchers["model"].max_batch_size == 4
     app.state.batchers["model"].close()
     bad = tmp_path / "bad.safetensors"

@@ -38,8 +38,12 @@ def encoder() -> ServedEncoder:
 
 @pytest.fixture(scope="module")
 def client(encoder: ServedEncoder) -> Iterator[httpx.Client]:
-    app = create_app({"minilm": ServedModel.encoder(encoder)}, max_batch_size=8, max_wait_ms=20,
-                     max_request_elements=256)
+    app = create_app(
+        {"minilm": ServedModel.encoder(encoder)},
+        max_batch_size=8,
+        max_wait_ms=20,
+        max_request_elements=256,
+    )
     with LiveServer(app) as c:
         yield c
 
@@ -47,7 +51,9 @@ def client(encoder: ServedEncoder) -> Iterator[httpx.Client]:
 def test_folder_detection(tmp_path: Path) -> None:
     assert is_hf_folder(FOLDER)
     assert not is_hf_folder(tmp_path)
-    with pytest.raises(ValueError, match="not a Hugging Face model folder or a pimoe compress output"):
+    with pytest.raises(
+        ValueError, match="not a Hugging Face model folder or a pimoe compress output"
+    ):
         ServedModel.from_file(tmp_path)
     assert ServedModel.from_file(FOLDER).kind == "text"
 
@@ -68,7 +74,9 @@ def test_matches_sentence_transformers(encoder: ServedEncoder) -> None:
     torch.testing.assert_close(ours.norm(dim=-1), torch.ones(4))
 
 
-def test_http_embeddings_are_padding_invariant(client: httpx.Client, encoder: ServedEncoder) -> None:
+def test_http_embeddings_are_padding_invariant(
+    client: httpx.Client, encoder: ServedEncoder
+) -> None:
     """A list request is batched (padded to the longest text); each row equals the text encoded alone."""
     r = client.post("/v1/infer", json={"model": "minilm", "text": TEXTS})
     assert r.status_code == 200, r.text
@@ -94,11 +102,17 @@ def test_http_embeddings_are_padding_invariant(client: httpx.Client, encoder: Se
         ({"token_ids": [1, 2]}, 422, "text encoder"),
     ],
 )
-def test_bad_requests(client: httpx.Client, payload: dict[str, object], status: int, needle: str) -> None:
+def test_bad_requests(
+    client: httpx.Client, payload: dict[str, object], status: int, needle: str
+) -> None:
     r = client.post("/v1/infer", json={"model": "minilm", **payload})
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
-    assert client.get("/healthz").json() == {"status": "ok", "models": {"minilm": "text"}, "generation": []}
+    assert client.get("/healthz").json() == {
+        "status": "ok",
+        "models": {"minilm": "text"},
+        "generation": [],
+    }
 
 
 def test_compressed_encoder_and_lm_are_served(tmp_path: Path) -> None:
@@ -110,7 +124,9 @@ def test_compressed_encoder_and_lm_are_served(tmp_path: Path) -> None:
     from pimoe.moe.model import LMConfig, PiMoELM
 
     out = tmp_path / "minilm-int8"
-    result = CliRunner().invoke(cli_app, ["compress", str(FOLDER), str(out), "--bits", "8", "--full-range"])
+    result = CliRunner().invoke(
+        cli_app, ["compress", str(FOLDER), str(out), "--bits", "8", "--full-range"]
+    )
     assert result.exit_code == 0, result.output
     served = ServedModel.from_file(out)
     assert served.kind == "text"
@@ -122,8 +138,18 @@ def test_compressed_encoder_and_lm_are_served(tmp_path: Path) -> None:
 
     lm_path = tmp_path / "lm.safetensors"
     torch.manual_seed(0)
-    PiMoELM(LMConfig(block_size=32, n_layer=1, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32))).save(lm_path)
-    result = CliRunner().invoke(cli_app, ["compress", str(lm_path), str(tmp_path / "lm-int8"), "--bits", "8"])
+    PiMoELM(
+        LMConfig(
+            block_size=32,
+            n_layer=1,
+            n_head=2,
+            d_model=32,
+            moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32),
+        )
+    ).save(lm_path)
+    result = CliRunner().invoke(
+        cli_app, ["compress", str(lm_path), str(tmp_path / "lm-int8"), "--bits", "8"]
+    )
     assert result.exit_code == 0, result.output
     lm = ServedModel.from_file(tmp_path / "lm-int8")
     assert lm.kind == "lm"

@@ -27,15 +27,30 @@ from pimoe.moe.model import LMConfig, PiMoELM  # noqa: E402
 
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT = 1.0
-LIMITS = ServerLimits(limit_concurrency=6, timeout_keep_alive_s=0.3, header_timeout_s=1.0, max_header_bytes=8192,
-                      timeout_graceful_shutdown_s=1.0)
+LIMITS = ServerLimits(
+    limit_concurrency=6,
+    timeout_keep_alive_s=0.3,
+    header_timeout_s=1.0,
+    max_header_bytes=8192,
+    timeout_graceful_shutdown_s=1.0,
+)
 REQUEST = b'{"model": "lm", "token_ids": [1, 2, 3]}'
 
 
 def _app(body_timeout_s: float = BODY_TIMEOUT) -> object:
     torch.manual_seed(0)
-    lm = PiMoELM(LMConfig(block_size=16, n_layer=1, n_head=2, d_model=16, moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=16)))
-    return create_app({"lm": lm}, max_body_bytes=MAX_BODY, body_timeout_s=body_timeout_s, max_wait_ms=0)
+    lm = PiMoELM(
+        LMConfig(
+            block_size=16,
+            n_layer=1,
+            n_head=2,
+            d_model=16,
+            moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=16),
+        )
+    )
+    return create_app(
+        {"lm": lm}, max_body_bytes=MAX_BODY, body_timeout_s=body_timeout_s, max_wait_ms=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +107,11 @@ def test_a_chunked_body_over_the_limit_is_413_before_it_ends(live: LiveServer) -
 
 
 def test_a_chunked_body_within_the_limit_is_served(live: LiveServer) -> None:
-    r = live.client.post("/v1/infer", content=iter([REQUEST[:10], REQUEST[10:]]),
-                         headers={"content-type": "application/json"})
+    r = live.client.post(
+        "/v1/infer",
+        content=iter([REQUEST[:10], REQUEST[10:]]),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 200 and r.request.headers["transfer-encoding"] == "chunked"
 
 
@@ -126,7 +144,9 @@ def test_trickled_headers_are_cut_off(live: LiveServer) -> None:
 
 def test_an_idle_connection_and_oversized_headers_are_closed(live: LiveServer) -> None:
     with _connect(live.port) as idle, _connect(live.port) as big:
-        big.sendall(b"GET /healthz HTTP/1.1\r\n" + b"x-filler: " + b"a" * (LIMITS.max_header_bytes + 100))
+        big.sendall(
+            b"GET /healthz HTTP/1.1\r\n" + b"x-filler: " + b"a" * (LIMITS.max_header_bytes + 100)
+        )
         data, closed = _read_until_closed(big, 0.8)  # closed at once, well before the deadline
         assert closed and not data
         data, closed = _read_until_closed(idle, LIMITS.header_timeout_s + 2)
@@ -139,7 +159,9 @@ def test_keep_alive_connection_is_closed_when_idle(live: LiveServer) -> None:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         start = time.monotonic()
         data, closed = _read_until_closed(sock, LIMITS.header_timeout_s + 2)
-    assert _status(data) == 200 and closed and time.monotonic() - start < LIMITS.header_timeout_s - 0.2
+    assert (
+        _status(data) == 200 and closed and time.monotonic() - start < LIMITS.header_timeout_s - 0.2
+    )
 
 
 def test_slow_clients_do_not_deny_service() -> None:
@@ -154,7 +176,9 @@ def test_slow_clients_do_not_deny_service() -> None:
             for sock in slow:
                 sock.sendall(_head(len(REQUEST)) + REQUEST[:5])
             time.sleep(0.2)
-            r = client.post("/v1/infer", content=REQUEST, headers={"content-type": "application/json"})
+            r = client.post(
+                "/v1/infer", content=REQUEST, headers={"content-type": "application/json"}
+            )
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
             assert client.get("/healthz").status_code == 200
             for sock in slow:
@@ -164,7 +188,12 @@ def test_slow_clients_do_not_deny_service() -> None:
             for sock in slow:
                 sock.close()
         time.sleep(0.1)
-        assert client.post("/v1/infer", content=REQUEST, headers={"content-type": "application/json"}).status_code == 200
+        assert (
+            client.post(
+                "/v1/infer", content=REQUEST, headers={"content-type": "application/json"}
+            ).status_code
+            == 200
+        )
         metrics = client.get("/metrics").text
         assert 'pimoe_http_responses_total{status="503"} 1.0' in metrics
         assert f'pimoe_http_responses_total{{status="408"}} {float(len(slow))}' in metrics
@@ -196,19 +225,43 @@ def test_a_partial_body_does_not_block_shutdown(graceful: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def served_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, int]]:
+def served_process(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.Popen, int]]:
     """``pimoe serve`` in a child process (real signals, real RSS) with an API key from the environment."""
     path = tmp_path_factory.mktemp("proc") / "lm.safetensors"
     torch.manual_seed(0)
-    PiMoELM(LMConfig(block_size=16, n_layer=1, n_head=2, d_model=16,
-                     moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=16))).save(path)
+    PiMoELM(
+        LMConfig(
+            block_size=16,
+            n_layer=1,
+            n_head=2,
+            d_model=16,
+            moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=16),
+        )
+    ).save(path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [sys.executable, "-c", "from pimoe.cli import app; app()", "serve", str(path), "--port", str(port),
-            "--body-timeout", "60", "--timeout-graceful-shutdown", "1"]
-    proc = subprocess.Popen(args, env={**os.environ, "PIMOE_API_KEY": "k"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    args = [
+        sys.executable,
+        "-c",
+        "from pimoe.cli import app; app()",
+        "serve",
+        str(path),
+        "--port",
+        str(port),
+        "--body-timeout",
+        "60",
+        "--timeout-graceful-shutdown",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        args,
+        env={**os.environ, "PIMOE_API_KEY": "k"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -218,7 +271,9 @@ def served_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
             time.sleep(0.1)
     else:
         proc.kill()
-        pytest.fail(f"pimoe serve did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+        pytest.fail(
+            f"pimoe serve did not start: {proc.stderr.read().decode() if proc.stderr else ''}"
+        )
     yield proc, port
     if proc.poll() is None:
         proc.kill()
@@ -232,7 +287,9 @@ def _rss_kib(pid: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_50mb_chunked_body_does_not_grow_the_server(served_process: tuple[subprocess.Popen, int]) -> None:
+def test_a_50mb_chunked_body_does_not_grow_the_server(
+    served_process: tuple[subprocess.Popen, int],
+) -> None:
     """The measured defect: 50 MB chunked raised the server's RSS by ~560 MB before the 413."""
     proc, port = served_process
     before = _rss_kib(proc.pid)
@@ -253,12 +310,16 @@ def test_a_50mb_chunked_body_does_not_grow_the_server(served_process: tuple[subp
 
 
 @pytest.mark.slow
-def test_sigterm_with_a_half_sent_body_exits_within_the_deadline(served_process: tuple[subprocess.Popen, int]) -> None:
+def test_sigterm_with_a_half_sent_body_exits_within_the_deadline(
+    served_process: tuple[subprocess.Popen, int],
+) -> None:
     """The measured defect: one partial body blocked SIGTERM shutdown for ever."""
     proc, port = served_process
     with _connect(port) as sock:
-        sock.sendall(_head(len(REQUEST)).replace(b"host: x\r\n", b"host: x\r\nauthorization: Bearer k\r\n")
-                     + REQUEST[:5])
+        sock.sendall(
+            _head(len(REQUEST)).replace(b"host: x\r\n", b"host: x\r\nauthorization: Bearer k\r\n")
+            + REQUEST[:5]
+        )
         time.sleep(0.3)
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)

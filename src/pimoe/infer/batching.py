@@ -42,6 +42,7 @@ from torch import Tensor
 
 _log = logging.getLogger(__name__)
 
+
 def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
     """``lengths [B]`` -> boolean mask ``[B, max_len]``, True at real (non-padded) positions."""
     return torch.arange(max_len, device=lengths.device) < lengths[:, None]
@@ -65,7 +66,7 @@ class BatcherStats:
 
 
 class _Request:
-    __slots__ = ("x", "future")
+    __slots__ = ("future", "x")
 
     def __init__(self, x: Tensor) -> None:
         self.x = x
@@ -92,9 +93,17 @@ class MicroBatcher:
     Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, fn: Callable[..., Any], max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 pad_value: float = 0, *, pass_lengths: bool | None = None, seq_output: bool = True,
-                 history: int = 10_000) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        pad_value: float = 0,
+        *,
+        pass_lengths: bool | None = None,
+        seq_output: bool = True,
+        history: int = 10_000,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_ms < 0:
@@ -132,8 +141,12 @@ class MicroBatcher:
             batches = sum(self._counts.values())
             total = sum(size * n for size, n in self._counts.items())
             return BatcherStats(
-                requests=self._requests, batches=batches, mean_batch_size=total / batches if batches else 0.0,
-                batch_sizes=tuple(self._sizes), batch_size_counts=dict(self._counts), errors=self._errors,
+                requests=self._requests,
+                batches=batches,
+                mean_batch_size=total / batches if batches else 0.0,
+                batch_sizes=tuple(self._sizes),
+                batch_size_counts=dict(self._counts),
+                errors=self._errors,
             )
 
     def submit(self, x: Tensor) -> Future[Any]:
@@ -149,11 +162,15 @@ class MicroBatcher:
         if x.dim() < 1:
             raise ValueError("a request must be at least 1-D ([L, ...]); got a 0-D tensor")
         if threading.current_thread() is self._worker:
-            raise RuntimeError("fn must not submit to its own MicroBatcher (the worker would wait for itself)")
+            raise RuntimeError(
+                "fn must not submit to its own MicroBatcher (the worker would wait for itself)"
+            )
         request = _Request(x)
         with self._cond:
             if self._dead is not None:
-                raise RuntimeError(f"MicroBatcher refuses requests: {self._dead}") from self._dead.__cause__
+                raise RuntimeError(
+                    f"MicroBatcher refuses requests: {self._dead}"
+                ) from self._dead.__cause__
             if self._closed:
                 raise RuntimeError("MicroBatcher is closed")
             self._queue.append((time.monotonic(), request))
@@ -203,7 +220,7 @@ class MicroBatcher:
                     groups.setdefault((r.x.dtype, r.x.device, tuple(r.x.shape[1:])), []).append(r)
                 for group in groups.values():
                     self._run_group(group)
-        except BaseException as exc:  # noqa: BLE001 (fn's Exceptions fail only their batch; others end the worker)
+        except BaseException as exc:
             self._die(exc, live)
 
     def _die(self, exc: BaseException, running: list[_Request]) -> None:
@@ -243,25 +260,33 @@ class MicroBatcher:
         max_len = max(lengths)
         padded = min(lengths) != max_len
         if padded:
-            batch = xs[0].new_full((len(xs), max_len, *xs[0].shape[1:]), self.pad_value)  # [B, Lmax, ...]
+            batch = xs[0].new_full(
+                (len(xs), max_len, *xs[0].shape[1:]), self.pad_value
+            )  # [B, Lmax, ...]
             for i, x in enumerate(xs):
                 batch[i, : x.shape[0]] = x
         else:
             batch = torch.stack(xs)  # [B, L, ...]
         with torch.inference_mode():
             if self.pass_lengths:
-                out = self.fn(batch, lengths=torch.tensor(lengths, dtype=torch.long, device=batch.device))
+                out = self.fn(
+                    batch, lengths=torch.tensor(lengths, dtype=torch.long, device=batch.device)
+                )
             else:
                 out = self.fn(batch)
         cut = padded and self.seq_output
-        return [_select(out, i, lengths[i] if cut else None, max_len, len(xs)) for i in range(len(xs))]
+        return [
+            _select(out, i, lengths[i] if cut else None, max_len, len(xs)) for i in range(len(xs))
+        ]
 
 
 def _select(out: Any, i: int, length: int | None, max_len: int, batch_size: int) -> Any:
     """Request ``i``'s part of ``out``: row ``i`` of every tensor (cut to ``[:length]``), copied."""
     if isinstance(out, Tensor):
         if out.dim() < 1 or out.shape[0] != batch_size:
-            raise ValueError(f"fn returned a tensor of shape {tuple(out.shape)}; expected {batch_size} rows (one per request)")
+            raise ValueError(
+                f"fn returned a tensor of shape {tuple(out.shape)}; expected {batch_size} rows (one per request)"
+            )
         row = out[i]
         if length is not None:
             if row.dim() < 1 or row.shape[0] != max_len:
@@ -276,7 +301,9 @@ def _select(out: Any, i: int, length: int | None, max_len: int, batch_size: int)
         return type(out)(*parts) if hasattr(out, "_fields") else type(out)(parts)  # namedtuples too
     if isinstance(out, dict):
         return {k: _select(v, i, length, max_len, batch_size) for k, v in out.items()}
-    raise TypeError(f"fn must return a tensor or a tuple/list/dict of tensors, got {type(out).__name__}")
+    raise TypeError(
+        f"fn must return a tensor or a tuple/list/dict of tensors, got {type(out).__name__}"
+    )
 
 
 def _takes_lengths(fn: Callable[..., Any]) -> bool:

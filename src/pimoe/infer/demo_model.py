@@ -13,23 +13,42 @@ from pathlib import Path
 import torch
 
 from pimoe.data import byte_splits, load_pydoc_text
-from pimoe.training import evaluate, train_lm
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
+from pimoe.training import evaluate, train_lm
 
-DEMO_MODEL_CONFIG = LMConfig(block_size=64, n_layer=2, n_head=4, d_model=64, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=64))
+DEMO_MODEL_CONFIG = LMConfig(
+    block_size=64,
+    n_layer=2,
+    n_head=4,
+    d_model=64,
+    moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=64),
+)
 
 
-def save_demo_model(path: str | os.PathLike[str], steps: int = 40, seed: int = 0,
-                    config: LMConfig = DEMO_MODEL_CONFIG) -> dict[str, float]:
+def save_demo_model(
+    path: str | os.PathLike[str],
+    steps: int = 40,
+    seed: int = 0,
+    config: LMConfig = DEMO_MODEL_CONFIG,
+) -> dict[str, float]:
     """Train ``config`` for ``steps`` steps (0: none) on pydoc text, save it with
     :meth:`PiMoELM.save` at ``path``; return ``{"params", "val_loss"}``."""
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     train, val = byte_splits(load_pydoc_text())
     if steps:
-        model = train_lm(config, train, val, steps=steps, batch_size=16, lr=2e-3, device="cpu", seed=seed,
-                         progress=False).model
+        model = train_lm(
+            config,
+            train,
+            val,
+            steps=steps,
+            batch_size=16,
+            lr=2e-3,
+            device="cpu",
+            seed=seed,
+            progress=False,
+        ).model
     else:
         torch.manual_seed(seed)
         model = PiMoELM(config)

@@ -361,7 +361,9 @@ class DiskTier:
     def _remove_orphans(self) -> int:
         """Delete value files no row points to; only called with no other tier open."""
         root = Path(self.path)
-        with closing(sqlite3.connect(f"{(root.resolve() / 'cache.db').as_uri()}?mode=ro", uri=True)) as db:
+        with closing(
+            sqlite3.connect(f"{(root.resolve() / 'cache.db').as_uri()}?mode=ro", uri=True)
+        ) as db:
             known = {
                 row[0]
                 for row in db.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")

@@ -52,7 +52,7 @@ class ServedEncoder(nn.Module):
 
         if not is_hf_folder(path):
             raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
-        minilm = load_minilm(path)
+        minilm = load_minilm(Path(path))
         return cls(minilm.encoder, minilm.tokenizer, _max_positions(minilm.encoder))
 
     @classmethod
@@ -62,10 +62,12 @@ class ServedEncoder(nn.Module):
 
         from pimoe.compress.saved import load_compressed, read_recipe
 
-        recipe = read_recipe(path)
+        recipe = read_recipe(Path(path))
         if recipe.get("kind") != "hf":
-            raise ValueError(f"{path} holds a compressed {recipe.get('kind')!r} model, not a text encoder")
-        encoder = load_compressed(path)
+            raise ValueError(
+                f"{path} holds a compressed {recipe.get('kind')!r} model, not a text encoder"
+            )
+        encoder = load_compressed(Path(path))
         tokenizer = AutoTokenizer.from_pretrained(recipe["source"], local_files_only=True)
         return cls(encoder, tokenizer, _max_positions(encoder))
 
@@ -78,7 +80,9 @@ class ServedEncoder(nn.Module):
             raise ValueError("text is empty")
         ids: list[int] = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) > self.max_length:
-            raise ValueError(f"text has {len(ids)} tokens; this model takes at most {self.max_length}")
+            raise ValueError(
+                f"text has {len(ids)} tokens; this model takes at most {self.max_length}"
+            )
         return torch.tensor(ids, dtype=torch.long)
 
     def forward(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -87,7 +91,8 @@ class ServedEncoder(nn.Module):
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
         if lengths is None:
             lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
-        return self.encoder(input_ids, lengths_to_mask(lengths, input_ids.shape[1]).long())
+        out: Tensor = self.encoder(input_ids, lengths_to_mask(lengths, input_ids.shape[1]).long())
+        return out
 
 
 def _max_positions(encoder: nn.Module) -> int:

@@ -32,7 +32,11 @@ if TYPE_CHECKING:
 
 DType = Literal["float32", "bfloat16", "float16"]
 CompileStatus = Literal["off", "pending", "compiled", "eager-fallback"]
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 @dataclass
@@ -84,7 +88,9 @@ class InferenceConfig:
         except RuntimeError as exc:
             raise ValueError(f"device {self.device!r} is not a torch device: {exc}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} but CUDA is not available in this torch build/machine")
+            raise ValueError(
+                f"device={self.device!r} but CUDA is not available in this torch build/machine"
+            )
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         if self.cache_size < 0:
@@ -130,10 +136,18 @@ class EngineStats:
 class _Prepared:
     """The engine's state for one model: the model (held, so its id stays valid) and its runner."""
 
-    def __init__(self, model: nn.Module, runner: Callable[..., Any] | None, status: CompileStatus,
-                 target: nn.Module | None = None, report: CompressionReport | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        runner: Callable[..., Any] | None,
+        status: CompileStatus,
+        target: nn.Module | None = None,
+        report: CompressionReport | None = None,
+    ) -> None:
         self.model = model
-        self.target = model if target is None else target  # what runs: the model or its compressed copy
+        self.target = (
+            model if target is None else target
+        )  # what runs: the model or its compressed copy
         self.runner = runner  # the compiled callable, None when running eager
         self.status: CompileStatus = status
         self.report = report
@@ -161,7 +175,9 @@ class InferenceEngine:
             torch.set_num_threads(config.num_threads)
         self._lock = threading.Lock()
         self._models: dict[int, _Prepared] = {}
-        self._namespaces: dict[str, nn.Module] = {}  # cache namespace -> the model whose outputs it holds
+        self._namespaces: dict[
+            str, nn.Module
+        ] = {}  # cache namespace -> the model whose outputs it holds
         self._calls = self._model_calls = self._hits = 0
         self._latency = 0.0
         self._last_compile_error: str | None = None
@@ -172,14 +188,17 @@ class InferenceEngine:
         with self._lock:
             statuses = [p.status for p in self._models.values()]
             return EngineStats(
-                calls=self._calls, model_calls=self._model_calls, cache_hits=self._hits,
+                calls=self._calls,
+                model_calls=self._model_calls,
+                cache_hits=self._hits,
                 mean_latency_s=self._latency / self._calls if self._calls else 0.0,
-                compiled=statuses.count("compiled"), compile_fallbacks=statuses.count("eager-fallback"),
+                compiled=statuses.count("compiled"),
+                compile_fallbacks=statuses.count("eager-fallback"),
                 last_compile_error=self._last_compile_error,
             )
 
     def compile_status(self, model: nn.Module) -> CompileStatus:
-        """"off" (compile disabled or model not seen yet), "pending" (compiled, not yet run),
+        """ "off" (compile disabled or model not seen yet), "pending" (compiled, not yet run),
         "compiled", or "eager-fallback"."""
         with self._lock:
             prepared = self._models.get(id(model))
@@ -199,7 +218,9 @@ class InferenceEngine:
             if prepared is not None and prepared.model is model:
                 del self._models[id(model)]
 
-    def infer(self, model: nn.Module, inputs: Tensor | Sequence[Tensor], *, namespace: str | None = None) -> Any:
+    def infer(
+        self, model: nn.Module, inputs: Tensor | Sequence[Tensor], *, namespace: str | None = None
+    ) -> Any:
         """``model(*inputs)`` for inference; returns what the model returns.
 
         Args:
@@ -231,7 +252,9 @@ class InferenceEngine:
         else:
             ns = self.config.cache_namespace if namespace is None else namespace
             self._claim(ns, model)
-            out = self.cache.get_or_compute(make_key(self.config.dtype, args, namespace=ns), forward)
+            out = self.cache.get_or_compute(
+                make_key(self.config.dtype, args, namespace=ns), forward
+            )
         with self._lock:
             self._calls += 1
             self._model_calls += ran
@@ -242,7 +265,9 @@ class InferenceEngine:
     def _check_inputs(self, inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
         args = (inputs,) if isinstance(inputs, Tensor) else inputs
         if not isinstance(args, (tuple, list)):
-            raise TypeError(f"inputs must be a tensor or a tuple/list of tensors, got {type(inputs).__name__}")
+            raise TypeError(
+                f"inputs must be a tensor or a tuple/list of tensors, got {type(inputs).__name__}"
+            )
         if not args:
             raise ValueError("inputs is empty: pass a tensor or a non-empty tuple of tensors")
         out = []
@@ -277,33 +302,48 @@ class InferenceEngine:
                 )
         model.eval()
         if self.config.channels_last:
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes it; the stubs omit it
         prepared = _Prepared(model, None, "off")
         if self.config.optimize is not None:
             from pimoe.compress import ArchitectureOptimizer
 
             example = args[0] if len(args) == 1 else args
-            prepared.target, prepared.report = ArchitectureOptimizer(self.config.optimize).optimize(model, example)
+            prepared.target, prepared.report = ArchitectureOptimizer(self.config.optimize).optimize(
+                model, example
+            )
             prepared.target.eval()
         if self.config.compile:
             try:
-                prepared.runner = torch.compile(prepared.target, mode=self.config.compile_mode, backend=self.config.compile_backend)
+                prepared.runner = torch.compile(
+                    prepared.target,
+                    mode=self.config.compile_mode,
+                    backend=self.config.compile_backend,
+                )
                 prepared.status = "pending"
-            except Exception as exc:  # torch.compile unavailable (platform, Python version, backend)
+            except (
+                Exception
+            ) as exc:  # torch.compile unavailable (platform, Python version, backend)
                 self._fall_back(prepared, exc)
         with self._lock:
             return self._models.setdefault(id(model), prepared)
 
     def _forward(self, prepared: _Prepared, args: tuple[Tensor, ...]) -> Any:
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype != torch.float32
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                self.device.type,
+                dtype=self.autocast_dtype,
+                enabled=self.autocast_dtype != torch.float32,
+            ),
         ):
             runner = prepared.runner
             if runner is not None:
                 try:
                     out = runner(*args)
                 except Exception as exc:
-                    out = prepared.target(*args)  # an error of the inputs or the model raises here too
+                    out = prepared.target(
+                        *args
+                    )  # an error of the inputs or the model raises here too
                     self._fall_back(prepared, exc)
                     return out
                 prepared.status = "compiled"
@@ -314,7 +354,8 @@ class InferenceEngine:
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         warnings.warn(
             f"torch.compile failed for {type(prepared.model).__name__} ({message}); running it eagerly",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning,
+            stacklevel=2,
         )
         with self._lock:
             prepared.runner, prepared.status = None, "eager-fallback"
@@ -332,4 +373,6 @@ class InferenceEngine:
 
 def _same_device(actual: torch.device, expected: torch.device) -> bool:
     """True if ``actual`` is ``expected`` ("cuda" matches every CUDA index)."""
-    return actual.type == expected.type and (expected.index is None or actual.index == expected.index)
+    return actual.type == expected.type and (
+        expected.index is None or actual.index == expected.index
+    )

@@ -12,7 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from starlette.responses import JSONResponse
+from pimoe.extras import extra_imports
+
+with extra_imports("serve", "pimoe.infer.http_errors"):
+    from starlette.responses import JSONResponse
+
 
 #: How many characters of a user-supplied value an error message quotes at most.
 CLIP_CHARS = 200
@@ -28,7 +32,9 @@ def error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
-def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, *, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     """The JSON body of an error answer with HTTP ``status``.
 
     Args:
@@ -39,11 +45,20 @@ def error_body(status: int, message: str, *, code: str | None = None, param: str
     return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None,
-                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
     """A :class:`JSONResponse` with :func:`error_body` and ``status``."""
-    return JSONResponse(error_body(status, message, code=code, param=param), status_code=status,
-                        headers=dict(headers) if headers else None)
+    return JSONResponse(
+        error_body(status, message, code=code, param=param),
+        status_code=status,
+        headers=dict(headers) if headers else None,
+    )
 
 
 def clip(value: object, limit: int = CLIP_CHARS, quote: bool = True) -> str:
@@ -52,7 +67,11 @@ def clip(value: object, limit: int = CLIP_CHARS, quote: bool = True) -> str:
     surrogates and (quoted) control characters are escaped, so the message is always valid UTF-8."""
     text = value if isinstance(value, str) else repr(value)
     cut = text[:limit]
-    shown = repr(cut) if quote and isinstance(value, str) else cut.encode("utf-8", "backslashreplace").decode()
+    shown = (
+        repr(cut)
+        if quote and isinstance(value, str)
+        else cut.encode("utf-8", "backslashreplace").decode()
+    )
     return shown if len(text) <= limit else f"{shown}... ({len(text) - limit} more characters)"
 
 

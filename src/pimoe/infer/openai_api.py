@@ -20,11 +20,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pimoe.extras import extra_imports
 from pimoe.infer.decode_batch import GenerationModel, TextModel
 from pimoe.infer.generation import (
     Cancellable,
@@ -36,6 +34,11 @@ from pimoe.infer.generation import (
     TextGenerator,
 )
 from pimoe.infer.http_errors import clip, error_body, error_response
+
+with extra_imports("serve", "pimoe.infer.openai_api"):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _POLL_S = 1.0  # how often a waiting request checks for a disconnected client
 

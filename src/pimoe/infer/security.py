@@ -32,14 +32,18 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
+from pimoe.extras import extra_imports
 from pimoe.infer.http_errors import error_response
+
+with extra_imports("serve", "pimoe.infer.security"):
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Paths answered without an API key.
 OPEN_PATHS: frozenset[str] = frozenset({"/healthz"})
 #: FastAPI's documentation paths (served only with ``docs=True``; then also open).
-DOCS_PATHS: frozenset[str] = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+DOCS_PATHS: frozenset[str] = frozenset(
+    {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 #: Scope key the connection layer sets on a request over ``limit_concurrency``.
 OVERLOADED = "pimoe.overloaded"
 _CLOSE = {"connection": "close"}
@@ -67,13 +71,23 @@ class RequestGuard:
         on_response: called with the status of every answer.
     """
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, open_paths: Collection[str], max_body_bytes: int,
-                 body_timeout_s: float, on_response: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        open_paths: Collection[str],
+        max_body_bytes: int,
+        body_timeout_s: float,
+        on_response: Callable[[int], None],
+    ) -> None:
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key is empty: give a non-empty key or None")
         if max_body_bytes < 1 or not body_timeout_s > 0:
-            raise ValueError(f"max_body_bytes must be >= 1 and body_timeout_s > 0, got {max_body_bytes}, "
-                             f"{body_timeout_s}")
+            raise ValueError(
+                f"max_body_bytes must be >= 1 and body_timeout_s > 0, got {max_body_bytes}, "
+                f"{body_timeout_s}"
+            )
         self.app, self.open_paths, self.max_body_bytes = app, frozenset(open_paths), max_body_bytes
         self.body_timeout_s, self.on_response = body_timeout_s, on_response
         self._key_digest = _digest(api_key.encode()) if api_key is not None else None
@@ -95,8 +109,16 @@ class RequestGuard:
             self._check_headers(scope)
             body = await self._read_body(receive)
         except _Reject as r:
-            headers = {"www-authenticate": "Bearer"} if r.status == 401 else _CLOSE if r.status in (408, 413) else {}
-            await error_response(r.status, r.message, code=r.code, headers=headers)(scope, receive, counted_send)
+            headers = (
+                {"www-authenticate": "Bearer"}
+                if r.status == 401
+                else _CLOSE
+                if r.status in (408, 413)
+                else {}
+            )
+            await error_response(r.status, r.message, code=r.code, headers=headers)(
+                scope, receive, counted_send
+            )
             return
         except _Disconnected:
             return
@@ -104,7 +126,9 @@ class RequestGuard:
             await self.app(scope, _replay(body, receive), counted_send)
         except Exception:
             if not started:
-                await error_response(500, "internal server error", code="internal_error")(scope, receive, counted_send)
+                await error_response(500, "internal server error", code="internal_error")(
+                    scope, receive, counted_send
+                )
             raise
 
     def _check_headers(self, scope: Scope) -> None:
@@ -118,12 +142,23 @@ class RequestGuard:
                 auth = value
             elif key == b"content-length":
                 length = value
-        if self._key_digest is not None and path not in self.open_paths and not self._authorized(auth):
-            raise _Reject(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                          "invalid_api_key")
+        if (
+            self._key_digest is not None
+            and path not in self.open_paths
+            and not self._authorized(auth)
+        ):
+            raise _Reject(
+                401,
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                "invalid_api_key",
+            )
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            raise _Reject(413, f"request body of {int(length)} bytes exceeds the limit of {self.max_body_bytes} "
-                               "bytes", "body_too_large")
+            raise _Reject(
+                413,
+                f"request body of {int(length)} bytes exceeds the limit of {self.max_body_bytes} "
+                "bytes",
+                "body_too_large",
+            )
 
     def _authorized(self, header: bytes | None) -> bool:
         scheme, _, token = (header or b"").partition(b" ")
@@ -141,15 +176,21 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
             except asyncio.TimeoutError:
-                raise _Reject(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
-                              "body_timeout") from None
+                raise _Reject(
+                    408,
+                    f"the request body did not arrive within {self.body_timeout_s:g} s",
+                    "body_timeout",
+                ) from None
             if message["type"] == "http.disconnect":
                 raise _Disconnected
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise _Reject(413, f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                              "body_too_large")
+                raise _Reject(
+                    413,
+                    f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                    "body_too_large",
+                )
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -198,7 +239,9 @@ class ServerLimits:
 
     def __post_init__(self) -> None:
         if self.limit_concurrency is not None and self.limit_concurrency < 1:
-            raise ValueError(f"limit_concurrency must be >= 1 or None, got {self.limit_concurrency}")
+            raise ValueError(
+                f"limit_concurrency must be >= 1 or None, got {self.limit_concurrency}"
+            )
         for name in ("timeout_keep_alive_s", "header_timeout_s", "timeout_graceful_shutdown_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -215,7 +258,7 @@ def guarded_protocol(limits: ServerLimits) -> type[asyncio.Protocol]:
     except ImportError:  # uvicorn without httptools
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
 
-    class GuardedProtocol(Base):  # type: ignore[misc, valid-type]
+    class GuardedProtocol(Base):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.limit_concurrency = None  # checked in _flag_overload instead
@@ -235,7 +278,9 @@ def guarded_protocol(limits: ServerLimits) -> type[asyncio.Protocol]:
             """Start the header deadline: no request since ``self.cycle`` may take longer."""
             self._cancel_header_timer()
             self._idle_cycle, self._header_bytes = self.cycle, 0
-            self._header_timer = self.loop.call_later(limits.header_timeout_s, self._header_deadline)
+            self._header_timer = self.loop.call_later(
+                limits.header_timeout_s, self._header_deadline
+            )
 
         def _cancel_header_timer(self) -> None:
             if self._header_timer is not None:
@@ -244,7 +289,9 @@ def guarded_protocol(limits: ServerLimits) -> type[asyncio.Protocol]:
 
         def _idle(self) -> bool:
             """No new request began since the deadline started and none is being answered."""
-            return self.cycle is self._idle_cycle and (self.cycle is None or self.cycle.response_complete)
+            return self.cycle is self._idle_cycle and (
+                self.cycle is None or self.cycle.response_complete
+            )
 
         def _header_deadline(self) -> None:
             self._header_timer = None
@@ -279,8 +326,11 @@ def guarded_protocol(limits: ServerLimits) -> type[asyncio.Protocol]:
     return GuardedProtocol
 
 
-def uvicorn_options(limits: ServerLimits | None = None, ssl_certfile: str | os.PathLike[str] | None = None,
-                    ssl_keyfile: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def uvicorn_options(
+    limits: ServerLimits | None = None,
+    ssl_certfile: str | os.PathLike[str] | None = None,
+    ssl_keyfile: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Keyword arguments of ``uvicorn.run`` / ``uvicorn.Config`` that apply ``limits`` (default
     :class:`ServerLimits`) and, with both files given, TLS."""
     limits = limits or ServerLimits()
@@ -307,5 +357,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-__all__ = ["DOCS_PATHS", "OPEN_PATHS", "OVERLOADED", "RequestGuard", "ServerLimits", "guarded_protocol",
-           "is_loopback", "uvicorn_options"]
+__all__ = [
+    "DOCS_PATHS",
+    "OPEN_PATHS",
+    "OVERLOADED",
+    "RequestGuard",
+    "ServerLimits",
+    "guarded_protocol",
+    "is_loopback",
+    "uvicorn_options",
+]

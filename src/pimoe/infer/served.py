@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
 import torch
@@ -25,7 +26,10 @@ from pimoe.infer.encoder import ServedEncoder, is_compressed_folder, is_hf_folde
 from pimoe.moe.model import PiMoELM
 
 _DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
 }
 
 
@@ -60,9 +64,13 @@ class ServedModel:
             raise TypeError(f"kind='text' serves a ServedEncoder, got {type(self.module).__name__}")
         if self.kind == "tensor":
             if not self.input_shape:
-                raise ValueError("kind='tensor' needs a non-empty input_shape (one request's shape)")
+                raise ValueError(
+                    "kind='tensor' needs a non-empty input_shape (one request's shape)"
+                )
             if self.input_dtype not in _DTYPES:
-                raise ValueError(f"input_dtype must be one of {sorted(_DTYPES)}, got {self.input_dtype!r}")
+                raise ValueError(
+                    f"input_dtype must be one of {sorted(_DTYPES)}, got {self.input_dtype!r}"
+                )
 
     @classmethod
     def lm(cls, model: PiMoELM) -> ServedModel:
@@ -84,20 +92,29 @@ class ServedModel:
         if is_compressed_folder(path):
             from pimoe.compress.saved import load_compressed, read_recipe
 
-            if read_recipe(path).get("kind") == "hf":
+            if read_recipe(Path(path)).get("kind") == "hf":
                 return cls.encoder(ServedEncoder.from_compressed(path))
-            model = load_compressed(path)
+            model = load_compressed(Path(path))
             if not isinstance(model, PiMoELM):
-                raise ValueError(f"{path} holds a compressed {type(model).__name__}, which the server cannot serve")
+                raise ValueError(
+                    f"{path} holds a compressed {type(model).__name__}, which the server cannot serve"
+                )
             return cls.lm(model)
         if os.path.isdir(path):
-            raise ValueError(f"{path} is a folder without config.json or recipe.json: "
-                             "not a Hugging Face model folder or a pimoe compress output")
+            raise ValueError(
+                f"{path} is a folder without config.json or recipe.json: "
+                "not a Hugging Face model folder or a pimoe compress output"
+            )
         return cls.lm(PiMoELM.load(path, map_location=map_location))
 
     @classmethod
-    def tensor(cls, module: nn.Module, input_shape: tuple[int | None, ...], input_dtype: str = "float32",
-               seq_output: bool = True) -> ServedModel:
+    def tensor(
+        cls,
+        module: nn.Module,
+        input_shape: tuple[int | None, ...],
+        input_dtype: str = "float32",
+        seq_output: bool = True,
+    ) -> ServedModel:
         """Serve a module taking one float tensor ``[B, *input_shape]``."""
         return cls(module, "tensor", tuple(input_shape), input_dtype, seq_output)
 
@@ -119,8 +136,10 @@ def check_unicode(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"holds a lone surrogate {text[exc.start]!r} at index {exc.start}, "
-                         "which is not valid Unicode text") from None
+        raise ValueError(
+            f"holds a lone surrogate {text[exc.start]!r} at index {exc.start}, "
+            "which is not valid Unicode text"
+        ) from None
     return text
 
 
@@ -135,8 +154,10 @@ def check_finite_weights(module: nn.Module, name: str) -> None:
     bad = [key for key, t in _state_tensors(module.state_dict(), "") if not _finite(t)]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise ValueError(f"model {name!r} has NaN or infinite weights in {', '.join(bad[:3])}{more}; "
-                         "refusing to serve it")
+        raise ValueError(
+            f"model {name!r} has NaN or infinite weights in {', '.join(bad[:3])}{more}; "
+            "refusing to serve it"
+        )
 
 
 def _state_tensors(value: Any, name: str) -> Iterator[tuple[str, Tensor]]:
@@ -153,7 +174,9 @@ def _state_tensors(value: Any, name: str) -> Iterator[tuple[str, Tensor]]:
 
 def _finite(t: Tensor) -> bool:
     values = t.dequantize() if t.is_quantized else t
-    return not (values.is_floating_point() or values.is_complex()) or bool(torch.isfinite(values).all())
+    return not (values.is_floating_point() or values.is_complex()) or bool(
+        torch.isfinite(values).all()
+    )
 
 
 class InferRequest(BaseModel):
@@ -180,43 +203,60 @@ class RequestError(Exception):
         self.message = message
 
 
-def request_rows(served: ServedModel, req: InferRequest, max_elements: int) -> tuple[list[Tensor], bool]:
+def request_rows(
+    served: ServedModel, req: InferRequest, max_elements: int
+) -> tuple[list[Tensor], bool]:
     """Validate a request's payload; return its rows (one batcher request each) and whether the
     payload was a batch of rows (``RequestError`` if it is invalid)."""
     given = [k for k in ("inputs", "token_ids", "text") if getattr(req, k) is not None]
     if len(given) != 1:
-        raise RequestError(422, f"send exactly one of 'inputs', 'token_ids', 'text'; got {given or 'none'}")
+        raise RequestError(
+            422, f"send exactly one of 'inputs', 'token_ids', 'text'; got {given or 'none'}"
+        )
     if served.kind == "lm":
         return [_lm_input(cast(PiMoELM, served.module), req, max_elements)], False
     if served.kind == "text":
         return _text_input(cast(ServedEncoder, served.module), req, max_elements)
     if req.inputs is None:
-        raise RequestError(422, f"model {req.model!r} takes 'inputs' (nested lists of shape {_shape_str(served)})")
+        raise RequestError(
+            422, f"model {req.model!r} takes 'inputs' (nested lists of shape {_shape_str(served)})"
+        )
     return _tensor_input(served, req.inputs, max_elements)
 
 
 def _lm_input(model: PiMoELM, req: InferRequest, max_elements: int) -> Tensor:
     if req.inputs is not None:
-        raise RequestError(422, f"model {req.model!r} is a language model: send 'token_ids' or 'text'")
+        raise RequestError(
+            422, f"model {req.model!r} is a language model: send 'token_ids' or 'text'"
+        )
     if isinstance(req.text, list):
-        raise RequestError(422, f"model {req.model!r} is a language model: send one 'text' string, not a list")
+        raise RequestError(
+            422, f"model {req.model!r} is a language model: send one 'text' string, not a list"
+        )
     ids = list(req.text.encode("utf-8")) if req.text is not None else req.token_ids
     assert ids is not None
     cfg = model.config
     if len(ids) > max_elements:
         raise RequestError(413, f"request has {len(ids)} tokens; the limit is {max_elements}")
     if not 1 <= len(ids) <= cfg.block_size:
-        raise RequestError(422, f"sequence length must be in [1, {cfg.block_size}] (block_size), got {len(ids)}")
+        raise RequestError(
+            422, f"sequence length must be in [1, {cfg.block_size}] (block_size), got {len(ids)}"
+        )
     bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
     if bad:
         raise RequestError(422, f"token ids must be in [0, {cfg.vocab_size}); got {bad[:5]}")
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _text_input(encoder: ServedEncoder, req: InferRequest, max_elements: int) -> tuple[list[Tensor], bool]:
+def _text_input(
+    encoder: ServedEncoder, req: InferRequest, max_elements: int
+) -> tuple[list[Tensor], bool]:
     """``text`` (one string, or a list of N strings) -> token ids, one batcher request per text."""
     if req.text is None:
-        raise RequestError(422, f"model {req.model!r} is a text encoder: send 'text' (a string or a list of strings)")
+        raise RequestError(
+            422,
+            f"model {req.model!r} is a text encoder: send 'text' (a string or a list of strings)",
+        )
     texts = [req.text] if isinstance(req.text, str) else req.text
     if not texts:
         raise RequestError(422, "'text' is an empty list")
@@ -225,9 +265,13 @@ def _text_input(encoder: ServedEncoder, req: InferRequest, max_elements: int) ->
         try:
             rows.append(encoder.encode_text(text))
         except ValueError as exc:
-            raise RequestError(422, f"text[{i}]: {exc}" if isinstance(req.text, list) else str(exc)) from None
+            raise RequestError(
+                422, f"text[{i}]: {exc}" if isinstance(req.text, list) else str(exc)
+            ) from None
         if sum(len(r) for r in rows) > max_elements:
-            raise RequestError(413, f"request has more than {max_elements} tokens (max_request_elements)")
+            raise RequestError(
+                413, f"request has more than {max_elements} tokens (max_request_elements)"
+            )
     return rows, isinstance(req.text, list)
 
 
@@ -235,9 +279,13 @@ def _tensor_input(served: ServedModel, inputs: Any, max_elements: int) -> tuple[
     """``inputs`` of shape ``input_shape`` (one row) or ``[N, *input_shape]`` (N rows)."""
     dtype = _DTYPES[served.input_dtype]
     if _count_leaves(inputs, max_elements) > max_elements:
-        raise RequestError(413, f"request has more than {max_elements} elements (max_request_elements)")
+        raise RequestError(
+            413, f"request has more than {max_elements} elements (max_request_elements)"
+        )
     if not isinstance(inputs, list) or any(isinstance(v, bool) for v in _leaves(inputs)):
-        raise RequestError(422, f"'inputs' must be nested lists of numbers of shape {_shape_str(served)}")
+        raise RequestError(
+            422, f"'inputs' must be nested lists of numbers of shape {_shape_str(served)}"
+        )
     try:
         x = torch.tensor(inputs, dtype=dtype)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -245,8 +293,12 @@ def _tensor_input(served: ServedModel, inputs: Any, max_elements: int) -> tuple[
     expected = served.input_shape
     batched = x.dim() == len(expected) + 1
     row_shape = x.shape[1:] if batched else x.shape
-    if len(row_shape) != len(expected) or any(e is not None and e != a for e, a in zip(expected, row_shape)):
-        raise RequestError(422, f"'inputs' has shape {list(x.shape)}; model expects {_shape_str(served)}")
+    if len(row_shape) != len(expected) or any(
+        e is not None and e != a for e, a in zip(expected, row_shape)
+    ):
+        raise RequestError(
+            422, f"'inputs' has shape {list(x.shape)}; model expects {_shape_str(served)}"
+        )
     if x.numel() == 0:
         raise RequestError(422, "'inputs' is empty")
     if not torch.isfinite(x).all():
@@ -292,5 +344,13 @@ def response_body(served: ServedModel, out: Any, return_logits: bool) -> dict[st
     return {"outputs": out.tolist(), "shape": list(out.shape)}
 
 
-
-__all__ = ["InferRequest", "RequestError", "ServedModel", "UnicodeStr", "check_finite_weights", "check_unicode", "request_rows", "response_body"]
+__all__ = [
+    "InferRequest",
+    "RequestError",
+    "ServedModel",
+    "UnicodeStr",
+    "check_finite_weights",
+    "check_unicode",
+    "request_rows",
+    "response_body",
+]

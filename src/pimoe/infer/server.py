@@ -21,20 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
+from pimoe.extras import extra_imports
 from pimoe.infer.batching import MicroBatcher
 from pimoe.infer.cache import InferenceCache, make_key
 from pimoe.infer.engine import InferenceConfig, InferenceEngine
@@ -52,6 +41,20 @@ from pimoe.infer.security import (
 )
 from pimoe.infer.served import InferRequest, RequestError, ServedModel, request_rows, response_body
 from pimoe.moe.model import PiMoELM
+
+with extra_imports("serve", "pimoe.infer.server"):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+    )
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
