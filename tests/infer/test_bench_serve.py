@@ -23,7 +23,7 @@ def test_trace_is_seeded_and_repeats() -> None:
 
 
 def test_mean_batch_size_from_metrics() -> None:
-    text = "pimoe_batch_size_count{model=\"lm\"} 4.0\npimoe_batch_size_sum{model=\"lm\"} 10.0\n"
+    text = 'pimoe_batch_size_count{model="lm"} 4.0\npimoe_batch_size_sum{model="lm"} 10.0\n'
     assert _mean_batch_size(text) == 2.5
     assert _mean_batch_size("") == 0.0
 
@@ -39,4 +39,6 @@ def test_tiny_run_over_http() -> None:
     assert result["modes"]["one_by_one"]["mean_batch_size"] == 1.0
     base = result["modes"]["one_by_one"]["throughput_rps"]
     for mode in ("batching", "batching_cache"):
-        assert result[f"throughput_ratio_{mode}"] == pytest.approx(result["modes"][mode]["throughput_rps"] / base)
+        assert result[f"throughput_ratio_{mode}"] == pytest.approx(
+            result["modes"][mode]["throughput_rps"] / base
+        )

@@ -41,6 +41,7 @@ def _fill(cache, keys: str) -> None:
 
 # ---------------------------------------------------------------- policies: eviction order
 
+
 def test_fifo_ignores_uses() -> None:
     c = FIFOCache(3)
     _fill(c, "abc")
@@ -139,13 +140,16 @@ def test_byte_bound_is_respected_by_every_policy() -> None:
             if c.get(key) is None:
                 c.put(key, torch.zeros(1 + 17 * i, dtype=torch.uint8))
             assert c.bytes <= 4000
-            assert c.bytes == sum(c._data[k].nbytes for k in c.keys())
+            assert c.bytes == sum(c._data[k].nbytes for k in c)
         assert c.evictions > 0
 
 
 def test_lfu_and_tinylfu_beat_lru_on_zipf() -> None:
     trace = zipf_trace(num_keys=1000, num_requests=10_000, skew=0.9, seed=1)
-    hits = {name: simulate_hits(make_policy(name, 50), trace) for name in ("fifo", "lru", "lfu", "tinylfu")}
+    hits = {
+        name: simulate_hits(make_policy(name, 50), trace)
+        for name in ("fifo", "lru", "lfu", "tinylfu")
+    }
     assert hits["fifo"] < hits["lru"] < hits["lfu"]
     assert hits["lru"] < hits["tinylfu"]
     assert max(hits.values()) <= belady_hits(trace, 50)
@@ -185,6 +189,7 @@ def test_no_policy_beats_belady(trace: list[int], capacity: int) -> None:
 
 
 # ---------------------------------------------------------------- InferenceCache
+
 
 def test_stats_and_get_or_compute() -> None:
     c = InferenceCache(max_size=2)
@@ -324,7 +329,10 @@ def test_failed_computation_is_raised_to_waiters_and_not_stored() -> None:
 
 
 def test_disk_tier_persists_across_instances(tmp_path) -> None:
-    value = {"logits": torch.randn(2, 3), "ids": (torch.arange(4), [torch.ones(1, dtype=torch.bfloat16)])}
+    value = {
+        "logits": torch.randn(2, 3),
+        "ids": (torch.arange(4), [torch.ones(1, dtype=torch.bfloat16)]),
+    }
     with InferenceCache(max_size=1, disk_path=tmp_path) as c:
         c.put("a", value)
         c.put("b", torch.ones(1))  # evicts a from memory; still on disk
@@ -333,7 +341,10 @@ def test_disk_tier_persists_across_instances(tmp_path) -> None:
     with InferenceCache(disk_path=tmp_path) as again:
         assert "a" in again and len(again) == 0
         got = again.get("a")
-        assert torch.equal(got["ids"][1][0], value["ids"][1][0]) and got["ids"][1][0].dtype == torch.bfloat16
+        assert (
+            torch.equal(got["ids"][1][0], value["ids"][1][0])
+            and got["ids"][1][0].dtype == torch.bfloat16
+        )
         again.get("a")
         assert (again.stats.disk_hits, again.stats.hits, len(again)) == (1, 2, 1)
         again.clear()
@@ -348,7 +359,9 @@ def test_corrupt_disk_entries_are_dropped_and_recomputed(tmp_path) -> None:
     with diskcache.Cache(str(tmp_path)) as raw:
         raw.set("garbage", b"\x00not a cache entry at all")
         payload = b"not a torch file"
-        raw.set("bad-payload", b"\x00" + xxhash.xxh3_64(b"bad-payload\x00" + payload).digest() + payload)
+        raw.set(
+            "bad-payload", b"\x00" + xxhash.xxh3_64(b"bad-payload\x00" + payload).digest() + payload
+        )
     with InferenceCache(disk_path=tmp_path) as c:
         for key in ("garbage", "bad-payload"):
             got = c.get_or_compute(key, lambda: torch.zeros(2))
@@ -372,7 +385,9 @@ def test_encrypted_entries_fail_closed(tmp_path, caplog: pytest.LogCaptureFixtur
         assert secret.numpy().tobytes() not in blob
         raw.set("a", blob[:-1] + bytes([blob[-1] ^ 1]))  # flip one tag bit
         raw.set("b", raw.get("c"))  # c's entry swapped under key b
-    with InferenceCache(disk_path=tmp_path, encrypt_key=key, audit=lambda e, f: events.append((e, dict(f)))) as c:
+    with InferenceCache(
+        disk_path=tmp_path, encrypt_key=key, audit=lambda e, f: events.append((e, dict(f)))
+    ) as c:
         with caplog.at_level(logging.WARNING, logger="pimoe.infer.cache"):
             assert c.get("a") is None and c.get("b") is None
         assert torch.equal(c.get("c"), torch.ones(2))
@@ -380,7 +395,10 @@ def test_encrypted_entries_fail_closed(tmp_path, caplog: pytest.LogCaptureFixtur
         assert "a" not in c
     records = [r for r in caplog.records if r.name == "pimoe.infer.cache"]
     assert len(records) == 2 and "failed authentication" in records[0].getMessage()
-    assert [(e, f["key"]) for e, f in events] == [("cache.integrity_failure", "a"), ("cache.integrity_failure", "b")]
+    assert [(e, f["key"]) for e, f in events] == [
+        ("cache.integrity_failure", "a"),
+        ("cache.integrity_failure", "b"),
+    ]
     with pytest.raises(CacheKeyError, match="another encrypt_key"):  # see test_disk_open.py
         InferenceCache(disk_path=tmp_path, encrypt_key=generate_key())
     with InferenceCache(disk_path=tmp_path, encrypt_key=key) as c:
@@ -389,14 +407,23 @@ def test_encrypted_entries_fail_closed(tmp_path, caplog: pytest.LogCaptureFixtur
 
 # ---------------------------------------------------------------- keys
 
+
 def test_make_key_properties() -> None:
     x = torch.arange(6, dtype=torch.float32)
     assert make_key(x) == make_key(x.clone()) == make_key(torch.arange(6.0))
     assert len(make_key(x)) == 32
     variants = [
-        make_key(x), make_key(x.double()), make_key(x.reshape(2, 3)), make_key(x + 1),
-        make_key(x, namespace="model-v2"), make_key(x, 1), make_key(x, "1"), make_key([x]), make_key((x,)),
-        make_key(x.to(torch.bfloat16)), make_key(torch.tensor([], dtype=torch.float32)),
+        make_key(x),
+        make_key(x.double()),
+        make_key(x.reshape(2, 3)),
+        make_key(x + 1),
+        make_key(x, namespace="model-v2"),
+        make_key(x, 1),
+        make_key(x, "1"),
+        make_key([x]),
+        make_key((x,)),
+        make_key(x.to(torch.bfloat16)),
+        make_key(torch.tensor([], dtype=torch.float32)),
     ]
     assert len(set(variants)) == len(variants)
     m = torch.arange(6.0).reshape(3, 2)
