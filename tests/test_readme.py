@@ -138,3 +138,10 @@ def test_readme_runs_verbatim(tmp_path: Path) -> None:
     )
     new = {p.name for p in tmp_path.iterdir()} - before - {"readme.sh"}
     assert new <= {"runs"}, f"README blocks wrote outside runs/: {sorted(new)}"
+
+
+def test_readme_shows_what_the_arithmetic_engine_returns() -> None:
+    from pimoe.compute import ArithmeticEngine
+
+    shown = repr(ArithmeticEngine().evaluate("123456789*987654321"))
+    assert f"# {shown}" in README.read_text()
