@@ -51,3 +51,22 @@ def test_seeded_and_bad_input():
         iid_partition(LABELS[:5], 10)
     with pytest.raises(TypeError, match="integers"):
         iid_partition(LABELS.astype(float), 10)
+
+
+def test_digits_split_is_stratified_disjoint_and_seeded():
+    import torch
+
+    from pimoe.data.digits import Split, digits_split
+
+    train, test = digits_split(0.2, 0)
+    assert (len(train), len(test)) == (1437, 360)
+    assert train.x.dtype == torch.float32 and train.x.min() >= 0 and train.x.max() <= 1
+    counts = torch.bincount(test.y, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # 20% of each class (174-183 images per class)
+    rows = {tuple(r.tolist()) for r in train.x} & {tuple(r.tolist()) for r in test.x}
+    assert len(rows) <= 5  # disjoint up to identical images
+    again, _ = digits_split(0.2, 0)
+    other, _ = digits_split(0.2, 1)
+    assert torch.equal(again.y, train.y) and not torch.equal(other.y, train.y)
+    with pytest.raises(ValueError, match="same N"):
+        Split(torch.zeros(3, 2), torch.zeros(4))

@@ -19,15 +19,17 @@ NUM_FEATURES = 64  # 8 x 8 pixels, row-major
 
 @dataclass(frozen=True)
 class Split:
-    """Features ``x [N, 64]`` float32 in [0, 1] and labels ``y [N]`` int64."""
+    """Inputs ``x [N, ...]`` and targets ``y [N, ...]`` of ``N`` examples (digits: ``x [N, 64]``
+    float32 in [0, 1], ``y [N]`` int64); also the data type of :mod:`pimoe.federated.task`."""
 
     x: Tensor
     y: Tensor
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 2 or self.y.ndim != 1 or len(self.x) != len(self.y):
+        if self.x.ndim < 1 or self.y.ndim < 1 or len(self.x) != len(self.y):
             raise ValueError(
-                f"need x [N, F] and y [N], got {tuple(self.x.shape)} and {tuple(self.y.shape)}"
+                f"need x [N, ...] and y [N, ...] of the same N, got {tuple(self.x.shape)} and "
+                f"{tuple(self.y.shape)}"
             )
 
     def __len__(self) -> int:
