@@ -3,6 +3,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from pimoe.bench import moe_layer
 from pimoe.bench.moe_layer import MoEBenchConfig, run
 from pimoe.bench.timing import geomean, interleaved_medians
 from pimoe.cli import app
@@ -10,28 +11,52 @@ from pimoe.cli import app
 pytest.importorskip("transformers")
 
 
-def test_small_benchmark_reports_ratios_and_agreement_with_hf() -> None:
-    result = run(MoEBenchConfig(d_model=32, ffn_dim=64, num_experts=4, tokens=[64, 128], rounds=1, threads=1))
-    assert result["max_abs_diff_vs_hf"] < 1e-5  # same weights -> same outputs as the peer
-    assert len(result["rows"]) == 4 and {r["mode"] for r in result["rows"]} == {"fwd", "fwd+bwd"}
-    for key, mode, column in (("fwd_ratio_vs_dense", "fwd", "pimoe_vs_dense"), ("fwdbwd_ratio_vs_dense", "fwd+bwd", "pimoe_vs_dense"),
-                              ("fwd_ratio_vs_hf", "fwd", "pimoe_vs_hf_eager")):  # geomean over the sizes' rows
-        assert result[key] == pytest.approx(geomean([r[column] for r in result["rows"] if r["mode"] == mode]))
+def test_small_benchmark_reports_ratios_and_agreement_with_hf(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(
+        moe_layer.SHAPES, "E8 k2 f1024", (4, 2, 64)
+    )  # tiny stand-ins for the two shapes
+    monkeypatch.setitem(moe_layer.SHAPES, "E64 k8 f256", (16, 4, 32))
+    result = run(MoEBenchConfig(d_model=32, tokens=[64, 512], rounds=1, threads=1))
+    assert result["max_abs_diff_vs_hf"] < 1e-5  # same weights -> same outputs as both HF backends
+    rows = result["rows"]
+    assert len(rows) == 8 and {(r["shape"], r["mode"]) for r in rows} == {
+        (s, m) for s in moe_layer.SHAPES for m in ("fwd", "fwd+bwd")
+    }
+    assert set(result["pimoe_vs_dense_512"]) == {
+        f"{s} {m}" for s in moe_layer.SHAPES for m in ("fwd", "fwd+bwd")
+    }
+    for r in rows:  # pimoe / best HF is measured against the faster of the two HF backends
+        best = min(r["hf_eager_vs_dense"], r["hf_grouped_mm_vs_dense"])
+        assert r["pimoe_vs_best_hf"] == pytest.approx(r["pimoe_vs_dense"] / best)
+    assert result["worst_pimoe_vs_best_hf"] == max(r["pimoe_vs_best_hf"] for r in rows)
+    assert result["load_start"] >= 0 and result["geomean_pimoe_vs_best_hf"] == pytest.approx(
+        geomean([r["pimoe_vs_best_hf"] for r in rows])
+    )
     json.dumps(result)
+    with pytest.raises(ValueError, match="unknown shapes"):
+        run(MoEBenchConfig(shapes=["E3"]))
 
 
 def test_interleaved_medians_and_geomean() -> None:
     calls: list[str] = []
-    medians = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=0)
+    medians = interleaved_medians(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=0
+    )
     assert calls == ["a", "b"] * 3 and set(medians) == {"a", "b"}
     assert geomean([1.0, 4.0]) == pytest.approx(2.0)
     with pytest.raises(ValueError):
         interleaved_medians({}, rounds=0)
 
 
-def test_cli_bench_moe_passes_its_options_to_main(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_bench_moe_passes_its_options_to_main(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[dict] = []
     monkeypatch.setattr("pimoe.bench.moe_layer.main", lambda **kwargs: calls.append(kwargs))
-    result = CliRunner().invoke(app, ["bench", "moe", "--quick", "--json", str(tmp_path / "r.json"), "--rounds", "2"])
+    result = CliRunner().invoke(
+        app, ["bench", "moe", "--quick", "--json", str(tmp_path / "r.json"), "--rounds", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert calls == [{"quick": True, "json_path": tmp_path / "r.json", "rounds": 2, "threads": 2}]

@@ -48,3 +48,8 @@ def geomean(values: list[float]) -> float:
     for v in values:
         product *= v
     return product ** (1.0 / len(values))
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (runnable processes; compare with ``os.cpu_count()``)."""
+    return os.getloadavg()[0]

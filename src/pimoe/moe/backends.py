@@ -61,17 +61,25 @@ def check_backend(name: str) -> None:
 def get_experts_backend(name: str, weight: Tensor) -> ExpertsBackend:
     """The backend function for ``name``; ``"auto"`` picks by the weights' device and dtype."""
     if name == "auto":
-        use_grouped_mm = weight.is_cuda and hasattr(F, "grouped_mm") and weight.dtype == torch.bfloat16
+        use_grouped_mm = (
+            weight.is_cuda and hasattr(F, "grouped_mm") and weight.dtype == torch.bfloat16
+        )
         name = "grouped_mm" if use_grouped_mm else "loop"
     check_backend(name)
     return _BACKENDS[name]
 
 
-def _loop(experts: StackedExperts, x_sorted: Tensor, counts: Tensor, positions: Tensor | None) -> Tensor:
-    return grouped_ffn(x_sorted, experts.w_in, experts.b_in, experts.w_out, experts.b_out, counts, experts.act)
+def _loop(
+    experts: StackedExperts, x_sorted: Tensor, counts: Tensor, positions: Tensor | None
+) -> Tensor:
+    return grouped_ffn(
+        x_sorted, experts.w_in, experts.b_in, experts.w_out, experts.b_out, counts, experts.act
+    )
 
 
-def _grouped_mm(experts: StackedExperts, x_sorted: Tensor, counts: Tensor, positions: Tensor | None) -> Tensor:
+def _grouped_mm(
+    experts: StackedExperts, x_sorted: Tensor, counts: Tensor, positions: Tensor | None
+) -> Tensor:
     offsets = counts.cumsum(0).to(torch.int32)
     h = F.grouped_mm(x_sorted, experts.w_in.transpose(-2, -1), offs=offsets)  # [N, F_in]
     if experts.b_in is not None:

@@ -1,16 +1,188 @@
-"""Execute a routing decision: sort assignments by expert, run each expert once, combine.
+"""Execute a routing decision: group assignments by expert, run each expert once, combine.
 
 No Python loop over tokens: the only loop is over experts, inside the experts backend.
-:func:`sort_assignments` and :func:`combine` are the two halves around the experts call; the
-expert-parallel layer (``parallel.py``) puts its all-to-all exchange between them.
+
+The fast path is three steps around the experts call, each one autograd node whose backward is
+a gather too (no scatter-add anywhere: ``index_add_`` into few rows stalls for tens of
+milliseconds when two threads compete for busy cores):
+
+- :func:`plan_dispatch`: where each token-expert assignment goes in the experts' row buffer
+  (expert 0's rows first). For a bank that accepts it, every expert is padded to the same
+  number of rows when that wastes little, so that a kernel can run all experts as one batched
+  matmul (:mod:`pimoe.moe.grouped`);
+- :func:`gather_tokens`: the buffer rows, ``x[plan.token_rows]``;
+- :func:`combine_rows`: each token's weighted sum of its rows, ``sum_j w[t, j] * y[slot[t, j]]``.
+
+:func:`sort_by_expert` and :func:`combine` are the older, index-only halves (the expert-parallel
+layer and transformers' backend put their own steps between them).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from pimoe.moe.router import RouterOutput
+
+# Pad every expert to the largest expert's row count when that is at most this many times the
+# executed rows: one batched matmul over all experts then beats one matmul per expert, whose
+# launches each may wait for a descheduled thread on a busy machine (measured with ``pimoe bench
+# moe``, docs/benchmarks.md). Larger ratios mean idle experts, whose weights a per-expert loop
+# does not read (decoding).
+PAD_LIMIT = 2.0
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where each assignment of ``T`` tokens x ``k`` choices goes in an ``[R, D]`` row buffer.
+
+    Attributes:
+        token_rows: ``[R]`` long, the token of each buffer row (padding rows: token 0).
+        slot: ``[T * k]`` long, the buffer row of each assignment (a dropped one: row 0).
+        row_assignment: ``[R]`` long, the assignment ``t * k + j`` of each row (padding:
+            ``T * k``); the inverse of ``slot``.
+        counts: ``[E]`` long, executed assignments per expert.
+        splits: rows per expert in the buffer (``counts`` as a list, or all equal when padded).
+        keep: ``[T, k]`` bool, the executed assignments, or None when all are.
+        top_k: ``k``.
+        padded: whether the buffer holds padding rows (then every split is the same).
+    """
+
+    token_rows: Tensor
+    slot: Tensor
+    row_assignment: Tensor
+    counts: Tensor
+    splits: list[int]
+    keep: Tensor | None
+    top_k: int
+    padded: bool
+
+    @property
+    def num_tokens(self) -> int:
+        """``T``."""
+        return self.slot.numel() // self.top_k
+
+
+def plan_dispatch(
+    indices: Tensor, num_experts: int, mask: Tensor | None = None, pad_limit: float | None = None
+) -> DispatchPlan:
+    """Group the assignments ``indices [T, k]`` by expert (stable: token order within an expert).
+
+    Args:
+        indices: ``[T, k]`` long, the experts of each token (``< num_experts`` where executed).
+        num_experts: ``E``.
+        mask: ``[T, k]`` bool, the assignments to execute (None: all).
+        pad_limit: pad every expert to the largest row count when the buffer is then at most
+            ``pad_limit`` times the executed rows (None: never pad).
+    """
+    k = indices.shape[1]
+    flat = indices.reshape(-1)  # [N]
+    if mask is not None:
+        flat = flat.masked_fill(~mask.reshape(-1), num_experts)  # dropped assignments sort last
+    order = flat.argsort(stable=True)  # [N]
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # [E]
+    splits = counts.tolist()
+    executed = sum(splits)
+    order = order[:executed]
+    capacity = max(splits, default=0)
+    pad = pad_limit is not None and executed > 0 and num_experts * capacity <= pad_limit * executed
+    position = torch.arange(executed, device=indices.device)
+    if pad:
+        # row of the p-th sorted assignment of expert e: e * capacity + (p - start of e)
+        starts = counts.cumsum(0) - counts
+        shift = torch.arange(num_experts, device=indices.device) * capacity - starts  # [E]
+        expert_sorted = torch.repeat_interleave(counts, output_size=executed)
+        rows_of_sorted = position + shift[expert_sorted]
+        num_rows = num_experts * capacity
+        token_rows = torch.zeros(num_rows, dtype=torch.long, device=indices.device)
+        token_rows.scatter_(0, rows_of_sorted, order // k)
+        row_assignment = torch.full(
+            (num_rows,), flat.numel(), dtype=torch.long, device=indices.device
+        )
+        row_assignment.scatter_(0, rows_of_sorted, order)
+        splits = [capacity] * num_experts
+    else:
+        rows_of_sorted, token_rows, row_assignment = position, order // k, order
+    slot = torch.zeros_like(flat).scatter_(0, order, rows_of_sorted)
+    return DispatchPlan(token_rows, slot, row_assignment, counts, splits, mask, k, pad)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``x [T, D] -> x[token_rows] [R, D]``; backward sums each token's rows (a gather)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, plan: DispatchPlan) -> Tensor:
+        ctx.plan = plan
+        return x.index_select(0, plan.token_rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor, None]:
+        plan: DispatchPlan = ctx.plan
+        if grad_rows.shape[0] == 0:  # every assignment dropped
+            return grad_rows.new_zeros(plan.num_tokens, grad_rows.shape[-1]), None
+        per_choice = grad_rows.index_select(0, plan.slot).view(
+            plan.num_tokens, plan.top_k, -1
+        )  # [T, k, D]
+        if plan.keep is None:
+            return per_choice.sum(dim=1), None
+        keep = plan.keep.to(grad_rows.dtype).unsqueeze(1)  # [T, 1, k]
+        return torch.bmm(keep, per_choice).squeeze(1), None
+
+
+class _CombineRows(torch.autograd.Function):
+    """``y [R, D]``, ``weights [T, k]`` -> ``[T, D]``: ``out[t] = sum_j w[t, j] * y[slot[t, j]]``."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, weights: Tensor, plan: DispatchPlan) -> Tensor:
+        num_tokens, k = weights.shape
+        w = weights if plan.keep is None else weights.masked_fill(~plan.keep, 0)
+        ctx.save_for_backward(y, w)
+        ctx.plan = plan
+        if y.shape[0] == 0:  # every assignment dropped
+            return y.new_zeros(num_tokens, y.shape[-1])
+        per_choice = y.index_select(0, plan.slot).view(num_tokens, k, -1)  # [T, k, D]
+        return torch.bmm(w.to(y.dtype).unsqueeze(1), per_choice).squeeze(1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        y, w = ctx.saved_tensors
+        plan: DispatchPlan = ctx.plan
+        num_tokens, k = w.shape
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # one extra zero row for padding rows (row_assignment == T * k)
+            per_choice = grad_out.new_empty(num_tokens * k + 1, grad_out.shape[-1])
+            per_choice[-1].zero_()
+            torch.mul(
+                grad_out.unsqueeze(1),
+                w.to(grad_out.dtype).unsqueeze(-1),
+                out=per_choice[:-1].view(num_tokens, k, -1),
+            )
+            grad_y = per_choice.index_select(0, plan.row_assignment).to(y.dtype)
+        if ctx.needs_input_grad[1] and y.shape[0] == 0:
+            grad_w = torch.zeros_like(w)
+        elif ctx.needs_input_grad[1]:
+            chosen = y.index_select(0, plan.slot).view(num_tokens, k, -1).to(grad_out.dtype)
+            grad_w = torch.bmm(chosen, grad_out.unsqueeze(-1)).view(num_tokens, k).to(w.dtype)
+            if plan.keep is not None:
+                grad_w = grad_w.masked_fill(~plan.keep, 0)
+        return grad_y, grad_w, None
+
+
+def gather_tokens(x: Tensor, plan: DispatchPlan) -> Tensor:
+    """The experts' input rows ``x[plan.token_rows]``: ``[T, D] -> [R, D]``."""
+    out: Tensor = _GatherTokens.apply(x, plan)  # type: ignore[no-untyped-call]
+    return out
+
+
+def combine_rows(y: Tensor, weights: Tensor, plan: DispatchPlan) -> Tensor:
+    """Each token's weighted sum of its expert outputs: ``y [R, D]``, ``weights [T, k]`` -> ``[T, D]``
+    in ``y``'s dtype (0 for a token with no executed assignment)."""
+    out: Tensor = _CombineRows.apply(y, weights, plan)  # type: ignore[no-untyped-call]
+    return out
 
 
 def sort_by_expert(
@@ -29,16 +201,8 @@ def sort_by_expert(
         of each executed assignment, expert 0's first (stable: token order within an expert), and
         the number of assignments per expert.
     """
-    num_tokens, k = indices.shape
-    flat_expert = indices.reshape(-1)  # [T*k]
-    flat_weight = weights.reshape(-1)  # [T*k]
-    flat_token = torch.arange(num_tokens, device=indices.device).repeat_interleave(k)  # [T*k]
-    if mask is not None:
-        keep = mask.reshape(-1)
-        flat_expert, flat_weight, flat_token = flat_expert[keep], flat_weight[keep], flat_token[keep]
-    order = flat_expert.argsort(stable=True)  # group assignments by expert
-    counts = torch.bincount(flat_expert, minlength=num_experts)  # [E]
-    return flat_token[order], flat_weight[order], counts
+    plan = plan_dispatch(indices, num_experts, mask)
+    return plan.token_rows, weights.reshape(-1).index_select(0, plan.row_assignment), plan.counts
 
 
 def sort_assignments(route: RouterOutput, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -51,21 +215,27 @@ def combine(x: Tensor, y: Tensor, token_sorted: Tensor, weight_sorted: Tensor) -
 
     Args:
         x: ``[T, D]`` the layer's tokens (gives the output's shape and dtype).
-        y: ``[N, D]`` expert outputs in the order of :func:`sort_assignments` (scaled in place
+        y: ``[N, D]`` expert outputs in the order of :func:`sort_by_expert` (scaled in place
             when grad mode is off).
-        token_sorted, weight_sorted: ``[N]`` from :func:`sort_assignments`.
+        token_sorted, weight_sorted: ``[N]`` from :func:`sort_by_expert`.
 
     Returns:
         ``[T, D]``: each token's weighted sum of its expert outputs (0 for a token with none).
+        Accumulates with ``index_put_(accumulate=True)``, which, unlike ``index_add_``, does not
+        stall on a busy machine when few tokens are written (batch-1 decoding).
     """
     scale = weight_sorted.unsqueeze(-1).to(y.dtype)  # [N, 1]
     y = y * scale if torch.is_grad_enabled() else y.mul_(scale)  # in place when nothing is saved
-    out = torch.zeros_like(x, dtype=y.dtype).index_add_(0, token_sorted, y)
+    out = torch.zeros_like(x, dtype=y.dtype).index_put_((token_sorted,), y, accumulate=True)
     return out.to(x.dtype)
 
 
 def dispatch_combine(
-    x: Tensor, route: RouterOutput, experts: nn.Module, num_experts: int, positions: Tensor | None = None
+    x: Tensor,
+    route: RouterOutput,
+    experts: nn.Module,
+    num_experts: int,
+    positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run ``experts`` on the assignments in ``route`` and combine them with their weights.
 
@@ -73,16 +243,23 @@ def dispatch_combine(
         x: ``[T, D]`` tokens.
         route: the router's decision for ``x`` (``indices``/``weights``/``mask`` are ``[T, k]``).
         experts: an expert bank (``ExpertList`` or ``StackedExperts``): called as
-            ``experts(x_sorted [N, D], counts [E], positions [N]) -> [N, D]``.
+            ``experts(x_rows [R, D], counts [E], positions [R]) -> [R, D]``, rows grouped by
+            expert. A bank whose ``accepts_padding`` is true may get padding rows (every expert
+            then has the same row count, ``counts`` says so; their outputs are ignored).
         num_experts: ``E``.
         positions: ``[T]`` long token positions handed to the experts with their rows (default:
             the token index ``0..T-1``).
 
     Returns:
         ``(out [T, D], counts [E])``: the weighted sum of each token's expert outputs (0 for a
-        token with no executed assignment), and the executed assignments per expert.
+        token with no executed assignment) in ``x``'s dtype, and the executed assignments per
+        expert.
     """
-    token_sorted, weight_sorted, counts = sort_assignments(route, num_experts)
-    row_positions = token_sorted if positions is None else positions.index_select(0, token_sorted)
-    y = experts(x.index_select(0, token_sorted), counts, row_positions)  # [N, D]
-    return combine(x, y, token_sorted, weight_sorted), counts
+    pad_limit = PAD_LIMIT if getattr(experts, "accepts_padding", False) else None
+    plan = plan_dispatch(route.indices, num_experts, route.mask, pad_limit)
+    row_positions = (
+        plan.token_rows if positions is None else positions.index_select(0, plan.token_rows)
+    )
+    splits = torch.full_like(plan.counts, plan.splits[0]) if plan.padded else plan.counts
+    y = experts(gather_tokens(x, plan), splits, row_positions)  # [R, D]
+    return combine_rows(y, route.weights, plan).to(x.dtype), plan.counts

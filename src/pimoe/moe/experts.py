@@ -35,7 +35,9 @@ def _check_activation(activation: str) -> None:
 class FFN(nn.Module):
     """Two-layer feed-forward expert ``D -> F -> D`` with a pointwise activation (GPT-2 style)."""
 
-    def __init__(self, d_model: int, ffn_dim: int, activation: str = "gelu", bias: bool = True) -> None:
+    def __init__(
+        self, d_model: int, ffn_dim: int, activation: str = "gelu", bias: bool = True
+    ) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose gelu, relu or silu")
@@ -44,7 +46,8 @@ class FFN(nn.Module):
         self.down = nn.Linear(ffn_dim, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:  # [N, D] -> [N, D]
-        return self.down(_ACTIVATIONS[self.activation](self.up(x)))
+        out: Tensor = self.down(_ACTIVATIONS[self.activation](self.up(x)))
+        return out
 
 
 class SwiGLU(nn.Module):
@@ -57,11 +60,12 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [N, D] -> [N, D]
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        out: Tensor = self.down(F.silu(gate) * up)
+        return out
 
 
 def _round(value: float, multiple: int = 16) -> int:
-    return max(multiple, int(math.ceil(value / multiple)) * multiple)
+    return max(multiple, math.ceil(value / multiple) * multiple)
 
 
 # Presets are names for architecture choices, nothing more: what an expert is good at comes from
@@ -100,15 +104,17 @@ class ExpertList(nn.Module):
     def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:
         """``x_sorted [N, D]``, ``counts [E]``, ``positions [N]`` or None -> ``[N, D]``."""
         splits = counts.tolist()
-        chunks = x_sorted.split(splits)
-        where = positions.split(splits) if positions is not None else [None] * len(chunks)
+        chunks = torch.split(x_sorted, splits)
+        where = torch.split(positions, splits) if positions is not None else [None] * len(chunks)
         outputs = []
         for expert, chunk, pos in zip(self.experts, chunks, where):
             if chunk.shape[0] == 0:
                 continue
             if getattr(expert, "uses_positions", False):
                 if pos is None:
-                    raise ValueError(f"{type(expert).__name__} needs token positions; the caller gave none")
+                    raise ValueError(
+                        f"{type(expert).__name__} needs token positions; the caller gave none"
+                    )
                 outputs.append(expert(chunk, positions=pos))
             else:
                 outputs.append(expert(chunk))
@@ -170,6 +176,14 @@ class StackedExperts(nn.Module):
             return F.silu(gate) * up
         return _ACTIVATIONS[self.activation](h)
 
+    @property
+    def accepts_padding(self) -> bool:
+        """Whether the dispatcher may pad every expert to the same row count: true for the
+        built-in ``"loop"`` kernel, which then runs all experts as batched matmuls."""
+        return get_experts_backend(self.backend, self.w_in) is get_experts_backend(
+            "loop", self.w_in
+        )
+
     def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:
         """``x_sorted [N, D]``, ``counts [E]``, ``positions [N]`` or None -> ``[N, D]``."""
         return get_experts_backend(self.backend, self.w_in)(self, x_sorted, counts, positions)
@@ -177,12 +191,16 @@ class StackedExperts(nn.Module):
     def expert(self, e: int) -> nn.Module:
         """A standalone copy of expert ``e`` as a ``SwiGLU`` or ``FFN`` module."""
         with torch.no_grad():
+            first: nn.Linear
+            second: nn.Linear
             if self.activation == "swiglu":
-                module: nn.Module = SwiGLU(self.d_model, self.ffn_dim, bias=self.b_in is not None)
-                first, second = module.gate_up, module.down
+                swiglu = SwiGLU(self.d_model, self.ffn_dim, bias=self.b_in is not None)
+                module: nn.Module = swiglu
+                first, second = swiglu.gate_up, swiglu.down
             else:
-                module = FFN(self.d_model, self.ffn_dim, self.activation, bias=self.b_in is not None)
-                first, second = module.up, module.down
+                ffn = FFN(self.d_model, self.ffn_dim, self.activation, bias=self.b_in is not None)
+                module = ffn
+                first, second = ffn.up, ffn.down
             first.weight.copy_(self.w_in[e])
             second.weight.copy_(self.w_out[e])
             if self.b_in is not None and self.b_out is not None:

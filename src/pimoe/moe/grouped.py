@@ -1,15 +1,22 @@
-"""Grouped expert FFN: rows sorted by expert, each expert's whole FFN run on its slice.
+"""Grouped expert FFN: rows grouped by expert, each expert's whole FFN run on its rows.
 
 ``y[rows of e] = act(x[rows of e] @ W_in[e].T + b_in[e]) @ W_out[e].T + b_out[e]``
 
-It is one autograd node for all experts, for two reasons measured on CPU (docs/benchmarks.md):
+It is one autograd node for all experts, with two execution strategies:
 
-- its backward writes every expert's weight gradient straight into one ``[E, O, I]`` tensor;
-  letting autograd handle per-expert weight views (``w.unbind(0)`` or ``w[e]``) costs an extra
-  full-size stack of the gradients, or a zero-filled full-size gradient per expert;
-- the hidden activations are made one expert at a time (``[n_e, F]``, not ``[N, F]``), so
-  inference never allocates the ``N x 2F`` intermediate; page-faulting such fresh large buffers
-  on every call is what made an all-experts-at-once version slower than a per-expert loop.
+- every expert has the same row count (the dispatcher pads experts to that when it wastes
+  little, see :mod:`pimoe.moe.dispatch`): the whole FFN is two batched matmuls over all
+  experts, a handful of kernel launches whatever the number of experts. On a busy machine each
+  multi-threaded launch may wait for a descheduled thread, so the launch count, not the FLOPs,
+  decides small batches;
+- otherwise one expert at a time on its slice, so that inference never allocates the
+  ``N x 2F`` intermediate (page-faulting such large fresh buffers on every call made an
+  all-experts-at-once version slower than the per-expert loop at large sizes).
+
+Its backward writes every expert's weight gradient straight into one ``[E, O, I]`` tensor;
+letting autograd handle per-expert weight views (``w.unbind(0)`` or ``w[e]``) costs an extra
+full-size stack of the gradients, or a zero-filled full-size gradient per expert
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -20,14 +27,39 @@ from typing import Any
 import torch
 from torch import Tensor
 
+Activation = Callable[[Tensor], Tensor]
+
 
 def _in_proj(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
 
+def is_uniform(splits: list[int]) -> bool:
+    """Whether every expert has the same, nonzero row count (the batched-matmul case)."""
+    return len(splits) > 1 and splits[0] > 0 and splits.count(splits[0]) == len(splits)
+
+
+def per_expert(splits: list[int], run: Callable[[int, slice], None]) -> None:
+    """Call ``run(e, rows)`` for each expert ``e`` with rows, ``rows`` its slice of the buffer."""
+    start = 0
+    for e, n in enumerate(splits):
+        if n:
+            run(e, slice(start, start + n))
+            start += n
+
+
+def _act_grad(act: Activation, h: Tensor, grad_a: Tensor) -> tuple[Tensor, Tensor]:
+    """``(act(h), d act / d h applied to grad_a)`` for ``h [n, F_in]``, ``grad_a [n, F]``."""
+    with torch.enable_grad():
+        h_leaf = h.detach().requires_grad_()
+        a = act(h_leaf)
+    (grad_h,) = torch.autograd.grad(a, h_leaf, grad_a)
+    return a.detach(), grad_h
+
+
 class _GroupedFFN(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         w_in: Tensor,
@@ -35,24 +67,38 @@ class _GroupedFFN(torch.autograd.Function):
         w_out: Tensor,
         b_out: Tensor | None,
         splits: list[int],
-        act: Callable[[Tensor], Tensor],
+        act: Activation,
         keep_hidden: bool,
     ) -> Tensor:
         out = x.new_empty(x.shape[0], w_out.shape[1])
         hidden: list[Tensor | None] = []
-        start = 0
-        for e, n in enumerate(splits):
-            if n == 0:
-                hidden.append(None)
-                continue
-            rows = slice(start, start + n)
-            h = _in_proj(x[rows], w_in[e], None if b_in is None else b_in[e])  # [n, F_in]
+        if is_uniform(splits):
+            num_experts, rows = len(splits), splits[0]
+            xb = x.view(num_experts, rows, -1)
+            wt_in = w_in.transpose(1, 2)
+            h = (
+                torch.bmm(xb, wt_in)
+                if b_in is None
+                else torch.baddbmm(b_in.unsqueeze(1), xb, wt_in)
+            )
+            a = act(h.view(num_experts * rows, -1)).view(num_experts, rows, -1)
+            yb, wt_out = out.view(num_experts, rows, -1), w_out.transpose(1, 2)
             if b_out is None:
-                torch.mm(act(h), w_out[e].t(), out=out[rows])
+                torch.bmm(a, wt_out, out=yb)
             else:
-                torch.addmm(b_out[e], act(h), w_out[e].t(), out=out[rows])
+                torch.baddbmm(b_out.unsqueeze(1), a, wt_out, out=yb)
             hidden.append(h if keep_hidden else None)
-            start += n
+        else:
+
+            def run(e: int, rows: slice) -> None:
+                h = _in_proj(x[rows], w_in[e], None if b_in is None else b_in[e])  # [n, F_in]
+                if b_out is None:
+                    torch.mm(act(h), w_out[e].t(), out=out[rows])
+                else:
+                    torch.addmm(b_out[e], act(h), w_out[e].t(), out=out[rows])
+                hidden.append(h if keep_hidden else None)
+
+            per_expert(splits, run)
         ctx.save_for_backward(x, w_in, w_out)
         ctx.hidden, ctx.splits, ctx.act = hidden, splits, act
         ctx.has_b_in, ctx.has_b_out = b_in is not None, b_out is not None
@@ -61,39 +107,73 @@ class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, w_in, w_out = ctx.saved_tensors
-        if any(h is None and n for h, n in zip(ctx.hidden, ctx.splits)):
-            raise RuntimeError("grouped_ffn was run without keep_hidden; it cannot be differentiated")
-        need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w_in = torch.empty_like(w_in) if need_w_in else None
-        grad_w_out = torch.empty_like(w_out) if need_w_out else None
-        grad_b_in = x.new_empty(w_in.shape[:2]) if need_b_in and ctx.has_b_in else None
-        grad_b_out = x.new_empty(w_out.shape[:2]) if need_b_out and ctx.has_b_out else None
-        start = 0
-        for e, (n, h) in enumerate(zip(ctx.splits, ctx.hidden)):
-            if n == 0:  # an expert that saw no token gets a zero gradient
-                for grad in (grad_w_in, grad_w_out, grad_b_in, grad_b_out):
-                    if grad is not None:
-                        grad[e].zero_()
-                continue
-            rows = slice(start, start + n)
-            g = grad_out[rows]  # [n, D]
-            with torch.enable_grad():
-                h_leaf = h.detach().requires_grad_()
-                a = ctx.act(h_leaf)  # [n, F]
-            (grad_h,) = torch.autograd.grad(a, h_leaf, torch.mm(g, w_out[e]))  # [n, F_in]
-            if grad_w_out is not None:
-                torch.mm(g.t(), a.detach(), out=grad_w_out[e])
-            if grad_b_out is not None:
-                torch.sum(g, dim=0, out=grad_b_out[e])
-            if grad_w_in is not None:
-                torch.mm(grad_h.t(), x[rows], out=grad_w_in[e])
-            if grad_b_in is not None:
-                torch.sum(grad_h, dim=0, out=grad_b_in[e])
-            if grad_x is not None:
-                torch.mm(grad_h, w_in[e], out=grad_x[rows])
-            start += n
-        return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
+        if any(h is None for h in ctx.hidden):
+            raise RuntimeError(
+                "grouped_ffn was run without keep_hidden; it cannot be differentiated"
+            )
+        need = ctx.needs_input_grad[:5]
+        grads = (
+            _batched_backward(ctx, x, w_in, w_out, grad_out, need)
+            if is_uniform(ctx.splits)
+            else (_loop_backward(ctx, x, w_in, w_out, grad_out, need))
+        )
+        return (*grads, None, None, None)
+
+
+def _batched_backward(
+    ctx: Any, x: Tensor, w_in: Tensor, w_out: Tensor, grad_out: Tensor, need: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
+    """Backward of the uniform-splits case: a few batched matmuls over all experts."""
+    num_experts, rows = len(ctx.splits), ctx.splits[0]
+    (h,) = ctx.hidden  # [E, C, F_in]
+    g = grad_out.view(num_experts, rows, -1)  # [E, C, D]
+    grad_a = torch.bmm(g, w_out)  # [E, C, F]
+    a, grad_h = _act_grad(
+        ctx.act, h.view(num_experts * rows, -1), grad_a.view(num_experts * rows, -1)
+    )
+    a, grad_h = a.view(num_experts, rows, -1), grad_h.view(num_experts, rows, -1)
+    grad_x = torch.bmm(grad_h, w_in).view_as(x) if need[0] else None
+    grad_w_in = (
+        torch.bmm(grad_h.transpose(1, 2), x.view(num_experts, rows, -1)) if need[1] else None
+    )
+    grad_b_in = grad_h.sum(dim=1) if need[2] and ctx.has_b_in else None
+    grad_w_out = torch.bmm(g.transpose(1, 2), a) if need[3] else None
+    grad_b_out = g.sum(dim=1) if need[4] and ctx.has_b_out else None
+    return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out
+
+
+def _loop_backward(
+    ctx: Any, x: Tensor, w_in: Tensor, w_out: Tensor, grad_out: Tensor, need: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
+    """Backward one expert at a time; an expert that saw no token gets a zero gradient."""
+    grad_x = torch.empty_like(x) if need[0] else None
+    grad_w_in = torch.empty_like(w_in) if need[1] else None
+    grad_w_out = torch.empty_like(w_out) if need[3] else None
+    grad_b_in = x.new_empty(w_in.shape[:2]) if need[2] and ctx.has_b_in else None
+    grad_b_out = x.new_empty(w_out.shape[:2]) if need[4] and ctx.has_b_out else None
+    hidden = iter(ctx.hidden)
+    start = 0
+    for e, n in enumerate(ctx.splits):
+        if n == 0:
+            for grad in (grad_w_in, grad_w_out, grad_b_in, grad_b_out):
+                if grad is not None:
+                    grad[e].zero_()
+            continue
+        rows = slice(start, start + n)
+        g = grad_out[rows]  # [n, D]
+        a, grad_h = _act_grad(ctx.act, next(hidden), torch.mm(g, w_out[e]))  # [n, F], [n, F_in]
+        if grad_w_out is not None:
+            torch.mm(g.t(), a, out=grad_w_out[e])
+        if grad_b_out is not None:
+            torch.sum(g, dim=0, out=grad_b_out[e])
+        if grad_w_in is not None:
+            torch.mm(grad_h.t(), x[rows], out=grad_w_in[e])
+        if grad_b_in is not None:
+            torch.sum(grad_h, dim=0, out=grad_b_in[e])
+        if grad_x is not None:
+            torch.mm(grad_h, w_in[e], out=grad_x[rows])
+        start += n
+    return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out
 
 
 def grouped_ffn(
@@ -102,16 +182,16 @@ def grouped_ffn(
     b_in: Tensor | None,
     w_out: Tensor,
     b_out: Tensor | None,
-    counts: Tensor,
-    act: Callable[[Tensor], Tensor],
+    counts: Tensor | list[int],
+    act: Activation,
 ) -> Tensor:
     """Run expert ``e``'s FFN on its rows of ``x``, for every expert.
 
     Args:
-        x: ``[N, D]`` rows sorted by expert: the first ``counts[0]`` for expert 0, and so on.
+        x: ``[N, D]`` rows grouped by expert: the first ``counts[0]`` for expert 0, and so on.
         w_in: ``[E, F_in, D]``; b_in: ``[E, F_in]`` or None.
         w_out: ``[E, D, F]``; b_out: ``[E, D]`` or None.
-        counts: ``[E]`` rows per expert (sums to ``N``).
+        counts: ``[E]`` rows per expert (sums to ``N``), a tensor or a list.
         act: ``[n, F_in] -> [n, F]`` (e.g. SwiGLU's ``silu(gate) * up``).
 
     Returns:
@@ -125,5 +205,36 @@ def grouped_ffn(
         b_out = b_out.to(dtype) if b_out is not None else None
     tensors = [t for t in (x, w_in, b_in, w_out, b_out) if t is not None]
     keep_hidden = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    splits = counts if isinstance(counts, list) else [int(n) for n in counts.tolist()]
     with torch.autocast(device_type, enabled=False):
-        return _GroupedFFN.apply(x, w_in, b_in, w_out, b_out, counts.tolist(), act, keep_hidden)
+        out: Tensor = _GroupedFFN.apply(x, w_in, b_in, w_out, b_out, splits, act, keep_hidden)  # type: ignore[no-untyped-call]
+    return out
+
+
+def grouped_ffn_with(
+    x: Tensor,
+    counts: Tensor | list[int],
+    project_in: Callable[[int, Tensor], Tensor],
+    project_out: Callable[[int, Tensor], Tensor],
+    act: Activation,
+    out_features: int,
+) -> Tensor:
+    """Forward-only grouped FFN whose per-expert projections are functions (quantized weights):
+    ``y[rows of e] = project_out(e, act(project_in(e, x[rows of e])))``.
+
+    Args:
+        x: ``[N, D]`` rows grouped by expert; counts: ``[E]`` rows per expert.
+        project_in: ``(e, [n, D]) -> [n, F_in]``; project_out: ``(e, [n, F]) -> [n, out_features]``.
+        act: ``[n, F_in] -> [n, F]``.
+
+    Returns:
+        ``[N, out_features]`` in ``x``'s dtype.
+    """
+    splits = counts if isinstance(counts, list) else [int(n) for n in counts.tolist()]
+    out = x.new_empty(x.shape[0], out_features)
+
+    def run(e: int, rows: slice) -> None:
+        out[rows] = project_out(e, act(project_in(e, x[rows])))
+
+    per_expert(splits, run)
+    return out

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from pimoe.moe.experts import StackedExperts, SwiGLU
+
 if TYPE_CHECKING:
     from pimoe.moe.layer import PiMoE
 
@@ -26,7 +28,9 @@ def from_hf_block(cls: type[PiMoE], block: nn.Module) -> PiMoE:
             "or Qwen2MoeSparseMoeBlock (with gate.weight and experts.gate_up_proj)"
         )
     if not _is_silu(experts.act_fn):
-        raise ValueError(f"{name} uses activation {type(experts.act_fn).__name__}; only SiLU (SwiGLU) is supported")
+        raise ValueError(
+            f"{name} uses activation {type(experts.act_fn).__name__}; only SiLU (SwiGLU) is supported"
+        )
     num_experts, two_f, d_model = experts.gate_up_proj.shape
     shared = getattr(block, "shared_expert", None)
     if shared is not None and not _is_silu(shared.act_fn):
@@ -41,13 +45,21 @@ def from_hf_block(cls: type[PiMoE], block: nn.Module) -> PiMoE:
         shared_ffn_dim=shared.down_proj.in_features if shared is not None else None,
         shared_gate=getattr(block, "shared_expert_gate", None) is not None,
     )
+    bank, shared_ffn = layer.experts, layer.shared
+    if not isinstance(bank, StackedExperts):
+        raise TypeError(
+            f"{cls.__name__} built {type(bank).__name__} experts, expected StackedExperts"
+        )
     with torch.no_grad():
         layer.router.gate.weight.copy_(gate.weight)
-        layer.experts.w_in.copy_(experts.gate_up_proj)
-        layer.experts.w_out.copy_(experts.down_proj)
-        if shared is not None:
-            layer.shared.gate_up.weight.copy_(torch.cat([shared.gate_proj.weight, shared.up_proj.weight]))
-            layer.shared.down.weight.copy_(shared.down_proj.weight)
-        if layer.shared_gate is not None:
-            layer.shared_gate.weight.copy_(block.shared_expert_gate.weight)
+        bank.w_in.copy_(experts.gate_up_proj)
+        bank.w_out.copy_(experts.down_proj)
+        if shared is not None and isinstance(shared_ffn, SwiGLU):
+            shared_ffn.gate_up.weight.copy_(
+                torch.cat([shared.gate_proj.weight, shared.up_proj.weight])
+            )
+            shared_ffn.down.weight.copy_(shared.down_proj.weight)
+        if isinstance(layer.shared_gate, nn.Linear):
+            shared_gate: nn.Linear = getattr(block, "shared_expert_gate")  # noqa: B009
+            layer.shared_gate.weight.copy_(shared_gate.weight)
     return layer.to(device=gate.weight.device, dtype=gate.weight.dtype)

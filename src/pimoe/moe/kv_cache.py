@@ -22,8 +22,16 @@ class KVCache:
         dtype, device: of the stored keys and values.
     """
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if min(n_layer, batch, n_head, head_dim, max_len) < 1:
             raise ValueError("KVCache sizes must all be >= 1")
         shape = (batch, n_head, max_len, head_dim)
@@ -37,14 +45,16 @@ class KVCache:
         if batch != self.batch:
             raise ValueError(f"the cache holds a batch of {self.batch}, got {batch}")
         if self.length + new > self.max_len:
-            raise ValueError(f"{self.length} cached + {new} new positions exceed max_len={self.max_len}")
+            raise ValueError(
+                f"{self.length} cached + {new} new positions exceed max_len={self.max_len}"
+            )
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k, v [B, H, S, D/H]`` of the new positions of ``layer``; return the keys and
         values of all ``length + S`` positions."""
         end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, new: int) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pimoe.moe.dispatch import dispatch_combine
 from pimoe.moe.config import MoEConfig
+from pimoe.moe.dispatch import dispatch_combine
 from pimoe.moe.experts import ExpertList, StackedExperts, SwiGLU
 from pimoe.moe.router import Router, RouterOutput
 from pimoe.moe.stats import RoutingStats
@@ -22,11 +22,12 @@ class MoEOutput(nn.Module):
 
     shared: nn.Module | None
     shared_gate: nn.Module | None
+    last_stats: RoutingStats | None
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles start without the last call's losses and stats: those hold that
         call's autograd graph, which ``copy.deepcopy`` refuses to copy."""
-        state = super().__getstate__().copy()
+        state: dict[str, Any] = dict(super().__getstate__())  # type: ignore[no-untyped-call]
         state["aux_loss"] = state["z_loss"] = torch.zeros(())
         state["last_stats"] = None
         return state
@@ -80,7 +81,9 @@ class PiMoE(MoEOutput):
             raise ValueError(f"d_model must be >= 1, got {d_model}")
         if experts is not None:
             if options.get("num_experts", len(experts)) != len(experts):
-                raise ValueError(f"num_experts={options['num_experts']} but {len(experts)} experts were given")
+                raise ValueError(
+                    f"num_experts={options['num_experts']} but {len(experts)} experts were given"
+                )
             options["num_experts"] = len(experts)
         self.config = config = MoEConfig.build(config, options)
         self.d_model, self.num_experts, self.top_k = d_model, config.num_experts, config.top_k
@@ -88,13 +91,24 @@ class PiMoE(MoEOutput):
         self.check_finite = config.check_finite
         self.router = Router(d_model, config)
         self.experts: nn.Module = (
-            ExpertList(experts) if experts is not None
-            else StackedExperts(config.num_experts, d_model, self.ffn_dim, config.activation, config.bias,
-                                config.backend)
+            ExpertList(experts)
+            if experts is not None
+            else StackedExperts(
+                config.num_experts,
+                d_model,
+                self.ffn_dim,
+                config.activation,
+                config.bias,
+                config.backend,
+            )
         )
         width = config.shared_experts * (config.shared_ffn_dim or self.ffn_dim)
         self.shared = SwiGLU(d_model, width) if config.shared_experts else None
-        self.shared_gate = nn.Linear(d_model, 1, bias=False) if config.shared_experts and config.shared_gate else None
+        self.shared_gate = (
+            nn.Linear(d_model, 1, bias=False)
+            if config.shared_experts and config.shared_gate
+            else None
+        )
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
         self.last_stats: RoutingStats | None = None

@@ -23,8 +23,9 @@ def load_balancing_loss(probs: Tensor, indices: Tensor, num_experts: int) -> Ten
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
     flat = indices.reshape(-1)
-    counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
-    counts.index_add_(0, flat, torch.ones_like(flat, dtype=probs.dtype))
+    counts = torch.bincount(flat, minlength=num_experts).to(
+        probs.dtype
+    )  # not index_add_: it stalls on busy cores
     fraction = counts / flat.numel()  # [E], no gradient (counts are discrete)
     return num_experts * (fraction * probs.mean(dim=0)).sum()
 

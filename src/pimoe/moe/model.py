@@ -49,7 +49,9 @@ class LMConfig:
     dropout: float = 0.0
     moe_every: int = 1  # a PiMoE FFN in every k-th block (blocks k-1, 2k-1, ...); 0 = all dense
     moe: MoEConfig = field(default_factory=_default_moe)
-    dense_ffn_dim: int | None = None  # dense blocks' width; None = (top_k + shared_experts) * ffn_dim
+    dense_ffn_dim: int | None = (
+        None  # dense blocks' width; None = (top_k + shared_experts) * ffn_dim
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.moe, MoEConfig):
@@ -102,7 +104,14 @@ class LMConfig:
         return cls(**data, moe=MoEConfig.from_dict(moe))
 
 
-_LEGACY_MOE_KEYS = ("num_experts", "top_k", "ffn_dim", "shared_experts", "aux_loss_coef", "z_loss_coef")
+_LEGACY_MOE_KEYS = (
+    "num_experts",
+    "top_k",
+    "ffn_dim",
+    "shared_experts",
+    "aux_loss_coef",
+    "z_loss_coef",
+)
 
 
 @dataclass
@@ -137,14 +146,22 @@ class CausalSelfAttention(nn.Module):
             past = cache.length
             k, v = cache.update(self.layer, k, v)  # [B, H, past + S, D/H]
             if past and S > 1:  # new query i sees the past and new keys up to its own position
-                mask = torch.arange(past + S, device=x.device) <= past + torch.arange(S, device=x.device)[:, None]
+                mask = (
+                    torch.arange(past + S, device=x.device)
+                    <= past + torch.arange(S, device=x.device)[:, None]
+                )
             causal = past == 0
         y = F.scaled_dot_product_attention(  # [B, H, S, D/H]
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal and mask is None and S > 1,
         )
         y = y.transpose(1, 2).contiguous().view(B, S, D)
-        return self.resid_dropout(self.proj(y))
+        out: Tensor = self.resid_dropout(self.proj(y))
+        return out
 
 
 class Block(nn.Module):
@@ -155,14 +172,20 @@ class Block(nn.Module):
         self.norm1 = nn.RMSNorm(config.d_model)
         self.attn = CausalSelfAttention(config, layer)
         self.norm2 = nn.RMSNorm(config.d_model)
-        self.ffn: nn.Module = PiMoE(config.d_model, config.moe) if moe else SwiGLU(config.d_model, config.dense_width)
+        self.ffn: nn.Module = (
+            PiMoE(config.d_model, config.moe) if moe else SwiGLU(config.d_model, config.dense_width)
+        )
         self.ffn_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cache: KVCache | None = None, positions: Tensor | None = None
+    ) -> Tensor:
         """``x [B, S, D]`` -> ``[B, S, D]``; ``positions [B, S]`` go to a PiMoE feed-forward layer."""
         x = x + self.attn(self.norm1(x), cache)
         h = self.norm2(x)
-        return x + self.ffn_dropout(self.ffn(h, positions) if isinstance(self.ffn, PiMoE) else self.ffn(h))
+        ffn_out: Tensor = self.ffn(h, positions) if isinstance(self.ffn, PiMoE) else self.ffn(h)
+        dropped: Tensor = self.ffn_dropout(ffn_out)
+        return x + dropped
 
 
 class PiMoELM(nn.Module):
@@ -174,7 +197,9 @@ class PiMoELM(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.block_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, config.is_moe(i), i) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(
+            Block(config, config.is_moe(i), i) for i in range(config.n_layer)
+        )
         self.norm_f = nn.RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying
@@ -214,7 +239,9 @@ class PiMoELM(nn.Module):
                 f"{targets.dtype} {tuple(targets.shape)}"
             )
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> LMOutput:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+    ) -> LMOutput:
         """``idx [B, S]`` long token ids, optional ``targets [B, S]`` -> :class:`LMOutput`.
 
         With a ``cache`` (:meth:`new_cache`), ``idx`` are the tokens after the ``cache.length``
@@ -227,7 +254,9 @@ class PiMoELM(nn.Module):
             cache.check_room(S, B)
         pos = torch.arange(past, past + S, device=idx.device)  # [S]
         # The PiMoE layers see positions into the whole context [B, past + S], flattened.
-        positions = None if not past else torch.arange(B, device=idx.device)[:, None] * (past + S) + pos
+        positions = (
+            None if not past else torch.arange(B, device=idx.device)[:, None] * (past + S) + pos
+        )
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # [B, S, D]
         for block in self.blocks:
             x = block(x, cache, positions)
@@ -248,7 +277,15 @@ class PiMoELM(nn.Module):
         """An empty :class:`KVCache` for ``batch`` sequences, in the model's dtype and device."""
         weight = self.tok_emb.weight
         c = self.config
-        return KVCache(c.n_layer, batch, c.n_head, c.d_model // c.n_head, c.block_size, weight.dtype, weight.device)
+        return KVCache(
+            c.n_layer,
+            batch,
+            c.n_head,
+            c.d_model // c.n_head,
+            c.block_size,
+            weight.dtype,
+            weight.device,
+        )
 
     @property
     def can_cache(self) -> bool:
@@ -275,7 +312,7 @@ class PiMoELM(nn.Module):
         if cache is None or idx.shape[1] > block or cache.length >= idx.shape[1]:
             cache = self.new_cache(idx.shape[0])
             return self(idx[:, -block:], cache=cache).logits[:, -1], cache
-        return self(idx[:, cache.length:], cache=cache).logits[:, -1], cache
+        return self(idx[:, cache.length :], cache=cache).logits[:, -1], cache
 
     def routing_stats(self) -> list[RoutingStats]:
         """Per MoE layer, the :class:`RoutingStats` of the last forward call."""
@@ -323,7 +360,7 @@ class PiMoELM(nn.Module):
             if use_cache:
                 logits, cache = self.extend(idx, cache)
             else:
-                logits = self(idx[:, -self.config.block_size:]).logits[:, -1]
+                logits = self(idx[:, -self.config.block_size :]).logits[:, -1]
             logits = logits.float()  # [B, V]
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
@@ -341,13 +378,20 @@ class PiMoELM(nn.Module):
         as safetensors metadata, atomically (temp file + rename; stale temps of earlier killed
         saves are removed)."""
         state = {name: t for name, t in self.state_dict().items() if name != "lm_head.weight"}
-        metadata = {_CONFIG_KEY: json.dumps(self.config.to_dict()), _DIGEST_KEY: tensor_digest(state)}
+        metadata = {
+            _CONFIG_KEY: json.dumps(self.config.to_dict()),
+            _DIGEST_KEY: tensor_digest(state),
+        }
         with atomic_output(path) as tmp:
             save_model(self, str(tmp), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
-             verify: bool = True) -> PiMoELM:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        map_location: str | torch.device = "cpu",
+        verify: bool = True,
+    ) -> PiMoELM:
         """Rebuild a model written by :meth:`save`; ``ValueError`` if the file is not one.
 
         The tensors' declared shapes are checked against the stored config before anything is
@@ -360,14 +404,18 @@ class PiMoELM(nn.Module):
             metadata, _ = read_safetensors_header(path)
             config = LMConfig.from_dict(json.loads(metadata[_CONFIG_KEY]))
         except KeyError:
-            raise ValueError(f"{path}: no {_CONFIG_KEY!r} entry in the safetensors metadata") from None
+            raise ValueError(
+                f"{path}: no {_CONFIG_KEY!r} entry in the safetensors metadata"
+            ) from None
         except (json.JSONDecodeError, TypeError, ValueError) as err:
             if str(err).startswith(str(path)):
                 raise
             raise ValueError(f"{path}: invalid {_CONFIG_KEY!r} metadata ({err})") from err
         with torch.device("meta"):
             expected = {name: t.shape for name, t in cls(config).state_dict().items()}
-        check_safetensors_shapes(path, expected, may_be_missing=("lm_head.weight", "tok_emb.weight"))  # tied: one is stored
+        check_safetensors_shapes(
+            path, expected, may_be_missing=("lm_head.weight", "tok_emb.weight")
+        )  # tied: one is stored
         model = cls(config).to(map_location)
         try:
             load_model(model, str(path), strict=True, device=str(map_location))
@@ -376,8 +424,14 @@ class PiMoELM(nn.Module):
         if verify:
             state = {name: t for name, t in model.state_dict().items() if name != "lm_head.weight"}
             if _DIGEST_KEY in metadata and tensor_digest(state) != metadata[_DIGEST_KEY]:
-                raise ValueError(f"{path}: the weights do not match their stored SHA-256 (corrupt or tampered file)")
-            bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+                raise ValueError(
+                    f"{path}: the weights do not match their stored SHA-256 (corrupt or tampered file)"
+                )
+            bad = [
+                name
+                for name, t in state.items()
+                if t.is_floating_point() and not torch.isfinite(t).all()
+            ]
             if bad:
                 raise ValueError(f"{path}: non-finite weights in {bad[:3]}")
         return model

@@ -67,7 +67,7 @@ def _collective(what: str, group: ProcessGroup) -> Iterator[None]:
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup
     ) -> Tensor:
         out = x.new_empty(sum(out_splits), *x.shape[1:])
@@ -81,18 +81,23 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         grad_in = grad.new_empty(sum(in_splits), *grad.shape[1:])
         with _collective("all_to_all of gradient rows", ctx.group):
-            dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+            dist.all_to_all_single(
+                grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group
+            )
         return grad_in, None, None, None
 
 
-def all_to_all_rows(x: Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup = None) -> Tensor:
+def all_to_all_rows(
+    x: Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup = None
+) -> Tensor:
     """Differentiable ``all_to_all_single`` of rows with variable split sizes.
 
     ``x [sum(in_splits), ...]``: its first ``in_splits[0]`` rows go to rank 0, and so on.
     Returns ``[sum(out_splits), ...]``: ``out_splits[r]`` rows from rank ``r``, in rank order.
     The backward sends the gradient rows back with the splits swapped.
     """
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+    out: Tensor = _AllToAll.apply(x, out_splits, in_splits, group)  # type: ignore[no-untyped-call]
+    return out
 
 
 class ExpertParallelMoE(MoEOutput):
@@ -119,6 +124,8 @@ class ExpertParallelMoE(MoEOutput):
             (:meth:`from_layer` fills it in; needed to sum the copies' gradients).
     """
 
+    _slots: Tensor  # [E] slot of each expert (destination rank, then its local expert)
+
     def __init__(
         self,
         router: Router,
@@ -133,22 +140,41 @@ class ExpertParallelMoE(MoEOutput):
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
-            raise RuntimeError("ExpertParallelMoE needs an initialized process group (see init_process_group)")
+            raise RuntimeError(
+                "ExpertParallelMoE needs an initialized process group (see init_process_group)"
+            )
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.placement = placement or ExpertPlacement(num_experts, self.world_size)
-        if (self.placement.num_experts, self.placement.world_size) != (num_experts, self.world_size):
-            raise ValueError(f"{self.placement} does not fit {num_experts} experts on {self.world_size} ranks")
+        if (self.placement.num_experts, self.placement.world_size) != (
+            num_experts,
+            self.world_size,
+        ):
+            raise ValueError(
+                f"{self.placement} does not fit {num_experts} experts on {self.world_size} ranks"
+            )
         self.shard = expert_shard(num_experts, self.rank, self.world_size)
         self.held = self.placement.held[self.rank]
-        if len(experts) != len(self.held):  # type: ignore[arg-type]
-            raise ValueError(f"rank {self.rank} should hold {len(self.held)} experts, got {len(experts)}")  # type: ignore[arg-type]
-        if self.placement.replicated and (replica_numel is None or len(replica_numel) != len(self.placement.replicated)):
-            raise ValueError("replicated experts need replica_numel (one count per replicated expert); use from_layer")
+        num_held = len(experts)  # type: ignore[arg-type]
+        if num_held != len(self.held):
+            raise ValueError(
+                f"rank {self.rank} should hold {len(self.held)} experts, got {num_held}"
+            )
+        if self.placement.replicated and (
+            replica_numel is None or len(replica_numel) != len(self.placement.replicated)
+        ):
+            raise ValueError(
+                "replicated experts need replica_numel (one count per replicated expert); use from_layer"
+            )
         self.replica_numel = replica_numel or []
         self.register_buffer("_slots", self.placement.slots(self.rank), persistent=False)  # [E]
         self.d_model, self.num_experts, self.top_k = router.d_model, num_experts, router.top_k
-        self.router, self.experts, self.shared, self.shared_gate = router, experts, shared, shared_gate
+        self.router, self.experts, self.shared, self.shared_gate = (
+            router,
+            experts,
+            shared,
+            shared_gate,
+        )
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
         self.last_stats: RoutingStats | None = None
@@ -156,19 +182,30 @@ class ExpertParallelMoE(MoEOutput):
         self.last_recv_splits: list[int] = []
 
     @classmethod
-    def from_layer(cls, layer: PiMoE, group: ProcessGroup = None,
-                   replicas: Mapping[int, Iterable[int]] | None = None) -> ExpertParallelMoE:
+    def from_layer(
+        cls,
+        layer: PiMoE,
+        group: ProcessGroup = None,
+        replicas: Mapping[int, Iterable[int]] | None = None,
+    ) -> ExpertParallelMoE:
         """Copy ``layer``'s router and shared experts, and the experts this rank holds: its shard
         and, with ``replicas`` (``{expert: extra ranks}``, the same on every rank), its copies."""
         if not dist.is_initialized():
-            raise RuntimeError("ExpertParallelMoE needs an initialized process group (see init_process_group)")
+            raise RuntimeError(
+                "ExpertParallelMoE needs an initialized process group (see init_process_group)"
+            )
         placement = ExpertPlacement(layer.num_experts, dist.get_world_size(group), replicas)
         held = list(placement.held[dist.get_rank(group)])
         bank = layer.experts
         experts: nn.Module
         if isinstance(bank, StackedExperts):
             experts = StackedExperts(
-                len(held), bank.d_model, bank.ffn_dim, bank.activation, bank.b_in is not None, bank.backend
+                len(held),
+                bank.d_model,
+                bank.ffn_dim,
+                bank.activation,
+                bank.b_in is not None,
+                bank.backend,
             ).to(bank.w_in.device, bank.w_in.dtype)
             with torch.no_grad():
                 for name, param in experts.named_parameters():
@@ -176,13 +213,20 @@ class ExpertParallelMoE(MoEOutput):
             numel = [sum(p[0].numel() for p in bank.parameters())] * len(placement.replicated)
         elif isinstance(bank, ExpertList):
             experts = ExpertList([copy.deepcopy(bank.experts[e]) for e in held])
-            numel = [sum(p.numel() for p in bank.experts[e].parameters()) for e in placement.replicated]
+            numel = [
+                sum(p.numel() for p in bank.experts[e].parameters()) for e in placement.replicated
+            ]
         else:
             raise TypeError(f"cannot shard experts of type {type(bank).__name__}")
         return cls(
-            copy.deepcopy(layer.router), experts, layer.num_experts,
-            shared=copy.deepcopy(layer.shared), shared_gate=copy.deepcopy(layer.shared_gate), group=group,
-            placement=placement, replica_numel=numel,
+            copy.deepcopy(layer.router),
+            experts,
+            layer.num_experts,
+            shared=copy.deepcopy(layer.shared),
+            shared_gate=copy.deepcopy(layer.shared_gate),
+            group=group,
+            placement=placement,
+            replica_numel=numel,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -196,23 +240,37 @@ class ExpertParallelMoE(MoEOutput):
             # collectives even if only some ranks' inputs need a gradient.
             tokens = tokens.detach().requires_grad_()
         route = self.router(tokens)
-        token_sorted, weight_sorted, counts = sort_assignments(route, self.num_experts)  # [N], [N], [E]
+        token_sorted, weight_sorted, counts = sort_assignments(
+            route, self.num_experts
+        )  # [N], [N], [E]
         # Regroup the rows from expert order to slot order (destination rank, then its local expert).
-        expert_of_row = torch.arange(self.num_experts, device=counts.device).repeat_interleave(counts)  # [N]
+        expert_of_row = torch.arange(self.num_experts, device=counts.device).repeat_interleave(
+            counts
+        )  # [N]
         order = self._slots[expert_of_row].argsort(stable=True)  # [N]
         token_sorted, weight_sorted = token_sorted[order], weight_sorted[order]
         held_per_rank = [len(h) for h in self.placement.held]
         slot_counts = counts.new_zeros(sum(held_per_rank)).index_add_(0, self._slots, counts)  # [S]
         recv_counts = counts.new_empty(world * len(self.held))
         with _collective("all_to_all of expert counts", self.group):
-            dist.all_to_all_single(recv_counts, slot_counts, [len(self.held)] * world, held_per_rank, group=self.group)
-        recv_counts = recv_counts.view(world, len(self.held))  # [W, H]: rows from rank r for held expert h
-        send_splits = [int(c.sum()) for c in slot_counts.split(held_per_rank)]
+            dist.all_to_all_single(
+                recv_counts, slot_counts, [len(self.held)] * world, held_per_rank, group=self.group
+            )
+        recv_counts = recv_counts.view(
+            world, len(self.held)
+        )  # [W, H]: rows from rank r for held expert h
+        send_splits = [int(c.sum()) for c in torch.split(slot_counts, held_per_rank)]
         recv_splits = recv_counts.sum(dim=1).tolist()
-        received = all_to_all_rows(tokens.index_select(0, token_sorted), recv_splits, send_splits, self.group)  # [M, D]
+        received = all_to_all_rows(
+            tokens.index_select(0, token_sorted), recv_splits, send_splits, self.group
+        )  # [M, D]
         y = self._run_local_experts(received, recv_counts)  # [M, D], in the received order
-        y = all_to_all_rows(y, send_splits, recv_splits, self.group)  # [N, D], in token_sorted order
-        out = self._finish(tokens, combine(tokens, y, token_sorted, weight_sorted), route, counts)  # [T, D]
+        y = all_to_all_rows(
+            y, send_splits, recv_splits, self.group
+        )  # [N, D], in token_sorted order
+        out = self._finish(
+            tokens, combine(tokens, y, token_sorted, weight_sorted), route, counts
+        )  # [T, D]
         self.last_send_splits, self.last_recv_splits = send_splits, recv_splits
         return out.reshape(shape)
 
@@ -221,12 +279,16 @@ class ExpertParallelMoE(MoEOutput):
         -> ``[M, D]`` in the same order; the experts backend sees the rows grouped by expert."""
         world, local = recv_counts.shape
         if world == 1 or local == 1:  # already grouped by expert
-            return self.experts(received, recv_counts.sum(dim=0))
+            grouped: Tensor = self.experts(received, recv_counts.sum(dim=0))
+            return grouped
         expert_of_row = torch.arange(local, device=received.device).repeat(world)  # [W * H]
         expert_of_row = expert_of_row.repeat_interleave(recv_counts.reshape(-1))  # [M]
         order = expert_of_row.argsort(stable=True)  # [M]
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return self.experts(received.index_select(0, order), recv_counts.sum(dim=0)).index_select(0, inverse)
+        inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.numel(), device=order.device)
+        )
+        y: Tensor = self.experts(received.index_select(0, order), recv_counts.sum(dim=0))
+        return y.index_select(0, inverse)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """Parameters of the experts this rank holds (not replicated on every rank like the rest)."""
@@ -237,11 +299,14 @@ class ExpertParallelMoE(MoEOutput):
         if isinstance(self.experts, StackedExperts):
             params = [(p, True) for p in self.experts.parameters()]
         else:
-            params = [(p, False) for p in self.experts.experts[i].parameters()]  # type: ignore[union-attr]
-        for p, _ in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return [p.grad[i] if stacked else p.grad for p, stacked in params]  # type: ignore[index]
+            held: nn.Module = self.experts.experts[i]  # type: ignore[index, assignment]
+            params = [(p, False) for p in held.parameters()]
+        grads = []
+        for p, stacked in params:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = grad
+            grads.append(grad[i] if stacked else grad)
+        return grads
 
     def sum_replica_grads(self) -> None:
         """Sum the gradients of every replicated expert over the ranks holding a copy (a
@@ -251,7 +316,7 @@ class ExpertParallelMoE(MoEOutput):
             return
         device = next(self.experts.parameters()).device
         flat = torch.zeros(sum(self.replica_numel), device=device)
-        chunks = flat.split(self.replica_numel)
+        chunks = torch.split(flat, self.replica_numel)
         mine = [(chunks[j], self.held.index(e)) for j, e in enumerate(replicated) if e in self.held]
         for chunk, i in mine:
             chunk.copy_(torch.cat([g.reshape(-1) for g in self._held_grads(i)]))
@@ -259,7 +324,7 @@ class ExpertParallelMoE(MoEOutput):
             dist.all_reduce(flat, group=self.group)
         for chunk, i in mine:
             grads = self._held_grads(i)
-            for grad, part in zip(grads, chunk.split([g.numel() for g in grads])):
+            for grad, part in zip(grads, torch.split(chunk, [g.numel() for g in grads])):
                 grad.copy_(part.view_as(grad))
 
     def gather_full_state_dict(self) -> dict[str, Tensor] | None:
@@ -290,7 +355,9 @@ class ExpertParallelMoE(MoEOutput):
         )
 
 
-def allreduce_replicated_grads(module: nn.Module, average: bool = True, group: ProcessGroup = None) -> None:
+def allreduce_replicated_grads(
+    module: nn.Module, average: bool = True, group: ProcessGroup = None
+) -> None:
     """Make every rank's gradients those of the whole group's loss, after ``backward()``.
 
     Replicated parameters (everything outside the experts of the :class:`ExpertParallelMoE`
@@ -311,7 +378,7 @@ def allreduce_replicated_grads(module: nn.Module, average: bool = True, group: P
         flat = torch.cat([g.reshape(-1) for g in replicated])
         with _collective("all_reduce of replicated gradients", group):
             dist.all_reduce(flat, group=group)
-        for grad, chunk in zip(replicated, flat.split([g.numel() for g in replicated])):
+        for grad, chunk in zip(replicated, torch.split(flat, [g.numel() for g in replicated])):
             grad.copy_(chunk.view_as(grad))
     if average:
         for p in module.parameters():
@@ -340,5 +407,7 @@ def init_process_group(
     if backend == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=init_method, timeout=timeout, rank=rank, world_size=world_size)
+    dist.init_process_group(
+        backend, init_method=init_method, timeout=timeout, rank=rank, world_size=world_size
+    )
     return device

@@ -16,7 +16,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-_LIST_KEY = re.compile(r"^experts\.experts\.(\d+)\.(.+)$")  # ExpertList: experts.experts.<e>.<param>
+_LIST_KEY = re.compile(
+    r"^experts\.experts\.(\d+)\.(.+)$"
+)  # ExpertList: experts.experts.<e>.<param>
 
 
 def expert_shard(num_experts: int, rank: int, world_size: int) -> range:
@@ -44,15 +46,21 @@ class ExpertPlacement:
         held: per rank, the sorted experts it holds (its shard and its copies).
     """
 
-    def __init__(self, num_experts: int, world_size: int, replicas: Mapping[int, Iterable[int]] | None = None) -> None:
+    def __init__(
+        self, num_experts: int, world_size: int, replicas: Mapping[int, Iterable[int]] | None = None
+    ) -> None:
         self.num_experts, self.world_size = num_experts, world_size
         holders = [{self.owner(e)} for e in range(num_experts)]  # also validates divisibility
         for expert, ranks in (replicas or {}).items():
             if not 0 <= expert < num_experts:
-                raise ValueError(f"replicas names expert {expert}; experts are 0..{num_experts - 1}")
+                raise ValueError(
+                    f"replicas names expert {expert}; experts are 0..{num_experts - 1}"
+                )
             for rank in ranks:
                 if not 0 <= rank < world_size:
-                    raise ValueError(f"replicas of expert {expert} name rank {rank}; ranks are 0..{world_size - 1}")
+                    raise ValueError(
+                        f"replicas of expert {expert} name rank {rank}; ranks are 0..{world_size - 1}"
+                    )
                 holders[expert].add(rank)
         self.holders: tuple[tuple[int, ...], ...] = tuple(tuple(sorted(h)) for h in holders)
         self.held: tuple[tuple[int, ...], ...] = tuple(
@@ -92,7 +100,9 @@ class ExpertPlacement:
         return f"ExpertPlacement(num_experts={self.num_experts}, world_size={self.world_size}, replicated={extra})"
 
 
-def select_experts(full: Mapping[str, Tensor], num_experts: int, experts: Sequence[int]) -> dict[str, Tensor]:
+def select_experts(
+    full: Mapping[str, Tensor], num_experts: int, experts: Sequence[int]
+) -> dict[str, Tensor]:
     """The state dict of a layer holding only ``experts`` (in that order) of a ``PiMoE`` state dict.
 
     Stacked expert tensors (``experts.w_in [E, ...]`` etc.) keep those rows; ``ExpertList`` keys
@@ -110,14 +120,18 @@ def select_experts(full: Mapping[str, Tensor], num_experts: int, experts: Sequen
                 out[f"experts.experts.{position[e]}.{match.group(2)}"] = value
         elif key.startswith("experts."):
             if value.shape[0] != num_experts:
-                raise ValueError(f"{key} has {value.shape[0]} experts on dim 0, expected {num_experts}")
+                raise ValueError(
+                    f"{key} has {value.shape[0]} experts on dim 0, expected {num_experts}"
+                )
             out[key] = value.index_select(0, rows.to(value.device))
         else:
             out[key] = value
     return out
 
 
-def shard_state_dict(full: Mapping[str, Tensor], num_experts: int, rank: int, world_size: int) -> dict[str, Tensor]:
+def shard_state_dict(
+    full: Mapping[str, Tensor], num_experts: int, rank: int, world_size: int
+) -> dict[str, Tensor]:
     """The part of a single-process ``PiMoE`` state dict that ``rank`` owns (its shard, no copies)."""
     return select_experts(full, num_experts, expert_shard(num_experts, rank, world_size))
 
@@ -130,7 +144,9 @@ def unshard_state_dict(shards: list[Mapping[str, Tensor]], num_experts: int) -> 
         for key, value in shard.items():
             match = _LIST_KEY.match(key)
             if match:
-                out[f"experts.experts.{int(match.group(1)) + rank * per_rank}.{match.group(2)}"] = value
+                out[f"experts.experts.{int(match.group(1)) + rank * per_rank}.{match.group(2)}"] = (
+                    value
+                )
             elif key.startswith("experts."):
                 out[key] = value if rank == 0 else torch.cat([out[key], value])
             elif rank == 0:
@@ -138,4 +154,10 @@ def unshard_state_dict(shards: list[Mapping[str, Tensor]], num_experts: int) -> 
     return out
 
 
-__all__ = ["ExpertPlacement", "expert_shard", "select_experts", "shard_state_dict", "unshard_state_dict"]
+__all__ = [
+    "ExpertPlacement",
+    "expert_shard",
+    "select_experts",
+    "shard_state_dict",
+    "unshard_state_dict",
+]

@@ -41,14 +41,13 @@ class RoutingStats:
         else:
             dropped_assignments = (~mask).sum()
             dropped_tokens = (~mask.any(dim=-1)).sum()
-        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1)
         return cls(
             tokens_per_expert=counts.detach().long(),
             num_tokens=probs.shape[0],
             dropped_assignments=dropped_assignments,
             dropped_tokens=dropped_tokens,
-            entropy_sum=entropy.sum(),
-            confidence_sum=probs.max(dim=-1).values.sum() if probs.shape[0] else probs.sum(),
+            entropy_sum=torch.special.entr(probs).sum(),  # -p log p, 0 at p = 0
+            confidence_sum=probs.amax(dim=-1).sum() if probs.shape[0] else probs.sum(),
         )
 
     def __add__(self, other: RoutingStats) -> RoutingStats:
@@ -57,12 +56,16 @@ class RoutingStats:
                 f"cannot add stats of {self.num_experts} and {other.num_experts} experts"
             )
         return RoutingStats(
-            tokens_per_expert=self.tokens_per_expert + other.tokens_per_expert.to(self.tokens_per_expert.device),
+            tokens_per_expert=self.tokens_per_expert
+            + other.tokens_per_expert.to(self.tokens_per_expert.device),
             num_tokens=self.num_tokens + other.num_tokens,
-            dropped_assignments=self.dropped_assignments + other.dropped_assignments.to(self.dropped_assignments.device),
-            dropped_tokens=self.dropped_tokens + other.dropped_tokens.to(self.dropped_tokens.device),
+            dropped_assignments=self.dropped_assignments
+            + other.dropped_assignments.to(self.dropped_assignments.device),
+            dropped_tokens=self.dropped_tokens
+            + other.dropped_tokens.to(self.dropped_tokens.device),
             entropy_sum=self.entropy_sum + other.entropy_sum.to(self.entropy_sum.device),
-            confidence_sum=self.confidence_sum + other.confidence_sum.to(self.confidence_sum.device),
+            confidence_sum=self.confidence_sum
+            + other.confidence_sum.to(self.confidence_sum.device),
         )
 
     @staticmethod
