@@ -52,6 +52,10 @@ def test_benchmark_best_config_json(tmp_path) -> None:
     assert rows["fp32"]["cosine"] > 0.99999 and rows["fp32"]["size_ratio"] == 1.0
     assert best["cosine"] > 0.985 and best["cosine_min"] > 0.97  # 70 held-out sentences
     assert best["size_ratio"] < 0.25 and rows["fp32"]["latency_ratio"] == 1.0
+    assert best["safetensors_ratio"] < 0.25  # the saved folder's model.safetensors
+    assert (
+        "--bits 8" in best["command"] and "embedding" not in best["command"]
+    )  # the default recipe
     assert best["latency_ratio"] == pytest.approx(best["latency_ms"] / rows["fp32"]["latency_ms"])
 
 

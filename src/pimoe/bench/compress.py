@@ -1,11 +1,12 @@
 """all-MiniLM-L6-v2 compressed by pimoe.compress vs ONNX Runtime dynamic int8 (the peer), same run.
 
-Every configuration is an :class:`~pimoe.compress.ArchitectureConfig` applied to the fp32 model
+Every configuration is a list of :mod:`pimoe.compress.configs` applied to a copy of the fp32 model
 (the same as ``pimoe compress <minilm folder> OUT <flags>``). Measured against the fp32 torch model:
 - ``cosine``: mean (and min) cosine similarity of the sentence embeddings (mean-pooled,
   L2-normalized) on ``pimoe/data/sentences_heldout.txt``, which nothing is calibrated or trained on;
 - ``size_ratio``: bytes of the saved model file (``torch.save`` of the state dict; the ``.onnx``
-  file for ONNX Runtime) over the fp32 ``torch.save`` file;
+  file for ONNX Runtime) over the fp32 ``torch.save`` file; ``safetensors_ratio``: the same for
+  the ``model.safetensors`` of the folder :func:`~pimoe.compress.save_compressed` writes;
 - ``latency_ratio``: median latency at batch 32 (the first 32 held-out sentences) over fp32's,
   from interleaved rounds (every contender runs once per round).
 
@@ -34,54 +35,41 @@ from rich.table import Table
 from torch import Tensor
 
 from pimoe.bench.timing import interleaved_medians, run_header
-from pimoe.compress import ArchitectureConfig, ArchitectureOptimizer
+from pimoe.compress import (
+    ArchitectureConfig,
+    ArchitectureOptimizer,
+    CastConfig,
+    CompressConfig,
+    EmbeddingQuantConfig,
+    HeadPruneConfig,
+    Int8DynamicConfig,
+    NeuronPruneConfig,
+    save_compressed,
+)
 from pimoe.data.minilm import MiniLM, load_minilm, load_sentences
 from pimoe.io import atomic_write_bytes, atomic_write_text
 
 TARGETS = {"size_ratio": 0.25, "cosine": 0.99, "latency_ratio": 1 / 1.5}
 
-# name -> (`pimoe compress` flags, config). "int8 dyn": torch.ao dynamic int8 Linears, per-channel weights,
-# 8-bit activations; "emb": the word embeddings quantized too; "ORT": ONNX Runtime.
-CONFIGS: dict[str, tuple[str, ArchitectureConfig]] = {
+# name -> (`pimoe compress` flags, configs). "int8 dyn": torch.ao dynamic int8 Linears, per-channel
+# weights, 8-bit activations; "emb": the word embeddings quantized too; "ORT": ONNX Runtime.
+CONFIGS: dict[str, tuple[str, list[CompressConfig]]] = {
     "int8 dyn, 7-bit act (torch.ao)": (
-        "--bits 8",
-        ArchitectureConfig(enable_pruning=False, quantization_bits=8),
+        "--bits 8 --reduced-range --embedding-bits 0",
+        [Int8DynamicConfig(full_range=False)],
     ),
-    "int8 dyn": (
-        "--bits 8 --full-range",
-        ArchitectureConfig(enable_pruning=False, quantization_bits=8, int8_full_range=True),
-    ),
+    "int8 dyn": ("--bits 8 --embedding-bits 0", [Int8DynamicConfig()]),
     "int8 dyn + int8 emb": (
-        "--bits 8 --full-range --embedding-bits 8",
-        ArchitectureConfig(
-            enable_pruning=False, quantization_bits=8, int8_full_range=True, embedding_bits=8
-        ),
+        "--bits 8 --embedding-bits 8",
+        [Int8DynamicConfig(), EmbeddingQuantConfig(bits=8)],
     ),
     "int8 dyn + int4 emb": (
-        "--bits 8 --full-range --embedding-bits 4",
-        ArchitectureConfig(
-            enable_pruning=False, quantization_bits=8, int8_full_range=True, embedding_bits=4
-        ),
+        "--bits 8",
+        ArchitectureConfig(enable_pruning=False, quantization_bits=8).to_configs(),
     ),
-    "bf16": ("--bits 16", ArchitectureConfig(enable_pruning=False, quantization_bits=16)),
-    "25% heads pruned, no repair": (
-        "--prune-heads 0.25",
-        ArchitectureConfig(
-            enable_pruning=False,
-            enable_quantization=False,
-            enable_head_pruning=True,
-            head_prune_ratio=0.25,
-        ),
-    ),
-    "10% FFN neurons pruned, no repair": (
-        "--prune-neurons 0.1",
-        ArchitectureConfig(
-            enable_pruning=False,
-            enable_quantization=False,
-            enable_neuron_pruning=True,
-            neuron_prune_ratio=0.1,
-        ),
-    ),
+    "bf16": ("--bits 16", [CastConfig("bfloat16")]),
+    "25% heads pruned, no repair": ("--prune-heads 0.25", [HeadPruneConfig(0.25)]),
+    "10% FFN neurons pruned, no repair": ("--prune-neurons 0.1", [NeuronPruneConfig(0.1)]),
 }
 QUICK_SKIP = ("bf16", "25% heads pruned, no repair", "10% FFN neurons pruned, no repair")
 
@@ -197,6 +185,9 @@ def run(cfg: CompressBenchConfig, console: Console | None = None) -> dict:
     timing_batch = batches[0]
     reference = _embed(fp32, batches)
     contenders: dict[str, tuple[str, int, Runner]] = {}
+    file_bytes: dict[
+        str, int
+    ] = {}  # model.safetensors of the saved folder (what load_compressed reads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         base_bytes = _saved_size(fp32.state_dict(), folder, "fp32")
@@ -204,9 +195,11 @@ def run(cfg: CompressBenchConfig, console: Console | None = None) -> dict:
         for index, name in enumerate(
             track(cfg.configs, description="compressing", console=console)
         ):
-            flags, config = CONFIGS[name]
-            model = ArchitectureOptimizer(config).compress(fp32)
+            flags, configs = CONFIGS[name]
+            model = ArchitectureOptimizer(configs).compress(fp32)
             size = _saved_size(model.state_dict(), folder, f"config{index}")
+            saved = save_compressed(folder / f"folder{index}", model) / "model.safetensors"
+            file_bytes[name] = saved.stat().st_size
             contenders[name] = (f"pimoe compress MINILM OUT {flags}", size, model)
         if cfg.onnx:
             console.print("ONNX Runtime: export (cached after the first run) and quantize_dynamic")
@@ -223,6 +216,8 @@ def run(cfg: CompressBenchConfig, console: Console | None = None) -> dict:
         row["latency_ms"] = seconds[row["name"]] * 1000
         row["latency_ratio"] = seconds[row["name"]] / seconds["fp32"]
         row["meets_targets"] = _meets(row)
+        if row["name"] in file_bytes:
+            row["safetensors_ratio"] = file_bytes[row["name"]] / base_bytes
     onnx_fp32 = next((row for row in rows if row["name"] == "ORT fp32"), None)
     if onnx_fp32 is not None and onnx_fp32["cosine_min"] < 0.9999:
         raise RuntimeError(
@@ -284,6 +279,7 @@ def _print(result: dict, console: Console) -> None:
     for column in (
         "configuration",
         "size_ratio",
+        "safetensors",
         "cosine",
         "min cos",
         "ms",
@@ -295,6 +291,7 @@ def _print(result: dict, console: Console) -> None:
         table.add_row(
             row["name"],
             f"{row['size_ratio']:.3f}",
+            f"{row['safetensors_ratio']:.3f}" if "safetensors_ratio" in row else "-",
             f"{row['cosine']:.4f}",
             f"{row['cosine_min']:.4f}",
             f"{row['latency_ms']:.0f}",

@@ -210,8 +210,10 @@ def compress_(
     )
     check_order(configs)
     ctx = StepContext(filter_fn=filter_fn, replay=replay is not None)
-    if any(c.trains for c in configs) and replay is None:
-        ctx.teacher = copy.deepcopy(model).eval()
+    if replay is None and any(c.trains and getattr(c, "teacher", None) is None for c in configs):
+        ctx.teacher = copy.deepcopy(
+            model
+        ).eval()  # the model as it was, for configs without a teacher
     fidelity, metric = measure_on.metric() if measure_on is not None else (None, "none")
     reference = (
         run_model(model, measure_on.example_inputs, measure_on.output_fn) if measure_on else None

@@ -8,6 +8,8 @@ Every handler works in place on the whole model, honours ``ctx.filter_fn`` (thro
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.ao.nn.quantized.dynamic as nnqd
 from torch import nn
@@ -106,13 +108,18 @@ def _int8_static(model: nn.Module, config: StaticInt8Config, ctx: StepContext) -
         for n, m in [*plain_linears(model), *convs]
         if n and not matches(n, skip) and id(m.weight) not in tied
     ]
-    qconfig = get_default_qconfig("x86")  # type: ignore[no-untyped-call]
+    with (
+        warnings.catch_warnings()
+    ):  # torch.ao's observer notices (and, on a replay, "observer not run")
+        warnings.simplefilter("ignore", UserWarning)
+        qconfig = get_default_qconfig("x86")  # type: ignore[no-untyped-call]
     for name, module in targets:
         wrapper = QuantWrapper(module)
         wrapper.qconfig = qconfig
         set_module(model, name, wrapper)
     model.eval()
-    with quiet_torch_ao():
+    with quiet_torch_ao(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         prepare(model, inplace=True)  # type: ignore[no-untyped-call]
         if not ctx.replay and config.calibration is not None:
             with torch.no_grad():
