@@ -23,7 +23,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +43,19 @@ from pimoe.moe.model import LMConfig, PiMoELM
 class BalanceBenchConfig:
     """Sizes of both workloads (defaults: full run, a few minutes per workload on one thread)."""
 
-    lm_steps: int = 100
+    lm_steps: int = 40
     lm_batch_size: int = 16
     lm_lr: float = 2e-3
-    switch_coefs: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1])
+    switch_coefs: list[float] = field(default_factory=lambda: [0.01, 0.1])
     lm_bias_rate: float = 1e-2
-    router_steps: int = 100
-    router_train_windows: int = 8  # of 256 tokens
-    router_heldout_windows: int = 4
-    router_switch_coefs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    router_steps: int = 40
+    router_train_windows: int = 2  # of 256 tokens
+    router_heldout_windows: int = 2
+    router_switch_coefs: list[float] = field(default_factory=lambda: [0.1, 1.0])
     router_bias_rate: float = 1e-3
     threads: int = 1
     seed: int = 0
-    skip_pretrained: bool = False
+    workloads: tuple[str, ...] = ("lm", "routers")
 
 
 QUICK = BalanceBenchConfig(
@@ -260,16 +260,20 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
 
 
 def run(
-    quick: bool = False, json_path: str | Path | None = None, progress: bool = True
+    quick: bool = False,
+    json_path: str | Path | None = None,
+    progress: bool = True,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """Entry point of ``pimoe bench balance``: both workloads (``quick``: a smoke-sized run)."""
-    cfg = QUICK if quick else BalanceBenchConfig()
+    """Entry point of ``pimoe bench balance``: both workloads (``quick``: a smoke-sized run;
+    ``overrides``: :class:`BalanceBenchConfig` fields, e.g. ``workloads=("lm",)``)."""
+    cfg = replace(QUICK if quick else BalanceBenchConfig(), **overrides)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         result: dict[str, Any] = run_header("balance", cfg)
-        result["lm"] = lm_workload(cfg, progress)
-        result["routers"] = [] if cfg.skip_pretrained else router_workload(cfg, progress)
+        result["lm"] = lm_workload(cfg, progress) if "lm" in cfg.workloads else []
+        result["routers"] = router_workload(cfg, progress) if "routers" in cfg.workloads else []
     finally:
         torch.set_num_threads(threads)
     print_report(result)

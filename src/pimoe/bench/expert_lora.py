@@ -41,10 +41,10 @@ from pimoe.moe import LoRAConfig, add_lora, merge_lora, save_lora
 
 @dataclass
 class ExpertLoRABenchConfig:
-    steps: int = 20
+    steps: int = 10
     batch_size: int = 2
     window: int = 128
-    heldout_windows: int = 4  # of 256 tokens
+    heldout_windows: int = 2  # of 256 tokens
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_lr: float = 1e-3
