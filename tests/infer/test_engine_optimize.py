@@ -24,7 +24,7 @@ def test_engine_runs_a_compressed_copy_once() -> None:
     x = torch.randn(3, 8)
     out = engine.infer(model, x)
     report = engine.report(model)
-    assert report is not None and [s.name for s in report.steps] == ["before", "prune"]
+    assert report is not None and [s.name for s in report.steps] == ["before", "magnitude_prune"]
     pruned = engine._models[id(model)].target
     assert pruned is not model and torch.equal(out, pruned(x))
     assert not torch.equal(out, model(x))  # half the weights are zeroed in the copy

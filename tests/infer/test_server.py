@@ -105,6 +105,7 @@ def test_healthz(client: httpx.Client) -> None:
     assert r.json() == {
         "status": "ok",
         "models": {"lm": "lm", "linear": "tensor", "boom": "tensor", "tagger": "tensor"},
+        "generation": [],
     }
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from functools import cache
 from typing import Any
 
@@ -71,6 +71,10 @@ class Cache(ABC):
     def __contains__(self, key: Hashable) -> bool:
         self._purge()
         return key in self._data
+
+    def __iter__(self) -> Iterator[Hashable]:
+        """Live keys (a snapshot), in no particular order."""
+        return iter(self.keys())
 
     def keys(self) -> list[Hashable]:
         """Live keys, in no particular order."""
