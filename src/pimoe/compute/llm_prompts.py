@@ -18,6 +18,7 @@ import re
 from typing import Literal
 
 from pimoe.compute.word_problems import PATTERNS, WordProblem, WordProblemSet
+from pimoe.compute.word_templates import WRITTEN_TEMPLATES
 
 Style = Literal["answer", "tool", "request"]
 STYLES: tuple[Style, ...] = ("answer", "tool", "request")
@@ -31,14 +32,18 @@ def question_block(question: str) -> str:
 
 
 def shot_problems(problems: WordProblemSet, shots: int) -> list[WordProblem]:
-    """``shots`` train-split examples with distinct patterns (deterministic)."""
+    """``shots`` train-split examples with distinct patterns and hand-written phrasings (deterministic;
+    generated phrasings are for training only: after a prefix of them the LM tended to stop at once)."""
     if not 0 <= shots <= len(PATTERNS):
         raise ValueError(f"shots must lie in 0..{len(PATTERNS)}, got {shots}")
     chosen: list[WordProblem] = []
     index = SHOT_OFFSET
     while len(chosen) < shots:
         p = problems.problem("train", index)
-        if p.pattern not in {c.pattern for c in chosen}:
+        if (
+            p.pattern not in {c.pattern for c in chosen}
+            and p.template in WRITTEN_TEMPLATES["train"]
+        ):
             chosen.append(p)
         index += 1
     return chosen

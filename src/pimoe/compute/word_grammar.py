@@ -158,8 +158,8 @@ FRAMES: tuple[tuple[int, str, str], ...] = (
     ),
     (
         5,
-        "[Every|Each] [bag|tray] [holds|has] {c} {item}, [every|each] [box|crate] [holds|has] {b} [bags|trays], "
-        "and there are {a} [boxes|crates]. How many {item} [are there|in all]?",
+        "[Every bag holds {c} {item}, every box holds {b} bags, and there are {a} boxes|Each tray has {c} {item}, "
+        "each crate has {b} trays, and there are {a} crates]. How many {item} [are there|in all]?",
         "[There are {r} {item}.|In all {r} {item}.]",
     ),
     (
