@@ -121,3 +121,21 @@ def test_tiny_hf_models_with_quantized_experts_stay_close_to_eager(
         quantized = model(input_ids=ids).logits
     cosine = F.cosine_similarity(quantized.flatten(), eager.flatten(), dim=0).item()
     assert floor < cosine < 1.0
+
+
+def test_quantized_experts_bench_reports_size_fidelity_and_speed_per_variant() -> None:
+    pytest.importorskip("transformers")
+    from pimoe.bench.quantized_experts import QuantizedExpertsBenchConfig, _tiny
+
+    result = _tiny(
+        QuantizedExpertsBenchConfig(tiny_tokens=(1, 8), rounds=1, smollm2=False, threads=1)
+    )
+    for rows in result.values():
+        assert rows["float"]["logit_cosine"] == pytest.approx(1.0)
+        assert 0.98 < rows["int4"]["logit_cosine"] < rows["int8"]["logit_cosine"] <= 1.0
+        assert (
+            rows["int4"]["expert_bytes"]
+            < rows["int8"]["expert_bytes"]
+            < rows["float"]["expert_bytes"]
+        )
+        assert all(r["tokens_per_s"] > 0 for r in rows.values())
