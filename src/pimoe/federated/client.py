@@ -90,7 +90,7 @@ def make_client_app(
     ``he_context``: the serialized CKKS context with the secret key, for ``cfg.he`` runs (a real
     SuperNode reads it from the file named by its ``he-context-file`` node-config key instead).
     """
-    from pimoe.federated.secure import (
+    from pimoe.federated.secure_client import (
         load_key_file,
         protected_reply,
         register_client_handlers,

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from pimoe.federated.config import FederatedConfig
-from pimoe.federated.secure import load_key_file
+from pimoe.federated.secure_client import load_key_file
 from pimoe.federated.strategy import RoundLog, make_strategy
 from pimoe.federated.task import load_task
 from pimoe.io import atomic_write_text
