@@ -1,5 +1,8 @@
 """LoRA fine-tuning of the upcycled SmolLM2 (experts + attention) vs full fine-tuning.
 
+The two runs take their steps in turn on the same batches, so step times are compared under the
+same machine load.
+
 The model is SmolLM2-135M-Instruct split into 8 experts per MLP at top-4 with the demo's cached
 routers and refit (``pimoe demo``). Both runs train on the same random 128-token windows of
 Python's documentation (``pydoc_data.topics``, the training 90%) for the same steps with AdamW;
@@ -65,33 +68,44 @@ def heldout_loss(model: nn.Module, heldout: Tensor) -> float:
 
 
 def finetune(
-    model: nn.Module, train_ids: Tensor, cfg: ExpertLoRABenchConfig, lr: float, progress: bool
-) -> list[float]:
-    """Train the parameters of ``model`` that require gradients; returns the seconds of each step."""
+    runs: dict[str, tuple[nn.Module, float]],
+    train_ids: Tensor,
+    cfg: ExpertLoRABenchConfig,
+    progress: bool,
+) -> dict[str, list[float]]:
+    """Train each ``name: (model, lr)`` (the parameters that require gradients, AdamW) on the same
+    batches, one step of each run in turn (order alternating every step, so that the machine's
+    load drift hits all alike); returns the seconds of every step of each run."""
     from pimoe.models.progress import track
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizers = {
+        name: torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+        )
+        for name, (model, lr) in runs.items()
+    }
     generator = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    seconds = []
-    for _ in track(range(cfg.steps), "fine-tune", enabled=progress):
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for step in track(range(cfg.steps), "fine-tune", enabled=progress):
         starts = torch.randint(
             len(train_ids) - cfg.window - 1, (cfg.batch_size,), generator=generator
         )
         batch = torch.stack(
             [train_ids[s : s + cfg.window + 1] for s in starts.tolist()]
         )  # [B, S+1]
-        start = time.perf_counter()
-        logits = model(batch[:, :-1], use_cache=False).logits
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        seconds.append(time.perf_counter() - start)
-    model.eval()
+        for name in names if step % 2 == 0 else names[::-1]:
+            model = runs[name][0].train()
+            start = time.perf_counter()
+            logits = model(batch[:, :-1], use_cache=False).logits
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
+            )
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[name].step()
+            seconds[name].append(time.perf_counter() - start)
+            model.eval()
     return seconds
 
 
@@ -125,7 +139,14 @@ def run(
             model, LoRAConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=ATTENTION)
         )
         lora_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        lora_steps = finetune(model, train_ids, cfg, cfg.lora_lr, progress)
+        full_trainable = sum(p.numel() for p in full_model.parameters() if p.requires_grad)
+        steps = finetune(
+            {"lora": (model, cfg.lora_lr), "full": (full_model, cfg.full_lr)},
+            train_ids,
+            cfg,
+            progress,
+        )
+        lora_steps, full_steps = steps["lora"], steps["full"]
         lora_after = heldout_loss(model, heldout)
         with tempfile.TemporaryDirectory() as folder:
             save_lora(model, folder)
@@ -134,8 +155,6 @@ def run(
         merged_after = heldout_loss(model, heldout)
         del model
 
-        full_trainable = sum(p.numel() for p in full_model.parameters() if p.requires_grad)
-        full_steps = finetune(full_model, train_ids, cfg, cfg.full_lr, progress)
         full_after = heldout_loss(full_model, heldout)
     finally:
         torch.set_num_threads(threads)
