@@ -17,6 +17,14 @@ from pimoe.hf.report import LayerRouting, RoutingReport, routing_report
 enable()
 
 __all__ = [
-    "FAMILIES", "LayerRouting", "RoutingReport", "build_tiny", "check_families", "enable",
-    "experts_layout", "pimoe_experts_forward", "routing_report", "track_expert_load",
+    "FAMILIES",
+    "LayerRouting",
+    "RoutingReport",
+    "build_tiny",
+    "check_families",
+    "enable",
+    "experts_layout",
+    "pimoe_experts_forward",
+    "routing_report",
+    "track_expert_load",
 ]
