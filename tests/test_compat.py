@@ -48,7 +48,9 @@ def test_seed_ultra_fast_inference_example() -> None:
     reference = model(input_data)
     assert torch.nn.functional.cosine_similarity(output.float(), reference, dim=-1).mean() > 0.8
     report = engine.report(model)
-    assert report is not None and [row.name for row in report.steps][1:] == ["prune", "quantize"]
+    assert report is not None
+    steps = [row.name for row in report.steps][1:]  # after "before": pruning, then quantization step(s)
+    assert steps[0].endswith("prune") and len(steps) >= 2, steps
     again = engine.infer(model, input_data)  # a cache hit; compressed once
     assert torch.equal(again, output) and engine.report(model) is report
     assert engine.engine.cache is not None and engine.engine.cache.stats.hits == 1

@@ -26,7 +26,8 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 def _missing(monkeypatch: pytest.MonkeyPatch, module: str, *forget: str) -> None:
     """Make ``import module`` fail as if it were not installed; drop cached pimoe modules ``forget``."""
-    monkeypatch.setitem(sys.modules, module, None)
+    for name in [module, *(n for n in sys.modules if n.startswith(module + "."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # cached submodules too
     for name in [n for n in sys.modules if n.startswith(forget)] if forget else []:
         monkeypatch.delitem(sys.modules, name)
 
