@@ -9,14 +9,20 @@ import pytest
 import torch
 from torch import nn
 
-from pimoe.compat import InferenceCache, IntelligentCaching, UltraFastInferenceConfig, UltraFastInferenceEngine
+from pimoe.compat import (
+    InferenceCache,
+    IntelligentCaching,
+    UltraFastInferenceConfig,
+    UltraFastInferenceEngine,
+)
 from pimoe.infer import InferenceCache as BaseCache
 
 
 def _seed_example(model: nn.Module, input_data: torch.Tensor) -> tuple[object, torch.Tensor]:
     # --- the seed's example, verbatim but for the import line ---
-    from pimoe.compat import (
-        UltraFastInferenceEngine, UltraFastInferenceConfig
+    from pimoe.compat import (  # noqa: I001 (as the seed wrote it)
+        UltraFastInferenceEngine,
+        UltraFastInferenceConfig,
     )
 
     # Create ultra-fast inference engine
@@ -27,7 +33,7 @@ def _seed_example(model: nn.Module, input_data: torch.Tensor) -> tuple[object, t
         enable_quantization=True,
         quantization_bits=8,
         enable_torch_compile=True,
-        enable_mixed_precision=True
+        enable_mixed_precision=True,
     )
 
     engine = UltraFastInferenceEngine(inference_config)
@@ -49,7 +55,8 @@ def test_seed_ultra_fast_inference_example() -> None:
     assert torch.nn.functional.cosine_similarity(output.float(), reference, dim=-1).mean() > 0.8
     report = engine.report(model)
     assert report is not None
-    steps = [row.name for row in report.steps][1:]  # after "before": pruning, then quantization step(s)
+    # after "before": pruning, then quantization step(s)
+    steps = [row.name for row in report.steps][1:]
     assert steps[0].endswith("prune") and len(steps) >= 2, steps
     again = engine.infer(model, input_data)  # a cache hit; compressed once
     assert torch.equal(again, output) and engine.report(model) is report
@@ -58,11 +65,15 @@ def test_seed_ultra_fast_inference_example() -> None:
 
 
 def test_config_maps_to_engine_and_compression_settings() -> None:
-    cfg = UltraFastInferenceConfig(cache_size=5, enable_torch_compile=True, enable_mixed_precision=True)
+    cfg = UltraFastInferenceConfig(
+        cache_size=5, enable_torch_compile=True, enable_mixed_precision=True
+    )
     inf = cfg.inference_config()
     assert (inf.compile, inf.dtype, inf.cache_size) == (True, "bfloat16", 5)
     assert cfg.architecture_config() is None
-    arch = UltraFastInferenceConfig(enable_model_compression=True, enable_pruning=True).architecture_config()
+    arch = UltraFastInferenceConfig(
+        enable_model_compression=True, enable_pruning=True
+    ).architecture_config()
     assert arch is not None and arch.enabled_steps() == ["prune"]
 
 

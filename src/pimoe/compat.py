@@ -23,7 +23,9 @@ from torch import Tensor, nn
 from pimoe.adapt import AdaptConfig, AdaptiveLearning
 from pimoe.compress import ArchitectureConfig, CompressionReport
 from pimoe.compress.advanced import AdvancedArchitectureConfig, AdvancedArchitectureOptimizer
-from pimoe.federated.edge import EdgeComputing  # federated training over simulated edge nodes; Flower loads on first use
+
+# federated training over simulated edge nodes; Flower loads on first use
+from pimoe.federated.edge import EdgeComputing
 from pimoe.fusion import FusionConfig, build_fusion
 from pimoe.infer import InferenceCache as _InferenceCache
 from pimoe.infer import InferenceConfig, InferenceEngine
@@ -34,10 +36,18 @@ from pimoe.privacy.crypto import generate_key, load_key
 class InferenceCache(_InferenceCache):
     """:class:`pimoe.infer.InferenceCache` that also takes ``cache_strategy`` (the seed's name for ``policy``)."""
 
-    def __init__(self, max_size: int = 1024, *, cache_strategy: str | None = None, policy: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        max_size: int = 1024,
+        *,
+        cache_strategy: str | None = None,
+        policy: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         if cache_strategy is not None and policy is not None and cache_strategy != policy:
-            raise ValueError(f"cache_strategy={cache_strategy!r} and policy={policy!r} disagree; give one")
+            raise ValueError(
+                f"cache_strategy={cache_strategy!r} and policy={policy!r} disagree; give one"
+            )
         super().__init__(max_size=max_size, policy=cache_strategy or policy or "lru", **kwargs)
 
 
@@ -95,9 +105,13 @@ class UltraFastInferenceConfig:
         """The compression steps, or None without ``enable_model_compression``."""
         if not self.enable_model_compression:
             return None
-        return ArchitectureConfig(enable_pruning=self.enable_pruning, enable_quantization=self.enable_quantization,
-                                  quantization_bits=self.quantization_bits, sparsity_ratio=self.sparsity_ratio,
-                                  latency_repeats=1)
+        return ArchitectureConfig(
+            enable_pruning=self.enable_pruning,
+            enable_quantization=self.enable_quantization,
+            quantization_bits=self.quantization_bits,
+            sparsity_ratio=self.sparsity_ratio,
+            latency_repeats=1,
+        )
 
 
 class UltraFastInferenceEngine:
@@ -170,4 +184,17 @@ class MultiModalFusion(nn.Module):
     forward = fuse
 
 
-__all__ = ["AdaptiveLearning", "AdaptiveLearningConfig", "AdvancedArchitectureConfig", "AdvancedArchitectureOptimizer", "AdvancedSecurity", "EdgeComputing", "InferenceCache", "IntelligentCaching", "MultiModalFusion", "MultiModalFusionConfig", "UltraFastInferenceConfig", "UltraFastInferenceEngine"]
+__all__ = [
+    "AdaptiveLearning",
+    "AdaptiveLearningConfig",
+    "AdvancedArchitectureConfig",
+    "AdvancedArchitectureOptimizer",
+    "AdvancedSecurity",
+    "EdgeComputing",
+    "InferenceCache",
+    "IntelligentCaching",
+    "MultiModalFusion",
+    "MultiModalFusionConfig",
+    "UltraFastInferenceConfig",
+    "UltraFastInferenceEngine",
+]
