@@ -23,7 +23,6 @@ PARAMS = dict(
         ({"n_layer": ()}, "non-empty"),
         ({"d_model": []}, "non-empty tuple"),
         ({"top_k": (1, 4), "num_experts": (2, 3)}, "top_k choice 4 exceeds"),
-        ({"moe_every": (3,), "n_layer": (1, 2)}, "no configuration"),
         ({"d_model": (30,)}, "divisible"),
         ({"bits": (16,)}, "bits"),
         ({"sparsity": (1.0,)}, "sparsity"),
@@ -52,6 +51,17 @@ def test_candidate_builds_configs_and_clamps_top_k() -> None:
     assert full.features()[FEATURE_NAMES.index("moe_layers")] == 1  # layer 1 of 2
     with pytest.raises(ValueError, match="missing"):
         space.candidate({"n_layer": 1})
+
+
+@pytest.mark.parametrize("n_layer", [1, 2, 3])
+@pytest.mark.parametrize("moe_every", [1, 2, 3])
+def test_every_candidate_has_a_moe_layer(n_layer: int, moe_every: int) -> None:
+    space = SearchSpace(n_layer=(1, 2, 3), moe_every=(1, 2, 3))
+    model = space.candidate({**PARAMS, "n_layer": n_layer, "moe_every": moe_every}).model
+    moe_layers = [i for i in range(model.n_layer) if model.is_moe(i)]
+    assert moe_layers, (n_layer, moe_every)
+    if moe_every <= n_layer:  # unchanged where it already gives a PiMoE layer
+        assert model.moe_every == moe_every
 
 
 def test_base_settings_are_validated() -> None:

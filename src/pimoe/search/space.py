@@ -84,8 +84,10 @@ FEATURE_NAMES = (
 class SearchSpace:
     """Choices for each searched setting (Optuna categorical parameters of the same names).
 
-    ``top_k`` larger than the sampled ``num_experts`` is clamped to it (Optuna needs fixed
-    choices per parameter); a ``top_k`` choice above every ``num_experts`` choice is rejected.
+    ``top_k`` larger than the sampled ``num_experts`` is clamped to it and ``moe_every`` larger
+    than the sampled ``n_layer`` is clamped to it, so every candidate has at least one PiMoE layer
+    (Optuna needs fixed choices per parameter); a ``top_k`` choice above every ``num_experts``
+    choice is rejected.
     ``base`` holds the settings that are not searched (vocabulary, context, heads, ...).
     """
 
@@ -129,11 +131,6 @@ class SearchSpace:
                 f"search space: top_k choice {max(self.top_k)} exceeds every num_experts choice "
                 f"{self.num_experts}"
             )
-        if min(self.moe_every) > max(self.n_layer):
-            raise ValueError(
-                f"search space: moe_every {self.moe_every} > n_layer {self.n_layer} everywhere: no "
-                "configuration would have a PiMoE layer"
-            )
         bad_width = [d for d in self.d_model if d % self.base.n_head]
         if bad_width:
             raise ValueError(
@@ -169,7 +166,7 @@ class SearchSpace:
             self.base,
             n_layer=int(params["n_layer"]),
             d_model=int(params["d_model"]),
-            moe_every=int(params["moe_every"]),
+            moe_every=min(int(params["moe_every"]), int(params["n_layer"])),
             moe=moe,
         )
         compression = Compression(
