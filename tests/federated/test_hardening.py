@@ -178,3 +178,9 @@ def test_he_client_decrypts_only_the_rounds_aggregate_once():
         length,
     )
     np.testing.assert_allclose(total, updates[1] + updates[2] + updates[3], atol=1e-5)
+
+
+def test_secure_aggregation_refuses_too_few_clients_per_round():
+    with pytest.raises(ValueError, match="at least 3 clients per round, got 2"):
+        FederatedConfig(clients=10, fraction=0.2, secure_agg=True)
+    assert FederatedConfig(clients=10, fraction=0.3, secure_agg=True).clients_per_round == 3

@@ -117,6 +117,12 @@ class FederatedConfig:
             (self.dp_epsilon >= 0, f"dp_epsilon must be >= 0 (0 = off), got {self.dp_epsilon}"),
             (not (self.secure_agg and self.he), "choose one of secure_agg and he, not both"),
             (
+                not self.secure_agg or self.clients_per_round >= 3,
+                f"secure aggregation needs at least 3 clients per round, got {self.clients_per_round} "
+                f"(max(min_clients, fraction x clients) = max({self.min_clients}, {self.fraction} x "
+                f"{self.clients})): raise fraction or min_clients",
+            ),
+            (
                 not (self.dp_epsilon > 0 and self.strategy == "fedprox"),
                 "DP-SGD uses per-example gradients only, so FedProx's proximal term would be ignored: use fedavg with DP",
             ),
@@ -124,6 +130,11 @@ class FederatedConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled per round: ``min(clients, max(min_clients, int(fraction * clients)))``."""
+        return min(self.clients, max(self.min_clients, int(self.fraction * self.clients)))
 
     @property
     def personal(self) -> tuple[str, ...]:
