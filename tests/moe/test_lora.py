@@ -190,3 +190,32 @@ def test_a_refused_load_leaves_the_model_trainable(tmp_path) -> None:
     with pytest.raises(ValueError):
         load_lora(other, tmp_path / "adapter")
     assert all(p.requires_grad for p in other.parameters())
+
+
+def test_adapter_gradients_match_a_per_token_reference() -> None:
+    torch.manual_seed(0)
+    layer = PiMoE(8, num_experts=4, top_k=2, ffn_dim=6)
+    add_lora(layer, LoRAConfig(r=2, lora_alpha=2.0))
+    randomize_b(layer)
+    x = torch.randn(2, 5, 8)
+    layer(x).square().sum().backward()
+    adapters = lora_adapters(layer)
+    got = {n: (a.lora_A.grad.clone(), a.lora_B.grad.clone()) for n, a in adapters.items()}
+    for a in adapters.values():
+        a.lora_A.grad = a.lora_B.grad = None
+    w_in = layer.experts.parametrizations.w_in.original + adapters["experts.w_in"].delta()
+    w_out = layer.experts.parametrizations.w_out.original + adapters["experts.w_out"].delta()
+    tokens = x.reshape(-1, 8)
+    route = layer.router(tokens)
+    out = torch.zeros_like(tokens)
+    for t in range(tokens.shape[0]):
+        for j in range(2):
+            e = int(route.indices[t, j])
+            gate, up = (w_in[e] @ tokens[t]).chunk(2)
+            out[t] = out[t] + route.weights[t, j] * (
+                w_out[e] @ (torch.nn.functional.silu(gate) * up)
+            )
+    out.square().sum().backward()
+    for name, adapter in adapters.items():
+        torch.testing.assert_close(got[name][0], adapter.lora_A.grad)
+        torch.testing.assert_close(got[name][1], adapter.lora_B.grad)
