@@ -18,7 +18,6 @@ import re
 from typing import Literal
 
 from pimoe.compute.word_problems import PATTERNS, WordProblem, WordProblemSet
-from pimoe.compute.word_templates import WRITTEN_TEMPLATES
 
 Style = Literal["answer", "tool", "request"]
 STYLES: tuple[Style, ...] = ("answer", "tool", "request")
@@ -39,11 +38,8 @@ def shot_problems(problems: WordProblemSet, shots: int) -> list[WordProblem]:
     chosen: list[WordProblem] = []
     index = SHOT_OFFSET
     while len(chosen) < shots:
-        p = problems.problem("train", index)
-        if (
-            p.pattern not in {c.pattern for c in chosen}
-            and p.template in WRITTEN_TEMPLATES["train"]
-        ):
+        p = problems.problem("train", index, written_only=True)
+        if p.pattern not in {c.pattern for c in chosen}:
             chosen.append(p)
         index += 1
     return chosen

@@ -124,12 +124,13 @@ class WordProblemSet:
         self.train_digits, self.heldout_digits, self.seed = train_digits, heldout_digits, seed
         self.engine = ArithmeticEngine(max_digits=40)
 
-    def problem(self, split: Split, index: int) -> WordProblem:
-        """Problem ``index`` of ``split``: a pure function of ``(seed, split, index)``."""
+    def problem(self, split: Split, index: int, written_only: bool = False) -> WordProblem:
+        """Problem ``index`` of ``split``: a pure function of ``(seed, split, index, written_only)``;
+        ``written_only`` draws its phrasing from the hand-written ones (the few-shot examples)."""
         if split not in TEMPLATES:
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
         rng = random.Random(f"{self.seed}/{split}/{index}")
-        template = rng.choice(TEMPLATES[split])
+        template = rng.choice((WRITTEN_TEMPLATES if written_only else TEMPLATES)[split])
         item = rng.choice(ITEMS)
         pattern = template.pattern
         arity = sum(f"{{{s}}}" in pattern for s in SLOTS)
