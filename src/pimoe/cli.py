@@ -204,6 +204,14 @@ def serve(
             help="Upcycle the causal LM into PiMoE layers with routers saved by pimoe.models.save_routers (as `pimoe demo` does).",
         ),
     ] = None,
+    chain: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="Serve the computation chain saved by `pimoe chain train --out DIR` on the OpenAI routes (instead of a model).",
+        ),
+    ] = None,
     name: Annotated[
         str | None,
         typer.Option(help="Model name in requests; default: the file name without extension."),
@@ -299,19 +307,18 @@ def serve(
     from pimoe.infer.server import ServerLimits
     from pimoe.infer.server import serve as run_server
 
-    if (model_path is None) == (model is None):
+    if [model_path, model, chain].count(None) != 2:
         raise typer.BadParameter(
-            "give the model file once: `--model PATH` or a positional PATH", param_hint="--model"
+            "give one of `--model PATH`, a positional PATH or `--chain DIR`", param_hint="--model"
         )
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise typer.BadParameter(
             "TLS needs both --ssl-certfile and --ssl-keyfile", param_hint="--ssl-certfile"
         )
     path = model if model is not None else model_path
-    assert path is not None
     from pimoe.models.pretrained import REGISTRY
 
-    if path not in REGISTRY and not Path(path).exists():
+    if path is not None and path not in REGISTRY and not Path(path).exists():
         raise typer.BadParameter(
             f"{path} does not exist and is not a pretrained name ({sorted(REGISTRY)})",
             param_hint="--model",
@@ -340,6 +347,7 @@ def serve(
             ssl_certfile=ssl_certfile,
             ssl_keyfile=ssl_keyfile,
             routers=routers,
+            chain=chain,
         )
     except ValueError as err:  # a model file that cannot be served: one line, no traceback
         typer.echo(f"pimoe serve: {' '.join(str(err).split())}", err=True)

@@ -94,3 +94,22 @@ def test_serve_hf_folder(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_serve_rejects_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path)])
     assert result.exit_code != 0 and "not a Hugging Face model folder" in result.output
+
+
+def test_serve_chain_option(
+    demo_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pimoe.infer.server as server
+
+    calls: list[dict] = []
+    monkeypatch.setattr(
+        server, "serve", lambda path, **kwargs: calls.append({"path": path, **kwargs})
+    )
+    result = CliRunner().invoke(cli_app, ["serve", "--chain", str(tmp_path), "--name", "chain"])
+    assert result.exit_code == 0, result.output
+    ((call,),) = [calls]
+    assert (call["path"], call["chain"], call["name"]) == (None, tmp_path, "chain")
+    both = CliRunner().invoke(
+        cli_app, ["serve", "--model", str(demo_path), "--chain", str(tmp_path)]
+    )
+    assert both.exit_code != 0 and "--chain" in both.output and not calls[1:]
