@@ -128,6 +128,8 @@ def _onnx_fp32(minilm: MiniLM, cache_dir: Path) -> Path:
         optimize=True,
         dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
     )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
     with tempfile.TemporaryDirectory() as tmp:
         program.save(str(Path(tmp) / "model.onnx"))
         atomic_write_bytes(path, (Path(tmp) / "model.onnx").read_bytes())

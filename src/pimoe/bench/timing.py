@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -24,7 +24,7 @@ def run_header(name: str, config: Any) -> dict[str, object]:
     }
 
 
-def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(contenders: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each contender over ``rounds`` interleaved rounds."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
