@@ -135,6 +135,7 @@ def run(
         before = heldout_loss(model, heldout)
         full_model = copy.deepcopy(model)
 
+        torch.manual_seed(cfg.seed)  # the adapters' A matrices come from the global generator
         add_lora(
             model, LoRAConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=ATTENTION)
         )
