@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from pimoe.data import byte_splits, load_pydoc_text
 from pimoe.io import atomic_write_text, save_png
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig
+from pimoe.tables import Table
 from pimoe.training import STATS_STEPS, TrainResult, train_lm
 
 CURVE_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -37,6 +36,7 @@ from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text
 from pimoe.moe import MoEConfig, update_routing_bias
 from pimoe.moe.model import LMConfig, PiMoELM
+from pimoe.tables import Table
 
 
 @dataclass

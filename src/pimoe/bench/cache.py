@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.infer import InferenceCache, belady_hits, make_key, make_policy, simulate_hits
 from pimoe.infer.policies import Cache, LFUCache
 from pimoe.io import atomic_write_text
 from pimoe.privacy.crypto import generate_key
+from pimoe.tables import Table
 
 POLICIES: dict[str, Callable[[int], Cache]] = {
     "fifo": lambda n: make_policy("fifo", n),

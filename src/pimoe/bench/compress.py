@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
-from rich.table import Table
 from torch import Tensor
 
 from pimoe.bench.timing import interleaved_medians, run_header
@@ -48,6 +47,7 @@ from pimoe.compress import (
 )
 from pimoe.data.minilm import MiniLM, load_minilm, load_sentences
 from pimoe.io import atomic_write_bytes, atomic_write_text
+from pimoe.tables import Table
 
 TARGETS = {"size_ratio": 0.25, "cosine": 0.99, "latency_ratio": 1 / 1.5}
 

@@ -34,12 +34,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 
 from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text
 from pimoe.moe import LoRAConfig, add_lora, merge_lora, save_lora
+from pimoe.tables import Table
 
 
 @dataclass

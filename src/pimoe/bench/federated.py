@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import Progress, TaskID
-from rich.table import Table
 
 from pimoe.bench.timing import run_header
 from pimoe.federated.config import FederatedConfig
@@ -26,6 +25,7 @@ from pimoe.federated.plot import plot_accuracy
 from pimoe.federated.simulation import run_federated
 from pimoe.federated.task import centralized_accuracy, load_task
 from pimoe.io import atomic_write_text
+from pimoe.tables import Table
 
 
 @dataclass

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from pimoe.bench.timing import run_header
 from pimoe.federated.config import FederatedConfig
 from pimoe.federated.simulation import run_federated
 from pimoe.io import atomic_write_text, save_png
+from pimoe.tables import Table
 
 AGGREGATORS: dict[str, dict[str, Any]] = {
     "fedavg": dict(strategy="fedavg", norm_factor=0.0),

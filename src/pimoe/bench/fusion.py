@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -28,6 +27,7 @@ from pimoe.fusion import (
     recall_at_k,
 )
 from pimoe.io import atomic_write_text
+from pimoe.tables import Table
 
 Views = dict[str, Tensor]
 

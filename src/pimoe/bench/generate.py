@@ -31,7 +31,6 @@ import aiohttp
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 from tqdm.auto import tqdm
 
 from pimoe.bench import child_server
@@ -39,6 +38,7 @@ from pimoe.bench.child_server import percentile, stop
 from pimoe.bench.timing import run_header
 from pimoe.data import load_pydoc_text
 from pimoe.io import atomic_write_text
+from pimoe.tables import Table
 
 _SERVER_CODE = (
     "import sys, torch; torch.set_num_threads(int(sys.argv[4])); from pimoe.infer.server import serve; "

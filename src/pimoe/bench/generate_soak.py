@@ -24,8 +24,8 @@ import torch
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from pimoe.bench.generate import start_server, stream_completion
 from pimoe.bench.child_server import percentile, stop
+from pimoe.bench.generate import start_server, stream_completion
 from pimoe.data import load_pydoc_text
 
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from pimoe.bench.timing import geomean, interleaved_medians, run_header
 from pimoe.io import atomic_write_text
+from pimoe.tables import Table
 
 # name -> (transformers model_type, experts, top_k, expert width)
 SHAPES: dict[str, tuple[str, int, int, int]] = {

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.io import atomic_write_text
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
+from pimoe.tables import Table
 
 
 @dataclass
@@ -52,7 +52,11 @@ def run(cfg: KVCacheBenchConfig) -> dict:
         prompt = torch.randint(0, config.vocab_size, (batch, cfg.prompt_tokens))
         outputs: dict[bool, torch.Tensor] = {}
 
-        def decode(use_cache: bool, prompt: torch.Tensor = prompt) -> None:
+        def decode(
+            use_cache: bool,
+            prompt: torch.Tensor = prompt,
+            outputs: dict[bool, torch.Tensor] = outputs,
+        ) -> None:
             outputs[use_cache] = model.generate(prompt, cfg.new_tokens, temperature=0, use_cache=use_cache)
 
         seconds = interleaved_medians({"cached": lambda: decode(True), "uncached": lambda: decode(False)},

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -35,6 +34,7 @@ from pimoe.adapt import (
 from pimoe.bench.meta_fewshot import FewShotSetup, ci95, fewshot_accuracy
 from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text, save_png
+from pimoe.tables import Table
 
 # Finn et al. 2017, Fig. 3 (K=5, read from the chart).
 PAPER_K5 = {"maml_1step": 0.7, "maml_from_4_steps": 0.3, "pretrained": "> 2"}

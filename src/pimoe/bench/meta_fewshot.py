@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from pimoe.adapt import MAML, ConvNet, DigitsEpisodes, ProtoNet, Task, load_digits_tensors, run
 from pimoe.adapt.backbones import Norm
 from pimoe.io import atomic_write_text
+from pimoe.tables import Table
 
 META_TRAIN, META_TEST = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 

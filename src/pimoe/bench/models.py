@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.io import atomic_write_text
+from pimoe.tables import Table
 
 
 @dataclass

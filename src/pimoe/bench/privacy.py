@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.data.digits import digits_split
@@ -31,6 +30,7 @@ from pimoe.io import atomic_write_text, save_png
 from pimoe.privacy import he
 from pimoe.privacy.dp import Accountant, epsilon, make_private, train_private
 from pimoe.privacy.secagg import SecAggClient, decode, encode, unmask_sum
+from pimoe.tables import Table
 
 
 @dataclass

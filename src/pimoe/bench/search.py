@@ -19,7 +19,6 @@ from typing import Any, cast
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text
@@ -30,6 +29,7 @@ from pimoe.search.report import plot_front
 from pimoe.search.space import SearchSpace
 from pimoe.search.study import SamplerName, run_search
 from pimoe.search.tasks import make_task
+from pimoe.tables import Table
 
 PEER = "random"
 

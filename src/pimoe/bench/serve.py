@@ -31,7 +31,6 @@ import aiohttp
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from pimoe.bench.cache import zipf_trace
 from pimoe.bench.child_server import percentile, start_server, stop
@@ -40,6 +39,7 @@ from pimoe.data import load_pydoc_text
 from pimoe.io import atomic_write_text
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
+from pimoe.tables import Table
 
 MODES: dict[str, dict[str, int]] = {
     "one_by_one": {"max_batch_size": 1, "cache_size": 0},

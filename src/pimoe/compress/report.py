@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.table import Table
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
 from pimoe.compress.distill import Batch, call_model, default_output_fn
 from pimoe.compress.quantize import saved_bytes
 from pimoe.io import save_png
+from pimoe.tables import Table
 
 FidelityFn = Callable[[Tensor, Tensor], float]
 

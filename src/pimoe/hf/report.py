@@ -82,7 +82,7 @@ class RoutingReport:
 
     def table(self) -> Any:
         """A ``rich.table.Table`` with one row per layer."""
-        from rich.table import Table
+        from pimoe.tables import Table
 
         table = Table(title="MoE routing per layer")
         for column in _COLUMNS:

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from rich.table import Table
 
 from pimoe.extras import extra_imports
+from pimoe.tables import Table
 
 with extra_imports("search", "pimoe.search"):
     import optuna
