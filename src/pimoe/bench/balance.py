@@ -259,7 +259,7 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
         console.print(routers)
 
 
-def run(
+def main(
     quick: bool = False,
     json_path: str | Path | None = None,
     progress: bool = True,

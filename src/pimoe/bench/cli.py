@@ -78,6 +78,20 @@ BENCHMARKS: tuple[Bench, ...] = (
         ("models",),
     ),
     Bench(
+        "balance",
+        "balance",
+        "Aux-loss-free (bias) balancing vs the Switch aux loss: demo LM and SmolLM2 router training (imbalance, held-out loss).",
+        "Smoke-sized runs of both workloads.",
+        ("models",),
+    ),
+    Bench(
+        "expert-lora",
+        "expert_lora",
+        "LoRA on experts + attention vs full fine-tuning of the upcycled SmolLM2 (held-out loss, trainable parameters, step time).",
+        "Fewer steps and held-out windows.",
+        ("models",),
+    ),
+    Bench(
         "hf-backend",
         "hf_backend",
         "transformers MoE blocks with experts_implementation='pimoe' vs 'grouped_mm' (fwd, fwd+bwd), after the tiny-family check.",

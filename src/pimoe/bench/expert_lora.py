@@ -109,7 +109,7 @@ def finetune(
     return seconds
 
 
-def run(
+def main(
     quick: bool = False, json_path: str | Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Entry point of ``pimoe bench expert-lora``."""
