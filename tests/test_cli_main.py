@@ -75,9 +75,6 @@ def test_save_demo_model_prints_the_unique_parameter_count(tmp_path: Path) -> No
     )  # tied head once
 
 
-@pytest.mark.xfail(
-    strict=True, reason="pimoe.compress.report.param_counts counts the tied LM head twice"
-)
 def test_compress_counts_the_parameters_save_demo_model_prints(tmp_path: Path) -> None:
     from pimoe.compress.report import param_counts
     from pimoe.moe.model import PiMoELM

@@ -47,18 +47,23 @@ FIDELITY_FNS: dict[str, FidelityFn] = {
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
-    """(elements, nonzero elements) of every tensor in ``model.state_dict()``.
+    """(elements, nonzero elements) of every tensor in ``model.state_dict()``, tied tensors once.
 
     Packed parameters of torch.ao quantized modules (tuples of tensors) are unpacked and counted;
     a packed int4 byte counts as one element although it holds two weights.
     """
     total = nonzero = 0
+    seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
     stack: list[Any] = list(model.state_dict().values())
     while stack:
         item = stack.pop()
         if isinstance(item, (tuple, list)):
             stack.extend(item)
         elif isinstance(item, Tensor):
+            view = (item.data_ptr(), tuple(item.shape), tuple(item.stride()))
+            if item.numel() and view in seen:  # a tied (shared) tensor counts once
+                continue
+            seen.add(view)
             dense = item.dequantize() if item.is_quantized else item
             total += dense.numel()
             nonzero += int(torch.count_nonzero(dense))
