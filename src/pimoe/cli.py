@@ -128,6 +128,12 @@ def demo(
             help="Add the computation-experts stage: LM alone vs PiMoE hand-off vs tool call (~1-2 min)."
         ),
     ] = False,
+    chain: Annotated[
+        bool,
+        typer.Option(
+            help="SmolLM2 demo: 3 held-out word problems answered by the computation chain next to the LM alone (trained once at the --quick size, then cached)."
+        ),
+    ] = True,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -152,7 +158,9 @@ def demo(
         check_extra("models", "pimoe demo")
         from pimoe.demo_pretrained import PretrainedDemoSettings, run_pretrained_demo
 
-        settings = replace(PretrainedDemoSettings(), model=model, top_k=top_k, seed=seed)
+        settings = replace(
+            PretrainedDemoSettings(), model=model, top_k=top_k, seed=seed, chain=chain
+        )
         run_pretrained_demo(
             settings,
             device=device,
