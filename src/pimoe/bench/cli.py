@@ -92,6 +92,13 @@ BENCHMARKS: tuple[Bench, ...] = (
         ("models",),
     ),
     Bench(
+        "quantized-experts",
+        "quantized_experts",
+        "int8/int4 weight-only fused experts (tiny Mixtral / Qwen3-MoE, upcycled SmolLM2): size vs bf16, logit cosine, perplexity, tokens/s.",
+        "Tiny models and fewer held-out tokens.",
+        ("models",),
+    ),
+    Bench(
         "hf-backend",
         "hf_backend",
         "transformers MoE blocks with experts_implementation='pimoe' vs 'grouped_mm' (fwd, fwd+bwd), after the tiny-family check.",

@@ -136,7 +136,7 @@ def _smollm2(cfg: QuantizedExpertsBenchConfig) -> dict[str, Any]:
     return results
 
 
-def run(
+def main(
     quick: bool = False, json_path: Path | None = None, console: Console | None = None
 ) -> dict[str, Any]:
     """Measure, print and return the results (``pimoe bench quantized-experts``).
