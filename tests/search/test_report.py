@@ -48,7 +48,7 @@ def test_choose_front_member_within_limits(tiny_space) -> None:
     assert front_table(front, tiny_space).row_count == 3
 
 
-def test_describe_marks_dense_configs() -> None:
+def test_describe_shows_the_clamped_candidate() -> None:
     space = SearchSpace()
     params = dict(
         n_layer=1,
@@ -62,8 +62,9 @@ def test_describe_marks_dense_configs() -> None:
         sparsity=0.3,
         low_rank_ratio=1.0,
     )
-    assert describe(params, space) == "L1 d32 E4k2 f64 s0 m2 (dense) | int8 p0.3 r1"
-    assert "(dense)" not in describe({**params, "n_layer": 2}, space)
+    # moe_every 2 > n_layer 1 is clamped: the one block is a PiMoE block
+    assert describe(params, space) == "L1 d32 E4k2 f64 s0 m1 | int8 p0.3 r1"
+    assert describe({**params, "n_layer": 2}, space) == "L2 d32 E4k2 f64 s0 m2 | int8 p0.3 r1"
 
 
 def test_saved_choice_round_trips(tmp_path, tiny_space) -> None:

@@ -33,7 +33,7 @@ CHOICE_FORMAT = "pimoe.search.choice/1"
 
 CONFIG_LEGEND = (
     "L layers, d width, E experts, k top-k, f expert width, s shared experts, "
-    "m PiMoE every m-th block (dense: no PiMoE layer) | weights, p sparsity, r low-rank ratio"
+    "m PiMoE every m-th block | weights, p sparsity, r low-rank ratio"
 )
 
 
@@ -43,10 +43,9 @@ def describe(params: dict, space: SearchSpace) -> str:
     c = space.candidate(params)
     m, z = c.model, c.compression
     weights = "fp32" if z.bits == 32 else f"int{z.bits}"
-    dense = "" if any(m.is_moe(i) for i in range(m.n_layer)) else " (dense)"
     return (
         f"L{m.n_layer} d{m.d_model} E{m.moe.num_experts}k{m.moe.top_k} f{m.ffn_dim} s{m.moe.shared_experts} "
-        f"m{m.moe_every}{dense} | {weights} p{z.sparsity:g} r{z.low_rank_ratio:g}"
+        f"m{m.moe_every} | {weights} p{z.sparsity:g} r{z.low_rank_ratio:g}"
     )
 
 
