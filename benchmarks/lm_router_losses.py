@@ -15,7 +15,14 @@ from pimoe.demo import train_lm
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig
 
-SETTINGS = {"steps": 600, "batch_size": 16, "lr": 2e-3, "device": "cpu", "seed": 0, "progress": True}
+SETTINGS = {
+    "steps": 600,
+    "batch_size": 16,
+    "lr": 2e-3,
+    "device": "cpu",
+    "seed": 0,
+    "progress": True,
+}
 RUNS = {
     "dense twin": LMConfig().dense_twin(),
     "MoE, no router losses": LMConfig(moe=MoEConfig(aux_loss_coef=0.0, z_loss_coef=0.0)),
@@ -35,10 +42,15 @@ if __name__ == "__main__":
         result = train_lm(config, train, val, **SETTINGS)
         dense_loss = dense_loss or result.val_loss
         imbalance = (
-            sum(s.imbalance for s in result.routing) / len(result.routing) if result.routing else float("nan")
+            sum(s.imbalance for s in result.routing) / len(result.routing)
+            if result.routing
+            else float("nan")
         )
         table.add_row(
-            name, f"{result.val_loss:.4f}", f"{result.val_loss / math.log(2):.4f}",
-            f"{result.val_loss / dense_loss:.3f}", f"{imbalance:.2f}",
+            name,
+            f"{result.val_loss:.4f}",
+            f"{result.val_loss / math.log(2):.4f}",
+            f"{result.val_loss / dense_loss:.3f}",
+            f"{imbalance:.2f}",
         )
     Console().print(table)

@@ -30,11 +30,16 @@ if __name__ == "__main__":
     with torch.no_grad():
         reference = model(x)
         rows = []
-        for name, per_channel in (("dynamic int8, per-channel", True), ("dynamic int8, per-tensor", False)):
+        for name, per_channel in (
+            ("dynamic int8, per-channel", True),
+            ("dynamic int8, per-tensor", False),
+        ):
             q = quantize_dynamic_int8(model, per_channel=per_channel)
             rows.append((name, _rel(q(x), reference), saved_bytes(q) / fp32))
-        for name, apply in (("weight-only int8", quantize_weight_only_int8),
-                            ("weight-only int4, group 32", quantize_weight_only_int4)):
+        for name, apply in (
+            ("weight-only int8", quantize_weight_only_int8),
+            ("weight-only int4, group 32", quantize_weight_only_int4),
+        ):
             q = copy.deepcopy(model)
             apply(q)
             rows.append((name, _rel(q(x), reference), saved_bytes(q) / fp32))

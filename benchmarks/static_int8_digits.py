@@ -49,7 +49,9 @@ def main() -> None:
     models = {
         "fp32": model,
         "int8 dynamic (Linear only)": quantize_dynamic_int8(model),
-        "int8 static (Conv2d + Linear, calibrated)": quantize_static_int8(model, x[test[:4]], calibration),
+        "int8 static (Conv2d + Linear, calibrated)": quantize_static_int8(
+            model, x[test[:4]], calibration
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
@@ -67,7 +69,9 @@ def main() -> None:
         base_bytes, base_ms = (size, ms) if name == "fp32" else (base_bytes, base_ms)
         with torch.inference_mode():
             acc = float((m(x[test]).argmax(1) == y[test]).float().mean())
-        print(f"{name:45s} {acc:8.3f} {size:8d} {size / base_bytes:6.3f} {ms:6.2f} {ms / base_ms:6.2f}")
+        print(
+            f"{name:45s} {acc:8.3f} {size:8d} {size / base_bytes:6.3f} {ms:6.2f} {ms / base_ms:6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def batch(step: int, rank: int, tokens: int, d_model: int) -> tuple[torch.Tensor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per rank per step")
     parser.add_argument("--d-model", type=int, default=128)
@@ -73,13 +75,21 @@ def main() -> None:
             ref_opt.zero_grad()
             loss.backward()
             ref_opt.step()
-        diff = max((full[k] - v.detach().cpu()).abs().max().item() for k, v in layer.state_dict().items())
-        print(f"{world} ranks ({dist.get_backend()}, {device.type}): {args.steps} steps of {args.tokens} tokens/rank, "
-              f"d_model={args.d_model}, {args.experts} experts top-2")
-        print(f"max |weights(expert parallel) - weights(single process)| after training = {diff:.2e}")
+        diff = max(
+            (full[k] - v.detach().cpu()).abs().max().item() for k, v in layer.state_dict().items()
+        )
+        print(
+            f"{world} ranks ({dist.get_backend()}, {device.type}): {args.steps} steps of {args.tokens} tokens/rank, "
+            f"d_model={args.d_model}, {args.experts} experts top-2"
+        )
+        print(
+            f"max |weights(expert parallel) - weights(single process)| after training = {diff:.2e}"
+        )
         print(f"expert-parallel fwd+bwd+step throughput: {tokens_per_s:,.0f} tokens/s (all ranks)")
         if diff > 1e-4:
-            raise SystemExit(f"expert-parallel training diverged from the single-process run: {diff:.2e}")
+            raise SystemExit(
+                f"expert-parallel training diverged from the single-process run: {diff:.2e}"
+            )
     dist.destroy_process_group()
 
 

@@ -118,14 +118,19 @@ def test_tensor_digest_sees_every_change() -> None:
     state = {"w": torch.randn(4, 3, generator=g), "b": torch.arange(3), "flag": torch.tensor(True)}
     base = tensor_digest(state)
     assert base == tensor_digest({k: state[k].clone() for k in reversed(list(state))})
-    assert base == tensor_digest({**state, "w": state["w"].t().contiguous().t()})  # layout does not matter
+    assert base == tensor_digest(
+        {**state, "w": state["w"].t().contiguous().t()}
+    )  # layout does not matter
     nan = state["w"].clone()
     nan[1, 2] = float("nan")
     flipped = state["w"].clone()
     flipped.view(torch.int32)[0, 0] ^= 1  # one bit
     variants = [
-        {**state, "w": nan}, {**state, "w": flipped}, {**state, "w": state["w"].reshape(3, 4)},
-        {**state, "w": state["w"].double()}, {"W": state["w"], "b": state["b"], "flag": state["flag"]},
+        {**state, "w": nan},
+        {**state, "w": flipped},
+        {**state, "w": state["w"].reshape(3, 4)},
+        {**state, "w": state["w"].double()},
+        {"W": state["w"], "b": state["b"], "flag": state["flag"]},
         {k: v for k, v in state.items() if k != "flag"},
     ]
     assert len({base, *(tensor_digest(v) for v in variants)}) == len(variants) + 1
@@ -141,12 +146,20 @@ def test_safetensors_header_checks_shapes_before_loading(tmp_path) -> None:
 
     path = tmp_path / "m.safetensors"
     save_file({"emb": torch.zeros(256, 8), "b": torch.zeros(8)}, str(path), metadata={"k": "v"})
-    assert read_safetensors_header(path) == ({"k": "v"}, {"emb": ("F32", (256, 8)), "b": ("F32", (8,))})
+    assert read_safetensors_header(path) == (
+        {"k": "v"},
+        {"emb": ("F32", (256, 8)), "b": ("F32", (8,))},
+    )
     assert read_safetensors_header(path.read_bytes())[1]["b"] == ("F32", (8,))
     expected = {"emb": (256, 8), "b": (8,), "head": (256, 8)}
     assert check_safetensors_shapes(path, expected, may_be_missing={"head"}) == {"k": "v"}
-    with pytest.raises(ValueError, match=r"m\.safetensors: tensor 'emb' has shape \[256, 8\], expected \[10000000, 8\]"):
-        check_safetensors_shapes(path, {**expected, "emb": (10_000_000, 8)}, may_be_missing={"head"})
+    with pytest.raises(
+        ValueError,
+        match=r"m\.safetensors: tensor 'emb' has shape \[256, 8\], expected \[10000000, 8\]",
+    ):
+        check_safetensors_shapes(
+            path, {**expected, "emb": (10_000_000, 8)}, may_be_missing={"head"}
+        )
     with pytest.raises(ValueError, match=r"missing tensor\(s\) \['head'\]"):
         check_safetensors_shapes(path, expected)
     with pytest.raises(ValueError, match="unexpected tensor 'b'"):
@@ -158,16 +171,35 @@ def _with_header(header: dict, data: bytes) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data
 
 
-@pytest.mark.parametrize("blob, problem", [
-    (b"", "not a safetensors file"),
-    (struct.pack("<Q", 10**12) + b"{}", "header length"),
-    (struct.pack("<Q", 4) + b"\xff\xfe{}", "not JSON"),
-    (_with_header({"w": {"dtype": "F32", "shape": [10**12], "data_offsets": [0, 16]}}, bytes(16)), "invalid entry"),
-    (_with_header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)), "invalid entry"),
-    (_with_header({"w": {"dtype": "X9", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)), "invalid entry"),
-    (_with_header({"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, bytes(16)), "invalid entry"),
-    (_with_header({"w": [1]}, b""), "invalid entry"),
-])
+@pytest.mark.parametrize(
+    "blob, problem",
+    [
+        (b"", "not a safetensors file"),
+        (struct.pack("<Q", 10**12) + b"{}", "header length"),
+        (struct.pack("<Q", 4) + b"\xff\xfe{}", "not JSON"),
+        (
+            _with_header(
+                {"w": {"dtype": "F32", "shape": [10**12], "data_offsets": [0, 16]}}, bytes(16)
+            ),
+            "invalid entry",
+        ),
+        (
+            _with_header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)),
+            "invalid entry",
+        ),
+        (
+            _with_header({"w": {"dtype": "X9", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)),
+            "invalid entry",
+        ),
+        (
+            _with_header(
+                {"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, bytes(16)
+            ),
+            "invalid entry",
+        ),
+        (_with_header({"w": [1]}, b""), "invalid entry"),
+    ],
+)
 def test_bad_safetensors_headers_are_value_errors_naming_the_file(tmp_path, blob, problem) -> None:
     path = tmp_path / "bad.safetensors"
     path.write_bytes(blob)
@@ -198,7 +230,9 @@ def test_concurrent_writers_of_one_target_never_remove_each_others_temps(tmp_pat
     assert _temps(tmp_path) == []
 
 
-def test_a_hf_folder_declaring_more_parameters_than_it_stores_is_refused_before_loading(tmp_path) -> None:
+def test_a_hf_folder_declaring_more_parameters_than_it_stores_is_refused_before_loading(
+    tmp_path,
+) -> None:
     """A small folder whose config.json declares a huge vocabulary must not reach from_pretrained."""
     import json
 
@@ -209,11 +243,26 @@ def test_a_hf_folder_declaring_more_parameters_than_it_stores_is_refused_before_
     from pimoe.models import load_pretrained
 
     bert = tmp_path / "bert"
-    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(bert)
+    BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    ).save_pretrained(bert)
     llama = tmp_path / "llama"
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(llama)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(llama)
     for folder in (bert, llama):
         check_hf_folder_fits(folder)  # honest folders pass
         config = json.loads((folder / "config.json").read_text())

@@ -55,14 +55,21 @@ SPEC = "test_task_protocol:WineTask"  # this file is importable under its basena
 
 
 def test_user_task_with_a_plain_module_trains_federated():
-    cfg = FederatedConfig(task=SPEC, clients=4, rounds=3, fraction=1.0, local_epochs=2, lr=0.05, batch_size=8)
+    cfg = FederatedConfig(
+        task=SPEC, clients=4, rounds=3, fraction=1.0, local_epochs=2, lr=0.05, batch_size=8
+    )
     task = load_task(cfg)
     assert isinstance(task, WineTask) and load_task(cfg) is task  # one task object per config
     record = run_federated(cfg, backend="inprocess")
-    assert record.accuracy[0] < 0.6 and record.accuracy[-1] > 0.9  # 3 classes; the initial model is near chance
+    assert (
+        record.accuracy[0] < 0.6 and record.accuracy[-1] > 0.9
+    )  # 3 classes; the initial model is near chance
     final = task.make_model(0)
     final.load_state_dict(record.arrays.to_torch_state_dict())
-    assert isinstance(final, Bilinear) and task.evaluate(final, task.test_data())[1] == record.accuracy[-1]
+    assert (
+        isinstance(final, Bilinear)
+        and task.evaluate(final, task.test_data())[1] == record.accuracy[-1]
+    )
 
 
 @pytest.mark.parametrize(
@@ -123,8 +130,26 @@ def test_bad_options_fail_in_one_line_before_any_work(args, names, monkeypatch):
 def test_cli_runs_a_user_task(tmp_path, monkeypatch):
     out = tmp_path / "wine.json"
     code, output, work = _federate(
-        ["--task", SPEC, "--clients", "4", "--rounds", "2", "--fraction", "1", "--local-epochs", "2",
-         "--lr", "0.05", "--partition", "iid", "--backend", "inprocess", "--json", str(out)],
+        [
+            "--task",
+            SPEC,
+            "--clients",
+            "4",
+            "--rounds",
+            "2",
+            "--fraction",
+            "1",
+            "--local-epochs",
+            "2",
+            "--lr",
+            "0.05",
+            "--partition",
+            "iid",
+            "--backend",
+            "inprocess",
+            "--json",
+            str(out),
+        ],
         monkeypatch,
     )
     assert code == 0, output

@@ -19,7 +19,9 @@ GRAD_RTOL = 1e-5  # of the largest gradient entry (~1e2..1e3 with loss = sum of 
 
 
 def _input_ids(model: nn.Module, tokens: int = 48) -> torch.Tensor:
-    return torch.randint(0, model.config.vocab_size, (2, tokens // 2), generator=torch.Generator().manual_seed(1))
+    return torch.randint(
+        0, model.config.vocab_size, (2, tokens // 2), generator=torch.Generator().manual_seed(1)
+    )
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -74,7 +76,9 @@ def test_enable_is_idempotent_and_from_pretrained_selects_it(tmp_path) -> None:
     assert model.config._experts_implementation == "pimoe"
 
 
-def _module_equal(experts: nn.Module, num_tokens: int = 40, top_k: int = 2, sentinel: bool = False) -> None:
+def _module_equal(
+    experts: nn.Module, num_tokens: int = 40, top_k: int = 2, sentinel: bool = False
+) -> None:
     """One experts module: pimoe vs its eager forward, outputs and all gradients."""
     torch.manual_seed(0)
     with torch.no_grad():
@@ -110,7 +114,9 @@ def test_layout_without_gate_relu2() -> None:
     from transformers import NemotronHConfig
     from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
 
-    config = NemotronHConfig(n_routed_experts=6, hidden_size=16, moe_intermediate_size=12, mlp_hidden_act="relu2")
+    config = NemotronHConfig(
+        n_routed_experts=6, hidden_size=16, moe_intermediate_size=12, mlp_hidden_act="relu2"
+    )
     _module_equal(NemotronHExperts(config))
 
 
@@ -128,7 +134,9 @@ def test_layout_transposed_without_bias() -> None:
     from transformers.models.aria.configuration_aria import AriaTextConfig
     from transformers.models.aria.modeling_aria import AriaExperts
 
-    config = AriaTextConfig(moe_num_experts=6, hidden_size=16, intermediate_size=12, num_attention_heads=4)
+    config = AriaTextConfig(
+        moe_num_experts=6, hidden_size=16, intermediate_size=12, num_attention_heads=4
+    )
     _module_equal(AriaExperts(config))
 
 
@@ -136,7 +144,9 @@ def test_expert_parallel_sentinels_are_skipped() -> None:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-    config = MixtralConfig(num_local_experts=6, hidden_size=16, intermediate_size=12, num_attention_heads=4)
+    config = MixtralConfig(
+        num_local_experts=6, hidden_size=16, intermediate_size=12, num_attention_heads=4
+    )
     _module_equal(MixtralExperts(config), sentinel=True)
 
 
@@ -144,7 +154,11 @@ def test_unsupported_experts_raise_naming_the_family() -> None:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-    experts = MixtralExperts(MixtralConfig(num_local_experts=4, hidden_size=8, intermediate_size=6, num_attention_heads=2))
+    experts = MixtralExperts(
+        MixtralConfig(
+            num_local_experts=4, hidden_size=8, intermediate_size=6, num_attention_heads=2
+        )
+    )
     experts.weight_scale_inv = nn.Parameter(torch.ones(4))  # e.g. an FP8 checkpoint's scales
     with pytest.raises(TypeError, match="MixtralExperts.*weight_scale_inv"):
         backend.experts_layout(experts)

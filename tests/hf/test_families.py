@@ -29,7 +29,11 @@ def test_check_families_bad_input() -> None:
 def test_benchmark_runs_at_a_tiny_size() -> None:
     threads = torch.get_num_threads()
     try:
-        result = run(HFBackendBenchConfig(d_model=32, tokens=[24], rounds=1, families=["mixtral"], family_tokens=8))
+        result = run(
+            HFBackendBenchConfig(
+                d_model=32, tokens=[24], rounds=1, families=["mixtral"], family_tokens=8
+            )
+        )
     finally:
         torch.set_num_threads(threads)
     assert {r["shape"] for r in result["rows"]} == {"qwen3_moe E64 k8 f256", "mixtral E8 k2 f1024"}

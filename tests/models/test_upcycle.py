@@ -28,9 +28,18 @@ def tiny_llama(hidden_act: str = "silu", mlp_bias: bool = False, seed: int = 0) 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=D, intermediate_size=F_DIM, num_hidden_layers=LAYERS, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-                         hidden_act=hidden_act, mlp_bias=mlp_bias, initializer_range=0.2)
+    config = LlamaConfig(
+        hidden_size=D,
+        intermediate_size=F_DIM,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        hidden_act=hidden_act,
+        mlp_bias=mlp_bias,
+        initializer_range=0.2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -49,7 +58,11 @@ def test_copy_equals_dense_at_init_for_any_top_k() -> None:
     upcycle(model, num_experts=4, top_k=2, method="copy")
     layers = moe_layers(model)
     assert len(layers) == LAYERS and not find_mlps(model)
-    assert layers[0].experts.w_in.shape == (4, 2 * F_DIM, D) and layers[0].experts.w_out.shape == (4, D, F_DIM)
+    assert layers[0].experts.w_in.shape == (4, 2 * F_DIM, D) and layers[0].experts.w_out.shape == (
+        4,
+        D,
+        F_DIM,
+    )
     torch.testing.assert_close(logits(model, ids), dense, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the equality comes from copying, not from a degenerate router
         layers[0].experts.w_out[1].mul_(2.0)
@@ -63,7 +76,11 @@ def test_split_with_all_experts_equals_dense() -> None:
     assert [x.shape for x in inputs] == [(ids.numel(), D)] * LAYERS
     upcycle(model, num_experts=4, top_k=4, method="split", mlp_inputs=inputs)
     layer = moe_layers(model)[0]
-    assert layer.experts.w_in.shape == (4, 2 * F_DIM // 4, D) and layer.experts.w_out.shape == (4, D, F_DIM // 4)
+    assert layer.experts.w_in.shape == (4, 2 * F_DIM // 4, D) and layer.experts.w_out.shape == (
+        4,
+        D,
+        F_DIM // 4,
+    )
     torch.testing.assert_close(logits(model, ids), dense, atol=1e-5, rtol=1e-5)
     set_top_k(model, 2)
     assert (logits(model, ids) - dense).abs().max() > 1e-4
@@ -81,7 +98,7 @@ def test_split_partitions_every_neuron_once_in_balanced_experts() -> None:
     layer = moe_layers(model)[0]
     assert torch.equal(layer.neuron_assignment, labels)
     torch.testing.assert_close(layer.experts.w_out[3], mlp.down_proj.weight[:, groups[3]])
-    torch.testing.assert_close(layer.experts.w_in[3, F_DIM // 8:], mlp.up_proj.weight[groups[3]])
+    torch.testing.assert_close(layer.experts.w_in[3, F_DIM // 8 :], mlp.up_proj.weight[groups[3]])
 
 
 def test_clustering_groups_coactivated_neurons() -> None:
@@ -89,7 +106,9 @@ def test_clustering_groups_coactivated_neurons() -> None:
     each planted group in one cluster."""
     profiles = torch.zeros(16, 40)
     for g in range(4):
-        profiles[g::4, g * 10:(g + 1) * 10] = torch.rand(4, 10) + 0.5  # group g fires on tokens of block g
+        profiles[g::4, g * 10 : (g + 1) * 10] = (
+            torch.rand(4, 10) + 0.5
+        )  # group g fires on tokens of block g
     labels = balanced_assign(profiles @ profiles[[0, 1, 2, 3]].T)
     for g in range(4):
         assert labels[g::4].unique().numel() == 1
@@ -101,12 +120,16 @@ def test_parameter_counts() -> None:
     dense_total = sum(p.numel() for p in model.parameters())
     mlp_params, router = 3 * D * F_DIM, 8 * D
     upcycle(model, 8, 2, "split", assignments=[torch.arange(F_DIM) % 8] * LAYERS)
-    assert parameter_counts(model) == (dense_total + LAYERS * router,
-                                       dense_total + LAYERS * (router - mlp_params * 6 // 8))
+    assert parameter_counts(model) == (
+        dense_total + LAYERS * router,
+        dense_total + LAYERS * (router - mlp_params * 6 // 8),
+    )
     model = tiny_llama()
     upcycle(model, 4, 2, "copy")
-    assert parameter_counts(model) == (dense_total + LAYERS * (3 * mlp_params + 4 * D),
-                                       dense_total + LAYERS * (mlp_params + 4 * D))
+    assert parameter_counts(model) == (
+        dense_total + LAYERS * (3 * mlp_params + 4 * D),
+        dense_total + LAYERS * (mlp_params + 4 * D),
+    )
 
 
 def test_bad_input_is_named() -> None:

@@ -18,19 +18,27 @@ def _init(block: nn.Module) -> nn.Module:
 
 
 def mixtral_block() -> nn.Module:
-    cfg = MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=6, num_experts_per_tok=2)
+    cfg = MixtralConfig(
+        hidden_size=32, intermediate_size=48, num_local_experts=6, num_experts_per_tok=2
+    )
     return _init(mixtral.MixtralSparseMoeBlock(cfg))
 
 
 def qwen_block(norm_topk_prob: bool) -> nn.Module:
     cfg = Qwen2MoeConfig(
-        hidden_size=32, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=5,
-        num_experts_per_tok=3, norm_topk_prob=norm_topk_prob,
+        hidden_size=32,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        num_experts=5,
+        num_experts_per_tok=3,
+        norm_topk_prob=norm_topk_prob,
     )
     return _init(qwen2_moe.Qwen2MoeSparseMoeBlock(cfg))
 
 
-@pytest.mark.parametrize("make", [mixtral_block, lambda: qwen_block(False), lambda: qwen_block(True)])
+@pytest.mark.parametrize(
+    "make", [mixtral_block, lambda: qwen_block(False), lambda: qwen_block(True)]
+)
 def test_forward_and_gradients_match_hf(make) -> None:
     block = make()
     layer = PiMoE.from_hf(block)
@@ -42,9 +50,15 @@ def test_forward_and_gradients_match_hf(make) -> None:
     out_ours.backward(grad)
     out_hf.backward(grad)
     torch.testing.assert_close(x_ours.grad, x_hf.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.router.gate.weight.grad, block.gate.weight.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(layer.experts.w_in.grad, block.experts.gate_up_proj.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(layer.experts.w_out.grad, block.experts.down_proj.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        layer.router.gate.weight.grad, block.gate.weight.grad, rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        layer.experts.w_in.grad, block.experts.gate_up_proj.grad, rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        layer.experts.w_out.grad, block.experts.down_proj.grad, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_qwen_structure_is_carried_over() -> None:

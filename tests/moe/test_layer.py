@@ -28,7 +28,9 @@ def naive_moe(layer: PiMoE, x: torch.Tensor) -> torch.Tensor:
     for t in range(tokens.shape[0]):
         for j in range(route.indices.shape[1]):
             if route.mask is None or route.mask[t, j]:
-                out[t] += route.weights[t, j] * experts[int(route.indices[t, j])](tokens[t : t + 1])[0]
+                out[t] += (
+                    route.weights[t, j] * experts[int(route.indices[t, j])](tokens[t : t + 1])[0]
+                )
     if layer.shared is not None:
         shared = layer.shared(tokens)
         if layer.shared_gate is not None:
@@ -57,7 +59,9 @@ def test_vectorized_layer_matches_token_loop(kwargs: dict) -> None:
 
 
 def test_any_module_experts_and_presets() -> None:
-    experts = [make_expert(name, 16) for name in sorted(EXPERT_PRESETS)] + [nn.Sequential(nn.Linear(16, 16), nn.Tanh())]
+    experts = [make_expert(name, 16) for name in sorted(EXPERT_PRESETS)] + [
+        nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+    ]
     layer = PiMoE(16, experts=experts, top_k=2)
     assert layer.num_experts == 5
     x = torch.randn(20, 16)
@@ -65,7 +69,10 @@ def test_any_module_experts_and_presets() -> None:
 
 
 def test_presets_are_the_documented_architectures() -> None:
-    assert isinstance(make_expert("language", 64), FFN) and make_expert("language", 64).up.out_features == 256
+    assert (
+        isinstance(make_expert("language", 64), FFN)
+        and make_expert("language", 64).up.out_features == 256
+    )
     reasoning = make_expert("reasoning", 48)
     assert isinstance(reasoning, SwiGLU) and reasoning.down.in_features == 128  # 8/3 * 48
     with pytest.raises(ValueError, match="unknown expert preset"):
@@ -108,7 +115,9 @@ def test_gradients_match_token_loop() -> None:
 
 
 def test_gradcheck_double() -> None:
-    layer = PiMoE(4, num_experts=3, top_k=2, ffn_dim=6, bias=True, shared_experts=1, shared_gate=True).double()
+    layer = PiMoE(
+        4, num_experts=3, top_k=2, ffn_dim=6, bias=True, shared_experts=1, shared_gate=True
+    ).double()
     x = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
 

@@ -12,12 +12,18 @@ from safetensors.torch import save_file
 
 from pimoe.data import byte_splits, get_batch, load_pydoc_text
 from pimoe.demo import loss_curve, train_lm
+from pimoe.moe.config import MoEConfig
 from pimoe.moe.layer import PiMoE
 from pimoe.moe.model import LMConfig, PiMoELM
-from pimoe.moe.config import MoEConfig
 from pimoe.moe.stats import RoutingStats
 
-TINY = LMConfig(block_size=16, n_layer=2, n_head=2, d_model=32, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32))
+TINY = LMConfig(
+    block_size=16,
+    n_layer=2,
+    n_head=2,
+    d_model=32,
+    moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32),
+)
 
 
 def make_model(config: LMConfig = TINY, seed: int = 0) -> PiMoELM:
@@ -25,7 +31,9 @@ def make_model(config: LMConfig = TINY, seed: int = 0) -> PiMoELM:
     return PiMoELM(config)
 
 
-def batch(config: LMConfig = TINY, batch_size: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    config: LMConfig = TINY, batch_size: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(config.vocab_size, (batch_size, config.block_size + 1), generator=g)
     return ids[:, :-1], ids[:, 1:]
@@ -91,7 +99,11 @@ def test_overfits_a_repeated_batch() -> None:
 
 def test_dense_twin_has_the_same_active_params() -> None:
     """Active params of the MoE model = those of its dense twin + the router gates, exactly."""
-    for config in (TINY, replace(TINY, moe_every=2, n_layer=4), replace(TINY, moe=TINY.moe.replace(shared_experts=1))):
+    for config in (
+        TINY,
+        replace(TINY, moe_every=2, n_layer=4),
+        replace(TINY, moe=TINY.moe.replace(shared_experts=1)),
+    ):
         moe, dense = make_model(config), make_model(config.dense_twin())
         n_moe = len(moe.moe_layers)
         assert n_moe == config.n_layer // config.moe_every and not dense.moe_layers
@@ -156,8 +168,11 @@ def test_load_rejects_bad_files(tmp_path) -> None:
     with pytest.raises(ValueError, match="invalid"):
         PiMoELM.load(bad_config)
     wrong_weights = tmp_path / "wrong.safetensors"
-    save_file({"w": torch.zeros(2)}, str(wrong_weights),
-              metadata={"pimoe.LMConfig": json.dumps({"d_model": 32, "n_head": 2})})
+    save_file(
+        {"w": torch.zeros(2)},
+        str(wrong_weights),
+        metadata={"pimoe.LMConfig": json.dumps({"d_model": 32, "n_head": 2})},
+    )
     with pytest.raises(ValueError, match="unexpected tensor"):
         PiMoELM.load(wrong_weights)
     with pytest.raises(FileNotFoundError):
@@ -250,8 +265,17 @@ def test_get_batch_is_deterministic_and_shifted() -> None:
 
 def test_train_lm_records_curves_and_routing() -> None:
     data = torch.arange(2000) % 7  # a periodic byte sequence: easy to learn
-    result = train_lm(TINY, data[:1800], data[1800:], steps=60, batch_size=4, lr=1e-2,
-                      device="cpu", seed=0, progress=False)
+    result = train_lm(
+        TINY,
+        data[:1800],
+        data[1800:],
+        steps=60,
+        batch_size=4,
+        lr=1e-2,
+        device="cpu",
+        seed=0,
+        progress=False,
+    )
     assert len(result.losses) == len(result.ce) == len(result.aux) == 60
     assert result.ce[-1] < 0.5 * result.ce[0] and result.val_loss < 0.5 * result.ce[0]
     assert result.tokens_per_s > 0

@@ -20,7 +20,13 @@ from pimoe.moe.parallel import (
     allreduce_replicated_grads,
     init_process_group,
 )
-from pimoe.moe.placement import ExpertPlacement, expert_shard, select_experts, shard_state_dict, unshard_state_dict
+from pimoe.moe.placement import (
+    ExpertPlacement,
+    expert_shard,
+    select_experts,
+    shard_state_dict,
+    unshard_state_dict,
+)
 
 D, T = 16, 12  # model width, tokens per rank
 
@@ -33,8 +39,13 @@ def free_port() -> int:
 
 def setup(rank: int, world: int, port: int, timeout_s: float = 30.0) -> None:
     torch.set_num_threads(1)
-    init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                       timeout=timedelta(seconds=timeout_s))
+    init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
 
 
 def check_against_single_process(
@@ -71,7 +82,9 @@ def check_against_single_process(
     return ep
 
 
-def check_state_dict_round_trip(layer: PiMoE, ep: ExpertParallelMoE, make_layer, rank: int, replicas=None) -> None:
+def check_state_dict_round_trip(
+    layer: PiMoE, ep: ExpertParallelMoE, make_layer, rank: int, replicas=None
+) -> None:
     full = ep.gather_full_state_dict()
     if rank == 0:
         assert full is not None and full.keys() == layer.state_dict().keys()
@@ -102,15 +115,21 @@ def job_two_ranks(rank: int, world: int, port: int) -> None:
 
     # Biased FFN experts, top-1, sigmoid scores.
     torch.manual_seed(0)
-    check_against_single_process(PiMoE(D, num_experts=4, top_k=1, ffn_dim=24, activation="gelu", bias=True, score="sigmoid"),
-                                 rank, world, tokens)
+    check_against_single_process(
+        PiMoE(D, num_experts=4, top_k=1, ffn_dim=24, activation="gelu", bias=True, score="sigmoid"),
+        rank,
+        world,
+        tokens,
+    )
 
     # Uneven routing: with positive inputs every token goes to experts 0 and 1 (rank 0's), so
     # rank 1 receives no row at all.
     torch.manual_seed(0)
     layer = PiMoE(D, num_experts=4, top_k=2, ffn_dim=24)
     with torch.no_grad():
-        layer.router.gate.weight.copy_(torch.tensor([1.0, 1.1, -1.0, -1.0]).unsqueeze(1).expand(4, D))
+        layer.router.gate.weight.copy_(
+            torch.tensor([1.0, 1.1, -1.0, -1.0]).unsqueeze(1).expand(4, D)
+        )
     ep = check_against_single_process(layer, rank, world, tokens, positive=True)
     assert ep.last_recv_splits == ([2 * T, 2 * (T + 5)] if rank == 0 else [0, 0])
     assert ep.last_send_splits == [2 * tokens[rank], 0]
@@ -126,7 +145,9 @@ def job_two_ranks(rank: int, world: int, port: int) -> None:
 
     # Arbitrary expert modules (ExpertList) of different shapes.
     def list_layer() -> PiMoE:
-        return PiMoE(D, top_k=2, experts=[FFN(D, 8), SwiGLU(D, 12), FFN(D, 20, "relu"), SwiGLU(D, 4)])
+        return PiMoE(
+            D, top_k=2, experts=[FFN(D, 8), SwiGLU(D, 12), FFN(D, 20, "relu"), SwiGLU(D, 4)]
+        )
 
     torch.manual_seed(0)
     layer = list_layer()
@@ -166,7 +187,9 @@ def job_four_ranks(rank: int, world: int, port: int) -> None:
         layer.router.gate.weight.zero_()
         layer.router.gate.weight[0] = 1.0
         layer.router.gate.weight[5] = 0.9
-    ep = check_against_single_process(layer, rank, world, [T, 3, T + 1, 7], positive=True, replicas=replicas)
+    ep = check_against_single_process(
+        layer, rank, world, [T, 3, T + 1, 7], positive=True, replicas=replicas
+    )
     n = [T, 3, T + 1, 7][rank]
     # Ranks 0-2 hold both experts; rank 3 keeps expert 0's rows and sends expert 5's to copy 3 mod 3 = rank 0.
     expected = [[2 * n, 0, 0, 0], [0, 2 * n, 0, 0], [0, 0, 2 * n, 0], [n, 0, 0, n]][rank]
@@ -175,7 +198,9 @@ def job_four_ranks(rank: int, world: int, port: int) -> None:
     dist.destroy_process_group()
 
 
-def job_dead_peer(rank: int, world: int, port: int, timeout_s: float, hang: bool, result_dir: str) -> None:
+def job_dead_peer(
+    rank: int, world: int, port: int, timeout_s: float, hang: bool, result_dir: str
+) -> None:
     setup(rank, world, port, timeout_s)
     torch.manual_seed(0)
     ep = ExpertParallelMoE.from_layer(PiMoE(D, num_experts=4, top_k=2))
@@ -222,20 +247,34 @@ def test_shard_helpers_without_processes() -> None:
     assert expert_shard(8, 3, 4) == range(6, 8)
     with pytest.raises(ValueError, match="not divisible"):
         expert_shard(6, 0, 4)
-    layer = PiMoE(D, num_experts=4, top_k=2, experts=[FFN(D, 8), FFN(D, 8), SwiGLU(D, 8), SwiGLU(D, 4)])
+    layer = PiMoE(
+        D, num_experts=4, top_k=2, experts=[FFN(D, 8), FFN(D, 8), SwiGLU(D, 8), SwiGLU(D, 4)]
+    )
     full = layer.state_dict()
     shards = [shard_state_dict(full, 4, r, 2) for r in range(2)]
-    assert "experts.experts.0.gate_up.weight" in shards[1] and "experts.experts.2.up.weight" not in shards[0]
+    assert (
+        "experts.experts.0.gate_up.weight" in shards[1]
+        and "experts.experts.2.up.weight" not in shards[0]
+    )
     back = unshard_state_dict(shards, 4)
     assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
 
 
 def test_placement_without_processes() -> None:
     placement = ExpertPlacement(8, 4, {0: range(4), 5: [0]})
-    assert placement.holders[0] == (0, 1, 2, 3) and placement.holders[5] == (0, 2) and placement.holders[3] == (1,)
+    assert (
+        placement.holders[0] == (0, 1, 2, 3)
+        and placement.holders[5] == (0, 2)
+        and placement.holders[3] == (1,)
+    )
     assert placement.held == ((0, 1, 5), (0, 2, 3), (0, 4, 5), (0, 6, 7))
     assert placement.replicated == (0, 5)
-    assert [placement.destination(5, src) for src in range(4)] == [0, 2, 2, 2]  # holders (0, 2): own copy, else copy src mod 2
+    assert [placement.destination(5, src) for src in range(4)] == [
+        0,
+        2,
+        2,
+        2,
+    ]  # holders (0, 2): own copy, else copy src mod 2
     # slots number (rank, held expert): rank 3 sends expert 0 to itself (slot 9), expert 5 to rank 2 (slot 8)
     slots = placement.slots(3).tolist()
     assert slots[0] == 9 and slots[5] == 8 and slots[1] == 1 and slots[7] == 11

@@ -60,7 +60,9 @@ def test_capacity_drops_lowest_priority_assignments() -> None:
 
 
 def test_capacity_first_choices_have_priority_over_second() -> None:
-    router = Router(4, num_experts=2, top_k=2, capacity_factor=0.5)  # capacity = ceil(0.5*4*2/2) = 2
+    router = Router(
+        4, num_experts=2, top_k=2, capacity_factor=0.5
+    )  # capacity = ceil(0.5*4*2/2) = 2
     with torch.no_grad():
         router.gate.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
     x = torch.tensor([[2.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 2.0, 0, 0]])
@@ -80,9 +82,15 @@ def test_expert_choice_is_balanced() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(num_experts=0, top_k=1), dict(num_experts=2, top_k=3), dict(num_experts=2, top_k=0),
-     dict(num_experts=2, top_k=1, score="relu"), dict(num_experts=2, top_k=1, capacity_factor=0.0),
-     dict(num_experts=2, top_k=1, routing="random"), dict(num_experts=2, top_k=1, noise_std=-1.0)],
+    [
+        dict(num_experts=0, top_k=1),
+        dict(num_experts=2, top_k=3),
+        dict(num_experts=2, top_k=0),
+        dict(num_experts=2, top_k=1, score="relu"),
+        dict(num_experts=2, top_k=1, capacity_factor=0.0),
+        dict(num_experts=2, top_k=1, routing="random"),
+        dict(num_experts=2, top_k=1, noise_std=-1.0),
+    ],
 )
 def test_bad_options_raise(kwargs: dict) -> None:
     with pytest.raises(ValueError):
@@ -96,7 +104,9 @@ def test_load_balancing_loss_is_one_when_uniform_and_larger_when_collapsed() -> 
     assert math.isclose(load_balancing_loss(probs, uniform_idx, e).item(), 1.0, rel_tol=1e-6)
     collapsed = torch.zeros(t, e)
     collapsed[:, 0] = 1.0
-    assert math.isclose(load_balancing_loss(collapsed, torch.zeros(t, 1, dtype=torch.long), e).item(), e)
+    assert math.isclose(
+        load_balancing_loss(collapsed, torch.zeros(t, 1, dtype=torch.long), e).item(), e
+    )
 
 
 def test_load_balancing_loss_matches_transformers_times_k() -> None:

@@ -49,7 +49,9 @@ class CacheBenchConfig:
     seed: int = 0
 
 
-def zipf_trace(num_keys: int, num_requests: int, skew: float, seed: int, shift_every: int | None = None) -> list[int]:
+def zipf_trace(
+    num_keys: int, num_requests: int, skew: float, seed: int, shift_every: int | None = None
+) -> list[int]:
     """Requests drawn i.i.d. with P(rank r) ~ r**-skew over ``num_keys`` keys, seeded.
 
     With ``shift_every``, the rank-to-key mapping is reshuffled every that many requests
@@ -62,13 +64,17 @@ def zipf_trace(num_keys: int, num_requests: int, skew: float, seed: int, shift_e
         return ranks.tolist()
     keys = np.empty_like(ranks)
     for start in range(0, num_requests, shift_every):
-        keys[start : start + shift_every] = rng.permutation(num_keys)[ranks[start : start + shift_every]]
+        keys[start : start + shift_every] = rng.permutation(num_keys)[
+            ranks[start : start + shift_every]
+        ]
     return keys.tolist()
 
 
 def hit_rates(cfg: CacheBenchConfig) -> list[dict]:
     """One row per (trace, cache size): each policy's hit rate and Belady's."""
-    traces = {f"zipf {s}": zipf_trace(cfg.num_keys, cfg.num_requests, s, cfg.seed) for s in cfg.skews}
+    traces = {
+        f"zipf {s}": zipf_trace(cfg.num_keys, cfg.num_requests, s, cfg.seed) for s in cfg.skews
+    }
     if cfg.shift_every:
         traces[f"zipf 1.0, shift {cfg.shift_every}"] = zipf_trace(
             cfg.num_keys, cfg.num_requests, 1.0, cfg.seed, cfg.shift_every
@@ -77,7 +83,9 @@ def hit_rates(cfg: CacheBenchConfig) -> list[dict]:
     for name, trace in traces.items():
         for size in cfg.sizes:
             row: dict = {"trace": name, "cache": size}
-            row.update({p: simulate_hits(make(size), trace) / len(trace) for p, make in POLICIES.items()})
+            row.update(
+                {p: simulate_hits(make(size), trace) / len(trace) for p, make in POLICIES.items()}
+            )
             row["belady"] = belady_hits(trace, size) / len(trace)
             rows.append(row)
     return rows
@@ -99,9 +107,15 @@ def costs(cfg: CacheBenchConfig, folder: Path) -> dict[str, float]:
     value = torch.randn(cfg.value_bytes // 4)
     warm = InferenceCache(max_size=n)
     warm_nocopy = InferenceCache(max_size=n, copy_values=False)
-    churn = InferenceCache(max_size=n // 2)  # cycling over n keys: every get misses, every put evicts
-    disk_plain = InferenceCache(max_size=1, disk_path=folder / "plain")  # 1 entry: every get is a disk hit
-    disk_sealed = InferenceCache(max_size=1, disk_path=folder / "sealed", encrypt_key=generate_key())
+    churn = InferenceCache(
+        max_size=n // 2
+    )  # cycling over n keys: every get misses, every put evicts
+    disk_plain = InferenceCache(
+        max_size=1, disk_path=folder / "plain"
+    )  # 1 entry: every get is a disk hit
+    disk_sealed = InferenceCache(
+        max_size=1, disk_path=folder / "sealed", encrypt_key=generate_key()
+    )
     for c in (warm, warm_nocopy, disk_plain, disk_sealed):
         for k in keys:
             c.put(k, value)
@@ -123,7 +137,9 @@ def costs(cfg: CacheBenchConfig, folder: Path) -> dict[str, float]:
     }
     seconds = interleaved_medians(contenders, cfg.rounds)
     if disk_plain.stats.disk_hits < n or disk_sealed.stats.disk_hits < n:
-        raise RuntimeError("the disk-hit contenders were served from memory; the measurement is wrong")
+        raise RuntimeError(
+            "the disk-hit contenders were served from memory; the measurement is wrong"
+        )
     for c in (disk_plain, disk_sealed):
         c.close()
     return {name: s / n * 1e6 for name, s in seconds.items()}
@@ -152,7 +168,9 @@ def _print(result: dict, console: Console) -> None:
     for r in result["hit_rates"]:
         table.add_row(r["trace"], str(r["cache"]), *(f"{r[p]:.3f}" for p in (*POLICIES, "belady")))
     console.print(table)
-    costs_table = Table(title=f"InferenceCache cost per operation, {result['config']['value_bytes']} B tensors (µs)")
+    costs_table = Table(
+        title=f"InferenceCache cost per operation, {result['config']['value_bytes']} B tensors (µs)"
+    )
     costs_table.add_column("operation")
     costs_table.add_column("µs", justify="right")
     for name, us in result["cost_us"].items():
@@ -164,7 +182,9 @@ def main(quick: bool = False, json_path: Path | None = None) -> dict:
     """Entry point of ``benchmarks/cache.py`` (and of ``pimoe bench cache``)."""
     cfg = CacheBenchConfig()
     if quick:
-        cfg = CacheBenchConfig(num_requests=10_000, skews=[1.0], shift_every=None, timing_keys=100, rounds=3)
+        cfg = CacheBenchConfig(
+            num_requests=10_000, skews=[1.0], shift_every=None, timing_keys=100, rounds=3
+        )
     result = run(cfg)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))

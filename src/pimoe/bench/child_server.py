@@ -20,15 +20,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(code: str, args: list[str], threads: int, log: IO[bytes],
-                 timeout_s: float = 60.0) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    code: str, args: list[str], threads: int, log: IO[bytes], timeout_s: float = 60.0
+) -> tuple[subprocess.Popen[bytes], str]:
     """Run ``python -c code *args`` (``"{port}"`` in ``args`` becomes a free port;
     ``OMP_NUM_THREADS=threads``; output to ``log``) and return the process and its base URL once
     ``/healthz`` answers 200."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     argv = [arg.replace("{port}", str(port)) for arg in args]
-    proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *argv], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -65,10 +65,15 @@ def digits_split(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from sklearn.model_selection import train_test_split
 
     data = load_digits()
-    x_tr, x_te, y_tr, y_te = train_test_split(data.data / 16.0, data.target, test_size=360,
-                                              random_state=seed, stratify=data.target)
-    return (torch.tensor(x_tr, dtype=torch.float32), torch.tensor(y_tr), torch.tensor(x_te, dtype=torch.float32),
-            torch.tensor(y_te))
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        data.data / 16.0, data.target, test_size=360, random_state=seed, stratify=data.target
+    )
+    return (
+        torch.tensor(x_tr, dtype=torch.float32),
+        torch.tensor(y_tr),
+        torch.tensor(x_te, dtype=torch.float32),
+        torch.tensor(y_te),
+    )
 
 
 def train(x: Tensor, y: Tensor, cfg: ExpertBenchConfig, seed: int) -> DigitsMoE:
@@ -107,19 +112,33 @@ def variants(model: DigitsMoE, x_tr: Tensor, cfg: ExpertBenchConfig) -> dict[str
     batches = list(x_tr.split(cfg.batch_size))
 
     def distilled(**steps: object) -> nn.Module:
-        config = ArchitectureConfig(enable_pruning=False, enable_quantization=False, enable_knowledge_distillation=True,
-                                    distill_epochs=cfg.distill_epochs, distill_lr=1e-3, **steps)
+        config = ArchitectureConfig(
+            enable_pruning=False,
+            enable_quantization=False,
+            enable_knowledge_distillation=True,
+            distill_epochs=cfg.distill_epochs,
+            distill_lr=1e-3,
+            **steps,
+        )
         return ArchitectureOptimizer(config).compress(model, distill_data=batches)
 
     return {
         "8 experts (trained)": model,
-        "drop 2 (least loaded)": _with_layer(model, lambda m: drop_experts(m, amount=0.25, stats=stats)),
-        "drop 2 (smallest weight norm)": _with_layer(model, lambda m: drop_experts(m, amount=0.25, by="weight_norm")),
-        "drop 4 (least loaded)": _with_layer(model, lambda m: drop_experts(m, amount=0.5, stats=stats)),
+        "drop 2 (least loaded)": _with_layer(
+            model, lambda m: drop_experts(m, amount=0.25, stats=stats)
+        ),
+        "drop 2 (smallest weight norm)": _with_layer(
+            model, lambda m: drop_experts(m, amount=0.25, by="weight_norm")
+        ),
+        "drop 4 (least loaded)": _with_layer(
+            model, lambda m: drop_experts(m, amount=0.5, stats=stats)
+        ),
         "merge to 4 (router similarity, load-weighted)": _with_layer(
-            model, lambda m: merge_similar_experts(m, 4, stats=stats)),
+            model, lambda m: merge_similar_experts(m, 4, stats=stats)
+        ),
         "merge to 4 (weight similarity, load-weighted)": _with_layer(
-            model, lambda m: merge_similar_experts(m, 4, stats=stats, by="weights")),
+            model, lambda m: merge_similar_experts(m, 4, stats=stats, by="weights")
+        ),
         "drop 4 (weight norm) + distill": distilled(enable_expert_drop=True, expert_drop_ratio=0.5),
         "merge to 4 (router) + distill": distilled(enable_expert_merge=True, experts_after_merge=4),
     }
@@ -135,31 +154,46 @@ def run(cfg: ExpertBenchConfig, console: Console | None = None) -> dict:
         model = train(x_tr, y_tr, cfg, seed)
         for name, variant in variants(model, x_tr, cfg).items():
             experts = variant.moe.num_experts
-            per_seed.setdefault(name, []).append((accuracy(variant, x_te, y_te), saved_bytes(variant), experts))
+            per_seed.setdefault(name, []).append(
+                (accuracy(variant, x_te, y_te), saved_bytes(variant), experts)
+            )
     base = per_seed["8 experts (trained)"]
     rows = []
     for name, values in per_seed.items():
-        rows.append({
-            "name": name,
-            "experts": values[0][2],
-            "accuracy": sum(v[0] for v in values) / len(values),
-            "accuracy_per_seed": [v[0] for v in values],
-            "size_ratio": sum(v[1] / b[1] for v, b in zip(values, base)) / len(values),
-        })
-    result = {**run_header("compress_experts", cfg), "dataset": "sklearn digits, 1437 train / 360 test", "rows": rows}
+        rows.append(
+            {
+                "name": name,
+                "experts": values[0][2],
+                "accuracy": sum(v[0] for v in values) / len(values),
+                "accuracy_per_seed": [v[0] for v in values],
+                "size_ratio": sum(v[1] / b[1] for v, b in zip(values, base)) / len(values),
+            }
+        )
+    result = {
+        **run_header("compress_experts", cfg),
+        "dataset": "sklearn digits, 1437 train / 360 test",
+        "rows": rows,
+    }
     table = Table(title=f"PiMoE digits classifier, test accuracy (mean of seeds {cfg.seeds})")
     for column in ("configuration", "experts", "accuracy", "per seed", "size vs original"):
         table.add_column(column, justify="left" if column == "configuration" else "right")
     for row in rows:
-        table.add_row(row["name"], str(row["experts"]), f"{row['accuracy']:.3f}",
-                      " ".join(f"{a:.3f}" for a in row["accuracy_per_seed"]), f"{row['size_ratio']:.2f}")
+        table.add_row(
+            row["name"],
+            str(row["experts"]),
+            f"{row['accuracy']:.3f}",
+            " ".join(f"{a:.3f}" for a in row["accuracy_per_seed"]),
+            f"{row['size_ratio']:.2f}",
+        )
     console.print(table)
     return result
 
 
 def main(quick: bool = False, json_path: Path | None = None) -> dict:
     """Entry point of ``benchmarks/compress_experts.py`` (and ``pimoe bench compress-experts``)."""
-    cfg = ExpertBenchConfig(seeds=[0], epochs=25, distill_epochs=5) if quick else ExpertBenchConfig()
+    cfg = (
+        ExpertBenchConfig(seeds=[0], epochs=25, distill_epochs=5) if quick else ExpertBenchConfig()
+    )
     result = run(cfg)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))

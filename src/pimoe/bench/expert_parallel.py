@@ -79,8 +79,13 @@ def _steps(module: torch.nn.Module, x: torch.Tensor, sync: bool) -> dict[str, ob
 
 def _worker(rank: int, world: int, port: int, cfg: EPBenchConfig, out_path: str) -> None:
     torch.set_num_threads(1)
-    init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                       timeout=timedelta(minutes=5))
+    init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(minutes=5),
+    )
     layer = _layer(cfg)
     ep = ExpertParallelMoE.from_layer(layer)
     x_all = _inputs(cfg, world)
@@ -94,8 +99,10 @@ def _worker(rank: int, world: int, port: int, cfg: EPBenchConfig, out_path: str)
     row_bytes = cfg.d_model * out.element_size()
     remote_rows = sum(ep.last_send_splits) - ep.last_send_splits[rank]
     count_bytes = (world - 1) * (cfg.num_experts // world) * 8
-    sent = torch.tensor([2 * remote_rows * row_bytes + count_bytes, 4 * remote_rows * row_bytes + count_bytes],
-                        dtype=torch.float64)
+    sent = torch.tensor(
+        [2 * remote_rows * row_bytes + count_bytes, 4 * remote_rows * row_bytes + count_bytes],
+        dtype=torch.float64,
+    )
     dist.all_reduce(sent)
     contenders = {f"ep {k}": f for k, f in _steps(ep, x, sync=world > 1).items()}
     if world == 1:  # the single-process peer on one thread, interleaved with the same rounds
@@ -116,14 +123,20 @@ def _worker(rank: int, world: int, port: int, cfg: EPBenchConfig, out_path: str)
             "oversubscribed": world > (os.cpu_count() or 1),
         }
         if world == 1:
-            single = {"1_threads": {"fwd_tokens_per_s": tokens / times["single fwd"],
-                                    "fwdbwd_tokens_per_s": tokens / times["single fwd+bwd"]}}
+            single = {
+                "1_threads": {
+                    "fwd_tokens_per_s": tokens / times["single fwd"],
+                    "fwdbwd_tokens_per_s": tokens / times["single fwd+bwd"],
+                }
+            }
             cores = os.cpu_count() or 1
             if cores > 1:  # the whole machine in one process
                 torch.set_num_threads(cores)
                 t = interleaved_medians(_steps(layer, x, sync=False), cfg.rounds)
-                single[f"{cores}_threads"] = {"fwd_tokens_per_s": tokens / t["fwd"],
-                                              "fwdbwd_tokens_per_s": tokens / t["fwd+bwd"]}
+                single[f"{cores}_threads"] = {
+                    "fwd_tokens_per_s": tokens / t["fwd"],
+                    "fwdbwd_tokens_per_s": tokens / t["fwd+bwd"],
+                }
             result["single_process"] = single
         Path(out_path).write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -145,7 +158,9 @@ def run(cfg: EPBenchConfig, console: Console | None = None) -> dict:
     if single is not None:
         for row in rows:
             for name, peer in single.items():
-                row[f"fwdbwd_vs_single_{name}"] = row["fwdbwd_tokens_per_s"] / peer["fwdbwd_tokens_per_s"]
+                row[f"fwdbwd_vs_single_{name}"] = (
+                    row["fwdbwd_tokens_per_s"] / peer["fwdbwd_tokens_per_s"]
+                )
     result = {
         **run_header("expert_parallel", cfg),
         "backend": "gloo",
@@ -161,23 +176,37 @@ def run(cfg: EPBenchConfig, console: Console | None = None) -> dict:
 
 def _print(result: dict, console: Console) -> None:
     cfg = result["config"]
-    table = Table(title=f"Expert parallelism: gloo, {result['cpu_count']} cores, 1 thread and "
-                        f"{cfg['tokens_per_rank']} tokens per process")
+    table = Table(
+        title=f"Expert parallelism: gloo, {result['cpu_count']} cores, 1 thread and "
+        f"{cfg['tokens_per_rank']} tokens per process"
+    )
     peers = list(result["single_process"] or {})
-    for col in ("procs", "fwd tok/s", "f+b tok/s", *[f"f+b / 1 proc {p.split('_')[0]} thr" for p in peers],
-                "a2a B/tok f+b", "max |diff|", "over-sub"):
+    for col in (
+        "procs",
+        "fwd tok/s",
+        "f+b tok/s",
+        *[f"f+b / 1 proc {p.split('_')[0]} thr" for p in peers],
+        "a2a B/tok f+b",
+        "max |diff|",
+        "over-sub",
+    ):
         table.add_column(col, justify="right")
     for r in result["rows"]:
         table.add_row(
-            str(r["processes"]), f"{r['fwd_tokens_per_s']:,.0f}", f"{r['fwdbwd_tokens_per_s']:,.0f}",
+            str(r["processes"]),
+            f"{r['fwd_tokens_per_s']:,.0f}",
+            f"{r['fwdbwd_tokens_per_s']:,.0f}",
             *[f"{r[f'fwdbwd_vs_single_{p}']:.2f}" for p in peers],
-            f"{r['a2a_bytes_per_token_fwdbwd']:,.0f}", f"{r['max_abs_diff_vs_single_process']:.0e}",
+            f"{r['a2a_bytes_per_token_fwdbwd']:,.0f}",
+            f"{r['max_abs_diff_vs_single_process']:.0e}",
             "yes" if r["oversubscribed"] else "no",
         )
     console.print(table)
     for name, peer in (result["single_process"] or {}).items():
-        console.print(f"single-process PiMoE, {name.split('_')[0]} thread(s): fwd {peer['fwd_tokens_per_s']:,.0f} "
-                      f"tok/s, fwd+bwd {peer['fwdbwd_tokens_per_s']:,.0f} tok/s")
+        console.print(
+            f"single-process PiMoE, {name.split('_')[0]} thread(s): fwd {peer['fwd_tokens_per_s']:,.0f} "
+            f"tok/s, fwd+bwd {peer['fwdbwd_tokens_per_s']:,.0f} tok/s"
+        )
 
 
 def main(quick: bool = False, json_path: Path | None = None, rounds: int | None = None) -> dict:

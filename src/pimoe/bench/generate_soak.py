@@ -35,10 +35,18 @@ def save_tiny_model(tokenizer_source: Path, folder: Path, seed: int = 0) -> Path
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -51,7 +59,9 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-async def _soak(url: str, pid: int, num_requests: int, concurrency: int, warmup: int) -> dict[str, Any]:
+async def _soak(
+    url: str, pid: int, num_requests: int, concurrency: int, warmup: int
+) -> dict[str, Any]:
     text = load_pydoc_text().decode("utf-8")
     rng = np.random.default_rng(0)
     starts = rng.integers(0, len(text) - 400, size=num_requests).tolist()
@@ -64,12 +74,18 @@ async def _soak(url: str, pid: int, num_requests: int, concurrency: int, warmup:
     bar = tqdm(total=num_requests, desc=f"soak, {concurrency} concurrent")
 
     async def one(session: aiohttp.ClientSession, i: int) -> str:
-        prompt = text[starts[i]: starts[i] + 40 + i % 300]
+        prompt = text[starts[i] : starts[i] + 40 + i % 300]
         common = {"model": "lm", "max_tokens": 8, "seed": i}
         if i % 3 == 0:
             return str((await stream_completion(session, {**common, "prompt": prompt})).status)
-        path, body = (("/v1/completions", {**common, "prompt": prompt}) if i % 3 == 1 else
-                      ("/v1/chat/completions", {**common, "messages": [{"role": "user", "content": prompt}]}))
+        path, body = (
+            ("/v1/completions", {**common, "prompt": prompt})
+            if i % 3 == 1
+            else (
+                "/v1/chat/completions",
+                {**common, "messages": [{"role": "user", "content": prompt}]},
+            )
+        )
         async with session.post(path, json=body) as response:
             await response.read()
             return str(response.status)
@@ -92,7 +108,9 @@ async def _soak(url: str, pid: int, num_requests: int, concurrency: int, warmup:
         while not done.is_set():
             start = time.perf_counter()
             try:
-                async with session.get("/healthz", timeout=aiohttp.ClientTimeout(total=5)) as response:
+                async with session.get(
+                    "/healthz", timeout=aiohttp.ClientTimeout(total=5)
+                ) as response:
                     await response.read()
                     health["ok" if response.status == 200 else "failed"] += 1
             except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -104,8 +122,12 @@ async def _soak(url: str, pid: int, num_requests: int, concurrency: int, warmup:
             await asyncio.sleep(0.25)
 
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(base_url=url, timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as s, \
-            aiohttp.ClientSession(base_url=url, timeout=timeout) as health_session:
+    async with (
+        aiohttp.ClientSession(
+            base_url=url, timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)
+        ) as s,
+        aiohttp.ClientSession(base_url=url, timeout=timeout) as health_session,
+    ):
         watcher = asyncio.create_task(watch(health_session))
         start = time.perf_counter()
         await asyncio.gather(*(worker(s) for _ in range(concurrency)))
@@ -115,16 +137,34 @@ async def _soak(url: str, pid: int, num_requests: int, concurrency: int, warmup:
     bar.close()
     rss.append(_rss_mb(pid))
     latencies = health_latencies
-    return {"requests": num_requests, "concurrency": concurrency, "seconds": seconds,
-            "requests_per_s": num_requests / seconds, "statuses": dict(statuses),
-            "server_errors_5xx": sum(n for k, n in statuses.items() if k.startswith("5")),
-            "rss_after_warmup_mb": rss[0], "rss_end_mb": rss[-1], "rss_max_mb": max(rss),
-            "rss_growth": rss[-1] / rss[0] - 1, "healthz": {"ok": health["ok"], "failed": health["failed"], "p99_ms": percentile(latencies, 99) * 1000,
-                                                            "max_ms": max(latencies) * 1000}}
+    return {
+        "requests": num_requests,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "requests_per_s": num_requests / seconds,
+        "statuses": dict(statuses),
+        "server_errors_5xx": sum(n for k, n in statuses.items() if k.startswith("5")),
+        "rss_after_warmup_mb": rss[0],
+        "rss_end_mb": rss[-1],
+        "rss_max_mb": max(rss),
+        "rss_growth": rss[-1] / rss[0] - 1,
+        "healthz": {
+            "ok": health["ok"],
+            "failed": health["failed"],
+            "p99_ms": percentile(latencies, 99) * 1000,
+            "max_ms": max(latencies) * 1000,
+        },
+    }
 
 
-def run_soak(model: str, num_requests: int = 10_000, concurrency: int = 64, threads: int = 1,
-             work_dir: Path | None = None, console: Console | None = None) -> dict[str, Any]:
+def run_soak(
+    model: str,
+    num_requests: int = 10_000,
+    concurrency: int = 64,
+    threads: int = 1,
+    work_dir: Path | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
     """Serve a tiny model with ``model``'s tokenizer and send it ``num_requests`` requests,
     ``concurrency`` at a time; the figures of :func:`_soak` plus pass/fail of the three checks
     (zero 5xx, RSS growth under 10%, ``/healthz`` never failing)."""
@@ -136,11 +176,16 @@ def run_soak(model: str, num_requests: int = 10_000, concurrency: int = 64, thre
     with open(work / "soak-server.log", "wb") as log:
         proc, url = start_server(folder, threads, 64, log)
     try:
-        result = asyncio.run(_soak(url, proc.pid, num_requests, concurrency, warmup=min(500, num_requests // 10)))
+        result = asyncio.run(
+            _soak(url, proc.pid, num_requests, concurrency, warmup=min(500, num_requests // 10))
+        )
     finally:
         stop(proc)
-    result["checks"] = {"zero_5xx": result["server_errors_5xx"] == 0, "rss_growth_under_10pct": result["rss_growth"] < 0.10,
-                        "healthz_always_answered": result["healthz"]["failed"] == 0}
+    result["checks"] = {
+        "zero_5xx": result["server_errors_5xx"] == 0,
+        "rss_growth_under_10pct": result["rss_growth"] < 0.10,
+        "healthz_always_answered": result["healthz"]["failed"] == 0,
+    }
     console.print(f"soak checks: {result['checks']}")
     return result
 

@@ -56,9 +56,15 @@ def _block(shape: str, d_model: int) -> Any:
 
     model_type, experts, top_k, width = SHAPES[shape]
     config = AutoConfig.for_model(
-        model_type, hidden_size=d_model, num_attention_heads=8, intermediate_size=width,
-        moe_intermediate_size=width, num_local_experts=experts, num_experts=experts,
-        num_experts_per_tok=top_k, norm_topk_prob=True,
+        model_type,
+        hidden_size=d_model,
+        num_attention_heads=8,
+        intermediate_size=width,
+        moe_intermediate_size=width,
+        num_local_experts=experts,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=True,
     )
     block_class: Any = MixtralSparseMoeBlock if model_type == "mixtral" else Qwen3MoeSparseMoeBlock
     block = block_class(config)
@@ -95,7 +101,9 @@ def run(cfg: HFBackendBenchConfig, console: Console | None = None) -> dict:
     torch.set_num_threads(cfg.threads)
     from pimoe.hf import check_families
 
-    families = check_families(cfg.families, seed=cfg.seed, tokens=cfg.family_tokens, repeats=cfg.rounds)
+    families = check_families(
+        cfg.families, seed=cfg.seed, tokens=cfg.family_tokens, repeats=cfg.rounds
+    )
     _print_families(families, console)
     rows: list[dict[str, Any]] = []
     for shape in cfg.shapes:
@@ -105,20 +113,33 @@ def run(cfg: HFBackendBenchConfig, console: Console | None = None) -> dict:
             x = torch.randn(1, tokens, cfg.d_model)
             diff = _max_diff_vs_eager(block, x)
             for backward in (False, True):
-                fns: dict[str, Callable[[], object]] = {name: _step(block, name, x, backward) for name in CONTENDERS}
+                fns: dict[str, Callable[[], object]] = {
+                    name: _step(block, name, x, backward) for name in CONTENDERS
+                }
                 times = interleaved_medians(fns, cfg.rounds)
-                rows.append({
-                    "shape": shape, "tokens": tokens, "mode": "fwd+bwd" if backward else "fwd",
-                    "pimoe_ms": times["pimoe"] * 1e3, "grouped_mm_ms": times["grouped_mm"] * 1e3,
-                    "pimoe_vs_grouped_mm": times["pimoe"] / times["grouped_mm"],
-                    "max_abs_diff_vs_eager": diff,
-                })
-                console.print(f"{shape} {tokens} tokens {rows[-1]['mode']}: "
-                              f"{rows[-1]['pimoe_vs_grouped_mm']:.2f}x grouped_mm")
+                rows.append(
+                    {
+                        "shape": shape,
+                        "tokens": tokens,
+                        "mode": "fwd+bwd" if backward else "fwd",
+                        "pimoe_ms": times["pimoe"] * 1e3,
+                        "grouped_mm_ms": times["grouped_mm"] * 1e3,
+                        "pimoe_vs_grouped_mm": times["pimoe"] / times["grouped_mm"],
+                        "max_abs_diff_vs_eager": diff,
+                    }
+                )
+                console.print(
+                    f"{shape} {tokens} tokens {rows[-1]['mode']}: "
+                    f"{rows[-1]['pimoe_vs_grouped_mm']:.2f}x grouped_mm"
+                )
     result = {
         **run_header("hf_backend", cfg),
-        "fwd_ratio_vs_grouped_mm": geomean([r["pimoe_vs_grouped_mm"] for r in rows if r["mode"] == "fwd"]),
-        "fwdbwd_ratio_vs_grouped_mm": geomean([r["pimoe_vs_grouped_mm"] for r in rows if r["mode"] == "fwd+bwd"]),
+        "fwd_ratio_vs_grouped_mm": geomean(
+            [r["pimoe_vs_grouped_mm"] for r in rows if r["mode"] == "fwd"]
+        ),
+        "fwdbwd_ratio_vs_grouped_mm": geomean(
+            [r["pimoe_vs_grouped_mm"] for r in rows if r["mode"] == "fwd+bwd"]
+        ),
         "max_abs_diff_vs_eager": max(r["max_abs_diff_vs_eager"] for r in rows),
         "max_abs_logit_diff_hf": max(r["max_abs_logit_diff"] for r in families),
         "families": families,
@@ -129,26 +150,49 @@ def run(cfg: HFBackendBenchConfig, console: Console | None = None) -> dict:
 
 
 def _print_families(families: list[dict], console: Console) -> None:
-    table = Table(title="tiny random models: pimoe vs eager (fp32), forward ms (median, interleaved)")
-    for col in ("family", "E", "k", "max |logit diff|", "max |grad diff| / max |grad|",
-                "pimoe ms", "grouped_mm ms", "eager ms"):
+    table = Table(
+        title="tiny random models: pimoe vs eager (fp32), forward ms (median, interleaved)"
+    )
+    for col in (
+        "family",
+        "E",
+        "k",
+        "max |logit diff|",
+        "max |grad diff| / max |grad|",
+        "pimoe ms",
+        "grouped_mm ms",
+        "eager ms",
+    ):
         table.add_column(col, justify="right")
     for r in families:
         table.add_row(
-            r["family"], str(r["num_experts"]), str(r["top_k"]), f"{r['max_abs_logit_diff']:.1e}",
-            f"{r['max_abs_grad_diff'] / r['max_abs_grad']:.1e}", f"{r['fwd_ms_pimoe']:.1f}",
-            f"{r['fwd_ms_grouped_mm']:.1f}", f"{r['fwd_ms_eager']:.1f}",
+            r["family"],
+            str(r["num_experts"]),
+            str(r["top_k"]),
+            f"{r['max_abs_logit_diff']:.1e}",
+            f"{r['max_abs_grad_diff'] / r['max_abs_grad']:.1e}",
+            f"{r['fwd_ms_pimoe']:.1f}",
+            f"{r['fwd_ms_grouped_mm']:.1f}",
+            f"{r['fwd_ms_eager']:.1f}",
         )
     console.print(table)
 
 
 def _print(result: dict, console: Console) -> None:
-    table = Table(title="transformers MoE block: experts_implementation pimoe vs grouped_mm (median, interleaved)")
+    table = Table(
+        title="transformers MoE block: experts_implementation pimoe vs grouped_mm (median, interleaved)"
+    )
     for col in ("shape", "tokens", "mode", "pimoe ms", "grouped_mm ms", "pimoe / grouped_mm"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
-        table.add_row(r["shape"], str(r["tokens"]), r["mode"], f"{r['pimoe_ms']:.1f}",
-                      f"{r['grouped_mm_ms']:.1f}", f"{r['pimoe_vs_grouped_mm']:.2f}")
+        table.add_row(
+            r["shape"],
+            str(r["tokens"]),
+            r["mode"],
+            f"{r['pimoe_ms']:.1f}",
+            f"{r['grouped_mm_ms']:.1f}",
+            f"{r['pimoe_vs_grouped_mm']:.2f}",
+        )
     console.print(table)
     console.print(
         f"geomean pimoe / grouped_mm: fwd {result['fwd_ratio_vs_grouped_mm']:.3f}, fwd+bwd "
@@ -156,7 +200,12 @@ def _print(result: dict, console: Console) -> None:
     )
 
 
-def main(quick: bool = False, json_path: str | Path | None = None, rounds: int | None = None, threads: int = 1) -> dict:
+def main(
+    quick: bool = False,
+    json_path: str | Path | None = None,
+    rounds: int | None = None,
+    threads: int = 1,
+) -> dict:
     """Entry point of the transformers-backend benchmark (quick: 512 tokens, 3 rounds)."""
     cfg = HFBackendBenchConfig(threads=threads)
     if quick:

@@ -43,9 +43,13 @@ def run(cfg: KVCacheBenchConfig) -> dict:
     """Measure and return the results (tokens/s per batch size, cached vs uncached)."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    config = LMConfig(block_size=cfg.prompt_tokens + cfg.new_tokens, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      d_model=cfg.d_model, moe=MoEConfig(num_experts=cfg.num_experts, top_k=cfg.top_k,
-                                                         ffn_dim=cfg.ffn_dim))
+    config = LMConfig(
+        block_size=cfg.prompt_tokens + cfg.new_tokens,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        d_model=cfg.d_model,
+        moe=MoEConfig(num_experts=cfg.num_experts, top_k=cfg.top_k, ffn_dim=cfg.ffn_dim),
+    )
     model = PiMoELM(config).eval()
     result: dict = {**run_header("kv_cache", cfg), "rows": []}
     for batch in cfg.batches:
@@ -57,20 +61,27 @@ def run(cfg: KVCacheBenchConfig) -> dict:
             prompt: torch.Tensor = prompt,
             outputs: dict[bool, torch.Tensor] = outputs,
         ) -> None:
-            outputs[use_cache] = model.generate(prompt, cfg.new_tokens, temperature=0, use_cache=use_cache)
+            outputs[use_cache] = model.generate(
+                prompt, cfg.new_tokens, temperature=0, use_cache=use_cache
+            )
 
-        seconds = interleaved_medians({"cached": lambda: decode(True), "uncached": lambda: decode(False)},
-                                      rounds=cfg.rounds, warmup=0)
+        seconds = interleaved_medians(
+            {"cached": lambda: decode(True), "uncached": lambda: decode(False)},
+            rounds=cfg.rounds,
+            warmup=0,
+        )
         if not torch.equal(outputs[True], outputs[False]):
             raise RuntimeError("cached and uncached decoding disagree")
         tokens = batch * cfg.new_tokens
-        result["rows"].append({
-            "batch": batch,
-            "tokens_per_s_cached": round(tokens / seconds["cached"], 1),
-            "tokens_per_s_uncached": round(tokens / seconds["uncached"], 1),
-            "speedup": round(seconds["uncached"] / seconds["cached"], 2),
-            "outputs_equal": True,
-        })
+        result["rows"].append(
+            {
+                "batch": batch,
+                "tokens_per_s_cached": round(tokens / seconds["cached"], 1),
+                "tokens_per_s_uncached": round(tokens / seconds["uncached"], 1),
+                "speedup": round(seconds["uncached"] / seconds["cached"], 2),
+                "outputs_equal": True,
+            }
+        )
     return result
 
 
@@ -78,13 +89,20 @@ def main(quick: bool = False, json_path: Path | None = None) -> dict:
     """Entry point of ``pimoe bench kv-cache``: print the table, optionally write JSON."""
     cfg = KVCacheBenchConfig(rounds=1, batches=(1,)) if quick else KVCacheBenchConfig()
     result = run(cfg)
-    table = Table(title=f"Greedy decoding of {cfg.new_tokens} tokens after {cfg.prompt_tokens} (PiMoELM, "
-                        f"d={cfg.d_model}, {cfg.n_layer} layers, E{cfg.num_experts} k{cfg.top_k})")
+    table = Table(
+        title=f"Greedy decoding of {cfg.new_tokens} tokens after {cfg.prompt_tokens} (PiMoELM, "
+        f"d={cfg.d_model}, {cfg.n_layer} layers, E{cfg.num_experts} k{cfg.top_k})"
+    )
     for column in ("batch", "cached tok/s", "uncached tok/s", "speedup", "same tokens"):
         table.add_column(column, justify="right")
     for row in result["rows"]:
-        table.add_row(str(row["batch"]), f"{row['tokens_per_s_cached']:.0f}", f"{row['tokens_per_s_uncached']:.0f}",
-                      f"{row['speedup']:.2f}x", "yes")
+        table.add_row(
+            str(row["batch"]),
+            f"{row['tokens_per_s_cached']:.0f}",
+            f"{row['tokens_per_s_uncached']:.0f}",
+            f"{row['speedup']:.2f}x",
+            "yes",
+        )
     Console().print(table)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))

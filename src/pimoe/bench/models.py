@@ -44,15 +44,23 @@ class ModelsBenchConfig:
 QUICK = ModelsBenchConfig(heldout_windows=8, prefill_tokens=128, decode_tokens=16, rounds=1)
 
 
-def _timers(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[Callable[[], None], Callable[[], None]]:
+def _timers(
+    model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
+) -> tuple[Callable[[], None], Callable[[], None]]:
     def prefill() -> None:
         with torch.inference_mode():
             model(prompt, use_cache=False)
 
     def decode() -> None:
         short = prompt[:, :16]
-        model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=new_tokens,  # type: ignore[operator]
-                       min_new_tokens=new_tokens, do_sample=False)
+        model.generate(
+            short,
+            attention_mask=torch.ones_like(short),
+            max_new_tokens=new_tokens,  # type: ignore[operator]
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
+
     return prefill, decode
 
 
@@ -83,18 +91,24 @@ def run(cfg: ModelsBenchConfig, progress: bool = True) -> dict:
     heldout = windows(heldout_ids, cfg.window, cfg.heldout_windows)
     settings = replace(PretrainedDemoSettings(), model=cfg.model, top_k=4)
     source, _ = upcycle_with_cached_routers(moe, train_ids, heldout, settings, progress=progress)
-    plain, _ = load_pretrained(cfg.model, progress=progress)  # same partition and routers, experts not refit
+    plain, _ = load_pretrained(
+        cfg.model, progress=progress
+    )  # same partition and routers, experts not refit
     load_routers(plain, routers_path(settings), top_k=2, experts=False)
     result["routers"] = source
     result["refit_ridge"] = settings.refit_ridge
     result["heldout_tokens"] = heldout.numel()
-    result["ppl_dense"] = round(perplexity(dense, heldout, progress=progress, desc="perplexity dense"), 4)
+    result["ppl_dense"] = round(
+        perplexity(dense, heldout, progress=progress, desc="perplexity dense"), 4
+    )
     dense_params = parameter_counts(dense)[0]
     result["params"] = {"dense": {"total": dense_params, "active": dense_params}}
     variants = (("moe_k4", moe, 4), ("moe_k4_norefit", plain, 4), ("moe_k2", plain, 2))
     for name, model, k in variants:
         set_top_k(model, k)
-        result[f"ppl_{name}"] = round(perplexity(model, heldout, progress=progress, desc=f"perplexity {name}"), 4)
+        result[f"ppl_{name}"] = round(
+            perplexity(model, heldout, progress=progress, desc=f"perplexity {name}"), 4
+        )
         result[f"ppl_ratio_{name}"] = round(result[f"ppl_{name}"] / result["ppl_dense"], 4)
         total, active = parameter_counts(model)
         result["params"][name] = {"total": total, "active": active}
@@ -102,12 +116,18 @@ def run(cfg: ModelsBenchConfig, progress: bool = True) -> dict:
     prompt = heldout_ids[: cfg.prefill_tokens].unsqueeze(0)
     contenders: dict[str, Callable[[], object]] = {}
     for name, model in (("dense", dense), ("moe_k4", moe), ("moe_k2", plain)):
-        contenders[f"prefill/{name}"], contenders[f"decode/{name}"] = _timers(model, prompt, cfg.decode_tokens)
+        contenders[f"prefill/{name}"], contenders[f"decode/{name}"] = _timers(
+            model, prompt, cfg.decode_tokens
+        )
     seconds = interleaved_medians(contenders, rounds=cfg.rounds)
     for phase, tokens in (("prefill", cfg.prefill_tokens), ("decode", cfg.decode_tokens)):
-        rates = {name.split("/")[1]: tokens / s for name, s in seconds.items() if name.startswith(phase)}
+        rates = {
+            name.split("/")[1]: tokens / s for name, s in seconds.items() if name.startswith(phase)
+        }
         result[f"{phase}_tokens_per_s"] = {n: round(r, 1) for n, r in rates.items()}
-        result[f"{phase}_ratio_vs_dense"] = {n: round(r / rates["dense"], 3) for n, r in rates.items()}
+        result[f"{phase}_ratio_vs_dense"] = {
+            n: round(r / rates["dense"], 3) for n, r in rates.items()
+        }
 
     if cfg.families:
         from pimoe.hf.families import check_families
@@ -121,20 +141,39 @@ def run(cfg: ModelsBenchConfig, progress: bool = True) -> dict:
 def print_report(result: dict, console: Console | None = None) -> None:
     """Tables of the results."""
     console = console or Console()
-    console.print(f"load: first call {result['load_first_s']} s (cache {'present' if result['load_first_was_cached'] else 'built'}), "
-                  f"cached {result['load_cached_s']} s; routers {result['routers']}")
-    table = Table(title=f"Dense vs split 8 experts ({result['heldout_tokens']:,} held-out pydoc tokens)")
-    for column in ("model", "active params", "perplexity", "ppl ratio", "prefill tok/s", "decode tok/s"):
+    console.print(
+        f"load: first call {result['load_first_s']} s (cache {'present' if result['load_first_was_cached'] else 'built'}), "
+        f"cached {result['load_cached_s']} s; routers {result['routers']}"
+    )
+    table = Table(
+        title=f"Dense vs split 8 experts ({result['heldout_tokens']:,} held-out pydoc tokens)"
+    )
+    for column in (
+        "model",
+        "active params",
+        "perplexity",
+        "ppl ratio",
+        "prefill tok/s",
+        "decode tok/s",
+    ):
         table.add_column(column, justify="right")
     for name in ("dense", "moe_k4", "moe_k4_norefit", "moe_k2"):
         ppl = result["ppl_dense"] if name == "dense" else result[f"ppl_{name}"]
         timing = name if name in result["decode_tokens_per_s"] else "moe_k4"
-        table.add_row(name, f"{result['params'][name]['active']:,}", f"{ppl:.3f}", f"{ppl / result['ppl_dense']:.3f}",
-                      f"{result['prefill_tokens_per_s'][timing]:.1f}", f"{result['decode_tokens_per_s'][timing]:.1f}")
+        table.add_row(
+            name,
+            f"{result['params'][name]['active']:,}",
+            f"{ppl:.3f}",
+            f"{ppl / result['ppl_dense']:.3f}",
+            f"{result['prefill_tokens_per_s'][timing]:.1f}",
+            f"{result['decode_tokens_per_s'][timing]:.1f}",
+        )
     console.print(table)
     if "hf_families" in result:
-        console.print(f"transformers experts backend 'pimoe' vs eager: max |logit diff| over "
-                      f"{len(result['hf_families'])} families = {result['max_abs_logit_diff_hf']:.2e}")
+        console.print(
+            f"transformers experts backend 'pimoe' vs eager: max |logit diff| over "
+            f"{len(result['hf_families'])} families = {result['max_abs_logit_diff_hf']:.2e}"
+        )
 
 
 def main(quick: bool = False, json_path: Path | None = None) -> dict:

@@ -80,11 +80,18 @@ def prompts_and_trace(cfg: ServeBenchConfig) -> tuple[list[list[int]], list[int]
     return pool, zipf_trace(cfg.num_prompts, cfg.num_requests, cfg.zipf_skew, cfg.seed)
 
 
-def _start_server(model_path: Path, mode: dict[str, int], cfg: ServeBenchConfig,
-                  log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
+def _start_server(
+    model_path: Path, mode: dict[str, int], cfg: ServeBenchConfig, log: IO[bytes]
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``serve`` in a child process (output to ``log``); return it and its base URL once
     /healthz answers."""
-    args = [str(model_path), "{port}", str(mode["max_batch_size"]), str(cfg.max_wait_ms), str(mode["cache_size"])]
+    args = [
+        str(model_path),
+        "{port}",
+        str(mode["max_batch_size"]),
+        str(cfg.max_wait_ms),
+        str(mode["cache_size"]),
+    ]
     return start_server(_SERVER_CODE, args, cfg.server_threads, log)
 
 
@@ -98,8 +105,9 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, 
     errors = 0
     next_index = 0
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(base_url=url, connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+    async with aiohttp.ClientSession(
+        base_url=url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)
+    ) as session:
 
         async def worker() -> None:
             nonlocal next_index, errors
@@ -110,7 +118,10 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, 
                 try:
                     async with session.post("/v1/infer", json=body) as response:
                         await response.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError):  # counted, not raised: the report says how many failed
+                except (
+                    aiohttp.ClientError,
+                    asyncio.TimeoutError,
+                ):  # counted, not raised: the report says how many failed
                     errors += 1
                     continue
                 latencies.append(time.perf_counter() - start)
@@ -121,7 +132,9 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, 
         return time.perf_counter() - start, latencies, errors
 
 
-def run_mode(model_path: Path, mode: dict[str, int], bodies: list[dict], cfg: ServeBenchConfig) -> dict:
+def run_mode(
+    model_path: Path, mode: dict[str, int], bodies: list[dict], cfg: ServeBenchConfig
+) -> dict:
     """Serve the model in ``mode`` and measure the load (after ``warmup_requests`` unmeasured ones)."""
     log_path = model_path.with_name(f"server-{mode['max_batch_size']}-{mode['cache_size']}.log")
     with open(log_path, "wb") as log:
@@ -133,8 +146,11 @@ def run_mode(model_path: Path, mode: dict[str, int], bodies: list[dict], cfg: Se
             metrics = response.read().decode()
     finally:
         stop(proc)
-    server_errors = [line for line in log_path.read_text(errors="replace").splitlines()
-                     if "Error" in line or "Traceback" in line]
+    server_errors = [
+        line
+        for line in log_path.read_text(errors="replace").splitlines()
+        if "Error" in line or "Traceback" in line
+    ]
     return {
         **mode,
         "requests": len(bodies),
@@ -165,14 +181,22 @@ def run(cfg: ServeBenchConfig, console: Console | None = None) -> dict:
     console = console or Console()
     pool, trace = prompts_and_trace(cfg)
     bodies = [{"model": "lm", "token_ids": pool[i], "return_logits": False} for i in trace]
-    model_config = LMConfig(block_size=128, n_layer=4, n_head=4, d_model=128, moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=128))
+    model_config = LMConfig(
+        block_size=128,
+        n_layer=4,
+        n_head=4,
+        d_model=128,
+        moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=128),
+    )
     torch.manual_seed(cfg.seed)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as folder:
         model_path = Path(folder) / "model.safetensors"
         PiMoELM(model_config).save(model_path)
         for name, mode in MODES.items():
-            console.print(f"[dim]mode {name}: {len(bodies)} requests, {cfg.concurrency} concurrent[/dim]")
+            console.print(
+                f"[dim]mode {name}: {len(bodies)} requests, {cfg.concurrency} concurrent[/dim]"
+            )
             results[name] = run_mode(model_path, mode, bodies, cfg)
     base = results["one_by_one"]["throughput_rps"]
     result = {
@@ -189,14 +213,23 @@ def run(cfg: ServeBenchConfig, console: Console | None = None) -> dict:
 
 def _print(result: dict, console: Console) -> None:
     cfg = result["config"]
-    table = Table(title=f"Loopback HTTP load: {cfg['num_requests']} requests, {cfg['concurrency']} concurrent, "
-                        f"Zipf {cfg['zipf_skew']} over {cfg['num_prompts']} prompts")
+    table = Table(
+        title=f"Loopback HTTP load: {cfg['num_requests']} requests, {cfg['concurrency']} concurrent, "
+        f"Zipf {cfg['zipf_skew']} over {cfg['num_prompts']} prompts"
+    )
     for col in ("mode", "req/s", "x one-by-one", "p50 ms", "p99 ms", "mean batch", "errors"):
         table.add_column(col, justify="right")
     base = result["modes"]["one_by_one"]["throughput_rps"]
     for name, r in result["modes"].items():
-        table.add_row(name, f"{r['throughput_rps']:.1f}", f"{r['throughput_rps'] / base:.2f}", f"{r['p50_ms']:.1f}",
-                      f"{r['p99_ms']:.1f}", f"{r['mean_batch_size']:.1f}", str(r["errors"]))
+        table.add_row(
+            name,
+            f"{r['throughput_rps']:.1f}",
+            f"{r['throughput_rps'] / base:.2f}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+            f"{r['mean_batch_size']:.1f}",
+            str(r["errors"]),
+        )
     console.print(table)
 
 

@@ -24,7 +24,9 @@ def run_header(name: str, config: Any) -> dict[str, object]:
     }
 
 
-def interleaved_medians(contenders: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(
+    contenders: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1
+) -> dict[str, float]:
     """Median seconds per call of each contender over ``rounds`` interleaved rounds."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")

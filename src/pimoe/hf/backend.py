@@ -111,9 +111,13 @@ def pimoe_experts_forward(
     layout = experts_layout(experts)
     num_experts = int(experts.num_experts)
     mask = top_k_index < num_experts if experts._is_expert_parallel else None
-    token_sorted, weight_sorted, counts = sort_by_expert(top_k_index, top_k_weights, num_experts, mask)
+    token_sorted, weight_sorted, counts = sort_by_expert(
+        top_k_index, top_k_weights, num_experts, mask
+    )
     x_sorted = hidden_states.index_select(0, token_sorted)  # [N, D]
-    y = grouped_ffn(x_sorted, layout.w_in, layout.b_in, layout.w_out, layout.b_out, counts, layout.act)
+    y = grouped_ffn(
+        x_sorted, layout.w_in, layout.b_in, layout.w_out, layout.b_out, counts, layout.act
+    )
     if experts.has_post_expert_norm:
         y = experts.post_expert_norm(y)
     return combine(hidden_states, y, token_sorted, weight_sorted)

@@ -22,9 +22,17 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 _COMMON: dict[str, Any] = {
-    "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "max_position_embeddings": 256, "initializer_range": 0.1,
-    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.1,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
 }
 
 # model_type -> config overrides on top of _COMMON. Chosen so that every routing and layout
@@ -35,37 +43,77 @@ _COMMON: dict[str, Any] = {
 FAMILIES: dict[str, dict[str, Any]] = {
     "mixtral": {"intermediate_size": 48, "num_local_experts": 6, "num_experts_per_tok": 2},
     "qwen2_moe": {
-        "intermediate_size": 64, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
-        "num_experts": 8, "num_experts_per_tok": 3, "norm_topk_prob": False,
+        "intermediate_size": 64,
+        "moe_intermediate_size": 24,
+        "shared_expert_intermediate_size": 40,
+        "num_experts": 8,
+        "num_experts_per_tok": 3,
+        "norm_topk_prob": False,
     },
     "qwen3_moe": {
-        "head_dim": 8, "intermediate_size": 64, "moe_intermediate_size": 24, "num_experts": 8,
-        "num_experts_per_tok": 2, "norm_topk_prob": True,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "moe_intermediate_size": 24,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
     },
     "olmoe": {"intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 2},
     "deepseek_v3": {
-        "num_hidden_layers": 3, "num_key_value_heads": 4, "first_k_dense_replace": 1, "intermediate_size": 64,
-        "moe_intermediate_size": 24, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4,
-        "topk_group": 2, "n_shared_experts": 1, "routed_scaling_factor": 2.5, "q_lora_rank": 16,
-        "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
-        "head_dim": 8, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "num_hidden_layers": 3,
+        "num_key_value_heads": 4,
+        "first_k_dense_replace": 1,
+        "intermediate_size": 64,
+        "moe_intermediate_size": 24,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 4,
+        "topk_group": 2,
+        "n_shared_experts": 1,
+        "routed_scaling_factor": 2.5,
+        "q_lora_rank": 16,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "head_dim": 8,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
     "granitemoe": {"intermediate_size": 24, "num_local_experts": 6, "num_experts_per_tok": 2},
     "phimoe": {
-        "intermediate_size": 24, "num_local_experts": 6, "num_experts_per_tok": 2,
-        "router_jitter_noise": 0.0, "input_jitter_noise": 0.0,
+        "intermediate_size": 24,
+        "num_local_experts": 6,
+        "num_experts_per_tok": 2,
+        "router_jitter_noise": 0.0,
+        "input_jitter_noise": 0.0,
     },
     "deepseek_v2": {
-        "num_key_value_heads": 4, "intermediate_size": 64, "moe_intermediate_size": 24,
-        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "q_lora_rank": None,
-        "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "head_dim": 8,
-        "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+        "num_key_value_heads": 4,
+        "intermediate_size": 64,
+        "moe_intermediate_size": 24,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "head_dim": 8,
+        "topk_method": "group_limited_greedy",
+        "n_group": 4,
+        "topk_group": 2,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
     "gpt_oss": {
-        "head_dim": 8, "intermediate_size": 24, "num_local_experts": 8, "num_experts_per_tok": 2,
-        "swiglu_limit": 0.3, "sliding_window": 8,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "layer_types": ["sliding_attention", "full_attention"],
+        "head_dim": 8,
+        "intermediate_size": 24,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "swiglu_limit": 0.3,
+        "sliding_window": 8,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "layer_types": ["sliding_attention", "full_attention"],
     },
 }
 
@@ -97,12 +145,16 @@ def build_tiny(family: str, *, seed: int = 0, **overrides: Any) -> PreTrainedMod
     enable()
     config = AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family], **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", dtype=torch.float32
+    )
     _randomize_biases(model, std=0.1)
     return model.eval()
 
 
-def _logits_and_grads(model: PreTrainedModel, input_ids: Tensor, implementation: str) -> tuple[Tensor, dict[str, Tensor]]:
+def _logits_and_grads(
+    model: PreTrainedModel, input_ids: Tensor, implementation: str
+) -> tuple[Tensor, dict[str, Tensor]]:
     model.set_experts_implementation(implementation)
     model.zero_grad(set_to_none=True)
     logits = model(input_ids=input_ids).logits.float()  # [B, S, V]
@@ -146,7 +198,9 @@ def compare_implementations(
     return result
 
 
-def _time_forward(model: PreTrainedModel, input_ids: Tensor, implementations: tuple[str, ...], repeats: int) -> dict[str, float]:
+def _time_forward(
+    model: PreTrainedModel, input_ids: Tensor, implementations: tuple[str, ...], repeats: int
+) -> dict[str, float]:
     """Median forward milliseconds per implementation, interleaved within each round."""
     times: dict[str, list[float]] = {name: [] for name in implementations}
     with torch.no_grad():
@@ -200,7 +254,9 @@ def check_families(
         config: Any = model.config
         generator = torch.Generator().manual_seed(seed)
         input_ids = torch.randint(0, config.vocab_size, (1, tokens), generator=generator)
-        experts: Any = next(m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "num_experts"))
+        experts: Any = next(
+            m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "num_experts")
+        )
         row: dict[str, Any] = {
             "family": name,
             "experts_class": type(experts).__name__,

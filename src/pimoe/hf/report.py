@@ -74,8 +74,13 @@ class RoutingReport:
         return {
             "hf_aux_loss": self.hf_aux_loss,
             "layers": [
-                {"name": layer.name, "top_k": layer.top_k, "aux_loss": layer.aux_loss,
-                 "counts_from": layer.counts_from, **layer.stats.as_dict()}
+                {
+                    "name": layer.name,
+                    "top_k": layer.top_k,
+                    "aux_loss": layer.aux_loss,
+                    "counts_from": layer.counts_from,
+                    **layer.stats.as_dict(),
+                }
                 for layer in self.layers
             ],
         }
@@ -90,11 +95,17 @@ class RoutingReport:
         for layer in self.layers:
             s = layer.stats
             table.add_row(
-                layer.name, str(s.num_tokens), f"{len(s.dead_experts)}/{s.num_experts}",
-                f"{s.imbalance:.2f}", f"{s.entropy:.3f}", f"{layer.aux_loss:.4f}",
+                layer.name,
+                str(s.num_tokens),
+                f"{len(s.dead_experts)}/{s.num_experts}",
+                f"{s.imbalance:.2f}",
+                f"{s.entropy:.3f}",
+                f"{layer.aux_loss:.4f}",
             )
         if self.hf_aux_loss is not None:
-            table.caption = f"transformers load_balancing_loss_func over all layers: {self.hf_aux_loss:.4f}"
+            table.caption = (
+                f"transformers load_balancing_loss_func over all layers: {self.hf_aux_loss:.4f}"
+            )
         return table
 
     def __str__(self) -> str:
@@ -138,7 +149,11 @@ def _as_probs(rows: Tensor) -> Tensor:
     """``[T, E]`` router output -> probabilities: softmax of logits, or the rows themselves
     when they already are a distribution."""
     rows = rows.detach().float()
-    if rows.numel() and bool((rows >= 0).all()) and torch.allclose(rows.sum(-1), torch.ones(()), atol=1e-4):
+    if (
+        rows.numel()
+        and bool((rows >= 0).all())
+        and torch.allclose(rows.sum(-1), torch.ones(()), atol=1e-4)
+    ):
         return rows
     return rows.softmax(dim=-1)
 
@@ -154,7 +169,11 @@ def _router_recorders(model: nn.Module) -> list[tuple[type, int]]:
 
 
 def _is_hf_experts(module: nn.Module) -> bool:
-    return hasattr(module, "has_gate") and hasattr(module, "num_experts") and hasattr(module, "down_proj")
+    return (
+        hasattr(module, "has_gate")
+        and hasattr(module, "num_experts")
+        and hasattr(module, "down_proj")
+    )
 
 
 def _top_k_index(args: tuple, kwargs: dict) -> Tensor:
@@ -188,6 +207,7 @@ def _pimoe_report(model: nn.Module, layers: dict[str, Any], inputs: Any) -> Rout
         def record(module: Any, args: Any, output: Any) -> None:
             if module.last_stats is not None:
                 stats[name].append((module.last_stats, float(module.aux_loss)))
+
         return record
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
@@ -218,13 +238,17 @@ def routing_report(model: nn.Module, inputs: Any) -> RoutingReport:
     Raises:
         TypeError: the model has no MoE layer this function recognizes.
     """
-    pimoe_layers: dict[str, Any] = {name: m for name, m in model.named_modules() if isinstance(m, MoEOutput)}
+    pimoe_layers: dict[str, Any] = {
+        name: m for name, m in model.named_modules() if isinstance(m, MoEOutput)
+    }
     if pimoe_layers:
         return _pimoe_report(model, pimoe_layers, inputs)
     recorders = _router_recorders(model)
     routers = {
-        name: index for name, m in model.named_modules()
-        for cls, index in recorders if isinstance(m, cls)
+        name: index
+        for name, m in model.named_modules()
+        for cls, index in recorders
+        if isinstance(m, cls)
     }
     if not routers:
         raise TypeError(
@@ -240,15 +264,22 @@ def routing_report(model: nn.Module, inputs: Any) -> RoutingReport:
         def record(module: nn.Module, args: Any, output: Any) -> None:
             out = output[index] if isinstance(output, (tuple, list)) else output
             logits.setdefault(_parent(name), []).append(out.detach().reshape(-1, out.shape[-1]))
+
         return record
 
     def on_experts(parent: str):
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
             indices.setdefault(parent, []).append(_top_k_index(args, kwargs).detach())
+
         return record
 
-    handles = [modules[name].register_forward_hook(on_router(name, index)) for name, index in routers.items()]
-    handles += [m.register_forward_pre_hook(on_experts(p), with_kwargs=True) for p, m in experts.items()]
+    handles = [
+        modules[name].register_forward_hook(on_router(name, index))
+        for name, index in routers.items()
+    ]
+    handles += [
+        m.register_forward_pre_hook(on_experts(p), with_kwargs=True) for p, m in experts.items()
+    ]
     try:
         _run(model, inputs)
     finally:
@@ -273,10 +304,14 @@ def _hf_report(
         else:
             top_k = getattr(model.config, "num_experts_per_tok", None)
             if top_k is None:
-                raise TypeError(f"{parent}: no experts module to read the executed experts from, and no num_experts_per_tok")
+                raise TypeError(
+                    f"{parent}: no experts module to read the executed experts from, and no num_experts_per_tok"
+                )
             chosen, counts_from = probs.topk(int(top_k), dim=-1).indices, "router_top_k"
         if chosen.shape[0] != probs.shape[0]:
-            raise ValueError(f"{parent}: router saw {probs.shape[0]} tokens, experts {chosen.shape[0]}")
+            raise ValueError(
+                f"{parent}: router saw {probs.shape[0]} tokens, experts {chosen.shape[0]}"
+            )
         if token_mask is not None and token_mask.numel() == probs.shape[0]:
             keep = token_mask.to(probs.device)
             probs, chosen = probs[keep], chosen[keep.to(chosen.device)]
@@ -284,7 +319,11 @@ def _hf_report(
         counts = torch.bincount(executed.reshape(-1).cpu(), minlength=num_experts)
         stats = RoutingStats.from_routing(probs, None, counts)
         # expert-parallel sentinels (another rank's experts) are folded into the last expert here
-        aux = float(load_balancing_loss(probs, chosen.clamp(max=num_experts - 1).to(probs.device), num_experts))
+        aux = float(
+            load_balancing_loss(
+                probs, chosen.clamp(max=num_experts - 1).to(probs.device), num_experts
+            )
+        )
         layers.append(LayerRouting(parent, stats, chosen.shape[1], aux, counts_from))
         pooled.append((probs, chosen.to(probs.device)))
     hf_aux = None

@@ -26,9 +26,16 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pimoe.models", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", default=pretrained_names(), choices=pretrained_names(),
-                        help="default: all known names")
+    parser = argparse.ArgumentParser(
+        prog="python -m pimoe.models", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "names",
+        nargs="*",
+        default=pretrained_names(),
+        choices=pretrained_names(),
+        help="default: all known names",
+    )
     parser.add_argument("--cache-dir", default=None, help="folder of converted models")
     parser.add_argument("--no-verify", action="store_true", help="skip re-hashing the cached files")
     args = parser.parse_args(argv)

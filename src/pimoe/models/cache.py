@@ -54,8 +54,14 @@ def write_manifest(folder: Path, extra: dict[str, Any], progress: bool = False) 
     """Hash every file under ``folder`` and write the manifest there (atomically); returns it."""
     files = _files(folder)
     manifest: dict[str, Any] = {"format": FORMAT, **extra, "files": {}}
-    with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="hashing",
-              disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=sum(p.stat().st_size for p in files),
+        unit="B",
+        unit_scale=True,
+        desc="hashing",
+        disable=not progress,
+        leave=False,
+    ) as bar:
         for path in files:
             rel = path.relative_to(folder).as_posix()
             manifest["files"][rel] = {"size": path.stat().st_size, "sha256": sha256_file(path, bar)}
@@ -69,7 +75,11 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         return None
     return manifest
 
@@ -96,7 +106,14 @@ def check_folder(folder: Path, verify: bool = True, progress: bool = False) -> s
             return f"{path} has {path.stat().st_size} bytes, the manifest says {entry.get('size')}"
     if verify:
         total = sum(int(e["size"]) for e in entries.values())
-        with tqdm(total=total, unit="B", unit_scale=True, desc="verifying", disable=not progress, leave=False) as bar:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc="verifying",
+            disable=not progress,
+            leave=False,
+        ) as bar:
             for rel, entry in entries.items():
                 if sha256_file(folder / rel, bar) != entry.get("sha256"):
                     return f"{folder / rel} does not match its sha256 in the manifest"
@@ -135,7 +152,9 @@ def clean_stale(target: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def build_folder(target: Path, build: Callable[[Path], dict[str, Any]], progress: bool = False) -> dict[str, Any]:
+def build_folder(
+    target: Path, build: Callable[[Path], dict[str, Any]], progress: bool = False
+) -> dict[str, Any]:
     """Build the cache entry ``target`` atomically; returns its manifest.
 
     ``build(tmp)`` writes the files into the empty folder ``tmp`` and returns the extra manifest

@@ -31,15 +31,23 @@ def windows(ids: Tensor, length: int, count: int) -> Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, batch: Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity") -> float:
+def perplexity(
+    model: nn.Module,
+    batch: Tensor,
+    batch_size: int = 4,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> float:
     """``exp`` of the mean next-token cross-entropy of ``model`` over ``batch [B, S]`` (each window
     scored on its own; ``B * (S - 1)`` predictions)."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in track(range(0, len(batch), batch_size), desc, enabled=progress):
-        ids = batch[start:start + batch_size].to(device)
+        ids = batch[start : start + batch_size].to(device)
         logits = model(ids, use_cache=False).logits[:, :-1].float()  # [b, S-1, V]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        ).item()
         count += ids[:, 1:].numel()
     return math.exp(total / count)

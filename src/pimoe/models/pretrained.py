@@ -105,10 +105,14 @@ def gguf_path(name: str) -> Path:
     spec = _spec(name)
     found = importlib.util.find_spec(spec.module)
     if found is None or not found.submodule_search_locations:
-        raise ImportError(f"the pretrained model {name!r} needs the package {spec.package}: {spec.install_command}")
+        raise ImportError(
+            f"the pretrained model {name!r} needs the package {spec.package}: {spec.install_command}"
+        )
     path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall the package: {spec.install_command} --force-reinstall")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall the package: {spec.install_command} --force-reinstall"
+        )
     return path
 
 
@@ -145,15 +149,26 @@ def load_pretrained(
     path = Path(name_or_path)
     with _transformers_progress(progress):
         if str(name_or_path) in REGISTRY:
-            folder = _ensure_cached(REGISTRY[str(name_or_path)], cache_root(cache_dir) / str(name_or_path), verify, progress)
+            folder = _ensure_cached(
+                REGISTRY[str(name_or_path)],
+                cache_root(cache_dir) / str(name_or_path),
+                verify,
+                progress,
+            )
         elif path.is_dir():
             if not (path / "config.json").is_file():
-                raise ValueError(f"{path} is not a Hugging Face model folder: it has no config.json")
+                raise ValueError(
+                    f"{path} is not a Hugging Face model folder: it has no config.json"
+                )
             folder = path
         elif path.exists():
-            raise ValueError(f"{path} is a file; pass a model folder or one of {pretrained_names()}")
+            raise ValueError(
+                f"{path} is a file; pass a model folder or one of {pretrained_names()}"
+            )
         else:
-            raise ValueError(f"unknown pretrained model {str(name_or_path)!r}: not a folder and not one of {pretrained_names()}")
+            raise ValueError(
+                f"unknown pretrained model {str(name_or_path)!r}: not a folder and not one of {pretrained_names()}"
+            )
         return _load_folder(folder, torch_dtype, device)
 
 
@@ -211,7 +226,9 @@ def _source_problem(spec: PretrainedSpec, target: Path, verify: bool) -> str | N
 
 def _ensure_cached(spec: PretrainedSpec, target: Path, verify: bool, progress: bool) -> Path:
     """Return the valid cache folder of ``spec``, converting (again) when it is missing or bad."""
-    problem = check_folder(target, verify=verify, progress=progress) or _source_problem(spec, target, verify)
+    problem = check_folder(target, verify=verify, progress=progress) or _source_problem(
+        spec, target, verify
+    )
     if problem is None:
         if stale_folders(target):
             with build_lock(target):
@@ -221,7 +238,10 @@ def _ensure_cached(spec: PretrainedSpec, target: Path, verify: bool, progress: b
         log.warning("pimoe cache of %s is unusable (%s); rebuilding it", spec.name, problem)
     with build_lock(target):
         # Another process may have built it while this one waited for the lock.
-        if check_folder(target, verify=verify) is None and _source_problem(spec, target, verify) is None:
+        if (
+            check_folder(target, verify=verify) is None
+            and _source_problem(spec, target, verify) is None
+        ):
             return target
         source = gguf_path(spec.name)
         _require("gguf", "accelerate")
@@ -250,7 +270,9 @@ def _convert(spec: PretrainedSpec, source: Path, out: Path, progress: bool) -> d
         )
         bar.update()
         bar.set_postfix_str("converting the tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.parent, gguf_file=source.name, local_files_only=True
+        )
         _prepare_generation(model, tokenizer)
         bar.update()
         bar.set_postfix_str("saving safetensors")
@@ -272,7 +294,9 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_folder(
+    folder: Path, dtype: torch.dtype, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_hf_folder_fits(folder)

@@ -40,8 +40,12 @@ def find_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every gated MLP in ``model`` (a module with ``nn.Linear``
     attributes ``gate_proj``, ``up_proj`` and ``down_proj``), in module order."""
     return [
-        (name, module) for name, module in model.named_modules()
-        if all(isinstance(getattr(module, attr, None), nn.Linear) for attr in ("gate_proj", "up_proj", "down_proj"))
+        (name, module)
+        for name, module in model.named_modules()
+        if all(
+            isinstance(getattr(module, attr, None), nn.Linear)
+            for attr in ("gate_proj", "up_proj", "down_proj")
+        )
     ]
 
 
@@ -52,7 +56,9 @@ def moe_layers(model: nn.Module) -> list[PiMoE]:
 
 def _check_mlp(name: str, mlp: nn.Module) -> None:
     if any(getattr(mlp, attr).bias is not None for attr in ("gate_proj", "up_proj", "down_proj")):
-        raise ValueError(f"MLP {name!r} has biases; upcycle supports bias-free gated MLPs (LLaMA style)")
+        raise ValueError(
+            f"MLP {name!r} has biases; upcycle supports bias-free gated MLPs (LLaMA style)"
+        )
     act = getattr(mlp, "act_fn", None)
     probe = torch.linspace(-4, 4, 9)
     if not callable(act) or not torch.allclose(act(probe), F.silu(probe)):
@@ -66,7 +72,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _expert_weights(mlp: nn.Module, groups: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Stack the neurons of each group: ``w_in [E, 2F_e, D]`` (gate rows, up rows), ``w_out [E, D, F_e]``."""
-    gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [F, D], [F, D], [D, F]
+    gate, up, down = (
+        mlp.gate_proj.weight,
+        mlp.up_proj.weight,
+        mlp.down_proj.weight,
+    )  # [F, D], [F, D], [D, F]
     w_in = torch.stack([torch.cat((gate[g], up[g]), dim=0) for g in groups])
     w_out = torch.stack([down[:, g] for g in groups])
     return w_in, w_out
@@ -76,11 +86,15 @@ def split_groups(assignment: Tensor, num_experts: int) -> list[Tensor]:
     """Neuron indices of each expert, ascending, from ``assignment [F]`` (expert id per neuron);
     every expert must get the same number of neurons."""
     if assignment.dim() != 1 or assignment.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"an assignment must be a 1-D integer tensor, got {assignment.dtype} {tuple(assignment.shape)}")
+        raise TypeError(
+            f"an assignment must be a 1-D integer tensor, got {assignment.dtype} {tuple(assignment.shape)}"
+        )
     counts = torch.bincount(assignment, minlength=num_experts)
     if len(counts) != num_experts or int(assignment.min()) < 0 or not (counts == counts[0]).all():
-        raise ValueError(f"an assignment must give each of the {num_experts} experts the same number of "
-                         f"neurons, got counts {counts.tolist()}")
+        raise ValueError(
+            f"an assignment must give each of the {num_experts} experts the same number of "
+            f"neurons, got counts {counts.tolist()}"
+        )
     return [torch.nonzero(assignment == e).flatten() for e in range(num_experts)]
 
 
@@ -121,26 +135,36 @@ def upcycle(
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{label} must be an int, got {type(value).__name__}")
     if num_experts < 1 or not 1 <= top_k <= num_experts:
-        raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
+        raise ValueError(
+            f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}"
+        )
     mlps = find_mlps(model)
     if not mlps:
-        raise ValueError(f"{type(model).__name__} has no gated MLP (gate_proj/up_proj/down_proj) to upcycle")
+        raise ValueError(
+            f"{type(model).__name__} has no gated MLP (gate_proj/up_proj/down_proj) to upcycle"
+        )
     for name, mlp in mlps:
         _check_mlp(name, mlp)
     if method == "split":
         width = mlps[0][1].gate_proj.out_features
         if width % num_experts:
-            raise ValueError(f"num_experts={num_experts} must divide the MLP width {width} for method='split'")
+            raise ValueError(
+                f"num_experts={num_experts} must divide the MLP width {width} for method='split'"
+            )
         given = assignments if assignments is not None else mlp_inputs
         if given is None:
-            raise ValueError("method='split' needs assignments or mlp_inputs (captured on real text)")
+            raise ValueError(
+                "method='split' needs assignments or mlp_inputs (captured on real text)"
+            )
         if len(given) != len(mlps):
             raise ValueError(f"got {len(given)} assignments/mlp_inputs for {len(mlps)} MLPs")
     elif assignments is not None or mlp_inputs is not None:
         raise ValueError("assignments and mlp_inputs are for method='split'")
 
     generator = torch.Generator().manual_seed(seed)
-    for i, (name, mlp) in enumerate(track(mlps, f"upcycle ({method}, {num_experts} experts)", enabled=progress)):
+    for i, (name, mlp) in enumerate(
+        track(mlps, f"upcycle ({method}, {num_experts} experts)", enabled=progress)
+    ):
         weight = mlp.gate_proj.weight
         width, d_model = weight.shape
         assignment = None
@@ -153,17 +177,24 @@ def upcycle(
                 assert mlp_inputs is not None
                 assignment = cluster_neurons(mlp, mlp_inputs[i], num_experts, seed=seed + i)
             if assignment.shape != (width,):
-                raise ValueError(f"assignment {i} has shape {tuple(assignment.shape)}, expected ({width},)")
+                raise ValueError(
+                    f"assignment {i} has shape {tuple(assignment.shape)}, expected ({width},)"
+                )
             groups = split_groups(assignment, num_experts)
         layer = PiMoE(
-            d_model, num_experts=num_experts, top_k=top_k, ffn_dim=len(groups[0]),
+            d_model,
+            num_experts=num_experts,
+            top_k=top_k,
+            ffn_dim=len(groups[0]),
             weight_outputs=method == "copy",
         )
         with torch.no_grad():
             w_in, w_out = _expert_weights(mlp, [g.to(weight.device) for g in groups])
             layer.experts.w_in.copy_(w_in)
             layer.experts.w_out.copy_(w_out)
-            layer.router.gate.weight.copy_(torch.randn(layer.router.gate.weight.shape, generator=generator) * 0.02)
+            layer.router.gate.weight.copy_(
+                torch.randn(layer.router.gate.weight.shape, generator=generator) * 0.02
+            )
         if assignment is not None:
             layer.register_buffer("neuron_assignment", assignment, persistent=False)
         _set_submodule(model, name, layer.to(device=weight.device, dtype=weight.dtype))
@@ -193,6 +224,7 @@ def record_routing(model: nn.Module) -> Iterator[list[RoutingStats | None]]:
             stats = layer.last_stats
             if stats is not None:
                 totals[i] = stats if totals[i] is None else totals[i] + stats
+
         return add
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]

@@ -18,7 +18,10 @@ from pimoe.models.progress import track
 
 @torch.no_grad()
 def capture_mlp_inputs(
-    model: nn.Module, input_ids: Tensor, batch_size: int = 8, progress: bool = False,
+    model: nn.Module,
+    input_ids: Tensor,
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> list[Tensor]:
     """Inputs of every gated MLP (or, if the model has none, every PiMoE layer) of ``model`` on
     ``input_ids [B, S]``: a list (one per layer, module order) of ``[B * S, D]`` float32 CPU tensors."""
@@ -34,14 +37,17 @@ def capture_mlp_inputs(
     def hook(i: int):
         def save(module: nn.Module, args: tuple[Tensor, ...]) -> None:
             captured[i].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+
         return save
 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(modules)]
     device = next(model.parameters()).device
     try:
         model.eval()
-        for start in track(range(0, len(input_ids), batch_size), "capture MLP inputs", enabled=progress):
-            model(input_ids[start:start + batch_size].to(device), use_cache=False)
+        for start in track(
+            range(0, len(input_ids), batch_size), "capture MLP inputs", enabled=progress
+        ):
+            model(input_ids[start : start + batch_size].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -65,7 +71,7 @@ def balanced_assign(similarity: Tensor) -> Tensor:
             bidders = free[choice == c]
             if len(bidders) == 0:
                 continue
-            keep = bidders[open_sims[bidders, c].argsort(descending=True)[:room[c]]]
+            keep = bidders[open_sims[bidders, c].argsort(descending=True)[: room[c]]]
             labels[keep] = c
             room[c] -= len(keep)
             if room[c] == 0:
@@ -84,11 +90,15 @@ def activation_profiles(mlp: nn.Module, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def cluster_neurons(mlp: nn.Module, x: Tensor, num_experts: int, seed: int = 0, iterations: int = 15) -> Tensor:
+def cluster_neurons(
+    mlp: nn.Module, x: Tensor, num_experts: int, seed: int = 0, iterations: int = 15
+) -> Tensor:
     """Balanced co-activation clusters of ``mlp``'s neurons on inputs ``x [T, D]``: ``[F]`` expert
     id per neuron, ``F / num_experts`` neurons per expert."""
     if x.dim() != 2 or x.shape[1] != mlp.gate_proj.in_features:
-        raise ValueError(f"MLP inputs must be [T, {mlp.gate_proj.in_features}], got {tuple(x.shape)}")
+        raise ValueError(
+            f"MLP inputs must be [T, {mlp.gate_proj.in_features}], got {tuple(x.shape)}"
+        )
     profiles = activation_profiles(mlp, x)  # [F, T]
     generator = torch.Generator().manual_seed(seed)
     centroids = profiles[torch.randperm(len(profiles), generator=generator)[:num_experts]]  # [E, T]

@@ -29,16 +29,23 @@ from pimoe.moe import PiMoE
 def _features(layer: PiMoE, x: Tensor) -> tuple[Tensor, Tensor]:
     """``x [T, D]`` -> ``(all, routed)``, both ``[T, E * F_e]``: every expert's hidden activations,
     and the same with zeros for the experts the router does not select."""
-    gate, up = torch.einsum("td,efd->tef", x, layer.experts.w_in.float()).chunk(2, dim=-1)  # [T, E, F_e] each
+    gate, up = torch.einsum("td,efd->tef", x, layer.experts.w_in.float()).chunk(
+        2, dim=-1
+    )  # [T, E, F_e] each
     act = F.silu(gate) * up
-    chosen = layer.router.gate(x.to(layer.router.gate.weight)).float().topk(layer.top_k, dim=-1).indices  # [T, k]
+    chosen = (
+        layer.router.gate(x.to(layer.router.gate.weight)).float().topk(layer.top_k, dim=-1).indices
+    )  # [T, k]
     mask = torch.zeros(x.shape[0], layer.num_experts, device=x.device).scatter_(1, chosen, 1.0)
     return act.reshape(x.shape[0], -1), (act * mask.unsqueeze(-1)).reshape(x.shape[0], -1)
 
 
 @torch.no_grad()
 def refit_experts(
-    model: nn.Module, train_inputs: Sequence[Tensor], ridge: float = 1e-2, progress: bool = False,
+    model: nn.Module,
+    train_inputs: Sequence[Tensor],
+    ridge: float = 1e-2,
+    progress: bool = False,
 ) -> list[float]:
     """Refit the down projections of every split :class:`PiMoE` layer of ``model`` in place for its
     current router and ``top_k`` (see the module docs); ``train_inputs`` are per layer ``[T, D]``
@@ -46,7 +53,9 @@ def refit_experts(
     ``||MoE(x) - MLP(x)|| / ||MLP(x)||`` after the refit."""
     layers = moe_layers(model)
     if not layers or len(train_inputs) != len(layers):
-        raise ValueError(f"need one input tensor per PiMoE layer ({len(layers)}), got {len(train_inputs)}")
+        raise ValueError(
+            f"need one input tensor per PiMoE layer ({len(layers)}), got {len(train_inputs)}"
+        )
     if ridge <= 0:
         raise ValueError(f"ridge must be > 0, got {ridge}")
     errors = []
@@ -65,4 +74,3 @@ def refit_experts(
         w_out.copy_(w.reshape(w_out.shape[1], layer.num_experts, -1).permute(1, 0, 2))
         errors.append(float((phi @ w.T - target).norm() / target.norm()))
     return errors
-
