@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +112,7 @@ def variants(model: DigitsMoE, x_tr: Tensor, cfg: ExpertBenchConfig) -> dict[str
     stats = model.moe.last_stats
     batches = list(x_tr.split(cfg.batch_size))
 
-    def distilled(**steps: object) -> nn.Module:
+    def distilled(**steps: Any) -> nn.Module:
         config = ArchitectureConfig(
             enable_pruning=False,
             enable_quantization=False,
@@ -153,12 +154,12 @@ def run(cfg: ExpertBenchConfig, console: Console | None = None) -> dict:
         x_tr, y_tr, x_te, y_te = digits_split(seed)
         model = train(x_tr, y_tr, cfg, seed)
         for name, variant in variants(model, x_tr, cfg).items():
-            experts = variant.moe.num_experts
+            experts = cast(PiMoE, variant.moe).num_experts
             per_seed.setdefault(name, []).append(
                 (accuracy(variant, x_te, y_te), saved_bytes(variant), experts)
             )
     base = per_seed["8 experts (trained)"]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, values in per_seed.items():
         rows.append(
             {

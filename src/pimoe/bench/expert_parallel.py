@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -59,7 +60,7 @@ def _inputs(cfg: EPBenchConfig, world: int) -> torch.Tensor:
     return torch.randn(world * cfg.tokens_per_rank, cfg.d_model, generator=gen)
 
 
-def _steps(module: torch.nn.Module, x: torch.Tensor, sync: bool) -> dict[str, object]:
+def _steps(module: torch.nn.Module, x: torch.Tensor, sync: bool) -> dict[str, Callable[[], None]]:
     """Forward (inference mode) and forward+backward steps; ``sync`` ends each with a barrier."""
 
     def fwd() -> None:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pimoe.models.progress import track
-from pimoe.models.upcycle_cluster import cluster_neurons
-from pimoe.moe import PiMoE, RoutingStats
+from pimoe.models.upcycle_cluster import cluster_neurons, gated_projections
+from pimoe.moe import PiMoE, RoutingStats, StackedExperts
 
 Method = Literal["copy", "split"]
 METHODS = ("copy", "split")
@@ -72,11 +72,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _expert_weights(mlp: nn.Module, groups: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Stack the neurons of each group: ``w_in [E, 2F_e, D]`` (gate rows, up rows), ``w_out [E, D, F_e]``."""
-    gate, up, down = (
-        mlp.gate_proj.weight,
-        mlp.up_proj.weight,
-        mlp.down_proj.weight,
-    )  # [F, D], [F, D], [D, F]
+    gate, up, down = (proj.weight for proj in gated_projections(mlp))  # [F, D], [F, D], [D, F]
     w_in = torch.stack([torch.cat((gate[g], up[g]), dim=0) for g in groups])
     w_out = torch.stack([down[:, g] for g in groups])
     return w_in, w_out
@@ -146,7 +142,7 @@ def upcycle(
     for name, mlp in mlps:
         _check_mlp(name, mlp)
     if method == "split":
-        width = mlps[0][1].gate_proj.out_features
+        width = gated_projections(mlps[0][1])[0].out_features
         if width % num_experts:
             raise ValueError(
                 f"num_experts={num_experts} must divide the MLP width {width} for method='split'"
@@ -165,7 +161,7 @@ def upcycle(
     for i, (name, mlp) in enumerate(
         track(mlps, f"upcycle ({method}, {num_experts} experts)", enabled=progress)
     ):
-        weight = mlp.gate_proj.weight
+        weight = gated_projections(mlp)[0].weight
         width, d_model = weight.shape
         assignment = None
         if method == "copy":
@@ -190,8 +186,10 @@ def upcycle(
         )
         with torch.no_grad():
             w_in, w_out = _expert_weights(mlp, [g.to(weight.device) for g in groups])
-            layer.experts.w_in.copy_(w_in)
-            layer.experts.w_out.copy_(w_out)
+            experts = layer.experts
+            assert isinstance(experts, StackedExperts)  # built-in SwiGLU experts (ffn_dim given)
+            experts.w_in.copy_(w_in)
+            experts.w_out.copy_(w_out)
             layer.router.gate.weight.copy_(
                 torch.randn(layer.router.gate.weight.shape, generator=generator) * 0.02
             )
@@ -220,10 +218,10 @@ def record_routing(model: nn.Module) -> Iterator[list[RoutingStats | None]]:
     totals: list[RoutingStats | None] = [None] * len(layers)
 
     def hook(i: int) -> Callable[..., None]:
-        def add(layer: nn.Module, args: object, output: object) -> None:
-            stats = layer.last_stats
+        def add(layer: PiMoE, args: object, output: object) -> None:
+            stats, total = layer.last_stats, totals[i]
             if stats is not None:
-                totals[i] = stats if totals[i] is None else totals[i] + stats
+                totals[i] = stats if total is None else total + stats
 
         return add
 

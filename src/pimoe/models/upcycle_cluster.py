@@ -9,6 +9,8 @@ spherical k-means whose assignment step fills clusters greedily by similarity.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,13 +81,24 @@ def balanced_assign(similarity: Tensor) -> Tensor:
     return labels
 
 
+def gated_projections(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """``(gate_proj, up_proj, down_proj)`` of a gated MLP (as found by
+    :func:`pimoe.models.upcycle.find_mlps`, which checks that all three are ``nn.Linear``)."""
+    return (
+        cast(nn.Linear, mlp.gate_proj),
+        cast(nn.Linear, mlp.up_proj),
+        cast(nn.Linear, mlp.down_proj),
+    )
+
+
 @torch.no_grad()
 def activation_profiles(mlp: nn.Module, x: Tensor) -> Tensor:
     """``[F, T]`` unit-norm activation profile of each neuron of ``mlp`` on ``x [T, D]``."""
-    weight = mlp.gate_proj.weight
+    gate_proj, up_proj, down_proj = gated_projections(mlp)
+    weight = gate_proj.weight
     x = x.to(weight.device, weight.dtype)
-    act = F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)  # [T, F]
-    profiles = (act.abs() * mlp.down_proj.weight.norm(dim=0)).T.float()  # [F, T]
+    act = F.silu(x @ gate_proj.weight.T) * (x @ up_proj.weight.T)  # [T, F]
+    profiles = (act.abs() * down_proj.weight.norm(dim=0)).T.float()  # [F, T]
     return F.normalize(profiles, dim=1).cpu()
 
 
@@ -95,10 +108,9 @@ def cluster_neurons(
 ) -> Tensor:
     """Balanced co-activation clusters of ``mlp``'s neurons on inputs ``x [T, D]``: ``[F]`` expert
     id per neuron, ``F / num_experts`` neurons per expert."""
-    if x.dim() != 2 or x.shape[1] != mlp.gate_proj.in_features:
-        raise ValueError(
-            f"MLP inputs must be [T, {mlp.gate_proj.in_features}], got {tuple(x.shape)}"
-        )
+    in_features = gated_projections(mlp)[0].in_features
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"MLP inputs must be [T, {in_features}], got {tuple(x.shape)}")
     profiles = activation_profiles(mlp, x)  # [F, T]
     generator = torch.Generator().manual_seed(seed)
     centroids = profiles[torch.randperm(len(profiles), generator=generator)[:num_experts]]  # [E, T]

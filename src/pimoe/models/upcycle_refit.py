@@ -16,6 +16,7 @@ fixed point: with ``top_k == E``, ``W0`` already has zero residual and is return
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from pimoe.models.progress import track
 from pimoe.models.upcycle import moe_layers
-from pimoe.moe import PiMoE
+from pimoe.moe import PiMoE, StackedExperts
 
 
 def _features(layer: PiMoE, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,7 +63,7 @@ def refit_experts(
     for layer, x in zip(track(layers, "refit experts", enabled=progress), train_inputs):
         if layer.config.weight_outputs:
             raise ValueError("refit_experts needs split layers (weight_outputs=False)")
-        w_out = layer.experts.w_out  # [E, D, F_e]
+        w_out = cast(StackedExperts, layer.experts).w_out  # [E, D, F_e]
         x = x.to(w_out.device, torch.float32)
         w0 = w_out.float().permute(1, 0, 2).reshape(w_out.shape[1], -1)  # [D, E*F_e]
         every, phi = _features(layer, x)
