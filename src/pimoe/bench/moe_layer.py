@@ -23,6 +23,7 @@ from torch import nn
 
 from pimoe.bench.timing import geomean, interleaved_medians, load_average, run_header
 from pimoe.io import atomic_write_text
+from pimoe.models.progress import Progress
 from pimoe.moe import PiMoE, SwiGLU
 
 # name -> (experts, top_k, expert width)
@@ -94,7 +95,9 @@ def _contenders(cfg: MoEBenchConfig, shape: tuple[int, int, int]) -> dict[str, n
     }
 
 
-def _measure_shape(cfg: MoEBenchConfig, name: str) -> tuple[list[dict[str, Any]], float]:
+def _measure_shape(
+    cfg: MoEBenchConfig, name: str, progress: Progress
+) -> tuple[list[dict[str, Any]], float]:
     contenders = _contenders(cfg, SHAPES[name])
     rows, max_diff = [], 0.0
     for tokens in cfg.tokens:
@@ -124,6 +127,7 @@ def _measure_shape(cfg: MoEBenchConfig, name: str) -> tuple[list[dict[str, Any]]
             )
             row["pimoe_vs_best_hf"] = times["pimoe"] / min(times[hf] for hf in HF_CONTENDERS)
             rows.append(row)
+            progress.update(pimoe_vs_dense=row["pimoe_vs_dense"])
     return rows, max_diff
 
 
@@ -143,10 +147,13 @@ def run(cfg: MoEBenchConfig, console: Console | None = None) -> dict[str, Any]:
     load_start = load_average()
     rows: list[dict[str, Any]] = []
     max_diff = 0.0
-    for name in cfg.shapes:
-        shape_rows, diff = _measure_shape(cfg, name)
-        rows += shape_rows
-        max_diff = max(max_diff, diff)
+    with Progress(
+        len(cfg.shapes) * len(cfg.tokens) * 2, "bench moe (shape x tokens x mode)"
+    ) as bar:
+        for name in cfg.shapes:
+            shape_rows, diff = _measure_shape(cfg, name, bar)
+            rows += shape_rows
+            max_diff = max(max_diff, diff)
     result: dict[str, Any] = {
         **run_header("moe_layer", cfg),
         "pimoe_vs_dense_512": {
