@@ -93,19 +93,11 @@ def _bias_updates() -> Iterator[None]:
             handle.remove()
 
 
-def _train_lm() -> Any:
-    try:
-        from pimoe.training import train_lm
-    except ImportError:  # older layout
-        from pimoe.demo import train_lm
-    return train_lm
-
-
 def lm_workload(cfg: BalanceBenchConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Train the demo LM once per contender; one row per contender."""
     from pimoe.data import byte_splits, load_pydoc_text
+    from pimoe.training import train_lm
 
-    train_lm = _train_lm()
     train, val = byte_splits(load_pydoc_text())
     base = MoEConfig(num_experts=8, top_k=2, ffn_dim=128)
     contenders: dict[str, MoEConfig] = {"none": base.replace(aux_loss_coef=0.0)}

@@ -19,6 +19,7 @@ from pimoe.compress.quantize import quantize_dynamic_int8, quantize_weight_only_
 from pimoe.compress.report import median_latency_ms
 from pimoe.search.space import Candidate, Compression
 from pimoe.search.tasks import Task
+from pimoe.training import run_steps
 
 OBJECTIVES = ("loss", "latency_ms", "bytes")
 
@@ -93,7 +94,9 @@ def train(
     generator = torch.Generator().manual_seed(settings.seed)
     checkpoints = settings.checkpoint_steps()
     curve: list[float] = []
-    for step in range(1, settings.steps + 1):
+
+    def one_step(index: int) -> dict[str, float]:
+        step = index + 1
         model.train()
         loss = task.loss(model, *task.batch(generator))
         if not torch.isfinite(loss):
@@ -107,6 +110,10 @@ def train(
             curve.append(task.evaluate(model)["loss"])
             if on_checkpoint is not None:
                 on_checkpoint(len(curve) - 1, curve[-1], model)
+        return {}
+
+    # the study shows progress per trial; one bar per trial's steps would only add noise
+    run_steps(one_step, settings.steps, "trial", progress=False)
     return model, curve
 
 
