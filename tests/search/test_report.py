@@ -130,6 +130,10 @@ def test_cli_search_resumes_and_saves(tmp_path) -> None:
     assert report["trials_complete"] == 2 and report["front"] and "chosen" in report
     assert load_config(tmp_path / "chosen_config.json").d_model in (32, 64)
     assert (tmp_path / "pareto.png").exists()
+    assert "nothing left to do" not in _text(result.output)
+    again = CliRunner().invoke(app, args)  # the stored study already has its 2 trials
+    assert again.exit_code == 0 and "nothing left to do" in _text(again.output)
+    assert json.loads((tmp_path / "r.json").read_text())["trials_complete"] == 2
     bad = CliRunner().invoke(app, [*args[:8], "sqlite:////no/such/dir/s.db", "--steps", "3"])
     assert bad.exit_code != 0 and "cannot open Optuna storage" in _text(bad.output)
     zero = CliRunner().invoke(app, ["search", "--task", "digits", "--trials", "0"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from pathlib import Path
@@ -77,6 +78,12 @@ def search_and_report(
         torch.set_num_threads(previous_threads)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    started = datetime.datetime.now() - datetime.timedelta(seconds=time.perf_counter() - start)
+    if not any(t.datetime_start and t.datetime_start >= started for t in study.trials):
+        console.print(
+            f"study {study.study_name!r} already has {len(complete) + len(pruned)} finished "
+            f"trials (--trials {trials}): nothing left to do; raise --trials to run more"
+        )
     front = study.best_trials
     result: dict = {
         "task": task,
