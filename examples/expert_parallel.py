@@ -64,6 +64,11 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     tokens_per_s = (args.steps - 1) * args.tokens * world / elapsed
     full = ep.gather_full_state_dict()
+    backend = dist.get_backend()
+    # every rank tears the group down together, before rank 0's long reference run: a rank that
+    # exits while its peer still holds the connection can abort in gloo's destructor
+    dist.barrier()
+    dist.destroy_process_group()
 
     if rank == 0:
         assert full is not None
@@ -79,7 +84,7 @@ def main() -> None:
             (full[k] - v.detach().cpu()).abs().max().item() for k, v in layer.state_dict().items()
         )
         print(
-            f"{world} ranks ({dist.get_backend()}, {device.type}): {args.steps} steps of {args.tokens} tokens/rank, "
+            f"{world} ranks ({backend}, {device.type}): {args.steps} steps of {args.tokens} tokens/rank, "
             f"d_model={args.d_model}, {args.experts} experts top-2"
         )
         print(
@@ -90,7 +95,6 @@ def main() -> None:
             raise SystemExit(
                 f"expert-parallel training diverged from the single-process run: {diff:.2e}"
             )
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -140,6 +140,7 @@ def _worker(rank: int, world: int, port: int, cfg: EPBenchConfig, out_path: str)
                 }
             result["single_process"] = single
         Path(out_path).write_text(json.dumps(result))
+    dist.barrier()  # tear gloo down together (a rank leaving early can abort in its destructor)
     dist.destroy_process_group()
 
 
