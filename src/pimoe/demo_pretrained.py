@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from pimoe.io import atomic_write_text, tensor_digest
+from pimoe.tables import Table
 
 PROMPT = "What does a Python list comprehension do? Answer in one sentence."
 

@@ -19,7 +19,6 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 
 from pimoe.bench.timing import run_header
@@ -32,6 +31,7 @@ from pimoe.compress import (
 )
 from pimoe.io import atomic_write_text
 from pimoe.moe import PiMoE
+from pimoe.tables import Table
 
 
 class DigitsMoE(nn.Module):

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import track
-from rich.table import Table
 
 from pimoe.bench.timing import run_header
 from pimoe.compute.chain import MODES, InferenceChain, span_answer
@@ -32,6 +31,7 @@ from pimoe.compute.train import TrainSettings, train_text_expert
 from pimoe.io import atomic_write_text, save_png
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig
+from pimoe.tables import Table
 
 EVAL_OFFSET = 500_000  # evaluation problems start here: never seen by the router or the text expert
 

@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from rich.console import Console
-from rich.table import Table
 
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.io import atomic_write_text
 from pimoe.moe import PiMoE
 from pimoe.moe.parallel import ExpertParallelMoE, init_process_group
+from pimoe.tables import Table
 
 
 @dataclass

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from pimoe.bench.timing import geomean, interleaved_medians, load_average, run_header
 from pimoe.io import atomic_write_text
 from pimoe.models.progress import Progress
 from pimoe.moe import PiMoE, SwiGLU
+from pimoe.tables import Table
 
 # name -> (experts, top_k, expert width)
 SHAPES: dict[str, tuple[int, int, int]] = {
@@ -46,7 +46,7 @@ class MoEBenchConfig:
     seed: int = 0
 
 
-def _hf_block(d_model: int, shape: tuple[int, int, int], implementation: str | None) -> nn.Module:
+def _hf_block(d_model: int, shape: tuple[int, int, int], implementation: str) -> nn.Module:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -81,7 +81,7 @@ def _step(
 
 
 def _contenders(cfg: MoEBenchConfig, shape: tuple[int, int, int]) -> dict[str, nn.Module]:
-    hf_eager = _hf_block(cfg.d_model, shape, None)
+    hf_eager = _hf_block(cfg.d_model, shape, "eager")
     for p in hf_eager.parameters():
         nn.init.normal_(p, std=0.02)
     hf_grouped = _hf_block(cfg.d_model, shape, "grouped_mm")

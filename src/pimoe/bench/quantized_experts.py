@@ -24,11 +24,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from pimoe.bench.timing import interleaved_medians, load_average, run_header
 from pimoe.io import atomic_write_text
+from pimoe.tables import Table
 
 VARIANTS = ("float", "int8", "int4")
 # family -> build_tiny overrides giving int4-friendly widths (multiples of 32)

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from rich.console import Console
 from rich.progress import track
-from rich.table import Table
 
 from pimoe.compute.llm_baselines import PipelineRun, lm_only, tool_call, two_call
 from pimoe.compute.llm_chain import ComputationChain
@@ -36,6 +35,7 @@ from pimoe.compute.word_problems import (
     WordProblem,
     WordProblemSet,
 )
+from pimoe.tables import Table
 
 PIPELINES = ("lm_only", "pimoe", "tool_call", "two_call")
 EVAL_OFFSET = 500_000
