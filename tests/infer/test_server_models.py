@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from live_server import LiveServer
 from tiny_lm import save_tiny_llama
 
-from pimoe.infer.lm_models import open_generation_model
+from pimoe.infer.lm_models import GenerationModel, open_generation_model
 from pimoe.infer.server import ServedModel, create_app
 
 
@@ -52,7 +52,7 @@ def test_cached_outputs_do_not_cross_models() -> None:
 
 def test_healthz_lists_generation_models(tmp_path: Path) -> None:
     llama = open_generation_model(save_tiny_llama(tmp_path / "llama"))
-    assert llama is not None
+    assert isinstance(llama, GenerationModel)  # a causal LM folder is served for generation
     app = create_app({"clf": ServedModel.tensor(_linear(0), (4,))}, generators={"llama": llama})
     with LiveServer(app) as client:
         health = client.get("/healthz").json()

@@ -19,6 +19,7 @@ dequantized and the float grouped kernel runs (gradients reach the inputs, not t
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 import torch
@@ -92,7 +93,7 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return packed, torch.stack([scale, zero], -1).transpose(1, 2).contiguous().to(weight.dtype)
 
 
-class QuantizedFusedExperts(nn.Module):
+class QuantizedFusedExperts(nn.Module, ABC):
     """Base of modules holding fused expert weights ``[E, out, in]`` as int8 rows or int4 groups.
 
     :meth:`quantize` registers, for a weight called ``name``: int8: ``{name}_int8 [E, O, I]``
@@ -145,9 +146,9 @@ class QuantizedFusedExperts(nn.Module):
             raise AttributeError(f"{type(self).__name__} has no quantized buffer {name!r}")
         return value
 
+    @abstractmethod
     def act(self, h: Tensor) -> Tensor:
         """The experts' activation ``[n, F_in] -> [n, F]`` (defined by subclasses)."""
-        raise NotImplementedError
 
     def dequantize(self, name: str, dtype: torch.dtype) -> Tensor:
         """The float weight ``[E, out, in]`` that :meth:`matmul` computes with."""
