@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from pimoe.infer.disk import MISSING, CorruptEntry, DiskTier, decode_entry, encode_entry
-from pimoe.infer.policies import CountMinSketch, TinyLFUCache, simulate_hits
+from pimoe.infer.hit_rates import simulate_hits
+from pimoe.infer.policies import TinyLFUCache
+from pimoe.infer.sketch import CountMinSketch
 
 VALUE = torch.arange(16, dtype=torch.int64)
 

@@ -19,6 +19,7 @@ from pimoe.infer.generation import (
     SamplingParams,
     TextGenerator,
 )
+from pimoe.infer.hit_rates import belady_hits, simulate_hits
 from pimoe.infer.lm_models import HFGenerationModel, open_generation_model
 from pimoe.infer.pimoe_lm import PiMoEGenerationModel
 from pimoe.infer.policies import (
@@ -28,9 +29,7 @@ from pimoe.infer.policies import (
     LRUCache,
     TinyLFUCache,
     TTLCache,
-    belady_hits,
     make_policy,
-    simulate_hits,
 )
 
 __all__ = [

@@ -9,18 +9,16 @@ key is always stored; TinyLFU's admission filter acts when a key leaves its wind
 
 from __future__ import annotations
 
-import heapq
 import sys
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from functools import cache
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
 
-from pimoe.extras import require
+from pimoe.infer.sketch import CountMinSketch
 
 _MISSING = object()
 
@@ -340,56 +338,6 @@ class TinyLFUCache(Cache):
         return main_victim
 
 
-class CountMinSketch:
-    """Count-min sketch: 4 rows of ``4 * capacity`` (rounded up to a power of 2) counters that
-    saturate at 15 (4-bit, as Caffeine's), all halved every ``10 * capacity`` additions."""
-
-    ROWS = 4
-    _SEEDS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
-
-    def __init__(self, capacity: int) -> None:
-        self.width = 1 << max(
-            4, (capacity - 1).bit_length() + 2
-        )  # 16 counters per entry, as Caffeine
-        self.table = [[0] * self.width for _ in range(self.ROWS)]
-        self.sample_size = 10 * capacity
-        self.additions = 0
-
-    def _indices(self, key: Hashable) -> list[int]:
-        if isinstance(key, str):
-            h = _xxh3_64()(key.encode())
-        elif isinstance(key, bytes):
-            h = _xxh3_64()(key)
-        else:
-            h = hash(key) & 0xFFFFFFFFFFFFFFFF
-        mask = self.width - 1
-        return [((h * seed) & 0xFFFFFFFFFFFFFFFF) >> 40 & mask for seed in self._SEEDS]
-
-    def add(self, key: Hashable) -> None:
-        """Count one use of ``key``; halve every counter after ``sample_size`` additions."""
-        for row, i in zip(self.table, self._indices(key)):
-            if row[i] < 15:
-                row[i] += 1
-        self.additions += 1
-        if self.additions >= self.sample_size:
-            self.table = [[c >> 1 for c in row] for row in self.table]
-            self.additions //= 2
-
-    def estimate(self, key: Hashable) -> int:
-        """Estimated (over-counted, never under-counted before halving) uses of ``key``."""
-        return min(row[i] for row, i in zip(self.table, self._indices(key)))
-
-
-@cache
-def _xxh3_64() -> Callable[[bytes], int]:
-    """xxhash's 64-bit xxh3 (str and bytes keys get the same sketch rows in every process, unlike
-    ``hash``), imported on first use."""
-    fn: Callable[[bytes], int] = require(
-        "xxhash", "serve", "TinyLFU's sketch of str/bytes keys"
-    ).xxh3_64_intdigest
-    return fn
-
-
 POLICIES: dict[str, type[Cache]] = {
     "fifo": FIFOCache,
     "lru": LRUCache,
@@ -418,46 +366,3 @@ def make_policy(
     if ttl_s is not None:
         raise ValueError(f"ttl_s is only used by policy='ttl', got policy={policy!r}")
     return POLICIES[policy](max_size, max_bytes, **kwargs)
-
-
-def simulate_hits(cache: Cache, trace: Sequence[Hashable]) -> int:
-    """Replay ``trace`` (get, and put on a miss) through ``cache``; return the number of hits."""
-    hits = 0
-    for key in trace:
-        if cache.get(key, _MISSING) is _MISSING:
-            cache.put(key, None)
-        else:
-            hits += 1
-    return hits
-
-
-def belady_hits(trace: Sequence[Hashable], capacity: int) -> int:
-    """Hits of Belady's MIN with bypass, the offline optimum for unit-size entries. O(n log n).
-
-    On a miss with a full cache, the key among the residents and the incoming one whose next use
-    is farthest is not kept (the incoming one is bypassed if it is that key). No online policy,
-    with or without admission control, can get more hits on the same trace.
-    """
-    if capacity <= 0:
-        raise ValueError(f"capacity must be positive, got {capacity}")
-    n = len(trace)
-    next_use = [0] * n
-    last: dict[Hashable, int] = {}
-    for i in range(n - 1, -1, -1):
-        next_use[i] = last.get(trace[i], n + i)  # never used again: beyond the trace, distinct
-        last[trace[i]] = i
-    resident: dict[Hashable, int] = {}  # key -> its next use
-    heap: list[tuple[int, int]] = []  # (-next use, position of that use); stale entries skipped
-    hits = 0
-    for i, key in enumerate(trace):
-        if key in resident:
-            hits += 1
-        elif len(resident) >= capacity:
-            while -heap[0][0] != resident.get(trace[heap[0][1]]):
-                heapq.heappop(heap)
-            if next_use[i] >= -heap[0][0]:
-                continue
-            del resident[trace[heapq.heappop(heap)[1]]]
-        resident[key] = next_use[i]
-        heapq.heappush(heap, (-next_use[i], i))
-    return hits
