@@ -10,15 +10,18 @@ Three parts, trained separately (:mod:`pimoe.compute.llm_train`) and joined only
 3. the router :class:`~pimoe.compute.llm_router.TokenRouter`, consulted at every generated
    token on the last position's hidden states.
 
-Decoding (greedy, KV cache): the LM writes its answer; when the router fires, the exact
-:class:`~pimoe.compute.engine.ArithmeticEngine` result (or its error token, e.g.
+Decoding (greedy, KV cache): the LM writes its answer, and may not end it before writing anything
+(its first token is never a stop token, as ``min_new_tokens=1`` in transformers); when the router
+fires, the exact :class:`~pimoe.compute.engine.ArithmeticEngine` result (or its error token, e.g.
 ``<err:div0>``) is appended in one forward pass (one prefill of its tokens) and the LM continues
-until a newline or ``max_new_tokens``; its first token after the result may not start with a
-digit (the computed number is complete; without this the LM tended to keep writing digits after
-a long inserted number). At most ``max_handoffs`` hand-offs per answer.
+until a newline or ``max_new_tokens``. Right after an inserted result the LM may not write a
+digit (the computed number is complete; without this it tended to extend a long inserted
+number), and once the ``max_handoffs`` hand-offs are spent it writes no digits at all: every
+number after that would be the LM's own arithmetic, which is what the engine is there to replace.
 
-Saved as a folder: ``chain.safetensors`` (router and head weights) and ``chain.json`` (the base
-model's name, layers, prefix, threshold, sizes).
+Saved as a folder: ``chain.safetensors`` (router and head weights) and ``chain.json`` (the format
+version :data:`CHAIN_FORMAT`, the base model's name, layers, prefix, threshold, sizes); a folder
+of another format is refused with a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -29,11 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.llm_prompts import question_block
-from pimoe.compute.llm_router import TokenRouter
+from pimoe.compute.llm_router import TokenRouter, router_input
 from pimoe.compute.llm_runner import LMRunner
 from pimoe.compute.operand_head import OperandHead, locate_numbers
 from pimoe.io import atomic_write_text
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CONFIG_FILE, WEIGHTS_FILE = "chain.json", "chain.safetensors"
+CHAIN_FORMAT = 2  # 2: the router also reads the LM's digit log-probability
 
 
 @dataclass
@@ -58,6 +60,7 @@ class ChainConfig:
     max_handoffs: int = 1
     engine_max_digits: int = 40
     training: dict = field(default_factory=dict)
+    format: int = CHAIN_FORMAT
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,6 @@ class ComputationChain:
                 f"the model gives {self.runner.feature_dim} features, the modules expect {config.feature_dim}"
             )
         self.engine = ArithmeticEngine(max_digits=config.engine_max_digits)
-        self._digit_tokens = torch.zeros(int(model.config.vocab_size), dtype=torch.bool)
-        for token in range(
-            min(len(tokenizer), len(self._digit_tokens))
-        ):  # tokens whose text starts with a digit
-            self._digit_tokens[token] = str(tokenizer.decode([token])).lstrip()[:1].isdigit()
 
     def generate(self, question: str, max_new_tokens: int = 48) -> str:
         """The answer text to ``question`` (the engine's result or error token inserted)."""
@@ -123,22 +121,25 @@ class ComputationChain:
         question_features, last = features, features[-1]
         expression: str | None = None
         generated = inserted = handoffs = 0
+        just_inserted = False
         while generated < max_new_tokens:
             if handoffs < self.config.max_handoffs and self.router.fires(
-                last, self.config.threshold
+                router_input(last, runner.digit_logprob(logits)), self.config.threshold
             ):
                 if expression is None:
                     expression = self.head.expression(question_features, numbers)
                 text = runner.decode(session.tokens[prompt_len:])
                 ids = runner.encode(insertion_text(text, self.engine.compute(expression)))
                 logits, features = runner.feed(session, ids)
-                logits = logits.masked_fill(
-                    self._digit_tokens, float("-inf")
-                )  # the number is complete
                 last, inserted, handoffs = features[-1], inserted + len(ids), handoffs + 1
+                just_inserted = True
                 continue
+            if len(session.tokens) == prompt_len:  # nothing written yet: no empty answer
+                logits = logits.masked_fill(runner.stop_tokens, float("-inf"))
+            if just_inserted or 0 < self.config.max_handoffs <= handoffs:
+                logits = logits.masked_fill(runner.digit_tokens, float("-inf"))
             token = int(logits.argmax())
-            generated += 1
+            generated, just_inserted = generated + 1, False
             if runner.is_stop(token):
                 session.tokens.append(token)
                 break
@@ -186,6 +187,11 @@ class ComputationChain:
                 f"{folder} is not a saved computation chain: it needs {CONFIG_FILE} and {WEIGHTS_FILE}"
             )
         raw = json.loads((folder / CONFIG_FILE).read_text())
+        if raw.get("format", 1) != CHAIN_FORMAT:
+            raise ValueError(
+                f"{folder} holds a chain of format {raw.get('format', 1)}, this pimoe reads format "
+                f"{CHAIN_FORMAT}: train it again (pimoe chain train)"
+            )
         config = ChainConfig(**{**raw, "layers": tuple(raw["layers"])})
         if model is None or tokenizer is None:
             from pimoe.models import load_pretrained

@@ -1,8 +1,11 @@
 """The token-level hand-off router of the real-LLM chain.
 
-A small MLP over the frozen LM's features at one position (hidden states of the chosen layers,
-concatenated: :class:`~pimoe.compute.llm_runner.LMRunner`) that says whether the *next* tokens are
-a computed quantity, i.e. whether control goes to the computation expert now.
+A small MLP that says whether the *next* tokens are a computed quantity, i.e. whether control goes
+to the computation expert now. It reads one position's :func:`router_input`: the frozen LM's
+features there (hidden states of the chosen layers, concatenated:
+:class:`~pimoe.compute.llm_runner.LMRunner`) and the LM's own log-probability that its next token
+starts a number (:meth:`~pimoe.compute.llm_runner.LMRunner.digit_logprob`): the LM already knows
+when a number comes next; the hidden states tell the router whether that number is the answer.
 """
 
 from __future__ import annotations
@@ -10,12 +13,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+DIGIT_FLOOR = -20.0  # log-probabilities below this are clipped (the router's input stays bounded)
+
+
+def router_input(features: Tensor, digit_logprob: Tensor) -> Tensor:
+    """``features [..., F]`` and ``digit_logprob [...]`` -> ``[..., F + 1]``."""
+    return torch.cat([features, digit_logprob.clamp_min(DIGIT_FLOOR)[..., None]], dim=-1)
+
 
 class TokenRouter(nn.Module):
-    """``features [..., feature_dim] -> logit [...]`` of "hand off to the computation expert".
+    """``router_input [..., feature_dim + 1] -> logit [...]`` of "hand off to the computation expert".
 
-    The input is standardized with a fixed ``mean``/``std`` (buffers, set from the training
-    features) so one learning rate fits every layer's scale.
+    ``feature_dim`` is the LM features' width (without the digit log-probability). The input is
+    standardized with a fixed ``mean``/``std`` (buffers, set from the training inputs) so one
+    learning rate fits every layer's scale.
     """
 
     mean: Tensor
@@ -27,19 +38,21 @@ class TokenRouter(nn.Module):
             raise ValueError(
                 f"feature_dim and hidden must be positive, got {feature_dim}, {hidden}"
             )
-        self.register_buffer("mean", torch.zeros(feature_dim))
-        self.register_buffer("std", torch.ones(feature_dim))
-        self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.register_buffer("mean", torch.zeros(feature_dim + 1))
+        self.register_buffer("std", torch.ones(feature_dim + 1))
+        self.net = nn.Sequential(
+            nn.Linear(feature_dim + 1, hidden), nn.GELU(), nn.Linear(hidden, 1)
+        )
 
-    def set_scale(self, features: Tensor) -> None:
-        """Standardize with the statistics of ``features [N, feature_dim]``."""
-        self.mean.copy_(features.mean(0))
-        self.std.copy_(features.std(0).clamp_min(1e-4))
+    def set_scale(self, inputs: Tensor) -> None:
+        """Standardize with the statistics of ``inputs [N, feature_dim + 1]``."""
+        self.mean.copy_(inputs.mean(0))
+        self.std.copy_(inputs.std(0).clamp_min(1e-4))
 
-    def forward(self, features: Tensor) -> Tensor:
-        return self.net((features - self.mean) / self.std).squeeze(-1)
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net((inputs - self.mean) / self.std).squeeze(-1)
 
     @torch.no_grad()
-    def fires(self, features: Tensor, threshold: float = 0.5) -> bool:
-        """For one position's ``features [feature_dim]``: hand off now?"""
-        return bool(torch.sigmoid(self(features)) > threshold)
+    def fires(self, inputs: Tensor, threshold: float = 0.5) -> bool:
+        """For one position's ``inputs [feature_dim + 1]``: hand off now?"""
+        return bool(torch.sigmoid(self(inputs)) > threshold)

@@ -6,12 +6,19 @@ KV cache; :meth:`LMRunner.start` crops the cache back to the prefix for each new
 prefix is never recomputed. :meth:`LMRunner.feed` appends tokens in one forward pass (one prefill)
 and returns the last position's logits and the features of every appended position: the hidden
 states of ``layers`` (indices into ``output_hidden_states``: 0 = embeddings, ``n_layer`` = last),
-concatenated.
+concatenated; :meth:`LMRunner.feed_all` returns every appended position's logits instead.
+:meth:`LMRunner.rewind` drops a session's last tokens from its cache (to decode another
+continuation of the same prompt). :attr:`LMRunner.digit_tokens` and :attr:`LMRunner.stop_tokens`
+are vocabulary masks (tokens whose text starts with a digit; the end-of-sequence token and tokens
+containing a newline) and :meth:`LMRunner.digit_logprob` is the LM's probability mass, in log, on
+its next token starting a number.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,15 +94,28 @@ class LMRunner:
             self._cache.crop(-extra)
         return Session(self._cache)
 
-    @torch.no_grad()
     def feed(self, session: Session, ids: list[int]) -> tuple[Tensor, Tensor]:
         """Append ``ids`` in one forward pass: ``(logits [vocab] of the last position,
         features [len(ids), feature_dim])``."""
+        logits, features = self.feed_all(session, ids)
+        return logits[-1], features
+
+    @torch.no_grad()
+    def feed_all(self, session: Session, ids: list[int]) -> tuple[Tensor, Tensor]:
+        """As :meth:`feed`, with the logits of every appended position: ``[len(ids), vocab]``."""
         if not ids:
             raise ValueError("feed needs at least one token")
         session.forward_passes += 1
         session.tokens.extend(ids)
         return self._forward(ids, session.cache)
+
+    def rewind(self, session: Session, count: int) -> None:
+        """Forget the last ``count`` tokens of ``session`` (cache and token list)."""
+        if not 0 <= count <= len(session.tokens):
+            raise ValueError(f"count must lie in 0..{len(session.tokens)}, got {count}")
+        if count:
+            session.cache.crop(-count)
+            del session.tokens[-count:]
 
     def _forward(self, ids: list[int], cache: Any) -> tuple[Tensor, Tensor]:
         out = self.model(
@@ -105,7 +125,30 @@ class LMRunner:
             output_hidden_states=True,
         )
         features = torch.cat([out.hidden_states[layer][0] for layer in self.layers], dim=-1).float()
-        return out.logits[0, -1].float(), features
+        return out.logits[0].float(), features
+
+    def _vocab_mask(self, keep: Callable[[int, str], bool]) -> Tensor:
+        size = int(self.model.config.vocab_size)
+        texts = self.tokenizer.batch_decode([[i] for i in range(min(size, len(self.tokenizer)))])
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[: len(texts)] = torch.tensor([keep(i, str(t)) for i, t in enumerate(texts)])
+        return mask
+
+    @cached_property
+    def digit_tokens(self) -> Tensor:
+        """``[vocab]`` bool: tokens whose text (leading spaces removed) starts with a digit."""
+        return self._vocab_mask(lambda _, text: text.lstrip()[:1].isdigit())
+
+    @cached_property
+    def stop_tokens(self) -> Tensor:
+        """``[vocab]`` bool: the tokens :meth:`is_stop` stops at (end of sequence, newline)."""
+        eos = self.tokenizer.eos_token_id
+        return self._vocab_mask(lambda i, text: i == eos or "\n" in text)
+
+    def digit_logprob(self, logits: Tensor) -> Tensor:
+        """``logits [..., vocab] -> [...]``: log-probability that the next token starts a number."""
+        logp = logits.log_softmax(-1)
+        return logp[..., self.digit_tokens].logsumexp(-1)
 
     def is_stop(self, token: int, stop: str = "\n") -> bool:
         """True for the end-of-sequence token or a token whose text contains ``stop``."""

@@ -1,12 +1,16 @@
 """Training the real-LLM chain's modules on a frozen LM.
 
-The LM forward is the expensive part, so it runs once per training problem
-(:func:`collect_features`: the few-shot prefix is cached, then question block + gold answer in one
-pass) and both modules train on the cached features:
+The LM forward is the expensive part, so it runs once per training problem and its features are
+cached (:func:`collect_features`: the few-shot prefix is cached, then the question block, the gold
+answer, and the LM's own greedy answer up to its first number); both modules train on them:
 
-- router labels: at the last question position and every answer position, 1 when the *next*
-  token is the first token of the result's digits, else 0 (binary cross-entropy, positives
-  re-weighted to the negatives' total);
+- router labels, on two answers to each question: the gold answer (at the last question position
+  and every answer position, 1 when the *next* token is the first token of the result's digits)
+  and the answer the frozen LM itself writes, decoded as the chain decodes (1 at the position whose
+  next token starts the first number it writes, 0 before; nothing after). The second is the
+  wording the router meets at inference, whatever the gold answers' wording; binary cross-entropy,
+  positives re-weighted to the negatives' total. The router's input is
+  :func:`~pimoe.compute.llm_router.router_input` (features and the LM's digit log-probability);
 - text-to-computation labels: the problem's pattern, and for each number in the question its
   role (pattern and operand slot, :func:`~pimoe.compute.operand_head.role`; cross-entropy each).
 """
@@ -24,8 +28,8 @@ from tqdm.auto import tqdm
 
 from pimoe.compute.llm_chain import ChainConfig, ComputationChain
 from pimoe.compute.llm_prompts import fewshot_prefix, question_block, shot_problems
-from pimoe.compute.llm_router import TokenRouter
-from pimoe.compute.llm_runner import LMRunner
+from pimoe.compute.llm_router import TokenRouter, router_input
+from pimoe.compute.llm_runner import LMRunner, Session
 from pimoe.compute.operand_head import (
     NONE_SLOT,
     OperandHead,
@@ -53,6 +57,7 @@ class ChainTrainSettings:
     weight_decay: float = 1e-2
     router_hidden: int = 64
     head_hidden: int = 128
+    own_tokens: int = 12
     seed: int = 0
 
 
@@ -63,7 +68,7 @@ QUICK_SETTINGS = ChainTrainSettings(problems=192, steps=200)
 class ProblemFeatures:
     """Cached LM features of one training problem (``F`` = the runner's feature width)."""
 
-    router_x: Tensor  # [A, F]: last question position + answer positions but the last
+    router_x: Tensor  # [A, F+1]: router inputs on the gold answer and the LM's own answer
     router_y: Tensor  # [A]: 1 where the next token starts the result
     question: Tensor  # [T, F]: the question block
     number_positions: list[int]
@@ -71,34 +76,69 @@ class ProblemFeatures:
     pattern: int
 
 
-def problem_features(runner: LMRunner, problem: WordProblem) -> ProblemFeatures:
-    """One forward pass over the question block and the gold answer (after the cached prefix)."""
+def own_answer(
+    runner: LMRunner, session: Session, logits: Tensor, last: Tensor, max_tokens: int
+) -> tuple[Tensor, Tensor]:
+    """Router inputs ``[K, F+1]`` and labels ``[K]`` along the LM's greedy answer after the prompt
+    in ``session`` (``logits``/``last``: the prompt's last logits and features), decoded as
+    :meth:`~pimoe.compute.llm_chain.ComputationChain.run` decodes before a hand-off, up to the
+    first token that starts a number (label 1), a stop token or ``max_tokens``."""
+    xs, ys = [], []
+    for step in range(max_tokens):
+        xs.append(router_input(last, runner.digit_logprob(logits)))
+        if step == 0:
+            logits = logits.masked_fill(runner.stop_tokens, float("-inf"))
+        token = int(logits.argmax())
+        ys.append(float(runner.digit_tokens[token]))
+        if ys[-1] or runner.is_stop(token):
+            break
+        logits, features = runner.feed(session, [token])
+        last = features[-1]
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def problem_features(
+    runner: LMRunner, problem: WordProblem, own_tokens: int = 12
+) -> ProblemFeatures:
+    """LM passes over the question block and the gold answer (after the cached prefix), then the
+    LM's own answer (:func:`own_answer`, at most ``own_tokens`` tokens)."""
     numbers = locate_numbers(runner.tokenizer, question_block(problem.question))
     answer = " " + problem.answer_text + "\n"
     enc = runner.tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
     answer_ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     first = 1 + problem.result_start  # the answer's leading space shifts offsets by one
     target = next(i for i, (s, e) in enumerate(offsets) if s <= first < e)
-    _, features = runner.feed(runner.start(), numbers.ids + answer_ids)
-    t = len(numbers.ids)
-    router_x = features[t - 1 : t - 1 + len(answer_ids)]
-    router_y = torch.zeros(len(answer_ids))
-    router_y[target] = 1.0
+    session = runner.start()
+    q_logits, question = runner.feed_all(session, numbers.ids)
+    a_logits, answer_features = runner.feed_all(session, answer_ids)
+    gold_x = router_input(
+        torch.cat([question[-1:], answer_features[:-1]]),
+        runner.digit_logprob(torch.cat([q_logits[-1:], a_logits[:-1]])),
+    )
+    gold_y = torch.zeros(len(answer_ids))
+    gold_y[target] = 1.0
+    runner.rewind(session, len(answer_ids))
+    own_x, own_y = own_answer(runner, session, q_logits[-1], question[-1], own_tokens)
     order = problem.operand_order  # slot of each question number, left to right
     slots = torch.tensor(
         [order[i] if i < len(order) else NONE_SLOT for i in range(len(numbers.positions))]
     )
     return ProblemFeatures(
-        router_x, router_y, features[:t], numbers.positions, slots, problem.pattern
+        torch.cat([gold_x, own_x]),
+        torch.cat([gold_y, own_y]),
+        question,
+        numbers.positions,
+        slots,
+        problem.pattern,
     )
 
 
 def collect_features(
-    runner: LMRunner, problems: list[WordProblem], progress: bool = True
+    runner: LMRunner, problems: list[WordProblem], progress: bool = True, own_tokens: int = 12
 ) -> list[ProblemFeatures]:
     """:func:`problem_features` for every problem, with a progress bar."""
     return [
-        problem_features(runner, p)
+        problem_features(runner, p, own_tokens)
         for p in tqdm(problems, desc="LM features", disable=not progress)
     ]
 
@@ -173,7 +213,9 @@ def train_chain(
     prefix = fewshot_prefix(shot_problems(problems, settings.shots), "answer")
     start = time.perf_counter()
     runner = LMRunner(model, tokenizer, prefix, layers)
-    data = collect_features(runner, problems.problems("train", 0, settings.problems), progress)
+    data = collect_features(
+        runner, problems.problems("train", 0, settings.problems), progress, settings.own_tokens
+    )
     feature_s = time.perf_counter() - start
     router, router_losses = train_router(data, runner.feature_dim, settings, progress)
     router_s = time.perf_counter() - start - feature_s
