@@ -16,7 +16,6 @@ from pimoe.infer.generation import (
     GenerationEngine,
     GenerationEvent,
     SamplingParams,
-    _safe_end,
 )
 from pimoe.infer.lm_models import (
     GenerationModel,
@@ -24,6 +23,7 @@ from pimoe.infer.lm_models import (
     PiMoEGenerationModel,
     open_generation_model,
 )
+from pimoe.infer.sequence import safe_end
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
 
@@ -262,9 +262,9 @@ def test_model_failure_fails_requests_and_keeps_serving(tiny_hf: HFGenerationMod
 
 
 def test_safe_end_holds_back_partial_characters_and_stop_prefixes() -> None:
-    assert _safe_end("abc\ufffd", ()) == 3
-    assert _safe_end("hello wor", ("world",)) == 6
-    assert _safe_end("hello", ("xyz",)) == 5
+    assert safe_end("abc\ufffd", ()) == 3
+    assert safe_end("hello wor", ("world",)) == 6
+    assert safe_end("hello", ("xyz",)) == 5
 
 
 def test_bad_requests(tiny_hf: GenerationModel) -> None:
@@ -363,7 +363,7 @@ def test_prefill_budget_lets_running_streams_advance_between_arrivals(
 
         return on_event
 
-    engine = GenerationEngine(tiny_hf, max_batch_size=4, max_prefill_tokens=budget)
+    engine = GenerationEngine(tiny_hf, max_batch_size=4, max_num_batched_tokens=budget)
     try:
         params = SamplingParams(max_tokens=8, temperature=0)
         engine.submit(tiny_hf.encode("x = 1"), params, record("a"))

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pimoe.infer.decode_batch import TextModel
-from pimoe.infer.generation import EngineClosed, EngineFull, GenerationEvent, SamplingParams
+from pimoe.infer.request_queue import RequestQueue
+from pimoe.infer.sampling import SamplingParams
+from pimoe.infer.text_generator import GenerationEvent
 
 if TYPE_CHECKING:
     from pimoe.compute import ComputationChain
@@ -83,28 +83,23 @@ class ChainEngine:
 
     Args:
         chain: the loaded chain.
-        max_queue: most questions waiting; more raise :class:`EngineFull` (HTTP 429).
+        max_queue: most questions waiting; more raise :class:`~pimoe.infer.request_queue.EngineFull` (HTTP 429).
     """
 
     kind = "chain"
     greedy_only = True
 
     def __init__(self, chain: ComputationChain, max_queue: int = 256) -> None:
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self._queue: RequestQueue[_Job] = RequestQueue(max_queue, "chain")
         self.chain, self.max_queue = chain, max_queue
         self.model = ChainTextModel(chain)
         self.answered = 0
-        self._waiting: deque[_Job] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="pimoe-chain", daemon=True)
-        self._thread.start()
+        self._queue.start(self._run, "pimoe-chain")
 
     @property
     def queued(self) -> int:
         """Questions waiting for the worker."""
-        return len(self._waiting)
+        return self._queue.queued
 
     def submit(
         self,
@@ -114,40 +109,28 @@ class ChainEngine:
         timeout_s: float | None = None,
     ) -> _Job:
         """Queue the question whose token ids are ``prompt``; ``on_event`` gets its answer on the
-        worker thread. ``ValueError`` for an empty question; :class:`EngineFull`, :class:`EngineClosed`."""
+        worker thread. ``ValueError`` for an empty question; :class:`~pimoe.infer.request_queue.EngineFull`, :class:`~pimoe.infer.request_queue.EngineClosed`."""
         question = self.model.decode(prompt).strip()
         if not question:
             raise ValueError("the question is empty")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         job = _Job(question, params, on_event, deadline, len(prompt))
-        with self._cond:
-            if self._closed:
-                raise EngineClosed("the chain engine is shut down")
-            if len(self._waiting) >= self.max_queue:
-                self._waiting = deque(j for j in self._waiting if not j.cancelled)
-            if len(self._waiting) >= self.max_queue:
-                raise EngineFull(
-                    f"{len(self._waiting)} questions are already waiting (max_queue={self.max_queue})"
-                )
-            self._waiting.append(job)
-            self._cond.notify()
+        self._queue.enqueue(job)
         return job
 
     def close(self) -> None:
         """Stop taking questions, answer the queued ones, and join the worker."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
+        self._queue.close()
 
     def _run(self) -> None:
+        q = self._queue
         while True:
-            with self._cond:
-                while not self._waiting and not self._closed:
-                    self._cond.wait()
-                if not self._waiting:
+            with q.cond:
+                while not q.waiting and not q.closed:
+                    q.cond.wait()
+                if not q.waiting:
                     return
-                job = self._waiting.popleft()
+                job = q.waiting.popleft()
             if job.cancelled:
                 continue
             try:

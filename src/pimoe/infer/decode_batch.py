@@ -4,8 +4,9 @@ shared by the batched models.
 A :class:`TextModel` turns text into token ids and back (plain prompts and chat messages); a
 :class:`GenerationModel` also opens a :class:`DecodeBatch`: the rows of the running batch, each a
 sequence with its own KV cache. The engine (:mod:`pimoe.infer.generation`) prefills newly admitted
-prompts together with :meth:`DecodeBatch.add`, advances every row by one token with
-:meth:`DecodeBatch.step` and drops finished rows with :meth:`DecodeBatch.remove`.
+prompts together with :meth:`DecodeBatch.add` (or one long prompt in chunks with
+:meth:`DecodeBatch.add_chunk`), advances every row by one token with :meth:`DecodeBatch.step` and
+drops finished rows with :meth:`DecodeBatch.remove`.
 
 :class:`SlotCache` holds the rows' keys and values: per layer ``[max_rows, kv_heads, capacity,
 head_dim]``, row ``b`` holding its own ``lengths[b]`` positions. A decode step writes each row's
@@ -16,10 +17,26 @@ row's unused tail.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+@dataclass(eq=False)
+class PartialPrefill:
+    """A prompt being prefilled in chunks: its first ``done`` tokens are in ``cache``, the model's
+    own KV cache of this one sequence (outside the batch until the prompt is complete)."""
+
+    prompt: list[int]
+    done: int = 0
+    cache: Any = None
+
+    @property
+    def left(self) -> int:
+        """Prompt tokens not yet prefilled."""
+        return len(self.prompt) - self.done
 
 
 class DecodeBatch(ABC):
@@ -41,6 +58,13 @@ class DecodeBatch(ABC):
     @abstractmethod
     def remove(self, row: int) -> None:
         """Drop ``row``; the last row moves into its place (the others keep their index)."""
+
+    def add_chunk(self, prefill: PartialPrefill, n: int) -> Tensor | None:
+        """Prefill the next ``n`` tokens of ``prefill.prompt`` on top of its earlier chunks. Once
+        the whole prompt is in, add it as the new last row and return the logits of its last
+        position ``[V]``; before that, None. Batches of models whose
+        :attr:`GenerationModel.chunked_prefill` is False do not implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not prefill in chunks")
 
 
 class TextModel(ABC):
@@ -65,7 +89,10 @@ class TextModel(ABC):
 
 
 class GenerationModel(TextModel):
-    """A causal LM the engine can serve: its tokenizer and its decode batches."""
+    """A causal LM the engine can serve: its tokenizer and its decode batches.
+    ``chunked_prefill``: its batches implement :meth:`DecodeBatch.add_chunk`."""
+
+    chunked_prefill: bool = False
 
     @abstractmethod
     def new_batch(self, max_rows: int) -> DecodeBatch:
@@ -177,6 +204,44 @@ class SlotCache:
         return max(self.host_lengths, default=0)
 
 
+class SlotBatch(DecodeBatch):
+    """A decode batch whose rows live in a :class:`SlotCache` (``self.cache``). It prefills a
+    prompt in chunks with :meth:`forward_chunk`, the model's own forward over the chunk's tokens
+    on top of the sequence's cache of the earlier chunks."""
+
+    cache: SlotCache
+
+    @property
+    def size(self) -> int:
+        return self.cache.size
+
+    @torch.inference_mode()
+    def remove(self, row: int) -> None:
+        self.cache.move_row(self.size - 1, row)
+
+    @abstractmethod
+    def forward_chunk(
+        self, prefill: PartialPrefill, ids: list[int]
+    ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Run ``ids``, the prompt's tokens after its ``prefill.done`` first ones, on top of
+        ``prefill.cache`` (created on the first chunk) -> per layer keys and values of the
+        sequence so far ``[1, kv_heads, >= done + len(ids), head_dim]`` and the last position's
+        logits ``[V]``."""
+
+    @torch.inference_mode()
+    def add_chunk(self, prefill: PartialPrefill, n: int) -> Tensor | None:
+        if not 1 <= n <= prefill.left:
+            raise ValueError(f"a chunk must hold 1 to {prefill.left} tokens, got {n}")
+        start = prefill.done
+        keys, values, logits = self.forward_chunk(prefill, prefill.prompt[start : start + n])
+        prefill.done += n
+        if prefill.left:
+            return None
+        self.cache.put_row(keys, values, 0, 0, prefill.done)
+        prefill.cache = None
+        return logits
+
+
 def length_groups(lengths: list[int], max_waste: float = 0.25) -> list[list[int]]:
     """Indices of ``lengths`` grouped for padded prefills: sorted by length, a group grows while
     its padding stays within ``max_waste`` of its real tokens."""
@@ -193,4 +258,12 @@ def length_groups(lengths: list[int], max_waste: float = 0.25) -> list[list[int]
     return groups
 
 
-__all__ = ["DecodeBatch", "GenerationModel", "SlotCache", "TextModel", "length_groups"]
+__all__ = [
+    "DecodeBatch",
+    "GenerationModel",
+    "PartialPrefill",
+    "SlotBatch",
+    "SlotCache",
+    "TextModel",
+    "length_groups",
+]

@@ -26,6 +26,8 @@ from torch import Tensor
 from pimoe.infer.decode_batch import (
     DecodeBatch,
     GenerationModel,
+    PartialPrefill,
+    SlotBatch,
     SlotCache,
     TextModel,
     length_groups,
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-class _HFBatch(DecodeBatch):
+class _HFBatch(SlotBatch):
     def __init__(self, model: PreTrainedModel, max_rows: int, context_length: int) -> None:
         cfg = model.config
         heads = cfg.num_attention_heads
@@ -53,10 +55,6 @@ class _HFBatch(DecodeBatch):
             weight.dtype,
             weight.device,
         )
-
-    @property
-    def size(self) -> int:
-        return self.cache.size
 
     @torch.inference_mode()
     def add(self, prompts: list[list[int]]) -> Tensor:
@@ -104,6 +102,26 @@ class _HFBatch(DecodeBatch):
         logits: Tensor = out.logits[:, -1]
         return [layer.keys for layer in layers], [layer.values for layer in layers], logits
 
+    def forward_chunk(
+        self, prefill: PartialPrefill, ids: list[int]
+    ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        from transformers import DynamicCache
+
+        if prefill.cache is None:
+            prefill.cache = DynamicCache(config=self.model.config)
+        device = self.cache.lengths.device
+        positions = torch.arange(prefill.done, prefill.done + len(ids), device=device)
+        out = self.model(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=positions[None],
+            cache=prefill.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )  # one row, no padding: the causal mask over the cached positions is the model's own
+        layers: list[Any] = list(prefill.cache.layers)
+        logits: Tensor = out.logits[0, -1]
+        return [layer.keys for layer in layers], [layer.values for layer in layers], logits
+
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> Tensor:
         cache = self.cache
@@ -122,13 +140,11 @@ class _HFBatch(DecodeBatch):
         logits: Tensor = out.logits[:, -1]
         return logits
 
-    @torch.inference_mode()
-    def remove(self, row: int) -> None:
-        self.cache.move_row(self.size - 1, row)
-
 
 class HFGenerationModel(GenerationModel):
     """A Hugging Face causal LM (full attention, see the module docstring) with its tokenizer."""
+
+    chunked_prefill = True
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         if getattr(model.config, "sliding_window", None) and getattr(

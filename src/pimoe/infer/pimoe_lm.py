@@ -18,12 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pimoe.infer.decode_batch import DecodeBatch, GenerationModel, SlotCache, length_groups
+from pimoe.infer.decode_batch import (
+    DecodeBatch,
+    GenerationModel,
+    PartialPrefill,
+    SlotBatch,
+    SlotCache,
+    length_groups,
+)
 from pimoe.moe.layer import PiMoE
 from pimoe.moe.model import Block, PiMoELM
 
 
-class _PiMoEBatch(DecodeBatch):
+class _PiMoEBatch(SlotBatch):
     def __init__(self, model: PiMoELM, max_rows: int) -> None:
         c = model.config
         weight = model.tok_emb.weight
@@ -37,10 +44,6 @@ class _PiMoEBatch(DecodeBatch):
             weight.dtype,
             weight.device,
         )
-
-    @property
-    def size(self) -> int:
-        return self.cache.size
 
     @torch.inference_mode()
     def add(self, prompts: list[list[int]]) -> Tensor:
@@ -62,6 +65,16 @@ class _PiMoEBatch(DecodeBatch):
             keys, values, j, length = item
             self.cache.put_row(keys, values, j, 0, length)
         return torch.stack([t for t in logits if t is not None])
+
+    def forward_chunk(
+        self, prefill: PartialPrefill, ids: list[int]
+    ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        if prefill.cache is None:
+            prefill.cache = self.model.new_cache(1)
+        kv = prefill.cache
+        chunk = torch.tensor([ids], device=self.model.tok_emb.weight.device)
+        logits: Tensor = self.model(chunk, cache=kv).logits[0, -1]  # positions kv.length...
+        return kv.keys, kv.values, logits
 
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> Tensor:
@@ -87,10 +100,6 @@ class _PiMoEBatch(DecodeBatch):
         logits: Tensor = model.lm_head(model.norm_f(x))[:, -1]
         return logits
 
-    @torch.inference_mode()
-    def remove(self, row: int) -> None:
-        self.cache.move_row(self.size - 1, row)
-
 
 class PiMoEGenerationModel(GenerationModel):
     """A byte-level :class:`PiMoELM`: prompts are UTF-8 bytes, completions are decoded as UTF-8
@@ -99,6 +108,7 @@ class PiMoEGenerationModel(GenerationModel):
 
     eos_ids: frozenset[int] = frozenset()
     vocab_size = 256
+    chunked_prefill = True
 
     def __init__(self, model: PiMoELM) -> None:
         if model.config.vocab_size != 256:

@@ -145,6 +145,8 @@ def create_app(
     api_key: str | None = None,
     docs: bool = False,
     generators: Mapping[str, GenerationModel | TextGenerator] | None = None,
+    max_num_batched_tokens: int | None = 512,
+    enable_chunked_prefill: bool = False,
 ) -> FastAPI:
     """A FastAPI app serving ``models`` (name -> :class:`ServedModel`, a :class:`PiMoELM`, or the
     path of a saved PiMoELM).
@@ -164,6 +166,8 @@ def create_app(
         generators: language models served for text generation on the OpenAI routes
             (:func:`~pimoe.infer.openai_api.mount_generation`, ``max_batch_size`` rows each), or
             engines (e.g. :class:`~pimoe.infer.chain_serving.ChainEngine`).
+        max_num_batched_tokens, enable_chunked_prefill: the generation engines' step budget
+            and chunked prefill (:class:`~pimoe.infer.generation.GenerationEngine`).
 
     ``ValueError`` if a model's weights hold NaN or infinity. The batchers are closed (draining
     queued requests) when the app shuts down.
@@ -315,7 +319,13 @@ def create_app(
         )
 
     if generators:
-        mount_generation(app, generators, max_batch_size=max_batch_size)
+        mount_generation(
+            app,
+            generators,
+            max_batch_size=max_batch_size,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=enable_chunked_prefill,
+        )
     return app
 
 
@@ -337,6 +347,8 @@ def serve(
     ssl_keyfile: str | os.PathLike[str] | None = None,
     routers: str | os.PathLike[str] | None = None,
     chain: str | os.PathLike[str] | None = None,
+    max_num_batched_tokens: int | None = 512,
+    enable_chunked_prefill: bool = False,
 ) -> None:
     """Serve ``model_path`` (a saved :class:`PiMoELM`, a Hugging Face encoder or causal-LM folder, or
     a name known to :func:`pimoe.models.load_pretrained`; ``routers`` upcycles a causal LM, see
@@ -348,6 +360,8 @@ def serve(
 
     ``api_key``, ``docs``, ``max_body_bytes`` and ``body_timeout_s`` are :func:`create_app`'s;
     ``limits`` the connection limits (:class:`ServerLimits`); both ``ssl_*`` files turn on TLS.
+    ``max_num_batched_tokens`` and ``enable_chunked_prefill`` set the generation engine's step
+    budget and chunked prefill (:mod:`pimoe.infer.scheduler`).
     Warns (``UserWarning``) when ``host`` is not a loopback address and there is no ``api_key``.
     """
     import uvicorn
@@ -383,6 +397,8 @@ def serve(
         body_timeout_s=body_timeout_s,
         api_key=api_key,
         docs=docs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_chunked_prefill=enable_chunked_prefill,
     )
     uvicorn.run(app, host=host, port=port, **uvicorn_options(limits, ssl_certfile, ssl_keyfile))
 
