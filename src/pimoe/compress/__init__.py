@@ -43,19 +43,16 @@ from pimoe.compress.lowrank import LowRankLinear
 from pimoe.compress.moe import drop_experts, merge_similar_experts
 from pimoe.compress.optimizer import ArchitectureConfig, ArchitectureOptimizer, OptimizeResult
 from pimoe.compress.prune import sparsity
-from pimoe.compress.quantize import (
-    FullRangeDynamicLinear,
-    Int4WeightOnlyLinear,
-    Int8WeightOnlyLinear,
-    cast,
-    quantize_dynamic_int8,
-    quantize_weight_only_int4,
-    quantize_weight_only_int8,
-    saved_bytes,
-)
+from pimoe.compress.quantize import FullRangeDynamicLinear, cast, quantize_dynamic_int8, saved_bytes
 from pimoe.compress.quantize_experts import Int8StackedExperts
 from pimoe.compress.report import CompressionReport, StepResult
 from pimoe.compress.saved import load_compressed, save_compressed
+from pimoe.compress.weight_only import (
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    quantize_weight_only_int4,
+    quantize_weight_only_int8,
+)
 
 __all__ = [
     # lists of configs, the original knobs, files

@@ -49,7 +49,7 @@ class Int8DynamicConfig(CompressConfig):
 
 @dataclass
 class Int8WeightOnlyConfig(CompressConfig):
-    """``nn.Linear`` -> :class:`~pimoe.compress.quantize.Int8WeightOnlyLinear` (int8 weights, one
+    """``nn.Linear`` -> :class:`~pimoe.compress.weight_only.Int8WeightOnlyLinear` (int8 weights, one
     scale per output channel, dequantized in ``forward``: any device and float dtype)."""
 
     name: ClassVar[str] = "int8_weight_only"
@@ -58,7 +58,7 @@ class Int8WeightOnlyConfig(CompressConfig):
 
 @dataclass
 class Int4WeightOnlyConfig(CompressConfig):
-    """``nn.Linear`` -> :class:`~pimoe.compress.quantize.Int4WeightOnlyLinear` (4-bit codes packed
+    """``nn.Linear`` -> :class:`~pimoe.compress.weight_only.Int4WeightOnlyLinear` (4-bit codes packed
     two per byte, one scale per ``group_size`` inputs); layers whose width ``group_size`` does not
     divide stay in float."""
 

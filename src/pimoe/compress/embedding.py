@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pimoe.compress._modules import matches, set_module, tied_parameter_ids
-from pimoe.compress.quantize import pack_int4, quantize_embedding_int8, unpack_int4
+from pimoe.compress.quantize import quantize_embedding_int8
+from pimoe.compress.weight_only import pack_int4, unpack_int4
 
 
 class Int4Embedding(nn.Module):

@@ -38,12 +38,7 @@ from pimoe.compress.distill import call_model, distill
 from pimoe.compress.embedding import quantize_embeddings
 from pimoe.compress.lowrank import LowRankLinear, factorize
 from pimoe.compress.prune import magnitude_prune
-from pimoe.compress.quantize import (
-    quantize_dynamic_int8,
-    quantize_weight_only_int4,
-    quantize_weight_only_int8,
-    quiet_torch_ao,
-)
+from pimoe.compress.quantize import quantize_dynamic_int8, quiet_torch_ao
 from pimoe.compress.quantize_experts import quantize_experts_int8
 from pimoe.compress.structured import (
     drop_experts_everywhere,
@@ -51,6 +46,7 @@ from pimoe.compress.structured import (
     prune_attention_heads_noted,
     prune_neurons,
 )
+from pimoe.compress.weight_only import quantize_weight_only_int4, quantize_weight_only_int8
 
 
 def _joined(changed: list[str], skipped: list[str]) -> str:
