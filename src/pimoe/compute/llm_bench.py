@@ -3,7 +3,9 @@
 Trains the chain's modules on the frozen LM (timed), then answers the same held-out word problems
 (longer operands *and* unseen templates) with four pipelines, interleaved problem by problem, all
 greedy with a KV cache and the same few-shot examples: (a) the LM alone, (b) the PiMoE chain,
-(c) a few-shot prompted tool call, (d) a two-call agent (:mod:`pimoe.compute.llm_baselines`).
+(c) a few-shot prompted tool call, (d) a two-call agent (:mod:`pimoe.compute.llm_baselines`),
+and (c') the tool call with LoRA adapters tuned on the chain's training problems
+(:mod:`pimoe.compute.tool_call_lora`; trained once, then loaded from the pimoe cache).
 An answer is right when the last number of its text (tool-call markup removed) is the exact result.
 """
 
@@ -12,7 +14,8 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
@@ -28,6 +31,7 @@ from pimoe.compute.llm_prompts import (
 )
 from pimoe.compute.llm_runner import LMRunner
 from pimoe.compute.llm_train import QUICK_SETTINGS, ChainTrainSettings, train_chain
+from pimoe.compute.tool_call_lora import ToolLoRASettings, cached_tool_lora
 from pimoe.compute.word_problems import (
     HELDOUT_SECOND,
     PATTERNS,
@@ -37,7 +41,11 @@ from pimoe.compute.word_problems import (
 )
 from pimoe.tables import Table
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 PIPELINES = ("lm_only", "pimoe", "tool_call", "two_call")
+LORA_PIPELINE = "tool_call_lora"
 EVAL_OFFSET = 500_000
 MODELS = {"smollm2": "smollm2-135m-instruct"}
 
@@ -48,6 +56,7 @@ class LLMBenchConfig:
 
     model: str = "smollm2-135m-instruct"
     train: ChainTrainSettings = field(default_factory=ChainTrainSettings)
+    tool_lora: ToolLoRASettings = field(default_factory=ToolLoRASettings)
     eval_problems: int = 64
     max_new_tokens: int = 48
     threads: int = 1
@@ -66,8 +75,22 @@ def expression_errors(expression: str | None, problem: WordProblem) -> tuple[boo
     return tree_ok, tree_ok and re.findall(r"[0-9]+", expression) == list(problem.operands)
 
 
+def tool_lora_settings(cfg: LLMBenchConfig) -> ToolLoRASettings:
+    """``cfg.tool_lora`` on the chain's training problems (count, digits and seed of ``cfg.train``)."""
+    t = cfg.train
+    return replace(
+        cfg.tool_lora,
+        problems=t.problems,
+        train_digits=t.train_digits,
+        heldout_digits=t.heldout_digits,
+        seed=t.seed,
+    )
+
+
 def run(cfg: LLMBenchConfig, progress: bool = True) -> dict:
-    """Train, then evaluate every pipeline; the result dict (see :func:`print_report` for keys)."""
+    """Train the chain (and the tool-call adapters, or load those from the cache), then evaluate
+    every pipeline;
+    the result dict (see :func:`print_report` for keys)."""
     from pimoe.models import load_pretrained
 
     previous = torch.get_num_threads()
@@ -75,24 +98,50 @@ def run(cfg: LLMBenchConfig, progress: bool = True) -> dict:
     try:
         model, tokenizer = load_pretrained(cfg.model, progress=progress)
         chain, report = train_chain(model, tokenizer, cfg.model, cfg.train, progress=progress)
-        return evaluate(chain, cfg, report, progress)
+        tuned, lora_report, source = cached_tool_lora(
+            model, tokenizer, cfg.model, tool_lora_settings(cfg), progress=progress
+        )
+        report = {**report, **lora_keys(lora_report, source)}
+        return evaluate(chain, cfg, report, progress, tuned)
     finally:
         torch.set_num_threads(previous)
 
 
+def lora_keys(report: dict, source: str) -> dict:
+    """The result keys of the tool-call adapters' training report (``source``: cache or trained)."""
+    return {
+        "train_seconds_tool_call_lora": report["train_s"],
+        "train_steps_tool_call_lora": report["steps"],
+        "train_examples_tool_call_lora": report["examples_seen"],
+        "params_tool_call_lora": report["params"],
+        "loss_first_tool_call_lora": report["loss_first"],
+        "loss_final_tool_call_lora": report["loss_final"],
+        "settings_tool_call_lora": report["settings"],
+        "source_tool_call_lora": source,
+    }
+
+
 def evaluate(
-    chain: ComputationChain, cfg: LLMBenchConfig, report: dict, progress: bool = True
+    chain: ComputationChain,
+    cfg: LLMBenchConfig,
+    report: dict,
+    progress: bool = True,
+    tuned: PreTrainedModel | None = None,
 ) -> dict:
-    """Answer ``cfg.eval_problems`` held-out problems with the four pipelines, interleaved."""
+    """Answer ``cfg.eval_problems`` held-out problems with the four pipelines, interleaved; with
+    ``tuned`` (the LM with merged tool-call adapters) also with the LoRA-tuned tool call, which
+    answers without a few-shot prefix."""
     problems = WordProblemSet(cfg.train.train_digits, cfg.train.heldout_digits, cfg.train.seed)
     shots = shot_problems(problems, cfg.train.shots)
     model, tokenizer, engine = chain.model, chain.tokenizer, chain.engine
     tool = LMRunner(model, tokenizer, fewshot_prefix(shots, "tool"), chain.config.layers)
     agent = LMRunner(model, tokenizer, fewshot_prefix(shots, "request"), chain.config.layers)
     translator = LMRunner(model, tokenizer, translate_prefix(shots), chain.config.layers)
+    tuned_runner = LMRunner(tuned, tokenizer, "", chain.config.layers) if tuned else None
+    pipelines = PIPELINES + ((LORA_PIPELINE,) if tuned_runner else ())
     n = cfg.max_new_tokens
-    runs: dict[str, list[PipelineRun]] = {p: [] for p in PIPELINES}
-    correct: dict[str, list[bool]] = {p: [] for p in PIPELINES}
+    runs: dict[str, list[PipelineRun]] = {p: [] for p in pipelines}
+    correct: dict[str, list[bool]] = {p: [] for p in pipelines}
     expression_right, tree_right, operands_right, misses = [], [], [], []
     evaluation = problems.problems("heldout", EVAL_OFFSET, cfg.eval_problems)
     for problem in track(
@@ -112,6 +161,8 @@ def evaluate(
             "tool_call": tool_call(tool, engine, q, n),
             "two_call": two_call(agent, translator, engine, q, n),
         }
+        if tuned_runner:
+            outs[LORA_PIPELINE] = tool_call(tuned_runner, engine, q, n)
         expression_right.append(
             c.expression is not None and engine.compute(c.expression) == problem.answer
         )
@@ -139,8 +190,11 @@ def evaluate(
         "config": {**asdict(cfg), "train": asdict(cfg.train)},
         "torch_threads": cfg.threads,
         **{k: v for k, v in report.items() if k != "settings"},
+        "train_seconds_pimoe": round(
+            report["feature_s"] + report["train_s_router"] + report["train_s_head"], 1
+        ),
     }
-    for name in PIPELINES:
+    for name in pipelines:
         result[f"accuracy_{name}"] = round(statistics.mean(correct[name]), 4)
         result[f"tokens_{name}"] = round(statistics.mean(r.generated_tokens for r in runs[name]), 2)
         result[f"forward_passes_{name}"] = round(
@@ -158,7 +212,7 @@ def evaluate(
         else 0.0
     )
     template = [TEMPLATES["heldout"].index(p.template) for p in evaluation]
-    for name in PIPELINES:
+    for name in pipelines:
         by = {
             i: [c for c, t in zip(correct[name], template) if t == i] for i in sorted(set(template))
         }
@@ -174,14 +228,14 @@ def evaluate(
                 round(statistics.mean(picked), 4) if picked else None
             )
     result["pimoe_misses"] = misses
-    result["examples"] = {name: runs[name][0].text for name in PIPELINES}
+    result["examples"] = {name: runs[name][0].text for name in pipelines}
     result["examples"]["question"] = evaluation[0].question
     result["examples"]["answer"] = evaluation[0].answer
     return result
 
 
 def print_report(result: dict, console: Console | None = None) -> None:
-    """The four pipelines side by side."""
+    """The pipelines side by side."""
     console = console or Console()
     table = Table(
         title=f"{result['model']}: {result['eval_problems']} held-out word problems "
@@ -196,7 +250,7 @@ def print_report(result: dict, console: Console | None = None) -> None:
         "engine calls",
     ):
         table.add_column(column, justify="right")
-    for name in PIPELINES:
+    for name in PIPELINES + ((LORA_PIPELINE,) if f"accuracy_{LORA_PIPELINE}" in result else ()):
         table.add_row(
             name,
             f"{result[f'accuracy_{name}']:.3f}",
@@ -212,6 +266,15 @@ def print_report(result: dict, console: Console | None = None) -> None:
         f"module training: features {result['feature_s']} s, router {result['train_s_router']} s, "
         f"head {result['train_s_head']} s"
     )
+    if "train_seconds_tool_call_lora" in result:
+        console.print(
+            f"tool-call LoRA ({result['source_tool_call_lora']}): "
+            f"{result['train_steps_tool_call_lora']} steps on "
+            f"{result['train_examples_tool_call_lora']} examples in "
+            f"{result['train_seconds_tool_call_lora']} s, {result['params_tool_call_lora']} "
+            f"parameters, loss {result['loss_first_tool_call_lora']} -> "
+            f"{result['loss_final_tool_call_lora']}"
+        )
 
 
 def main(model: str, quick: bool = False, threads: int = 1, progress: bool = True) -> dict:
@@ -219,9 +282,7 @@ def main(model: str, quick: bool = False, threads: int = 1, progress: bool = Tru
     if model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
     cfg = QUICK if quick else LLMBenchConfig()
-    cfg = LLMBenchConfig(
-        model=MODELS[model], train=cfg.train, eval_problems=cfg.eval_problems, threads=threads
-    )
+    cfg = replace(cfg, model=MODELS[model], threads=threads)
     start = time.perf_counter()
     result = run(cfg, progress)
     result["total_s"] = round(time.perf_counter() - start, 1)
