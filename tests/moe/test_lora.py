@@ -16,6 +16,7 @@ from pimoe.moe import (
     save_lora,
     unmerge_lora,
 )
+from pimoe.moe.experts import StackedExperts
 from pimoe.moe.lora import ExpertLoRA, LoRALinear, lora_adapters
 
 
@@ -52,7 +53,12 @@ def test_zero_init_equals_base() -> None:
     expected = base(x)
     names = add_lora(base, LoRAConfig(r=2, target_modules=("q_proj",)))
     assert names == ["q_proj", "moe.experts.w_in", "moe.experts.w_out"]
-    assert torch.equal(base(x), expected)
+    adapter = lora_adapters(base)["moe.experts.w_in"]
+    weight = base.moe.experts.parametrizations.w_in.original
+    assert torch.equal(adapter(weight), weight)  # W + 0, bit for bit
+    with torch.no_grad():  # the adapted weights W + 0, without the dispatcher's padding
+        torch.testing.assert_close(base(x), expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(base(x), expected, rtol=0, atol=1e-7)  # the low-rank training path
 
 
 def test_expert_update_is_per_expert_low_rank() -> None:
@@ -219,3 +225,47 @@ def test_adapter_gradients_match_a_per_token_reference() -> None:
     for name, adapter in adapters.items():
         torch.testing.assert_close(got[name][0], adapter.lora_A.grad)
         torch.testing.assert_close(got[name][1], adapter.lora_B.grad)
+
+
+@pytest.mark.parametrize("shared_a", [False, True])
+def test_low_rank_path_matches_the_adapted_weights(shared_a: bool) -> None:
+    torch.manual_seed(0)
+    experts = StackedExperts(4, 8, 6, bias=True)
+    add_lora(experts, LoRAConfig(r=2, lora_alpha=3.0, shared_a=shared_a))
+    assert experts.backend == "lora"
+    randomize_b(experts)
+    x = torch.randn(9, 8, requires_grad=True)
+    counts = torch.tensor([3, 0, 2, 4])  # expert 1 gets no rows
+    results = []
+    for backend in ("lora", experts.lora_base_backend):  # low-rank path, then W + s*B@A
+        experts.backend = backend
+        out = experts(x, counts)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        adapters = lora_adapters(experts).values()
+        results.append(
+            [out.detach(), x.grad, *(p.grad for a in adapters for p in (a.lora_A, a.lora_B))]
+        )
+        x.grad = None
+        experts.zero_grad()
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected)
+    merge_and_unload(experts)
+    assert experts.backend == "auto" and not hasattr(experts, "lora_base_backend")
+
+
+def test_training_never_forms_the_full_expert_weight() -> None:
+    torch.manual_seed(0)
+    layer = PiMoE(8, num_experts=4, top_k=2, ffn_dim=6)
+    full = {tuple(layer.experts.w_in.shape), tuple(layer.experts.w_out.shape)}
+    add_lora(layer, LoRAConfig(r=2))
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = layer(torch.randn(2, 5, 8)).square().sum()
+    loss.backward()
+    assert saved and not full & set(saved)  # no [E, out, in] tensor kept for the backward
+    assert layer.experts.parametrizations.w_in.original.grad is None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -46,13 +47,13 @@ class BalanceBenchConfig:
     lm_steps: int = 40
     lm_batch_size: int = 16
     lm_lr: float = 2e-3
-    switch_coefs: list[float] = field(default_factory=lambda: [0.01, 0.1])
-    lm_bias_rate: float = 1e-2
+    switch_coefs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
+    lm_bias_rates: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 3e-2, 1e-1])
     router_steps: int = 40
     router_train_windows: int = 2  # of 256 tokens
     router_heldout_windows: int = 2
-    router_switch_coefs: list[float] = field(default_factory=lambda: [0.1, 1.0])
-    router_bias_rate: float = 1e-3
+    router_switch_coefs: list[float] = field(default_factory=lambda: [0.1, 1.0, 3.0])
+    router_bias_rates: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 3e-2, 1e-1])
     threads: int = 1
     seed: int = 0
     workloads: tuple[str, ...] = ("lm", "routers")
@@ -61,10 +62,12 @@ class BalanceBenchConfig:
 QUICK = BalanceBenchConfig(
     lm_steps=30,
     switch_coefs=[0.01],
+    lm_bias_rates=[1e-2],
     router_steps=20,
     router_train_windows=2,
     router_heldout_windows=1,
     router_switch_coefs=[0.1],
+    router_bias_rates=[1e-2],
 )
 
 
@@ -103,9 +106,10 @@ def lm_workload(cfg: BalanceBenchConfig, progress: bool = True) -> list[dict[str
     contenders: dict[str, MoEConfig] = {"none": base.replace(aux_loss_coef=0.0)}
     for coef in cfg.switch_coefs:
         contenders[f"switch {coef:g}"] = base.replace(aux_loss_coef=coef)
-    contenders[f"bias u={cfg.lm_bias_rate:g}"] = base.replace(
-        balance="bias", bias_update_rate=cfg.lm_bias_rate, aux_loss_coef=0.0
-    )
+    for rate in cfg.lm_bias_rates:
+        contenders[f"bias u={rate:g}"] = base.replace(
+            balance="bias", bias_update_rate=rate, aux_loss_coef=0.0
+        )
     rows = []
     for name, moe in contenders.items():
         config = LMConfig(block_size=128, n_layer=4, n_head=4, d_model=128, moe=moe)
@@ -173,10 +177,8 @@ def router_workload(cfg: BalanceBenchConfig, progress: bool = True) -> list[dict
     contenders: dict[str, dict[str, Any]] = {"none": {"balance": "none"}}
     for coef in cfg.router_switch_coefs:
         contenders[f"switch {coef:g}"] = {"balance": "aux_loss", "aux_loss_coef": coef}
-    contenders[f"bias u={cfg.router_bias_rate:g}"] = {
-        "balance": "bias",
-        "bias_update_rate": cfg.router_bias_rate,
-    }
+    for rate in cfg.router_bias_rates:
+        contenders[f"bias u={rate:g}"] = {"balance": "bias", "bias_update_rate": rate}
     rows = []
     for name, options in contenders.items():
         start = time.perf_counter()
@@ -206,6 +208,17 @@ def router_workload(cfg: BalanceBenchConfig, progress: bool = True) -> list[dict
         )
         del model
     return rows
+
+
+def best_per_method(rows: list[dict[str, Any]], key: str) -> dict[str, str]:
+    """``{method: contender}``: the contender of each method (``"switch"``, ``"bias"``) with the
+    lowest ``key`` (the held-out loss), i.e. each method at its best setting."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        method = row["contender"].split()[0]
+        if method in ("switch", "bias") and (method not in best or row[key] < best[method][key]):
+            best[method] = row
+    return {method: row["contender"] for method, row in best.items()}
 
 
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:
@@ -255,17 +268,27 @@ def main(
     quick: bool = False,
     json_path: str | Path | None = None,
     progress: bool = True,
+    steps: int | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Entry point of ``pimoe bench balance``: both workloads (``quick``: a smoke-sized run;
-    ``overrides``: :class:`BalanceBenchConfig` fields, e.g. ``workloads=("lm",)``)."""
+    ``steps``: training steps of both workloads; ``overrides``: :class:`BalanceBenchConfig`
+    fields, e.g. ``workloads=("lm",)``)."""
+    if steps is not None:
+        overrides = {"lm_steps": steps, "router_steps": steps, **overrides}
     cfg = replace(QUICK if quick else BalanceBenchConfig(), **overrides)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         result: dict[str, Any] = run_header("balance", cfg)
+        result["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
         result["lm"] = lm_workload(cfg, progress) if "lm" in cfg.workloads else []
         result["routers"] = router_workload(cfg, progress) if "routers" in cfg.workloads else []
+        result["best"] = {
+            "lm": best_per_method(result["lm"], "val_loss"),
+            "routers": best_per_method(result["routers"], "heldout_perplexity"),
+        }
+        result["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     finally:
         torch.set_num_threads(threads)
     print_report(result)

@@ -10,7 +10,11 @@ is no ``nn.Linear`` per expert for a module-swapping adapter to replace. :class:
 
 so every reader of the weight (pimoe's experts backends, transformers' eager / grouped_mm /
 ``"pimoe"`` experts implementations) runs the adapted expert, and autograd trains ``A`` and
-``B`` only. Weights stored transposed (``is_transposed``: ``[E, in, out]``, GPT-OSS) get the
+``B`` only. pimoe's own :class:`~pimoe.moe.experts.StackedExperts` do not read the sum: while
+adapted they run the experts backend ``"lora"``, which keeps the low-rank path on the
+activations, ``h = x W[e]^T + (alpha / r) (x A[e]^T) B[e]^T`` (per expert, both projections), so
+the frozen ``W`` gets no gradient and its ``[E, out, in]`` gradient is never formed. Weights
+stored transposed (``is_transposed``: ``[E, in, out]``, GPT-OSS) get the
 transposed update. :class:`LoRALinear` wraps an ``nn.Linear`` (attention projections) and adds
 the low-rank path on the activations, ``y = x W^T + (alpha / r) (x A^T) B^T``.
 
@@ -34,6 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from pimoe.moe.backends import get_experts_backend, register_experts_backend
+from pimoe.moe.experts import StackedExperts
+
 __all__ = [
     "ExpertLoRA",
     "LoRAConfig",
@@ -51,6 +58,7 @@ __all__ = [
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "pimoe-lora/1"
+BACKEND = "lora"  # the experts backend of adapted StackedExperts
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,69 @@ class LoRALinear(nn.Module):
 Adapter = ExpertLoRA | LoRALinear
 
 
+def _frozen_and_adapter(experts: nn.Module, name: str) -> tuple[Tensor, ExpertLoRA | None]:
+    """``(base weight, its adapter)`` of ``experts.<name>``: the parametrization's original and
+    its :class:`ExpertLoRA`, or the plain parameter and ``None``."""
+    if parametrize.is_parametrized(experts, name):
+        plist = experts.parametrizations[name]  # type: ignore[index]
+        if len(plist) == 1 and isinstance(plist[0], ExpertLoRA):
+            original: Tensor = plist.original  # type: ignore[union-attr]
+            return original, plist[0]
+    weight: Tensor = experts.get_parameter(name)
+    return weight, None
+
+
+def _project(
+    x: Tensor, weight: Tensor, bias: Tensor | None, adapter: ExpertLoRA | None, e: int
+) -> Tensor:
+    """Expert ``e``'s projection of ``x [n, in]`` -> ``[n, out]``:
+    ``x W[e]^T + b[e] + scaling (x A[e]^T) B[e]^T``."""
+    y = F.linear(x, weight[e], None if bias is None else bias[e])
+    if adapter is None:
+        return y
+    a = adapter.lora_A[0 if adapter.lora_A.shape[0] == 1 else e]
+    low = F.linear(F.linear(x.to(a.dtype), a), adapter.lora_B[e])
+    return y + (adapter.scaling * low).to(y.dtype)
+
+
+def low_rank_experts(
+    experts: StackedExperts, x_sorted: Tensor, counts: Tensor, positions: Tensor | None
+) -> Tensor:
+    """Experts backend ``"lora"``: adapted :class:`StackedExperts` without forming ``W + B A``.
+
+    When autograd will train the adapters, each expert's projections run as
+    ``x W[e]^T + scaling (x A[e]^T) B[e]^T`` on its rows of ``x_sorted [N, D]`` (``counts [E]``
+    rows per expert), so the frozen base weights are differentiated only with respect to their
+    inputs. Otherwise (no grad, frozen or merged adapters) the backend the experts had before
+    :func:`add_lora` runs on the adapted weights ``W + scaling B A`` (bit for bit the base output
+    while ``B`` is zero). Returns ``[N, D]``.
+    """
+    base = getattr(experts, "lora_base_backend", None)
+    if base is None:
+        raise ValueError(
+            f"experts backend {BACKEND!r} runs StackedExperts adapted by pimoe.moe.add_lora"
+        )
+    w_in, lora_in = _frozen_and_adapter(experts, "w_in")
+    w_out, lora_out = _frozen_and_adapter(experts, "w_out")
+    adapters = [a for a in (lora_in, lora_out) if a is not None]
+    training = torch.is_grad_enabled() and any(
+        p.requires_grad for a in adapters for p in (a.lora_A, a.lora_B)
+    )
+    if not training or any(a.merged for a in adapters):
+        return get_experts_backend(base, w_in)(experts, x_sorted, counts, positions)
+    outputs = []
+    for e, rows in enumerate(torch.split(x_sorted, [int(n) for n in counts.tolist()])):
+        if rows.shape[0]:
+            a = experts.act(_project(rows, w_in, experts.b_in, lora_in, e))
+            outputs.append(_project(a, w_out, experts.b_out, lora_out, e))
+    if not outputs:
+        return x_sorted.new_zeros(x_sorted.shape)
+    return torch.cat(outputs)
+
+
+register_experts_backend(BACKEND, low_rank_experts)
+
+
 def lora_adapters(model: nn.Module) -> dict[str, Adapter]:
     """Every adapter in ``model`` by target name: ``"<module>.<parameter>"`` for fused experts,
     ``"<module>"`` for a :class:`LoRALinear`."""
@@ -239,6 +310,9 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
         transposed = bool(getattr(module, "is_transposed", False))
         adapter = ExpertLoRA(weight, config.r, config.lora_alpha, config.shared_a, transposed)
         parametrize.register_parametrization(module, pname, adapter)
+        if isinstance(module, StackedExperts) and module.backend != BACKEND:
+            module.lora_base_backend = module.backend  # type: ignore[assignment]
+            module.backend = BACKEND
     for name, linear in linears:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -289,6 +363,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             setattr(parent, attr, adapter.base)
         else:
             parametrize.remove_parametrizations(parent, attr, leave_parametrized=False)
+    for module in model.modules():
+        if isinstance(module, StackedExperts) and hasattr(module, "lora_base_backend"):
+            module.backend = str(module.lora_base_backend)
+            del module.lora_base_backend
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
