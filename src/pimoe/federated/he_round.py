@@ -32,7 +32,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from pimoe.federated.records import as_int, as_list, config
 from pimoe.privacy.he import decrypt_mean, encrypt_update, load_context
-from pimoe.privacy.secagg import mask_vector
+from pimoe.privacy.masking import mask_vector
 
 HE_STATE = "he-state"
 TAG_BUDGET = 2.0**18  # the largest sum of all participants' tags (CKKS here holds |values| < 2^19)

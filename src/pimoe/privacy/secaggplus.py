@@ -1,0 +1,295 @@
+"""SecAgg+ (Bell et al. 2020): pairwise masks plus self-masks with Shamir-shared recovery.
+
+Every client adds a self-mask ``PRG(b_u)`` to its pairwise-masked input and Shamir-shares ``b_u``
+and its mask private key among the round's clients (threshold ``t``, a strict majority); for each
+client the server asks for EITHER the ``b_u`` shares (survivor: remove the self-mask) OR the key
+shares (dropped: rebuild its pair masks), and each client answers once per round with one kind
+per client. The threat model is in :mod:`pimoe.privacy.secagg`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection
+from typing import Any
+
+import numpy as np
+
+from pimoe.extras import extra_imports
+from pimoe.privacy.masking import (
+    FRAC_BITS,
+    SEED_BYTES,
+    apply_pair_masks,
+    decode,
+    derive_seed,
+    encode,
+    mask_vector,
+    pair_seed,
+    public_key_from,
+)
+
+with extra_imports("privacy", "pimoe.privacy.secaggplus"):
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+SHARE_INFO = "pimoe-secagg+-v1"
+
+
+def _shamir_split(secret: bytes, threshold: int, count: int) -> list[bytes]:
+    """``count`` Shamir shares (GF(2^128), pycryptodome) of a 32-byte secret; share k has index k + 1."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    parts = [
+        Shamir.split(threshold, count, secret[i : i + 16], ssss=False)
+        for i in range(0, len(secret), 16)
+    ]
+    return [b"".join(part[k][1] for part in parts) for k in range(count)]
+
+
+def _shamir_combine(shares: dict[int, bytes]) -> bytes:
+    """The secret from shares by index (any ``threshold`` of them; fewer give a wrong value, silently)."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    size = len(next(iter(shares.values())))
+    return b"".join(
+        Shamir.combine([(i, s[c : c + 16]) for i, s in shares.items()], ssss=False)
+        for c in range(0, size, 16)
+    )
+
+
+def _share_cipher(
+    key: X25519PrivateKey, peer_key: bytes, sender: int, receiver: int, round_id: int
+) -> tuple[Any, bytes]:
+    """AES-GCM for the share ``sender -> receiver`` (X25519 of the channel keys + HKDF) and its associated data."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    label = f"{SHARE_INFO}|round={round_id}|{sender}->{receiver}"
+    return AESGCM(
+        derive_seed(key.exchange(public_key_from(peer_key, sender)), label)
+    ), label.encode()
+
+
+class SecAggPlusClient:
+    """One client in one round of SecAgg+ secure aggregation (complete graph of the round's clients).
+
+    Stages (the server relays every message):
+
+    1. :meth:`public_keys` -> ``(c_pk, s_pk)``: X25519 keys for the share channel and the masks.
+    2. :meth:`share` (all clients' keys, threshold ``t``): Shamir-shares the self-mask seed ``b_u``
+       and the mask private key ``s_sk`` among the clients, one AES-GCM ciphertext per recipient.
+    3. :meth:`mask` (the clients whose shares went out): ``y_u = encode(x_u) + PRG(b_u) + pair masks``.
+    4. :meth:`unmask` (survivors, dropped, this client's inbox of shares): for each other client
+       EITHER its ``b`` share (a survivor) OR its ``s_sk`` share (dropped), never both, once per round.
+
+    The server needs ``t`` shares to rebuild a secret. With ``t`` a strict majority of the round's
+    clients, a server that calls one client "dropped" to some clients and a "survivor" to others
+    gets at most one of its two secrets, so its masked input stays hidden behind either the
+    self-mask or the pair masks.
+    """
+
+    def __init__(
+        self, client_id: int, round_id: int, frac_bits: int = FRAC_BITS, state: bytes | None = None
+    ) -> None:
+        self.client_id, self.round_id, self.frac_bits = int(client_id), int(round_id), frac_bits
+        if state is None:
+            self._c, self._s, self._b = (
+                X25519PrivateKey.generate(),
+                X25519PrivateKey.generate(),
+                os.urandom(SEED_BYTES),
+            )
+            self._keys: dict[int, tuple[bytes, bytes]] = {}
+            self._sharers: list[int] = []
+            self._threshold, self._unmasked = 0, False
+            return
+        saved = json.loads(state)
+        if saved["client"] != self.client_id or saved["round"] != self.round_id:
+            raise ValueError(
+                f"saved SecAgg+ state of client {saved['client']} round {saved['round']}, not "
+                f"client {self.client_id} round {self.round_id}"
+            )
+        self._c, self._s = (
+            X25519PrivateKey.from_private_bytes(bytes.fromhex(saved[k])) for k in ("c", "s")
+        )
+        self._b = bytes.fromhex(saved["b"])
+        self._keys = {
+            int(j): (bytes.fromhex(c), bytes.fromhex(s)) for j, (c, s) in saved["keys"].items()
+        }
+        self._threshold, self._sharers, self._unmasked = (
+            saved["threshold"],
+            saved["sharers"],
+            saved["unmasked"],
+        )
+
+    def state(self) -> bytes:
+        """Everything this client must keep between the stages of its round (secret: keep it local)."""
+        raw = lambda k: k.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex()  # noqa: E731
+        return json.dumps(
+            {
+                "client": self.client_id,
+                "round": self.round_id,
+                "c": raw(self._c),
+                "s": raw(self._s),
+                "b": self._b.hex(),
+                "keys": {str(j): (c.hex(), s.hex()) for j, (c, s) in self._keys.items()},
+                "threshold": self._threshold,
+                "sharers": self._sharers,
+                "unmasked": self._unmasked,
+            }
+        ).encode()
+
+    def public_keys(self) -> tuple[bytes, bytes]:
+        """``(c_pk, s_pk)``: the share-channel key and the mask key, 32 raw bytes each."""
+        return self._c.public_key().public_bytes_raw(), self._s.public_key().public_bytes_raw()
+
+    def share(self, keys: dict[int, tuple[bytes, bytes]], threshold: int) -> dict[int, bytes]:
+        """Encrypted shares of ``b_u`` and ``s_sk`` for every client in ``keys`` (id -> (c_pk, s_pk)), by recipient.
+
+        Refuses a threshold that is not a strict majority of ``keys`` (a server could then rebuild
+        both secrets of a client) or keys that do not list this client's own.
+        """
+        keys = {int(j): (bytes(c), bytes(s)) for j, (c, s) in keys.items()}
+        if keys.get(self.client_id) != self.public_keys():
+            raise ValueError(f"the key list does not hold client {self.client_id}'s own keys")
+        if not (len(keys) < 2 * threshold and threshold <= len(keys) and threshold >= 2):
+            raise ValueError(
+                f"threshold {threshold} must be a strict majority of the {len(keys)} clients and >= 2"
+            )
+        self._keys, self._threshold = keys, int(threshold)
+        order = sorted(keys)
+        b_shares = _shamir_split(self._b, threshold, len(order))
+        s_shares = _shamir_split(
+            self._s.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+            threshold,
+            len(order),
+        )
+        out = {}
+        for k, j in enumerate(order):
+            cipher, label = _share_cipher(self._c, keys[j][0], self.client_id, j, self.round_id)
+            nonce = os.urandom(12)
+            out[j] = nonce + cipher.encrypt(nonce, b_shares[k] + s_shares[k], label)
+        return out
+
+    def mask(self, update: np.ndarray, sharers: Collection[int]) -> np.ndarray:
+        """``uint64 [D]``: ``encode(update) + PRG(b_u) + pair masks`` toward every other client in ``sharers``."""
+        sharers = sorted({int(j) for j in sharers})
+        if not self._keys:
+            raise ValueError("share() must come before mask()")
+        if (
+            self.client_id not in sharers
+            or not set(sharers) <= set(self._keys)
+            or len(sharers) < self._threshold
+        ):
+            raise ValueError(
+                f"the clients to mask with must include this one, be among the {len(self._keys)} that "
+                f"exchanged keys and number at least the threshold {self._threshold}"
+            )
+        self._sharers = sharers
+        masked = encode(update, self.frac_bits, max_terms=len(sharers)) + mask_vector(
+            self._b, update.size
+        )
+        seeds = {
+            j: pair_seed(self._s, self.client_id, j, self._keys[j][1], self.round_id)
+            for j in sharers
+            if j != self.client_id
+        }
+        return apply_pair_masks(masked, self.client_id, seeds)
+
+    def unmask(
+        self, survivors: Collection[int], dropped: Collection[int], inbox: dict[int, bytes]
+    ) -> dict[int, bytes]:
+        """This client's shares for the server: a survivor's ``b`` share, a dropped client's ``s_sk`` share.
+
+        ``inbox``: the ciphertexts other clients made for this one in :meth:`share`, by sender. Raises
+        ValueError on a second call in the round, overlapping or incomplete lists, this client listed
+        as dropped, or fewer survivors than the threshold. A sender whose ciphertext does not decrypt
+        is skipped (it sent garbage: its secrets cannot be rebuilt from this client).
+        """
+        from cryptography.exceptions import InvalidTag
+
+        alive, gone = {int(j) for j in survivors}, {int(j) for j in dropped}
+        if self._unmasked:
+            raise ValueError(
+                f"client {self.client_id} already revealed its shares for round {self.round_id}"
+            )
+        if (
+            alive & gone
+            or alive | gone != set(self._sharers)
+            or self.client_id not in alive
+            or len(alive) < self._threshold
+        ):
+            raise ValueError(
+                "survivors and dropped clients must split the masking clients, include this one among "
+                f"the survivors, and leave at least {self._threshold} survivors"
+            )
+        self._unmasked = True
+        out = {}
+        for u in sorted(alive | gone):
+            data = inbox.get(u)
+            if data is None or len(data) < 12:
+                continue
+            cipher, label = _share_cipher(
+                self._c, self._keys[u][0], u, self.client_id, self.round_id
+            )
+            try:
+                plain = cipher.decrypt(data[:12], data[12:], label)
+            except InvalidTag:
+                continue
+            out[u] = plain[: len(plain) // 2] if u in alive else plain[len(plain) // 2 :]
+        return out
+
+
+def secaggplus_sum(
+    masked: dict[int, np.ndarray],
+    keys: dict[int, tuple[bytes, bytes]],
+    sharers: Collection[int],
+    shares: dict[int, dict[int, bytes]],
+    threshold: int,
+    round_id: int,
+    frac_bits: int = FRAC_BITS,
+) -> np.ndarray:
+    """Server side of SecAgg+: the sum ``float64 [D]`` of the survivors' updates.
+
+    Args:
+        masked: the survivors' masked inputs ``uint64 [D]`` by client id.
+        keys: every client's ``(c_pk, s_pk)`` from stage 1 (the share indices follow their sorted ids).
+        sharers: the clients told to mask with each other (stage 3); the dropped ones are ``sharers - masked``.
+        shares: each responding client's :meth:`SecAggPlusClient.unmask` answer, by responder id.
+
+    Raises ValueError when fewer than ``threshold`` shares of a secret came back, or a rebuilt mask
+    key does not match the client's public key (a wrong share).
+    """
+    alive, everyone = set(masked), {int(j) for j in sharers}
+    if not alive or not alive <= everyone or not everyone <= set(keys):
+        raise ValueError(
+            "survivors must be among the masking clients, and those among the key holders"
+        )
+    shapes = {(v.dtype, v.shape) for v in masked.values()}
+    if len(shapes) != 1 or any(v.dtype != np.uint64 or v.ndim != 1 for v in masked.values()):
+        raise ValueError("masked inputs must be 1-D uint64 arrays of one length")
+    index = {j: k + 1 for k, j in enumerate(sorted(keys))}
+    total = np.zeros(next(iter(masked.values())).size, dtype=np.uint64)
+    for vector in masked.values():
+        total += vector
+
+    def rebuild(u: int) -> bytes:
+        got = {index[v]: answer[u] for v, answer in shares.items() if u in answer}
+        if len(got) < threshold:
+            raise ValueError(
+                f"{len(got)} shares of client {u}'s secret came back; {threshold} are needed"
+            )
+        return _shamir_combine(got)
+
+    for u in sorted(alive):
+        total -= mask_vector(rebuild(u), total.size)
+    for u in sorted(everyone - alive):
+        key = X25519PrivateKey.from_private_bytes(rebuild(u))
+        if key.public_key().public_bytes_raw() != keys[u][1]:
+            raise ValueError(
+                f"the mask key rebuilt for dropped client {u} does not match its public key (a bad share)"
+            )
+        for v in alive:
+            total = apply_pair_masks(
+                total, v, {u: pair_seed(key, u, v, keys[v][1], round_id)}, sign=-1
+            )
+    return decode(total, frac_bits)
