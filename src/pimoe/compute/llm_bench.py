@@ -89,15 +89,16 @@ def tool_lora_settings(cfg: LLMBenchConfig) -> ToolLoRASettings:
 
 def run(cfg: LLMBenchConfig, progress: bool = True) -> dict:
     """Train the chain (and the tool-call adapters, or load those from the cache), then evaluate
-    every pipeline;
-    the result dict (see :func:`print_report` for keys)."""
+    every pipeline; the result dict (see :func:`print_report` for keys)."""
     from pimoe.models import load_pretrained
 
     previous = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         model, tokenizer = load_pretrained(cfg.model, progress=progress)
+        cpu = time.process_time()
         chain, report = train_chain(model, tokenizer, cfg.model, cfg.train, progress=progress)
+        report = {**report, "train_cpu_seconds_pimoe": round(time.process_time() - cpu, 1)}
         tuned, lora_report, source = cached_tool_lora(
             model, tokenizer, cfg.model, tool_lora_settings(cfg), progress=progress
         )
@@ -111,6 +112,7 @@ def lora_keys(report: dict, source: str) -> dict:
     """The result keys of the tool-call adapters' training report (``source``: cache or trained)."""
     return {
         "train_seconds_tool_call_lora": report["train_s"],
+        "train_cpu_seconds_tool_call_lora": report["train_cpu_s"],
         "train_steps_tool_call_lora": report["steps"],
         "train_examples_tool_call_lora": report["examples_seen"],
         "params_tool_call_lora": report["params"],

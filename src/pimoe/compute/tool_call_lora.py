@@ -87,9 +87,6 @@ class ToolLoRASettings:
         )
 
 
-QUICK_TOOL_SETTINGS = ToolLoRASettings(problems=192)
-
-
 def tool_example(tokenizer: PreTrainedTokenizerBase, problem: WordProblem) -> tuple[Tensor, Tensor]:
     """``(input_ids [T], labels [T])`` of one problem in the tool-call format; ``labels`` is
     :data:`IGNORE` on the question block and on the result the tool inserts."""
@@ -135,8 +132,8 @@ def train_tool_lora(
 ) -> tuple[PreTrainedModel, dict]:
     """A copy of ``model`` with LoRA adapters trained on the tool-call format (``model`` itself
     is left untouched). The adapters are *not* merged: call :func:`~pimoe.moe.lora.merge_lora`
-    before decoding. Returns the copy and a report: seconds, optimizer steps, trainable
-    parameters, first and final loss."""
+    before decoding. Returns the copy and a report: wall and CPU seconds, optimizer steps,
+    trainable parameters, first and final loss."""
     problems = WordProblemSet(settings.train_digits, settings.heldout_digits, settings.seed)
     examples = [
         tool_example(tokenizer, p) for p in problems.problems("train", 0, settings.problems)
@@ -158,7 +155,7 @@ def train_tool_lora(
         ]
     schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1 - step / len(batches))
     losses = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.enable_grad():
         for chosen in tqdm(batches, desc="tool-call LoRA", disable=not progress):
             loss = tool_loss(tuned, _batch([examples[i] for i in chosen], int(pad)))
@@ -169,6 +166,7 @@ def train_tool_lora(
             losses.append(loss.item())
     report = {
         "train_s": round(time.perf_counter() - start, 1),
+        "train_cpu_s": round(time.process_time() - cpu, 1),  # this process's CPU time
         "steps": len(batches),
         "examples_seen": settings.epochs * len(examples),
         "params": sum(p.numel() for p in trainable),
