@@ -24,8 +24,6 @@ from pimoe.infer.lm_models import (
     open_generation_model,
 )
 from pimoe.infer.sequence import safe_end
-from pimoe.moe.config import MoEConfig
-from pimoe.moe.model import LMConfig, PiMoELM
 
 PROMPTS = [
     "The with statement",
@@ -37,26 +35,6 @@ PROMPTS = [
     "while True:",
 ]
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> HFGenerationModel:
-    model = open_generation_model(save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama"))
-    assert isinstance(model, HFGenerationModel)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tiny_pimoe() -> PiMoEGenerationModel:
-    torch.manual_seed(0)
-    cfg = LMConfig(
-        block_size=64,
-        n_layer=2,
-        n_head=2,
-        d_model=32,
-        moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32),
-    )
-    return PiMoEGenerationModel(PiMoELM(cfg))
 
 
 def _concurrent(

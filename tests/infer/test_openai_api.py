@@ -15,26 +15,17 @@ import torch
 openai = pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).parent))
 from live_server import LiveServer  # noqa: E402
-from tiny_lm import save_tiny_llama  # noqa: E402
 
 from pimoe.infer.generation import GenerationEngine, SamplingParams  # noqa: E402
 from pimoe.infer.lm_models import (  # noqa: E402
     HFGenerationModel,
     PiMoEGenerationModel,
-    open_generation_model,
 )
 from pimoe.infer.server import create_app  # noqa: E402
 from pimoe.moe.config import MoEConfig  # noqa: E402
 from pimoe.moe.model import LMConfig, PiMoELM  # noqa: E402
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> HFGenerationModel:
-    model = open_generation_model(save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama"))
-    assert isinstance(model, HFGenerationModel)
-    return model
 
 
 def _client(http: httpx.Client, key: str = "unused") -> openai.OpenAI:
