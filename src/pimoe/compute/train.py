@@ -24,6 +24,7 @@ from rich.progress import (
 
 from pimoe.compute.task import ArithmeticTask, lm_batch
 from pimoe.moe.model import LMConfig, PiMoELM
+from pimoe.training import run_steps
 
 
 @dataclass
@@ -45,7 +46,7 @@ class TrainSettings:
 
 
 def progress_bar(enabled: bool) -> Progress:
-    """The rich progress bar shared by the training loops of this package (transient)."""
+    """The rich progress bar of the router training loop (:mod:`pimoe.compute.handoff`; transient)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -79,26 +80,25 @@ def train_text_expert(
     torch.manual_seed(settings.seed)
     model = PiMoELM(config)
     optimizer, schedule = make_optimizer(list(model.parameters()), settings)
-    losses: list[float] = []
+
+    def step(i: int) -> dict[str, float]:
+        first = i * settings.batch_size
+        problems = [task.problem("train", first + j) for j in range(settings.batch_size)]
+        idx, targets = lm_batch(problems)  # [B, S] each
+        if idx.shape[1] > config.block_size:
+            raise ValueError(
+                f"problems of {idx.shape[1] + 1} bytes exceed block_size={config.block_size}"
+            )
+        out = model(idx, targets)
+        assert out.loss is not None
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        return {"loss": out.loss.item()}
+
     model.train()
-    with progress_bar(progress) as bar:
-        job = bar.add_task("train text expert", total=settings.steps, loss=float("nan"))
-        for step in range(settings.steps):
-            first = step * settings.batch_size
-            problems = [task.problem("train", first + i) for i in range(settings.batch_size)]
-            idx, targets = lm_batch(problems)  # [B, S] each
-            if idx.shape[1] > config.block_size:
-                raise ValueError(
-                    f"problems of {idx.shape[1] + 1} bytes exceed block_size={config.block_size}"
-                )
-            out = model(idx, targets)
-            assert out.loss is not None
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(out.loss.item())
-            bar.update(job, advance=1, loss=losses[-1])
+    history = run_steps(step, settings.steps, "train text expert", progress)
     model.eval()
-    return model, losses
+    return model, history["loss"]
