@@ -35,7 +35,6 @@ from pimoe.io import (
     check_safetensors_shapes,
     read_safetensors_header,
 )
-from pimoe.models.progress import track
 from pimoe.models.upcycle import find_mlps, moe_layers, upcycle
 from pimoe.moe import PiMoE, load_balancing_loss, set_balance
 
@@ -113,6 +112,50 @@ def routing_quality(
     return float(recall), rel_error(chosen), rel_error(oracle), float(counts.max() / counts.mean())
 
 
+def _fit_gate(
+    layer: PiMoE,
+    x: Tensor,
+    target: Tensor,
+    steps: int,
+    lr: float,
+    balance: str,
+    aux_loss_coef: float,
+    bias_update_rate: float,
+    desc: str,
+    progress: bool,
+) -> tuple[Tensor, Tensor, list[float]]:
+    """Full-batch Adam on a copy of ``layer``'s gate weight ``[E, D]`` so that the softmax of
+    ``x [T, D] @ weight.T`` matches ``target [T, E]``; returns the weight, the selection bias
+    ``[E]`` (zeros unless ``balance="bias"``) and the soft cross-entropy per step."""
+    # pimoe.training imports pimoe.models.progress (this package): import it here, not above.
+    from pimoe.training import run_steps
+
+    weight = layer.router.gate.weight.detach().float().clone().requires_grad_()
+    bias = torch.zeros(layer.num_experts, device=x.device)
+    optimizer = torch.optim.Adam([weight], lr=lr)
+
+    def step(_: int) -> dict[str, float]:
+        logits = x @ weight.T  # [T, E]
+        fit = _soft_ce(logits, target)
+        loss = fit
+        if balance == "aux_loss":
+            chosen = _choose(logits.detach(), layer.top_k, None)
+            loss = fit + aux_loss_coef * load_balancing_loss(
+                logits.softmax(-1), chosen, layer.num_experts
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if balance == "bias":
+            load = torch.bincount(
+                _choose(logits.detach(), layer.top_k, bias).reshape(-1), minlength=len(bias)
+            )
+            bias.add_(bias_update_rate * torch.sign(load.float().mean() - load.float()))
+        return {"loss": fit.item()}
+
+    return weight, bias, run_steps(step, steps, desc, progress)["loss"]
+
+
 def train_routers(
     model: nn.Module,
     train_inputs: Sequence[Tensor],
@@ -133,7 +176,7 @@ def train_routers(
         heldout_inputs: per layer, ``[T', D]`` inputs on held-out text, for the report.
         steps: full-batch Adam steps per layer.
         lr: Adam learning rate.
-        progress: progress output over layers.
+        progress: a progress display per layer (:func:`pimoe.training.run_steps`).
         balance: ``"none"``, ``"aux_loss"`` (Switch loss times ``aux_loss_coef``) or ``"bias"``
             (selection bias updated by ``bias_update_rate`` after each step), see the module docs.
     """
@@ -149,32 +192,22 @@ def train_routers(
     if balance not in ("none", "aux_loss", "bias"):
         raise ValueError(f"balance must be 'none', 'aux_loss' or 'bias', got {balance!r}")
     reports = []
-    for i, layer in enumerate(track(layers, "train routers", enabled=progress)):
+    for i, layer in enumerate(layers):
         gate = layer.router.gate
         x = train_inputs[i].to(gate.weight.device, torch.float32)
         target = _shares(expert_outputs(layer, x)).to(x.device)
-        weight = gate.weight.detach().float().clone().requires_grad_()
-        bias = torch.zeros(layer.num_experts, device=x.device)
-        optimizer = torch.optim.Adam([weight], lr=lr)
-        losses = []
-        for _ in range(steps):
-            logits = x @ weight.T  # [T, E]
-            fit = _soft_ce(logits, target)
-            loss = fit
-            if balance == "aux_loss":
-                chosen = _choose(logits.detach(), layer.top_k, None)
-                loss = fit + aux_loss_coef * load_balancing_loss(
-                    logits.softmax(-1), chosen, layer.num_experts
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if balance == "bias":
-                load = torch.bincount(
-                    _choose(logits.detach(), layer.top_k, bias).reshape(-1), minlength=len(bias)
-                )
-                bias += bias_update_rate * torch.sign(load.float().mean() - load.float())
-            losses.append(fit.item())
+        weight, bias, losses = _fit_gate(
+            layer,
+            x,
+            target,
+            steps,
+            lr,
+            balance,
+            aux_loss_coef,
+            bias_update_rate,
+            desc=f"train router {i + 1}/{len(layers)}",
+            progress=progress,
+        )
         with torch.no_grad():
             gate.weight.copy_(weight)
             end = _soft_ce(x @ weight.T, target).item()
