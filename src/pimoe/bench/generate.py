@@ -21,29 +21,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import aiohttp
-import numpy as np
 import torch
 from rich.console import Console
-from tqdm.auto import tqdm
 
-from pimoe.bench import child_server
-from pimoe.bench.child_server import percentile, stop
+from pimoe.bench.child_server import stop
+from pimoe.bench.generate_clients import (
+    StreamResult,
+    real_prompts,
+    run_level,
+    start_server,
+    stream_completion,
+    summarize,
+)
+from pimoe.bench.generate_peers import hf_sequential, hf_static_and_engine
 from pimoe.bench.timing import run_header
-from pimoe.data import load_pydoc_text
 from pimoe.io import atomic_write_text
 from pimoe.tables import Table
-
-_SERVER_CODE = (
-    "import sys, torch; torch.set_num_threads(int(sys.argv[4])); from pimoe.infer.server import serve; "
-    "serve(sys.argv[1], name='lm', host='127.0.0.1', port=int(sys.argv[2]), max_batch_size=int(sys.argv[3]))"
-)
 
 
 @dataclass
@@ -65,196 +62,6 @@ class GenerateBenchConfig:
     soak: dict[str, Any] = field(
         default_factory=lambda: {"num_requests": 10_000, "concurrency": 64}
     )
-
-
-def real_prompts(tokenizer: Any, count: int, tokens: int, seed: int) -> list[list[int]]:
-    """``count`` prompts of ``tokens`` token ids each, from seeded windows of the pydoc text."""
-    text = load_pydoc_text().decode("utf-8")
-    rng = np.random.default_rng(seed)
-    prompts = []
-    for start in rng.integers(0, len(text) - 20 * tokens, size=count).tolist():
-        ids = tokenizer(text[start : start + 20 * tokens], add_special_tokens=False)["input_ids"]
-        prompts.append(list(ids[:tokens]))
-    return prompts
-
-
-def start_server(
-    spec: str | Path, threads: int, max_batch_size: int, log: IO[bytes]
-) -> tuple[subprocess.Popen[bytes], str]:
-    """``pimoe.infer.server.serve(spec)`` in a child process (model name ``lm``); returns it and its
-    base URL once ``/healthz`` answers (loading a model can take a minute on a busy machine)."""
-    return child_server.start_server(
-        _SERVER_CODE,
-        [str(spec), "{port}", str(max_batch_size), str(threads)],
-        threads,
-        log,
-        timeout_s=300,
-    )
-
-
-@dataclass
-class StreamResult:
-    """One streamed request: HTTP status, time to first text (s), gaps between text chunks (s),
-    completion tokens (from ``usage``)."""
-
-    status: int
-    ttft: float | None = None
-    gaps: list[float] = field(default_factory=list)
-    tokens: int = 0
-
-
-async def stream_completion(session: aiohttp.ClientSession, body: dict[str, Any]) -> StreamResult:
-    """POST a streamed ``/v1/completions`` and time its chunks."""
-    start = time.perf_counter()
-    async with session.post(
-        "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
-    ) as response:
-        if response.status != 200:
-            await response.read()
-            return StreamResult(response.status)
-        result, last = StreamResult(200), 0.0
-        async for raw in response.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                result.tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0]["text"]:
-                now = time.perf_counter()
-                if result.ttft is None:
-                    result.ttft = now - start
-                else:
-                    result.gaps.append(now - last)
-                last = now
-        return result
-
-
-async def _level(
-    url: str, bodies: list[dict[str, Any]], concurrency: int
-) -> tuple[float, list[StreamResult]]:
-    results: list[StreamResult] = []
-    pending = list(reversed(bodies))
-    async with aiohttp.ClientSession(
-        base_url=url,
-        timeout=aiohttp.ClientTimeout(total=1800),
-        connector=aiohttp.TCPConnector(limit=concurrency),
-    ) as session:
-
-        async def worker() -> None:
-            while pending:
-                results.append(await stream_completion(session, pending.pop()))
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - start, results
-
-
-def _summary(seconds: float, results: list[StreamResult]) -> dict[str, float]:
-    ok = [r for r in results if r.status == 200]
-    ttft = [r.ttft for r in ok if r.ttft is not None]
-    gaps = [g for r in ok for g in r.gaps]
-    return {
-        "requests": len(results),
-        "errors": len(results) - len(ok),
-        "seconds": seconds,
-        "tokens": sum(r.tokens for r in ok),
-        "tokens_per_s": sum(r.tokens for r in ok) / seconds,
-        "ttft_p50_ms": percentile(ttft, 50) * 1000,
-        "ttft_p99_ms": percentile(ttft, 99) * 1000,
-        "itl_p99_ms": percentile(gaps, 99) * 1000 if gaps else float("nan"),
-    }
-
-
-def _generated(out: torch.Tensor, prompt_len: int, eos: int) -> int:
-    """Tokens each row of ``generate``'s output ``[B, P + N]`` produced, up to and including its first eos."""
-    new = out[:, prompt_len:]
-    is_eos = new == eos
-    first = torch.where(
-        is_eos.any(1),
-        is_eos.int().argmax(1) + 1,
-        torch.full_like(is_eos[:, 0], new.shape[1], dtype=torch.long),
-    )
-    return int(first.sum())
-
-
-def _engine_in_process(
-    model: Any, tokenizer: Any, cfg: GenerateBenchConfig, prompts: list[list[int]]
-) -> dict[str, float]:
-    """The same engine without HTTP: all ``prompts`` submitted at once from this process."""
-    import queue
-
-    from pimoe.infer.generation import GenerationEngine, SamplingParams
-    from pimoe.infer.lm_models import HFGenerationModel
-
-    engine = GenerationEngine(HFGenerationModel(model, tokenizer), cfg.max_batch_size)
-    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0)
-    try:
-        done: queue.SimpleQueue[int] = queue.SimpleQueue()
-        start = time.perf_counter()
-        for p in prompts:
-            engine.submit(p, params, lambda e: done.put(e.completion_tokens) if e.final else None)
-        tokens = sum(done.get() for _ in prompts)
-        seconds = time.perf_counter() - start
-    finally:
-        engine.close()
-    return {
-        "requests": len(prompts),
-        "tokens": tokens,
-        "seconds": seconds,
-        "mean_batch": engine.stats.rows / max(engine.stats.steps, 1),
-    }
-
-
-def hf_sequential(
-    model: Any, tokenizer: Any, cfg: GenerateBenchConfig, prompts: list[list[int]]
-) -> dict[str, float]:
-    """HF ``generate``, one request at a time, on ``prompts``."""
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": cfg.max_tokens,
-        "do_sample": False,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    tokens, start = 0, time.perf_counter()
-    with torch.inference_mode():
-        for p in tqdm(prompts, desc="HF generate, one at a time", leave=False):
-            tokens += _generated(
-                model.generate(torch.tensor([p]), **kwargs), len(p), int(tokenizer.eos_token_id)
-            )
-    seconds = time.perf_counter() - start
-    return {
-        "requests": len(prompts),
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-    }
-
-
-def hf_static_and_engine(
-    model: Any, tokenizer: Any, cfg: GenerateBenchConfig, prompts: list[list[int]], console: Console
-) -> dict[str, dict[str, float]]:
-    """HF static batching (all ``prompts`` in one left-padded ``generate``) and the engine in this
-    process (no HTTP) on the same prompts."""
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": cfg.max_tokens,
-        "do_sample": False,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    console.print(f"[dim]HF static batch of {len(prompts)}[/dim]")
-    batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")  # left padding
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = model.generate(**batch, **kwargs)
-        static = {
-            "requests": len(prompts),
-            "tokens": _generated(out, batch["input_ids"].shape[1], int(tokenizer.eos_token_id)),
-            "seconds": time.perf_counter() - start,
-        }
-    console.print(f"[dim]pimoe engine in this process, {len(prompts)} requests at once[/dim]")
-    engine = _engine_in_process(model, tokenizer, cfg, prompts)
-    for r in (static, engine):
-        r["tokens_per_s"] = r["tokens"] / r["seconds"]
-    return {"hf_static": static, "engine_in_process": engine}
 
 
 def run(
@@ -293,14 +100,14 @@ def run(
             {"model": "lm", "prompt": p, "max_tokens": cfg.max_tokens, "temperature": 0}
             for p in prompts
         ]
-        asyncio.run(_level(url, bodies[:1], 1))  # warm-up
+        asyncio.run(run_level(url, bodies[:1], 1))  # warm-up
         brackets = [hf_sequential(model, tokenizer, cfg, sequential_prompts)]
         for (
             level
         ) in cfg.levels:  # each level between two HF sequential runs: load drift hits both sides
             count = max(level * cfg.waves, cfg.min_requests)
             console.print(f"[dim]{count} streamed requests, {level} concurrent[/dim]")
-            levels[str(level)] = _summary(*asyncio.run(_level(url, bodies[:count], level)))
+            levels[str(level)] = summarize(*asyncio.run(run_level(url, bodies[:count], level)))
             brackets.append(hf_sequential(model, tokenizer, cfg, sequential_prompts))
             peer = (brackets[-2]["tokens_per_s"] + brackets[-1]["tokens_per_s"]) / 2
             levels[str(level)]["hf_sequential_tokens_per_s"] = peer

@@ -25,7 +25,7 @@ from rich.console import Console
 from tqdm.auto import tqdm
 
 from pimoe.bench.child_server import percentile, stop
-from pimoe.bench.generate import start_server, stream_completion
+from pimoe.bench.generate_clients import start_server, stream_completion
 from pimoe.data import load_pydoc_text
 
 

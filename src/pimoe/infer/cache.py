@@ -324,7 +324,7 @@ class InferenceCache(MutableMapping[Hashable, Any]):
             )
         if self._disk is None or not isinstance(key, (str, bytes)):
             return stored, None
-        from pimoe.infer.disk import check_storable, encode_entry
+        from pimoe.infer.disk_entry import check_storable, encode_entry
 
         check_storable(stored)
         return stored, encode_entry(key, stored, self._encrypt_key)

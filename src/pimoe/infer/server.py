@@ -17,7 +17,6 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ from pimoe.extras import extra_imports
 from pimoe.infer.batching import MicroBatcher
 from pimoe.infer.cache import InferenceCache, make_key
 from pimoe.infer.engine import InferenceConfig, InferenceEngine
-from pimoe.infer.generation import TextGenerator
 from pimoe.infer.http_errors import clip, error_response
 from pimoe.infer.lm_models import GenerationModel, HFGenerationModel, open_generation_model
 from pimoe.infer.openai_api import mount_generation
@@ -40,78 +38,20 @@ from pimoe.infer.security import (
     uvicorn_options,
 )
 from pimoe.infer.served import InferRequest, RequestError, ServedModel, request_rows, response_body
+from pimoe.infer.server_metrics import ServerMetrics, make_metrics
+from pimoe.infer.text_generator import TextGenerator
 from pimoe.moe.model import PiMoELM
 
 with extra_imports("serve", "pimoe.infer.server"):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from prometheus_client import (
-        CONTENT_TYPE_LATEST,
-        CollectorRegistry,
-        Counter,
-        Gauge,
-        Histogram,
-        generate_latest,
-    )
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-@dataclass
-class _Metrics:
-    """The app's Prometheus registry and its metrics."""
-
-    registry: CollectorRegistry
-    responses: Counter
-    requests: Counter
-    latency: Histogram
-    batch_size: Histogram
-    cache_hit_rate: Gauge
-
-
-def _make_metrics(cache: InferenceCache | None) -> _Metrics:
-    registry = CollectorRegistry()
-    hit_rate = Gauge(
-        "pimoe_cache_hit_rate",
-        "Hit rate of the inference cache since start (0 without a cache)",
-        registry=registry,
-    )
-    hit_rate.set_function(lambda: cache.stats.hit_rate if cache is not None else 0.0)
-    return _Metrics(
-        registry=registry,
-        responses=Counter(
-            "pimoe_http_responses",
-            "Every HTTP answer of the app, by status",
-            ["status"],
-            registry=registry,
-        ),
-        requests=Counter(
-            "pimoe_requests",
-            "Inference requests by model and HTTP status",
-            ["model", "status"],
-            registry=registry,
-        ),
-        latency=Histogram(
-            "pimoe_request_latency_seconds",
-            "Latency of successful inference requests",
-            ["model"],
-            registry=registry,
-        ),
-        batch_size=Histogram(
-            "pimoe_batch_size",
-            "Requests per forward pass",
-            ["model"],
-            buckets=_BATCH_BUCKETS,
-            registry=registry,
-        ),
-        cache_hit_rate=hit_rate,
-    )
 
 
 def _batch_fn(
-    name: str, served: ServedModel, engine: InferenceEngine, metrics: _Metrics
+    name: str, served: ServedModel, engine: InferenceEngine, metrics: ServerMetrics
 ) -> Callable[..., Tensor]:
     """The function a model's batcher runs on ``batch [B, ...]`` (with ``lengths [B]`` for text encoders)."""
     observe = metrics.batch_size.labels(model=name).observe
@@ -192,7 +132,7 @@ def create_app(
             served[name] = ServedModel.from_file(m)
         served[name].check_weights(name)
     cache = InferenceCache(max_size=cache_size) if cache_size > 0 else None
-    metrics = _make_metrics(cache)
+    metrics = make_metrics(cache)
     devices = {name: s.device for name, s in served.items()}
     batchers: dict[str, MicroBatcher] = {}
     for name, s in served.items():
