@@ -9,10 +9,12 @@ import pytest
 import torch
 from test_llm_chain import SETTINGS, tiny_lm
 
+from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.llm_bench import (
     LORA_PIPELINE,
     PIPELINES,
     LLMBenchConfig,
+    call_checks,
     evaluate,
     lora_keys,
     tool_lora_settings,
@@ -87,6 +89,22 @@ def test_cached_adapters_load_to_the_same_outputs(tmp_path: Path, monkeypatch) -
     assert other == "trained"  # other settings, another cache entry
 
 
+def test_call_checks_separate_copying_from_the_operator_tree() -> None:
+    problem = WordProblemSet().problem("heldout", 7)
+    a, b, c = problem.operands[:3]
+    engine = ArithmeticEngine()
+    assert call_checks(f"It is <<{problem.expression}>>{problem.answer}.", problem, engine) == (
+        True,
+        True,
+        True,
+    )
+    wrong_tree = f"<<{a}*{b}*{c}>>1 and <<{problem.expression}>>"  # the first call counts
+    assert call_checks(wrong_tree, problem, engine) == (True, True, False)
+    miscopied = f"<<{problem.expression.replace(a, a[:-1], 1)}>>"  # a digit dropped
+    assert call_checks(miscopied, problem, engine) == (True, False, False)
+    assert call_checks(f"It is {problem.answer}.", problem, engine) == (False, False, False)
+
+
 def test_settings_reject_bad_values() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         ToolLoRASettings(batch_size=0)
@@ -110,6 +128,8 @@ def test_bench_adds_the_lora_tool_call_and_keeps_every_key() -> None:
     assert result["train_steps_tool_call_lora"] == lora_report["steps"]
     assert result["tokens_tool_call_lora"] <= cfg.max_new_tokens
     assert LORA_PIPELINE in result["examples"]
+    for name in ("tool_call", LORA_PIPELINE):
+        assert 0 <= result[f"call_right_{name}"] <= result[f"call_written_{name}"] <= 1
     without = evaluate(chain, cfg, report, False)
     assert f"accuracy_{LORA_PIPELINE}" not in without
     assert {k: without[k] for k in ("accuracy_pimoe", "tokens_pimoe", "tokens_tool_call")} == {

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import track
 
+from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.llm_baselines import PipelineRun, lm_only, tool_call, two_call
 from pimoe.compute.llm_chain import ComputationChain
 from pimoe.compute.llm_prompts import (
@@ -73,6 +74,19 @@ def expression_errors(expression: str | None, problem: WordProblem) -> tuple[boo
     shape = re.sub(r"[0-9]+", "#", expression)
     tree_ok = shape == re.sub(r"\{[a-d]\}", "#", PATTERNS[problem.pattern])
     return tree_ok, tree_ok and re.findall(r"[0-9]+", expression) == list(problem.operands)
+
+
+def call_checks(
+    text: str, problem: WordProblem, engine: ArithmeticEngine
+) -> tuple[bool, bool, bool]:
+    """``(a call was written, its numbers are all operands of the question, copied digit for
+    digit, its value is the exact answer)`` for the first ``<<...>>`` call in a tool-call
+    pipeline's ``text``."""
+    calls = re.findall(r"<<(.*?)>>", text)
+    if not calls:
+        return False, False, False
+    copied = set(re.findall(r"[0-9]+", calls[0])) <= set(problem.operands)
+    return True, copied, engine.compute(calls[0]) == problem.answer
 
 
 def tool_lora_settings(cfg: LLMBenchConfig) -> ToolLoRASettings:
@@ -145,6 +159,8 @@ def evaluate(
     runs: dict[str, list[PipelineRun]] = {p: [] for p in pipelines}
     correct: dict[str, list[bool]] = {p: [] for p in pipelines}
     expression_right, tree_right, operands_right, misses = [], [], [], []
+    tool_pipelines = [p for p in pipelines if p.startswith("tool_call")]
+    checks: dict[str, list[tuple[bool, bool, bool]]] = {p: [] for p in tool_pipelines}
     evaluation = problems.problems("heldout", EVAL_OFFSET, cfg.eval_problems)
     for problem in track(
         evaluation, description="held-out problems", disable=not progress, transient=True
@@ -171,6 +187,8 @@ def evaluate(
         tree_ok, operands_ok = expression_errors(c.expression, problem)
         tree_right.append(tree_ok)
         operands_right.append(operands_ok)
+        for name in tool_pipelines:
+            checks[name].append(call_checks(outs[name].text, problem, engine))
         for name, out in outs.items():
             runs[name].append(out)
             correct[name].append(final_number(out.text) == problem.answer)
@@ -229,6 +247,15 @@ def evaluate(
             result[f"accuracy_{name}_{key}_phrasings"] = (
                 round(statistics.mean(picked), 4) if picked else None
             )
+    for name in tool_pipelines:
+        written, copied, right = zip(*checks[name])
+        result[f"call_written_{name}"] = round(statistics.mean(written), 4)
+        result[f"call_operands_copied_{name}"] = (
+            round(statistics.mean(c for c, w in zip(copied, written) if w), 4)
+            if any(written)
+            else None
+        )
+        result[f"call_right_{name}"] = round(statistics.mean(right), 4)
     result["pimoe_misses"] = misses
     result["examples"] = {name: runs[name][0].text for name in pipelines}
     result["examples"]["question"] = evaluation[0].question
@@ -268,6 +295,13 @@ def print_report(result: dict, console: Console | None = None) -> None:
         f"module training: features {result['feature_s']} s, router {result['train_s_router']} s, "
         f"head {result['train_s_head']} s"
     )
+    for name in ("tool_call", LORA_PIPELINE):
+        if f"call_written_{name}" in result:
+            console.print(
+                f"{name}: a call written in {result[f'call_written_{name}']:.3f} of the problems, "
+                f"its numbers copied from the question in {result[f'call_operands_copied_{name}']} "
+                f"of those, its value right in {result[f'call_right_{name}']:.3f}"
+            )
     if "train_seconds_tool_call_lora" in result:
         console.print(
             f"tool-call LoRA ({result['source_tool_call_lora']}): "
