@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from pimoe.extras import extra_imports
-from pimoe.infer.disk_entry import CorruptEntry, decode_entry, encode_entry
 from pimoe.infer.values import MISSING
 from pimoe.io import atomic_write_text, lock_file
 
 with extra_imports("serve", "the inference cache's disk tier"):
     import diskcache
 
+from pimoe.infer.disk_entry import CorruptEntry, decode_entry, encode_entry  # after the check
 from pimoe.privacy.crypto import IntegrityError, open_sealed, seal
 
 logger = logging.getLogger("pimoe.infer.cache")

@@ -16,10 +16,11 @@ import torch
 
 from pimoe.extras import extra_imports
 from pimoe.infer.values import map_tensors
-from pimoe.privacy.crypto import open_sealed, seal
 
 with extra_imports("serve", "the inference cache's disk tier"):
     import xxhash
+
+from pimoe.privacy.crypto import open_sealed, seal  # after the extra's check: it needs it too
 
 PLAIN = b"\x00"
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
