@@ -1,5 +1,9 @@
 """Federated runs through Flower's ServerApp / ClientApp: in process (fast) and once on Ray."""
 
+import logging
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -134,3 +138,45 @@ def test_deployment_apps_read_the_run_config(tmp_path):
     result = json.loads(out.read_text())
     assert result["clients_per_round"] == [4]
     assert result["accuracy_per_round"][1] > result["accuracy_per_round"][0] + 0.3
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_runs_log_flower_info_only_when_verbose(verbose):
+    """The ``flwr`` logger makes no INFO record in a default run, and gets its level back after."""
+    logger = logging.getLogger("flwr")
+    before = logger.level
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        run_federated(
+            FederatedConfig(**{**SMALL, "rounds": 1}), backend="inprocess", verbose=verbose
+        )
+    finally:
+        logger.removeHandler(handler)
+    assert any(r.levelno == logging.INFO for r in records) == verbose
+    assert logger.level == before
+
+
+RUN_TWICE = """
+import sys
+from pimoe.federated.config import FederatedConfig
+from pimoe.federated.simulation import run_federated
+cfg = FederatedConfig(clients=2, rounds=1, local_epochs=1, partition="iid", fraction=1.0)
+run_federated(cfg, backend="inprocess")
+print("--- verbose ---", file=sys.stderr, flush=True)
+run_federated(cfg, backend="inprocess", verbose=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_running_a_simulation_prints_no_flower_info_lines():
+    """What a user's script shows on its terminal: nothing from Flower by default, INFO lines with
+    ``verbose=True`` (Flower's console handler writes to the process's stderr)."""
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_TWICE], capture_output=True, text=True, timeout=120, check=True
+    )
+    quiet, verbose = done.stderr.split("--- verbose ---")
+    assert "INFO" not in quiet + done.stdout
+    assert "INFO" in verbose

@@ -10,7 +10,6 @@ first round reaching 90% of centralized accuracy.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,7 +43,6 @@ def run(cfg: FederatedBenchConfig, console: Console | None = None) -> dict:
     """Measure and return the results as a JSON-serializable dict."""
     console = console or Console()
     torch.set_num_threads(1)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     central = centralized_accuracy(
         load_task(cfg.base), cfg.base.clients, cfg.centralized_epochs, cfg.base.seed
     )

@@ -32,7 +32,7 @@ from rich.progress import Progress
 
 from pimoe.bench.timing import run_header
 from pimoe.federated.config import FederatedConfig
-from pimoe.federated.simulation import run_federated
+from pimoe.federated.simulation import flower_log_level, run_federated
 from pimoe.io import atomic_write_text, save_png
 from pimoe.tables import Table
 
@@ -72,10 +72,10 @@ def run(cfg: RobustBenchConfig, console: Console | None = None) -> dict:
         )
     console = console or Console()
     torch.set_num_threads(1)
-    logging.getLogger("flwr").setLevel(logging.ERROR)
     scenarios = [("none", 0.0)] + [(a, f) for f in cfg.malicious_fractions for a in cfg.attacks]
     runs = []
-    with Progress(console=console) as progress:
+    # rejected updates are expected here: Flower's warnings about them are hidden as well
+    with flower_log_level(logging.ERROR), Progress(console=console) as progress:
         task = progress.add_task("robust aggregation", total=len(scenarios) * len(cfg.aggregators))
         for attack, fraction in scenarios:
             for name in cfg.aggregators:

@@ -7,7 +7,6 @@ bad value ends the command with one line naming it.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -146,7 +145,6 @@ def federate(
         seed=seed,
     )
     torch.set_num_threads(1)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     from pimoe.federated.task import load_task
 
     central = centralized_accuracy(load_task(cfg), clients, seed=seed)

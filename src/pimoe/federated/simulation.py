@@ -8,13 +8,18 @@ through :class:`InProcessGrid`, which calls each ClientApp in turn in this proce
 (seed, round, client id), so when the same clients are selected (e.g. ``fraction=1``) both give
 the same run; with sampling they pick different clients (Ray registers random 64-bit node ids, so
 the same seeded draw lands on other shards) and agree only statistically.
+
+Flower's INFO lines (one block per round: sampling, aggregation) are hidden during
+:func:`run_federated` unless ``verbose=True``; the ``flwr`` logger's level is restored afterwards
+(:func:`flower_log_level`), so the caller's logging setup is left as it was.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 from uuid import uuid4
 
@@ -130,18 +135,43 @@ def flower_task_identity(run_id: int = 1) -> Iterator[None]:
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = saved
 
 
+@contextmanager
+def flower_log_level(level: int) -> Iterator[None]:
+    """Raise the ``flwr`` logger to at least ``level`` (e.g. ``logging.WARNING``) for the block
+    and restore its own level afterwards; a logger already set higher is left as it is."""
+    logger = logging.getLogger("flwr")
+    saved = logger.level
+    logger.setLevel(max(level, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
 def run_federated(
     cfg: FederatedConfig,
     backend: str = "ray",
     on_round: Callable[[int, float], None] | None = None,
     ray_cpus: int | None = None,
+    verbose: bool = False,
 ) -> RunRecord:
     """Train ``cfg.clients`` clients for ``cfg.rounds`` rounds; return accuracy and participation per round.
 
     ``ray_cpus``: CPUs Ray may use (default: all); each client takes one, so this many run at once.
+    ``verbose``: show Flower's INFO log lines (hidden by default; warnings and errors always show).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    with nullcontext() if verbose else flower_log_level(logging.WARNING):
+        return _run(cfg, backend, on_round, ray_cpus)
+
+
+def _run(
+    cfg: FederatedConfig,
+    backend: str,
+    on_round: Callable[[int, float], None] | None,
+    ray_cpus: int | None,
+) -> RunRecord:
     record = RunRecord()
     secret, public = he_keys() if cfg.he else (None, None)  # the runner acts as the key authority
     client_app = make_client_app(cfg, secret)
