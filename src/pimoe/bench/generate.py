@@ -177,10 +177,22 @@ def _print(result: dict[str, Any], console: Console) -> None:
 
 
 def main(
-    quick: bool = False, json_path: Path | None = None, soak_requests: int | None = None
+    quick: bool = False,
+    json_path: Path | None = None,
+    soak_requests: int | None = None,
+    long_prompt: bool = False,
 ) -> dict[str, Any]:
     """Entry point of ``pimoe bench generate``. ``quick``: 32 new tokens, fewer requests and a soak
-    of 2,000 requests; ``soak_requests`` overrides the soak's request count."""
+    of 2,000 requests; ``soak_requests`` overrides the soak's request count. ``long_prompt``: run
+    the long-prompt scenario instead (:mod:`pimoe.bench.generate_long`; ``quick``: a 1,024-token
+    prompt among streams of 48 new tokens)."""
+    if long_prompt:
+        from pimoe.bench import generate_long
+
+        long_cfg = generate_long.LongPromptConfig()
+        if quick:
+            long_cfg = generate_long.LongPromptConfig(long_prompt_tokens=1024, stream_max_tokens=48)
+        return _write(generate_long.run(long_cfg), json_path)
     cfg = GenerateBenchConfig()
     if quick:
         cfg = GenerateBenchConfig(
@@ -191,7 +203,10 @@ def main(
         )
     if soak_requests is not None:
         cfg.soak = {**cfg.soak, "num_requests": soak_requests}
-    result = run(cfg)
+    return _write(run(cfg), json_path)
+
+
+def _write(result: dict[str, Any], json_path: Path | None) -> dict[str, Any]:
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2, default=float))
     return result

@@ -1,0 +1,162 @@
+"""A long prompt arriving among running streams, chunked prefill off vs on
+(``pimoe bench generate --long-prompt``).
+
+SmolLM2-135M-Instruct in pimoe's generation engine (in the benchmark's process, no HTTP, so the
+timings are the engine's): ``streams`` greedy completions of real prompts (``stream_prompt_tokens``
+each, ``stream_max_tokens`` new tokens) start; once every stream has sent text twice, one prompt
+of ``long_prompt_tokens`` tokens arrives. Without chunked prefill its whole prefill runs between
+two decoding steps, so every stream waits for it; with ``enable_chunked_prefill`` it is prefilled
+in chunks of at most ``max_num_batched_tokens`` tokens (less the running streams' tokens), one
+chunk a step, the streams decoding in between. Reported per mode: the streams' inter-token
+latency (gaps between their text events) p50/p99/max, overall and while the long prompt was
+being prefilled (from its arrival to its first token), the long prompt's time to first token,
+and the engine's step and chunk counts. The modes alternate (off, on, off, on, ...) so a change
+of the machine's load hits both.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from pimoe.bench.child_server import percentile
+from pimoe.bench.generate_clients import real_prompts
+from pimoe.bench.timing import run_header
+from pimoe.tables import Table
+
+
+@dataclass
+class LongPromptConfig:
+    """Sizes of the long-prompt scenario."""
+
+    model: str = "smollm2-135m-instruct"
+    streams: int = 4
+    stream_prompt_tokens: int = 64
+    stream_max_tokens: int = 64
+    long_prompt_tokens: int = 1536
+    max_num_batched_tokens: int = 512  # pimoe serve's default
+    repeats: int = 2  # runs per mode
+    threads: int = 1
+    seed: int = 0
+
+
+def _run_once(
+    model: Any,
+    prompts: list[list[int]],
+    long_prompt: list[int],
+    cfg: LongPromptConfig,
+    chunked: bool,
+) -> dict[str, Any]:
+    from pimoe.infer.generation import GenerationEngine, GenerationEvent, SamplingParams
+
+    engine = GenerationEngine(
+        model,
+        max_batch_size=cfg.streams + 1,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        enable_chunked_prefill=chunked,
+    )
+    times: list[list[float]] = [[] for _ in prompts]
+    ready = threading.Semaphore(0)
+    long_first: list[float] = []
+
+    def on_stream(i: int) -> Any:
+        def on_event(event: GenerationEvent) -> None:
+            if event.text or event.final:
+                times[i].append(time.perf_counter())
+                if len(times[i]) == 2 or (event.final and len(times[i]) == 1):
+                    ready.release()
+
+        return on_event
+
+    def on_long(event: GenerationEvent) -> None:
+        if not long_first:
+            long_first.append(time.perf_counter())
+
+    params = SamplingParams(max_tokens=cfg.stream_max_tokens, temperature=0)
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(p, params, on_stream(i))
+        for _ in prompts:
+            ready.acquire()
+        arrival = time.perf_counter()
+        engine.submit(long_prompt, SamplingParams(max_tokens=1, temperature=0), on_long)
+    finally:
+        engine.close()  # finishes every request
+    pairs = [(a, b) for t in times for a, b in itertools.pairwise(t)]  # a stream's events
+    gaps = [b - a for a, b in pairs]
+    during = [b - a for a, b in pairs if b > arrival and a < long_first[0]]
+    return {
+        "itl_p50_ms": percentile(gaps, 50) * 1000,
+        "itl_p99_ms": percentile(gaps, 99) * 1000,
+        "itl_max_ms": max(gaps) * 1000,
+        "itl_during_long_prefill_max_ms": max(during, default=float("nan")) * 1000,
+        "stream_events_during_long_prefill": len(during),
+        "long_ttft_ms": (long_first[0] - arrival) * 1000,
+        "steps": engine.stats.steps,
+        "prefill_chunks": engine.stats.prefill_chunks,
+    }
+
+
+def run(cfg: LongPromptConfig, console: Console | None = None) -> dict[str, Any]:
+    """Both modes, alternating, ``cfg.repeats`` runs each; a JSON-serializable dict."""
+    from pimoe.infer.lm_models import HFGenerationModel
+    from pimoe.models import load_pretrained
+
+    console = console or Console()
+    load_before = os.getloadavg()
+    torch.set_num_threads(cfg.threads)
+    hf, tokenizer = load_pretrained(cfg.model, progress=True)
+    model = HFGenerationModel(hf, tokenizer)
+    prompts = real_prompts(tokenizer, cfg.streams, cfg.stream_prompt_tokens, cfg.seed)
+    long_prompt = real_prompts(tokenizer, 1, cfg.long_prompt_tokens, cfg.seed + 1)[0]
+    _run_once(model, prompts[:1], prompts[1][:8], cfg, chunked=False)  # warm-up
+    runs: dict[str, list[dict[str, Any]]] = {"unchunked": [], "chunked": []}
+    for r in range(cfg.repeats):
+        for mode in runs:
+            console.print(f"[dim]{mode}, run {r + 1}/{cfg.repeats}[/dim]")
+            runs[mode].append(_run_once(model, prompts, long_prompt, cfg, mode == "chunked"))
+    result: dict[str, Any] = {
+        **run_header("generate_long_prompt", cfg),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "runs": runs,
+    }
+    for mode, rs in runs.items():
+        for key in ("itl_p50_ms", "itl_p99_ms", "itl_max_ms", "long_ttft_ms"):
+            result[f"{key}_{mode}"] = sorted(x[key] for x in rs)[len(rs) // 2]  # median run
+    result["itl_p99_unchunked_over_chunked"] = (
+        result["itl_p99_ms_unchunked"] / result["itl_p99_ms_chunked"]
+    )
+    _print(result, console)
+    return result
+
+
+def _print(result: dict[str, Any], console: Console) -> None:
+    cfg = result["config"]
+    table = Table(
+        title=f"{cfg['streams']} streams, a {cfg['long_prompt_tokens']}-token prompt arrives "
+        f"(budget {cfg['max_num_batched_tokens']} tokens a step)"
+    )
+    for col in ("mode, run", "ITL p50 ms", "ITL p99 ms", "ITL max ms", "long TTFT ms", "chunks"):
+        table.add_column(col, justify="right")
+    for mode, rs in result["runs"].items():
+        for i, r in enumerate(rs):
+            table.add_row(
+                f"{mode}, {i + 1}",
+                f"{r['itl_p50_ms']:.0f}",
+                f"{r['itl_p99_ms']:.0f}",
+                f"{r['itl_max_ms']:.0f}",
+                f"{r['long_ttft_ms']:.0f}",
+                str(r["prefill_chunks"]),
+            )
+    console.print(table)
+
+
+__all__ = ["LongPromptConfig", "run"]
