@@ -17,20 +17,53 @@ from pimoe.moe.stats import RoutingStats
 
 class MoEOutput(nn.Module):
     """What every MoE layer does after its routed experts: add the shared experts' output and
-    record the call's auxiliary losses and routing statistics. Subclasses set ``shared``
-    (a module or None) and ``shared_gate`` (a ``Linear(D, 1)`` or None)."""
+    keep the call's routing, from which ``aux_loss``, ``z_loss`` and ``last_stats`` are computed
+    on first access (a forward whose caller never reads them does not pay for them). Subclasses
+    set ``shared`` (a module or None) and ``shared_gate`` (a ``Linear(D, 1)`` or None)."""
 
     shared: nn.Module | None
     shared_gate: nn.Module | None
-    last_stats: RoutingStats | None
+    _route: RouterOutput | None = None
+    _counts: Tensor | None = None
+    _stats: RoutingStats | None = None
+    _no_loss: Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles start without the last call's losses and stats: those hold that
-        call's autograd graph, which ``copy.deepcopy`` refuses to copy."""
+        """Copies and pickles start without the last call's routing: it holds that call's
+        autograd graph, which ``copy.deepcopy`` refuses to copy."""
         state: dict[str, Any] = dict(super().__getstate__())  # type: ignore[no-untyped-call]
-        state["aux_loss"] = state["z_loss"] = torch.zeros(())
-        state["last_stats"] = None
+        for name in ("_route", "_counts", "_stats", "_no_loss"):
+            state.pop(name, None)
         return state
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """The last call's load-balancing loss (a scalar with gradients; 0 before any call)."""
+        return self._route.aux_loss if self._route is not None else self._zero_loss()
+
+    @property
+    def z_loss(self) -> Tensor:
+        """The last call's router z-loss (a scalar with gradients; 0 before any call)."""
+        return self._route.z_loss if self._route is not None else self._zero_loss()
+
+    @property
+    def last_stats(self) -> RoutingStats | None:
+        """The last call's :class:`RoutingStats` (None before any call or after an empty one)."""
+        if self._stats is None and self._route is not None and self._counts is not None:
+            self._stats = RoutingStats.from_routing(
+                self._route.probs, self._route.mask, self._counts
+            )
+        return self._stats
+
+    def _zero_loss(self) -> Tensor:
+        return self._no_loss if self._no_loss is not None else torch.zeros(())
+
+    def _record(
+        self, route: RouterOutput | None, counts: Tensor | None, device: torch.device
+    ) -> None:
+        """Keep one call's routing (None: an empty input, whose losses are 0 on ``device``)."""
+        self._route, self._counts, self._stats = route, counts, None
+        self._no_loss = None if route is not None else torch.zeros((), device=device)
 
     def _finish(self, tokens: Tensor, out: Tensor, route: RouterOutput, counts: Tensor) -> Tensor:
         """``tokens [T, D]``, routed output ``out [T, D]`` -> layer output ``[T, D]``."""
@@ -39,8 +72,7 @@ class MoEOutput(nn.Module):
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(tokens)) * shared
             out = out + shared
-        self.aux_loss, self.z_loss = route.aux_loss, route.z_loss
-        self.last_stats = RoutingStats.from_routing(route.probs, route.mask, counts)
+        self._record(route, counts, tokens.device)
         return out
 
 
@@ -109,9 +141,6 @@ class PiMoE(MoEOutput):
             if config.shared_experts and config.shared_gate
             else None
         )
-        self.aux_loss: Tensor = torch.zeros(())
-        self.z_loss: Tensor = torch.zeros(())
-        self.last_stats: RoutingStats | None = None
 
     @classmethod
     def from_hf(cls, block: nn.Module) -> PiMoE:
@@ -154,8 +183,7 @@ class PiMoE(MoEOutput):
                 )
             positions = positions.reshape(-1)
         if tokens.shape[0] == 0:
-            self.aux_loss = self.z_loss = tokens.new_zeros((), dtype=torch.float32)
-            self.last_stats = None
+            self._record(None, None, tokens.device)
             return x.clone()
         route = self.router(tokens, seq_len=shape[-2] if len(shape) > 2 else None)
         out, counts = dispatch_combine(tokens, route, self.experts, self.num_experts, positions)

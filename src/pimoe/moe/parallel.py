@@ -43,7 +43,6 @@ from pimoe.moe.experts import ExpertList, StackedExperts
 from pimoe.moe.layer import MoEOutput, PiMoE
 from pimoe.moe.placement import ExpertPlacement, expert_shard, select_experts, unshard_state_dict
 from pimoe.moe.router import Router
-from pimoe.moe.stats import RoutingStats
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup, or None for the default group
 DEFAULT_TIMEOUT = timedelta(minutes=2)
@@ -175,9 +174,6 @@ class ExpertParallelMoE(MoEOutput):
             shared,
             shared_gate,
         )
-        self.aux_loss: Tensor = torch.zeros(())
-        self.z_loss: Tensor = torch.zeros(())
-        self.last_stats: RoutingStats | None = None
         self.last_send_splits: list[int] = []
         self.last_recv_splits: list[int] = []
 

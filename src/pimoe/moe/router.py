@@ -7,7 +7,8 @@ Shapes: ``T`` tokens, ``D`` model width, ``E`` experts, ``k`` experts per token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -25,26 +26,67 @@ __all__ = ["Router", "RouterOutput", "Routing", "Score"]
 class RouterOutput:
     """One routing decision.
 
+    ``probs``, ``aux_loss`` and ``z_loss`` are computed on first access only (then kept), in the
+    autograd mode the routing ran in: a forward whose caller never reads them (inference, a zero
+    loss coefficient) does not pay for them.
+
     Attributes:
         indices: ``[T, k]`` long, the experts each token is sent to (for expert-choice routing
             ``k == E`` and every column is one expert).
         weights: ``[T, k]`` combine weights, in the input dtype; 0 where an assignment is dropped.
-        logits: ``[T, E]`` router logits in float32 (float64 for float64 input) (including the training noise, if any).
-        probs: ``[T, E]`` normalized scores used for the losses and statistics.
+        logits: ``[T, E]`` router logits in float32 (float64 for float64 input) (including the
+            training noise, if any).
         mask: ``[T, k]`` bool, the assignments that are executed, or ``None`` when all are
             (dropless token-choice routing, the default).
-        aux_loss: scalar load-balancing loss (Switch Transformer), 1.0 at perfect balance; with
-            ``balance="bias"`` and known sequences, the mean of each sequence's Switch loss.
-        z_loss: scalar router z-loss (ST-MoE).
+        score: how ``logits`` become ``probs``: ``"softmax"``, or ``"sigmoid"`` normalized to sum 1.
+        seq_len: the length ``S`` of the sequences the tokens are made of when ``aux_loss`` is
+            the sequence-wise balance loss (``balance="bias"``), else None (the Switch loss).
+        grad_enabled: whether the lazily computed losses are differentiable.
+        known_probs: ``[T, E]`` ``probs`` when the router computed them anyway, else None.
     """
 
     indices: Tensor
     weights: Tensor
     logits: Tensor
-    probs: Tensor
     mask: Tensor | None
-    aux_loss: Tensor
-    z_loss: Tensor
+    score: Score = "softmax"
+    seq_len: int | None = None
+    grad_enabled: bool = True
+    known_probs: Tensor | None = field(default=None, repr=False)
+
+    @cached_property
+    def probs(self) -> Tensor:
+        """``[T, E]`` normalized scores (rows sum to 1) used for the losses and statistics."""
+        if self.known_probs is not None:
+            return self.known_probs
+        with torch.set_grad_enabled(self.grad_enabled):
+            return score_probs(self.logits, self.score)[1]
+
+    @cached_property
+    def aux_loss(self) -> Tensor:
+        """Scalar load-balancing loss (Switch Transformer), 1.0 at perfect balance; with
+        ``seq_len``, the mean of each sequence's Switch loss."""
+        probs, num_experts = self.probs, self.logits.shape[-1]
+        with torch.set_grad_enabled(self.grad_enabled):
+            if self.seq_len is not None:
+                return sequence_balance_loss(probs, self.indices, num_experts, self.seq_len)
+            return load_balancing_loss(probs, self.indices, num_experts)
+
+    @cached_property
+    def z_loss(self) -> Tensor:
+        """Scalar router z-loss (ST-MoE)."""
+        with torch.set_grad_enabled(self.grad_enabled):
+            return router_z_loss(self.logits)
+
+
+def score_probs(logits: Tensor, score: Score) -> tuple[Tensor, Tensor]:
+    """``(scores, probs)`` of ``logits [T, E]``: the selection scores and their normalization to
+    rows summing to 1 (the same tensor for softmax)."""
+    if score == "softmax":
+        probs = logits.softmax(dim=-1)
+        return probs, probs
+    scores = torch.sigmoid(logits)
+    return scores, scores / scores.sum(dim=-1, keepdim=True)
 
 
 class Router(nn.Module):
@@ -136,18 +178,17 @@ class Router(nn.Module):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
-        if self.score == "softmax":
-            scores = probs = logits.softmax(dim=-1)
+        token_choice = self.routing == "token_choice"
+        bias, mask, probs = self.e_score_correction_bias, None, None
+        if token_choice and self.score == "softmax" and self.normalize and bias is None:
+            # the softmax of the top-k logits is the renormalized top-k of the full softmax
+            top_logits, indices = logits.topk(self.top_k, dim=-1)  # [T, k]
+            weights = top_logits.softmax(dim=-1)
         else:
-            scores = torch.sigmoid(logits)
-            probs = scores / scores.sum(dim=-1, keepdim=True)
-        if self.routing == "expert_choice":
-            indices, weights, mask = self._expert_choice(scores)
-            if not self.config.weight_outputs:
-                weights = mask.to(scores.dtype)
-        else:
-            bias = self.e_score_correction_bias
-            if bias is None:
+            scores, probs = score_probs(logits, self.score)
+            if not token_choice:
+                indices, weights, mask = self._expert_choice(scores)
+            elif bias is None:
                 weights, indices = scores.topk(self.top_k, dim=-1)  # [T, k]
             else:  # the bias chooses the experts; the weights stay the unbiased scores
                 indices = (scores.detach() + bias.to(scores.dtype)).topk(self.top_k, dim=-1).indices
@@ -156,28 +197,24 @@ class Router(nn.Module):
                     self.tokens_per_expert += torch.bincount(
                         indices.reshape(-1), minlength=self.num_experts
                     )
-            if self.normalize:
+            if token_choice and self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
-            if not self.config.weight_outputs:  # select only: outputs are summed unweighted
-                weights = torch.ones_like(weights)
-            mask = None
-            if self.capacity_factor is not None:
-                mask = self._capacity_mask(indices, x.shape[0])
-                weights = weights * mask
+        if not self.config.weight_outputs:  # select only: outputs are summed unweighted
+            weights = torch.ones_like(weights) if mask is None else mask.to(weights.dtype)
+        if token_choice and self.capacity_factor is not None:
+            mask = self._capacity_mask(indices, x.shape[0])
+            weights = weights * mask
+        sequence_loss = token_choice and self.config.balance == "bias" and seq_len is not None
         return RouterOutput(
             indices=indices,
             weights=weights.to(x.dtype),
             logits=logits,
-            probs=probs,
             mask=mask,
-            aux_loss=self._balance_loss(probs, indices, seq_len),
-            z_loss=router_z_loss(logits),
+            score=self.score,
+            seq_len=seq_len if sequence_loss else None,
+            grad_enabled=torch.is_grad_enabled(),
+            known_probs=probs,
         )
-
-    def _balance_loss(self, probs: Tensor, indices: Tensor, seq_len: int | None) -> Tensor:
-        if self.config.balance == "bias" and seq_len is not None and self.routing == "token_choice":
-            return sequence_balance_loss(probs, indices, self.num_experts, seq_len)
-        return load_balancing_loss(probs, indices, self.num_experts)
 
     def _capacity_mask(self, indices: Tensor, num_tokens: int) -> Tensor:
         """``[T, k]`` bool: keep an assignment if its expert still has room (GShard priority)."""
