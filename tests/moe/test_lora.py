@@ -258,6 +258,9 @@ def test_training_never_forms_the_full_expert_weight() -> None:
     layer = PiMoE(8, num_experts=4, top_k=2, ffn_dim=6)
     full = {tuple(layer.experts.w_in.shape), tuple(layer.experts.w_out.shape)}
     add_lora(layer, LoRAConfig(r=2))
+    reads = []  # evaluations of W + s*B@A
+    for adapter in lora_adapters(layer).values():
+        adapter.register_forward_hook(lambda *args: reads.append(1))
     saved: list[tuple[int, ...]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -268,4 +271,5 @@ def test_training_never_forms_the_full_expert_weight() -> None:
         loss = layer(torch.randn(2, 5, 8)).square().sum()
     loss.backward()
     assert saved and not full & set(saved)  # no [E, out, in] tensor kept for the backward
+    assert not reads  # nor formed in the forward (the backend is chosen by the stored weight)
     assert layer.experts.parametrizations.w_in.original.grad is None

@@ -14,7 +14,10 @@ held-out loss is the mean next-token cross-entropy on the first windows of the h
 
 Reported: held-out loss before and after, trainable parameters, median step time (forward,
 backward, optimizer step), the adapter file's size, and the merged model's held-out loss (equal
-to the adapted one).
+to the adapted one). Memory is measured in a fresh process per run (a few training steps after
+the same setup): the peak resident set during training (Linux ``VmHWM``, reset after setup)
+above the resident set before the first step, and the bytes of the gradients and of the AdamW
+state.
 
 ``run(quick, json_path)`` is the entry point of ``pimoe bench expert-lora``.
 """
@@ -24,10 +27,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +60,10 @@ class ExpertLoRABenchConfig:
     full_lr: float = 2e-5
     threads: int = 1
     seed: int = 0
+    memory_steps: int = 3  # training steps of each memory-measuring process (0: skip)
 
 
-QUICK = ExpertLoRABenchConfig(steps=3, heldout_windows=1)
+QUICK = ExpertLoRABenchConfig(steps=3, heldout_windows=1, memory_steps=2)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -67,27 +74,44 @@ def heldout_loss(model: nn.Module, heldout: Tensor) -> float:
     return math.log(perplexity(model, heldout, batch_size=1))
 
 
+def _optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
+
+
+def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of the gradients held by ``model`` and of ``optimizer``'s state (AdamW: 2 moments)."""
+    grads = sum(
+        p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None
+    )
+    state = sum(
+        t.numel() * t.element_size()
+        for per_param in optimizer.state.values()
+        for t in per_param.values()
+        if isinstance(t, Tensor)
+    )
+    return {"grad_bytes": grads, "optimizer_state_bytes": state}
+
+
 def finetune(
     runs: dict[str, tuple[nn.Module, float]],
     train_ids: Tensor,
     cfg: ExpertLoRABenchConfig,
     progress: bool,
-) -> dict[str, list[float]]:
+    steps: int | None = None,
+) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
     """Train each ``name: (model, lr)`` (the parameters that require gradients, AdamW) on the same
-    batches, one step of each run in turn (order alternating every step, so that the machine's
-    load drift hits all alike); returns the seconds of every step of each run."""
+    batches for ``steps`` (default ``cfg.steps``), one step of each run in turn (order alternating
+    every step, so that the machine's load drift hits all alike); returns the seconds of every
+    step of each run and each run's gradient and optimizer-state bytes after its last step."""
     from pimoe.models.progress import track
 
-    optimizers = {
-        name: torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
-        )
-        for name, (model, lr) in runs.items()
-    }
+    optimizers = {name: _optimizer(model, lr) for name, (model, lr) in runs.items()}
     generator = torch.Generator().manual_seed(cfg.seed)
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
-    for step in track(range(cfg.steps), "fine-tune", enabled=progress):
+    for step in track(range(cfg.steps if steps is None else steps), "fine-tune", enabled=progress):
         starts = torch.randint(
             len(train_ids) - cfg.window - 1, (cfg.batch_size,), generator=generator
         )
@@ -106,48 +130,102 @@ def finetune(
             optimizers[name].step()
             seconds[name].append(time.perf_counter() - start)
             model.eval()
-    return seconds
+    sizes = {name: _state_bytes(runs[name][0], optimizers[name]) for name in names}
+    return seconds, sizes
 
 
-def main(
-    quick: bool = False, json_path: str | Path | None = None, progress: bool = True
-) -> dict[str, Any]:
-    """Entry point of ``pimoe bench expert-lora``."""
+def _setup(cfg: ExpertLoRABenchConfig, progress: bool) -> tuple[nn.Module, Tensor, Tensor, str]:
+    """``(upcycled SmolLM2, training token ids [N], held-out windows [B, 256], router source)``."""
     from pimoe.demo_pretrained import PretrainedDemoSettings, upcycle_with_cached_routers
     from pimoe.models import load_pretrained
     from pimoe.models.perplexity import pydoc_token_splits, windows
 
+    model, tokenizer = load_pretrained("smollm2-135m-instruct")
+    train_ids, heldout_ids = pydoc_token_splits(tokenizer)
+    source, _ = upcycle_with_cached_routers(
+        model, train_ids, windows(heldout_ids, 256, 2), PretrainedDemoSettings(), progress=progress
+    )
+    return model, train_ids, windows(heldout_ids, 256, cfg.heldout_windows), source
+
+
+def _adapt(model: nn.Module, cfg: ExpertLoRABenchConfig) -> None:
+    torch.manual_seed(cfg.seed)  # the adapters' A matrices come from the global generator
+    add_lora(model, LoRAConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=ATTENTION))
+
+
+def _status_kib(field_name: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def memory_child(run: str, cfg: ExpertLoRABenchConfig) -> dict[str, int]:
+    """In a fresh process: set up ``run`` (``"lora"`` or ``"full"``), train ``cfg.memory_steps``
+    steps and return the peak resident bytes during training above the resident bytes before
+    it (Linux only), with the gradient and optimizer-state bytes."""
+    import gc
+
+    torch.set_num_threads(cfg.threads)
+    model, train_ids, _, _ = _setup(cfg, progress=False)
+    if run == "lora":
+        _adapt(model, cfg)
+    lr = cfg.lora_lr if run == "lora" else cfg.full_lr
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    _, sizes = finetune({run: (model, lr)}, train_ids, cfg, False, cfg.memory_steps)
+    peak = _status_kib("VmHWM")
+    return {
+        "rss_before_bytes": before * 1024,
+        "training_peak_above_bytes": (peak - before) * 1024,
+        **sizes[run],
+    }
+
+
+def measure_memory(run: str, cfg: ExpertLoRABenchConfig) -> dict[str, int]:
+    """:func:`memory_child` in a fresh Python process (its last stdout line is the JSON result)."""
+    code = (
+        "import json, dataclasses; from pimoe.bench.expert_lora import ExpertLoRABenchConfig, memory_child; "
+        f"print(json.dumps(memory_child({run!r}, ExpertLoRABenchConfig(**{json.dumps(asdict(cfg))}))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"memory measurement of {run!r} failed:\n{done.stderr[-2000:]}")
+    result: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main(
+    quick: bool = False,
+    json_path: str | Path | None = None,
+    progress: bool = True,
+    steps: int | None = None,
+) -> dict[str, Any]:
+    """Entry point of ``pimoe bench expert-lora`` (``steps``: fine-tuning steps, default 10)."""
     cfg = QUICK if quick else ExpertLoRABenchConfig()
+    if steps is not None:
+        cfg = replace(cfg, steps=steps)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    result: dict[str, Any] = run_header("expert_lora", cfg)
+    result["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
     try:
-        model, tokenizer = load_pretrained("smollm2-135m-instruct")
-        train_ids, heldout_ids = pydoc_token_splits(tokenizer)
-        heldout = windows(heldout_ids, 256, cfg.heldout_windows)
-        source, _ = upcycle_with_cached_routers(
-            model,
-            train_ids,
-            windows(heldout_ids, 256, 2),
-            PretrainedDemoSettings(),
-            progress=progress,
-        )
+        model, train_ids, heldout, source = _setup(cfg, progress)
         total = sum(p.numel() for p in model.parameters())
         before = heldout_loss(model, heldout)
         full_model = copy.deepcopy(model)
-
-        torch.manual_seed(cfg.seed)  # the adapters' A matrices come from the global generator
-        add_lora(
-            model, LoRAConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=ATTENTION)
-        )
+        _adapt(model, cfg)
         lora_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         full_trainable = sum(p.numel() for p in full_model.parameters() if p.requires_grad)
-        steps = finetune(
+        steps_s, sizes = finetune(
             {"lora": (model, cfg.lora_lr), "full": (full_model, cfg.full_lr)},
             train_ids,
             cfg,
             progress,
         )
-        lora_steps, full_steps = steps["lora"], steps["full"]
+        result["load_average_after_training"] = [round(v, 2) for v in os.getloadavg()]
         lora_after = heldout_loss(model, heldout)
         with tempfile.TemporaryDirectory() as folder:
             save_lora(model, folder)
@@ -155,11 +233,15 @@ def main(
         merge_lora(model)
         merged_after = heldout_loss(model, heldout)
         del model
-
         full_after = heldout_loss(full_model, heldout)
+        del full_model
+        memory = (
+            {run: measure_memory(run, cfg) for run in ("lora", "full")}
+            if cfg.memory_steps
+            else {"lora": {}, "full": {}}
+        )
     finally:
         torch.set_num_threads(threads)
-    result: dict[str, Any] = run_header("expert_lora", cfg)
     result.update(
         {
             "routers": source,
@@ -170,14 +252,21 @@ def main(
                 "trainable_params": lora_trainable,
                 "heldout_loss_after": round(lora_after, 4),
                 "merged_heldout_loss": round(merged_after, 4),
-                "step_s_median": round(statistics.median(lora_steps), 3),
+                "step_s_median": round(statistics.median(steps_s["lora"]), 3),
+                "step_s": [round(v, 3) for v in steps_s["lora"]],
                 "adapter_bytes": adapter_bytes,
+                **sizes["lora"],
+                "memory": memory["lora"],
             },
             "full": {
                 "trainable_params": full_trainable,
                 "heldout_loss_after": round(full_after, 4),
-                "step_s_median": round(statistics.median(full_steps), 3),
+                "step_s_median": round(statistics.median(steps_s["full"]), 3),
+                "step_s": [round(v, 3) for v in steps_s["full"]],
+                **sizes["full"],
+                "memory": memory["full"],
             },
+            "load_average_end": [round(v, 2) for v in os.getloadavg()],
         }
     )
     result["lora_step_time_ratio"] = round(
@@ -194,14 +283,18 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
         title=f"SmolLM2 split 8x top-4, {result['config']['steps']} steps: held-out loss "
         f"(before {result['heldout_loss_before']:.4f} nats/token)"
     )
-    for column in ("run", "trainable params", "held-out loss after", "step s (median)"):
+    columns = ("run", "trainable params", "held-out loss after", "step s (median)")
+    for column in (*columns, "grads + AdamW state MB", "training peak RSS above setup MB"):
         table.add_column(column)
     for name in ("lora", "full"):
         row = result[name]
+        peak = row["memory"].get("training_peak_above_bytes")
         table.add_row(
             name,
             f"{row['trainable_params']:,}",
             f"{row['heldout_loss_after']:.4f}",
             f"{row['step_s_median']:.2f}",
+            f"{(row['grad_bytes'] + row['optimizer_state_bytes']) / 1e6:,.1f}",
+            "-" if peak is None else f"{peak / 1e6:,.0f}",
         )
     (console or Console()).print(table)

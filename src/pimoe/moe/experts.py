@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from pimoe.moe.backends import check_backend, get_experts_backend
 from pimoe.moe.config import Activation
@@ -176,17 +177,25 @@ class StackedExperts(nn.Module):
             return F.silu(gate) * up
         return _ACTIVATIONS[self.activation](h)
 
+    def _stored_w_in(self) -> Tensor:
+        """``w_in`` as stored (its device and dtype pick the backend), without evaluating a
+        parametrization of it (a LoRA adapter would form ``W + B A`` on every read)."""
+        if parametrize.is_parametrized(self, "w_in"):
+            original: Tensor = self.parametrizations["w_in"].original  # type: ignore[index,union-attr]
+            return original
+        return self.w_in
+
     @property
     def accepts_padding(self) -> bool:
         """Whether the dispatcher may pad every expert to the same row count: true for the
         built-in ``"loop"`` kernel, which then runs all experts as batched matmuls."""
-        return get_experts_backend(self.backend, self.w_in) is get_experts_backend(
-            "loop", self.w_in
-        )
+        weight = self._stored_w_in()
+        return get_experts_backend(self.backend, weight) is get_experts_backend("loop", weight)
 
     def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:
         """``x_sorted [N, D]``, ``counts [E]``, ``positions [N]`` or None -> ``[N, D]``."""
-        return get_experts_backend(self.backend, self.w_in)(self, x_sorted, counts, positions)
+        backend = get_experts_backend(self.backend, self._stored_w_in())
+        return backend(self, x_sorted, counts, positions)
 
     def expert(self, e: int) -> nn.Module:
         """A standalone copy of expert ``e`` as a ``SwiGLU`` or ``FFN`` module."""

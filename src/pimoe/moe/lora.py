@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -210,17 +211,24 @@ def _frozen_and_adapter(experts: nn.Module, name: str) -> tuple[Tensor, ExpertLo
     return weight, None
 
 
-def _project(
-    x: Tensor, weight: Tensor, bias: Tensor | None, adapter: ExpertLoRA | None, e: int
-) -> Tensor:
-    """Expert ``e``'s projection of ``x [n, in]`` -> ``[n, out]``:
-    ``x W[e]^T + b[e] + scaling (x A[e]^T) B[e]^T``."""
-    y = F.linear(x, weight[e], None if bias is None else bias[e])
+def _projection(
+    weight: Tensor, bias: Tensor | None, adapter: ExpertLoRA | None
+) -> Callable[[int, Tensor], Tensor]:
+    """``(e, x [n, in]) -> [n, out]``, expert ``e``'s projection
+    ``x W[e]^T + b[e] + scaling (x A[e]^T) B[e]^T`` (``A[0]`` for all experts when shared)."""
+
+    def plain(e: int, x: Tensor) -> Tensor:
+        return F.linear(x, weight[e], None if bias is None else bias[e])
+
     if adapter is None:
-        return y
-    a = adapter.lora_A[0 if adapter.lora_A.shape[0] == 1 else e]
-    low = F.linear(F.linear(x.to(a.dtype), a), adapter.lora_B[e])
-    return y + (adapter.scaling * low).to(y.dtype)
+        return plain
+    a_of, b_of = adapter.lora_A.unbind(0), adapter.lora_B.unbind(0)  # one backward node each
+
+    def adapted(e: int, x: Tensor) -> Tensor:
+        low = F.linear(x, a_of[0 if len(a_of) == 1 else e])  # [n, r]
+        return torch.addmm(plain(e, x), low, b_of[e].t(), alpha=adapter.scaling)
+
+    return adapted
 
 
 def low_rank_experts(
@@ -248,11 +256,12 @@ def low_rank_experts(
     )
     if not training or any(a.merged for a in adapters):
         return get_experts_backend(base, w_in)(experts, x_sorted, counts, positions)
+    project_in = _projection(w_in, experts.b_in, lora_in)
+    project_out = _projection(w_out, experts.b_out, lora_out)
     outputs = []
     for e, rows in enumerate(torch.split(x_sorted, [int(n) for n in counts.tolist()])):
         if rows.shape[0]:
-            a = experts.act(_project(rows, w_in, experts.b_in, lora_in, e))
-            outputs.append(_project(a, w_out, experts.b_out, lora_out, e))
+            outputs.append(project_out(e, experts.act(project_in(e, rows))))
     if not outputs:
         return x_sorted.new_zeros(x_sorted.shape)
     return torch.cat(outputs)
