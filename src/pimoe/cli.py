@@ -309,6 +309,19 @@ def serve(
             help="On SIGTERM/Ctrl-C, seconds to let running requests finish before cancelling them.",
         ),
     ] = 10.0,
+    max_num_batched_tokens: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Text generation: most tokens one step processes (one per running stream plus prompt tokens), as vLLM's option of that name.",
+        ),
+    ] = 512,
+    enable_chunked_prefill: Annotated[
+        bool,
+        typer.Option(
+            help="Text generation: prefill a prompt longer than the step's budget in chunks over several steps, so running streams keep decoding (vLLM's option); needs --max-num-batched-tokens >= --max-batch-size.",
+        ),
+    ] = False,
 ) -> None:
     """Serve a model over HTTP (POST /v1/infer, GET /healthz, GET /metrics); language models also get OpenAI-style
     text generation with continuous batching (GET /v1/models, POST /v1/completions, POST /v1/chat/completions)."""
@@ -356,6 +369,8 @@ def serve(
             ssl_keyfile=ssl_keyfile,
             routers=routers,
             chain=chain,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=enable_chunked_prefill,
         )
     except ValueError as err:  # a model file that cannot be served: one line, no traceback
         typer.echo(f"pimoe serve: {' '.join(str(err).split())}", err=True)

@@ -113,3 +113,23 @@ def test_serve_chain_option(
         cli_app, ["serve", "--model", str(demo_path), "--chain", str(tmp_path)]
     )
     assert both.exit_code != 0 and "--chain" in both.output and not calls[1:]
+
+
+def test_serve_chunked_prefill_flags(demo_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pimoe.infer.scheduler import SchedulerConfig
+
+    apps: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    base = ["serve", "--model", str(demo_path), "--max-batch-size", "8"]
+    flags = ["--enable-chunked-prefill", "--max-num-batched-tokens", "64"]
+    result = CliRunner().invoke(cli_app, base + flags)
+    assert result.exit_code == 0, result.output
+    engine = apps[0].state.generation["demo"]
+    assert engine.scheduler == SchedulerConfig(64, enable_chunked_prefill=True)
+    engine.close()
+    apps[0].state.batchers["demo"].close()
+    small = CliRunner().invoke(
+        cli_app, [*base, "--enable-chunked-prefill", "--max-num-batched-tokens", "4"]
+    )
+    assert small.exit_code == 2 and len(apps) == 1
+    assert "max_num_batched_tokens >= max_batch_size (8), got 4" in small.output

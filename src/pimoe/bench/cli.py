@@ -119,6 +119,12 @@ BENCHMARKS: tuple[Bench, ...] = (
                 "Requests of the loopback soak (default 10,000; 2,000 with --quick).",
                 min=1,
             ),
+            _option(
+                "long_prompt",
+                bool,
+                False,
+                "Instead: a long prompt arriving among running streams, chunked prefill off vs on (the streams' inter-token latency).",
+            ),
         ),
     ),
     Bench(
