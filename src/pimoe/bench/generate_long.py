@@ -7,17 +7,19 @@ each, ``stream_max_tokens`` new tokens) start; once every stream has sent text t
 of ``long_prompt_tokens`` tokens arrives. Without chunked prefill its whole prefill runs between
 two decoding steps, so every stream waits for it; with ``enable_chunked_prefill`` it is prefilled
 in chunks of at most ``max_num_batched_tokens`` tokens (less the running streams' tokens), one
-chunk a step, the streams decoding in between. Reported per mode: the streams' inter-token
+chunk a step, the streams decoding in between; that mode runs at each budget of
+``chunked_budgets`` (the first is also the unchunked mode's budget). Reported per mode: the streams' inter-token
 latency (gaps between their text events) p50/p99/max, overall and while the long prompt was
 being prefilled (from its arrival to its first token), the long prompt's time to first token,
-and the engine's step and chunk counts. The modes alternate (off, on, off, on, ...) so a change
-of the machine's load hits both.
+and the engine's step and chunk counts. The modes alternate (off, on, on, off, on, on, ...) so a
+change of the machine's load hits all of them; each figure is the median over the runs.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ class LongPromptConfig:
     stream_prompt_tokens: int = 64
     stream_max_tokens: int = 64
     long_prompt_tokens: int = 1536
-    max_num_batched_tokens: int = 512  # pimoe serve's default
+    chunked_budgets: tuple[int, ...] = (512, 128)  # max_num_batched_tokens; 512: pimoe serve's
     repeats: int = 2  # runs per mode
     threads: int = 1
     seed: int = 0
@@ -52,6 +54,7 @@ def _run_once(
     prompts: list[list[int]],
     long_prompt: list[int],
     cfg: LongPromptConfig,
+    budget: int,
     chunked: bool,
 ) -> dict[str, Any]:
     from pimoe.infer.generation import GenerationEngine, GenerationEvent, SamplingParams
@@ -59,7 +62,7 @@ def _run_once(
     engine = GenerationEngine(
         model,
         max_batch_size=cfg.streams + 1,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_num_batched_tokens=budget,
         enable_chunked_prefill=chunked,
     )
     times: list[list[float]] = [[] for _ in prompts]
@@ -116,12 +119,14 @@ def run(cfg: LongPromptConfig, console: Console | None = None) -> dict[str, Any]
     model = HFGenerationModel(hf, tokenizer)
     prompts = real_prompts(tokenizer, cfg.streams, cfg.stream_prompt_tokens, cfg.seed)
     long_prompt = real_prompts(tokenizer, 1, cfg.long_prompt_tokens, cfg.seed + 1)[0]
-    _run_once(model, prompts[:1], prompts[1][:8], cfg, chunked=False)  # warm-up
-    runs: dict[str, list[dict[str, Any]]] = {"unchunked": [], "chunked": []}
+    _run_once(model, prompts[:1], prompts[1][:8], cfg, cfg.chunked_budgets[0], False)  # warm-up
+    modes = {"unchunked": (cfg.chunked_budgets[0], False)}
+    modes.update({f"chunked_{b}": (b, True) for b in cfg.chunked_budgets})
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for r in range(cfg.repeats):
-        for mode in runs:
+        for mode, (budget, chunked) in modes.items():
             console.print(f"[dim]{mode}, run {r + 1}/{cfg.repeats}[/dim]")
-            runs[mode].append(_run_once(model, prompts, long_prompt, cfg, mode == "chunked"))
+            runs[mode].append(_run_once(model, prompts, long_prompt, cfg, budget, chunked))
     result: dict[str, Any] = {
         **run_header("generate_long_prompt", cfg),
         "load_average_before": load_before,
@@ -130,10 +135,11 @@ def run(cfg: LongPromptConfig, console: Console | None = None) -> dict[str, Any]
     }
     for mode, rs in runs.items():
         for key in ("itl_p50_ms", "itl_p99_ms", "itl_max_ms", "long_ttft_ms"):
-            result[f"{key}_{mode}"] = sorted(x[key] for x in rs)[len(rs) // 2]  # median run
-    result["itl_p99_unchunked_over_chunked"] = (
-        result["itl_p99_ms_unchunked"] / result["itl_p99_ms_chunked"]
-    )
+            result[f"{key}_{mode}"] = statistics.median(x[key] for x in rs)
+    for b in cfg.chunked_budgets:
+        result[f"itl_p99_unchunked_over_chunked_{b}"] = (
+            result["itl_p99_ms_unchunked"] / result[f"itl_p99_ms_chunked_{b}"]
+        )
     _print(result, console)
     return result
 
@@ -142,7 +148,7 @@ def _print(result: dict[str, Any], console: Console) -> None:
     cfg = result["config"]
     table = Table(
         title=f"{cfg['streams']} streams, a {cfg['long_prompt_tokens']}-token prompt arrives "
-        f"(budget {cfg['max_num_batched_tokens']} tokens a step)"
+        f"(unchunked: budget {cfg['chunked_budgets'][0]} tokens a step)"
     )
     for col in ("mode, run", "ITL p50 ms", "ITL p99 ms", "ITL max ms", "long TTFT ms", "chunks"):
         table.add_column(col, justify="right")
