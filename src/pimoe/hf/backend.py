@@ -4,9 +4,10 @@ transformers >= 5 runs the experts of its MoE families (Mixtral, Qwen2/3-MoE, OL
 DeepSeek-V2/V3, GPT-OSS, ...) through ``transformers.integrations.moe.ExpertsInterface``: an
 experts module decorated with ``@use_experts_implementation`` calls the function registered under
 ``config._experts_implementation`` as ``fn(experts, hidden_states [T, D], top_k_index [T, k],
-top_k_weights [T, k]) -> [T, D]``. :func:`pimoe_experts_forward` is such a function: it sorts
-the assignments by expert (:mod:`pimoe.moe.dispatch`), runs
-:func:`pimoe.moe.grouped.grouped_ffn` on the module's own weights (no copy) and combines.
+top_k_weights [T, k]) -> [T, D]``. :func:`pimoe_experts_forward` is such a function: it runs
+the same fast path as :class:`pimoe.moe.PiMoE` (:func:`pimoe.moe.dispatch.dispatch_combine`: plan,
+gather, :func:`pimoe.moe.grouped.grouped_ffn` on the module's own weights, no copy, and the
+weighted combine).
 
 The decorator describes each family's layout, and this backend follows it:
 
@@ -30,8 +31,8 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from pimoe.moe.dispatch import combine, sort_by_expert
-from pimoe.moe.grouped import grouped_ffn
+from pimoe.moe.dispatch import PAD_LIMIT, combine_rows, gather_tokens, plan_dispatch
+from pimoe.moe.grouped import grouped_ffn, grouped_mm_usable
 
 NAME = "pimoe"
 _KNOWN_PARAMETERS = frozenset(
@@ -111,16 +112,21 @@ def pimoe_experts_forward(
     layout = experts_layout(experts)
     num_experts = int(experts.num_experts)
     mask = top_k_index < num_experts if experts._is_expert_parallel else None
-    token_sorted, weight_sorted, counts = sort_by_expert(
-        top_k_index, top_k_weights, num_experts, mask
-    )
-    x_sorted = hidden_states.index_select(0, token_sorted)  # [N, D]
+    weights = (layout.w_in, layout.b_in, layout.w_out, layout.b_out)
+    pad_limit = None if grouped_mm_usable(*weights) else PAD_LIMIT
+    plan = plan_dispatch(top_k_index, num_experts, mask, pad_limit)
     y = grouped_ffn(
-        x_sorted, layout.w_in, layout.b_in, layout.w_out, layout.b_out, counts, layout.act
-    )
+        gather_tokens(hidden_states, plan),
+        layout.w_in,
+        layout.b_in,
+        layout.w_out,
+        layout.b_out,
+        plan.splits,
+        layout.act,
+    )  # [R, D], padding rows ignored by the combine
     if experts.has_post_expert_norm:
         y = experts.post_expert_norm(y)
-    return combine(hidden_states, y, token_sorted, weight_sorted)
+    return combine_rows(y, top_k_weights, plan).to(hidden_states.dtype)
 
 
 def enable() -> None:

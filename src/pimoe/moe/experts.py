@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from pimoe.moe.backends import check_backend, get_experts_backend
 from pimoe.moe.config import Activation
+from pimoe.moe.grouped import grouped_mm_usable
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -187,10 +188,13 @@ class StackedExperts(nn.Module):
 
     @property
     def accepts_padding(self) -> bool:
-        """Whether the dispatcher may pad every expert to the same row count: true for the
-        built-in ``"loop"`` kernel, which then runs all experts as batched matmuls."""
-        weight = self._stored_w_in()
-        return get_experts_backend(self.backend, weight) is get_experts_backend("loop", weight)
+        """Whether the dispatcher should pad every expert to the same row count: true for the
+        built-in ``"loop"`` kernel, which then runs all experts as batched matmuls, unless it
+        runs ``grouped_mm`` on these weights (exact rows, no padding needed)."""
+        loop = get_experts_backend(self.backend, self.w_in) is get_experts_backend(
+            "loop", self.w_in
+        )
+        return loop and not grouped_mm_usable(self.w_in, self.b_in, self.w_out, self.b_out)
 
     def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:
         """``x_sorted [N, D]``, ``counts [E]``, ``positions [N]`` or None -> ``[N, D]``."""

@@ -2,8 +2,15 @@
 
 ``y[rows of e] = act(x[rows of e] @ W_in[e].T + b_in[e]) @ W_out[e].T + b_out[e]``
 
-It is one autograd node for all experts, with two execution strategies:
+Three execution strategies, chosen per call by a fixed rule (measured with ``pimoe bench moe``,
+docs/benchmarks.md):
 
+- ``torch.nn.functional.grouped_mm`` (torch >= 2.10) on CPU when the tensors allow it
+  (:func:`grouped_mm_usable`: float32/bf16/fp16, no biases, 16-byte strides, not under
+  ``torch.compile``): two calls whatever the number of experts, each running every expert's
+  matmul on its exact rows in C++ (no padding, no Python loop); its backward is autograd's
+  (exact per-expert gradients, double backward, and no weight gradient for frozen weights).
+  The dispatcher then does not pad;
 - every expert has the same row count (the dispatcher pads experts to that when it wastes
   little, see :mod:`pimoe.moe.dispatch`): the whole FFN is two batched matmuls over all
   experts, a handful of kernel launches whatever the number of experts. On a busy machine each
@@ -13,7 +20,9 @@ It is one autograd node for all experts, with two execution strategies:
   ``N x 2F`` intermediate (page-faulting such large fresh buffers on every call made an
   all-experts-at-once version slower than the per-expert loop at large sizes).
 
-Its backward writes every expert's weight gradient straight into one ``[E, O, I]`` tensor;
+The last two are one autograd node for all experts; its backward computes only the gradients
+whose inputs require them (``ctx.needs_input_grad``: frozen experts under LoRA get no weight
+gradient) and writes every expert's weight gradient straight into one ``[E, O, I]`` tensor;
 letting autograd handle per-expert weight views (``w.unbind(0)`` or ``w[e]``) costs an extra
 full-size stack of the gradients, or a zero-filled full-size gradient per expert
 (docs/benchmarks.md).
@@ -25,9 +34,56 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 Activation = Callable[[Tensor], Tensor]
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_mm_usable(
+    w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None, x: Tensor | None = None
+) -> bool:
+    """Whether :func:`grouped_ffn` runs ``torch.nn.functional.grouped_mm`` on these operands
+    (``x`` None: on any contiguous input of the weights' dtype): CPU tensors of one
+    float32/bf16/fp16 dtype, no biases, every stride and address a multiple of 16 bytes (the CPU
+    kernel's requirement), outside ``torch.compile``."""
+    if b_in is not None or b_out is not None or not hasattr(F, "grouped_mm"):
+        return False
+    if torch.compiler.is_compiling() or w_in.dtype not in _GROUPED_MM_DTYPES:
+        return False
+    for t in (w_in, w_out) if x is None else (w_in, w_out, x):
+        if t.device.type != "cpu" or t.dtype != w_in.dtype or t.data_ptr() % 16:
+            return False
+        size = t.element_size()
+        if any(st * size % 16 for st, n in zip(t.stride(), t.shape) if st != 1 and n > 1):
+            return False
+    return True
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: ``grouped_mm``'s CPU
+    backward rejects the stride-0 gradient of, e.g., ``y.sum()``."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _grouped_mm_ffn(
+    x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], act: Activation
+) -> Tensor:
+    """``grouped_mm`` path of :func:`grouped_ffn` (no biases; ``x`` rows exactly ``sum(counts)``)."""
+    offsets = torch.tensor(counts, dtype=torch.int32).cumsum_(0)
+    h = F.grouped_mm(x, w_in.transpose(1, 2), offs=offsets)  # [N, F_in]
+    y: Tensor = _ContiguousGrad.apply(  # type: ignore[no-untyped-call]
+        F.grouped_mm(act(h).contiguous(), w_out.transpose(1, 2), offs=offsets)
+    )
+    return y
 
 
 def _in_proj(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -206,6 +262,9 @@ def grouped_ffn(
     tensors = [t for t in (x, w_in, b_in, w_out, b_out) if t is not None]
     keep_hidden = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     splits = counts if isinstance(counts, list) else [int(n) for n in counts.tolist()]
+    if not is_uniform(splits) and grouped_mm_usable(w_in, b_in, w_out, b_out, x := x.contiguous()):
+        with torch.autocast(device_type, enabled=False):
+            return _grouped_mm_ffn(x, w_in, w_out, splits, act)
     with torch.autocast(device_type, enabled=False):
         out: Tensor = _GroupedFFN.apply(x, w_in, b_in, w_out, b_out, splits, act, keep_hidden)  # type: ignore[no-untyped-call]
     return out
