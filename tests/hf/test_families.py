@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
 from pimoe.bench.hf_backend import HFBackendBenchConfig, run
-from pimoe.hf import check_families
+from pimoe.hf import check_families, families
 
 
-def test_check_families_row() -> None:
-    (row,) = check_families(["olmoe"], tokens=16, repeats=1)
+def test_check_families_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    ticks = (
+        itertools.count()
+    )  # a clock that advances 1 s per reading: each timed forward is 1000 ms
+    monkeypatch.setattr(families.time, "perf_counter", lambda: float(next(ticks)))
+    (row,) = check_families(["olmoe"], tokens=16, repeats=3)
     assert row["family"] == "olmoe" and row["experts_class"] == "OlmoeExperts"
     assert row["max_abs_logit_diff"] <= 1e-4 and row["max_abs_grad"] > 0
     assert row["grouped_mm_max_abs_logit_diff"] <= 1e-4
-    assert min(row[f"fwd_ms_{name}"] for name in ("pimoe", "grouped_mm", "eager")) > 0
+    timed = {k: v for k, v in row.items() if k.startswith("fwd_ms_")}
+    assert timed == {f"fwd_ms_{name}": 1000.0 for name in ("pimoe", "grouped_mm", "eager")}
 
 
 def test_check_families_bad_input() -> None:
