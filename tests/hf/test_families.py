@@ -14,9 +14,8 @@ from pimoe.hf import check_families, families
 
 
 def test_check_families_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    ticks = (
-        itertools.count()
-    )  # a clock that advances 1 s per reading: each timed forward is 1000 ms
+    # a clock that advances 1 s per reading: each timed forward takes exactly 1000 ms
+    ticks = itertools.count()
     monkeypatch.setattr(families.time, "perf_counter", lambda: float(next(ticks)))
     (row,) = check_families(["olmoe"], tokens=16, repeats=3)
     assert row["family"] == "olmoe" and row["experts_class"] == "OlmoeExperts"
