@@ -54,6 +54,7 @@ class BalanceBenchConfig:
     router_heldout_windows: int = 2
     router_switch_coefs: list[float] = field(default_factory=lambda: [0.1, 1.0, 3.0])
     router_bias_rates: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 3e-2, 1e-1])
+    baseline: bool = True  # also the contender without balancing
     threads: int = 1
     seed: int = 0
     workloads: tuple[str, ...] = ("lm", "routers")
@@ -103,7 +104,9 @@ def lm_workload(cfg: BalanceBenchConfig, progress: bool = True) -> list[dict[str
 
     train, val = byte_splits(load_pydoc_text())
     base = MoEConfig(num_experts=8, top_k=2, ffn_dim=128)
-    contenders: dict[str, MoEConfig] = {"none": base.replace(aux_loss_coef=0.0)}
+    contenders: dict[str, MoEConfig] = (
+        {"none": base.replace(aux_loss_coef=0.0)} if cfg.baseline else {}
+    )
     for coef in cfg.switch_coefs:
         contenders[f"switch {coef:g}"] = base.replace(aux_loss_coef=coef)
     for rate in cfg.lm_bias_rates:
@@ -174,7 +177,7 @@ def router_workload(cfg: BalanceBenchConfig, progress: bool = True) -> list[dict
     train_inputs = capture_mlp_inputs(dense, calibration, batch_size=2, progress=progress)
     heldout_inputs = capture_mlp_inputs(dense, heldout, batch_size=2, progress=progress)
     assignments = _assignments(dense, train_inputs)
-    contenders: dict[str, dict[str, Any]] = {"none": {"balance": "none"}}
+    contenders: dict[str, dict[str, Any]] = {"none": {"balance": "none"}} if cfg.baseline else {}
     for coef in cfg.router_switch_coefs:
         contenders[f"switch {coef:g}"] = {"balance": "aux_loss", "aux_loss_coef": coef}
     for rate in cfg.router_bias_rates:
