@@ -50,6 +50,12 @@ FRAMES: tuple[tuple[int, str, str], ...] = (
         "from [a stock|a pile|a collection] of {a}?",
         "[{r} {item} are kept.|The stock is {r} {item}.]",
     ),
+    (
+        0,
+        "[A baker|Kim|A depot] [stocked|kept|held] {a} {item}. [Then|Later] {b} [disappeared|vanished|were stolen] "
+        "and {c} [arrived|turned up|were delivered]. [How many {item} are there at the end|What is the end count]?",
+        "[At the end there are {r} {item}.|The end count is {r}.]",
+    ),
     # {a}*{b}+{c}
     (
         1,
@@ -74,6 +80,12 @@ FRAMES: tuple[tuple[int, str, str], ...] = (
         "[What is the total|How many {item} are there] when {a} [groups|batches] [of|with] {b} {item} "
         "[are joined by|get] {c} [more|additional] {item}?",
         "[The total is {r} {item}.|There are {r} {item}.]",
+    ),
+    (
+        1,
+        "[Kim|A florist|The depot] [set out|lined up|prepared] {a} [pots|packets|racks] of {b} {item} [apiece|each] "
+        "[as well as|together with] {c} [stray|extra] {item}. [How many {item} is that in total|What is the total]?",
+        "[In total that is {r} {item}.|The total is {r}.]",
     ),
     # {a}*{b}-{c}
     (
@@ -100,6 +112,12 @@ FRAMES: tuple[tuple[int, str, str], ...] = (
         "How many {item} [are fine|can be used]?",
         "[{r} {item} are fine.|{r} {item} can be used.]",
     ),
+    (
+        2,
+        "[Kim|A baker|The depot] [stocked|loaded] {a} [tins|pallets|cups] [holding|with] {b} {item} [apiece|each]; "
+        "[later|then] {c} {item} [disappeared|vanished|were stolen|went bad]. How many {item} [are still there|survive]?",
+        "[{r} {item} are still there.|{r} {item} survive.]",
+    ),
     # ({a}+{b})*{c}
     (
         3,
@@ -123,6 +141,12 @@ FRAMES: tuple[tuple[int, str, str], ...] = (
         "How [much|many dollars] [do|will] {a} [old|adult] plus {b} [new|young] {item} [cost|bring] at {c} dollars "
         "[per {item}|a piece]?",
         "[They cost {r} dollars.|That brings {r} dollars.]",
+    ),
+    (
+        3,
+        "[Kim|A vendor] sold {a} {item} in the [morning|forenoon] and {b} in the [evening|night], [for|at] {c} "
+        "[coins|dollars] [apiece|each]. [How much did that bring in|What were the sales worth]?",
+        "[That brought in {r}.|The sales were worth {r}.]",
     ),
     # ({a}-{b})/{c}
     (
@@ -149,6 +173,13 @@ FRAMES: tuple[tuple[int, str, str], ...] = (
         "[are set aside|spoil]. How many {item} [go in each|per group]?",
         "[{r} {item} go in each.|Each group gets {r} {item}.]",
     ),
+    (
+        4,
+        "[Kim|A baker|The depot] [began with|stocked] {a} {item}; {b} [vanished|were stolen|went bad]. The "
+        "[others|remaining ones] were [handed out|given] [in equal parts|equally] to {c} [guests|classes|stores]. "
+        "[What did each receive|How many {item} did each receive]?",
+        "[Each received {r} {item}.|Each one received {r}.]",
+    ),
     # {a}*{b}*{c}
     (
         5,
@@ -174,6 +205,12 @@ FRAMES: tuple[tuple[int, str, str], ...] = (
         "[inside|in every one]?",
         "[{r} {item} are stored.|They keep {r} {item}.]",
     ),
+    (
+        5,
+        "[Kim|A museum] [owns|runs] {a} [wings|vans], [every|each] one [with|holding] {b} [cabinets|cases], and "
+        "[every|each] [cabinet|case] [contains|stores] {c} {item}. How many {item} [does it have|are in them]?",
+        "[It has {r} {item}.|{r} {item} are in them.]",
+    ),
     # {a}+{b}+{c}-{d}
     (
         6,
@@ -197,6 +234,12 @@ FRAMES: tuple[tuple[int, str, str], ...] = (
         "[How many|What number of] {item} [are left|remain] [when|if] {d} [are sold|go] from [stacks|heaps] of {a}, {b} "
         "and {c}?",
         "[{r} {item} are left.|{r} remain.]",
+    ),
+    (
+        6,
+        "[Kim|A museum|The depot] [received|took in] {a} {item}, [then|later] {b}, [then|and finally] {c}, [but|yet] "
+        "{d} [disappeared|were stolen|went bad]. [How many {item} are still there|What is the count now]?",
+        "[{r} {item} are still there.|The count is now {r}.]",
     ),
     # ({a}+{b})/{c}
     (
@@ -222,6 +265,12 @@ FRAMES: tuple[tuple[int, str, str], ...] = (
         "[If|When] {a} {item} and {b} [more|other] {item} are [packed|divided] [evenly|equally] into {c} [crates|groups], "
         "how many [go in each|are in each]?",
         "[{r} {item} go in each.|Each has {r} {item}.]",
+    ),
+    (
+        7,
+        "[Kim|A baker|The depot] [mixed|merged|joined] {a} {item} [and|together with] {b} [others|extra ones], then "
+        "[gave|handed] [equal shares|the same amount] to {c} [guests|classes|stores]. How many {item} did each [receive|get]?",
+        "[Each received {r} {item}.|Each one got {r}.]",
     ),
 )
 
