@@ -185,14 +185,17 @@ def main(
     """Entry point of ``pimoe bench generate``. ``quick``: 32 new tokens, fewer requests and a soak
     of 2,000 requests; ``soak_requests`` overrides the soak's request count. ``long_prompt``: run
     the long-prompt scenario instead (:mod:`pimoe.bench.generate_long`; ``quick``: a 1,024-token
-    prompt among streams of 48 new tokens)."""
+    prompt among streams of 48 new tokens; its plot is written next to the JSON)."""
     if long_prompt:
         from pimoe.bench import generate_long
 
         long_cfg = generate_long.LongPromptConfig()
         if quick:
             long_cfg = generate_long.LongPromptConfig(long_prompt_tokens=1024, stream_max_tokens=48)
-        return _write(generate_long.run(long_cfg), json_path)
+        result = _write(generate_long.run(long_cfg), json_path)
+        if json_path is not None:
+            generate_long.plot(result, Path(json_path).with_suffix(".png"))
+        return result
     cfg = GenerateBenchConfig()
     if quick:
         cfg = GenerateBenchConfig(

@@ -23,6 +23,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from rich.console import Console
 from pimoe.bench.child_server import percentile
 from pimoe.bench.generate_clients import real_prompts
 from pimoe.bench.timing import run_header
+from pimoe.io import save_png
 from pimoe.tables import Table
 
 
@@ -104,6 +106,7 @@ def _run_once(
         "long_ttft_ms": (long_first[0] - arrival) * 1000,
         "steps": engine.stats.steps,
         "prefill_chunks": engine.stats.prefill_chunks,
+        "stream_events_s": [[round(x - arrival, 4) for x in t] for t in times],
     }
 
 
@@ -144,6 +147,33 @@ def run(cfg: LongPromptConfig, console: Console | None = None) -> dict[str, Any]
     return result
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """PNG: the streams' text events around the long prompt's arrival (time 0), first run of each
+    mode, the long prompt's prefill shaded (arrival to its first token)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 1.2 + 1.1 * len(runs)), sharex=True)
+    for ax, (mode, rs) in zip(axes, runs.items()):
+        r = rs[0]
+        ax.axvspan(0, r["long_ttft_ms"] / 1000, color="tab:orange", alpha=0.25, lw=0)
+        for i, events in enumerate(r["stream_events_s"]):
+            ax.plot(events, [i] * len(events), "|", color="tab:blue", markersize=8)
+        ax.set_yticks(range(len(r["stream_events_s"])))
+        ax.set_ylabel("stream")
+        ax.set_title(
+            f"{mode}: ITL p99 {r['itl_p99_ms'] / 1000:.1f} s, long prompt's TTFT "
+            f"{r['long_ttft_ms'] / 1000:.1f} s (shaded)",
+            fontsize=9,
+        )
+    axes[-1].set_xlabel("seconds since the long prompt arrived")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
 def _print(result: dict[str, Any], console: Console) -> None:
     cfg = result["config"]
     table = Table(
@@ -165,4 +195,4 @@ def _print(result: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
-__all__ = ["LongPromptConfig", "run"]
+__all__ = ["LongPromptConfig", "plot", "run"]
