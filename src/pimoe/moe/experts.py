@@ -178,27 +178,28 @@ class StackedExperts(nn.Module):
             return F.silu(gate) * up
         return _ACTIVATIONS[self.activation](h)
 
-    def _stored_w_in(self) -> Tensor:
-        """``w_in`` as stored (its device and dtype pick the backend), without evaluating a
-        parametrization of it (a LoRA adapter would form ``W + B A`` on every read)."""
-        if parametrize.is_parametrized(self, "w_in"):
-            original: Tensor = self.parametrizations["w_in"].original  # type: ignore[index,union-attr]
+    def _stored(self, name: str) -> Tensor:
+        """Parameter ``name`` as stored (its device, dtype and strides pick the kernel), without
+        evaluating a parametrization of it (a LoRA adapter would form ``W + B A`` on every read)."""
+        if parametrize.is_parametrized(self, name):
+            original: Tensor = self.parametrizations[name].original  # type: ignore[index,union-attr]
             return original
-        return self.w_in
+        weight: Tensor = getattr(self, name)
+        return weight
 
     @property
     def accepts_padding(self) -> bool:
         """Whether the dispatcher should pad every expert to the same row count: true for the
         built-in ``"loop"`` kernel, which then runs all experts as batched matmuls, unless it
         runs ``grouped_mm`` on these weights (exact rows, no padding needed)."""
-        loop = get_experts_backend(self.backend, self.w_in) is get_experts_backend(
-            "loop", self.w_in
-        )
-        return loop and not grouped_mm_usable(self.w_in, self.b_in, self.w_out, self.b_out)
+        w_in = self._stored("w_in")
+        if get_experts_backend(self.backend, w_in) is not get_experts_backend("loop", w_in):
+            return False
+        return not grouped_mm_usable(w_in, self.b_in, self._stored("w_out"), self.b_out)
 
     def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:
         """``x_sorted [N, D]``, ``counts [E]``, ``positions [N]`` or None -> ``[N, D]``."""
-        backend = get_experts_backend(self.backend, self._stored_w_in())
+        backend = get_experts_backend(self.backend, self._stored("w_in"))
         return backend(self, x_sorted, counts, positions)
 
     def expert(self, e: int) -> nn.Module:
