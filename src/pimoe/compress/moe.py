@@ -76,10 +76,10 @@ def _rebuild(
         if gate_bias is not None:
             router.gate.bias.copy_(gate_bias)
     router.train(old.training)
-    # Deep-copy everything else (shared experts, flags); the memo hands over the new parts.
+    # Deep-copy everything else (shared experts, flags; not the last call's routing, which
+    # MoEOutput leaves out of copies); the memo hands over the new parts.
     new = copy.deepcopy(layer, memo={id(layer.router): router, id(layer.experts): experts})
     new.config, new.num_experts, new.top_k = config, num_experts, top_k
-    new.last_stats = None
     return new
 
 
