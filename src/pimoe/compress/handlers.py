@@ -14,25 +14,9 @@ import torch
 import torch.ao.nn.quantized.dynamic as nnqd
 from torch import nn
 
+from pimoe.compress import configs
 from pimoe.compress._modules import matches, plain_linears, set_module, tied_parameter_ids
 from pimoe.compress.api import StepContext, register_compress_handler
-from pimoe.compress.configs import (
-    CastConfig,
-    ConvChannelPruneConfig,
-    DistillConfig,
-    EmbeddingQuantConfig,
-    ExpertDropConfig,
-    ExpertMergeConfig,
-    HeadPruneConfig,
-    Int4WeightOnlyConfig,
-    Int8DynamicConfig,
-    Int8ExpertsConfig,
-    Int8WeightOnlyConfig,
-    LowRankConfig,
-    MagnitudePruneConfig,
-    NeuronPruneConfig,
-    StaticInt8Config,
-)
 from pimoe.compress.conv import prune_sequential_convs
 from pimoe.compress.distill import call_model, distill
 from pimoe.compress.embedding import quantize_embeddings
@@ -55,8 +39,8 @@ def _joined(changed: list[str], skipped: list[str]) -> str:
     )
 
 
-@register_compress_handler(Int8DynamicConfig)
-def _int8_dynamic(model: nn.Module, config: Int8DynamicConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.Int8DynamicConfig)
+def _int8_dynamic(model: nn.Module, config: configs.Int8DynamicConfig, ctx: StepContext) -> str:
     quantize_dynamic_int8(
         model,
         config.per_channel,
@@ -72,31 +56,35 @@ def _int8_dynamic(model: nn.Module, config: Int8DynamicConfig, ctx: StepContext)
     return f"int8 dynamic, {replaced} Linear/LSTM module(s), {activations}"
 
 
-@register_compress_handler(Int8WeightOnlyConfig)
-def _int8_weight_only(model: nn.Module, config: Int8WeightOnlyConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.Int8WeightOnlyConfig)
+def _int8_weight_only(
+    model: nn.Module, config: configs.Int8WeightOnlyConfig, ctx: StepContext
+) -> str:
     return f"int8 weight-only, {len(quantize_weight_only_int8(model, skip=ctx.skip_names(model)))} Linear(s)"
 
 
-@register_compress_handler(Int4WeightOnlyConfig)
-def _int4_weight_only(model: nn.Module, config: Int4WeightOnlyConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.Int4WeightOnlyConfig)
+def _int4_weight_only(
+    model: nn.Module, config: configs.Int4WeightOnlyConfig, ctx: StepContext
+) -> str:
     replaced = quantize_weight_only_int4(
         model, group_size=config.group_size, skip=ctx.skip_names(model)
     )
     return f"int4 weight-only (group {config.group_size}), {len(replaced)} Linear(s)"
 
 
-@register_compress_handler(Int8ExpertsConfig)
-def _int8_experts(model: nn.Module, config: Int8ExpertsConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.Int8ExpertsConfig)
+def _int8_experts(model: nn.Module, config: configs.Int8ExpertsConfig, ctx: StepContext) -> str:
     replaced = quantize_experts_int8(model, skip=ctx.skip_names(model))
     return f"int8 weight-only experts: {', '.join(replaced) or 'no PiMoE StackedExperts'}"
 
 
-@register_compress_handler(StaticInt8Config)
-def _int8_static(model: nn.Module, config: StaticInt8Config, ctx: StepContext) -> str:
+@register_compress_handler(configs.StaticInt8Config)
+def _int8_static(model: nn.Module, config: configs.StaticInt8Config, ctx: StepContext) -> str:
     from torch.ao.quantization import QuantWrapper, convert, get_default_qconfig, prepare
 
     if config.calibration is None and not ctx.replay:
-        raise ValueError("StaticInt8Config needs calibration batches")
+        raise ValueError("configs.StaticInt8Config needs calibration batches")
     skip, tied = ctx.skip_names(model), tied_parameter_ids(model)
     convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]
     targets = [
@@ -125,14 +113,14 @@ def _int8_static(model: nn.Module, config: StaticInt8Config, ctx: StepContext) -
     return f"int8 static (x86), {len(targets)} Linear/Conv2d layer(s)"
 
 
-@register_compress_handler(CastConfig)
-def _cast(model: nn.Module, config: CastConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.CastConfig)
+def _cast(model: nn.Module, config: configs.CastConfig, ctx: StepContext) -> str:
     model.to(getattr(torch, config.dtype))
     return f"{config.dtype} cast"
 
 
-@register_compress_handler(EmbeddingQuantConfig)
-def _embeddings(model: nn.Module, config: EmbeddingQuantConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.EmbeddingQuantConfig)
+def _embeddings(model: nn.Module, config: configs.EmbeddingQuantConfig, ctx: StepContext) -> str:
     replaced, skipped = quantize_embeddings(
         model,
         config.bits,
@@ -145,8 +133,8 @@ def _embeddings(model: nn.Module, config: EmbeddingQuantConfig, ctx: StepContext
     )
 
 
-@register_compress_handler(LowRankConfig)
-def _low_rank(model: nn.Module, config: LowRankConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.LowRankConfig)
+def _low_rank(model: nn.Module, config: configs.LowRankConfig, ctx: StepContext) -> str:
     if ctx.replay:  # the ranks came from the source's singular values: rebuild them as recorded
         for name, rank in ctx.decisions["ranks"].items():
             linear = model.get_submodule(name)
@@ -177,39 +165,43 @@ def _low_rank(model: nn.Module, config: LowRankConfig, ctx: StepContext) -> str:
     return f"{len(report.replaced)} of {len(report.layers)} Linear(s) factorized"
 
 
-@register_compress_handler(MagnitudePruneConfig)
-def _magnitude_prune(model: nn.Module, config: MagnitudePruneConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.MagnitudePruneConfig)
+def _magnitude_prune(
+    model: nn.Module, config: configs.MagnitudePruneConfig, ctx: StepContext
+) -> str:
     magnitude_prune(model, config.amount, scope=config.scope, skip=ctx.skip_names(model))
     return f"{config.scope} magnitude pruning {config.amount:.0%}"
 
 
-@register_compress_handler(NeuronPruneConfig)
-def _neuron_prune(model: nn.Module, config: NeuronPruneConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.NeuronPruneConfig)
+def _neuron_prune(model: nn.Module, config: configs.NeuronPruneConfig, ctx: StepContext) -> str:
     return _joined(*prune_neurons(model, config.amount, ctx.skip_names(model)))
 
 
-@register_compress_handler(HeadPruneConfig)
-def _head_prune(model: nn.Module, config: HeadPruneConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.HeadPruneConfig)
+def _head_prune(model: nn.Module, config: configs.HeadPruneConfig, ctx: StepContext) -> str:
     return _joined(*prune_attention_heads_noted(model, config.amount, ctx.skip_names(model)))
 
 
-@register_compress_handler(ConvChannelPruneConfig)
-def _conv_channel_prune(model: nn.Module, config: ConvChannelPruneConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.ConvChannelPruneConfig)
+def _conv_channel_prune(
+    model: nn.Module, config: configs.ConvChannelPruneConfig, ctx: StepContext
+) -> str:
     return _joined(prune_sequential_convs(model, config.amount, ctx.skip_names(model)), [])
 
 
-@register_compress_handler(ExpertDropConfig)
-def _expert_drop(model: nn.Module, config: ExpertDropConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.ExpertDropConfig)
+def _expert_drop(model: nn.Module, config: configs.ExpertDropConfig, ctx: StepContext) -> str:
     return _joined(*drop_experts_everywhere(model, config.amount, ctx.skip_names(model)))
 
 
-@register_compress_handler(ExpertMergeConfig)
-def _expert_merge(model: nn.Module, config: ExpertMergeConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.ExpertMergeConfig)
+def _expert_merge(model: nn.Module, config: configs.ExpertMergeConfig, ctx: StepContext) -> str:
     return _joined(*merge_experts_everywhere(model, config.num_experts, ctx.skip_names(model)))
 
 
-@register_compress_handler(DistillConfig)
-def _distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> str:
+@register_compress_handler(configs.DistillConfig)
+def _distill(model: nn.Module, config: configs.DistillConfig, ctx: StepContext) -> str:
     teacher = config.teacher if config.teacher is not None else ctx.teacher
     if config.data is None or teacher is None:
         return "skipped: no distillation data given"

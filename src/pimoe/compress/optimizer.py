@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
+from pimoe.compress import configs as step_configs
 from pimoe.compress._modules import matches
 from pimoe.compress.api import (
     CompressConfig,
@@ -26,22 +27,6 @@ from pimoe.compress.api import (
     check_measure_settings,
     check_order,
     compress_,
-)
-from pimoe.compress.configs import (
-    CastConfig,
-    DistillConfig,
-    EmbeddingQuantConfig,
-    ExpertDropConfig,
-    ExpertMergeConfig,
-    HeadPruneConfig,
-    Int4WeightOnlyConfig,
-    Int8DynamicConfig,
-    Int8ExpertsConfig,
-    Int8WeightOnlyConfig,
-    LowRankConfig,
-    MagnitudePruneConfig,
-    NeuronPruneConfig,
-    StaticInt8Config,
 )
 from pimoe.compress.distill import Batch, LossKind, default_output_fn
 from pimoe.compress.report import CompressionReport, FidelityFn
@@ -177,13 +162,13 @@ class ArchitectureConfig:
         """The configs of the enabled steps, in order (``distill_data`` overrides the field)."""
         data = distill_data if distill_data is not None else self.distill_data
         structured: dict[str, Callable[[], CompressConfig]] = {
-            "drop_experts": lambda: ExpertDropConfig(self.expert_drop_ratio),
-            "merge_experts": lambda: ExpertMergeConfig(self.experts_after_merge),
-            "prune_heads": lambda: HeadPruneConfig(self.head_prune_ratio),
-            "prune_neurons": lambda: NeuronPruneConfig(self.neuron_prune_ratio),
-            "low_rank": lambda: LowRankConfig(ratio=self.compression_ratio),
-            "prune": lambda: MagnitudePruneConfig(self.sparsity_ratio),
-            "distill": lambda: DistillConfig(
+            "drop_experts": lambda: step_configs.ExpertDropConfig(self.expert_drop_ratio),
+            "merge_experts": lambda: step_configs.ExpertMergeConfig(self.experts_after_merge),
+            "prune_heads": lambda: step_configs.HeadPruneConfig(self.head_prune_ratio),
+            "prune_neurons": lambda: step_configs.NeuronPruneConfig(self.neuron_prune_ratio),
+            "low_rank": lambda: step_configs.LowRankConfig(ratio=self.compression_ratio),
+            "prune": lambda: step_configs.MagnitudePruneConfig(self.sparsity_ratio),
+            "distill": lambda: step_configs.DistillConfig(
                 data=data,
                 epochs=self.distill_epochs,
                 steps=self.distill_steps,
@@ -209,21 +194,24 @@ class ArchitectureConfig:
         if bits == 32:
             configs = []
         elif bits == 16:
-            configs = [CastConfig("bfloat16")]
+            configs = [step_configs.CastConfig("bfloat16")]
         elif bits == 4:
-            configs = [Int4WeightOnlyConfig(32)]
+            configs = [step_configs.Int4WeightOnlyConfig(32)]
         elif self.quantization_mode == "static":
-            configs = [StaticInt8Config(calibration=data)]
+            configs = [step_configs.StaticInt8Config(calibration=data)]
         elif self.quantization_mode == "weight_only":
-            configs = [Int8WeightOnlyConfig(), Int8ExpertsConfig()]
+            configs = [step_configs.Int8WeightOnlyConfig(), step_configs.Int8ExpertsConfig()]
         else:
-            configs = [Int8DynamicConfig(full_range=self.int8_full_range), Int8ExpertsConfig()]
+            configs = [
+                step_configs.Int8DynamicConfig(full_range=self.int8_full_range),
+                step_configs.Int8ExpertsConfig(),
+            ]
         embedding_bits = (
             (4 if bits == 8 else 0) if self.embedding_bits is None else self.embedding_bits
         )
         if embedding_bits:
             configs.append(
-                EmbeddingQuantConfig(
+                step_configs.EmbeddingQuantConfig(
                     embedding_bits, tuple(self.embedding_patterns), self.embedding_group_size
                 )
             )
@@ -242,7 +230,7 @@ class ArchitectureOptimizer:
 
     Example::
 
-        optimizer = ArchitectureOptimizer([LowRankConfig(ratio=0.5), Int8DynamicConfig()])
+        optimizer = ArchitectureOptimizer([step_configs.LowRankConfig(ratio=0.5), step_configs.Int8DynamicConfig()])
         small, report = optimizer.optimize(model, x)      # model itself is unchanged
         ArchitectureOptimizer(ArchitectureConfig(quantization_bits=8))   # the original knobs
 
@@ -287,14 +275,14 @@ class ArchitectureOptimizer:
         )
         out: list[CompressConfig] = []
         for config in configs:
-            if isinstance(config, DistillConfig):
+            if isinstance(config, step_configs.DistillConfig):
                 config = dataclasses.replace(
                     config,
                     data=config.data if distill_data is None else distill_data,
                     teacher=config.teacher if config.teacher is not None else model,
                 )
             elif (
-                isinstance(config, StaticInt8Config)
+                isinstance(config, step_configs.StaticInt8Config)
                 and config.calibration is None
                 and distill_data is not None
             ):
