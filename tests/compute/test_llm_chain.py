@@ -148,6 +148,7 @@ def test_router_that_never_fires_is_the_lm_alone(trained) -> None:
     _rig(chain, fire=False)
     for question in ("Tom has 12 apples and 30 pears.", "No numbers here?"):
         run, alone = chain.run(question, 12), lm_only(chain.runner, question, 12)
+        assert alone.text  # precondition: the LM alone does not stop at once (the chain may not)
         assert (run.text, run.generated_tokens, run.forward_passes) == (
             alone.text,
             alone.generated_tokens,
