@@ -219,3 +219,27 @@ def test_api_key_and_pimoe_lm(tiny_hf: HFGenerationModel) -> None:
         )  # /v1/infer stays
         metrics = http.get("/metrics", headers={"authorization": "Bearer s3cret"}).text
         assert 'pimoe_generated_tokens_total{model="lm"} 8.0' in metrics
+
+
+def test_chunked_prefill_served_gives_the_unchunked_text(
+    server: tuple[httpx.Client, GenerationEngine], tiny_hf: HFGenerationModel
+) -> None:
+    from pimoe.data import load_pydoc_text
+
+    long = tiny_hf.decode(tiny_hf.encode(load_pydoc_text()[:3000].decode("utf-8", "ignore"))[:150])
+    expected = server[1].generate(tiny_hf.encode(long), SamplingParams(max_tokens=8, temperature=0))
+    app = create_app(
+        {},
+        generators={"chunked": tiny_hf},
+        max_batch_size=4,
+        max_num_batched_tokens=16,
+        enable_chunked_prefill=True,
+    )
+    with LiveServer(app) as http:
+        client = _client(http)
+        out = client.completions.create(model="chunked", prompt=long, max_tokens=8, temperature=0)
+        engine = app.state.generation["chunked"]
+        assert engine.stats.prefill_chunks >= 150 // 16  # the prompt really was chunked
+    assert (
+        out.choices[0].text == expected.text and out.usage.prompt_tokens == expected.prompt_tokens
+    )
