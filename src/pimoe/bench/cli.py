@@ -83,13 +83,19 @@ BENCHMARKS: tuple[Bench, ...] = (
         "Aux-loss-free (bias) balancing vs the Switch aux loss: demo LM and SmolLM2 router training (imbalance, held-out loss).",
         "Smoke-sized runs of both workloads.",
         ("models",),
+        (
+            _option(
+                "steps", int | None, None, "Training steps of both workloads (default 40).", min=1
+            ),
+        ),
     ),
     Bench(
         "expert-lora",
         "expert_lora",
-        "LoRA on experts + attention vs full fine-tuning of the upcycled SmolLM2 (held-out loss, trainable parameters, step time).",
+        "LoRA on experts + attention vs full fine-tuning of the upcycled SmolLM2 (held-out loss, trainable parameters, step time, memory).",
         "Fewer steps and held-out windows.",
         ("models",),
+        (_option("steps", int | None, None, "Fine-tuning steps (default 10).", min=1),),
     ),
     Bench(
         "quantized-experts",
