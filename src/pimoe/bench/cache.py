@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.infer import InferenceCache, belady_hits, make_key, make_policy, simulate_hits
 from pimoe.infer.policies import Cache, LFUCache
 from pimoe.io import atomic_write_text
 from pimoe.privacy.crypto import generate_key
-from pimoe.tables import Table
 
 POLICIES: dict[str, Callable[[int], Cache]] = {
     "fifo": lambda n: make_policy("fifo", n),
@@ -162,20 +162,22 @@ def run(cfg: CacheBenchConfig, console: Console | None = None) -> dict:
 
 
 def _print(result: dict, console: Console) -> None:
-    table = Table(title="Hit rate per policy vs Belady's MIN (offline optimum), same trace")
-    for col in ("trace", "cache", "FIFO", "LRU", "LFU", "LFU perfect", "TinyLFU", "Belady"):
-        table.add_column(col, justify="right")
-    for r in result["hit_rates"]:
-        table.add_row(r["trace"], str(r["cache"]), *(f"{r[p]:.3f}" for p in (*POLICIES, "belady")))
-    console.print(table)
-    costs_table = Table(
-        title=f"InferenceCache cost per operation, {result['config']['value_bytes']} B tensors (µs)"
+    print_table(
+        console,
+        "Hit rate per policy vs Belady's MIN (offline optimum), same trace",
+        ("trace", "cache", "FIFO", "LRU", "LFU", "LFU perfect", "TinyLFU", "Belady"),
+        [
+            (r["trace"], str(r["cache"]), *(f"{r[p]:.3f}" for p in (*POLICIES, "belady")))
+            for r in result["hit_rates"]
+        ],
     )
-    costs_table.add_column("operation")
-    costs_table.add_column("µs", justify="right")
-    for name, us in result["cost_us"].items():
-        costs_table.add_row(name, f"{us:.1f}")
-    console.print(costs_table)
+    print_table(
+        console,
+        f"InferenceCache cost per operation, {result['config']['value_bytes']} B tensors (µs)",
+        ("operation", "µs"),
+        [(name, f"{us:.1f}") for name, us in result["cost_us"].items()],
+        left=1,
+    )
 
 
 def main(quick: bool = False, json_path: Path | None = None) -> dict:

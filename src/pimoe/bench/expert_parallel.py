@@ -22,11 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from rich.console import Console
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.io import atomic_write_text
 from pimoe.moe import PiMoE
 from pimoe.moe.parallel import ExpertParallelMoE, init_process_group
-from pimoe.tables import Table
 
 
 @dataclass
@@ -178,32 +178,33 @@ def run(cfg: EPBenchConfig, console: Console | None = None) -> dict:
 
 def _print(result: dict, console: Console) -> None:
     cfg = result["config"]
-    table = Table(
-        title=f"Expert parallelism: gloo, {result['cpu_count']} cores, 1 thread and "
-        f"{cfg['tokens_per_rank']} tokens per process"
-    )
     peers = list(result["single_process"] or {})
-    for col in (
-        "procs",
-        "fwd tok/s",
-        "f+b tok/s",
-        *[f"f+b / 1 proc {p.split('_')[0]} thr" for p in peers],
-        "a2a B/tok f+b",
-        "max |diff|",
-        "over-sub",
-    ):
-        table.add_column(col, justify="right")
-    for r in result["rows"]:
-        table.add_row(
-            str(r["processes"]),
-            f"{r['fwd_tokens_per_s']:,.0f}",
-            f"{r['fwdbwd_tokens_per_s']:,.0f}",
-            *[f"{r[f'fwdbwd_vs_single_{p}']:.2f}" for p in peers],
-            f"{r['a2a_bytes_per_token_fwdbwd']:,.0f}",
-            f"{r['max_abs_diff_vs_single_process']:.0e}",
-            "yes" if r["oversubscribed"] else "no",
-        )
-    console.print(table)
+    print_table(
+        console,
+        f"Expert parallelism: gloo, {result['cpu_count']} cores, 1 thread and "
+        f"{cfg['tokens_per_rank']} tokens per process",
+        (
+            "procs",
+            "fwd tok/s",
+            "f+b tok/s",
+            *[f"f+b / 1 proc {p.split('_')[0]} thr" for p in peers],
+            "a2a B/tok f+b",
+            "max |diff|",
+            "over-sub",
+        ),
+        [
+            (
+                str(r["processes"]),
+                f"{r['fwd_tokens_per_s']:,.0f}",
+                f"{r['fwdbwd_tokens_per_s']:,.0f}",
+                *[f"{r[f'fwdbwd_vs_single_{p}']:.2f}" for p in peers],
+                f"{r['a2a_bytes_per_token_fwdbwd']:,.0f}",
+                f"{r['max_abs_diff_vs_single_process']:.0e}",
+                "yes" if r["oversubscribed"] else "no",
+            )
+            for r in result["rows"]
+        ],
+    )
     for name, peer in (result["single_process"] or {}).items():
         console.print(
             f"single-process PiMoE, {name.split('_')[0]} thread(s): fwd {peer['fwd_tokens_per_s']:,.0f} "

@@ -18,13 +18,13 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.federated.config import FederatedConfig
 from pimoe.federated.plot import plot_accuracy
 from pimoe.federated.simulation import run_federated
 from pimoe.federated.task import centralized_accuracy, load_task
 from pimoe.io import atomic_write_text
-from pimoe.tables import Table
 
 
 @dataclass
@@ -83,33 +83,34 @@ def run(cfg: FederatedBenchConfig, console: Console | None = None) -> dict:
 
 def _print(result: dict, console: Console) -> None:
     cfg = result["config"]["base"]
-    table = Table(
-        title=f"{cfg['clients']} clients, {cfg['rounds']} rounds, {cfg['fraction']:.0%} sampled; "
-        f"centralized accuracy {result['centralized_accuracy']:.3f} (same run)"
+    print_table(
+        console,
+        f"{cfg['clients']} clients, {cfg['rounds']} rounds, {cfg['fraction']:.0%} sampled; "
+        f"centralized accuracy {result['centralized_accuracy']:.3f} (same run)",
+        (
+            "strategy",
+            "partition",
+            "dropout",
+            "clients/round",
+            "final acc",
+            "/ centralized",
+            "rounds to 90%",
+            "s",
+        ),
+        [
+            (
+                r["strategy"],
+                r["partition"],
+                f"{r['dropout']:.0%}",
+                f"{r['mean_clients_per_round']:.1f}",
+                f"{r['final_accuracy']:.3f}",
+                f"{r['ratio_to_centralized']:.3f}",
+                str(r["rounds_to_90pct"]),
+                f"{r['seconds']:.0f}",
+            )
+            for r in result["runs"]
+        ],
     )
-    for col in (
-        "strategy",
-        "partition",
-        "dropout",
-        "clients/round",
-        "final acc",
-        "/ centralized",
-        "rounds to 90%",
-        "s",
-    ):
-        table.add_column(col, justify="right")
-    for r in result["runs"]:
-        table.add_row(
-            r["strategy"],
-            r["partition"],
-            f"{r['dropout']:.0%}",
-            f"{r['mean_clients_per_round']:.1f}",
-            f"{r['final_accuracy']:.3f}",
-            f"{r['ratio_to_centralized']:.3f}",
-            str(r["rounds_to_90pct"]),
-            f"{r['seconds']:.0f}",
-        )
-    console.print(table)
 
 
 def main(quick: bool = False, json_path: Path | None = None, backend: str | None = None) -> dict:

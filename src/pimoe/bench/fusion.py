@@ -16,6 +16,7 @@ from rich.console import Console
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.fusion import (
     METHODS,
@@ -27,7 +28,6 @@ from pimoe.fusion import (
     recall_at_k,
 )
 from pimoe.io import atomic_write_text
-from pimoe.tables import Table
 
 Views = dict[str, Tensor]
 
@@ -168,15 +168,16 @@ def run(cfg: FusionBenchConfig, console: Console | None = None) -> dict:
 
 def _print(result: dict, console: Console) -> None:
     best = result["best_single_sensor_acc"]
-    table = Table(
-        title=f"Digits seen by two noisy sensors (top/bottom half): test accuracy, "
-        f"mean of {result['config']['seeds']} seeds"
+    print_table(
+        console,
+        f"Digits seen by two noisy sensors (top/bottom half): test accuracy, "
+        f"mean of {result['config']['seeds']} seeds",
+        ("model", "accuracy", "vs best single sensor", "train s"),
+        [
+            (name, f"{r['acc']:.3f}", f"{r['acc'] - best:+.3f}", f"{r['train_s']:.1f}")
+            for name, r in result["classification"].items()
+        ],
     )
-    for col in ("model", "accuracy", "vs best single sensor", "train s"):
-        table.add_column(col, justify="right")
-    for name, r in result["classification"].items():
-        table.add_row(name, f"{r['acc']:.3f}", f"{r['acc'] - best:+.3f}", f"{r['train_s']:.1f}")
-    console.print(table)
     r = result["retrieval"]
     console.print(
         f"Cross-modal retrieval over {r['gallery_size']} test images: recall@1 {r['recall_at_1']:.3f} "

@@ -22,6 +22,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.data.digits import digits_split
 from pimoe.federated.digits import DigitsTask, client_split, mlp
@@ -30,7 +31,6 @@ from pimoe.io import atomic_write_text, save_png
 from pimoe.privacy import he
 from pimoe.privacy.dp import Accountant, epsilon, make_private, train_private
 from pimoe.privacy.secagg import SecAggClient, decode, encode, unmask_sum
-from pimoe.tables import Table
 
 
 @dataclass
@@ -274,59 +274,50 @@ def run(cfg: PrivacyBenchConfig, console: Console | None = None) -> dict:
 
 def _print(result: dict, console: Console) -> None:
     cfg, peer = result["config"], result["non_private"]
-    table = Table(
-        title=f"DP-SGD on digits (MLP 64-128-10, {cfg['epochs']} epochs, delta {cfg['delta']:g}, "
-        f"{cfg['seeds']} seed(s)); non-private accuracy {peer['accuracy_mean']:.3f}"
+    print_table(
+        console,
+        f"DP-SGD on digits (MLP 64-128-10, {cfg['epochs']} epochs, delta {cfg['delta']:g}, "
+        f"{cfg['seeds']} seed(s)); non-private accuracy {peer['accuracy_mean']:.3f}",
+        (
+            "target ε",
+            "ε spent",
+            "noise σ",
+            "accuracy (min-max)",
+            "x non-private acc",
+            "x non-private time",
+        ),
+        [
+            (
+                f"{r['target_epsilon']:g}",
+                f"{r['epsilon_spent']:.2f}",
+                f"{r['noise_multiplier']:.2f}",
+                f"{r['accuracy_mean']:.3f} ({r['accuracy_min']:.3f}-{r['accuracy_max']:.3f})",
+                f"{r['accuracy_ratio_to_non_private']:.3f}",
+                f"{r['time_ratio_to_non_private']:.1f}",
+            )
+            for r in result["dp"]
+        ],
     )
-    for col in (
-        "target ε",
-        "ε spent",
-        "noise σ",
-        "accuracy (min-max)",
-        "x non-private acc",
-        "x non-private time",
-    ):
-        table.add_column(col, justify="right")
-    for r in result["dp"]:
-        table.add_row(
-            f"{r['target_epsilon']:g}",
-            f"{r['epsilon_spent']:.2f}",
-            f"{r['noise_multiplier']:.2f}",
-            f"{r['accuracy_mean']:.3f} ({r['accuracy_min']:.3f}-{r['accuracy_max']:.3f})",
-            f"{r['accuracy_ratio_to_non_private']:.3f}",
-            f"{r['time_ratio_to_non_private']:.1f}",
-        )
-    console.print(table)
-    table = Table(
-        title="Secure aggregation (pairwise masks), one round; ms (keygen, mask: per client)"
+    print_table(
+        console,
+        "Secure aggregation (pairwise masks), one round; ms (keygen, mask: per client)",
+        ("N", "drop", "exact", "error", "keygen", "mask", "unmask", "+drop", "plain", "B/fp32"),
+        [
+            (
+                str(r["clients"]),
+                str(r["dropped"]),
+                str(r["bit_exact"]),
+                f"{max(r['max_abs_error'], r['max_abs_error_with_dropped']):.1e}",
+                f"{r['keygen_ms_per_client']:.2f}",
+                f"{r['mask_ms_per_client']:.2f}",
+                f"{r['unmask_ms']:.2f}",
+                f"{r['unmask_with_dropped_ms']:.2f}",
+                f"{r['plaintext_sum_ms']:.3f}",
+                f"{r['bytes_ratio_to_fp32']:.2f}",
+            )
+            for r in result["secagg"]
+        ],
     )
-    for col in (
-        "N",
-        "drop",
-        "exact",
-        "error",
-        "keygen",
-        "mask",
-        "unmask",
-        "+drop",
-        "plain",
-        "B/fp32",
-    ):
-        table.add_column(col, justify="right")
-    for r in result["secagg"]:
-        table.add_row(
-            str(r["clients"]),
-            str(r["dropped"]),
-            str(r["bit_exact"]),
-            f"{max(r['max_abs_error'], r['max_abs_error_with_dropped']):.1e}",
-            f"{r['keygen_ms_per_client']:.2f}",
-            f"{r['mask_ms_per_client']:.2f}",
-            f"{r['unmask_ms']:.2f}",
-            f"{r['unmask_with_dropped_ms']:.2f}",
-            f"{r['plaintext_sum_ms']:.3f}",
-            f"{r['bytes_ratio_to_fp32']:.2f}",
-        )
-    console.print(table)
     h = result["he"]
     console.print(
         f"CKKS aggregation, {h['clients']} clients x {h['dim']} floats: max error of the mean {h['max_abs_error']:.1e}, "
