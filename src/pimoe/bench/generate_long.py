@@ -31,9 +31,9 @@ from rich.console import Console
 
 from pimoe.bench.child_server import percentile
 from pimoe.bench.generate_clients import real_prompts
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.io import save_png
-from pimoe.tables import Table
 
 
 @dataclass
@@ -176,15 +176,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def _print(result: dict[str, Any], console: Console) -> None:
     cfg = result["config"]
-    table = Table(
-        title=f"{cfg['streams']} streams, a {cfg['long_prompt_tokens']}-token prompt arrives "
-        f"(unchunked: budget {cfg['chunked_budgets'][0]} tokens a step)"
-    )
-    for col in ("mode, run", "ITL p50 ms", "ITL p99 ms", "ITL max ms", "long TTFT ms", "chunks"):
-        table.add_column(col, justify="right")
-    for mode, rs in result["runs"].items():
-        for i, r in enumerate(rs):
-            table.add_row(
+    print_table(
+        console,
+        f"{cfg['streams']} streams, a {cfg['long_prompt_tokens']}-token prompt arrives "
+        f"(unchunked: budget {cfg['chunked_budgets'][0]} tokens a step)",
+        ("mode, run", "ITL p50 ms", "ITL p99 ms", "ITL max ms", "long TTFT ms", "chunks"),
+        [
+            (
                 f"{mode}, {i + 1}",
                 f"{r['itl_p50_ms']:.0f}",
                 f"{r['itl_p99_ms']:.0f}",
@@ -192,7 +190,10 @@ def _print(result: dict[str, Any], console: Console) -> None:
                 f"{r['long_ttft_ms']:.0f}",
                 str(r["prefill_chunks"]),
             )
-    console.print(table)
+            for mode, rs in result["runs"].items()
+            for i, r in enumerate(rs)
+        ],
+    )
 
 
 __all__ = ["LongPromptConfig", "plot", "run"]

@@ -32,9 +32,9 @@ from pimoe.adapt import (
     trainable_params,
 )
 from pimoe.bench.meta_fewshot import FewShotSetup, ci95, fewshot_accuracy
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text, save_png
-from pimoe.tables import Table
 
 # Finn et al. 2017, Fig. 3 (K=5, read from the chart).
 PAPER_K5 = {"maml_1step": 0.7, "maml_from_4_steps": 0.3, "pretrained": "> 2"}
@@ -220,31 +220,45 @@ def run_all(
 
 
 def _print(result: dict, console: Console) -> None:
-    table = Table(
-        title="Sinusoid regression: query MSE after k SGD steps on K points (mean ± 95% CI)"
+    print_table(
+        console,
+        "Sinusoid regression: query MSE after k SGD steps on K points (mean ± 95% CI)",
+        ("K", "model", "0 steps", "1 step", "4 steps", "10 steps", "paper (K=5, Fig. 3)"),
+        [
+            (
+                str(k),
+                name,
+                *(f"{r[name][s][0]:.3f} ± {r[name][s][1]:.3f}" for s in (0, 1, 4, 10)),
+                paper if k == 5 else "",
+            )
+            for k, r in result["sinusoid"].items()
+            for name, paper in (("maml", "0.7 / 0.3 from 4 steps"), ("pretrained", "> 2"))
+        ],
     )
-    for col in ("K", "model", "0 steps", "1 step", "4 steps", "10 steps", "paper (K=5, Fig. 3)"):
-        table.add_column(col, justify="right")
-    for k, r in result["sinusoid"].items():
-        for name, paper in (("maml", "0.7 / 0.3 from 4 steps"), ("pretrained", "> 2")):
-            cells = [f"{r[name][s][0]:.3f} ± {r[name][s][1]:.3f}" for s in (0, 1, 4, 10)]
-            table.add_row(str(k), name, *cells, paper if k == 5 else "")
-    console.print(table)
-    fs = Table(title="5-way few-shot on unseen digits 5-9 (query accuracy, mean ± 95% CI)")
-    for col in ("shots", "pixel nearest mean", "ProtoNet", "MAML"):
-        fs.add_column(col, justify="right")
-    for s, r in result["fewshot"].items():
-        fs.add_row(
-            str(s),
-            *(f"{r[m][0]:.3f} ± {r[m][1]:.3f}" for m in ("pixel_nearest_mean", "protonet", "maml")),
-        )
-    console.print(fs)
-    cl = Table(title="Digits 0-4 then 5-9 (task-incremental): accuracy on held-out images")
-    for col in ("method", "A after A", "A after B", "B after B"):
-        cl.add_column(col, justify="right")
-    for method, r in result["continual"].items():
-        cl.add_row(method, *(f"{r[c]:.3f}" for c in ("task_a_after_a", "task_a_after_b", "task_b")))
-    console.print(cl)
+    print_table(
+        console,
+        "5-way few-shot on unseen digits 5-9 (query accuracy, mean ± 95% CI)",
+        ("shots", "pixel nearest mean", "ProtoNet", "MAML"),
+        [
+            (
+                str(s),
+                *(
+                    f"{r[m][0]:.3f} ± {r[m][1]:.3f}"
+                    for m in ("pixel_nearest_mean", "protonet", "maml")
+                ),
+            )
+            for s, r in result["fewshot"].items()
+        ],
+    )
+    print_table(
+        console,
+        "Digits 0-4 then 5-9 (task-incremental): accuracy on held-out images",
+        ("method", "A after A", "A after B", "B after B"),
+        [
+            (method, *(f"{r[c]:.3f}" for c in ("task_a_after_a", "task_a_after_b", "task_b")))
+            for method, r in result["continual"].items()
+        ],
+    )
 
 
 def _plot(sin: dict, path: Path) -> None:

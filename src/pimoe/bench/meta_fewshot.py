@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from pimoe.adapt import MAML, ConvNet, DigitsEpisodes, ProtoNet, Task, load_digits_tensors, run
 from pimoe.adapt.backbones import Norm
+from pimoe.bench.printing import print_table
 from pimoe.io import atomic_write_text
-from pimoe.tables import Table
 
 META_TRAIN, META_TEST = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 
@@ -315,21 +315,23 @@ def ablation(
 
 def print_ablation(result: dict, console: Console | None = None) -> None:
     """The ablation as a table: mean accuracy over seeds, spread, first seed's 95% CI."""
-    table = Table(
-        title=f"5-way few-shot on unseen digits 5-9, seeds {result['seeds']}, "
-        f"{result['eval_episodes']} test episodes each"
+    print_table(
+        console or Console(),
+        f"5-way few-shot on unseen digits 5-9, seeds {result['seeds']}, "
+        f"{result['eval_episodes']} test episodes each",
+        ("setting", "accuracy", "spread over seeds", "95% CI (first seed)", "s"),
+        [
+            (
+                r["name"],
+                f"{r['mean']:.3f}",
+                f"{r['spread']:.3f}",
+                f"± {r['per_seed'][0][1]:.3f}",
+                f"{r['seconds']:.0f}",
+            )
+            for r in result["rows"]
+        ],
+        left=1,
     )
-    for col in ("setting", "accuracy", "spread over seeds", "95% CI (first seed)", "s"):
-        table.add_column(col, justify="left" if col == "setting" else "right")
-    for r in result["rows"]:
-        table.add_row(
-            r["name"],
-            f"{r['mean']:.3f}",
-            f"{r['spread']:.3f}",
-            f"± {r['per_seed'][0][1]:.3f}",
-            f"{r['seconds']:.0f}",
-        )
-    (console or Console()).print(table)
 
 
 if __name__ == "__main__":
