@@ -9,7 +9,7 @@ lists of ``"name: what"`` strings for the report.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
@@ -64,42 +64,48 @@ def prune_neurons(model: nn.Module, amount: float, skip: Iterable[str] = ()) -> 
     return changed, []
 
 
-def _moe_layers(model: nn.Module, skip: tuple[str, ...]) -> Iterable[tuple[str, PiMoE]]:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, PiMoE) and not matches(name, skip):
-            yield name, module
+def _resize_moe_layers(
+    model: nn.Module, skip: Iterable[str], resize: Callable[[PiMoE], PiMoE | str]
+) -> Changes:
+    """Replace every PiMoE layer (``StackedExperts``, token-choice routing) by ``resize(layer)``;
+    a string from ``resize`` is the reason a layer stays as it is."""
+    changed, skipped = [], []
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, PiMoE) or matches(name, tuple(skip)):
+            continue
+        if not isinstance(layer.experts, StackedExperts) or layer.router.routing != "token_choice":
+            skipped.append(f"{name}: needs StackedExperts and token-choice routing")
+            continue
+        new = resize(layer)
+        if isinstance(new, str):
+            skipped.append(f"{name}: {new}")
+            continue
+        set_module(model, name, new)
+        changed.append(f"{name}: {layer.num_experts} -> {new.num_experts} experts")
+    return changed, skipped
 
 
 def drop_experts_everywhere(model: nn.Module, amount: float, skip: Iterable[str] = ()) -> Changes:
     """Drop the ``round(amount * E)`` experts with the smallest weight norm in every PiMoE layer
     (``StackedExperts``, token-choice routing); other layers are skipped and listed."""
-    changed, skipped = [], []
-    for name, layer in _moe_layers(model, tuple(skip)):
-        if not isinstance(layer.experts, StackedExperts) or layer.router.routing != "token_choice":
-            skipped.append(f"{name}: needs StackedExperts and token-choice routing")
-            continue
-        new = drop_experts(layer, amount=amount, by="weight_norm")
-        set_module(model, name, new)
-        changed.append(f"{name}: {layer.num_experts} -> {new.num_experts} experts")
-    return changed, skipped
+    return _resize_moe_layers(
+        model, skip, lambda layer: drop_experts(layer, amount=amount, by="weight_norm")
+    )
 
 
 def merge_experts_everywhere(
     model: nn.Module, num_experts_after: int, skip: Iterable[str] = ()
 ) -> Changes:
     """Merge every PiMoE layer's experts down to ``num_experts_after`` by router-row similarity."""
-    changed, skipped = [], []
-    for name, layer in _moe_layers(model, tuple(skip)):
-        if not isinstance(layer.experts, StackedExperts) or layer.router.routing != "token_choice":
-            skipped.append(f"{name}: needs StackedExperts and token-choice routing")
-            continue
-        if layer.num_experts <= num_experts_after:
-            skipped.append(f"{name}: already {layer.num_experts} experts")
-            continue
-        new = merge_similar_experts(layer, num_experts_after, by="router")
-        set_module(model, name, new)
-        changed.append(f"{name}: {layer.num_experts} -> {new.num_experts} experts")
-    return changed, skipped
+    return _resize_moe_layers(
+        model,
+        skip,
+        lambda layer: (
+            f"already {layer.num_experts} experts"
+            if layer.num_experts <= num_experts_after
+            else merge_similar_experts(layer, num_experts_after, by="router")
+        ),
+    )
 
 
 def prune_attention_heads_noted(
