@@ -2,7 +2,9 @@
 
 Two shapes at d_model 512, SwiGLU experts, fp32: 8 experts top-2 of width 1024 (Mixtral-like)
 and 64 experts top-8 of width 256 (fine-grained, as OLMoE / Qwen3-MoE). All MoE contenders share
-the same weights (``PiMoE.from_hf(block)``); the run checks that their outputs agree. The dense
+the same weights (``PiMoE.from_hf(block)``); the run checks that their outputs agree. PiMoE runs
+twice: with its default experts kernel (``grouped_mm`` on exact rows where usable) and with
+``backend="padded"`` (experts padded to equal row counts, batched matmuls). The dense
 limit is one SwiGLU FFN of width ``top_k * ffn_dim`` on every token: the same active FLOPs as
 the MoE layer with no routing, sorting or gathering. Every contender runs once per round, in
 turn, so that the machine's load drift hits all of them alike; ratios are medians over rounds.
@@ -14,7 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from rich.console import Console
@@ -23,7 +25,7 @@ from torch import nn
 from pimoe.bench.timing import geomean, interleaved_medians, load_average, run_header
 from pimoe.io import atomic_write_text
 from pimoe.models.progress import Progress
-from pimoe.moe import PiMoE, SwiGLU
+from pimoe.moe import PiMoE, StackedExperts, SwiGLU
 from pimoe.tables import Table
 
 # name -> (experts, top_k, expert width)
@@ -87,9 +89,12 @@ def _contenders(cfg: MoEBenchConfig, shape: tuple[int, int, int]) -> dict[str, n
     hf_grouped = _hf_block(cfg.d_model, shape, "grouped_mm")
     hf_grouped.load_state_dict(hf_eager.state_dict())
     _, top_k, width = shape
+    padded = PiMoE.from_hf(hf_eager)
+    cast(StackedExperts, padded.experts).backend = "padded"
     return {
         "dense": SwiGLU(cfg.d_model, top_k * width),
         "pimoe": PiMoE.from_hf(hf_eager),
+        "pimoe_padded": padded,
         "hf_eager": hf_eager,
         "hf_grouped_mm": hf_grouped,
     }
@@ -104,8 +109,8 @@ def _measure_shape(
         x = torch.randn(1, tokens, cfg.d_model)
         with torch.inference_mode():
             ours = contenders["pimoe"](x)
-            for hf in HF_CONTENDERS:
-                max_diff = max(max_diff, (ours - contenders[hf](x)).abs().max().item())
+            for other in (*HF_CONTENDERS, "pimoe_padded"):
+                max_diff = max(max_diff, (ours - contenders[other](x)).abs().max().item())
         for backward in (False, True):
             fns = {
                 key: _step(m, x, backward, list(m.parameters())) for key, m in contenders.items()
@@ -180,6 +185,7 @@ def _print(result: dict[str, Any], console: Console) -> None:
         "mode",
         "dense ms",
         "pimoe",
+        "pimoe padded",
         "HF eager",
         "HF grouped_mm",
         "pimoe / best HF",
@@ -193,6 +199,7 @@ def _print(result: dict[str, Any], console: Console) -> None:
             r["mode"],
             f"{r['dense_ms']:.1f}",
             f"{r['pimoe_vs_dense']:.2f}",
+            f"{r['pimoe_padded_vs_dense']:.2f}",
             f"{r['hf_eager_vs_dense']:.2f}",
             f"{r['hf_grouped_mm_vs_dense']:.2f}",
             f"{r['pimoe_vs_best_hf']:.2f}",
@@ -207,14 +214,24 @@ def _print(result: dict[str, Any], console: Console) -> None:
 
 
 def main(
-    quick: bool = False, json_path: Path | None = None, rounds: int | None = None, threads: int = 2
+    quick: bool = False,
+    json_path: Path | None = None,
+    rounds: int | None = None,
+    threads: int = 2,
+    shapes: list[str] | None = None,
+    tokens: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Entry point of ``pimoe bench moe`` and ``benchmarks/moe_layer.py``."""
+    """Entry point of ``pimoe bench moe`` and ``benchmarks/moe_layer.py``; ``shapes`` / ``tokens``
+    restrict the run (e.g. one shape at 16384 tokens)."""
     cfg = MoEBenchConfig(threads=threads)
     if quick:
         cfg = MoEBenchConfig(tokens=[128, 512], rounds=5, threads=threads)
     if rounds is not None:
         cfg.rounds = rounds
+    if shapes is not None:
+        cfg.shapes = shapes
+    if tokens is not None:
+        cfg.tokens = tokens
     result = run(cfg)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))

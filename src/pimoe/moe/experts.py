@@ -190,10 +190,13 @@ class StackedExperts(nn.Module):
     @property
     def accepts_padding(self) -> bool:
         """Whether the dispatcher should pad every expert to the same row count: true for the
-        built-in ``"loop"`` kernel, which then runs all experts as batched matmuls, unless it
-        runs ``grouped_mm`` on these weights (exact rows, no padding needed)."""
+        ``"padded"`` backend, and for ``"loop"`` where it cannot run ``grouped_mm`` on these
+        weights (the padded experts then run as batched matmuls)."""
         w_in = self._stored("w_in")
-        if get_experts_backend(self.backend, w_in) is not get_experts_backend("loop", w_in):
+        backend = get_experts_backend(self.backend, w_in)
+        if backend is get_experts_backend("padded", w_in):
+            return True
+        if backend is not get_experts_backend("loop", w_in):
             return False
         return not grouped_mm_usable(w_in, self.b_in, self._stored("w_out"), self.b_out)
 

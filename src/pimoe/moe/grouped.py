@@ -240,6 +240,7 @@ def grouped_ffn(
     b_out: Tensor | None,
     counts: Tensor | list[int],
     act: Activation,
+    use_grouped_mm: bool = True,
 ) -> Tensor:
     """Run expert ``e``'s FFN on its rows of ``x``, for every expert.
 
@@ -249,6 +250,8 @@ def grouped_ffn(
         w_out: ``[E, D, F]``; b_out: ``[E, D]`` or None.
         counts: ``[E]`` rows per expert (sums to ``N``), a tensor or a list.
         act: ``[n, F_in] -> [n, F]`` (e.g. SwiGLU's ``silu(gate) * up``).
+        use_grouped_mm: run ``grouped_mm`` where :func:`grouped_mm_usable` allows it (False:
+            batched matmuls for equal counts, else one expert at a time).
 
     Returns:
         ``[N, D]``, in the autocast dtype under autocast, else in ``x``'s dtype.
@@ -262,7 +265,11 @@ def grouped_ffn(
     tensors = [t for t in (x, w_in, b_in, w_out, b_out) if t is not None]
     keep_hidden = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     splits = counts if isinstance(counts, list) else [int(n) for n in counts.tolist()]
-    if not is_uniform(splits) and grouped_mm_usable(w_in, b_in, w_out, b_out, x := x.contiguous()):
+    if (
+        use_grouped_mm
+        and not is_uniform(splits)
+        and grouped_mm_usable(w_in, b_in, w_out, b_out, x := x.contiguous())
+    ):
         with torch.autocast(device_type, enabled=False):
             return _grouped_mm_ffn(x, w_in, w_out, splits, act)
     with torch.autocast(device_type, enabled=False):
