@@ -140,3 +140,21 @@ def test_frozen_experts_get_no_weight_gradient_work(counts: list[int], dtype: to
     assert (
         matmuls[False] == 2 * matmuls[True] > 0
     )  # per expert: 2 input-gradient + 2 weight matmuls
+
+
+def test_backends_agree_in_training() -> None:
+    """loop (grouped_mm here), padded and grouped_mm: same outputs and gradients, including the
+    stride-0 gradient of ``.sum()``."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16)
+    results = []
+    for backend in ("loop", "padded", "grouped_mm"):
+        torch.manual_seed(1)
+        layer = PiMoE(16, num_experts=4, top_k=2, ffn_dim=16, backend=backend)
+        out = layer(x)
+        out.sum().backward()
+        results.append((out.detach(), [p.grad for p in layer.parameters()]))
+    for out, grads in results[1:]:
+        torch.testing.assert_close(out, results[0][0])
+        for a, b in zip(grads, results[0][1]):
+            torch.testing.assert_close(a, b)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pimoe.moe.grouped import grouped_ffn
+from pimoe.moe.grouped import contiguous_grad, grouped_ffn
 
 if TYPE_CHECKING:
     from pimoe.moe.experts import StackedExperts
@@ -90,7 +90,7 @@ def _grouped_mm(
     y = F.grouped_mm(experts.act(h), experts.w_out.transpose(-2, -1), offs=offsets)  # [N, D]
     if experts.b_out is not None:
         y = y + experts.b_out.repeat_interleave(counts, dim=0, output_size=x_sorted.shape[0])
-    return y
+    return contiguous_grad(y)
 
 
 def _padded(

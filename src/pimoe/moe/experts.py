@@ -136,7 +136,8 @@ class StackedExperts(nn.Module):
         backend: a name from :mod:`pimoe.moe.backends`: ``"loop"`` runs each expert's FFN on its
             slice inside a single autograd node (:func:`pimoe.moe.grouped.grouped_ffn`).
             ``"grouped_mm"`` uses ``torch.nn.functional.grouped_mm`` (one kernel, no host sync;
-            for CUDA, where it is fastest in bf16; its CPU backward fails in torch 2.13).
+            for CUDA, where it is fastest in bf16). ``"padded"``: ``"loop"`` without
+            ``grouped_mm`` (padded experts, batched matmuls).
             ``"auto"`` picks grouped_mm for bf16 weights on CUDA when torch has it, else loop.
     """
 

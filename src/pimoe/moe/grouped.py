@@ -80,10 +80,14 @@ def _grouped_mm_ffn(
     """``grouped_mm`` path of :func:`grouped_ffn` (no biases; ``x`` rows exactly ``sum(counts)``)."""
     offsets = torch.tensor(counts, dtype=torch.int32).cumsum_(0)
     h = F.grouped_mm(x, w_in.transpose(1, 2), offs=offsets)  # [N, F_in]
-    y: Tensor = _ContiguousGrad.apply(  # type: ignore[no-untyped-call]
-        F.grouped_mm(act(h).contiguous(), w_out.transpose(1, 2), offs=offsets)
-    )
-    return y
+    return contiguous_grad(F.grouped_mm(act(h).contiguous(), w_out.transpose(1, 2), offs=offsets))
+
+
+def contiguous_grad(y: Tensor) -> Tensor:
+    """``y`` unchanged, with its incoming gradient made contiguous in the backward (what
+    ``grouped_mm``'s CPU backward needs)."""
+    out: Tensor = _ContiguousGrad.apply(y)  # type: ignore[no-untyped-call]
+    return out
 
 
 def _in_proj(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
