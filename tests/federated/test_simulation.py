@@ -107,6 +107,11 @@ def test_personal_layers_stay_on_clients():
     assert not torch.equal(final["head.weight"], start["head.weight"])  # while shared layers were
 
 
+# Ray's node startup leaves /dev/null handles open and its helper processes to its own shutdown
+@pytest.mark.filterwarnings(
+    "ignore:unclosed file <_io.(TextIOWrapper|FileIO) name='/dev/null':ResourceWarning"
+)
+@pytest.mark.filterwarnings("ignore:subprocess [0-9]+ is still running:ResourceWarning")
 def test_ray_simulation_matches_in_process():
     """Flower's Ray backend (the scalable path) gives the same run as the in-process grid."""
     cfg = FederatedConfig(**{**SMALL, "clients": 4}, dropout=0.25)

@@ -5,7 +5,6 @@ import pytest
 from pimoe.bench.privacy import PrivacyBenchConfig, plot, run
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_privacy_benchmark_small(tmp_path) -> None:
     cfg = PrivacyBenchConfig(
         epsilons=[8.0],

@@ -102,6 +102,7 @@ def _kill_mid_write(path: Path) -> list[str]:
         finally:
             child.kill()
             child.wait(timeout=30)
+            child.stdout.close()  # type: ignore[union-attr]
         if _temps(path.parent):
             return _temps(path.parent)
     raise AssertionError("no save was caught mid-write")
