@@ -21,6 +21,7 @@ from pimoe.compute.llm_bench import (
 )
 from pimoe.compute.llm_train import train_chain
 from pimoe.compute.tool_call_lora import (
+    ALL_LINEAR,
     IGNORE,
     ToolLoRASettings,
     _batch,
@@ -65,7 +66,8 @@ def test_training_lowers_the_tool_loss_and_leaves_the_base_alone() -> None:
     assert report["loss_final"] < report["loss_first"]
     adapters = lora_adapters(tuned)
     assert adapters and all(isinstance(a, LoRALinear) for a in adapters.values())
-    assert {name.rpartition(".")[2] for name in adapters} == {"q_proj", "v_proj"}
+    assert {name.rpartition(".")[2] for name in adapters} == set(ALL_LINEAR)
+    assert len(adapters) == len(ALL_LINEAR) * model.config.num_hidden_layers
     assert report["params"] == sum(a.lora_A.numel() + a.lora_B.numel() for a in adapters.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

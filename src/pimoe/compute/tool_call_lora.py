@@ -1,7 +1,7 @@
 """The LoRA-tuned tool call: baseline (c) with its LM tuned, not few-shot prompted.
 
-A copy of the frozen LM gets LoRA adapters (:mod:`pimoe.moe.lora`, rank ``r`` on the attention
-``q_proj`` / ``v_proj`` by default; the base weights stay frozen) trained on the chain's own
+A copy of the frozen LM gets LoRA adapters (:mod:`pimoe.moe.lora`, rank ``r`` on every linear
+layer of the decoder blocks by default, :data:`ALL_LINEAR`; the base weights stay frozen) trained on the chain's own
 training problems (the train split of :class:`~pimoe.compute.word_problems.WordProblemSet`,
 problems ``0 .. problems-1``) to answer in the tool-call format, with no few-shot prefix::
 
@@ -44,6 +44,7 @@ from pimoe.moe.lora import LoRAConfig, add_lora, load_lora, merge_lora, save_lor
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE = -100  # label of positions without a loss (transformers' convention)
 REPORT_FILE = "training.json"
 
@@ -66,7 +67,7 @@ class ToolLoRASettings:
     lr: float = 2e-3
     r: int = 8
     lora_alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ALL_LINEAR
 
     def __post_init__(self) -> None:
         for name in ("problems", "epochs", "batch_size"):
