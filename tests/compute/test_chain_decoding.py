@@ -146,3 +146,13 @@ def test_other_format_is_refused_and_cached_elsewhere(
     before = chain_cache_dir("tiny", SETTINGS, "abc")
     monkeypatch.setattr("pimoe.compute.llm_demo.CHAIN_FORMAT", 99)
     assert chain_cache_dir("tiny", SETTINGS, "abc") != before
+
+
+def test_demo_cache_key_follows_the_training_phrasings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pimoe.compute.word_problems import TEMPLATES
+
+    before = chain_cache_dir("tiny", SETTINGS, "abc")
+    assert chain_cache_dir("tiny", SETTINGS, "abc") == before
+    fewer = {**TEMPLATES, "train": TEMPLATES["train"][:-1]}
+    monkeypatch.setattr("pimoe.compute.llm_demo.TEMPLATES", fewer)
+    assert chain_cache_dir("tiny", SETTINGS, "abc") != before

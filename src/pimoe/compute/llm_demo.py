@@ -20,7 +20,7 @@ from pimoe.compute.llm_bench import EVAL_OFFSET
 from pimoe.compute.llm_chain import CHAIN_FORMAT, CONFIG_FILE, ComputationChain
 from pimoe.compute.llm_prompts import final_number
 from pimoe.compute.llm_train import ChainTrainSettings, train_chain
-from pimoe.compute.word_problems import WordProblemSet
+from pimoe.compute.word_problems import TEMPLATES, WordProblemSet
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -28,13 +28,20 @@ if TYPE_CHECKING:
 
 def chain_cache_dir(name: str, settings: ChainTrainSettings, fingerprint: str) -> Path:
     """Cache folder of the chain trained on ``name`` (whose weights have ``fingerprint``) with
-    ``settings`` in the current :data:`~pimoe.compute.llm_chain.CHAIN_FORMAT` (a chain saved in
-    another format lives under another key, so it is retrained, never loaded)."""
+    ``settings`` on the current training phrasings in the current
+    :data:`~pimoe.compute.llm_chain.CHAIN_FORMAT` (a chain saved in another format or trained on
+    other phrasings lives under another key, so it is retrained, never loaded)."""
     from pimoe.models import cache_root
 
     key = hashlib.sha256(
         json.dumps(
-            {"model": fingerprint, "format": CHAIN_FORMAT, **asdict(settings)}, sort_keys=True
+            {
+                "model": fingerprint,
+                "format": CHAIN_FORMAT,
+                "phrasings": [asdict(t) for t in TEMPLATES["train"]],
+                **asdict(settings),
+            },
+            sort_keys=True,
         ).encode()
     ).hexdigest()
     return cache_root() / "chain" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{key[:12]}"
