@@ -30,7 +30,6 @@ def test_small_benchmark_reports_ratios_and_agreement_with_hf(
     for r in rows:  # pimoe / best HF is measured against the faster of the two HF backends
         best = min(r["hf_eager_vs_dense"], r["hf_grouped_mm_vs_dense"])
         assert r["pimoe_vs_best_hf"] == pytest.approx(r["pimoe_vs_dense"] / best)
-    assert all(r["pimoe_padded_vs_dense"] > 0 for r in rows)  # the padded kernel, same outputs
     assert result["worst_pimoe_vs_best_hf"] == max(r["pimoe_vs_best_hf"] for r in rows)
     assert result["load_start"] >= 0 and result["geomean_pimoe_vs_best_hf"] == pytest.approx(
         geomean([r["pimoe_vs_best_hf"] for r in rows])

@@ -116,8 +116,8 @@ def test_grouped_mm_usable_rules() -> None:
     assert not grouped_mm_usable(w_in.double(), None, w_out.double(), None)
     odd_in, odd_out = _weights(4, 6, 8)  # 24-byte rows
     assert not grouped_mm_usable(odd_in, None, odd_out, None)
-    assert not PiMoE(16, num_experts=4, ffn_dim=8).experts.accepts_padding
-    assert PiMoE(16, num_experts=4, ffn_dim=8, bias=True).experts.accepts_padding
+    assert grouped_mm_usable(w_in, None, w_out, None, torch.randn(5, 16))
+    assert not grouped_mm_usable(w_in, None, w_out, None, torch.randn(5, 16).double())
 
 
 @pytest.mark.parametrize(
@@ -143,12 +143,12 @@ def test_frozen_experts_get_no_weight_gradient_work(counts: list[int], dtype: to
 
 
 def test_backends_agree_in_training() -> None:
-    """loop (grouped_mm here), padded and grouped_mm: same outputs and gradients, including the
-    stride-0 gradient of ``.sum()``."""
+    """loop (padded batched matmuls here) and grouped_mm: same outputs and gradients, including
+    the stride-0 gradient of ``.sum()``."""
     torch.manual_seed(0)
     x = torch.randn(2, 9, 16)
     results = []
-    for backend in ("loop", "padded", "grouped_mm"):
+    for backend in ("loop", "grouped_mm"):
         torch.manual_seed(1)
         layer = PiMoE(16, num_experts=4, top_k=2, ffn_dim=16, backend=backend)
         out = layer(x)

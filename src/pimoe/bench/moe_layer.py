@@ -2,9 +2,7 @@
 
 Two shapes at d_model 512, SwiGLU experts, fp32: 8 experts top-2 of width 1024 (Mixtral-like)
 and 64 experts top-8 of width 256 (fine-grained, as OLMoE / Qwen3-MoE). All MoE contenders share
-the same weights (``PiMoE.from_hf(block)``); the run checks that their outputs agree. PiMoE runs
-twice: with its default experts kernel (``grouped_mm`` on exact rows where usable) and with
-``backend="padded"`` (experts padded to equal row counts, batched matmuls). The dense
+the same weights (``PiMoE.from_hf(block)``); the run checks that their outputs agree. The dense
 limit is one SwiGLU FFN of width ``top_k * ffn_dim`` on every token: the same active FLOPs as
 the MoE layer with no routing, sorting or gathering. Every contender runs once per round, in
 turn, so that the machine's load drift hits all of them alike; ratios are medians over rounds.
@@ -16,7 +14,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -25,7 +23,7 @@ from torch import nn
 from pimoe.bench.timing import geomean, interleaved_medians, load_average, run_header
 from pimoe.io import atomic_write_text
 from pimoe.models.progress import Progress
-from pimoe.moe import PiMoE, StackedExperts, SwiGLU
+from pimoe.moe import PiMoE, SwiGLU
 from pimoe.tables import Table
 
 # name -> (experts, top_k, expert width)
@@ -89,12 +87,9 @@ def _contenders(cfg: MoEBenchConfig, shape: tuple[int, int, int]) -> dict[str, n
     hf_grouped = _hf_block(cfg.d_model, shape, "grouped_mm")
     hf_grouped.load_state_dict(hf_eager.state_dict())
     _, top_k, width = shape
-    padded = PiMoE.from_hf(hf_eager)
-    cast(StackedExperts, padded.experts).backend = "padded"
     return {
         "dense": SwiGLU(cfg.d_model, top_k * width),
         "pimoe": PiMoE.from_hf(hf_eager),
-        "pimoe_padded": padded,
         "hf_eager": hf_eager,
         "hf_grouped_mm": hf_grouped,
     }
@@ -109,8 +104,8 @@ def _measure_shape(
         x = torch.randn(1, tokens, cfg.d_model)
         with torch.inference_mode():
             ours = contenders["pimoe"](x)
-            for other in (*HF_CONTENDERS, "pimoe_padded"):
-                max_diff = max(max_diff, (ours - contenders[other](x)).abs().max().item())
+            for hf in HF_CONTENDERS:
+                max_diff = max(max_diff, (ours - contenders[hf](x)).abs().max().item())
         for backward in (False, True):
             fns = {
                 key: _step(m, x, backward, list(m.parameters())) for key, m in contenders.items()
@@ -185,7 +180,6 @@ def _print(result: dict[str, Any], console: Console) -> None:
         "mode",
         "dense ms",
         "pimoe",
-        "pimoe padded",
         "HF eager",
         "HF grouped_mm",
         "pimoe / best HF",
@@ -199,7 +193,6 @@ def _print(result: dict[str, Any], console: Console) -> None:
             r["mode"],
             f"{r['dense_ms']:.1f}",
             f"{r['pimoe_vs_dense']:.2f}",
-            f"{r['pimoe_padded_vs_dense']:.2f}",
             f"{r['hf_eager_vs_dense']:.2f}",
             f"{r['hf_grouped_mm_vs_dense']:.2f}",
             f"{r['pimoe_vs_best_hf']:.2f}",

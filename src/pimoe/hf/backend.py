@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 
 from pimoe.moe.dispatch import PAD_LIMIT, combine_rows, gather_tokens, plan_dispatch
-from pimoe.moe.grouped import grouped_ffn, grouped_mm_usable
+from pimoe.moe.grouped import grouped_ffn
 
 NAME = "pimoe"
 _KNOWN_PARAMETERS = frozenset(
@@ -112,9 +112,7 @@ def pimoe_experts_forward(
     layout = experts_layout(experts)
     num_experts = int(experts.num_experts)
     mask = top_k_index < num_experts if experts._is_expert_parallel else None
-    weights = (layout.w_in, layout.b_in, layout.w_out, layout.b_out)
-    pad_limit = None if grouped_mm_usable(*weights) else PAD_LIMIT
-    plan = plan_dispatch(top_k_index, num_experts, mask, pad_limit)
+    plan = plan_dispatch(top_k_index, num_experts, mask, PAD_LIMIT)
     y = grouped_ffn(
         gather_tokens(hidden_states, plan),
         layout.w_in,

@@ -9,11 +9,9 @@ A backend is a function ``fn(experts, x_sorted, counts, positions) -> y_sorted``
   index into the layer's flattened tokens, or what the caller passed as positions);
 - returns ``[N, D]`` in the same order.
 
-Built-ins: ``"loop"`` (:func:`pimoe.moe.grouped.grouped_ffn`, the CPU default: ``grouped_mm``
-on exact rows where usable, else batched matmuls over padded experts or one expert at a time),
-``"padded"`` (the same kernel without ``grouped_mm``: the dispatcher pads every expert to the
-largest row count when that at most doubles the rows, and two batched matmuls run all experts;
-fewer parallel regions, which wins on an oversubscribed CPU), ``"grouped_mm"`` (``torch.nn.functional.grouped_mm``, one kernel; for CUDA bf16), and
+Built-ins: ``"loop"`` (:func:`pimoe.moe.grouped.grouped_ffn`, the CPU default: batched matmuls
+over experts padded to equal row counts, else ``grouped_mm`` on the exact rows where usable, else
+one expert at a time), ``"grouped_mm"`` (``torch.nn.functional.grouped_mm``, one kernel; for CUDA bf16), and
 ``"auto"`` (grouped_mm for bf16 weights on CUDA when torch has it, else loop). Register your own
 with :func:`register_experts_backend` and select it with ``MoEConfig(backend=name)``; the same
 grouped kernel is registered with transformers by :mod:`pimoe.hf`.
@@ -93,21 +91,5 @@ def _grouped_mm(
     return contiguous_grad(y)
 
 
-def _padded(
-    experts: StackedExperts, x_sorted: Tensor, counts: Tensor, positions: Tensor | None
-) -> Tensor:
-    return grouped_ffn(
-        x_sorted,
-        experts.w_in,
-        experts.b_in,
-        experts.w_out,
-        experts.b_out,
-        counts,
-        experts.act,
-        use_grouped_mm=False,
-    )
-
-
 register_experts_backend("loop", _loop)
-register_experts_backend("padded", _padded)
 register_experts_backend("grouped_mm", _grouped_mm)

@@ -20,7 +20,6 @@ from torch.nn.utils import parametrize
 
 from pimoe.moe.backends import check_backend, get_experts_backend
 from pimoe.moe.config import Activation
-from pimoe.moe.grouped import grouped_mm_usable
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -136,8 +135,7 @@ class StackedExperts(nn.Module):
         backend: a name from :mod:`pimoe.moe.backends`: ``"loop"`` runs each expert's FFN on its
             slice inside a single autograd node (:func:`pimoe.moe.grouped.grouped_ffn`).
             ``"grouped_mm"`` uses ``torch.nn.functional.grouped_mm`` (one kernel, no host sync;
-            for CUDA, where it is fastest in bf16). ``"padded"``: ``"loop"`` without
-            ``grouped_mm`` (padded experts, batched matmuls).
+            for CUDA, where it is fastest in bf16).
             ``"auto"`` picks grouped_mm for bf16 weights on CUDA when torch has it, else loop.
     """
 
@@ -190,16 +188,10 @@ class StackedExperts(nn.Module):
 
     @property
     def accepts_padding(self) -> bool:
-        """Whether the dispatcher should pad every expert to the same row count: true for the
-        ``"padded"`` backend, and for ``"loop"`` where it cannot run ``grouped_mm`` on these
-        weights (the padded experts then run as batched matmuls)."""
+        """Whether the dispatcher may pad every expert to the same row count: true for the
+        built-in ``"loop"`` kernel, which then runs all experts as batched matmuls."""
         w_in = self._stored("w_in")
-        backend = get_experts_backend(self.backend, w_in)
-        if backend is get_experts_backend("padded", w_in):
-            return True
-        if backend is not get_experts_backend("loop", w_in):
-            return False
-        return not grouped_mm_usable(w_in, self.b_in, self._stored("w_out"), self.b_out)
+        return get_experts_backend(self.backend, w_in) is get_experts_backend("loop", w_in)
 
     def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:
         """``x_sorted [N, D]``, ``counts [E]``, ``positions [N]`` or None -> ``[N, D]``."""

@@ -5,22 +5,21 @@
 Three execution strategies, chosen per call by a fixed rule (measured with ``pimoe bench moe``,
 docs/benchmarks.md):
 
-- ``torch.nn.functional.grouped_mm`` (torch >= 2.10) on CPU when the tensors allow it
-  (:func:`grouped_mm_usable`: float32/bf16/fp16, no biases, 16-byte strides, not under
-  ``torch.compile``): two calls whatever the number of experts, each running every expert's
-  matmul on its exact rows in C++ (no padding, no Python loop); its backward is autograd's
-  (exact per-expert gradients, double backward, and no weight gradient for frozen weights).
-  The dispatcher then does not pad;
-- every expert has the same row count (the dispatcher pads experts to that when it wastes
-  little, see :mod:`pimoe.moe.dispatch`): the whole FFN is two batched matmuls over all
-  experts, a handful of kernel launches whatever the number of experts. On a busy machine each
-  multi-threaded launch may wait for a descheduled thread, so the launch count, not the FLOPs,
-  decides small batches;
+- every expert has the same row count (the dispatcher pads experts to that when it at most
+  doubles the rows, see :mod:`pimoe.moe.dispatch`): the whole FFN is two batched matmuls over
+  all experts, a handful of kernel launches whatever the number of experts. This beat
+  ``grouped_mm`` on exact rows at 128 and 512 tokens on 2 threads, quiet or loaded: each
+  multi-threaded launch may wait for a descheduled thread, so the launch count, not the
+  FLOPs, decides small batches;
+- otherwise (idle experts: decoding) ``torch.nn.functional.grouped_mm`` where
+  :func:`grouped_mm_usable` allows it (CPU, float32/bf16/fp16, no biases, 16-byte strides, not
+  under ``torch.compile``): every expert's matmul on its exact rows in one C++ call; autograd's
+  backward (exact, double backward, no weight gradient for frozen weights);
 - otherwise one expert at a time on its slice, so that inference never allocates the
   ``N x 2F`` intermediate (page-faulting such large fresh buffers on every call made an
   all-experts-at-once version slower than the per-expert loop at large sizes).
 
-The last two are one autograd node for all experts; its backward computes only the gradients
+The first and last are one autograd node for all experts; its backward computes only the gradients
 whose inputs require them (``ctx.needs_input_grad``: frozen experts under LoRA get no weight
 gradient) and writes every expert's weight gradient straight into one ``[E, O, I]`` tensor;
 letting autograd handle per-expert weight views (``w.unbind(0)`` or ``w[e]``) costs an extra
@@ -244,7 +243,6 @@ def grouped_ffn(
     b_out: Tensor | None,
     counts: Tensor | list[int],
     act: Activation,
-    use_grouped_mm: bool = True,
 ) -> Tensor:
     """Run expert ``e``'s FFN on its rows of ``x``, for every expert.
 
@@ -254,8 +252,6 @@ def grouped_ffn(
         w_out: ``[E, D, F]``; b_out: ``[E, D]`` or None.
         counts: ``[E]`` rows per expert (sums to ``N``), a tensor or a list.
         act: ``[n, F_in] -> [n, F]`` (e.g. SwiGLU's ``silu(gate) * up``).
-        use_grouped_mm: run ``grouped_mm`` where :func:`grouped_mm_usable` allows it (False:
-            batched matmuls for equal counts, else one expert at a time).
 
     Returns:
         ``[N, D]``, in the autocast dtype under autocast, else in ``x``'s dtype.
@@ -269,11 +265,7 @@ def grouped_ffn(
     tensors = [t for t in (x, w_in, b_in, w_out, b_out) if t is not None]
     keep_hidden = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     splits = counts if isinstance(counts, list) else [int(n) for n in counts.tolist()]
-    if (
-        use_grouped_mm
-        and not is_uniform(splits)
-        and grouped_mm_usable(w_in, b_in, w_out, b_out, x := x.contiguous())
-    ):
+    if not is_uniform(splits) and grouped_mm_usable(w_in, b_in, w_out, b_out, x := x.contiguous()):
         with torch.autocast(device_type, enabled=False):
             return _grouped_mm_ffn(x, w_in, w_out, splits, act)
     with torch.autocast(device_type, enabled=False):
