@@ -278,7 +278,7 @@ def print_report(result: dict, console: Console | None = None) -> None:
         "median latency ms",
         "engine calls",
     ):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=column == "pipeline")
     for name in PIPELINES + ((LORA_PIPELINE,) if f"accuracy_{LORA_PIPELINE}" in result else ()):
         table.add_row(
             name,
