@@ -27,6 +27,7 @@ from pimoe.compute.tool_call_lora import (
     _batch,
     cached_tool_lora,
     tool_example,
+    tool_lora_cache_dir,
     tool_loss,
     train_tool_lora,
 )
@@ -89,6 +90,16 @@ def test_cached_adapters_load_to_the_same_outputs(tmp_path: Path, monkeypatch) -
     assert not torch.allclose(out, base, atol=1e-4)  # the adapters did change the model
     _, _, other = cached_tool_lora(model, tokenizer, "tiny", replace(settings, r=4), progress=False)
     assert other == "trained"  # other settings, another cache entry
+
+
+def test_cache_key_follows_the_training_phrasings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pimoe.compute.word_problems import TEMPLATES
+
+    before = tool_lora_cache_dir("tiny", TINY, "abc")
+    assert tool_lora_cache_dir("tiny", TINY, "abc") == before
+    fewer = {**TEMPLATES, "train": TEMPLATES["train"][:-1]}
+    monkeypatch.setattr("pimoe.compute.tool_call_lora.TEMPLATES", fewer)
+    assert tool_lora_cache_dir("tiny", TINY, "abc") != before
 
 
 def test_call_checks_separate_copying_from_the_operator_tree() -> None:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pimoe.compute.llm_prompts import question_block
-from pimoe.compute.word_problems import WordProblem, WordProblemSet
+from pimoe.compute.word_problems import TEMPLATES, WordProblem, WordProblemSet
 from pimoe.io import atomic_write_text, tensor_digest
 from pimoe.moe.lora import LoRAConfig, add_lora, load_lora, merge_lora, save_lora
 
@@ -186,11 +186,20 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def tool_lora_cache_dir(name: str, settings: ToolLoRASettings, fingerprint: str) -> Path:
-    """Cache folder of the adapters trained on ``name`` (weights ``fingerprint``) with ``settings``."""
+    """Cache folder of the adapters trained on ``name`` (weights ``fingerprint``) with ``settings``
+    on the current training phrasings (adapters trained on other phrasings live under another key,
+    so they are retrained, never loaded)."""
     from pimoe.models import cache_root
 
     key = hashlib.sha256(
-        json.dumps({"model": fingerprint, **asdict(settings)}, sort_keys=True).encode()
+        json.dumps(
+            {
+                "model": fingerprint,
+                "phrasings": [asdict(t) for t in TEMPLATES["train"]],
+                **asdict(settings),
+            },
+            sort_keys=True,
+        ).encode()
     ).hexdigest()
     return cache_root() / "tool_lora" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{key[:12]}"
 
