@@ -158,3 +158,11 @@ def test_backends_agree_in_training() -> None:
         torch.testing.assert_close(out, results[0][0])
         for a, b in zip(grads, results[0][1]):
             torch.testing.assert_close(a, b)
+
+
+def test_padding_only_for_small_mean_rows_per_expert() -> None:
+    from pimoe.moe.dispatch import PAD_MAX_MEAN_ROWS, plan_dispatch
+
+    for mean_rows, padded in ((PAD_MAX_MEAN_ROWS, True), (PAD_MAX_MEAN_ROWS + 1, False)):
+        indices = torch.arange(4).repeat(mean_rows).view(-1, 1)  # [4 * mean_rows, 1], balanced
+        assert plan_dispatch(indices, 4, pad_limit=2.0).padded == padded
