@@ -59,8 +59,8 @@ BENCHMARKS: tuple[Bench, ...] = (
     Bench(
         "moe",
         "moe_layer",
-        "PiMoE layer vs HF MixtralSparseMoeBlock vs the dense limit (d=512, ffn=1024, 8 experts, top-2).",
-        "Small sizes (512 and 2048 tokens, 3 rounds).",
+        "PiMoE layer vs HF MixtralSparseMoeBlock (eager, grouped_mm) vs the dense limit: 8 experts top-2 and 64 experts top-8, 128-16384 tokens.",
+        "Small sizes (128 and 512 tokens, 5 rounds).",
         ("hf",),
         (_rounds(), _threads(2)),
     ),
