@@ -142,18 +142,28 @@ def test_frozen_experts_get_no_weight_gradient_work(counts: list[int], dtype: to
     )  # per expert: 2 input-gradient + 2 weight matmuls
 
 
-def test_backends_agree_in_training() -> None:
-    """loop (padded batched matmuls here) and grouped_mm: same outputs and gradients, including
-    the stride-0 gradient of ``.sum()``."""
+def test_backends_agree_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """loop (made to take padding: batched matmuls) and grouped_mm: same outputs and gradients,
+    including the stride-0 gradient of ``.sum()``."""
+    from pimoe.moe import dispatch
+    from pimoe.moe.experts import StackedExperts
+
     torch.manual_seed(0)
     x = torch.randn(2, 9, 16)
     results = []
+    plans: list[bool] = []
+    real_plan = dispatch.plan_dispatch
+    monkeypatch.setattr(
+        dispatch, "plan_dispatch", lambda *a, **kw: plans.append(a[3] is not None) or real_plan(*a)
+    )
     for backend in ("loop", "grouped_mm"):
+        monkeypatch.setattr(StackedExperts, "accepts_padding", backend == "loop")
         torch.manual_seed(1)
         layer = PiMoE(16, num_experts=4, top_k=2, ffn_dim=16, backend=backend)
         out = layer(x)
         out.sum().backward()
         results.append((out.detach(), [p.grad for p in layer.parameters()]))
+    assert plans == [True, False]  # the loop kernel was offered padding, grouped_mm not
     for out, grads in results[1:]:
         torch.testing.assert_close(out, results[0][0])
         for a, b in zip(grads, results[0][1]):
@@ -166,3 +176,15 @@ def test_padding_only_for_small_mean_rows_per_expert() -> None:
     for mean_rows, padded in ((PAD_MAX_MEAN_ROWS, True), (PAD_MAX_MEAN_ROWS + 1, False)):
         indices = torch.arange(4).repeat(mean_rows).view(-1, 1)  # [4 * mean_rows, 1], balanced
         assert plan_dispatch(indices, 4, pad_limit=2.0).padded == padded
+
+
+def test_padding_only_where_grouped_mm_cannot_run() -> None:
+    """Exact rows through grouped_mm where it runs; padded batched matmuls where it cannot."""
+    from pimoe.moe.experts import StackedExperts
+
+    plain = StackedExperts(4, 16, 32)
+    assert grouped_mm_usable(plain.w_in, plain.b_in, plain.w_out, plain.b_out)
+    assert not plain.accepts_padding
+    assert StackedExperts(4, 16, 32, bias=True).accepts_padding  # grouped_mm has no biases
+    assert StackedExperts(4, 16, 32).double().accepts_padding  # nor float64
+    assert not StackedExperts(4, 16, 32, backend="grouped_mm").accepts_padding

@@ -28,14 +28,14 @@ from torch import Tensor, nn
 from pimoe.moe.router import RouterOutput
 
 # Pad every expert to the largest expert's row count when that is at most this many times the
-# executed rows: one batched matmul over all experts then beats one matmul per expert, whose
-# launches each may wait for a descheduled thread on a busy machine (measured with ``pimoe bench
-# moe``, docs/benchmarks.md). Larger ratios mean idle experts, whose weights a per-expert loop
-# does not read (decoding).
+# executed rows: one batched matmul over all experts then beats one matmul per expert. Only
+# expert banks that ask for it get padding (``accepts_padding``): the built-in kernel where
+# torch's grouped_mm cannot run (biases, float64), since grouped_mm on the exact rows was faster
+# than padding in every quick row on the quiet machine (``pimoe bench moe``, docs/benchmarks.md).
+# Larger ratios mean idle experts, whose weights a per-expert loop does not read (decoding).
 PAD_LIMIT = 2.0
-# ... and only while the experts average at most this many rows: beyond it, torch's grouped_mm on
-# the exact rows matched HF's grouped_mm where padding was 1.1-1.5x slower (2048 tokens, ``pimoe
-# bench moe``), the batched matmuls' share of wasted rows and fresh buffers growing with size.
+# ... and only while the experts average at most this many rows: beyond it, the batched matmuls'
+# share of wasted rows and fresh buffers grows with size.
 PAD_MAX_MEAN_ROWS = 128
 
 

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from pimoe.moe.backends import check_backend, get_experts_backend
 from pimoe.moe.config import Activation
+from pimoe.moe.grouped import grouped_mm_usable
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -189,9 +190,14 @@ class StackedExperts(nn.Module):
     @property
     def accepts_padding(self) -> bool:
         """Whether the dispatcher may pad every expert to the same row count: true for the
-        built-in ``"loop"`` kernel, which then runs all experts as batched matmuls."""
+        built-in ``"loop"`` kernel when torch's ``grouped_mm`` cannot run these weights (biases,
+        float64, unaligned strides), so that all experts run as batched matmuls instead of one
+        matmul each. Where ``grouped_mm`` can run, the exact rows are faster (``pimoe bench
+        moe``, docs/benchmarks.md)."""
         w_in = self._stored("w_in")
-        return get_experts_backend(self.backend, w_in) is get_experts_backend("loop", w_in)
+        if get_experts_backend(self.backend, w_in) is not get_experts_backend("loop", w_in):
+            return False
+        return not grouped_mm_usable(w_in, self.b_in, self._stored("w_out"), self.b_out)
 
     def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:
         """``x_sorted [N, D]``, ``counts [E]``, ``positions [N]`` or None -> ``[N, D]``."""
