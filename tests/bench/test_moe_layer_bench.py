@@ -45,13 +45,13 @@ def test_small_benchmark_reports_ratios_and_agreement_with_hf(
             eager_max_tokens=64,
         )
     )
-    skipped = [r for r in big["rows"] if r["tokens"] == 96]
-    assert len(skipped) == 2 and all(r["hf_eager_vs_dense"] is None for r in skipped)
+    skipped = [r for r in big["rows"] if r["tokens"] == 96 and r["mode"] == "fwd+bwd"]
+    assert len(skipped) == 1 and all(r["hf_eager_vs_dense"] is None for r in skipped)
     for r in skipped:  # only grouped_mm is timed there, so the best HF backend is grouped_mm
         assert r["pimoe_vs_best_hf"] == pytest.approx(
             r["pimoe_vs_dense"] / r["hf_grouped_mm_vs_dense"]
         )
-    assert all(r["hf_eager_vs_dense"] is not None for r in big["rows"] if r["tokens"] == 64)
+    assert all(r["hf_eager_vs_dense"] is not None for r in big["rows"] if r not in skipped)
     with pytest.raises(ValueError, match="unknown shapes"):
         run(MoEBenchConfig(shapes=["E3"]))
 

@@ -6,10 +6,10 @@ the same weights (``PiMoE.from_hf(block)``); the run checks that their outputs a
 limit is one SwiGLU FFN of width ``top_k * ffn_dim`` on every token: the same active FLOPs as
 the MoE layer with no routing, sorting or gathering. Every contender runs once per round, in
 turn, so that the machine's load drift hits all of them alike; ratios are medians over rounds.
-HF's eager experts (a Python loop over experts with a boolean mask per expert) are timed up to
-``eager_max_tokens`` tokens only: beyond that they take tens of times the dense limit and a round
-takes minutes; those rows compare PiMoE with grouped_mm alone and say so (``hf_eager_vs_dense``
-is null).
+HF's eager experts (a Python loop over experts with a boolean mask per expert) are timed in
+forward+backward up to ``eager_max_tokens`` tokens only: beyond that their backward takes tens of
+times the dense limit and a round takes minutes; those rows compare PiMoE with grouped_mm alone
+and say so (``hf_eager_vs_dense`` is null). Forward rows time every contender at every size.
 """
 
 from __future__ import annotations
@@ -111,13 +111,12 @@ def _measure_shape(
             ours = contenders["pimoe"](x)
             for hf in HF_CONTENDERS:
                 max_diff = max(max_diff, (ours - contenders[hf](x)).abs().max().item())
-        timed = {
-            key: m
-            for key, m in contenders.items()
-            if key != "hf_eager" or tokens <= cfg.eager_max_tokens
-        }
         for backward in (False, True):
-            fns = {key: _step(m, x, backward, list(m.parameters())) for key, m in timed.items()}
+            fns = {
+                key: _step(m, x, backward, list(m.parameters()))
+                for key, m in contenders.items()
+                if key != "hf_eager" or not backward or tokens <= cfg.eager_max_tokens
+            }
             times = interleaved_medians(fns, cfg.rounds)
             row: dict[str, Any] = {
                 "shape": name,
