@@ -8,9 +8,6 @@ the chain and with the LM alone.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,19 +29,15 @@ def chain_cache_dir(name: str, settings: ChainTrainSettings, fingerprint: str) -
     :data:`~pimoe.compute.llm_chain.CHAIN_FORMAT` (a chain saved in another format or trained on
     other phrasings lives under another key, so it is retrained, never loaded)."""
     from pimoe.models import cache_root
+    from pimoe.models.cache import keyed_folder
 
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "model": fingerprint,
-                "format": CHAIN_FORMAT,
-                "phrasings": [asdict(t) for t in TEMPLATES["train"]],
-                **asdict(settings),
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
-    return cache_root() / "chain" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{key[:12]}"
+    parts = {
+        "model": fingerprint,
+        "format": CHAIN_FORMAT,
+        "phrasings": [asdict(t) for t in TEMPLATES["train"]],
+        **asdict(settings),
+    }
+    return keyed_folder(cache_root() / "chain", name, parts)
 
 
 def cached_chain(

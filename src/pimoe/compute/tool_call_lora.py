@@ -23,10 +23,8 @@ loads them on later runs instead of retraining.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import random
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -190,18 +188,14 @@ def tool_lora_cache_dir(name: str, settings: ToolLoRASettings, fingerprint: str)
     on the current training phrasings (adapters trained on other phrasings live under another key,
     so they are retrained, never loaded)."""
     from pimoe.models import cache_root
+    from pimoe.models.cache import keyed_folder
 
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "model": fingerprint,
-                "phrasings": [asdict(t) for t in TEMPLATES["train"]],
-                **asdict(settings),
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
-    return cache_root() / "tool_lora" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{key[:12]}"
+    parts = {
+        "model": fingerprint,
+        "phrasings": [asdict(t) for t in TEMPLATES["train"]],
+        **asdict(settings),
+    }
+    return keyed_folder(cache_root() / "tool_lora", name, parts)
 
 
 def cached_tool_lora(

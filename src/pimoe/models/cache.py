@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,6 +39,14 @@ def sha256_file(path: str | os.PathLike[str], bar: tqdm | None = None) -> str:
             if bar is not None:
                 bar.update(len(chunk))
     return digest.hexdigest()
+
+
+def keyed_folder(root: Path, name: str, parts: dict[str, Any]) -> Path:
+    """``root / "<name>-<key>"``: ``name`` with path-unsafe characters replaced, ``key`` the first
+    12 hex digits of the sha256 of ``parts`` as sorted JSON (what an entry was built from: base
+    weights, settings, data), so that other inputs get another folder, never a stale one."""
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    return root / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{key}"
 
 
 def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
