@@ -16,7 +16,7 @@ from pimoe.compute.llm_prompts import final_number, question_block
 from pimoe.compute.llm_train import ChainTrainSettings, train_chain
 from pimoe.compute.operand_head import NONE_SLOT, locate_numbers
 from pimoe.compute.word_grammar import expand
-from pimoe.compute.word_problems import PATTERNS, SLOTS, TEMPLATES, WordProblemSet
+from pimoe.compute.word_problems import HELDOUT_THIRD, PATTERNS, SLOTS, TEMPLATES, WordProblemSet
 from pimoe.compute.word_templates import WRITTEN_TEMPLATES
 
 
@@ -85,7 +85,7 @@ def test_word_problems_exact_splits_and_slots() -> None:
         t.question for t in TEMPLATES["heldout"]
     )
     assert {t.answer for t in TEMPLATES["train"]}.isdisjoint(t.answer for t in TEMPLATES["heldout"])
-    assert len(TEMPLATES["heldout"]) == 16 and len(TEMPLATES["train"]) > 300
+    assert len(TEMPLATES["heldout"]) == 24 and len(TEMPLATES["train"]) > 300
     for split in ("train", "heldout"):
         for p in problems.problems(split, 0, 60):
             longest = max(len(o) for o in p.operands)
@@ -105,6 +105,18 @@ def test_heldout_clauses_never_occur_in_training_phrasings() -> None:
         for clause in re.split(r"[.;?,:]", template.question.lower()):
             if len(clause.split()) > 4:
                 assert not any(clause.strip() in q for q in train), clause
+
+
+def test_third_heldout_set_shares_no_clause_with_the_other_sets() -> None:
+    heldout = TEMPLATES["heldout"]
+    third = [heldout[i] for i in HELDOUT_THIRD]
+    assert sorted(t.pattern for t in third) == sorted(PATTERNS)
+    earlier = [t.question.lower() for i, t in enumerate(heldout) if i not in HELDOUT_THIRD]
+    for template in third:
+        assert template.answer not in {t.answer for t in heldout if t is not template}
+        for clause in re.split(r"[.;?,:]", template.question.lower()):
+            if len(clause.split()) > 4:
+                assert not any(clause.strip() in q for q in earlier), clause
 
 
 def test_grammar_expands_every_alternative_once() -> None:

@@ -22,6 +22,7 @@ from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.word_grammar import generated_templates
 from pimoe.compute.word_templates import (
     HELDOUT_SECOND,
+    HELDOUT_THIRD,
     PATTERNS,
     REQUESTS,
     SLOTS,
@@ -37,6 +38,7 @@ TEMPLATES: dict[Split, tuple[Template, ...]] = {
 }
 __all__ = [
     "HELDOUT_SECOND",
+    "HELDOUT_THIRD",
     "ITEMS",
     "PATTERNS",
     "SLOTS",
