@@ -35,6 +35,7 @@ from pimoe.compute.llm_train import QUICK_SETTINGS, ChainTrainSettings, train_ch
 from pimoe.compute.tool_call_lora import ToolLoRASettings, cached_tool_lora
 from pimoe.compute.word_problems import (
     HELDOUT_SECOND,
+    HELDOUT_THIRD,
     PATTERNS,
     TEMPLATES,
     WordProblem,
@@ -240,10 +241,12 @@ def evaluate(
             str(i): round(statistics.mean(v), 3) for i, v in by.items()
         }
         for key, chosen in (
-            ("first", lambda t: t not in HELDOUT_SECOND),
+            ("first", lambda t: t not in HELDOUT_SECOND and t not in HELDOUT_THIRD),
             ("second", lambda t: t in HELDOUT_SECOND),
+            ("third", lambda t: t in HELDOUT_THIRD),
         ):
             picked = [c for c, t in zip(correct[name], template) if chosen(t)]
+            result[f"eval_problems_{key}_phrasings"] = len(picked)
             result[f"accuracy_{name}_{key}_phrasings"] = (
                 round(statistics.mean(picked), 4) if picked else None
             )
@@ -294,6 +297,19 @@ def print_report(result: dict, console: Console | None = None) -> None:
         f"{result['tree_accuracy_pimoe']:.3f}, operands given the tree {result['operand_accuracy_pimoe']:.3f}); "
         f"module training: features {result['feature_s']} s, router {result['train_s_router']} s, "
         f"head {result['train_s_head']} s"
+    )
+    console.print(
+        "accuracy by held-out set (first / second / third phrasings): "
+        + ", ".join(
+            f"{name} "
+            + " / ".join(
+                f"{result[f'accuracy_{name}_{key}_phrasings']} "
+                f"({result[f'eval_problems_{key}_phrasings']})"
+                for key in ("first", "second", "third")
+            )
+            for name in ("pimoe", "tool_call", LORA_PIPELINE)
+            if f"accuracy_{name}_first_phrasings" in result
+        )
     )
     for name in ("tool_call", LORA_PIPELINE):
         if f"call_written_{name}" in result:
