@@ -79,13 +79,26 @@ class ApiError(Exception):
         return error_response(self.status, self.message, code=self.code, param=self.param)
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's ``dict``; ``ApiError`` for a key given twice (which one would count
+    depends on the parser, so a proxy and the server could read different requests)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ApiError(400, f"the request body gives the key {clip(key)} twice", key)
+        seen.add(key)
+    return dict(pairs)
+
+
 async def parse_body(request: Request, model: type[SamplingFields]) -> Any:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(await request.body(), object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(
             400, f"the request body is not valid JSON ({clip(str(err), quote=False)})"
         ) from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:

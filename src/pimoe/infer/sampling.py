@@ -18,7 +18,8 @@ class SamplingParams:
         temperature: 0 is greedy decoding; otherwise logits are divided by it before sampling.
         top_p: nucleus sampling: sample among the most likely tokens whose probabilities sum to
             ``top_p`` (1 keeps all).
-        seed: seeds this request's own ``torch.Generator`` (None: a random seed).
+        seed: seeds this request's own ``torch.Generator`` (a 64-bit signed integer; None: a
+            random seed).
         stop: strings that end the completion (not included in its text).
     """
 
@@ -35,6 +36,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise ValueError("stop must hold at most 4 non-empty strings")
 

@@ -182,10 +182,11 @@ def _finite(t: Tensor) -> bool:
 class InferRequest(BaseModel):
     """Body of ``POST /v1/infer``: ``model`` and exactly one of ``inputs``, ``token_ids``, ``text``.
 
-    Strict types: ``"5"``, ``5.0`` or ``true`` are not token ids and ``"yes"`` is not a boolean.
+    Strict types: ``"5"``, ``5.0`` or ``true`` are not token ids and ``"yes"`` is not a boolean;
+    an unknown field (a misspelt ``return_logits``, say) is refused rather than ignored.
     """
 
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str
     inputs: Any = None
@@ -278,11 +279,12 @@ def _text_input(
 def _tensor_input(served: ServedModel, inputs: Any, max_elements: int) -> tuple[list[Tensor], bool]:
     """``inputs`` of shape ``input_shape`` (one row) or ``[N, *input_shape]`` (N rows)."""
     dtype = _DTYPES[served.input_dtype]
-    if _count_leaves(inputs, max_elements) > max_elements:
+    count, depth, has_bool = _scan(inputs, max_elements)
+    if count > max_elements:
         raise RequestError(
             413, f"request has more than {max_elements} elements (max_request_elements)"
         )
-    if not isinstance(inputs, list) or any(isinstance(v, bool) for v in _leaves(inputs)):
+    if not isinstance(inputs, list) or has_bool or depth > len(served.input_shape) + 1:
         raise RequestError(
             422, f"'inputs' must be nested lists of numbers of shape {_shape_str(served)}"
         )
@@ -306,23 +308,19 @@ def _tensor_input(served: ServedModel, inputs: Any, max_elements: int) -> tuple[
     return (list(x.unbind(0)) if batched else [x]), batched
 
 
-def _leaves(value: Any) -> list[Any]:
-    """The non-list items of nested lists."""
-    if isinstance(value, list):
-        return [leaf for v in value for leaf in _leaves(v)]
-    return [value]
-
-
-def _count_leaves(value: Any, limit: int) -> int:
-    """Number of non-list items in nested lists, counting stops once past ``limit``."""
-    count, stack = 0, [value]
+def _scan(value: Any, limit: int) -> tuple[int, int, bool]:
+    """Of nested lists: the number of non-list items (counting stops once past ``limit``), the
+    deepest nesting seen and whether an item is a bool. Iterative, so any depth is safe."""
+    count, depth, has_bool, stack = 0, 0, False, [(value, 0)]
     while stack and count <= limit:
-        v = stack.pop()
+        v, level = stack.pop()
         if isinstance(v, list):
-            stack.extend(v)
+            depth = max(depth, level + 1)
+            stack.extend((item, level + 1) for item in v)
         else:
             count += 1
-    return count
+            has_bool = has_bool or isinstance(v, bool)
+    return count, depth, has_bool
 
 
 def _shape_str(served: ServedModel) -> str:

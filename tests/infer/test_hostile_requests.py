@@ -1,0 +1,80 @@
+"""Requests a hostile or careless client sends: each is a 4xx naming the problem, never a 500."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from pimoe.infer.lm_models import PiMoEGenerationModel
+from pimoe.infer.sampling import SamplingParams
+from pimoe.infer.served import ServedModel
+from pimoe.infer.server import create_app
+
+
+@pytest.fixture(scope="module")
+def client(tiny_pimoe: PiMoEGenerationModel) -> Iterator[TestClient]:
+    torch.manual_seed(0)
+    app = create_app(
+        {"t": ServedModel.tensor(torch.nn.Linear(4, 2), (4,))}, generators={"pm": tiny_pimoe}
+    )
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def _post(client: TestClient, path: str, body: str) -> tuple[int, dict[str, object]]:
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    return r.status_code, r.json()["error"] if r.status_code >= 400 else r.json()
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 10**30])
+def test_a_seed_beyond_64_bits_is_400_naming_seed(client: TestClient, seed: int) -> None:
+    status, error = _post(
+        client,
+        "/v1/completions",
+        f'{{"model": "pm", "prompt": "hi", "max_tokens": 2, "seed": {seed}}}',
+    )
+    assert status == 400 and error["param"] == "seed" and "64-bit" in str(error["message"])
+
+
+def test_64_bit_seeds_are_served() -> None:
+    assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
+    assert SamplingParams(seed=-(2**63)).seed == -(2**63)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_deeply_nested_json_is_400_not_500(client: TestClient, path: str) -> None:
+    status, error = _post(client, path, '{"a":' * 100_000 + "1" + "}" * 100_000)
+    assert status == 400 and "nested too deeply" in str(error["message"])
+
+
+def test_a_duplicate_key_is_400_naming_it(client: TestClient) -> None:
+    status, error = _post(
+        client, "/v1/completions", '{"model": "pm", "prompt": "a", "prompt": "b", "max_tokens": 1}'
+    )
+    assert status == 400 and error["param"] == "prompt" and "twice" in str(error["message"])
+    body = '{"model": "pm", "messages": [{"role": "user", "role": "system", "content": "x"}]}'
+    status, error = _post(client, "/v1/chat/completions", body)
+    assert status == 400 and error["param"] == "role"
+    status, _ = _post(client, "/v1/completions", '{"model": "pm", "prompt": "a", "max_tokens": 1}')
+    assert status == 200  # the server still serves
+
+
+@pytest.mark.parametrize("depth", [3, 500, 900])
+def test_over_nested_inputs_are_422_not_500(client: TestClient, depth: int) -> None:
+    body = '{"model": "t", "inputs": ' + "[" * depth + "1" + "]" * depth + "}"
+    status, error = _post(client, "/v1/infer", body)
+    assert status == 422 and "shape [4]" in str(error["message"])
+    status, ok = _post(client, "/v1/infer", '{"model": "t", "inputs": [[1, 2, 3, 4]]}')
+    assert status == 200 and ok["shape"] == [1, 2]
+
+
+def test_a_misspelt_infer_field_is_422_naming_it(client: TestClient) -> None:
+    status, error = _post(
+        client, "/v1/infer", '{"model": "t", "inputs": [1, 2, 3, 4], "return_logit": false}'
+    )
+    assert status == 422 and error["param"] == "body.return_logit"
