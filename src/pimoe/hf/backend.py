@@ -20,6 +20,12 @@ The decorator describes each family's layout, and this backend follows it:
 - ``has_post_expert_norm``: ``post_expert_norm`` applied to each expert output row;
 - expert parallelism: indices ``>= num_experts`` (sentinels of other ranks) are skipped.
 
+Experts adapted by :func:`pimoe.moe.add_lora` (``gate_up_proj`` / ``up_proj`` / ``down_proj``
+parametrized as ``W + s B A``) run :func:`pimoe.moe.lora_modules.low_rank_ffn` while autograd
+trains the adapters: the adapters act on the activations and ``W + s B A`` is never formed, nor
+the frozen weights' gradient. Otherwise (inference, merged adapters) the kernel reads the adapted
+weights.
+
 An experts module with a parameter this layout does not name (quantization scales, per-expert
 scales, ...) raises ``TypeError`` naming the family and the parameter: nothing runs silently wrong.
 """
@@ -27,12 +33,15 @@ scales, ...) raises ``TypeError`` naming the family and the parameter: nothing r
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from pimoe.moe.dispatch import PAD_LIMIT, combine_rows, gather_tokens, plan_dispatch
 from pimoe.moe.grouped import grouped_ffn
+from pimoe.moe.lora_modules import ExpertLoRA, adapters_train, base_and_adapter, low_rank_ffn
 
 NAME = "pimoe"
 _KNOWN_PARAMETERS = frozenset(
@@ -55,8 +64,9 @@ def _family(experts: nn.Module) -> str:
     return type(experts).__name__
 
 
-def experts_layout(module: nn.Module) -> ExpertsLayout:
-    """Read a ``@use_experts_implementation`` module's weights as ``grouped_ffn`` arguments.
+def experts_layout(module: nn.Module, base: bool = False) -> ExpertsLayout:
+    """Read a ``@use_experts_implementation`` module's weights as ``grouped_ffn`` arguments
+    (``base``: the base weights of LoRA-adapted ones, not ``W + s B A``).
 
     Raises:
         TypeError: the module is not a transformers experts module, or holds a parameter the
@@ -76,8 +86,9 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
             f"experts_implementation='pimoe' cannot run {family}: parameters {unknown} are not part of "
             "the fused-experts layout (gate_up_proj/up_proj, down_proj, biases) that pimoe's kernel executes"
         )
-    w_in = experts.gate_up_proj if experts.has_gate else experts.up_proj
-    w_out = experts.down_proj
+    in_name = "gate_up_proj" if experts.has_gate else "up_proj"
+    read = (lambda name: base_and_adapter(experts, name)[0]) if base else partial(getattr, experts)
+    w_in, w_out = read(in_name), read("down_proj")
     for name, weight in (("input projection", w_in), ("down_proj", w_out)):
         if not weight.is_floating_point() or weight.dim() != 3:
             raise TypeError(
@@ -92,6 +103,14 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
         b_out = experts.down_proj_bias
     act = experts._apply_gate if experts.has_gate else experts.act_fn
     return ExpertsLayout(w_in, b_in, w_out, b_out, act)
+
+
+def _adapters(experts: Any) -> tuple[ExpertLoRA | None, ExpertLoRA | None]:
+    """The LoRA adapters of the input and output projections (None where not adapted)."""
+    in_name = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
+    if not parametrize.is_parametrized(experts):
+        return None, None
+    return base_and_adapter(experts, in_name)[1], base_and_adapter(experts, "down_proj")[1]
 
 
 def pimoe_experts_forward(
@@ -109,18 +128,29 @@ def pimoe_experts_forward(
         ``[T, D]`` in ``hidden_states``' dtype: each token's weighted sum of its experts' outputs.
     """
     experts: Any = self
-    layout = experts_layout(experts)
+    adapters = _adapters(experts)
+    low_rank = adapters_train(adapters)
+    layout = experts_layout(experts, base=True) if low_rank else experts_layout(experts)
     num_experts = int(experts.num_experts)
     mask = top_k_index < num_experts if experts._is_expert_parallel else None
-    plan = plan_dispatch(top_k_index, num_experts, mask, PAD_LIMIT)
-    y = grouped_ffn(
-        gather_tokens(hidden_states, plan),
-        layout.w_in,
-        layout.b_in,
-        layout.w_out,
-        layout.b_out,
-        plan.splits,
-        layout.act,
+    plan = plan_dispatch(top_k_index, num_experts, mask, None if low_rank else PAD_LIMIT)
+    x = gather_tokens(hidden_states, plan)
+    y = (
+        low_rank_ffn(
+            x,
+            plan.splits,
+            layout.w_in,
+            layout.b_in,
+            adapters[0],
+            layout.w_out,
+            layout.b_out,
+            adapters[1],
+            layout.act,
+        )
+        if low_rank
+        else grouped_ffn(
+            x, layout.w_in, layout.b_in, layout.w_out, layout.b_out, plan.splits, layout.act
+        )
     )  # [R, D], padding rows ignored by the combine
     if experts.has_post_expert_norm:
         y = experts.post_expert_norm(y)

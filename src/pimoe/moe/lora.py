@@ -28,19 +28,24 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from pimoe.moe.backends import get_experts_backend, register_experts_backend
 from pimoe.moe.experts import StackedExperts
-from pimoe.moe.lora_modules import Adapter, ExpertLoRA, LoRALinear
+from pimoe.moe.lora_modules import (
+    Adapter,
+    ExpertLoRA,
+    LoRALinear,
+    adapters_train,
+    base_and_adapter,
+    low_rank_ffn,
+)
 
 __all__ = [
     "ExpertLoRA",
@@ -60,6 +65,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "pimoe-lora/1"
 BACKEND = "lora"  # the experts backend of adapted StackedExperts
+HF_BASE_IMPLEMENTATION = "lora_base_experts_implementation"  # on adapted transformers experts
 
 
 @dataclass(frozen=True)
@@ -109,75 +115,51 @@ class LoRAConfig:
         return cls(**data)
 
 
-def _frozen_and_adapter(experts: nn.Module, name: str) -> tuple[Tensor, ExpertLoRA | None]:
-    """``(base weight, its adapter)`` of ``experts.<name>``: the parametrization's original and
-    its :class:`ExpertLoRA`, or the plain parameter and ``None``."""
-    if parametrize.is_parametrized(experts, name):
-        plist = experts.parametrizations[name]  # type: ignore[index]
-        if len(plist) == 1 and isinstance(plist[0], ExpertLoRA):
-            original: Tensor = plist.original  # type: ignore[union-attr]
-            return original, plist[0]
-    weight: Tensor = experts.get_parameter(name)
-    return weight, None
-
-
-def _projection(
-    weight: Tensor, bias: Tensor | None, adapter: ExpertLoRA | None
-) -> Callable[[int, Tensor], Tensor]:
-    """``(e, x [n, in]) -> [n, out]``, expert ``e``'s projection
-    ``x W[e]^T + b[e] + scaling (x A[e]^T) B[e]^T`` (``A[0]`` for all experts when shared)."""
-
-    def plain(e: int, x: Tensor) -> Tensor:
-        return F.linear(x, weight[e], None if bias is None else bias[e])
-
-    if adapter is None:
-        return plain
-    a_of, b_of = adapter.lora_A.unbind(0), adapter.lora_B.unbind(0)  # one backward node each
-
-    def adapted(e: int, x: Tensor) -> Tensor:
-        low = F.linear(x, a_of[0 if len(a_of) == 1 else e])  # [n, r]
-        return torch.addmm(plain(e, x), low, b_of[e].t(), alpha=adapter.scaling)
-
-    return adapted
-
-
 def low_rank_experts(
     experts: StackedExperts, x_sorted: Tensor, counts: Tensor, positions: Tensor | None
 ) -> Tensor:
     """Experts backend ``"lora"``: adapted :class:`StackedExperts` without forming ``W + B A``.
 
-    When autograd will train the adapters, each expert's projections run as
-    ``x W[e]^T + scaling (x A[e]^T) B[e]^T`` on its rows of ``x_sorted [N, D]`` (``counts [E]``
-    rows per expert), so the frozen base weights are differentiated only with respect to their
-    inputs. Otherwise (no grad, frozen or merged adapters) the backend the experts had before
-    :func:`add_lora` runs on the adapted weights ``W + scaling B A`` (bit for bit the base output
-    while ``B`` is zero). Returns ``[N, D]``.
+    When autograd will train the adapters, the experts run :func:`low_rank_ffn` on the rows of
+    ``x_sorted [N, D]`` (``counts [E]`` rows per expert): ``x W[e]^T + scaling (x A[e]^T) B[e]^T``
+    for both projections, so the frozen base weights are differentiated only with respect to
+    their inputs. Otherwise (no grad, frozen or merged adapters) the backend the experts had
+    before :func:`add_lora` runs on the adapted weights ``W + scaling B A`` (bit for bit the base
+    output while ``B`` is zero). Returns ``[N, D]``.
     """
     base = getattr(experts, "lora_base_backend", None)
     if base is None:
         raise ValueError(
             f"experts backend {BACKEND!r} runs StackedExperts adapted by pimoe.moe.add_lora"
         )
-    w_in, lora_in = _frozen_and_adapter(experts, "w_in")
-    w_out, lora_out = _frozen_and_adapter(experts, "w_out")
-    adapters = [a for a in (lora_in, lora_out) if a is not None]
-    training = torch.is_grad_enabled() and any(
-        p.requires_grad for a in adapters for p in (a.lora_A, a.lora_B)
-    )
-    if not training or any(a.merged for a in adapters):
+    w_in, lora_in = base_and_adapter(experts, "w_in")
+    w_out, lora_out = base_and_adapter(experts, "w_out")
+    if not adapters_train((lora_in, lora_out)):
         return get_experts_backend(base, w_in)(experts, x_sorted, counts, positions)
-    project_in = _projection(w_in, experts.b_in, lora_in)
-    project_out = _projection(w_out, experts.b_out, lora_out)
-    outputs = []
-    for e, rows in enumerate(torch.split(x_sorted, [int(n) for n in counts.tolist()])):
-        if rows.shape[0]:
-            outputs.append(project_out(e, experts.act(project_in(e, rows))))
-    if not outputs:
-        return x_sorted.new_zeros(x_sorted.shape)
-    return torch.cat(outputs)
+    splits = [int(n) for n in counts.tolist()]
+    return low_rank_ffn(
+        x_sorted, splits, w_in, experts.b_in, lora_in, w_out, experts.b_out, lora_out, experts.act
+    )
 
 
 register_experts_backend(BACKEND, low_rank_experts)
+
+
+def _use_low_rank_hf_experts(module: nn.Module) -> None:
+    """A transformers experts module (``@use_experts_implementation``) runs the ``"pimoe"``
+    experts implementation while adapted: it trains the adapters on the activations, where
+    transformers' own implementations would read ``W + s B A`` (:mod:`pimoe.hf.backend`; the
+    reason for this one import of ``pimoe.hf`` from ``pimoe.moe``). The implementation it had
+    is kept in ``module.<HF_BASE_IMPLEMENTATION>`` for :func:`merge_and_unload`."""
+    config = getattr(module, "config", None)
+    if not hasattr(module, "has_gate") or not hasattr(config, "_experts_implementation"):
+        return
+    from pimoe.hf.backend import NAME, enable
+
+    enable()
+    if not hasattr(module, HF_BASE_IMPLEMENTATION):
+        setattr(module, HF_BASE_IMPLEMENTATION, config._experts_implementation)  # type: ignore[union-attr]
+    config._experts_implementation = NAME  # type: ignore[union-attr]
 
 
 def lora_adapters(model: nn.Module) -> dict[str, Adapter]:
@@ -232,6 +214,7 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
         if isinstance(module, StackedExperts) and module.backend != BACKEND:
             module.lora_base_backend = module.backend  # type: ignore[assignment]
             module.backend = BACKEND
+        _use_low_rank_hf_experts(module)
     for name, linear in linears:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -286,6 +269,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if isinstance(module, StackedExperts) and hasattr(module, "lora_base_backend"):
             module.backend = str(module.lora_base_backend)
             del module.lora_base_backend
+        if hasattr(module, HF_BASE_IMPLEMENTATION):
+            config: Any = getattr(module, "config")  # noqa: B009  # transformers' config
+            config._experts_implementation = getattr(module, HF_BASE_IMPLEMENTATION)
+            delattr(module, HF_BASE_IMPLEMENTATION)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
