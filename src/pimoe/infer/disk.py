@@ -4,7 +4,9 @@ Why diskcache rather than raw sqlite3: it is sqlite underneath (one transaction 
 crash leaves the old entry or the new one), adds what we would otherwise write by hand (a byte
 budget with culling, per-entry expiry, thread- and process-safe access, large values in
 side files that are written before the row that points at them is committed) and stores
-``bytes`` values raw, so nothing on disk is ever unpickled.
+``bytes`` values raw. Its ``Disk`` is narrowed to that (:class:`_RawDisk`), so nothing on disk is
+ever unpickled, even from a tampered ``cache.db``, and a row cannot make the tier read or delete a
+file outside its value files.
 
 Each entry is a value bound to its key, checksummed or sealed (:mod:`pimoe.infer.disk_entry`).
 
@@ -55,6 +57,33 @@ _PROBE_ENTRIES = 16
 _VALUE_FILE = re.compile(
     r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val"
 )  # diskcache's value-file names
+
+
+class _RawDisk(diskcache.Disk):
+    """diskcache's ``Disk`` limited to what the tier writes: str/bytes keys and bytes values,
+    stored raw (inline, or in a value file diskcache named). A tampered ``cache.db`` row that
+    asks for unpickling (a pickled key or value) or names any other file is refused with
+    :class:`CorruptEntry` instead of being unpickled (code execution) or read, and deleting such
+    a row removes no file (diskcache would delete the file the row names, wherever it is)."""
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            raise CorruptEntry("the entry's key is pickled (the tier never writes one); not loaded")
+        return super().get(key, raw)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode == diskcache.core.MODE_RAW or (
+            mode == diskcache.core.MODE_BINARY and _VALUE_FILE.fullmatch(filename or "")
+        ):
+            return super().fetch(mode, filename, value, read)
+        raise CorruptEntry(
+            f"the entry's value has mode {mode} and file {filename!r}; the tier writes raw bytes "
+            "only, so it was not read"
+        )
+
+    def remove(self, file_path: str) -> None:
+        if _VALUE_FILE.fullmatch(file_path):
+            super().remove(file_path)
 
 
 class CacheKeyError(ValueError):
@@ -122,10 +151,10 @@ class DiskTier:
 
     def get(self, key: str | bytes) -> Any:
         """The stored value of ``key``, or ``MISSING`` (absent, expired, or unreadable and dropped)."""
-        blob = self._store.get(key, default=None, retry=True)
-        if blob is None:
-            return MISSING
         try:
+            blob = self._store.get(key, default=None, retry=True)
+            if blob is None:
+                return MISSING
             return decode_entry(key, blob, self.encrypt_key)
         except IntegrityError as exc:
             self.integrity_failures += 1
@@ -159,7 +188,10 @@ class DiskTier:
 
         def open_() -> diskcache.Cache:
             return diskcache.Cache(
-                self.path, size_limit=max_bytes, eviction_policy="least-recently-stored"
+                self.path,
+                size_limit=max_bytes,
+                eviction_policy="least-recently-stored",
+                disk=_RawDisk,
             )
 
         try:
