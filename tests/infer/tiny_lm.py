@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from pimoe.bench.tiny_llama import save_tiny_llama as save_llama
+from pimoe.bench.tiny_llama import tiny_llama
+
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -35,7 +38,7 @@ def _tokenizer_files() -> dict[str, str]:
 
 def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
     """Write a 2-layer Llama (hidden 32, 4 heads, 2 KV heads) and its tokenizer to ``folder``."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.json").write_text(_tokenizer_files()["tokenizer.json"])
@@ -46,27 +49,9 @@ def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
         pad_token="<|endoftext|>",
     )
     tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    with (
-        torch.no_grad()
-    ):  # a wider spread of logits than the 0.02 init: fewer near-ties in greedy decoding
+    model = tiny_llama(tokenizer, seed=seed)
+    with torch.no_grad():  # a wider spread of logits than the 0.02 init: fewer greedy near-ties
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    return folder
+    return save_llama(folder, tokenizer, model)

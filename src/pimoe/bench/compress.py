@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.progress import track
 from torch import Tensor
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.compress import (
     ArchitectureConfig,
@@ -47,7 +48,6 @@ from pimoe.compress import (
 )
 from pimoe.data.minilm import MiniLM, load_minilm, load_sentences
 from pimoe.io import atomic_write_bytes, atomic_write_text
-from pimoe.tables import Table
 
 TARGETS = {"size_ratio": 0.25, "cosine": 0.99, "latency_ratio": 1 / 1.5}
 
@@ -274,33 +274,35 @@ def _meets(row: dict) -> bool:
 
 
 def _print(result: dict, console: Console) -> None:
-    table = Table(
-        title=f"all-MiniLM-L6-v2, {result['sentences']} held-out sentences, batch "
-        f"{result['config']['batch_size']}, {result['config']['threads']} thread(s); vs fp32 torch"
+    print_table(
+        console,
+        f"all-MiniLM-L6-v2, {result['sentences']} held-out sentences, batch "
+        f"{result['config']['batch_size']}, {result['config']['threads']} thread(s); vs fp32 torch",
+        (
+            "configuration",
+            "size_ratio",
+            "safetensors",
+            "cosine",
+            "min cos",
+            "ms",
+            "latency_ratio",
+            "targets",
+        ),
+        [
+            (
+                row["name"],
+                f"{row['size_ratio']:.3f}",
+                f"{row['safetensors_ratio']:.3f}" if "safetensors_ratio" in row else "-",
+                f"{row['cosine']:.4f}",
+                f"{row['cosine_min']:.4f}",
+                f"{row['latency_ms']:.0f}",
+                f"{row['latency_ratio']:.3f}",
+                "all 3" if row["meets_targets"] else "-",
+            )
+            for row in result["configurations"]
+        ],
+        left=1,
     )
-    for column in (
-        "configuration",
-        "size_ratio",
-        "safetensors",
-        "cosine",
-        "min cos",
-        "ms",
-        "latency_ratio",
-        "targets",
-    ):
-        table.add_column(column, justify="left" if column == "configuration" else "right")
-    for row in result["configurations"]:
-        table.add_row(
-            row["name"],
-            f"{row['size_ratio']:.3f}",
-            f"{row['safetensors_ratio']:.3f}" if "safetensors_ratio" in row else "-",
-            f"{row['cosine']:.4f}",
-            f"{row['cosine_min']:.4f}",
-            f"{row['latency_ms']:.0f}",
-            f"{row['latency_ratio']:.3f}",
-            "all 3" if row["meets_targets"] else "-",
-        )
-    console.print(table)
     for row in result["configurations"]:
         console.print(f"  {row['name']}: {row['command']}")
     console.print(

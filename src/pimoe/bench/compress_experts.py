@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.compress import (
     ArchitectureConfig,
@@ -31,7 +32,6 @@ from pimoe.compress import (
 )
 from pimoe.io import atomic_write_text
 from pimoe.moe import PiMoE
-from pimoe.tables import Table
 
 
 class DigitsMoE(nn.Module):
@@ -175,18 +175,22 @@ def run(cfg: ExpertBenchConfig, console: Console | None = None) -> dict:
         "dataset": "sklearn digits, 1437 train / 360 test",
         "rows": rows,
     }
-    table = Table(title=f"PiMoE digits classifier, test accuracy (mean of seeds {cfg.seeds})")
-    for column in ("configuration", "experts", "accuracy", "per seed", "size vs original"):
-        table.add_column(column, justify="left" if column == "configuration" else "right")
-    for row in rows:
-        table.add_row(
-            row["name"],
-            str(row["experts"]),
-            f"{row['accuracy']:.3f}",
-            " ".join(f"{a:.3f}" for a in row["accuracy_per_seed"]),
-            f"{row['size_ratio']:.2f}",
-        )
-    console.print(table)
+    print_table(
+        console,
+        f"PiMoE digits classifier, test accuracy (mean of seeds {cfg.seeds})",
+        ("configuration", "experts", "accuracy", "per seed", "size vs original"),
+        [
+            (
+                row["name"],
+                str(row["experts"]),
+                f"{row['accuracy']:.3f}",
+                " ".join(f"{a:.3f}" for a in row["accuracy_per_seed"]),
+                f"{row['size_ratio']:.2f}",
+            )
+            for row in rows
+        ],
+        left=1,
+    )
     return result
 
 

@@ -30,11 +30,11 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.federated.config import FederatedConfig
 from pimoe.federated.simulation import flower_log_level, run_federated
 from pimoe.io import atomic_write_text, save_png
-from pimoe.tables import Table
 
 AGGREGATORS: dict[str, dict[str, Any]] = {
     "fedavg": dict(strategy="fedavg", norm_factor=0.0),
@@ -129,16 +129,14 @@ def _rows(result: dict) -> tuple[list[str], list[str], dict[tuple[str, str], flo
 def _print(result: dict, console: Console) -> None:
     aggregators, scenarios, cells = _rows(result)
     base = result["config"]["base"]
-    table = Table(
-        title=f"final test accuracy, {base['clients']} clients, {base['rounds']} rounds, "
-        f"{base['fraction']:.0%} sampled, {base['partition']}"
+    print_table(
+        console,
+        f"final test accuracy, {base['clients']} clients, {base['rounds']} rounds, "
+        f"{base['fraction']:.0%} sampled, {base['partition']}",
+        ("attack, malicious", *aggregators),
+        [(s, *(f"{cells[(a, s)]:.3f}" for a in aggregators)) for s in scenarios],
+        left=1,
     )
-    table.add_column("attack, malicious")
-    for name in aggregators:
-        table.add_column(name, justify="right")
-    for s in scenarios:
-        table.add_row(s, *(f"{cells[(a, s)]:.3f}" for a in aggregators))
-    console.print(table)
 
 
 def plot(result: dict, path: Path) -> None:

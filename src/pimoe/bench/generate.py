@@ -38,9 +38,9 @@ from pimoe.bench.generate_clients import (
     summarize,
 )
 from pimoe.bench.generate_peers import hf_sequential, hf_static_and_engine
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text
-from pimoe.tables import Table
 
 
 @dataclass
@@ -145,21 +145,9 @@ def run(
 
 
 def _print(result: dict[str, Any], console: Console) -> None:
-    table = Table(
-        title=f"Greedy generation, {result['config']['model']}, {result['config']['max_tokens']} new tokens"
-    )
-    for col in (
-        "contender",
-        "tokens/s",
-        "x HF sequential",
-        "TTFT p50 ms",
-        "TTFT p99 ms",
-        "ITL p99 ms",
-    ):
-        table.add_column(col, justify="right")
     base = result["tokens_per_s_hf_sequential"]
-    for level, r in result["levels"].items():
-        table.add_row(
+    rows = [
+        (
             f"pimoe, {level} streams",
             f"{r['tokens_per_s']:.1f}",
             f"{r['x_hf_sequential']:.2f}",
@@ -167,12 +155,19 @@ def _print(result: dict[str, Any], console: Console) -> None:
             f"{r['ttft_p99_ms']:.0f}",
             f"{r['itl_p99_ms']:.0f}",
         )
+        for level, r in result["levels"].items()
+    ]
     for name in ("hf_sequential", "hf_static", "engine_in_process"):
         r = result[name]
-        table.add_row(
-            name, f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}", "", "", ""
+        rows.append(
+            (name, f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}", "", "", "")
         )
-    console.print(table)
+    print_table(
+        console,
+        f"Greedy generation, {result['config']['model']}, {result['config']['max_tokens']} new tokens",
+        ("contender", "tokens/s", "x HF sequential", "TTFT p50 ms", "TTFT p99 ms", "ITL p99 ms"),
+        rows,
+    )
     console.print(f"soak: {json.dumps(result['soak'])}")
 
 

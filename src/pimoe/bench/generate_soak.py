@@ -20,36 +20,23 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-import torch
 from rich.console import Console
 from tqdm.auto import tqdm
 
 from pimoe.bench.child_server import percentile, stop
 from pimoe.bench.generate_clients import start_server, stream_completion
+from pimoe.bench.tiny_llama import save_tiny_llama, tiny_llama
 from pimoe.data import load_pydoc_text
 
 
 def save_tiny_model(tokenizer_source: Path, folder: Path, seed: int = 0) -> Path:
-    """A random 2-layer Llama with the tokenizer (and chat template) of ``tokenizer_source``."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A random 2-layer Llama (hidden 64) with the tokenizer (and chat template) of
+    ``tokenizer_source``."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    model = tiny_llama(tokenizer, hidden_size=64, max_position_embeddings=512, seed=seed)
+    return save_tiny_llama(folder, tokenizer, model)
 
 
 def _rss_mb(pid: int) -> float:

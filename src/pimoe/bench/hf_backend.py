@@ -20,9 +20,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import geomean, interleaved_medians, run_header
 from pimoe.io import atomic_write_text
-from pimoe.tables import Table
 
 # name -> (transformers model_type, experts, top_k, expert width)
 SHAPES: dict[str, tuple[str, int, int, int]] = {
@@ -150,50 +150,52 @@ def run(cfg: HFBackendBenchConfig, console: Console | None = None) -> dict:
 
 
 def _print_families(families: list[dict], console: Console) -> None:
-    table = Table(
-        title="tiny random models: pimoe vs eager (fp32), forward ms (median, interleaved)"
+    print_table(
+        console,
+        "tiny random models: pimoe vs eager (fp32), forward ms (median, interleaved)",
+        (
+            "family",
+            "E",
+            "k",
+            "max |logit diff|",
+            "max |grad diff| / max |grad|",
+            "pimoe ms",
+            "grouped_mm ms",
+            "eager ms",
+        ),
+        [
+            (
+                r["family"],
+                str(r["num_experts"]),
+                str(r["top_k"]),
+                f"{r['max_abs_logit_diff']:.1e}",
+                f"{r['max_abs_grad_diff'] / r['max_abs_grad']:.1e}",
+                f"{r['fwd_ms_pimoe']:.1f}",
+                f"{r['fwd_ms_grouped_mm']:.1f}",
+                f"{r['fwd_ms_eager']:.1f}",
+            )
+            for r in families
+        ],
     )
-    for col in (
-        "family",
-        "E",
-        "k",
-        "max |logit diff|",
-        "max |grad diff| / max |grad|",
-        "pimoe ms",
-        "grouped_mm ms",
-        "eager ms",
-    ):
-        table.add_column(col, justify="right")
-    for r in families:
-        table.add_row(
-            r["family"],
-            str(r["num_experts"]),
-            str(r["top_k"]),
-            f"{r['max_abs_logit_diff']:.1e}",
-            f"{r['max_abs_grad_diff'] / r['max_abs_grad']:.1e}",
-            f"{r['fwd_ms_pimoe']:.1f}",
-            f"{r['fwd_ms_grouped_mm']:.1f}",
-            f"{r['fwd_ms_eager']:.1f}",
-        )
-    console.print(table)
 
 
 def _print(result: dict, console: Console) -> None:
-    table = Table(
-        title="transformers MoE block: experts_implementation pimoe vs grouped_mm (median, interleaved)"
+    print_table(
+        console,
+        "transformers MoE block: experts_implementation pimoe vs grouped_mm (median, interleaved)",
+        ("shape", "tokens", "mode", "pimoe ms", "grouped_mm ms", "pimoe / grouped_mm"),
+        [
+            (
+                r["shape"],
+                str(r["tokens"]),
+                r["mode"],
+                f"{r['pimoe_ms']:.1f}",
+                f"{r['grouped_mm_ms']:.1f}",
+                f"{r['pimoe_vs_grouped_mm']:.2f}",
+            )
+            for r in result["rows"]
+        ],
     )
-    for col in ("shape", "tokens", "mode", "pimoe ms", "grouped_mm ms", "pimoe / grouped_mm"):
-        table.add_column(col, justify="right")
-    for r in result["rows"]:
-        table.add_row(
-            r["shape"],
-            str(r["tokens"]),
-            r["mode"],
-            f"{r['pimoe_ms']:.1f}",
-            f"{r['grouped_mm_ms']:.1f}",
-            f"{r['pimoe_vs_grouped_mm']:.2f}",
-        )
-    console.print(table)
     console.print(
         f"geomean pimoe / grouped_mm: fwd {result['fwd_ratio_vs_grouped_mm']:.3f}, fwd+bwd "
         f"{result['fwdbwd_ratio_vs_grouped_mm']:.3f}; max |pimoe - eager| = {result['max_abs_diff_vs_eager']:.2e}"

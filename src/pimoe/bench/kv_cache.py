@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.io import atomic_write_text
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
-from pimoe.tables import Table
 
 
 @dataclass
@@ -89,21 +89,22 @@ def main(quick: bool = False, json_path: Path | None = None) -> dict:
     """Entry point of ``pimoe bench kv-cache``: print the table, optionally write JSON."""
     cfg = KVCacheBenchConfig(rounds=1, batches=(1,)) if quick else KVCacheBenchConfig()
     result = run(cfg)
-    table = Table(
-        title=f"Greedy decoding of {cfg.new_tokens} tokens after {cfg.prompt_tokens} (PiMoELM, "
-        f"d={cfg.d_model}, {cfg.n_layer} layers, E{cfg.num_experts} k{cfg.top_k})"
+    print_table(
+        Console(),
+        f"Greedy decoding of {cfg.new_tokens} tokens after {cfg.prompt_tokens} (PiMoELM, "
+        f"d={cfg.d_model}, {cfg.n_layer} layers, E{cfg.num_experts} k{cfg.top_k})",
+        ("batch", "cached tok/s", "uncached tok/s", "speedup", "same tokens"),
+        [
+            (
+                str(row["batch"]),
+                f"{row['tokens_per_s_cached']:.0f}",
+                f"{row['tokens_per_s_uncached']:.0f}",
+                f"{row['speedup']:.2f}x",
+                "yes",
+            )
+            for row in result["rows"]
+        ],
     )
-    for column in ("batch", "cached tok/s", "uncached tok/s", "speedup", "same tokens"):
-        table.add_column(column, justify="right")
-    for row in result["rows"]:
-        table.add_row(
-            str(row["batch"]),
-            f"{row['tokens_per_s_cached']:.0f}",
-            f"{row['tokens_per_s_uncached']:.0f}",
-            f"{row['speedup']:.2f}x",
-            "yes",
-        )
-    Console().print(table)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))
     return result

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import interleaved_medians, run_header
 from pimoe.io import atomic_write_text
-from pimoe.tables import Table
 
 
 @dataclass
@@ -145,30 +145,26 @@ def print_report(result: dict, console: Console | None = None) -> None:
         f"load: first call {result['load_first_s']} s (cache {'present' if result['load_first_was_cached'] else 'built'}), "
         f"cached {result['load_cached_s']} s; routers {result['routers']}"
     )
-    table = Table(
-        title=f"Dense vs split 8 experts ({result['heldout_tokens']:,} held-out pydoc tokens)"
-    )
-    for column in (
-        "model",
-        "active params",
-        "perplexity",
-        "ppl ratio",
-        "prefill tok/s",
-        "decode tok/s",
-    ):
-        table.add_column(column, justify="right")
+    rows = []
     for name in ("dense", "moe_k4", "moe_k4_norefit", "moe_k2"):
         ppl = result["ppl_dense"] if name == "dense" else result[f"ppl_{name}"]
         timing = name if name in result["decode_tokens_per_s"] else "moe_k4"
-        table.add_row(
-            name,
-            f"{result['params'][name]['active']:,}",
-            f"{ppl:.3f}",
-            f"{ppl / result['ppl_dense']:.3f}",
-            f"{result['prefill_tokens_per_s'][timing]:.1f}",
-            f"{result['decode_tokens_per_s'][timing]:.1f}",
+        rows.append(
+            (
+                name,
+                f"{result['params'][name]['active']:,}",
+                f"{ppl:.3f}",
+                f"{ppl / result['ppl_dense']:.3f}",
+                f"{result['prefill_tokens_per_s'][timing]:.1f}",
+                f"{result['decode_tokens_per_s'][timing]:.1f}",
+            )
         )
-    console.print(table)
+    print_table(
+        console,
+        f"Dense vs split 8 experts ({result['heldout_tokens']:,} held-out pydoc tokens)",
+        ("model", "active params", "perplexity", "ppl ratio", "prefill tok/s", "decode tok/s"),
+        rows,
+    )
     if "hf_families" in result:
         console.print(
             f"transformers experts backend 'pimoe' vs eager: max |logit diff| over "

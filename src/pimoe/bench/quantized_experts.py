@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import interleaved_medians, load_average, run_header
 from pimoe.io import atomic_write_text
-from pimoe.tables import Table
 
 VARIANTS = ("float", "int8", "int4")
 # family -> build_tiny overrides giving int4-friendly widths (multiples of 32)
@@ -159,35 +159,31 @@ def main(
 
 
 def _print(result: dict[str, Any], console: Console) -> None:
-    table = Table(title="Quantized fused experts (same weights, same inputs)")
-    for col in (
-        "model",
-        "variant",
-        "expert MB",
-        "vs bf16",
-        "logit cosine",
-        "perplexity",
-        "tokens/s",
-    ):
-        table.add_column(col, justify="right")
     models = {f"tiny {k}": v for k, v in result["tiny"].items()}
     if "smollm2" in result:
         models["SmolLM2 upcycled"] = result["smollm2"]
+    table = []
     for label, rows in models.items():
         bf16 = rows["float"]["expert_bytes"]
         for variant in VARIANTS:
             r = rows[variant]
-            ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
-            table.add_row(
-                label,
-                variant if variant != "float" else "float (bf16 size)",
-                f"{r['expert_bytes'] / 1e6:.3f}",
-                f"{r['expert_bytes'] / bf16:.3f}",
-                f"{r['logit_cosine']:.6f}",
-                ppl,
-                f"{r['tokens_per_s']:.0f}",
+            table.append(
+                (
+                    label,
+                    variant if variant != "float" else "float (bf16 size)",
+                    f"{r['expert_bytes'] / 1e6:.3f}",
+                    f"{r['expert_bytes'] / bf16:.3f}",
+                    f"{r['logit_cosine']:.6f}",
+                    f"{r['perplexity']:.3f}" if "perplexity" in r else "-",
+                    f"{r['tokens_per_s']:.0f}",
+                )
             )
-    console.print(table)
+    print_table(
+        console,
+        "Quantized fused experts (same weights, same inputs)",
+        ("model", "variant", "expert MB", "vs bf16", "logit cosine", "perplexity", "tokens/s"),
+        table,
+    )
     console.print(
         f"1-min load {result['load_start']:.1f} -> {result['load_end']:.1f} on {result['cpu_count']} cores"
     )

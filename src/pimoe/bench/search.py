@@ -20,6 +20,7 @@ from typing import Any, cast
 import torch
 from rich.console import Console
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text
 from pimoe.search.hypervolume import shared_hypervolumes
@@ -29,7 +30,6 @@ from pimoe.search.report import plot_front
 from pimoe.search.space import SearchSpace
 from pimoe.search.study import SamplerName, run_search
 from pimoe.search.tasks import make_task
-from pimoe.tables import Table
 
 PEER = "random"
 
@@ -138,31 +138,32 @@ def run(cfg: SearchBenchConfig, plot_prefix: Path | None = None, progress: bool 
 
 
 def _print(console: Console, result: dict, cfg: SearchBenchConfig) -> None:
-    table = Table(
-        title=f"{cfg.sampler} vs random search, {cfg.trials} trials each, {cfg.seeds} seed(s) "
-        "(hypervolume of loss/latency/bytes, shared normalization)"
+    print_table(
+        console,
+        f"{cfg.sampler} vs random search, {cfg.trials} trials each, {cfg.seeds} seed(s) "
+        "(hypervolume of loss/latency/bytes, shared normalization)",
+        (
+            "task",
+            f"HV {cfg.sampler}",
+            "HV random",
+            "ratio",
+            "wins",
+            "predictor rho",
+            "last-early-loss rho",
+        ),
+        [
+            (
+                name,
+                f"{task['hypervolume_search']:.3f}",
+                f"{task['hypervolume_random']:.3f}",
+                f"{task['hypervolume_search'] / max(task['hypervolume_random'], 1e-12):.2f}x",
+                f"{task['search_wins']}/{len(task['runs'])}",
+                f"{task['predictor']['spearman']:.3f}",
+                f"{task['predictor']['baseline_spearman']:.3f}",
+            )
+            for name, task in result["tasks"].items()
+        ],
     )
-    for column in (
-        "task",
-        f"HV {cfg.sampler}",
-        "HV random",
-        "ratio",
-        "wins",
-        "predictor rho",
-        "last-early-loss rho",
-    ):
-        table.add_column(column, justify="right")
-    for name, task in result["tasks"].items():
-        table.add_row(
-            name,
-            f"{task['hypervolume_search']:.3f}",
-            f"{task['hypervolume_random']:.3f}",
-            f"{task['hypervolume_search'] / max(task['hypervolume_random'], 1e-12):.2f}x",
-            f"{task['search_wins']}/{len(task['runs'])}",
-            f"{task['predictor']['spearman']:.3f}",
-            f"{task['predictor']['baseline_spearman']:.3f}",
-        )
-    console.print(table)
     console.print(
         f"mean over {result['runs']} runs: HV {result['hypervolume_search']:.3f} vs "
         f"{result['hypervolume_random']:.3f} ({result['hypervolume_ratio']:.2f}x); "

@@ -34,12 +34,12 @@ from rich.console import Console
 
 from pimoe.bench.cache import zipf_trace
 from pimoe.bench.child_server import percentile, start_server, stop
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.data import load_pydoc_text
 from pimoe.io import atomic_write_text
 from pimoe.moe.config import MoEConfig
 from pimoe.moe.model import LMConfig, PiMoELM
-from pimoe.tables import Table
 
 MODES: dict[str, dict[str, int]] = {
     "one_by_one": {"max_batch_size": 1, "cache_size": 0},
@@ -213,24 +213,25 @@ def run(cfg: ServeBenchConfig, console: Console | None = None) -> dict:
 
 def _print(result: dict, console: Console) -> None:
     cfg = result["config"]
-    table = Table(
-        title=f"Loopback HTTP load: {cfg['num_requests']} requests, {cfg['concurrency']} concurrent, "
-        f"Zipf {cfg['zipf_skew']} over {cfg['num_prompts']} prompts"
-    )
-    for col in ("mode", "req/s", "x one-by-one", "p50 ms", "p99 ms", "mean batch", "errors"):
-        table.add_column(col, justify="right")
     base = result["modes"]["one_by_one"]["throughput_rps"]
-    for name, r in result["modes"].items():
-        table.add_row(
-            name,
-            f"{r['throughput_rps']:.1f}",
-            f"{r['throughput_rps'] / base:.2f}",
-            f"{r['p50_ms']:.1f}",
-            f"{r['p99_ms']:.1f}",
-            f"{r['mean_batch_size']:.1f}",
-            str(r["errors"]),
-        )
-    console.print(table)
+    print_table(
+        console,
+        f"Loopback HTTP load: {cfg['num_requests']} requests, {cfg['concurrency']} concurrent, "
+        f"Zipf {cfg['zipf_skew']} over {cfg['num_prompts']} prompts",
+        ("mode", "req/s", "x one-by-one", "p50 ms", "p99 ms", "mean batch", "errors"),
+        [
+            (
+                name,
+                f"{r['throughput_rps']:.1f}",
+                f"{r['throughput_rps'] / base:.2f}",
+                f"{r['p50_ms']:.1f}",
+                f"{r['p99_ms']:.1f}",
+                f"{r['mean_batch_size']:.1f}",
+                str(r["errors"]),
+            )
+            for name, r in result["modes"].items()
+        ],
+    )
 
 
 def main(quick: bool = False, json_path: Path | None = None) -> dict:
