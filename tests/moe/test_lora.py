@@ -11,6 +11,7 @@ from pimoe.moe import (
     PiMoE,
     add_lora,
     load_lora,
+    lora_modules,
     merge_and_unload,
     merge_lora,
     save_lora,
@@ -228,10 +229,18 @@ def test_adapter_gradients_match_a_per_token_reference() -> None:
 
 
 @pytest.mark.parametrize("shared_a", [False, True])
-def test_low_rank_path_matches_the_adapted_weights(shared_a: bool) -> None:
+@pytest.mark.parametrize(("bias", "r", "ffn"), [(True, 2, 6), (False, 4, 8)])
+def test_low_rank_path_matches_the_adapted_weights(
+    shared_a: bool, bias: bool, r: int, ffn: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grouped = []  # projections run by grouped_mm (16-byte rows, no biases)
+    projection = lora_modules._grouped_projection
+    monkeypatch.setattr(
+        lora_modules, "_grouped_projection", lambda *a: grouped.append(1) or projection(*a)
+    )
     torch.manual_seed(0)
-    experts = StackedExperts(4, 8, 6, bias=True)
-    add_lora(experts, LoRAConfig(r=2, lora_alpha=3.0, shared_a=shared_a))
+    experts = StackedExperts(4, 8, ffn, bias=bias)
+    add_lora(experts, LoRAConfig(r=r, lora_alpha=3.0, shared_a=shared_a))
     assert experts.backend == "lora"
     randomize_b(experts)
     x = torch.randn(9, 8, requires_grad=True)
@@ -247,6 +256,7 @@ def test_low_rank_path_matches_the_adapted_weights(shared_a: bool) -> None:
         )
         x.grad = None
         experts.zero_grad()
+    assert bool(grouped) == (not bias)  # both paths are covered
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected)
     merge_and_unload(experts)
