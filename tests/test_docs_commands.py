@@ -133,3 +133,23 @@ def test_fewshot_ablation_commands_match_their_results(line: str) -> None:
     result = json.loads((ROOT / options["--json"]).read_text())
     assert chosen and len(chosen) == len(result["rows"]), (chosen, result["rows"])
     assert result["seeds"] == [int(s) for s in options["--seeds"].split(",")]
+
+
+def test_paths_named_in_docs_exist() -> None:
+    """Test files, sources, scripts and examples the docs name (a ``-k`` expression of a
+    ``python -m pytest FILE -k NAME`` command matches a test of that file)."""
+    missing = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for path in re.findall(
+            r"(?:tests|src/pimoe|benchmarks|examples)/[\w/.-]+\.(?:py|txt)", text
+        ):
+            if not (ROOT / path).is_file():
+                missing.append(f"{doc.name}: {path}")
+        for path, name in re.findall(r"python -m pytest (tests/\S+\.py) -k (\w+)", text):
+            if not re.search(rf"def test\w*{name}", (ROOT / path).read_text()):
+                missing.append(f"{doc.name}: no test matching -k {name} in {path}")
+        for path, name in re.findall(r"(tests/[\w/.-]+\.py)::(\w+)", text):
+            if f"def {name}(" not in (ROOT / path).read_text():
+                missing.append(f"{doc.name}: {path}::{name}")
+    assert not missing, missing
