@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -161,40 +162,54 @@ def _status_kib(field_name: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field_name}")
 
 
-def memory_child(run: str, cfg: ExpertLoRABenchConfig) -> dict[str, int]:
-    """In a fresh process: set up ``run`` (``"lora"`` or ``"full"``), train ``cfg.memory_steps``
-    steps and return the peak resident bytes during training above the resident bytes before
-    it (Linux only), with the gradient and optimizer-state bytes."""
+def training_memory(train: Callable[[], dict[str, int]]) -> dict[str, int]:
+    """Run ``train()`` (it returns the gradient and optimizer-state bytes) and return, with them,
+    the resident bytes before it and the peak resident bytes during it above those (Linux
+    ``VmRSS`` / ``VmHWM``, the peak reset first)."""
     import gc
 
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    sizes = train()
+    peak = _status_kib("VmHWM")
+    return {
+        "rss_before_bytes": before * 1024,
+        "training_peak_above_bytes": (peak - before) * 1024,
+        **sizes,
+    }
+
+
+def memory_child(run: str, cfg: ExpertLoRABenchConfig) -> dict[str, int]:
+    """In a fresh process: set up ``run`` (``"lora"`` or ``"full"``), train ``cfg.memory_steps``
+    steps and return :func:`training_memory`'s bytes."""
     torch.set_num_threads(cfg.threads)
     model, train_ids, _, _ = _setup(cfg, progress=False)
     if run == "lora":
         _adapt(model, cfg)
     lr = cfg.lora_lr if run == "lora" else cfg.full_lr
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    before = _status_kib("VmRSS")
-    _, sizes = finetune({run: (model, lr)}, train_ids, cfg, False, cfg.memory_steps)
-    peak = _status_kib("VmHWM")
-    return {
-        "rss_before_bytes": before * 1024,
-        "training_peak_above_bytes": (peak - before) * 1024,
-        **sizes[run],
-    }
+    return training_memory(
+        lambda: finetune({run: (model, lr)}, train_ids, cfg, False, cfg.memory_steps)[1][run]
+    )
+
+
+def in_fresh_process(call: str, imports: str) -> dict[str, Any]:
+    """``call`` (a Python expression returning a JSON-able dict, after ``imports``) evaluated in
+    a fresh Python process."""
+    code = f"import json; {imports}; print(json.dumps({call}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{call} failed in a fresh process:\n{done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def measure_memory(run: str, cfg: ExpertLoRABenchConfig) -> dict[str, int]:
-    """:func:`memory_child` in a fresh Python process (its last stdout line is the JSON result)."""
-    code = (
-        "import json, dataclasses; from pimoe.bench.expert_lora import ExpertLoRABenchConfig, memory_child; "
-        f"print(json.dumps(memory_child({run!r}, ExpertLoRABenchConfig(**{json.dumps(asdict(cfg))}))))"
+    """:func:`memory_child` in a fresh Python process."""
+    return in_fresh_process(
+        f"memory_child({run!r}, ExpertLoRABenchConfig(**{json.dumps(asdict(cfg))}))",
+        "from pimoe.bench.expert_lora import ExpertLoRABenchConfig, memory_child",
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"memory measurement of {run!r} failed:\n{done.stderr[-2000:]}")
-    result: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
 
 
 def main(
