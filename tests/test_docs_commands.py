@@ -74,7 +74,10 @@ def test_commands_were_found() -> None:
 @pytest.mark.parametrize(("doc", "command"), ALL, ids=[f"{d}:{c[:60]}" for d, c in ALL])
 def test_doc_command_parses(doc: str, command: str) -> None:
     args = as_pimoe_args(command)
-    if args is None:  # a stand-alone script: it exists (checked above)
+    if args is None:  # a stand-alone script: it exists and declares every flag used
+        script = (ROOT / shlex.split(command)[1]).read_text()
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", command):
+            assert f'add_argument("{flag}"' in script, f"{doc}: {command}: no {flag}"
         return
     try:
         parse(args)
@@ -153,3 +156,52 @@ def test_paths_named_in_docs_exist() -> None:
             if f"def {name}(" not in (ROOT / path).read_text():
                 missing.append(f"{doc.name}: {path}::{name}")
     assert not missing, missing
+
+
+# Flags of other tools the docs quote: Flower's flwr, curl, pytest, pip, torchrun.
+FOREIGN_FLAGS = {
+    "--insecure",
+    "--node-config",
+    "--stream",
+    "--superlink",
+    "--cacert",
+    "--durations",
+    "--no-deps",
+    "--max-restarts",
+    "--nnodes",
+    "--nproc-per-node",
+    "--rdzv-backend",
+    "--rdzv-endpoint",
+    "--rdzv-id",
+}
+
+
+def test_every_flag_in_docs_exists() -> None:
+    """Each ``--flag`` written in docs/ is an option of some ``pimoe`` command, of a
+    ``python -m pimoe...`` module the docs run, or of another tool the docs quote."""
+    import subprocess
+    import sys
+
+    known = set(FOREIGN_FLAGS)
+
+    def collect(command: click.Command) -> None:
+        for param in command.params:
+            known.update(param.opts, param.secondary_opts)
+        for sub in getattr(command, "commands", {}).values():
+            collect(sub)
+
+    collect(typer.main.get_command(app))
+    for script in (ROOT / "benchmarks").glob("*.py"):
+        known.update(re.findall(r'add_argument\("(--[a-z][a-z0-9-]+)"', script.read_text()))
+    for module in ("pimoe.bench.meta_fewshot", "pimoe.models"):
+        usage = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True
+        ).stdout
+        known.update(re.findall(r"--[a-z][a-z0-9-]+", usage))
+    unknown = [
+        f"{doc.name}: {flag}"
+        for doc in DOCS
+        for flag in sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", doc.read_text())))
+        if flag not in known
+    ]
+    assert not unknown, unknown
