@@ -19,6 +19,7 @@ layer and transformers' backend put their own steps between them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,6 +238,21 @@ def combine(x: Tensor, y: Tensor, token_sorted: Tensor, weight_sorted: Tensor) -
     return out.to(x.dtype)
 
 
+def _expert_major(x: Tensor, route: RouterOutput, experts: nn.Module) -> bool:
+    """Whether the bank runs this call expert by expert from gather to weighted sum: nothing
+    needs a gradient and the bank says so for this many rows (``runs_expert_major``)."""
+    rule = getattr(experts, "runs_expert_major", None)
+    if rule is None:
+        return False
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or route.weights.requires_grad
+        or any(p.requires_grad for p in experts.parameters())
+    ):
+        return False
+    return bool(rule(route.indices.numel()))
+
+
 def dispatch_combine(
     x: Tensor,
     route: RouterOutput,
@@ -262,6 +278,11 @@ def dispatch_combine(
         token with no executed assignment) in ``x``'s dtype, and the executed assignments per
         expert.
     """
+    if _expert_major(x, route, experts):  # inference of many rows: no [R, D] buffers
+        plan = plan_dispatch(route.indices, num_experts, route.mask)
+        row_weights = route.weights.reshape(-1).index_select(0, plan.row_assignment)
+        run: Callable[..., Tensor] = experts.expert_major  # type: ignore[assignment]
+        return run(x, plan.token_rows, row_weights, plan.splits), plan.counts
     pad_limit = PAD_LIMIT if getattr(experts, "accepts_padding", False) else None
     plan = plan_dispatch(route.indices, num_experts, route.mask, pad_limit)
     row_positions = (

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from pimoe.moe.backends import check_backend, get_experts_backend
 from pimoe.moe.config import Activation
-from pimoe.moe.grouped import grouped_mm_usable
+from pimoe.moe.grouped import EXPERT_MAJOR_MIN_BYTES, expert_major_ffn, grouped_mm_usable
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -198,6 +198,36 @@ class StackedExperts(nn.Module):
         if get_experts_backend(self.backend, w_in) is not get_experts_backend("loop", w_in):
             return False
         return not grouped_mm_usable(w_in, self.b_in, self._stored("w_out"), self.b_out)
+
+    def runs_expert_major(self, rows: int) -> bool:
+        """Whether a forward of ``rows`` routed rows without autograd should run expert by expert
+        from gather to weighted sum (:meth:`expert_major`): the built-in ``"loop"`` kernel, no
+        autocast, and all rows' hidden activations would take at least
+        :data:`pimoe.moe.grouped.EXPERT_MAJOR_MIN_BYTES`."""
+        w_in = self._stored("w_in")
+        if get_experts_backend(self.backend, w_in) is not get_experts_backend("loop", w_in):
+            return False
+        if torch.is_autocast_enabled(w_in.device.type):
+            return False
+        return rows * w_in.shape[1] * w_in.element_size() >= EXPERT_MAJOR_MIN_BYTES
+
+    def expert_major(
+        self, x: Tensor, token_rows: Tensor, row_weights: Tensor, splits: list[int]
+    ) -> Tensor:
+        """Routed output ``[T, D]`` of tokens ``x [T, D]`` without autograd, expert by expert
+        (:func:`pimoe.moe.grouped.expert_major_ffn`): ``token_rows [R]`` grouped by expert,
+        ``row_weights [R]`` their combine weights, ``splits`` rows per expert."""
+        return expert_major_ffn(
+            x,
+            token_rows,
+            row_weights,
+            self.w_in,
+            self.b_in,
+            self.w_out,
+            self.b_out,
+            splits,
+            self.act,
+        )
 
     def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:
         """``x_sorted [N, D]``, ``counts [E]``, ``positions [N]`` or None -> ``[N, D]``."""

@@ -38,6 +38,13 @@ from torch import Tensor
 
 Activation = Callable[[Tensor], Tensor]
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Hidden activations per chunk of :func:`expert_major_ffn` (a few MiB: they stay in L2/L3).
+CHUNK_HIDDEN_BYTES = 4 * 2**20
+# Inference takes :func:`expert_major_ffn` once all routed rows' hidden activations would take
+# at least this many bytes (the L3 cache of the 2-core bench machine and glibc's largest mmap
+# threshold: such buffers are page-faulted anew on every call). At 2048 tokens and beyond both
+# bench shapes were faster so (``pimoe bench moe``, docs/benchmarks.md).
+EXPERT_MAJOR_MIN_BYTES = 32 * 2**20
 
 
 def grouped_mm_usable(
@@ -270,6 +277,54 @@ def grouped_ffn(
             return _grouped_mm_ffn(x, w_in, w_out, splits, act)
     with torch.autocast(device_type, enabled=False):
         out: Tensor = _GroupedFFN.apply(x, w_in, b_in, w_out, b_out, splits, act, keep_hidden)  # type: ignore[no-untyped-call]
+    return out
+
+
+def expert_major_ffn(
+    x: Tensor,
+    token_rows: Tensor,
+    row_weights: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    splits: list[int],
+    act: Activation,
+) -> Tensor:
+    """Forward-only routed FFN run expert by expert, from gather to weighted sum:
+    ``out[token_rows[r]] += row_weights[r] * FFN_e(x[token_rows[r]])`` for the rows ``r`` of
+    each expert ``e``, in chunks of at most :data:`CHUNK_HIDDEN_BYTES` of hidden activations.
+
+    Nothing of size ``rows x F`` is allocated: every chunk's input rows, hidden activations and
+    outputs stay in the CPU caches and the expert's weights are read once. At 2048-16384 tokens
+    this beat gathering all rows first (``pimoe bench moe``, docs/benchmarks.md).
+
+    Args:
+        x: ``[T, D]`` tokens; token_rows: ``[R]`` long, the token of each routed row, grouped by
+            expert (expert 0's first); row_weights: ``[R]`` combine weight of each row.
+        w_in, b_in, w_out, b_out, act: as in :func:`grouped_ffn`.
+        splits: rows per expert (sums to ``R``).
+
+    Returns:
+        ``[T, D]`` in ``x``'s dtype (0 for a token with no row).
+    """
+    out = torch.zeros_like(x)
+    chunk = max(1, CHUNK_HIDDEN_BYTES // (w_in.shape[1] * w_in.element_size()))
+    scale = row_weights.to(x.dtype).unsqueeze(1)  # [R, 1]
+
+    def run(e: int, rows: slice) -> None:
+        for start in range(rows.start, rows.stop, chunk):
+            part = slice(start, min(start + chunk, rows.stop))
+            tokens = token_rows[part]
+            h = _in_proj(x.index_select(0, tokens), w_in[e], None if b_in is None else b_in[e])
+            y = (
+                torch.mm(act(h), w_out[e].t())
+                if b_out is None
+                else torch.addmm(b_out[e], act(h), w_out[e].t())
+            )
+            out.index_add_(0, tokens, y.mul_(scale[part]))
+
+    per_expert(splits, run)
     return out
 
 

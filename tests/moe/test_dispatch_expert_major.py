@@ -1,0 +1,81 @@
+"""Inference of many rows runs expert by expert from gather to weighted sum
+(``StackedExperts.expert_major``): same output as the token-by-token definition, chosen only
+without autograd, for the built-in kernel, and past the size rule."""
+
+import pytest
+import torch
+
+from pimoe import PiMoE
+from pimoe.moe import dispatch, grouped
+from pimoe.moe.experts import StackedExperts
+from test_dispatch import _reference
+
+
+def _calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = StackedExperts.expert_major
+
+    def spy(self, x, token_rows, row_weights, splits):  # type: ignore[no-untyped-def]
+        calls.append(len(splits))
+        return real(self, x, token_rows, row_weights, splits)
+
+    monkeypatch.setattr(StackedExperts, "expert_major", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(activation="gelu", bias=True),
+        dict(capacity_factor=0.6),  # dropped assignments
+        dict(num_experts=16, top_k=4),  # idle experts
+    ],
+)
+def test_expert_major_inference_matches_the_token_loop(
+    monkeypatch: pytest.MonkeyPatch, kwargs: dict
+) -> None:
+    monkeypatch.setattr(grouped, "EXPERT_MAJOR_MIN_BYTES", 0)
+    monkeypatch.setattr(grouped, "CHUNK_HIDDEN_BYTES", 8 * 48 * 8)  # several chunks per expert
+    monkeypatch.setattr("pimoe.moe.experts.EXPERT_MAJOR_MIN_BYTES", 0)
+    calls = _calls(monkeypatch)
+    torch.manual_seed(0)
+    layer = PiMoE(16, **{"num_experts": 6, "top_k": 2, "ffn_dim": 24, **kwargs}).double()
+    x = torch.randn(53, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _reference(layer, x)
+        got = layer(x)
+    assert calls == [layer.num_experts]
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, atol=1e-12, rtol=1e-12)
+    assert len(calls) == 2
+
+
+def test_expert_major_only_without_autograd_and_past_the_size_rule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _calls(monkeypatch)
+    torch.manual_seed(0)
+    layer = PiMoE(16, num_experts=4, top_k=2, ffn_dim=16)
+    f_in_bytes = layer.experts.w_in.shape[1] * 4
+    rows_needed = grouped.EXPERT_MAJOR_MIN_BYTES // f_in_bytes  # routed rows at the threshold
+    assert layer.experts.runs_expert_major(rows_needed)
+    assert not layer.experts.runs_expert_major(rows_needed - 1)
+    assert not StackedExperts(4, 16, 16, backend="grouped_mm").runs_expert_major(10**9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer.experts.runs_expert_major(10**9)
+    monkeypatch.setattr("pimoe.moe.experts.EXPERT_MAJOR_MIN_BYTES", 0)
+    x = torch.randn(9, 16)
+    out = layer(x)  # grad mode, trainable experts: the differentiable path
+    assert calls == [] and out.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), out.detach())
+    assert calls == [4]
+    layer.requires_grad_(False)
+    layer(x)  # nothing needs a gradient
+    assert calls == [4, 4]
+    layer(x.requires_grad_())
+    assert calls == [4, 4]
+
+
