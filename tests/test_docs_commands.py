@@ -205,3 +205,19 @@ def test_every_flag_in_docs_exists() -> None:
         if flag not in known
     ]
     assert not unknown, unknown
+
+
+def test_python_c_imports_in_docs_resolve() -> None:
+    """Each ``from pimoe... import a, b`` inside a ``python -c`` command of the docs imports."""
+    import importlib
+
+    imports = [
+        (doc.name, module, name.strip())
+        for doc in DOCS
+        for snippet in re.findall(r"python -c [\"']([^\"']+)", doc.read_text())
+        for module, names in re.findall(r"from (pimoe[\w.]*) import ([\w, ]+)", snippet)
+        for name in names.split(",")
+    ]
+    assert len(imports) >= 5
+    for doc, module, name in imports:
+        assert hasattr(importlib.import_module(module), name), f"{doc}: {module}.{name}"
