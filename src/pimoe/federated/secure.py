@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from pimoe.federated.checks import Rejection
 from pimoe.federated.records import array as array_of
-from pimoe.federated.records import as_bytes, as_bytes_list, as_float, metrics
+from pimoe.federated.records import as_bytes, as_bytes_list, example_count
 from pimoe.federated.records import config as config_of
 from pimoe.federated.secure_client import DECRYPT, KEYS, SHARE, UNMASK, node_ids
 from pimoe.federated.strategy import ScreenedAggregation
@@ -101,12 +101,12 @@ class ProtectedAggregation(ScreenedAggregation):
 
     @staticmethod
     def declared_weight(msg: Message) -> float | None:
-        """The example count a reply announced in the clear, or None if missing / not a positive finite number."""
+        """The example count a reply announced in the clear, or None if missing or not a whole
+        number in [1, 2**53] (:func:`~pimoe.federated.records.example_count`)."""
         try:
-            weight = as_float(metrics(msg.content)["num-examples"])
+            return float(example_count(msg.content))
         except (KeyError, TypeError, ValueError):
             return None
-        return weight if np.isfinite(weight) and weight > 0 else None
 
     def finish(
         self, server_round: int, total: np.ndarray | None, weight: float, why: str = ""

@@ -29,7 +29,7 @@ from pimoe.federated.bounding import clip_change
 from pimoe.federated.checks import Rejection, screen_updates
 from pimoe.federated.config import FederatedConfig
 from pimoe.federated.records import arrays as arrays_of
-from pimoe.federated.records import as_float
+from pimoe.federated.records import as_float, example_count, uniform_replies
 from pimoe.federated.records import metrics as metrics_of
 from pimoe.federated.selection import ClientSelector
 
@@ -141,9 +141,7 @@ class ScreenedAggregation(FedAvg):
         for msg in ok:
             node = msg.metadata.src_node_id
             try:
-                weight = as_float(metrics_of(msg.content)["num-examples"])
-                if not (np.isfinite(weight) and weight > 0):
-                    raise ValueError(f"num-examples {weight}")
+                example_count(msg.content)
                 updates[node] = {k: v.numpy() for k, v in arrays_of(msg.content).items()}
             except (AttributeError, KeyError, TypeError, ValueError) as err:
                 rejected.append(Rejection(node, f"malformed reply: {type(err).__name__}: {err}"))
@@ -162,7 +160,7 @@ class ScreenedAggregation(FedAvg):
                 as_float(metrics.get("train-loss", 0.0)),
             )
         self.record_round(server_round, replies, len(keep), rejected + screened_out)
-        return keep
+        return uniform_replies(keep)
 
     def report(self) -> dict[str, Any]:
         """Run-level results beyond the per-round log: ``epsilon`` (max over clients) when DP is on."""
@@ -189,6 +187,31 @@ class ScreenedAggregation(FedAvg):
             return None, None
         arrays, metrics = super().aggregate_train(server_round, keep)
         return self.merge(arrays), metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Flower's weighted mean of the evaluation metrics, over the replies that declare a
+        valid example count (the others are logged and left out instead of ending the run)."""
+        keep: list[Message] = []
+        for m in replies:
+            if m.has_error():
+                continue
+            try:
+                example_count(m.content)
+                keep.append(m)
+            except (KeyError, TypeError, ValueError) as err:
+                log(
+                    WARNING,
+                    "round %d: left out the evaluation of node %d: %s: %s",
+                    server_round,
+                    m.metadata.src_node_id,
+                    type(err).__name__,
+                    err,
+                )
+        if not keep:
+            return None
+        return super().aggregate_evaluate(server_round, uniform_replies(keep))
 
 
 class ScreenedFedAvg(ScreenedAggregation):
