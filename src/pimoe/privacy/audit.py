@@ -198,7 +198,7 @@ class AuditLog:
                     try:
                         entry = json.loads(line)
                         stored = entry.pop("hash")
-                    except (ValueError, KeyError, AttributeError):
+                    except (ValueError, KeyError, AttributeError, TypeError):  # list.pop("hash")
                         raise IntegrityError(
                             f"audit log {self.path} line {number}: not an audit entry"
                         ) from None
