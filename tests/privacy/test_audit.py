@@ -57,7 +57,10 @@ def test_reopened_log_appends_and_keeps_the_chain(tmp_path) -> None:
         (lambda ls: [ls[1], ls[0], *ls[2:]], "line 1: chain broken"),
         (lambda ls: [*ls[:2], ls[2], *ls[2:]], "line 4: chain broken"),
         (lambda ls: [*ls[:3], "not json\n", *ls[3:]], "line 4: not an audit entry"),
-        (lambda ls: [*ls[:3], "[1, 2]\n", *ls[3:]], "line 4: not an audit entry"),  # JSON, no object
+        (
+            lambda ls: [*ls[:3], "[1, 2]\n", *ls[3:]],
+            "line 4: not an audit entry",
+        ),  # JSON, no object
     ],
 )
 def test_edits_are_detected(tmp_path, edit, match: str) -> None:
