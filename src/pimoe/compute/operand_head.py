@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
@@ -125,28 +125,54 @@ class OperandHead(nn.Module):
         return self.pattern(s), self.pointer(torch.cat([n, s[owner]], dim=-1))
 
     @torch.no_grad()
-    def expression(self, question: Tensor, numbers: QuestionNumbers) -> str:
-        """The most likely engine expression for a question block (``""`` when unmappable)."""
+    def log_probs(self, question: Tensor, numbers: QuestionNumbers) -> tuple[Tensor, Tensor]:
+        """Question block features ``[T, F]`` -> ``(pattern log-probs [P], role log-probs [N, R])``."""
         owner = torch.zeros(len(numbers.positions), dtype=torch.long)
         pattern_logits, slot_logits = self(
             summary(question)[None], number_features(question, numbers.positions), owner
         )
-        pattern_lp = pattern_logits[0].log_softmax(-1)
-        slot_lp = slot_logits.log_softmax(-1)
-        best, best_score = "", float("-inf")
-        for p, template in enumerate(PATTERNS):
-            arity = sum(f"{{{s}}}" in template for s in SLOTS)
-            for chosen in itertools.permutations(range(len(numbers.texts)), arity):
-                unused = [i for i in range(len(numbers.texts)) if i not in chosen]
-                roles = role(p, torch.arange(arity))
-                score = float(
-                    pattern_lp[p]
-                    + sum(slot_lp[i, roles[s]] for s, i in enumerate(chosen))
-                    + sum(slot_lp[i, NONE_ROLE] for i in unused)
-                )
-                if score > best_score:
-                    best_score = score
-                    best = template.format(
-                        **{SLOTS[s]: numbers.texts[i] for s, i in enumerate(chosen)}
-                    )
-        return best
+        return pattern_logits[0].log_softmax(-1), slot_logits.log_softmax(-1)
+
+    def expression(self, question: Tensor, numbers: QuestionNumbers) -> str:
+        """The most likely engine expression for a question block (``""`` when unmappable)."""
+        return decode(*self.log_probs(question, numbers), numbers.texts)
+
+
+class HeadEnsemble(nn.Module):
+    """Several :class:`OperandHead` (trained with different seeds) voting with their mean log-probs."""
+
+    def __init__(self, heads: list[OperandHead]) -> None:
+        super().__init__()
+        if not heads:
+            raise ValueError("an ensemble needs at least one head")
+        self.heads = nn.ModuleList(heads)
+
+    def log_probs(self, question: Tensor, numbers: QuestionNumbers) -> tuple[Tensor, Tensor]:
+        """Mean over the heads of :meth:`OperandHead.log_probs`."""
+        parts = [cast(OperandHead, head).log_probs(question, numbers) for head in self.heads]
+        return tuple(torch.stack(p).mean(0) for p in zip(*parts))  # type: ignore[return-value]
+
+    def expression(self, question: Tensor, numbers: QuestionNumbers) -> str:
+        """As :meth:`OperandHead.expression`, on the mean log-probs."""
+        return decode(*self.log_probs(question, numbers), numbers.texts)
+
+
+def decode(pattern_lp: Tensor, slot_lp: Tensor, texts: list[str]) -> str:
+    """The pattern and assignment of ``texts`` (the question's numbers) to its slots with the
+    highest joint score: ``pattern_lp [P]`` plus each number's role log-prob in ``slot_lp [N, R]``
+    (``NONE_ROLE`` for numbers left out); ``""`` when no pattern fits the numbers."""
+    best, best_score = "", float("-inf")
+    for p, template in enumerate(PATTERNS):
+        arity = sum(f"{{{s}}}" in template for s in SLOTS)
+        roles = role(p, torch.arange(arity))
+        for chosen in itertools.permutations(range(len(texts)), arity):
+            unused = [i for i in range(len(texts)) if i not in chosen]
+            score = float(
+                pattern_lp[p]
+                + sum(slot_lp[i, roles[s]] for s, i in enumerate(chosen))
+                + sum(slot_lp[i, NONE_ROLE] for i in unused)
+            )
+            if score > best_score:
+                best_score = score
+                best = template.format(**{SLOTS[s]: texts[i] for s, i in enumerate(chosen)})
+    return best

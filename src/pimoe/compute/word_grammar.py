@@ -3,7 +3,7 @@
 A *frame* is a question and an answer over the operand slots (``{a}`` ..), ``{item}`` and (answer)
 ``{r}``, in which ``[x|y|z]`` offers alternatives. :func:`expand` gives every combination of a
 frame's question alternatives (each paired with one of its answer alternatives, in turn), and
-:func:`generated_templates` draws up to ``per_pattern`` of them per pattern with a fixed seed, so
+:func:`generated_templates` draws up to ``per_frame`` of them per frame with a fixed seed, so
 the training phrasings are a pure function of the frames.
 
 The frames vary what the held-out phrasings vary: the verbs of each operation, the order in which
@@ -21,6 +21,7 @@ import re
 
 from pimoe.compute.word_templates import PATTERNS, Template
 
+FIRST_ROUND = 40  # FRAMES[:FIRST_ROUND] are the first round of frames; the rest came later
 _ALTERNATIVES = re.compile(r"\[([^\[\]]*)\]")
 
 # (pattern index, question frame, answer frame)
@@ -272,6 +273,98 @@ FRAMES: tuple[tuple[int, str, str], ...] = (
         "[gave|handed] [equal shares|the same amount] to {c} [guests|classes|stores]. How many {item} did each [receive|get]?",
         "[Each received {r} {item}.|Each one got {r}.]",
     ),
+    # second round: other verbs, clause orders and sentence shapes for every tree
+    (
+        0,
+        "[The tank|A barrel|The cellar] [contained|stored] {a} {item}. {b} [leaked out|were drawn off|got used], "
+        "[after which|and afterwards] {c} [were poured in|were topped up|came back]. [What does it contain now|How many {item} now]?",
+        "[It now contains {r} {item}.|Now it has {r} {item}.]",
+    ),
+    (
+        0,
+        "[Begin|Open] with {a} {item}; [deduct|drop] {b}; [then|and then] [gain|add on] {c}. [What is the result|Final amount]?",
+        "[The result is {r}.|The final amount is {r} {item}.]",
+    ),
+    (
+        1,
+        "[Each|Every] [row|line] of a [garden|field] [grows|has] {b} {item} and there are {a} [rows|lines]; "
+        "[a further|an extra] {c} {item} [grow|sit] [by the gate|near the fence]. How many {item} [altogether|does it have]?",
+        "[Altogether it has {r} {item}.|It has {r} {item}.]",
+    ),
+    (
+        1,
+        "{c} {item} [plus|and also] {a} [sets|packets] of {b} [make|give] how many {item}?",
+        "[They make {r} {item}.|That gives {r} {item}.]",
+    ),
+    (
+        2,
+        "[Workers|A crew] [loaded|placed] {b} {item} onto each of {a} [carts|pallets] and [later|afterwards] "
+        "[unloaded|dropped|misplaced] {c}. How many {item} [are still loaded|stay on board]?",
+        "[{r} {item} are still loaded.|{r} {item} stay on board.]",
+    ),
+    (
+        2,
+        "[Subtract|Deduct] {c} from {a} [times|lots of] {b} {item}. [What is the answer|What do you get]?",
+        "[The answer is {r}.|You get {r} {item}.]",
+    ),
+    (
+        3,
+        "[A seller|Dan] [has|offers] {a} [large|blue] and {b} [small|green] {item}, [each priced at|each one at] {c} "
+        "[cents|coins]. [What is their value|How much are they all worth]?",
+        "[Their value is {r} cents.|They are all worth {r} coins.]",
+    ),
+    (
+        3,
+        "{c} [cents|coins] [buys|pays for] one {item}. What [does it cost|is the price] to buy {a} [today|now] and {b} "
+        "[tomorrow|later]?",
+        "[It costs {r} coins.|The price is {r} cents.]",
+    ),
+    (
+        4,
+        "[Out of|Of] {a} {item}, {b} [were kept back|stay in storage], and the [others|rest] [go|are sent] to {c} "
+        "[schools|shops] in equal [amounts|numbers]. How many {item} does [each school|one shop] [get|receive]?",
+        "[Each school gets {r} {item}.|One shop receives {r} {item}.]",
+    ),
+    (
+        4,
+        "[Set aside|Hold back] {b} of {a} {item} and [give|hand] [the others|what stays] [equally|evenly] to {c} "
+        "[pupils|visitors]. [How many each|What does one get]?",
+        "[{r} {item} each.|One gets {r} {item}.]",
+    ),
+    (
+        5,
+        "[In|Inside] {a} [cartons|boxes] [are|sit] {b} [packs|tins] each, [and|while] every [pack|tin] [has|holds] {c} "
+        "{item}. [Find the number of {item}|How many {item} is that in total]?",
+        "[The number is {r}.|In total that is {r} {item}.]",
+    ),
+    (
+        5,
+        "{a} [times|lots of] {b} [groups|sets] of {c} {item}: how many {item}?",
+        "[{r} {item}.|There are {r} {item}.]",
+    ),
+    (
+        6,
+        "[Add up|Total] {a}, {b} and {c} {item}, [then|and] [take off|deduct] {d}. [What is the result|What do you get]?",
+        "[The result is {r}.|You get {r} {item}.]",
+    ),
+    (
+        6,
+        "[After|Once] {d} [were sold|were given out], how many {item} [were left|remained] of the {a}, {b} and {c} "
+        "[bought|made] [earlier|before]?",
+        "[{r} {item} were left.|{r} remained.]",
+    ),
+    (
+        7,
+        "{c} [kids|players] [divide|share out] [equally|fairly] the {a} {item} [from one box|of one box] and the {b} "
+        "[from another|of another]. [How many does each get|How many per kid]?",
+        "[Each gets {r} {item}.|{r} per kid.]",
+    ),
+    (
+        7,
+        "[Put|Place] {a} {item} [with|beside] {b} others [and|then] [split|divide] [them|the total] into {c} "
+        "[equal parts|equal heaps]. How large is each [part|heap]?",
+        "[Each part is {r} {item}.|Each heap has {r} {item}.]",
+    ),
 )
 
 
@@ -285,17 +378,16 @@ def expand(text: str) -> list[str]:
     ]
 
 
-def generated_templates(per_pattern: int = 40, seed: int = 0) -> tuple[Template, ...]:
-    """Up to ``per_pattern`` expanded phrasings per pattern, drawn evenly over its frames."""
+def frame_templates(index: int, count: int, rng: random.Random) -> list[Template]:
+    """``count`` (at most all) phrasings expanded from ``FRAMES[index]``, drawn with ``rng``."""
+    pattern, question, answer = FRAMES[index]
+    questions, answers = expand(question), expand(answer)
+    chosen = rng.sample(questions, min(len(questions), count))
+    return [Template(PATTERNS[pattern], q, answers[i % len(answers)]) for i, q in enumerate(chosen)]
+
+
+def generated_templates(per_frame: int = 8, seed: int = 0) -> tuple[Template, ...]:
+    """Up to ``per_frame`` expanded phrasings of every frame, drawn with a fixed seed."""
     rng = random.Random(seed)
-    out: list[Template] = []
-    for pattern in range(len(PATTERNS)):
-        frames = [(q, a) for p, q, a in FRAMES if p == pattern]
-        for question, answer in frames:
-            questions, answers = expand(question), expand(answer)
-            chosen = rng.sample(questions, min(len(questions), per_pattern // len(frames)))
-            out.extend(
-                Template(PATTERNS[pattern], q, answers[i % len(answers)])
-                for i, q in enumerate(chosen)
-            )
-    return tuple(out)
+    order = sorted(range(len(FRAMES)), key=lambda i: FRAMES[i][0])  # pattern by pattern
+    return tuple(t for i in order for t in frame_templates(i, per_frame, rng))

@@ -126,13 +126,23 @@ class WordProblemSet:
         self.train_digits, self.heldout_digits, self.seed = train_digits, heldout_digits, seed
         self.engine = ArithmeticEngine(max_digits=40)
 
-    def problem(self, split: Split, index: int, written_only: bool = False) -> WordProblem:
+    def problem(
+        self,
+        split: Split,
+        index: int,
+        written_only: bool = False,
+        templates: tuple[Template, ...] | None = None,
+    ) -> WordProblem:
         """Problem ``index`` of ``split``: a pure function of ``(seed, split, index, written_only)``;
-        ``written_only`` draws its phrasing from the hand-written ones (the few-shot examples)."""
+        ``written_only`` draws its phrasing from the hand-written ones (the few-shot examples);
+        ``templates`` (non-empty) replaces the split's phrasings, keeping its operand lengths."""
         if split not in TEMPLATES:
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        if templates is not None and not templates:
+            raise ValueError("templates must not be empty")
         rng = random.Random(f"{self.seed}/{split}/{index}")
-        template = rng.choice((WRITTEN_TEMPLATES if written_only else TEMPLATES)[split])
+        pool = templates or (WRITTEN_TEMPLATES if written_only else TEMPLATES)[split]
+        template = rng.choice(pool)
         item = rng.choice(ITEMS)
         pattern = template.pattern
         arity = sum(f"{{{s}}}" in pattern for s in SLOTS)
