@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +13,8 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
 from pimoe.infer.lm_models import PiMoEGenerationModel
-from pimoe.infer.sampling import SamplingParams
+from pimoe.infer.sampling import MAX_STOP_CHARS, SamplingParams
+from pimoe.infer.sequence import safe_end
 from pimoe.infer.served import ServedModel
 from pimoe.infer.server import create_app
 
@@ -78,3 +81,20 @@ def test_a_misspelt_infer_field_is_422_naming_it(client: TestClient) -> None:
         client, "/v1/infer", '{"model": "t", "inputs": [1, 2, 3, 4], "return_logit": false}'
     )
     assert status == 422 and error["param"] == "body.return_logit"
+
+
+def test_a_stop_string_over_the_limit_is_400_naming_stop(client: TestClient) -> None:
+    body = {"model": "pm", "prompt": "hi", "max_tokens": 2, "stop": ["x" * (MAX_STOP_CHARS + 1)]}
+    status, error = _post(client, "/v1/completions", json.dumps(body))
+    assert (
+        status == 400 and error["param"] == "stop" and str(MAX_STOP_CHARS) in str(error["message"])
+    )
+    body["stop"] = ["x" * MAX_STOP_CHARS]
+    assert _post(client, "/v1/completions", json.dumps(body))[0] == 200
+
+
+def test_holding_back_a_stop_prefix_looks_only_as_far_back_as_the_text() -> None:
+    start = time.perf_counter()
+    assert safe_end("abx", ("x" * 300_000,)) == 2  # was quadratic in the stop's length: seconds
+    assert time.perf_counter() - start < 0.5
+    assert safe_end("ab", ("bcd", "xyz")) == 1 and safe_end("abc", ("abcd",)) == 0

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+#: Longest stop string: after each token the engine looks for the longest end of the text that
+#: begins a stop string, which takes time quadratic in the stop string's length.
+MAX_STOP_CHARS = 512
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -20,7 +24,8 @@ class SamplingParams:
             ``top_p`` (1 keeps all).
         seed: seeds this request's own ``torch.Generator`` (a 64-bit signed integer; None: a
             random seed).
-        stop: strings that end the completion (not included in its text).
+        stop: at most 4 strings of at most :data:`MAX_STOP_CHARS` characters that end the
+            completion (not included in its text).
     """
 
     max_tokens: int | None = 16
@@ -38,8 +43,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
-        if len(self.stop) > 4 or any(not s for s in self.stop):
-            raise ValueError("stop must hold at most 4 non-empty strings")
+        if len(self.stop) > 4 or any(not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(
+                f"stop must hold at most 4 non-empty strings of at most {MAX_STOP_CHARS} characters"
+            )
 
 
 def choose_tokens(
@@ -66,4 +73,4 @@ def choose_tokens(
     return tokens
 
 
-__all__ = ["SamplingParams", "choose_tokens"]
+__all__ = ["MAX_STOP_CHARS", "SamplingParams", "choose_tokens"]

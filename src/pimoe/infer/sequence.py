@@ -78,8 +78,17 @@ def safe_end(text: str, stops: tuple[str, ...]) -> int:
     end = len(text)
     while end and text[end - 1] == "\ufffd":
         end -= 1
-    return end - max(
-        (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k], 0, end)), default=0
+    return (
+        end
+        - max(
+            (
+                k
+                for s in stops
+                for k in range(1, min(len(s), end + 1))  # a tail no longer than the text
+                if text.endswith(s[:k], 0, end)
+            ),
+            default=0,
+        )
     )
 
 
