@@ -14,6 +14,7 @@ from pimoe.models.router_training import (
 )
 from pimoe.models.upcycle import moe_layers, upcycle
 from pimoe.models.upcycle_cluster import capture_mlp_inputs
+from pimoe.moe import set_balance
 
 
 def _split(top_k: int = 2):
@@ -108,3 +109,28 @@ def test_router_training_with_a_selection_bias_balances_the_choice() -> None:
     assert all(b < n - 0.1 and b < 1.05 for b, n in zip(imbalance["bias"], imbalance["none"]))
     with pytest.raises(ValueError, match="balance"):
         train_routers(model, train, steps=1, balance="switch")
+
+
+def test_router_training_shows_one_progress_display_over_the_layers(capsys) -> None:
+    model, train, _ = _split()
+    train_routers(model, train, steps=3, progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    # without a terminal: the start line and the end line of one display counting the layers
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"train routers: 0/{LAYERS}")
+    assert lines[1].startswith(f"train routers: done, {LAYERS} in") and "loss" in lines[1]
+
+
+def test_heldout_report_chooses_the_experts_the_biased_router_runs() -> None:
+    model, _, heldout = _split()
+    for layer, x in zip(moe_layers(model), heldout):
+        plain = routing_quality(layer, x)[3]
+        set_balance(layer, "bias")
+        router = layer.router.eval()
+        assert router.e_score_correction_bias is not None
+        router.e_score_correction_bias.copy_(torch.tensor([0.3, 0.0, 0.0, -0.3]))
+        ran = router(x).indices
+        counts = torch.bincount(ran.reshape(-1), minlength=layer.num_experts).float()
+        imbalance = routing_quality(layer, x)[3]
+        assert imbalance == pytest.approx(float(counts.max() / counts.mean()))
+        assert imbalance != pytest.approx(plain)  # the bias changed the choice

@@ -45,6 +45,20 @@ def test_normalized_weights_of_bias_routing_sum_to_one() -> None:
     assert (out.indices == 0).any(-1).all()
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_bias_choice_combines_the_renormalized_unbiased_scores(score: str) -> None:
+    torch.manual_seed(0)
+    router = Router(8, num_experts=8, top_k=4, score=score, balance="bias").eval()
+    assert router.e_score_correction_bias is not None
+    router.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.2, 8))
+    out = router(torch.randn(32, 8))
+    scores = out.logits.softmax(-1) if score == "softmax" else torch.sigmoid(out.logits)
+    chosen = scores.gather(1, out.indices)
+    torch.testing.assert_close(out.weights, chosen / chosen.sum(-1, keepdim=True))
+    biased = scores + router.e_score_correction_bias
+    torch.testing.assert_close(out.indices, biased.topk(4, dim=-1).indices)
+
+
 def test_update_rule_sign_and_magnitude() -> None:
     layer = PiMoE(8, num_experts=4, top_k=1, ffn_dim=8, balance="bias", bias_update_rate=0.01)
     router = layer.router

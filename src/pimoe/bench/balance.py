@@ -11,6 +11,9 @@ Two workloads, each contender trained with the same data, steps and seed:
    coefficients, and with the selection bias. Reported per contender, averaged over the 30 layers
    on held-out tokens: imbalance, the layer's relative output error against the dense MLP, and the
    whole model's held-out perplexity.
+3. Balancing while the model keeps learning (:mod:`pimoe.bench.balance_finetune`): the upcycled
+   SmolLM2 with DeepSeek-V3's weighted routing, its experts and routers fine-tuned together on
+   real text, with the selection bias or the Switch loss; held-out loss and imbalance.
 
 ``run(quick, json_path)`` is the entry point of ``pimoe bench balance``.
 """
@@ -54,6 +57,13 @@ class BalanceBenchConfig:
     router_heldout_windows: int = 2
     router_switch_coefs: list[float] = field(default_factory=lambda: [0.1, 1.0, 3.0])
     router_bias_rates: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 3e-2, 1e-1])
+    finetune_steps: int = 60
+    finetune_batch: int = 4  # windows of finetune_window tokens per step
+    finetune_window: int = 128
+    finetune_heldout_windows: int = 4  # of 256 tokens
+    finetune_lr: float = 1e-4
+    finetune_switch_coefs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    finetune_bias_rates: list[float] = field(default_factory=lambda: [1e-3, 1e-2])
     baseline: bool = True  # also the contender without balancing
     threads: int = 1
     seed: int = 0
@@ -69,6 +79,10 @@ QUICK = BalanceBenchConfig(
     router_heldout_windows=1,
     router_switch_coefs=[0.1],
     router_bias_rates=[1e-2],
+    finetune_steps=4,
+    finetune_heldout_windows=1,
+    finetune_switch_coefs=[0.1],
+    finetune_bias_rates=[1e-2],
 )
 
 
@@ -224,14 +238,13 @@ def best_per_method(rows: list[dict[str, Any]], key: str) -> dict[str, str]:
     return {method: row["contender"] for method, row in best.items()}
 
 
-def print_report(result: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+def print_lm(rows: list[dict[str, Any]], console: Console) -> None:
     lm = Table(
         title="Demo LM (8 experts, top-2): held-out CE and imbalance (max/mean tokens per expert)"
     )
     for column in ("contender", "held-out CE", "imbalance mean", "imbalance max", "s"):
         lm.add_column(column)
-    for row in result["lm"]:
+    for row in rows:
         lm.add_row(
             row["contender"],
             f"{row['val_loss']:.4f}",
@@ -240,6 +253,12 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
             f"{row['seconds']:.0f}",
         )
     console.print(lm)
+
+
+def print_report(result: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    if result["lm"]:
+        print_lm(result["lm"], console)
     if result.get("routers"):
         routers = Table(
             title="SmolLM2 split 8 experts top-4, router training: held-out, mean over layers"
@@ -265,6 +284,10 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
                 f"{row['seconds']:.0f}",
             )
         console.print(routers)
+    if result.get("finetune"):
+        from pimoe.bench.balance_finetune import print_finetune
+
+        print_finetune(result["finetune"], console)
 
 
 def main(
@@ -287,9 +310,14 @@ def main(
         result["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
         result["lm"] = lm_workload(cfg, progress) if "lm" in cfg.workloads else []
         result["routers"] = router_workload(cfg, progress) if "routers" in cfg.workloads else []
+        if "finetune" in cfg.workloads:
+            from pimoe.bench.balance_finetune import finetune_workload
+
+            result["finetune"] = finetune_workload(cfg, progress)
         result["best"] = {
             "lm": best_per_method(result["lm"], "val_loss"),
             "routers": best_per_method(result["routers"], "heldout_perplexity"),
+            "finetune": best_per_method(result.get("finetune", {}).get("rows", []), "heldout_loss"),
         }
         result["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     finally:

@@ -35,6 +35,7 @@ from pimoe.io import (
     check_safetensors_shapes,
     read_safetensors_header,
 )
+from pimoe.models.progress import Progress
 from pimoe.models.upcycle import find_mlps, moe_layers, upcycle
 from pimoe.moe import PiMoE, load_balancing_loss, set_balance
 
@@ -121,20 +122,15 @@ def _fit_gate(
     balance: str,
     aux_loss_coef: float,
     bias_update_rate: float,
-    desc: str,
-    progress: bool,
 ) -> tuple[Tensor, Tensor, list[float]]:
     """Full-batch Adam on a copy of ``layer``'s gate weight ``[E, D]`` so that the softmax of
     ``x [T, D] @ weight.T`` matches ``target [T, E]``; returns the weight, the selection bias
     ``[E]`` (zeros unless ``balance="bias"``) and the soft cross-entropy per step."""
-    # pimoe.training imports pimoe.models.progress (this package): import it here, not above.
-    from pimoe.training import run_steps
-
     weight = layer.router.gate.weight.detach().float().clone().requires_grad_()
     bias = torch.zeros(layer.num_experts, device=x.device)
     optimizer = torch.optim.Adam([weight], lr=lr)
 
-    def step(_: int) -> dict[str, float]:
+    def step() -> float:
         logits = x @ weight.T  # [T, E]
         fit = _soft_ce(logits, target)
         loss = fit
@@ -151,9 +147,9 @@ def _fit_gate(
                 _choose(logits.detach(), layer.top_k, bias).reshape(-1), minlength=len(bias)
             )
             bias.add_(bias_update_rate * torch.sign(load.float().mean() - load.float()))
-        return {"loss": fit.item()}
+        return fit.item()
 
-    return weight, bias, run_steps(step, steps, desc, progress)["loss"]
+    return weight, bias, [step() for _ in range(steps)]
 
 
 def train_routers(
@@ -176,7 +172,8 @@ def train_routers(
         heldout_inputs: per layer, ``[T', D]`` inputs on held-out text, for the report.
         steps: full-batch Adam steps per layer.
         lr: Adam learning rate.
-        progress: a progress display per layer (:func:`pimoe.training.run_steps`).
+        progress: one progress display over the layers (:class:`pimoe.models.progress.Progress`,
+            with the last layer's fitted loss).
         balance: ``"none"``, ``"aux_loss"`` (Switch loss times ``aux_loss_coef``) or ``"bias"``
             (selection bias updated by ``bias_update_rate`` after each step), see the module docs.
     """
@@ -192,35 +189,35 @@ def train_routers(
     if balance not in ("none", "aux_loss", "bias"):
         raise ValueError(f"balance must be 'none', 'aux_loss' or 'bias', got {balance!r}")
     reports = []
-    for i, layer in enumerate(layers):
-        gate = layer.router.gate
-        x = train_inputs[i].to(gate.weight.device, torch.float32)
-        target = _shares(expert_outputs(layer, x)).to(x.device)
-        weight, bias, losses = _fit_gate(
-            layer,
-            x,
-            target,
-            steps,
-            lr,
-            balance,
-            aux_loss_coef,
-            bias_update_rate,
-            desc=f"train router {i + 1}/{len(layers)}",
-            progress=progress,
-        )
-        with torch.no_grad():
-            gate.weight.copy_(weight)
-            end = _soft_ce(x @ weight.T, target).item()
-            if balance == "bias":
-                set_balance(layer, "bias", bias_update_rate)
-                assert layer.router.e_score_correction_bias is not None
-                layer.router.e_score_correction_bias.copy_(bias)
-        quality = (
-            routing_quality(layer, heldout_inputs[i])
-            if heldout_inputs is not None
-            else (float("nan"),) * 4
-        )
-        reports.append(RouterLayerReport(losses[0], end, *quality))
+    with Progress(len(layers), "train routers", enabled=progress) as bar:
+        for i, layer in enumerate(layers):
+            gate = layer.router.gate
+            x = train_inputs[i].to(gate.weight.device, torch.float32)
+            target = _shares(expert_outputs(layer, x)).to(x.device)
+            weight, bias, losses = _fit_gate(
+                layer,
+                x,
+                target,
+                steps,
+                lr,
+                balance,
+                aux_loss_coef,
+                bias_update_rate,
+            )
+            with torch.no_grad():
+                gate.weight.copy_(weight)
+                end = _soft_ce(x @ weight.T, target).item()
+                if balance == "bias":
+                    set_balance(layer, "bias", bias_update_rate)
+                    assert layer.router.e_score_correction_bias is not None
+                    layer.router.e_score_correction_bias.copy_(bias)
+            quality = (
+                routing_quality(layer, heldout_inputs[i])
+                if heldout_inputs is not None
+                else (float("nan"),) * 4
+            )
+            reports.append(RouterLayerReport(losses[0], end, *quality))
+            bar.update(loss=end)
     return reports
 
 
