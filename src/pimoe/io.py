@@ -258,6 +258,8 @@ def read_safetensors_header(
         header = json.loads(raw[:n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{label}: not a safetensors file (header is not JSON: {err})") from err
+    except RecursionError:
+        raise ValueError(f"{label}: not a safetensors file (header nested too deeply)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{label}: not a safetensors file (header is not an object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -281,7 +283,7 @@ def read_safetensors_header(
             valid = False
         if not valid:
             raise ValueError(
-                f"{label}: tensor {name!r} has an invalid entry {info!r} "
+                f"{label}: tensor {name[:200]!r} has an invalid entry {repr(info)[:200]} "
                 f"(its dtype and shape must fill its byte range inside the {data_size} data bytes)"
             )
         tensors[name] = (dtype, tuple(shape))
