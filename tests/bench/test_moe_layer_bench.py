@@ -31,6 +31,11 @@ def test_small_benchmark_reports_ratios_and_agreement_with_hf(
         best = min(r["hf_eager_vs_dense"], r["hf_grouped_mm_vs_dense"])
         assert r["pimoe_vs_best_hf"] == pytest.approx(r["pimoe_vs_dense"] / best)
     assert result["worst_pimoe_vs_best_hf"] == max(r["pimoe_vs_best_hf"] for r in rows)
+    for r in rows:  # the weight-streaming floor: every expert weight of the shape, timed
+        experts, _, width = moe_layer.SHAPES[r["shape"]]
+        assert r["expert_weight_mb"] == pytest.approx(experts * 3 * width * 32 * 4 / 1e6)
+        assert r["weight_stream_ms"] > 0
+        assert r["floor_vs_dense"] == pytest.approx(1 + r["weight_stream_ms"] / r["dense_ms"])
     assert result["load_start"] >= 0 and result["geomean_pimoe_vs_best_hf"] == pytest.approx(
         geomean([r["pimoe_vs_best_hf"] for r in rows])
     )

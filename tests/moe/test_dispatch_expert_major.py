@@ -4,11 +4,11 @@ without autograd, for the built-in kernel, and past the size rule."""
 
 import pytest
 import torch
+from test_dispatch import _reference
 
 from pimoe import PiMoE
 from pimoe.moe import dispatch, grouped
 from pimoe.moe.experts import StackedExperts
-from test_dispatch import _reference
 
 
 def _calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -79,3 +79,19 @@ def test_expert_major_only_without_autograd_and_past_the_size_rule(
     assert calls == [4, 4]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dispatcher_pads_within_the_banks_pad_limit(
+    monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    limits: list[float | None] = []
+    real_plan = dispatch.plan_dispatch
+    monkeypatch.setattr(
+        dispatch,
+        "plan_dispatch",
+        lambda *a: limits.append(a[3] if len(a) > 3 else None) or real_plan(*a),
+    )
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(0)
+    layer = PiMoE(16, num_experts=4, top_k=2, ffn_dim=16)
+    layer(torch.randn(8, 16))
+    assert limits == [dispatch.PAD_LIMIT_VS_GROUPED_MM if threads > 1 else None]

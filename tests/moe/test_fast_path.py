@@ -178,13 +178,19 @@ def test_padding_only_for_small_mean_rows_per_expert() -> None:
         assert plan_dispatch(indices, 4, pad_limit=2.0).padded == padded
 
 
-def test_padding_only_where_grouped_mm_cannot_run() -> None:
-    """Exact rows through grouped_mm where it runs; padded batched matmuls where it cannot."""
+def test_pad_limit_depends_on_grouped_mm_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where grouped_mm cannot run, padding against a per-expert loop (PAD_LIMIT); where it can,
+    padding only on several threads and only within PAD_LIMIT_VS_GROUPED_MM; never for other
+    backends."""
+    from pimoe.moe.dispatch import PAD_LIMIT, PAD_LIMIT_VS_GROUPED_MM
     from pimoe.moe.experts import StackedExperts
 
     plain = StackedExperts(4, 16, 32)
     assert grouped_mm_usable(plain.w_in, plain.b_in, plain.w_out, plain.b_out)
-    assert not plain.accepts_padding
-    assert StackedExperts(4, 16, 32, bias=True).accepts_padding  # grouped_mm has no biases
-    assert StackedExperts(4, 16, 32).double().accepts_padding  # nor float64
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert plain.pad_limit == PAD_LIMIT_VS_GROUPED_MM < PAD_LIMIT and plain.accepts_padding
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert plain.pad_limit is None and not plain.accepts_padding
+    assert StackedExperts(4, 16, 32, bias=True).pad_limit == PAD_LIMIT  # grouped_mm: no biases
+    assert StackedExperts(4, 16, 32).double().pad_limit == PAD_LIMIT  # nor float64
     assert not StackedExperts(4, 16, 32, backend="grouped_mm").accepts_padding

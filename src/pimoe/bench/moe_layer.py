@@ -10,6 +10,12 @@ HF's eager experts (a Python loop over experts with a boolean mask per expert) a
 forward+backward up to ``eager_max_tokens`` tokens only: beyond that their backward takes tens of
 times the dense limit and a round takes minutes; those rows compare PiMoE with grouped_mm alone
 and say so (``hf_eager_vs_dense`` is null). Forward rows time every contender at every size.
+
+The dense limit's weights fit in the CPU caches; the experts' do not (50-100 MB in fp32), so a
+MoE layer also streams every expert weight from DRAM on each call. ``weight_stream_ms`` times
+that alone (the weights read once, or for forward+backward read twice and a gradient written),
+interleaved with the contenders; ``floor_vs_dense = 1 + weight_stream / dense`` is what a MoE
+layer costs relative to the dense limit if it overlaps none of that traffic with its matmuls.
 """
 
 from __future__ import annotations
@@ -85,6 +91,22 @@ def _step(
     return run
 
 
+def _weight_stream(weights: list[torch.Tensor], backward: bool) -> Callable[[], object]:
+    """What a MoE layer must move between DRAM and the CPU on top of the dense limit's work:
+    every expert weight read once (forward), or read twice and a weight-sized gradient written
+    once (forward+backward). Timed with the contenders, so it reads the weights cold."""
+    sinks = [torch.empty_like(w) for w in weights] if backward else []
+
+    def run() -> None:
+        with torch.inference_mode():
+            for w in weights:
+                w.sum()
+            for w, sink in zip(weights, sinks):
+                sink.copy_(w)
+
+    return run
+
+
 def _contenders(cfg: MoEBenchConfig, shape: tuple[int, int, int]) -> dict[str, nn.Module]:
     hf_eager = _hf_block(cfg.d_model, shape, "eager")
     for p in hf_eager.parameters():
@@ -105,6 +127,8 @@ def _measure_shape(
 ) -> tuple[list[dict[str, Any]], float]:
     contenders = _contenders(cfg, SHAPES[name])
     rows, max_diff = [], 0.0
+    experts = contenders["pimoe"].get_submodule("experts")
+    expert_weights = [p.detach() for p in experts.parameters()]
     for tokens in cfg.tokens:
         x = torch.randn(1, tokens, cfg.d_model)
         with torch.inference_mode():
@@ -117,12 +141,16 @@ def _measure_shape(
                 for key, m in contenders.items()
                 if key != "hf_eager" or not backward or tokens <= cfg.eager_max_tokens
             }
+            fns["weight_stream"] = _weight_stream(expert_weights, backward)
             times = interleaved_medians(fns, cfg.rounds)
             row: dict[str, Any] = {
                 "shape": name,
                 "tokens": tokens,
                 "mode": "fwd+bwd" if backward else "fwd",
                 "dense_ms": times["dense"] * 1e3,
+                "expert_weight_mb": sum(w.numel() * w.element_size() for w in expert_weights) / 1e6,
+                "weight_stream_ms": times["weight_stream"] * 1e3,
+                "floor_vs_dense": 1 + times["weight_stream"] / times["dense"],
                 "load": load_average(),
             }
             row.update(
@@ -145,7 +173,8 @@ def run(cfg: MoEBenchConfig, console: Console | None = None) -> dict[str, Any]:
 
     Headline keys: ``pimoe_vs_dense_512`` (per shape and mode, the 1.25x target),
     ``worst_pimoe_vs_best_hf`` (the largest pimoe / best-HF ratio over every row; <= 1 means
-    never slower than the better HF backend), ``load_start`` / ``load_end`` (1-minute load).
+    never slower than the better HF backend), ``load_start`` / ``load_end`` (1-minute load);
+    each row also has ``weight_stream_ms`` and ``floor_vs_dense`` (see the module docstring).
     """
     console = console or Console()
     unknown = sorted(set(cfg.shapes) - set(SHAPES))
@@ -188,6 +217,7 @@ def _print(result: dict[str, Any], console: Console) -> None:
         "tokens",
         "mode",
         "dense ms",
+        "floor",
         "pimoe",
         "HF eager",
         "HF grouped_mm",
@@ -201,6 +231,7 @@ def _print(result: dict[str, Any], console: Console) -> None:
             str(r["tokens"]),
             r["mode"],
             f"{r['dense_ms']:.1f}",
+            f"{r['floor_vs_dense']:.2f}",
             f"{r['pimoe_vs_dense']:.2f}",
             "-" if r["hf_eager_vs_dense"] is None else f"{r['hf_eager_vs_dense']:.2f}",
             f"{r['hf_grouped_mm_vs_dense']:.2f}",

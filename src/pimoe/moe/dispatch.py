@@ -29,14 +29,16 @@ from torch import Tensor, nn
 from pimoe.moe.router import RouterOutput
 
 # Pad every expert to the largest expert's row count when that is at most this many times the
-# executed rows: one batched matmul over all experts then beats one matmul per expert. Only
-# expert banks that ask for it get padding (``accepts_padding``): the built-in kernel where
-# torch's grouped_mm cannot run (biases, float64), since grouped_mm on the exact rows was faster
-# than padding in every quick row on the quiet machine (``pimoe bench moe``, docs/benchmarks.md).
-# Larger ratios mean idle experts, whose weights a per-expert loop does not read (decoding).
+# executed rows: one batched matmul over all experts then beats one matmul per expert (the
+# kernel's fallback where torch's grouped_mm cannot run: biases, float64). Larger ratios mean
+# idle experts, whose weights a per-expert loop does not read (decoding).
 PAD_LIMIT = 2.0
-# ... and only while the experts average at most this many rows: beyond it, the batched matmuls'
-# share of wasted rows and fresh buffers grows with size.
+# Where grouped_mm can run, padding must beat grouped_mm on the exact rows: on 2 threads
+# ``torch.bmm`` over equal row counts was 1.2-1.4x faster than grouped_mm (it splits the experts
+# between the threads; grouped_mm splits each small matmul), so padding pays while it adds at
+# most this fraction of rows; on 1 thread it never does (``python
+# benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md).
+PAD_LIMIT_VS_GROUPED_MM = 1.25
 PAD_MAX_MEAN_ROWS = 128
 
 
@@ -283,7 +285,11 @@ def dispatch_combine(
         row_weights = route.weights.reshape(-1).index_select(0, plan.row_assignment)
         run: Callable[..., Tensor] = experts.expert_major  # type: ignore[assignment]
         return run(x, plan.token_rows, row_weights, plan.splits), plan.counts
-    pad_limit = PAD_LIMIT if getattr(experts, "accepts_padding", False) else None
+    pad_limit = (
+        getattr(experts, "pad_limit", PAD_LIMIT)
+        if getattr(experts, "accepts_padding", False)
+        else None
+    )
     plan = plan_dispatch(route.indices, num_experts, route.mask, pad_limit)
     row_positions = (
         plan.token_rows if positions is None else positions.index_select(0, plan.token_rows)

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from pimoe.moe.backends import check_backend, get_experts_backend
 from pimoe.moe.config import Activation
+from pimoe.moe.dispatch import PAD_LIMIT, PAD_LIMIT_VS_GROUPED_MM
 from pimoe.moe.grouped import EXPERT_MAJOR_MIN_BYTES, expert_major_ffn, grouped_mm_usable
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -188,16 +189,27 @@ class StackedExperts(nn.Module):
         return weight
 
     @property
-    def accepts_padding(self) -> bool:
-        """Whether the dispatcher may pad every expert to the same row count: true for the
-        built-in ``"loop"`` kernel when torch's ``grouped_mm`` cannot run these weights (biases,
-        float64, unaligned strides), so that all experts run as batched matmuls instead of one
-        matmul each. Where ``grouped_mm`` can run, the exact rows are faster (``pimoe bench
-        moe``, docs/benchmarks.md)."""
+    def pad_limit(self) -> float | None:
+        """How much padding the dispatcher may add so that every expert has the same row count
+        (the buffer's rows over the executed rows; None: none): only for the built-in ``"loop"``
+        kernel, which then runs all experts as batched matmuls.
+        :data:`pimoe.moe.dispatch.PAD_LIMIT` where torch's ``grouped_mm`` cannot run these
+        weights (biases, float64, unaligned strides: the alternative is one matmul per expert);
+        :data:`pimoe.moe.dispatch.PAD_LIMIT_VS_GROUPED_MM` where it can and torch uses more
+        than one thread; None on one thread, where ``grouped_mm`` on the exact rows was faster
+        (``python benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md)."""
         w_in = self._stored("w_in")
         if get_experts_backend(self.backend, w_in) is not get_experts_backend("loop", w_in):
-            return False
-        return not grouped_mm_usable(w_in, self.b_in, self._stored("w_out"), self.b_out)
+            return None
+        if not grouped_mm_usable(w_in, self.b_in, self._stored("w_out"), self.b_out):
+            return PAD_LIMIT
+        return PAD_LIMIT_VS_GROUPED_MM if torch.get_num_threads() > 1 else None
+
+    @property
+    def accepts_padding(self) -> bool:
+        """Whether the dispatcher may pad every expert to the same row count (:attr:`pad_limit`
+        is not None)."""
+        return self.pad_limit is not None
 
     def runs_expert_major(self, rows: int) -> bool:
         """Whether a forward of ``rows`` routed rows without autograd should run expert by expert

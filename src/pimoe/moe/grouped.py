@@ -2,22 +2,26 @@
 
 ``y[rows of e] = act(x[rows of e] @ W_in[e].T + b_in[e]) @ W_out[e].T + b_out[e]``
 
-Three execution strategies, chosen per call by a fixed rule (measured with ``pimoe bench moe``,
-docs/benchmarks.md):
+Three execution strategies, chosen per call by a fixed rule (measured with ``pimoe bench moe``
+and ``benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md):
 
-- every expert has the same row count (the dispatcher pads experts to that when it at most
-  doubles the rows, see :mod:`pimoe.moe.dispatch`): the whole FFN is two batched matmuls over
-  all experts, a handful of kernel launches whatever the number of experts. This beat
-  ``grouped_mm`` on exact rows at 128 and 512 tokens on 2 threads, quiet or loaded: each
-  multi-threaded launch may wait for a descheduled thread, so the launch count, not the
-  FLOPs, decides small batches;
-- otherwise (idle experts: decoding) ``torch.nn.functional.grouped_mm`` where
-  :func:`grouped_mm_usable` allows it (CPU, float32/bf16/fp16, no biases, 16-byte strides, not
-  under ``torch.compile``): every expert's matmul on its exact rows in one C++ call; autograd's
-  backward (exact, double backward, no weight gradient for frozen weights);
+- every expert has the same row count (the dispatcher pads experts to the largest count within
+  ``StackedExperts.pad_limit``, see :mod:`pimoe.moe.dispatch`): the whole FFN is two batched
+  matmuls over all experts, a handful of kernel launches whatever the number of experts. On 2
+  threads ``torch.bmm`` splits the experts between the threads, where ``grouped_mm`` splits
+  each small matmul, which made it faster than ``grouped_mm`` on the exact rows whenever the
+  padding added at most about a quarter of the rows;
+- otherwise ``torch.nn.functional.grouped_mm`` where :func:`grouped_mm_usable` allows it (CPU,
+  float32/bf16/fp16, no biases, 16-byte strides, not under ``torch.compile``): every expert's
+  matmul on its exact rows in one C++ call; autograd's backward (exact, double backward, no
+  weight gradient for frozen weights);
 - otherwise one expert at a time on its slice, so that inference never allocates the
   ``N x 2F`` intermediate (page-faulting such large fresh buffers on every call made an
   all-experts-at-once version slower than the per-expert loop at large sizes).
+
+Inference of many rows skips all three: :func:`expert_major_ffn` runs each expert from gather
+to weighted sum in cache-sized chunks (the dispatcher calls it through
+``StackedExperts.expert_major``).
 
 The first and last are one autograd node for all experts; its backward computes only the gradients
 whose inputs require them (``ctx.needs_input_grad``: frozen experts under LoRA get no weight
