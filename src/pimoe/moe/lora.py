@@ -145,21 +145,26 @@ def low_rank_experts(
 register_experts_backend(BACKEND, low_rank_experts)
 
 
-def _use_low_rank_hf_experts(module: nn.Module) -> None:
-    """A transformers experts module (``@use_experts_implementation``) runs the ``"pimoe"``
-    experts implementation while adapted: it trains the adapters on the activations, where
-    transformers' own implementations would read ``W + s B A`` (:mod:`pimoe.hf.backend`; the
-    reason for this one import of ``pimoe.hf`` from ``pimoe.moe``). The implementation it had
-    is kept in ``module.<HF_BASE_IMPLEMENTATION>`` for :func:`merge_and_unload`."""
-    config = getattr(module, "config", None)
-    if not hasattr(module, "has_gate") or not hasattr(config, "_experts_implementation"):
+def _use_low_rank_hf_experts(modules: list[nn.Module]) -> None:
+    """Transformers experts modules (``@use_experts_implementation``) among ``modules`` run the
+    ``"pimoe"`` experts implementation while adapted: it trains the adapters on the activations,
+    where transformers' own implementations would read ``W + s B A`` (:mod:`pimoe.hf.backend`;
+    the reason for this one import of ``pimoe.hf`` from ``pimoe.moe``). The implementation each
+    had is kept in ``module.<HF_BASE_IMPLEMENTATION>`` for :func:`merge_and_unload`."""
+    hf_experts: list[Any] = [
+        m
+        for m in dict.fromkeys(modules)
+        if hasattr(m, "has_gate") and hasattr(getattr(m, "config", None), "_experts_implementation")
+    ]
+    if not hf_experts:
         return
     from pimoe.hf.backend import NAME, enable
 
     enable()
-    if not hasattr(module, HF_BASE_IMPLEMENTATION):
-        setattr(module, HF_BASE_IMPLEMENTATION, config._experts_implementation)  # type: ignore[union-attr]
-    config._experts_implementation = NAME  # type: ignore[union-attr]
+    for module in hf_experts:  # all recorded before any shared config is switched
+        setattr(module, HF_BASE_IMPLEMENTATION, module.config._experts_implementation)
+    for module in hf_experts:
+        module.config._experts_implementation = NAME
 
 
 def lora_adapters(model: nn.Module) -> dict[str, Adapter]:
@@ -214,7 +219,7 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
         if isinstance(module, StackedExperts) and module.backend != BACKEND:
             module.lora_base_backend = module.backend  # type: ignore[assignment]
             module.backend = BACKEND
-        _use_low_rank_hf_experts(module)
+    _use_low_rank_hf_experts([module for module, _ in params])
     for name, linear in linears:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
