@@ -179,10 +179,13 @@ def _assignments(dense: nn.Module, train_inputs: list[torch.Tensor]) -> list[tor
     ]
 
 
-def router_workload(cfg: BalanceBenchConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Fit the routers of the split-upcycled SmolLM2 once per contender; one row per contender."""
-    from pimoe.models import capture_mlp_inputs, load_pretrained, train_routers, upcycle
-    from pimoe.models.perplexity import perplexity, pydoc_token_splits, windows
+def router_setup(
+    cfg: BalanceBenchConfig, progress: bool
+) -> tuple[nn.Module, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """``(dense SmolLM2, held-out windows [B, 256], training and held-out MLP inputs per layer,
+    the neuron partition per layer)`` of the router workload."""
+    from pimoe.models import capture_mlp_inputs, load_pretrained
+    from pimoe.models.perplexity import pydoc_token_splits, windows
 
     dense, tokenizer = load_pretrained("smollm2-135m-instruct")
     train_ids, heldout_ids = pydoc_token_splits(tokenizer)
@@ -190,7 +193,15 @@ def router_workload(cfg: BalanceBenchConfig, progress: bool = True) -> list[dict
     heldout = windows(heldout_ids, 256, cfg.router_heldout_windows)
     train_inputs = capture_mlp_inputs(dense, calibration, batch_size=2, progress=progress)
     heldout_inputs = capture_mlp_inputs(dense, heldout, batch_size=2, progress=progress)
-    assignments = _assignments(dense, train_inputs)
+    return dense, heldout, train_inputs, heldout_inputs, _assignments(dense, train_inputs)
+
+
+def router_workload(cfg: BalanceBenchConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Fit the routers of the split-upcycled SmolLM2 once per contender; one row per contender."""
+    from pimoe.models import train_routers, upcycle
+    from pimoe.models.perplexity import perplexity
+
+    dense, heldout, train_inputs, heldout_inputs, assignments = router_setup(cfg, progress)
     contenders: dict[str, dict[str, Any]] = {"none": {"balance": "none"}} if cfg.baseline else {}
     for coef in cfg.router_switch_coefs:
         contenders[f"switch {coef:g}"] = {"balance": "aux_loss", "aux_loss_coef": coef}

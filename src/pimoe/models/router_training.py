@@ -122,10 +122,13 @@ def _fit_gate(
     balance: str,
     aux_loss_coef: float,
     bias_update_rate: float,
+    loads: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, list[float]]:
     """Full-batch Adam on a copy of ``layer``'s gate weight ``[E, D]`` so that the softmax of
     ``x [T, D] @ weight.T`` matches ``target [T, E]``; returns the weight, the selection bias
-    ``[E]`` (zeros unless ``balance="bias"``) and the soft cross-entropy per step."""
+    ``[E]`` (zeros unless ``balance="bias"``) and the soft cross-entropy per step. ``loads``, if
+    given, receives each step's assignments per expert ``[E]`` (the choice with the bias of that
+    step)."""
     weight = layer.router.gate.weight.detach().float().clone().requires_grad_()
     bias = torch.zeros(layer.num_experts, device=x.device)
     optimizer = torch.optim.Adam([weight], lr=lr)
@@ -142,10 +145,12 @@ def _fit_gate(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        load = torch.bincount(
+            _choose(logits.detach(), layer.top_k, bias).reshape(-1), minlength=len(bias)
+        )
+        if loads is not None:
+            loads.append(load)
         if balance == "bias":
-            load = torch.bincount(
-                _choose(logits.detach(), layer.top_k, bias).reshape(-1), minlength=len(bias)
-            )
             bias.add_(bias_update_rate * torch.sign(load.float().mean() - load.float()))
         return fit.item()
 
