@@ -104,6 +104,9 @@ def test_bad_input(lm_path: Path, tmp_path: Path) -> None:
     bad_cfg.write_text('{"sparsity": 0.5}')
     result = runner.invoke(app, [str(lm_path), str(out), "--config", str(bad_cfg)])
     assert result.exit_code != 0 and "unknown config field" in result.output
+    bad_cfg.write_text("[" * 100_000 + "]" * 100_000)  # nested too deeply
+    result = runner.invoke(app, [str(lm_path), str(out), "--config", str(bad_cfg)])
+    assert result.exit_code == 2 and "cfg.json: not a valid config file" in result.output
     result = runner.invoke(app, [str(lm_path), str(out), "--sparsity", "1.5"])
     assert result.exit_code != 0 and "sparsity_ratio" in result.output
     assert not out.exists()

@@ -161,6 +161,10 @@ def _huge_vocab(folder: Path) -> None:
 
 BAD = {  # how a folder is broken -> what the ValueError says
     "recipe not json": (lambda f: (f / "recipe.json").write_text("{"), "no readable recipe.json"),
+    "recipe nested too deeply": (
+        lambda f: (f / "recipe.json").write_text("[" * 100_000 + "]" * 100_000),
+        "no readable recipe.json",
+    ),
     "old format": (
         lambda f: _set(f, "format", "pimoe-compressed/1"),
         "not a pimoe-compressed/2 recipe",

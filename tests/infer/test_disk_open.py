@@ -54,9 +54,10 @@ def test_a_cache_without_marker_is_checked_on_its_entries(tmp_path) -> None:
     assert (
         _count(tmp_path, key) == 20 and (tmp_path / MARKER).exists()
     )  # the right key re-creates it
-    (tmp_path / MARKER).write_text("{not json")
-    with pytest.raises(ValueError, match="pimoe-cache.json: unreadable"):
-        InferenceCache(disk_path=tmp_path, encrypt_key=key)
+    for damaged in ("{not json", "[" * 100_000 + "]" * 100_000):  # the second: too deep
+        (tmp_path / MARKER).write_text(damaged)
+        with pytest.raises(ValueError, match="pimoe-cache.json: unreadable"):
+            InferenceCache(disk_path=tmp_path, encrypt_key=key)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not a database"])

@@ -61,6 +61,7 @@ def test_in_memory_budget_and_bad_arguments(tmp_path) -> None:
     [
         (lambda text: text[: len(text) // 2], "not a DP budget file"),
         (lambda text: "", "not a DP budget file"),
+        (lambda text: "[" * 100_000 + "]" * 100_000, "not a DP budget file"),  # nested too deeply
         (
             lambda text: text.replace(f'"history": [[{NOISE}', f'"history": [[{2 * NOISE}'),
             "hash mismatch",

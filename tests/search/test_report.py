@@ -93,6 +93,9 @@ def test_saved_choice_round_trips(tmp_path, tiny_space) -> None:
     path.write_bytes(b"\xff\xfe{}")  # not UTF-8: the message still names the file
     with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
         load_config(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)  # nested too deeply
+    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
+        load_config(path)
     path.write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not a pimoe search choice"):
         load_config(path)

@@ -53,7 +53,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             values = json.loads(path.read_text(encoding="utf-8"))
         else:
             raise ValueError(f"{path}: config files must end in .json or .toml")
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+    except (
+        json.JSONDecodeError,
+        tomllib.TOMLDecodeError,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as error:
         raise ValueError(f"{path}: not a valid config file ({error})") from error
     if not isinstance(values, dict):
         raise ValueError(f"{path}: the config must be a table/object of ArchitectureConfig fields")

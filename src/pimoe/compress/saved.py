@@ -158,7 +158,7 @@ def read_recipe(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     try:
         recipe = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"{folder}: no readable recipe.json ({error})") from error
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
         raise ValueError(

@@ -252,7 +252,7 @@ class DiskTier:
             if info["format"] != _MARKER_FORMAT or not isinstance(encrypted, bool):
                 raise ValueError(f"format {info['format']!r}")
             sealed = base64.b64decode(check, validate=True) if encrypted else None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ValueError(
                 f"{marker}: unreadable ({exc}); delete it to have the entries checked instead"
             ) from exc

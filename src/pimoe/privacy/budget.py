@@ -143,7 +143,7 @@ class PrivacyBudget:
                 data["accountant"],
                 data["history"],
             )
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise IntegrityError(
                 f"{where}: not a DP budget file (corrupted or truncated); "
                 "refusing to reset the budget: restore it or remove it deliberately"

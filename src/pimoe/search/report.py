@@ -113,7 +113,7 @@ def save_choice(
 def _read_choice(path: str | os.PathLike[str]) -> dict:
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(record, dict) or record.get("format") != CHOICE_FORMAT:
         raise ValueError(f"{path}: not a pimoe search choice (format {CHOICE_FORMAT!r} expected)")
