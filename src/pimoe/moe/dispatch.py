@@ -165,12 +165,12 @@ class _CombineRows(torch.autograd.Function):
         num_tokens, k = w.shape
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
-            # one extra zero row for padding rows (row_assignment == T * k); no out= so that
-            # the backward stays differentiable (double backward, e.g. MAML's create_graph)
+            # no out= so that the backward stays differentiable (double backward, e.g. MAML's
+            # create_graph)
             scaled = grad_out.unsqueeze(1) * w.to(grad_out.dtype).unsqueeze(-1)  # [T, k, D]
-            per_choice = torch.cat(
-                [scaled.view(num_tokens * k, -1), grad_out.new_zeros(1, grad_out.shape[-1])]
-            )
+            per_choice = scaled.view(num_tokens * k, -1)
+            if plan.padded:  # one extra zero row for padding rows (row_assignment == T * k)
+                per_choice = torch.cat([per_choice, grad_out.new_zeros(1, grad_out.shape[-1])])
             grad_y = per_choice.index_select(0, plan.row_assignment).to(y.dtype)
         if ctx.needs_input_grad[1] and y.shape[0] == 0:
             grad_w = torch.zeros_like(w)

@@ -1,0 +1,72 @@
+"""Inference of many tokens: PiMoE's expert-major forward vs gathering every routed row first.
+
+The same PiMoE layer (the shapes, weights and routing of `pimoe bench moe`) runs its forward
+under `torch.inference_mode` once as the dispatcher chooses (expert by expert from gather to
+weighted sum, `StackedExperts.expert_major`, once all rows' hidden activations would reach
+`EXPERT_MAJOR_MIN_BYTES`) and once forced onto the gathered path (gather all rows, grouped
+kernel, combine), next to HF's eager and grouped_mm blocks and the dense limit, interleaved
+within each round. Prints time / dense limit per contender.
+
+    python benchmarks/moe_expert_major.py --tokens 1024 2048 16384 --rounds 3
+"""
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from pimoe.bench import moe_layer
+from pimoe.bench.timing import interleaved_medians, load_average
+from pimoe.moe import experts
+
+
+def gathered(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` run with the expert-major forward switched off."""
+
+    def run() -> None:
+        rule = experts.EXPERT_MAJOR_MIN_BYTES
+        experts.EXPERT_MAJOR_MIN_BYTES = 2**62
+        try:
+            step()
+        finally:
+            experts.EXPERT_MAJOR_MIN_BYTES = rule
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 16384])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    cfg = moe_layer.MoEBenchConfig(threads=args.threads)
+    print(f"{args.threads} threads, 1-min load {load_average():.1f}")
+    for name, shape in moe_layer.SHAPES.items():
+        layers = moe_layer._contenders(cfg, shape)
+        for tokens in args.tokens:
+            x = torch.randn(1, tokens, cfg.d_model)
+            chosen = layers["pimoe"].experts.runs_expert_major(tokens * shape[1])
+            steps = {key: moe_layer._step(m, x, False, []) for key, m in layers.items()}
+            fns = {
+                "dense": steps["dense"],
+                "pimoe default": steps["pimoe"],
+                "pimoe gathered": gathered(steps["pimoe"]),
+                "HF eager": steps["hf_eager"],
+                "HF grouped_mm": steps["hf_grouped_mm"],
+            }
+            times = interleaved_medians(fns, args.rounds)
+            ratios = "  ".join(
+                f"{key} {times[key] / times['dense']:.2f}" for key in fns if key != "dense"
+            )
+            print(
+                f"{name}  {tokens:>5} tokens  fwd  expert-major: {chosen}  "
+                f"dense {times['dense'] * 1e3:.0f} ms  {ratios}  load {load_average():.1f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
