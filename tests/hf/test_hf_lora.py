@@ -14,6 +14,7 @@ from pimoe.moe import (
     merge_and_unload,
     merge_lora,
     save_lora,
+    unmerge_lora,
 )
 from pimoe.moe.lora import ExpertLoRA, lora_adapters
 
@@ -78,6 +79,9 @@ def test_low_rank_training_equals_the_parametrized_weights(
     model.set_experts_implementation("eager")
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, logits, rtol=1e-5, atol=1e-5)
+    unmerge_lora(model)  # and unmerged, the low-rank path trains on again
+    model.set_experts_implementation("pimoe")
+    torch.testing.assert_close(loss_and_grads(model, "pimoe")[0], logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
