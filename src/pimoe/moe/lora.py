@@ -10,10 +10,13 @@ is no ``nn.Linear`` per expert for a module-swapping adapter to replace. :class:
 
 so every reader of the weight (pimoe's experts backends, transformers' eager / grouped_mm /
 ``"pimoe"`` experts implementations) runs the adapted expert, and autograd trains ``A`` and
-``B`` only. pimoe's own :class:`~pimoe.moe.experts.StackedExperts` do not read the sum: while
-adapted they run the experts backend ``"lora"``, which keeps the low-rank path on the
-activations, ``h = x W[e]^T + (alpha / r) (x A[e]^T) B[e]^T`` (per expert, both projections), so
-the frozen ``W`` gets no gradient and its ``[E, out, in]`` gradient is never formed. Weights
+``B`` only. pimoe's own :class:`~pimoe.moe.experts.StackedExperts` do not read the sum while
+training: adapted, they run the experts backend ``"lora"``, which keeps the low-rank path on the
+activations (:func:`~pimoe.moe.lora_modules.low_rank_ffn`:
+``h = x W[e]^T + (alpha / r) (x A[e]^T) B[e]^T``, both projections), so the frozen ``W`` gets no
+gradient and its ``[E, out, in]`` gradient is never formed. transformers' experts modules get the
+same path: :func:`add_lora` switches them to the ``"pimoe"`` experts implementation
+(:mod:`pimoe.hf.backend`) and :func:`merge_and_unload` switches them back. Weights
 stored transposed (``is_transposed``: ``[E, in, out]``, GPT-OSS) get the
 transposed update. :class:`LoRALinear` wraps an ``nn.Linear`` (attention projections) and adds
 the low-rank path on the activations, ``y = x W^T + (alpha / r) (x A^T) B^T``.
