@@ -133,3 +133,19 @@ def test_serve_chunked_prefill_flags(demo_path: Path, monkeypatch: pytest.Monkey
     )
     assert small.exit_code == 2 and len(apps) == 1
     assert "max_num_batched_tokens >= max_batch_size (8), got 4" in small.output
+
+
+@pytest.mark.parametrize(
+    "config, problem",
+    [
+        (b'{"architectures": 5}', "model_type"),  # was TypeError: 'int' object is not iterable
+        (b"\xff\xfe", "not a loadable Hugging Face encoder folder"),  # was transformers' OSError
+    ],
+)
+def test_serve_names_a_broken_config_json_in_one_line(
+    tmp_path: Path, config: bytes, problem: str
+) -> None:
+    (tmp_path / "config.json").write_bytes(config)
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and problem in result.output
+    assert result.output.startswith("pimoe serve: ") and result.output.count("\n") == 1

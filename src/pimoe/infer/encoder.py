@@ -52,7 +52,10 @@ class ServedEncoder(nn.Module):
 
         if not is_hf_folder(path):
             raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
-        minilm = load_minilm(Path(path))
+        try:
+            minilm = load_minilm(Path(path))
+        except OSError as err:  # transformers': config.json not JSON, weights missing, ...
+            raise ValueError(f"{path}: not a loadable Hugging Face encoder folder ({err})") from err
         return cls(minilm.encoder, minilm.tokenizer, _max_positions(minilm.encoder))
 
     @classmethod

@@ -190,10 +190,12 @@ def is_causal_lm_folder(path: str | os.PathLike[str]) -> bool:
     if not config.is_file():
         return False
     try:
-        architectures = json.loads(config.read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures")
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
-    return any(str(a).endswith("ForCausalLM") for a in architectures)
+    return isinstance(architectures, list) and any(
+        str(a).endswith("ForCausalLM") for a in architectures
+    )
 
 
 def open_generation_model(
