@@ -113,6 +113,8 @@ def layer_slice(features: Tensor, layers: tuple[int, ...]) -> Tensor:
 
 def head_data(cached: Cached, layers: tuple[int, ...], count: int) -> list[ProblemFeatures]:
     """:class:`ProblemFeatures` (question part only) of the first ``count`` cached problems."""
+    if count > len(cached.problems):
+        raise ValueError(f"only {len(cached.problems)} problems cached, {count} asked for")
     data = []
     for p, f, pos in list(zip(cached.problems, cached.features, cached.positions))[:count]:
         order = p.operand_order
