@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,10 @@ import torch
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
-from pimoe.infer.lm_models import PiMoEGenerationModel
+sys.path.insert(0, str(Path(__file__).parent))
+from live_server import LiveServer
+
+from pimoe.infer.lm_models import HFGenerationModel, PiMoEGenerationModel
 from pimoe.infer.sampling import MAX_STOP_CHARS, SamplingParams
 from pimoe.infer.sequence import safe_end
 from pimoe.infer.served import ServedModel
@@ -98,3 +104,23 @@ def test_holding_back_a_stop_prefix_looks_only_as_far_back_as_the_text() -> None
     assert safe_end("abx", ("x" * 300_000,)) == 2  # was quadratic in the stop's length: seconds
     assert time.perf_counter() - start < 0.5
     assert safe_end("ab", ("bcd", "xyz")) == 1 and safe_end("abc", ("abcd",)) == 0
+
+
+def test_tokenizing_a_huge_prompt_does_not_stall_other_clients(tiny_hf: HFGenerationModel) -> None:
+    big = "hello world " * 100_000  # 1.2 MB: refused (context), but only after tokenizing it
+    start = time.perf_counter()
+    tiny_hf.encode(big)
+    encode_s = time.perf_counter() - start
+    app = create_app({}, generators={"tiny": tiny_hf})
+    with LiveServer(app) as http:
+        body = {"model": "tiny", "prompt": big, "max_tokens": 1}
+        worker = threading.Thread(
+            target=http.post, args=("/v1/completions",), kwargs={"json": body}
+        )
+        worker.start()
+        time.sleep(encode_s * 0.3)  # the big prompt is being tokenized now
+        start = time.perf_counter()
+        assert http.get("/healthz").status_code == 200
+        waited = time.perf_counter() - start
+        worker.join()
+    assert waited < encode_s * 0.3, (waited, encode_s)  # was about 0.7 x encode_s

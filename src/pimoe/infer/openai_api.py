@@ -115,8 +115,11 @@ def mount_generation(
                     "model_not_found",
                 )
             engine = engines[req.model]
-            prompt = (
-                chat_prompt(engine.model, req) if chat else completion_prompt(engine.model, req)
+            # off the event loop: tokenizing a prompt of megabytes takes seconds
+            prompt = await asyncio.to_thread(
+                chat_prompt if chat else completion_prompt,
+                engine.model,
+                req,
             )
             params = sampling_params(req)
             if engine.greedy_only and (

@@ -237,7 +237,8 @@ def create_app(
                     404, f"unknown model {clip(req.model)}; served: {sorted(served)}"
                 )
             s = served[req.model]
-            rows, batched = request_rows(s, req, max_request_elements)
+            # off the event loop: tokenizing megabytes of text takes seconds
+            rows, batched = await asyncio.to_thread(request_rows, s, req, max_request_elements)
             results = await asyncio.gather(*(run_row(req.model, x) for x in rows))
             out = torch.stack([r[0] for r in results]) if batched else results[0][0]
             cached = all(r[1] for r in results)
