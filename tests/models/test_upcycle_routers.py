@@ -7,6 +7,9 @@ import torch
 from test_upcycle import LAYERS, logits, tiny_llama, tokens
 
 from pimoe.models.router_training import (
+    _fit_gate,
+    _shares,
+    expert_outputs,
     load_routers,
     routing_quality,
     save_routers,
@@ -134,3 +137,17 @@ def test_heldout_report_chooses_the_experts_the_biased_router_runs() -> None:
         imbalance = routing_quality(layer, x)[3]
         assert imbalance == pytest.approx(float(counts.max() / counts.mean()))
         assert imbalance != pytest.approx(plain)  # the bias changed the choice
+
+
+def test_gate_fit_reports_the_load_of_each_step() -> None:
+    model, train, _ = _split()
+    layer, x = moe_layers(model)[0], train[0].float()
+    target = _shares(expert_outputs(layer, x))
+    first = torch.bincount(layer.router(x).indices.reshape(-1), minlength=layer.num_experts)
+    loads: list[torch.Tensor] = []
+    _, bias, _ = _fit_gate(layer, x, target, 5, 1e-2, "bias", 0.0, 0.01, loads)
+    assert len(loads) == 5 and all(int(load.sum()) == x.shape[0] * layer.top_k for load in loads)
+    assert torch.equal(loads[0], first)  # step 0: the initial gate, no bias yet
+    # the bias is the sum of the sign updates of the reported loads
+    expected = sum(0.01 * torch.sign(load.float().mean() - load.float()) for load in loads)
+    torch.testing.assert_close(bias, expected)
