@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from live_server import LiveServer
 
 from pimoe.infer.lm_models import HFGenerationModel, PiMoEGenerationModel
+from pimoe.infer.openai_api import TOKENIZE_AT_ONCE
 from pimoe.infer.sampling import MAX_STOP_CHARS, SamplingParams
 from pimoe.infer.sequence import safe_end
 from pimoe.infer.served import ServedModel
@@ -124,3 +125,32 @@ def test_tokenizing_a_huge_prompt_does_not_stall_other_clients(tiny_hf: HFGenera
         waited = time.perf_counter() - start
         worker.join()
     assert waited < encode_s * 0.3, (waited, encode_s)  # was about 0.7 x encode_s
+
+
+def test_at_most_two_prompts_are_tokenized_at_once(tiny_pimoe: PiMoEGenerationModel) -> None:
+    active, most = 0, 0
+    lock = threading.Lock()
+
+    class SlowToTokenize(PiMoEGenerationModel):
+        def encode(self, text: str) -> list[int]:
+            nonlocal active, most
+            with lock:
+                active += 1
+                most = max(most, active)
+            time.sleep(0.3)
+            with lock:
+                active -= 1
+            return super().encode(text)
+
+    app = create_app({}, generators={"slow": SlowToTokenize(tiny_pimoe.model)})
+    with LiveServer(app) as http:
+        body = {"model": "slow", "prompt": "hi", "max_tokens": 1}
+        workers = [
+            threading.Thread(target=http.post, args=("/v1/completions",), kwargs={"json": body})
+            for _ in range(5)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert most == TOKENIZE_AT_ONCE == 2  # each huge prompt holds its token ids until refused

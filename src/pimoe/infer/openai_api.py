@@ -42,6 +42,11 @@ with extra_imports("serve", "pimoe.infer.openai_api"):
     from prometheus_client import CollectorRegistry
 
 
+#: Prompts tokenized at the same time (each in a worker thread, off the event loop); a prompt of
+#: megabytes holds hundreds of MB of token ids until it is refused for its length.
+TOKENIZE_AT_ONCE = 2
+
+
 def mount_generation(
     app: FastAPI,
     models: Mapping[str, GenerationModel | TextGenerator],
@@ -86,6 +91,7 @@ def mount_generation(
 
     app.router.lifespan_context = lifespan
     created = int(time.time())
+    tokenizing = asyncio.Semaphore(TOKENIZE_AT_ONCE)  # bounds the memory of huge prompts
 
     def card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": created, "owned_by": "pimoe"}
@@ -116,11 +122,12 @@ def mount_generation(
                 )
             engine = engines[req.model]
             # off the event loop: tokenizing a prompt of megabytes takes seconds
-            prompt = await asyncio.to_thread(
-                chat_prompt if chat else completion_prompt,
-                engine.model,
-                req,
-            )
+            async with tokenizing:
+                prompt = await asyncio.to_thread(
+                    chat_prompt if chat else completion_prompt,
+                    engine.model,
+                    req,
+                )
             params = sampling_params(req)
             if engine.greedy_only and (
                 (params.temperature > 0 and req.temperature is not None) or params.top_p < 1
@@ -183,4 +190,10 @@ def _submit(
         raise ApiError(400, str(err), param, "context_length_exceeded") from None
 
 
-__all__ = ["ApiError", "ChatCompletionRequest", "CompletionRequest", "mount_generation"]
+__all__ = [
+    "TOKENIZE_AT_ONCE",
+    "ApiError",
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "mount_generation",
+]

@@ -234,7 +234,10 @@ def _lm_input(model: PiMoELM, req: InferRequest, max_elements: int) -> Tensor:
         raise RequestError(
             422, f"model {req.model!r} is a language model: send one 'text' string, not a list"
         )
-    ids = list(req.text.encode("utf-8")) if req.text is not None else req.token_ids
+    data = req.text.encode("utf-8") if req.text is not None else None
+    if data is not None and len(data) > max_elements:  # before a list of that many ints
+        raise RequestError(413, f"request has {len(data)} tokens; the limit is {max_elements}")
+    ids = list(data) if data is not None else req.token_ids
     assert ids is not None
     cfg = model.config
     if len(ids) > max_elements:

@@ -28,7 +28,7 @@ from pimoe.infer.cache import InferenceCache, make_key
 from pimoe.infer.engine import InferenceConfig, InferenceEngine
 from pimoe.infer.http_errors import clip, error_response
 from pimoe.infer.lm_models import GenerationModel, HFGenerationModel, open_generation_model
-from pimoe.infer.openai_api import mount_generation
+from pimoe.infer.openai_api import TOKENIZE_AT_ONCE, mount_generation
 from pimoe.infer.security import (
     DOCS_PATHS,
     OPEN_PATHS,
@@ -215,6 +215,8 @@ def create_app(
         """Prometheus metrics of this app."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    tokenizing = asyncio.Semaphore(TOKENIZE_AT_ONCE)  # bounds the memory of huge texts
+
     async def run_row(name: str, x: Tensor) -> tuple[Any, bool]:
         """One row's output (from the cache, else from the model's batcher) and whether it was cached."""
         key = make_key(x, namespace=name) if cache is not None else ""
@@ -238,7 +240,8 @@ def create_app(
                 )
             s = served[req.model]
             # off the event loop: tokenizing megabytes of text takes seconds
-            rows, batched = await asyncio.to_thread(request_rows, s, req, max_request_elements)
+            async with tokenizing:
+                rows, batched = await asyncio.to_thread(request_rows, s, req, max_request_elements)
             results = await asyncio.gather(*(run_row(req.model, x) for x in rows))
             out = torch.stack([r[0] for r in results]) if batched else results[0][0]
             cached = all(r[1] for r in results)
