@@ -98,6 +98,13 @@ BENCHMARKS: tuple[Bench, ...] = (
         (_option("steps", int | None, None, "Fine-tuning steps (default 10).", min=1),),
     ),
     Bench(
+        "expert-lora-hf",
+        "expert_lora_hf",
+        "LoRA on transformers experts (random Mixtral, Qwen3-MoE): low-rank path vs the W + s*B@A parametrization vs full fine-tuning (step time, memory).",
+        "Smaller models and fewer steps.",
+        ("hf",),
+    ),
+    Bench(
         "quantized-experts",
         "quantized_experts",
         "int8/int4 weight-only fused experts (tiny Mixtral / Qwen3-MoE, upcycled SmolLM2): size vs bf16, logit cosine, perplexity, tokens/s.",
