@@ -156,6 +156,7 @@ def test_backends_agree_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         dispatch, "plan_dispatch", lambda *a, **kw: plans.append(a[3] is not None) or real_plan(*a)
     )
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # padding is for several threads
     for backend in ("loop", "grouped_mm"):
         monkeypatch.setattr(StackedExperts, "accepts_padding", backend == "loop")
         torch.manual_seed(1)
