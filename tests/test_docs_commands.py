@@ -193,7 +193,8 @@ def test_every_flag_in_docs_exists() -> None:
     collect(typer.main.get_command(app))
     for script in (ROOT / "benchmarks").glob("*.py"):
         known.update(re.findall(r'add_argument\("(--[a-z][a-z0-9-]+)"', script.read_text()))
-    for module in ("pimoe.bench.meta_fewshot", "pimoe.models"):
+    modules = {m for doc in DOCS for m in re.findall(r"python -m (pimoe[\w.]*)", doc.read_text())}
+    for module in sorted(modules):
         usage = subprocess.run(
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True
         ).stdout
