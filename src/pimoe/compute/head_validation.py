@@ -8,7 +8,11 @@ have the held-out operand lengths (6-8 digits); training problems are drawn from
 phrasings with training lengths. The frozen LM's question features are computed once for several
 layers (:data:`CACHED_LAYERS`) and every variant is trained on slices of them.
 
-``python -m pimoe.compute.head_validation`` prints the expression accuracy of each variant.
+``python -m pimoe.compute.head_validation`` prints the expression accuracy of each variant;
+``--rerank K`` instead compares the shipped head with reranking its ``K`` best candidates by the
+frozen LM's likelihood of their plain-words description (:mod:`pimoe.compute.lm_rerank`), alone
+or added to the head's joint score with a weight fitted on the training problems (with head
+scores cross-fitted over two folds of phrasing groups, since the head has learned those).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import argparse
 import functools
 import os
 import random
+import statistics
 import time
+import zlib
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -27,10 +34,21 @@ from tqdm.auto import tqdm
 from pimoe.compute.llm_prompts import fewshot_prefix, question_block, shot_problems
 from pimoe.compute.llm_runner import LMRunner
 from pimoe.compute.llm_train import QUICK_SETTINGS, ChainTrainSettings, ProblemFeatures, train_head
-from pimoe.compute.operand_head import NONE_SLOT, HeadEnsemble, OperandHead, locate_numbers
+from pimoe.compute.lm_rerank import lm_loglik
+from pimoe.compute.operand_head import (
+    NONE_SLOT,
+    HeadEnsemble,
+    OperandHead,
+    QuestionNumbers,
+    candidates,
+    locate_numbers,
+)
 from pimoe.compute.word_grammar import FIRST_ROUND, FRAMES, expand, frame_templates
 from pimoe.compute.word_problems import PATTERNS, TEMPLATES, WordProblem, WordProblemSet
 from pimoe.compute.word_templates import WRITTEN_TEMPLATES, Template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CACHED_LAYERS = (15, 18, 22, 26, 30)
 
@@ -128,14 +146,107 @@ def accuracy(
     head: OperandHead | HeadEnsemble, cached: Cached, layers: tuple[int, ...]
 ) -> tuple[float, dict[int, float]]:
     """Expression accuracy on ``cached`` and per pattern."""
-    from pimoe.compute.operand_head import QuestionNumbers
-
     right: dict[int, list[bool]] = {}
     for p, f, pos, texts in zip(cached.problems, cached.features, cached.positions, cached.texts):
         got = head.expression(layer_slice(f, layers), QuestionNumbers([], texts, pos))
         right.setdefault(p.pattern, []).append(got == p.expression)
     every = [r for v in right.values() for r in v]
     return sum(every) / len(every), {k: sum(v) / len(v) for k, v in sorted(right.items())}
+
+
+@dataclass
+class Reranked:
+    """One problem's ``top`` head candidates: expressions, head scores ``[K]``, LM log-likelihood
+    sums ``[K]`` and token counts ``[K]`` of their descriptions, and the LM pass's seconds."""
+
+    gold: str
+    expressions: list[str]
+    head: Tensor
+    lm_sum: Tensor
+    lm_tokens: Tensor
+    seconds: float
+
+
+def rerank_rows(
+    head: OperandHead,
+    cached: Cached,
+    indices: list[int],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    top: int,
+    layers: tuple[int, ...] = (22, 30),
+) -> list[Reranked]:
+    """Score the ``top`` candidates of ``head`` on ``cached`` problems ``indices`` with the LM."""
+    rows = []
+    for i in tqdm(indices, desc="LM rerank"):
+        p, texts = cached.problems[i], cached.texts[i]
+        numbers = QuestionNumbers([], texts, cached.positions[i])
+        cands = candidates(
+            *head.log_probs(layer_slice(cached.features[i], layers), numbers), texts, top
+        )
+        start = time.perf_counter()
+        total, count = lm_loglik(model, tokenizer, p.question, cands)
+        rows.append(
+            Reranked(
+                p.expression,
+                [c.expression for c in cands],
+                torch.tensor([c.score for c in cands]),
+                total,
+                count,
+                time.perf_counter() - start,
+            )
+        )
+    return rows
+
+
+def rerank_accuracy(rows: list[Reranked], weight: float, mean: bool) -> float:
+    """Accuracy of picking ``argmax(head + weight * LM)`` (the LM's log-likelihood per token when
+    ``mean``); ``weight=inf`` ranks by the LM alone."""
+    right = 0
+    for r in rows:
+        lm = r.lm_sum / r.lm_tokens if mean else r.lm_sum
+        score = lm if weight == float("inf") else r.head + weight * lm
+        right += r.expressions[int(score.argmax())] == r.gold
+    return right / len(rows)
+
+
+WEIGHTS = (0.0, 0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+
+def rerank_main(
+    train: Cached, val: Cached, count: int, top: int, settings: ChainTrainSettings
+) -> None:
+    """Print head alone, LM rerank alone and combined (weight fitted on training) on ``val``."""
+    from pimoe.models import load_pretrained
+
+    model, tokenizer = load_pretrained("smollm2-135m-instruct")
+    layers = (22, 30)
+    data = head_data(train, layers, count)
+    dim = data[0].question.shape[-1]
+    fold = [zlib.crc32(phrasing_group(p.template).encode()) % 2 for p in train.problems[:count]]
+    fitted: list[Reranked] = []
+    for k in (0, 1):
+        part = [d for d, f in zip(data, fold) if f != k]
+        held = [i for i in range(count) if fold[i] == k]
+        fitted += rerank_rows(
+            train_head(part, dim, settings, False)[0], train, held, model, tokenizer, top
+        )
+    head = train_head(data, dim, settings, False)[0]
+    rows = rerank_rows(head, val, list(range(len(val.problems))), model, tokenizer, top)
+    print(f"head alone {rerank_accuracy(rows, 0.0, False):.3f}")
+    print(f"gold among the top {top}: {sum(r.gold in r.expressions for r in rows) / len(rows):.3f}")
+    for mean in (False, True):
+        name = "per-token mean" if mean else "sum"
+        weight = max(WEIGHTS, key=lambda w: (rerank_accuracy(fitted, w, mean), -w))
+        print(
+            f"LM {name}: alone {rerank_accuracy(rows, float('inf'), mean):.3f}; combined, weight "
+            f"{weight} (cross-fitted training accuracy {rerank_accuracy(fitted, weight, mean):.3f}): "
+            f"{rerank_accuracy(rows, weight, mean):.3f}"
+        )
+    ms = [1000 * r.seconds for r in rows]
+    print(
+        f"LM passes: median {statistics.median(ms):.0f} ms per problem (question + one batch of {top})"
+    )
 
 
 def main(
@@ -145,8 +256,10 @@ def main(
     cache: str | None = None,
     frames: int | None = None,
     only: str | None = None,
+    rerank: int | None = None,
 ) -> None:
-    """Cache features, train every variant, print its validation accuracy."""
+    """Cache features, train every variant, print its validation accuracy (or compare the LM
+    rerank of the ``rerank`` best candidates, see the module docstring)."""
     from pimoe.models import load_pretrained
 
     torch.set_num_threads(1)
@@ -173,6 +286,9 @@ def main(
         )
         if key:
             torch.save((vars(train), vars(val)), key)
+    if rerank:
+        rerank_main(train, val, train_count, rerank, settings)
+        return
     for name, layers, count, seeds, s in variants(settings):
         if only and only not in name:
             continue
@@ -213,5 +329,6 @@ if __name__ == "__main__":
     parser.add_argument("--cache", help="file prefix: reuse the LM features saved there")
     parser.add_argument("--frames", type=int, help="train on the first FRAMES grammar frames only")
     parser.add_argument("--only", help="run only the variants whose name contains this")
+    parser.add_argument("--rerank", type=int, help="compare the LM rerank of the K best candidates")
     args = parser.parse_args()
-    main(args.train, args.val, args.seed, args.cache, args.frames, args.only)
+    main(args.train, args.val, args.seed, args.cache, args.frames, args.only, args.rerank)

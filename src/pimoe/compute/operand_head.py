@@ -157,11 +157,32 @@ class HeadEnsemble(nn.Module):
         return decode(*self.log_probs(question, numbers), numbers.texts)
 
 
-def decode(pattern_lp: Tensor, slot_lp: Tensor, texts: list[str]) -> str:
-    """The pattern and assignment of ``texts`` (the question's numbers) to its slots with the
-    highest joint score: ``pattern_lp [P]`` plus each number's role log-prob in ``slot_lp [N, R]``
-    (``NONE_ROLE`` for numbers left out); ``""`` when no pattern fits the numbers."""
-    best, best_score = "", float("-inf")
+@dataclass(frozen=True)
+class Candidate:
+    """One reading of a question: ``PATTERNS[pattern]`` with ``operands`` (number texts, in slot
+    order ``a b c d``) and the head's joint ``score``."""
+
+    score: float
+    pattern: int
+    operands: tuple[str, ...]
+
+    def fill(self, template: str) -> str:
+        """``template`` (over the slots, e.g. ``PATTERNS[pattern]``) with the operands filled in."""
+        return template.format(**dict(zip(SLOTS, self.operands)))
+
+    @property
+    def expression(self) -> str:
+        return self.fill(PATTERNS[self.pattern])
+
+
+def candidates(
+    pattern_lp: Tensor, slot_lp: Tensor, texts: list[str], top: int | None = None
+) -> list[Candidate]:
+    """Every pattern and assignment of ``texts`` (the question's numbers) to its slots, best first
+    (the ``top`` best when given). The joint score is ``pattern_lp [P]`` plus each number's role
+    log-prob in ``slot_lp [N, R]`` (``NONE_ROLE`` for numbers left out); patterns needing more
+    numbers than the question has are skipped."""
+    out = []
     for p, template in enumerate(PATTERNS):
         arity = sum(f"{{{s}}}" in template for s in SLOTS)
         roles = role(p, torch.arange(arity))
@@ -172,7 +193,12 @@ def decode(pattern_lp: Tensor, slot_lp: Tensor, texts: list[str]) -> str:
                 + sum(slot_lp[i, roles[s]] for s, i in enumerate(chosen))
                 + sum(slot_lp[i, NONE_ROLE] for i in unused)
             )
-            if score > best_score:
-                best_score = score
-                best = template.format(**{SLOTS[s]: texts[i] for s, i in enumerate(chosen)})
-    return best
+            out.append(Candidate(score, p, tuple(texts[i] for i in chosen)))
+    out.sort(key=lambda c: -c.score)
+    return out[:top] if top is not None else out
+
+
+def decode(pattern_lp: Tensor, slot_lp: Tensor, texts: list[str]) -> str:
+    """The expression of the best of :func:`candidates` (``""`` when no pattern fits the numbers)."""
+    best = candidates(pattern_lp, slot_lp, texts, 1)
+    return best[0].expression if best else ""
