@@ -187,3 +187,30 @@ def test_bfloat16_matches_eager_to_rounding(family: str) -> None:
     diff = (logits["pimoe"] - logits["eager"]).abs()
     assert diff.median().item() <= ulp
     assert (diff.amax(-1) > 4 * ulp).float().mean().item() <= 0.05
+
+
+@pytest.mark.parametrize(("family", "threads"), [("mixtral", 1), ("mixtral", 2), ("gpt_oss", 1)])
+def test_padding_follows_the_kernel_rule(
+    monkeypatch: pytest.MonkeyPatch, family: str, threads: int
+) -> None:
+    """The transformers backend pads exactly as pimoe's own experts do
+    (:func:`pimoe.moe.experts.kernel_pad_limit`): not on one thread where ``grouped_mm`` runs,
+    within 1.25x rows on several, up to 2x where ``grouped_mm`` cannot run (GPT-OSS's biases)."""
+    from pimoe.moe import dispatch
+
+    limits: list[float | None] = []
+    real_plan = backend.plan_dispatch
+    monkeypatch.setattr(backend, "plan_dispatch", lambda *a: limits.append(a[3]) or real_plan(*a))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    model = build_tiny(family)
+    model.set_experts_implementation("pimoe")
+    with torch.no_grad():
+        model(input_ids=_input_ids(model, 8))
+    expected = (
+        dispatch.PAD_LIMIT
+        if family == "gpt_oss"
+        else dispatch.PAD_LIMIT_VS_GROUPED_MM
+        if threads > 1
+        else None
+    )
+    assert limits and set(limits) == {expected}

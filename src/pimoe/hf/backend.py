@@ -39,7 +39,8 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from pimoe.moe.dispatch import PAD_LIMIT, combine_rows, gather_tokens, plan_dispatch
+from pimoe.moe.dispatch import combine_rows, gather_tokens, plan_dispatch
+from pimoe.moe.experts import kernel_pad_limit
 from pimoe.moe.grouped import grouped_ffn
 from pimoe.moe.lora_modules import ExpertLoRA, adapters_train, base_and_adapter, low_rank_ffn
 
@@ -133,7 +134,10 @@ def pimoe_experts_forward(
     layout = experts_layout(experts, base=True) if low_rank else experts_layout(experts)
     num_experts = int(experts.num_experts)
     mask = top_k_index < num_experts if experts._is_expert_parallel else None
-    plan = plan_dispatch(top_k_index, num_experts, mask, None if low_rank else PAD_LIMIT)
+    pad_limit = (
+        None if low_rank else kernel_pad_limit(layout.w_in, layout.b_in, layout.w_out, layout.b_out)
+    )
+    plan = plan_dispatch(top_k_index, num_experts, mask, pad_limit)
     x = gather_tokens(hidden_states, plan)
     y = (
         low_rank_ffn(

@@ -30,6 +30,21 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+def kernel_pad_limit(
+    w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None
+) -> float | None:
+    """The padding the dispatcher may add for :func:`pimoe.moe.grouped.grouped_ffn` on these
+    weights (buffer rows over executed rows; None: none):
+    :data:`pimoe.moe.dispatch.PAD_LIMIT` where torch's ``grouped_mm`` cannot run them (biases,
+    float64, unaligned strides: the alternative is one matmul per expert);
+    :data:`pimoe.moe.dispatch.PAD_LIMIT_VS_GROUPED_MM` where it can and torch uses more than one
+    thread; None on one thread, where ``grouped_mm`` on the exact rows was faster
+    (``python benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md)."""
+    if not grouped_mm_usable(w_in, b_in, w_out, b_out):
+        return PAD_LIMIT
+    return PAD_LIMIT_VS_GROUPED_MM if torch.get_num_threads() > 1 else None
+
+
 def _check_activation(activation: str) -> None:
     if activation != "swiglu" and activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose swiglu, gelu, relu or silu")
@@ -192,18 +207,11 @@ class StackedExperts(nn.Module):
     def pad_limit(self) -> float | None:
         """How much padding the dispatcher may add so that every expert has the same row count
         (the buffer's rows over the executed rows; None: none): only for the built-in ``"loop"``
-        kernel, which then runs all experts as batched matmuls.
-        :data:`pimoe.moe.dispatch.PAD_LIMIT` where torch's ``grouped_mm`` cannot run these
-        weights (biases, float64, unaligned strides: the alternative is one matmul per expert);
-        :data:`pimoe.moe.dispatch.PAD_LIMIT_VS_GROUPED_MM` where it can and torch uses more
-        than one thread; None on one thread, where ``grouped_mm`` on the exact rows was faster
-        (``python benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md)."""
+        kernel, which then runs all experts as batched matmuls (:func:`kernel_pad_limit`)."""
         w_in = self._stored("w_in")
         if get_experts_backend(self.backend, w_in) is not get_experts_backend("loop", w_in):
             return None
-        if not grouped_mm_usable(w_in, self.b_in, self._stored("w_out"), self.b_out):
-            return PAD_LIMIT
-        return PAD_LIMIT_VS_GROUPED_MM if torch.get_num_threads() > 1 else None
+        return kernel_pad_limit(w_in, self.b_in, self._stored("w_out"), self.b_out)
 
     @property
     def accepts_padding(self) -> bool:
