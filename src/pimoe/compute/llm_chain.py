@@ -26,11 +26,15 @@ of another format is refused with a ``ValueError``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
 
 from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.llm_prompts import question_block
@@ -80,6 +84,111 @@ class ChainRun:
 def insertion_text(so_far: str, result: str) -> str:
     """``result`` as appended after ``so_far``: with a space unless ``so_far`` ends in one (or is empty)."""
     return result if not so_far or so_far[-1].isspace() or so_far[-1] in "($" else " " + result
+
+
+#: Largest ``engine_max_digits`` a saved chain may ask for (the engine computes ``10**max_digits``).
+MAX_ENGINE_DIGITS = 10_000
+
+
+def _read_config(path: Path) -> ChainConfig:
+    """The :class:`ChainConfig` in ``path`` (a ``chain.json``), every field checked; ``ValueError``
+    naming the file and the field."""
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a UTF-8 JSON file: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    found = raw.get("format", 1)
+    if type(found) is not int or found != CHAIN_FORMAT:
+        raise ValueError(
+            f"{path} holds a chain of format {found!r}, this pimoe reads format "
+            f"{CHAIN_FORMAT}: train it again (pimoe chain train)"
+        )
+    fields = {f.name: f for f in dataclasses.fields(ChainConfig)}
+    unknown = sorted(set(raw) - set(fields))
+    missing = sorted(
+        name
+        for name, f in fields.items()
+        if name not in raw
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if unknown or missing:
+        raise ValueError(f"{path}: unknown fields {unknown}, missing fields {missing}")
+
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"{path}: field {name!r} must be {expected}, got {raw[name]!r:.80}")
+
+    def integer(name: str, low: int, high: int | None = None) -> None:
+        value = raw.get(name, fields[name].default)
+        if type(value) is not int or value < low or (high is not None and value > high):
+            raise bad(name, f"an integer in [{low}, {high if high is not None else 'inf'}]")
+
+    for name in ("base_model", "prefix"):
+        if name in raw and not isinstance(raw[name], str):
+            raise bad(name, "a string")
+    if not raw["base_model"] or "\0" in raw["base_model"]:
+        raise bad("base_model", "a model name or folder")
+    layers = raw["layers"]
+    if not isinstance(layers, list) or not layers or any(type(x) is not int for x in layers):
+        raise bad("layers", "a non-empty list of integers")
+    for name in ("feature_dim", "router_hidden", "head_hidden"):
+        integer(name, 1)  # the weights' shapes bound them (_read_weights)
+    integer("max_handoffs", 0)
+    integer("engine_max_digits", 1, MAX_ENGINE_DIGITS)
+    threshold = raw.get("threshold", ChainConfig.threshold)
+    if type(threshold) not in (int, float) or not 0.0 <= threshold <= 1.0:  # NaN fails too
+        raise bad("threshold", "a number in [0, 1]")
+    if not isinstance(raw.get("training", {}), dict):
+        raise bad("training", "an object")
+    return ChainConfig(**{**raw, "layers": tuple(layers)})
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise json.JSONDecodeError(
+            f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}", "", 0
+        )
+    return dict(pairs)
+
+
+def _read_weights(path: Path, config: ChainConfig) -> dict[str, Tensor]:
+    """The router and head tensors in ``path``, which must be exactly those of ``config``'s
+    sizes (compared on the meta device: nothing of ``config``'s sizes is allocated) and finite."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    with torch.device("meta"):
+        expected = {
+            f"router.{k}": v.shape
+            for k, v in TokenRouter(config.feature_dim, config.router_hidden).state_dict().items()
+        }
+        expected.update(
+            {
+                f"head.{k}": v.shape
+                for k, v in OperandHead(config.feature_dim, config.head_hidden).state_dict().items()
+            }
+        )
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, but "
+                f"{CONFIG_FILE}'s sizes (feature_dim, router_hidden, head_hidden = "
+                f"{config.feature_dim}, {config.router_hidden}, {config.head_hidden}) give "
+                f"{tuple(shape)}"
+            )
+        if not torch.isfinite(tensors[name]).all():
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or infinity")
+    return tensors
 
 
 class ComputationChain:
@@ -178,26 +287,23 @@ class ComputationChain:
         progress: bool = False,
     ) -> ComputationChain:
         """Load a saved chain; the base model is loaded with :func:`pimoe.models.load_pretrained`
-        from the name in ``chain.json`` unless ``model`` and ``tokenizer`` are given."""
-        from safetensors.torch import load_file
+        from the name in ``chain.json`` unless ``model`` and ``tokenizer`` are given.
 
+        ``ValueError`` naming the file and the field when ``chain.json`` is not the format's JSON
+        object (a field missing, unknown, of the wrong type or out of range) or the weights do not
+        match its sizes (tensors missing, unexpected, of another shape, or not finite); checked
+        before any module is built from the file's values."""
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
             raise ValueError(
                 f"{folder} is not a saved computation chain: it needs {CONFIG_FILE} and {WEIGHTS_FILE}"
             )
-        raw = json.loads((folder / CONFIG_FILE).read_text())
-        if raw.get("format", 1) != CHAIN_FORMAT:
-            raise ValueError(
-                f"{folder} holds a chain of format {raw.get('format', 1)}, this pimoe reads format "
-                f"{CHAIN_FORMAT}: train it again (pimoe chain train)"
-            )
-        config = ChainConfig(**{**raw, "layers": tuple(raw["layers"])})
+        config = _read_config(folder / CONFIG_FILE)
+        tensors = _read_weights(folder / WEIGHTS_FILE, config)
         if model is None or tokenizer is None:
             from pimoe.models import load_pretrained
 
             model, tokenizer = load_pretrained(config.base_model, progress=progress)
-        tensors = load_file(str(folder / WEIGHTS_FILE))
         router = TokenRouter(config.feature_dim, config.router_hidden)
         head = OperandHead(config.feature_dim, config.head_hidden)
         router.load_state_dict(
