@@ -7,12 +7,17 @@ connection limits of the uvicorn server that runs it.
   is still answered, so liveness probes see a live server);
 - 401 when an API key is set and the path is not an open one (default: only ``/healthz``) and the
   request lacks ``Authorization: Bearer <key>`` (compared in constant time);
-- 413 when ``Content-Length`` exceeds ``max_body_bytes``, and also while reading a body that
-  has no ``Content-Length`` (chunked): bytes are counted as they arrive and the answer goes out
-  as soon as the limit is passed, so at most ``max_body_bytes`` are ever buffered;
+- 413 when ``Content-Length`` (optional whitespace around it allowed) exceeds
+  ``max_body_bytes``, and also while reading a body that has no ``Content-Length`` (chunked):
+  bytes are counted as they arrive and the answer goes out as soon as the limit is passed, so at
+  most ``max_body_bytes`` are buffered per request;
+- 503 when the bodies of the requests in flight would pass ``max_total_body_bytes`` (a declared
+  body before it is read, a chunked one as soon as it does): a request's share is held from its
+  headers to the end of its answer, so at most that many body bytes are held at once, whatever
+  the number of connections;
 - 408 when the body has not fully arrived ``body_timeout_s`` after the request's headers.
 
-413 and 408 close the connection. Every answer, the app's included, is reported by status to
+413, 408 and a 503 for the body budget close the connection. Every answer, the app's included, is reported by status to
 ``on_response``; an exception escaping the app becomes a 500 in the same error shape.
 
 :func:`uvicorn_options` configures the uvicorn server with :class:`ServerLimits`: a keep-alive timeout,
@@ -28,12 +33,13 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import ssl
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 from pimoe.extras import extra_imports
-from pimoe.infer.http_errors import error_response
+from pimoe.infer.http_errors import clip, error_response
 
 with extra_imports("serve", "pimoe.infer.security"):
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -67,6 +73,8 @@ class RequestGuard:
         api_key: the key clients must send as ``Authorization: Bearer <key>``; ``None``: no check.
         open_paths: paths answered without the key.
         max_body_bytes: largest request body (``Content-Length`` or bytes read).
+        max_total_body_bytes: most body bytes held by all requests in flight together (at least
+            ``max_body_bytes``); ``None``: no bound beyond ``max_body_bytes`` per request.
         body_timeout_s: longest time from the request's headers to the end of its body.
         on_response: called with the status of every answer.
     """
@@ -80,6 +88,7 @@ class RequestGuard:
         max_body_bytes: int,
         body_timeout_s: float,
         on_response: Callable[[int], None],
+        max_total_body_bytes: int | None = None,
     ) -> None:
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key is empty: give a non-empty key or None")
@@ -88,8 +97,15 @@ class RequestGuard:
                 f"max_body_bytes must be >= 1 and body_timeout_s > 0, got {max_body_bytes}, "
                 f"{body_timeout_s}"
             )
+        if max_total_body_bytes is not None and max_total_body_bytes < max_body_bytes:
+            raise ValueError(
+                f"max_total_body_bytes ({max_total_body_bytes}) must be >= max_body_bytes "
+                f"({max_body_bytes}) or None"
+            )
         self.app, self.open_paths, self.max_body_bytes = app, frozenset(open_paths), max_body_bytes
         self.body_timeout_s, self.on_response = body_timeout_s, on_response
+        self.max_total_body_bytes = max_total_body_bytes
+        self.held_body_bytes = 0  # body bytes of the requests in flight (one event loop: no lock)
         self._key_digest = _digest(api_key.encode()) if api_key is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -105,34 +121,39 @@ class RequestGuard:
                 self.on_response(int(message["status"]))
             await send(message)
 
+        held = _Held(self)
         try:
-            self._check_headers(scope)
-            body = await self._read_body(receive)
-        except _Reject as r:
-            headers = (
-                {"www-authenticate": "Bearer"}
-                if r.status == 401
-                else _CLOSE
-                if r.status in (408, 413)
-                else {}
-            )
-            await error_response(r.status, r.message, code=r.code, headers=headers)(
-                scope, receive, counted_send
-            )
-            return
-        except _Disconnected:
-            return
-        try:
-            await self.app(scope, _replay(body, receive), counted_send)
-        except Exception:
-            if not started:
-                await error_response(500, "internal server error", code="internal_error")(
+            try:
+                held.take(self._check_headers(scope))
+                body = await self._read_body(receive, held)
+            except _Reject as r:
+                headers = (
+                    {"www-authenticate": "Bearer"}
+                    if r.status == 401
+                    else _CLOSE
+                    if r.status in (408, 413) or r.code == "body_budget"
+                    else {}
+                )
+                await error_response(r.status, r.message, code=r.code, headers=headers)(
                     scope, receive, counted_send
                 )
-            raise
+                return
+            except _Disconnected:
+                return
+            try:
+                await self.app(scope, _replay(body, receive), counted_send)
+            except Exception:
+                if not started:
+                    await error_response(500, "internal server error", code="internal_error")(
+                        scope, receive, counted_send
+                    )
+                raise
+        finally:
+            held.release()
 
-    def _check_headers(self, scope: Scope) -> None:
-        """Overload, API key and ``Content-Length`` checks (``_Reject`` on failure)."""
+    def _check_headers(self, scope: Scope) -> int:
+        """Overload, API key and ``Content-Length`` checks (``_Reject`` on failure); the declared
+        body size (0 without one)."""
         path = scope["path"]
         if scope.get(OVERLOADED) and path not in OPEN_PATHS:
             raise _Reject(503, "the server is at its concurrency limit; retry later", "overloaded")
@@ -152,13 +173,21 @@ class RequestGuard:
                 "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                 "invalid_api_key",
             )
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        length = (length or b"").strip(b" \t")  # optional whitespace (RFC 9110 5.5)
+        if not length:
+            return 0
+        if not length.isdigit():  # the HTTP parser refuses these first; kept for other servers
+            raise _Reject(
+                400, f"invalid Content-Length {clip(length.decode('latin-1'))}", "invalid_header"
+            )
+        if int(length) > self.max_body_bytes:
             raise _Reject(
                 413,
                 f"request body of {int(length)} bytes exceeds the limit of {self.max_body_bytes} "
                 "bytes",
                 "body_too_large",
             )
+        return int(length)
 
     def _authorized(self, header: bytes | None) -> bool:
         scheme, _, token = (header or b"").partition(b" ")
@@ -166,8 +195,9 @@ class RequestGuard:
         ok = hmac.compare_digest(_digest(token.strip()), self._key_digest or b"")
         return ok and scheme.lower() == b"bearer"
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        """The whole body, counting bytes as they arrive; ``_Reject`` past the size or the deadline."""
+    async def _read_body(self, receive: Receive, held: _Held) -> bytes:
+        """The whole body, counting bytes as they arrive (into ``held``); ``_Reject`` past the
+        size, the budget or the deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout_s
         chunks: list[bytes] = []
@@ -191,9 +221,37 @@ class RequestGuard:
                     f"request body exceeds the limit of {self.max_body_bytes} bytes",
                     "body_too_large",
                 )
+            held.take(size)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+class _Held:
+    """One request's share of :attr:`RequestGuard.max_total_body_bytes`, grown as its body is
+    declared or read and given back once, when the request ends."""
+
+    def __init__(self, guard: RequestGuard) -> None:
+        self.guard, self.size = guard, 0
+
+    def take(self, size: int) -> None:
+        """Hold ``size`` bytes in all (no more than already held: nothing changes); ``_Reject``
+        503 when the budget has no room for the difference."""
+        more, budget = size - self.size, self.guard.max_total_body_bytes
+        if more <= 0:
+            return
+        if budget is not None and self.guard.held_body_bytes + more > budget:
+            raise _Reject(
+                503,
+                f"the server holds too many request bodies ({budget} bytes in all); retry later",
+                "body_budget",
+            )
+        self.guard.held_body_bytes += more
+        self.size = size
+
+    def release(self) -> None:
+        self.guard.held_body_bytes -= self.size
+        self.size = 0
 
 
 def _digest(data: bytes) -> bytes:
@@ -332,10 +390,14 @@ def uvicorn_options(
     ssl_keyfile: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``uvicorn.run`` / ``uvicorn.Config`` that apply ``limits`` (default
-    :class:`ServerLimits`) and, with both files given, TLS."""
+    :class:`ServerLimits`) and, with both files given, TLS. ``ValueError`` naming the file when
+    the TLS files cannot be read or do not hold a PEM certificate and its unencrypted key (checked
+    here, before a model is loaded, rather than by ``uvicorn.run``)."""
     limits = limits or ServerLimits()
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise ValueError("TLS needs both ssl_certfile and ssl_keyfile")
+    if ssl_certfile is not None and ssl_keyfile is not None:
+        _check_tls_files(os.fspath(ssl_certfile), os.fspath(ssl_keyfile))
     options: dict[str, Any] = {
         "http": guarded_protocol(limits),
         "timeout_keep_alive": limits.timeout_keep_alive_s,
@@ -345,6 +407,23 @@ def uvicorn_options(
     if ssl_certfile is not None:
         options.update(ssl_certfile=os.fspath(ssl_certfile), ssl_keyfile=os.fspath(ssl_keyfile))  # type: ignore[arg-type]
     return options
+
+
+def _check_tls_files(certfile: str, keyfile: str) -> None:
+    """``ValueError`` unless ``certfile`` and ``keyfile`` load as a PEM certificate chain and its
+    private key (an encrypted key fails: no password is asked for)."""
+    for role, path in (("ssl_certfile", certfile), ("ssl_keyfile", keyfile)):
+        if not os.path.isfile(path):
+            raise ValueError(f"{role} {path!r} is not a readable file")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            certfile, keyfile, password=lambda: b""
+        )
+    except (ssl.SSLError, OSError) as err:
+        raise ValueError(
+            f"TLS files ssl_certfile={certfile!r}, ssl_keyfile={keyfile!r} do not hold a PEM "
+            f"certificate and its unencrypted private key: {err}"
+        ) from err
 
 
 def is_loopback(host: str) -> bool:

@@ -81,6 +81,7 @@ def create_app(
     cache_size: int = 0,
     max_request_elements: int = 65_536,
     max_body_bytes: int = 8 * 2**20,
+    max_total_body_bytes: int | None = None,
     body_timeout_s: float = 30.0,
     api_key: str | None = None,
     docs: bool = False,
@@ -98,6 +99,10 @@ def create_app(
         max_request_elements: most numbers (or tokens) in one request; more is answered 413.
         max_body_bytes: largest request body (by ``Content-Length``, or counted while reading a
             chunked one); larger is answered 413.
+        max_total_body_bytes: most body bytes all requests in flight hold together (from the
+            headers to the end of the answer); a request that would pass it is answered 503.
+            Default (``None``): ``32 * max_body_bytes``, 256 MiB with the default 8 MiB bodies
+            (without it, every connection up to ``limit_concurrency`` could hold a full body).
         body_timeout_s: a body not fully received this many seconds after the headers is
             answered 408.
         api_key: if given, every path but ``/healthz`` (and the docs, when on) needs
@@ -170,6 +175,9 @@ def create_app(
         api_key=api_key,
         open_paths=OPEN_PATHS | (DOCS_PATHS if docs else set()),
         max_body_bytes=max_body_bytes,
+        max_total_body_bytes=(
+            32 * max_body_bytes if max_total_body_bytes is None else max_total_body_bytes
+        ),
         body_timeout_s=body_timeout_s,
         on_response=lambda status: metrics.responses.labels(status=str(status)).inc(),
     )
@@ -285,6 +293,7 @@ def serve(
     api_key: str | None = None,
     docs: bool = False,
     max_body_bytes: int = 8 * 2**20,
+    max_total_body_bytes: int | None = None,
     body_timeout_s: float = 30.0,
     limits: ServerLimits | None = None,
     ssl_certfile: str | os.PathLike[str] | None = None,
@@ -302,7 +311,8 @@ def serve(
     models and the chain get the OpenAI generation routes (a HF causal LM and the chain only
     those, a PiMoELM also ``/v1/infer``).
 
-    ``api_key``, ``docs``, ``max_body_bytes`` and ``body_timeout_s`` are :func:`create_app`'s;
+    ``api_key``, ``docs``, ``max_body_bytes``, ``max_total_body_bytes`` and ``body_timeout_s``
+    are :func:`create_app`'s;
     ``limits`` the connection limits (:class:`ServerLimits`); both ``ssl_*`` files turn on TLS.
     ``max_num_batched_tokens`` and ``enable_chunked_prefill`` set the generation engine's step
     budget and chunked prefill (:mod:`pimoe.infer.scheduler`).
@@ -338,6 +348,7 @@ def serve(
         max_wait_ms=max_wait_ms,
         cache_size=cache_size,
         max_body_bytes=max_body_bytes,
+        max_total_body_bytes=max_total_body_bytes,
         body_timeout_s=body_timeout_s,
         api_key=api_key,
         docs=docs,
