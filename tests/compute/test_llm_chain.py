@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pimoe.bench.tiny_llama import tiny_byte_llama
 from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.llm_baselines import lm_only, tool_call
 from pimoe.compute.llm_chain import ComputationChain, insertion_text
@@ -23,33 +24,7 @@ from pimoe.compute.word_templates import WRITTEN_TEMPLATES
 def tiny_lm(seed: int = 0):
     """A tiny random Llama (2 layers, hidden 16) with a real byte-level BPE tokenizer whose digits
     and spaces are single tokens, as in SmolLM2's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        bos_token="<|im_start|>",
-        pad_token="<|endoftext|>",
-    )
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_byte_llama(seed)
 
 
 SETTINGS = ChainTrainSettings(problems=12, shots=2, steps=150)

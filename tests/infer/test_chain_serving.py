@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from live_server import LiveServer  # noqa: E402
 
+from pimoe.bench.tiny_llama import save_tiny_llama, tiny_byte_llama  # noqa: E402
 from pimoe.compute import ChainConfig, ComputationChain  # noqa: E402
 from pimoe.compute.llm_router import TokenRouter  # noqa: E402
 from pimoe.compute.operand_head import OperandHead  # noqa: E402
@@ -28,43 +29,14 @@ from pimoe.models import load_pretrained  # noqa: E402
 QUESTION = "Tom packs 1234 boxes of 5678 apples and eats 91 apples. How many apples are left?"
 
 
-def _byte_llama(folder: Path) -> Path:
-    """A tiny random Llama with a byte-level BPE tokenizer without merges (every digit its own
-    token, as the chain's number locator expects), saved as a Hugging Face folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def chain_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A chain on a tiny random Llama whose router always hands off (zero weights: probability
     0.5 above a 0.4 threshold), saved as ``pimoe chain train --out`` saves one."""
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("chain")
-    folder = _byte_llama(tmp / "llama")
+    model, tokenizer = tiny_byte_llama(max_position_embeddings=1024)
+    folder = save_tiny_llama(tmp / "llama", tokenizer, model)
     model, tokenizer = load_pretrained(str(folder), progress=False)
     hidden = int(model.config.hidden_size)
     router, head = TokenRouter(2 * hidden, 8), OperandHead(2 * hidden, 8)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 
 def tiny_llama(
@@ -52,6 +52,45 @@ def tiny_llama(
     return LlamaForCausalLM(config).eval()
 
 
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer without merges (every byte, so every digit and space, is its own
+    token, as in SmolLM2's tokenizer for digits): ids 0-2 are ``<|endoftext|>`` (pad),
+    ``<|im_start|>`` (bos) and ``<|im_end|>`` (eos), then the 256 byte symbols."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def tiny_byte_llama(
+    seed: int = 0, max_position_embeddings: int = 4096
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """``(model, tokenizer)``: :func:`tiny_llama` with hidden size 16 (2 heads, 1 KV head,
+    untied embeddings) on :func:`byte_tokenizer`, the stand-in LM of the computation-chain
+    tests."""
+    tokenizer = byte_tokenizer()
+    model = tiny_llama(
+        tokenizer,
+        hidden_size=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_position_embeddings,
+        seed=seed,
+        tie_word_embeddings=False,
+    )
+    return model, tokenizer
+
+
 def save_tiny_llama(
     folder: Path, tokenizer: PreTrainedTokenizerBase, model: LlamaForCausalLM | None = None
 ) -> Path:
@@ -62,4 +101,4 @@ def save_tiny_llama(
     return folder
 
 
-__all__ = ["save_tiny_llama", "tiny_llama"]
+__all__ = ["byte_tokenizer", "save_tiny_llama", "tiny_byte_llama", "tiny_llama"]
