@@ -10,6 +10,8 @@ higher ids and ``-m_ji`` toward lower ones, so the masks cancel in the sum over 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import numpy as np
 
 from pimoe.extras import extra_imports
@@ -61,6 +63,68 @@ def mask_vector(seed: bytes, length: int) -> np.ndarray:
     """``uint64 [length]`` uniform integers: the AES-256-CTR keystream of ``seed`` (a CSPRNG)."""
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
     return np.frombuffer(encryptor.update(bytes(8 * length)), dtype=np.uint64)
+
+
+def check_ids(ids: Iterable[object], what: str = "client ids") -> list[int]:
+    """``ids`` as a list, each a Python or NumPy integer (not a bool, float or string, which
+    ``int()`` would silently merge with another id); ``TypeError`` otherwise."""
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"{what} must be integers, got {i!r} ({type(i).__name__})")
+        out.append(int(i))
+    return out
+
+
+def check_distinct_keys(keys: Mapping[int, Iterable[bytes]]) -> None:
+    """``ValueError`` when two clients hold one public key: a relay replaying client ``i``'s key
+    as client ``j``'s would let ``i`` compute every secret ``j`` shares."""
+    owner: dict[bytes, int] = {}
+    for j, held in keys.items():
+        for key in held:
+            if key in owner and owner[key] != j:
+                raise ValueError(
+                    f"clients {owner[key]} and {j} sent the same public key (a replayed key)"
+                )
+            owner[key] = j
+
+
+def check_seed(seed: object, owner: int, about: int) -> bytes:
+    """``seed``, a revealed or rebuilt secret ``owner`` gave about client ``about``, if it is
+    ``SEED_BYTES`` raw bytes; ``ValueError`` naming both otherwise (AES would take a 16- or
+    24-byte key as AES-128/192 and give a wrong mask, silently). A client's bad answer is a bad
+    value, whatever its type, so the server can refuse the round with one ``except``."""
+    if not isinstance(seed, bytes):
+        raise ValueError(
+            f"client {owner} sent a {type(seed).__name__} for client {about}, not {SEED_BYTES} bytes"
+        )
+    if len(seed) != SEED_BYTES:
+        raise ValueError(
+            f"client {owner} sent {len(seed)} bytes for client {about}, not {SEED_BYTES}"
+        )
+    return seed
+
+
+def check_masked(masked: Mapping[int, object]) -> int:
+    """The common length of the masked inputs (each a non-empty 1-D ``uint64`` array); a
+    ``ValueError`` naming the first client at fault (as :func:`check_seed`, whatever the type)."""
+    length = None
+    for i, v in masked.items():
+        if not isinstance(v, np.ndarray) or v.dtype != np.uint64:
+            got = v.dtype if isinstance(v, np.ndarray) else type(v).__name__
+            raise ValueError(f"client {i}'s masked input must be a uint64 numpy array, got {got}")
+        if v.ndim != 1 or not v.size:
+            raise ValueError(
+                f"client {i}'s masked input must be non-empty and 1-D, got shape {v.shape}"
+            )
+        if length is not None and v.size != length:
+            raise ValueError(
+                f"masked inputs must be of one length: client {i} sent {v.size}, others {length}"
+            )
+        length = v.size
+    if length is None:
+        raise ValueError("no masked inputs to aggregate")
+    return length
 
 
 def public_key_from(raw: bytes, owner: int) -> X25519PublicKey:

@@ -44,6 +44,10 @@ from pimoe.privacy.masking import (
     PUBLIC_KEY_BYTES,
     SEED_BYTES,
     apply_pair_masks,
+    check_distinct_keys,
+    check_ids,
+    check_masked,
+    check_seed,
     decode,
     encode,
     mask_vector,
@@ -102,9 +106,13 @@ class SecAggClient:
         ``peers`` maps every other client of the round (this one may be included) to its public
         key; all clients must get the same set. Use a fresh ``round_id`` per round.
         """
+        check_ids(peers)
         others = {int(j): key for j, key in peers.items() if int(j) != self.client_id}
         if not others:
             raise ValueError("secure aggregation needs at least one peer")
+        check_distinct_keys(
+            {j: [k] for j, k in {**others, self.client_id: self.public_key()}.items()}
+        )
         masked = encode(update, self.frac_bits, max_terms=len(others) + 1)
         self._seeds = {j: self.pair_seed(j, key, round_id) for j, key in others.items()}
         return apply_pair_masks(masked, self.client_id, self._seeds)
@@ -139,23 +147,19 @@ def unmask_sum(
             answer, by survivor id; every survivor must reveal a seed for every dropped client.
 
     Divide by ``len(masked)`` for the mean (or let clients pre-multiply by their weight).
-    Raises ValueError on inconsistent shapes, unknown clients or missing/extra seeds.
+    Raises ``ValueError`` naming the client on a malformed masked input (not a
+    non-empty 1-D uint64 array of the common length) or revealed seed (not ``SEED_BYTES`` bytes),
+    unknown clients or missing/extra seeds; ``TypeError`` on non-integer ids.
     """
-    if not masked:
-        raise ValueError("no masked inputs to aggregate")
-    survivors, everyone = set(masked), set(participants)
+    length = check_masked(masked)
+    survivors, everyone = set(check_ids(masked)), set(check_ids(participants))
     if not survivors <= everyone:
         raise ValueError(
             f"inputs from clients {sorted(survivors - everyone)} that were not participants"
         )
     dropped = everyone - survivors
     revealed = revealed or {}
-    shapes = {v.shape for v in masked.values()}
-    if len(shapes) != 1 or any(v.dtype != np.uint64 or v.ndim != 1 for v in masked.values()):
-        raise ValueError(
-            f"masked inputs must be 1-D uint64 arrays of one length, got shapes {sorted(shapes)}"
-        )
-    total = np.zeros(shapes.pop(), dtype=np.uint64)
+    total = np.zeros(length, dtype=np.uint64)
     for vector in masked.values():
         total += vector
     for i in survivors:
@@ -164,6 +168,7 @@ def unmask_sum(
             raise ValueError(
                 f"client {i} revealed seeds for {sorted(seeds)}, but the dropped clients are {sorted(dropped)}"
             )
+        seeds = {j: check_seed(seed, i, j) for j, seed in seeds.items()}
         total = apply_pair_masks(total, i, seeds, sign=-1)  # undo what client i applied
     return decode(total, frac_bits)
 

@@ -21,6 +21,10 @@ from pimoe.privacy.masking import (
     FRAC_BITS,
     SEED_BYTES,
     apply_pair_masks,
+    check_distinct_keys,
+    check_ids,
+    check_masked,
+    check_seed,
     decode,
     derive_seed,
     encode,
@@ -70,6 +74,45 @@ def _share_cipher(
     ), label.encode()
 
 
+def _read_state(state: bytes) -> dict[str, Any]:
+    """:meth:`SecAggPlusClient.state` parsed and checked (keys as bytes); ``ValueError`` naming
+    the field of a malformed or crafted state."""
+
+    def raw(value: object, field: str) -> bytes:
+        if not isinstance(value, str) or len(value) != 2 * SEED_BYTES:
+            raise ValueError(f"saved SecAgg+ state: {field} must be {SEED_BYTES} hex bytes")
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            raise ValueError(f"saved SecAgg+ state: {field} is not hex") from None
+
+    try:
+        saved = json.loads(state)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"saved SecAgg+ state is not JSON: {err}") from None
+    fields = {"client", "round", "c", "s", "b", "keys", "threshold", "sharers", "unmasked"}
+    if not isinstance(saved, dict) or set(saved) != fields:
+        raise ValueError(f"saved SecAgg+ state must be an object with the fields {sorted(fields)}")
+    for field in ("client", "round", "threshold"):
+        if type(saved[field]) is not int:
+            raise ValueError(f"saved SecAgg+ state: {field} must be an integer")
+    if not isinstance(saved["sharers"], list) or any(type(j) is not int for j in saved["sharers"]):
+        raise ValueError("saved SecAgg+ state: sharers must be a list of integers")
+    if type(saved["unmasked"]) is not bool:
+        raise ValueError("saved SecAgg+ state: unmasked must be true or false")
+    keys = saved["keys"]
+    if not isinstance(keys, dict) or any(
+        not j.lstrip("-").isdigit() or not isinstance(pair, list) or len(pair) != 2
+        for j, pair in keys.items()
+    ):
+        raise ValueError("saved SecAgg+ state: keys must map client ids to two hex keys")
+    return {
+        **saved,
+        **{k: raw(saved[k], k) for k in ("c", "s", "b")},
+        "keys": {int(j): (raw(c, "keys"), raw(s, "keys")) for j, (c, s) in keys.items()},
+    }
+
+
 class SecAggPlusClient:
     """One client in one round of SecAgg+ secure aggregation (complete graph of the round's clients).
 
@@ -102,19 +145,14 @@ class SecAggPlusClient:
             self._sharers: list[int] = []
             self._threshold, self._unmasked = 0, False
             return
-        saved = json.loads(state)
+        saved = _read_state(state)
         if saved["client"] != self.client_id or saved["round"] != self.round_id:
             raise ValueError(
                 f"saved SecAgg+ state of client {saved['client']} round {saved['round']}, not "
                 f"client {self.client_id} round {self.round_id}"
             )
-        self._c, self._s = (
-            X25519PrivateKey.from_private_bytes(bytes.fromhex(saved[k])) for k in ("c", "s")
-        )
-        self._b = bytes.fromhex(saved["b"])
-        self._keys = {
-            int(j): (bytes.fromhex(c), bytes.fromhex(s)) for j, (c, s) in saved["keys"].items()
-        }
+        self._c, self._s = (X25519PrivateKey.from_private_bytes(saved[k]) for k in ("c", "s"))
+        self._b, self._keys = saved["b"], saved["keys"]
         self._threshold, self._sharers, self._unmasked = (
             saved["threshold"],
             saved["sharers"],
@@ -148,7 +186,9 @@ class SecAggPlusClient:
         Refuses a threshold that is not a strict majority of ``keys`` (a server could then rebuild
         both secrets of a client) or keys that do not list this client's own.
         """
+        check_ids(keys)
         keys = {int(j): (bytes(c), bytes(s)) for j, (c, s) in keys.items()}
+        check_distinct_keys(keys)
         if keys.get(self.client_id) != self.public_keys():
             raise ValueError(f"the key list does not hold client {self.client_id}'s own keys")
         if not (len(keys) < 2 * threshold and threshold <= len(keys) and threshold >= 2):
@@ -203,7 +243,8 @@ class SecAggPlusClient:
         ``inbox``: the ciphertexts other clients made for this one in :meth:`share`, by sender. Raises
         ValueError on a second call in the round, overlapping or incomplete lists, this client listed
         as dropped, or fewer survivors than the threshold. A sender whose ciphertext does not decrypt
-        is skipped (it sent garbage: its secrets cannot be rebuilt from this client).
+        to two shares of ``SEED_BYTES`` is skipped (it sent garbage: its secrets cannot be rebuilt
+        from this client).
         """
         from cryptography.exceptions import InvalidTag
 
@@ -235,6 +276,8 @@ class SecAggPlusClient:
                 plain = cipher.decrypt(data[:12], data[12:], label)
             except InvalidTag:
                 continue
+            if len(plain) != 2 * SEED_BYTES:  # a sender encrypting garbage with the right key
+                continue
             out[u] = plain[: len(plain) // 2] if u in alive else plain[len(plain) // 2 :]
         return out
 
@@ -256,29 +299,49 @@ def secaggplus_sum(
         sharers: the clients told to mask with each other (stage 3); the dropped ones are ``sharers - masked``.
         shares: each responding client's :meth:`SecAggPlusClient.unmask` answer, by responder id.
 
-    Raises ValueError when fewer than ``threshold`` shares of a secret came back, or a rebuilt mask
-    key does not match the client's public key (a wrong share).
+    Raises ``TypeError`` on non-integer ids; ``ValueError`` naming the client on a malformed
+    masked input or share, a responder that held no keys, a threshold that is not a strict
+    majority of the key holders, fewer survivors or shares of a secret than ``threshold``, shares
+    of a secret that disagree (with more than ``threshold`` of them, two subsets are compared: a
+    wrong share is detected, not attributed), or a rebuilt mask key that does not match the
+    client's public key.
     """
-    alive, everyone = set(masked), {int(j) for j in sharers}
-    if not alive or not alive <= everyone or not everyone <= set(keys):
+    check_ids(keys)
+    length = check_masked(masked)
+    alive, everyone = set(check_ids(masked)), set(check_ids(sharers))
+    if not alive <= everyone or not everyone <= set(keys):
         raise ValueError(
             "survivors must be among the masking clients, and those among the key holders"
         )
-    shapes = {(v.dtype, v.shape) for v in masked.values()}
-    if len(shapes) != 1 or any(v.dtype != np.uint64 or v.ndim != 1 for v in masked.values()):
-        raise ValueError("masked inputs must be 1-D uint64 arrays of one length")
+    if not (len(keys) < 2 * threshold and 2 <= threshold <= len(keys)):
+        raise ValueError(
+            f"threshold {threshold} must be the round's: a strict majority of the {len(keys)} "
+            "clients and >= 2"
+        )
+    if len(alive) < threshold:
+        raise ValueError(f"{len(alive)} survivors, fewer than the threshold {threshold}")
+    strangers = sorted(set(check_ids(shares, "responder ids")) - set(keys))
+    if strangers:
+        raise ValueError(f"shares from client {strangers[0]}, which held no keys this round")
     index = {j: k + 1 for k, j in enumerate(sorted(keys))}
-    total = np.zeros(next(iter(masked.values())).size, dtype=np.uint64)
+    total = np.zeros(length, dtype=np.uint64)
     for vector in masked.values():
         total += vector
 
     def rebuild(u: int) -> bytes:
-        got = {index[v]: answer[u] for v, answer in shares.items() if u in answer}
+        got = {index[v]: check_seed(answer[u], v, u) for v, answer in shares.items() if u in answer}
         if len(got) < threshold:
             raise ValueError(
                 f"{len(got)} shares of client {u}'s secret came back; {threshold} are needed"
             )
-        return _shamir_combine(got)
+        points = sorted(got.items())
+        secret = _shamir_combine(dict(points[:threshold]))
+        if len(points) > threshold and _shamir_combine(dict(points[-threshold:])) != secret:
+            raise ValueError(
+                f"the shares of client {u}'s secret disagree: a client sent a wrong share, or the "
+                "server asked some clients for the other secret"
+            )
+        return secret
 
     for u in sorted(alive):
         total -= mask_vector(rebuild(u), total.size)
