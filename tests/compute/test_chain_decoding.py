@@ -156,3 +156,13 @@ def test_demo_cache_key_follows_the_training_phrasings(monkeypatch: pytest.Monke
     fewer = {**TEMPLATES, "train": TEMPLATES["train"][:-1]}
     monkeypatch.setattr("pimoe.compute.llm_demo.TEMPLATES", fewer)
     assert chain_cache_dir("tiny", SETTINGS, "abc") != before
+
+
+def test_demo_cache_key_follows_the_composed_phrasings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pimoe.compute.word_compose import composed_templates
+
+    before = chain_cache_dir("tiny", SETTINGS, "abc")
+    monkeypatch.setattr(
+        "pimoe.compute.llm_demo.composed_templates", lambda n: composed_templates(n, seed=1)
+    )
+    assert chain_cache_dir("tiny", SETTINGS, "abc") != before

@@ -27,7 +27,7 @@ def tiny_lm(seed: int = 0):
     return tiny_byte_llama(seed)
 
 
-SETTINGS = ChainTrainSettings(problems=12, shots=2, steps=150)
+SETTINGS = ChainTrainSettings(problems=12, shots=2, steps=150, composed=6)
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,7 @@ def test_training_lowers_both_losses(trained) -> None:
     _, report = trained
     assert report["router_loss_final"] < 0.5 * report["router_loss_first"]
     assert report["head_loss_final"] < 0.5 * report["head_loss_first"]
+    assert report["head_problems"] == SETTINGS.problems + SETTINGS.composed
 
 
 def test_router_that_never_fires_is_the_lm_alone(trained) -> None:

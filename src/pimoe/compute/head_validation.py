@@ -24,6 +24,7 @@ import random
 import statistics
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -33,16 +34,22 @@ from tqdm.auto import tqdm
 
 from pimoe.compute.llm_prompts import fewshot_prefix, question_block, shot_problems
 from pimoe.compute.llm_runner import LMRunner
-from pimoe.compute.llm_train import QUICK_SETTINGS, ChainTrainSettings, ProblemFeatures, train_head
+from pimoe.compute.llm_train import (
+    QUICK_SETTINGS,
+    ChainTrainSettings,
+    ProblemFeatures,
+    operand_slots,
+    train_head,
+)
 from pimoe.compute.lm_rerank import lm_loglik
 from pimoe.compute.operand_head import (
-    NONE_SLOT,
     HeadEnsemble,
     OperandHead,
     QuestionNumbers,
     candidates,
     locate_numbers,
 )
+from pimoe.compute.word_compose import composed_problems
 from pimoe.compute.word_grammar import FIRST_ROUND, FRAMES, expand, frame_templates
 from pimoe.compute.word_problems import PATTERNS, TEMPLATES, WordProblem, WordProblemSet
 from pimoe.compute.word_templates import WRITTEN_TEMPLATES, Template
@@ -119,6 +126,21 @@ def cache_questions(runner: LMRunner, problems: list[WordProblem], desc: str) ->
     return out
 
 
+def cached(key: str | None, make: Callable[[], Cached]) -> Cached:
+    """``make()``, saved under ``key`` (and loaded from there when it exists)."""
+    if key and os.path.exists(key):
+        return Cached(**torch.load(key, weights_only=False))
+    out = make()
+    if key:
+        torch.save(vars(out), key)
+    return out
+
+
+def join(*parts: Cached) -> Cached:
+    """The problems of ``parts`` one after the other."""
+    return Cached(*([x for p in parts for x in getattr(p, f)] for f in vars(parts[0])))
+
+
 def layer_slice(features: Tensor, layers: tuple[int, ...]) -> Tensor:
     """The columns of ``layers`` in cached features ``[T, len(CACHED_LAYERS) * H]`` (float32)."""
     width = features.shape[-1] // len(CACHED_LAYERS)
@@ -135,8 +157,7 @@ def head_data(cached: Cached, layers: tuple[int, ...], count: int) -> list[Probl
         raise ValueError(f"only {len(cached.problems)} problems cached, {count} asked for")
     data = []
     for p, f, pos in list(zip(cached.problems, cached.features, cached.positions))[:count]:
-        order = p.operand_order
-        slots = torch.tensor([order[i] if i < len(order) else NONE_SLOT for i in range(len(pos))])
+        slots = operand_slots(p, len(pos))
         empty = torch.zeros(0)
         data.append(ProblemFeatures(empty, empty, layer_slice(f, layers), pos, slots, p.pattern))
     return data
@@ -257,9 +278,13 @@ def main(
     frames: int | None = None,
     only: str | None = None,
     rerank: int | None = None,
+    extra: int = 0,
+    composed: int = 0,
 ) -> None:
     """Cache features, train every variant, print its validation accuracy (or compare the LM
-    rerank of the ``rerank`` best candidates, see the module docstring)."""
+    rerank of the ``rerank`` best candidates, see the module docstring). ``extra`` more problems
+    of the training phrasings and ``composed`` problems of composed phrasings are cached for the
+    variants that train on them (each cached under its own key)."""
     from pimoe.models import load_pretrained
 
     torch.set_num_threads(1)
@@ -269,31 +294,43 @@ def main(
     train_t, val_t = validation_split(problems, settings.shots, seed, frames)
     print(f"{len(train_t)} train phrasings, {len(val_t)} validation phrasings")
     prefix = fewshot_prefix(shot_problems(problems, settings.shots), "answer")
+    runner = functools.cache(lambda: LMRunner(model, tokenizer, prefix, CACHED_LAYERS))
+
+    def train_problems(start: int, count: int) -> list[WordProblem]:
+        return [problems.problem("train", i, templates=train_t) for i in range(start, count)]
+
     key = f"{cache}.{train_count}.{val_count}.{seed}.{frames}.pt" if cache else None
     if key and os.path.exists(key):
         train, val = (Cached(**d) for d in torch.load(key, weights_only=False))
     else:
-        runner = LMRunner(model, tokenizer, prefix, CACHED_LAYERS)
-        train = cache_questions(
-            runner,
-            [problems.problem("train", i, templates=train_t) for i in range(train_count)],
-            "train",
-        )
-        val = cache_questions(
-            runner,
-            [problems.problem("heldout", i, templates=val_t) for i in range(val_count)],
-            "val",
-        )
+        train = cache_questions(runner(), train_problems(0, train_count), "train")
+        val_p = [problems.problem("heldout", i, templates=val_t) for i in range(val_count)]
+        val = cache_questions(runner(), val_p, "val")
         if key:
             torch.save((vars(train), vars(val)), key)
     if rerank:
         rerank_main(train, val, train_count, rerank, settings)
         return
-    for name, layers, count, seeds, s in variants(settings):
-        if only and only not in name:
+    pools = {"train": train}
+    if extra:
+        more = cached(
+            f"{cache}.extra.{train_count}.{extra}.{seed}.{frames}.pt" if cache else None,
+            lambda: cache_questions(
+                runner(), train_problems(train_count, train_count + extra), "extra"
+            ),
+        )
+        pools["extra"] = join(train, more)
+    if composed:
+        comp = cached(
+            f"{cache}.composed.{composed}.pt" if cache else None,
+            lambda: cache_questions(runner(), composed_problems(problems, composed), "composed"),
+        )
+        pools["composed"], pools["composed only"] = join(train, comp), comp
+    for name, layers, pool, count, seeds, s in variants(settings):
+        if (only and only not in name) or pool not in pools:
             continue
         start = time.perf_counter()
-        data = head_data(train, layers, count)
+        data = head_data(pools[pool], layers, count or len(pools[pool].problems))
         heads = [
             train_head(data, data[0].question.shape[-1], replace(s, seed=k), False)[0]
             for k in range(seeds)
@@ -304,20 +341,30 @@ def main(
         print(f"{name:40s} {acc:.3f}  [{per_s}]  {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def variants(
-    s: ChainTrainSettings,
-) -> list[tuple[str, tuple[int, ...], int, int, ChainTrainSettings]]:
-    """(name, layers, training problems, seeds, settings) of every compared variant."""
+Variant = tuple[str, tuple[int, ...], str, int | None, int, ChainTrainSettings]
+
+
+def variants(s: ChainTrainSettings) -> list[Variant]:
+    """(name, layers, pool of training problems, how many of them (``None``: all), seeds, settings)
+    of every compared variant; pools: ``train`` (the ``--train`` problems), ``extra`` (and the
+    ``--extra`` ones), ``composed`` (and the ``--composed`` ones), ``composed only``."""
+    p = (22, 30)
     return [
-        ("baseline 22+30, 192 problems", (22, 30), 192, 1, s),
-        ("ensemble of 5 seeds", (22, 30), 192, 5, s),
-        ("384 problems", (22, 30), 384, 1, s),
-        ("384 problems, ensemble of 5", (22, 30), 384, 5, s),
-        ("layers 18+22+30", (18, 22, 30), 192, 1, s),
-        ("layers 15+22+26+30", (15, 22, 26, 30), 192, 1, s),
-        ("layers 26+30", (26, 30), 192, 1, s),
-        ("400 steps", (22, 30), 192, 1, replace(s, steps=400)),
-        ("hidden 256", (22, 30), 192, 1, replace(s, head_hidden=256)),
+        ("baseline 22+30, 192 problems", p, "train", 192, 1, s),
+        ("ensemble of 5 seeds", p, "train", 192, 5, s),
+        ("384 problems", p, "train", 384, 1, s),
+        ("384 problems, ensemble of 5", p, "train", 384, 5, s),
+        ("layers 18+22+30", (18, 22, 30), "train", 192, 1, s),
+        ("layers 15+22+26+30", (15, 22, 26, 30), "train", 192, 1, s),
+        ("layers 26+30", (26, 30), "train", 192, 1, s),
+        ("400 steps", p, "train", 192, 1, replace(s, steps=400)),
+        ("hidden 256", p, "train", 192, 1, replace(s, head_hidden=256)),
+        ("more problems of the same phrasings", p, "extra", None, 1, s),
+        ("+ composed phrasings", p, "composed", None, 1, s),
+        ("+ composed phrasings, seed 1", p, "composed", None, 1, replace(s, seed=1)),
+        ("+ composed phrasings, seed 2", p, "composed", None, 1, replace(s, seed=2)),
+        ("composed phrasings only", p, "composed only", None, 1, s),
+        ("composed phrasings only, seed 1", p, "composed only", None, 1, replace(s, seed=1)),
     ]
 
 
@@ -330,5 +377,17 @@ if __name__ == "__main__":
     parser.add_argument("--frames", type=int, help="train on the first FRAMES grammar frames only")
     parser.add_argument("--only", help="run only the variants whose name contains this")
     parser.add_argument("--rerank", type=int, help="compare the LM rerank of the K best candidates")
+    parser.add_argument("--extra", type=int, default=0, help="more problems of the same phrasings")
+    parser.add_argument("--composed", type=int, default=0, help="problems of composed phrasings")
     args = parser.parse_args()
-    main(args.train, args.val, args.seed, args.cache, args.frames, args.only, args.rerank)
+    main(
+        args.train,
+        args.val,
+        args.seed,
+        args.cache,
+        args.frames,
+        args.only,
+        args.rerank,
+        args.extra,
+        args.composed,
+    )

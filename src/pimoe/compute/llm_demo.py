@@ -17,6 +17,7 @@ from pimoe.compute.llm_bench import EVAL_OFFSET
 from pimoe.compute.llm_chain import CHAIN_FORMAT, CONFIG_FILE, ComputationChain
 from pimoe.compute.llm_prompts import final_number
 from pimoe.compute.llm_train import ChainTrainSettings, train_chain
+from pimoe.compute.word_compose import composed_templates
 from pimoe.compute.word_problems import TEMPLATES, WordProblemSet
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ def chain_cache_dir(name: str, settings: ChainTrainSettings, fingerprint: str) -
         "model": fingerprint,
         "format": CHAIN_FORMAT,
         "phrasings": [asdict(t) for t in TEMPLATES["train"]],
+        "composed_phrasings": [asdict(t) for t in composed_templates(settings.composed)],
         **asdict(settings),
     }
     return keyed_folder(cache_root() / "chain", name, parts)

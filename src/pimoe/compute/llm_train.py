@@ -38,6 +38,7 @@ from pimoe.compute.operand_head import (
     role,
     summary,
 )
+from pimoe.compute.word_compose import composed_problems
 from pimoe.compute.word_problems import WordProblem, WordProblemSet
 
 if TYPE_CHECKING:
@@ -58,10 +59,11 @@ class ChainTrainSettings:
     router_hidden: int = 64
     head_hidden: int = 128
     own_tokens: int = 12
+    composed: int = 640
     seed: int = 0
 
 
-QUICK_SETTINGS = ChainTrainSettings(problems=192, steps=200)
+QUICK_SETTINGS = ChainTrainSettings(problems=192, steps=200, composed=320)
 
 
 @dataclass
@@ -119,18 +121,31 @@ def problem_features(
     gold_y[target] = 1.0
     runner.rewind(session, len(answer_ids))
     own_x, own_y = own_answer(runner, session, q_logits[-1], question[-1], own_tokens)
-    order = problem.operand_order  # slot of each question number, left to right
-    slots = torch.tensor(
-        [order[i] if i < len(order) else NONE_SLOT for i in range(len(numbers.positions))]
-    )
     return ProblemFeatures(
         torch.cat([gold_x, own_x]),
         torch.cat([gold_y, own_y]),
         question,
         numbers.positions,
-        slots,
+        operand_slots(problem, len(numbers.positions)),
         problem.pattern,
     )
+
+
+def operand_slots(problem: WordProblem, count: int) -> Tensor:
+    """``[count]``: the slot of each of the question's first ``count`` numbers (left to right),
+    ``NONE_SLOT`` for numbers that are no operand."""
+    order = problem.operand_order
+    return torch.tensor([order[i] if i < len(order) else NONE_SLOT for i in range(count)])
+
+
+def question_features(runner: LMRunner, problem: WordProblem) -> ProblemFeatures:
+    """The head's part of :func:`problem_features` only: one LM pass over the question block (no
+    router inputs), for problems that train the text-to-computation head alone."""
+    numbers = locate_numbers(runner.tokenizer, question_block(problem.question))
+    _, question = runner.feed_all(runner.start(), numbers.ids)
+    empty = torch.zeros(0)
+    slots = operand_slots(problem, len(numbers.positions))
+    return ProblemFeatures(empty, empty, question, numbers.positions, slots, problem.pattern)
 
 
 def collect_features(
@@ -216,10 +231,19 @@ def train_chain(
     data = collect_features(
         runner, problems.problems("train", 0, settings.problems), progress, settings.own_tokens
     )
+    composed = [
+        question_features(runner, p)
+        for p in tqdm(
+            composed_problems(problems, settings.composed),
+            desc="LM features, composed",
+            disable=not progress,
+        )
+    ]
     feature_s = time.perf_counter() - start
     router, router_losses = train_router(data, runner.feature_dim, settings, progress)
     router_s = time.perf_counter() - start - feature_s
-    head, head_losses = train_head(data, runner.feature_dim, settings, progress)
+    head_data = data + composed
+    head, head_losses = train_head(head_data, runner.feature_dim, settings, progress)
     head_s = time.perf_counter() - start - feature_s - router_s
     report = {
         "feature_s": round(feature_s, 1),
@@ -229,6 +253,7 @@ def train_chain(
         "router_loss_final": round(router_losses[-1], 4),
         "head_loss_first": round(head_losses[0], 4),
         "head_loss_final": round(head_losses[-1], 4),
+        "head_problems": len(head_data),
         "params_router": sum(p.numel() for p in router.parameters()),
         "params_head": sum(p.numel() for p in head.parameters()),
         "settings": asdict(settings),
