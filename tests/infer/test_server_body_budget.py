@@ -152,3 +152,13 @@ def test_unusable_tls_files_are_a_value_error_naming_them(tmp_path: Path) -> Non
         uvicorn_options(ssl_certfile=tmp_path / "missing.pem", ssl_keyfile=garbage)
     with pytest.raises(ValueError, match="garbage.pem"):
         uvicorn_options(ssl_certfile=garbage, ssl_keyfile=garbage)
+
+
+def test_serve_checks_the_tls_files_before_loading_the_model(tmp_path: Path) -> None:
+    from pimoe.infer.server import serve
+
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    # the model path does not exist either: the TLS error must come first
+    with pytest.raises(ValueError, match="garbage.pem"):
+        serve(tmp_path / "no-model.safetensors", ssl_certfile=garbage, ssl_keyfile=garbage)

@@ -322,6 +322,7 @@ def serve(
 
     if (model_path is None) == (chain is None):
         raise ValueError("serve one model path or one chain folder")
+    options = uvicorn_options(limits, ssl_certfile, ssl_keyfile)  # TLS files checked before loading
     if not is_loopback(host) and api_key is None:
         warnings.warn(
             f"serving on {host}, reachable from other machines, without an API key: anyone who can "
@@ -355,7 +356,7 @@ def serve(
         max_num_batched_tokens=max_num_batched_tokens,
         enable_chunked_prefill=enable_chunked_prefill,
     )
-    uvicorn.run(app, host=host, port=port, **uvicorn_options(limits, ssl_certfile, ssl_keyfile))
+    uvicorn.run(app, host=host, port=port, **options)
 
 
 __all__ = ["InferRequest", "RequestError", "ServedModel", "ServerLimits", "create_app", "serve"]
