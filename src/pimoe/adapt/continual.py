@@ -8,6 +8,7 @@ reservoir sample of earlier examples into each later batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from pimoe.adapt.functional import LossFn, Params, get_loss, run, trainable_params
+from pimoe.adapt.functional import LossFn, Params, check_pair, get_loss, run, trainable_params
 
 
 def fisher_diagonal(
@@ -30,10 +31,9 @@ def fisher_diagonal(
     """Diagonal empirical Fisher: mean over the ``M`` samples of ``x [M, ...]``, ``y [M, ...]`` of
     the squared per-sample gradient. ``vectorize`` computes per-sample gradients with
     ``vmap(grad)`` (modules vmap can trace); otherwise one backward pass per sample (any module)."""
-    if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"need a non-empty x and y of equal length, got {tuple(x.shape)} and {tuple(y.shape)}"
-        )
+    check_pair(x, y)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     loss_fn = get_loss(loss)
     params = {n: p.detach() for n, p in trainable_params(model).items()}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -73,8 +73,8 @@ class EWC:
         loss: str | LossFn = "cross_entropy",
         vectorize: bool = True,
     ) -> None:
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
+        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
         self.lam, self.loss, self.vectorize = lam, loss, vectorize
         self.fisher: Params = {}
         self.anchor: Params = {}
@@ -91,6 +91,12 @@ class EWC:
         params = trainable_params(model)
         if params.keys() != self.anchor.keys():
             raise ValueError("model parameters do not match the ones EWC was consolidated on")
+        for n, p in params.items():
+            if p.shape != self.anchor[n].shape:
+                raise ValueError(
+                    f"parameter {n!r} has shape {tuple(p.shape)}, EWC was consolidated on "
+                    f"{tuple(self.anchor[n].shape)}"
+                )
         terms = [(self.fisher[n] * (p - self.anchor[n]).pow(2)).sum() for n, p in params.items()]
         return 0.5 * self.lam * torch.stack(terms).sum()
 

@@ -6,6 +6,7 @@ the same module with different weights ("fast weights"); the module itself is ne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -14,11 +15,85 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from pimoe.adapt.tasks import Task
+
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Order = Literal["second_order", "first_order", "none"]
 
-LOSSES: dict[str, LossFn] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
+
+def mse(prediction: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error of two tensors of one shape (``F.mse_loss`` would broadcast ``[K, 1]``
+    against ``[K]`` to ``[K, K]`` with only a warning)."""
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"mse needs prediction and target of one shape, got {tuple(prediction.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    return F.mse_loss(prediction, target)
+
+
+LOSSES: dict[str, LossFn] = {"mse": mse, "cross_entropy": F.cross_entropy}
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """``ValueError`` when the float tensor ``t`` holds NaN or infinity (non-floats pass)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or infinity")
+
+
+def check_pair(x: Tensor, y: Tensor, names: tuple[str, str] = ("x", "y")) -> None:
+    """``x [M, ...]`` and ``y [M, ...]``: tensors of one non-zero length, finite where float."""
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"{names[0]} and {names[1]} must be tensors")
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"need a non-empty {names[0]} and {names[1]} of equal length, got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    check_finite(names[0], x)
+    check_finite(names[1], y)
+
+
+def check_tasks(tasks: Task) -> int:
+    """The number ``N >= 1`` of tasks in a batch (``support_x [N, K, ...]`` etc., ``K >= 1``,
+    each ``y`` as long as its ``x``, all finite); ``TypeError``/``ValueError`` naming the field."""
+    if (
+        not isinstance(tasks, tuple)
+        or len(tasks) != 4
+        or not all(isinstance(t, Tensor) for t in tasks)
+    ):
+        raise TypeError("tasks must be a Task of four tensors")
+    if any(t.dim() < 2 for t in tasks) or len({t.shape[0] for t in tasks}) != 1:
+        raise ValueError(
+            f"expected a batch of tasks with a common leading dimension, got shapes "
+            f"{[tuple(t.shape) for t in tasks]}"
+        )
+    if tasks[0].shape[0] == 0:
+        raise ValueError("the batch of tasks is empty")
+    names = Task._fields
+    for i in (0, 2):
+        check_pair(tasks[i][0], tasks[i + 1][0], (names[i], names[i + 1]))
+        if tasks[i].shape[1] != tasks[i + 1].shape[1]:
+            raise ValueError(
+                f"{names[i + 1]} {tuple(tasks[i + 1].shape)} does not match {names[i]} "
+                f"{tuple(tasks[i].shape)}"
+            )
+        check_finite(names[i], tasks[i])
+        check_finite(names[i + 1], tasks[i + 1])
+    for i in (0, 1):
+        if tasks[i].shape[2:] != tasks[i + 2].shape[2:]:
+            raise ValueError(
+                f"support and query sets differ in shape: {names[i]} {tuple(tasks[i].shape)}, "
+                f"{names[i + 2]} {tuple(tasks[i + 2].shape)}"
+            )
+    return int(tasks[0].shape[0])
+
+
+def check_lr(name: str, value: float) -> None:
+    """``ValueError`` unless ``value`` is a finite number > 0."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def get_loss(loss: str | LossFn) -> LossFn:

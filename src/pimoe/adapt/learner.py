@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from pimoe.adapt.functional import LossFn, get_loss
+from pimoe.adapt.functional import LossFn, check_lr, check_pair, get_loss
 from pimoe.adapt.lr import HypergradientLR
 
 
@@ -33,8 +33,9 @@ class AdaptConfig:
     hypergradient_beta: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0:
-            raise ValueError(f"need steps >= 0 and lr > 0, got {self.steps}, {self.lr}")
+        if self.steps < 0:
+            raise ValueError(f"need steps >= 0, got {self.steps}")
+        check_lr("lr", self.lr)
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected 'sgd' or 'adam'")
         get_loss(self.loss)
@@ -51,10 +52,7 @@ class AdaptiveLearning:
         if not isinstance(new_data, (tuple, list)) or len(new_data) != 2:
             raise TypeError("new_data must be a pair (x, y) of tensors")
         x, y = new_data
-        if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"need non-empty x and y of equal length, got {tuple(x.shape)}, {tuple(y.shape)}"
-            )
+        check_pair(x, y)
         cfg = self.config
         adapted = copy.deepcopy(model).train()
         params = [p for p in adapted.parameters() if p.requires_grad]

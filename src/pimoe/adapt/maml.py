@@ -16,7 +16,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from pimoe.adapt.functional import LossFn, Order, Params, get_loss, run, sgd_steps, trainable_params
+from pimoe.adapt.functional import (
+    LossFn,
+    Order,
+    Params,
+    check_lr,
+    check_pair,
+    check_tasks,
+    get_loss,
+    run,
+    sgd_steps,
+    trainable_params,
+)
 from pimoe.adapt.tasks import Task
 
 
@@ -47,10 +58,9 @@ class MAML:
         vectorize: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
-        if inner_lr <= 0 or inner_steps < 1:
-            raise ValueError(
-                f"need inner_lr > 0 and inner_steps >= 1, got {inner_lr}, {inner_steps}"
-            )
+        check_lr("inner_lr", inner_lr)
+        if inner_steps < 1:
+            raise ValueError(f"need inner_steps >= 1, got {inner_steps}")
         norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
         if vectorize and not first_order and any(isinstance(m, norms) for m in model.modules()):
             raise ValueError(
@@ -97,22 +107,21 @@ class MAML:
 
     def meta_loss(self, tasks: Task) -> Tensor:
         """Mean post-adaptation query loss over a batch of tasks (``support_x [N, K, ...]`` etc.),
-        differentiable w.r.t. the model's parameters."""
-        if tasks.support_x.dim() < 2 or any(t.shape[0] != tasks.support_x.shape[0] for t in tasks):
-            raise ValueError(
-                f"expected a batch of tasks with a common leading dimension, got shapes "
-                f"{[tuple(t.shape) for t in tasks]}"
-            )
+        differentiable w.r.t. the model's parameters. ``ValueError``/``TypeError`` on an empty
+        batch, an empty support or query set, ``y`` not as long as its ``x``, or NaN/infinity."""
+        n = check_tasks(tasks)
         params = trainable_params(self.model)
         if self.vectorize:
             return self._vmapped_losses(params, tasks).mean()
-        n = tasks.support_x.shape[0]
         return torch.stack([self.task_loss(params, tasks.task(i)) for i in range(n)]).mean()
 
     def step(self, tasks: Task) -> float:
-        """One meta-update on a batch of tasks; returns the meta-loss before the update."""
+        """One meta-update on a batch of tasks; returns the meta-loss before the update. A
+        non-finite meta-loss is a ``ValueError`` and the model is left as it was."""
         self.optimizer.zero_grad()
         loss = self.meta_loss(tasks)
+        if not bool(torch.isfinite(loss)):
+            raise ValueError(f"the meta-loss is {float(loss)}; the model was not updated")
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
@@ -122,6 +131,9 @@ class MAML:
     ) -> Params:
         """Fast weights after ``steps`` (default ``inner_steps``) SGD steps on ``(x, y)`` from the
         meta-learned initialization; use them with :func:`pimoe.adapt.functional.run`."""
+        check_pair(x, y)
+        if lr is not None:
+            check_lr("lr", lr)
         return sgd_steps(
             self.model,
             trainable_params(self.model),
@@ -129,6 +141,6 @@ class MAML:
             y,
             self.loss_fn,
             self.inner_steps if steps is None else steps,
-            lr or self.inner_lr,
+            self.inner_lr if lr is None else lr,
             "none",
         )

@@ -3,10 +3,20 @@ steps on each task; first-order, no query set needed."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from pimoe.adapt.functional import LossFn, get_loss, run, sgd_steps, trainable_params
+from pimoe.adapt.functional import (
+    LossFn,
+    check_lr,
+    check_tasks,
+    get_loss,
+    run,
+    sgd_steps,
+    trainable_params,
+)
 from pimoe.adapt.tasks import Task
 
 
@@ -31,10 +41,10 @@ class Reptile:
         epsilon: float = 0.1,
         loss: str | LossFn = "mse",
     ) -> None:
-        if inner_lr <= 0 or inner_steps < 1 or not 0 < epsilon <= 1:
+        check_lr("inner_lr", inner_lr)
+        if inner_steps < 1 or not 0 < epsilon <= 1:
             raise ValueError(
-                f"need inner_lr > 0, inner_steps >= 1, 0 < epsilon <= 1; got "
-                f"{inner_lr}, {inner_steps}, {epsilon}"
+                f"need inner_steps >= 1 and 0 < epsilon <= 1, got {inner_steps}, {epsilon}"
             )
         self.model, self.inner_lr, self.inner_steps, self.epsilon = (
             model,
@@ -47,7 +57,10 @@ class Reptile:
     @torch.no_grad()
     def step(self, tasks: Task) -> float:
         """One outer update on a batch of tasks (``support_x [N, K, ...]`` etc.); returns the mean
-        loss of the adapted weights on the task data."""
+        loss of the adapted weights on the task data. ``ValueError``/``TypeError`` on a bad batch
+        (see :func:`~pimoe.adapt.functional.check_tasks`) or a non-finite adapted loss; the model is
+        then left as it was."""
+        check_tasks(tasks)
         params = trainable_params(self.model)
         delta = {n: torch.zeros_like(p) for n, p in params.items()}
         losses = []
@@ -62,6 +75,12 @@ class Reptile:
                 losses.append(float(self.loss_fn(run(self.model, fast, x), y).detach()))
             for n in delta:
                 delta[n] += fast[n] - params[n]
+        if not all(math.isfinite(v) for v in losses) or not all(
+            bool(torch.isfinite(d).all()) for d in delta.values()
+        ):
+            raise ValueError(
+                "an adapted loss or weight is NaN or infinite; the model was not updated"
+            )
         for n, p in params.items():
             p.add_(delta[n], alpha=self.epsilon / len(losses))
         return sum(losses) / len(losses)
