@@ -5,17 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from pimoe import moe
 from pimoe.hf.families import build_tiny
-from pimoe.moe import (
-    LoRAConfig,
-    add_lora,
-    load_lora,
-    lora_modules,
-    merge_and_unload,
-    merge_lora,
-    save_lora,
-    unmerge_lora,
-)
 from pimoe.moe.lora import ExpertLoRA, lora_adapters
 
 # gpt_oss: biases, transposed [E, in, out], interleaved clamped gate (the per-expert path);
@@ -26,8 +17,9 @@ IDS = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(0))
 
 def adapted(family: str, r: int = 4, shared_a: bool = False) -> nn.Module:
     model = build_tiny(family)
-    add_lora(
-        model, LoRAConfig(r=r, lora_alpha=2.0 * r, shared_a=shared_a, target_modules=("q_proj",))
+    moe.add_lora(
+        model,
+        moe.LoRAConfig(r=r, lora_alpha=2.0 * r, shared_a=shared_a, target_modules=("q_proj",)),
     )
     torch.manual_seed(1)
     with torch.no_grad():
@@ -56,9 +48,9 @@ def test_low_rank_training_equals_the_parametrized_weights(
     family: str, r: int, shared_a: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     grouped = []  # projections run by grouped_mm
-    projection = lora_modules._grouped_projection
+    projection = moe.lora_modules._grouped_projection
     monkeypatch.setattr(
-        lora_modules, "_grouped_projection", lambda *a: grouped.append(1) or projection(*a)
+        moe.lora_modules, "_grouped_projection", lambda *a: grouped.append(1) or projection(*a)
     )
     model = adapted(family, r, shared_a)
     assert model.config._experts_implementation == "pimoe"  # add_lora switched it
@@ -75,11 +67,11 @@ def test_low_rank_training_equals_the_parametrized_weights(
         torch.testing.assert_close(
             got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item()
         )
-    merge_lora(model)  # the merged model gives the adapted output
+    moe.merge_lora(model)  # the merged model gives the adapted output
     model.set_experts_implementation("eager")
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, logits, rtol=1e-5, atol=1e-5)
-    unmerge_lora(model)  # and unmerged, the low-rank path trains on again
+    moe.unmerge_lora(model)  # and unmerged, the low-rank path trains on again
     model.set_experts_implementation("pimoe")
     torch.testing.assert_close(loss_and_grads(model, "pimoe")[0], logits, rtol=1e-5, atol=1e-5)
 
@@ -121,14 +113,14 @@ def test_save_load_and_unload(family: str, tmp_path) -> None:
     model = adapted(family)
     with torch.no_grad():
         expected = model(IDS).logits
-    save_lora(model, tmp_path)
+    moe.save_lora(model, tmp_path)
     fresh = build_tiny(family)
     fresh.set_experts_implementation("eager")
-    load_lora(fresh, tmp_path)
+    moe.load_lora(fresh, tmp_path)
     assert fresh.config._experts_implementation == "pimoe"
     with torch.no_grad():
         torch.testing.assert_close(fresh(IDS).logits, expected, rtol=0, atol=1e-6)
-    merge_and_unload(fresh)
+    moe.merge_and_unload(fresh)
     assert fresh.config._experts_implementation == "eager"  # the implementation it had
     assert not any(hasattr(m, "lora_base_experts_implementation") for m in fresh.modules())
     with torch.no_grad():

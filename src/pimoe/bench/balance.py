@@ -25,7 +25,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,11 +36,11 @@ from rich.console import Console
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text
 from pimoe.moe import MoEConfig, update_routing_bias
 from pimoe.moe.model import LMConfig, PiMoELM
-from pimoe.tables import Table
 
 
 @dataclass
@@ -196,17 +196,26 @@ def router_setup(
     return dense, heldout, train_inputs, heldout_inputs, _assignments(dense, train_inputs)
 
 
+def balance_contenders(
+    baseline: bool, switch_coefs: Iterable[float], bias_rates: Iterable[float]
+) -> dict[str, dict[str, Any]]:
+    """``set_balance``/``train_routers`` options by contender name: ``"none"`` (with
+    ``baseline``), ``"switch <coef>"`` (auxiliary loss) and ``"bias u=<rate>"`` (bias updates)."""
+    contenders: dict[str, dict[str, Any]] = {"none": {"balance": "none"}} if baseline else {}
+    for coef in switch_coefs:
+        contenders[f"switch {coef:g}"] = {"balance": "aux_loss", "aux_loss_coef": coef}
+    for rate in bias_rates:
+        contenders[f"bias u={rate:g}"] = {"balance": "bias", "bias_update_rate": rate}
+    return contenders
+
+
 def router_workload(cfg: BalanceBenchConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Fit the routers of the split-upcycled SmolLM2 once per contender; one row per contender."""
     from pimoe.models import train_routers, upcycle
     from pimoe.models.perplexity import perplexity
 
     dense, heldout, train_inputs, heldout_inputs, assignments = router_setup(cfg, progress)
-    contenders: dict[str, dict[str, Any]] = {"none": {"balance": "none"}} if cfg.baseline else {}
-    for coef in cfg.router_switch_coefs:
-        contenders[f"switch {coef:g}"] = {"balance": "aux_loss", "aux_loss_coef": coef}
-    for rate in cfg.router_bias_rates:
-        contenders[f"bias u={rate:g}"] = {"balance": "bias", "bias_update_rate": rate}
+    contenders = balance_contenders(cfg.baseline, cfg.router_switch_coefs, cfg.router_bias_rates)
     rows = []
     for name, options in contenders.items():
         start = time.perf_counter()
@@ -250,20 +259,23 @@ def best_per_method(rows: list[dict[str, Any]], key: str) -> dict[str, str]:
 
 
 def print_lm(rows: list[dict[str, Any]], console: Console) -> None:
-    lm = Table(
-        title="Demo LM (8 experts, top-2): held-out CE and imbalance (max/mean tokens per expert)"
+    columns = ("contender", "held-out CE", "imbalance mean", "imbalance max", "s")
+    print_table(
+        console,
+        "Demo LM (8 experts, top-2): held-out CE and imbalance (max/mean tokens per expert)",
+        columns,
+        (
+            (
+                row["contender"],
+                f"{row['val_loss']:.4f}",
+                f"{row['imbalance_mean']:.3f}",
+                f"{row['imbalance_max']:.3f}",
+                f"{row['seconds']:.0f}",
+            )
+            for row in rows
+        ),
+        left=len(columns),
     )
-    for column in ("contender", "held-out CE", "imbalance mean", "imbalance max", "s"):
-        lm.add_column(column)
-    for row in rows:
-        lm.add_row(
-            row["contender"],
-            f"{row['val_loss']:.4f}",
-            f"{row['imbalance_mean']:.3f}",
-            f"{row['imbalance_max']:.3f}",
-            f"{row['seconds']:.0f}",
-        )
-    console.print(lm)
 
 
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:
@@ -271,10 +283,7 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     if result["lm"]:
         print_lm(result["lm"], console)
     if result.get("routers"):
-        routers = Table(
-            title="SmolLM2 split 8 experts top-4, router training: held-out, mean over layers"
-        )
-        for column in (
+        columns = (
             "contender",
             "imbalance mean",
             "imbalance max",
@@ -282,19 +291,25 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
             "recall",
             "perplexity",
             "s",
-        ):
-            routers.add_column(column)
-        for row in result["routers"]:
-            routers.add_row(
-                row["contender"],
-                f"{row['heldout_imbalance_mean']:.3f}",
-                f"{row['heldout_imbalance_max']:.3f}",
-                f"{row['heldout_rel_error']:.4f}",
-                f"{row['heldout_recall']:.4f}",
-                f"{row['heldout_perplexity']:.2f}",
-                f"{row['seconds']:.0f}",
-            )
-        console.print(routers)
+        )
+        print_table(
+            console,
+            "SmolLM2 split 8 experts top-4, router training: held-out, mean over layers",
+            columns,
+            (
+                (
+                    row["contender"],
+                    f"{row['heldout_imbalance_mean']:.3f}",
+                    f"{row['heldout_imbalance_max']:.3f}",
+                    f"{row['heldout_rel_error']:.4f}",
+                    f"{row['heldout_recall']:.4f}",
+                    f"{row['heldout_perplexity']:.2f}",
+                    f"{row['seconds']:.0f}",
+                )
+                for row in result["routers"]
+            ),
+            left=len(columns),
+        )
     if result.get("finetune"):
         from pimoe.bench.balance_finetune import print_finetune
 

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 
+from pimoe.bench.balance import balance_contenders
+from pimoe.bench.printing import print_table
 from pimoe.moe import attach_bias_update, set_balance
-from pimoe.tables import Table
 
 if TYPE_CHECKING:
     from pimoe.bench.balance import BalanceBenchConfig
@@ -154,11 +155,9 @@ def finetune_workload(cfg: BalanceBenchConfig, progress: bool = True) -> dict[st
     with record_routing(model) as totals:
         start_loss = heldout_loss(model, heldout)
         start_imbalance = _imbalance(list(totals))
-    contenders: dict[str, dict[str, Any]] = {"none": {"balance": "none"}} if cfg.baseline else {}
-    for coef in cfg.finetune_switch_coefs:
-        contenders[f"switch {coef:g}"] = {"balance": "aux_loss", "aux_loss_coef": coef}
-    for rate in cfg.finetune_bias_rates:
-        contenders[f"bias u={rate:g}"] = {"balance": "bias", "bias_update_rate": rate}
+    contenders = balance_contenders(
+        cfg.baseline, cfg.finetune_switch_coefs, cfg.finetune_bias_rates
+    )
     rows = []
     for name, options in contenders.items():
         begin = time.perf_counter()
@@ -176,20 +175,29 @@ def finetune_workload(cfg: BalanceBenchConfig, progress: bool = True) -> dict[st
 
 
 def print_finetune(result: dict[str, Any], console: Console) -> None:
-    table = Table(
-        title="SmolLM2 split 8x top-4, experts + routers fine-tuned: held-out loss (start "
-        f"{result['start_heldout_loss']:.4f}) and imbalance (max/mean tokens per expert)"
+    columns = (
+        "contender",
+        "held-out loss",
+        "perplexity",
+        "train imb. mean / max",
+        "held-out imb. mean / max",
+        "s",
     )
-    columns = ("contender", "held-out loss", "perplexity", "train imb. mean / max")
-    for column in (*columns, "held-out imb. mean / max", "s"):
-        table.add_column(column)
-    for row in result["rows"]:
-        table.add_row(
-            row["contender"],
-            f"{row['heldout_loss']:.4f}",
-            f"{row['heldout_perplexity']:.2f}",
-            f"{row['train_imbalance_mean']:.3f} / {row['train_imbalance_max']:.3f}",
-            f"{row['heldout_imbalance_mean']:.3f} / {row['heldout_imbalance_max']:.3f}",
-            f"{row['seconds']:.0f}",
-        )
-    console.print(table)
+    print_table(
+        console,
+        "SmolLM2 split 8x top-4, experts + routers fine-tuned: held-out loss (start "
+        f"{result['start_heldout_loss']:.4f}) and imbalance (max/mean tokens per expert)",
+        columns,
+        (
+            (
+                row["contender"],
+                f"{row['heldout_loss']:.4f}",
+                f"{row['heldout_perplexity']:.2f}",
+                f"{row['train_imbalance_mean']:.3f} / {row['train_imbalance_max']:.3f}",
+                f"{row['heldout_imbalance_mean']:.3f} / {row['heldout_imbalance_max']:.3f}",
+                f"{row['seconds']:.0f}",
+            )
+            for row in result["rows"]
+        ),
+        left=len(columns),
+    )
