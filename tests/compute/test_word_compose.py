@@ -42,10 +42,9 @@ def test_composed_problems_have_exact_answers_and_numbers_in_slot_order() -> Non
         numbers = re.findall(r"[0-9]+", p.question)
         by_slot = sorted(range(len(numbers)), key=lambda i: p.operand_order[i])
         assert [numbers[i] for i in by_slot] == list(p.operands)
-    # fresh operands: not the ones the training phrasings' problems of the same index draw
-    assert (
-        problems.problem("train", COMPOSED_OFFSET).operands != problems.problem("train", 0).operands
-    )
+    # fresh operands: not those of the training problems with the same index and phrasing
+    first = composed[0]
+    assert first.operands != problems.problem("train", 0, templates=(first.template,)).operands
 
 
 def test_heldout_clauses_never_occur_in_composed_phrasings() -> None:

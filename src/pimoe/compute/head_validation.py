@@ -332,7 +332,7 @@ def main(
         start = time.perf_counter()
         data = head_data(pools[pool], layers, count or len(pools[pool].problems))
         heads = [
-            train_head(data, data[0].question.shape[-1], replace(s, seed=k), False)[0]
+            train_head(data, data[0].question.shape[-1], replace(s, seed=s.seed + k), False)[0]
             for k in range(seeds)
         ]
         model_ = heads[0] if seeds == 1 else HeadEnsemble(heads)
@@ -351,6 +351,8 @@ def variants(s: ChainTrainSettings) -> list[Variant]:
     p = (22, 30)
     return [
         ("baseline 22+30, 192 problems", p, "train", 192, 1, s),
+        ("baseline, seed 1", p, "train", 192, 1, replace(s, seed=1)),
+        ("baseline, seed 2", p, "train", 192, 1, replace(s, seed=2)),
         ("ensemble of 5 seeds", p, "train", 192, 5, s),
         ("384 problems", p, "train", 384, 1, s),
         ("384 problems, ensemble of 5", p, "train", 384, 5, s),
@@ -361,6 +363,7 @@ def variants(s: ChainTrainSettings) -> list[Variant]:
         ("hidden 256", p, "train", 192, 1, replace(s, head_hidden=256)),
         ("more problems of the same phrasings", p, "extra", None, 1, s),
         ("+ composed phrasings", p, "composed", None, 1, s),
+        ("+ the first 160 composed phrasings", p, "composed", 192 + 160, 1, s),
         ("+ composed phrasings, seed 1", p, "composed", None, 1, replace(s, seed=1)),
         ("+ composed phrasings, seed 2", p, "composed", None, 1, replace(s, seed=2)),
         ("composed phrasings only", p, "composed only", None, 1, s),
