@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text
 from pimoe.moe import LoRAConfig, add_lora, merge_lora, save_lora
-from pimoe.tables import Table
 
 
 @dataclass
@@ -293,23 +293,39 @@ def main(
     return result
 
 
-def print_report(result: dict[str, Any], console: Console | None = None) -> None:
-    table = Table(
-        title=f"SmolLM2 split 8x top-4, {result['config']['steps']} steps: held-out loss "
-        f"(before {result['heldout_loss_before']:.4f} nats/token)"
+def memory_cells(run: dict[str, Any]) -> tuple[str, str]:
+    """A training run's gradient + AdamW state MB and peak RSS above setup MB (``-`` when not
+    measured), as printed in the tables."""
+    peak = run["memory"].get("training_peak_above_bytes")
+    return (
+        f"{(run['grad_bytes'] + run['optimizer_state_bytes']) / 1e6:,.1f}",
+        "-" if peak is None else f"{peak / 1e6:,.0f}",
     )
-    columns = ("run", "trainable params", "held-out loss after", "step s (median)")
-    for column in (*columns, "grads + AdamW state MB", "training peak RSS above setup MB"):
-        table.add_column(column)
-    for name in ("lora", "full"):
-        row = result[name]
-        peak = row["memory"].get("training_peak_above_bytes")
-        table.add_row(
-            name,
-            f"{row['trainable_params']:,}",
-            f"{row['heldout_loss_after']:.4f}",
-            f"{row['step_s_median']:.2f}",
-            f"{(row['grad_bytes'] + row['optimizer_state_bytes']) / 1e6:,.1f}",
-            "-" if peak is None else f"{peak / 1e6:,.0f}",
-        )
-    (console or Console()).print(table)
+
+
+def print_report(result: dict[str, Any], console: Console | None = None) -> None:
+    columns = (
+        "run",
+        "trainable params",
+        "held-out loss after",
+        "step s (median)",
+        "grads + AdamW state MB",
+        "training peak RSS above setup MB",
+    )
+    print_table(
+        console or Console(),
+        f"SmolLM2 split 8x top-4, {result['config']['steps']} steps: held-out loss "
+        f"(before {result['heldout_loss_before']:.4f} nats/token)",
+        columns,
+        (
+            (
+                name,
+                f"{result[name]['trainable_params']:,}",
+                f"{result[name]['heldout_loss_after']:.4f}",
+                f"{result[name]['step_s_median']:.2f}",
+                *memory_cells(result[name]),
+            )
+            for name in ("lora", "full")
+        ),
+        left=len(columns),
+    )

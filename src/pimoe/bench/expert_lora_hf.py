@@ -39,11 +39,12 @@ from pimoe.bench.expert_lora import (
     ExpertLoRABenchConfig,
     finetune,
     in_fresh_process,
+    memory_cells,
     training_memory,
 )
+from pimoe.bench.printing import print_table
 from pimoe.bench.timing import run_header
 from pimoe.io import atomic_write_text
-from pimoe.tables import Table
 
 # config overrides of pimoe.hf.families.build_tiny: a medium size (about 50M expert parameters)
 SHAPES: dict[str, dict[str, Any]] = {
@@ -179,20 +180,30 @@ def main(
 
 
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:
-    table = Table(title=f"LoRA on transformers experts, {result['config']['steps']} steps each")
-    columns = ("family", "run", "trainable params", "step s (median)", "vs full")
-    for column in (*columns, "grads + AdamW MB", "training peak RSS above setup MB"):
-        table.add_column(column)
-    for family, row in result["families"].items():
-        for run in RUNS:
-            peak = row[run]["memory"].get("training_peak_above_bytes")
-            table.add_row(
+    columns = (
+        "family",
+        "run",
+        "trainable params",
+        "step s (median)",
+        "vs full",
+        "grads + AdamW MB",
+        "training peak RSS above setup MB",
+    )
+    print_table(
+        console or Console(),
+        f"LoRA on transformers experts, {result['config']['steps']} steps each",
+        columns,
+        (
+            (
                 family,
                 run,
                 f"{row['trainable_params'][run]:,}",
                 f"{row[run]['step_s_median']:.3f}",
                 f"{row['step_time_vs_full'][run]:.2f}x",
-                f"{(row[run]['grad_bytes'] + row[run]['optimizer_state_bytes']) / 1e6:,.1f}",
-                "-" if peak is None else f"{peak / 1e6:,.0f}",
+                *memory_cells(row[run]),
             )
-    (console or Console()).print(table)
+            for family, row in result["families"].items()
+            for run in RUNS
+        ),
+        left=len(columns),
+    )
