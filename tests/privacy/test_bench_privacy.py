@@ -45,3 +45,20 @@ def test_cli_bench_privacy_passes_its_options_to_main(
     )
     assert result.exit_code == 0, result.output
     assert calls == [{"quick": True, "json_path": tmp_path / "p.json"}]
+
+
+def test_dp_models_runs_both_models_under_one_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pimoe.bench import privacy
+
+    seen: list[tuple[str, str, int, float | None, int]] = []
+
+    def fake_run(cfg: PrivacyBenchConfig, target: float | None, seed: int) -> dict:
+        seen.append((cfg.model, cfg.accountant, cfg.epochs, target, seed))
+        return {"accuracy": 0.5}
+
+    monkeypatch.setattr(privacy, "dp_run", fake_run)
+    result = privacy.dp_models(epsilon_target=3.0, epochs=4, seed=2)
+    assert seen == [("mlp", "rdp", 4, 3.0, 2), ("moe", "rdp", 4, 3.0, 2)]
+    assert set(result["runs"]) == {"mlp", "moe"} and result["config"]["epochs"] == 4
+    assert len(result["load_average_before"]) == 3 and result["process_cpu_seconds"] >= 0
+    json.dumps(result)
