@@ -9,6 +9,8 @@ Every handler works in place on the whole model, honours ``ctx.filter_fn`` (thro
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.ao.nn.quantized.dynamic as nnqd
@@ -25,6 +27,7 @@ from pimoe.compress.prune import magnitude_prune
 from pimoe.compress.quantize import quantize_dynamic_int8, quiet_torch_ao
 from pimoe.compress.quantize_experts import quantize_experts_int8
 from pimoe.compress.structured import (
+    Changes,
     drop_experts_everywhere,
     merge_experts_everywhere,
     prune_attention_heads_noted,
@@ -173,14 +176,24 @@ def _magnitude_prune(
     return f"{config.scope} magnitude pruning {config.amount:.0%}"
 
 
-@register_compress_handler(configs.NeuronPruneConfig)
-def _neuron_prune(model: nn.Module, config: configs.NeuronPruneConfig, ctx: StepContext) -> str:
-    return _joined(*prune_neurons(model, config.amount, ctx.skip_names(model)))
+def _structural(
+    change: Callable[[nn.Module, Any, list[str]], Changes], setting: Callable[[Any], Any]
+) -> Callable[[nn.Module, Any, StepContext], str]:
+    """The handler running a structural pass of :mod:`pimoe.compress.structured`,
+    ``change(model, setting(config), skipped names)``, and noting what it changed and skipped."""
+
+    def handler(model: nn.Module, config: Any, ctx: StepContext) -> str:
+        return _joined(*change(model, setting(config), ctx.skip_names(model)))
+
+    return handler
 
 
-@register_compress_handler(configs.HeadPruneConfig)
-def _head_prune(model: nn.Module, config: configs.HeadPruneConfig, ctx: StepContext) -> str:
-    return _joined(*prune_attention_heads_noted(model, config.amount, ctx.skip_names(model)))
+register_compress_handler(configs.NeuronPruneConfig)(
+    _structural(prune_neurons, lambda config: config.amount)
+)
+register_compress_handler(configs.HeadPruneConfig)(
+    _structural(prune_attention_heads_noted, lambda config: config.amount)
+)
 
 
 @register_compress_handler(configs.ConvChannelPruneConfig)
@@ -190,14 +203,12 @@ def _conv_channel_prune(
     return _joined(prune_sequential_convs(model, config.amount, ctx.skip_names(model)), [])
 
 
-@register_compress_handler(configs.ExpertDropConfig)
-def _expert_drop(model: nn.Module, config: configs.ExpertDropConfig, ctx: StepContext) -> str:
-    return _joined(*drop_experts_everywhere(model, config.amount, ctx.skip_names(model)))
-
-
-@register_compress_handler(configs.ExpertMergeConfig)
-def _expert_merge(model: nn.Module, config: configs.ExpertMergeConfig, ctx: StepContext) -> str:
-    return _joined(*merge_experts_everywhere(model, config.num_experts, ctx.skip_names(model)))
+register_compress_handler(configs.ExpertDropConfig)(
+    _structural(drop_experts_everywhere, lambda config: config.amount)
+)
+register_compress_handler(configs.ExpertMergeConfig)(
+    _structural(merge_experts_everywhere, lambda config: config.num_experts)
+)
 
 
 @register_compress_handler(configs.DistillConfig)
