@@ -90,7 +90,7 @@ def plan_dispatch(
     flat = indices.reshape(-1)  # [N]
     if mask is not None:
         flat = flat.masked_fill(~mask.reshape(-1), num_experts)  # dropped assignments sort last
-    order = flat.argsort(stable=True)  # [N]
+    expert_sorted, order = flat.sort(stable=True)  # [N], [N]
     counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # [E]
     splits = counts.tolist()
     executed = sum(splits)
@@ -103,11 +103,16 @@ def plan_dispatch(
     )
     position = torch.arange(executed, device=indices.device)
     if pad:
-        # row of the p-th sorted assignment of expert e: e * capacity + (p - start of e)
-        starts = counts.cumsum(0) - counts
-        shift = torch.arange(num_experts, device=indices.device) * capacity - starts  # [E]
-        expert_sorted = torch.repeat_interleave(counts, output_size=executed)
-        rows_of_sorted = position + shift[expert_sorted]
+        # row of the p-th sorted assignment of expert e: e * capacity + (p - start of e); the
+        # shifts come from the host-side splits and the sort's values (no repeat_interleave,
+        # cumsum or arange: on 2 busy threads each small parallel op can wait for a
+        # descheduled thread)
+        shift, start = [], 0
+        for e, n in enumerate(splits):
+            shift.append(e * capacity - start)
+            start += n
+        shift_of = torch.tensor(shift, dtype=torch.long, device=indices.device)  # [E]
+        rows_of_sorted = position + shift_of.index_select(0, expert_sorted[:executed])
         num_rows = num_experts * capacity
         token_rows = torch.zeros(num_rows, dtype=torch.long, device=indices.device)
         token_rows.scatter_(0, rows_of_sorted, order // k)
