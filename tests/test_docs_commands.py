@@ -68,7 +68,10 @@ def parse(args: list[str]) -> None:
 
 def test_commands_were_found() -> None:
     assert len(ALL) > 100
-    assert ("federated.md", "pimoe federate --backend inprocess --he --json he.json") in ALL
+    assert (
+        "federated.md",
+        "pimoe federate --backend inprocess --he --json docs/results/federate_he.json",
+    ) in ALL
 
 
 @pytest.mark.parametrize(("doc", "command"), ALL, ids=[f"{d}:{c[:60]}" for d, c in ALL])
@@ -114,7 +117,7 @@ def test_results_named_in_docs_exist() -> None:
         f"{doc.name}: {name}"
         for doc in DOCS
         for name in re.findall(
-            r"(?<![\w/])(?:docs/)?results/[\w./-]+\.(?:json|png)", doc.read_text()
+            r"(?<![\w/])(?:docs/)?results/[\w./-]+\.(?:jsonl|json|png)", doc.read_text()
         )
         if not (ROOT / "docs" / name.removeprefix("docs/")).is_file()
     ]
