@@ -7,13 +7,38 @@ import threading
 import time
 
 import httpx
+import torch
 import uvicorn
+
+from pimoe.moe.config import MoEConfig
+from pimoe.moe.model import LMConfig, PiMoELM
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_lm() -> PiMoELM:
+    """The seeded 1-layer PiMoELM (block 16, d_model 16, 2 experts top-1) the server tests serve."""
+    torch.manual_seed(0)
+    return PiMoELM(
+        LMConfig(
+            block_size=16,
+            n_layer=1,
+            n_head=2,
+            d_model=16,
+            moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=16),
+        )
+    )
+
+
+def connect(port: int) -> socket.socket:
+    """A raw loopback connection to ``port`` (Nagle off), for requests no HTTP client would send."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class LiveServer:

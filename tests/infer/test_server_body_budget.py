@@ -9,19 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from live_server import LiveServer
+from live_server import LiveServer, connect, tiny_lm
 
 from pimoe.infer.security import RequestGuard, ServerLimits, uvicorn_options
 from pimoe.infer.server import create_app
-from pimoe.moe.config import MoEConfig
-from pimoe.moe.model import LMConfig, PiMoELM
 
 MAX_BODY = 64 * 1024
 BUDGET = 2 * MAX_BODY
@@ -31,16 +28,7 @@ REQUEST = b'{"model": "lm", "token_ids": [1, 2, 3]}'
 
 
 def _app() -> object:
-    torch.manual_seed(0)
-    lm = PiMoELM(
-        LMConfig(
-            block_size=16,
-            n_layer=1,
-            n_head=2,
-            d_model=16,
-            moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=16),
-        )
-    )
+    lm = tiny_lm()
     return create_app(
         {"lm": lm},
         max_body_bytes=MAX_BODY,
@@ -48,12 +36,6 @@ def _app() -> object:
         body_timeout_s=BODY_TIMEOUT,
         max_wait_ms=0,
     )
-
-
-def _connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
 
 
 def _head(length: bytes | None) -> bytes:
@@ -80,7 +62,7 @@ def test_a_padded_content_length_over_the_limit_is_413_at_once(length: bytes) ->
     """Optional whitespace around the value (RFC 9110) is not a reason to wait: before, trailing
     spaces hid the declared size and the client got a 408 after the body deadline."""
     server = LiveServer(_app(), **uvicorn_options(LIMITS))
-    with server, _connect(server.port) as sock:
+    with server, connect(server.port) as sock:
         sock.sendall(_head(length) + b"{")
         status, data, took = _answer(sock, BODY_TIMEOUT + 2)
     assert status == 413 and b"99999999 bytes exceeds" in data, data[:300]
@@ -94,17 +76,17 @@ def test_bodies_held_at_once_are_bounded_by_the_budget() -> None:
     ``limit_concurrency`` could hold ``max_body_bytes``, 4 GiB at the defaults)."""
     server = LiveServer(_app(), **uvicorn_options(LIMITS))
     with server as client:
-        slow = [_connect(server.port) for _ in range(2)]
+        slow = [connect(server.port) for _ in range(2)]
         try:
             for sock in slow:
                 sock.sendall(_head(str(MAX_BODY).encode()) + b'{"model"')
             time.sleep(0.2)
-            with _connect(server.port) as third:
+            with connect(server.port) as third:
                 third.sendall(_head(str(len(REQUEST)).encode()))  # headers only: no body yet
                 status, data, took = _answer(third, 1.0)
             assert status == 503 and b'"code":"body_budget"' in data and took < 0.5, data[:300]
             assert b"request bodies" in data
-            with _connect(server.port) as chunked:
+            with connect(server.port) as chunked:
                 chunked.sendall(_head(None) + b"%x\r\n%s\r\n" % (len(REQUEST), REQUEST))
                 status, data, _ = _answer(chunked, 1.0)
             assert status == 503, data[:300]

@@ -12,18 +12,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from live_server import LiveServer  # noqa: E402
+from live_server import LiveServer, connect, tiny_lm  # noqa: E402
 
 from pimoe.infer.security import ServerLimits, uvicorn_options  # noqa: E402
 from pimoe.infer.server import create_app  # noqa: E402
-from pimoe.moe.config import MoEConfig  # noqa: E402
-from pimoe.moe.model import LMConfig, PiMoELM  # noqa: E402
 
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT = 1.0
@@ -38,16 +35,7 @@ REQUEST = b'{"model": "lm", "token_ids": [1, 2, 3]}'
 
 
 def _app(body_timeout_s: float = BODY_TIMEOUT) -> object:
-    torch.manual_seed(0)
-    lm = PiMoELM(
-        LMConfig(
-            block_size=16,
-            n_layer=1,
-            n_head=2,
-            d_model=16,
-            moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=16),
-        )
-    )
+    lm = tiny_lm()
     return create_app(
         {"lm": lm}, max_body_bytes=MAX_BODY, body_timeout_s=body_timeout_s, max_wait_ms=0
     )
@@ -58,12 +46,6 @@ def live() -> Iterator[LiveServer]:
     server = LiveServer(_app(), **uvicorn_options(LIMITS))
     with server:
         yield server
-
-
-def _connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
 
 
 def _head(length: int | None = None, path: str = "/v1/infer") -> bytes:
@@ -95,7 +77,7 @@ def _status(data: bytes) -> int:
 def test_a_chunked_body_over_the_limit_is_413_before_it_ends(live: LiveServer) -> None:
     """The client sends just over the limit in chunks and never ends the body: counting while
     reading answers at once (before: the server waited for the end, buffering all of it)."""
-    with _connect(live.port) as sock:
+    with connect(live.port) as sock:
         sock.sendall(_head())
         chunk = b"x" * 4096
         for _ in range(MAX_BODY // len(chunk) + 1):
@@ -116,7 +98,7 @@ def test_a_chunked_body_within_the_limit_is_served(live: LiveServer) -> None:
 
 
 def test_a_partial_body_is_answered_408_and_closed(live: LiveServer) -> None:
-    with _connect(live.port) as sock:
+    with connect(live.port) as sock:
         sock.sendall(_head(len(REQUEST)) + REQUEST[:10])
         start = time.monotonic()
         data, closed = _read_until_closed(sock, BODY_TIMEOUT + 3)
@@ -128,7 +110,7 @@ def test_a_partial_body_is_answered_408_and_closed(live: LiveServer) -> None:
 def test_trickled_headers_are_cut_off(live: LiveServer) -> None:
     """One header byte every 0.2 s keeps uvicorn's keep-alive timer from firing; the header
     deadline closes the connection anyway."""
-    with _connect(live.port) as sock:
+    with connect(live.port) as sock:
         start = time.monotonic()
         sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
         closed = False
@@ -143,7 +125,7 @@ def test_trickled_headers_are_cut_off(live: LiveServer) -> None:
 
 
 def test_an_idle_connection_and_oversized_headers_are_closed(live: LiveServer) -> None:
-    with _connect(live.port) as idle, _connect(live.port) as big:
+    with connect(live.port) as idle, connect(live.port) as big:
         big.sendall(
             b"GET /healthz HTTP/1.1\r\n" + b"x-filler: " + b"a" * (LIMITS.max_header_bytes + 100)
         )
@@ -155,7 +137,7 @@ def test_an_idle_connection_and_oversized_headers_are_closed(live: LiveServer) -
 
 def test_keep_alive_connection_is_closed_when_idle(live: LiveServer) -> None:
     """Closed after the keep-alive timeout (0.3 s), well before the header deadline (1 s)."""
-    with _connect(live.port) as sock:
+    with connect(live.port) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         start = time.monotonic()
         data, closed = _read_until_closed(sock, LIMITS.header_timeout_s + 2)
@@ -171,7 +153,7 @@ def test_slow_clients_do_not_deny_service() -> None:
     A server of its own, so that no other test's connection counts against the limit."""
     server = LiveServer(_app(), **uvicorn_options(LIMITS))
     with server as client:
-        slow = [_connect(server.port) for _ in range(LIMITS.limit_concurrency or 0)]
+        slow = [connect(server.port) for _ in range(LIMITS.limit_concurrency or 0)]
         try:
             for sock in slow:
                 sock.sendall(_head(len(REQUEST)) + REQUEST[:5])
@@ -208,7 +190,7 @@ def test_a_partial_body_does_not_block_shutdown(graceful: bool) -> None:
     if not graceful:
         options["timeout_graceful_shutdown"] = None
     server = LiveServer(_app(body_timeout_s=60), **options)
-    with server, _connect(server.port) as sock:
+    with server, connect(server.port) as sock:
         sock.sendall(_head(len(REQUEST)) + REQUEST[:5])
         time.sleep(0.2)
         start = time.monotonic()
@@ -230,16 +212,7 @@ def served_process(
 ) -> Iterator[tuple[subprocess.Popen, int]]:
     """``pimoe serve`` in a child process (real signals, real RSS) with an API key from the environment."""
     path = tmp_path_factory.mktemp("proc") / "lm.safetensors"
-    torch.manual_seed(0)
-    PiMoELM(
-        LMConfig(
-            block_size=16,
-            n_layer=1,
-            n_head=2,
-            d_model=16,
-            moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=16),
-        )
-    ).save(path)
+    tiny_lm().save(path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -294,7 +267,7 @@ def test_a_50mb_chunked_body_does_not_grow_the_server(
     proc, port = served_process
     before = _rss_kib(proc.pid)
     sent = 0
-    with _connect(port) as sock:
+    with connect(port) as sock:
         sock.sendall(_head().replace(b"host: x\r\n", b"host: x\r\nauthorization: Bearer k\r\n"))
         chunk = b"x" * 65536
         try:
@@ -315,7 +288,7 @@ def test_sigterm_with_a_half_sent_body_exits_within_the_deadline(
 ) -> None:
     """The measured defect: one partial body blocked SIGTERM shutdown for ever."""
     proc, port = served_process
-    with _connect(port) as sock:
+    with connect(port) as sock:
         sock.sendall(
             _head(len(REQUEST)).replace(b"host: x\r\n", b"host: x\r\nauthorization: Bearer k\r\n")
             + REQUEST[:5]

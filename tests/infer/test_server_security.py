@@ -19,36 +19,21 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from live_server import LiveServer  # noqa: E402
+from live_server import LiveServer, tiny_lm  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from pimoe.cli import app as cli_app  # noqa: E402
 from pimoe.infer import server as server_module  # noqa: E402
 from pimoe.infer.security import uvicorn_options  # noqa: E402
 from pimoe.infer.server import ServedModel, create_app  # noqa: E402
-from pimoe.moe.config import MoEConfig  # noqa: E402
-from pimoe.moe.model import LMConfig, PiMoELM  # noqa: E402
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def _lm() -> PiMoELM:
-    torch.manual_seed(0)
-    return PiMoELM(
-        LMConfig(
-            block_size=16,
-            n_layer=1,
-            n_head=2,
-            d_model=16,
-            moe=MoEConfig(num_experts=2, top_k=1, ffn_dim=16),
-        )
-    )
-
-
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:
-    with TestClient(create_app({"lm": _lm()}, api_key=KEY, max_wait_ms=0)) as c:
+    with TestClient(create_app({"lm": tiny_lm()}, api_key=KEY, max_wait_ms=0)) as c:
         yield c
 
 
@@ -128,10 +113,10 @@ def test_unauthenticated_body_is_never_read(client: TestClient) -> None:
 
 
 def test_docs_are_off_unless_asked_for() -> None:
-    with TestClient(create_app({"lm": _lm()})) as c:
+    with TestClient(create_app({"lm": tiny_lm()})) as c:
         for path in ("/docs", "/redoc", "/openapi.json"):
             _assert_error(c.get(path), 404)
-    with TestClient(create_app({"lm": _lm()}, docs=True, api_key=KEY)) as c:
+    with TestClient(create_app({"lm": tiny_lm()}, docs=True, api_key=KEY)) as c:
         assert c.get("/docs").status_code == 200 and c.get("/redoc").status_code == 200
         assert "/v1/infer" in c.get("/openapi.json").json()["paths"]
         _assert_error(c.post("/v1/infer", json={"model": "lm", "token_ids": [1]}), 401)
@@ -139,7 +124,7 @@ def test_docs_are_off_unless_asked_for() -> None:
 
 def test_create_app_rejects_an_empty_key() -> None:
     with pytest.raises(ValueError, match="api_key is empty"):
-        create_app({"lm": _lm()}, api_key=" ")
+        create_app({"lm": tiny_lm()}, api_key=" ")
 
 
 def test_every_error_has_one_shape_and_every_answer_is_counted(client: TestClient) -> None:
@@ -173,7 +158,7 @@ def test_every_error_has_one_shape_and_every_answer_is_counted(client: TestClien
 
 
 def test_an_exception_escaping_a_route_is_a_counted_500_in_the_shape() -> None:
-    app = create_app({"lm": _lm()})
+    app = create_app({"lm": tiny_lm()})
 
     @app.get("/v1/broken")
     async def broken() -> None:
@@ -263,7 +248,7 @@ def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
     pytest.importorskip("cryptography")
     cert, key = _self_signed(tmp_path)
     trust = ssl.create_default_context(cafile=str(cert))
-    app = create_app({"lm": _lm()}, api_key=KEY)
+    app = create_app({"lm": tiny_lm()}, api_key=KEY)
     live = LiveServer(app, verify=trust, **uvicorn_options(ssl_certfile=cert, ssl_keyfile=key))
     with live as client:
         assert client.get("/healthz").json()["status"] == "ok"
@@ -286,7 +271,7 @@ def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
 @pytest.fixture
 def lm_file(tmp_path: Path) -> Path:
     path = tmp_path / "lm.safetensors"
-    _lm().save(path)
+    tiny_lm().save(path)
     return path
 
 
@@ -371,7 +356,7 @@ def _poison(module: nn.Module) -> None:
 
 
 def test_nan_weights_are_refused_at_load(lm_file: Path, tmp_path: Path) -> None:
-    lm = _lm()
+    lm = tiny_lm()
     _poison(lm)
     with pytest.raises(ValueError, match="NaN or infinite weights"):
         create_app({"lm": lm})
