@@ -10,7 +10,6 @@ within each round. Prints time / dense limit per contender.
     python benchmarks/moe_expert_major.py --tokens 1024 2048 16384 --rounds 3
 """
 
-import argparse
 from collections.abc import Callable
 
 import torch
@@ -35,19 +34,10 @@ def gathered(step: Callable[[], object]) -> Callable[[], None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 16384])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    cfg = moe_layer.MoEBenchConfig(threads=args.threads)
-    print(f"{args.threads} threads, 1-min load {load_average():.1f}")
-    for name, shape in moe_layer.SHAPES.items():
-        layers = moe_layer._contenders(cfg, shape)
+    args, shapes = moe_layer.script_shapes(__doc__.splitlines()[0], [1024, 2048, 16384], 3)
+    for name, shape, layers in shapes:
         for tokens in args.tokens:
-            x = torch.randn(1, tokens, cfg.d_model)
+            x = torch.randn(1, tokens, moe_layer.MoEBenchConfig.d_model)
             chosen = layers["pimoe"].experts.runs_expert_major(tokens * shape[1])
             steps = {key: moe_layer._step(m, x, False, []) for key, m in layers.items()}
             fns = {

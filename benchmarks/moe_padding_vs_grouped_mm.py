@@ -1,23 +1,25 @@
-"""Which kernel PiMoE's default experts should use: padded batched matmuls or grouped_mm.
+"""Which kernel PiMoE's default experts should use: padded batched matmuls, the threaded
+experts kernel or grouped_mm.
 
 The same PiMoE layer (the shapes, weights and routing of `pimoe bench moe`) runs once with the
 dispatcher padding every expert to the largest expert's row count, whatever that wastes (two
-batched matmuls), and once on the exact rows (`torch.nn.functional.grouped_mm`), next to HF's
-grouped_mm block and the dense limit, the four interleaved within each round. Prints time /
+batched matmuls), once on the exact rows with the threaded experts kernel
+(`pimoe.moe.threaded`, whole experts per thread) and once on the exact rows with
+`torch.nn.functional.grouped_mm`, next to HF's grouped_mm block and the dense limit, the five
+interleaved within each round. Prints time /
 dense limit per contender, the padding (padded rows / routed rows) and what the dispatcher's
 rule (`StackedExperts.pad_limit`) picks for that call.
 
     python benchmarks/moe_padding_vs_grouped_mm.py --tokens 128 512 --rounds 15
 """
 
-import argparse
 from collections.abc import Callable
 
 import torch
 
 from pimoe.bench import moe_layer
 from pimoe.bench.timing import interleaved_medians, load_average
-from pimoe.moe import dispatch
+from pimoe.moe import dispatch, threaded
 from pimoe.moe.experts import StackedExperts
 
 
@@ -38,21 +40,29 @@ def with_pad_limit(limit: float | None, step: Callable[[], object]) -> Callable[
     return run
 
 
+def without_threaded_kernel(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` run as if the threaded experts kernel could not be built (``grouped_mm`` runs
+    the exact rows instead)."""
+
+    def run() -> None:
+        state = dict(threaded._state)
+        threaded._state["module"] = None
+        try:
+            step()
+        finally:
+            threaded._state.clear()
+            threaded._state.update(state)
+
+    return run
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    cfg = moe_layer.MoEBenchConfig(threads=args.threads)
-    print(f"{args.threads} threads, 1-min load {load_average():.1f}")
-    for name, shape in moe_layer.SHAPES.items():
-        layers = moe_layer._contenders(cfg, shape)
+    args, shapes = moe_layer.script_shapes(__doc__.splitlines()[0], [128, 512], 15)
+    print(f"threaded experts kernel: {threaded.threaded_kernel() is not None}")
+    for name, shape, layers in shapes:
         pimoe = layers["pimoe"]
         for tokens in args.tokens:
-            x = torch.randn(1, tokens, cfg.d_model)
+            x = torch.randn(1, tokens, moe_layer.MoEBenchConfig.d_model)
             with torch.no_grad():
                 counts = torch.bincount(pimoe.router(x[0]).indices.flatten(), minlength=shape[0])
             padding = shape[0] * counts.max().item() / counts.sum().item()
@@ -70,7 +80,10 @@ def main() -> None:
                 fns = {
                     "dense": steps["dense"],
                     "pimoe padded": with_pad_limit(float("inf"), steps["pimoe"]),
-                    "pimoe grouped_mm": with_pad_limit(None, steps["pimoe"]),
+                    "pimoe threaded": with_pad_limit(None, steps["pimoe"]),
+                    "pimoe grouped_mm": without_threaded_kernel(
+                        with_pad_limit(None, steps["pimoe"])
+                    ),
                     "HF grouped_mm": steps["hf_grouped_mm"],
                 }
                 times = interleaved_medians(fns, args.rounds)

@@ -20,8 +20,9 @@ layer costs relative to the dense limit if it overlaps none of that traffic with
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from pimoe.bench.timing import geomean, interleaved_medians, load_average, run_h
 from pimoe.io import atomic_write_text
 from pimoe.models.progress import Progress
 from pimoe.moe import PiMoE, SwiGLU
+from pimoe.moe.threaded import threaded_kernel
 from pimoe.tables import Table
 
 # name -> (experts, top_k, expert width)
@@ -122,6 +124,25 @@ def _contenders(cfg: MoEBenchConfig, shape: tuple[int, int, int]) -> dict[str, n
     }
 
 
+def script_shapes(
+    description: str, tokens: list[int], rounds: int
+) -> tuple[argparse.Namespace, Iterator[tuple[str, tuple[int, int, int], dict[str, nn.Module]]]]:
+    """Set up a comparison script of ``benchmarks/``: parse ``--tokens``, ``--rounds``,
+    ``--threads`` (defaults ``tokens``, ``rounds``, 2), seed, set torch's threads, print the
+    load, and return the arguments with an iterator of ``(shape name, shape, contenders)`` over
+    :data:`SHAPES` (the contenders of :func:`_contenders`, built when reached)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tokens", type=int, nargs="+", default=tokens)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    cfg = MoEBenchConfig(threads=args.threads)
+    print(f"{args.threads} threads, 1-min load {load_average():.1f}")
+    return args, ((name, shape, _contenders(cfg, shape)) for name, shape in SHAPES.items())
+
+
 def _measure_shape(
     cfg: MoEBenchConfig, name: str, progress: Progress
 ) -> tuple[list[dict[str, Any]], float]:
@@ -174,7 +195,8 @@ def run(cfg: MoEBenchConfig, console: Console | None = None) -> dict[str, Any]:
     Headline keys: ``pimoe_vs_dense_512`` (per shape and mode, the 1.25x target),
     ``worst_pimoe_vs_best_hf`` (the largest pimoe / best-HF ratio over every row; <= 1 means
     never slower than the better HF backend), ``load_start`` / ``load_end`` (1-minute load);
-    each row also has ``weight_stream_ms`` and ``floor_vs_dense`` (see the module docstring).
+    each row also has ``weight_stream_ms`` and ``floor_vs_dense`` (see the module docstring);
+    ``threaded_experts_kernel``: whether :mod:`pimoe.moe.threaded` was available to PiMoE.
     """
     console = console or Console()
     unknown = sorted(set(cfg.shapes) - set(SHAPES))
@@ -200,6 +222,7 @@ def run(cfg: MoEBenchConfig, console: Console | None = None) -> dict[str, Any]:
         "worst_pimoe_vs_best_hf": max(r["pimoe_vs_best_hf"] for r in rows),
         "geomean_pimoe_vs_best_hf": geomean([r["pimoe_vs_best_hf"] for r in rows]),
         "max_abs_diff_vs_hf": max_diff,
+        "threaded_experts_kernel": threaded_kernel() is not None,
         "load_start": load_start,
         "load_end": load_average(),
         "rows": rows,

@@ -2,7 +2,7 @@
 
 ``y[rows of e] = act(x[rows of e] @ W_in[e].T + b_in[e]) @ W_out[e].T + b_out[e]``
 
-Three execution strategies, chosen per call by a fixed rule (measured with ``pimoe bench moe``
+Four execution strategies, chosen per call by a fixed rule (measured with ``pimoe bench moe``
 and ``benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md):
 
 - every expert has the same row count (the dispatcher pads experts to the largest count within
@@ -11,6 +11,10 @@ and ``benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md):
   threads ``torch.bmm`` splits the experts between the threads, where ``grouped_mm`` splits
   each small matmul, which made it faster than ``grouped_mm`` on the exact rows whenever the
   padding added at most about a quarter of the rows;
+- otherwise, without biases and on more than one thread, the expert-parallel C++ kernel of
+  :mod:`pimoe.moe.threaded` where it could be built: each thread runs whole experts, one
+  single-threaded matmul each, so the experts are split between the threads as ``torch.bmm``
+  splits them, without padding; exact per-expert results (those of the loop below);
 - otherwise ``torch.nn.functional.grouped_mm`` where :func:`grouped_mm_usable` allows it (CPU,
   float32/bf16/fp16, no biases, 16-byte strides, not under ``torch.compile``): every expert's
   matmul on its exact rows in one C++ call; autograd's backward (exact, double backward, no
@@ -40,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Activation = Callable[[Tensor], Tensor]
+from pimoe.moe.threaded import Activation, act_with_grad, threaded_ffn, threaded_usable
+
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Hidden activations per chunk of :func:`expert_major_ffn` (a few MiB: they stay in L2/L3).
 CHUNK_HIDDEN_BYTES = 4 * 2**20
@@ -118,15 +123,6 @@ def per_expert(splits: list[int], run: Callable[[int, slice], None]) -> None:
             start += n
 
 
-def _act_grad(act: Activation, h: Tensor, grad_a: Tensor) -> tuple[Tensor, Tensor]:
-    """``(act(h), d act / d h applied to grad_a)`` for ``h [n, F_in]``, ``grad_a [n, F]``."""
-    with torch.enable_grad():
-        h_leaf = h.detach().requires_grad_()
-        a = act(h_leaf)
-    (grad_h,) = torch.autograd.grad(a, h_leaf, grad_a)
-    return a.detach(), grad_h
-
-
 class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -198,7 +194,7 @@ def _batched_backward(
     (h,) = ctx.hidden  # [E, C, F_in]
     g = grad_out.view(num_experts, rows, -1)  # [E, C, D]
     grad_a = torch.bmm(g, w_out)  # [E, C, F]
-    a, grad_h = _act_grad(
+    a, grad_h = act_with_grad(
         ctx.act, h.view(num_experts * rows, -1), grad_a.view(num_experts * rows, -1)
     )
     a, grad_h = a.view(num_experts, rows, -1), grad_h.view(num_experts, rows, -1)
@@ -231,7 +227,7 @@ def _loop_backward(
             continue
         rows = slice(start, start + n)
         g = grad_out[rows]  # [n, D]
-        a, grad_h = _act_grad(ctx.act, next(hidden), torch.mm(g, w_out[e]))  # [n, F], [n, F_in]
+        a, grad_h = act_with_grad(ctx.act, next(hidden), torch.mm(g, w_out[e]))  # [n, F], [n, F_in]
         if grad_w_out is not None:
             torch.mm(g.t(), a, out=grad_w_out[e])
         if grad_b_out is not None:
@@ -276,9 +272,13 @@ def grouped_ffn(
     tensors = [t for t in (x, w_in, b_in, w_out, b_out) if t is not None]
     keep_hidden = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     splits = counts if isinstance(counts, list) else [int(n) for n in counts.tolist()]
-    if not is_uniform(splits) and grouped_mm_usable(w_in, b_in, w_out, b_out, x := x.contiguous()):
+    if not is_uniform(splits) and b_in is None and b_out is None:
+        x = x.contiguous()
         with torch.autocast(device_type, enabled=False):
-            return _grouped_mm_ffn(x, w_in, w_out, splits, act)
+            if threaded_usable(x, w_in, w_out):
+                return threaded_ffn(x, w_in, w_out, splits, act, keep_hidden)
+            if grouped_mm_usable(w_in, b_in, w_out, b_out, x):
+                return _grouped_mm_ffn(x, w_in, w_out, splits, act)
     with torch.autocast(device_type, enabled=False):
         out: Tensor = _GroupedFFN.apply(x, w_in, b_in, w_out, b_out, splits, act, keep_hidden)  # type: ignore[no-untyped-call]
     return out

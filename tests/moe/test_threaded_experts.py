@@ -1,0 +1,135 @@
+"""The expert-parallel C++ kernel (pimoe.moe.threaded): the per-expert loop's results bit for
+bit (outputs, every gradient, frozen weights, double backward), chosen by grouped_ffn on several
+threads only, and a clean fallback when it cannot be built."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pimoe.moe import grouped, threaded
+from pimoe.moe.grouped import grouped_ffn
+
+SPLITS = [7, 0, 1, 12, 3, 0, 9, 5]  # uneven, two experts without rows
+
+
+def _swiglu(h: Tensor) -> Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    if threaded.threaded_kernel() is None:
+        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _operands(dtype: torch.dtype, grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(SPLITS), 16, generator=gen, dtype=dtype)
+    w_in = torch.randn(len(SPLITS), 2 * 24, 16, generator=gen, dtype=dtype) / 4
+    w_out = torch.randn(len(SPLITS), 16, 24, generator=gen, dtype=dtype) / 5
+    return x.requires_grad_(grad), w_in.requires_grad_(grad), w_out.requires_grad_(grad)
+
+
+def _loop_reference(x: Tensor, w_in: Tensor, w_out: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Output and gradients of the per-expert loop kernel (grouped.py's fallback), one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = [t.detach().requires_grad_() for t in (x, w_in, w_out)]
+        y = grouped._GroupedFFN.apply(args[0], args[1], None, args[2], None, SPLITS, _swiglu, True)
+        y.backward(torch.cos(y.detach()))
+    finally:
+        torch.set_num_threads(before)
+    return y.detach(), [t.grad for t in args]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_threaded_kernel_is_the_loop_bit_for_bit(two_threads: None, dtype: torch.dtype) -> None:
+    x, w_in, w_out = _operands(dtype)
+    y = threaded.threaded_ffn(x, w_in, w_out, SPLITS, _swiglu, keep_hidden=True)
+    y.backward(torch.cos(y.detach()))
+    ref, ref_grads = _loop_reference(x, w_in, w_out)
+    assert torch.equal(y, ref)
+    for got, want in zip((x.grad, w_in.grad, w_out.grad), ref_grads):
+        assert got is not None and torch.equal(got, want)
+    assert not w_in.grad[1].any() and not w_out.grad[5].any()  # type: ignore[index]
+    with torch.no_grad():  # the inference form, without an autograd node
+        assert torch.equal(threaded.threaded_ffn(x, w_in, w_out, SPLITS, _swiglu, False), ref)
+
+
+def test_frozen_experts_get_no_weight_gradient(two_threads: None) -> None:
+    x, w_in, w_out = _operands(torch.float32)
+    w_in.requires_grad_(False), w_out.requires_grad_(False)
+    y = grouped_ffn(x, w_in, None, w_out, None, SPLITS, _swiglu)
+    y.backward(torch.cos(y.detach()))
+    _, ref_grads = _loop_reference(x, w_in, w_out)
+    assert w_in.grad is None and w_out.grad is None
+    assert x.grad is not None and torch.equal(x.grad, ref_grads[0])
+
+
+def test_double_backward(two_threads: None) -> None:
+    small = [2, 0, 1, 3]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w_in = torch.randn(4, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(4, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def fn(*t: Tensor) -> Tensor:
+        return grouped_ffn(t[0], t[1], None, t[2], None, small, _swiglu)
+
+    assert torch.autograd.gradgradcheck(fn, (x, w_in, w_out))
+
+
+def test_grouped_ffn_picks_the_kernel_on_several_threads_only(
+    two_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = grouped.threaded_ffn
+
+    def counted(*args: object) -> Tensor:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(grouped, "threaded_ffn", counted)
+    x, w_in, w_out = _operands(torch.float32, grad=False)
+    grouped_ffn(x, w_in, None, w_out, None, SPLITS, _swiglu)
+    assert calls == [1]
+    grouped_ffn(x, w_in, torch.zeros(8, 48), w_out, None, SPLITS, _swiglu)  # biases: the loop
+    grouped_ffn(x[:16], w_in, None, w_out, None, [2] * 8, _swiglu)  # equal rows: batched matmuls
+    torch.set_num_threads(1)
+    grouped_ffn(x, w_in, None, w_out, None, SPLITS, _swiglu)
+    assert calls == [1]
+
+
+def test_failed_build_warns_once_and_falls_back(
+    two_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.utils.cpp_extension as cpp
+
+    builds: list[int] = []
+
+    def broken(*args: object, **kwargs: object) -> None:
+        builds.append(1)
+        raise OSError("no compiler")
+
+    monkeypatch.setattr(cpp, "load_inline", broken)
+    monkeypatch.setattr(threaded, "_state", {})
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert threaded.threaded_kernel() is None
+    assert threaded.threaded_kernel() is None and builds == [1]  # remembered: built once
+    x, w_in, w_out = _operands(torch.float32, grad=False)
+    ref, _ = _loop_reference(x, w_in, w_out)
+    assert torch.allclose(grouped_ffn(x, w_in, None, w_out, None, SPLITS, _swiglu), ref, atol=1e-6)
+    monkeypatch.setattr(threaded, "_state", {})
+    monkeypatch.setenv("PIMOE_THREADED_EXPERTS", "0")
+    assert threaded.threaded_kernel() is None
