@@ -39,7 +39,9 @@ def kernel_pad_limit(
     float64, unaligned strides: the alternative is one matmul per expert);
     :data:`pimoe.moe.dispatch.PAD_LIMIT_VS_GROUPED_MM` where it can and torch uses more than one
     thread; None on one thread, where ``grouped_mm`` on the exact rows was faster
-    (``python benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md)."""
+    (``python benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md). Unpadded calls on
+    several threads run :mod:`pimoe.moe.threaded` where it could be built (the limits were
+    measured against ``grouped_mm``; the same script times padding against both)."""
     if not grouped_mm_usable(w_in, b_in, w_out, b_out):
         return PAD_LIMIT
     return PAD_LIMIT_VS_GROUPED_MM if torch.get_num_threads() > 1 else None
