@@ -19,6 +19,7 @@ environment variable ``PIMOE_THREADED_EXPERTS=0`` disables it; a failed build wa
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import warnings
@@ -97,6 +98,7 @@ at::Tensor weights_mm(const at::Tensor& a, const at::Tensor& b, const std::vecto
 }
 """
 _NAME = "pimoe_threaded_experts"
+_log = logging.getLogger(__name__)
 _state: dict[str, Any] = {}
 
 
@@ -108,6 +110,7 @@ def threaded_kernel() -> Any | None:
         return _state["module"]
     module = None
     if os.environ.get("PIMOE_THREADED_EXPERTS", "1") != "0" and shutil.which("c++"):
+        _log.info("building pimoe's threaded experts kernel (once; cached by torch)")
         try:
             from torch.utils.cpp_extension import load_inline
 
