@@ -7,7 +7,6 @@ from fractions import Fraction
 import pytest
 
 from pimoe.compute.word_compose import (
-    COMPOSED_OFFSET,
     compose,
     composed_problems,
     composed_templates,
