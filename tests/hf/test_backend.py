@@ -195,7 +195,8 @@ def test_padding_follows_the_kernel_rule(
 ) -> None:
     """The transformers backend pads exactly as pimoe's own experts do
     (:func:`pimoe.moe.experts.kernel_pad_limit`): not on one thread where ``grouped_mm`` runs,
-    within 1.25x rows on several, up to 2x where ``grouped_mm`` cannot run (GPT-OSS's biases)."""
+    nor on several where the threaded kernel runs (else within 1.25x rows), up to 2x where
+    neither can run (GPT-OSS's biases)."""
     from pimoe.moe import dispatch
 
     limits: list[float | None] = []
@@ -206,10 +207,12 @@ def test_padding_follows_the_kernel_rule(
     model.set_experts_implementation("pimoe")
     with torch.no_grad():
         model(input_ids=_input_ids(model, 8))
+    from pimoe.moe.threaded import threaded_kernel
+
     expected = (
         dispatch.PAD_LIMIT
         if family == "gpt_oss"
-        else dispatch.PAD_LIMIT_VS_GROUPED_MM
+        else (None if threaded_kernel() is not None else dispatch.PAD_LIMIT_VS_GROUPED_MM)
         if threads > 1
         else None
     )

@@ -156,7 +156,10 @@ def test_backends_agree_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         dispatch, "plan_dispatch", lambda *a, **kw: plans.append(a[3] is not None) or real_plan(*a)
     )
+    from pimoe.moe import threaded
+
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # padding is for several threads
+    monkeypatch.setattr(threaded, "threaded_kernel", lambda: None)  # ... without this kernel
     for backend in ("loop", "grouped_mm"):
         monkeypatch.setattr(StackedExperts, "accepts_padding", backend == "loop")
         torch.manual_seed(1)
@@ -180,15 +183,22 @@ def test_padding_only_for_small_mean_rows_per_expert() -> None:
 
 
 def test_pad_limit_depends_on_grouped_mm_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where grouped_mm cannot run, padding against a per-expert loop (PAD_LIMIT); where it can,
-    padding only on several threads and only within PAD_LIMIT_VS_GROUPED_MM; never for other
-    backends."""
+    """Where the threaded kernel runs the exact rows (several threads, no biases), no padding;
+    else where grouped_mm cannot run, padding against a per-expert loop (PAD_LIMIT); where it
+    can, padding only on several threads and only within PAD_LIMIT_VS_GROUPED_MM; never for
+    other backends."""
+    from pimoe.moe import threaded
     from pimoe.moe.dispatch import PAD_LIMIT, PAD_LIMIT_VS_GROUPED_MM
     from pimoe.moe.experts import StackedExperts
 
     plain = StackedExperts(4, 16, 32)
     assert grouped_mm_usable(plain.w_in, plain.b_in, plain.w_out, plain.b_out)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    if threaded.threaded_kernel() is not None:
+        assert plain.pad_limit is None and not plain.accepts_padding
+        assert StackedExperts(4, 16, 32).double().pad_limit is None
+        assert StackedExperts(4, 16, 32, bias=True).pad_limit == PAD_LIMIT
+    monkeypatch.setattr(threaded, "threaded_kernel", lambda: None)
     assert plain.pad_limit == PAD_LIMIT_VS_GROUPED_MM < PAD_LIMIT and plain.accepts_padding
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert plain.pad_limit is None and not plain.accepts_padding

@@ -22,6 +22,7 @@ from pimoe.moe.backends import check_backend, get_experts_backend
 from pimoe.moe.config import Activation
 from pimoe.moe.dispatch import PAD_LIMIT, PAD_LIMIT_VS_GROUPED_MM
 from pimoe.moe.grouped import EXPERT_MAJOR_MIN_BYTES, expert_major_ffn, grouped_mm_usable
+from pimoe.moe.threaded import threaded_usable
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -34,14 +35,16 @@ def kernel_pad_limit(
     w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None
 ) -> float | None:
     """The padding the dispatcher may add for :func:`pimoe.moe.grouped.grouped_ffn` on these
-    weights (buffer rows over executed rows; None: none):
+    weights (buffer rows over executed rows; None: none). None where the exact rows run
+    :mod:`pimoe.moe.threaded` (several threads, no biases, the extension built: on the quiet
+    2-core machine it beat padding in all eight rows of
+    ``python benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md); else
     :data:`pimoe.moe.dispatch.PAD_LIMIT` where torch's ``grouped_mm`` cannot run them (biases,
     float64, unaligned strides: the alternative is one matmul per expert);
     :data:`pimoe.moe.dispatch.PAD_LIMIT_VS_GROUPED_MM` where it can and torch uses more than one
-    thread; None on one thread, where ``grouped_mm`` on the exact rows was faster
-    (``python benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md). Unpadded calls on
-    several threads run :mod:`pimoe.moe.threaded` where it could be built (the limits were
-    measured against ``grouped_mm``; the same script times padding against both)."""
+    thread; None on one thread, where ``grouped_mm`` on the exact rows was faster."""
+    if b_in is None and b_out is None and threaded_usable(None, w_in, w_out):
+        return None
     if not grouped_mm_usable(w_in, b_in, w_out, b_out):
         return PAD_LIMIT
     return PAD_LIMIT_VS_GROUPED_MM if torch.get_num_threads() > 1 else None

@@ -153,15 +153,16 @@ def _module() -> Any:
     return module
 
 
-def threaded_usable(x: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
-    """Whether :func:`threaded_ffn` may run on these operands: more than one torch thread, CPU
-    tensors of one floating dtype, outside ``torch.compile``, and the extension available
-    (built on the first call)."""
+def threaded_usable(x: Tensor | None, w_in: Tensor, w_out: Tensor) -> bool:
+    """Whether :func:`threaded_ffn` may run on these operands (``x`` None: on any input of the
+    weights' dtype): more than one torch thread, CPU tensors of one floating dtype, outside
+    ``torch.compile``, and the extension available (built on the first call)."""
     if torch.get_num_threads() < 2 or torch.compiler.is_compiling():
         return False
-    if any(t.device.type != "cpu" or t.dtype != x.dtype for t in (x, w_in, w_out)):
+    tensors = [t for t in (x, w_in, w_out) if t is not None]
+    if any(t.device.type != "cpu" or t.dtype != w_in.dtype for t in tensors):
         return False
-    return x.dtype.is_floating_point and threaded_kernel() is not None
+    return w_in.dtype.is_floating_point and threaded_kernel() is not None
 
 
 def act_with_grad(act: Activation, h: Tensor, grad_a: Tensor) -> tuple[Tensor, Tensor]:
