@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from pimoe.moe.grouped import Activation, contiguous_grad, grouped_mm_usable, per_expert
+from pimoe.moe.grouped import contiguous_grad, grouped_mm_usable, per_expert
+from pimoe.moe.threaded import Activation
 
 __all__ = [
     "Adapter",
