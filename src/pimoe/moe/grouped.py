@@ -44,7 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pimoe.moe.threaded import Activation, act_with_grad, threaded_ffn, threaded_usable
+from pimoe.moe.threaded import (
+    Activation,
+    act_with_grad,
+    threaded_ffn,
+    threaded_pays,
+    threaded_usable,
+)
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Hidden activations per chunk of :func:`expert_major_ffn` (a few MiB: they stay in L2/L3).
@@ -275,7 +281,7 @@ def grouped_ffn(
     if not is_uniform(splits) and b_in is None and b_out is None:
         x = x.contiguous()
         with torch.autocast(device_type, enabled=False):
-            if threaded_usable(x, w_in, w_out):
+            if threaded_pays(splits) and threaded_usable(x, w_in, w_out):
                 return threaded_ffn(x, w_in, w_out, splits, act, keep_hidden)
             if grouped_mm_usable(w_in, b_in, w_out, b_out, x):
                 return _grouped_mm_ffn(x, w_in, w_out, splits, act)

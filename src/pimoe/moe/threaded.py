@@ -165,6 +165,27 @@ def threaded_usable(x: Tensor | None, w_in: Tensor, w_out: Tensor) -> bool:
     return w_in.dtype.is_floating_point and threaded_kernel() is not None
 
 
+# Where the kernel pays (quiet 2-core machine, ``pimoe bench moe`` and
+# ``benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md): with many experts per
+# thread (64 experts on 2 threads: faster than grouped_mm from 128 to 16384 tokens) or few rows
+# per expert (8 experts at 128-512 tokens, top-2); with few, large experts (8 experts at 2048
+# and 16384 tokens, 512+ rows each) grouped_mm, which splits each large matmul between the
+# threads, was 1.10-1.15x faster in forward+backward.
+MIN_EXPERTS_PER_THREAD = 8
+MAX_MEAN_ROWS = 128
+
+
+def threaded_pays(splits: list[int]) -> bool:
+    """Whether :func:`threaded_ffn` is the faster kernel for experts with ``splits`` rows on
+    torch's current thread count: at least :data:`MIN_EXPERTS_PER_THREAD` experts per thread,
+    or at most :data:`MAX_MEAN_ROWS` rows per expert on average."""
+    experts = len(splits)
+    return (
+        experts >= MIN_EXPERTS_PER_THREAD * torch.get_num_threads()
+        or sum(splits) <= MAX_MEAN_ROWS * experts
+    )
+
+
 def act_with_grad(act: Activation, h: Tensor, grad_a: Tensor) -> tuple[Tensor, Tensor]:
     """``(act(h), d act / d h applied to grad_a)`` for ``h [n, F_in]``, ``grad_a [n, F]``."""
     with torch.enable_grad():
