@@ -79,6 +79,10 @@ def test_doc_command_parses(doc: str, command: str) -> None:
     args = as_pimoe_args(command)
     if args is None:  # a stand-alone script: it exists and declares every flag used
         script = (ROOT / shlex.split(command)[1]).read_text()
+        for module in re.findall(r"^from pimoe\.bench import (\w+)$", script, re.M):
+            script += (
+                ROOT / "src" / "pimoe" / "bench" / f"{module}.py"
+            ).read_text()  # shared parser
         for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", command):
             assert f'add_argument("{flag}"' in script, f"{doc}: {command}: no {flag}"
         return
