@@ -7,7 +7,7 @@ import torch
 from test_dispatch import _reference
 
 from pimoe import PiMoE
-from pimoe.moe import dispatch, grouped
+from pimoe.moe import dispatch, experts, grouped
 from pimoe.moe.experts import StackedExperts
 
 
@@ -79,11 +79,15 @@ def test_expert_major_only_without_autograd_and_past_the_size_rule(
     assert calls == [4, 4]
 
 
+@pytest.mark.parametrize("threaded", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_dispatcher_pads_within_the_banks_pad_limit(
-    monkeypatch: pytest.MonkeyPatch, threads: int
+    monkeypatch: pytest.MonkeyPatch, threads: int, threaded: bool
 ) -> None:
+    """grouped_mm on several threads gets padding; one thread or the threaded experts kernel
+    (whether or not this machine built it) runs the exact rows."""
     limits: list[float | None] = []
+    monkeypatch.setattr(experts, "threaded_usable", lambda *a: threaded and threads > 1)
     real_plan = dispatch.plan_dispatch
     monkeypatch.setattr(
         dispatch,
@@ -94,4 +98,4 @@ def test_dispatcher_pads_within_the_banks_pad_limit(
     torch.manual_seed(0)
     layer = PiMoE(16, num_experts=4, top_k=2, ffn_dim=16)
     layer(torch.randn(8, 16))
-    assert limits == [dispatch.PAD_LIMIT_VS_GROUPED_MM if threads > 1 else None]
+    assert limits == [dispatch.PAD_LIMIT_VS_GROUPED_MM if threads > 1 and not threaded else None]
