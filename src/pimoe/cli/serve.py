@@ -1,198 +1,14 @@
-"""The ``pimoe`` command."""
+"""``pimoe serve`` (the HTTP server, :func:`pimoe.infer.server.serve`) and ``pimoe
+save-demo-model`` (a small model to serve)."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import click
 import typer
-from typer.core import TyperGroup
-
-# Subcommands defined next to their subsystems; these modules import only typer at load time
-# (Optuna, Flower/Ray and the models load when the command runs).
-from pimoe.bench.cli import bench_app
-from pimoe.compress.cli import compress as compress_command
-from pimoe.compute.cli import chain_app
-from pimoe.extras import check_extra, explain_missing
-from pimoe.federated.cli import federate as federate_command
-from pimoe.search.cli import search as search_command
 
 
-class PimoeGroup(TyperGroup):
-    """Runs a (sub)command; a missing optional dependency ends it with one line naming the extra."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ModuleNotFoundError as err:
-            missing = explain_missing(err)
-            if missing is None:
-                raise
-            typer.echo(str(missing), err=True)
-            raise typer.Exit(1) from None
-
-
-def needs(*extras: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a command: check that ``extras`` are installed before it starts any work."""
-
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(command)
-        def checked(*args: Any, **kwargs: Any) -> Any:
-            name = command.__name__.removesuffix("_command").replace("_", "-")
-            for extra in extras:
-                check_extra(extra, f"pimoe {name}")
-            return command(*args, **kwargs)
-
-        return checked
-
-    return decorate
-
-
-def _version(value: bool) -> None:
-    if value:
-        from pimoe import __version__
-
-        typer.echo(f"pimoe {__version__}")
-        raise typer.Exit()
-
-
-app = typer.Typer(
-    cls=PimoeGroup,
-    no_args_is_help=True,
-    help="pimoe: build, compress, serve and train Mixture-of-Experts models.",
-)
-app.add_typer(bench_app, name="bench")
-app.add_typer(chain_app, name="chain")
-app.command("search")(needs("search")(search_command))
-app.command("federate")(needs("federated")(federate_command))
-app.command("compress")(compress_command)
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version and exit."
-        ),
-    ] = False,
-) -> None:
-    """pimoe: build, compress, serve and train Mixture-of-Experts models."""
-
-
-@app.command()
-def demo(
-    scratch: Annotated[
-        bool,
-        typer.Option(
-            help="Run the from-scratch demo instead: train a small byte-level PiMoE LM and its dense twin (implied by --steps or --config)."
-        ),
-    ] = False,
-    model: Annotated[
-        str,
-        typer.Option(
-            help="Pretrained model: a name known to pimoe.models.load_pretrained or a local Hugging Face folder."
-        ),
-    ] = "smollm2-135m-instruct",
-    top_k: Annotated[
-        int, typer.Option(min=1, max=8, help="Experts per token of the split model (of 8).")
-    ] = 4,
-    retrain: Annotated[
-        bool,
-        typer.Option(
-            help="Cluster and train the routers again instead of loading them from the cache."
-        ),
-    ] = False,
-    threads: Annotated[int, typer.Option(min=1, help="torch threads for the SmolLM2 demo.")] = 2,
-    steps: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="From-scratch demo: training steps for each of the two models (default 600).",
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            help="Folder to save the results JSON (and, from scratch, the trained model)."
-        ),
-    ] = None,
-    computation: Annotated[
-        bool,
-        typer.Option(
-            help="Add the computation-experts stage: LM alone vs PiMoE hand-off vs tool call (~1-2 min)."
-        ),
-    ] = False,
-    chain: Annotated[
-        bool,
-        typer.Option(
-            help="SmolLM2 demo: 3 held-out word problems answered by the computation chain next to the LM alone (trained once at the --quick size, then cached)."
-        ),
-    ] = True,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            exists=True,
-            dir_okay=False,
-            help="From-scratch demo: chosen_config.json of a `pimoe search --task lm` run: train that model instead of the default.",
-        ),
-    ] = None,
-) -> None:
-    """Split the pretrained SmolLM2-135M-Instruct into experts and compare it with the dense model on
-    Python's bundled docs (perplexity, routing, an answer from each); --scratch trains a small PiMoE LM
-    and its dense twin instead."""
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise typer.BadParameter(
-            "CUDA was requested but torch.cuda.is_available() is False", param_hint="--device"
-        )
-    if not (scratch or steps is not None or config is not None):
-        from dataclasses import replace
-
-        check_extra("models", "pimoe demo")
-        from pimoe.demo_pretrained import PretrainedDemoSettings, run_pretrained_demo
-
-        settings = replace(
-            PretrainedDemoSettings(), model=model, top_k=top_k, seed=seed, chain=chain
-        )
-        run_pretrained_demo(
-            settings,
-            device=device,
-            threads=threads,
-            retrain=retrain,
-            out_dir=str(out) if out else None,
-            computation=computation,
-        )
-        return
-    from pimoe.demo import check_demo_config, run_demo
-
-    model_config = None
-    if config is not None:
-        from pimoe.search import load_config
-
-        try:
-            model_config = load_config(config)
-            check_demo_config(model_config)
-        except ValueError as err:
-            raise typer.BadParameter(str(err), param_hint="--config") from err
-    run_demo(
-        steps=steps or 600,
-        device=device,
-        seed=seed,
-        out_dir=str(out) if out else None,
-        computation=computation,
-        config=model_config,
-    )
-
-
-@app.command()
-@needs("serve")
 def serve(
     model_path: Annotated[
         str | None, typer.Argument(show_default=False, help="Same as --model.")
@@ -377,7 +193,6 @@ def serve(
         raise typer.Exit(2) from err
 
 
-@app.command("save-demo-model")
 def save_demo_model(
     path: Annotated[
         Path, typer.Argument(dir_okay=False, help="Where to write the model (a .safetensors file).")
@@ -394,7 +209,3 @@ def save_demo_model(
     typer.echo(
         f"wrote {path} ({int(result['params']):,} parameters, {steps} steps, held-out loss {result['val_loss']:.3f})"
     )
-
-
-if __name__ == "__main__":
-    app()

@@ -1,0 +1,5 @@
+"""``python -m pimoe.cli``: the ``pimoe`` command."""
+
+from pimoe.cli import app
+
+app()
