@@ -1,6 +1,7 @@
 """The expert-parallel C++ kernel (pimoe.moe.threaded): the per-expert loop's results bit for
-bit (outputs, every gradient, frozen weights, double backward), chosen by grouped_ffn on several
-threads only, and a clean fallback when it cannot be built."""
+bit (outputs, every gradient, frozen weights, double backward), fused in C++ for pimoe's
+activations and per matmul for any other, chosen by grouped_ffn on several threads only, traced
+by torch.compile, and a clean fallback when it cannot be built."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ from torch import Tensor
 
 from pimoe.moe import grouped, threaded
 from pimoe.moe.grouped import grouped_ffn
+from pimoe.moe.threaded import Activation
 
 SPLITS = [7, 0, 1, 12, 3, 0, 9, 5]  # uneven, two experts without rows
 
 
-def _swiglu(h: Tensor) -> Tensor:
+def _swiglu(h: Tensor) -> Tensor:  # a Python activation: the kernel runs it between matmuls
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+ACTIVATIONS = [threaded.swiglu, F.gelu, F.relu, F.silu, _swiglu]  # the first four fused
 
 
 @pytest.fixture
@@ -32,61 +37,81 @@ def two_threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _operands(dtype: torch.dtype, grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def _operands(
+    dtype: torch.dtype, grad: bool = True, act: Activation = _swiglu
+) -> tuple[Tensor, Tensor, Tensor]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(sum(SPLITS), 16, generator=gen, dtype=dtype)
     w_in = torch.randn(len(SPLITS), 2 * 24, 16, generator=gen, dtype=dtype) / 4
-    w_out = torch.randn(len(SPLITS), 16, 24, generator=gen, dtype=dtype) / 5
+    width = act(w_in[0, :, :1].t()).shape[1]  # 24 for SwiGLU, 48 for a pointwise activation
+    w_out = torch.randn(len(SPLITS), 16, width, generator=gen, dtype=dtype) / 5
     return x.requires_grad_(grad), w_in.requires_grad_(grad), w_out.requires_grad_(grad)
 
 
-def _loop_reference(x: Tensor, w_in: Tensor, w_out: Tensor) -> tuple[Tensor, list[Tensor]]:
+def _loop_reference(
+    x: Tensor, w_in: Tensor, w_out: Tensor, act: Activation = _swiglu
+) -> tuple[Tensor, list[Tensor]]:
     """Output and gradients of the per-expert loop kernel (grouped.py's fallback), one thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         args = [t.detach().requires_grad_() for t in (x, w_in, w_out)]
-        y = grouped._GroupedFFN.apply(args[0], args[1], None, args[2], None, SPLITS, _swiglu, True)
+        y = grouped._GroupedFFN.apply(args[0], args[1], None, args[2], None, SPLITS, act, True)
         y.backward(torch.cos(y.detach()))
     finally:
         torch.set_num_threads(before)
     return y.detach(), [t.grad for t in args]  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=["swiglu", "gelu", "relu", "silu", "python"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_threaded_kernel_is_the_loop_bit_for_bit(two_threads: None, dtype: torch.dtype) -> None:
-    x, w_in, w_out = _operands(dtype)
-    y = threaded.threaded_ffn(x, w_in, w_out, SPLITS, _swiglu, keep_hidden=True)
+def test_threaded_kernel_is_the_loop_bit_for_bit(
+    two_threads: None, dtype: torch.dtype, act: Activation
+) -> None:
+    x, w_in, w_out = _operands(dtype, act=act)
+    y = threaded.threaded_ffn(x, w_in, w_out, SPLITS, act, keep_hidden=True)
     y.backward(torch.cos(y.detach()))
-    ref, ref_grads = _loop_reference(x, w_in, w_out)
+    ref, ref_grads = _loop_reference(x, w_in, w_out, act)
     assert torch.equal(y, ref)
     for got, want in zip((x.grad, w_in.grad, w_out.grad), ref_grads):
         assert got is not None and torch.equal(got, want)
     assert not w_in.grad[1].any() and not w_out.grad[5].any()  # type: ignore[index]
     with torch.no_grad():  # the inference form, without an autograd node
-        assert torch.equal(threaded.threaded_ffn(x, w_in, w_out, SPLITS, _swiglu, False), ref)
+        assert torch.equal(threaded.threaded_ffn(x, w_in, w_out, SPLITS, act, False), ref)
 
 
-def test_frozen_experts_get_no_weight_gradient(two_threads: None) -> None:
-    x, w_in, w_out = _operands(torch.float32)
-    w_in.requires_grad_(False), w_out.requires_grad_(False)
-    y = grouped_ffn(x, w_in, None, w_out, None, SPLITS, _swiglu)
+@pytest.mark.parametrize("frozen", [(0, 1, 2), (0, 2), (1,), (2,)])
+@pytest.mark.parametrize("act", [threaded.swiglu, _swiglu], ids=["fused", "python"])
+def test_frozen_inputs_get_no_gradient(
+    two_threads: None, frozen: tuple[int, ...], act: Activation
+) -> None:
+    """Only the gradients asked for (``needs_input_grad``), each the loop's."""
+    operands = _operands(torch.float32, act=act)
+    for i in frozen:
+        operands[i].requires_grad_(False)
+    y = grouped_ffn(operands[0], operands[1], None, operands[2], None, SPLITS, act)
+    if len(frozen) == 3:
+        assert not y.requires_grad
+        return
     y.backward(torch.cos(y.detach()))
-    _, ref_grads = _loop_reference(x, w_in, w_out)
-    assert w_in.grad is None and w_out.grad is None
-    assert x.grad is not None and torch.equal(x.grad, ref_grads[0])
+    _, ref_grads = _loop_reference(*operands, act=act)
+    for i, (t, want) in enumerate(zip(operands, ref_grads)):
+        assert t.grad is None if i in frozen else torch.equal(t.grad, want)  # type: ignore[arg-type]
 
 
-def test_double_backward(two_threads: None) -> None:
+@pytest.mark.parametrize("act", [threaded.swiglu, F.gelu, _swiglu], ids=["swiglu", "gelu", "python"])
+def test_double_backward(two_threads: None, act: Activation) -> None:
     small = [2, 0, 1, 3]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     w_in = torch.randn(4, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    w_out = torch.randn(4, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    width = 6 if act is F.gelu else 3  # F of w_out [E, D, F]
+    w_out = torch.randn(4, 4, width, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def fn(*t: Tensor) -> Tensor:
-        return grouped_ffn(t[0], t[1], None, t[2], None, small, _swiglu)
+        return threaded.threaded_ffn(t[0], t[1], t[2], small, act, keep_hidden=True)
 
+    assert torch.autograd.gradcheck(fn, (x, w_in, w_out))
     assert torch.autograd.gradgradcheck(fn, (x, w_in, w_out))
 
 

@@ -1,19 +1,25 @@
-"""Expert-parallel CPU kernel: whole experts spread over torch's threads, one matmul each.
+"""Expert-parallel CPU kernel: whole experts spread over torch's threads, one expert per thread.
 
 On several threads ``torch.nn.functional.grouped_mm`` (and a per-expert loop) splits every
 small per-expert matmul between the threads: at 64 experts of ~64 rows each that is hundreds
 of tiny parallel regions per call, each ending in a barrier, and on a busy machine every
-barrier waits for a descheduled thread. This kernel instead runs one parallel region per
-matmul over all experts: each of torch's threads takes whole experts (largest first, from a
-shared counter) and runs each expert's matmul single-threaded into its slice of one output.
-The per-expert matmuls are the same ``at::mm`` calls as the per-expert loop's, so the results
-are the loop's, bit for bit.
+barrier waits for a descheduled thread. This kernel instead runs one parallel region over all
+experts: each of torch's threads takes whole experts (largest first, from a shared counter).
+For pimoe's activations (:data:`FUSED_ACTIVATIONS`: SwiGLU, GELU, ReLU, SiLU) the whole FFN
+of an expert runs in its thread while its rows are in cache: ``x_e @ W_in[e].T``, the
+activation, ``@ W_out[e].T`` in the forward (one region), and in the backward (one region)
+``g_e @ W_out[e]``, the activation's gradient, the two weight gradients and ``grad_x``. Any
+other activation (a Python function) runs between per-matmul regions. The per-expert matmuls
+and activation ops are the same ATen calls as the per-expert loop's on the same tensors, so the
+results are the loop's, bit for bit.
 
-The kernel is a small C++ extension (``torch.utils.cpp_extension.load_inline``), built on first
-use (about a minute; cached by torch in ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``) and only where a C++ compiler is present. Setting the
-environment variable ``PIMOE_THREADED_EXPERTS=0`` disables it; a failed build warns once and
-:func:`threaded_kernel` then returns None, so the callers keep their other kernels.
+The kernel is a small C++ extension (``torch.utils.cpp_extension.load_inline``, source in
+:mod:`pimoe.moe.threaded_source`), built on first use (about a minute; cached by torch in
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and only where a C++
+compiler is present. Setting the environment variable ``PIMOE_THREADED_EXPERTS=0`` disables
+it; a failed build warns once and :func:`threaded_kernel` then returns None, so the callers keep
+their other kernels. Its entry points are torch custom ops (``torch.ops.pimoe.*``, with fake
+implementations), so ``torch.compile`` traces a call to them instead of breaking the graph.
 """
 
 from __future__ import annotations
@@ -27,83 +33,21 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from pimoe.moe.threaded_source import FUNCTIONS, SOURCE
 
 Activation = Callable[[Tensor], Tensor]
 
-# The extension's source; its two entry points take the rows per expert (``splits``) as a list.
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <algorithm>
-#include <atomic>
-#include <numeric>
-
-// Experts with rows, largest first (threads take them in this order), and each expert's first row.
-static std::vector<int64_t> order_of(const std::vector<int64_t>& splits, std::vector<int64_t>& start) {
-  const int64_t E = (int64_t)splits.size();
-  start.assign(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + splits[e];
-  std::vector<int64_t> order(E);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return splits[a] > splits[b]; });
-  return order;
-}
-
-// Run job(i) for i in [0, n), each i on one thread, threads taking the next i from a counter.
-// Below autograd on every thread (worker threads do not share the caller's grad or inference
-// mode; the Python caller is the autograd node).
-template <typename F>
-static void each_on_one_thread(int64_t n, const F& job) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t i = next++; i < n; i = next++) job(i);
-  });
-}
-
-// out[rows of e] = a[rows of e] @ b[e] for a [N, K], b [E, K, M] (any strides) -> [N, M]
-at::Tensor rows_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& splits) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 3 && b.size(0) == (int64_t)splits.size(), "rows_mm shapes");
-  auto out = at::empty({a.size(0), b.size(2)}, a.options());
-  std::vector<int64_t> start;
-  auto order = order_of(splits, start);
-  each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
-    const int64_t e = order[i];
-    if (splits[e] == 0) return;
-    auto o = out.narrow(0, start[e], splits[e]);
-    at::mm_out(o, a.narrow(0, start[e], splits[e]), b.select(0, e));
-  });
-  return out;
-}
-
-// out[e] = a[rows of e]^T @ b[rows of e] for a [N, M], b [N, K] -> [E, M, K] (0 for no rows)
-at::Tensor weights_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& splits) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "weights_mm shapes");
-  const int64_t E = (int64_t)splits.size();
-  auto out = at::empty({E, a.size(1), b.size(1)}, a.options());
-  std::vector<int64_t> start;
-  auto order = order_of(splits, start);
-  each_on_one_thread(E, [&](int64_t i) {
-    const int64_t e = order[i];
-    auto o = out.select(0, e);
-    if (splits[e] == 0) {
-      o.zero_();
-      return;
-    }
-    at::mm_out(o, a.narrow(0, start[e], splits[e]).t(), b.narrow(0, start[e], splits[e]));
-  });
-  return out;
-}
-"""
-_NAME = "pimoe_threaded_experts"
+_NAME = "pimoe_expert_kernels"
 _log = logging.getLogger(__name__)
 _state: dict[str, Any] = {}
 
 
 def threaded_kernel() -> Any | None:
-    """The compiled extension (``rows_mm``, ``weights_mm``), built on the first call; None where
+    """The compiled extension (:data:`pimoe.moe.threaded_source.FUNCTIONS`), built on the first
+    call; None where
     it is disabled (``PIMOE_THREADED_EXPERTS=0``), no C++ compiler is found, or the build failed
     (warned once)."""
     if "module" in _state:
@@ -116,8 +60,8 @@ def threaded_kernel() -> Any | None:
 
             module = load_inline(  # type: ignore[no-untyped-call]
                 _NAME,
-                cpp_sources=_SOURCE,
-                functions=["rows_mm", "weights_mm"],
+                cpp_sources=SOURCE,
+                functions=FUNCTIONS,
                 extra_cflags=["-O2", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
             )
@@ -132,6 +76,7 @@ def threaded_kernel() -> Any | None:
     return module
 
 
+@torch.library.custom_op("pimoe::rows_mm", mutates_args=())
 def rows_mm(a: Tensor, b: Tensor, splits: list[int]) -> Tensor:
     """``out[rows of e] = a[rows of e] @ b[e]``: ``a [N, K]`` rows grouped by expert,
     ``b [E, K, M]`` (any strides, e.g. ``w.transpose(1, 2)``) -> ``[N, M]``."""
@@ -139,11 +84,76 @@ def rows_mm(a: Tensor, b: Tensor, splits: list[int]) -> Tensor:
     return out
 
 
+@rows_mm.register_fake
+def _(a: Tensor, b: Tensor, splits: list[int]) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[2])
+
+
+@torch.library.custom_op("pimoe::weights_mm", mutates_args=())
 def weights_mm(a: Tensor, b: Tensor, splits: list[int]) -> Tensor:
     """``out[e] = a[rows of e].T @ b[rows of e]`` (a weight gradient per expert): ``a [N, M]``,
     ``b [N, K]`` -> ``[E, M, K]``, zero for an expert without rows."""
     out: Tensor = _module().weights_mm(a, b, splits)
     return out
+
+
+@weights_mm.register_fake
+def _(a: Tensor, b: Tensor, splits: list[int]) -> Tensor:
+    return a.new_empty(len(splits), a.shape[1], b.shape[1])
+
+
+@torch.library.custom_op("pimoe::ffn_forward", mutates_args=())
+def ffn_forward(
+    x: Tensor, w_in: Tensor, w_out: Tensor, splits: list[int], act: str, keep_hidden: bool
+) -> tuple[Tensor, Tensor]:
+    """The fused grouped FFN (``x [N, D]`` rows grouped by expert, ``w_in [E, F_in, D]``,
+    ``w_out [E, D, F]``, ``act`` a key of :data:`FUSED_ACTIVATIONS`) -> ``(y [N, D], h)``,
+    ``h [N, F_in]`` the hidden activations before ``act`` when ``keep_hidden``, else ``[0, F_in]``."""
+    y, h = _module().ffn_forward(x, w_in, w_out, splits, act, keep_hidden)
+    return y, h
+
+
+@ffn_forward.register_fake
+def _(
+    x: Tensor, w_in: Tensor, w_out: Tensor, splits: list[int], act: str, keep_hidden: bool
+) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape[0], w_out.shape[1]), x.new_empty(
+        x.shape[0] if keep_hidden else 0, w_in.shape[1]
+    )
+
+
+@torch.library.custom_op("pimoe::ffn_backward", mutates_args=())
+def ffn_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    h: Tensor,
+    splits: list[int],
+    act: str,
+    need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`ffn_forward` from ``grad_y [N, D]`` (contiguous) and its kept ``h``:
+    ``(grad_x, grad_w_in, grad_w_out)``, each ``[0]`` unless ``need`` (three flags) asks for it."""
+    grads: tuple[Tensor, Tensor, Tensor] = _module().ffn_backward(
+        grad_y, x, w_in, w_out, h, splits, act, *need
+    )
+    return grads
+
+
+@ffn_backward.register_fake
+def _(
+    grad_y: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    h: Tensor,
+    splits: list[int],
+    act: str,
+    need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    shapes = (x.shape, w_in.shape, w_out.shape)
+    return tuple(x.new_empty(s if n else (0,)) for s, n in zip(shapes, need))  # type: ignore[return-value]
 
 
 def _module() -> Any:
@@ -186,6 +196,21 @@ def threaded_pays(splits: list[int]) -> bool:
     )
 
 
+def swiglu(h: Tensor) -> Tensor:
+    """SwiGLU: ``silu(gate) * up`` for ``h = [gate, up]`` ``[n, 2F]`` -> ``[n, F]``."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# Activations the kernel runs in C++ (by name; the same ATen ops as these functions).
+FUSED_ACTIVATIONS: dict[Activation, str] = {
+    swiglu: "swiglu",
+    F.gelu: "gelu",
+    F.relu: "relu",
+    F.silu: "silu",
+}
+
+
 def act_with_grad(act: Activation, h: Tensor, grad_a: Tensor) -> tuple[Tensor, Tensor]:
     """``(act(h), d act / d h applied to grad_a)`` for ``h [n, F_in]``, ``grad_a [n, F]``."""
     with torch.enable_grad():
@@ -217,10 +242,15 @@ class _ThreadedFFN(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, w_in: Tensor, w_out: Tensor, splits: list[int], act: Activation
     ) -> Tensor:
-        h = rows_mm(x, w_in.transpose(1, 2), splits)  # [N, F_in]
+        name = FUSED_ACTIVATIONS.get(act)
+        if name is None:
+            h = rows_mm(x, w_in.transpose(1, 2), splits)  # [N, F_in]
+            y = rows_mm(act(h), w_out.transpose(1, 2), splits)  # [N, D]
+        else:
+            y, h = ffn_forward(x, w_in, w_out, splits, name, True)
         ctx.save_for_backward(x, w_in, w_out, h)
-        ctx.splits, ctx.act = splits, act
-        return rows_mm(act(h), w_out.transpose(1, 2), splits)  # [N, D]
+        ctx.splits, ctx.act, ctx.name = splits, act, name
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -233,6 +263,9 @@ class _ThreadedFFN(torch.autograd.Function):
             grads = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True))
             return (*(next(grads) if n else None for n in need), None, None)
         grad_out = grad_out.contiguous()
+        if ctx.name is not None:
+            fused = ffn_backward(grad_out, x, w_in, w_out, h, splits, ctx.name, list(need))
+            return (*(g if n else None for g, n in zip(fused, need)), None, None)
         a, grad_h = act_with_grad(ctx.act, h, rows_mm(grad_out, w_out, splits))  # [N, F], [N, F_in]
         return (
             rows_mm(grad_h, w_in, splits) if need[0] else None,
@@ -247,10 +280,15 @@ def threaded_ffn(
     x: Tensor, w_in: Tensor, w_out: Tensor, splits: list[int], act: Activation, keep_hidden: bool
 ) -> Tensor:
     """The grouped FFN without biases on this kernel (``x [N, D]`` rows grouped by expert,
-    ``w_in [E, F_in, D]``, ``w_out [E, D, F]``, ``splits`` rows per expert) -> ``[N, D]``; one
-    autograd node when ``keep_hidden`` (exact gradients, none for frozen weights, double backward
-    through the per-expert ops)."""
+    ``w_in [E, F_in, D]``, ``w_out [E, D, F]``, ``splits`` rows per expert) -> ``[N, D]``; fused
+    per expert when ``act`` is in :data:`FUSED_ACTIVATIONS`. One autograd node when
+    ``keep_hidden`` (exact gradients, none for frozen weights, double backward through the
+    per-expert ops)."""
     if keep_hidden:
         out: Tensor = _ThreadedFFN.apply(x, w_in, w_out, splits, act)  # type: ignore[no-untyped-call]
         return out
+    name = FUSED_ACTIVATIONS.get(act)
+    if name is not None:
+        y, _ = ffn_forward(x, w_in, w_out, splits, name, False)
+        return y
     return rows_mm(act(rows_mm(x, w_in.transpose(1, 2), splits)), w_out.transpose(1, 2), splits)

@@ -1,0 +1,210 @@
+"""C++ source of the expert-parallel CPU kernel (:mod:`pimoe.moe.threaded`).
+
+Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a list):
+
+- ``ffn_forward(x [N, D], w_in [E, F_in, D], w_out [E, D, F], splits, act, keep_hidden)``
+  -> ``(y [N, D], h [N, F_in] or [0, F_in])``: per expert, in one thread, ``h = x_e @ w_in[e].T``,
+  ``a = act(h)``, ``y_e = a @ w_out[e].T`` while the expert's rows are in cache;
+- ``ffn_backward(grad_y [N, D], x, w_in, w_out, h, splits, act, need_x, need_w_in, need_w_out)``
+  -> ``(grad_x, grad_w_in, grad_w_out)`` (``[0]`` where not needed; zero weight gradients for
+  an expert without rows);
+- ``rows_mm`` and ``weights_mm``: single matmuls per expert, for activations given as Python
+  functions (``ffn_*`` take one of ``swiglu``, ``gelu``, ``relu``, ``silu`` by name).
+
+The activations and their gradients are the ATen calls autograd makes for pimoe's Python
+activations (``silu(gate) * up``; ``silu_backward``, ``gelu_backward``, ``threshold_backward``),
+on the same per-expert tensors as the per-expert loop, so the results are the loop's bit for bit.
+"""
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <atomic>
+#include <numeric>
+#include <string>
+#include <tuple>
+
+// Experts with rows, largest first (threads take them in this order), and each expert's first row.
+static std::vector<int64_t> order_of(const std::vector<int64_t>& splits, std::vector<int64_t>& start) {
+  const int64_t E = (int64_t)splits.size();
+  start.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + splits[e];
+  std::vector<int64_t> order(E);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return splits[a] > splits[b]; });
+  return order;
+}
+
+// Run job(i) for i in [0, n), each i on one thread, threads taking the next i from a counter.
+// Below autograd on every thread (worker threads do not share the caller's grad or inference
+// mode; the Python caller is the autograd node).
+template <typename F>
+static void each_on_one_thread(int64_t n, const F& job) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t i = next++; i < n; i = next++) job(i);
+  });
+}
+
+// out[rows of e] = a[rows of e] @ b[e] for a [N, K], b [E, K, M] (any strides) -> [N, M]
+at::Tensor rows_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& splits) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 3 && b.size(0) == (int64_t)splits.size(), "rows_mm shapes");
+  auto out = at::empty({a.size(0), b.size(2)}, a.options());
+  std::vector<int64_t> start;
+  auto order = order_of(splits, start);
+  each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
+    const int64_t e = order[i];
+    if (splits[e] == 0) return;
+    auto o = out.narrow(0, start[e], splits[e]);
+    at::mm_out(o, a.narrow(0, start[e], splits[e]), b.select(0, e));
+  });
+  return out;
+}
+
+// out[e] = a[rows of e]^T @ b[rows of e] for a [N, M], b [N, K] -> [E, M, K] (0 for no rows)
+at::Tensor weights_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& splits) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "weights_mm shapes");
+  const int64_t E = (int64_t)splits.size();
+  auto out = at::empty({E, a.size(1), b.size(1)}, a.options());
+  std::vector<int64_t> start;
+  auto order = order_of(splits, start);
+  each_on_one_thread(E, [&](int64_t i) {
+    const int64_t e = order[i];
+    auto o = out.select(0, e);
+    if (splits[e] == 0) {
+      o.zero_();
+      return;
+    }
+    at::mm_out(o, a.narrow(0, start[e], splits[e]).t(), b.narrow(0, start[e], splits[e]));
+  });
+  return out;
+}
+
+enum class Act { swiglu, gelu, relu, silu };
+
+static Act act_of(const std::string& name) {
+  if (name == "swiglu") return Act::swiglu;
+  if (name == "gelu") return Act::gelu;
+  if (name == "relu") return Act::relu;
+  TORCH_CHECK(name == "silu", "unknown activation ", name);
+  return Act::silu;
+}
+
+// a = act(h) for one expert's h [n, F_in] -> [n, F]
+static at::Tensor act_forward(Act act, const at::Tensor& h) {
+  switch (act) {
+    case Act::swiglu: {
+      auto parts = h.chunk(2, -1);
+      return at::silu(parts[0]) * parts[1];
+    }
+    case Act::gelu: return at::gelu(h);
+    case Act::relu: return at::relu(h);
+    default: return at::silu(h);
+  }
+}
+
+// (a, grad_h) from h [n, F_in] and grad_a [n, F], as autograd computes them; a is made only
+// when want_a, grad_h only when want_grad_h.
+static std::pair<at::Tensor, at::Tensor> act_backward(
+    Act act, const at::Tensor& h, const at::Tensor& grad_a, bool want_a, bool want_grad_h) {
+  at::Tensor a, grad_h;
+  switch (act) {
+    case Act::swiglu: {
+      auto parts = h.chunk(2, -1);
+      auto s = at::silu(parts[0]);
+      if (want_a) a = s * parts[1];
+      if (want_grad_h)
+        grad_h = at::cat({at::silu_backward(grad_a * parts[1], parts[0]), grad_a * s}, -1);
+      break;
+    }
+    case Act::gelu:
+      if (want_a) a = at::gelu(h);
+      if (want_grad_h) grad_h = at::gelu_backward(grad_a, h);
+      break;
+    case Act::relu:
+      a = at::relu(h);
+      if (want_grad_h) grad_h = at::threshold_backward(grad_a, a, 0);
+      break;
+    default:
+      if (want_a) a = at::silu(h);
+      if (want_grad_h) grad_h = at::silu_backward(grad_a, h);
+  }
+  return {a, grad_h};
+}
+
+// y[rows of e] = act(x[rows of e] @ w_in[e]^T) @ w_out[e]^T, h [N, F_in] kept when keep_hidden
+std::tuple<at::Tensor, at::Tensor> ffn_forward(
+    const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_out,
+    const std::vector<int64_t>& splits, const std::string& act_name, bool keep_hidden) {
+  TORCH_CHECK(x.dim() == 2 && w_in.dim() == 3 && w_out.dim() == 3 &&
+              w_in.size(0) == (int64_t)splits.size() && w_out.size(0) == w_in.size(0),
+              "ffn_forward shapes");
+  const Act act = act_of(act_name);
+  auto y = at::empty({x.size(0), w_out.size(1)}, x.options());
+  auto hidden = at::empty({keep_hidden ? x.size(0) : 0, w_in.size(1)}, x.options());
+  std::vector<int64_t> start;
+  auto order = order_of(splits, start);
+  each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
+    const int64_t e = order[i], n = splits[e];
+    if (n == 0) return;
+    auto x_e = x.narrow(0, start[e], n);
+    at::Tensor h;
+    if (keep_hidden) {
+      h = hidden.narrow(0, start[e], n);
+      at::mm_out(h, x_e, w_in.select(0, e).t());
+    } else {
+      h = at::mm(x_e, w_in.select(0, e).t());
+    }
+    auto y_e = y.narrow(0, start[e], n);
+    at::mm_out(y_e, act_forward(act, h), w_out.select(0, e).t());
+  });
+  return {y, hidden};
+}
+
+// Gradients of ffn_forward from grad_y [N, D] and the kept h [N, F_in]
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_out,
+    const at::Tensor& hidden, const std::vector<int64_t>& splits, const std::string& act_name,
+    bool need_x, bool need_w_in, bool need_w_out) {
+  TORCH_CHECK(grad_y.dim() == 2 && hidden.dim() == 2 && hidden.size(0) == x.size(0) &&
+              grad_y.size(0) == x.size(0) && w_in.size(0) == (int64_t)splits.size(),
+              "ffn_backward shapes");
+  const Act act = act_of(act_name);
+  auto none = [&] { return at::empty({0}, x.options()); };  // one each: outputs may not alias
+  auto grad_x = need_x ? at::empty_like(x) : none();
+  auto grad_w_in = need_w_in ? at::empty_like(w_in) : none();
+  auto grad_w_out = need_w_out ? at::empty_like(w_out) : none();
+  std::vector<int64_t> start;
+  auto order = order_of(splits, start);
+  each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
+    const int64_t e = order[i], n = splits[e];
+    if (n == 0) {
+      if (need_w_in) grad_w_in.select(0, e).zero_();
+      if (need_w_out) grad_w_out.select(0, e).zero_();
+      return;
+    }
+    auto g = grad_y.narrow(0, start[e], n);
+    auto x_e = x.narrow(0, start[e], n);
+    const bool want_grad_h = need_x || need_w_in;
+    auto grad_a = want_grad_h ? at::mm(g, w_out.select(0, e)) : at::Tensor();
+    auto [a, grad_h] = act_backward(act, hidden.narrow(0, start[e], n), grad_a, need_w_out, want_grad_h);
+    if (need_w_out) {
+      auto o = grad_w_out.select(0, e);
+      at::mm_out(o, g.t(), a);
+    }
+    if (need_w_in) {
+      auto o = grad_w_in.select(0, e);
+      at::mm_out(o, grad_h.t(), x_e);
+    }
+    if (need_x) {
+      auto o = grad_x.narrow(0, start[e], n);
+      at::mm_out(o, grad_h, w_in.select(0, e));
+    }
+  });
+  return {grad_x, grad_w_in, grad_w_out};
+}
+"""
+FUNCTIONS = ["rows_mm", "weights_mm", "ffn_forward", "ffn_backward"]
