@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,10 +14,14 @@ from pimoe.compute.engine import ArithmeticEngine
 from pimoe.compute.llm_bench import (
     LORA_PIPELINE,
     PIPELINES,
+    QUICK,
+    TOOL_LORA_EPOCHS,
     LLMBenchConfig,
     call_checks,
     evaluate,
     lora_keys,
+    pipeline_names,
+    run,
     tool_lora_settings,
 )
 from pimoe.compute.llm_train import train_chain
@@ -26,10 +31,12 @@ from pimoe.compute.tool_call_lora import (
     ToolLoRASettings,
     _batch,
     cached_tool_lora,
+    step_batches,
     tool_example,
     tool_lora_cache_dir,
     tool_loss,
     train_tool_lora,
+    training_problems,
 )
 from pimoe.compute.word_problems import WordProblemSet
 from pimoe.moe.lora import LoRALinear, lora_adapters
@@ -63,7 +70,7 @@ def test_training_lowers_the_tool_loss_and_leaves_the_base_alone() -> None:
     with torch.no_grad():
         base_loss, tuned_loss = tool_loss(model, batch).item(), tool_loss(tuned, batch).item()
     assert tuned_loss < 0.8 * base_loss, (base_loss, tuned_loss)
-    assert report["steps"] == TINY.epochs * TINY.problems // TINY.batch_size
+    assert report["steps"] == math.ceil(TINY.epochs * TINY.problems / TINY.batch_size) == 16
     assert report["loss_final"] < report["loss_first"]
     adapters = lora_adapters(tuned)
     assert adapters and all(isinstance(a, LoRALinear) for a in adapters.values())
@@ -92,14 +99,84 @@ def test_cached_adapters_load_to_the_same_outputs(tmp_path: Path, monkeypatch) -
     assert other == "trained"  # other settings, another cache entry
 
 
-def test_cache_key_follows_the_training_phrasings(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_key_follows_the_training_data_and_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pimoe.compute import word_compose
     from pimoe.compute.word_problems import TEMPLATES
 
-    before = tool_lora_cache_dir("tiny", TINY, "abc")
-    assert tool_lora_cache_dir("tiny", TINY, "abc") == before
-    fewer = {**TEMPLATES, "train": TEMPLATES["train"][:-1]}
-    monkeypatch.setattr("pimoe.compute.tool_call_lora.TEMPLATES", fewer)
-    assert tool_lora_cache_dir("tiny", TINY, "abc") != before
+    settings = replace(TINY, composed=8)
+    before = tool_lora_cache_dir("tiny", settings, "abc")
+    assert tool_lora_cache_dir("tiny", settings, "abc") == before
+    for other in (replace(settings, composed=7), replace(settings, epochs=3.5), TINY):
+        assert tool_lora_cache_dir("tiny", other, "abc") != before
+    with monkeypatch.context() as patch:  # other template phrasings
+        patch.setattr(
+            "pimoe.compute.word_problems.TEMPLATES",
+            {
+                **TEMPLATES,
+                "train": tuple(replace(t, answer=t.answer + "!") for t in TEMPLATES["train"]),
+            },
+        )
+        assert tool_lora_cache_dir("tiny", settings, "abc") != before
+    drawn = word_compose.composed_templates
+
+    def reworded(count: int, seed: int = 0):  # the grammar changed one composed phrasing
+        out = list(drawn(count, seed))
+        out[-1] = replace(out[-1], question=out[-1].question.replace("?", " then?"))
+        return tuple(out)
+
+    monkeypatch.setattr(word_compose, "composed_templates", reworded)
+    assert tool_lora_cache_dir("tiny", settings, "abc") != before
+
+
+def test_training_problems_are_the_chains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapters train on the questions the chain's modules train on (templates, then the
+    composed ones), for the bench's quick and full settings."""
+    import pimoe.compute.llm_train as llm_train
+
+    seen: list[str] = []
+    collect, question = llm_train.collect_features, llm_train.question_features
+
+    def record_all(runner, problems, *args, **kwargs):
+        seen.extend(p.question for p in problems)
+        return collect(runner, problems, *args, **kwargs)
+
+    def record_one(runner, problem):
+        seen.append(problem.question)
+        return question(runner, problem)
+
+    monkeypatch.setattr(llm_train, "collect_features", record_all)
+    monkeypatch.setattr(llm_train, "question_features", record_one)
+    model, tokenizer = tiny_lm()
+    cfg = LLMBenchConfig(model="tiny", train=replace(SETTINGS, steps=1, seed=3))
+    train_chain(model, tokenizer, "tiny", cfg.train, progress=False)
+    settings = tool_lora_settings(cfg)
+    assert [p.question for p in training_problems(settings)] == seen
+    assert len(seen) == SETTINGS.problems + SETTINGS.composed
+    for bench in (QUICK, LLMBenchConfig()):
+        s = tool_lora_settings(bench)
+        assert (s.problems, s.composed, s.seed) == (
+            bench.train.problems,
+            bench.train.composed,
+            bench.train.seed,
+        )
+        assert s.composed > 0 and s.epochs == TOOL_LORA_EPOCHS
+
+
+@pytest.mark.parametrize("epochs", [1.0, 0.8, 2.3])
+def test_step_batches_follow_fractional_epochs(epochs: float) -> None:
+    settings = ToolLoRASettings(epochs=epochs, batch_size=4, seed=5)
+    batches = step_batches(30, settings)
+    assert len(batches) == math.ceil(epochs * 30 / 4)
+    flat = [i for b in batches for i in b]
+    per_pass = 8  # batches per pass over 30 examples (the last one of 2)
+    for start in range(0, len(batches), per_pass):
+        chunk = [i for b in batches[start : start + per_pass] for i in b]
+        assert len(chunk) == len(set(chunk))  # a pass sees each example at most once
+    if epochs >= 1:
+        assert set(flat) == set(range(30))
+    if epochs > 2:
+        assert batches[:per_pass] != batches[per_pass : 2 * per_pass]  # reshuffled each pass
+    assert step_batches(30, settings) == batches
 
 
 def test_call_checks_separate_copying_from_the_operator_tree() -> None:
@@ -123,6 +200,14 @@ def test_settings_reject_bad_values() -> None:
         ToolLoRASettings(batch_size=0)
     with pytest.raises(ValueError, match="lr"):
         ToolLoRASettings(lr=0.0)
+    with pytest.raises(ValueError, match="epochs"):
+        ToolLoRASettings(epochs=0)
+    with pytest.raises(ValueError, match="composed"):
+        ToolLoRASettings(composed=-1)
+    with pytest.raises(ValueError, match="unknown pipelines"):
+        pipeline_names(["pimoe", "tool_cal"])
+    with pytest.raises(TypeError, match="sequence"):
+        pipeline_names("pimoe")
 
 
 def test_bench_adds_the_lora_tool_call_and_keeps_every_key() -> None:
@@ -148,3 +233,33 @@ def test_bench_adds_the_lora_tool_call_and_keeps_every_key() -> None:
     assert {k: without[k] for k in ("accuracy_pimoe", "tokens_pimoe", "tokens_tool_call")} == {
         k: result[k] for k in ("accuracy_pimoe", "tokens_pimoe", "tokens_tool_call")
     }
+
+
+@pytest.mark.slow
+def test_bench_runs_only_the_chosen_pipelines_and_reports_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIMOE_HOME", str(tmp_path))
+    monkeypatch.setattr("pimoe.models.load_pretrained", lambda name, progress=True: tiny_lm())
+    cfg = LLMBenchConfig(
+        model="tiny", train=SETTINGS, tool_lora=TINY, eval_problems=2, max_new_tokens=4
+    )
+    result = run(cfg, progress=False, pipelines=[LORA_PIPELINE])
+    assert {k for k in result if k.startswith("accuracy_") and "phrasings" not in k} == {
+        "accuracy_pimoe",
+        f"accuracy_{LORA_PIPELINE}",
+    } | {f"accuracy_by_template_{p}" for p in ("pimoe", LORA_PIPELINE)}
+    assert result["train_examples_tool_call_lora"] == SETTINGS.problems + SETTINGS.composed
+    assert result["train_steps_tool_call_lora"] == math.ceil(
+        TOOL_LORA_EPOCHS * (SETTINGS.problems + SETTINGS.composed) / TINY.batch_size
+    )
+    assert result["train_cpu_ratio_tool_call_lora"] == round(
+        result["train_cpu_seconds_tool_call_lora"] / result["train_cpu_seconds_pimoe"], 3
+    )
+    assert result["source_tool_call_lora"] == "trained"
+    without = run(cfg, progress=False, pipelines=["tool_call"])
+    assert f"accuracy_{LORA_PIPELINE}" not in without and "accuracy_tool_call" in without
+    assert "train_cpu_seconds_tool_call_lora" not in without
+    chain, report = train_chain(*tiny_lm(), "tiny", SETTINGS, progress=False)
+    with pytest.raises(ValueError, match="tuned model"):
+        evaluate(chain, cfg, report, False, None, [LORA_PIPELINE])

@@ -4,8 +4,9 @@ Trains the chain's modules on the frozen LM (timed), then answers the same held-
 (longer operands *and* unseen templates) with four pipelines, interleaved problem by problem, all
 greedy with a KV cache and the same few-shot examples: (a) the LM alone, (b) the PiMoE chain,
 (c) a few-shot prompted tool call, (d) a two-call agent (:mod:`pimoe.compute.llm_baselines`),
-and (c') the tool call with LoRA adapters tuned on the chain's training problems
-(:mod:`pimoe.compute.tool_call_lora`; trained once, then loaded from the pimoe cache).
+and (c') the tool call with LoRA adapters tuned on the chain's training questions with the
+chain's training budget (:mod:`pimoe.compute.tool_call_lora`, :func:`tool_lora_settings`; trained
+once, then loaded from the pimoe cache).
 An answer is right when the last number of its text (tool-call markup removed) is the exact result.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -48,6 +50,10 @@ if TYPE_CHECKING:
 
 PIPELINES = ("lm_only", "pimoe", "tool_call", "two_call")
 LORA_PIPELINE = "tool_call_lora"
+# Passes of the tool-call adapters over the chain's training examples: the LoRA training CPU time
+# then matches the chain's modules' (feature passes + router + head) on the same examples; measured
+# on SmolLM2-135M, quick settings, one thread (docs/computation.md, "(c') the LoRA-tuned tool call").
+TOOL_LORA_EPOCHS = 1.0
 EVAL_OFFSET = 500_000
 MODELS = {"smollm2": "smollm2-135m-instruct"}
 
@@ -65,6 +71,21 @@ class LLMBenchConfig:
 
 
 QUICK = LLMBenchConfig(train=QUICK_SETTINGS, eval_problems=32)
+
+
+def pipeline_names(pipelines: Sequence[str] | None) -> tuple[str, ...]:
+    """The pipelines to evaluate, in table order: all of them (:data:`PIPELINES` and
+    :data:`LORA_PIPELINE`) for ``None``; ``"pimoe"`` always runs (its expression checks are
+    part of every result)."""
+    every = (*PIPELINES, LORA_PIPELINE)
+    if pipelines is None:
+        return every
+    if isinstance(pipelines, str):
+        raise TypeError("pipelines must be a sequence of names, not one string")
+    unknown = sorted(set(pipelines) - set(every))
+    if unknown:
+        raise ValueError(f"unknown pipelines {unknown}; choose from {list(every)}")
+    return tuple(p for p in every if p in pipelines or p == "pimoe")
 
 
 def expression_errors(expression: str | None, problem: WordProblem) -> tuple[bool, bool]:
@@ -91,20 +112,26 @@ def call_checks(
 
 
 def tool_lora_settings(cfg: LLMBenchConfig) -> ToolLoRASettings:
-    """``cfg.tool_lora`` on the chain's training problems (count, digits and seed of ``cfg.train``)."""
+    """``cfg.tool_lora`` on the chain's training questions (counts of template and composed
+    problems, digits and seed of ``cfg.train``) for :data:`TOOL_LORA_EPOCHS` passes, the chain's
+    training budget in CPU time."""
     t = cfg.train
     return replace(
         cfg.tool_lora,
         problems=t.problems,
+        composed=t.composed,
+        epochs=TOOL_LORA_EPOCHS,
         train_digits=t.train_digits,
         heldout_digits=t.heldout_digits,
         seed=t.seed,
     )
 
 
-def run(cfg: LLMBenchConfig, progress: bool = True) -> dict:
-    """Train the chain (and the tool-call adapters, or load those from the cache), then evaluate
-    every pipeline; the result dict (see :func:`print_report` for keys)."""
+def run(cfg: LLMBenchConfig, progress: bool = True, pipelines: Sequence[str] | None = None) -> dict:
+    """Train the chain (and the tool-call adapters, or load those from the cache, when
+    :data:`LORA_PIPELINE` is among ``pipelines``), then evaluate ``pipelines`` (all for ``None``,
+    see :func:`pipeline_names`); the result dict (see :func:`print_report` for keys)."""
+    names = pipeline_names(pipelines)
     from pimoe.models import load_pretrained
 
     previous = torch.get_num_threads()
@@ -114,11 +141,16 @@ def run(cfg: LLMBenchConfig, progress: bool = True) -> dict:
         cpu = time.process_time()
         chain, report = train_chain(model, tokenizer, cfg.model, cfg.train, progress=progress)
         report = {**report, "train_cpu_seconds_pimoe": round(time.process_time() - cpu, 1)}
-        tuned, lora_report, source = cached_tool_lora(
-            model, tokenizer, cfg.model, tool_lora_settings(cfg), progress=progress
-        )
-        report = {**report, **lora_keys(lora_report, source)}
-        return evaluate(chain, cfg, report, progress, tuned)
+        tuned = None
+        if LORA_PIPELINE in names:
+            tuned, lora_report, source = cached_tool_lora(
+                model, tokenizer, cfg.model, tool_lora_settings(cfg), progress=progress
+            )
+            report = {**report, **lora_keys(lora_report, source)}
+            report["train_cpu_ratio_tool_call_lora"] = round(
+                lora_report["train_cpu_s"] / report["train_cpu_seconds_pimoe"], 3
+            )
+        return evaluate(chain, cfg, report, progress, tuned, names)
     finally:
         torch.set_num_threads(previous)
 
@@ -129,7 +161,8 @@ def lora_keys(report: dict, source: str) -> dict:
         "train_seconds_tool_call_lora": report["train_s"],
         "train_cpu_seconds_tool_call_lora": report["train_cpu_s"],
         "train_steps_tool_call_lora": report["steps"],
-        "train_examples_tool_call_lora": report["examples_seen"],
+        "train_examples_tool_call_lora": report["examples"],
+        "train_examples_seen_tool_call_lora": report["examples_seen"],
         "params_tool_call_lora": report["params"],
         "loss_first_tool_call_lora": report["loss_first"],
         "loss_final_tool_call_lora": report["loss_final"],
@@ -144,19 +177,30 @@ def evaluate(
     report: dict,
     progress: bool = True,
     tuned: PreTrainedModel | None = None,
+    pipelines: Sequence[str] | None = None,
 ) -> dict:
-    """Answer ``cfg.eval_problems`` held-out problems with the four pipelines, interleaved; with
-    ``tuned`` (the LM with merged tool-call adapters) also with the LoRA-tuned tool call, which
-    answers without a few-shot prefix."""
+    """Answer ``cfg.eval_problems`` held-out problems with ``pipelines`` (default: the four of
+    :data:`PIPELINES`; see :func:`pipeline_names`), interleaved; with ``tuned`` (the LM with
+    merged tool-call adapters) also with the LoRA-tuned tool call, which answers without a
+    few-shot prefix."""
     problems = WordProblemSet(cfg.train.train_digits, cfg.train.heldout_digits, cfg.train.seed)
     shots = shot_problems(problems, cfg.train.shots)
     model, tokenizer, engine = chain.model, chain.tokenizer, chain.engine
     tool = LMRunner(model, tokenizer, fewshot_prefix(shots, "tool"), chain.config.layers)
     agent = LMRunner(model, tokenizer, fewshot_prefix(shots, "request"), chain.config.layers)
     translator = LMRunner(model, tokenizer, translate_prefix(shots), chain.config.layers)
-    tuned_runner = LMRunner(tuned, tokenizer, "", chain.config.layers) if tuned else None
-    pipelines = PIPELINES + ((LORA_PIPELINE,) if tuned_runner else ())
     n = cfg.max_new_tokens
+    answer: dict[str, Callable[[str], PipelineRun]] = {
+        "lm_only": lambda q: lm_only(chain.runner, q, n),
+        "tool_call": lambda q: tool_call(tool, engine, q, n),
+        "two_call": lambda q: two_call(agent, translator, engine, q, n),
+    }
+    if tuned is not None:
+        tuned_runner = LMRunner(tuned, tokenizer, "", chain.config.layers)
+        answer[LORA_PIPELINE] = lambda q: tool_call(tuned_runner, engine, q, n)
+    elif pipelines is not None and LORA_PIPELINE in pipelines:
+        raise ValueError(f"pipeline {LORA_PIPELINE!r} needs the tuned model (tuned=None)")
+    pipelines = tuple(p for p in pipeline_names(pipelines) if p in answer or p == "pimoe")
     runs: dict[str, list[PipelineRun]] = {p: [] for p in pipelines}
     correct: dict[str, list[bool]] = {p: [] for p in pipelines}
     expression_right, tree_right, operands_right, misses = [], [], [], []
@@ -169,19 +213,17 @@ def evaluate(
         q = problem.question
         c = chain.run(q, n)
         outs = {
-            "lm_only": lm_only(chain.runner, q, n),
-            "pimoe": PipelineRun(
+            name: PipelineRun(
                 c.text,
                 c.generated_tokens,
                 c.forward_passes,
                 int(c.expression is not None),
                 c.seconds,
-            ),
-            "tool_call": tool_call(tool, engine, q, n),
-            "two_call": two_call(agent, translator, engine, q, n),
+            )
+            if name == "pimoe"
+            else answer[name](q)
+            for name in pipelines
         }
-        if tuned_runner:
-            outs[LORA_PIPELINE] = tool_call(tuned_runner, engine, q, n)
         expression_right.append(
             c.expression is not None and engine.compute(c.expression) == problem.answer
         )
@@ -282,7 +324,7 @@ def print_report(result: dict, console: Console | None = None) -> None:
         "engine calls",
     ):
         table.add_column(column, justify="right", no_wrap=column == "pipeline")
-    for name in PIPELINES + ((LORA_PIPELINE,) if f"accuracy_{LORA_PIPELINE}" in result else ()):
+    for name in (n for n in (*PIPELINES, LORA_PIPELINE) if f"accuracy_{n}" in result):
         table.add_row(
             name,
             f"{result[f'accuracy_{name}']:.3f}",
@@ -323,20 +365,29 @@ def print_report(result: dict, console: Console | None = None) -> None:
             f"tool-call LoRA ({result['source_tool_call_lora']}): "
             f"{result['train_steps_tool_call_lora']} steps on "
             f"{result['train_examples_tool_call_lora']} examples in "
-            f"{result['train_seconds_tool_call_lora']} s, {result['params_tool_call_lora']} "
-            f"parameters, loss {result['loss_first_tool_call_lora']} -> "
-            f"{result['loss_final_tool_call_lora']}"
+            f"{result['train_seconds_tool_call_lora']} s wall / "
+            f"{result['train_cpu_seconds_tool_call_lora']} s CPU "
+            f"({result.get('train_cpu_ratio_tool_call_lora')}x the chain modules' CPU seconds), "
+            f"{result['params_tool_call_lora']} parameters, loss "
+            f"{result['loss_first_tool_call_lora']} -> {result['loss_final_tool_call_lora']}"
         )
 
 
-def main(model: str, quick: bool = False, threads: int = 1, progress: bool = True) -> dict:
-    """Run the comparison for ``model`` (a key of :data:`MODELS`) and print it."""
+def main(
+    model: str,
+    quick: bool = False,
+    threads: int = 1,
+    progress: bool = True,
+    pipelines: Sequence[str] | None = None,
+) -> dict:
+    """Run the comparison for ``model`` (a key of :data:`MODELS`) and print it; ``pipelines``
+    limits it to some pipelines (:func:`pipeline_names`)."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
     cfg = QUICK if quick else LLMBenchConfig()
     cfg = replace(cfg, model=MODELS[model], threads=threads)
     start = time.perf_counter()
-    result = run(cfg, progress)
+    result = run(cfg, progress, pipelines)
     result["total_s"] = round(time.perf_counter() - start, 1)
     print_report(result)
     return result

@@ -2,8 +2,10 @@
 
 A copy of the frozen LM gets LoRA adapters (:mod:`pimoe.moe.lora`, rank ``r`` on every linear
 layer of the decoder blocks by default, :data:`ALL_LINEAR`; the base weights stay frozen) trained on the chain's own
-training problems (the train split of :class:`~pimoe.compute.word_problems.WordProblemSet`,
-problems ``0 .. problems-1``) to answer in the tool-call format, with no few-shot prefix::
+training questions (:func:`training_problems`: the train split of
+:class:`~pimoe.compute.word_problems.WordProblemSet`, problems ``0 .. problems-1``, then
+``composed`` questions of the phrasing grammar, :func:`~pimoe.compute.word_compose.composed_problems`)
+to answer in the tool-call format, with no few-shot prefix::
 
     Question: {question}\\nAnswer: {answer up to the result}<<{expression}>>{result}{rest}\\n
 
@@ -23,7 +25,9 @@ loads them on later runs instead of retraining.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -35,7 +39,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pimoe.compute.llm_prompts import question_block
-from pimoe.compute.word_problems import TEMPLATES, WordProblem, WordProblemSet
+from pimoe.compute.word_compose import composed_problems
+from pimoe.compute.word_problems import WordProblem, WordProblemSet
 from pimoe.io import atomic_write_text, tensor_digest
 from pimoe.moe.lora import LoRAConfig, add_lora, load_lora, merge_lora, save_lora
 
@@ -51,16 +56,20 @@ REPORT_FILE = "training.json"
 class ToolLoRASettings:
     """Data, adapters and optimization of :func:`train_tool_lora`.
 
-    ``problems``, ``train_digits``, ``heldout_digits`` and ``seed`` pick the training problems as
-    :class:`~pimoe.compute.llm_train.ChainTrainSettings` does (the benchmark copies them from the
-    chain's settings); every problem is seen ``epochs`` times in batches of ``batch_size``.
+    ``problems``, ``composed``, ``train_digits``, ``heldout_digits`` and ``seed`` pick the
+    training problems as :class:`~pimoe.compute.llm_train.ChainTrainSettings` does (the benchmark
+    copies them from the chain's settings). Training runs ``ceil(epochs * examples /
+    batch_size)`` optimizer steps over successive shuffled passes; ``epochs`` may be fractional
+    (as transformers' ``num_train_epochs``: the last pass stops part way), which is how the
+    benchmark matches the adapters' training CPU time to the chain's modules'.
     """
 
     problems: int = 400
+    composed: int = 0
     train_digits: int = 5
     heldout_digits: int = 8
     seed: int = 0
-    epochs: int = 1
+    epochs: float = 1.0
     batch_size: int = 4
     lr: float = 2e-3
     r: int = 8
@@ -68,12 +77,21 @@ class ToolLoRASettings:
     target_modules: tuple[str, ...] = ALL_LINEAR
 
     def __post_init__(self) -> None:
-        for name in ("problems", "epochs", "batch_size"):
+        for name in ("problems", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if (
+            isinstance(self.composed, bool)
+            or not isinstance(self.composed, int)
+            or self.composed < 0
+        ):
+            raise ValueError(f"composed must be an int >= 0, got {self.composed!r}")
+        for name in ("epochs", "lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        object.__setattr__(self, "epochs", float(self.epochs))
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     @property
@@ -84,6 +102,30 @@ class ToolLoRASettings:
             target_parameters=(),
             target_modules=self.target_modules,
         )
+
+
+def training_problems(settings: ToolLoRASettings) -> list[WordProblem]:
+    """The training problems of ``settings``: ``problems`` of the train split, then ``composed``
+    composed-phrasing questions, drawn as :func:`~pimoe.compute.llm_train.train_chain` draws them."""
+    problems = WordProblemSet(settings.train_digits, settings.heldout_digits, settings.seed)
+    return problems.problems("train", 0, settings.problems) + composed_problems(
+        problems, settings.composed
+    )
+
+
+def step_batches(examples: int, settings: ToolLoRASettings) -> list[list[int]]:
+    """Example indices of each optimizer step: ``ceil(epochs * examples / batch_size)`` batches
+    taken in order from successive passes, each pass a fresh shuffle (seeded by ``settings.seed``)."""
+    steps = math.ceil(settings.epochs * examples / settings.batch_size)
+    order = random.Random(settings.seed)
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        index = list(range(examples))
+        order.shuffle(index)
+        batches += [
+            index[i : i + settings.batch_size] for i in range(0, examples, settings.batch_size)
+        ]
+    return batches[:steps]
 
 
 def tool_example(tokenizer: PreTrainedTokenizerBase, problem: WordProblem) -> tuple[Tensor, Tensor]:
@@ -133,10 +175,7 @@ def train_tool_lora(
     is left untouched). The adapters are *not* merged: call :func:`~pimoe.moe.lora.merge_lora`
     before decoding. Returns the copy and a report: wall and CPU seconds, optimizer steps,
     trainable parameters, first and final loss."""
-    problems = WordProblemSet(settings.train_digits, settings.heldout_digits, settings.seed)
-    examples = [
-        tool_example(tokenizer, p) for p in problems.problems("train", 0, settings.problems)
-    ]
+    examples = [tool_example(tokenizer, p) for p in training_problems(settings)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(settings.seed)
     tuned = copy.deepcopy(model)
@@ -144,14 +183,7 @@ def train_tool_lora(
     tuned.eval()  # no dropout; gradients still flow into the adapters
     trainable = [p for p in tuned.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
-    order = random.Random(settings.seed)
-    batches = []
-    for _ in range(settings.epochs):
-        index = list(range(len(examples)))
-        order.shuffle(index)
-        batches += [
-            index[i : i + settings.batch_size] for i in range(0, len(index), settings.batch_size)
-        ]
+    batches = step_batches(len(examples), settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1 - step / len(batches))
     losses = []
     start, cpu = time.perf_counter(), time.process_time()
@@ -167,7 +199,8 @@ def train_tool_lora(
         "train_s": round(time.perf_counter() - start, 1),
         "train_cpu_s": round(time.process_time() - cpu, 1),  # this process's CPU time
         "steps": len(batches),
-        "examples_seen": settings.epochs * len(examples),
+        "examples": len(examples),
+        "examples_seen": sum(len(b) for b in batches),
         "params": sum(p.numel() for p in trainable),
         "loss_first": round(losses[0], 4),
         "loss_final": round(sum(losses[-5:]) / len(losses[-5:]), 4),
@@ -185,14 +218,19 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 def tool_lora_cache_dir(name: str, settings: ToolLoRASettings, fingerprint: str) -> Path:
     """Cache folder of the adapters trained on ``name`` (weights ``fingerprint``) with ``settings``
-    on the current training phrasings (adapters trained on other phrasings live under another key,
-    so they are retrained, never loaded)."""
+    on the current training data: the key holds a digest of every training example's question,
+    answer and expression (:func:`training_problems`), so adapters trained on other phrasings,
+    templates or composed ones, live under another key and are retrained, never loaded."""
     from pimoe.models import cache_root
     from pimoe.models.cache import keyed_folder
 
     parts = {
         "model": fingerprint,
-        "phrasings": [asdict(t) for t in TEMPLATES["train"]],
+        "data": hashlib.sha256(
+            json.dumps(
+                [[p.question, p.answer_text, p.expression] for p in training_problems(settings)]
+            ).encode()
+        ).hexdigest(),
         **asdict(settings),
     }
     return keyed_folder(cache_root() / "tool_lora", name, parts)
