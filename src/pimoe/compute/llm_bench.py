@@ -50,10 +50,12 @@ if TYPE_CHECKING:
 
 PIPELINES = ("lm_only", "pimoe", "tool_call", "two_call")
 LORA_PIPELINE = "tool_call_lora"
-# Passes of the tool-call adapters over the chain's training examples: the LoRA training CPU time
-# then matches the chain's modules' (feature passes + router + head) on the same examples; measured
-# on SmolLM2-135M, quick settings, one thread (docs/computation.md, "(c') the LoRA-tuned tool call").
-TOOL_LORA_EPOCHS = 1.0
+# Passes of the tool-call adapters over the chain's training examples, chosen so that their
+# training CPU time matches the chain's modules' (feature passes + router + head) on the same
+# examples: on SmolLM2-135M, quick settings, one thread, the chain took 193.7 s CPU and one LoRA
+# step (4 examples) 2.7-2.9 s, so 0.55 of a pass (71 of 128 steps; docs/computation.md, "(c') the
+# LoRA-tuned tool call", has the measured ratio).
+TOOL_LORA_EPOCHS = 0.55
 EVAL_OFFSET = 500_000
 MODELS = {"smollm2": "smollm2-135m-instruct"}
 
