@@ -149,3 +149,41 @@ def test_serve_names_a_broken_config_json_in_one_line(
     result = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path)])
     assert result.exit_code == 2 and problem in result.output
     assert result.output.startswith("pimoe serve: ") and result.output.count("\n") == 1
+
+
+def test_serve_max_total_body_bytes_reaches_the_guard(
+    demo_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pimoe.infer.security import RequestGuard
+
+    apps: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    base = ["serve", "--model", str(demo_path), "--max-body-bytes", "1000"]
+    for flags, budget in [([], 32_000), (["--max-total-body-bytes", "1000"], 1000)]:
+        result = CliRunner().invoke(cli_app, base + flags)
+        assert result.exit_code == 0, result.output
+        app = apps.pop()
+        (guard,) = [m for m in app.user_middleware if m.cls is RequestGuard]
+        assert guard.kwargs["max_total_body_bytes"] == budget
+        app.state.generation["demo"].close()
+        app.state.batchers["demo"].close()
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("999", "--max-total-body-bytes (999) must be >= --max-body-bytes (1000)"),
+        ("0", "0 is not in the range x>=1"),
+        ("1e6", "'1e6' is not a valid integer"),
+    ],
+)
+def test_serve_refuses_a_bad_max_total_body_bytes_before_loading(
+    demo_path: Path, value: str, problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pimoe.infer.server as server
+
+    monkeypatch.setattr(server, "open_generation_model", lambda *a: pytest.fail("loaded"))
+    args = ["serve", "--model", str(demo_path), "--max-body-bytes", "1000"]
+    result = CliRunner().invoke(cli_app, [*args, "--max-total-body-bytes", value])
+    assert result.exit_code == 2, result.output
+    assert problem in " ".join(result.output.replace("│", " ").split())

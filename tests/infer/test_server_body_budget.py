@@ -144,3 +144,15 @@ def test_serve_checks_the_tls_files_before_loading_the_model(tmp_path: Path) -> 
     # the model path does not exist either: the TLS error must come first
     with pytest.raises(ValueError, match="garbage.pem"):
         serve(tmp_path / "no-model.safetensors", ssl_certfile=garbage, ssl_keyfile=garbage)
+
+
+@pytest.mark.parametrize("budget", [1023, 0, -5, True, 2.5e9])
+def test_serve_refuses_a_bad_budget_before_loading_the_model(
+    tmp_path: Path, budget: object
+) -> None:
+    """Before: serve() loaded the model and only create_app's guard refused the budget."""
+    from pimoe.infer.server import serve
+
+    error = TypeError if isinstance(budget, (bool, float)) else ValueError
+    with pytest.raises(error, match="max_total_body_bytes"):  # the model path does not exist
+        serve(tmp_path / "no-model.safetensors", max_body_bytes=1024, max_total_body_bytes=budget)  # type: ignore[arg-type]

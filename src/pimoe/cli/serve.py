@@ -87,6 +87,14 @@ def serve(
             help="Largest request body; larger (declared or counted while reading) is answered 413.",
         ),
     ] = 8 * 2**20,
+    max_total_body_bytes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="Most body bytes all requests in flight hold together; a request that would pass it is answered 503 (default: 32 x --max-body-bytes; at least --max-body-bytes).",
+        ),
+    ] = None,
     body_timeout: Annotated[
         float,
         typer.Option(
@@ -152,6 +160,12 @@ def serve(
         raise typer.BadParameter(
             "TLS needs both --ssl-certfile and --ssl-keyfile", param_hint="--ssl-certfile"
         )
+    if max_total_body_bytes is not None and max_total_body_bytes < max_body_bytes:
+        raise typer.BadParameter(
+            f"--max-total-body-bytes ({max_total_body_bytes}) must be >= --max-body-bytes "
+            f"({max_body_bytes}): no request of the largest size could be read",
+            param_hint="--max-total-body-bytes",
+        )
     path = model if model is not None else model_path
     from pimoe.models.pretrained import REGISTRY
 
@@ -179,6 +193,7 @@ def serve(
             api_key=api_key,
             docs=docs,
             max_body_bytes=max_body_bytes,
+            max_total_body_bytes=max_total_body_bytes,
             body_timeout_s=body_timeout,
             limits=limits,
             ssl_certfile=ssl_certfile,

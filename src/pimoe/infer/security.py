@@ -53,6 +53,28 @@ DOCS_PATHS: frozenset[str] = frozenset(
 _CLOSE = {"connection": "close"}
 
 
+def total_body_budget(max_body_bytes: int, max_total_body_bytes: int | None) -> int:
+    """The server's budget of body bytes held at once: ``max_total_body_bytes``, or by default
+    (``None``) 32 bodies of ``max_body_bytes``. ``TypeError`` for a non-integer (a bool or float
+    included), ``ValueError`` for a budget below one body."""
+    for name, value in (
+        ("max_body_bytes", max_body_bytes),
+        ("max_total_body_bytes", max_total_body_bytes),
+    ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if max_total_body_bytes is None:
+        return 32 * max_body_bytes
+    if max_total_body_bytes < max_body_bytes:
+        raise ValueError(
+            f"max_total_body_bytes ({max_total_body_bytes}) must be >= max_body_bytes "
+            f"({max_body_bytes}): no request of the largest size could be read"
+        )
+    return max_total_body_bytes
+
+
 class _Reject(Exception):
     def __init__(self, status: int, message: str, code: str) -> None:
         super().__init__(message)
@@ -95,11 +117,8 @@ class RequestGuard:
                 f"max_body_bytes must be >= 1 and body_timeout_s > 0, got {max_body_bytes}, "
                 f"{body_timeout_s}"
             )
-        if max_total_body_bytes is not None and max_total_body_bytes < max_body_bytes:
-            raise ValueError(
-                f"max_total_body_bytes ({max_total_body_bytes}) must be >= max_body_bytes "
-                f"({max_body_bytes}) or None"
-            )
+        if max_total_body_bytes is not None:
+            total_body_budget(max_body_bytes, max_total_body_bytes)
         self.app, self.open_paths, self.max_body_bytes = app, frozenset(open_paths), max_body_bytes
         self.body_timeout_s, self.on_response = body_timeout_s, on_response
         self.max_total_body_bytes = max_total_body_bytes

@@ -35,6 +35,7 @@ from pimoe.infer.security import (
     RequestGuard,
     ServerLimits,
     is_loopback,
+    total_body_budget,
     uvicorn_options,
 )
 from pimoe.infer.served import InferRequest, RequestError, ServedModel, request_rows, response_body
@@ -175,9 +176,7 @@ def create_app(
         api_key=api_key,
         open_paths=OPEN_PATHS | (DOCS_PATHS if docs else set()),
         max_body_bytes=max_body_bytes,
-        max_total_body_bytes=(
-            32 * max_body_bytes if max_total_body_bytes is None else max_total_body_bytes
-        ),
+        max_total_body_bytes=total_body_budget(max_body_bytes, max_total_body_bytes),
         body_timeout_s=body_timeout_s,
         on_response=lambda status: metrics.responses.labels(status=str(status)).inc(),
     )
@@ -322,7 +321,9 @@ def serve(
 
     if (model_path is None) == (chain is None):
         raise ValueError("serve one model path or one chain folder")
-    options = uvicorn_options(limits, ssl_certfile, ssl_keyfile)  # TLS files checked before loading
+    # settings checked before the model loads: TLS files, body budget
+    options = uvicorn_options(limits, ssl_certfile, ssl_keyfile)
+    total_body_budget(max_body_bytes, max_total_body_bytes)
     if not is_loopback(host) and api_key is None:
         warnings.warn(
             f"serving on {host}, reachable from other machines, without an API key: anyone who can "
