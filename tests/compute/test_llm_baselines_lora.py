@@ -251,7 +251,7 @@ def test_bench_runs_only_the_chosen_pipelines_and_reports_the_budget(
     } | {f"accuracy_by_template_{p}" for p in ("pimoe", LORA_PIPELINE)}
     assert result["train_examples_tool_call_lora"] == SETTINGS.problems + SETTINGS.composed
     assert result["train_steps_tool_call_lora"] == math.ceil(
-        TOOL_LORA_EPOCHS * (SETTINGS.problems + SETTINGS.composed) / TINY.batch_size
+        TINY.epochs * (SETTINGS.problems + SETTINGS.composed) / TINY.batch_size
     )
     assert result["train_cpu_ratio_tool_call_lora"] == round(
         result["train_cpu_seconds_tool_call_lora"] / result["train_cpu_seconds_pimoe"], 3

@@ -66,7 +66,9 @@ class LLMBenchConfig:
 
     model: str = "smollm2-135m-instruct"
     train: ChainTrainSettings = field(default_factory=ChainTrainSettings)
-    tool_lora: ToolLoRASettings = field(default_factory=ToolLoRASettings)
+    tool_lora: ToolLoRASettings = field(
+        default_factory=lambda: ToolLoRASettings(epochs=TOOL_LORA_EPOCHS)
+    )
     eval_problems: int = 64
     max_new_tokens: int = 48
     threads: int = 1
@@ -115,14 +117,13 @@ def call_checks(
 
 def tool_lora_settings(cfg: LLMBenchConfig) -> ToolLoRASettings:
     """``cfg.tool_lora`` on the chain's training questions (counts of template and composed
-    problems, digits and seed of ``cfg.train``) for :data:`TOOL_LORA_EPOCHS` passes, the chain's
-    training budget in CPU time."""
+    problems, digits and seed of ``cfg.train``); its ``epochs`` stay (by default
+    :data:`TOOL_LORA_EPOCHS`, the chain's training budget in CPU time)."""
     t = cfg.train
     return replace(
         cfg.tool_lora,
         problems=t.problems,
         composed=t.composed,
-        epochs=TOOL_LORA_EPOCHS,
         train_digits=t.train_digits,
         heldout_digits=t.heldout_digits,
         seed=t.seed,
