@@ -57,3 +57,34 @@ def test_ensemble_votes_with_the_mean_log_probs() -> None:
     pair = HeadEnsemble(heads).log_probs(question, numbers)
     for got, *parts in zip(pair, *(h.log_probs(question, numbers) for h in heads)):
         torch.testing.assert_close(got, (parts[0] + parts[1]) / 2)
+
+
+def test_composed_features_are_cached_in_chunks_keyed_by_their_questions(
+    tmp_path, monkeypatch
+) -> None:
+    from dataclasses import replace
+
+    from pimoe.compute import head_validation
+    from pimoe.compute.word_compose import composed_problems
+
+    computed: list[list[str]] = []
+
+    def fake(runner, problems, desc):  # one fake feature row per problem, counted
+        computed.append([p.question for p in problems])
+        n = len(problems)
+        return head_validation.Cached(problems, [torch.zeros(1, 2)] * n, [[0]] * n, [["1"]] * n)
+
+    monkeypatch.setattr(head_validation, "cache_questions", fake)
+    chunk = head_validation.COMPOSED_CHUNK
+    problems = composed_problems(WordProblemSet(), 2 * chunk + 3)
+    prefix = str(tmp_path / "c")
+    short = head_validation.composed_cache(lambda: None, problems[: chunk + 1], prefix)
+    assert [len(c) for c in computed] == [chunk, 1]
+    long = head_validation.composed_cache(lambda: None, problems, prefix)
+    assert [len(c) for c in computed] == [chunk, 1, chunk, 3]  # the first full chunk reused
+    assert [p.question for p in long.problems] == [p.question for p in problems]
+    assert long.problems[:chunk] == short.problems[:chunk]
+    changed = [replace(problems[0], question=problems[0].question + " Quickly."), *problems[1:]]
+    again = head_validation.composed_cache(lambda: None, changed, prefix)
+    assert [len(c) for c in computed] == [chunk, 1, chunk, 3, chunk]  # another question: new key
+    assert again.problems[0].question.endswith("Quickly.")

@@ -59,3 +59,13 @@ def test_compose_rejects_unknown_patterns_and_counts() -> None:
         compose(len(PATTERNS), random.Random(0))
     with pytest.raises(ValueError, match="count"):
         composed_templates(-1)
+
+
+def test_composed_phrasings_include_second_holders_and_amounts_after_the_verb() -> None:
+    from pimoe.compute.word_lexicon import MORE, OTHER
+
+    questions = [t.question for t in composed_templates(800)]
+    apart = [q for q in questions if any(f" {m} {{" in q for m in MORE)]
+    assert len(apart) >= 40
+    assert sum(any(o in q for o in OTHER) for q in questions) >= 40
+    assert sum("in each of the {a}" in q.lower() for q in questions) >= 10

@@ -136,6 +136,28 @@ def cached(key: str | None, make: Callable[[], Cached]) -> Cached:
     return out
 
 
+COMPOSED_CHUNK = 160
+
+
+def composed_cache(
+    runner: Callable[[], LMRunner], problems: list[WordProblem], cache: str | None
+) -> Cached:
+    """Features of composed ``problems``, cached in chunks of :data:`COMPOSED_CHUNK` keyed by a
+    checksum of their questions (a longer run reuses the chunks of a shorter one; a grammar
+    change gives new keys)."""
+    parts = []
+    for start in range(0, len(problems), COMPOSED_CHUNK):
+        chunk = problems[start : start + COMPOSED_CHUNK]
+        crc = zlib.crc32("\n".join(p.question for p in chunk).encode())
+        parts.append(
+            cached(
+                f"{cache}.composed.{start}.{len(chunk)}.{crc:08x}.pt" if cache else None,
+                lambda chunk=chunk: cache_questions(runner(), chunk, "composed"),  # type: ignore[misc]
+            )
+        )
+    return join(*parts)
+
+
 def join(*parts: Cached) -> Cached:
     """The problems of ``parts`` one after the other."""
     return Cached(*([x for p in parts for x in getattr(p, f)] for f in vars(parts[0])))
@@ -321,10 +343,7 @@ def main(
         )
         pools["extra"] = join(train, more)
     if composed:
-        comp = cached(
-            f"{cache}.composed.{composed}.pt" if cache else None,
-            lambda: cache_questions(runner(), composed_problems(problems, composed), "composed"),
-        )
+        comp = composed_cache(runner, composed_problems(problems, composed), cache)
         pools["composed"], pools["composed only"] = join(train, comp), comp
     for name, layers, pool, count, seeds, s in variants(settings):
         if (only and only not in name) or pool not in pools:

@@ -63,7 +63,7 @@ class ChainTrainSettings:
     seed: int = 0
 
 
-QUICK_SETTINGS = ChainTrainSettings(problems=192, steps=200, composed=320)
+QUICK_SETTINGS = ChainTrainSettings(problems=192, steps=200, composed=640)
 
 
 @dataclass
