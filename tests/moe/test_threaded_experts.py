@@ -164,3 +164,23 @@ def test_failed_build_warns_once_and_falls_back(
     monkeypatch.setattr(threaded, "_state", {})
     monkeypatch.setenv("PIMOE_THREADED_EXPERTS", "0")
     assert threaded.threaded_kernel() is None
+
+
+@pytest.mark.parametrize("keep_hidden", [False, True])
+def test_torch_compile_traces_the_fused_kernel(two_threads: None, keep_hidden: bool) -> None:
+    """The entry points are custom ops: one graph (``fullgraph`` raises on a graph break), the
+    eager results and gradients bit for bit."""
+    x, w_in, w_out = _operands(torch.float32, grad=keep_hidden, act=threaded.swiglu)
+
+    def fn(*t: Tensor) -> Tensor:
+        return threaded.threaded_ffn(t[0], t[1], t[2], SPLITS, threaded.swiglu, keep_hidden)
+
+    with torch.set_grad_enabled(keep_hidden):
+        got, want = torch.compile(fn, fullgraph=True)(x, w_in, w_out), fn(x, w_in, w_out)
+    assert torch.equal(got, want)
+    if keep_hidden:
+        for g, r in zip(
+            torch.autograd.grad(got.sum(), (x, w_in, w_out)),
+            torch.autograd.grad(want.sum(), (x, w_in, w_out)),
+        ):
+            assert torch.equal(g, r)
