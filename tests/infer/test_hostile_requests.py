@@ -20,7 +20,7 @@ from live_server import LiveServer
 
 from pimoe.infer.lm_models import PiMoEGenerationModel
 from pimoe.infer.openai_api import TOKENIZE_AT_ONCE
-from pimoe.infer.sampling import MAX_STOP_CHARS, SamplingParams
+from pimoe.infer.sampling import MAX_STOP_CHARS, SamplingParams, choose_tokens
 from pimoe.infer.sequence import safe_end
 from pimoe.infer.served import ServedModel
 from pimoe.infer.server import create_app
@@ -163,3 +163,33 @@ def test_at_most_two_prompts_are_tokenized_at_once(tiny_pimoe: PiMoEGenerationMo
         for w in workers:
             w.join()
     assert most == TOKENIZE_AT_ONCE == 2  # each huge prompt holds its token ids until refused
+
+
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 1e-40}, {"temperature": 5e-324}, {"top_p": 1e-300}]
+)
+def test_a_vanishing_temperature_or_top_p_decodes_greedily_not_500(
+    client: TestClient, sampling: dict[str, float]
+) -> None:
+    """Before: temperature 1e-40 turned the logits into inf - inf = NaN and top_p 1e-300 dropped
+    every token, so sampling raised and the step failed (a 500 for every request in the batch)."""
+    body = {"model": "pm", "prompt": "hi", "max_tokens": 4, "seed": 1}
+    greedy = _post(client, "/v1/completions", json.dumps({**body, "temperature": 0}))
+    status, answer = _post(client, "/v1/completions", json.dumps({**body, **sampling}))
+    assert status == 200, answer
+    assert answer["choices"] == greedy[1]["choices"]  # type: ignore[index]
+
+
+def test_one_rows_extreme_sampling_does_not_fail_the_batch() -> None:
+    logits = torch.tensor([[3e38, -3e38, 0.0], [1.0, 5.0, float("-inf")], [0.0, 2.0, 1.0]])
+    params = [SamplingParams(temperature=1e-45), SamplingParams(), SamplingParams(top_p=1e-30)]
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    tokens = choose_tokens(logits, params, generators)  # type: ignore[arg-type]
+    assert tokens[0] == 0 and tokens[1] in (0, 1) and tokens[2] == 1
+
+
+def test_max_tokens_is_checked_when_max_completion_tokens_is_given(client: TestClient) -> None:
+    body = {"model": "pm", "messages": [{"role": "user", "content": "a"}]}
+    body |= {"max_completion_tokens": 2, "max_tokens": -5}
+    status, error = _post(client, "/v1/chat/completions", json.dumps(body))
+    assert status == 400 and error["param"] == "max_tokens", error

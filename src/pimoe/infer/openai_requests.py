@@ -168,6 +168,8 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest) -> SamplingP
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     max_tokens = req.max_tokens
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        if max_tokens is not None and max_tokens < 1:  # overridden, but still a wrong value
+            raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
         max_tokens = req.max_completion_tokens
     values = {
         "max_tokens": max_tokens,

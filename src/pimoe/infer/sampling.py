@@ -61,12 +61,16 @@ def choose_tokens(
     if not sampled:
         return tokens
     rows = logits[sampled].float().cpu()  # [m, V]; the generators live on the CPU
+    # The top logit of each row becomes 0 and the temperature is at least float32's smallest
+    # normal number: a vanishing temperature (1e-40) gives 0 and -inf, never inf - inf = NaN.
+    rows = rows - rows.amax(dim=-1, keepdim=True)
     temperature = torch.tensor([params[i].temperature for i in sampled])[:, None]
-    probs = torch.softmax(rows / temperature, dim=-1)
+    probs = torch.softmax(rows / temperature.clamp_min(torch.finfo(torch.float32).tiny), dim=-1)
     top_p = torch.tensor([params[i].top_p for i in sampled])[:, None]
     if bool((top_p < 1.0).any()):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the first token is always kept
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop[:, 0] = False  # the first token is always kept (top_p 1e-300 is 0 in float32)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     for j, i in enumerate(sampled):
         tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
