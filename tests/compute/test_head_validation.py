@@ -88,3 +88,14 @@ def test_composed_features_are_cached_in_chunks_keyed_by_their_questions(
     again = head_validation.composed_cache(lambda: None, changed, prefix)
     assert [len(c) for c in computed] == [chunk, 1, chunk, 3, chunk]  # another question: new key
     assert again.problems[0].question.endswith("Quickly.")
+
+
+def test_shared_clauses_finds_long_clauses_only() -> None:
+    from pimoe.compute.head_validation import shared_clauses
+    from pimoe.compute.word_patterns import Template
+
+    t = Template(PATTERNS[0], "Ava had {a} red {item} at home; she sold {b}. How many now?", "{r}")
+    assert shared_clauses((t,), ["AVA HAD {a} RED {item} AT HOME, then more"]) == {
+        t.question: {"ava had {a} red {item} at home"}
+    }
+    assert shared_clauses((t,), ["she sold {b}. how many now?"]) == {}  # clauses of <= 4 words

@@ -21,6 +21,7 @@ import argparse
 import functools
 import os
 import random
+import re
 import statistics
 import time
 import zlib
@@ -49,7 +50,7 @@ from pimoe.compute.operand_head import (
     candidates,
     locate_numbers,
 )
-from pimoe.compute.word_compose import composed_problems
+from pimoe.compute.word_compose import composed_problems, composed_templates
 from pimoe.compute.word_grammar import FIRST_ROUND, FRAMES, expand, frame_templates
 from pimoe.compute.word_problems import PATTERNS, TEMPLATES, WordProblem, WordProblemSet
 from pimoe.compute.word_templates import WRITTEN_TEMPLATES, Template
@@ -102,6 +103,20 @@ def validation_split(
         t for t in TEMPLATES["train"] if phrasing_group(t) not in held and phrasing_group(t) in kept
     )
     return train, tuple(val)
+
+
+def shared_clauses(
+    templates: tuple[Template, ...], questions: list[str], words: int = 4
+) -> dict[str, set[str]]:
+    """Per phrasing of ``templates``: its clauses (split at ``.;?,:``) of more than ``words``
+    words that occur in one of ``questions`` (lower-cased; phrasings without one are left out)."""
+    lowered = [q.lower() for q in questions]
+    out: dict[str, set[str]] = {}
+    for t in templates:
+        for clause in re.split(r"[.;?,:]", t.question.lower()):
+            if len(clause.split()) > words and any(clause.strip() in q for q in lowered):
+                out.setdefault(t.question, set()).add(clause.strip())
+    return out
 
 
 @dataclass
@@ -315,6 +330,12 @@ def main(
     problems = WordProblemSet(settings.train_digits, settings.heldout_digits, settings.seed)
     train_t, val_t = validation_split(problems, settings.shots, seed, frames)
     print(f"{len(train_t)} train phrasings, {len(val_t)} validation phrasings")
+    if composed:
+        shared = shared_clauses(val_t, [t.question for t in composed_templates(composed)])
+        clauses = sorted(set().union(*shared.values()))
+        print(
+            f"{len(shared)} validation phrasings share a clause with the composed ones: {clauses}"
+        )
     prefix = fewshot_prefix(shot_problems(problems, settings.shots), "answer")
     runner = functools.cache(lambda: LMRunner(model, tokenizer, prefix, CACHED_LAYERS))
 
