@@ -74,7 +74,13 @@ def _loop(
     experts: StackedExperts, x_sorted: Tensor, counts: Tensor, positions: Tensor | None
 ) -> Tensor:
     return grouped_ffn(
-        x_sorted, experts.w_in, experts.b_in, experts.w_out, experts.b_out, counts, experts.act
+        x_sorted,
+        experts.w_in,
+        experts.b_in,
+        experts.w_out,
+        experts.b_out,
+        counts,
+        experts.activation_fn,
     )
 
 

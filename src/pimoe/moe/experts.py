@@ -22,7 +22,7 @@ from pimoe.moe.backends import check_backend, get_experts_backend
 from pimoe.moe.config import Activation
 from pimoe.moe.dispatch import PAD_LIMIT, PAD_LIMIT_VS_GROUPED_MM
 from pimoe.moe.grouped import EXPERT_MAJOR_MIN_BYTES, expert_major_ffn, grouped_mm_usable
-from pimoe.moe.threaded import threaded_usable
+from pimoe.moe.threaded import swiglu, threaded_usable
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -192,12 +192,16 @@ class StackedExperts(nn.Module):
     def __len__(self) -> int:
         return self.num_experts
 
+    @property
+    def activation_fn(self) -> Callable[[Tensor], Tensor]:
+        """The experts' activation as a function ``[n, F_in] -> [n, F]`` (SwiGLU: ``silu(gate) *
+        up``); one of :data:`pimoe.moe.threaded.FUSED_ACTIVATIONS`, which the threaded kernel runs
+        inside its per-expert C++ loop."""
+        return swiglu if self.activation == "swiglu" else _ACTIVATIONS[self.activation]
+
     def act(self, h: Tensor) -> Tensor:
         """The experts' activation: ``[n, F_in] -> [n, F]`` (SwiGLU: ``silu(gate) * up``)."""
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        return _ACTIVATIONS[self.activation](h)
+        return self.activation_fn(h)
 
     def _stored(self, name: str) -> Tensor:
         """Parameter ``name`` as stored (its device, dtype and strides pick the kernel), without
@@ -251,7 +255,7 @@ class StackedExperts(nn.Module):
             self.w_out,
             self.b_out,
             splits,
-            self.act,
+            self.activation_fn,
         )
 
     def forward(self, x_sorted: Tensor, counts: Tensor, positions: Tensor | None = None) -> Tensor:

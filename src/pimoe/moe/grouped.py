@@ -12,9 +12,10 @@ and ``benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md):
   each small matmul, which made it faster than ``grouped_mm`` on the exact rows whenever the
   padding added at most about a quarter of the rows;
 - otherwise, without biases and on more than one thread, the expert-parallel C++ kernel of
-  :mod:`pimoe.moe.threaded` where it could be built: each thread runs whole experts, one
-  single-threaded matmul each, so the experts are split between the threads as ``torch.bmm``
-  splits them, without padding; exact per-expert results (those of the loop below);
+  :mod:`pimoe.moe.threaded` where it could be built: each thread runs whole experts'
+  FFNs single-threaded (for pimoe's activations both matmuls and the activation in one pass
+  per expert, forward and backward), so the experts are split between the threads as
+  ``torch.bmm`` splits them, without padding; exact per-expert results (those of the loop below);
 - otherwise ``torch.nn.functional.grouped_mm`` where :func:`grouped_mm_usable` allows it (CPU,
   float32/bf16/fp16, no biases, 16-byte strides, not under ``torch.compile``): every expert's
   matmul on its exact rows in one C++ call; autograd's backward (exact, double backward, no

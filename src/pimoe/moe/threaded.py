@@ -243,6 +243,8 @@ class _ThreadedFFN(torch.autograd.Function):
         ctx: Any, x: Tensor, w_in: Tensor, w_out: Tensor, splits: list[int], act: Activation
     ) -> Tensor:
         name = FUSED_ACTIVATIONS.get(act)
+        y: Tensor
+        h: Tensor
         if name is None:
             h = rows_mm(x, w_in.transpose(1, 2), splits)  # [N, F_in]
             y = rows_mm(act(h), w_out.transpose(1, 2), splits)  # [N, D]
@@ -289,6 +291,7 @@ def threaded_ffn(
         return out
     name = FUSED_ACTIVATIONS.get(act)
     if name is not None:
-        y, _ = ffn_forward(x, w_in, w_out, splits, name, False)
-        return y
-    return rows_mm(act(rows_mm(x, w_in.transpose(1, 2), splits)), w_out.transpose(1, 2), splits)
+        out, _ = ffn_forward(x, w_in, w_out, splits, name, False)
+        return out
+    out = rows_mm(act(rows_mm(x, w_in.transpose(1, 2), splits)), w_out.transpose(1, 2), splits)
+    return out
