@@ -193,3 +193,28 @@ def test_max_tokens_is_checked_when_max_completion_tokens_is_given(client: TestC
     body |= {"max_completion_tokens": 2, "max_tokens": -5}
     status, error = _post(client, "/v1/chat/completions", json.dumps(body))
     assert status == 400 and error["param"] == "max_tokens", error
+
+
+def test_a_conversation_is_tokenized_once(tiny_pimoe: PiMoEGenerationModel) -> None:
+    """Before: every message was tokenized on its own (only to check its text), then the whole
+    conversation again: twice the work for an 8 MiB body of 200,000 messages (seconds)."""
+    from pimoe.infer.openai_requests import ChatCompletionRequest, chat_prompt
+
+    calls: list[str] = []
+
+    class Counting(PiMoEGenerationModel):
+        def encode(self, text: str) -> list[int]:
+            calls.append(text)
+            return super().encode(text)
+
+    messages = [{"role": "user", "content": f"m{i}"} for i in range(50)]
+    req = ChatCompletionRequest.model_validate({"model": "pm", "messages": messages})
+    ids = chat_prompt(Counting(tiny_pimoe.model), req)
+    assert len(calls) <= 1 and ids == chat_prompt(tiny_pimoe, req)
+
+
+def test_a_lone_surrogate_in_a_message_is_400_naming_it(client: TestClient) -> None:
+    body = '{"model": "pm", "messages": [{"role": "user", "content": "ok"}, '
+    body += '{"role": "user", "content": [{"type": "text", "text": "a\\ud800"}]}]}'
+    status, error = _post(client, "/v1/chat/completions", body)
+    assert status == 400 and error["param"] == "messages.1.content", error

@@ -145,20 +145,24 @@ def chat_prompt(model: TextModel, req: ChatCompletionRequest) -> list[int]:
         for m in req.messages
     ]
     for i, m in enumerate(messages):
-        _encode(model, m["content"], f"messages.{i}.content")  # checks the text
+        _check_text(m["content"], f"messages.{i}.content")  # the template tokenizes them once
     try:
         return model.chat_ids(messages)
     except ValueError as err:
         raise ApiError(400, str(err), "messages") from None
 
 
-def _encode(model: TextModel, text: str, param: str) -> list[int]:
+def _check_text(text: str, param: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise ApiError(
             400, f"{param} is not valid Unicode (it holds a lone surrogate)", param
         ) from None
+
+
+def _encode(model: TextModel, text: str, param: str) -> list[int]:
+    _check_text(text, param)
     return model.encode(text)
 
 
