@@ -187,3 +187,25 @@ def test_serve_refuses_a_bad_max_total_body_bytes_before_loading(
     result = CliRunner().invoke(cli_app, [*args, "--max-total-body-bytes", value])
     assert result.exit_code == 2, result.output
     assert problem in " ".join(result.output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    "flag, value, field",
+    [
+        ("--max-wait-ms", "nan", "max_wait_ms"),  # was accepted: a NaN batching deadline
+        ("--max-wait-ms", "inf", "max_wait_ms"),  # was accepted: a lone request waited for ever
+        ("--header-timeout", "nan", "header_timeout_s"),  # these three were tracebacks
+        ("--timeout-keep-alive", "nan", "timeout_keep_alive_s"),
+        ("--timeout-graceful-shutdown", "nan", "timeout_graceful_shutdown_s"),
+        ("--body-timeout", "nan", "body_timeout_s"),
+    ],
+)
+def test_serve_refuses_a_nan_or_endless_setting_in_one_line(
+    demo_path: Path, flag: str, value: str, field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("must not serve"))
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(demo_path), flag, value])
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output.startswith(f"pimoe serve: {field} must be") and result.output.count("\n") == 1
+    )

@@ -174,14 +174,14 @@ def serve(
             f"{path} does not exist and is not a pretrained name ({sorted(REGISTRY)})",
             param_hint="--model",
         )
-    limits = ServerLimits(
-        limit_concurrency=limit_concurrency or None,
-        timeout_keep_alive_s=timeout_keep_alive,
-        header_timeout_s=header_timeout,
-        max_header_bytes=max_header_bytes,
-        timeout_graceful_shutdown_s=timeout_graceful_shutdown,
-    )
-    try:
+    try:  # a setting or model file that cannot be served: one line, no traceback
+        limits = ServerLimits(
+            limit_concurrency=limit_concurrency or None,
+            timeout_keep_alive_s=timeout_keep_alive,
+            header_timeout_s=header_timeout,
+            max_header_bytes=max_header_bytes,
+            timeout_graceful_shutdown_s=timeout_graceful_shutdown,
+        )
         run_server(
             path,
             name=name,
@@ -203,7 +203,7 @@ def serve(
             max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill,
         )
-    except ValueError as err:  # a model file that cannot be served: one line, no traceback
+    except ValueError as err:
         typer.echo(f"pimoe serve: {' '.join(str(err).split())}", err=True)
         raise typer.Exit(2) from err
 

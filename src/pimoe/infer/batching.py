@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -106,8 +107,8 @@ class MicroBatcher:
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if not 0 <= max_wait_ms < math.inf:  # NaN or infinity: a batch deadline never reached
+            raise ValueError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms}")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
