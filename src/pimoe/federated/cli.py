@@ -190,7 +190,8 @@ def federate(
 def checked_config(backend: str, **settings: Any) -> FederatedConfig:
     """The run's :class:`FederatedConfig`, after every check that can fail before training.
 
-    Checks the settings, the backend, that the task imports and builds an ``nn.Module``, that
+    Checks the settings, the backend, that the task imports, splits its data among the clients
+    and builds an ``nn.Module``, that
     ``personal_layers`` names some of its parameters, and that DP-SGD can train it. Raises
     ``typer.BadParameter`` (one line, no traceback) naming the problem.
     """
@@ -203,7 +204,9 @@ def checked_config(backend: str, **settings: Any) -> FederatedConfig:
         )
     try:
         cfg = FederatedConfig(**settings)
-        model = load_task(cfg).make_model(cfg.seed)
+        task = load_task(cfg)
+        task.client_data(0, cfg.clients)  # the partition exists (e.g. no more clients than data)
+        model = task.make_model(cfg.seed)
         names = [n for n, _ in model.named_parameters()]
         missing = [
             p for p in cfg.personal if not any(n == p or n.startswith(p + ".") for n in names)

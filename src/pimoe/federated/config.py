@@ -7,6 +7,7 @@ dashes, e.g. ``local-epochs = 5``) with :meth:`FederatedConfig.from_run_config`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from pimoe.federated.selection import POLICIES
@@ -62,6 +63,7 @@ class FederatedConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        per_round = self.clients_per_round if 0 < self.fraction <= 1 else 0  # NaN: no int
         checks = [
             (self.clients >= 2, f"clients must be >= 2, got {self.clients}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
@@ -99,8 +101,9 @@ class FederatedConfig:
                 f"fraction_evaluate must be in [0, 1], got {self.fraction_evaluate}",
             ),
             (
-                self.local_epochs >= 1 and self.batch_size >= 1 and self.lr > 0,
-                "local_epochs, batch_size and lr must be positive",
+                self.local_epochs >= 1 and self.batch_size >= 1 and 0 < self.lr < math.inf,
+                "local_epochs, batch_size and lr must be positive (lr finite), got "
+                f"{self.local_epochs}, {self.batch_size}, {self.lr}",
             ),
             (self.attack in ATTACKS, f"unknown attack {self.attack!r}; expected one of {ATTACKS}"),
             (
@@ -114,11 +117,14 @@ class FederatedConfig:
                 f"{self.strategy} needs every update in the clear: it cannot run under secure or HE aggregation "
                 "(use clip_norm there)",
             ),
-            (self.dp_epsilon >= 0, f"dp_epsilon must be >= 0 (0 = off), got {self.dp_epsilon}"),
+            (
+                0 <= self.dp_epsilon < math.inf,
+                f"dp_epsilon must be a finite number >= 0 (0 = off), got {self.dp_epsilon}",
+            ),
             (not (self.secure_agg and self.he), "choose one of secure_agg and he, not both"),
             (
-                not self.secure_agg or self.clients_per_round >= 3,
-                f"secure aggregation needs at least 3 clients per round, got {self.clients_per_round} "
+                not self.secure_agg or per_round >= 3,
+                f"secure aggregation needs at least 3 clients per round, got {per_round} "
                 f"(max(min_clients, fraction x clients) = max({self.min_clients}, {self.fraction} x "
                 f"{self.clients})): raise fraction or min_clients",
             ),
