@@ -50,6 +50,11 @@ def kernel_pad_limit(
     return PAD_LIMIT_VS_GROUPED_MM if torch.get_num_threads() > 1 else None
 
 
+def activation_function(activation: str) -> Callable[[Tensor], Tensor]:
+    """The function of a ``StackedExperts`` activation name: ``[n, F_in] -> [n, F]``."""
+    return swiglu if activation == "swiglu" else _ACTIVATIONS[activation]
+
+
 def _check_activation(activation: str) -> None:
     if activation != "swiglu" and activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose swiglu, gelu, relu or silu")
@@ -197,11 +202,11 @@ class StackedExperts(nn.Module):
         """The experts' activation as a function ``[n, F_in] -> [n, F]`` (SwiGLU: ``silu(gate) *
         up``); one of :data:`pimoe.moe.threaded.FUSED_ACTIVATIONS`, which the threaded kernel runs
         inside its per-expert C++ loop."""
-        return swiglu if self.activation == "swiglu" else _ACTIVATIONS[self.activation]
+        return activation_function(self.activation)
 
     def act(self, h: Tensor) -> Tensor:
         """The experts' activation: ``[n, F_in] -> [n, F]`` (SwiGLU: ``silu(gate) * up``)."""
-        return self.activation_fn(h)
+        return activation_function(self.activation)(h)
 
     def _stored(self, name: str) -> Tensor:
         """Parameter ``name`` as stored (its device, dtype and strides pick the kernel), without
