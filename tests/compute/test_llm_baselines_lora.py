@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -257,6 +258,8 @@ def test_bench_runs_only_the_chosen_pipelines_and_reports_the_budget(
         result["train_cpu_seconds_tool_call_lora"] / result["train_cpu_seconds_pimoe"], 3
     )
     assert result["source_tool_call_lora"] == "trained"
+    trained = json.loads(json.dumps(result["config"]["tool_lora"]))  # tuples as lists
+    assert trained == result["settings_tool_call_lora"]
     without = run(cfg, progress=False, pipelines=["tool_call"])
     assert f"accuracy_{LORA_PIPELINE}" not in without and "accuracy_tool_call" in without
     assert "train_cpu_seconds_tool_call_lora" not in without

@@ -253,7 +253,11 @@ def evaluate(
         "benchmark": "computation",
         "model": cfg.model,
         "eval_problems": len(evaluation),
-        "config": {**asdict(cfg), "train": asdict(cfg.train)},
+        "config": {
+            **asdict(cfg),
+            "train": asdict(cfg.train),
+            "tool_lora": asdict(tool_lora_settings(cfg)),  # as trained, on the chain's questions
+        },
         "torch_threads": cfg.threads,
         **{k: v for k, v in report.items() if k != "settings"},
         "train_seconds_pimoe": round(
