@@ -4,8 +4,8 @@
 - :func:`tool_call` (c): the LM, few-shot prompted with ``"tool"`` examples, writes
   ``<<expression>>``; when it closes the call, Python evaluates it with the same exact engine,
   the result is appended in one prefill and the LM continues. The LoRA-tuned tool call (c') is the
-  same function on a copy of the LM whose adapters learned the format
-  (:mod:`pimoe.compute.tool_call_lora`), with no few-shot prefix.
+  same function on a copy of the LM whose adapters learned the format on the chain's training
+  questions (:mod:`pimoe.compute.tool_call_lora`), with no few-shot prefix.
 - :func:`two_call` (d): a two-call agent. The first call (``"request"`` examples) writes a request
   in words ``<<...>>``; a second call of the same LM (its own few-shot prompt,
   :func:`~pimoe.compute.llm_prompts.translate_prefix`) turns the request into an expression;
