@@ -15,7 +15,15 @@ from pimoe.moe import PiMoE
 from pimoe.moe.grouped import grouped_ffn, grouped_mm_usable
 from pimoe.moe.losses import load_balancing_loss, router_z_loss
 
-MATMULS = {"mm", "bmm", "_grouped_mm", "addmm", "baddbmm", "rows_mm", "weights_mm"}  # + pimoe.moe.threaded
+MATMULS = {
+    "mm",
+    "bmm",
+    "_grouped_mm",
+    "addmm",
+    "baddbmm",
+    "rows_mm",
+    "weights_mm",
+}  # + pimoe.moe.threaded
 
 
 class _CountMatmuls(TorchDispatchMode):
