@@ -102,6 +102,13 @@ def test_saved_choice_round_trips(tmp_path, tiny_space) -> None:
     path.write_text(json.dumps({**record, "model": {**record["model"], "top_k": 99}}))
     with pytest.raises(ValueError, match="invalid model configuration"):
         load_config(path)
+    huge = {**record["model"], "n_layer": 10**9}  # a crafted or careless file: no allocation
+    path.write_text(json.dumps({**record, "model": huge}))
+    with pytest.raises(ValueError, match="parameters, more than"):
+        load_config(path)
+    path.write_text(json.dumps({**record, "model": {**record["model"], "block_size": True}}))
+    with pytest.raises(ValueError, match="block_size must be an int"):
+        load_config(path)
 
 
 def test_plot_writes_png(tmp_path, tiny_space) -> None:

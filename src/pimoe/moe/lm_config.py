@@ -35,6 +35,16 @@ class LMConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.moe, MoEConfig):
             raise TypeError(f"moe must be a MoEConfig, got {type(self.moe).__name__}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "moe_every"):
+            _check_int(name, getattr(self, name))
+        if self.dense_ffn_dim is not None:
+            _check_int("dense_ffn_dim", self.dense_ffn_dim)
+            if self.dense_ffn_dim < 1:
+                raise ValueError(f"dense_ffn_dim must be >= 1 or None, got {self.dense_ffn_dim}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise TypeError(f"dropout must be a float, got {type(self.dropout).__name__}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if self.moe_every < 0:
@@ -52,6 +62,19 @@ class LMConfig:
     def dense_width(self) -> int:
         """Hidden width of the dense SwiGLU blocks: by default, the active width of an MoE block."""
         return self.dense_ffn_dim or (self.moe.top_k + self.moe.shared_experts) * self.ffn_dim
+
+    def parameter_bound(self) -> int:
+        """An upper bound of the model's parameter count, from the config alone (nothing is
+        built): what a loader checks before building a model a file describes."""
+        d, moe = self.d_model, self.moe
+        width, shared = self.ffn_dim, moe.shared_ffn_dim or self.ffn_dim
+        routed = moe.num_experts * (3 * d * width + width + 2 * d + 1)
+        always_on = moe.shared_experts * (3 * d * shared + shared + d) + d + 1
+        dense = 3 * d * self.dense_width + self.dense_width + d
+        moe_layers = self.n_layer // self.moe_every if self.moe_every else 0
+        ffns = moe_layers * (routed + always_on) + (self.n_layer - moe_layers) * dense
+        attention = self.n_layer * (4 * d * (d + 1) + 4 * d)
+        return attention + ffns + (2 * self.vocab_size + self.block_size + 2) * d
 
     def is_moe(self, layer: int) -> bool:
         """Whether block ``layer`` (0-based) has a PiMoE feed-forward layer."""
@@ -81,6 +104,11 @@ class LMConfig:
         if unknown:
             raise ValueError(f"unknown LMConfig keys: {sorted(unknown)}")
         return cls(**data, moe=MoEConfig.from_dict(moe))
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
 _LEGACY_MOE_KEYS = (

@@ -29,6 +29,9 @@ from pimoe.search.objective import OBJECTIVES
 from pimoe.search.space import Compression, SearchSpace
 
 CHOICE_FORMAT = "pimoe.search.choice/1"
+# A chosen config is a model trained by ``pimoe demo --config`` on this machine's CPU: far past
+# any search space, a crafted or careless file would otherwise ask for terabytes.
+MAX_CHOICE_PARAMETERS = 10**9
 
 
 CONFIG_LEGEND = (
@@ -124,9 +127,15 @@ def load_config(path: str | os.PathLike[str]) -> LMConfig:
     """The model configuration saved by :func:`save_choice` (``pimoe search --config-out``)."""
     record = _read_choice(path)
     try:
-        return LMConfig.from_dict(record["model"])
+        config = LMConfig.from_dict(record["model"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: invalid model configuration ({err})") from err
+    if config.parameter_bound() > MAX_CHOICE_PARAMETERS:
+        raise ValueError(
+            f"{path}: the model configuration describes up to {config.parameter_bound():,} "
+            f"parameters, more than the {MAX_CHOICE_PARAMETERS:,} a search choice may hold"
+        )
+    return config
 
 
 def load_compression(path: str | os.PathLike[str]) -> Compression:
