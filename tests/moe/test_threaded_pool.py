@@ -1,0 +1,96 @@
+"""The threaded kernel's buffer pool (pimoe.moe.threaded.empty_cache / cached_bytes): buffers of
+1 MiB or more come from kept blocks, results stay the per-expert loop's bit for bit when a block
+is reused with stale contents, autograd takes a weight gradient as ``.grad`` without copying
+it, and empty_cache frees what is kept."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+from pimoe.moe import grouped, threaded
+from pimoe.moe.threaded import Activation
+
+D, F = 256, 256  # w_in [E, 2F, D] fp32: 2 MiB, w_out [E, D, F]: 1 MiB, both pooled
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    if threaded.threaded_kernel() is None:
+        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    threaded.empty_cache()
+    yield
+    threaded.empty_cache()
+    torch.set_num_threads(before)
+
+
+def _python_swiglu(h: Tensor) -> Tensor:  # runs between the per-matmul entry points
+    gate, up = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _weights(seed: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w_in = torch.randn(4, 2 * F, D, generator=gen) / 16
+    w_out = torch.randn(4, D, F, generator=gen) / 16
+    return w_in.requires_grad_(), w_out.requires_grad_()
+
+
+def _run(w_in: Tensor, w_out: Tensor, splits: list[int], act: Activation, seed: int) -> Tensor:
+    x = torch.randn(sum(splits), D, generator=torch.Generator().manual_seed(seed))
+    x.requires_grad_()
+    y = threaded.threaded_ffn(x, w_in, w_out, splits, act, keep_hidden=True)
+    y.backward(torch.cos(y.detach()))
+    return x
+
+
+def _reference(
+    x: Tensor, w_in: Tensor, w_out: Tensor, splits: list[int], act: Activation
+) -> list[Tensor]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = [t.detach().requires_grad_() for t in (x, w_in, w_out)]
+        y = grouped._GroupedFFN.apply(args[0], args[1], None, args[2], None, splits, act, True)
+        y.backward(torch.cos(y.detach()))
+    finally:
+        torch.set_num_threads(before)
+    return [t.grad for t in args]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("act", [threaded.swiglu, _python_swiglu], ids=["fused", "python"])
+def test_reused_blocks_give_the_loop_results(two_threads: None, act: Activation) -> None:
+    """The second pass gets the first pass's blocks back, full of its gradients: an expert that
+    had rows then and has none now must still get a zero weight gradient."""
+    w_in, w_out = _weights(0)
+    _run(w_in, w_out, [300, 40, 0, 172], act, seed=1)
+    w_in.grad = w_out.grad = None
+    assert threaded.cached_bytes() >= (w_in.numel() + w_out.numel()) * 4
+    x = _run(w_in, w_out, [310, 0, 90, 112], act, seed=2)
+    want = _reference(x, w_in, w_out, [310, 0, 90, 112], act)
+    for got, ref in zip((x.grad, w_in.grad, w_out.grad), want):
+        assert got is not None and torch.equal(got, ref)
+    assert not w_in.grad[1].any() and not w_out.grad[1].any()  # type: ignore[index]
+
+
+def test_gradients_are_taken_without_a_copy_and_come_back(two_threads: None) -> None:
+    """AccumulateGrad keeps the kernel's buffer as ``.grad`` (a copy would return the block to
+    the pool during backward); dropping ``.grad`` returns it, the next backward takes it again,
+    and empty_cache frees it."""
+    w_in, w_out = _weights(0)
+    grad_bytes = (w_in.numel() + w_out.numel()) * 4
+    _run(w_in, w_out, [128, 128, 128, 128], threaded.swiglu, seed=1)
+    held = threaded.cached_bytes()  # the forward's hidden activations, freed after backward
+    pointers = {w_in.grad.data_ptr(), w_out.grad.data_ptr()}  # type: ignore[union-attr]
+    w_in.grad = w_out.grad = None
+    assert threaded.cached_bytes() == held + grad_bytes
+    _run(w_in, w_out, [128, 128, 128, 128], threaded.swiglu, seed=2)
+    assert {w_in.grad.data_ptr(), w_out.grad.data_ptr()} == pointers  # type: ignore[union-attr]
+    assert threaded.cached_bytes() == held
+    assert threaded.empty_cache() == held
+    assert threaded.cached_bytes() == 0
