@@ -46,8 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pimoe.moe.threaded import (
+    FUSED_ACTIVATIONS,
     Activation,
     act_with_grad,
+    expert_major_forward,
     threaded_ffn,
     threaded_pays,
     threaded_usable,
@@ -59,7 +61,8 @@ CHUNK_HIDDEN_BYTES = 4 * 2**20
 # Inference takes :func:`expert_major_ffn` once all routed rows' hidden activations would take
 # at least this many bytes (the L3 cache of the 2-core bench machine and glibc's largest mmap
 # threshold: such buffers are page-faulted anew on every call). At 2048 tokens and beyond both
-# bench shapes were faster so (``pimoe bench moe``, docs/benchmarks.md).
+# bench shapes were faster so (``pimoe bench moe``, docs/benchmarks.md); at 128-512 tokens the
+# threaded expert-major kernel and the gathered path were within noise of each other.
 EXPERT_MAJOR_MIN_BYTES = 32 * 2**20
 
 
@@ -308,7 +311,10 @@ def expert_major_ffn(
 
     Nothing of size ``rows x F`` is allocated: every chunk's input rows, hidden activations and
     outputs stay in the CPU caches and the expert's weights are read once. At 2048-16384 tokens
-    this beat gathering all rows first (``pimoe bench moe``, docs/benchmarks.md).
+    this beat gathering all rows first (``pimoe bench moe``, docs/benchmarks.md). Without biases,
+    for pimoe's activations and on several threads it runs in the threaded kernel
+    (:func:`pimoe.moe.threaded.expert_major_forward`: whole experts per thread, one ``[T, D]``
+    sum per extra thread); otherwise as a Python loop of per-expert ops.
 
     Args:
         x: ``[T, D]`` tokens; token_rows: ``[R]`` long, the token of each routed row, grouped by
@@ -319,8 +325,14 @@ def expert_major_ffn(
     Returns:
         ``[T, D]`` in ``x``'s dtype (0 for a token with no row).
     """
-    out = torch.zeros_like(x)
     chunk = max(1, CHUNK_HIDDEN_BYTES // (w_in.shape[1] * w_in.element_size()))
+    name = FUSED_ACTIVATIONS.get(act)
+    if b_in is None and b_out is None and name is not None and threaded_usable(x, w_in, w_out):
+        fused: Tensor = expert_major_forward(
+            x, token_rows, row_weights, w_in, w_out, splits, name, chunk
+        )
+        return fused
+    out = torch.zeros_like(x)
     scale = row_weights.to(x.dtype).unsqueeze(1)  # [R, 1]
 
     def run(e: int, rows: slice) -> None:

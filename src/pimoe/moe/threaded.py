@@ -163,6 +163,42 @@ def _(
     return tuple(x.new_empty(s if n else (0,)) for s, n in zip(shapes, need))  # type: ignore[return-value]
 
 
+@torch.library.custom_op("pimoe::expert_major_forward", mutates_args=())
+def expert_major_forward(
+    x: Tensor,
+    token_rows: Tensor,
+    row_weights: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    splits: list[int],
+    act: str,
+    chunk_rows: int,
+) -> Tensor:
+    """Inference from gather to weighted sum (``x [T, D]``, ``token_rows [R]`` grouped by
+    expert, ``row_weights [R]``, ``act`` a key of :data:`FUSED_ACTIVATIONS`) -> ``[T, D]``:
+    ``out[token_rows[r]] += row_weights[r] * FFN_e(x[token_rows[r]])``, each thread taking whole
+    experts dealt in advance, ``chunk_rows`` rows at a time; the same result on every run with
+    the same thread count."""
+    out: Tensor = _module().expert_major_forward(
+        x, token_rows, row_weights, w_in, w_out, splits, act, chunk_rows
+    )
+    return out
+
+
+@expert_major_forward.register_fake
+def _(
+    x: Tensor,
+    token_rows: Tensor,
+    row_weights: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    splits: list[int],
+    act: str,
+    chunk_rows: int,
+) -> Tensor:
+    return torch.empty_like(x)
+
+
 def _module() -> Any:
     module = threaded_kernel()
     if module is None:
@@ -197,13 +233,14 @@ def threaded_usable(x: Tensor | None, w_in: Tensor, w_out: Tensor) -> bool:
     return w_in.dtype.is_floating_point and threaded_kernel() is not None
 
 
-# Where the kernel pays (quiet 2-core machine, ``pimoe bench moe`` and
-# ``benchmarks/moe_padding_vs_grouped_mm.py``, docs/benchmarks.md): with many experts per
-# thread (64 experts on 2 threads: faster than grouped_mm from 128 to 16384 tokens) or few rows
-# per expert (8 experts at 128-512 tokens, top-2); with few, large experts (8 experts at 2048
-# and 16384 tokens, 512+ rows each) grouped_mm, which splits each large matmul between the
-# threads, was 1.10-1.15x faster in forward+backward.
-MIN_EXPERTS_PER_THREAD = 8
+# Where the kernel pays (quiet 2-core machine, ``pimoe bench moe``, docs/benchmarks.md): with
+# several experts per thread (64 experts: faster than grouped_mm from 128 to 16384 tokens; 8
+# experts, 4 per thread, with the fused FFN and the buffer pool: forward+backward 1.09 vs 1.26
+# of dense at 2048 tokens and 0.71 vs 0.82 at 16384, where the per-matmul kernel had been
+# 1.10-1.15x slower than grouped_mm) or few rows per expert. Fewer experts than 4 per thread
+# were not measured: whole experts per thread could leave a thread idle, so grouped_mm (which
+# splits each matmul between the threads) keeps them unless the experts are small.
+MIN_EXPERTS_PER_THREAD = 4
 MAX_MEAN_ROWS = 128
 
 

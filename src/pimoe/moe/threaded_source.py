@@ -8,6 +8,9 @@ Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a
 - ``ffn_backward(grad_y [N, D], x, w_in, w_out, h, splits, act, need_x, need_w_in, need_w_out)``
   -> ``(grad_x, grad_w_in, grad_w_out)`` (``[0]`` where not needed; zero weight gradients for
   an expert without rows);
+- ``expert_major_forward(x [T, D], token_rows [R], row_weights [R], w_in, w_out, splits, act,
+  chunk_rows)`` -> ``[T, D]``: inference from gather to weighted sum, whole experts per thread;
+- ``release_pool()`` / ``pool_kept_bytes()``: the buffer pool of large outputs;
 - ``rows_mm`` and ``weights_mm``: single matmuls per expert, for activations given as Python
   functions (``ffn_*`` take one of ``swiglu``, ``gelu``, ``relu``, ``silu`` by name).
 
@@ -288,12 +291,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_backward(
   });
   return {grad_x, grad_w_in, grad_w_out};
 }
+
+// Inference from gather to weighted sum, expert by expert: out[token_rows[r]] +=
+// row_weights[r] * FFN_e(x[token_rows[r]]) for the rows r of each expert e, in chunks of
+// chunk_rows rows. The experts are dealt to one task per thread in advance (largest first, to
+// the least loaded task), so which task sums which expert does not depend on timing; task 0 adds
+// into out, task i > 0 into a [T, D] buffer of its own, added to out in task order afterwards:
+// the same result on every run with the same thread count.
+at::Tensor expert_major_forward(
+    const at::Tensor& x, const at::Tensor& token_rows, const at::Tensor& row_weights,
+    const at::Tensor& w_in, const at::Tensor& w_out, const std::vector<int64_t>& splits,
+    const std::string& act_name, int64_t chunk_rows) {
+  TORCH_CHECK(x.dim() == 2 && token_rows.dim() == 1 && row_weights.dim() == 1 &&
+              token_rows.size(0) == row_weights.size(0) && w_in.dim() == 3 &&
+              w_in.size(0) == (int64_t)splits.size() && w_out.size(0) == w_in.size(0) &&
+              chunk_rows > 0, "expert_major_forward shapes");
+  const Act act = act_of(act_name);
+  std::vector<int64_t> start;
+  auto order = order_of(splits, start);
+  TORCH_CHECK(start.back() == token_rows.size(0), "expert_major_forward: splits sum to ",
+              start.back(), " rows, token_rows has ", token_rows.size(0));
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (int64_t)order.size()));
+  std::vector<std::vector<int64_t>> experts_of(tasks);
+  std::vector<int64_t> load(tasks, 0);
+  for (int64_t e : order) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    experts_of[t].push_back(e);
+    load[t] += splits[e];
+  }
+  auto out = at::zeros_like(x);
+  std::vector<at::Tensor> sums(tasks);
+  sums[0] = out;
+  for (int64_t t = 1; t < tasks; ++t) sums[t] = at::zeros_like(x);
+  auto scale = row_weights.to(x.scalar_type()).unsqueeze(1);  // [R, 1]
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t e : experts_of[t])
+        for (int64_t r = start[e]; r < start[e + 1]; r += chunk_rows) {
+          const int64_t n = std::min(chunk_rows, start[e + 1] - r);
+          auto tokens = token_rows.narrow(0, r, n);
+          auto h = at::mm(x.index_select(0, tokens), w_in.select(0, e).t());
+          auto y = at::mm(act_forward(act, h), w_out.select(0, e).t());
+          sums[t].index_add_(0, tokens, y.mul_(scale.narrow(0, r, n)));
+        }
+  });
+  for (int64_t t = 1; t < tasks; ++t) out.add_(sums[t]);
+  return out;
+}
 """
 FUNCTIONS = [
     "rows_mm",
     "weights_mm",
     "ffn_forward",
     "ffn_backward",
+    "expert_major_forward",
     "release_pool",
     "pool_kept_bytes",
 ]
