@@ -3,9 +3,10 @@
 The same PiMoE layer (the shapes, weights and routing of `pimoe bench moe`) runs its forward
 under `torch.inference_mode` once as the dispatcher chooses (expert by expert from gather to
 weighted sum, `StackedExperts.expert_major`, once all rows' hidden activations would reach
-`EXPERT_MAJOR_MIN_BYTES`) and once forced onto the gathered path (gather all rows, grouped
-kernel, combine), next to HF's eager and grouped_mm blocks and the dense limit, interleaved
-within each round. Prints time / dense limit per contender.
+`EXPERT_MAJOR_MIN_BYTES`; on several threads the threaded kernel's `expert_major_forward`),
+once as the per-expert Python loop it replaces there, and once forced onto the gathered path
+(gather all rows, grouped kernel, combine), next to HF's eager and grouped_mm blocks and the
+dense limit, interleaved within each round. Prints time / dense limit per contender.
 
     python benchmarks/moe_expert_major.py --tokens 1024 2048 16384 --rounds 3
 """
@@ -16,19 +17,34 @@ import torch
 
 from pimoe.bench import moe_layer
 from pimoe.bench.timing import interleaved_medians, load_average
-from pimoe.moe import experts
+from pimoe.moe import experts, grouped
 
 
 def gathered(step: Callable[[], object]) -> Callable[[], None]:
     """``step`` run with the expert-major forward switched off."""
 
     def run() -> None:
-        rule = experts.EXPERT_MAJOR_MIN_BYTES
-        experts.EXPERT_MAJOR_MIN_BYTES = 2**62
+        rules = experts.EXPERT_MAJOR_MIN_BYTES, experts.EXPERT_MAJOR_MIN_HIDDEN_BYTES
+        experts.EXPERT_MAJOR_MIN_BYTES = experts.EXPERT_MAJOR_MIN_HIDDEN_BYTES = 2**62
         try:
             step()
         finally:
-            experts.EXPERT_MAJOR_MIN_BYTES = rule
+            experts.EXPERT_MAJOR_MIN_BYTES, experts.EXPERT_MAJOR_MIN_HIDDEN_BYTES = rules
+
+    return run
+
+
+def python_loop(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` with the expert-major forward as the per-expert Python loop (the threaded
+    kernel's ``expert_major_forward`` switched off)."""
+
+    def run() -> None:
+        usable = grouped.threaded_usable
+        grouped.threaded_usable = lambda *args: False  # type: ignore[assignment]
+        try:
+            step()
+        finally:
+            grouped.threaded_usable = usable
 
     return run
 
@@ -43,6 +59,7 @@ def main() -> None:
             fns = {
                 "dense": steps["dense"],
                 "pimoe default": steps["pimoe"],
+                "pimoe python loop": python_loop(steps["pimoe"]),
                 "pimoe gathered": gathered(steps["pimoe"]),
                 "HF eager": steps["hf_eager"],
                 "HF grouped_mm": steps["hf_grouped_mm"],

@@ -58,10 +58,13 @@ def test_expert_major_only_without_autograd_and_past_the_size_rule(
     calls = _calls(monkeypatch)
     torch.manual_seed(0)
     layer = PiMoE(16, num_experts=4, top_k=2, ffn_dim=16)
-    f_in_bytes = layer.experts.w_in.shape[1] * 4
-    rows_needed = grouped.EXPERT_MAJOR_MIN_BYTES // f_in_bytes  # routed rows at the threshold
+    rows_needed = grouped.EXPERT_MAJOR_MIN_BYTES // (16 * 4)  # gathered rows [R, 16] fp32
     assert layer.experts.runs_expert_major(rows_needed)
     assert not layer.experts.runs_expert_major(rows_needed - 1)
+    wide = PiMoE(16, num_experts=4, top_k=2, ffn_dim=1024).experts  # hidden [R, 2048] first
+    rows_needed = grouped.EXPERT_MAJOR_MIN_HIDDEN_BYTES // (2048 * 4)
+    assert wide.runs_expert_major(rows_needed)
+    assert not wide.runs_expert_major(rows_needed - 1)
     assert not StackedExperts(4, 16, 16, backend="grouped_mm").runs_expert_major(10**9)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not layer.experts.runs_expert_major(10**9)

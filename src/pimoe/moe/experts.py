@@ -21,7 +21,12 @@ from torch.nn.utils import parametrize
 from pimoe.moe.backends import check_backend, get_experts_backend
 from pimoe.moe.config import Activation
 from pimoe.moe.dispatch import PAD_LIMIT, PAD_LIMIT_VS_GROUPED_MM
-from pimoe.moe.grouped import EXPERT_MAJOR_MIN_BYTES, expert_major_ffn, grouped_mm_usable
+from pimoe.moe.grouped import (
+    EXPERT_MAJOR_MIN_BYTES,
+    EXPERT_MAJOR_MIN_HIDDEN_BYTES,
+    expert_major_ffn,
+    grouped_mm_usable,
+)
 from pimoe.moe.threaded import swiglu, threaded_usable
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -236,14 +241,19 @@ class StackedExperts(nn.Module):
     def runs_expert_major(self, rows: int) -> bool:
         """Whether a forward of ``rows`` routed rows without autograd should run expert by expert
         from gather to weighted sum (:meth:`expert_major`): the built-in ``"loop"`` kernel, no
-        autocast, and all rows' hidden activations would take at least
-        :data:`pimoe.moe.grouped.EXPERT_MAJOR_MIN_BYTES`."""
+        autocast, and gathering all rows ``[rows, D]`` would take at least
+        :data:`pimoe.moe.grouped.EXPERT_MAJOR_MIN_BYTES` or their hidden activations
+        ``[rows, F_in]`` at least :data:`pimoe.moe.grouped.EXPERT_MAJOR_MIN_HIDDEN_BYTES`."""
         w_in = self._stored("w_in")
         if get_experts_backend(self.backend, w_in) is not get_experts_backend("loop", w_in):
             return False
         if torch.is_autocast_enabled(w_in.device.type):
             return False
-        return rows * w_in.shape[1] * w_in.element_size() >= EXPERT_MAJOR_MIN_BYTES
+        row_bytes = rows * w_in.element_size()
+        return (
+            row_bytes * w_in.shape[2] >= EXPERT_MAJOR_MIN_BYTES
+            or row_bytes * w_in.shape[1] >= EXPERT_MAJOR_MIN_HIDDEN_BYTES
+        )
 
     def expert_major(
         self, x: Tensor, token_rows: Tensor, row_weights: Tensor, splits: list[int]

@@ -58,12 +58,16 @@ from pimoe.moe.threaded import (
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Hidden activations per chunk of :func:`expert_major_ffn` (a few MiB: they stay in L2/L3).
 CHUNK_HIDDEN_BYTES = 4 * 2**20
-# Inference takes :func:`expert_major_ffn` once all routed rows' hidden activations would take
-# at least this many bytes (the L3 cache of the 2-core bench machine and glibc's largest mmap
-# threshold: such buffers are page-faulted anew on every call). At 2048 tokens and beyond both
-# bench shapes were faster so (``pimoe bench moe``, docs/benchmarks.md); at 128-512 tokens the
-# threaded expert-major kernel and the gathered path were within noise of each other.
+# Inference takes :func:`expert_major_ffn` once gathering all routed rows ``[R, D]`` (and as
+# many output rows) would take at least EXPERT_MAJOR_MIN_BYTES (the L3 cache of the 2-core
+# bench machine and glibc's largest mmap threshold: such buffers are page-faulted anew on every
+# call), or their hidden activations ``[R, F_in]`` at least EXPERT_MAJOR_MIN_HIDDEN_BYTES (wide
+# experts). Measured forward, quiet (``benchmarks/moe_expert_major.py``, docs/benchmarks.md):
+# expert-major won at 64 experts from 2048 tokens (gathered rows 32 MiB) and at 8 experts at
+# 16384 (64 MiB), and lost at 8 experts at 2048 (8 MiB of rows, 32 MiB of hidden activations:
+# 0.98-1.10x dense vs 0.87-0.97x gathered).
 EXPERT_MAJOR_MIN_BYTES = 32 * 2**20
+EXPERT_MAJOR_MIN_HIDDEN_BYTES = 128 * 2**20
 
 
 def grouped_mm_usable(
