@@ -4,7 +4,7 @@ experts kernel or grouped_mm.
 The same PiMoE layer (the shapes, weights and routing of `pimoe bench moe`) runs once with the
 dispatcher padding every expert to the largest expert's row count, whatever that wastes (two
 batched matmuls), once on the exact rows with the threaded experts kernel
-(`pimoe.moe.threaded`, whole experts per thread) and once on the exact rows with
+(`pimoe.moe.threaded`, whole experts per thread, whatever `threaded_pays` says) and once on the exact rows with
 `torch.nn.functional.grouped_mm`, next to HF's grouped_mm block and the dense limit, the five
 interleaved within each round. Prints time /
 dense limit per contender, the padding (padded rows / routed rows) and what the dispatcher's
@@ -19,7 +19,7 @@ import torch
 
 from pimoe.bench import moe_layer
 from pimoe.bench.timing import interleaved_medians, load_average
-from pimoe.moe import dispatch, threaded
+from pimoe.moe import dispatch, grouped, threaded
 from pimoe.moe.experts import StackedExperts
 
 
@@ -56,6 +56,21 @@ def without_threaded_kernel(step: Callable[[], object]) -> Callable[[], None]:
     return run
 
 
+def forced_threaded(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` run with the threaded experts kernel on every grouped FFN call (its rule,
+    ``threaded_pays``, switched off)."""
+
+    def run() -> None:
+        rule = grouped.threaded_pays
+        grouped.threaded_pays = lambda splits: True
+        try:
+            step()
+        finally:
+            grouped.threaded_pays = rule
+
+    return run
+
+
 def main() -> None:
     args, shapes = moe_layer.script_shapes(__doc__.splitlines()[0], [128, 512], 15)
     print(f"threaded experts kernel: {threaded.threaded_kernel() is not None}")
@@ -80,7 +95,7 @@ def main() -> None:
                 fns = {
                     "dense": steps["dense"],
                     "pimoe padded": with_pad_limit(float("inf"), steps["pimoe"]),
-                    "pimoe threaded": with_pad_limit(None, steps["pimoe"]),
+                    "pimoe threaded": forced_threaded(with_pad_limit(None, steps["pimoe"])),
                     "pimoe grouped_mm": without_threaded_kernel(
                         with_pad_limit(None, steps["pimoe"])
                     ),
