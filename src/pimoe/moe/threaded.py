@@ -235,8 +235,8 @@ def threaded_usable(x: Tensor | None, w_in: Tensor, w_out: Tensor) -> bool:
 
 # Where the kernel pays (quiet 2-core machine, ``pimoe bench moe``, docs/benchmarks.md): with
 # several experts per thread (64 experts: faster than grouped_mm from 128 to 16384 tokens; 8
-# experts, 4 per thread, with the fused FFN and the buffer pool: forward+backward 1.09 vs 1.26
-# of dense at 2048 tokens and 0.71 vs 0.82 at 16384, where the per-matmul kernel had been
+# experts, 4 per thread, with the fused FFN and the buffer pool: forward+backward 0.73 vs 0.87
+# of dense at 2048 tokens and 0.65 vs 0.84 at 16384, where the per-matmul kernel had been
 # 1.10-1.15x slower than grouped_mm) or few rows per expert. Fewer experts than 4 per thread
 # were not measured: whole experts per thread could leave a thread idle, so grouped_mm (which
 # splits each matmul between the threads) keeps them unless the experts are small.
