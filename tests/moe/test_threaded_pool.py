@@ -1,7 +1,7 @@
-"""The threaded kernel's buffer pool (pimoe.moe.threaded.empty_cache / cached_bytes): buffers of
-1 MiB or more come from kept blocks, results stay the per-expert loop's bit for bit when a block
-is reused with stale contents, autograd takes a weight gradient as ``.grad`` without copying
-it, and empty_cache frees what is kept."""
+"""The threaded kernel's buffer pool (pimoe.moe.threaded.empty_cache / cached_bytes): weight
+gradients of 1 MiB or more come from kept blocks, results stay the per-expert loop's bit for bit
+when a block is reused with stale contents, autograd takes a weight gradient as ``.grad``
+without copying it, empty_cache frees what is kept, and outputs (inference) never enter it."""
 
 from __future__ import annotations
 
@@ -85,12 +85,25 @@ def test_gradients_are_taken_without_a_copy_and_come_back(two_threads: None) -> 
     w_in, w_out = _weights(0)
     grad_bytes = (w_in.numel() + w_out.numel()) * 4
     _run(w_in, w_out, [128, 128, 128, 128], threaded.swiglu, seed=1)
-    held = threaded.cached_bytes()  # the forward's hidden activations, freed after backward
+    assert threaded.cached_bytes() == 0
     pointers = {w_in.grad.data_ptr(), w_out.grad.data_ptr()}  # type: ignore[union-attr]
     w_in.grad = w_out.grad = None
-    assert threaded.cached_bytes() == held + grad_bytes
+    assert threaded.cached_bytes() == grad_bytes
     _run(w_in, w_out, [128, 128, 128, 128], threaded.swiglu, seed=2)
     assert {w_in.grad.data_ptr(), w_out.grad.data_ptr()} == pointers  # type: ignore[union-attr]
-    assert threaded.cached_bytes() == held
-    assert threaded.empty_cache() == held
+    assert threaded.cached_bytes() == 0
+    w_in.grad = w_out.grad = None
+    assert threaded.empty_cache() == grad_bytes
+    assert threaded.cached_bytes() == 0
+
+
+def test_outputs_stay_out_of_the_pool(two_threads: None) -> None:
+    """Inference outputs follow the number of tokens: pooling them would fill the pool with
+    sizes a server never asks for again."""
+    w_in, w_out = _weights(0)
+    with torch.no_grad():
+        for rows in (1024, 1500, 2000):  # outputs and hidden activations of 1-8 MiB
+            x = torch.randn(rows, D)
+            y = threaded.threaded_ffn(x, w_in, w_out, [rows // 4] * 4, threaded.swiglu, False)
+            del y
     assert threaded.cached_bytes() == 0

@@ -13,12 +13,12 @@ other activation (a Python function) runs between per-matmul regions. The per-ex
 and activation ops are the same ATen calls as the per-expert loop's on the same tensors, so the
 results are the loop's, bit for bit.
 
-Buffers of 1 MiB or more that the kernel returns (outputs, kept hidden activations, and above
-all the weight gradients, which become ``.grad`` and are dropped by ``zero_grad()`` every step)
-take their memory from a pool of freed blocks instead of ``malloc``, which maps large buffers
-afresh and page-faults every page in again on each step (at 64 experts of width 256 on
+Weight gradients of 1 MiB or more (they become ``.grad`` and ``zero_grad()`` drops them every
+step) take their memory from a pool of freed blocks instead of ``malloc``, which maps large
+buffers afresh and page-faults every page in again on each step (at 64 experts of width 256 on
 d_model 512, ~27k faults and ~50 ms of kernel time per training step on 2 cores). At most 1 GiB
-is kept; :func:`empty_cache` frees it, :func:`cached_bytes` tells how much is kept.
+is kept; :func:`empty_cache` frees it, :func:`cached_bytes` tells how much is kept. Outputs,
+whose sizes follow the number of tokens, come from ``malloc`` (inference never uses the pool).
 
 The kernel is a small C++ extension (``torch.utils.cpp_extension.load_inline``, source in
 :mod:`pimoe.moe.threaded_source`), built on first use (about a minute; cached by torch in
@@ -207,10 +207,10 @@ def _module() -> Any:
 
 
 def empty_cache() -> int:
-    """Free the memory blocks the kernel keeps for reuse by its weight-gradient buffers (1 MiB or
-    more each, at most 1 GiB in all; a block is kept once the gradient tensor holding it is
-    freed, e.g. by ``optimizer.zero_grad()``) and return the bytes freed; 0 where the kernel is
-    not built."""
+    """Free the memory blocks the kernel keeps for reuse by its weight gradients (1 MiB or more
+    each, at most 1 GiB in all; a block is kept once the gradient tensor holding it is freed,
+    e.g. by ``optimizer.zero_grad()``) and return the bytes freed; 0 where the kernel is not
+    built."""
     module = _state.get("module")
     return 0 if module is None else int(module.release_pool())
 

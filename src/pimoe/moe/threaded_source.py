@@ -10,7 +10,7 @@ Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a
   an expert without rows);
 - ``expert_major_forward(x [T, D], token_rows [R], row_weights [R], w_in, w_out, splits, act,
   chunk_rows)`` -> ``[T, D]``: inference from gather to weighted sum, whole experts per thread;
-- ``release_pool()`` / ``pool_kept_bytes()``: the buffer pool of large outputs;
+- ``release_pool()`` / ``pool_kept_bytes()``: the buffer pool of weight gradients;
 - ``rows_mm`` and ``weights_mm``: single matmuls per expert, for activations given as Python
   functions (``ffn_*`` take one of ``swiglu``, ``gelu``, ``relu``, ``silu`` by name).
 
@@ -32,12 +32,14 @@ SOURCE = r"""
 #include <tuple>
 
 // Weight gradients come back to autograd as fresh tensors every backward (they become .grad,
-// and an optimizer's zero_grad() drops them). Buffers of 1 MiB or more: large ones are mmap'ed
-// by malloc and unmapped when freed, so each backward faulted every page of them in again (at
-// 64 experts of width 256 on d_model 512, 96 MB: 23k page faults, ~50 ms of kernel time per
-// step). Their memory comes from this pool instead: a freed buffer's block is kept, pages
+// and an optimizer's zero_grad() drops them). Large ones are mmap'ed by malloc and unmapped
+// when freed, so each backward faulted every page of them in again (at 64 experts of width 256
+// on d_model 512, 96 MB: 23k page faults, ~50 ms of kernel time per step). Weight gradients of
+// 1 MiB or more take their memory from this pool instead: a freed buffer's block is kept, pages
 // mapped, for the next buffer of the same size, up to kPoolMaxBytes kept; the tensors hold no
-// extra reference, so autograd still takes them as .grad without copying.
+// extra reference, so autograd still takes them as .grad without copying. Only weight
+// gradients: their sizes are the same every step, while outputs change size with the number
+// of tokens (a server's varying batches would fill the pool with sizes never asked for again).
 struct BlockPool {
   std::mutex mu;
   std::multimap<size_t, void*> free_blocks;  // bytes -> block
@@ -64,7 +66,7 @@ static void keep_block(void* data, size_t bytes) {
   std::free(data);
 }
 
-// at::empty, from the pool for 1 MiB or more
+// at::empty, from the pool for 1 MiB or more (weight gradients only)
 static at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes = (size_t)c10::multiply_integers(sizes) * options.dtype().itemsize();
   if (bytes < kPoolMinBytes) return at::empty(sizes, options);
@@ -137,7 +139,7 @@ static void each_on_one_thread(int64_t n, const F& job) {
 // out[rows of e] = a[rows of e] @ b[e] for a [N, K], b [E, K, M] (any strides) -> [N, M]
 at::Tensor rows_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& splits) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 3 && b.size(0) == (int64_t)splits.size(), "rows_mm shapes");
-  auto out = pooled_empty({a.size(0), b.size(2)}, a.options());
+  auto out = at::empty({a.size(0), b.size(2)}, a.options());
   std::vector<int64_t> start;
   auto order = order_of(splits, start);
   each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
@@ -228,8 +230,8 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward(
               w_in.size(0) == (int64_t)splits.size() && w_out.size(0) == w_in.size(0),
               "ffn_forward shapes");
   const Act act = act_of(act_name);
-  auto y = pooled_empty({x.size(0), w_out.size(1)}, x.options());
-  auto hidden = pooled_empty({keep_hidden ? x.size(0) : 0, w_in.size(1)}, x.options());
+  auto y = at::empty({x.size(0), w_out.size(1)}, x.options());
+  auto hidden = at::empty({keep_hidden ? x.size(0) : 0, w_in.size(1)}, x.options());
   std::vector<int64_t> start;
   auto order = order_of(splits, start);
   each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
@@ -259,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_backward(
               "ffn_backward shapes");
   const Act act = act_of(act_name);
   auto none = [&] { return at::empty({0}, x.options()); };  // one each: outputs may not alias
-  auto grad_x = need_x ? pooled_empty(x.sizes(), x.options()) : none();
+  auto grad_x = need_x ? at::empty_like(x) : none();
   auto grad_w_in = need_w_in ? pooled_empty(w_in.sizes(), w_in.options()) : none();
   auto grad_w_out = need_w_out ? pooled_empty(w_out.sizes(), w_out.options()) : none();
   std::vector<int64_t> start;
