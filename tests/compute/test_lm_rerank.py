@@ -55,7 +55,7 @@ def test_batched_scores_equal_one_sequence_at_a_time() -> None:
 
 def test_rerank_accuracy_picks_by_the_weighted_score() -> None:
     """The head prefers the wrong reading, the LM the right one: the weight decides."""
-    from pimoe.compute.head_validation import Reranked, rerank_accuracy
+    from pimoe.compute.head_rerank import Reranked, rerank_accuracy
 
     row = Reranked(
         "1+2",
