@@ -70,3 +70,25 @@ def test_digits_split_is_stratified_disjoint_and_seeded():
     assert torch.equal(again.y, train.y) and not torch.equal(other.y, train.y)
     with pytest.raises(ValueError, match="same N"):
         Split(torch.zeros(3, 2), torch.zeros(4))
+
+
+def test_hopeless_draws_are_refused_without_building_client_arrays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Near one client per sample every draw leaves a client empty: the 1,000 draws are checked
+    on per-client counts alone (each used to split and join arrays for every client: ~30 s
+    before refusing 1,437 clients of 1,437 samples)."""
+    splits: list[int] = []
+    real = np.split
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        splits.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(np, "split", counted)
+    with pytest.raises(ValueError, match="no Dirichlet"):
+        dirichlet_partition(LABELS[:400], 400, 0.5)
+    assert splits == []
+    parts = dirichlet_partition(LABELS, 10, 0.5, seed=3)  # a passing draw builds them once
+    assert len(splits) == len(np.unique(LABELS))
+    _assert_disjoint_cover(parts, len(LABELS))

@@ -48,18 +48,23 @@ def dirichlet_partition(
             f"min_size={min_size} x {num_clients} clients exceeds {len(labels)} samples"
         )
     rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for _ in range(1000):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        for c in classes:
-            idx = rng.permutation(np.flatnonzero(labels == c))
+        draws = []  # per class: (its samples shuffled, the cut points between clients)
+        sizes = np.zeros(num_clients, dtype=np.int64)
+        for idx in members:
+            idx = rng.permutation(idx)
             shares = rng.dirichlet(np.full(num_clients, alpha))
             cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+            sizes += np.diff(cuts, prepend=0, append=len(idx))
+            draws.append((idx, cuts))
+        if sizes.min() < min_size:  # checked before any per-client array is built
+            continue
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for idx, cuts in draws:
             for client, chunk in enumerate(np.split(idx, cuts)):
                 parts[client].append(chunk)
-        merged = [np.sort(np.concatenate(p)) for p in parts]
-        if min(len(p) for p in merged) >= min_size:
-            return merged
+        return [np.sort(np.concatenate(p)) for p in parts]
     raise ValueError(
         f"no Dirichlet(alpha={alpha}) draw gave every client {min_size} samples; raise alpha or lower min_size"
     )
