@@ -198,6 +198,10 @@ def test_serve_refuses_a_bad_max_total_body_bytes_before_loading(
         ("--timeout-keep-alive", "nan", "timeout_keep_alive_s"),
         ("--timeout-graceful-shutdown", "nan", "timeout_graceful_shutdown_s"),
         ("--body-timeout", "nan", "body_timeout_s"),
+        ("--header-timeout", "inf", "header_timeout_s"),  # these four were accepted: no deadline
+        ("--timeout-keep-alive", "inf", "timeout_keep_alive_s"),
+        ("--timeout-graceful-shutdown", "inf", "timeout_graceful_shutdown_s"),
+        ("--body-timeout", "inf", "body_timeout_s"),
     ],
 )
 def test_serve_refuses_a_nan_or_endless_setting_in_one_line(

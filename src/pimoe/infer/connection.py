@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import os
 import ssl
 from dataclasses import dataclass
@@ -54,8 +55,8 @@ class ServerLimits:
                 f"limit_concurrency must be >= 1 or None, got {self.limit_concurrency}"
             )
         for name in ("timeout_keep_alive_s", "header_timeout_s", "timeout_graceful_shutdown_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:  # inf: a connection held open for ever
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
         if self.max_header_bytes < 1024:
             raise ValueError(f"max_header_bytes must be >= 1024, got {self.max_header_bytes}")
 

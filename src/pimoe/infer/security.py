@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import math
 from collections.abc import Callable, Collection
 
 from pimoe.extras import extra_imports
@@ -112,10 +113,10 @@ class RequestGuard:
     ) -> None:
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key is empty: give a non-empty key or None")
-        if max_body_bytes < 1 or not body_timeout_s > 0:
+        if max_body_bytes < 1 or not 0 < body_timeout_s < math.inf:
             raise ValueError(
-                f"max_body_bytes must be >= 1 and body_timeout_s > 0, got {max_body_bytes}, "
-                f"{body_timeout_s}"
+                f"max_body_bytes must be >= 1 and body_timeout_s > 0 and finite, got "
+                f"{max_body_bytes}, {body_timeout_s}"
             )
         if max_total_body_bytes is not None:
             total_body_budget(max_body_bytes, max_total_body_bytes)

@@ -12,6 +12,7 @@ deadline); every error answer has :mod:`pimoe.infer.http_errors`' shape.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 import warnings
@@ -124,8 +125,8 @@ def create_app(
         raise ValueError("max_request_elements and max_body_bytes must be >= 1")
     if cache_size < 0:
         raise ValueError(f"cache_size must be >= 0, got {cache_size}")
-    if not body_timeout_s > 0:
-        raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
+    if not 0 < body_timeout_s < math.inf:  # inf: a body may trickle in for ever
+        raise ValueError(f"body_timeout_s must be > 0 and finite, got {body_timeout_s}")
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: give a non-empty key, or None for no key")
     served: dict[str, ServedModel] = {}
