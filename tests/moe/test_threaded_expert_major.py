@@ -4,8 +4,6 @@ bits on every run, and chosen by grouped.expert_major_ffn only where it can run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,16 +14,6 @@ from pimoe.moe.threaded import Activation
 
 SPLITS = [50, 0, 7, 33, 120, 1, 64, 25]  # uneven, one expert without rows
 T, D, HIDDEN = 150, 16, 24
-
-
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    if threaded.threaded_kernel() is None:
-        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def _operands(act: Activation, dtype: torch.dtype) -> tuple[Tensor, ...]:

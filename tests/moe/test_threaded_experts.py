@@ -5,8 +5,6 @@ by torch.compile, and a clean fallback when it cannot be built."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,16 +25,6 @@ def _swiglu(h: Tensor) -> Tensor:  # a Python activation: the kernel runs it bet
 ACTIVATIONS = [threaded.swiglu, F.gelu, F.relu, F.silu, _swiglu]  # the first four fused
 
 
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    if threaded.threaded_kernel() is None:
-        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _operands(
     dtype: torch.dtype, grad: bool = True, act: Activation = _swiglu
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -49,14 +37,14 @@ def _operands(
 
 
 def _loop_reference(
-    x: Tensor, w_in: Tensor, w_out: Tensor, act: Activation = _swiglu
+    x: Tensor, w_in: Tensor, w_out: Tensor, act: Activation = _swiglu, splits: list[int] = SPLITS
 ) -> tuple[Tensor, list[Tensor]]:
     """Output and gradients of the per-expert loop kernel (grouped.py's fallback), one thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         args = [t.detach().requires_grad_() for t in (x, w_in, w_out)]
-        y = grouped._GroupedFFN.apply(args[0], args[1], None, args[2], None, SPLITS, act, True)
+        y = grouped._GroupedFFN.apply(args[0], args[1], None, args[2], None, splits, act, True)
         y.backward(torch.cos(y.detach()))
     finally:
         torch.set_num_threads(before)

@@ -5,33 +5,15 @@ without copying it, empty_cache frees what is kept, and outputs (inference) neve
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
+from test_threaded_experts import _loop_reference, _swiglu
 from torch import Tensor
 
-from pimoe.moe import grouped, threaded
+from pimoe.moe import threaded
 from pimoe.moe.threaded import Activation
 
 D, F = 256, 256  # w_in [E, 2F, D] fp32: 2 MiB, w_out [E, D, F]: 1 MiB, both pooled
-
-
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    if threaded.threaded_kernel() is None:
-        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    threaded.empty_cache()
-    yield
-    threaded.empty_cache()
-    torch.set_num_threads(before)
-
-
-def _python_swiglu(h: Tensor) -> Tensor:  # runs between the per-matmul entry points
-    gate, up = h.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
 
 
 def _weights(seed: int) -> tuple[Tensor, Tensor]:
@@ -49,21 +31,7 @@ def _run(w_in: Tensor, w_out: Tensor, splits: list[int], act: Activation, seed: 
     return x
 
 
-def _reference(
-    x: Tensor, w_in: Tensor, w_out: Tensor, splits: list[int], act: Activation
-) -> list[Tensor]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        args = [t.detach().requires_grad_() for t in (x, w_in, w_out)]
-        y = grouped._GroupedFFN.apply(args[0], args[1], None, args[2], None, splits, act, True)
-        y.backward(torch.cos(y.detach()))
-    finally:
-        torch.set_num_threads(before)
-    return [t.grad for t in args]  # type: ignore[misc]
-
-
-@pytest.mark.parametrize("act", [threaded.swiglu, _python_swiglu], ids=["fused", "python"])
+@pytest.mark.parametrize("act", [threaded.swiglu, _swiglu], ids=["fused", "python"])
 def test_reused_blocks_give_the_loop_results(two_threads: None, act: Activation) -> None:
     """The second pass gets the first pass's blocks back, full of its gradients: an expert that
     had rows then and has none now must still get a zero weight gradient."""
@@ -72,7 +40,7 @@ def test_reused_blocks_give_the_loop_results(two_threads: None, act: Activation)
     w_in.grad = w_out.grad = None
     assert threaded.cached_bytes() >= (w_in.numel() + w_out.numel()) * 4
     x = _run(w_in, w_out, [310, 0, 90, 112], act, seed=2)
-    want = _reference(x, w_in, w_out, [310, 0, 90, 112], act)
+    _, want = _loop_reference(x, w_in, w_out, act, [310, 0, 90, 112])
     for got, ref in zip((x.grad, w_in.grad, w_out.grad), want):
         assert got is not None and torch.equal(got, ref)
     assert not w_in.grad[1].any() and not w_out.grad[1].any()  # type: ignore[index]
