@@ -62,11 +62,22 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return codes, scale.to(weight.dtype).contiguous()
 
 
+def _check_int4_device(tensor: Tensor) -> None:
+    """``ValueError`` unless ``tensor`` is on the CPU: the int4 experts' packed layout and matmul
+    are torch's CPU kernels (``_weight_int4pack_mm_for_cpu``); on other devices use int8."""
+    if tensor.device.type != "cpu":
+        raise ValueError(
+            f"int4 fused experts run on the CPU only (torch's CPU int4 pack), got a tensor on "
+            f"{tensor.device}; quantize with bits=8 for {tensor.device.type}, or keep the experts on the CPU"
+        )
+
+
 def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """Asymmetric int4 in groups of ``group_size`` input columns (torchao's tinygemm layout):
     ``[E, O, I]`` -> (packed uint8 ``[E, O, I / 2]``, scales_zeros ``[E, I / group_size, O, 2]``)."""
     if not _int4_ops_available():
         raise RuntimeError("int4 experts need torch's _weight_int4pack_mm_for_cpu (torch>=2.6)")
+    _check_int4_device(weight)
     num_experts, out_features, in_features = weight.shape
     if out_features % 16:
         raise ValueError(f"int4 needs the output width ({out_features}) to be a multiple of 16")
@@ -135,6 +146,8 @@ class QuantizedFusedExperts(nn.Module, ABC):
             self._buffer(f"{name}_int4")[e],
             self._buffer(f"{name}_scales_zeros")[e],
         )
+        _check_int4_device(x)
+        _check_int4_device(packed)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, packed, self.group_size, scales_zeros.to(x.dtype)
         )
