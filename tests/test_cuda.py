@@ -169,10 +169,11 @@ def _greedy_through_the_engine(
     engine = GenerationEngine(model, max_batch_size=4)
     try:
         params = SamplingParams(max_tokens=tokens, temperature=0)
-        tickets = [engine.generate(p, params) for p in prompts]
+        events = [engine.generate(p, params) for p in prompts]
     finally:
         engine.close()
-    return [t.token_ids for t in tickets]
+    assert [e.error for e in events] == [None] * len(events)
+    return [e.token_ids for e in events]
 
 
 def test_pimoe_lm_serves_greedy_tokens_of_its_own_generate_on_the_device() -> None:

@@ -13,6 +13,7 @@ from pimoe.hf import (
     enable,
 )
 from pimoe.hf.families import FAMILIES, build_tiny, compare_implementations
+from pimoe.moe import backends
 
 LOGIT_TOL = 1e-4
 GRAD_RTOL = 1e-5  # of the largest gradient entry (~1e2..1e3 with loss = sum of squared logits)
@@ -217,3 +218,26 @@ def test_padding_follows_the_kernel_rule(
         else None
     )
     assert limits and set(limits) == {expected}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_where_auto_picks_grouped_mm_the_exact_rows_run_it(
+    monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
+    """Where ``MoEConfig(backend="auto")`` runs grouped_mm (bf16 on CUDA), the transformers
+    backend does too: one grouped_mm FFN on the unpadded rows, logits and gradients of eager
+    (forced here on the CPU, in fp32)."""
+    calls: list[int] = []
+
+    def spy(x: torch.Tensor, counts: torch.Tensor, *rest: object) -> torch.Tensor:
+        calls.append(int(counts.sum()))
+        assert x.shape[0] == calls[-1]  # no padding rows
+        return backends.grouped_mm_ffn(x, counts, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backend, "auto_backend", lambda weight: "grouped_mm")
+    monkeypatch.setattr(backend, "grouped_mm_ffn", spy)
+    model = build_tiny(family)
+    diff = compare_implementations(model, _input_ids(model))["pimoe"]
+    assert len(calls) == model.config.num_hidden_layers
+    assert diff["max_abs_logit_diff"] <= LOGIT_TOL
+    assert diff["max_abs_grad_diff"] <= GRAD_RTOL * diff["max_abs_grad"]

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from pimoe.moe.backends import auto_backend, grouped_mm_ffn
 from pimoe.moe.dispatch import combine_rows, gather_tokens, plan_dispatch
 from pimoe.moe.experts import kernel_pad_limit
 from pimoe.moe.grouped import grouped_ffn
@@ -134,13 +135,21 @@ def pimoe_experts_forward(
     layout = experts_layout(experts, base=True) if low_rank else experts_layout(experts)
     num_experts = int(experts.num_experts)
     mask = top_k_index < num_experts if experts._is_expert_parallel else None
+    # what MoEConfig(backend="auto") runs: grouped_mm on the exact rows for bf16 on CUDA
+    one_kernel = not low_rank and auto_backend(layout.w_in) == "grouped_mm"
     pad_limit = (
-        None if low_rank else kernel_pad_limit(layout.w_in, layout.b_in, layout.w_out, layout.b_out)
+        None
+        if low_rank or one_kernel
+        else kernel_pad_limit(layout.w_in, layout.b_in, layout.w_out, layout.b_out)
     )
     plan = plan_dispatch(top_k_index, num_experts, mask, pad_limit)
     x = gather_tokens(hidden_states, plan)
-    y = (
-        low_rank_ffn(
+    if one_kernel:
+        y = grouped_mm_ffn(
+            x, plan.counts, layout.w_in, layout.b_in, layout.w_out, layout.b_out, layout.act
+        )
+    elif low_rank:
+        y = low_rank_ffn(
             x,
             plan.splits,
             layout.w_in,
@@ -151,11 +160,10 @@ def pimoe_experts_forward(
             adapters[1],
             layout.act,
         )
-        if low_rank
-        else grouped_ffn(
+    else:
+        y = grouped_ffn(
             x, layout.w_in, layout.b_in, layout.w_out, layout.b_out, plan.splits, layout.act
-        )
-    )  # [R, D], padding rows ignored by the combine
+        )  # [R, D], padding rows ignored by the combine
     if experts.has_post_expert_norm:
         y = experts.post_expert_norm(y)
     return combine_rows(y, top_k_weights, plan).to(hidden_states.dtype)

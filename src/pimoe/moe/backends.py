@@ -59,13 +59,17 @@ def check_backend(name: str) -> None:
         raise ValueError("backend='grouped_mm' needs torch.nn.functional.grouped_mm (torch>=2.9)")
 
 
+def auto_backend(weight: Tensor) -> str:
+    """What ``"auto"`` runs for expert weights like ``weight``: ``"grouped_mm"`` for bf16 on CUDA
+    when torch has it, else ``"loop"``."""
+    use_grouped_mm = weight.is_cuda and hasattr(F, "grouped_mm") and weight.dtype == torch.bfloat16
+    return "grouped_mm" if use_grouped_mm else "loop"
+
+
 def get_experts_backend(name: str, weight: Tensor) -> ExpertsBackend:
     """The backend function for ``name``; ``"auto"`` picks by the weights' device and dtype."""
     if name == "auto":
-        use_grouped_mm = (
-            weight.is_cuda and hasattr(F, "grouped_mm") and weight.dtype == torch.bfloat16
-        )
-        name = "grouped_mm" if use_grouped_mm else "loop"
+        name = auto_backend(weight)
     check_backend(name)
     return _BACKENDS[name]
 
@@ -84,17 +88,37 @@ def _loop(
     )
 
 
+def grouped_mm_ffn(
+    x_sorted: Tensor,
+    counts: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    act: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Every expert's FFN on its rows with two ``torch.nn.functional.grouped_mm`` calls.
+
+    ``x_sorted [N, D]`` grouped by expert (``counts [E]`` long on ``x``'s device, summing to
+    ``N``), ``w_in [E, F_in, D]``, ``b_in [E, F_in]`` or None, ``w_out [E, D, F]``, ``b_out [E, D]``
+    or None, ``act: [N, F_in] -> [N, F]``; returns ``[N, D]``. No host sync.
+    """
+    offsets = counts.cumsum(0).to(torch.int32)
+    h = F.grouped_mm(x_sorted, w_in.transpose(-2, -1), offs=offsets)  # [N, F_in]
+    if b_in is not None:
+        h = h + b_in.repeat_interleave(counts, dim=0, output_size=x_sorted.shape[0])
+    y = F.grouped_mm(act(h), w_out.transpose(-2, -1), offs=offsets)  # [N, D]
+    if b_out is not None:
+        y = y + b_out.repeat_interleave(counts, dim=0, output_size=x_sorted.shape[0])
+    return contiguous_grad(y)
+
+
 def _grouped_mm(
     experts: StackedExperts, x_sorted: Tensor, counts: Tensor, positions: Tensor | None
 ) -> Tensor:
-    offsets = counts.cumsum(0).to(torch.int32)
-    h = F.grouped_mm(x_sorted, experts.w_in.transpose(-2, -1), offs=offsets)  # [N, F_in]
-    if experts.b_in is not None:
-        h = h + experts.b_in.repeat_interleave(counts, dim=0, output_size=x_sorted.shape[0])
-    y = F.grouped_mm(experts.act(h), experts.w_out.transpose(-2, -1), offs=offsets)  # [N, D]
-    if experts.b_out is not None:
-        y = y + experts.b_out.repeat_interleave(counts, dim=0, output_size=x_sorted.shape[0])
-    return contiguous_grad(y)
+    return grouped_mm_ffn(
+        x_sorted, counts, experts.w_in, experts.b_in, experts.w_out, experts.b_out, experts.act
+    )
 
 
 register_experts_backend("loop", _loop)
