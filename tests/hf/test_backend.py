@@ -241,3 +241,10 @@ def test_where_auto_picks_grouped_mm_the_exact_rows_run_it(
     assert len(calls) == model.config.num_hidden_layers
     assert diff["max_abs_logit_diff"] <= LOGIT_TOL
     assert diff["max_abs_grad_diff"] <= GRAD_RTOL * diff["max_abs_grad"]
+
+
+def test_older_transformers_are_refused_naming_the_version() -> None:
+    backend.check_transformers_version(backend.MIN_TRANSFORMERS)
+    backend.check_transformers_version("6.0.0")
+    with pytest.raises(ImportError, match=r"transformers>=5\.24 \(found 5\.17\.0\)"):
+        backend.check_transformers_version("5.17.0")

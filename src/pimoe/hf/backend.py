@@ -49,6 +49,7 @@ NAME = "pimoe"
 _KNOWN_PARAMETERS = frozenset(
     {"gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias"}
 )
+MIN_TRANSFORMERS = "5.24"  # the oldest release on which tests/hf passes in full
 _LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
 
 
@@ -176,11 +177,21 @@ def enable() -> None:
     ``model.set_experts_implementation("pimoe")`` or ``config._experts_implementation = "pimoe"``
     run a model's experts on pimoe's kernel.
     """
-    try:
-        from transformers.integrations.moe import ExpertsInterface
-    except ImportError as err:  # transformers < 5 has no experts interface
-        raise ImportError(
-            "pimoe.hf needs transformers>=5 (transformers.integrations.moe.ExpertsInterface): "
-            "pip install 'pimoe[hf]'"
-        ) from err
+    import transformers
+
+    check_transformers_version(transformers.__version__)
+    from transformers.integrations.moe import ExpertsInterface
+
     ExpertsInterface.register(NAME, pimoe_experts_forward)
+
+
+def check_transformers_version(found: str) -> None:
+    """``ImportError`` naming the fix unless ``found`` >= :data:`MIN_TRANSFORMERS` (older 5.x
+    releases lack experts-module flags the kernel reads, e.g. ``has_post_expert_norm`` before 5.20)."""
+    from packaging.version import Version
+
+    if Version(found) < Version(MIN_TRANSFORMERS):
+        raise ImportError(
+            f"pimoe.hf needs transformers>={MIN_TRANSFORMERS} (found {found}): "
+            "pip install 'pimoe[hf]' or pip install -U transformers"
+        )
