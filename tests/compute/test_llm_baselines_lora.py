@@ -135,18 +135,18 @@ def test_training_problems_are_the_chains(monkeypatch: pytest.MonkeyPatch) -> No
     import pimoe.compute.llm_train as llm_train
 
     seen: list[str] = []
-    collect, question = llm_train.collect_features, llm_train.question_features
+    collect, questions = llm_train.collect_features, llm_train.questions_features
 
     def record_all(runner, problems, *args, **kwargs):
         seen.extend(p.question for p in problems)
         return collect(runner, problems, *args, **kwargs)
 
-    def record_one(runner, problem):
-        seen.append(problem.question)
-        return question(runner, problem)
+    def record_questions(runner, problems, *args, **kwargs):
+        seen.extend(p.question for p in problems)
+        return questions(runner, problems, *args, **kwargs)
 
     monkeypatch.setattr(llm_train, "collect_features", record_all)
-    monkeypatch.setattr(llm_train, "question_features", record_one)
+    monkeypatch.setattr(llm_train, "questions_features", record_questions)
     model, tokenizer = tiny_lm()
     cfg = LLMBenchConfig(model="tiny", train=replace(SETTINGS, steps=1, seed=3))
     train_chain(model, tokenizer, "tiny", cfg.train, progress=False)

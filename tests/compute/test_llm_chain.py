@@ -124,6 +124,29 @@ def test_locate_numbers_points_at_last_digit_tokens() -> None:
     assert [tokenizer.decode([found.ids[i]]) for i in found.positions] == ["0", "5", "7"]
 
 
+@pytest.mark.parametrize("prefix", ["Q: Tom had 3 pens. A: 3\n", ""])
+def test_batched_question_features_are_single_passes(prefix: str) -> None:
+    """Token lists of one length share a forward pass; each gets the features of its own pass
+    after the prefix (bitwise where the matrix products are row-consistent, as on the x86 CI)."""
+    from pimoe.compute.llm_runner import LMRunner
+
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_lm()
+    runner = LMRunner(model, tokenizer, prefix)
+    texts = ["Had 120 apples.", "Sold 45 and 7?", "Got 9 pears!!!!", "Ada owns 2 cats", "A"]
+    questions = [runner.encode(t) for t in texts]
+    lengths = [len(q) for q in questions]
+    assert max(lengths.count(n) for n in lengths) == 3  # precondition: passes of 2 and 1 lists
+    batches: list[int] = []
+    batched = runner.question_features(questions, batch_size=2, on_batch=batches.append)
+    assert sorted(batches, reverse=True)[0] == 2 and sum(batches) == len(questions)
+    single = [runner.feed_all(runner.start(), q)[1] for q in questions]  # prefix cache unchanged
+    for got, want in zip(batched, single, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one token"):
+        runner.question_features([[], questions[0]])
+
+
 def test_training_lowers_both_losses(trained) -> None:
     _, report = trained
     assert report["router_loss_final"] < 0.5 * report["router_loss_first"]

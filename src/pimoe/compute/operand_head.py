@@ -120,9 +120,18 @@ class OperandHead(nn.Module):
         """``summaries [B, 2F]`` (:func:`summary` of each question block's features), ``numbers
         [N, 2F]`` (:func:`number_features`), ``owner [N]`` (the question of each number)
         -> ``(pattern logits [B, P], role logits [N, P*len(SLOTS)+1])`` (:func:`role`)."""
+        return self.logits(*self.inputs(summaries, numbers, owner))
+
+    def inputs(self, summaries: Tensor, numbers: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
+        """The standardized inputs of the pattern and pointer MLPs: ``[B, 2F]``, ``[N, 4F]``
+        (:meth:`forward` is ``logits(*inputs(...))``; training computes them once)."""
         mean, std = self.mean.repeat(2), self.std.repeat(2)
         s, n = (summaries - mean) / std, (numbers - mean) / std
-        return self.pattern(s), self.pointer(torch.cat([n, s[owner]], dim=-1))
+        return s, torch.cat([n, s[owner]], dim=-1)
+
+    def logits(self, pattern_in: Tensor, pointer_in: Tensor) -> tuple[Tensor, Tensor]:
+        """Pattern and role logits of :meth:`inputs`' two outputs."""
+        return self.pattern(pattern_in), self.pointer(pointer_in)
 
     @torch.no_grad()
     def log_probs(self, question: Tensor, numbers: QuestionNumbers) -> tuple[Tensor, Tensor]:
