@@ -291,3 +291,18 @@ def test_layer_needs_a_process_group() -> None:
     assert not dist.is_initialized()  # the other tests only initialize groups in spawned processes
     with pytest.raises(RuntimeError, match="process group"):
         ExpertParallelMoE.from_layer(PiMoE(D, num_experts=4))
+
+
+@pytest.mark.parametrize(("local_rank", "gpus"), [("1", 1), ("0", 0)])
+def test_nccl_with_more_processes_than_gpus_is_refused(
+    monkeypatch: pytest.MonkeyPatch, local_rank: str, gpus: int
+) -> None:
+    """Two processes on a one-GPU machine (the default backend where CUDA is available) get a
+    clear error before any process group starts, not an invalid-device-ordinal crash."""
+    from pimoe.moe.collectives import init_process_group
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(ValueError, match=f"LOCAL_RANK is {local_rank} and {gpus} CUDA device"):
+        init_process_group("nccl", init_method="tcp://127.0.0.1:1", rank=0, world_size=2)
+    assert not dist.is_initialized()

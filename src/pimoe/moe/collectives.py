@@ -87,7 +87,14 @@ def init_process_group(
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device("cpu")
     if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ValueError(
+                f"backend 'nccl' puts each process on its own GPU, but LOCAL_RANK is {local_rank} "
+                f"and {gpus} CUDA device(s) are visible: start at most {gpus} process(es) per "
+                "machine, or pass backend='gloo' to run the experts on the CPU"
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group(
         backend, init_method=init_method, timeout=timeout, rank=rank, world_size=world_size
