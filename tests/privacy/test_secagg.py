@@ -136,7 +136,7 @@ def _plus_round(n: int, threshold: int, round_id: int = 3, seed: int = 0):
     """Stages 1-3 of a SecAgg+ round: clients, their keys, every client's inbox, updates and masked inputs."""
     rng = np.random.default_rng(seed)
     clients = {i: SecAggPlusClient(i, round_id) for i in range(n)}
-    keys = {i: c.public_keys() for i, c in clients.items()}
+    keys = {i: c.advertise() for i, c in clients.items()}
     outbox = {i: c.share(keys, threshold) for i, c in clients.items()}
     inbox = {v: {u: outbox[u][v] for u in clients} for v in clients}
     updates = {i: (0.1 * rng.standard_normal(DIM)).astype(np.float32) for i in clients}
@@ -193,7 +193,7 @@ def test_secaggplus_refuses_bad_requests():
     fresh = SecAggPlusClient(9, 3)
     with pytest.raises(ValueError, match="strict majority"):
         fresh.share(
-            {**keys, 9: fresh.public_keys()}, threshold=2
+            {**keys, 9: fresh.advertise()}, threshold=2
         )  # 2 of 6: a lying server could get both secrets
     with pytest.raises(ValueError, match="own keys"):
         fresh.share(keys, threshold=3)

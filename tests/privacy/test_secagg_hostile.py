@@ -33,7 +33,7 @@ def _plain_round(n: int = 3):
 
 def _plus_round(n: int = 5, threshold: int = 3, round_id: int = 1):
     clients = {i: SecAggPlusClient(i, round_id) for i in range(n)}
-    keys = {i: c.public_keys() for i, c in clients.items()}
+    keys = {i: c.advertise() for i, c in clients.items()}
     outbox = {i: c.share(keys, threshold) for i, c in clients.items()}
     inbox = {v: {u: outbox[u][v] for u in clients} for v in clients}
     updates = {i: np.full(DIM, 0.5 * (i + 1), np.float32) for i in clients}
@@ -76,7 +76,7 @@ def test_ids_that_are_not_integers_are_refused(other: object) -> None:
     _clients, keys, *_ = _plus_round()
     fresh = SecAggPlusClient(0, 1)
     with pytest.raises(TypeError, match="client ids"):
-        fresh.share({other: keys[1], **{j: keys[j] for j in (2, 3)}, 0: fresh.public_keys()}, 3)  # type: ignore[dict-item]
+        fresh.share({other: keys[1], **{j: keys[j] for j in (2, 3)}, 0: fresh.advertise()}, 3)  # type: ignore[dict-item]
 
 
 def test_a_replayed_public_key_is_refused() -> None:
@@ -87,7 +87,7 @@ def test_a_replayed_public_key_is_refused() -> None:
         a.mask(np.ones(4, np.float32), {1: b.public_key(), 2: b.public_key()})
     _clients, keys, *_ = _plus_round()
     fresh = SecAggPlusClient(0, 1)
-    replayed = {**keys, 0: fresh.public_keys(), 4: keys[3]}
+    replayed = {**keys, 0: fresh.advertise(), 4: keys[3]}
     with pytest.raises(ValueError, match="same public key"):
         fresh.share(replayed, threshold=3)
 

@@ -5,11 +5,12 @@ examples sends ``u_i = [n_i * (w_i - w_global) flattened, n_i]``; the server onl
 ``sum_i u_i``, from which the FedAvg update is ``sum(n_i * delta_i) / sum(n_i)``.
 
 - Secure aggregation (``--secure-agg``, SecAgg+ of :mod:`pimoe.privacy.secagg`): per round the
-  server relays two X25519 public keys per client (``query.secagg_keys``), then each client's
-  encrypted Shamir shares of its self-mask seed and mask key (``query.secagg_share``, threshold: a
-  strict majority), clients send self- and pairwise-masked fixed-point vectors, and each survivor
-  reveals per other client either its self-mask share or (dropped) its mask-key share, once per
-  round (``query.secagg_unmask``).
+  server relays two X25519 public keys and a commitment to the self-mask seed per client
+  (``query.secagg_keys``), then each client's encrypted Shamir shares of its self-mask seed and
+  mask key (``query.secagg_share``, threshold: a strict majority), clients send self- and
+  pairwise-masked fixed-point vectors, and each survivor reveals per other client either its
+  self-mask share or (dropped) its mask-key share, once per round (``query.secagg_unmask``).
+  The keys are not signed here (no registry of client signing keys: see docs/privacy.md).
 - Homomorphic aggregation (``--he``, :mod:`pimoe.privacy.he`): clients share one CKKS key set
   (made by the runner, the key authority); the server holds only the public context, checks each
   client's ciphertexts parse, adds them, and asks a surviving client to decrypt the sum
@@ -146,12 +147,13 @@ class SecureAggregation(ProtectedAggregation):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ):
+        from pimoe.privacy.secagg import Advertisement
+
         messages = super().configure_train(server_round, arrays, config, grid)
         nodes = [m.metadata.dst_node_id for m in messages]
         keys = {
-            r.metadata.src_node_id: (
-                as_bytes(config_of(r.content)["c-pk"]),
-                as_bytes(config_of(r.content)["s-pk"]),
+            r.metadata.src_node_id: Advertisement(
+                *(as_bytes(config_of(r.content)[k]) for k in ("c-pk", "s-pk", "commit"))
             )
             for r in self._ask(
                 KEYS, {n: ConfigRecord({"server-round": server_round}) for n in nodes}
@@ -171,8 +173,9 @@ class SecureAggregation(ProtectedAggregation):
         share_cfg = ConfigRecord(
             {
                 "ids": [str(n) for n in keys],
-                "c-pks": [k[0] for k in keys.values()],
-                "s-pks": [k[1] for k in keys.values()],
+                "c-pks": [k.c_pk for k in keys.values()],
+                "s-pks": [k.s_pk for k in keys.values()],
+                "commits": [k.commitment for k in keys.values()],
                 "threshold": self._threshold,
                 "server-round": server_round,
             }

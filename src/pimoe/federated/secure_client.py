@@ -81,30 +81,28 @@ def _refusing(
 
 def register_client_handlers(app: ClientApp, he_context: bytes | None) -> None:
     """Add the SecAgg+ (keys, shares, unmask) and HE decryption handlers to a ClientApp."""
-    from pimoe.privacy.secagg import SecAggPlusClient
+    from pimoe.privacy.secagg import Advertisement, SecAggPlusClient
 
     @app.query("secagg_keys")
     @_refusing
     def keys(msg: Message, context: Context) -> Message:
         client = SecAggPlusClient(context.node_id, as_int(config_of(msg.content)["server-round"]))
         _save(context, client)
-        c_pk, s_pk = client.public_keys()
-        return _reply({"c-pk": c_pk, "s-pk": s_pk}, msg)
+        ad = client.advertise()
+        return _reply({"c-pk": ad.c_pk, "s-pk": ad.s_pk, "commit": ad.commitment}, msg)
 
     @app.query("secagg_share")
     @_refusing
     def share(msg: Message, context: Context) -> Message:
         cfg = config_of(msg.content)
         client = _secagg_client(context, as_int(cfg["server-round"]))
-        out = client.share(
-            dict(
-                zip(
-                    node_ids(cfg["ids"]),
-                    zip(as_bytes_list(cfg["c-pks"]), as_bytes_list(cfg["s-pks"])),
-                )
-            ),
-            as_int(cfg["threshold"]),
+        ads = map(
+            Advertisement,
+            as_bytes_list(cfg["c-pks"]),
+            as_bytes_list(cfg["s-pks"]),
+            as_bytes_list(cfg["commits"]),
         )
+        out = client.share(dict(zip(node_ids(cfg["ids"]), ads)), as_int(cfg["threshold"]))
         _save(context, client)
         return _reply({"to": [str(j) for j in out], "shares": list(out.values())}, msg)
 

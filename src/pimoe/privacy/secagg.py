@@ -19,12 +19,21 @@ a self-mask ``PRG(b_u)`` and Shamir-shares ``b_u`` and its mask private key amon
 clients (threshold ``t``, a strict majority); for each client the server asks for EITHER the
 ``b_u`` shares (survivor: remove the self-mask) OR the key shares (dropped: rebuild its pair
 masks), and each client answers once per round with one kind per client. A lying server gets
-at most one of the two secrets of any client. Not covered: public keys are not authenticated
-(the relaying server could replace them, or add clients of its own, and so control the
-majority: a PKI would fix that); a wrong share from a malicious client makes reconstruction
-fail (detected for mask keys, not for ``b_u``) and the round is lost, not attributed; the
-protocol runs on the complete graph (SecAgg+'s sparse k-regular graph is not implemented); masked
-inputs cannot be screened (see pimoe.federated.bounding); the sum itself is not private (add DP).
+at most one of the two secrets of any client. Stage 1 advertises the keys with a commitment
+``SHA-256(tag | round | client | b_u)`` (:mod:`pimoe.privacy.secagg_auth`): the server checks
+every rebuilt ``b_u`` against it and every rebuilt mask key against its public key, so a wrong
+share from a malicious client is detected, with exactly ``t`` shares too; the round is refused
+naming the client whose secret failed (not the sender of the wrong share) and is lost. Given a
+trusted registry of the clients' long-term Ed25519 keys, clients refuse advertised keys that are
+not signed for the round by the registered key, or that come from a client not in the registry,
+so the relay can neither replace keys nor add clients of its own. Without a registry (the
+default, and ``pimoe.federated``'s) the relayed keys are trusted: an honest-but-curious server
+only. Not covered: a server colluding with clients (each may reveal both kinds of shares: with
+``c`` colluders it rebuilds both secrets of an honest survivor once ``2t <= n + c``, so one
+colluder suffices for an odd ``n`` with the strict-majority threshold; a server may choose
+``2t > n + c`` but clients accept any strict majority; Bonawitz et al.'s signed consistency round
+is not implemented); the protocol runs on the complete graph (SecAgg+'s sparse k-regular graph is not implemented); masked inputs
+cannot be screened (see pimoe.federated.bounding); the sum itself is not private (add DP).
 Masks depend on the round number and fresh keys are made every round.
 
 The encoding and masks are in :mod:`pimoe.privacy.masking`, SecAgg+ in
@@ -53,6 +62,7 @@ from pimoe.privacy.masking import (
     mask_vector,
     pair_seed,
 )
+from pimoe.privacy.secagg_auth import Advertisement
 from pimoe.privacy.secaggplus import SecAggPlusClient, secaggplus_sum
 
 with extra_imports("privacy", "pimoe.privacy.secagg"):
@@ -178,6 +188,7 @@ __all__ = [
     "MODULUS_BITS",
     "PUBLIC_KEY_BYTES",
     "SEED_BYTES",
+    "Advertisement",
     "SecAggClient",
     "SecAggPlusClient",
     "apply_pair_masks",

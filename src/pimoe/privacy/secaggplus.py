@@ -4,14 +4,15 @@ Every client adds a self-mask ``PRG(b_u)`` to its pairwise-masked input and Sham
 and its mask private key among the round's clients (threshold ``t``, a strict majority); for each
 client the server asks for EITHER the ``b_u`` shares (survivor: remove the self-mask) OR the key
 shares (dropped: rebuild its pair masks), and each client answers once per round with one kind
-per client. The threat model is in :mod:`pimoe.privacy.secagg`.
+per client. Stage 1's keys come with a commitment to ``b_u`` and, optionally, a signature
+(:mod:`pimoe.privacy.secagg_auth`). The threat model is in :mod:`pimoe.privacy.secagg`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,6 @@ from pimoe.privacy.masking import (
     FRAC_BITS,
     SEED_BYTES,
     apply_pair_masks,
-    check_distinct_keys,
     check_ids,
     check_masked,
     check_seed,
@@ -32,8 +32,16 @@ from pimoe.privacy.masking import (
     pair_seed,
     public_key_from,
 )
+from pimoe.privacy.secagg_auth import (
+    Advertisement,
+    check_advertisements,
+    make_advertisement,
+    seed_commitment,
+    verify_advertisements,
+)
 
 with extra_imports("privacy", "pimoe.privacy.secaggplus"):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
@@ -118,9 +126,12 @@ class SecAggPlusClient:
 
     Stages (the server relays every message):
 
-    1. :meth:`public_keys` -> ``(c_pk, s_pk)``: X25519 keys for the share channel and the masks.
-    2. :meth:`share` (all clients' keys, threshold ``t``): Shamir-shares the self-mask seed ``b_u``
-       and the mask private key ``s_sk`` among the clients, one AES-GCM ciphertext per recipient.
+    1. :meth:`advertise` -> ``(c_pk, s_pk, commitment, signature)``: X25519 keys for the share
+       channel and the masks, a commitment to the self-mask seed ``b_u``, and (given a long-term
+       Ed25519 signing key) a signature over them.
+    2. :meth:`share` (all clients' advertisements, threshold ``t``, optionally a registry of
+       signing keys to check them against): Shamir-shares ``b_u`` and the mask private key
+       ``s_sk`` among the clients, one AES-GCM ciphertext per recipient.
     3. :meth:`mask` (the clients whose shares went out): ``y_u = encode(x_u) + PRG(b_u) + pair masks``.
     4. :meth:`unmask` (survivors, dropped, this client's inbox of shares): for each other client
        EITHER its ``b`` share (a survivor) OR its ``s_sk`` share (dropped), never both, once per round.
@@ -180,22 +191,39 @@ class SecAggPlusClient:
         """``(c_pk, s_pk)``: the share-channel key and the mask key, 32 raw bytes each."""
         return self._c.public_key().public_bytes_raw(), self._s.public_key().public_bytes_raw()
 
-    def share(self, keys: dict[int, tuple[bytes, bytes]], threshold: int) -> dict[int, bytes]:
-        """Encrypted shares of ``b_u`` and ``s_sk`` for every client in ``keys`` (id -> (c_pk, s_pk)), by recipient.
+    def advertise(self, signing_key: Ed25519PrivateKey | None = None) -> Advertisement:
+        """Stage 1's message: :meth:`public_keys`, the commitment to ``b_u``, and a signature by
+        ``signing_key`` (this client's long-term Ed25519 key, registered with its peers) if given."""
+        return make_advertisement(
+            self.public_keys(), self._b, self.client_id, self.round_id, signing_key
+        )
+
+    def share(
+        self,
+        keys: Mapping[int, Advertisement],
+        threshold: int,
+        registry: Mapping[int, bytes] | None = None,
+    ) -> dict[int, bytes]:
+        """Encrypted shares of ``b_u`` and ``s_sk`` for every client in ``keys`` (id -> its :meth:`advertise`), by recipient.
 
         Refuses a threshold that is not a strict majority of ``keys`` (a server could then rebuild
-        both secrets of a client) or keys that do not list this client's own.
+        both secrets of a client) or keys that do not list this client's own. Given ``registry``
+        (client id -> raw Ed25519 public key, trusted), refuses any advertisement that is not
+        signed for this round by its client's registered key, or from a client not in it.
+        Without one, the keys are taken as relayed: an honest-but-curious server only.
         """
-        check_ids(keys)
-        keys = {int(j): (bytes(c), bytes(s)) for j, (c, s) in keys.items()}
-        check_distinct_keys(keys)
-        if keys.get(self.client_id) != self.public_keys():
+        keys = check_advertisements(keys)
+        if registry is not None:
+            verify_advertisements(keys, registry, self.round_id)
+        own = keys.get(self.client_id)
+        if own is None or own[:3] != self.advertise()[:3]:
             raise ValueError(f"the key list does not hold client {self.client_id}'s own keys")
         if not (len(keys) < 2 * threshold and threshold <= len(keys) and threshold >= 2):
             raise ValueError(
                 f"threshold {threshold} must be a strict majority of the {len(keys)} clients and >= 2"
             )
-        self._keys, self._threshold = keys, int(threshold)
+        self._keys = {j: (ad.c_pk, ad.s_pk) for j, ad in keys.items()}
+        self._threshold = int(threshold)
         order = sorted(keys)
         b_shares = _shamir_split(self._b, threshold, len(order))
         s_shares = _shamir_split(
@@ -205,7 +233,7 @@ class SecAggPlusClient:
         )
         out = {}
         for k, j in enumerate(order):
-            cipher, label = _share_cipher(self._c, keys[j][0], self.client_id, j, self.round_id)
+            cipher, label = _share_cipher(self._c, keys[j].c_pk, self.client_id, j, self.round_id)
             nonce = os.urandom(12)
             out[j] = nonce + cipher.encrypt(nonce, b_shares[k] + s_shares[k], label)
         return out
@@ -284,7 +312,7 @@ class SecAggPlusClient:
 
 def secaggplus_sum(
     masked: dict[int, np.ndarray],
-    keys: dict[int, tuple[bytes, bytes]],
+    keys: Mapping[int, Advertisement],
     sharers: Collection[int],
     shares: dict[int, dict[int, bytes]],
     threshold: int,
@@ -295,7 +323,8 @@ def secaggplus_sum(
 
     Args:
         masked: the survivors' masked inputs ``uint64 [D]`` by client id.
-        keys: every client's ``(c_pk, s_pk)`` from stage 1 (the share indices follow their sorted ids).
+        keys: every client's :meth:`SecAggPlusClient.advertise` from stage 1 (the share indices
+            follow their sorted ids; signatures are the clients' to check).
         sharers: the clients told to mask with each other (stage 3); the dropped ones are ``sharers - masked``.
         shares: each responding client's :meth:`SecAggPlusClient.unmask` answer, by responder id.
 
@@ -303,10 +332,12 @@ def secaggplus_sum(
     masked input or share, a responder that held no keys, a threshold that is not a strict
     majority of the key holders, fewer survivors or shares of a secret than ``threshold``, shares
     of a secret that disagree (with more than ``threshold`` of them, two subsets are compared: a
-    wrong share is detected, not attributed), or a rebuilt mask key that does not match the
-    client's public key.
+    wrong share is detected, not attributed), a rebuilt self-mask seed that does not match the
+    client's commitment or a rebuilt mask key that does not match its public key (a wrong share,
+    detected with exactly ``threshold`` shares too: the round is refused naming the client whose
+    secret it is, not the client that sent the wrong share).
     """
-    check_ids(keys)
+    keys = check_advertisements(keys)
     length = check_masked(masked)
     alive, everyone = set(check_ids(masked)), set(check_ids(sharers))
     if not alive <= everyone or not everyone <= set(keys):
@@ -344,15 +375,20 @@ def secaggplus_sum(
         return secret
 
     for u in sorted(alive):
-        total -= mask_vector(rebuild(u), total.size)
+        seed = rebuild(u)
+        if seed_commitment(seed, u, round_id) != keys[u].commitment:
+            raise ValueError(
+                f"the self-mask seed rebuilt for client {u} does not match its commitment (a bad share)"
+            )
+        total -= mask_vector(seed, total.size)
     for u in sorted(everyone - alive):
         key = X25519PrivateKey.from_private_bytes(rebuild(u))
-        if key.public_key().public_bytes_raw() != keys[u][1]:
+        if key.public_key().public_bytes_raw() != keys[u].s_pk:
             raise ValueError(
                 f"the mask key rebuilt for dropped client {u} does not match its public key (a bad share)"
             )
         for v in alive:
             total = apply_pair_masks(
-                total, v, {u: pair_seed(key, u, v, keys[v][1], round_id)}, sign=-1
+                total, v, {u: pair_seed(key, u, v, keys[v].s_pk, round_id)}, sign=-1
             )
     return decode(total, frac_bits)
