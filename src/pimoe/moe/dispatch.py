@@ -52,7 +52,9 @@ class DispatchPlan:
         row_assignment: ``[R]`` long, the assignment ``t * k + j`` of each row (padding:
             ``T * k``); the inverse of ``slot``.
         counts: ``[E]`` long, executed assignments per expert.
-        splits: rows per expert in the buffer (``counts`` as a list, or all equal when padded).
+        host_splits: rows per expert in the buffer (``counts`` as a list, or all equal when
+            padded), or None where the plan was made without reading ``counts`` on the host
+            (see :attr:`splits`).
         keep: ``[T, k]`` bool, the executed assignments, or None when all are.
         top_k: ``k``.
         padded: whether the buffer holds padding rows (then every split is the same).
@@ -62,10 +64,16 @@ class DispatchPlan:
     slot: Tensor
     row_assignment: Tensor
     counts: Tensor
-    splits: list[int]
+    host_splits: list[int] | None
     keep: Tensor | None
     top_k: int
     padded: bool
+
+    @property
+    def splits(self) -> list[int]:
+        """Rows per expert in the buffer, on the host (reading ``counts`` is a device sync on
+        accelerators when the plan did not already hold them)."""
+        return self.host_splits if self.host_splits is not None else self.counts.tolist()
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +93,9 @@ def plan_dispatch(
         pad_limit: pad every expert to the largest row count when the buffer is then at most
             ``pad_limit`` times the executed rows and the experts average at most
             ``PAD_MAX_MEAN_ROWS`` rows (None: never pad).
+
+    With neither ``mask`` nor ``pad_limit`` the plan never reads ``counts`` on the host (no
+    device sync on accelerators; :attr:`DispatchPlan.splits` reads them when asked).
     """
     k = indices.shape[1]
     flat = indices.reshape(-1)  # [N]
@@ -92,21 +103,25 @@ def plan_dispatch(
         flat = flat.masked_fill(~mask.reshape(-1), num_experts)  # dropped assignments sort last
     expert_sorted, order = flat.sort(stable=True)  # [N], [N]
     counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # [E]
-    splits = counts.tolist()
-    executed = sum(splits)
-    order = order[:executed]
-    capacity = max(splits, default=0)
-    pad = (
-        pad_limit is not None
-        and 0 < executed <= PAD_MAX_MEAN_ROWS * num_experts
-        and num_experts * capacity <= pad_limit * executed
-    )
+    splits: list[int] | None = None
+    executed, pad = flat.numel(), False
+    if mask is not None or pad_limit is not None:  # needs the counts on the host
+        splits = counts.tolist()
+        executed = sum(splits)
+        order = order[:executed]
+        capacity = max(splits, default=0)
+        pad = (
+            pad_limit is not None
+            and 0 < executed <= PAD_MAX_MEAN_ROWS * num_experts
+            and num_experts * capacity <= pad_limit * executed
+        )
     position = torch.arange(executed, device=indices.device)
     if pad:
         # row of the p-th sorted assignment of expert e: e * capacity + (p - start of e); the
         # shifts come from the host-side splits and the sort's values (no repeat_interleave,
         # cumsum or arange: on 2 busy threads each small parallel op can wait for a
         # descheduled thread)
+        assert splits is not None
         shift, start = [], 0
         for e, n in enumerate(splits):
             shift.append(e * capacity - start)
