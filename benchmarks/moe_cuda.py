@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pimoe.bench.moe_layer import _hf_block
 from pimoe.hf import enable
 from pimoe.moe import PiMoE, SwiGLU
 
@@ -38,33 +39,18 @@ SHAPES: dict[str, tuple[int, int, int, int]] = {
 EAGER_MAX_TOKENS_BWD = 2048
 
 
-def _hf_block(shape: tuple[int, int, int, int], implementation: str) -> nn.Module:
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    d_model, experts, top_k, width = shape
-    cfg = MixtralConfig(
-        hidden_size=d_model,
-        intermediate_size=width,
-        num_local_experts=experts,
-        num_experts_per_tok=top_k,
-    )
-    cfg._experts_implementation = implementation
-    return MixtralSparseMoeBlock(cfg)
-
-
 def contenders(
     shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype
 ) -> dict[str, nn.Module]:
     """Dense limit, PiMoE and the three HF blocks, all with the same expert and router weights."""
     enable()
-    d_model, _, top_k, width = shape
-    eager = _hf_block(shape, "eager")
+    d_model, experts, top_k, width = shape
+    eager = _hf_block(d_model, (experts, top_k, width), "eager")
     for p in eager.parameters():
         nn.init.normal_(p, std=0.02)
     blocks = {"hf_eager": eager}
     for name, implementation in (("hf_grouped_mm", "grouped_mm"), ("hf_pimoe", "pimoe")):
-        blocks[name] = _hf_block(shape, implementation)
+        blocks[name] = _hf_block(d_model, (experts, top_k, width), implementation)
         blocks[name].load_state_dict(eager.state_dict())
     mods = {"dense": SwiGLU(d_model, top_k * width), "pimoe": PiMoE.from_hf(eager), **blocks}
     return {k: m.to(device, dtype) for k, m in mods.items()}
