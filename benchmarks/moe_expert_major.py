@@ -4,7 +4,8 @@ The same PiMoE layer (the shapes, weights and routing of `pimoe bench moe`) runs
 under `torch.inference_mode` once as the dispatcher chooses (expert by expert from gather to
 weighted sum, `StackedExperts.expert_major`, once all rows' hidden activations would reach
 `EXPERT_MAJOR_MIN_BYTES`; on several threads the threaded kernel's `expert_major_forward`),
-once as the per-expert Python loop it replaces there, and once forced onto the gathered path
+once forced expert by expert, once as the per-expert Python loop the threaded call replaces,
+and once forced onto the gathered path
 (gather all rows, grouped kernel, combine), next to HF's eager and grouped_mm blocks and the
 dense limit, interleaved within each round. Prints time / dense limit per contender.
 
@@ -20,12 +21,13 @@ from pimoe.bench.timing import interleaved_medians, load_average
 from pimoe.moe import experts, grouped
 
 
-def gathered(step: Callable[[], object]) -> Callable[[], None]:
-    """``step`` run with the expert-major forward switched off."""
+def with_rule(step: Callable[[], object], min_bytes: int) -> Callable[[], None]:
+    """``step`` run with both expert-major thresholds set to ``min_bytes`` (0: always expert
+    by expert; 2**62: never, the gathered path)."""
 
     def run() -> None:
         rules = experts.EXPERT_MAJOR_MIN_BYTES, experts.EXPERT_MAJOR_MIN_HIDDEN_BYTES
-        experts.EXPERT_MAJOR_MIN_BYTES = experts.EXPERT_MAJOR_MIN_HIDDEN_BYTES = 2**62
+        experts.EXPERT_MAJOR_MIN_BYTES = experts.EXPERT_MAJOR_MIN_HIDDEN_BYTES = min_bytes
         try:
             step()
         finally:
@@ -59,8 +61,9 @@ def main() -> None:
             fns = {
                 "dense": steps["dense"],
                 "pimoe default": steps["pimoe"],
-                "pimoe python loop": python_loop(steps["pimoe"]),
-                "pimoe gathered": gathered(steps["pimoe"]),
+                "pimoe expert-major": with_rule(steps["pimoe"], 0),
+                "pimoe python loop": python_loop(with_rule(steps["pimoe"], 0)),
+                "pimoe gathered": with_rule(steps["pimoe"], 2**62),
                 "HF eager": steps["hf_eager"],
                 "HF grouped_mm": steps["hf_grouped_mm"],
             }
