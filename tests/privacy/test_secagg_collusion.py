@@ -72,3 +72,17 @@ def test_a_threshold_above_half_of_n_plus_c_leaves_a_half_short() -> None:
     assert not _split_view(4, [first, ({3}, {1, 2, 3, COLLUDER})])
     with pytest.raises(ValueError, match="client 1 already revealed its shares"):
         _split_view(4, [first, ({1, 2, 3}, {1, 2, 3, COLLUDER})])
+
+
+def test_clients_told_to_expect_a_colluder_refuse_the_threshold_it_breaks() -> None:
+    """``share(..., colluders=1)``: the t = 3 of the first test is refused by every client
+    (2t = 6 <= n + c), t = 4 is accepted; bad colluder counts are refused."""
+    clients = {i: SecAggPlusClient(i, ROUND) for i in range(5)}
+    ads = {i: c.advertise() for i, c in clients.items()}
+    for client in clients.values():
+        with pytest.raises(ValueError, match=r"plus 1 colluders \(2t > n \+ c\)"):
+            client.share(ads, 3, colluders=1)
+    assert len(clients[0].share(ads, 4, colluders=1)) == 5
+    for bad in (-1, True, 1.0):
+        with pytest.raises(ValueError, match="colluders must be an int"):
+            clients[1].share(ads, 4, colluders=bad)  # type: ignore[arg-type]

@@ -30,8 +30,8 @@ so the relay can neither replace keys nor add clients of its own. Without a regi
 default, and ``pimoe.federated``'s) the relayed keys are trusted: an honest-but-curious server
 only. Not covered: a server colluding with clients (each may reveal both kinds of shares: with
 ``c`` colluders it rebuilds both secrets of an honest survivor once ``2t <= n + c``, so one
-colluder suffices for an odd ``n`` with the strict-majority threshold; a server may choose
-``2t > n + c`` but clients accept any strict majority; Bonawitz et al.'s signed consistency round
+colluder suffices for an odd ``n`` with the strict-majority threshold; clients given
+``share(..., colluders=c)`` refuse any ``2t <= n + c``, by default they accept any strict majority; Bonawitz et al.'s signed consistency round
 is not implemented and would not help: each of the server's two survivor sets is signed by its
 honest half and the colluders, ``t`` clients, exactly when ``2t <= n + c``); the protocol runs on the complete graph (SecAgg+'s sparse k-regular graph is not implemented); masked inputs
 cannot be screened (see pimoe.federated.bounding); the sum itself is not private (add DP).

@@ -203,11 +203,13 @@ class SecAggPlusClient:
         keys: Mapping[int, Advertisement],
         threshold: int,
         registry: Mapping[int, bytes] | None = None,
+        colluders: int = 0,
     ) -> dict[int, bytes]:
         """Encrypted shares of ``b_u`` and ``s_sk`` for every client in ``keys`` (id -> its :meth:`advertise`), by recipient.
 
-        Refuses a threshold that is not a strict majority of ``keys`` (a server could then rebuild
-        both secrets of a client) or keys that do not list this client's own. Given ``registry``
+        Refuses a threshold ``t`` with ``2t <= n + colluders`` for the ``n`` clients of ``keys``
+        (a server with that many corrupt clients could rebuild both secrets of an honest one;
+        ``colluders=0``: a strict majority) or keys that do not list this client's own. Given ``registry``
         (client id -> raw Ed25519 public key, trusted), refuses any advertisement that is not
         signed for this round by its client's registered key, or from a client not in it.
         Without one, the keys are taken as relayed: an honest-but-curious server only.
@@ -218,9 +220,12 @@ class SecAggPlusClient:
         own = keys.get(self.client_id)
         if own is None or own[:3] != self.advertise()[:3]:
             raise ValueError(f"the key list does not hold client {self.client_id}'s own keys")
-        if not (len(keys) < 2 * threshold and threshold <= len(keys) and threshold >= 2):
+        if isinstance(colluders, bool) or not isinstance(colluders, int) or colluders < 0:
+            raise ValueError(f"colluders must be an int >= 0, got {colluders!r}")
+        if not (len(keys) + colluders < 2 * threshold <= 2 * len(keys) and threshold >= 2):
             raise ValueError(
-                f"threshold {threshold} must be a strict majority of the {len(keys)} clients and >= 2"
+                f"threshold {threshold} must be >= 2, at most the {len(keys)} clients and a strict "
+                f"majority of them plus {colluders} colluders (2t > n + c)"
             )
         self._keys = {j: (ad.c_pk, ad.s_pk) for j, ad in keys.items()}
         self._threshold = int(threshold)
