@@ -14,6 +14,6 @@ fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.used,utilization.gpu --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-timeout 150 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --timeout 100 2>&1 | tee "$OUT/test_cuda.log" | tail -40
-timeout 150 python3 -m pytest tests/moe tests/hf tests/infer/test_generation.py -q -p no:cacheprovider -n 16 --timeout 100 2>&1 | tee "$OUT/suite.log" | tail -25
+timeout 150 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -p no:benchmark --timeout 100 2>&1 | tee "$OUT/test_cuda.log" | tail -40
+timeout 215 python3 -m pytest tests/moe tests/hf tests/infer/test_generation.py -v -p no:cacheprovider -p no:benchmark -n 16 --timeout 90 --tb=line -W ignore 2>&1 | grep -v " PASSED " | tee "$OUT/suite.log" | tail -25
 timeout 150 python3 benchmarks/moe_cuda.py --rounds 10 --json "$OUT/moe_cuda.json" 2>&1 | tee "$OUT/moe_cuda.log"

@@ -146,7 +146,6 @@ class QuantizedFusedExperts(nn.Module, ABC):
             self._buffer(f"{name}_int4")[e],
             self._buffer(f"{name}_scales_zeros")[e],
         )
-        _check_int4_device(x)
         _check_int4_device(packed)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, packed, self.group_size, scales_zeros.to(x.dtype)
