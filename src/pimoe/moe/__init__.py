@@ -16,6 +16,7 @@ from pimoe.moe.lora import (
     unmerge_lora,
 )
 from pimoe.moe.losses import load_balancing_loss, router_z_loss
+from pimoe.moe.prepack import pack_experts_, unpack_experts_
 from pimoe.moe.router import Router, RouterOutput
 from pimoe.moe.stats import RoutingStats
 
@@ -40,10 +41,12 @@ __all__ = [
     "make_expert",
     "merge_and_unload",
     "merge_lora",
+    "pack_experts_",
     "register_experts_backend",
     "router_z_loss",
     "save_lora",
     "set_balance",
     "unmerge_lora",
+    "unpack_experts_",
     "update_routing_bias",
 ]

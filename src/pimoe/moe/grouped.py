@@ -45,11 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pimoe.moe.prepack import packed_experts
 from pimoe.moe.threaded import (
     FUSED_ACTIVATIONS,
     Activation,
     act_with_grad,
     expert_major_forward,
+    packed_expert_major_forward,
+    packed_ffn_forward,
     threaded_ffn,
     threaded_pays,
     threaded_usable,
@@ -256,6 +259,22 @@ def _loop_backward(
     return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out
 
 
+def _packed(
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    act: Activation,
+) -> list[Tensor] | None:
+    """The weights prepacked by :func:`pimoe.moe.prepack.pack_experts_`, where the packed
+    kernel can run them on ``x`` (no biases, one of pimoe's activations, ``x`` in the weights'
+    dtype); else None."""
+    if b_in is not None or b_out is not None or act not in FUSED_ACTIVATIONS:
+        return None
+    return packed_experts(w_in, w_out) if x.dtype == w_in.dtype else None
+
+
 def grouped_ffn(
     x: Tensor,
     w_in: Tensor,
@@ -286,6 +305,9 @@ def grouped_ffn(
     tensors = [t for t in (x, w_in, b_in, w_out, b_out) if t is not None]
     keep_hidden = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     splits = counts if isinstance(counts, list) else [int(n) for n in counts.tolist()]
+    packed = None if keep_hidden else _packed(x, w_in, b_in, w_out, b_out, act)
+    if packed is not None:
+        return packed_ffn_forward(x.contiguous(), packed, splits, FUSED_ACTIVATIONS[act])
     if not is_uniform(splits) and b_in is None and b_out is None:
         x = x.contiguous()
         with torch.autocast(device_type, enabled=False):
@@ -331,6 +353,11 @@ def expert_major_ffn(
     """
     chunk = max(1, CHUNK_HIDDEN_BYTES // (w_in.shape[1] * w_in.element_size()))
     name = FUSED_ACTIVATIONS.get(act)
+    packed = _packed(x, w_in, b_in, w_out, b_out, act)
+    if packed is not None and name is not None:
+        return packed_expert_major_forward(
+            x.contiguous(), token_rows, row_weights, packed, splits, name, chunk
+        )
     if b_in is None and b_out is None and name is not None and threaded_usable(x, w_in, w_out):
         fused: Tensor = expert_major_forward(
             x, token_rows, row_weights, w_in, w_out, splits, name, chunk

@@ -199,6 +199,31 @@ def _(
     return torch.empty_like(x)
 
 
+def packed_ffn_forward(x: Tensor, packed: list[Tensor], splits: list[int], act: str) -> Tensor:
+    """:func:`ffn_forward`'s ``y`` (inference) on expert weights prepacked by oneDNN
+    (``packed``: ``w_in[e]`` for every expert, then ``w_out[e]``, from
+    :func:`pimoe.moe.prepack.packed_experts`); ``x [N, D]`` rows grouped by expert -> ``[N, D]``."""
+    out: Tensor = _module().packed_ffn_forward(x, packed, splits, act)
+    return out
+
+
+def packed_expert_major_forward(
+    x: Tensor,
+    token_rows: Tensor,
+    row_weights: Tensor,
+    packed: list[Tensor],
+    splits: list[int],
+    act: str,
+    chunk_rows: int,
+) -> Tensor:
+    """:func:`expert_major_forward` on expert weights prepacked by oneDNN (``packed`` as in
+    :func:`packed_ffn_forward`) -> ``[T, D]``."""
+    out: Tensor = _module().packed_expert_major_forward(
+        x, token_rows, row_weights, packed, splits, act, chunk_rows
+    )
+    return out
+
+
 def _module() -> Any:
     module = threaded_kernel()
     if module is None:

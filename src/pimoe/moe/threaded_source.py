@@ -22,6 +22,7 @@ on the same per-expert tensors as the per-expert loop, so the results are the lo
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -222,16 +223,47 @@ static std::pair<at::Tensor, at::Tensor> act_backward(
   return {a, grad_h};
 }
 
-// y[rows of e] = act(x[rows of e] @ w_in[e]^T) @ w_out[e]^T, h [N, F_in] kept when keep_hidden
-std::tuple<at::Tensor, at::Tensor> ffn_forward(
-    const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_out,
-    const std::vector<int64_t>& splits, const std::string& act_name, bool keep_hidden) {
-  TORCH_CHECK(x.dim() == 2 && w_in.dim() == 3 && w_out.dim() == 3 &&
-              w_in.size(0) == (int64_t)splits.size() && w_out.size(0) == w_in.size(0),
-              "ffn_forward shapes");
+// x [n, K] @ W^T for W [M, K] prepacked by oneDNN (torch.ops.mkldnn._reorder_linear_weight)
+static at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
+  static auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        c10::string_view, c10::List<std::optional<at::Scalar>>,
+                        std::optional<c10::string_view>)>();
+  return op.call(x, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
+                 std::nullopt);
+}
+
+// An expert bank's two projections: plain weights w_in [E, F_in, D], w_out [E, D, F] (at::mm,
+// MKL) or, when packed holds 2E tensors (w_in[e] for every e, then w_out[e]), the same weights
+// prepacked by oneDNN for inference.
+struct Projections {
+  at::Tensor w_in, w_out;
+  std::vector<at::Tensor> packed;
+  int64_t experts() const { return packed.empty() ? w_in.size(0) : (int64_t)packed.size() / 2; }
+  int64_t in_features() const { return packed.empty() ? w_in.size(1) : packed[0].size(0); }
+  int64_t out_features() const { return packed.empty() ? w_out.size(1) : packed.back().size(0); }
+  // x [n, D] @ w_in[e]^T -> [n, F_in]
+  at::Tensor in(int64_t e, const at::Tensor& x) const {
+    return packed.empty() ? at::mm(x, w_in.select(0, e).t()) : packed_linear(x, packed[e]);
+  }
+  // out = a [n, F] @ w_out[e]^T ([n, D], written in place)
+  void out_into(int64_t e, const at::Tensor& a, at::Tensor& out) const {
+    if (packed.empty()) at::mm_out(out, a, w_out.select(0, e).t());
+    else out.copy_(packed_linear(a, packed[experts() + e]));
+  }
+  at::Tensor out(int64_t e, const at::Tensor& a) const {
+    return packed.empty() ? at::mm(a, w_out.select(0, e).t()) : packed_linear(a, packed[experts() + e]);
+  }
+};
+
+static std::tuple<at::Tensor, at::Tensor> forward_rows(
+    const at::Tensor& x, const Projections& p, const std::vector<int64_t>& splits,
+    const std::string& act_name, bool keep_hidden) {
+  TORCH_CHECK(x.dim() == 2 && p.experts() == (int64_t)splits.size(), "ffn_forward shapes");
   const Act act = act_of(act_name);
-  auto y = at::empty({x.size(0), w_out.size(1)}, x.options());
-  auto hidden = at::empty({keep_hidden ? x.size(0) : 0, w_in.size(1)}, x.options());
+  auto y = at::empty({x.size(0), p.out_features()}, x.options());
+  auto hidden = at::empty({keep_hidden ? x.size(0) : 0, p.in_features()}, x.options());
   std::vector<int64_t> start;
   auto order = order_of(splits, start);
   each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
@@ -241,14 +273,31 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward(
     at::Tensor h;
     if (keep_hidden) {
       h = hidden.narrow(0, start[e], n);
-      at::mm_out(h, x_e, w_in.select(0, e).t());
+      at::mm_out(h, x_e, p.w_in.select(0, e).t());
     } else {
-      h = at::mm(x_e, w_in.select(0, e).t());
+      h = p.in(e, x_e);
     }
     auto y_e = y.narrow(0, start[e], n);
-    at::mm_out(y_e, act_forward(act, h), w_out.select(0, e).t());
+    p.out_into(e, act_forward(act, h), y_e);
   });
   return {y, hidden};
+}
+
+// y[rows of e] = act(x[rows of e] @ w_in[e]^T) @ w_out[e]^T, h [N, F_in] kept when keep_hidden
+std::tuple<at::Tensor, at::Tensor> ffn_forward(
+    const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_out,
+    const std::vector<int64_t>& splits, const std::string& act_name, bool keep_hidden) {
+  TORCH_CHECK(w_in.dim() == 3 && w_out.dim() == 3 && w_out.size(0) == w_in.size(0),
+              "ffn_forward shapes");
+  return forward_rows(x, Projections{w_in, w_out, {}}, splits, act_name, keep_hidden);
+}
+
+// ffn_forward's y on weights prepacked by oneDNN (packed: w_in[e] for every e, then w_out[e])
+at::Tensor packed_ffn_forward(const at::Tensor& x, const std::vector<at::Tensor>& packed,
+                              const std::vector<int64_t>& splits, const std::string& act_name) {
+  TORCH_CHECK(packed.size() == 2 * splits.size(), "packed_ffn_forward: ", packed.size(),
+              " packed weights for ", splits.size(), " experts");
+  return std::get<0>(forward_rows(x, Projections{{}, {}, packed}, splits, act_name, false));
 }
 
 // Gradients of ffn_forward from grad_y [N, D] and the kept h [N, F_in]
@@ -300,14 +349,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_backward(
 // the least loaded task), so which task sums which expert does not depend on timing; task 0 adds
 // into out, task i > 0 into a [T, D] buffer of its own, added to out in task order afterwards:
 // the same result on every run with the same thread count.
-at::Tensor expert_major_forward(
+static at::Tensor expert_major_rows(
     const at::Tensor& x, const at::Tensor& token_rows, const at::Tensor& row_weights,
-    const at::Tensor& w_in, const at::Tensor& w_out, const std::vector<int64_t>& splits,
-    const std::string& act_name, int64_t chunk_rows) {
+    const Projections& p, const std::vector<int64_t>& splits, const std::string& act_name,
+    int64_t chunk_rows) {
   TORCH_CHECK(x.dim() == 2 && token_rows.dim() == 1 && row_weights.dim() == 1 &&
-              token_rows.size(0) == row_weights.size(0) && w_in.dim() == 3 &&
-              w_in.size(0) == (int64_t)splits.size() && w_out.size(0) == w_in.size(0) &&
-              chunk_rows > 0, "expert_major_forward shapes");
+              token_rows.size(0) == row_weights.size(0) &&
+              p.experts() == (int64_t)splits.size() && chunk_rows > 0,
+              "expert_major_forward shapes");
   const Act act = act_of(act_name);
   std::vector<int64_t> start;
   auto order = order_of(splits, start);
@@ -333,13 +382,33 @@ at::Tensor expert_major_forward(
         for (int64_t r = start[e]; r < start[e + 1]; r += chunk_rows) {
           const int64_t n = std::min(chunk_rows, start[e + 1] - r);
           auto tokens = token_rows.narrow(0, r, n);
-          auto h = at::mm(x.index_select(0, tokens), w_in.select(0, e).t());
-          auto y = at::mm(act_forward(act, h), w_out.select(0, e).t());
+          auto y = p.out(e, act_forward(act, p.in(e, x.index_select(0, tokens))));
           sums[t].index_add_(0, tokens, y.mul_(scale.narrow(0, r, n)));
         }
   });
   for (int64_t t = 1; t < tasks; ++t) out.add_(sums[t]);
   return out;
+}
+
+at::Tensor expert_major_forward(
+    const at::Tensor& x, const at::Tensor& token_rows, const at::Tensor& row_weights,
+    const at::Tensor& w_in, const at::Tensor& w_out, const std::vector<int64_t>& splits,
+    const std::string& act_name, int64_t chunk_rows) {
+  TORCH_CHECK(w_in.dim() == 3 && w_out.dim() == 3 && w_out.size(0) == w_in.size(0),
+              "expert_major_forward shapes");
+  return expert_major_rows(x, token_rows, row_weights, Projections{w_in, w_out, {}}, splits,
+                           act_name, chunk_rows);
+}
+
+// expert_major_forward on weights prepacked by oneDNN (as packed_ffn_forward's)
+at::Tensor packed_expert_major_forward(
+    const at::Tensor& x, const at::Tensor& token_rows, const at::Tensor& row_weights,
+    const std::vector<at::Tensor>& packed, const std::vector<int64_t>& splits,
+    const std::string& act_name, int64_t chunk_rows) {
+  TORCH_CHECK(packed.size() == 2 * splits.size(), "packed_expert_major_forward: ",
+              packed.size(), " packed weights for ", splits.size(), " experts");
+  return expert_major_rows(x, token_rows, row_weights, Projections{{}, {}, packed}, splits,
+                           act_name, chunk_rows);
 }
 """
 FUNCTIONS = [
@@ -348,6 +417,8 @@ FUNCTIONS = [
     "ffn_forward",
     "ffn_backward",
     "expert_major_forward",
+    "packed_ffn_forward",
+    "packed_expert_major_forward",
     "release_pool",
     "pool_kept_bytes",
 ]
