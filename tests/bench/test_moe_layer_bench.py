@@ -31,6 +31,15 @@ def test_small_benchmark_reports_ratios_and_agreement_with_hf(
         best = min(r["hf_eager_vs_dense"], r["hf_grouped_mm_vs_dense"])
         assert r["pimoe_vs_best_hf"] == pytest.approx(r["pimoe_vs_dense"] / best)
     assert result["worst_pimoe_vs_best_hf"] == max(r["pimoe_vs_best_hf"] for r in rows)
+    if result["threaded_experts_kernel"]:  # packed weights: forward rows only, same outputs
+        assert result["max_abs_diff_packed"] < 1e-5
+        assert set(result["pimoe_packed_vs_dense_512"]) == set(moe_layer.SHAPES)
+        for r in rows:
+            packed, dense_packed = r["pimoe_packed_vs_dense"], r["dense_packed_vs_dense"]
+            if r["mode"] == "fwd+bwd":
+                assert packed is None and r["pimoe_packed_vs_dense_packed"] is None
+            else:
+                assert r["pimoe_packed_vs_dense_packed"] == pytest.approx(packed / dense_packed)
     for r in rows:  # the weight-streaming floor: every expert weight of the shape, timed
         experts, _, width = moe_layer.SHAPES[r["shape"]]
         assert r["expert_weight_mb"] == pytest.approx(experts * 3 * width * 32 * 4 / 1e6)

@@ -16,11 +16,17 @@ MoE layer also streams every expert weight from DRAM on each call. ``weight_stre
 that alone (the weights read once, or for forward+backward read twice and a gradient written),
 interleaved with the contenders; ``floor_vs_dense = 1 + weight_stream / dense`` is what a MoE
 layer costs relative to the dense limit if it overlaps none of that traffic with its matmuls.
+
+Forward rows also time inference on weights prepacked by oneDNN (``pimoe.moe.pack_experts_``):
+``pimoe_packed`` (the same PiMoE layer, packed) and, since packing speeds up any matmul, the
+dense limit on packed weights too (``dense_packed``); ``pimoe_packed_vs_dense_packed`` compares
+the two on the same matmul library. Both are null where packing cannot run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +40,8 @@ from torch import nn
 from pimoe.bench.timing import geomean, interleaved_medians, load_average, run_header
 from pimoe.io import atomic_write_text
 from pimoe.models.progress import Progress
-from pimoe.moe import PiMoE, SwiGLU
+from pimoe.moe import PiMoE, StackedExperts, SwiGLU, pack_experts_
+from pimoe.moe.prepack import why_not_packable
 from pimoe.moe.threaded import threaded_kernel
 from pimoe.tables import Table
 
@@ -109,6 +116,38 @@ def _weight_stream(weights: list[torch.Tensor], backward: bool) -> Callable[[], 
     return run
 
 
+class _PackedSwiGLU(nn.Module):
+    """A dense SwiGLU's forward on its weights prepacked by oneDNN (the dense limit with the
+    matmul library of packed experts): ``[..., D] -> [T, D]``."""
+
+    def __init__(self, dense: SwiGLU, rows_hint: int) -> None:
+        super().__init__()
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        self.gate_up = reorder(dense.gate_up.weight.detach(), rows_hint)
+        self.down = reorder(dense.down.weight.detach(), rows_hint)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear = torch.ops.mkldnn._linear_pointwise
+        h = linear(x.reshape(-1, x.shape[-1]), self.gate_up, None, "none", [], "")
+        gate, up = h.chunk(2, dim=-1)
+        out: torch.Tensor = linear(
+            (torch.nn.functional.silu(gate) * up).contiguous(), self.down, None, "none", [], ""
+        )
+        return out
+
+
+def _packed_contenders(contenders: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``pimoe_packed`` and ``dense_packed`` (forward only), or nothing where packing cannot
+    run."""
+    experts, dense = contenders["pimoe"].get_submodule("experts"), contenders["dense"]
+    assert isinstance(experts, StackedExperts) and isinstance(dense, SwiGLU)
+    if why_not_packable(experts.w_in, experts.w_out) is not None:
+        return {}
+    packed = copy.deepcopy(contenders["pimoe"])
+    pack_experts_(packed)
+    return {"pimoe_packed": packed, "dense_packed": _PackedSwiGLU(dense, 512)}
+
+
 def _contenders(cfg: MoEBenchConfig, shape: tuple[int, int, int]) -> dict[str, nn.Module]:
     hf_eager = _hf_block(cfg.d_model, shape, "eager")
     for p in hf_eager.parameters():
@@ -145,9 +184,11 @@ def script_shapes(
 
 def _measure_shape(
     cfg: MoEBenchConfig, name: str, progress: Progress
-) -> tuple[list[dict[str, Any]], float]:
+) -> tuple[list[dict[str, Any]], tuple[float, float]]:
+    """The shape's rows and the largest ``|pimoe - HF|`` and ``|pimoe_packed - pimoe|``."""
     contenders = _contenders(cfg, SHAPES[name])
-    rows, max_diff = [], 0.0
+    packed = _packed_contenders(contenders)
+    rows, max_diff, packed_diff = [], 0.0, 0.0
     experts = contenders["pimoe"].get_submodule("experts")
     expert_weights = [p.detach() for p in experts.parameters()]
     for tokens in cfg.tokens:
@@ -156,10 +197,13 @@ def _measure_shape(
             ours = contenders["pimoe"](x)
             for hf in HF_CONTENDERS:
                 max_diff = max(max_diff, (ours - contenders[hf](x)).abs().max().item())
+            if packed:
+                diff = (ours - packed["pimoe_packed"](x)).abs().max().item()
+                packed_diff = max(packed_diff, diff)
         for backward in (False, True):
             fns = {
                 key: _step(m, x, backward, list(m.parameters()))
-                for key, m in contenders.items()
+                for key, m in (contenders if backward else contenders | packed).items()
                 if key != "hf_eager" or not backward or tokens <= cfg.eager_max_tokens
             }
             fns["weight_stream"] = _weight_stream(expert_weights, backward)
@@ -177,22 +221,27 @@ def _measure_shape(
             row.update(
                 {
                     f"{key}_vs_dense": times[key] / times["dense"] if key in times else None
-                    for key in contenders
+                    for key in (*contenders, "pimoe_packed", "dense_packed")
                     if key != "dense"
                 }
+            )
+            row["pimoe_packed_vs_dense_packed"] = (
+                times["pimoe_packed"] / times["dense_packed"] if "dense_packed" in times else None
             )
             row["pimoe_vs_best_hf"] = times["pimoe"] / min(
                 times[hf] for hf in HF_CONTENDERS if hf in times
             )
             rows.append(row)
             progress.update(pimoe_vs_dense=row["pimoe_vs_dense"])
-    return rows, max_diff
+    return rows, (max_diff, packed_diff)
 
 
 def run(cfg: MoEBenchConfig, console: Console | None = None) -> dict[str, Any]:
     """Measure and return the results as a JSON-serializable dict.
 
     Headline keys: ``pimoe_vs_dense_512`` (per shape and mode, the 1.25x target),
+    ``pimoe_packed_vs_dense_512`` (per shape, forward on packed weights; null where packing
+    cannot run),
     ``worst_pimoe_vs_best_hf`` (the largest pimoe / best-HF ratio over every row; <= 1 means
     never slower than the better HF backend), ``load_start`` / ``load_end`` (1-minute load);
     each row also has ``weight_stream_ms`` and ``floor_vs_dense`` (see the module docstring);
@@ -206,22 +255,28 @@ def run(cfg: MoEBenchConfig, console: Console | None = None) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     load_start = load_average()
     rows: list[dict[str, Any]] = []
-    max_diff = 0.0
+    max_diff = packed_diff = 0.0
     with Progress(
         len(cfg.shapes) * len(cfg.tokens) * 2, "bench moe (shape x tokens x mode)"
     ) as bar:
         for name in cfg.shapes:
-            shape_rows, diff = _measure_shape(cfg, name, bar)
+            shape_rows, (diff, diff_packed) = _measure_shape(cfg, name, bar)
             rows += shape_rows
-            max_diff = max(max_diff, diff)
+            max_diff, packed_diff = max(max_diff, diff), max(packed_diff, diff_packed)
     result: dict[str, Any] = {
         **run_header("moe_layer", cfg),
         "pimoe_vs_dense_512": {
             f"{r['shape']} {r['mode']}": r["pimoe_vs_dense"] for r in rows if r["tokens"] == 512
         },
+        "pimoe_packed_vs_dense_512": {
+            r["shape"]: r["pimoe_packed_vs_dense"]
+            for r in rows
+            if r["tokens"] == 512 and r["mode"] == "fwd"
+        },
         "worst_pimoe_vs_best_hf": max(r["pimoe_vs_best_hf"] for r in rows),
         "geomean_pimoe_vs_best_hf": geomean([r["pimoe_vs_best_hf"] for r in rows]),
         "max_abs_diff_vs_hf": max_diff,
+        "max_abs_diff_packed": packed_diff,
         "threaded_experts_kernel": threaded_kernel() is not None,
         "load_start": load_start,
         "load_end": load_average(),
@@ -229,6 +284,10 @@ def run(cfg: MoEBenchConfig, console: Console | None = None) -> dict[str, Any]:
     }
     _print(result, console)
     return result
+
+
+def _cell(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
 
 
 def _print(result: dict[str, Any], console: Console) -> None:
@@ -242,6 +301,8 @@ def _print(result: dict[str, Any], console: Console) -> None:
         "dense ms",
         "floor",
         "pimoe",
+        "packed",
+        "packed / dense packed",
         "HF eager",
         "HF grouped_mm",
         "pimoe / best HF",
@@ -256,6 +317,8 @@ def _print(result: dict[str, Any], console: Console) -> None:
             f"{r['dense_ms']:.1f}",
             f"{r['floor_vs_dense']:.2f}",
             f"{r['pimoe_vs_dense']:.2f}",
+            _cell(r["pimoe_packed_vs_dense"]),
+            _cell(r["pimoe_packed_vs_dense_packed"]),
             "-" if r["hf_eager_vs_dense"] is None else f"{r['hf_eager_vs_dense']:.2f}",
             f"{r['hf_grouped_mm_vs_dense']:.2f}",
             f"{r['pimoe_vs_best_hf']:.2f}",
@@ -264,7 +327,8 @@ def _print(result: dict[str, Any], console: Console) -> None:
     console.print(table)
     console.print(
         f"pimoe / best HF: worst {result['worst_pimoe_vs_best_hf']:.2f}, geomean "
-        f"{result['geomean_pimoe_vs_best_hf']:.2f}; max |pimoe - HF| = {result['max_abs_diff_vs_hf']:.2e}; "
+        f"{result['geomean_pimoe_vs_best_hf']:.2f}; max |pimoe - HF| = {result['max_abs_diff_vs_hf']:.2e}, "
+        f"|packed - pimoe| = {result['max_abs_diff_packed']:.2e}; "
         f"1-min load {result['load_start']:.1f} -> {result['load_end']:.1f} on {result['cpu_count']} cores"
     )
 
