@@ -87,7 +87,9 @@ def test_bench_models_reports_every_contender(tiny, tmp_path) -> None:
     assert result["load_first_was_cached"] is False and result["routers"] == "trained"
     for key in ("ppl_dense", "ppl_moe_k4", "ppl_moe_k4_norefit", "ppl_moe_k2"):
         assert 1.0 < result[key] < 1e6
-    assert set(result["decode_tokens_per_s"]) == {"dense", "moe_k4", "moe_k2"}
+    assert set(result["decode_tokens_per_s"]) == {"dense", "moe_k4", "moe_k2", "moe_k4_packed"}
+    # packed expert weights: the same model to float rounding
+    assert result["ppl_moe_k4_packed"] == pytest.approx(result["ppl_moe_k4"], rel=1e-4)
     assert (
         result["params"]["moe_k2"]["active"]
         < result["params"]["moe_k4"]["active"]

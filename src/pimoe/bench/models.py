@@ -6,12 +6,14 @@ split model at k=4 of 8 (experts refit for k=4, as in the demo) and, with the sa
 routers but the original expert weights, at k=4 and k=2 (routers from the demo's cache, trained
 there when missing),
 active parameters, prefill and decode tokens/s (HF ``generate`` with its KV cache, contenders
-interleaved), and the transformers experts-backend equivalence table of
+interleaved; ``moe_k4_packed`` is the k=4 model with its expert weights prepacked by
+:func:`pimoe.moe.pack_experts_`, where packing can run), and the transformers experts-backend equivalence table of
 :func:`pimoe.hf.families.check_families` (pimoe vs eager on tiny random MoE families).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -64,6 +66,18 @@ def _timers(
     return prefill, decode
 
 
+def _packed_copy(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of ``model`` with its expert weights prepacked, or None where packing cannot run."""
+    from pimoe.moe import pack_experts_
+
+    packed = copy.deepcopy(model)
+    try:
+        pack_experts_(packed)
+    except ValueError:
+        return None
+    return packed
+
+
 def run(cfg: ModelsBenchConfig, progress: bool = True) -> dict:
     """Run the benchmark (see the module docs); returns the results dict."""
     from pimoe.demo_pretrained import (
@@ -113,9 +127,15 @@ def run(cfg: ModelsBenchConfig, progress: bool = True) -> dict:
         total, active = parameter_counts(model)
         result["params"][name] = {"total": total, "active": active}
 
+    timed = {"dense": dense, "moe_k4": moe, "moe_k2": plain}
+    packed = _packed_copy(moe)
+    if packed is not None:
+        timed["moe_k4_packed"] = packed
+        ppl = perplexity(packed, heldout, progress=progress, desc="perplexity moe_k4_packed")
+        result["ppl_moe_k4_packed"] = round(ppl, 4)
     prompt = heldout_ids[: cfg.prefill_tokens].unsqueeze(0)
     contenders: dict[str, Callable[[], object]] = {}
-    for name, model in (("dense", dense), ("moe_k4", moe), ("moe_k2", plain)):
+    for name, model in timed.items():
         contenders[f"prefill/{name}"], contenders[f"decode/{name}"] = _timers(
             model, prompt, cfg.decode_tokens
         )
@@ -146,7 +166,8 @@ def print_report(result: dict, console: Console | None = None) -> None:
         f"cached {result['load_cached_s']} s; routers {result['routers']}"
     )
     rows = []
-    for name in ("dense", "moe_k4", "moe_k4_norefit", "moe_k2"):
+    names = ("dense", "moe_k4", "moe_k4_packed", "moe_k4_norefit", "moe_k2")
+    for name in (n for n in names if n == "dense" or f"ppl_{n}" in result):
         ppl = result["ppl_dense"] if name == "dense" else result[f"ppl_{name}"]
         timing = name if name in result["decode_tokens_per_s"] else "moe_k4"
         rows.append(
