@@ -69,7 +69,7 @@ def test_demo_command_runs_the_pretrained_demo_by_default(tiny, tmp_path, monkey
 def test_bench_models_reports_every_contender(tiny, tmp_path) -> None:
     from dataclasses import replace
 
-    from pimoe.bench.models import QUICK, run
+    from pimoe.bench.models import QUICK, print_report, run
 
     result = run(
         replace(
@@ -90,6 +90,7 @@ def test_bench_models_reports_every_contender(tiny, tmp_path) -> None:
     assert set(result["decode_tokens_per_s"]) == {"dense", "moe_k4", "moe_k2", "moe_k4_packed"}
     # packed expert weights: the same model to float rounding
     assert result["ppl_moe_k4_packed"] == pytest.approx(result["ppl_moe_k4"], rel=1e-4)
+    print_report(result)  # every row printable
     assert (
         result["params"]["moe_k2"]["active"]
         < result["params"]["moe_k4"]["active"]

@@ -133,6 +133,7 @@ def run(cfg: ModelsBenchConfig, progress: bool = True) -> dict:
         timed["moe_k4_packed"] = packed
         ppl = perplexity(packed, heldout, progress=progress, desc="perplexity moe_k4_packed")
         result["ppl_moe_k4_packed"] = round(ppl, 4)
+        result["params"]["moe_k4_packed"] = result["params"]["moe_k4"]
     prompt = heldout_ids[: cfg.prefill_tokens].unsqueeze(0)
     contenders: dict[str, Callable[[], object]] = {}
     for name, model in timed.items():
@@ -196,7 +197,7 @@ def print_report(result: dict, console: Console | None = None) -> None:
 def main(quick: bool = False, json_path: Path | None = None) -> dict:
     """Entry point of ``pimoe bench models``."""
     result = run(QUICK if quick else ModelsBenchConfig())
-    print_report(result)
-    if json_path is not None:
+    if json_path is not None:  # first: a report that fails to print loses no run
         atomic_write_text(json_path, json.dumps(result, indent=2, default=str))
+    print_report(result)
     return result
