@@ -76,6 +76,7 @@ BENCHMARKS: tuple[Bench, ...] = (
         "SmolLM2-135M dense vs split into 8 experts (k=4, k=2): load time, perplexity, tokens/s; HF-families equivalence.",
         "2,048 held-out tokens, 128 prefill and 16 decode tokens, 1 timing round.",
         ("models",),
+        (_rounds(),),
     ),
     Bench(
         "balance",

@@ -194,9 +194,10 @@ def print_report(result: dict, console: Console | None = None) -> None:
         )
 
 
-def main(quick: bool = False, json_path: Path | None = None) -> dict:
-    """Entry point of ``pimoe bench models``."""
-    result = run(QUICK if quick else ModelsBenchConfig())
+def main(quick: bool = False, json_path: Path | None = None, rounds: int | None = None) -> dict:
+    """Entry point of ``pimoe bench models`` (``rounds``: timing rounds instead of the size's)."""
+    cfg = QUICK if quick else ModelsBenchConfig()
+    result = run(cfg if rounds is None else replace(cfg, rounds=rounds))
     if json_path is not None:  # first: a report that fails to print loses no run
         atomic_write_text(json_path, json.dumps(result, indent=2, default=str))
     print_report(result)
