@@ -1,7 +1,28 @@
+import gc
+from collections.abc import Iterator
+
 import pytest
 import torch
+
+from pimoe.moe import threaded
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """Torch on 2 threads with the threaded experts kernel built and its gradient pool empty
+    (skipped where no C++ compiler can build the kernel). Garbage of earlier tests is collected
+    first, so that no gradient of theirs returns a block to the pool during the test."""
+    if threaded.threaded_kernel() is None:
+        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    gc.collect()
+    threaded.empty_cache()
+    yield
+    threaded.empty_cache()
+    torch.set_num_threads(before)

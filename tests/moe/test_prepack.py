@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from pimoe.moe import MoEConfig, PiMoE, add_lora, grouped, pack_experts_, unpack_experts_
+from pimoe.moe import MoEConfig, PiMoE, add_lora, grouped, pack_experts_, threaded, unpack_experts_
 from pimoe.moe import prepack as prepack_module
 
 D = 32
@@ -139,7 +139,7 @@ def test_other_dtype_or_device_falls_back(two_threads: None, packed_calls: list[
 
 
 def test_refusals(two_threads: None) -> None:
-    with pytest.raises(ValueError, match="holds no StackedExperts"):
+    with pytest.raises(ValueError, match="holds no expert bank"):
         pack_experts_(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="biases"):
         pack_experts_(_layer(bias=True))
@@ -157,3 +157,46 @@ def test_no_kernel_no_packing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prepack_module, "threaded_kernel", lambda: None)
     with pytest.raises(ValueError, match="threaded experts kernel is not available"):
         pack_experts_(_layer())
+
+
+class _TransposedBank(torch.nn.Module):
+    """An expert bank storing its weights transposed (``[E, D, F_in]``, ``[E, F, D]``), run
+    through views, as transformers' GPT-OSS experts are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(2)
+        self.w_in_t = torch.nn.Parameter(torch.randn(4, D, 2 * 24, generator=gen) / 6)
+        self.w_out_t = torch.nn.Parameter(torch.randn(4, 24, D, generator=gen) / 5)
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        return self.w_in_t.transpose(1, 2), self.w_out_t.transpose(1, 2)  # fresh views per call
+
+    def forward(self, x: Tensor, splits: list[int]) -> Tensor:
+        w_in, w_out = self.weights()
+        return grouped.grouped_ffn(x, w_in, None, w_out, None, splits, threaded.swiglu)
+
+
+def _find_transposed(module: torch.nn.Module) -> tuple[Tensor, Tensor] | None:
+    return module.weights() if isinstance(module, _TransposedBank) else None
+
+
+def test_register_packable_with_weights_seen_through_views(
+    two_threads: None, packed_calls: list[str]
+) -> None:
+    bank, splits = _TransposedBank(), [5, 0, 9, 3]
+    x = torch.randn(sum(splits), D, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        want = bank(x, splits)
+    with pytest.raises(ValueError, match="holds no expert bank"):
+        pack_experts_(bank)
+    prepack_module.register_packable(_find_transposed)
+    try:
+        assert pack_experts_(bank) == 1
+        with torch.inference_mode():
+            got = bank(x, splits)
+        assert packed_calls == ["packed_ffn_forward"]
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        assert unpack_experts_(bank) == 1
+    finally:
+        prepack_module._FINDERS.remove(_find_transposed)

@@ -44,6 +44,7 @@ from pimoe.moe.dispatch import combine_rows, gather_tokens, plan_dispatch
 from pimoe.moe.experts import kernel_pad_limit
 from pimoe.moe.grouped import grouped_ffn
 from pimoe.moe.lora_modules import ExpertLoRA, adapters_train, base_and_adapter, low_rank_ffn
+from pimoe.moe.prepack import register_packable
 
 NAME = "pimoe"
 _KNOWN_PARAMETERS = frozenset(
@@ -170,12 +171,35 @@ def pimoe_experts_forward(
     return combine_rows(y, top_k_weights, plan).to(hidden_states.dtype)
 
 
+def packable_experts(module: nn.Module) -> tuple[Tensor, Tensor] | str | None:
+    """What :func:`pimoe.moe.pack_experts_` packs of a transformers experts module: its
+    ``(w_in, w_out)`` as :func:`pimoe_experts_forward` passes them to the kernel, or why not
+    (another experts implementation, LoRA adapters, biases, a layout the kernel cannot run);
+    None for any other module."""
+    experts: Any = module
+    if not hasattr(experts, "num_experts") or any(not hasattr(experts, f) for f in _LAYOUT_FLAGS):
+        return None
+    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    if implementation != NAME:
+        return f"experts_implementation={implementation!r}; packed weights run under {NAME!r}"
+    if parametrize.is_parametrized(experts):
+        return "parametrized weights (LoRA adapters: merge them first)"
+    try:
+        layout = experts_layout(experts)
+    except TypeError as err:
+        return str(err)
+    if layout.b_in is not None or layout.b_out is not None:
+        return "biases (the packed kernel runs bias-free experts)"
+    return layout.w_in, layout.w_out
+
+
 def enable() -> None:
     """Register :func:`pimoe_experts_forward` with transformers as ``"pimoe"`` (idempotent).
 
     Afterwards ``from_pretrained(..., experts_implementation="pimoe")``,
     ``model.set_experts_implementation("pimoe")`` or ``config._experts_implementation = "pimoe"``
-    run a model's experts on pimoe's kernel.
+    run a model's experts on pimoe's kernel, and :func:`pimoe.moe.pack_experts_` packs their
+    weights (:func:`packable_experts`).
     """
     import transformers
 
@@ -183,6 +207,7 @@ def enable() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(NAME, pimoe_experts_forward)
+    register_packable(packable_experts)
 
 
 def check_transformers_version(found: str) -> None:

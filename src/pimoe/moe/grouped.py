@@ -53,6 +53,7 @@ from pimoe.moe.threaded import (
     expert_major_forward,
     packed_expert_major_forward,
     packed_ffn_forward,
+    packed_rows_mm,
     threaded_ffn,
     threaded_pays,
     threaded_usable,
@@ -268,11 +269,22 @@ def _packed(
     act: Activation,
 ) -> list[Tensor] | None:
     """The weights prepacked by :func:`pimoe.moe.prepack.pack_experts_`, where the packed
-    kernel can run them on ``x`` (no biases, one of pimoe's activations, ``x`` in the weights'
-    dtype); else None."""
-    if b_in is not None or b_out is not None or act not in FUSED_ACTIVATIONS:
+    kernel can run them on ``x`` (no biases, ``x`` in the weights' dtype); else None."""
+    if b_in is not None or b_out is not None or x.dtype != w_in.dtype:
         return None
-    return packed_experts(w_in, w_out) if x.dtype == w_in.dtype else None
+    return packed_experts(w_in, w_out)
+
+
+def _packed_ffn(x: Tensor, packed: list[Tensor], splits: list[int], act: Activation) -> Tensor:
+    """Inference on packed weights (``packed``: ``w_in[e]`` for every expert, then
+    ``w_out[e]``): one pass per expert for pimoe's activations, else two per-matmul passes with
+    ``act`` between them."""
+    name = FUSED_ACTIVATIONS.get(act)
+    if name is not None:
+        return packed_ffn_forward(x.contiguous(), packed, splits, name)
+    experts = len(splits)
+    h = packed_rows_mm(x, packed[:experts], splits)  # [N, F_in]
+    return packed_rows_mm(act(h), packed[experts:], splits)
 
 
 def grouped_ffn(
@@ -307,7 +319,7 @@ def grouped_ffn(
     splits = counts if isinstance(counts, list) else [int(n) for n in counts.tolist()]
     packed = None if keep_hidden else _packed(x, w_in, b_in, w_out, b_out, act)
     if packed is not None:
-        return packed_ffn_forward(x.contiguous(), packed, splits, FUSED_ACTIVATIONS[act])
+        return _packed_ffn(x, packed, splits, act)
     if not is_uniform(splits) and b_in is None and b_out is None:
         x = x.contiguous()
         with torch.autocast(device_type, enabled=False):

@@ -2,12 +2,16 @@
 
 A matmul library reorders a weight into the blocked layout of its inner kernel on every call;
 on ~64 rows per expert that reordering is a large part of the call. :func:`pack_experts_`
-reorders every expert weight of a model's :class:`~pimoe.moe.experts.StackedExperts` once
+reorders every expert weight of a model's expert banks once
 (``torch.ops.mkldnn._reorder_linear_weight``, what ``torch.compile``'s freezing and IPEX do for
 ``nn.Linear``) and inference without autograd then runs the experts on the packed copies in the
-threaded kernel (:func:`pimoe.moe.threaded.packed_ffn_forward`, and
-:func:`~pimoe.moe.threaded.packed_expert_major_forward` for many rows): the same per-expert
-FFN, each thread taking whole experts, with oneDNN's matmul instead of MKL's. Results agree with
+threaded kernel (:func:`pimoe.moe.threaded.packed_ffn_forward`,
+:func:`~pimoe.moe.threaded.packed_expert_major_forward` for many rows, and
+:func:`~pimoe.moe.threaded.packed_rows_mm` around an activation given as a Python function):
+the same per-expert FFN, each thread taking whole experts, with oneDNN's matmul instead of
+MKL's. Expert banks are :class:`~pimoe.moe.experts.StackedExperts` and, once :mod:`pimoe.hf` is
+imported, transformers' experts modules running ``experts_implementation="pimoe"``
+(:func:`register_packable` adds other kinds). Results agree with
 the unpacked kernel to float rounding (not bit for bit: another matmul library).
 
 The packed copies take as much memory as the expert weights again. They are a cache of the
@@ -25,8 +29,8 @@ built with oneDNN, and the threaded kernel's C++ extension; experts adapted by L
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -35,21 +39,18 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from pimoe.moe.threaded import threaded_kernel
 
-if TYPE_CHECKING:
-    from pimoe.moe.experts import StackedExperts
-
 
 @dataclass
 class _Packed:
     """Packed copies of one bank's weights and the state of the weights they were made from."""
 
-    w_out: weakref.ref[Tensor]  # the bank's w_out (a lookup with another finds nothing)
+    w_out: weakref.ref[Tensor]  # the bank's stored w_out (a lookup with another finds nothing)
     rows_hint: int
     state: tuple[object, ...]
     tensors: list[Tensor]  # w_in[e] for every e, then w_out[e]
 
 
-# w_in -> its bank's packed weights (entries go with their weights)
+# stored w_in (the parameter behind a view) -> its bank's packed weights (entries go with it)
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -89,8 +90,8 @@ def packed_experts(w_in: Tensor, w_out: Tensor) -> list[Tensor] | None:
     kernel's ``packed_*`` entry points (``2E`` tensors: ``w_in[e]`` for every ``e``, then
     ``w_out[e]``), packed anew if the weights changed since; None if :func:`pack_experts_` did
     not pack them or under ``torch.compile``."""
-    entry: _Packed | None = _PACKED.get(w_in)  # type: ignore[no-untyped-call]
-    if entry is None or entry.w_out() is not w_out or torch.compiler.is_compiling():
+    entry: _Packed | None = _PACKED.get(_key(w_in))  # type: ignore[no-untyped-call]
+    if entry is None or entry.w_out() is not _key(w_out) or torch.compiler.is_compiling():
         return None
     state = _state(w_in, w_out)
     if entry.state != state:
@@ -100,18 +101,60 @@ def packed_experts(w_in: Tensor, w_out: Tensor) -> list[Tensor] | None:
     return entry.tensors
 
 
-def _banks(model: nn.Module) -> list[tuple[str, StackedExperts]]:
+ExpertsWeights = Callable[[nn.Module], "tuple[Tensor, Tensor] | str | None"]
+"""Reads a module as an expert bank: its ``(w_in [E, F_in, D], w_out [E, D, F])`` exactly as
+the kernel receives them (views allowed), a reason it cannot be packed, or None when the module
+is not an expert bank of this kind."""
+_FINDERS: list[ExpertsWeights] = []
+
+
+def register_packable(find: ExpertsWeights) -> None:
+    """Let :func:`pack_experts_` pack another kind of expert bank (idempotent); ``find`` is an
+    :data:`ExpertsWeights`. :mod:`pimoe.hf` registers transformers' experts modules."""
+    if find not in _FINDERS:
+        _FINDERS.append(find)
+
+
+def _stacked_experts(module: nn.Module) -> tuple[Tensor, Tensor] | str | None:
     from pimoe.moe.experts import StackedExperts  # experts imports grouped, which imports this
 
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, StackedExperts)]
+    if not isinstance(module, StackedExperts):
+        return None
+    if module.b_in is not None or module.b_out is not None:
+        return "biases (the packed kernel runs bias-free experts)"
+    if any(parametrize.is_parametrized(module, n) for n in ("w_in", "w_out")):
+        return "parametrized weights (LoRA adapters: merge them first)"
+    return module.w_in, module.w_out
+
+
+register_packable(_stacked_experts)
+
+
+def _key(w: Tensor) -> Tensor:
+    """The tensor a packed entry is kept under: the stored parameter behind a view."""
+    return w if w._base is None else w._base
+
+
+def _banks(model: nn.Module) -> list[tuple[str, tuple[Tensor, Tensor] | str]]:
+    """Every expert bank in ``model``: its name and weights, or why it cannot be packed."""
+    banks = []
+    for name, module in model.named_modules():
+        for find in _FINDERS:
+            found = find(module)
+            if found is not None:
+                banks.append((name or type(model).__name__, found))
+                break
+    return banks
 
 
 def pack_experts_(model: nn.Module, rows_hint: int = 64) -> int:
-    """Pack the expert weights of every ``StackedExperts`` in ``model`` (in place; returns how
-    many banks were packed) for faster CPU inference; see the module docstring.
+    """Pack the expert weights of every expert bank in ``model`` (in place; returns how many
+    banks were packed) for faster CPU inference; see the module docstring.
 
     Args:
-        model: a module holding ``StackedExperts`` (a ``PiMoE`` layer, a pimoe LM, ...).
+        model: a module holding ``StackedExperts`` (a ``PiMoE`` layer, a pimoe LM, an upcycled
+            HF model) or, with :mod:`pimoe.hf` imported, transformers experts modules run with
+            ``experts_implementation="pimoe"``.
         rows_hint: the rows per expert oneDNN tunes the layout for (any row count runs).
 
     Raises:
@@ -121,30 +164,27 @@ def pack_experts_(model: nn.Module, rows_hint: int = 64) -> int:
     if rows_hint < 1:
         raise ValueError(f"rows_hint must be positive, got {rows_hint}")
     reasons, packed = [], 0
-    for name, bank in _banks(model):
-        w_in, w_out = bank.w_in, bank.w_out
-        reason = why_not_packable(w_in, w_out)
-        if reason is None and (bank.b_in is not None or bank.b_out is not None):
-            reason = "biases (the packed kernel runs bias-free experts)"
-        if reason is None and any(parametrize.is_parametrized(bank, n) for n in ("w_in", "w_out")):
-            reason = "parametrized weights (LoRA adapters: merge them first)"
-        if reason is not None:
-            reasons.append(f"{name or type(model).__name__}: {reason}")
+    for name, found in _banks(model):
+        reason = found if isinstance(found, str) else why_not_packable(*found)
+        if reason is not None or isinstance(found, str):
+            reasons.append(f"{name}: {reason}")
             continue
+        w_in, w_out = found
         tensors = _pack(w_in, w_out, rows_hint)
-        _PACKED[w_in] = _Packed(weakref.ref(w_out), rows_hint, _state(w_in, w_out), tensors)
+        _PACKED[_key(w_in)] = _Packed(
+            weakref.ref(_key(w_out)), rows_hint, _state(w_in, w_out), tensors
+        )
         packed += 1
     if packed == 0:
-        found = "; ".join(reasons) if reasons else "it holds no StackedExperts"
-        raise ValueError(f"no experts of {type(model).__name__} can be packed: {found}")
+        why = "; ".join(reasons) if reasons else "it holds no expert bank"
+        raise ValueError(f"no experts of {type(model).__name__} can be packed: {why}")
     return packed
 
 
 def unpack_experts_(model: nn.Module) -> int:
     """Drop the packed copies of ``model``'s expert weights (returns how many banks had them)."""
     dropped = 0
-    for _, bank in _banks(model):
-        if parametrize.is_parametrized(bank, "w_in"):
-            continue
-        dropped += _PACKED.pop(bank.w_in, None) is not None  # type: ignore[no-untyped-call]
+    for _, found in _banks(model):
+        if not isinstance(found, str):
+            dropped += _PACKED.pop(_key(found[0]), None) is not None  # type: ignore[no-untyped-call]
     return dropped

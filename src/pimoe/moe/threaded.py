@@ -207,6 +207,14 @@ def packed_ffn_forward(x: Tensor, packed: list[Tensor], splits: list[int], act: 
     return out
 
 
+def packed_rows_mm(a: Tensor, packed: list[Tensor], splits: list[int]) -> Tensor:
+    """:func:`rows_mm` on weights prepacked by oneDNN: ``out[rows of e] = a[rows of e] @ W_e.T``
+    for ``a [N, K]`` rows grouped by expert and ``packed[e]`` the packed ``W_e [M, K]`` ->
+    ``[N, M]``."""
+    out: Tensor = _module().packed_rows_mm(a, packed, splits)
+    return out
+
+
 def packed_expert_major_forward(
     x: Tensor,
     token_rows: Tensor,

@@ -12,7 +12,10 @@ Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a
   chunk_rows)`` -> ``[T, D]``: inference from gather to weighted sum, whole experts per thread;
 - ``release_pool()`` / ``pool_kept_bytes()``: the buffer pool of weight gradients;
 - ``rows_mm`` and ``weights_mm``: single matmuls per expert, for activations given as Python
-  functions (``ffn_*`` take one of ``swiglu``, ``gelu``, ``relu``, ``silu`` by name).
+  functions (``ffn_*`` take one of ``swiglu``, ``gelu``, ``relu``, ``silu`` by name);
+- ``packed_ffn_forward``, ``packed_expert_major_forward``, ``packed_rows_mm``: inference on
+  expert weights prepacked by oneDNN (:mod:`pimoe.moe.prepack`; a list of packed weights per
+  expert instead of ``w_in`` / ``w_out``).
 
 The activations and their gradients are the ATen calls autograd makes for pimoe's Python
 activations (``silu(gate) * up``; ``silu_backward``, ``gelu_backward``, ``threshold_backward``),
@@ -292,6 +295,23 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward(
   return forward_rows(x, Projections{w_in, w_out, {}}, splits, act_name, keep_hidden);
 }
 
+// out[rows of e] = a[rows of e] @ W_e^T for E weights W_e [M, K] prepacked by oneDNN -> [N, M]
+at::Tensor packed_rows_mm(const at::Tensor& a, const std::vector<at::Tensor>& packed,
+                          const std::vector<int64_t>& splits) {
+  TORCH_CHECK(a.dim() == 2 && !packed.empty() && packed.size() == splits.size(),
+              "packed_rows_mm: ", packed.size(), " packed weights for ", splits.size(), " experts");
+  auto x = a.contiguous();
+  auto out = at::empty({x.size(0), packed[0].size(0)}, x.options());
+  std::vector<int64_t> start;
+  auto order = order_of(splits, start);
+  each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
+    const int64_t e = order[i];
+    if (splits[e] == 0) return;
+    out.narrow(0, start[e], splits[e]).copy_(packed_linear(x.narrow(0, start[e], splits[e]), packed[e]));
+  });
+  return out;
+}
+
 // ffn_forward's y on weights prepacked by oneDNN (packed: w_in[e] for every e, then w_out[e])
 at::Tensor packed_ffn_forward(const at::Tensor& x, const std::vector<at::Tensor>& packed,
                               const std::vector<int64_t>& splits, const std::string& act_name) {
@@ -418,6 +438,7 @@ FUNCTIONS = [
     "ffn_backward",
     "expert_major_forward",
     "packed_ffn_forward",
+    "packed_rows_mm",
     "packed_expert_major_forward",
     "release_pool",
     "pool_kept_bytes",
