@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 
 from pimoe.bench.hf_backend import HFBackendBenchConfig, run
 from pimoe.hf import check_families, families
+from pimoe.moe.threaded import threaded_kernel
 
 
 def test_check_families_row(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,3 +47,6 @@ def test_benchmark_runs_at_a_tiny_size() -> None:
     assert result["max_abs_diff_vs_eager"] <= 1e-5
     assert result["max_abs_logit_diff_hf"] == result["families"][0]["max_abs_logit_diff"]
     assert all(r["pimoe_vs_grouped_mm"] > 0 for r in result["rows"])
+    if threaded_kernel() is not None:  # packed weights: timed in forward rows only
+        packed = {r["mode"]: r["pimoe_packed_vs_grouped_mm"] for r in result["rows"]}
+        assert packed["fwd"] > 0 and packed["fwd+bwd"] is None

@@ -3,13 +3,16 @@
 Same block, same weights, same input: only ``config._experts_implementation`` changes between
 the contenders, which run interleaved within each round. Shapes: a Qwen3-MoE-like block (64
 experts, top-8, expert width 256) and a Mixtral-like block (8 experts, top-2, width 1024), both
-at d_model 512, fp32. Ratios < 1 mean pimoe is faster. The run starts with
+at d_model 512, fp32. Ratios < 1 mean pimoe is faster. Forward rows also time a copy of the
+block whose expert weights :func:`pimoe.moe.pack_experts_` prepacked (``pimoe_packed``; null
+where packing cannot run). The run starts with
 :func:`pimoe.hf.check_families` (tiny models of each family: logits and gradients vs eager, and
 forward time with pimoe, grouped_mm and eager).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +98,20 @@ def _max_diff_vs_eager(block: Any, x: torch.Tensor) -> float:
     return (outputs["pimoe"] - outputs["eager"]).abs().max().item()
 
 
+def _packed_copy(block: Any) -> Any | None:
+    """A copy of ``block`` running "pimoe" on prepacked expert weights, or None where packing
+    cannot run."""
+    from pimoe.moe import pack_experts_
+
+    packed = copy.deepcopy(block)
+    packed.experts.config._experts_implementation = "pimoe"
+    try:
+        pack_experts_(packed)
+    except ValueError:
+        return None
+    return packed
+
+
 def run(cfg: HFBackendBenchConfig, console: Console | None = None) -> dict:
     """Measure and return the results as a JSON-serializable dict."""
     console = console or Console()
@@ -109,6 +126,7 @@ def run(cfg: HFBackendBenchConfig, console: Console | None = None) -> dict:
     for shape in cfg.shapes:
         torch.manual_seed(cfg.seed)
         block = _block(shape, cfg.d_model)
+        packed = _packed_copy(block)
         for tokens in cfg.tokens:
             x = torch.randn(1, tokens, cfg.d_model)
             diff = _max_diff_vs_eager(block, x)
@@ -116,6 +134,8 @@ def run(cfg: HFBackendBenchConfig, console: Console | None = None) -> dict:
                 fns: dict[str, Callable[[], object]] = {
                     name: _step(block, name, x, backward) for name in CONTENDERS
                 }
+                if packed is not None and not backward:
+                    fns["pimoe_packed"] = _step(packed, "pimoe", x, backward)
                 times = interleaved_medians(fns, cfg.rounds)
                 rows.append(
                     {
@@ -125,6 +145,11 @@ def run(cfg: HFBackendBenchConfig, console: Console | None = None) -> dict:
                         "pimoe_ms": times["pimoe"] * 1e3,
                         "grouped_mm_ms": times["grouped_mm"] * 1e3,
                         "pimoe_vs_grouped_mm": times["pimoe"] / times["grouped_mm"],
+                        "pimoe_packed_vs_grouped_mm": (
+                            times["pimoe_packed"] / times["grouped_mm"]
+                            if "pimoe_packed" in times
+                            else None
+                        ),
                         "max_abs_diff_vs_eager": diff,
                     }
                 )
@@ -183,7 +208,15 @@ def _print(result: dict, console: Console) -> None:
     print_table(
         console,
         "transformers MoE block: experts_implementation pimoe vs grouped_mm (median, interleaved)",
-        ("shape", "tokens", "mode", "pimoe ms", "grouped_mm ms", "pimoe / grouped_mm"),
+        (
+            "shape",
+            "tokens",
+            "mode",
+            "pimoe ms",
+            "grouped_mm ms",
+            "pimoe / grouped_mm",
+            "packed / grouped_mm",
+        ),
         [
             (
                 r["shape"],
@@ -192,6 +225,9 @@ def _print(result: dict, console: Console) -> None:
                 f"{r['pimoe_ms']:.1f}",
                 f"{r['grouped_mm_ms']:.1f}",
                 f"{r['pimoe_vs_grouped_mm']:.2f}",
+                "-"
+                if r["pimoe_packed_vs_grouped_mm"] is None
+                else f"{r['pimoe_packed_vs_grouped_mm']:.2f}",
             )
             for r in result["rows"]
         ],
