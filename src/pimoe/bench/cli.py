@@ -118,6 +118,7 @@ BENCHMARKS: tuple[Bench, ...] = (
         "transformers MoE blocks with experts_implementation='pimoe' vs 'grouped_mm' (fwd, fwd+bwd), after the tiny-family check.",
         "Fewer shapes and rounds.",
         ("hf",),
+        (_rounds(), _threads(1)),
     ),
     Bench(
         "generate",
