@@ -68,8 +68,10 @@ class LMConfig:
         built): what a loader checks before building a model a file describes."""
         d, moe = self.d_model, self.moe
         width, shared = self.ffn_dim, moe.shared_ffn_dim or self.ffn_dim
-        routed = moe.num_experts * (3 * d * width + width + 2 * d + 1)
-        always_on = moe.shared_experts * (3 * d * shared + shared + d) + d + 1
+        # per expert: weights <= 3 d F (SwiGLU), biases <= 2F + d (SwiGLU's gate and up rows),
+        # a router row and bias (d + 1)
+        routed = moe.num_experts * (3 * d * width + 2 * width + 2 * d + 1)
+        always_on = moe.shared_experts * (3 * d * shared + 2 * shared + d) + d + 1
         dense = 3 * d * self.dense_width + self.dense_width + d
         moe_layers = self.n_layer // self.moe_every if self.moe_every else 0
         ffns = moe_layers * (routed + always_on) + (self.n_layer - moe_layers) * dense
