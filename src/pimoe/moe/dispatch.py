@@ -184,19 +184,22 @@ class _CombineRows(torch.autograd.Function):
         plan: DispatchPlan = ctx.plan
         num_tokens, k = w.shape
         grad_y = grad_w = None
+        if y.shape[0] == 0:  # every assignment dropped
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.zeros_like(w)
+            return grad_y, grad_w, None
+        # each row's token gradient, in row order: one [R, D] gather serves both gradients
+        # (no out= or in-place ops, so that the backward stays differentiable: double backward,
+        # e.g. MAML's create_graph)
+        grad_rows = grad_out.index_select(0, plan.token_rows).to(y.dtype)  # [R, D]
         if ctx.needs_input_grad[0]:
-            # no out= so that the backward stays differentiable (double backward, e.g. MAML's
-            # create_graph)
-            scaled = grad_out.unsqueeze(1) * w.to(grad_out.dtype).unsqueeze(-1)  # [T, k, D]
-            per_choice = scaled.view(num_tokens * k, -1)
-            if plan.padded:  # one extra zero row for padding rows (row_assignment == T * k)
-                per_choice = torch.cat([per_choice, grad_out.new_zeros(1, grad_out.shape[-1])])
-            grad_y = per_choice.index_select(0, plan.row_assignment).to(y.dtype)
-        if ctx.needs_input_grad[1] and y.shape[0] == 0:
-            grad_w = torch.zeros_like(w)
-        elif ctx.needs_input_grad[1]:
-            chosen = y.index_select(0, plan.slot).view(num_tokens, k, -1).to(grad_out.dtype)
-            grad_w = torch.bmm(chosen, grad_out.unsqueeze(-1)).view(num_tokens, k).to(w.dtype)
+            flat_w = w.reshape(-1).to(y.dtype)
+            if plan.padded:  # padding rows (row_assignment == T * k) get weight 0
+                flat_w = torch.cat([flat_w, flat_w.new_zeros(1)])
+            grad_y = grad_rows * flat_w.index_select(0, plan.row_assignment).unsqueeze(1)
+        if ctx.needs_input_grad[1]:
+            per_row = torch.bmm(y.unsqueeze(1), grad_rows.unsqueeze(2)).view(-1)  # [R]
+            grad_w = per_row.index_select(0, plan.slot).view(num_tokens, k).to(w.dtype)
             if plan.keep is not None:
                 grad_w = grad_w.masked_fill(~plan.keep, 0)
         return grad_y, grad_w, None
