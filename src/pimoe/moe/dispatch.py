@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pimoe.moe.router import RouterOutput
+from pimoe.moe.threaded import gather_sum, gather_sum_usable
 
 # Pad every expert to the largest expert's row count when that is at most this many times the
 # executed rows: one batched matmul over all experts then beats one matmul per expert (the
@@ -155,6 +156,10 @@ class _GatherTokens(torch.autograd.Function):
         plan: DispatchPlan = ctx.plan
         if grad_rows.shape[0] == 0:  # every assignment dropped
             return grad_rows.new_zeros(plan.num_tokens, grad_rows.shape[-1]), None
+        if not torch.is_grad_enabled() and gather_sum_usable(grad_rows):  # not create_graph
+            slot = plan.slot.view(plan.num_tokens, plan.top_k)
+            keep = torch.ones(slot.shape) if plan.keep is None else plan.keep.float()
+            return gather_sum(grad_rows, slot, keep), None
         per_choice = grad_rows.index_select(0, plan.slot).view(
             plan.num_tokens, plan.top_k, -1
         )  # [T, k, D]
@@ -175,6 +180,9 @@ class _CombineRows(torch.autograd.Function):
         ctx.plan = plan
         if y.shape[0] == 0:  # every assignment dropped
             return y.new_zeros(num_tokens, y.shape[-1])
+        if gather_sum_usable(y):
+            out: Tensor = gather_sum(y, plan.slot.view(num_tokens, k), w.to(y.dtype))
+            return out
         per_choice = y.index_select(0, plan.slot).view(num_tokens, k, -1)  # [T, k, D]
         return torch.bmm(w.to(y.dtype).unsqueeze(1), per_choice).squeeze(1)
 

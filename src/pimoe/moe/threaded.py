@@ -199,6 +199,33 @@ def _(
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("pimoe::gather_sum", mutates_args=())
+def gather_sum(src: Tensor, slot: Tensor, w: Tensor) -> Tensor:
+    """``out[t] = sum_j w[t, j] * src[slot[t, j]]``: ``src [R, D]``, ``slot [T, k]`` long,
+    ``w [T, k]``, float32 -> ``[T, D]``, without the ``[T * k, D]`` intermediate of a gather
+    and a batched matmul; a slot outside ``[0, R)`` raises ``RuntimeError``."""
+    out: Tensor = _module().gather_sum(src, slot, w)
+    return out
+
+
+@gather_sum.register_fake
+def _(src: Tensor, slot: Tensor, w: Tensor) -> Tensor:
+    return src.new_empty(slot.shape[0], src.shape[1])
+
+
+def gather_sum_usable(src: Tensor) -> bool:
+    """Whether :func:`gather_sum` runs on rows like ``src``: float32 on the CPU and the
+    extension already built (by the experts' kernel: this check never starts a build, so a
+    one-thread run, which never needs the experts' kernel, keeps its gathers)."""
+    built = "module" in _state
+    return (
+        src.dtype == torch.float32
+        and src.device.type == "cpu"
+        and built
+        and threaded_kernel() is not None
+    )
+
+
 def packed_ffn_forward(x: Tensor, packed: list[Tensor], splits: list[int], act: str) -> Tensor:
     """:func:`ffn_forward`'s ``y`` (inference) on expert weights prepacked by oneDNN
     (``packed``: ``w_in[e]`` for every expert, then ``w_out[e]``, from

@@ -10,6 +10,8 @@ Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a
   an expert without rows);
 - ``expert_major_forward(x [T, D], token_rows [R], row_weights [R], w_in, w_out, splits, act,
   chunk_rows)`` -> ``[T, D]``: inference from gather to weighted sum, whole experts per thread;
+- ``gather_sum(src [R, D], slot [T, k], w [T, k])`` -> ``[T, D]``: ``sum_j w[t, j] *
+  src[slot[t, j]]`` in float32 (the combine's forward and the gather's backward);
 - ``release_pool()`` / ``pool_kept_bytes()``: the buffer pool of weight gradients;
 - ``rows_mm`` and ``weights_mm``: single matmuls per expert, for activations given as Python
   functions (``ffn_*`` take one of ``swiglu``, ``gelu``, ``relu``, ``silu`` by name);
@@ -114,6 +116,45 @@ int64_t pool_kept_bytes() {
   auto& pool = block_pool();
   std::lock_guard<std::mutex> lock(pool.mu);
   return (int64_t)pool.kept;
+}
+
+// out[t] = sum_j w[t, j] * src[slot[t, j]] for src [R, D], slot [T, k] long, w [T, k], all
+// float32 -> [T, D]: a weighted sum of gathered rows without the [T * k, D] intermediate of
+// index_select + bmm (the combine's forward, the gather's backward); tokens split between
+// torch's threads, j summed in order.
+at::Tensor gather_sum(const at::Tensor& src, const at::Tensor& slot, const at::Tensor& w) {
+  TORCH_CHECK(src.dim() == 2 && slot.dim() == 2 && w.sizes() == slot.sizes() &&
+              src.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+              slot.scalar_type() == at::kLong, "gather_sum: src [R, D] float32, slot [T, k] long, w [T, k] float32");
+  auto rows = src.contiguous();
+  auto index = slot.contiguous();
+  auto weight = w.contiguous();
+  const int64_t T = index.size(0), k = index.size(1), D = rows.size(1), R = rows.size(0);
+  auto out = at::empty({T, D}, rows.options());
+  std::atomic<bool> outside{false};
+  const float* src_p = rows.data_ptr<float>();
+  const int64_t* slot_p = index.data_ptr<int64_t>();
+  const float* w_p = weight.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* __restrict__ o = out_p + t * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (int64_t j = 0; j < k; ++j) {
+        const float c = w_p[t * k + j];
+        const int64_t r = slot_p[t * k + j];
+        if (r < 0 || r >= R) {
+          outside = true;
+          continue;
+        }
+        const float* __restrict__ row = src_p + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] += c * row[d];
+      }
+    }
+  });
+  TORCH_CHECK(!outside, "gather_sum: a slot is outside [0, ", R, ")");
+  return out;
 }
 
 // Experts with rows, largest first (threads take them in this order), and each expert's first row.
@@ -439,6 +480,7 @@ FUNCTIONS = [
     "expert_major_forward",
     "packed_ffn_forward",
     "packed_rows_mm",
+    "gather_sum",
     "packed_expert_major_forward",
     "release_pool",
     "pool_kept_bytes",

@@ -1,0 +1,70 @@
+"""threaded.gather_sum (the combine's forward and the gather's backward on the CPU): the
+index_select + bmm it replaces, any slot pattern, out-of-range slots refused, and the layer's
+outputs and gradients unchanged when it runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pimoe.moe import PiMoE, dispatch, threaded
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    tokens=st.integers(0, 30),
+    k=st.integers(1, 4),
+    d=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+)
+def test_gather_sum_is_index_select_and_bmm(
+    rows: int, tokens: int, k: int, d: int, seed: int
+) -> None:
+    if threaded.threaded_kernel() is None:
+        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randn(rows, d, generator=gen)
+    slot = torch.randint(0, rows, (tokens, k), generator=gen)
+    w = torch.randn(tokens, k, generator=gen)
+    want = torch.bmm(w.unsqueeze(1), src.index_select(0, slot.reshape(-1)).view(tokens, k, d))
+    torch.testing.assert_close(threaded.gather_sum(src, slot, w), want.squeeze(1))
+
+
+def test_gather_sum_refuses_outside_slots(two_threads: None) -> None:
+    src = torch.randn(5, 3)
+    for bad in (5, -1):
+        with pytest.raises(RuntimeError, match="outside"):
+            threaded.gather_sum(src, torch.tensor([[0, bad]]), torch.ones(1, 2))
+    with pytest.raises(RuntimeError, match="float32"):
+        threaded.gather_sum(src.double(), torch.tensor([[0]]), torch.ones(1, 1))
+
+
+def test_layer_unchanged_by_gather_sum(two_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    layer = PiMoE(24, num_experts=6, top_k=2, ffn_dim=16, capacity_factor=1.0)  # drops: keep mask
+    x = torch.randn(40, 24)
+    calls: list[int] = []
+    real = dispatch.gather_sum
+
+    def spy(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)
+
+    results = []
+    for usable in (True, False):
+        monkeypatch.setattr(dispatch, "gather_sum", spy)
+        monkeypatch.setattr(dispatch, "gather_sum_usable", lambda src, _u=usable: _u)
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.square().sum().backward()
+        results.append((out.detach(), xi.grad, [p.grad for p in layer.parameters()]))
+    assert len(calls) == 2  # combine forward and gather backward, only where usable
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
+    torch.testing.assert_close(out_a, out_b)
+    torch.testing.assert_close(gx_a, gx_b)
+    for a, b in zip(gp_a, gp_b):
+        torch.testing.assert_close(a, b)
