@@ -1,6 +1,7 @@
-"""threaded.gather_sum (the combine's forward and the gather's backward on the CPU): the
-index_select + bmm it replaces, any slot pattern, out-of-range slots refused, and the layer's
-outputs and gradients unchanged when it runs."""
+"""threaded.gather_sum (the combine's forward and the gather's backward on the CPU) and
+threaded.combine_grad_rows (the combine's backward): the index_select + bmm they replace, any
+index pattern, out-of-range indices refused, and the layer's outputs and gradients unchanged
+when they run."""
 
 from __future__ import annotations
 
@@ -33,6 +34,32 @@ def test_gather_sum_is_index_select_and_bmm(
     torch.testing.assert_close(threaded.gather_sum(src, slot, w), want.squeeze(1))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 40),
+    tokens=st.integers(1, 30),
+    d=st.integers(1, 70),
+    dots=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_combine_grad_rows_is_the_gather_and_dots(
+    rows: int, tokens: int, d: int, dots: bool, seed: int
+) -> None:
+    if threaded.threaded_kernel() is None:
+        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(tokens, d, generator=gen)
+    token = torch.randint(0, tokens, (rows,), generator=gen)
+    row_w, y = torch.randn(rows, generator=gen), torch.randn(rows, d, generator=gen)
+    grad_y, got = threaded.combine_grad_rows(grad_out, token, row_w, y if dots else y[:0])
+    gathered = grad_out.index_select(0, token)
+    torch.testing.assert_close(grad_y, gathered * row_w.unsqueeze(1))
+    if dots:
+        torch.testing.assert_close(got, (y * gathered).sum(-1))
+    else:
+        assert got.numel() == 0
+
+
 def test_gather_sum_refuses_outside_slots(two_threads: None) -> None:
     src = torch.randn(5, 3)
     for bad in (5, -1):
@@ -40,29 +67,32 @@ def test_gather_sum_refuses_outside_slots(two_threads: None) -> None:
             threaded.gather_sum(src, torch.tensor([[0, bad]]), torch.ones(1, 2))
     with pytest.raises(RuntimeError, match="float32"):
         threaded.gather_sum(src.double(), torch.tensor([[0]]), torch.ones(1, 1))
+    with pytest.raises(RuntimeError, match="outside"):
+        threaded.combine_grad_rows(src, torch.tensor([5]), torch.ones(1), src[:0])
 
 
 def test_layer_unchanged_by_gather_sum(two_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     layer = PiMoE(24, num_experts=6, top_k=2, ffn_dim=16, capacity_factor=1.0)  # drops: keep mask
     x = torch.randn(40, 24)
-    calls: list[int] = []
-    real = dispatch.gather_sum
+    calls: list[str] = []
 
-    def spy(*args: torch.Tensor) -> torch.Tensor:
-        calls.append(1)
-        return real(*args)
+    def spy(name: str) -> object:
+        real = getattr(dispatch, name)
+        return lambda *args: calls.append(name) or real(*args)
 
+    for name in ("gather_sum", "combine_grad_rows"):
+        monkeypatch.setattr(dispatch, name, spy(name))
     results = []
     for usable in (True, False):
-        monkeypatch.setattr(dispatch, "gather_sum", spy)
         monkeypatch.setattr(dispatch, "gather_sum_usable", lambda src, _u=usable: _u)
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
         out = layer(xi)
         out.square().sum().backward()
         results.append((out.detach(), xi.grad, [p.grad for p in layer.parameters()]))
-    assert len(calls) == 2  # combine forward and gather backward, only where usable
+    # combine forward, combine backward, gather backward; only where usable
+    assert calls == ["gather_sum", "combine_grad_rows", "gather_sum"]
     (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
     torch.testing.assert_close(out_a, out_b)
     torch.testing.assert_close(gx_a, gx_b)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pimoe.moe.router import RouterOutput
-from pimoe.moe.threaded import gather_sum, gather_sum_usable
+from pimoe.moe.threaded import combine_grad_rows, gather_sum, gather_sum_usable
 
 # Pad every expert to the largest expert's row count when that is at most this many times the
 # executed rows: one batched matmul over all experts then beats one matmul per expert (the
@@ -196,17 +196,27 @@ class _CombineRows(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_w = torch.zeros_like(w)
             return grad_y, grad_w, None
-        # each row's token gradient, in row order: one [R, D] gather serves both gradients
-        # (no out= or in-place ops, so that the backward stays differentiable: double backward,
-        # e.g. MAML's create_graph)
-        grad_rows = grad_out.index_select(0, plan.token_rows).to(y.dtype)  # [R, D]
-        if ctx.needs_input_grad[0]:
-            flat_w = w.reshape(-1).to(y.dtype)
-            if plan.padded:  # padding rows (row_assignment == T * k) get weight 0
-                flat_w = torch.cat([flat_w, flat_w.new_zeros(1)])
-            grad_y = grad_rows * flat_w.index_select(0, plan.row_assignment).unsqueeze(1)
-        if ctx.needs_input_grad[1]:
-            per_row = torch.bmm(y.unsqueeze(1), grad_rows.unsqueeze(2)).view(-1)  # [R]
+        # each row's token gradient, in row order, serves both gradients: one pass in the
+        # threaded extension, else one [R, D] gather (then no out= or in-place ops, so that the
+        # backward stays differentiable: double backward, e.g. MAML's create_graph)
+        flat_w = w.reshape(-1).to(y.dtype)
+        if plan.padded:  # padding rows (row_assignment == T * k) get weight 0
+            flat_w = torch.cat([flat_w, flat_w.new_zeros(1)])
+        row_w = flat_w.index_select(0, plan.row_assignment)  # [R]
+        need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        per_row: Tensor | None = None  # [R]: <y[r], grad_out[token of r]>
+        if not torch.is_grad_enabled() and grad_out.dtype == y.dtype and gather_sum_usable(y):
+            grad_y, dots = combine_grad_rows(
+                grad_out, plan.token_rows, row_w, y if need_w else y.new_empty(0)
+            )
+            grad_y, per_row = (grad_y if need_y else None), (dots if need_w else None)
+        else:
+            grad_rows = grad_out.index_select(0, plan.token_rows).to(y.dtype)  # [R, D]
+            if need_y:
+                grad_y = grad_rows * row_w.unsqueeze(1)
+            if need_w:
+                per_row = torch.bmm(y.unsqueeze(1), grad_rows.unsqueeze(2)).view(-1)
+        if per_row is not None:
             grad_w = per_row.index_select(0, plan.slot).view(num_tokens, k).to(w.dtype)
             if plan.keep is not None:
                 grad_w = grad_w.masked_fill(~plan.keep, 0)

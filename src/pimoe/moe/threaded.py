@@ -213,8 +213,25 @@ def _(src: Tensor, slot: Tensor, w: Tensor) -> Tensor:
     return src.new_empty(slot.shape[0], src.shape[1])
 
 
+@torch.library.custom_op("pimoe::combine_grad_rows", mutates_args=())
+def combine_grad_rows(
+    grad_out: Tensor, token: Tensor, row_w: Tensor, y: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The combine's backward per row, float32: ``grad_y[r] = row_w[r] * grad_out[token[r]]``
+    (``[R, D]``) and, unless ``y`` is empty, ``dots[r] = <y[r], grad_out[token[r]]>`` (``[R]``;
+    else ``[0]``), in one pass; a token outside ``[0, T)`` raises ``RuntimeError``."""
+    grad_y, dots = _module().combine_grad_rows(grad_out, token, row_w, y)
+    return grad_y, dots
+
+
+@combine_grad_rows.register_fake
+def _(grad_out: Tensor, token: Tensor, row_w: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    rows = token.shape[0]
+    return grad_out.new_empty(rows, grad_out.shape[1]), grad_out.new_empty(rows if y.numel() else 0)
+
+
 def gather_sum_usable(src: Tensor) -> bool:
-    """Whether :func:`gather_sum` runs on rows like ``src``: float32 on the CPU and the
+    """Whether :func:`gather_sum` and :func:`combine_grad_rows` run on rows like ``src``: float32 on the CPU and the
     extension already built (by the experts' kernel: this check never starts a build, so a
     one-thread run, which never needs the experts' kernel, keeps its gathers)."""
     built = "module" in _state

@@ -12,6 +12,8 @@ Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a
   chunk_rows)`` -> ``[T, D]``: inference from gather to weighted sum, whole experts per thread;
 - ``gather_sum(src [R, D], slot [T, k], w [T, k])`` -> ``[T, D]``: ``sum_j w[t, j] *
   src[slot[t, j]]`` in float32 (the combine's forward and the gather's backward);
+- ``combine_grad_rows(grad_out, token [R], row_w [R], y [R, D] or empty)`` -> ``(grad_y,
+  dots)``: the combine's backward in one pass over the rows (float32);
 - ``release_pool()`` / ``pool_kept_bytes()``: the buffer pool of weight gradients;
 - ``rows_mm`` and ``weights_mm``: single matmuls per expert, for activations given as Python
   functions (``ffn_*`` take one of ``swiglu``, ``gelu``, ``relu``, ``silu`` by name);
@@ -155,6 +157,60 @@ at::Tensor gather_sum(const at::Tensor& src, const at::Tensor& slot, const at::T
   });
   TORCH_CHECK(!outside, "gather_sum: a slot is outside [0, ", R, ")");
   return out;
+}
+
+// The combine's backward for its rows, all float32: grad_y[r] = row_w[r] * grad_out[token[r]]
+// and, when y is given ([R, D]), dots[r] = <y[r], grad_out[token[r]]> (the combine weights'
+// gradient, before it is put back in [T, k] order); grad_out [T, D], token [R] long,
+// row_w [R] -> (grad_y [R, D], dots [R] or [0]). One pass over the rows.
+std::tuple<at::Tensor, at::Tensor> combine_grad_rows(
+    const at::Tensor& grad_out, const at::Tensor& token, const at::Tensor& row_w,
+    const at::Tensor& y) {
+  TORCH_CHECK(grad_out.dim() == 2 && token.dim() == 1 && row_w.sizes() == token.sizes() &&
+              grad_out.scalar_type() == at::kFloat && row_w.scalar_type() == at::kFloat &&
+              token.scalar_type() == at::kLong,
+              "combine_grad_rows: grad_out [T, D] float32, token [R] long, row_w [R] float32");
+  const bool want_dots = y.numel() > 0;
+  TORCH_CHECK(!want_dots || (y.dim() == 2 && y.size(0) == token.size(0) &&
+                             y.size(1) == grad_out.size(1) && y.scalar_type() == at::kFloat),
+              "combine_grad_rows: y must be [R, D] float32 (or empty)");
+  auto g = grad_out.contiguous();
+  auto rows = token.contiguous();
+  auto w = row_w.contiguous();
+  auto yc = y.contiguous();
+  const int64_t T = g.size(0), D = g.size(1), R = rows.size(0);
+  auto grad_y = at::empty({R, D}, g.options());
+  auto dots = at::empty({want_dots ? R : 0}, g.options());
+  const float* g_p = g.data_ptr<float>();
+  const int64_t* t_p = rows.data_ptr<int64_t>();
+  const float* w_p = w.data_ptr<float>();
+  const float* y_p = want_dots ? yc.data_ptr<float>() : nullptr;
+  float* gy_p = grad_y.data_ptr<float>();
+  float* dot_p = want_dots ? dots.data_ptr<float>() : nullptr;
+  std::atomic<bool> outside{false};
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = t_p[r];
+      float* __restrict__ out = gy_p + r * D;
+      if (t < 0 || t >= T) {
+        outside = true;
+        continue;
+      }
+      const float* __restrict__ src = g_p + t * D;
+      const float c = w_p[r];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) out[d] = c * src[d];
+      if (want_dots) {
+        const float* __restrict__ yr = y_p + r * D;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += yr[d] * src[d];
+        dot_p[r] = acc;
+      }
+    }
+  });
+  TORCH_CHECK(!outside, "combine_grad_rows: a token index is outside [0, ", T, ")");
+  return {grad_y, dots};
 }
 
 // Experts with rows, largest first (threads take them in this order), and each expert's first row.
@@ -481,6 +537,7 @@ FUNCTIONS = [
     "packed_ffn_forward",
     "packed_rows_mm",
     "gather_sum",
+    "combine_grad_rows",
     "packed_expert_major_forward",
     "release_pool",
     "pool_kept_bytes",
