@@ -127,7 +127,7 @@ def run(cfg: ModelsBenchConfig, progress: bool = True) -> dict:
         total, active = parameter_counts(model)
         result["params"][name] = {"total": total, "active": active}
 
-    timed = {"dense": dense, "moe_k4": moe, "moe_k2": plain}
+    timed: dict[str, torch.nn.Module] = {"dense": dense, "moe_k4": moe, "moe_k2": plain}
     packed = _packed_copy(moe)
     if packed is not None:
         timed["moe_k4_packed"] = packed
