@@ -136,9 +136,9 @@ def run(cfg: ModelsBenchConfig, progress: bool = True) -> dict:
         result["params"]["moe_k4_packed"] = result["params"]["moe_k4"]
     prompt = heldout_ids[: cfg.prefill_tokens].unsqueeze(0)
     contenders: dict[str, Callable[[], object]] = {}
-    for name, model in timed.items():
+    for name, timed_model in timed.items():
         contenders[f"prefill/{name}"], contenders[f"decode/{name}"] = _timers(
-            model, prompt, cfg.decode_tokens
+            timed_model, prompt, cfg.decode_tokens
         )
     seconds = interleaved_medians(contenders, rounds=cfg.rounds)
     for phase, tokens in (("prefill", cfg.prefill_tokens), ("decode", cfg.decode_tokens)):
