@@ -64,3 +64,39 @@ def test_serve_unknown_name(tmp_path: Path) -> None:
     PiMoELM(LMConfig(block_size=32, n_layer=1, n_head=2, d_model=16)).save(path)
     result = CliRunner().invoke(cli_app, ["serve", "--model", str(path), "--routers", str(path)])
     assert result.exit_code == 2 and "routers upcycle a Hugging Face causal LM" in result.output
+
+
+def test_serve_pack_experts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pack-experts packs the served language model's experts (same logits to float rounding)
+    and refuses, naming why, a model without experts to pack."""
+    import torch
+
+    from pimoe.moe import PiMoE, threaded
+    from pimoe.moe.prepack import packed_experts
+
+    if threaded.threaded_kernel() is None:
+        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
+    path = tmp_path / "lm.safetensors"
+    torch.manual_seed(0)
+    cfg = LMConfig(
+        block_size=32,
+        n_layer=2,
+        n_head=2,
+        d_model=16,
+        moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16),
+    )
+    PiMoELM(cfg).save(path)
+    app = _serve(monkeypatch, "--model", str(path), "--pack-experts")
+    served = app.state.generation["lm"].model.model  # type: ignore[attr-defined]
+    layers = [m for m in served.modules() if isinstance(m, PiMoE)]
+    assert layers and all(packed_experts(m.experts.w_in, m.experts.w_out) for m in layers)
+    ids = torch.tensor([list(b"pack the experts")])
+    with torch.inference_mode():
+        got = served(ids).logits
+        want = PiMoELM.load(path)(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    app.state.generation["lm"].close()  # type: ignore[attr-defined]
+    app.state.batchers["lm"].close()  # type: ignore[attr-defined]
+    llama = save_tiny_llama(tmp_path / "llama")
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(llama), "--pack-experts"])
+    assert result.exit_code == 2 and "holds no expert bank" in result.output

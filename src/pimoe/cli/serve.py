@@ -146,6 +146,12 @@ def serve(
             help="Text generation: prefill a prompt longer than the step's budget in chunks over several steps, so running streams keep decoding (vLLM's option); needs --max-num-batched-tokens >= --max-batch-size.",
         ),
     ] = False,
+    pack_experts: Annotated[
+        bool,
+        typer.Option(
+            help="Prepack the language model's expert weights for CPU inference (pimoe.moe.pack_experts_: faster from a few rows per expert, the expert weights' memory again).",
+        ),
+    ] = False,
 ) -> None:
     """Serve a model over HTTP (POST /v1/infer, GET /healthz, GET /metrics); language models also get OpenAI-style
     text generation with continuous batching (GET /v1/models, POST /v1/completions, POST /v1/chat/completions)."""
@@ -202,6 +208,7 @@ def serve(
             chain=chain,
             max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill,
+            pack_experts=pack_experts,
         )
     except ValueError as err:
         typer.echo(f"pimoe serve: {' '.join(str(err).split())}", err=True)

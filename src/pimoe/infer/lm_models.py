@@ -199,18 +199,25 @@ def is_causal_lm_folder(path: str | os.PathLike[str]) -> bool:
 
 
 def open_generation_model(
-    spec: str | os.PathLike[str], routers: str | os.PathLike[str] | None = None, device: str = "cpu"
+    spec: str | os.PathLike[str],
+    routers: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    pack_experts: bool = False,
 ) -> GenerationModel | None:
     """The generation model ``spec`` names, or None when it is not a language model.
 
     ``spec`` is a name known to :func:`pimoe.models.load_pretrained` (e.g.
     ``"smollm2-135m-instruct"``), a Hugging Face causal-LM folder, or a :class:`PiMoELM`
     safetensors file. ``routers`` (a file of :func:`pimoe.models.save_routers`) upcycles the HF
-    model into PiMoE layers before serving it. Encoder folders and ``pimoe compress`` outputs
-    give None (they are served by ``/v1/infer`` only).
+    model into PiMoE layers before serving it. ``pack_experts`` prepacks the model's expert
+    weights for CPU inference (:func:`pimoe.moe.pack_experts_`; ``ValueError`` naming why when
+    the model has no expert it can pack). Encoder folders and ``pimoe compress`` outputs give
+    None (they are served by ``/v1/infer`` only).
     """
     from pimoe.models.pretrained import REGISTRY
 
+    served: GenerationModel | None = None
+    weights: torch.nn.Module | None = None
     if str(spec) in REGISTRY or is_causal_lm_folder(spec):
         from pimoe.models import load_pretrained
 
@@ -219,16 +226,22 @@ def open_generation_model(
             from pimoe.models import load_routers
 
             load_routers(model, routers)
-        return HFGenerationModel(model, tokenizer)
-    if routers is not None:
+        served, weights = HFGenerationModel(model, tokenizer), model
+    elif routers is not None:
         raise ValueError(f"routers upcycle a Hugging Face causal LM; {spec} is not one")
-    if Path(spec).is_file():
+    elif Path(spec).is_file():
         try:
             lm = PiMoELM.load(spec, map_location=device)
         except ValueError:
             return None
-        return PiMoEGenerationModel(lm) if lm.config.vocab_size == 256 and lm.can_cache else None
-    return None
+        if lm.config.vocab_size == 256 and lm.can_cache:
+            served, weights = PiMoEGenerationModel(lm), lm
+    if served is not None and pack_experts:
+        from pimoe.moe import pack_experts_
+
+        assert weights is not None
+        pack_experts_(weights)
+    return served
 
 
 __all__ = [

@@ -302,6 +302,7 @@ def serve(
     chain: str | os.PathLike[str] | None = None,
     max_num_batched_tokens: int | None = 512,
     enable_chunked_prefill: bool = False,
+    pack_experts: bool = False,
 ) -> None:
     """Serve ``model_path`` (a saved :class:`PiMoELM`, a Hugging Face encoder or causal-LM folder, or
     a name known to :func:`pimoe.models.load_pretrained`; ``routers`` upcycles a causal LM, see
@@ -315,7 +316,9 @@ def serve(
     are :func:`create_app`'s;
     ``limits`` the connection limits (:class:`ServerLimits`); both ``ssl_*`` files turn on TLS.
     ``max_num_batched_tokens`` and ``enable_chunked_prefill`` set the generation engine's step
-    budget and chunked prefill (:mod:`pimoe.infer.scheduler`).
+    budget and chunked prefill (:mod:`pimoe.infer.scheduler`). ``pack_experts`` prepacks the
+    generation model's expert weights (:func:`pimoe.moe.pack_experts_`; a model or chain without
+    experts to pack is a ``ValueError``).
     Warns (``UserWarning``) when ``host`` is not a loopback address and there is no ``api_key``.
     """
     import uvicorn
@@ -339,9 +342,13 @@ def serve(
     if chain is not None:
         from pimoe.infer.chain_serving import open_chain
 
+        if pack_experts:
+            raise ValueError("pack_experts packs a model's experts; a computation chain has none")
         generator = open_chain(chain)
-    else:
-        generator = open_generation_model(spec, routers)  # a causal LM also gets the OpenAI routes
+    else:  # a causal LM also gets the OpenAI routes
+        generator = open_generation_model(spec, routers, pack_experts=pack_experts)
+        if pack_experts and generator is None:
+            raise ValueError(f"pack_experts packs a language model's experts; {spec} is not one")
         if not isinstance(generator, HFGenerationModel):
             models[model_name] = ServedModel.from_file(spec)
     app = create_app(
