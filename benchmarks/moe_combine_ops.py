@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 import torch
 
-from pimoe.bench.moe_layer import _step, script_shapes
+from pimoe.bench import moe_layer
 from pimoe.bench.timing import interleaved_medians, load_average
 from pimoe.moe import dispatch
 
-args, shapes = script_shapes(__doc__.splitlines()[0], [128, 512], 15)
+args, shapes = moe_layer.script_shapes(__doc__.splitlines()[0], [128, 512], 15)
 real = dispatch.gather_sum_usable
 
 
@@ -34,10 +34,10 @@ for name, _, contenders in shapes:
     for tokens in args.tokens:
         x = torch.randn(1, tokens, 512)
         for backward in (False, True):
-            base = _step(layer, x, backward, list(layer.parameters()))
+            base = moe_layer._step(layer, x, backward, list(layer.parameters()))
             times = interleaved_medians(
                 {
-                    "dense": _step(dense, x, backward, list(dense.parameters())),
+                    "dense": moe_layer._step(dense, x, backward, list(dense.parameters())),
                     "off": _with_ops(base, False),
                     "on": _with_ops(base, True),
                 },
