@@ -26,3 +26,13 @@ def two_threads() -> Iterator[None]:
     yield
     threaded.empty_cache()
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def mkl_forward() -> Iterator[None]:
+    """The threaded kernel's forward matmuls on at::mm (MKL), whose results are the per-expert
+    loop's bit for bit (the default, oneDNN, agrees to float rounding)."""
+    before = threaded.forward_matmul()
+    threaded.set_forward_matmul("mkl")
+    yield
+    threaded.set_forward_matmul(before)

@@ -14,6 +14,9 @@ from pimoe.moe import grouped, threaded
 from pimoe.moe.grouped import grouped_ffn
 from pimoe.moe.threaded import Activation
 
+# bit-for-bit comparisons with the per-expert loop: the kernel's matmuls are at::mm's
+pytestmark = pytest.mark.usefixtures("mkl_forward")
+
 SPLITS = [7, 0, 1, 12, 3, 0, 9, 5]  # uneven, two experts without rows
 
 

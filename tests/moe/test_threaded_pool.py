@@ -13,6 +13,9 @@ from torch import Tensor
 from pimoe.moe import threaded
 from pimoe.moe.threaded import Activation
 
+# bit-for-bit comparisons with the per-expert loop: the kernel's matmuls are at::mm's
+pytestmark = pytest.mark.usefixtures("mkl_forward")
+
 D, F = 256, 256  # w_in [E, 2F, D] fp32: 2 MiB, w_out [E, D, F]: 1 MiB, both pooled
 
 

@@ -80,7 +80,38 @@ def threaded_kernel() -> Any | None:
                 stacklevel=2,
             )
     _state["module"] = module
+    if module is not None:
+        module.set_onednn_forward(forward_matmul() == "onednn")
     return module
+
+
+FORWARD_MATMULS = ("onednn", "mkl")
+
+
+def forward_matmul() -> str:
+    """The library of the kernel's float32 forward matmuls on plain weights: ``"onednn"`` (the
+    default where torch has oneDNN: 0.90-0.92x MKL's time for the 64-experts forward on the
+    bench machine, ``python benchmarks/moe_forward_matmul.py``) or ``"mkl"`` (``at::mm``, whose
+    results are the per-expert loop's bit for bit); the environment variable
+    ``PIMOE_EXPERT_MATMUL`` or :func:`set_forward_matmul` chooses."""
+    name = _state.get("forward_matmul") or os.environ.get("PIMOE_EXPERT_MATMUL")
+    if name is None:
+        name = "onednn" if torch.backends.mkldnn.is_available() else "mkl"  # type: ignore[no-untyped-call]
+    if name not in FORWARD_MATMULS:
+        raise ValueError(f"PIMOE_EXPERT_MATMUL must be one of {FORWARD_MATMULS}, got {name!r}")
+    return str(name)
+
+
+def set_forward_matmul(name: str) -> None:
+    """Choose :func:`forward_matmul` for this process (``"onednn"`` or ``"mkl"``)."""
+    if name not in FORWARD_MATMULS:
+        raise ValueError(f"forward matmul must be one of {FORWARD_MATMULS}, got {name!r}")
+    if name == "onednn" and not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        raise ValueError("this torch build has no oneDNN; choose 'mkl'")
+    _state["forward_matmul"] = name
+    module = _state.get("module")
+    if module is not None:
+        module.set_onednn_forward(name == "onednn")
 
 
 @torch.library.custom_op("pimoe::rows_mm", mutates_args=())

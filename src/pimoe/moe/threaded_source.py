@@ -323,8 +323,15 @@ static std::pair<at::Tensor, at::Tensor> act_backward(
   return {a, grad_h};
 }
 
-// x [n, K] @ W^T for W [M, K] prepacked by oneDNN (torch.ops.mkldnn._reorder_linear_weight)
-static at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
+// Whether the plain-weight forward matmuls of float32 experts run on oneDNN instead of at::mm
+// (MKL): set_onednn_forward, from Python (pimoe.moe.threaded.set_forward_matmul).
+static std::atomic<bool> onednn_forward{false};
+
+void set_onednn_forward(bool on) { onednn_forward = on; }
+
+// x [n, K] @ W^T by oneDNN, for W [M, K] plain (contiguous rows) or prepacked
+// (torch.ops.mkldnn._reorder_linear_weight)
+static at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
   static auto op = c10::Dispatcher::singleton()
       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -340,20 +347,36 @@ static at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
 struct Projections {
   at::Tensor w_in, w_out;
   std::vector<at::Tensor> packed;
+  bool onednn = false;  // plain weights, multiplied by oneDNN (set_onednn_forward)
+
+  static Projections plain(const at::Tensor& w_in, const at::Tensor& w_out) {
+    const bool dnn = onednn_forward && w_in.scalar_type() == at::kFloat &&
+                     w_out.scalar_type() == at::kFloat && w_in.stride(2) == 1 &&
+                     w_out.stride(2) == 1;
+    return Projections{w_in, w_out, {}, dnn};
+  }
   int64_t experts() const { return packed.empty() ? w_in.size(0) : (int64_t)packed.size() / 2; }
   int64_t in_features() const { return packed.empty() ? w_in.size(1) : packed[0].size(0); }
   int64_t out_features() const { return packed.empty() ? w_out.size(1) : packed.back().size(0); }
   // x [n, D] @ w_in[e]^T -> [n, F_in]
   at::Tensor in(int64_t e, const at::Tensor& x) const {
-    return packed.empty() ? at::mm(x, w_in.select(0, e).t()) : packed_linear(x, packed[e]);
+    if (!packed.empty()) return onednn_linear(x, packed[e]);
+    return onednn ? onednn_linear(x, w_in.select(0, e)) : at::mm(x, w_in.select(0, e).t());
   }
-  // out = a [n, F] @ w_out[e]^T ([n, D], written in place)
-  void out_into(int64_t e, const at::Tensor& a, at::Tensor& out) const {
-    if (packed.empty()) at::mm_out(out, a, w_out.select(0, e).t());
-    else out.copy_(packed_linear(a, packed[experts() + e]));
+  // h = x [n, D] @ w_in[e]^T, written in place
+  void in_into(int64_t e, const at::Tensor& x, at::Tensor& h) const {
+    if (packed.empty() && !onednn) at::mm_out(h, x, w_in.select(0, e).t());
+    else h.copy_(in(e, x));
   }
+  // a [n, F] @ w_out[e]^T -> [n, D]
   at::Tensor out(int64_t e, const at::Tensor& a) const {
-    return packed.empty() ? at::mm(a, w_out.select(0, e).t()) : packed_linear(a, packed[experts() + e]);
+    if (!packed.empty()) return onednn_linear(a, packed[experts() + e]);
+    return onednn ? onednn_linear(a, w_out.select(0, e)) : at::mm(a, w_out.select(0, e).t());
+  }
+  // y = a [n, F] @ w_out[e]^T, written in place
+  void out_into(int64_t e, const at::Tensor& a, at::Tensor& y) const {
+    if (packed.empty() && !onednn) at::mm_out(y, a, w_out.select(0, e).t());
+    else y.copy_(out(e, a));
   }
 };
 
@@ -373,7 +396,7 @@ static std::tuple<at::Tensor, at::Tensor> forward_rows(
     at::Tensor h;
     if (keep_hidden) {
       h = hidden.narrow(0, start[e], n);
-      at::mm_out(h, x_e, p.w_in.select(0, e).t());
+      p.in_into(e, x_e, h);
     } else {
       h = p.in(e, x_e);
     }
@@ -389,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward(
     const std::vector<int64_t>& splits, const std::string& act_name, bool keep_hidden) {
   TORCH_CHECK(w_in.dim() == 3 && w_out.dim() == 3 && w_out.size(0) == w_in.size(0),
               "ffn_forward shapes");
-  return forward_rows(x, Projections{w_in, w_out, {}}, splits, act_name, keep_hidden);
+  return forward_rows(x, Projections::plain(w_in, w_out), splits, act_name, keep_hidden);
 }
 
 // out[rows of e] = a[rows of e] @ W_e^T for E weights W_e [M, K] prepacked by oneDNN -> [N, M]
@@ -404,7 +427,7 @@ at::Tensor packed_rows_mm(const at::Tensor& a, const std::vector<at::Tensor>& pa
   each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
     const int64_t e = order[i];
     if (splits[e] == 0) return;
-    out.narrow(0, start[e], splits[e]).copy_(packed_linear(x.narrow(0, start[e], splits[e]), packed[e]));
+    out.narrow(0, start[e], splits[e]).copy_(onednn_linear(x.narrow(0, start[e], splits[e]), packed[e]));
   });
   return out;
 }
@@ -513,7 +536,7 @@ at::Tensor expert_major_forward(
     const std::string& act_name, int64_t chunk_rows) {
   TORCH_CHECK(w_in.dim() == 3 && w_out.dim() == 3 && w_out.size(0) == w_in.size(0),
               "expert_major_forward shapes");
-  return expert_major_rows(x, token_rows, row_weights, Projections{w_in, w_out, {}}, splits,
+  return expert_major_rows(x, token_rows, row_weights, Projections::plain(w_in, w_out), splits,
                            act_name, chunk_rows);
 }
 
@@ -538,6 +561,7 @@ FUNCTIONS = [
     "packed_rows_mm",
     "gather_sum",
     "combine_grad_rows",
+    "set_onednn_forward",
     "packed_expert_major_forward",
     "release_pool",
     "pool_kept_bytes",
