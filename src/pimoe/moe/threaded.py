@@ -9,9 +9,11 @@ For pimoe's activations (:data:`FUSED_ACTIVATIONS`: SwiGLU, GELU, ReLU, SiLU) th
 of an expert runs in its thread while its rows are in cache: ``x_e @ W_in[e].T``, the
 activation, ``@ W_out[e].T`` in the forward (one region), and in the backward (one region)
 ``g_e @ W_out[e]``, the activation's gradient, the two weight gradients and ``grad_x``. Any
-other activation (a Python function) runs between per-matmul regions. The per-expert matmuls
-and activation ops are the same ATen calls as the per-expert loop's on the same tensors, so the
-results are the loop's, bit for bit.
+other activation (a Python function) runs between per-matmul regions. The activation ops and
+the backward's matmuls are the same ATen calls as the per-expert loop's on the same tensors; the
+forward's float32 matmuls run on oneDNN by default (:func:`forward_matmul`: 0.88x MKL's forward
+time at 64 experts and 512 tokens on the bench machine), which agrees with the loop to float
+rounding, and on ``at::mm`` with ``"mkl"``, which gives the loop's results bit for bit.
 
 Weight gradients of 1 MiB or more (they become ``.grad`` and ``zero_grad()`` drops them every
 step) take their memory from a pool of freed blocks instead of ``malloc``, which maps large
@@ -90,10 +92,11 @@ FORWARD_MATMULS = ("onednn", "mkl")
 
 def forward_matmul() -> str:
     """The library of the kernel's float32 forward matmuls on plain weights: ``"onednn"`` (the
-    default where torch has oneDNN: 0.90-0.92x MKL's time for the 64-experts forward on the
-    bench machine, ``python benchmarks/moe_forward_matmul.py``) or ``"mkl"`` (``at::mm``, whose
-    results are the per-expert loop's bit for bit); the environment variable
-    ``PIMOE_EXPERT_MATMUL`` or :func:`set_forward_matmul` chooses."""
+    default where torch has oneDNN: 0.88x / 0.97x MKL's time for the 64-experts layer's forward /
+    forward+backward at 512 tokens on the bench machine, ``python
+    benchmarks/moe_forward_matmul.py``) or ``"mkl"`` (``at::mm``, whose results are the
+    per-expert loop's bit for bit); the environment variable ``PIMOE_EXPERT_MATMUL`` or
+    :func:`set_forward_matmul` chooses."""
     name = _state.get("forward_matmul") or os.environ.get("PIMOE_EXPERT_MATMUL")
     if name is None:
         name = "onednn" if torch.backends.mkldnn.is_available() else "mkl"  # type: ignore[no-untyped-call]

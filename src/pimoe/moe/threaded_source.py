@@ -23,7 +23,9 @@ Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a
 
 The activations and their gradients are the ATen calls autograd makes for pimoe's Python
 activations (``silu(gate) * up``; ``silu_backward``, ``gelu_backward``, ``threshold_backward``),
-on the same per-expert tensors as the per-expert loop, so the results are the loop's bit for bit.
+on the same per-expert tensors as the per-expert loop; with ``set_onednn_forward(false)`` (Python:
+``set_forward_matmul("mkl")``) the forward's matmuls are ``at::mm`` too and the results are the
+loop's bit for bit, by default float32 forward matmuls run on oneDNN (to float rounding).
 """
 
 SOURCE = r"""
