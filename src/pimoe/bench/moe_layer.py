@@ -182,6 +182,47 @@ def script_shapes(
     return args, ((name, shape, _contenders(cfg, shape)) for name, shape in SHAPES.items())
 
 
+def compare_setting(
+    description: str, switch: Callable[[bool], None], labels: tuple[str, str] = ("off", "on")
+) -> None:
+    """A ``benchmarks/`` script comparing one setting of the PiMoE layer off and on: for each
+    shape of :data:`SHAPES` and ``--tokens`` (default 128 512), forward and forward+backward,
+    ``switch(False)`` / ``switch(True)`` before each step of the same layer, interleaved with
+    the dense limit over ``--rounds`` (default 15); prints time / dense for both and on / off,
+    then leaves the setting on."""
+    args, shapes = script_shapes(description, [128, 512], 15)
+    off, on = labels
+
+    def switched(run: Callable[[], object], state: bool) -> Callable[[], None]:
+        def step() -> None:
+            switch(state)
+            run()
+
+        return step
+
+    for name, _, contenders in shapes:
+        dense, layer = contenders["dense"], contenders["pimoe"]
+        for tokens in args.tokens:
+            x = torch.randn(1, tokens, MoEBenchConfig().d_model)
+            for backward in (False, True):
+                run = _step(layer, x, backward, list(layer.parameters()))
+                times = interleaved_medians(
+                    {
+                        "dense": _step(dense, x, backward, list(dense.parameters())),
+                        off: switched(run, False),
+                        on: switched(run, True),
+                    },
+                    args.rounds,
+                )
+                a, b = times[off] / times["dense"], times[on] / times["dense"]
+                mode = "fwd+bwd" if backward else "fwd"
+                print(
+                    f"{name} {tokens:5d} {mode:8s} {off} {a:.3f} {on} {b:.3f} {on}/{off} {b / a:.3f}"
+                )
+    switch(True)
+    print(f"1-min load {load_average():.1f}")
+
+
 def _measure_shape(
     cfg: MoEBenchConfig, name: str, progress: Progress
 ) -> tuple[list[dict[str, Any]], tuple[float, float]]:
