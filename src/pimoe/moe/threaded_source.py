@@ -15,6 +15,8 @@ Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a
 - ``combine_grad_rows(grad_out, token [R], row_w [R], y [R, D] or empty)`` -> ``(grad_y,
   dots)``: the combine's backward in one pass over the rows (float32);
 - ``release_pool()`` / ``pool_kept_bytes()``: the buffer pool of weight gradients;
+- ``set_onednn_forward(on)``: float32 forward matmuls on plain weights by oneDNN (on) or
+  ``at::mm`` (off);
 - ``rows_mm`` and ``weights_mm``: single matmuls per expert, for activations given as Python
   functions (``ffn_*`` take one of ``swiglu``, ``gelu``, ``relu``, ``silu`` by name);
 - ``packed_ffn_forward``, ``packed_expert_major_forward``, ``packed_rows_mm``: inference on
