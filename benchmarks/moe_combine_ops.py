@@ -1,4 +1,4 @@
-"""The combine's fused CPU ops (``threaded.gather_sum``, ``threaded.combine_grad_rows``) on vs off.
+"""The combine's fused CPU ops (``combine_ops.gather_sum``, ``combine_ops.combine_grad_rows``) on vs off.
 
 Same PiMoE layer, weights and input; the only difference between the two contenders is
 ``pimoe.moe.dispatch.gather_sum_usable`` (off: the combine's forward is ``index_select`` + ``bmm``,

@@ -1,5 +1,5 @@
-"""threaded.gather_sum (the combine's forward and the gather's backward on the CPU) and
-threaded.combine_grad_rows (the combine's backward): the index_select + bmm they replace, any
+"""combine_ops.gather_sum (the combine's forward and the gather's backward on the CPU) and
+combine_ops.combine_grad_rows (the combine's backward): the index_select + bmm they replace, any
 index pattern, out-of-range indices refused, and the layer's outputs and gradients unchanged
 when they run."""
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pimoe.moe import PiMoE, dispatch, threaded
+from pimoe.moe import PiMoE, combine_ops, dispatch, threaded
 
 
 @settings(max_examples=40, deadline=None)
@@ -31,7 +31,7 @@ def test_gather_sum_is_index_select_and_bmm(
     slot = torch.randint(0, rows, (tokens, k), generator=gen)
     w = torch.randn(tokens, k, generator=gen)
     want = torch.bmm(w.unsqueeze(1), src.index_select(0, slot.reshape(-1)).view(tokens, k, d))
-    torch.testing.assert_close(threaded.gather_sum(src, slot, w), want.squeeze(1))
+    torch.testing.assert_close(combine_ops.gather_sum(src, slot, w), want.squeeze(1))
 
 
 @settings(max_examples=40, deadline=None)
@@ -51,7 +51,7 @@ def test_combine_grad_rows_is_the_gather_and_dots(
     grad_out = torch.randn(tokens, d, generator=gen)
     token = torch.randint(0, tokens, (rows,), generator=gen)
     row_w, y = torch.randn(rows, generator=gen), torch.randn(rows, d, generator=gen)
-    grad_y, got = threaded.combine_grad_rows(grad_out, token, row_w, y if dots else y[:0])
+    grad_y, got = combine_ops.combine_grad_rows(grad_out, token, row_w, y if dots else y[:0])
     gathered = grad_out.index_select(0, token)
     torch.testing.assert_close(grad_y, gathered * row_w.unsqueeze(1))
     if dots:
@@ -64,11 +64,11 @@ def test_gather_sum_refuses_outside_slots(two_threads: None) -> None:
     src = torch.randn(5, 3)
     for bad in (5, -1):
         with pytest.raises(RuntimeError, match="outside"):
-            threaded.gather_sum(src, torch.tensor([[0, bad]]), torch.ones(1, 2))
+            combine_ops.gather_sum(src, torch.tensor([[0, bad]]), torch.ones(1, 2))
     with pytest.raises(RuntimeError, match="float32"):
-        threaded.gather_sum(src.double(), torch.tensor([[0]]), torch.ones(1, 1))
+        combine_ops.gather_sum(src.double(), torch.tensor([[0]]), torch.ones(1, 1))
     with pytest.raises(RuntimeError, match="outside"):
-        threaded.combine_grad_rows(src, torch.tensor([5]), torch.ones(1), src[:0])
+        combine_ops.combine_grad_rows(src, torch.tensor([5]), torch.ones(1), src[:0])
 
 
 def test_layer_unchanged_by_gather_sum(two_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,22 +13,23 @@ they are quantized per expert, in torchao's weight-only conventions:
 :class:`QuantizedFusedExperts` holds quantized 3-D weights; :class:`Int8StackedExperts` /
 :class:`Int4StackedExperts` replace a PiMoE layer's ``StackedExperts``
 (:func:`quantize_experts`). Inference runs each expert's FFN with the quantized matmuls through
-:func:`pimoe.moe.grouped.grouped_ffn_with`; when a gradient is needed the weights are
+:func:`grouped_ffn_with`; when a gradient is needed the weights are
 dequantized and the float grouped kernel runs (gradients reach the inputs, not the codes).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from pimoe.compress._modules import matches
 from pimoe.moe.experts import StackedExperts
-from pimoe.moe.grouped import grouped_ffn, grouped_ffn_with
+from pimoe.moe.grouped import grouped_ffn, per_expert
 from pimoe.moe.layer import PiMoE
+from pimoe.moe.threaded import Activation
 
 BITS = (8, 4)
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
@@ -296,3 +297,32 @@ def quantize_experts(
 def quantize_experts_int8(model: nn.Module, *, skip: Iterable[str] = ()) -> list[str]:
     """:func:`quantize_experts` with ``bits=8``."""
     return quantize_experts(model, 8, skip=skip)
+
+
+def grouped_ffn_with(
+    x: Tensor,
+    counts: Tensor | list[int],
+    project_in: Callable[[int, Tensor], Tensor],
+    project_out: Callable[[int, Tensor], Tensor],
+    act: Activation,
+    out_features: int,
+) -> Tensor:
+    """Forward-only grouped FFN whose per-expert projections are functions (quantized weights):
+    ``y[rows of e] = project_out(e, act(project_in(e, x[rows of e])))``.
+
+    Args:
+        x: ``[N, D]`` rows grouped by expert; counts: ``[E]`` rows per expert.
+        project_in: ``(e, [n, D]) -> [n, F_in]``; project_out: ``(e, [n, F]) -> [n, out_features]``.
+        act: ``[n, F_in] -> [n, F]``.
+
+    Returns:
+        ``[N, out_features]`` in ``x``'s dtype.
+    """
+    splits = counts if isinstance(counts, list) else [int(n) for n in counts.tolist()]
+    out = x.new_empty(x.shape[0], out_features)
+
+    def run(e: int, rows: slice) -> None:
+        out[rows] = project_out(e, act(project_in(e, x[rows])))
+
+    per_expert(splits, run)
+    return out

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pimoe.moe.combine_ops import combine_grad_rows, gather_sum, gather_sum_usable
 from pimoe.moe.router import RouterOutput
-from pimoe.moe.threaded import combine_grad_rows, gather_sum, gather_sum_usable
 
 # Pad every expert to the largest expert's row count when that is at most this many times the
 # executed rows: one batched matmul over all experts then beats one matmul per expert (the

@@ -45,15 +45,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pimoe.moe.prepack import packed_experts
+from pimoe.moe.prepack import (
+    packed_expert_major_forward,
+    packed_experts,
+    packed_ffn_forward,
+    packed_rows_mm,
+)
 from pimoe.moe.threaded import (
     FUSED_ACTIVATIONS,
     Activation,
     act_with_grad,
     expert_major_forward,
-    packed_expert_major_forward,
-    packed_ffn_forward,
-    packed_rows_mm,
     threaded_ffn,
     threaded_pays,
     threaded_usable,
@@ -390,35 +392,6 @@ def expert_major_ffn(
             )
             # index_add_: 1.2-1.4x faster than index_put_ on 2 threads, quiet (E64, 2048 tokens)
             out.index_add_(0, tokens, y.mul_(scale[part]))
-
-    per_expert(splits, run)
-    return out
-
-
-def grouped_ffn_with(
-    x: Tensor,
-    counts: Tensor | list[int],
-    project_in: Callable[[int, Tensor], Tensor],
-    project_out: Callable[[int, Tensor], Tensor],
-    act: Activation,
-    out_features: int,
-) -> Tensor:
-    """Forward-only grouped FFN whose per-expert projections are functions (quantized weights):
-    ``y[rows of e] = project_out(e, act(project_in(e, x[rows of e])))``.
-
-    Args:
-        x: ``[N, D]`` rows grouped by expert; counts: ``[E]`` rows per expert.
-        project_in: ``(e, [n, D]) -> [n, F_in]``; project_out: ``(e, [n, F]) -> [n, out_features]``.
-        act: ``[n, F_in] -> [n, F]``.
-
-    Returns:
-        ``[N, out_features]`` in ``x``'s dtype.
-    """
-    splits = counts if isinstance(counts, list) else [int(n) for n in counts.tolist()]
-    out = x.new_empty(x.shape[0], out_features)
-
-    def run(e: int, rows: slice) -> None:
-        out[rows] = project_out(e, act(project_in(e, x[rows])))
 
     per_expert(splits, run)
     return out

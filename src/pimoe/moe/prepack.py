@@ -5,9 +5,9 @@ on ~64 rows per expert that reordering is a large part of the call. :func:`pack_
 reorders every expert weight of a model's expert banks once
 (``torch.ops.mkldnn._reorder_linear_weight``, what ``torch.compile``'s freezing and IPEX do for
 ``nn.Linear``) and inference without autograd then runs the experts on the packed copies in the
-threaded kernel (:func:`pimoe.moe.threaded.packed_ffn_forward`,
-:func:`~pimoe.moe.threaded.packed_expert_major_forward` for many rows, and
-:func:`~pimoe.moe.threaded.packed_rows_mm` around an activation given as a Python function):
+threaded kernel (:func:`packed_ffn_forward`,
+:func:`packed_expert_major_forward` for many rows, and
+:func:`packed_rows_mm` around an activation given as a Python function):
 the same per-expert FFN, each thread taking whole experts, with oneDNN's matmul instead of
 MKL's. Expert banks are :class:`~pimoe.moe.experts.StackedExperts` and, once :mod:`pimoe.hf` is
 imported, transformers' experts modules running ``experts_implementation="pimoe"``
@@ -37,7 +37,40 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.weak import WeakIdKeyDictionary
 
-from pimoe.moe.threaded import threaded_kernel
+from pimoe.moe.threaded import loaded_kernel, threaded_kernel
+
+
+def packed_ffn_forward(x: Tensor, packed: list[Tensor], splits: list[int], act: str) -> Tensor:
+    """:func:`ffn_forward`'s ``y`` (inference) on expert weights prepacked by oneDNN
+    (``packed``: ``w_in[e]`` for every expert, then ``w_out[e]``, from
+    :func:`pimoe.moe.prepack.packed_experts`); ``x [N, D]`` rows grouped by expert -> ``[N, D]``."""
+    out: Tensor = loaded_kernel().packed_ffn_forward(x, packed, splits, act)
+    return out
+
+
+def packed_rows_mm(a: Tensor, packed: list[Tensor], splits: list[int]) -> Tensor:
+    """:func:`rows_mm` on weights prepacked by oneDNN: ``out[rows of e] = a[rows of e] @ W_e.T``
+    for ``a [N, K]`` rows grouped by expert and ``packed[e]`` the packed ``W_e [M, K]`` ->
+    ``[N, M]``."""
+    out: Tensor = loaded_kernel().packed_rows_mm(a, packed, splits)
+    return out
+
+
+def packed_expert_major_forward(
+    x: Tensor,
+    token_rows: Tensor,
+    row_weights: Tensor,
+    packed: list[Tensor],
+    splits: list[int],
+    act: str,
+    chunk_rows: int,
+) -> Tensor:
+    """:func:`expert_major_forward` on expert weights prepacked by oneDNN (``packed`` as in
+    :func:`packed_ffn_forward`) -> ``[T, D]``."""
+    out: Tensor = loaded_kernel().packed_expert_major_forward(
+        x, token_rows, row_weights, packed, splits, act, chunk_rows
+    )
+    return out
 
 
 @dataclass

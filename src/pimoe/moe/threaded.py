@@ -87,6 +87,12 @@ def threaded_kernel() -> Any | None:
     return module
 
 
+def threaded_built() -> bool:
+    """Whether :func:`threaded_kernel` was already called (built, or found unavailable): a check
+    that never starts a build."""
+    return "module" in _state
+
+
 FORWARD_MATMULS = ("onednn", "mkl")
 
 
@@ -121,7 +127,7 @@ def set_forward_matmul(name: str) -> None:
 def rows_mm(a: Tensor, b: Tensor, splits: list[int]) -> Tensor:
     """``out[rows of e] = a[rows of e] @ b[e]``: ``a [N, K]`` rows grouped by expert,
     ``b [E, K, M]`` (any strides, e.g. ``w.transpose(1, 2)``) -> ``[N, M]``."""
-    out: Tensor = _module().rows_mm(a, b, splits)
+    out: Tensor = loaded_kernel().rows_mm(a, b, splits)
     return out
 
 
@@ -134,7 +140,7 @@ def _(a: Tensor, b: Tensor, splits: list[int]) -> Tensor:
 def weights_mm(a: Tensor, b: Tensor, splits: list[int]) -> Tensor:
     """``out[e] = a[rows of e].T @ b[rows of e]`` (a weight gradient per expert): ``a [N, M]``,
     ``b [N, K]`` -> ``[E, M, K]``, zero for an expert without rows."""
-    out: Tensor = _module().weights_mm(a, b, splits)
+    out: Tensor = loaded_kernel().weights_mm(a, b, splits)
     return out
 
 
@@ -150,7 +156,7 @@ def ffn_forward(
     """The fused grouped FFN (``x [N, D]`` rows grouped by expert, ``w_in [E, F_in, D]``,
     ``w_out [E, D, F]``, ``act`` a key of :data:`FUSED_ACTIVATIONS`) -> ``(y [N, D], h)``,
     ``h [N, F_in]`` the hidden activations before ``act`` when ``keep_hidden``, else ``[0, F_in]``."""
-    y, h = _module().ffn_forward(x, w_in, w_out, splits, act, keep_hidden)
+    y, h = loaded_kernel().ffn_forward(x, w_in, w_out, splits, act, keep_hidden)
     return y, h
 
 
@@ -176,7 +182,7 @@ def ffn_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`ffn_forward` from ``grad_y [N, D]`` (contiguous) and its kept ``h``:
     ``(grad_x, grad_w_in, grad_w_out)``, each ``[0]`` unless ``need`` (three flags) asks for it."""
-    grads: tuple[Tensor, Tensor, Tensor] = _module().ffn_backward(
+    grads: tuple[Tensor, Tensor, Tensor] = loaded_kernel().ffn_backward(
         grad_y, x, w_in, w_out, h, splits, act, *need
     )
     return grads
@@ -213,7 +219,7 @@ def expert_major_forward(
     ``out[token_rows[r]] += row_weights[r] * FFN_e(x[token_rows[r]])``, each thread taking whole
     experts dealt in advance, ``chunk_rows`` rows at a time; the same result on every run with
     the same thread count."""
-    out: Tensor = _module().expert_major_forward(
+    out: Tensor = loaded_kernel().expert_major_forward(
         x, token_rows, row_weights, w_in, w_out, splits, act, chunk_rows
     )
     return out
@@ -233,84 +239,8 @@ def _(
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("pimoe::gather_sum", mutates_args=())
-def gather_sum(src: Tensor, slot: Tensor, w: Tensor) -> Tensor:
-    """``out[t] = sum_j w[t, j] * src[slot[t, j]]``: ``src [R, D]``, ``slot [T, k]`` long,
-    ``w [T, k]``, float32 -> ``[T, D]``, without the ``[T * k, D]`` intermediate of a gather
-    and a batched matmul; a slot outside ``[0, R)`` raises ``RuntimeError``."""
-    out: Tensor = _module().gather_sum(src, slot, w)
-    return out
-
-
-@gather_sum.register_fake
-def _(src: Tensor, slot: Tensor, w: Tensor) -> Tensor:
-    return src.new_empty(slot.shape[0], src.shape[1])
-
-
-@torch.library.custom_op("pimoe::combine_grad_rows", mutates_args=())
-def combine_grad_rows(
-    grad_out: Tensor, token: Tensor, row_w: Tensor, y: Tensor
-) -> tuple[Tensor, Tensor]:
-    """The combine's backward per row, float32: ``grad_y[r] = row_w[r] * grad_out[token[r]]``
-    (``[R, D]``) and, unless ``y`` is empty, ``dots[r] = <y[r], grad_out[token[r]]>`` (``[R]``;
-    else ``[0]``), in one pass; a token outside ``[0, T)`` raises ``RuntimeError``."""
-    grad_y, dots = _module().combine_grad_rows(grad_out, token, row_w, y)
-    return grad_y, dots
-
-
-@combine_grad_rows.register_fake
-def _(grad_out: Tensor, token: Tensor, row_w: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    rows = token.shape[0]
-    return grad_out.new_empty(rows, grad_out.shape[1]), grad_out.new_empty(rows if y.numel() else 0)
-
-
-def gather_sum_usable(src: Tensor) -> bool:
-    """Whether :func:`gather_sum` and :func:`combine_grad_rows` run on rows like ``src``: float32 on the CPU and the
-    extension already built (by the experts' kernel: this check never starts a build, so a
-    one-thread run, which never needs the experts' kernel, keeps its gathers)."""
-    built = "module" in _state
-    return (
-        src.dtype == torch.float32
-        and src.device.type == "cpu"
-        and built
-        and threaded_kernel() is not None
-    )
-
-
-def packed_ffn_forward(x: Tensor, packed: list[Tensor], splits: list[int], act: str) -> Tensor:
-    """:func:`ffn_forward`'s ``y`` (inference) on expert weights prepacked by oneDNN
-    (``packed``: ``w_in[e]`` for every expert, then ``w_out[e]``, from
-    :func:`pimoe.moe.prepack.packed_experts`); ``x [N, D]`` rows grouped by expert -> ``[N, D]``."""
-    out: Tensor = _module().packed_ffn_forward(x, packed, splits, act)
-    return out
-
-
-def packed_rows_mm(a: Tensor, packed: list[Tensor], splits: list[int]) -> Tensor:
-    """:func:`rows_mm` on weights prepacked by oneDNN: ``out[rows of e] = a[rows of e] @ W_e.T``
-    for ``a [N, K]`` rows grouped by expert and ``packed[e]`` the packed ``W_e [M, K]`` ->
-    ``[N, M]``."""
-    out: Tensor = _module().packed_rows_mm(a, packed, splits)
-    return out
-
-
-def packed_expert_major_forward(
-    x: Tensor,
-    token_rows: Tensor,
-    row_weights: Tensor,
-    packed: list[Tensor],
-    splits: list[int],
-    act: str,
-    chunk_rows: int,
-) -> Tensor:
-    """:func:`expert_major_forward` on expert weights prepacked by oneDNN (``packed`` as in
-    :func:`packed_ffn_forward`) -> ``[T, D]``."""
-    out: Tensor = _module().packed_expert_major_forward(
-        x, token_rows, row_weights, packed, splits, act, chunk_rows
-    )
-    return out
-
-
-def _module() -> Any:
+def loaded_kernel() -> Any:
+    """The built extension (:func:`threaded_kernel`); ``RuntimeError`` where it is not available."""
     module = threaded_kernel()
     if module is None:
         raise RuntimeError("pimoe's threaded experts kernel is not available")

@@ -1,4 +1,7 @@
-"""C++ source of the expert-parallel CPU kernel (:mod:`pimoe.moe.threaded`).
+"""C++ source of the expert-parallel CPU kernel (:mod:`pimoe.moe.threaded`): one translation unit of
+the includes, the gradient pool (:mod:`pimoe.moe.threaded_pool_source`), the combine's row ops
+(:mod:`pimoe.moe.combine_source`), the activations (:mod:`pimoe.moe.activation_source`) and the
+kernels below.
 
 Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a list):
 
@@ -30,7 +33,11 @@ on the same per-expert tensors as the per-expert loop; with ``set_onednn_forward
 loop's bit for bit, by default float32 forward matmuls run on oneDNN (to float rounding).
 """
 
-SOURCE = r"""
+from pimoe.moe.activation_source import ACTIVATION_SOURCE
+from pimoe.moe.combine_source import COMBINE_SOURCE
+from pimoe.moe.threaded_pool_source import POOL_SOURCE
+
+_INCLUDES = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -43,180 +50,14 @@ SOURCE = r"""
 #include <string>
 #include <tuple>
 
-// Weight gradients come back to autograd as fresh tensors every backward (they become .grad,
-// and an optimizer's zero_grad() drops them). Large ones are mmap'ed by malloc and unmapped
-// when freed, so each backward faulted every page of them in again (at 64 experts of width 256
-// on d_model 512, 96 MB: 23k page faults, ~50 ms of kernel time per step). Weight gradients of
-// 1 MiB or more take their memory from this pool instead: a freed buffer's block is kept, pages
-// mapped, for the next buffer of the same size, up to kPoolMaxBytes kept; the tensors hold no
-// extra reference, so autograd still takes them as .grad without copying. Only weight
-// gradients: their sizes are the same every step, while outputs change size with the number
-// of tokens (a server's varying batches would fill the pool with sizes never asked for again).
-struct BlockPool {
-  std::mutex mu;
-  std::multimap<size_t, void*> free_blocks;  // bytes -> block
-  size_t kept = 0;
-};
-static constexpr size_t kPoolMinBytes = size_t(1) << 20;
-static constexpr size_t kPoolMaxBytes = size_t(1) << 30;
+"""
 
-static BlockPool& block_pool() {
-  static auto* pool = new BlockPool();  // never destroyed: tensors may be freed at exit
-  return *pool;
-}
-
-static void keep_block(void* data, size_t bytes) {
-  auto& pool = block_pool();
-  {
-    std::lock_guard<std::mutex> lock(pool.mu);
-    if (pool.kept + bytes <= kPoolMaxBytes) {
-      pool.free_blocks.emplace(bytes, data);
-      pool.kept += bytes;
-      return;
-    }
-  }
-  std::free(data);
-}
-
-// at::empty, from the pool for 1 MiB or more (weight gradients only)
-static at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const size_t bytes = (size_t)c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (bytes < kPoolMinBytes) return at::empty(sizes, options);
-  void* data = nullptr;
-  {
-    auto& pool = block_pool();
-    std::lock_guard<std::mutex> lock(pool.mu);
-    auto it = pool.free_blocks.find(bytes);
-    if (it != pool.free_blocks.end()) {
-      data = it->second;
-      pool.free_blocks.erase(it);
-      pool.kept -= bytes;
-    }
-  }
-  if (data == nullptr) {
-    data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-    TORCH_CHECK(data != nullptr, "out of memory allocating ", bytes, " bytes");
-  }
-  return at::from_blob(data, sizes, [bytes](void* p) { keep_block(p, bytes); }, options);
-}
-
-// Free the pool's kept blocks; returns the bytes freed.
-int64_t release_pool() {
-  auto& pool = block_pool();
-  std::multimap<size_t, void*> blocks;
-  {
-    std::lock_guard<std::mutex> lock(pool.mu);
-    blocks.swap(pool.free_blocks);
-    pool.kept = 0;
-  }
-  int64_t freed = 0;
-  for (auto& [bytes, data] : blocks) {
-    std::free(data);
-    freed += (int64_t)bytes;
-  }
-  return freed;
-}
-
-// Bytes the pool keeps for reuse now.
-int64_t pool_kept_bytes() {
-  auto& pool = block_pool();
-  std::lock_guard<std::mutex> lock(pool.mu);
-  return (int64_t)pool.kept;
-}
-
-// out[t] = sum_j w[t, j] * src[slot[t, j]] for src [R, D], slot [T, k] long, w [T, k], all
-// float32 -> [T, D]: a weighted sum of gathered rows without the [T * k, D] intermediate of
-// index_select + bmm (the combine's forward, the gather's backward); tokens split between
-// torch's threads, j summed in order.
-at::Tensor gather_sum(const at::Tensor& src, const at::Tensor& slot, const at::Tensor& w) {
-  TORCH_CHECK(src.dim() == 2 && slot.dim() == 2 && w.sizes() == slot.sizes() &&
-              src.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
-              slot.scalar_type() == at::kLong, "gather_sum: src [R, D] float32, slot [T, k] long, w [T, k] float32");
-  auto rows = src.contiguous();
-  auto index = slot.contiguous();
-  auto weight = w.contiguous();
-  const int64_t T = index.size(0), k = index.size(1), D = rows.size(1), R = rows.size(0);
-  auto out = at::empty({T, D}, rows.options());
-  std::atomic<bool> outside{false};
-  const float* src_p = rows.data_ptr<float>();
-  const int64_t* slot_p = index.data_ptr<int64_t>();
-  const float* w_p = weight.data_ptr<float>();
-  float* out_p = out.data_ptr<float>();
-  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      float* __restrict__ o = out_p + t * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-      for (int64_t j = 0; j < k; ++j) {
-        const float c = w_p[t * k + j];
-        const int64_t r = slot_p[t * k + j];
-        if (r < 0 || r >= R) {
-          outside = true;
-          continue;
-        }
-        const float* __restrict__ row = src_p + r * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) o[d] += c * row[d];
-      }
-    }
-  });
-  TORCH_CHECK(!outside, "gather_sum: a slot is outside [0, ", R, ")");
-  return out;
-}
-
-// The combine's backward for its rows, all float32: grad_y[r] = row_w[r] * grad_out[token[r]]
-// and, when y is given ([R, D]), dots[r] = <y[r], grad_out[token[r]]> (the combine weights'
-// gradient, before it is put back in [T, k] order); grad_out [T, D], token [R] long,
-// row_w [R] -> (grad_y [R, D], dots [R] or [0]). One pass over the rows.
-std::tuple<at::Tensor, at::Tensor> combine_grad_rows(
-    const at::Tensor& grad_out, const at::Tensor& token, const at::Tensor& row_w,
-    const at::Tensor& y) {
-  TORCH_CHECK(grad_out.dim() == 2 && token.dim() == 1 && row_w.sizes() == token.sizes() &&
-              grad_out.scalar_type() == at::kFloat && row_w.scalar_type() == at::kFloat &&
-              token.scalar_type() == at::kLong,
-              "combine_grad_rows: grad_out [T, D] float32, token [R] long, row_w [R] float32");
-  const bool want_dots = y.numel() > 0;
-  TORCH_CHECK(!want_dots || (y.dim() == 2 && y.size(0) == token.size(0) &&
-                             y.size(1) == grad_out.size(1) && y.scalar_type() == at::kFloat),
-              "combine_grad_rows: y must be [R, D] float32 (or empty)");
-  auto g = grad_out.contiguous();
-  auto rows = token.contiguous();
-  auto w = row_w.contiguous();
-  auto yc = y.contiguous();
-  const int64_t T = g.size(0), D = g.size(1), R = rows.size(0);
-  auto grad_y = at::empty({R, D}, g.options());
-  auto dots = at::empty({want_dots ? R : 0}, g.options());
-  const float* g_p = g.data_ptr<float>();
-  const int64_t* t_p = rows.data_ptr<int64_t>();
-  const float* w_p = w.data_ptr<float>();
-  const float* y_p = want_dots ? yc.data_ptr<float>() : nullptr;
-  float* gy_p = grad_y.data_ptr<float>();
-  float* dot_p = want_dots ? dots.data_ptr<float>() : nullptr;
-  std::atomic<bool> outside{false};
-  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t t = t_p[r];
-      float* __restrict__ out = gy_p + r * D;
-      if (t < 0 || t >= T) {
-        outside = true;
-        continue;
-      }
-      const float* __restrict__ src = g_p + t * D;
-      const float c = w_p[r];
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) out[d] = c * src[d];
-      if (want_dots) {
-        const float* __restrict__ yr = y_p + r * D;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < D; ++d) acc += yr[d] * src[d];
-        dot_p[r] = acc;
-      }
-    }
-  });
-  TORCH_CHECK(!outside, "combine_grad_rows: a token index is outside [0, ", T, ")");
-  return {grad_y, dots};
-}
-
+SOURCE = (
+    _INCLUDES
+    + POOL_SOURCE
+    + COMBINE_SOURCE
+    + ACTIVATION_SOURCE
+    + r"""
 // Experts with rows, largest first (threads take them in this order), and each expert's first row.
 static std::vector<int64_t> order_of(const std::vector<int64_t>& splits, std::vector<int64_t>& start) {
   const int64_t E = (int64_t)splits.size();
@@ -273,58 +114,6 @@ at::Tensor weights_mm(const at::Tensor& a, const at::Tensor& b, const std::vecto
     at::mm_out(o, a.narrow(0, start[e], splits[e]).t(), b.narrow(0, start[e], splits[e]));
   });
   return out;
-}
-
-enum class Act { swiglu, gelu, relu, silu };
-
-static Act act_of(const std::string& name) {
-  if (name == "swiglu") return Act::swiglu;
-  if (name == "gelu") return Act::gelu;
-  if (name == "relu") return Act::relu;
-  TORCH_CHECK(name == "silu", "unknown activation ", name);
-  return Act::silu;
-}
-
-// a = act(h) for one expert's h [n, F_in] -> [n, F]
-static at::Tensor act_forward(Act act, const at::Tensor& h) {
-  switch (act) {
-    case Act::swiglu: {
-      auto parts = h.chunk(2, -1);
-      return at::silu(parts[0]) * parts[1];
-    }
-    case Act::gelu: return at::gelu(h);
-    case Act::relu: return at::relu(h);
-    default: return at::silu(h);
-  }
-}
-
-// (a, grad_h) from h [n, F_in] and grad_a [n, F], as autograd computes them; a is made only
-// when want_a, grad_h only when want_grad_h.
-static std::pair<at::Tensor, at::Tensor> act_backward(
-    Act act, const at::Tensor& h, const at::Tensor& grad_a, bool want_a, bool want_grad_h) {
-  at::Tensor a, grad_h;
-  switch (act) {
-    case Act::swiglu: {
-      auto parts = h.chunk(2, -1);
-      auto s = at::silu(parts[0]);
-      if (want_a) a = s * parts[1];
-      if (want_grad_h)
-        grad_h = at::cat({at::silu_backward(grad_a * parts[1], parts[0]), grad_a * s}, -1);
-      break;
-    }
-    case Act::gelu:
-      if (want_a) a = at::gelu(h);
-      if (want_grad_h) grad_h = at::gelu_backward(grad_a, h);
-      break;
-    case Act::relu:
-      a = at::relu(h);
-      if (want_grad_h) grad_h = at::threshold_backward(grad_a, a, 0);
-      break;
-    default:
-      if (want_a) a = at::silu(h);
-      if (want_grad_h) grad_h = at::silu_backward(grad_a, h);
-  }
-  return {a, grad_h};
 }
 
 // Whether the plain-weight forward matmuls of float32 experts run on oneDNN instead of at::mm
@@ -555,6 +344,7 @@ at::Tensor packed_expert_major_forward(
                            act_name, chunk_rows);
 }
 """
+)
 FUNCTIONS = [
     "rows_mm",
     "weights_mm",
