@@ -1,9 +1,13 @@
-"""The threaded kernel's buffer pool (pimoe.moe.threaded.empty_cache / cached_bytes): weight
-gradients of 1 MiB or more come from kept blocks, results stay the per-expert loop's bit for bit
-when a block is reused with stale contents, autograd takes a weight gradient as ``.grad``
-without copying it, empty_cache frees what is kept, and outputs (inference) never enter it."""
+"""The threaded kernel's buffer pool (pimoe.moe.threaded.empty_cache / cached_bytes /
+set_row_pool): weight gradients and training's row buffers of 1 MiB or more come from kept
+blocks, results stay the per-expert loop's bit for bit when a block is reused with stale
+contents, autograd takes a weight gradient as ``.grad`` without copying it, row counts that
+move a little share a size class, the least recently kept blocks go first beyond 1 GiB,
+empty_cache frees what is kept, and inference never enters it."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from test_threaded_experts import _loop_reference, _swiglu
 from torch import Tensor
 
 from pimoe.moe import threaded
+from pimoe.moe.combine_ops import gather_rows
 from pimoe.moe.threaded import Activation
 
 # bit-for-bit comparisons with the per-expert loop: the kernel's matmuls are at::mm's
@@ -52,25 +57,75 @@ def test_reused_blocks_give_the_loop_results(two_threads: None, act: Activation)
 def test_gradients_are_taken_without_a_copy_and_come_back(two_threads: None) -> None:
     """AccumulateGrad keeps the kernel's buffer as ``.grad`` (a copy would return the block to
     the pool during backward); dropping ``.grad`` returns it, the next backward takes it again,
-    and empty_cache frees it."""
+    and empty_cache frees it. The step's row buffers (here the hidden activations,
+    ``[512, 512]`` fp32 = 1 MiB) are back in the pool once the backward is done."""
     w_in, w_out = _weights(0)
     grad_bytes = (w_in.numel() + w_out.numel()) * 4
+    row_bytes = 512 * 2 * F * 4
+    _run(w_in, w_out, [128, 128, 128, 128], threaded.swiglu, seed=1)
+    assert threaded.cached_bytes() == row_bytes
+    pointer = w_in.grad.data_ptr()  # type: ignore[union-attr]
+    w_in.grad = w_out.grad = None
+    assert threaded.cached_bytes() == row_bytes + grad_bytes
+    _run(w_in, w_out, [128, 128, 128, 128], threaded.swiglu, seed=2)
+    assert w_in.grad.data_ptr() == pointer  # type: ignore[union-attr]  # 2 MiB: its own class
+    assert threaded.cached_bytes() == row_bytes  # the 1 MiB blocks: hidden and w_out's grad
+    w_in.grad = w_out.grad = None
+    assert threaded.empty_cache() == row_bytes + grad_bytes
+    assert threaded.cached_bytes() == 0
+
+
+@pytest.fixture
+def rows_from_malloc() -> Iterator[None]:
+    threaded.set_row_pool(False)
+    yield
+    threaded.set_row_pool(True)
+
+
+def test_row_pool_off_keeps_row_buffers_out(two_threads: None, rows_from_malloc: None) -> None:
+    w_in, w_out = _weights(0)
     _run(w_in, w_out, [128, 128, 128, 128], threaded.swiglu, seed=1)
     assert threaded.cached_bytes() == 0
-    pointers = {w_in.grad.data_ptr(), w_out.grad.data_ptr()}  # type: ignore[union-attr]
     w_in.grad = w_out.grad = None
-    assert threaded.cached_bytes() == grad_bytes
-    _run(w_in, w_out, [128, 128, 128, 128], threaded.swiglu, seed=2)
-    assert {w_in.grad.data_ptr(), w_out.grad.data_ptr()} == pointers  # type: ignore[union-attr]
-    assert threaded.cached_bytes() == 0
-    w_in.grad = w_out.grad = None
-    assert threaded.empty_cache() == grad_bytes
-    assert threaded.cached_bytes() == 0
+    assert threaded.cached_bytes() == (w_in.numel() + w_out.numel()) * 4
 
 
-def test_outputs_stay_out_of_the_pool(two_threads: None) -> None:
-    """Inference outputs follow the number of tokens: pooling them would fill the pool with
-    sizes a server never asks for again."""
+def _gathered(rows: int, width: int) -> int:
+    """Gather ``rows`` rows of ``width`` floats into a pooled row buffer and free it; returns its
+    data pointer."""
+    x = torch.ones(4, width)
+    out = gather_rows(x, torch.zeros(rows, dtype=torch.long))
+    assert out.shape == (rows, width) and bool((out == 1).all())
+    return out.data_ptr()
+
+
+def test_row_counts_that_move_a_little_share_a_block(two_threads: None) -> None:
+    """Size classes: 8 per power of two, so 1000 and 1020 rows of 2 KiB (1.95 and 1.99 MiB)
+    take the same 2 MiB block, and 1100 rows (2.15 MiB) needs a block of the next class."""
+    first = _gathered(1000, 512)
+    assert threaded.cached_bytes() == 2 << 20
+    assert _gathered(1020, 512) == first
+    assert threaded.cached_bytes() == 2 << 20
+    _gathered(1100, 512)
+    assert threaded.cached_bytes() == (2 << 20) + (9 << 18)
+
+
+def test_the_pool_keeps_at_most_1_gib_most_recent_first(two_threads: None) -> None:
+    """Eight row buffers of distinct size classes (128-240 MiB, 1.4 GiB in all): the pool keeps
+    the most recently freed ones that fit in 1 GiB and gives back the rest; the newest block is
+    taken again by the next buffer of its size."""
+    sizes = [(128 + 16 * i) << 20 for i in range(8)]  # classes step by 16 MiB in [128, 256) MiB
+    pointers = [_gathered(size // 4096, 1024) for size in sizes]
+    newest_that_fit = 0
+    while newest_that_fit < len(sizes) and sum(sizes[-newest_that_fit - 1 :]) <= 1 << 30:
+        newest_that_fit += 1
+    assert 0 < newest_that_fit < len(sizes)
+    assert threaded.cached_bytes() == sum(sizes[-newest_that_fit:])
+    assert _gathered(sizes[-1] // 4096, 1024) == pointers[-1]
+
+
+def test_inference_stays_out_of_the_pool(two_threads: None) -> None:
+    """Inference allocates with malloc: a server's batches come in every size."""
     w_in, w_out = _weights(0)
     with torch.no_grad():
         for rows in (1024, 1500, 2000):  # outputs and hidden activations of 1-8 MiB
@@ -78,3 +133,28 @@ def test_outputs_stay_out_of_the_pool(two_threads: None) -> None:
             y = threaded.threaded_ffn(x, w_in, w_out, [rows // 4] * 4, threaded.swiglu, False)
             del y
     assert threaded.cached_bytes() == 0
+
+
+def test_a_training_step_gathers_into_the_pool(
+    two_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layer's gather takes a pooled row buffer with grad enabled, malloc under no_grad;
+    both give ``x[token_rows]``."""
+    from pimoe.moe import PiMoE, dispatch
+
+    calls: list[int] = []
+
+    def spy(x: Tensor, index: Tensor) -> Tensor:
+        calls.append(index.numel())
+        return gather_rows(x, index)
+
+    monkeypatch.setattr(dispatch, "gather_rows", spy)
+    torch.manual_seed(0)
+    layer = PiMoE(64, num_experts=8, top_k=2, ffn_dim=32)
+    x = torch.randn(2, 48, 64)
+    layer(x).sum().backward()
+    assert calls == [2 * 48 * 2]
+    with torch.no_grad():
+        want = layer(x)
+    assert calls == [2 * 48 * 2]
+    torch.testing.assert_close(layer(x).detach(), want)

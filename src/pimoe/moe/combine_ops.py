@@ -1,7 +1,8 @@
-"""The combine's row ops in the threaded extension (C++ in :mod:`pimoe.moe.combine_source`):
-the weighted gather-sum of the combine's forward and the gather's backward, and the combine's
-backward in one pass over the rows; float32 on the CPU, used by :mod:`pimoe.moe.dispatch` once
-the extension is built."""
+"""The dispatch's row ops in the threaded extension (C++ in :mod:`pimoe.moe.combine_source` and
+:mod:`pimoe.moe.threaded_source`): training's gather into a pooled row buffer, the weighted
+gather-sum of the combine's forward and the gather's backward, and the combine's backward in one
+pass over the rows; float32 on the CPU, used by :mod:`pimoe.moe.dispatch` once the extension is
+built."""
 
 from __future__ import annotations
 
@@ -10,6 +11,20 @@ from torch import Tensor
 
 from pimoe.moe import threaded
 from pimoe.moe.threaded import loaded_kernel, threaded_built
+
+
+@torch.library.custom_op("pimoe::gather_rows", mutates_args=())
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]``: ``x [T, D]``, ``index [R]`` long -> ``[R, D]``, in a row buffer of the
+    kernel's pool (:func:`pimoe.moe.threaded.set_row_pool`): training's gather, whose buffer
+    is freed after the backward and taken again by the next step."""
+    out: Tensor = loaded_kernel().gather_rows(x, index)
+    return out
+
+
+@gather_rows.register_fake
+def _(x: Tensor, index: Tensor) -> Tensor:
+    return x.new_empty(index.shape[0], x.shape[1])
 
 
 @torch.library.custom_op("pimoe::gather_sum", mutates_args=())
@@ -44,7 +59,8 @@ def _(grad_out: Tensor, token: Tensor, row_w: Tensor, y: Tensor) -> tuple[Tensor
 
 
 def gather_sum_usable(src: Tensor) -> bool:
-    """Whether :func:`gather_sum` and :func:`combine_grad_rows` run on rows like ``src``: float32 on the CPU and the
+    """Whether :func:`gather_rows`, :func:`gather_sum` and :func:`combine_grad_rows` run on rows
+    like ``src``: float32 on the CPU and the
     extension already built (by the experts' kernel: this check never starts a build, so a
     one-thread run, which never needs the experts' kernel, keeps its gathers)."""
     built = threaded_built()

@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> combine_grad_rows(
   auto w = row_w.contiguous();
   auto yc = y.contiguous();
   const int64_t T = g.size(0), D = g.size(1), R = rows.size(0);
-  auto grad_y = at::empty({R, D}, g.options());
+  auto grad_y = rows_empty({R, D}, g.options());  // a training buffer
   auto dots = at::empty({want_dots ? R : 0}, g.options());
   const float* g_p = g.data_ptr<float>();
   const int64_t* t_p = rows.data_ptr<int64_t>();

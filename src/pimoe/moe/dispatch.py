@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pimoe.moe.combine_ops import combine_grad_rows, gather_sum, gather_sum_usable
+from pimoe.moe.combine_ops import combine_grad_rows, gather_rows, gather_sum, gather_sum_usable
 from pimoe.moe.router import RouterOutput
 
 # Pad every expert to the largest expert's row count when that is at most this many times the
@@ -147,26 +147,29 @@ class _GatherTokens(torch.autograd.Function):
     """``x [T, D] -> x[token_rows] [R, D]``; backward sums each token's rows (a gather)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, plan: DispatchPlan) -> Tensor:
+    def forward(ctx: Any, x: Tensor, plan: DispatchPlan, training: bool) -> Tensor:
         ctx.plan = plan
+        if training and gather_sum_usable(x):  # a row buffer of the kernel's pool
+            rows: Tensor = gather_rows(x, plan.token_rows)
+            return rows
         return x.index_select(0, plan.token_rows)
 
     @staticmethod
-    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor, None, None]:
         plan: DispatchPlan = ctx.plan
         if grad_rows.shape[0] == 0:  # every assignment dropped
-            return grad_rows.new_zeros(plan.num_tokens, grad_rows.shape[-1]), None
+            return grad_rows.new_zeros(plan.num_tokens, grad_rows.shape[-1]), None, None
         if not torch.is_grad_enabled() and gather_sum_usable(grad_rows):  # not create_graph
             slot = plan.slot.view(plan.num_tokens, plan.top_k)
             keep = torch.ones(slot.shape) if plan.keep is None else plan.keep.float()
-            return gather_sum(grad_rows, slot, keep), None
+            return gather_sum(grad_rows, slot, keep), None, None
         per_choice = grad_rows.index_select(0, plan.slot).view(
             plan.num_tokens, plan.top_k, -1
         )  # [T, k, D]
         if plan.keep is None:
-            return per_choice.sum(dim=1), None
+            return per_choice.sum(dim=1), None, None
         keep = plan.keep.to(grad_rows.dtype).unsqueeze(1)  # [T, 1, k]
-        return torch.bmm(keep, per_choice).squeeze(1), None
+        return torch.bmm(keep, per_choice).squeeze(1), None, None
 
 
 class _CombineRows(torch.autograd.Function):
@@ -224,8 +227,9 @@ class _CombineRows(torch.autograd.Function):
 
 
 def gather_tokens(x: Tensor, plan: DispatchPlan) -> Tensor:
-    """The experts' input rows ``x[plan.token_rows]``: ``[T, D] -> [R, D]``."""
-    out: Tensor = _GatherTokens.apply(x, plan)  # type: ignore[no-untyped-call]
+    """The experts' input rows ``x[plan.token_rows]``: ``[T, D] -> [R, D]`` (with grad
+    enabled, in a row buffer of the threaded kernel's pool where it runs)."""
+    out: Tensor = _GatherTokens.apply(x, plan, torch.is_grad_enabled())  # type: ignore[no-untyped-call]
     return out
 
 

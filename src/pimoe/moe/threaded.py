@@ -1,10 +1,10 @@
 """Expert-parallel CPU kernel: whole experts spread over torch's threads, one expert per thread.
 
 On several threads ``torch.nn.functional.grouped_mm`` (and a per-expert loop) splits every
-small per-expert matmul between the threads: at 64 experts of ~64 rows each that is hundreds
-of tiny parallel regions per call, each ending in a barrier, and on a busy machine every
-barrier waits for a descheduled thread. This kernel instead runs one parallel region over all
-experts: each of torch's threads takes whole experts (largest first, from a shared counter).
+small per-expert matmul between the threads: hundreds of tiny parallel regions per call at 64
+experts, each ending in a barrier that waits for a descheduled thread on a busy machine. This
+kernel runs one parallel region over all experts: each thread takes whole experts (largest
+first, from a shared counter).
 For pimoe's activations (:data:`FUSED_ACTIVATIONS`: SwiGLU, GELU, ReLU, SiLU) the whole FFN
 of an expert runs in its thread while its rows are in cache: ``x_e @ W_in[e].T``, the
 activation, ``@ W_out[e].T`` in the forward (one region), and in the backward (one region)
@@ -15,12 +15,13 @@ forward's float32 matmuls run on oneDNN by default (:func:`forward_matmul`: 0.88
 time at 64 experts and 512 tokens on the bench machine), which agrees with the loop to float
 rounding, and on ``at::mm`` with ``"mkl"``, which gives the loop's results bit for bit.
 
-Weight gradients of 1 MiB or more (they become ``.grad`` and ``zero_grad()`` drops them every
-step) take their memory from a pool of freed blocks instead of ``malloc``, which maps large
-buffers afresh and page-faults every page in again on each step (at 64 experts of width 256 on
-d_model 512, ~27k faults and ~50 ms of kernel time per training step on 2 cores). At most 1 GiB
-is kept; :func:`empty_cache` frees it, :func:`cached_bytes` tells how much is kept. Outputs,
-whose sizes follow the number of tokens, come from ``malloc`` (inference never uses the pool).
+Weight gradients of 1 MiB or more (``zero_grad()`` drops them every step) and training's row
+buffers (:func:`set_row_pool`) take their memory from a pool of freed blocks instead of
+``malloc``, which maps large buffers afresh and faults every page in again each step (~27k faults,
+~50 ms of kernel time per training step at 64 experts of width 256 on d_model 512, 2 cores).
+Blocks come in 8 size classes per power of two; at most 1 GiB is kept, the least recently freed
+given back first; :func:`empty_cache` frees it, :func:`cached_bytes` tells how much is kept.
+Inference allocates with ``malloc``: a server's batches come in every size.
 
 The kernel is a small C++ extension (``torch.utils.cpp_extension.load_inline``, source in
 :mod:`pimoe.moe.threaded_source`), built on first use (about a minute; cached by torch in
@@ -84,6 +85,7 @@ def threaded_kernel() -> Any | None:
     _state["module"] = module
     if module is not None:
         module.set_onednn_forward(forward_matmul() == "onednn")
+        module.set_row_pool(_state.get("row_pool", True))
     return module
 
 
@@ -98,11 +100,9 @@ FORWARD_MATMULS = ("onednn", "mkl")
 
 def forward_matmul() -> str:
     """The library of the kernel's float32 forward matmuls on plain weights: ``"onednn"`` (the
-    default where torch has oneDNN: 0.88x / 0.97x MKL's time for the 64-experts layer's forward /
-    forward+backward at 512 tokens on the bench machine, ``python
-    benchmarks/moe_forward_matmul.py``) or ``"mkl"`` (``at::mm``, whose results are the
-    per-expert loop's bit for bit); the environment variable ``PIMOE_EXPERT_MATMUL`` or
-    :func:`set_forward_matmul` chooses."""
+    default where torch has oneDNN; ``python benchmarks/moe_forward_matmul.py``) or ``"mkl"``
+    (``at::mm``: the per-expert loop's results bit for bit); the environment variable
+    ``PIMOE_EXPERT_MATMUL`` or :func:`set_forward_matmul` chooses."""
     name = _state.get("forward_matmul") or os.environ.get("PIMOE_EXPERT_MATMUL")
     if name is None:
         name = "onednn" if torch.backends.mkldnn.is_available() else "mkl"  # type: ignore[no-untyped-call]
@@ -248,18 +248,28 @@ def loaded_kernel() -> Any:
 
 
 def empty_cache() -> int:
-    """Free the memory blocks the kernel keeps for reuse by its weight gradients (1 MiB or more
-    each, at most 1 GiB in all; a block is kept once the gradient tensor holding it is freed,
-    e.g. by ``optimizer.zero_grad()``) and return the bytes freed; 0 where the kernel is not
-    built."""
+    """Free the blocks the kernel keeps for its weight gradients and training's row buffers (a
+    block is kept once the tensor holding it is freed, e.g. by ``optimizer.zero_grad()``);
+    returns the bytes freed (0 where the kernel is not built)."""
     module = _state.get("module")
     return 0 if module is None else int(module.release_pool())
 
 
 def cached_bytes() -> int:
-    """Bytes the kernel keeps now for its next weight-gradient buffers (see :func:`empty_cache`)."""
+    """Bytes the kernel keeps now for its next weight-gradient and row buffers (see
+    :func:`empty_cache`)."""
     module = _state.get("module")
     return 0 if module is None else int(module.pool_kept_bytes())
+
+
+def set_row_pool(on: bool) -> None:
+    """Whether training's ``[rows, features]`` buffers of 1 MiB or more (the experts' gathered
+    inputs, hidden activations, outputs and their gradients) come from the kernel's pool (the
+    default) or from ``malloc`` (less memory kept between steps)."""
+    _state["row_pool"] = bool(on)
+    module = _state.get("module")
+    if module is not None:
+        module.set_row_pool(bool(on))
 
 
 def threaded_usable(x: Tensor | None, w_in: Tensor, w_out: Tensor) -> bool:
@@ -274,13 +284,10 @@ def threaded_usable(x: Tensor | None, w_in: Tensor, w_out: Tensor) -> bool:
     return w_in.dtype.is_floating_point and threaded_kernel() is not None
 
 
-# Where the kernel pays (quiet 2-core machine, ``pimoe bench moe``, docs/benchmarks.md): with
-# several experts per thread (64 experts: faster than grouped_mm from 128 to 16384 tokens; 8
-# experts, 4 per thread, with the fused FFN and the buffer pool: forward+backward 0.73 vs 0.87
-# of dense at 2048 tokens and 0.65 vs 0.84 at 16384, where the per-matmul kernel had been
-# 1.10-1.15x slower than grouped_mm) or few rows per expert. Fewer experts than 4 per thread
-# were not measured: whole experts per thread could leave a thread idle, so grouped_mm (which
-# splits each matmul between the threads) keeps them unless the experts are small.
+# Where the kernel pays (``pimoe bench moe``, docs/benchmarks.md): several experts per thread
+# (64 experts: faster than grouped_mm from 128 to 16384 tokens; 8 experts, 4 per thread:
+# forward+backward 0.73 vs 0.87 of dense at 2048 tokens) or few rows per expert. Fewer experts
+# per thread were not measured: grouped_mm (each matmul split between the threads) keeps them.
 MIN_EXPERTS_PER_THREAD = 4
 MAX_MEAN_ROWS = 128
 

@@ -1,6 +1,6 @@
-"""C++ source of the threaded kernel's buffer pool for weight gradients (part of
-:data:`pimoe.moe.threaded_source.SOURCE`): ``pooled_empty``, ``release_pool()``,
-``pool_kept_bytes()``."""
+"""C++ source of the threaded kernel's buffer pool (part of
+:data:`pimoe.moe.threaded_source.SOURCE`): ``pooled_empty`` (weight gradients), ``rows_empty``
+(training's row buffers), ``set_row_pool(on)``, ``release_pool()``, ``pool_kept_bytes()``."""
 
 POOL_SOURCE = r"""
 // Weight gradients come back to autograd as fresh tensors every backward (they become .grad,
@@ -8,62 +8,97 @@ POOL_SOURCE = r"""
 // when freed, so each backward faulted every page of them in again (at 64 experts of width 256
 // on d_model 512, 96 MB: 23k page faults, ~50 ms of kernel time per step). Weight gradients of
 // 1 MiB or more take their memory from this pool instead: a freed buffer's block is kept, pages
-// mapped, for the next buffer of the same size, up to kPoolMaxBytes kept; the tensors hold no
-// extra reference, so autograd still takes them as .grad without copying. Only weight
-// gradients: their sizes are the same every step, while outputs change size with the number
-// of tokens (a server's varying batches would fill the pool with sizes never asked for again).
+// mapped, for the next buffer of the same size class, up to kPoolMaxBytes kept (the least
+// recently kept blocks freed first); the tensors hold no extra reference, so autograd still
+// takes them as .grad without copying. Training's row buffers ([rows, features]: gathered
+// inputs, hidden activations, expert outputs and their gradients; ~1k faults a step in the
+// same layer, with glibc trimming its heap between steps) come from it too, unless
+// set_row_pool(false). Inference allocates with at::empty: a server's batches come in every
+// size, and memory kept idle between requests is memory a server lacks.
 struct BlockPool {
   std::mutex mu;
-  std::multimap<size_t, void*> free_blocks;  // bytes -> block
+  std::list<std::pair<size_t, void*>> free_blocks;  // (bytes, block), least recently kept first
   size_t kept = 0;
 };
 static constexpr size_t kPoolMinBytes = size_t(1) << 20;
 static constexpr size_t kPoolMaxBytes = size_t(1) << 30;
+static std::atomic<bool> pool_rows{true};
 
 static BlockPool& block_pool() {
   static auto* pool = new BlockPool();  // never destroyed: tensors may be freed at exit
   return *pool;
 }
 
-static void keep_block(void* data, size_t bytes) {
-  auto& pool = block_pool();
-  {
-    std::lock_guard<std::mutex> lock(pool.mu);
-    if (pool.kept + bytes <= kPoolMaxBytes) {
-      pool.free_blocks.emplace(bytes, data);
-      pool.kept += bytes;
-      return;
-    }
-  }
-  std::free(data);
+// A block's size for a request of bytes (>= kPoolMinBytes): rounded up to one of 8 classes per
+// power of two (at most 12.5% more), so that sizes which move a little from step to step (the
+// rows of a batch) find each other's blocks.
+static size_t block_bytes(size_t bytes) {
+  size_t power = kPoolMinBytes;
+  while (power <= bytes / 2) power *= 2;
+  const size_t step = power / 8;
+  return (bytes + step - 1) / step * step;
 }
 
-// at::empty, from the pool for 1 MiB or more (weight gradients only)
+// Keep a freed block for reuse; the least recently kept blocks are freed to stay within
+// kPoolMaxBytes.
+static void keep_block(void* data, size_t bytes) {
+  std::vector<void*> evicted;
+  {
+    auto& pool = block_pool();
+    std::lock_guard<std::mutex> lock(pool.mu);
+    if (bytes > kPoolMaxBytes) {
+      evicted.push_back(data);
+    } else {
+      while (pool.kept + bytes > kPoolMaxBytes) {
+        evicted.push_back(pool.free_blocks.front().second);
+        pool.kept -= pool.free_blocks.front().first;
+        pool.free_blocks.pop_front();
+      }
+      pool.free_blocks.emplace_back(bytes, data);
+      pool.kept += bytes;
+    }
+  }
+  for (void* block : evicted) std::free(block);
+}
+
+// at::empty, from the pool for 1 MiB or more: weight gradients, and the [rows, features]
+// buffers of training (pool_rows)
 static at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const size_t bytes = (size_t)c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (bytes < kPoolMinBytes) return at::empty(sizes, options);
+  const size_t need = (size_t)c10::multiply_integers(sizes) * options.dtype().itemsize();
+  if (need < kPoolMinBytes) return at::empty(sizes, options);
+  const size_t bytes = block_bytes(need);
   void* data = nullptr;
   {
     auto& pool = block_pool();
     std::lock_guard<std::mutex> lock(pool.mu);
-    auto it = pool.free_blocks.find(bytes);
-    if (it != pool.free_blocks.end()) {
-      data = it->second;
-      pool.free_blocks.erase(it);
-      pool.kept -= bytes;
+    for (auto it = pool.free_blocks.rbegin(); it != pool.free_blocks.rend(); ++it) {
+      if (it->first == bytes) {  // the most recently kept block of this size
+        data = it->second;
+        pool.kept -= bytes;
+        pool.free_blocks.erase(std::next(it).base());
+        break;
+      }
     }
   }
   if (data == nullptr) {
-    data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    data = std::aligned_alloc(64, bytes);  // bytes: a multiple of 128 KiB
     TORCH_CHECK(data != nullptr, "out of memory allocating ", bytes, " bytes");
   }
   return at::from_blob(data, sizes, [bytes](void* p) { keep_block(p, bytes); }, options);
 }
 
+// A training buffer of rows (the gathered inputs, hidden activations and outputs of the
+// experts, their gradients): from the pool unless set_row_pool(false).
+static at::Tensor rows_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return pool_rows ? pooled_empty(sizes, options) : at::empty(sizes, options);
+}
+
+void set_row_pool(bool on) { pool_rows = on; }
+
 // Free the pool's kept blocks; returns the bytes freed.
 int64_t release_pool() {
   auto& pool = block_pool();
-  std::multimap<size_t, void*> blocks;
+  std::list<std::pair<size_t, void*>> blocks;
   {
     std::lock_guard<std::mutex> lock(pool.mu);
     blocks.swap(pool.free_blocks);

@@ -17,7 +17,10 @@ Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a
   src[slot[t, j]]`` in float32 (the combine's forward and the gather's backward);
 - ``combine_grad_rows(grad_out, token [R], row_w [R], y [R, D] or empty)`` -> ``(grad_y,
   dots)``: the combine's backward in one pass over the rows (float32);
-- ``release_pool()`` / ``pool_kept_bytes()``: the buffer pool of weight gradients;
+- ``gather_rows(x [T, D], index [R])`` -> ``x[index]`` ``[R, D]`` in a row buffer of the pool
+  (training's gather);
+- ``release_pool()`` / ``pool_kept_bytes()`` / ``set_row_pool(on)``: the buffer pool of weight
+  gradients and training's row buffers;
 - ``set_onednn_forward(on)``: float32 forward matmuls on plain weights by oneDNN (on) or
   ``at::mm`` (off);
 - ``rows_mm`` and ``weights_mm``: single matmuls per expert, for activations given as Python
@@ -44,11 +47,12 @@ _INCLUDES = r"""
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <map>
+#include <list>
 #include <mutex>
 #include <numeric>
 #include <string>
 #include <tuple>
+#include <vector>
 
 """
 
@@ -178,8 +182,12 @@ static std::tuple<at::Tensor, at::Tensor> forward_rows(
     const std::string& act_name, bool keep_hidden) {
   TORCH_CHECK(x.dim() == 2 && p.experts() == (int64_t)splits.size(), "ffn_forward shapes");
   const Act act = act_of(act_name);
-  auto y = at::empty({x.size(0), p.out_features()}, x.options());
-  auto hidden = at::empty({keep_hidden ? x.size(0) : 0, p.in_features()}, x.options());
+  // keep_hidden: a training forward, whose row buffers come from the pool
+  auto empty = keep_hidden ? rows_empty : [](at::IntArrayRef s, const at::TensorOptions& o) {
+    return at::empty(s, o);
+  };
+  auto y = empty({x.size(0), p.out_features()}, x.options());
+  auto hidden = empty({keep_hidden ? x.size(0) : 0, p.in_features()}, x.options());
   std::vector<int64_t> start;
   auto order = order_of(splits, start);
   each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
@@ -197,6 +205,15 @@ static std::tuple<at::Tensor, at::Tensor> forward_rows(
     p.out_into(e, act_forward(act, h), y_e);
   });
   return {y, hidden};
+}
+
+// x[index] for x [T, D], index [R] long -> [R, D]: training's gather of the experts' rows, into a
+// row buffer of the pool
+at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
+  TORCH_CHECK(x.dim() == 2 && index.dim() == 1, "gather_rows: x [T, D], index [R]");
+  auto out = rows_empty({index.size(0), x.size(1)}, x.options());
+  at::index_select_out(out, x, 0, index);
+  return out;
 }
 
 // y[rows of e] = act(x[rows of e] @ w_in[e]^T) @ w_out[e]^T, h [N, F_in] kept when keep_hidden
@@ -243,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_backward(
               "ffn_backward shapes");
   const Act act = act_of(act_name);
   auto none = [&] { return at::empty({0}, x.options()); };  // one each: outputs may not alias
-  auto grad_x = need_x ? at::empty_like(x) : none();
+  auto grad_x = need_x ? rows_empty(x.sizes(), x.options()) : none();
   auto grad_w_in = need_w_in ? pooled_empty(w_in.sizes(), w_in.options()) : none();
   auto grad_w_out = need_w_out ? pooled_empty(w_out.sizes(), w_out.options()) : none();
   std::vector<int64_t> start;
@@ -346,6 +363,8 @@ at::Tensor packed_expert_major_forward(
 """
 )
 FUNCTIONS = [
+    "gather_rows",
+    "set_row_pool",
     "rows_mm",
     "weights_mm",
     "ffn_forward",
