@@ -10,6 +10,8 @@ every step unless the allocator keeps them; run it again with
 to see every contender without that cost.
 
     python benchmarks/moe_page_faults.py --shape "E64 k8 f256" --tokens 512 --steps 15
+
+``--no-row-pool`` takes training's row buffers from ``malloc`` instead of the kernel's pool.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import time
 import torch
 
 from pimoe.bench.moe_layer import SHAPES, MoEBenchConfig, _contenders, _step
+from pimoe.moe import threaded
 
 
 def main() -> None:
@@ -27,7 +30,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--no-row-pool",
+        action="store_true",
+        help="training's row buffers from malloc (pimoe.moe.threaded.set_row_pool(False))",
+    )
     args = parser.parse_args()
+    threaded.set_row_pool(not args.no_row_pool)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     cfg = MoEBenchConfig()

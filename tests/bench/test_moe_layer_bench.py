@@ -73,9 +73,10 @@ def test_small_benchmark_reports_ratios_and_agreement_with_hf(
 def test_interleaved_medians_and_geomean() -> None:
     calls: list[str] = []
     medians = interleaved_medians(
-        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=0
+        {key: (lambda key=key: calls.append(key)) for key in "abc"}, rounds=4, warmup=0
     )
-    assert calls == ["a", "b"] * 3 and set(medians) == {"a", "b"}
+    assert "".join(calls) == "abc" + "bca" + "cab" + "abc"  # each round starts one further
+    assert set(medians) == {"a", "b", "c"}
     assert geomean([1.0, 4.0]) == pytest.approx(2.0)
     with pytest.raises(ValueError):
         interleaved_medians({}, rounds=0)

@@ -27,17 +27,24 @@ def run_header(name: str, config: Any) -> dict[str, object]:
 def interleaved_medians(
     contenders: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1
 ) -> dict[str, float]:
-    """Median seconds per call of each contender over ``rounds`` interleaved rounds."""
+    """Median seconds per call of each contender over ``rounds`` interleaved rounds.
+
+    Round ``r`` starts at contender ``r mod n`` and runs them all in turn, so each contender
+    follows each other one equally often: load drift hits all alike, and so does what the one
+    before leaves in the caches (two settings of one layer back to back: the second one would
+    find part of the shared weights in L3)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
+    names = list(contenders)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        start_at = r % len(names)
+        for name in names[start_at:] + names[:start_at]:
             start = time.perf_counter()
-            fn()
+            contenders[name]()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
