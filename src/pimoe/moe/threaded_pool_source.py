@@ -11,7 +11,7 @@ POOL_SOURCE = r"""
 // mapped, for the next buffer of the same size class, up to kPoolMaxBytes kept (the least
 // recently kept blocks freed first); the tensors hold no extra reference, so autograd still
 // takes them as .grad without copying. Training's row buffers ([rows, features]: gathered
-// inputs, hidden activations, expert outputs and their gradients; ~1k faults a step in the
+// inputs, hidden activations, expert outputs and their gradients; ~2k faults a step in the
 // same layer, with glibc trimming its heap between steps) come from it too, unless
 // set_row_pool(false). Inference allocates with at::empty: a server's batches come in every
 // size, and memory kept idle between requests is memory a server lacks.
