@@ -4,9 +4,12 @@ multiplies plain weights, and the choice validated."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from test_threaded_experts import SPLITS, _loop_reference, _operands
+from torch.profiler import ProfilerActivity, profile
 
 from pimoe.moe import grouped, threaded
 
@@ -17,6 +20,19 @@ def onednn_forward() -> object:
     threaded.set_forward_matmul("onednn")
     yield
     threaded.set_forward_matmul(before)
+
+
+def _onednn_calls(run: Callable[[], object]) -> int:
+    """How many oneDNN linear calls the profiler saw while ``run`` ran on one torch thread (the
+    profiler records the calling thread's ops; on one thread the kernel runs every expert there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+    finally:
+        torch.set_num_threads(threads)
+    return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
 
 
 @pytest.mark.parametrize("act", [threaded.swiglu, torch.nn.functional.gelu], ids=["swiglu", "gelu"])
@@ -37,10 +53,12 @@ def test_onednn_forward_is_the_loop_to_rounding(
         weights = torch.ones(sum(SPLITS))
         major = grouped.expert_major_ffn(x, rows, weights, w_in, None, w_out, None, SPLITS, act)
         torch.testing.assert_close(major, ref, atol=1e-5, rtol=1e-5)
-    threaded.set_forward_matmul("mkl")  # the same call on at::mm: bit for bit, so not this path
-    with torch.no_grad():
+        matmuls = 2 * sum(n > 0 for n in SPLITS)  # two per expert with rows
+        run = lambda: threaded.threaded_ffn(x, w_in, w_out, SPLITS, act, False)  # noqa: E731
+        assert _onednn_calls(run) == matmuls
+        threaded.set_forward_matmul("mkl")  # the same call on at::mm: bit for bit
         assert torch.equal(threaded.threaded_ffn(x, w_in, w_out, SPLITS, act, False), ref)
-    assert not torch.equal(inference, ref)  # oneDNN really ran: other rounding
+        assert _onednn_calls(run) == 0
 
 
 def test_forward_matmul_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
