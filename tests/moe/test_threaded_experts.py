@@ -109,6 +109,14 @@ def test_double_backward(two_threads: None, act: Activation) -> None:
 
     assert torch.autograd.gradcheck(fn, (x, w_in, w_out))
     assert torch.autograd.gradgradcheck(fn, (x, w_in, w_out))
+    # gradgradcheck differentiates the create_graph gradients against themselves: check that
+    # they are the plain backward's
+    y = fn(x, w_in, w_out)
+    v = torch.cos(y.detach())
+    plain = torch.autograd.grad(y, (x, w_in, w_out), v, retain_graph=True)
+    with_graph = torch.autograd.grad(y, (x, w_in, w_out), v, create_graph=True)
+    for got, want in zip(with_graph, plain):
+        torch.testing.assert_close(got, want)
 
 
 def test_grouped_ffn_picks_the_kernel_on_several_threads_only(

@@ -331,17 +331,9 @@ def _reference_ffn(
     x: Tensor, w_in: Tensor, w_out: Tensor, splits: list[int], act: Activation
 ) -> Tensor:
     """The same FFN from differentiable per-expert ops (the double-backward path)."""
-    outs = [
-        act(x[rows] @ w_in[e].t()) @ w_out[e].t()
-        for e, rows in enumerate(_slices(splits))
-        if rows.stop > rows.start
-    ]
+    bounds = itertools.pairwise([0, *itertools.accumulate(splits)])
+    outs = [act(x[a:b] @ w_in[e].t()) @ w_out[e].t() for e, (a, b) in enumerate(bounds) if b > a]
     return torch.cat(outs) if outs else x.new_zeros(0, w_out.shape[1])
-
-
-def _slices(splits: list[int]) -> list[slice]:
-    bounds = [0, *itertools.accumulate(splits)]
-    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 class _ThreadedFFN(torch.autograd.Function):
