@@ -243,3 +243,32 @@ def test_deepcopy_and_pickle_after_a_training_forward() -> None:
     again = pickle.loads(pickle.dumps(layer))
     torch.testing.assert_close(again(x), out)
     assert layer.last_stats is not None  # the original keeps its stats
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"bias": True}, {"capacity_factor": 0.5}],
+    ids=["plain", "bias", "capacity"],
+)
+def test_create_graph_gradients_are_the_plain_ones(threads: int, options: dict) -> None:
+    """With ``create_graph`` (MAML's second order) every custom backward of the layer (gather,
+    combine, the grouped and threaded experts) switches to differentiable ops; their gradients
+    must be the plain backward's (gradgradcheck alone checks them only against themselves)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        layer = PiMoE(16, num_experts=8, top_k=2, ffn_dim=32, **options)
+        x = torch.randn(2, 24, 16, requires_grad=True)
+        y = layer(x)
+        v = torch.cos(y.detach())
+        inputs = (x, *layer.parameters())
+        plain = torch.autograd.grad(y, inputs, v, retain_graph=True, allow_unused=True)
+        with_graph = torch.autograd.grad(y, inputs, v, create_graph=True, allow_unused=True)
+    finally:
+        torch.set_num_threads(before)
+    for got, want in zip(with_graph, plain, strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
