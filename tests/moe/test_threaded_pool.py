@@ -83,6 +83,8 @@ def rows_from_malloc() -> Iterator[None]:
 
 
 def test_row_pool_off_keeps_row_buffers_out(two_threads: None, rows_from_malloc: None) -> None:
+    with pytest.raises(TypeError, match="True or False"):
+        threaded.set_row_pool("false")  # type: ignore[arg-type]
     w_in, w_out = _weights(0)
     _run(w_in, w_out, [128, 128, 128, 128], threaded.swiglu, seed=1)
     assert threaded.cached_bytes() == 0

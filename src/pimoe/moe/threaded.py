@@ -266,10 +266,12 @@ def set_row_pool(on: bool) -> None:
     """Whether training's ``[rows, features]`` buffers of 1 MiB or more (the experts' gathered
     inputs, hidden activations, outputs and their gradients) come from the kernel's pool (the
     default) or from ``malloc`` (less memory kept between steps)."""
-    _state["row_pool"] = bool(on)
+    if not isinstance(on, bool):
+        raise TypeError(f"set_row_pool takes True or False, got {on!r}")
+    _state["row_pool"] = on
     module = _state.get("module")
     if module is not None:
-        module.set_row_pool(bool(on))
+        module.set_row_pool(on)
 
 
 def threaded_usable(x: Tensor | None, w_in: Tensor, w_out: Tensor) -> bool:
