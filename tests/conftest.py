@@ -12,13 +12,19 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    """Torch on 2 threads with the threaded experts kernel built and its gradient pool empty
-    (skipped where no C++ compiler can build the kernel). Garbage of earlier tests is collected
-    first, so that no gradient of theirs returns a block to the pool during the test."""
+@pytest.fixture(scope="session")
+def threaded_kernel_built() -> None:
+    """The threaded experts kernel, built (skipped where no C++ compiler can build it).
+    Session-scoped, so hypothesis tests can use it too."""
     if threaded.threaded_kernel() is None:
         pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
+
+
+@pytest.fixture
+def two_threads(threaded_kernel_built: None) -> Iterator[None]:
+    """Torch on 2 threads with the threaded experts kernel built and its buffer pool empty.
+    Garbage of earlier tests is collected first, so that no tensor of theirs returns a block to
+    the pool during the test."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     gc.collect()

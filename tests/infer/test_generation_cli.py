@@ -66,16 +66,16 @@ def test_serve_unknown_name(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "routers upcycle a Hugging Face causal LM" in result.output
 
 
-def test_serve_pack_experts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_pack_experts(
+    threaded_kernel_built: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--pack-experts packs the served language model's experts (same logits to float rounding)
     and refuses, naming why, a model without experts to pack."""
     import torch
 
-    from pimoe.moe import PiMoE, threaded
+    from pimoe.moe import PiMoE
     from pimoe.moe.prepack import packed_experts
 
-    if threaded.threaded_kernel() is None:
-        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
     path = tmp_path / "lm.safetensors"
     torch.manual_seed(0)
     cfg = LMConfig(

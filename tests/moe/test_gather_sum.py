@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pimoe.moe import PiMoE, combine_ops, dispatch, threaded
+from pimoe.moe import PiMoE, combine_ops, dispatch
 
 
 @settings(max_examples=40, deadline=None)
@@ -22,10 +22,8 @@ from pimoe.moe import PiMoE, combine_ops, dispatch, threaded
     seed=st.integers(0, 2**16),
 )
 def test_gather_sum_is_index_select_and_bmm(
-    rows: int, tokens: int, k: int, d: int, seed: int
+    threaded_kernel_built: None, rows: int, tokens: int, k: int, d: int, seed: int
 ) -> None:
-    if threaded.threaded_kernel() is None:
-        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
     gen = torch.Generator().manual_seed(seed)
     src = torch.randn(rows, d, generator=gen)
     slot = torch.randint(0, rows, (tokens, k), generator=gen)
@@ -43,10 +41,8 @@ def test_gather_sum_is_index_select_and_bmm(
     seed=st.integers(0, 2**16),
 )
 def test_combine_grad_rows_is_the_gather_and_dots(
-    rows: int, tokens: int, d: int, dots: bool, seed: int
+    threaded_kernel_built: None, rows: int, tokens: int, d: int, dots: bool, seed: int
 ) -> None:
-    if threaded.threaded_kernel() is None:
-        pytest.skip("no C++ compiler: the threaded kernel cannot be built here")
     gen = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(tokens, d, generator=gen)
     token = torch.randint(0, tokens, (rows,), generator=gen)

@@ -183,11 +183,11 @@ static std::tuple<at::Tensor, at::Tensor> forward_rows(
   TORCH_CHECK(x.dim() == 2 && p.experts() == (int64_t)splits.size(), "ffn_forward shapes");
   const Act act = act_of(act_name);
   // keep_hidden: a training forward, whose row buffers come from the pool
-  auto empty = keep_hidden ? rows_empty : [](at::IntArrayRef s, const at::TensorOptions& o) {
-    return at::empty(s, o);
+  auto empty = [&](at::IntArrayRef sizes) {
+    return keep_hidden ? rows_empty(sizes, x.options()) : at::empty(sizes, x.options());
   };
-  auto y = empty({x.size(0), p.out_features()}, x.options());
-  auto hidden = empty({keep_hidden ? x.size(0) : 0, p.in_features()}, x.options());
+  auto y = empty({x.size(0), p.out_features()});
+  auto hidden = empty({keep_hidden ? x.size(0) : 0, p.in_features()});
   std::vector<int64_t> start;
   auto order = order_of(splits, start);
   each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
