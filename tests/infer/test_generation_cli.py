@@ -67,7 +67,10 @@ def test_serve_unknown_name(tmp_path: Path) -> None:
 
 
 def test_serve_pack_experts(
-    threaded_kernel_built: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    threaded_kernel_built: None,
+    tiny_pimoe: PiMoEGenerationModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """--pack-experts packs the served language model's experts (same logits to float rounding)
     and refuses, naming why, a model without experts to pack."""
@@ -77,15 +80,7 @@ def test_serve_pack_experts(
     from pimoe.moe.prepack import packed_experts
 
     path = tmp_path / "lm.safetensors"
-    torch.manual_seed(0)
-    cfg = LMConfig(
-        block_size=32,
-        n_layer=2,
-        n_head=2,
-        d_model=16,
-        moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16),
-    )
-    PiMoELM(cfg).save(path)
+    tiny_pimoe.model.save(path)
     app = _serve(monkeypatch, "--model", str(path), "--pack-experts")
     served = app.state.generation["lm"].model.model  # type: ignore[attr-defined]
     layers = [m for m in served.modules() if isinstance(m, PiMoE)]
