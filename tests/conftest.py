@@ -38,7 +38,7 @@ def two_threads(threaded_kernel_built: None) -> Iterator[None]:
 def mkl_forward() -> Iterator[None]:
     """The threaded kernel's forward matmuls on at::mm (MKL), whose results are the per-expert
     loop's bit for bit (the default, oneDNN, agrees to float rounding)."""
-    before = threaded.forward_matmul()
-    threaded.set_forward_matmul("mkl")
+    before = threaded.expert_matmul()
+    threaded.set_expert_matmul("mkl")
     yield
-    threaded.set_forward_matmul(before)
+    threaded.set_expert_matmul(before)

@@ -13,11 +13,12 @@ static Act act_of(const std::string& name) {
   return Act::silu;
 }
 
-// a = act(h) for one expert's h [n, F_in] -> [n, F]
-static at::Tensor act_forward(Act act, const at::Tensor& h) {
+// a = act(h) for one expert's h [n, F_in] -> [n, F] (dim -1), or its transpose h^T [F_in, n] ->
+// [F, n] (dim 0: SwiGLU's gate and up are the two halves along dim)
+static at::Tensor act_forward(Act act, const at::Tensor& h, int64_t dim = -1) {
   switch (act) {
     case Act::swiglu: {
-      auto parts = h.chunk(2, -1);
+      auto parts = h.chunk(2, dim);
       return at::silu(parts[0]) * parts[1];
     }
     case Act::gelu: return at::gelu(h);

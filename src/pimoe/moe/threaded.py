@@ -84,7 +84,7 @@ def threaded_kernel() -> Any | None:
             )
     _state["module"] = module
     if module is not None:
-        module.set_onednn_forward(forward_matmul() == "onednn")
+        module.set_expert_matmul(expert_matmul())
         module.set_row_pool(_state.get("row_pool", True))
     return module
 
@@ -95,32 +95,48 @@ def threaded_built() -> bool:
     return "module" in _state
 
 
-FORWARD_MATMULS = ("onednn", "mkl")
+EXPERT_MATMULS = ("avx512", "onednn", "mkl")
 
 
-def forward_matmul() -> str:
-    """The library of the kernel's float32 forward matmuls on plain weights: ``"onednn"`` (the
-    default where torch has oneDNN; ``python benchmarks/moe_forward_matmul.py``) or ``"mkl"``
-    (``at::mm``: the per-expert loop's results bit for bit); the environment variable
-    ``PIMOE_EXPERT_MATMUL`` or :func:`set_forward_matmul` chooses."""
-    name = _state.get("forward_matmul") or os.environ.get("PIMOE_EXPERT_MATMUL")
+def _has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def expert_matmul() -> str:
+    """The kernel's float32 matmuls on plain expert weights: ``"avx512"``, its own kernel
+    (:mod:`pimoe.moe.gemm_source`) in the forward and the backward, the default on a CPU with
+    AVX-512 (``python benchmarks/moe_forward_matmul.py``); ``"onednn"``, oneDNN in the forward
+    and ``at::mm`` in the backward, the default elsewhere where torch has oneDNN; or ``"mkl"``
+    (``at::mm`` everywhere: the per-expert loop's results bit for bit). The environment variable
+    ``PIMOE_EXPERT_MATMUL`` or :func:`set_expert_matmul` chooses."""
+    name = _state.get("expert_matmul") or os.environ.get("PIMOE_EXPERT_MATMUL")
     if name is None:
-        name = "onednn" if torch.backends.mkldnn.is_available() else "mkl"  # type: ignore[no-untyped-call]
-    if name not in FORWARD_MATMULS:
-        raise ValueError(f"PIMOE_EXPERT_MATMUL must be one of {FORWARD_MATMULS}, got {name!r}")
+        if _has_avx512():
+            name = "avx512"
+        else:
+            name = "onednn" if torch.backends.mkldnn.is_available() else "mkl"  # type: ignore[no-untyped-call]
+    _check_expert_matmul(name)
     return str(name)
 
 
-def set_forward_matmul(name: str) -> None:
-    """Choose :func:`forward_matmul` for this process (``"onednn"`` or ``"mkl"``)."""
-    if name not in FORWARD_MATMULS:
-        raise ValueError(f"forward matmul must be one of {FORWARD_MATMULS}, got {name!r}")
+def _check_expert_matmul(name: str) -> None:
+    if name not in EXPERT_MATMULS:
+        raise ValueError(
+            f"expert matmul (PIMOE_EXPERT_MATMUL) must be one of {EXPERT_MATMULS}, got {name!r}"
+        )
     if name == "onednn" and not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         raise ValueError("this torch build has no oneDNN; choose 'mkl'")
-    _state["forward_matmul"] = name
+    if name == "avx512" and not _has_avx512():
+        raise ValueError("this CPU has no AVX-512; choose 'onednn' or 'mkl'")
+
+
+def set_expert_matmul(name: str) -> None:
+    """Choose :func:`expert_matmul` for this process (``"avx512"``, ``"onednn"`` or ``"mkl"``)."""
+    _check_expert_matmul(name)
+    _state["expert_matmul"] = name
     module = _state.get("module")
     if module is not None:
-        module.set_onednn_forward(name == "onednn")
+        module.set_expert_matmul(name)
 
 
 @torch.library.custom_op("pimoe::rows_mm", mutates_args=())

@@ -38,6 +38,7 @@ loop's bit for bit, by default float32 forward matmuls run on oneDNN (to float r
 
 from pimoe.moe.activation_source import ACTIVATION_SOURCE
 from pimoe.moe.combine_source import COMBINE_SOURCE
+from pimoe.moe.gemm_source import GEMM_SOURCE
 from pimoe.moe.threaded_pool_source import POOL_SOURCE
 
 _INCLUDES = r"""
@@ -61,6 +62,7 @@ SOURCE = (
     + POOL_SOURCE
     + COMBINE_SOURCE
     + ACTIVATION_SOURCE
+    + GEMM_SOURCE
     + r"""
 // Experts with rows, largest first (threads take them in this order), and each expert's first row.
 static std::vector<int64_t> order_of(const std::vector<int64_t>& splits, std::vector<int64_t>& start) {
@@ -120,11 +122,30 @@ at::Tensor weights_mm(const at::Tensor& a, const at::Tensor& b, const std::vecto
   return out;
 }
 
-// Whether the plain-weight forward matmuls of float32 experts run on oneDNN instead of at::mm
-// (MKL): set_onednn_forward, from Python (pimoe.moe.threaded.set_forward_matmul).
-static std::atomic<bool> onednn_forward{false};
+// The library of float32 matmuls on plain weights: set_expert_matmul, from Python
+// (pimoe.moe.threaded.set_expert_matmul). avx512: the own kernel (gemm_source) in the forward and
+// the backward, where the CPU has AVX-512 (else as mkl); onednn: oneDNN in the forward, at::mm in
+// the backward; mkl: at::mm everywhere.
+enum class Matmul { mkl, onednn, avx512 };
+static std::atomic<Matmul> expert_matmul{Matmul::mkl};
 
-void set_onednn_forward(bool on) { onednn_forward = on; }
+void set_expert_matmul(const std::string& name) {
+  TORCH_CHECK(name == "avx512" || name == "onednn" || name == "mkl", "unknown expert matmul ", name);
+  expert_matmul = name == "avx512" ? Matmul::avx512 : name == "onednn" ? Matmul::onednn : Matmul::mkl;
+}
+
+// Up to how many rows an expert runs on the own kernel in the forward / the backward where it is
+// chosen: beyond, the weights are reused across enough rows that the libraries' packing pays
+// (python benchmarks/moe_avx512_matmul.py --tokens 512 2048 16384).
+static constexpr int64_t own_forward_rows = 128, own_backward_rows = 512;
+
+// Whether the own AVX-512 kernel runs float32 matmuls of these tensors
+static bool own_gemm(std::initializer_list<at::Tensor> tensors) {
+  if (expert_matmul != Matmul::avx512 || !cpu_has_avx512()) return false;
+  for (const auto& t : tensors)
+    if (t.scalar_type() != at::kFloat || !t.device().is_cpu()) return false;
+  return true;
+}
 
 // x [n, K] @ W^T by oneDNN, for W [M, K] plain (contiguous rows) or prepacked
 // (torch.ops.mkldnn._reorder_linear_weight)
@@ -144,13 +165,14 @@ static at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
 struct Projections {
   at::Tensor w_in, w_out;
   std::vector<at::Tensor> packed;
-  bool onednn = false;  // plain weights, multiplied by oneDNN (set_onednn_forward)
+  bool onednn = false;  // plain weights, multiplied by oneDNN (set_expert_matmul)
+  bool avx512 = false;  // plain weights, the own kernel (ffn_avx512)
 
   static Projections plain(const at::Tensor& w_in, const at::Tensor& w_out) {
-    const bool dnn = onednn_forward && w_in.scalar_type() == at::kFloat &&
+    const bool dnn = expert_matmul == Matmul::onednn && w_in.scalar_type() == at::kFloat &&
                      w_out.scalar_type() == at::kFloat && w_in.stride(2) == 1 &&
                      w_out.stride(2) == 1;
-    return Projections{w_in, w_out, {}, dnn};
+    return Projections{w_in, w_out, {}, dnn, own_gemm({w_in, w_out})};
   }
   int64_t experts() const { return packed.empty() ? w_in.size(0) : (int64_t)packed.size() / 2; }
   int64_t in_features() const { return packed.empty() ? w_in.size(1) : packed[0].size(0); }
@@ -177,6 +199,22 @@ struct Projections {
   }
 };
 
+// y_e = act(x_e @ w_in[e]^T) @ w_out[e]^T on the own kernel, computed transposed (h^T = W_in x^T,
+// y^T = W_out a^T: the weights are the operand read once, in order); h_e, when defined, receives h
+static void ffn_avx512(const Projections& p, int64_t e, const at::Tensor& x_e, Act act,
+                       const at::Tensor& h_e, const at::Tensor& y_e) {
+  const int64_t n = x_e.size(0);
+  auto x_t = thread_scratch(0, {x_e.size(1), n});
+  transpose_into(x_t, x_e);
+  auto h_t = thread_scratch(1, {p.in_features(), n});
+  gemm_out(h_t, p.w_in.select(0, e), x_t);
+  if (h_e.defined()) transpose_into(h_e, h_t);
+  auto a_t = act_forward(act, h_t, 0);
+  auto y_t = thread_scratch(0, {p.out_features(), n});  // x_t is done with
+  gemm_out(y_t, p.w_out.select(0, e), a_t);
+  transpose_into(y_e, y_t);
+}
+
 static std::tuple<at::Tensor, at::Tensor> forward_rows(
     const at::Tensor& x, const Projections& p, const std::vector<int64_t>& splits,
     const std::string& act_name, bool keep_hidden) {
@@ -194,14 +232,11 @@ static std::tuple<at::Tensor, at::Tensor> forward_rows(
     const int64_t e = order[i], n = splits[e];
     if (n == 0) return;
     auto x_e = x.narrow(0, start[e], n);
-    at::Tensor h;
-    if (keep_hidden) {
-      h = hidden.narrow(0, start[e], n);
-      p.in_into(e, x_e, h);
-    } else {
-      h = p.in(e, x_e);
-    }
     auto y_e = y.narrow(0, start[e], n);
+    at::Tensor h = keep_hidden ? hidden.narrow(0, start[e], n) : at::Tensor();
+    if (p.avx512 && n <= own_forward_rows) return ffn_avx512(p, e, x_e, act, h, y_e);
+    if (keep_hidden) p.in_into(e, x_e, h);
+    else h = p.in(e, x_e);
     p.out_into(e, act_forward(act, h), y_e);
   });
   return {y, hidden};
@@ -263,6 +298,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_backward(
   auto grad_x = need_x ? rows_empty(x.sizes(), x.options()) : none();
   auto grad_w_in = need_w_in ? pooled_empty(w_in.sizes(), w_in.options()) : none();
   auto grad_w_out = need_w_out ? pooled_empty(w_out.sizes(), w_out.options()) : none();
+  const bool own = own_gemm({grad_y, x, w_in, w_out, hidden});
+  auto mm_out = [](bool own_e, at::Tensor& o, const at::Tensor& a, const at::Tensor& b) {
+    if (own_e) gemm_out(o, a, b);
+    else at::mm_out(o, a, b);
+  };
   std::vector<int64_t> start;
   auto order = order_of(splits, start);
   each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
@@ -274,20 +314,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_backward(
     }
     auto g = grad_y.narrow(0, start[e], n);
     auto x_e = x.narrow(0, start[e], n);
+    const bool own_e = own && n <= own_backward_rows;
     const bool want_grad_h = need_x || need_w_in;
-    auto grad_a = want_grad_h ? at::mm(g, w_out.select(0, e)) : at::Tensor();
+    auto grad_a = !want_grad_h ? at::Tensor() : own_e ? gemm(g, w_out.select(0, e)) : at::mm(g, w_out.select(0, e));
     auto [a, grad_h] = act_backward(act, hidden.narrow(0, start[e], n), grad_a, need_w_out, want_grad_h);
     if (need_w_out) {
       auto o = grad_w_out.select(0, e);
-      at::mm_out(o, g.t(), a);
+      mm_out(own_e, o, g.t(), a);
     }
     if (need_w_in) {
       auto o = grad_w_in.select(0, e);
-      at::mm_out(o, grad_h.t(), x_e);
+      mm_out(own_e, o, grad_h.t(), x_e);
     }
     if (need_x) {
       auto o = grad_x.narrow(0, start[e], n);
-      at::mm_out(o, grad_h, w_in.select(0, e));
+      mm_out(own_e, o, grad_h, w_in.select(0, e));
     }
   });
   return {grad_x, grad_w_in, grad_w_out};
@@ -332,7 +373,14 @@ static at::Tensor expert_major_rows(
         for (int64_t r = start[e]; r < start[e + 1]; r += chunk_rows) {
           const int64_t n = std::min(chunk_rows, start[e + 1] - r);
           auto tokens = token_rows.narrow(0, r, n);
-          auto y = p.out(e, act_forward(act, p.in(e, x.index_select(0, tokens))));
+          auto x_e = x.index_select(0, tokens);
+          at::Tensor y;
+          if (p.avx512 && n <= own_forward_rows) {
+            y = at::empty({n, p.out_features()}, x.options());
+            ffn_avx512(p, e, x_e, act, at::Tensor(), y);
+          } else {
+            y = p.out(e, act_forward(act, p.in(e, x_e)));
+          }
           sums[t].index_add_(0, tokens, y.mul_(scale.narrow(0, r, n)));
         }
   });
@@ -374,7 +422,8 @@ FUNCTIONS = [
     "packed_rows_mm",
     "gather_sum",
     "combine_grad_rows",
-    "set_onednn_forward",
+    "set_expert_matmul",
+    "avx512_mm",
     "packed_expert_major_forward",
     "release_pool",
     "pool_kept_bytes",
