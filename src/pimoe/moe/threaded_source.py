@@ -124,8 +124,9 @@ at::Tensor weights_mm(const at::Tensor& a, const at::Tensor& b, const std::vecto
 
 // The library of float32 matmuls on plain weights: set_expert_matmul, from Python
 // (pimoe.moe.threaded.set_expert_matmul). avx512: the own kernel (gemm_source) in the forward and
-// the backward, where the CPU has AVX-512 (else as mkl); onednn: oneDNN in the forward, at::mm in
-// the backward; mkl: at::mm everywhere.
+// the backward of experts up to own_forward_rows / own_backward_rows rows, where the CPU has
+// AVX-512, else as onednn; onednn: oneDNN in the forward, at::mm in the backward; mkl: at::mm
+// everywhere.
 enum class Matmul { mkl, onednn, avx512 };
 static std::atomic<Matmul> expert_matmul{Matmul::mkl};
 
@@ -165,11 +166,11 @@ static at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
 struct Projections {
   at::Tensor w_in, w_out;
   std::vector<at::Tensor> packed;
-  bool onednn = false;  // plain weights, multiplied by oneDNN (set_expert_matmul)
+  bool onednn = false;  // plain weights, multiplied by oneDNN (set_expert_matmul onednn, avx512)
   bool avx512 = false;  // plain weights, the own kernel (ffn_avx512)
 
   static Projections plain(const at::Tensor& w_in, const at::Tensor& w_out) {
-    const bool dnn = expert_matmul == Matmul::onednn && w_in.scalar_type() == at::kFloat &&
+    const bool dnn = expert_matmul != Matmul::mkl && at::hasMKLDNN() && w_in.scalar_type() == at::kFloat &&
                      w_out.scalar_type() == at::kFloat && w_in.stride(2) == 1 &&
                      w_out.stride(2) == 1;
     return Projections{w_in, w_out, {}, dnn, own_gemm({w_in, w_out})};
