@@ -1,9 +1,9 @@
 """The threaded kernel's buffer pool (pimoe.moe.threaded.empty_cache / cached_bytes /
-set_row_pool): weight gradients and training's row buffers of 1 MiB or more come from kept
-blocks, results stay the per-expert loop's bit for bit when a block is reused with stale
-contents, autograd takes a weight gradient as ``.grad`` without copying it, row counts that
-move a little share a size class, the least recently kept blocks go first beyond 1 GiB,
-empty_cache frees what is kept, and inference never enters it."""
+set_row_pool): weight gradients and row buffers of 1 MiB or more come from kept blocks, results
+stay the per-expert loop's bit for bit when a block is reused with stale contents, autograd
+takes a weight gradient as ``.grad`` without copying it, row counts that move a little share a
+size class, the least recently kept blocks go first beyond 1 GiB, blocks freed by inference are
+kept up to 64 MiB only, and empty_cache frees what is kept."""
 
 from __future__ import annotations
 
@@ -92,11 +92,11 @@ def test_row_pool_off_keeps_row_buffers_out(two_threads: None, rows_from_malloc:
     assert threaded.cached_bytes() == (w_in.numel() + w_out.numel()) * 4
 
 
-def _gathered(rows: int, width: int) -> int:
+def _gathered(rows: int, width: int, inference: bool = False) -> int:
     """Gather ``rows`` rows of ``width`` floats into a pooled row buffer and free it; returns its
     data pointer."""
     x = torch.ones(4, width)
-    out = gather_rows(x, torch.zeros(rows, dtype=torch.long))
+    out = gather_rows(x, torch.zeros(rows, dtype=torch.long), inference)
     assert out.shape == (rows, width) and bool((out == 1).all())
     return out.data_ptr()
 
@@ -126,37 +126,51 @@ def test_the_pool_keeps_at_most_1_gib_most_recent_first(two_threads: None) -> No
     assert _gathered(sizes[-1] // 4096, 1024) == pointers[-1]
 
 
-def test_inference_stays_out_of_the_pool(two_threads: None) -> None:
-    """Inference allocates with malloc: a server's batches come in every size."""
+def test_inference_keeps_at_most_64_mib(two_threads: None) -> None:
+    """Inference's row buffers come from the pool too (a forward takes its gathered rows and
+    outputs back), but of blocks freed by inference only the most recent 64 MiB are kept, and
+    a training block in the pool is not evicted for them."""
     w_in, w_out = _weights(0)
     with torch.no_grad():
-        for rows in (1024, 1500, 2000):  # outputs and hidden activations of 1-8 MiB
-            x = torch.randn(rows, D)
-            y = threaded.threaded_ffn(x, w_in, w_out, [rows // 4] * 4, threaded.swiglu, False)
-            del y
-    assert threaded.cached_bytes() == 0
+        x = torch.randn(2048, D)  # outputs of 2 MiB, hidden activations not kept
+        first = threaded.threaded_ffn(x, w_in, w_out, [512] * 4, threaded.swiglu, False)
+        pointer = first.data_ptr()
+        del first
+        assert threaded.cached_bytes() == 2 << 20
+        again = threaded.threaded_ffn(x, w_in, w_out, [512] * 4, threaded.swiglu, False)
+        assert again.data_ptr() == pointer
+        del again
+    training = _gathered(8 << 10, 1024)  # 32 MiB, freed by training
+    sizes = [(16 + 2 * i) << 20 for i in range(6)]  # 16-26 MiB, distinct classes: 126 MiB
+    for size in sizes:
+        _gathered(size // 4096, 1024, inference=True)
+    newest_that_fit = 0
+    while sum(sizes[len(sizes) - newest_that_fit - 1 :]) <= 64 << 20:
+        newest_that_fit += 1
+    assert threaded.cached_bytes() == (32 << 20) + sum(sizes[-newest_that_fit:])
+    assert _gathered(8 << 10, 1024) == training
 
 
 def test_a_training_step_gathers_into_the_pool(
     two_threads: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The layer's gather takes a pooled row buffer with grad enabled, malloc under no_grad;
-    both give ``x[token_rows]``."""
+    """The layer's gather takes a pooled row buffer, of training's budget with grad enabled, of
+    inference's under no_grad; both give ``x[token_rows]``."""
     from pimoe.moe import PiMoE, dispatch
 
-    calls: list[int] = []
+    calls: list[tuple[int, bool]] = []
 
-    def spy(x: Tensor, index: Tensor) -> Tensor:
-        calls.append(index.numel())
-        return gather_rows(x, index)
+    def spy(x: Tensor, index: Tensor, inference: bool) -> Tensor:
+        calls.append((index.numel(), inference))
+        return gather_rows(x, index, inference)
 
     monkeypatch.setattr(dispatch, "gather_rows", spy)
     torch.manual_seed(0)
     layer = PiMoE(64, num_experts=8, top_k=2, ffn_dim=32)
     x = torch.randn(2, 48, 64)
     layer(x).sum().backward()
-    assert calls == [2 * 48 * 2]
+    assert calls == [(2 * 48 * 2, False)]
     with torch.no_grad():
         want = layer(x)
-    assert calls == [2 * 48 * 2]
+    assert calls == [(2 * 48 * 2, False), (2 * 48 * 2, True)]
     torch.testing.assert_close(layer(x).detach(), want)

@@ -42,7 +42,7 @@ from pimoe.io import atomic_write_text
 from pimoe.models.progress import Progress
 from pimoe.moe import PiMoE, StackedExperts, SwiGLU, pack_experts_
 from pimoe.moe.prepack import why_not_packable
-from pimoe.moe.threaded import threaded_kernel
+from pimoe.moe.threaded import expert_matmul, threaded_kernel
 from pimoe.tables import Table
 
 # name -> (experts, top_k, expert width)
@@ -319,6 +319,7 @@ def run(cfg: MoEBenchConfig, console: Console | None = None) -> dict[str, Any]:
         "max_abs_diff_vs_hf": max_diff,
         "max_abs_diff_packed": packed_diff,
         "threaded_experts_kernel": threaded_kernel() is not None,
+        "expert_matmul": expert_matmul(),
         "load_start": load_start,
         "load_end": load_average(),
         "rows": rows,

@@ -1,5 +1,5 @@
 """The dispatch's row ops in the threaded extension (C++ in :mod:`pimoe.moe.combine_source` and
-:mod:`pimoe.moe.threaded_source`): training's gather into a pooled row buffer, the weighted
+:mod:`pimoe.moe.threaded_source`): the gather into a pooled row buffer, the weighted
 gather-sum of the combine's forward and the gather's backward, and the combine's backward in one
 pass over the rows; float32 on the CPU, used by :mod:`pimoe.moe.dispatch` once the extension is
 built."""
@@ -14,16 +14,16 @@ from pimoe.moe.threaded import loaded_kernel, threaded_built
 
 
 @torch.library.custom_op("pimoe::gather_rows", mutates_args=())
-def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+def gather_rows(x: Tensor, index: Tensor, inference: bool) -> Tensor:
     """``x[index]``: ``x [T, D]``, ``index [R]`` long -> ``[R, D]``, in a row buffer of the
-    kernel's pool (:func:`pimoe.moe.threaded.set_row_pool`): training's gather, whose buffer
-    is freed after the backward and taken again by the next step."""
-    out: Tensor = loaded_kernel().gather_rows(x, index)
+    kernel's pool (:func:`pimoe.moe.threaded.set_row_pool`), which the next step or forward
+    takes again once this one freed it (``inference``: of the pool's 64 MiB for inference)."""
+    out: Tensor = loaded_kernel().gather_rows(x, index, inference)
     return out
 
 
 @gather_rows.register_fake
-def _(x: Tensor, index: Tensor) -> Tensor:
+def _(x: Tensor, index: Tensor, inference: bool) -> Tensor:
     return x.new_empty(index.shape[0], x.shape[1])
 
 

@@ -149,8 +149,8 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, plan: DispatchPlan, training: bool) -> Tensor:
         ctx.plan = plan
-        if training and gather_sum_usable(x):  # a row buffer of the kernel's pool
-            rows: Tensor = gather_rows(x, plan.token_rows)
+        if gather_sum_usable(x):  # a row buffer of the kernel's pool
+            rows: Tensor = gather_rows(x, plan.token_rows, not training)
             return rows
         return x.index_select(0, plan.token_rows)
 

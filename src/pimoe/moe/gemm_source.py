@@ -170,13 +170,17 @@ static at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-// a [N, K] @ b [K, M] on the own kernel (for tests and benchmarks; the CPU must have AVX-512)
-at::Tensor avx512_mm(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(cpu_has_avx512(), "avx512_mm: this CPU has no AVX-512");
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "avx512_mm: a [N, K] @ b [K, M], got ",
-              a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "avx512_mm: float32 only");
-  return gemm(a, b);
+// out [N, M] = a [N, K] @ b [K, M] on the own kernel, float32 (for tests and benchmarks; the CPU
+// must have AVX-512)
+void avx512_mm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(cpu_has_avx512(), "avx512_mm_out: this CPU has no AVX-512");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && a.size(1) == b.size(0) &&
+              out.size(0) == a.size(0) && out.size(1) == b.size(1) && out.stride(1) == 1,
+              "avx512_mm_out: out [N, M] (contiguous rows) = a [N, K] @ b [K, M], got ",
+              out.sizes(), ", ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+              out.scalar_type() == at::kFloat, "avx512_mm_out: float32 only");
+  gemm_out(out, a, b);
 }
 
 // A float32 scratch tensor of `sizes` kept by the calling thread (slot 0 or 1) and reused by its

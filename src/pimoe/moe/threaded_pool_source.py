@@ -1,6 +1,7 @@
 """C++ source of the threaded kernel's buffer pool (part of
 :data:`pimoe.moe.threaded_source.SOURCE`): ``pooled_empty`` (weight gradients), ``rows_empty``
-(training's row buffers), ``set_row_pool(on)``, ``release_pool()``, ``pool_kept_bytes()``."""
+(row buffers of training and inference), ``set_row_pool(on)``, ``release_pool()``,
+``pool_kept_bytes()``."""
 
 POOL_SOURCE = r"""
 // Weight gradients come back to autograd as fresh tensors every backward (they become .grad,
@@ -13,15 +14,23 @@ POOL_SOURCE = r"""
 // takes them as .grad without copying. Training's row buffers ([rows, features]: gathered
 // inputs, hidden activations, expert outputs and their gradients; ~2k faults a step in the
 // same layer, with glibc trimming its heap between steps) come from it too, unless
-// set_row_pool(false). Inference allocates with at::empty: a server's batches come in every
-// size, and memory kept idle between requests is memory a server lacks.
+// set_row_pool(false), and so do inference's (the gathered rows and the experts' outputs: ~4k
+// faults and ~5 ms a forward at 64 experts and 512 tokens), but of blocks last freed by
+// inference at most kInferenceMaxBytes are kept: memory kept idle between a server's requests
+// is memory the server lacks.
+struct Block {
+  size_t bytes;
+  void* data;
+  bool inference;  // last freed by an inference buffer
+};
 struct BlockPool {
   std::mutex mu;
-  std::list<std::pair<size_t, void*>> free_blocks;  // (bytes, block), least recently kept first
-  size_t kept = 0;
+  std::list<Block> free_blocks;  // least recently kept first
+  size_t kept = 0, kept_inference = 0;
 };
 static constexpr size_t kPoolMinBytes = size_t(1) << 20;
 static constexpr size_t kPoolMaxBytes = size_t(1) << 30;
+static constexpr size_t kInferenceMaxBytes = size_t(64) << 20;
 static std::atomic<bool> pool_rows{true};
 
 static BlockPool& block_pool() {
@@ -39,31 +48,47 @@ static size_t block_bytes(size_t bytes) {
   return (bytes + step - 1) / step * step;
 }
 
+// Drop the least recently kept block (of inference's blocks only, if inference_only) into evicted;
+// false if there is none. Call with the pool's lock held.
+static bool evict_one(BlockPool& pool, bool inference_only, std::vector<void*>& evicted) {
+  for (auto it = pool.free_blocks.begin(); it != pool.free_blocks.end(); ++it) {
+    if (inference_only && !it->inference) continue;
+    evicted.push_back(it->data);
+    pool.kept -= it->bytes;
+    if (it->inference) pool.kept_inference -= it->bytes;
+    pool.free_blocks.erase(it);
+    return true;
+  }
+  return false;
+}
+
 // Keep a freed block for reuse; the least recently kept blocks are freed to stay within
-// kPoolMaxBytes.
-static void keep_block(void* data, size_t bytes) {
+// kPoolMaxBytes (and inference's within kInferenceMaxBytes).
+static void keep_block(void* data, size_t bytes, bool inference) {
   std::vector<void*> evicted;
   {
     auto& pool = block_pool();
     std::lock_guard<std::mutex> lock(pool.mu);
-    if (bytes > kPoolMaxBytes) {
+    if (bytes > (inference ? kInferenceMaxBytes : kPoolMaxBytes)) {
       evicted.push_back(data);
     } else {
-      while (pool.kept + bytes > kPoolMaxBytes) {
-        evicted.push_back(pool.free_blocks.front().second);
-        pool.kept -= pool.free_blocks.front().first;
-        pool.free_blocks.pop_front();
+      while (inference && pool.kept_inference + bytes > kInferenceMaxBytes &&
+             evict_one(pool, true, evicted)) {
       }
-      pool.free_blocks.emplace_back(bytes, data);
+      while (pool.kept + bytes > kPoolMaxBytes && evict_one(pool, false, evicted)) {
+      }
+      pool.free_blocks.push_back(Block{bytes, data, inference});
       pool.kept += bytes;
+      if (inference) pool.kept_inference += bytes;
     }
   }
   for (void* block : evicted) std::free(block);
 }
 
 // at::empty, from the pool for 1 MiB or more: weight gradients, and the [rows, features]
-// buffers of training (pool_rows)
-static at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// buffers of training and (inference true) of inference (pool_rows)
+static at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options,
+                               bool inference = false) {
   const size_t need = (size_t)c10::multiply_integers(sizes) * options.dtype().itemsize();
   if (need < kPoolMinBytes) return at::empty(sizes, options);
   const size_t bytes = block_bytes(need);
@@ -72,9 +97,10 @@ static at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& o
     auto& pool = block_pool();
     std::lock_guard<std::mutex> lock(pool.mu);
     for (auto it = pool.free_blocks.rbegin(); it != pool.free_blocks.rend(); ++it) {
-      if (it->first == bytes) {  // the most recently kept block of this size
-        data = it->second;
+      if (it->bytes == bytes) {  // the most recently kept block of this size
+        data = it->data;
         pool.kept -= bytes;
+        if (it->inference) pool.kept_inference -= bytes;
         pool.free_blocks.erase(std::next(it).base());
         break;
       }
@@ -84,13 +110,16 @@ static at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& o
     data = std::aligned_alloc(64, bytes);  // bytes: a multiple of 128 KiB
     TORCH_CHECK(data != nullptr, "out of memory allocating ", bytes, " bytes");
   }
-  return at::from_blob(data, sizes, [bytes](void* p) { keep_block(p, bytes); }, options);
+  return at::from_blob(
+      data, sizes, [bytes, inference](void* p) { keep_block(p, bytes, inference); }, options);
 }
 
-// A training buffer of rows (the gathered inputs, hidden activations and outputs of the
-// experts, their gradients): from the pool unless set_row_pool(false).
-static at::Tensor rows_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return pool_rows ? pooled_empty(sizes, options) : at::empty(sizes, options);
+// A buffer of rows (the gathered inputs, hidden activations and outputs of the experts, their
+// gradients) of training or (inference true) of inference: from the pool unless
+// set_row_pool(false).
+static at::Tensor rows_empty(at::IntArrayRef sizes, const at::TensorOptions& options,
+                             bool inference = false) {
+  return pool_rows ? pooled_empty(sizes, options, inference) : at::empty(sizes, options);
 }
 
 void set_row_pool(bool on) { pool_rows = on; }
@@ -98,16 +127,16 @@ void set_row_pool(bool on) { pool_rows = on; }
 // Free the pool's kept blocks; returns the bytes freed.
 int64_t release_pool() {
   auto& pool = block_pool();
-  std::list<std::pair<size_t, void*>> blocks;
+  std::list<Block> blocks;
   {
     std::lock_guard<std::mutex> lock(pool.mu);
     blocks.swap(pool.free_blocks);
-    pool.kept = 0;
+    pool.kept = pool.kept_inference = 0;
   }
   int64_t freed = 0;
-  for (auto& [bytes, data] : blocks) {
-    std::free(data);
-    freed += (int64_t)bytes;
+  for (const auto& block : blocks) {
+    std::free(block.data);
+    freed += (int64_t)block.bytes;
   }
   return freed;
 }

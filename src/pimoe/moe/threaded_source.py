@@ -221,10 +221,8 @@ static std::tuple<at::Tensor, at::Tensor> forward_rows(
     const std::string& act_name, bool keep_hidden) {
   TORCH_CHECK(x.dim() == 2 && p.experts() == (int64_t)splits.size(), "ffn_forward shapes");
   const Act act = act_of(act_name);
-  // keep_hidden: a training forward, whose row buffers come from the pool
-  auto empty = [&](at::IntArrayRef sizes) {
-    return keep_hidden ? rows_empty(sizes, x.options()) : at::empty(sizes, x.options());
-  };
+  // row buffers from the pool (keep_hidden: a training forward; else inference's)
+  auto empty = [&](at::IntArrayRef sizes) { return rows_empty(sizes, x.options(), !keep_hidden); };
   auto y = empty({x.size(0), p.out_features()});
   auto hidden = empty({keep_hidden ? x.size(0) : 0, p.in_features()});
   std::vector<int64_t> start;
@@ -243,11 +241,11 @@ static std::tuple<at::Tensor, at::Tensor> forward_rows(
   return {y, hidden};
 }
 
-// x[index] for x [T, D], index [R] long -> [R, D]: training's gather of the experts' rows, into a
-// row buffer of the pool
-at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
+// x[index] for x [T, D], index [R] long -> [R, D]: the gather of the experts' rows, into a row
+// buffer of the pool (of inference's budget when inference)
+at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index, bool inference) {
   TORCH_CHECK(x.dim() == 2 && index.dim() == 1, "gather_rows: x [T, D], index [R]");
-  auto out = rows_empty({index.size(0), x.size(1)}, x.options());
+  auto out = rows_empty({index.size(0), x.size(1)}, x.options(), inference);
   at::index_select_out(out, x, 0, index);
   return out;
 }
@@ -424,7 +422,7 @@ FUNCTIONS = [
     "gather_sum",
     "combine_grad_rows",
     "set_expert_matmul",
-    "avx512_mm",
+    "avx512_mm_out",
     "packed_expert_major_forward",
     "release_pool",
     "pool_kept_bytes",
