@@ -1,4 +1,4 @@
-"""Page faults and kernel CPU time per training step: PiMoE vs HF grouped_mm vs the dense limit.
+"""Page faults and kernel CPU time per training step or forward: PiMoE vs HF grouped_mm vs dense.
 
 The layers of `pimoe bench moe` (same weights) run forward+backward with ``p.grad = None``
 before each step (what ``optimizer.zero_grad()`` does), one contender after the other. Prints
@@ -11,7 +11,10 @@ to see every contender without that cost.
 
     python benchmarks/moe_page_faults.py --shape "E64 k8 f256" --tokens 512 --steps 15
 
-``--no-row-pool`` takes training's row buffers from ``malloc`` instead of the kernel's pool.
+``--no-row-pool`` takes the row buffers from ``malloc`` instead of the kernel's pool;
+``--inference`` times forwards under ``torch.inference_mode`` instead of training steps.
+
+    python benchmarks/moe_page_faults.py --inference --steps 15 [--no-row-pool]
 """
 
 import argparse
@@ -33,7 +36,10 @@ def main() -> None:
     parser.add_argument(
         "--no-row-pool",
         action="store_true",
-        help="training's row buffers from malloc (pimoe.moe.threaded.set_row_pool(False))",
+        help="row buffers from malloc (pimoe.moe.threaded.set_row_pool(False))",
+    )
+    parser.add_argument(
+        "--inference", action="store_true", help="forwards under torch.inference_mode"
     )
     args = parser.parse_args()
     threaded.set_row_pool(not args.no_row_pool)
@@ -42,9 +48,10 @@ def main() -> None:
     cfg = MoEBenchConfig()
     layers = _contenders(cfg, SHAPES[args.shape])
     x = torch.randn(1, args.tokens, cfg.d_model)
-    print(f"{args.shape}, {args.tokens} tokens, forward+backward, {args.threads} threads")
+    mode = "forward (inference)" if args.inference else "forward+backward"
+    print(f"{args.shape}, {args.tokens} tokens, {mode}, {args.threads} threads")
     for name in ("dense", "pimoe", "hf_grouped_mm"):
-        step = _step(layers[name], x, True, list(layers[name].parameters()))
+        step = _step(layers[name], x, not args.inference, list(layers[name].parameters()))
         for _ in range(3):
             step()
         before = resource.getrusage(resource.RUSAGE_SELF)
@@ -59,7 +66,7 @@ def main() -> None:
             f"{name:14s} median {sorted(times)[n // 2] * 1e3:6.1f} ms  "
             f"user {(after.ru_utime - before.ru_utime) / n * 1e3:6.1f} ms  "
             f"sys {(after.ru_stime - before.ru_stime) / n * 1e3:6.1f} ms  "
-            f"minor faults {(after.ru_minflt - before.ru_minflt) / n:7.0f} per step"
+            f"minor faults {(after.ru_minflt - before.ru_minflt) / n:7.0f} per call"
         )
 
 
