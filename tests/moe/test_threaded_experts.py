@@ -29,13 +29,13 @@ ACTIVATIONS = [threaded.swiglu, F.gelu, F.relu, F.silu, _swiglu]  # the first fo
 
 
 def _operands(
-    dtype: torch.dtype, grad: bool = True, act: Activation = _swiglu
+    dtype: torch.dtype, grad: bool = True, act: Activation = _swiglu, splits: list[int] = SPLITS
 ) -> tuple[Tensor, Tensor, Tensor]:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(sum(SPLITS), 16, generator=gen, dtype=dtype)
-    w_in = torch.randn(len(SPLITS), 2 * 24, 16, generator=gen, dtype=dtype) / 4
+    x = torch.randn(sum(splits), 16, generator=gen, dtype=dtype)
+    w_in = torch.randn(len(splits), 2 * 24, 16, generator=gen, dtype=dtype) / 4
     width = act(w_in[0, :, :1].t()).shape[1]  # 24 for SwiGLU, 48 for a pointwise activation
-    w_out = torch.randn(len(SPLITS), 16, width, generator=gen, dtype=dtype) / 5
+    w_out = torch.randn(len(splits), 16, width, generator=gen, dtype=dtype) / 5
     return x.requires_grad_(grad), w_in.requires_grad_(grad), w_out.requires_grad_(grad)
 
 

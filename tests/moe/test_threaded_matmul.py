@@ -42,24 +42,29 @@ def _calls(run: Callable[[], object], op: str) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == op)
 
 
-def _loop_to_rounding(act: threaded.Activation) -> tuple[torch.Tensor, ...]:
+def _loop_to_rounding(
+    act: threaded.Activation, splits: list[int] = SPLITS
+) -> tuple[torch.Tensor, ...]:
     """Forward, backward, inference and expert-major outputs of the threaded kernel checked
     against the per-expert loop to float rounding; returns the operands."""
-    x, w_in, w_out = _operands(torch.float32, act=act)
-    y = threaded.threaded_ffn(x, w_in, w_out, SPLITS, act, keep_hidden=True)
+    x, w_in, w_out = _operands(torch.float32, act=act, splits=splits)
+    y = threaded.threaded_ffn(x, w_in, w_out, splits, act, keep_hidden=True)
     y.backward(torch.cos(y.detach()))
-    ref, ref_grads = _loop_reference(x, w_in, w_out, act)
+    ref, ref_grads = _loop_reference(x, w_in, w_out, act, splits)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     for got, want in zip((x.grad, w_in.grad, w_out.grad), ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
-        inference = threaded.threaded_ffn(x, w_in, w_out, SPLITS, act, False)
+        inference = threaded.threaded_ffn(x, w_in, w_out, splits, act, False)
         torch.testing.assert_close(inference, ref, atol=1e-5, rtol=1e-5)
-        rows = torch.arange(sum(SPLITS))
-        weights = torch.ones(sum(SPLITS))
-        major = grouped.expert_major_ffn(x, rows, weights, w_in, None, w_out, None, SPLITS, act)
+        rows = torch.arange(sum(splits))
+        weights = torch.ones(sum(splits))
+        major = grouped.expert_major_ffn(x, rows, weights, w_in, None, w_out, None, splits, act)
         torch.testing.assert_close(major, ref, atol=1e-5, rtol=1e-5)
     return x, w_in, w_out
+
+
+OWN_SPLITS = [20, 0, 17, 40, 16, 3]  # the own kernel's forward takes experts of 16-128 rows
 
 
 @needs_avx512
@@ -68,23 +73,25 @@ def test_avx512_is_the_loop_to_rounding(
     two_threads: None, matmul_choice: Callable[[str], None], act: threaded.Activation
 ) -> None:
     matmul_choice("avx512")
-    x, w_in, w_out = _loop_to_rounding(act)
+    x, w_in, w_out = _loop_to_rounding(act, OWN_SPLITS)
     x, w_in, w_out = (t.detach().requires_grad_() for t in (x, w_in, w_out))
 
     def step() -> None:
-        y = threaded.threaded_ffn(x, w_in, w_out, SPLITS, act, keep_hidden=True)
+        y = threaded.threaded_ffn(x, w_in, w_out, OWN_SPLITS, act, keep_hidden=True)
         y.backward(torch.ones_like(y))
 
-    assert _calls(step, "aten::mm") == 0  # forward and backward on the own kernel
+    assert _calls(step, "aten::mm") == 0  # the backward on the own kernel
+    assert _calls(step, "mkldnn::_linear_pointwise") == 2  # the 3-row expert's forward
     matmul_choice("mkl")
-    assert _calls(step, "aten::mm") == 6 * sum(n > 0 for n in SPLITS)  # the same step on at::mm
+    experts = sum(n > 0 for n in OWN_SPLITS)
+    assert _calls(step, "aten::mm") == 6 * experts  # the same step on at::mm
 
 
 @needs_avx512
 @pytest.mark.parametrize(
     ("splits", "library_matmuls"),
-    [([128, 3], 0), ([129, 3], 2), ([512, 3], 2), ([513, 3], 6)],
-    ids=["own", "forward-on-mkl", "forward-on-mkl-512", "all-on-mkl"],
+    [([128, 16], 0), ([129, 16], 2), ([512, 16], 2), ([513, 16], 6), ([128, 15], 2)],
+    ids=["own", "forward-on-onednn", "forward-on-onednn-512", "all-on-libraries", "few-rows"],
 )
 def test_avx512_leaves_large_experts_to_the_library(
     threaded_kernel_built: None,
@@ -92,8 +99,9 @@ def test_avx512_leaves_large_experts_to_the_library(
     splits: list[int],
     library_matmuls: int,
 ) -> None:
-    """Experts of more than 128 rows run their forward on oneDNN, of more than 512 rows also
-    their backward on at::mm; the others on the own kernel (to rounding either way)."""
+    """Experts of fewer than 16 or more than 128 rows run their forward on oneDNN, of more than
+    512 rows also their backward on at::mm; the others on the own kernel (to rounding either
+    way)."""
     matmul_choice("avx512")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(sum(splits), 16, generator=gen, requires_grad=True)

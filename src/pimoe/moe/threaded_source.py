@@ -124,9 +124,8 @@ at::Tensor weights_mm(const at::Tensor& a, const at::Tensor& b, const std::vecto
 
 // The library of float32 matmuls on plain weights: set_expert_matmul, from Python
 // (pimoe.moe.threaded.set_expert_matmul). avx512: the own kernel (gemm_source) in the forward and
-// the backward of experts up to own_forward_rows / own_backward_rows rows, where the CPU has
-// AVX-512, else as onednn; onednn: oneDNN in the forward, at::mm in the backward; mkl: at::mm
-// everywhere.
+// the backward of the experts below, where the CPU has AVX-512, else as onednn; onednn: oneDNN in
+// the forward, at::mm in the backward; mkl: at::mm everywhere.
 enum class Matmul { mkl, onednn, avx512 };
 static std::atomic<Matmul> expert_matmul{Matmul::mkl};
 
@@ -135,10 +134,13 @@ void set_expert_matmul(const std::string& name) {
   expert_matmul = name == "avx512" ? Matmul::avx512 : name == "onednn" ? Matmul::onednn : Matmul::mkl;
 }
 
-// Up to how many rows an expert runs on the own kernel in the forward / the backward where it is
-// chosen: beyond, the weights are reused across enough rows that the libraries' packing pays
-// (python benchmarks/moe_avx512_matmul.py --tokens 512 2048 16384).
-static constexpr int64_t own_forward_rows = 128, own_backward_rows = 512;
+// Which experts run on the own kernel where it is chosen: in the forward those of 16 to 128 rows
+// (it computes the forward transposed, 64 rows to a tile: below 16 rows most of each vector is
+// idle, python benchmarks/moe_packed.py at 1 and 8 tokens), in the backward those of up to 512;
+// beyond, the weights are reused over enough rows that the libraries' packing pays (python
+// benchmarks/moe_avx512_matmul.py --tokens 512 2048 16384).
+static constexpr int64_t own_forward_min_rows = 16, own_forward_rows = 128,
+                         own_backward_rows = 512;
 
 // Whether the own AVX-512 kernel runs float32 matmuls of these tensors
 static bool own_gemm(std::initializer_list<at::Tensor> tensors) {
@@ -200,6 +202,11 @@ struct Projections {
   }
 };
 
+// Whether an expert of `rows` rows runs its forward on the own kernel
+static bool own_forward(const Projections& p, int64_t rows) {
+  return p.avx512 && rows >= own_forward_min_rows && rows <= own_forward_rows;
+}
+
 // y_e = act(x_e @ w_in[e]^T) @ w_out[e]^T on the own kernel, computed transposed (h^T = W_in x^T,
 // y^T = W_out a^T: the weights are the operand read once, in order); h_e, when defined, receives h
 static void ffn_avx512(const Projections& p, int64_t e, const at::Tensor& x_e, Act act,
@@ -233,7 +240,7 @@ static std::tuple<at::Tensor, at::Tensor> forward_rows(
     auto x_e = x.narrow(0, start[e], n);
     auto y_e = y.narrow(0, start[e], n);
     at::Tensor h = keep_hidden ? hidden.narrow(0, start[e], n) : at::Tensor();
-    if (p.avx512 && n <= own_forward_rows) return ffn_avx512(p, e, x_e, act, h, y_e);
+    if (own_forward(p, n)) return ffn_avx512(p, e, x_e, act, h, y_e);
     if (keep_hidden) p.in_into(e, x_e, h);
     else h = p.in(e, x_e);
     p.out_into(e, act_forward(act, h), y_e);
@@ -374,7 +381,7 @@ static at::Tensor expert_major_rows(
           auto tokens = token_rows.narrow(0, r, n);
           auto x_e = x.index_select(0, tokens);
           at::Tensor y;
-          if (p.avx512 && n <= own_forward_rows) {
+          if (own_forward(p, n)) {
             y = at::empty({n, p.out_features()}, x.options());
             ffn_avx512(p, e, x_e, act, at::Tensor(), y);
           } else {
