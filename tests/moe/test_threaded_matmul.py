@@ -14,15 +14,15 @@ from hypothesis import strategies as st
 from test_threaded_experts import SPLITS, _loop_reference, _operands
 from torch.profiler import ProfilerActivity, profile
 
-from pimoe.moe import grouped, threaded
+from pimoe.moe import grouped, matmul_choice, threaded
 
 needs_avx512 = pytest.mark.skipif(
-    not threaded._has_avx512(), reason="the own matmul kernel needs a CPU with AVX-512"
+    not matmul_choice._has_avx512(), reason="the own matmul kernel needs a CPU with AVX-512"
 )
 
 
 @pytest.fixture
-def matmul_choice() -> object:
+def choose_matmul() -> object:
     """Restores the process's expert matmul after a test that changes it."""
     before = threaded.expert_matmul()
     yield threaded.set_expert_matmul
@@ -64,15 +64,15 @@ def _loop_to_rounding(
     return x, w_in, w_out
 
 
-OWN_SPLITS = [20, 0, 17, 40, 16, 3]  # the own kernel's forward takes experts of 16-128 rows
+OWN_SPLITS = [20, 0, 4, 40, 16, 3]  # the own kernel's forward takes experts of 4-128 rows
 
 
 @needs_avx512
 @pytest.mark.parametrize("act", [threaded.swiglu, torch.nn.functional.gelu], ids=["swiglu", "gelu"])
 def test_avx512_is_the_loop_to_rounding(
-    two_threads: None, matmul_choice: Callable[[str], None], act: threaded.Activation
+    two_threads: None, choose_matmul: Callable[[str], None], act: threaded.Activation
 ) -> None:
-    matmul_choice("avx512")
+    choose_matmul("avx512")
     x, w_in, w_out = _loop_to_rounding(act, OWN_SPLITS)
     x, w_in, w_out = (t.detach().requires_grad_() for t in (x, w_in, w_out))
 
@@ -82,7 +82,7 @@ def test_avx512_is_the_loop_to_rounding(
 
     assert _calls(step, "aten::mm") == 0  # the backward on the own kernel
     assert _calls(step, "mkldnn::_linear_pointwise") == 2  # the 3-row expert's forward
-    matmul_choice("mkl")
+    choose_matmul("mkl")
     experts = sum(n > 0 for n in OWN_SPLITS)
     assert _calls(step, "aten::mm") == 6 * experts  # the same step on at::mm
 
@@ -90,19 +90,19 @@ def test_avx512_is_the_loop_to_rounding(
 @needs_avx512
 @pytest.mark.parametrize(
     ("splits", "library_matmuls"),
-    [([128, 16], 0), ([129, 16], 2), ([512, 16], 2), ([513, 16], 6), ([128, 15], 2)],
+    [([128, 4], 0), ([129, 4], 2), ([512, 4], 2), ([513, 4], 6), ([128, 3], 2)],
     ids=["own", "forward-on-onednn", "forward-on-onednn-512", "all-on-libraries", "few-rows"],
 )
 def test_avx512_leaves_large_experts_to_the_library(
     threaded_kernel_built: None,
-    matmul_choice: Callable[[str], None],
+    choose_matmul: Callable[[str], None],
     splits: list[int],
     library_matmuls: int,
 ) -> None:
-    """Experts of fewer than 16 or more than 128 rows run their forward on oneDNN, of more than
+    """Experts of fewer than 4 or more than 128 rows run their forward on oneDNN, of more than
     512 rows also their backward on at::mm; the others on the own kernel (to rounding either
     way)."""
-    matmul_choice("avx512")
+    choose_matmul("avx512")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(sum(splits), 16, generator=gen, requires_grad=True)
     w_in = torch.randn(2, 24, 16, generator=gen, requires_grad=True)
@@ -148,9 +148,9 @@ def test_avx512_mm_is_torch_mm(
 
 @pytest.mark.parametrize("act", [threaded.swiglu, torch.nn.functional.gelu], ids=["swiglu", "gelu"])
 def test_onednn_forward_is_the_loop_to_rounding(
-    two_threads: None, matmul_choice: Callable[[str], None], act: threaded.Activation
+    two_threads: None, choose_matmul: Callable[[str], None], act: threaded.Activation
 ) -> None:
-    matmul_choice("onednn")
+    choose_matmul("onednn")
     x, w_in, w_out = _loop_to_rounding(act)
     ref, _ = _loop_reference(x, w_in, w_out, act)
     onednn = "mkldnn::_linear_pointwise"
@@ -158,7 +158,7 @@ def test_onednn_forward_is_the_loop_to_rounding(
         matmuls = 2 * sum(n > 0 for n in SPLITS)  # two per expert with rows
         run = lambda: threaded.threaded_ffn(x, w_in, w_out, SPLITS, act, False)  # noqa: E731
         assert _calls(run, onednn) == matmuls
-        matmul_choice("mkl")  # the same call on at::mm: bit for bit
+        choose_matmul("mkl")  # the same call on at::mm: bit for bit
         assert torch.equal(threaded.threaded_ffn(x, w_in, w_out, SPLITS, act, False), ref)
         assert _calls(run, onednn) == 0
 
@@ -166,10 +166,10 @@ def test_onednn_forward_is_the_loop_to_rounding(
 def test_expert_matmul_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="one of"):
         threaded.set_expert_matmul("blas")
-    monkeypatch.setattr(threaded, "_has_avx512", lambda: False)
+    monkeypatch.setattr(matmul_choice, "_has_avx512", lambda: False)
     with pytest.raises(ValueError, match="no AVX-512"):
         threaded.set_expert_matmul("avx512")
-    before = threaded._state.pop("expert_matmul", None)
+    before = matmul_choice._choice.pop("name", None)
     try:
         monkeypatch.delenv("PIMOE_EXPERT_MATMUL", raising=False)
         assert threaded.expert_matmul() in ("onednn", "mkl")  # the default without AVX-512
@@ -180,4 +180,4 @@ def test_expert_matmul_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> Non
         assert threaded.expert_matmul() == "mkl"
     finally:
         if before is not None:
-            threaded._state["expert_matmul"] = before
+            matmul_choice._choice["name"] = before

@@ -1,6 +1,7 @@
 """C++ source of the threaded kernel's own float32 matmul (part of
 :data:`pimoe.moe.threaded_source.SOURCE`): ``C [N, M] = A [N, K] @ B [K, M]`` for the small
-per-expert matmuls, in AVX-512 (compiled for that target only, used where the CPU has it).
+per-expert matmuls, in AVX-512 (compiled for that target only, used where the CPU has it), and
+which experts run on it (``set_expert_matmul``, from :mod:`pimoe.moe.matmul_choice`).
 
 Why: a matmul library packs its operands into its kernel's blocked layout on every call. With
 tens of rows per expert the packed operand is the expert's weight, read cold from memory
@@ -194,6 +195,34 @@ static at::Tensor thread_scratch(int slot, at::IntArrayRef sizes) {
   auto& buf = kept[slot];
   if ((int64_t)buf.size() < numel) buf.resize(numel);
   return at::from_blob(buf.data(), sizes, at::TensorOptions().dtype(at::kFloat));
+}
+
+// The library of float32 matmuls on plain weights: set_expert_matmul, from Python
+// (pimoe.moe.threaded.set_expert_matmul). avx512: the own kernel (gemm_source) in the forward and
+// the backward of the experts below, where the CPU has AVX-512, else as onednn; onednn: oneDNN in
+// the forward, at::mm in the backward; mkl: at::mm everywhere.
+enum class Matmul { mkl, onednn, avx512 };
+static std::atomic<Matmul> expert_matmul{Matmul::mkl};
+
+void set_expert_matmul(const std::string& name) {
+  TORCH_CHECK(name == "avx512" || name == "onednn" || name == "mkl", "unknown expert matmul ", name);
+  expert_matmul = name == "avx512" ? Matmul::avx512 : name == "onednn" ? Matmul::onednn : Matmul::mkl;
+}
+
+// Which experts run on the own kernel where it is chosen: in the forward those of 4 to 128 rows
+// (it computes the forward transposed, 64 rows to a tile: with 1-3 rows most of each vector is
+// idle and decoding one token was slower than on oneDNN, python benchmarks/moe_packed.py), in
+// the backward those of up to 512; beyond, the weights are reused over enough rows that the
+// libraries' packing pays (python benchmarks/moe_avx512_matmul.py --tokens 512 2048 16384).
+static constexpr int64_t own_forward_min_rows = 4, own_forward_rows = 128,
+                         own_backward_rows = 512;
+
+// Whether the own AVX-512 kernel runs float32 matmuls of these tensors
+static bool own_gemm(std::initializer_list<at::Tensor> tensors) {
+  if (expert_matmul != Matmul::avx512 || !cpu_has_avx512()) return false;
+  for (const auto& t : tensors)
+    if (t.scalar_type() != at::kFloat || !t.device().is_cpu()) return false;
+  return true;
 }
 
 """

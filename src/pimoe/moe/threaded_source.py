@@ -39,6 +39,7 @@ loop's bit for bit, by default float32 forward matmuls run on oneDNN (to float r
 from pimoe.moe.activation_source import ACTIVATION_SOURCE
 from pimoe.moe.combine_source import COMBINE_SOURCE
 from pimoe.moe.gemm_source import GEMM_SOURCE
+from pimoe.moe.prepack_source import PREPACK_SOURCE
 from pimoe.moe.threaded_pool_source import POOL_SOURCE
 
 _INCLUDES = r"""
@@ -120,34 +121,6 @@ at::Tensor weights_mm(const at::Tensor& a, const at::Tensor& b, const std::vecto
     at::mm_out(o, a.narrow(0, start[e], splits[e]).t(), b.narrow(0, start[e], splits[e]));
   });
   return out;
-}
-
-// The library of float32 matmuls on plain weights: set_expert_matmul, from Python
-// (pimoe.moe.threaded.set_expert_matmul). avx512: the own kernel (gemm_source) in the forward and
-// the backward of the experts below, where the CPU has AVX-512, else as onednn; onednn: oneDNN in
-// the forward, at::mm in the backward; mkl: at::mm everywhere.
-enum class Matmul { mkl, onednn, avx512 };
-static std::atomic<Matmul> expert_matmul{Matmul::mkl};
-
-void set_expert_matmul(const std::string& name) {
-  TORCH_CHECK(name == "avx512" || name == "onednn" || name == "mkl", "unknown expert matmul ", name);
-  expert_matmul = name == "avx512" ? Matmul::avx512 : name == "onednn" ? Matmul::onednn : Matmul::mkl;
-}
-
-// Which experts run on the own kernel where it is chosen: in the forward those of 16 to 128 rows
-// (it computes the forward transposed, 64 rows to a tile: below 16 rows most of each vector is
-// idle, python benchmarks/moe_packed.py at 1 and 8 tokens), in the backward those of up to 512;
-// beyond, the weights are reused over enough rows that the libraries' packing pays (python
-// benchmarks/moe_avx512_matmul.py --tokens 512 2048 16384).
-static constexpr int64_t own_forward_min_rows = 16, own_forward_rows = 128,
-                         own_backward_rows = 512;
-
-// Whether the own AVX-512 kernel runs float32 matmuls of these tensors
-static bool own_gemm(std::initializer_list<at::Tensor> tensors) {
-  if (expert_matmul != Matmul::avx512 || !cpu_has_avx512()) return false;
-  for (const auto& t : tensors)
-    if (t.scalar_type() != at::kFloat || !t.device().is_cpu()) return false;
-  return true;
 }
 
 // x [n, K] @ W^T by oneDNN, for W [M, K] plain (contiguous rows) or prepacked
@@ -266,31 +239,6 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward(
   return forward_rows(x, Projections::plain(w_in, w_out), splits, act_name, keep_hidden);
 }
 
-// out[rows of e] = a[rows of e] @ W_e^T for E weights W_e [M, K] prepacked by oneDNN -> [N, M]
-at::Tensor packed_rows_mm(const at::Tensor& a, const std::vector<at::Tensor>& packed,
-                          const std::vector<int64_t>& splits) {
-  TORCH_CHECK(a.dim() == 2 && !packed.empty() && packed.size() == splits.size(),
-              "packed_rows_mm: ", packed.size(), " packed weights for ", splits.size(), " experts");
-  auto x = a.contiguous();
-  auto out = at::empty({x.size(0), packed[0].size(0)}, x.options());
-  std::vector<int64_t> start;
-  auto order = order_of(splits, start);
-  each_on_one_thread((int64_t)order.size(), [&](int64_t i) {
-    const int64_t e = order[i];
-    if (splits[e] == 0) return;
-    out.narrow(0, start[e], splits[e]).copy_(onednn_linear(x.narrow(0, start[e], splits[e]), packed[e]));
-  });
-  return out;
-}
-
-// ffn_forward's y on weights prepacked by oneDNN (packed: w_in[e] for every e, then w_out[e])
-at::Tensor packed_ffn_forward(const at::Tensor& x, const std::vector<at::Tensor>& packed,
-                              const std::vector<int64_t>& splits, const std::string& act_name) {
-  TORCH_CHECK(packed.size() == 2 * splits.size(), "packed_ffn_forward: ", packed.size(),
-              " packed weights for ", splits.size(), " experts");
-  return std::get<0>(forward_rows(x, Projections{{}, {}, packed}, splits, act_name, false));
-}
-
 // Gradients of ffn_forward from grad_y [N, D] and the kept h [N, F_in]
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_out,
@@ -404,17 +352,8 @@ at::Tensor expert_major_forward(
                            act_name, chunk_rows);
 }
 
-// expert_major_forward on weights prepacked by oneDNN (as packed_ffn_forward's)
-at::Tensor packed_expert_major_forward(
-    const at::Tensor& x, const at::Tensor& token_rows, const at::Tensor& row_weights,
-    const std::vector<at::Tensor>& packed, const std::vector<int64_t>& splits,
-    const std::string& act_name, int64_t chunk_rows) {
-  TORCH_CHECK(packed.size() == 2 * splits.size(), "packed_expert_major_forward: ",
-              packed.size(), " packed weights for ", splits.size(), " experts");
-  return expert_major_rows(x, token_rows, row_weights, Projections{{}, {}, packed}, splits,
-                           act_name, chunk_rows);
-}
 """
+    + PREPACK_SOURCE
 )
 FUNCTIONS = [
     "gather_rows",
