@@ -18,8 +18,9 @@ def _has_avx512() -> bool:
 
 def expert_matmul() -> str:
     """The kernel's float32 matmuls on plain expert weights: ``"avx512"``, its own kernel
-    (:mod:`pimoe.moe.gemm_source`) in the forward and the backward, the default on a CPU with
-    AVX-512 (``python benchmarks/moe_forward_matmul.py``); ``"onednn"``, oneDNN in the forward
+    (:mod:`pimoe.moe.gemm_source`) for experts of 4-128 rows in the forward and up to 512 rows in
+    the backward, the others as ``"onednn"``, the default on a CPU with AVX-512 (``python
+    benchmarks/moe_avx512_matmul.py``); ``"onednn"``, oneDNN in the forward
     and ``at::mm`` in the backward, the default elsewhere where torch has oneDNN; or ``"mkl"``
     (``at::mm`` everywhere: the per-expert loop's results bit for bit). The environment variable
     ``PIMOE_EXPERT_MATMUL`` or :func:`set_expert_matmul` chooses."""

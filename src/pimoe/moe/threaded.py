@@ -9,14 +9,16 @@ For pimoe's activations (:data:`FUSED_ACTIVATIONS`: SwiGLU, GELU, ReLU, SiLU) th
 of an expert runs in its thread while its rows are in cache: ``x_e @ W_in[e].T``, the
 activation, ``@ W_out[e].T`` in the forward (one region), and in the backward (one region)
 ``g_e @ W_out[e]``, the activation's gradient, the two weight gradients and ``grad_x``. Any
-other activation (a Python function) runs between per-matmul regions. The activation ops and
-the backward's matmuls are the same ATen calls as the per-expert loop's on the same tensors; the
-forward's float32 matmuls run on oneDNN by default (:func:`forward_matmul`: 0.93x MKL's forward
-time at 64 experts and 512 tokens on the bench machine), which agrees with the loop to float
-rounding, and on ``at::mm`` with ``"mkl"``, which gives the loop's results bit for bit.
+other activation (a Python function) runs between per-matmul regions. The activation ops are
+the same ATen calls as the per-expert loop's on the same tensors. Float32 matmuls run where
+:func:`expert_matmul` says: on a CPU with AVX-512 (the default there, ``"avx512"``) those of
+experts of 4-128 rows in the forward and up to 512 rows in the backward on the kernel's own
+matmul (:mod:`pimoe.moe.gemm_source`), the others on oneDNN (forward) and ``at::mm``
+(backward), as with ``"onednn"``; both agree with the loop to float rounding, and ``"mkl"``
+(``at::mm`` everywhere) gives the loop's results bit for bit.
 
-Weight gradients of 1 MiB or more (``zero_grad()`` drops them every step) and training's row
-buffers (:func:`set_row_pool`) take their memory from a pool of freed blocks instead of
+Weight gradients of 1 MiB or more (``zero_grad()`` drops them every step) and row buffers
+(:func:`set_row_pool`) take their memory from a pool of freed blocks instead of
 ``malloc``, which maps large buffers afresh and faults every page in again each step (~27k faults,
 ~50 ms of kernel time per training step at 64 experts of width 256 on d_model 512, 2 cores).
 Blocks come in 8 size classes per power of two; at most 1 GiB is kept, the least recently freed

@@ -21,8 +21,9 @@ Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a
   (training's gather);
 - ``release_pool()`` / ``pool_kept_bytes()`` / ``set_row_pool(on)``: the buffer pool of weight
   gradients and training's row buffers;
-- ``set_onednn_forward(on)``: float32 forward matmuls on plain weights by oneDNN (on) or
-  ``at::mm`` (off);
+- ``set_expert_matmul(name)``: which library runs the float32 matmuls on plain weights
+  (``avx512``, ``onednn``, ``mkl``: :mod:`pimoe.moe.matmul_choice`); ``avx512_mm_out(out, a, b)``:
+  the own AVX-512 matmul alone (tests, benchmarks);
 - ``rows_mm`` and ``weights_mm``: single matmuls per expert, for activations given as Python
   functions (``ffn_*`` take one of ``swiglu``, ``gelu``, ``relu``, ``silu`` by name);
 - ``packed_ffn_forward``, ``packed_expert_major_forward``, ``packed_rows_mm``: inference on
@@ -31,9 +32,9 @@ Entry points (the rows of ``x`` grouped by expert, ``splits`` rows per expert, a
 
 The activations and their gradients are the ATen calls autograd makes for pimoe's Python
 activations (``silu(gate) * up``; ``silu_backward``, ``gelu_backward``, ``threshold_backward``),
-on the same per-expert tensors as the per-expert loop; with ``set_onednn_forward(false)`` (Python:
-``set_forward_matmul("mkl")``) the forward's matmuls are ``at::mm`` too and the results are the
-loop's bit for bit, by default float32 forward matmuls run on oneDNN (to float rounding).
+on the same per-expert tensors as the per-expert loop; with ``set_expert_matmul("mkl")`` the
+matmuls are ``at::mm`` too and the results are the loop's bit for bit; with the own kernel or
+oneDNN they agree to float rounding.
 """
 
 from pimoe.moe.activation_source import ACTIVATION_SOURCE
